@@ -45,7 +45,6 @@ class RunConfig:
     bpe_vocab_size: int = 65536  # fits uint16 token files; includes the <|endoftext|> special token
     bpe_train_chars: int = 2_000_000_000  # characters of train text the BPE tokenizer learns from
     download_workers: int = 8  # parallel shard downloads inside one task
-    data_concurrency: int = 8  # shard-preparation pods at once on a cluster
 
     # --- model ---
     depth: int = 8  # model_dim = depth * 64, head_dim 128: depth 8 -> dim 512, 4 heads
@@ -130,7 +129,7 @@ class RunConfig:
 
         for field in ("depth", "num_shards", "max_seq_len", "device_batch_size", "total_batch_size",
                       "num_iterations", "eval_every", "eval_tokens", "sample_every", "save_every",
-                      "download_workers", "data_concurrency", "sample_max_tokens"):
+                      "download_workers", "sample_max_tokens"):
             at_least(field, 1)
         for field in ("val_shard", "seed", "sample_top_k", "bpe_train_chars"):
             at_least(field, 0)

@@ -1,0 +1,29 @@
+"""The final results of a run: one JSON document, shaped like the reference run's."""
+
+import json
+from pathlib import Path
+
+WORKFLOW_NAME = "nanochat_full_training"
+
+
+def aggregate_results(config_dict: dict, environment: dict, manifest: dict, training: dict,
+                      checkpoint_dir: str) -> dict:
+    """Combine what the stages reported. `training` is the summary train() returns."""
+    data = {key: manifest.get(key) for key in ("train_tokens", "val_tokens", "tokens_needed", "epochs")}
+    data["tokenizer"] = manifest.get("tokenizer", {}).get("name")
+    data["train_shards"] = [entry["shard"] for entry in manifest.get("train", [])]
+    data["val_shards"] = [entry["shard"] for entry in manifest.get("val", [])]
+    return {
+        "workflow": WORKFLOW_NAME,
+        "run_name": config_dict["run_name"],
+        "training": {**training, "checkpoint_dir": checkpoint_dir},
+        "data": data,
+        "environment": environment,
+        "config": config_dict,
+        "wandb_url": training.get("wandb_url"),
+    }
+
+
+def write_results(results: dict, path: Path) -> Path:
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return path

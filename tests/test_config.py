@@ -1,0 +1,79 @@
+import dataclasses
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from nanochat_flyte.config import ConfigError, RunConfig, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_are_the_reference_run():
+    config = RunConfig()
+    assert (config.depth, config.max_seq_len, config.device_batch_size, config.total_batch_size) == (8, 512, 16, 65536)
+    assert (config.num_iterations, config.eval_every, config.sample_every, config.num_shards) == (1000, 100, 500, 50)
+    assert (config.wandb_project, config.tokenizer, config.val_shard) == ("nanochat", "gpt2", 1822)
+    assert config.grad_accum_steps() == 8  # 65536 / (16 * 512)
+    assert config.data_url.endswith("karpathy/fineweb-edu-100b-shuffle/resolve/main")
+
+
+def test_reference_preset_matches_defaults_and_validates():
+    preset = RunConfig.from_file(CONFIGS / "d8_t4.yaml").validate()
+    assert preset == RunConfig()
+
+
+def test_every_preset_validates():
+    for path in CONFIGS.glob("*.yaml"):
+        RunConfig.from_file(path).validate()
+
+
+def test_preset_sets_only_some_fields():
+    smoke = RunConfig.from_file(CONFIGS / "smoke.yaml")
+    assert smoke.num_shards == 1 and smoke.depth < 8
+    assert smoke.wandb_project == "nanochat"  # not in the preset: keeps its default
+
+
+def test_empty_run_name_is_derived_from_depth_and_time():
+    config = RunConfig(depth=4).resolved(now=datetime(2026, 11, 24, 9, 30, 5))
+    assert config.run_name == "nanochat_d4_flyte_20261124_093005"
+    assert RunConfig(run_name="mine").resolved().run_name == "mine"
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(depth=0), "depth"),
+    (dict(total_batch_size=65536 + 1), "total_batch_size"),
+    (dict(num_shards=0), "num_shards"),
+    (dict(tokenizer="sentencepiece"), "tokenizer"),
+    (dict(wandb_mode="sometimes"), "wandb_mode"),
+    (dict(val_shard=3, num_shards=10), "val_shard"),
+    (dict(data_url=""), "data_url"),
+    (dict(eval_tokens=100), "eval_tokens"),
+    (dict(tokenizer="bpe", bpe_vocab_size=70000), "bpe_vocab_size"),
+    (dict(warmup_ratio=0.9, warmdown_ratio=0.2), "warmdown_ratio"),
+])
+def test_bad_values_name_their_field(changes, field):
+    with pytest.raises(ConfigError) as error:
+        dataclasses.replace(RunConfig(), **changes).validate()
+    assert error.value.field == field
+    assert str(error.value).startswith(f"RunConfig.{field}: ")
+    assert "\n" not in str(error.value)
+
+
+def test_divisibility_error_shows_the_arithmetic():
+    with pytest.raises(ConfigError, match=r"16 x 512 x 1 = 8192"):
+        RunConfig(total_batch_size=10000).validate()
+
+
+def test_unknown_field_in_a_preset_is_named(tmp_path):
+    preset = tmp_path / "typo.yaml"
+    preset.write_text("depht: 4\n")
+    with pytest.raises(ConfigError, match="RunConfig.depht: unknown field"):
+        RunConfig.from_file(preset)
+
+
+def test_json_preset_and_overrides(tmp_path):
+    preset = tmp_path / "p.json"
+    preset.write_text('{"data_url": "http://127.0.0.1:1/mirror", "depth": 4}')
+    config = load_config(preset, num_iterations=7)
+    assert (config.data_url, config.depth, config.num_iterations) == ("http://127.0.0.1:1/mirror", 4, 7)

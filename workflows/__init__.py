@@ -1,0 +1,1 @@
+"""Flyte wiring for nanochat_flyte: tasks, workflows, images and launch plans."""

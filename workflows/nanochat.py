@@ -1,0 +1,164 @@
+"""nanochat pretraining as a Flyte workflow: FineWeb-Edu shards -> tokens -> trained GPT -> results.
+
+    pyflyte run workflows/nanochat.py main --config configs/smoke.yaml             # locally, on a laptop
+    pyflyte run --remote workflows/nanochat.py main --config configs/d8_t4.yaml    # on a cluster
+
+This file only declares tasks, resources, images and caching; the work lives in `nanochat_flyte`.
+"""
+
+import functools
+import os
+import shutil
+from pathlib import Path
+
+from flytekit import Cache, Deck, Resources, Secret, current_context, map_task, task, workflow
+from flytekit.exceptions.user import FlyteRecoverableException
+from flytekit.extras.accelerators import T4
+from flytekit.types.directory import FlyteDirectory
+
+from nanochat_flyte.config import RunConfig
+from nanochat_flyte.download import check_data_url
+from nanochat_flyte.environment import environment_report, format_report
+from nanochat_flyte.prepare import ShardJob, build_tokenizer, merge_prepared, plan_shards, prepare_shard
+from nanochat_flyte.report import data_deck_html, environment_deck_html, training_deck_html
+from nanochat_flyte.results import aggregate_results as combine_results
+from nanochat_flyte.train import train
+from workflows.image import IMAGE
+
+# Bump when the token files' format or contents change: cached shards from older versions are then ignored.
+DATA_CACHE_VERSION = "1"
+SHARD_CONCURRENCY = 8  # shard pods at once: enough to saturate the hub, few enough not to be rate-limited
+
+# The W&B key's secret. Union needs only the key; open-source Flyte also needs a group. Both names can be set
+# at registration time without editing code. Locally, flytekit reads it from $WANDB_API_KEY (group_key).
+WANDB_SECRET = Secret(group=os.environ.get("NANOCHAT_WANDB_SECRET_GROUP", "wandb") or None,
+                      key=os.environ.get("NANOCHAT_WANDB_SECRET_KEY", "api_key"))
+
+# What the reference run used: one T4 with 8 CPUs, 32 GiB, room for 50 shards of tokens plus checkpoints.
+TRAINING_RESOURCES = dict(
+    requests=Resources(cpu="8", mem="32Gi", gpu="1", ephemeral_storage="100Gi"),
+    limits=Resources(cpu="8", mem="32Gi", gpu="1", ephemeral_storage="100Gi"),
+    accelerator=T4,
+    shared_memory=True,
+)
+DATA_RESOURCES = Resources(cpu="4", mem="8Gi", ephemeral_storage="20Gi")
+
+
+def load_wandb_key() -> None:
+    """Put the W&B key from the Flyte secret into WANDB_API_KEY; without one, tracking runs offline."""
+    try:
+        key = current_context().secrets.get(WANDB_SECRET.group, WANDB_SECRET.key)
+    except ValueError:  # no such secret: fine, W&B falls back to offline
+        return
+    os.environ["WANDB_API_KEY"] = key
+
+
+@task(container_image=IMAGE, secret_requests=[WANDB_SECRET], **TRAINING_RESOURCES)
+def setup_environment(config: RunConfig) -> tuple[RunConfig, dict]:
+    """Validate the config and report the machine, before any download or GPU time is spent."""
+    config = config.resolved().validate()
+    check_data_url(config)
+    load_wandb_key()
+    report = environment_report()
+    print(format_report(report), flush=True)
+    Deck("Environment", environment_deck_html(report))
+    return config, report
+
+
+@task(container_image=IMAGE, requests=DATA_RESOURCES, cache=Cache(version=DATA_CACHE_VERSION))
+def prepare_tokenizer(tokenizer: str, data_url: str, num_shards: int, bpe_vocab_size: int,
+                      bpe_train_chars: int) -> FlyteDirectory:
+    """GPT-2's identity, or our own BPE trained on the train shards. Cached: training a BPE takes a while."""
+    config = RunConfig(tokenizer=tokenizer, data_url=data_url, num_shards=num_shards,
+                       bpe_vocab_size=bpe_vocab_size, bpe_train_chars=bpe_train_chars)
+    out_dir = Path(current_context().working_directory) / "tokenizer"
+    return FlyteDirectory(str(build_tokenizer(config, out_dir)))
+
+
+@task(container_image=IMAGE, requests=DATA_RESOURCES)
+def plan_data_shards(config: RunConfig, tokenizer_dir: FlyteDirectory) -> list[ShardJob]:
+    return plan_shards(config, Path(tokenizer_dir.download()))
+
+
+# Keyed by the job alone (data_url, shard index, split, tokenizer fingerprint): a relaunch or a scheduled run
+# reuses every shard it has prepared before, whatever else changed in the config.
+@task(container_image=IMAGE, requests=DATA_RESOURCES, retries=3,
+      cache=Cache(version=DATA_CACHE_VERSION, ignored_inputs=("tokenizer_dir",)))
+def prepare_data_shard(job: ShardJob, tokenizer_dir: FlyteDirectory) -> FlyteDirectory:
+    out_dir = Path(current_context().working_directory) / f"{job.split}_{job.index:05d}"
+    prepare_shard(job, Path(tokenizer_dir.download()), out_dir)
+    return FlyteDirectory(str(out_dir))
+
+
+@task(container_image=IMAGE, requests=DATA_RESOURCES, enable_deck=True)
+def collect_data(config: RunConfig, parts: list[FlyteDirectory], tokenizer_dir: FlyteDirectory
+                 ) -> tuple[FlyteDirectory, dict]:
+    out_dir = Path(current_context().working_directory) / "data"
+    manifest = merge_prepared(config, [Path(part.download()) for part in parts], Path(tokenizer_dir.download()),
+                              out_dir)
+    Deck("Data", data_deck_html(manifest))
+    return FlyteDirectory(str(out_dir)), manifest
+
+
+@workflow
+def download_and_prepare_data(config: RunConfig) -> tuple[FlyteDirectory, dict]:
+    """Tokenizer first, then one pod per shard (download + tokenize), then one data directory."""
+    tokenizer_dir = prepare_tokenizer(tokenizer=config.tokenizer, data_url=config.data_url,
+                                      num_shards=config.num_shards, bpe_vocab_size=config.bpe_vocab_size,
+                                      bpe_train_chars=config.bpe_train_chars)
+    jobs = plan_data_shards(config=config, tokenizer_dir=tokenizer_dir)
+    parts = map_task(functools.partial(prepare_data_shard, tokenizer_dir=tokenizer_dir),
+                     concurrency=SHARD_CONCURRENCY)(job=jobs)
+    return collect_data(config=config, parts=parts, tokenizer_dir=tokenizer_dir)
+
+
+def restore_flyte_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """Resume from the previous attempt's save, and save it again at once: Flyte only keeps attempt - 1's."""
+    flyte_checkpoint = current_context().checkpoint
+    restored = flyte_checkpoint.restore() if flyte_checkpoint else None
+    if not restored or not (Path(restored) / "checkpoint.pt").exists():
+        return None
+    shutil.copytree(restored, checkpoint_dir, dirs_exist_ok=True)
+    flyte_checkpoint.save(checkpoint_dir)
+    print(f"resuming from the previous attempt's checkpoint ({restored})", flush=True)
+    return checkpoint_dir
+
+
+def save_flyte_checkpoint(checkpoint_dir: Path) -> None:
+    flyte_checkpoint = current_context().checkpoint
+    if flyte_checkpoint:
+        flyte_checkpoint.save(checkpoint_dir)
+
+
+# Interruptible: a spot T4 is a third of the price; a preempted attempt resumes from the intra-task checkpoint.
+@task(container_image=IMAGE, secret_requests=[WANDB_SECRET], interruptible=True, retries=3, enable_deck=True,
+      **TRAINING_RESOURCES)
+def train_base_model(config: RunConfig, data: FlyteDirectory, environment: dict) -> tuple[FlyteDirectory, dict]:
+    load_wandb_key()
+    checkpoint_dir = Path(current_context().working_directory) / "checkpoint"
+    resume_dir = restore_flyte_checkpoint(checkpoint_dir)
+    try:
+        summary = train(config, Path(data.download()), checkpoint_dir, resume_dir=resume_dir,
+                        on_save=save_flyte_checkpoint, env_report=environment)
+    except (ConnectionError, TimeoutError) as error:  # a lost node or storage hiccup: retry from the checkpoint
+        raise FlyteRecoverableException(str(error)) from error
+    Deck("Training", training_deck_html(checkpoint_dir, config, environment, summary))
+    return FlyteDirectory(str(checkpoint_dir)), summary
+
+
+@task(container_image=IMAGE)
+def aggregate_results(config: RunConfig, environment: dict, manifest: dict, training: dict,
+                      checkpoint: FlyteDirectory) -> dict:
+    return combine_results(config.to_dict(), environment, manifest, training,
+                           checkpoint_dir=checkpoint.remote_source or checkpoint.path)
+
+
+@workflow
+def main(config: RunConfig = RunConfig()) -> tuple[dict, FlyteDirectory]:
+    """The whole run. Returns the results JSON and the checkpoint directory."""
+    resolved, environment = setup_environment(config=config)
+    data, manifest = download_and_prepare_data(config=resolved)
+    checkpoint, training = train_base_model(config=resolved, data=data, environment=environment)
+    results = aggregate_results(config=resolved, environment=environment, manifest=manifest, training=training,
+                                checkpoint=checkpoint)
+    return results, checkpoint
