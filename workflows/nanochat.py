@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from flytekit import Cache, Deck, Resources, Secret, current_context, map_task, task, workflow
+from flytekit.configuration.plugin import get_plugin
 from flytekit.exceptions.user import FlyteRecoverableException
 from flytekit.extras.accelerators import T4
 from flytekit.types.directory import FlyteDirectory
@@ -19,7 +20,7 @@ from flytekit.types.directory import FlyteDirectory
 from nanochat_flyte.config import RunConfig
 from nanochat_flyte.download import check_data_url
 from nanochat_flyte.environment import environment_report, format_report
-from nanochat_flyte.prepare import ShardJob, build_tokenizer, merge_prepared, plan_shards, prepare_shard
+from nanochat_flyte.prepare import ShardJob, build_tokenizer, merge_prepared, plan_jobs, prepare_shard
 from nanochat_flyte.report import data_deck_html, environment_deck_html, training_deck_html
 from nanochat_flyte.results import aggregate_results as combine_results
 from nanochat_flyte.train import train
@@ -29,15 +30,23 @@ from workflows.image import IMAGE
 DATA_CACHE_VERSION = "1"
 SHARD_CONCURRENCY = 8  # shard pods at once: enough to saturate the hub, few enough not to be rate-limited
 
-# The W&B key's secret. Union needs only the key; open-source Flyte also needs a group. Both names can be set
-# at registration time without editing code. Locally, flytekit reads it from $WANDB_API_KEY (group_key).
-WANDB_SECRET = Secret(group=os.environ.get("NANOCHAT_WANDB_SECRET_GROUP", "wandb") or None,
-                      key=os.environ.get("NANOCHAT_WANDB_SECRET_KEY", "api_key"))
+# The W&B key's secret. Union names a secret by its key alone (`union create secret wandb_api_key`); open-source
+# Flyte needs a group too: the Kubernetes secret `wandb` with the key `api_key`. Either name can be changed at
+# registration time without editing code. Locally both defaults read $WANDB_API_KEY (flytekit looks for
+# GROUP_KEY in upper case).
+SECRET_NEEDS_GROUP = get_plugin().secret_requires_group()  # False when the `union` package is installed
+WANDB_SECRET = Secret(
+    group=os.environ.get("NANOCHAT_WANDB_SECRET_GROUP", "wandb" if SECRET_NEEDS_GROUP else "") or None,
+    key=os.environ.get("NANOCHAT_WANDB_SECRET_KEY", "api_key" if SECRET_NEEDS_GROUP else "wandb_api_key"),
+)
 
-# What the reference run used: one T4 with 8 CPUs, 32 GiB, room for 50 shards of tokens plus checkpoints.
+# What the reference run used: one T4 with 8 CPUs and 32 GiB. Disk: ~6 GB of tokens for 50 shards, ~1 GB per
+# checkpoint (kept twice: ours and Flyte's copy) and torch.compile's cache; 50Gi fits a 100 GB node disk.
+# Limits equal requests: a Guaranteed pod is the last to be evicted. shared_memory=True mounts a /dev/shm as
+# large as the memory limit (a container's default is 64 MB): torch multiprocessing and NCCL under DDP use it.
 TRAINING_RESOURCES = dict(
-    requests=Resources(cpu="8", mem="32Gi", gpu="1", ephemeral_storage="100Gi"),
-    limits=Resources(cpu="8", mem="32Gi", gpu="1", ephemeral_storage="100Gi"),
+    requests=Resources(cpu="8", mem="32Gi", gpu="1", ephemeral_storage="50Gi"),
+    limits=Resources(cpu="8", mem="32Gi", gpu="1", ephemeral_storage="50Gi"),
     accelerator=T4,
     shared_memory=True,
 )
@@ -53,7 +62,9 @@ def load_wandb_key() -> None:
     os.environ["WANDB_API_KEY"] = key
 
 
-@task(container_image=IMAGE, secret_requests=[WANDB_SECRET], **TRAINING_RESOURCES)
+# The same node kind as training (interruptible too: spot pools are tainted for interruptible pods), so that the
+# report describes the GPU, driver and CPUs the training will get.
+@task(container_image=IMAGE, secret_requests=[WANDB_SECRET], interruptible=True, **TRAINING_RESOURCES)
 def setup_environment(config: RunConfig) -> tuple[RunConfig, dict]:
     """Validate the config and report the machine, before any download or GPU time is spent."""
     config = config.resolved().validate()
@@ -75,14 +86,14 @@ def prepare_tokenizer(tokenizer: str, data_url: str, num_shards: int, bpe_vocab_
     return FlyteDirectory(str(build_tokenizer(config, out_dir)))
 
 
-@task(container_image=IMAGE, requests=DATA_RESOURCES)
+@task(container_image=IMAGE, requests=DATA_RESOURCES, cache=Cache(version=DATA_CACHE_VERSION))
 def plan_data_shards(config: RunConfig, tokenizer_dir: FlyteDirectory) -> list[ShardJob]:
-    return plan_shards(config, Path(tokenizer_dir.download()))
+    return plan_jobs(config, Path(tokenizer_dir.download()))
 
 
 # Keyed by the job alone (data_url, shard index, split, tokenizer fingerprint): a relaunch or a scheduled run
 # reuses every shard it has prepared before, whatever else changed in the config.
-@task(container_image=IMAGE, requests=DATA_RESOURCES, retries=3,
+@task(container_image=IMAGE, requests=DATA_RESOURCES, retries=3, interruptible=True,
       cache=Cache(version=DATA_CACHE_VERSION, ignored_inputs=("tokenizer_dir",)))
 def prepare_data_shard(job: ShardJob, tokenizer_dir: FlyteDirectory) -> FlyteDirectory:
     out_dir = Path(current_context().working_directory) / f"{job.split}_{job.index:05d}"
@@ -90,7 +101,7 @@ def prepare_data_shard(job: ShardJob, tokenizer_dir: FlyteDirectory) -> FlyteDir
     return FlyteDirectory(str(out_dir))
 
 
-@task(container_image=IMAGE, requests=DATA_RESOURCES, enable_deck=True)
+@task(container_image=IMAGE, requests=DATA_RESOURCES, enable_deck=True, cache=Cache(version=DATA_CACHE_VERSION))
 def collect_data(config: RunConfig, parts: list[FlyteDirectory], tokenizer_dir: FlyteDirectory
                  ) -> tuple[FlyteDirectory, dict]:
     out_dir = Path(current_context().working_directory) / "data"

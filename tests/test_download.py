@@ -1,0 +1,166 @@
+"""Shard download against a local HTTP server with injected faults (never the internet)."""
+
+import socket
+import time
+
+import fsspec
+import pytest
+
+from nanochat_flyte.config import ConfigError, RunConfig
+from nanochat_flyte.download import (Retry, ShardDownloadError, check_data_url, download_shard, download_shards,
+                                     verify_shard)
+from tests.shard_server import fineweb_texts, write_fineweb_shard, write_fineweb_shards
+
+
+FAST_RETRY = Retry(attempts=4, backoff_base_s=0.01, backoff_max_s=0.05)
+SHARD_0 = "/shard_00000.parquet"
+
+
+@pytest.fixture
+def shard_0(shard_server):
+    """Shard 0 on the server (~100 KB, several row groups); returns its bytes."""
+    path = write_fineweb_shard(shard_server.directory / SHARD_0.lstrip("/"), fineweb_texts(200), row_group_size=64)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("fault", ["503", "429", "reset", "truncate", "redirect"])
+def test_recovers_from_each_recoverable_fault(shard_server, shard_0, tmp_path, fault):
+    options = {}
+    if fault == "redirect":  # a CDN-like second location for the same file
+        (shard_server.directory / "cdn").mkdir()
+        (shard_server.directory / "cdn" / SHARD_0.lstrip("/")).write_bytes(shard_0)
+        options = {"location": "/cdn" + SHARD_0}
+    shard_server.fail(SHARD_0, fault, **options)
+
+    start = time.time()
+    download = download_shard(shard_server.url, 0, tmp_path / "cache", FAST_RETRY)
+
+    assert download.path.read_bytes() == shard_0
+    assert download.path == tmp_path / "cache" / "shard_00000.parquet"
+    assert not list((tmp_path / "cache").glob("*.part"))
+    requests = shard_server.requests_for(SHARD_0)
+    if fault == "redirect":
+        assert len(requests) == 1 and len(shard_server.requests_for("/cdn" + SHARD_0)) == 1
+    else:
+        assert len(requests) == 2
+    if fault == "429":  # Retry-After: 1 is honoured, not the 0.05 s backoff
+        assert time.time() - start >= 1.0
+    if fault in ("reset", "truncate"):  # the second request resumes after the bytes already received
+        assert requests[1].headers["Range"].startswith("bytes=")
+        assert int(requests[1].headers["Range"][len("bytes="):-1]) > 0
+
+
+def test_404_fails_at_once_with_shard_url_and_cause(shard_server, shard_0, tmp_path):
+    shard_server.fail(SHARD_0, "404", times=None)
+    with pytest.raises(ShardDownloadError) as error:
+        download_shard(shard_server.url, 0, tmp_path / "cache", FAST_RETRY)
+    message = str(error.value)
+    assert "shard 0" in message and shard_server.url + SHARD_0 in message and "HTTP 404" in message
+    assert len(shard_server.requests_for(SHARD_0)) == 1  # not retried
+
+
+def test_gives_up_after_the_retries_with_one_error(shard_server, shard_0, tmp_path):
+    shard_server.fail(SHARD_0, "503", times=None)
+    with pytest.raises(ShardDownloadError, match=r"shard 0 .*HTTP 503.*after 4 attempts"):
+        download_shard(shard_server.url, 0, tmp_path / "cache", FAST_RETRY)
+    assert len(shard_server.requests_for(SHARD_0)) == 4
+
+
+def test_cache_is_reused_and_a_corrupt_cached_file_downloaded_again(shard_server, shard_0, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    download_shard(shard_server.url, 0, cache, FAST_RETRY)
+    again = download_shard(shard_server.url, 0, cache, FAST_RETRY)
+    assert again.bytes == 0 and len(shard_server.requests_for(SHARD_0)) == 1
+
+    (cache / "shard_00000.parquet").write_bytes(shard_0[: len(shard_0) // 2])  # e.g. a disk-full copy
+    repaired = download_shard(shard_server.url, 0, cache, FAST_RETRY)
+    assert repaired.path.read_bytes() == shard_0
+    assert len(shard_server.requests_for(SHARD_0)) == 2
+    assert "cached file is corrupt" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("supports_range", [True, False])
+def test_resumes_a_partial_download_with_range(shard_server, shard_0, tmp_path, supports_range):
+    shard_server.supports_range = supports_range
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "shard_00000.parquet.part").write_bytes(shard_0[:1000])  # left by an interrupted run
+
+    download = download_shard(shard_server.url, 0, cache, FAST_RETRY)
+
+    assert download.path.read_bytes() == shard_0
+    (request,) = shard_server.requests_for(SHARD_0)
+    assert request.headers["Range"] == "bytes=1000-"
+    assert download.bytes == len(shard_0)  # the whole file is on disk either way
+
+
+def test_local_path_file_url_and_fsspec_url(tmp_path):
+    (source,) = write_fineweb_shards(tmp_path / "data", [3], docs_per_shard=50)
+    for data_url in (str(tmp_path / "data"), (tmp_path / "data").as_uri()):
+        download = download_shard(data_url, 3, tmp_path / "cache")
+        assert download.path == source  # read in place, not copied
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/bucket/shard_00003.parquet", source.read_bytes())
+    try:
+        download = download_shard("memory://bucket", 3, tmp_path / "cache")
+        assert download.path == tmp_path / "cache" / "shard_00003.parquet"
+        assert download.path.read_bytes() == source.read_bytes()
+        with pytest.raises(ShardDownloadError, match="shard 4 .*memory://bucket/shard_00004.parquet.*no such file"):
+            download_shard("memory://bucket", 4, tmp_path / "cache")
+    finally:
+        fs.rm("/bucket", recursive=True)
+
+
+def test_local_corrupt_shard_fails_clearly(tmp_path):
+    (tmp_path / "shard_00000.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ShardDownloadError, match="shard 0 .*not a readable parquet file"):
+        download_shard(str(tmp_path), 0)
+
+
+def test_shard_without_text_column_is_rejected(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"content": ["a", "b"]}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="no `text` string column"):
+        verify_shard(tmp_path / "bad.parquet")
+
+
+def test_hf_token_is_sent_but_never_printed(shard_server, shard_0, tmp_path, monkeypatch, capsys, caplog):
+    token = "hf_secretTOKEN123"
+    monkeypatch.setenv("HF_TOKEN", token)
+    shard_server.fail(SHARD_0, "503")  # a retry line gets printed
+    download_shard(shard_server.url, 0, tmp_path / "cache", FAST_RETRY)
+    shard_server.fail("/shard_00001.parquet", "404")
+    with pytest.raises(ShardDownloadError) as error:
+        download_shard(shard_server.url, 1, tmp_path / "cache", FAST_RETRY)
+
+    assert all(r.headers["Authorization"] == f"Bearer {token}" for r in shard_server.requests)
+    output = capsys.readouterr()
+    assert "attempt 1/4 failed" in output.out
+    assert token not in output.out + output.err + caplog.text + str(error.value)
+
+
+def test_parallel_downloads_report_progress_and_fail_loudly(shard_server, tmp_path, capsys):
+    write_fineweb_shards(shard_server.directory, [0, 1, 2], docs_per_shard=50)
+    downloads = list(download_shards(shard_server.url, [0, 1, 2], tmp_path / "cache", workers=2, retry=FAST_RETRY))
+    assert sorted(d.index for d in downloads) == [0, 1, 2]
+    out = capsys.readouterr().out
+    assert "download: 3/3 shards" in out and "MB/s" in out and "ETA" in out
+
+    shard_server.fail("/shard_00003.parquet", "404")
+    with pytest.raises(ShardDownloadError, match="shard 3 "):
+        list(download_shards(shard_server.url, [0, 1, 2, 3], tmp_path / "cache2", workers=2, retry=FAST_RETRY))
+
+
+def test_check_data_url(shard_server, tmp_path):
+    write_fineweb_shards(shard_server.directory, [1822], docs_per_shard=5)
+    check_data_url(RunConfig(data_url=shard_server.url))  # reachable: no error
+    check_data_url(RunConfig(data_url=str(shard_server.directory)))
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    for data_url in (f"http://127.0.0.1:{closed_port}/data", shard_server.url + "/missing", str(tmp_path / "nowhere")):
+        with pytest.raises(ConfigError, match="unreachable") as error:
+            check_data_url(RunConfig(data_url=data_url))
+        assert error.value.field == "data_url" and data_url in str(error.value)

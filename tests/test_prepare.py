@@ -1,0 +1,152 @@
+"""Tokenization into uint16 token files and the data directory (manifest.json), on small generated shards."""
+
+import dataclasses
+import hashlib
+import json
+import math
+
+import numpy as np
+import pytest
+
+from nanochat_flyte.config import ConfigError, RunConfig
+from nanochat_flyte.prepare import (ShardJob, build_tokenizer, merge_prepared, plan_jobs, plan_shards, prepare_data,
+                                    prepare_shard, tokenize_shard)
+from nanochat_flyte.tokenizer import gpt2_tokenizer, load_tokenizer
+from tests.shard_server import fineweb_texts, write_fineweb_shard, write_fineweb_shards
+
+
+DOCS_PER_SHARD = 60  # ~30k GPT-2 tokens per shard
+SHARD_KEYS = ["shard", "file", "tokens", "documents", "characters", "utf8_bytes", "sha256", "source",
+              "download_seconds", "tokenize_seconds"]
+
+
+def small_config(data_url: str, **overrides) -> RunConfig:
+    """A run of 10 steps of 1 x 64 tokens over 2 train shards + validation shard 5."""
+    values = dict(data_url=data_url, num_shards=2, val_shard=5, max_seq_len=64, device_batch_size=1,
+                  total_batch_size=64, num_iterations=10, eval_tokens=1024, download_workers=2)
+    return RunConfig(**(values | overrides)).validate()
+
+
+def expected_tokens(texts: list[str], enc) -> np.ndarray:
+    return np.array([t for text in texts for t in [enc.eot_token, *enc.encode_ordinary(text)]], dtype=np.uint16)
+
+
+def split_documents(tokens: np.ndarray, eot: int) -> list[np.ndarray]:
+    assert tokens[0] == eot
+    return np.split(tokens, np.flatnonzero(tokens == eot))[1:]
+
+
+def test_token_ids_are_exactly_encode_ordinary(tmp_path):
+    texts = fineweb_texts(150) + ["", "a literal <|endoftext|> stays text", "Zürich 東京 🦜 \n\n\t 12345"]
+    shard = write_fineweb_shard(tmp_path / "shard_00000.parquet", texts, row_group_size=32)
+    enc = gpt2_tokenizer()
+
+    stats = tokenize_shard(shard, enc, tmp_path / "shard_00000.bin", num_threads=2)
+
+    tokens = np.fromfile(tmp_path / "shard_00000.bin", dtype="<u2")
+    np.testing.assert_array_equal(tokens, expected_tokens(texts, enc))
+    assert stats == {"tokens": len(tokens), "documents": len(texts), "characters": sum(map(len, texts)),
+                     "utf8_bytes": sum(len(t.encode()) for t in texts),
+                     "sha256": hashlib.sha256(tokens.tobytes()).hexdigest()}
+
+
+def test_prepare_data_writes_the_data_directory(shard_server, tmp_path, capsys):
+    write_fineweb_shards(shard_server.directory, [0, 1, 5], DOCS_PER_SHARD)
+    config = small_config(shard_server.url, num_iterations=2000)  # 128k tokens: more than the 2 shards hold
+    data = tmp_path / "data"
+
+    manifest = prepare_data(config, data, cache_dir=tmp_path / "cache")
+
+    assert json.loads((data / "manifest.json").read_text()) == manifest
+    assert sorted(p.name for p in data.iterdir()) == ["manifest.json", "tokenizer", "train", "val"]
+    assert manifest["tokenizer"]["name"] == "gpt2"
+    assert (manifest["tokenizer"]["vocab_size"], manifest["tokenizer"]["eot_id"]) == (50257, 50256)
+    assert 3 < manifest["tokenizer"]["val_bytes_per_token"] < 6
+    assert [s["shard"] for s in manifest["train"]] == [0, 1] and [s["shard"] for s in manifest["val"]] == [5]
+    enc = load_tokenizer(data / "tokenizer")
+    for shard in manifest["train"] + manifest["val"]:
+        assert list(shard)[:len(SHARD_KEYS)] == SHARD_KEYS
+        assert shard["source"] == f"{shard_server.url}/shard_{shard['shard']:05d}.parquet"
+        tokens = np.fromfile(data / shard["file"], dtype="<u2")
+        assert len(tokens) == shard["tokens"] and shard["documents"] == DOCS_PER_SHARD
+        assert hashlib.sha256(tokens.tobytes()).hexdigest() == shard["sha256"]
+        np.testing.assert_array_equal(tokens, expected_tokens(fineweb_texts(DOCS_PER_SHARD, shard["shard"]), enc))
+    assert manifest["train_tokens"] == sum(s["tokens"] for s in manifest["train"])
+    assert manifest["val_tokens"] == manifest["val"][0]["tokens"]
+    assert manifest["tokens_needed"] == 2000 * 64
+    assert manifest["epochs"] == pytest.approx(128_000 / manifest["train_tokens"], rel=1e-3) and manifest["epochs"] > 1
+    out = capsys.readouterr().out
+    assert "download: 3/3 shards" in out and f"data will repeat ({manifest['epochs']:.2f} epochs)" in out
+
+    # The cluster path (one prepare_shard per pod, then merge) builds the same data directory.
+    tokenizer_dir = build_tokenizer(config, tmp_path / "tokenizer")
+    parts = []
+    for job in plan_shards(config, "gpt2"):
+        part = tmp_path / "parts" / f"{job.split}_{job.index}"
+        stats = prepare_shard(job, tokenizer_dir, part, cache_dir=tmp_path / "cache")
+        assert json.loads((part / "stats.json").read_text()) == stats
+        parts.append(part)
+    cluster = merge_prepared(config, parts, tokenizer_dir, tmp_path / "cluster_data")
+    for split in ("train", "val"):
+        assert [s["sha256"] for s in cluster[split]] == [s["sha256"] for s in manifest[split]]
+    assert cluster["train_tokens"] == manifest["train_tokens"] and cluster["tokenizer"] == manifest["tokenizer"]
+
+
+def test_only_needed_shards(shard_server, tmp_path):
+    write_fineweb_shards(shard_server.directory, [0, 1, 2, 3, 5], DOCS_PER_SHARD)
+    shard_0_tokens = len(expected_tokens(fineweb_texts(DOCS_PER_SHARD, 0), gpt2_tokenizer()))
+    steps = math.ceil(1.5 * shard_0_tokens / 64)  # one and a half shards of 64-token steps
+    config = small_config(shard_server.url, num_shards=4, num_iterations=steps, only_needed_shards=True)
+
+    manifest = prepare_data(config, tmp_path / "data", cache_dir=tmp_path / "cache")
+
+    assert [s["shard"] for s in manifest["train"]] == [0, 1]
+    assert not shard_server.requests_for("/shard_00002.parquet")
+    assert not shard_server.requests_for("/shard_00003.parquet")
+    assert [job.index for job in plan_shards(config, "gpt2", first_shard_tokens=shard_0_tokens)] == [0, 1, 5]
+    assert [job.index for job in plan_shards(config, "gpt2")] == [0, 1, 2, 3, 5]  # shard 0's size not known yet
+    # The cluster plan counts shard 0 itself, before any shard pod runs.
+    jobs = plan_jobs(config, build_tokenizer(config, tmp_path / "tokenizer"), cache_dir=tmp_path / "cache")
+    assert [(job.index, job.tokenizer) for job in jobs] == [(0, "gpt2"), (1, "gpt2"), (5, "gpt2")]
+
+
+def test_bpe_data_directory(tmp_path):
+    write_fineweb_shards(tmp_path / "shards", [0, 1, 5], DOCS_PER_SHARD)
+    config = small_config(str(tmp_path / "shards"), tokenizer="bpe", bpe_vocab_size=512, bpe_train_chars=100_000)
+
+    manifest = prepare_data(config, tmp_path / "data")
+
+    tokenizer = manifest["tokenizer"]
+    assert (tokenizer["name"], tokenizer["vocab_size"], tokenizer["eot_id"]) == ("bpe", 512, 511)
+    # A 512-token BPE compresses less than GPT-2's 50257 tokens, both measured on the validation shard.
+    assert 1 < tokenizer["val_bytes_per_token"] < tokenizer["gpt2_val_bytes_per_token"]
+    enc = load_tokenizer(tmp_path / "data" / "tokenizer")
+    tokens = np.fromfile(tmp_path / "data" / "val" / "shard_00005.bin", dtype="<u2")
+    assert tokens.max() == 511
+    assert [enc.decode(doc[1:].tolist()) for doc in split_documents(tokens, 511)] == fineweb_texts(DOCS_PER_SHARD, 5)
+
+
+def test_merge_checks_its_inputs_before_moving_anything(tmp_path):
+    write_fineweb_shards(tmp_path / "shards", [0, 5], DOCS_PER_SHARD)
+    config = small_config(str(tmp_path / "shards"), num_shards=1)
+    tokenizer_dir = build_tokenizer(config, tmp_path / "tokenizer")
+    train, val = (prepare_shard(job, tokenizer_dir, tmp_path / job.split) for job in plan_shards(config, "gpt2"))
+    parts = [tmp_path / "train", tmp_path / "val"]
+
+    with pytest.raises(ValueError, match="no val shard"):
+        merge_prepared(config, parts[:1], tokenizer_dir, tmp_path / "data")
+    with pytest.raises(ConfigError, match="eval_tokens"):
+        merge_prepared(dataclasses.replace(config, eval_tokens=val["tokens"] + 1), parts, tokenizer_dir,
+                       tmp_path / "data")
+    bin_file = tmp_path / "train" / train["file"]
+    bin_file.write_bytes(bin_file.read_bytes()[:-2])  # e.g. a partial upload
+    with pytest.raises(ValueError, match=f"holds {2 * train['tokens'] - 2} bytes"):
+        merge_prepared(config, parts, tokenizer_dir, tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+
+
+def test_shard_job_must_match_the_tokenizer(tmp_path):
+    write_fineweb_shards(tmp_path / "shards", [0], 5)
+    tokenizer_dir = build_tokenizer(small_config(str(tmp_path / "shards")), tmp_path / "tokenizer")
+    with pytest.raises(ValueError, match="asks for tokenizer 'bpe'"):
+        prepare_shard(ShardJob(0, "train", str(tmp_path / "shards"), "bpe"), tokenizer_dir, tmp_path / "out")
