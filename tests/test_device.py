@@ -1,0 +1,110 @@
+"""Device and precision choice. No GPU here: CUDA's answers are monkeypatched."""
+
+import pytest
+import torch
+
+from nanochat_flyte.config import ConfigError
+from nanochat_flyte.device import Precision, mfu, peak_flops, select_device, select_precision
+from nanochat_flyte.model import GPT, GPTConfig
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A CUDA device of the given compute capability and name."""
+    def install(capability: tuple[int, int], name: str = "Tesla T4"):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    return install
+
+
+def test_select_device(monkeypatch, fake_gpu):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert select_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="RunConfig.device: 'cuda' was asked for"):
+        select_device("cuda")
+    with pytest.raises(ConfigError, match="device"):
+        select_device("tpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert select_device("auto") == torch.device("mps")
+    fake_gpu((7, 5))
+    assert select_device("auto") == torch.device("cuda")
+
+
+@pytest.mark.parametrize("capability, dtype, scaler", [((7, 5), torch.float16, True),  # T4
+                                                       ((7, 0), torch.float16, True),  # V100
+                                                       ((8, 0), torch.bfloat16, False),  # A100
+                                                       ((8, 9), torch.bfloat16, False),  # L4
+                                                       ((9, 0), torch.bfloat16, False)])  # H100
+def test_auto_precision_follows_compute_capability(fake_gpu, capability, dtype, scaler):
+    fake_gpu(capability)
+    precision = select_precision(torch.device("cuda"), "auto")
+    assert (precision.dtype, precision.use_grad_scaler, precision.device_type) == (dtype, scaler, "cuda")
+
+
+def test_explicit_precision_choices(fake_gpu):
+    fake_gpu((7, 5))
+    with pytest.raises(ConfigError, match="RunConfig.dtype: bfloat16 needs compute capability >= 8.0"):
+        select_precision(torch.device("cuda"), "bfloat16")
+    assert select_precision(torch.device("cuda"), "float32").name == "float32"
+    cpu = select_precision(torch.device("cpu"))
+    assert (cpu.name, cpu.use_grad_scaler) == ("float32", False)
+    assert select_precision(torch.device("cpu"), "bfloat16").name == "bfloat16"
+    with pytest.raises(ConfigError, match="dtype"):
+        select_precision(torch.device("cpu"), "float8")
+
+
+def test_fp32_autocast_is_a_no_op():
+    with Precision(torch.float32, use_grad_scaler=False, device_type="cpu").autocast():
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_fp16_grad_scaler_path_steps_on_cpu():
+    try:
+        precision = select_precision(torch.device("cpu"), "float16")
+    except ConfigError as error:
+        pytest.skip(f"this torch has no CPU fp16 autocast: {error}")
+    assert precision.use_grad_scaler
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=8, vocab_size=32, n_layer=1, n_head=1, n_kv_head=1, n_embd=16))
+    model.init_weights()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu")
+    before = model.lm_head.weight.detach().clone()
+    idx = torch.randint(0, 32, (2, 8))
+    with precision.autocast():
+        assert torch.get_autocast_dtype("cpu") == torch.float16
+        loss = model(idx, idx)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 65536.0  # no overflow: the scale stays at its initial 2**16
+    assert not torch.equal(before, model.lm_head.weight)
+
+
+def test_peak_flops_table():
+    assert peak_flops("Tesla T4", torch.float16) == 65e12
+    assert peak_flops("Tesla T4", torch.bfloat16) is None  # Turing has no bf16 tensor cores
+    assert peak_flops("NVIDIA A10G", torch.bfloat16) == 70e12  # not mistaken for A10 or A100
+    assert peak_flops("NVIDIA A10", torch.bfloat16) == 125e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", torch.bfloat16) == 312e12
+    assert peak_flops("NVIDIA L4", torch.bfloat16) == 121e12
+    assert peak_flops("NVIDIA L40S", torch.bfloat16) is None  # unlisted, not "L4"
+    assert peak_flops("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989e12
+    assert peak_flops("NVIDIA H100 PCIe", torch.bfloat16) == 756e12
+    assert peak_flops("NVIDIA H200", torch.bfloat16) == 989e12
+    assert peak_flops("cpu", torch.float32) is None
+
+
+def test_float32_peak_depends_on_tf32(monkeypatch):
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    assert peak_flops("NVIDIA A100-SXM4-40GB", torch.float32) == 19.5e12
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert peak_flops("NVIDIA A100-SXM4-40GB", torch.float32) == 156e12
+    assert peak_flops("Tesla T4", torch.float32) == 8.1e12  # no TF32 units
+
+
+def test_mfu():
+    assert mfu(flops_per_token=1e9, tokens_per_sec=13e3, peak=65e12) == pytest.approx(0.2)
+    assert mfu(1e9, 65e3, peak_flops("cpu", torch.float32)) is None

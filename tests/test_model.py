@@ -1,0 +1,140 @@
+import math
+
+import pytest
+import torch
+
+from nanochat_flyte.config import ConfigError
+from nanochat_flyte.model import GPT, LOGIT_SOFTCAP, GPTConfig, KVCache
+
+TINY = GPTConfig(sequence_len=16, vocab_size=100, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+
+
+def build(config: GPTConfig = TINY, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(config)
+    model.init_weights()
+    return model
+
+
+def randomize(model: GPT) -> None:
+    """Fresh models predict uniformly (zero head and projections); give them context-dependent predictions."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+
+
+def expected_params(c: GPTConfig) -> int:
+    d, kv = c.n_embd, c.n_kv_head * c.head_dim
+    attention = d * d + 2 * d * kv + d * d  # c_q, c_k, c_v, c_proj
+    mlp = 2 * d * 4 * d
+    return 2 * c.padded_vocab_size * d + c.n_layer * (attention + mlp)  # wte + lm_head + blocks
+
+
+def test_from_depth_follows_nanochat_aspect_ratio():
+    config = GPTConfig.from_depth(8, vocab_size=50257, sequence_len=512)
+    assert (config.n_embd, config.n_head, config.n_kv_head, config.head_dim) == (512, 4, 4, 128)
+    assert GPTConfig.from_depth(3, 100, 16).head_dim == 96  # 192 wide, 2 heads
+    assert GPTConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="depth"):
+        GPTConfig.from_depth(5, 100, 16)  # 320 does not split into 3 heads
+
+
+def test_parameter_count_and_flops_formula():
+    model = build()
+    assert TINY.padded_vocab_size == 128
+    assert model.num_params() == expected_params(TINY)
+    attention_flops = 12 * TINY.n_layer * TINY.n_head * TINY.head_dim * TINY.sequence_len
+    assert model.estimate_flops() == 6 * (expected_params(TINY) - 128 * 32) + attention_flops
+
+
+def test_depth8_size_on_meta_device():
+    config = GPTConfig.from_depth(8, vocab_size=50257, sequence_len=512)
+    with torch.device("meta"):
+        model = GPT(config)
+    # 50257 is padded to 50304: 2 * 50304 * 512 embedding/head + 8 * 12 * 512^2 in the blocks
+    assert model.num_params() == expected_params(config) == 76_677_120
+    assert model.estimate_flops() == 6 * (76_677_120 - 50304 * 512) + 12 * 8 * 4 * 128 * 512 == 330_694_656
+
+
+def test_shapes_loss_and_zero_init():
+    model = build()
+    idx = torch.randint(0, TINY.vocab_size, (3, 10))
+    assert model(idx).shape == (3, 10, TINY.vocab_size)
+    for block in model.transformer.h:
+        assert not block.attn.c_proj.weight.any() and not block.mlp.c_proj.weight.any()
+    # zero head: uniform prediction, loss exactly ln(vocab_size)
+    assert model(idx, idx).item() == pytest.approx(math.log(TINY.vocab_size), abs=1e-5)
+    targets = idx.clone()
+    targets[0, :4] = -1
+    per_token = model(idx, targets, loss_reduction="none")
+    assert per_token.shape == targets.shape and (per_token[0, :4] == 0).all()
+
+
+def test_logits_are_softcapped():
+    model = build()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 100.0)
+    logits = model(torch.randint(0, TINY.vocab_size, (2, 8)))
+    assert logits.abs().max() <= LOGIT_SOFTCAP
+    assert logits.abs().max() > 0.9 * LOGIT_SOFTCAP  # huge weights really hit the cap
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+    model = build()
+    randomize(model)
+    idx = torch.randint(0, TINY.vocab_size, (1, 12))
+    changed = idx.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % TINY.vocab_size
+    torch.testing.assert_close(model(idx)[:, :8], model(changed)[:, :8])
+
+
+def test_fp16_and_bf16_autocast_keep_loss_in_float32():
+    model = build()
+    idx = torch.randint(0, TINY.vocab_size, (2, 8))
+    for dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype):
+            loss = model(idx, idx)
+        assert loss.dtype == torch.float32
+        loss.backward()
+        assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_kv_cache_generation_equals_full_recompute_greedy():
+    model = build()
+    randomize(model)
+    prompt = [5, 17, 42, 3]
+    cached = list(model.generate(prompt, max_tokens=8, temperature=0))
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(8):
+            ids.append(model(torch.tensor([ids]))[0, -1].argmax().item())
+    assert cached == ids[len(prompt):]
+    assert len(set(cached)) > 1  # the randomized model does not just repeat one token
+
+
+def test_kv_cache_chunk_after_prefix_matches_full_forward():
+    model = build()
+    randomize(model)
+    idx = torch.randint(0, TINY.vocab_size, (2, 10))  # batch of 2 through the cache
+    cache = KVCache(TINY, batch_size=2, max_len=10)
+    with torch.no_grad():
+        first = model(idx[:, :6], kv_cache=cache)
+        second = model(idx[:, 6:], kv_cache=cache)  # 4 queries over 10 keys: the masked path
+        full = model(idx)
+    torch.testing.assert_close(torch.cat([first, second], dim=1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="KV cache"):
+        model(idx[:, :1], kv_cache=cache)
+
+
+def test_seeded_sampling_is_reproducible():
+    model = build()
+    randomize(model)
+
+    def sample(seed, top_k):
+        return list(model.generate([1, 2], 12, temperature=1.0, top_k=top_k, seed=seed))
+
+    assert sample(7, None) == sample(7, None)
+    assert sample(7, 5) == sample(7, 5)
+    assert sample(7, None) != sample(8, None)
+    greedy = list(model.generate([1, 2], 12, temperature=0))
+    assert sample(7, 1) == sample(8, 1) == greedy  # top_k 1 leaves only the argmax

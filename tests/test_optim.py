@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from nanochat_flyte.config import RunConfig
+from nanochat_flyte.model import GPT, GPTConfig
+from nanochat_flyte.optim import (Muon, apply_schedules, build_optimizers, lr_multiplier, muon_momentum,
+                                  orthogonalize)
+
+
+def tiny_model() -> GPT:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
+    model.init_weights()
+    return model
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (64, 16), (16, 64)])
+def test_orthogonalize_gives_singular_values_near_one(shape):
+    torch.manual_seed(0)
+    singular_values = torch.linalg.svdvals(orthogonalize(torch.randn(shape)))
+    # quintic Newton-Schulz lands every singular value in about [0.7, 1.2], not exactly on 1
+    assert singular_values.min() > 0.5 and singular_values.max() < 1.3
+    assert torch.linalg.svdvals(torch.randn(shape)).max() > 5  # the input was far from orthogonal
+
+
+def test_muon_step_is_an_orthogonal_update():
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.zeros(24, 24))
+    muon = Muon([weight], lr=0.1, momentum=0.9)
+    weight.grad = torch.randn(24, 24)
+    muon.step()
+    singular_values = torch.linalg.svdvals(weight.detach() / 0.1)
+    assert singular_values.min() > 0.5 and singular_values.max() < 1.3
+    with pytest.raises(ValueError, match="2-D"):
+        Muon([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
+
+
+def test_param_groups_and_width_scaled_learning_rates():
+    model = tiny_model()
+    config = RunConfig(embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02)
+    adamw, muon = build_optimizers(model, config)
+    scale = (32 / 768) ** -0.5
+    assert [g["initial_lr"] for g in adamw.param_groups] == pytest.approx([0.2 * scale, 0.004 * scale])
+    assert adamw.defaults["betas"] == (0.8, 0.95) and adamw.defaults["eps"] == 1e-10
+    assert [g["initial_lr"] for g in muon.param_groups] == [0.02]
+    optimized = {id(p) for opt in (adamw, muon) for g in opt.param_groups for p in g["params"]}
+    assert optimized == {id(p) for p in model.parameters()}
+
+
+def test_loss_decreases_when_overfitting_one_batch():
+    model = tiny_model()
+    config = RunConfig(num_iterations=15, warmdown_ratio=0.0)
+    optimizers = build_optimizers(model, config)
+    torch.manual_seed(1)
+    batch = torch.randint(0, 64, (4, 17))
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    losses = []
+    for step in range(config.num_iterations):
+        apply_schedules(optimizers, step, config)
+        loss = model(inputs, targets)
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < 0.25 * losses[0]  # about 4.2 -> 0.25 in 15 steps
+
+
+def test_lr_schedule_shape():
+    config = RunConfig(num_iterations=100, warmup_ratio=0.1, warmdown_ratio=0.2, final_lr_frac=0.1)
+    assert lr_multiplier(0, config) == pytest.approx(0.1)  # warmup: 1/10 .. 10/10
+    assert lr_multiplier(9, config) == 1.0
+    assert lr_multiplier(50, config) == lr_multiplier(80, config) == 1.0  # flat until the last 20%
+    assert lr_multiplier(90, config) == pytest.approx(0.5 + 0.5 * 0.1)  # halfway through warmdown
+    assert lr_multiplier(100, config) == pytest.approx(0.1)  # ends at final_lr_frac
+    decay = [lr_multiplier(s, config) for s in range(80, 101)]
+    assert decay == sorted(decay, reverse=True)
+
+
+def test_muon_momentum_warmup_and_apply_schedules():
+    assert muon_momentum(0) == 0.85
+    assert muon_momentum(150) == pytest.approx(0.90)
+    assert muon_momentum(300) == muon_momentum(5000) == pytest.approx(0.95)
+    model = tiny_model()
+    config = RunConfig(num_iterations=100, warmdown_ratio=0.5)
+    adamw, muon = build_optimizers(model, config)
+    apply_schedules([adamw, muon], 75, config)
+    assert muon.param_groups[0]["lr"] == pytest.approx(0.5 * muon.param_groups[0]["initial_lr"])
+    assert adamw.param_groups[1]["lr"] == pytest.approx(0.5 * adamw.param_groups[1]["initial_lr"])
+    assert muon.param_groups[0]["momentum"] == pytest.approx(muon_momentum(75))
