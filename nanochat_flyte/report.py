@@ -1,0 +1,235 @@
+"""What a finished run looks like: plots, the report card (report.md) and the HTML of the Flyte Decks.
+
+Everything is read from the files the Tracker wrote (metrics.jsonl, samples.jsonl, run_info.json), so a report
+can be rebuilt from any checkpoint directory. Plots use matplotlib's Figure directly (the Agg canvas): no
+display, no global pyplot state.
+"""
+
+import base64
+import html
+import io
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from nanochat_flyte.tracking import METRICS_FILE, RUN_INFO_FILE, SAMPLES_FILE, read_jsonl
+
+REPORT_FILE = "report.md"
+LOSS_PLOT = "loss.png"
+THROUGHPUT_PLOT = "throughput.png"
+FIGURE_SIZE = (11, 4)  # inches: two panels side by side
+DPI = 100
+
+# ---------------------------------------------------------------------------- formatting
+
+
+def format_value(value: Any) -> str:
+    """A number for people: 36,700,160 parameters, 15,000 tokens/s, 1.234 bpb; None is n/a."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return str(value)
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
+
+
+def markdown_text(text: str) -> str:
+    """Model output as Markdown text: on one line (a newline would end the list item), HTML shown, not run."""
+    return html.escape(text.replace("\n", " "), quote=False)
+
+
+def as_written(values: dict[str, Any]) -> dict[str, str]:
+    """Settings shown exactly as given (no thousands separators: val_shard is 1822, not 1,822)."""
+    return {key: "n/a" if value is None else str(value) for key, value in values.items()}
+
+
+def config_dict(config) -> dict[str, Any]:
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+
+
+# ---------------------------------------------------------------------------- plots
+
+
+def series(metrics: list[dict], key: str) -> tuple[list[int], list[float]]:
+    rows = [row for row in metrics if row.get(key) is not None]
+    return [row["step"] for row in rows], [row[key] for row in rows]
+
+
+def loss_figure(metrics: list[dict]) -> Figure | None:
+    """Training loss (raw and smoothed) and validation bits per byte against the step."""
+    if not any("train/loss" in row or "val/bpb" in row for row in metrics):
+        return None
+    figure = Figure(figsize=FIGURE_SIZE, dpi=DPI, layout="tight")
+    loss_axes, bpb_axes = figure.subplots(1, 2)
+    loss_axes.plot(*series(metrics, "train/loss"), alpha=0.3, label="loss")
+    loss_axes.plot(*series(metrics, "train/loss_smooth"), label="loss (smoothed)")
+    loss_axes.set(title="Training loss", xlabel="step", ylabel="cross-entropy (nats)")
+    loss_axes.legend()
+    bpb_axes.plot(*series(metrics, "val/bpb"), marker="o", color="tab:green")
+    bpb_axes.set(title="Validation bits per byte", xlabel="step", ylabel="bpb")
+    for axes in (loss_axes, bpb_axes):
+        axes.grid(alpha=0.3)
+    return figure
+
+
+def throughput_figure(metrics: list[dict]) -> Figure | None:
+    """Tokens per second and model FLOPs utilisation against the step."""
+    if not any("train/tok_per_sec" in row for row in metrics):
+        return None
+    figure = Figure(figsize=FIGURE_SIZE, dpi=DPI, layout="tight")
+    speed_axes, mfu_axes = figure.subplots(1, 2)
+    speed_axes.plot(*series(metrics, "train/tok_per_sec"))
+    speed_axes.set(title="Throughput", xlabel="step", ylabel="tokens / s")
+    mfu_axes.plot(*series(metrics, "train/mfu"), color="tab:orange")
+    mfu_axes.set(title="Model FLOPs utilisation", xlabel="step", ylabel="MFU (%)")
+    for axes in (speed_axes, mfu_axes):
+        axes.grid(alpha=0.3)
+    return figure
+
+
+def png_bytes(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def run_figures(metrics: list[dict]) -> dict[str, Figure]:
+    """The run's plots by file name; a plot with nothing to show (e.g. no steps yet) is left out."""
+    figures = {LOSS_PLOT: loss_figure(metrics), THROUGHPUT_PLOT: throughput_figure(metrics)}
+    return {name: figure for name, figure in figures.items() if figure is not None}
+
+
+# ---------------------------------------------------------------------------- the numbers of a run
+
+
+def headline_numbers(out_dir: Path, summary: dict) -> dict[str, str]:
+    """The report card's first table: the training summary, with run_info.json filling in the model facts."""
+    info_file = Path(out_dir) / RUN_INFO_FILE
+    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    parameters = summary.get("num_params", info.get("num_params"))
+    flops_per_token = summary.get("flops_per_token", info.get("flops_per_token"))
+    return {
+        "parameters": format_value(parameters),
+        "FLOPs per token": f"{flops_per_token:.3e}" if flops_per_token else "n/a",
+        "steps completed": format_value(summary.get("steps_completed")),
+        "tokens seen": format_value(summary.get("tokens_seen")),
+        "wall time": format_duration(summary.get("total_time_s")),
+        "average tokens / s": format_value(summary.get("avg_tok_per_sec")),
+        "average MFU (%)": format_value(summary.get("avg_mfu")),
+        "min validation bpb": format_value(summary.get("min_validation_bpb")),
+        "final validation bpb": format_value(summary.get("final_validation_bpb")),
+        "W&B run": summary.get("wandb_url") or "none online (offline runs are under wandb/)",
+    }
+
+
+# ---------------------------------------------------------------------------- report.md
+
+
+def markdown_table(rows: dict[str, Any], header: tuple[str, str] = ("", "")) -> str:
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    for key, value in rows.items():
+        cell = format_value(value).replace("|", r"\|")  # a bare | would end the cell
+        lines.append(f"| {key} | {cell} |")
+    return "\n".join(lines)
+
+
+def write_report(out_dir: Path, config, env_report: dict | None, summary: dict) -> Path:
+    """out_dir/report.md: the run's report card, with its plots next to it as PNG files."""
+    out_dir = Path(out_dir)
+    metrics = read_jsonl(out_dir / METRICS_FILE)
+    samples = read_jsonl(out_dir / SAMPLES_FILE)
+    settings = config_dict(config)
+    sections = [f"# nanochat-flyte report: {settings.get('run_name') or 'unnamed run'}",
+                f"Generated {datetime.now():%Y-%m-%d %H:%M:%S} from `{METRICS_FILE}` and `{SAMPLES_FILE}`.",
+                "## Results", markdown_table(headline_numbers(out_dir, summary))]
+    for name, figure in run_figures(metrics).items():
+        figure.savefig(out_dir / name)
+        sections.append(f"![{Path(name).stem}]({name})")
+    if samples:
+        last_step = max(sample["step"] for sample in samples)
+        sections.append(f"## Samples at step {last_step}")
+        sections += [f"- **{markdown_text(sample['prompt'])}**{markdown_text(sample['completion'])}"
+                     for sample in samples if sample["step"] == last_step]
+    sections += ["## Configuration", markdown_table(as_written(settings), ("field", "value"))]
+    if env_report:
+        sections += ["## Environment", markdown_table(as_written(env_report), ("", "value"))]
+    report = out_dir / REPORT_FILE
+    report.write_text("\n\n".join(sections) + "\n")
+    return report
+
+
+# ---------------------------------------------------------------------------- Flyte Deck HTML
+
+DECK_STYLE = ("<style>table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;"
+              "text-align:left;font-family:monospace}img{max-width:100%}</style>")
+
+
+def html_table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(cell))}</th>" for cell in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(format_value(cell))}</td>" for cell in row) + "</tr>"
+                   for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def html_image(figure: Figure, alt: str) -> str:
+    encoded = base64.b64encode(png_bytes(figure)).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}"/>'
+
+
+def training_deck_html(out_dir: Path, config, env_report: dict | None, summary: dict) -> str:
+    """Self-contained HTML (plots inlined as base64 PNG): curves, samples, config and environment."""
+    out_dir = Path(out_dir)
+    metrics = read_jsonl(out_dir / METRICS_FILE)
+    samples = read_jsonl(out_dir / SAMPLES_FILE)
+    settings = config_dict(config)
+    parts = [DECK_STYLE, f"<h2>Training: {html.escape(str(settings.get('run_name') or 'unnamed run'))}</h2>",
+             html_table(["", "value"], list(headline_numbers(out_dir, summary).items()))]
+    parts += [html_image(figure, Path(name).stem) for name, figure in run_figures(metrics).items()]
+    parts += ["<h3>Samples</h3>",
+              html_table(["step", "prompt", "completion"],
+                         [[sample["step"], sample["prompt"], sample["completion"]] for sample in samples])]
+    parts += ["<h3>Configuration</h3>", html_table(["field", "value"], list(as_written(settings).items()))]
+    if env_report:
+        parts += ["<h3>Environment</h3>", html_table(["", "value"], list(as_written(env_report).items()))]
+    return "\n".join(parts)
+
+
+def data_deck_html(manifest: dict) -> str:
+    """Per-shard statistics of a prepared data directory (manifest.json); missing fields show as n/a."""
+    tokenizer = manifest.get("tokenizer", {})
+    header = ["split", "shard", "file", "documents", "characters", "tokens", "bytes / token", "download s",
+              "tokenize s"]
+    rows = []
+    for split in ("train", "val"):
+        for shard in manifest.get(split, []):
+            tokens, documents, utf8_bytes = shard.get("tokens"), shard.get("documents"), shard.get("utf8_bytes")
+            # text bytes per token, not counting the one <|endoftext|> per document (as the manifest does)
+            text_tokens = tokens - (documents or 0) if tokens else None
+            bytes_per_token = utf8_bytes / text_tokens if utf8_bytes and text_tokens else None
+            rows.append([split, shard.get("shard"), shard.get("file"), documents, shard.get("characters"), tokens,
+                         bytes_per_token, shard.get("download_seconds"), shard.get("tokenize_seconds")])
+    overview = {"tokenizer": tokenizer.get("name"), "vocabulary size": tokenizer.get("vocab_size"),
+                "validation bytes / token": tokenizer.get("val_bytes_per_token"),
+                "train tokens": manifest.get("train_tokens"), "validation tokens": manifest.get("val_tokens"),
+                "tokens training needs": manifest.get("tokens_needed"), "epochs": manifest.get("epochs")}
+    return "\n".join([DECK_STYLE, "<h2>Data</h2>", html_table(["", "value"], list(overview.items())),
+                      "<h3>Shards</h3>", html_table(header, rows)])
+
+
+def environment_deck_html(env_report: dict) -> str:
+    return "\n".join([DECK_STYLE, "<h2>Environment</h2>",
+                      html_table(["", "value"], list(as_written(env_report).items()))])

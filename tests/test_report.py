@@ -1,0 +1,87 @@
+"""Report card and Deck HTML, rendered headless from metrics a Tracker wrote."""
+
+import base64
+import re
+
+from nanochat_flyte.config import RunConfig
+from nanochat_flyte.report import (
+    LOSS_PLOT,
+    THROUGHPUT_PLOT,
+    data_deck_html,
+    environment_deck_html,
+    training_deck_html,
+    write_report,
+)
+from nanochat_flyte.tracking import Tracker
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CONFIG = RunConfig(run_name="report_unit", wandb_mode="disabled")
+ENVIRONMENT = {"python": "3.11.7", "torch": "2.13.0", "gpu_name": "Tesla T4", "bf16_supported": False}
+SUMMARY = {"num_params": 36_700_160, "flops_per_token": 2.5e8, "steps_completed": 20, "tokens_seen": 1_310_720,
+           "total_time_s": 3725.0, "avg_tok_per_sec": 15_000.0, "avg_mfu": 5.8, "min_validation_bpb": 1.25,
+           "final_validation_bpb": 1.3, "wandb_url": None}
+
+
+def tracked_run(out_dir):
+    """A finished 20-step run as the training loop records it, with a sample containing HTML to escape."""
+    tracker = Tracker(CONFIG, out_dir, env_report=ENVIRONMENT)
+    for step in range(1, 21):
+        tracker.log(step, {"train/loss": 8.0 - step / 5, "train/loss_smooth": 8.1 - step / 5,
+                           "train/tok_per_sec": 14_000.0 + step, "train/mfu": 5.0 + step / 20})
+        if step % 10 == 0:
+            tracker.log(step, {"val/bpb": 2.0 - step / 40})
+            tracker.log_samples(step, [{"prompt": "The sky is", "completion": f" <b>blue</b> {step}\nagain"}])
+    tracker.finish()
+    return out_dir
+
+
+def inlined_pngs(html_text: str) -> list[bytes]:
+    return [base64.b64decode(data) for data in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"',
+                                                          html_text)]
+
+
+def test_report_card_has_numbers_plots_and_last_samples(tmp_path):
+    report = write_report(tracked_run(tmp_path), CONFIG, ENVIRONMENT, SUMMARY)
+    text = report.read_text()
+    for plot in (LOSS_PLOT, THROUGHPUT_PLOT):
+        assert f"]({plot})" in text
+        assert (tmp_path / plot).read_bytes().startswith(PNG_SIGNATURE)
+    for expected in ("report_unit", "36,700,160", "2.500e+08", "1,310,720", "1h 02m 05s", "15,000", "5.8",
+                     "1.25", "1.3", "Tesla T4", "## Samples at step 20"):
+        assert expected in text, expected
+    assert "&lt;b&gt;blue&lt;/b&gt; 20 again" in text  # escaped, on one line
+    assert "blue&lt;/b&gt; 10" not in text  # only the last sampling point
+    assert "| val_shard | 1822 |" in text  # settings as written
+
+
+def test_training_deck_is_self_contained_and_escaped(tmp_path):
+    deck = training_deck_html(tracked_run(tmp_path), CONFIG, ENVIRONMENT, SUMMARY)
+    images = inlined_pngs(deck)
+    assert len(images) == 2 and all(image.startswith(PNG_SIGNATURE) for image in images)
+    assert "&lt;b&gt;blue&lt;/b&gt; 10" in deck and "&lt;b&gt;blue&lt;/b&gt; 20" in deck  # every sampling point
+    assert "<b>blue" not in deck
+    assert "matrix_lr" in deck and "Tesla T4" in deck
+
+
+def test_training_deck_before_any_step_has_no_plots(tmp_path):
+    deck = training_deck_html(tmp_path, CONFIG, None, {})
+    assert inlined_pngs(deck) == [] and "n/a" in deck
+
+
+def test_data_deck_tolerates_missing_fields():
+    manifest = {"tokenizer": {"name": "gpt2", "vocab_size": 50257, "val_bytes_per_token": 4.6},
+                "train": [{"shard": 0, "file": "train/shard_00000.bin", "tokens": 1100, "documents": 100,
+                           "characters": 4500, "utf8_bytes": 4600, "download_seconds": 1.5,
+                           "tokenize_seconds": 2.25},
+                          {"shard": 1, "file": "train/shard_00001.bin"}],
+                "val": [{"shard": 1822, "file": "val/shard_01822.bin", "tokens": 600, "documents": 50}],
+                "train_tokens": 1100}
+    deck = data_deck_html(manifest)
+    assert deck.count("<tr>") == 1 + 3 + 8  # overview (header + 7 rows) is 8, shards header + 3 shards is 4
+    assert "4.6" in deck and "1.5" in deck and "2.25" in deck and "shard_01822" in deck
+    assert deck.count("n/a") >= 6  # shard 1 has no statistics; the val shard no bytes or timings
+
+
+def test_environment_deck_lists_every_field():
+    deck = environment_deck_html(ENVIRONMENT)
+    assert all(key in deck for key in ENVIRONMENT) and "Tesla T4" in deck

@@ -1,0 +1,150 @@
+"""Tracker: metrics files, W&B offline run read back from its .wandb file, fallbacks, resume, secrecy."""
+
+import json
+import logging
+import socket
+
+from nanochat_flyte.config import RunConfig
+from nanochat_flyte.tracking import (
+    Tracker,
+    read_jsonl,
+    read_offline_history,
+    read_offline_summary,
+    resolve_mode,
+)
+
+STEPS = 100  # enough rows for the .wandb file to span more than one 32 KiB block
+EVAL_STEPS = {0, 50, 99}
+SAMPLE_STEPS = {50, 99}
+
+
+def log_synthetic_run(tracker: Tracker) -> None:
+    """What the training loop sends: per-step train metrics, periodic evals and samples, a final summary."""
+    tracker.log_config({"parameters": 1234, "flops_per_token": 5678})
+    for step in range(STEPS):
+        tracker.log(step, {"train/loss": 10.0 - step, "train/loss_smooth": 10.5 - step, "train/lrm": 1.0,
+                           "train/tok_per_sec": 1000.0 + step, "train/mfu": None, "train/dt": 0.1})
+        if step in EVAL_STEPS:
+            tracker.log(step, {"val/bpb": 3.0 - step / 10})
+        if step in SAMPLE_STEPS:
+            tracker.log_samples(step, [{"prompt": "The capital of France is", "completion": f" Paris {step}"}])
+    tracker.set_summary({"min_validation_bpb": 2.1, "final_validation_bpb": 2.1, "total_time_s": 1.0,
+                         "tokens_seen": 655360})
+
+
+def test_auto_mode_follows_the_api_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # nor a `wandb login` on this machine
+    assert resolve_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
+    assert resolve_mode("auto") == "online"
+    assert resolve_mode("disabled") == "disabled"
+
+
+def test_offline_run_reads_back_complete(tmp_path, monkeypatch):
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    tracker = Tracker(RunConfig(run_name="unit", wandb_mode="auto"), tmp_path, env_report={"python": "3.11"})
+    assert tracker.mode == "offline"  # auto without a key
+    log_synthetic_run(tracker)
+    assert tracker.finish() is None
+
+    assert next(tracker.offline_dir.glob("*.wandb")).stat().st_size > 32 * 1024  # records cross a block
+    history = read_offline_history(tracker.offline_dir)
+    train_steps = [row["step"] for row in history if "train/loss" in row]
+    assert train_steps == list(range(STEPS))
+    assert {row["step"] for row in history if "val/bpb" in row} == EVAL_STEPS
+    for key in ("train/loss_smooth", "train/lrm", "train/tok_per_sec", "train/dt"):
+        assert all(key in row for row in history if "train/loss" in row), key
+    assert not any("train/mfu" in row for row in history)  # None values are dropped
+
+    tables = [row["samples"] for row in history if "samples" in row]
+    assert [table["nrows"] for table in tables] == [1, 2]  # cumulative: the last table holds every step
+    last_table = json.loads((tracker.offline_dir / "files" / tables[-1]["path"]).read_text())
+    assert last_table["columns"] == ["step", "prompt", "completion"]
+    assert [row[0] for row in last_table["data"]] == sorted(SAMPLE_STEPS)
+
+    summary = read_offline_summary(tracker.offline_dir)
+    assert summary["min_validation_bpb"] == 2.1 and summary["tokens_seen"] == 655360
+
+    metrics = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [m["step"] for m in metrics if "train/loss" in m] == list(range(STEPS))
+    assert all("time" in m and "train/mfu" not in m for m in metrics)
+    assert [s["step"] for s in read_jsonl(tmp_path / "samples.jsonl")] == sorted(SAMPLE_STEPS)
+    run_info = json.loads((tmp_path / "run_info.json").read_text())
+    assert run_info["parameters"] == 1234 and run_info["config"]["run_name"] == "unit"
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # nothing listens once the socket closes
+
+
+def test_online_without_network_falls_back_offline_and_never_shows_the_key(tmp_path, monkeypatch, capfd,
+                                                                             caplog):
+    secret = "feedfacecafebeef" * 2 + "deadbeef"  # 40 characters, like a real key
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")  # keep the failing online attempt short
+    with caplog.at_level(logging.WARNING, logger="nanochat_flyte.tracking"):
+        tracker = Tracker(RunConfig(run_name="no-network", wandb_mode="online"), tmp_path)
+    assert tracker.mode == "offline"
+    warnings = [r for r in caplog.records if r.name == "nanochat_flyte.tracking"]
+    assert len(warnings) == 1 and "online init failed" in warnings[0].getMessage()
+
+    log_synthetic_run(tracker)
+    assert tracker.finish() is None
+    assert [row["step"] for row in read_offline_history(tracker.offline_dir) if "train/loss" in row] == \
+        list(range(STEPS))
+
+    captured = capfd.readouterr()
+    assert secret not in captured.out + captured.err + caplog.text
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_failing_wandb_log_never_fails_training(tmp_path, caplog):
+    tracker = Tracker(RunConfig(wandb_mode="offline"), tmp_path)
+
+    def broken_log(*args, **kwargs):
+        raise ConnectionError("service went away")
+
+    tracker.run.log = broken_log
+    with caplog.at_level(logging.WARNING, logger="nanochat_flyte.tracking"):
+        tracker.log(0, {"train/loss": 1.0})
+        tracker.log(1, {"train/loss": 0.9})
+    assert tracker.mode == "disabled"  # offline failed, nothing left to fall back to
+    assert len([r for r in caplog.records if r.name == "nanochat_flyte.tracking"]) == 1
+    assert [m["step"] for m in read_jsonl(tmp_path / "metrics.jsonl")] == [0, 1]
+    assert tracker.finish() is None
+
+
+def test_resume_truncates_later_steps_and_keeps_the_run_id(tmp_path):
+    config = RunConfig(wandb_mode="disabled")
+    first = Tracker(config, tmp_path)
+    log_synthetic_run(first)
+    first.finish()
+    with (tmp_path / "metrics.jsonl").open("a") as file:
+        file.write('{"step": 100, "train/lo')  # torn by a crash mid-write
+
+    resumed = Tracker(config, tmp_path, resume_step=60)
+    assert resumed.run_id == first.run_id
+    assert max(m["step"] for m in read_jsonl(tmp_path / "metrics.jsonl")) == 60
+    assert [s["step"] for s in read_jsonl(tmp_path / "samples.jsonl")] == [50]
+    assert [row[0] for row in resumed.sample_rows] == [50]  # the cumulative W&B table starts where it left off
+
+    fresh = Tracker(config, tmp_path)
+    assert fresh.run_id != first.run_id  # not resuming: a new W&B run
+
+
+def test_flyte_execution_id_is_the_run_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLYTE_INTERNAL_EXECUTION_ID", "a8f3kq2xv9")
+    assert Tracker(RunConfig(wandb_mode="disabled"), tmp_path).run_id == "a8f3kq2xv9"
+
+
+def test_other_ranks_write_nothing(tmp_path):
+    tracker = Tracker(RunConfig(wandb_mode="offline"), tmp_path / "out", rank=1)
+    log_synthetic_run(tracker)
+    assert tracker.mode == "disabled" and tracker.finish() is None
+    assert not (tmp_path / "out").exists()
