@@ -1,0 +1,133 @@
+"""The checkpoint directory (docs/architecture.md): save and restore the full training state, load for inference.
+
+checkpoint.pt holds everything a resumed run needs to continue on the exact same loss curve: weights,
+optimizer and grad-scaler state, every RNG, the data loader position, the step and the loop's own state.
+It holds only tensors and plain Python values, so it loads with torch.load(weights_only=True): loading a
+checkpoint from a remote URI never runs code from it.
+"""
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import tiktoken
+import torch
+
+from nanochat_flyte.model import GPT, GPTConfig
+from nanochat_flyte.tokenizer import load_tokenizer
+
+CHECKPOINT_FILE = "checkpoint.pt"
+MODEL_CONFIG_FILE = "model_config.json"
+TRAINING_STATE_FILE = "training_state.json"
+TOKENIZER_DIR = "tokenizer"
+INFERENCE_FILES = (CHECKPOINT_FILE, MODEL_CONFIG_FILE, TOKENIZER_DIR)  # all load_model needs from a remote copy
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write to a temp file beside path, then rename: a kill mid-write leaves the previous file intact."""
+    temp = path.with_name(f".{path.name}.tmp")
+    write(temp)
+    os.replace(temp, path)
+
+
+def write_json(path: Path, values: dict) -> None:
+    _write_atomically(path, lambda temp: temp.write_text(json.dumps(values, indent=2) + "\n"))
+
+
+# ---------------------------------------------------------------------- RNG states
+
+
+def rng_states() -> dict:
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
+                  "has_gauss": has_gauss, "cached_gaussian": cached_gaussian},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    numpy = states["numpy"]
+    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ---------------------------------------------------------------------- training state
+
+
+def save_checkpoint(out_dir: Path, *, step: int, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
+                    grad_scaler: torch.amp.GradScaler | None, loader_state: dict, loop_state: dict,
+                    config: dict, model_config: GPTConfig) -> Path:
+    """Write checkpoint.pt and model_config.json into out_dir. `model` is the bare model (not compiled or DDP)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {
+        "step": step,
+        "model": model.state_dict(),
+        "optimizers": [optimizer.state_dict() for optimizer in optimizers],
+        "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
+        "rng": rng_states(),
+        "loader": loader_state,
+        "loop": loop_state,
+        "config": config,
+        "model_config": model_config.to_dict(),
+    }
+    _write_atomically(out_dir / CHECKPOINT_FILE, lambda temp: torch.save(state, temp))
+    write_json(out_dir / MODEL_CONFIG_FILE, model_config.to_dict())
+    return out_dir / CHECKPOINT_FILE
+
+
+def load_checkpoint(checkpoint_dir: Path) -> dict:
+    """The saved state, on the CPU: RNG states must be CPU tensors, and load_state_dict() moves the weights and
+    optimizer states to wherever the model lives."""
+    path = Path(checkpoint_dir) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CHECKPOINT_FILE} in {checkpoint_dir}: nothing to resume from")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def copy_tokenizer(data_dir: Path, out_dir: Path) -> None:
+    """The checkpoint carries its tokenizer, so sampling never needs the data directory."""
+    shutil.copytree(data_dir / TOKENIZER_DIR, out_dir / TOKENIZER_DIR, dirs_exist_ok=True)
+
+
+# ---------------------------------------------------------------------- inference
+
+
+def _load_local(checkpoint_dir: Path, device: torch.device) -> tuple[GPT, tiktoken.Encoding, GPTConfig]:
+    model_config = GPTConfig.from_dict(json.loads((checkpoint_dir / MODEL_CONFIG_FILE).read_text()))
+    weights = torch.load(checkpoint_dir / CHECKPOINT_FILE, map_location=device, weights_only=True)["model"]
+    model = GPT(model_config)
+    model.load_state_dict(weights)
+    model.to(device).eval()
+    return model, load_tokenizer(checkpoint_dir / TOKENIZER_DIR), model_config
+
+
+def load_model(checkpoint: str | Path, device: torch.device) -> tuple[GPT, tiktoken.Encoding, GPTConfig]:
+    """(model in eval mode, tokenizer, model config) from a checkpoint directory or any fsspec URI (s3://, gs://,
+    file://, ...). A remote checkpoint is downloaded to a temp dir that is gone once the model is in memory."""
+    checkpoint = str(checkpoint)
+    if "://" not in checkpoint:
+        if not (Path(checkpoint) / CHECKPOINT_FILE).is_file():
+            raise FileNotFoundError(f"no {CHECKPOINT_FILE} in {checkpoint}: not a checkpoint directory")
+        return _load_local(Path(checkpoint), device)
+    filesystem, root = fsspec.core.url_to_fs(checkpoint)
+    if not filesystem.exists(f"{root.rstrip('/')}/{CHECKPOINT_FILE}"):
+        raise FileNotFoundError(f"no {CHECKPOINT_FILE} under {checkpoint}: not a checkpoint directory")
+    with tempfile.TemporaryDirectory(prefix="nanochat-checkpoint-") as temp:
+        for name in INFERENCE_FILES:
+            filesystem.get(f"{root.rstrip('/')}/{name}", str(Path(temp) / name), recursive=name == TOKENIZER_DIR)
+        return _load_local(Path(temp), device)

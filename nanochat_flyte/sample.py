@@ -1,0 +1,53 @@
+"""Generate text from a saved checkpoint, local or remote.
+
+    python -m nanochat_flyte.sample --checkpoint DIR_OR_URI --prompt "The capital of France is" \
+        [--max-tokens 64 --temperature 0.8 --top-k 50 --seed 42 --device auto]
+
+DIR_OR_URI is a checkpoint directory (docs/architecture.md) or any fsspec URI to one: s3://, gs://, file://.
+"""
+
+import argparse
+
+import tiktoken
+
+from nanochat_flyte.checkpoint import load_model
+from nanochat_flyte.device import Precision, select_device, select_precision
+from nanochat_flyte.model import GPT
+
+
+def complete(model: GPT, tokenizer: tiktoken.Encoding, prompt: str, *, max_tokens: int, temperature: float,
+             top_k: int | None, seed: int, precision: Precision) -> str:
+    """The model's continuation of prompt (without the prompt), decoded."""
+    # training documents start with <|endoftext|>: with it in front the prompt reads as the start of a document
+    tokens = [tokenizer.eot_token] + tokenizer.encode_ordinary(prompt)
+    with precision.autocast():
+        completion = list(model.generate(tokens, max_tokens, temperature=temperature, top_k=top_k, seed=seed))
+    return tokenizer.decode(completion)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or fsspec URI (s3://, gs://, ...)")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=50, help="0 = the whole vocabulary")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
+    args = parser.parse_args(argv)
+    if args.max_tokens < 1:
+        parser.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.temperature < 0:
+        parser.error(f"--temperature must be >= 0, got {args.temperature}")
+
+    device = select_device(args.device)
+    model, tokenizer, _ = load_model(args.checkpoint, device)
+    completion = complete(model, tokenizer, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                          top_k=args.top_k or None, seed=args.seed,
+                          precision=select_precision(device, "auto"))
+    print(args.prompt + completion, flush=True)
+    return completion
+
+
+if __name__ == "__main__":
+    main()

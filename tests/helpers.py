@@ -1,0 +1,73 @@
+"""Small shared test helpers: a valid data directory of real GPT-2 tokens, tiny training configs."""
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+
+from nanochat_flyte.config import RunConfig
+
+SUBJECTS = ["The cat", "A teacher", "The river", "My neighbour", "The old machine", "Every student", "The city"]
+VERBS = ["sees", "builds", "remembers", "carries", "explains", "paints", "follows"]
+OBJECTS = ["a small boat", "the bright moon", "three red apples", "the long road", "a quiet song", "the map"]
+ENDINGS = [".", " today.", " in the morning.", " near the sea.", " with great care."]
+
+
+def generated_documents(seed: int):
+    """Endless simple English documents: varied, but regular enough that a tiny model learns them quickly."""
+    rng = random.Random(seed)
+    while True:
+        sentences = [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}{rng.choice(ENDINGS)}"
+                     for _ in range(rng.randint(2, 6))]
+        yield " ".join(sentences)
+
+
+def tokens_of_documents(num_tokens: int, seed: int) -> np.ndarray:
+    """num_tokens GPT-2 tokens: each document is <|endoftext|> followed by its tokens, as the data stage writes."""
+    encoding = tiktoken.get_encoding("r50k_base")
+    tokens: list[int] = []
+    for document in generated_documents(seed):
+        tokens.append(encoding.eot_token)
+        tokens.extend(encoding.encode_ordinary(document))
+        if len(tokens) >= num_tokens:
+            return np.array(tokens[:num_tokens], dtype=np.uint16)
+
+
+def make_data_dir(path: Path, n_train_tokens: int = 20_000, n_val_tokens: int = 4_000, *, n_train_shards: int = 2,
+                  seed: int = 0) -> Path:
+    """A data directory laid out as docs/architecture.md describes, with the GPT-2 tokenizer."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "train").mkdir()
+    (path / "val").mkdir()
+    tokenizer = {"name": "gpt2", "vocab_size": 50257, "eot_id": 50256}
+    (path / "tokenizer").mkdir()
+    (path / "tokenizer" / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+    def write_shard(split: str, shard: int, tokens: np.ndarray) -> dict:
+        file = f"{split}/shard_{shard:05d}.bin"
+        data = tokens.astype("<u2").tobytes()
+        (path / file).write_bytes(data)
+        return {"shard": shard, "file": file, "tokens": len(tokens), "documents": int((tokens == 50256).sum()),
+                "characters": 0, "utf8_bytes": 0, "sha256": hashlib.sha256(data).hexdigest(), "source": "generated"}
+
+    train_tokens = tokens_of_documents(n_train_tokens, seed)
+    train = [write_shard("train", shard, part)
+             for shard, part in enumerate(np.array_split(train_tokens, n_train_shards))]
+    val = [write_shard("val", 1822, tokens_of_documents(n_val_tokens, seed + 1))]
+    manifest = {"tokenizer": tokenizer, "train": train, "val": val, "train_tokens": n_train_tokens,
+                "val_tokens": n_val_tokens, "tokens_needed": 0, "epochs": 0.0}
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return path
+
+
+def tiny_config(**overrides) -> RunConfig:
+    """A depth-1 model on 32-token sequences: a few optimizer steps take well under a second on a CPU."""
+    values = dict(run_name="test", depth=1, max_seq_len=32, device_batch_size=4, total_batch_size=256,
+                  num_iterations=6, eval_every=3, eval_tokens=512, sample_every=3, sample_max_tokens=4,
+                  save_every=3, device="cpu", dtype="float32", compile=False, wandb_mode="disabled",
+                  warmdown_ratio=0.5)
+    values.update(overrides)
+    return RunConfig(**values)

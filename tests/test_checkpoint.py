@@ -1,0 +1,86 @@
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_data_dir
+
+from nanochat_flyte.checkpoint import (CHECKPOINT_FILE, MODEL_CONFIG_FILE, copy_tokenizer, load_checkpoint, load_model,
+                                       restore_rng_states, rng_states, save_checkpoint)
+from nanochat_flyte.model import GPT, GPTConfig
+
+CPU = torch.device("cpu")
+TINY = GPTConfig(sequence_len=16, vocab_size=50257, n_layer=1, n_head=1, n_kv_head=1, n_embd=32)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A checkpoint directory of a tiny model after one optimizer step, and what went into it."""
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    model.init_weights()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model(torch.randint(0, 50257, (2, 16)), torch.randint(0, 50257, (2, 16))).backward()
+    optimizer.step()
+    out = tmp_path / "checkpoint"
+    save_checkpoint(out, step=7, model=model, optimizers=[optimizer], grad_scaler=torch.amp.GradScaler("cpu"),
+                    loader_state={"windows_consumed": 56}, loop_state={"loss_ema": 1.5}, config={"depth": 1},
+                    model_config=TINY)
+    copy_tokenizer(make_data_dir(tmp_path / "data", 200, 100), out)
+    return out, model, optimizer
+
+
+def test_checkpoint_holds_the_full_training_state(saved):
+    out, model, optimizer = saved
+    state = load_checkpoint(out)
+    assert set(state) == {"step", "model", "optimizers", "grad_scaler", "rng", "loader", "loop", "config",
+                          "model_config"}
+    assert set(state["rng"]) >= {"torch", "numpy", "python"}
+    assert state["step"] == 7 and state["loader"] == {"windows_consumed": 56} and state["loop"] == {"loss_ema": 1.5}
+    assert state["config"] == {"depth": 1} and state["model_config"] == TINY.to_dict()
+    assert state["grad_scaler"]["scale"] == torch.amp.GradScaler("cpu").state_dict()["scale"]
+    assert all(torch.equal(state["model"][k], v) for k, v in model.state_dict().items())
+    moments = state["optimizers"][0]["state"][0]["exp_avg"]
+    assert torch.equal(moments, optimizer.state_dict()["state"][0]["exp_avg"])
+    assert json.loads((out / MODEL_CONFIG_FILE).read_text()) == TINY.to_dict()
+    assert not list(out.glob(".*.tmp"))  # the atomic write left no temp file behind
+
+
+def test_rng_states_round_trip():
+    saved = rng_states()
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    restore_rng_states(saved)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+def test_a_torn_write_keeps_the_previous_checkpoint(saved, monkeypatch):
+    out, model, optimizer = saved
+
+    def killed_mid_write(state, path):
+        open(path, "wb").write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(out, step=8, model=model, optimizers=[optimizer], grad_scaler=None, loader_state={},
+                        loop_state={}, config={}, model_config=TINY)
+    assert load_checkpoint(out)["step"] == 7
+
+
+@pytest.mark.parametrize("as_uri", [False, True])
+def test_load_model_from_a_directory_or_an_fsspec_uri(saved, as_uri):
+    out, model, _ = saved
+    model_loaded, tokenizer, model_config = load_model(out.as_uri() if as_uri else out, CPU)
+    assert model_config == TINY and not model_loaded.training
+    assert tokenizer.eot_token == 50256
+    ids = torch.randint(0, 50257, (1, 8))
+    assert torch.equal(model_loaded(ids), model(ids))
+
+
+def test_load_model_names_a_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match=CHECKPOINT_FILE):
+        load_model(tmp_path, CPU)
+    with pytest.raises(FileNotFoundError, match=CHECKPOINT_FILE):
+        load_model(tmp_path.as_uri(), CPU)

@@ -1,0 +1,181 @@
+import importlib.util
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_data_dir, tiny_config
+
+from nanochat_flyte.device import select_precision
+from nanochat_flyte.model import GPT
+from nanochat_flyte.train import SAMPLE_PROMPTS, halved_batch_size, train, train_step
+
+SUMMARY_KEYS = {"status", "depth", "num_iterations", "steps_completed", "min_validation_bpb", "final_validation_bpb",
+                "tokens_seen", "total_time_s", "avg_tok_per_sec", "avg_mfu", "num_params", "flops_per_token",
+                "device", "device_name", "dtype", "skipped_steps", "device_batch_size", "wandb_url"}
+TRAIN_KEYS = {"train/loss", "train/loss_smooth", "train/lrm", "train/lr_matrix", "train/lr_embedding",
+              "train/lr_unembedding", "train/dt", "train/tok_per_sec", "train/skipped_steps"}
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def train_losses(out_dir):
+    return [(r["step"], r["train/loss"]) for r in read_jsonl(out_dir / "metrics.jsonl") if "train/loss" in r]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_data_dir(tmp_path_factory.mktemp("data"), n_train_tokens=20_000, n_val_tokens=2_000)
+
+
+@pytest.fixture(scope="module")
+def straight_run(data_dir, tmp_path_factory):
+    """Six steps without interruption: the reference the other runs are compared with."""
+    out = tmp_path_factory.mktemp("straight")
+    saves = []
+    summary = train(tiny_config(), data_dir, out, on_save=saves.append)
+    return summary, out, saves
+
+
+def test_a_run_writes_the_checkpoint_directory_and_its_records(straight_run, capsys):
+    summary, out, saves = straight_run
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["status"] == "completed" and summary["steps_completed"] == 6
+    assert summary["tokens_seen"] == 6 * 256 and summary["device"] == "cpu" and summary["avg_mfu"] is None
+    assert summary["min_validation_bpb"] <= summary["final_validation_bpb"]
+    assert json.loads((out / "training_state.json").read_text()) == summary
+    for name in ("checkpoint.pt", "model_config.json", "tokenizer/tokenizer.json", "metrics.jsonl", "samples.jsonl",
+                 "report.md"):
+        assert (out / name).is_file(), name
+    assert saves == [out, out]  # the save at step 3 and the final one
+
+    records = read_jsonl(out / "metrics.jsonl")
+    train_records = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4, 5, 6]
+    assert all(TRAIN_KEYS <= set(r) and "train/mfu" not in r for r in train_records)
+    assert [r["step"] for r in records if "val/bpb" in r] == [0, 3, 6]
+    samples = read_jsonl(out / "samples.jsonl")
+    assert [s["step"] for s in samples] == [3] * len(SAMPLE_PROMPTS) + [6] * len(SAMPLE_PROMPTS)
+    assert "The capital of France is" in {s["prompt"] for s in samples}
+
+
+def test_the_loss_falls(data_dir, tmp_path):
+    summary = train(tiny_config(num_iterations=10, eval_every=10, sample_every=10, save_every=10), data_dir, tmp_path)
+    losses = [loss for _, loss in train_losses(tmp_path)]
+    assert losses[0] == pytest.approx(math.log(50257), rel=0.01)  # the zero-initialised head predicts uniformly
+    assert sum(losses[-3:]) / 3 < losses[0] - 3
+    val = [r["val/bpb"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "val/bpb" in r]
+    assert val[-1] < val[0] and summary["final_validation_bpb"] == val[-1]
+
+
+def test_log_lines_are_nanochat_style(data_dir, tmp_path, capsys):
+    train(tiny_config(num_iterations=2), data_dir, tmp_path)
+    out = capsys.readouterr().out
+    line = re.compile(r"^step 00002/00002 \(100\.00%\) \| loss: \d+\.\d{6} \| lrm: \d\.\d\d \| dt: [\d.]+ms \| "
+                      r"tok/sec: [\d,]+ \| mfu: n/a \| total time: [\d.]+m \| eta: [\d.]+m$", re.MULTILINE)
+    assert line.search(out), out
+    assert re.search(r"^step 00002 \| validation bpb: \d+\.\d{4}", out, re.MULTILINE)
+    assert re.search(r"^step 00002 \| sample: 'The capital of France is' -> ", out, re.MULTILINE)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_and_resumed_run_repeats_the_straight_losses_exactly(straight_run, data_dir, tmp_path):
+    _, straight, _ = straight_run
+
+    def kill_after_first_save(path):
+        raise Killed
+
+    with pytest.raises(Killed):
+        train(tiny_config(), data_dir, tmp_path / "first", on_save=kill_after_first_save)
+    assert json.loads((tmp_path / "first" / "training_state.json").read_text())["steps_completed"] == 3
+    summary = train(tiny_config(), data_dir, tmp_path / "resumed", resume_dir=tmp_path / "first")
+
+    assert train_losses(tmp_path / "resumed") == train_losses(straight)  # exact, and no step logged twice
+    records = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+    assert [r["step"] for r in records if "val/bpb" in r] == [0, 3, 6]
+    assert summary["final_validation_bpb"] == straight_run[0]["final_validation_bpb"]
+    samples = read_jsonl(tmp_path / "resumed" / "samples.jsonl")
+    assert samples == read_jsonl(straight / "samples.jsonl")
+
+
+def test_out_of_memory_halves_the_device_batch_and_keeps_the_effective_batch(straight_run, data_dir, tmp_path,
+                                                                             monkeypatch, capsys):
+    forward = GPT.forward
+
+    def forward_with_small_memory(self, idx, *args, **kwargs):  # training batches over 2 rows do not "fit"
+        if torch.is_grad_enabled() and idx.size(0) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return forward(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", forward_with_small_memory)
+    summary = train(tiny_config(), data_dir, tmp_path)
+    assert summary["device_batch_size"] == 2 and summary["grad_accum_steps"] == 4
+    assert "CUDA out of memory: retrying with device_batch_size 2, 4 accumulation steps" in capsys.readouterr().out
+    straight = [loss for _, loss in train_losses(straight_run[1])]
+    assert [loss for _, loss in train_losses(tmp_path)] == pytest.approx(straight, rel=1e-4)
+
+
+def test_out_of_memory_at_device_batch_1_stops_with_a_clear_error(data_dir, tmp_path, monkeypatch):
+    def forward_without_memory(self, idx, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(GPT, "forward", forward_without_memory)
+    monkeypatch.setattr("nanochat_flyte.train.evaluate_bpb", lambda *args, **kwargs: 1.0)
+    with pytest.raises(RuntimeError, match="out of memory at device_batch_size 1"):
+        train(tiny_config(device_batch_size=2, total_batch_size=128), data_dir, tmp_path)
+
+
+@pytest.mark.parametrize("size, halved", [(16, 8), (6, 3), (5, 1), (2, 1)])
+def test_halved_batch_size_divides_the_batch(size, halved):
+    assert halved_batch_size(size) == halved
+
+
+class Overflowing(torch.nn.Module):
+    """loss = factor * sum(weight * inputs): a huge factor overflows the scaled gradients like fp16 would."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(3))
+        self.bias = torch.nn.Parameter(torch.zeros(3))
+        self.factor = 1.0
+
+    def forward(self, inputs, targets):
+        return self.factor * (self.weight * inputs + self.bias).sum()
+
+
+def test_an_overflowing_fp16_step_is_skipped_by_every_optimizer():
+    model = Overflowing()
+    optimizers = [torch.optim.SGD([model.weight], lr=0.1), torch.optim.SGD([model.bias], lr=0.1)]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    precision = select_precision(torch.device("cpu"), "float32")
+    batches = iter([(torch.ones(3), None)] * 4)
+
+    model.factor = 1e38  # x 65536 loss scale: inf in float32
+    result = train_step(model, optimizers, batches, 1, precision, scaler, grad_clip=1.0)
+    assert result.skipped and not math.isfinite(result.grad_norm)
+    assert torch.equal(model.weight, torch.ones(3)) and torch.equal(model.bias, torch.zeros(3))
+    assert scaler.get_scale() == 2.0**15  # the scaler backs off
+
+    model.factor = 1.0
+    result = train_step(model, optimizers, batches, 1, precision, scaler, grad_clip=0.0)
+    assert not result.skipped and result.grad_norm == pytest.approx(math.sqrt(6))
+    assert torch.allclose(model.weight, torch.full((3,), 0.9)) and torch.allclose(model.bias, torch.full((3,), -0.1))
+
+
+def test_the_throughput_bench_runs_the_train_step(capsys):
+    path = Path(__file__).resolve().parents[1] / "bench" / "train_throughput.py"
+    spec = importlib.util.spec_from_file_location("train_throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--depth", "1", "--seq-len", "32", "--device-batch-size", "2", "--total-batch-size", "128",
+                         "--steps", "2", "--warmup-steps", "1", "--device", "cpu"])
+    assert result["tok_per_sec"] > 0 and result["mfu"] is None and result["t4_reference_minutes"] is None
+    out = capsys.readouterr().out
+    assert "2 accumulation steps" in out and "MFU: n/a" in out
