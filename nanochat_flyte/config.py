@@ -189,3 +189,33 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
     """A preset file (optional) with keyword overrides on top."""
     config = RunConfig.from_file(path) if path else RunConfig()
     return dataclasses.replace(config, **overrides) if overrides else config
+
+
+def parse_override(assignment: str) -> tuple[str, Any]:
+    """'field=value' with value typed as YAML reads it (4 -> int, true -> bool, text -> str)."""
+    field, sep, value = assignment.partition("=")
+    if not sep:
+        raise ConfigError(field or assignment, f"override {assignment!r} is not of the form field=value")
+    return field.strip(), yaml.safe_load(value)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print a preset with overrides as one JSON document, the form `pyflyte run ... --config` takes inline:
+
+        pyflyte run workflows/nanochat.py main \\
+            --config "$(python -m nanochat_flyte.config configs/smoke.yaml data_url=s3://my-bucket/fineweb)"
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("preset", help="a preset file, e.g. configs/smoke.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="field=value")
+    args = parser.parse_args(argv)
+    config = RunConfig.from_file(args.preset)
+    overrides = dict(map(parse_override, args.overrides))
+    config = RunConfig.from_dict({**config.to_dict(), **overrides}).validate()
+    print(json.dumps(config.to_dict()))
+
+
+if __name__ == "__main__":
+    main()

@@ -106,13 +106,13 @@ class Request:
 class ShardServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, port: int = 0):
         self.directory = Path(directory)
         self.faults: dict[str, list[Fault]] = {}
         self.requests: list[Request] = []
         self.supports_range = True
         self.lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), ShardRequestHandler)
+        super().__init__(("127.0.0.1", port), ShardRequestHandler)  # port 0: any free port
 
     @property
     def url(self) -> str:

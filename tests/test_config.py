@@ -1,10 +1,12 @@
 import dataclasses
+import json
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from nanochat_flyte.config import ConfigError, RunConfig, load_config
+from nanochat_flyte.config import main as config_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -77,3 +79,17 @@ def test_json_preset_and_overrides(tmp_path):
     preset.write_text('{"data_url": "http://127.0.0.1:1/mirror", "depth": 4}')
     config = load_config(preset, num_iterations=7)
     assert (config.data_url, config.depth, config.num_iterations) == ("http://127.0.0.1:1/mirror", 4, 7)
+
+
+def test_cli_merges_a_preset_with_overrides(capsys):
+    config_main([str(CONFIGS / "smoke.yaml"), "data_url=http://127.0.0.1:8000/shards", "depth=3", "compile=true"])
+    merged = RunConfig.from_dict(json.loads(capsys.readouterr().out))
+    smoke = RunConfig.from_file(CONFIGS / "smoke.yaml")
+    assert merged == dataclasses.replace(smoke, data_url="http://127.0.0.1:8000/shards", depth=3, compile=True)
+
+
+def test_cli_names_a_bad_override():
+    with pytest.raises(ConfigError, match="RunConfig.detph: unknown field"):
+        config_main([str(CONFIGS / "smoke.yaml"), "detph=3"])
+    with pytest.raises(ConfigError, match="RunConfig.depth: must be >= 1"):
+        config_main([str(CONFIGS / "smoke.yaml"), "depth=0"])

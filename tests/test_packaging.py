@@ -1,0 +1,185 @@
+"""Compile everything a cluster would get, offline: `pyflyte --pkgs workflows package`, then read the protobufs.
+
+This is what `pyflyte register` uploads (tasks, workflows, launch plans), so the resources, secrets, retries,
+caching and schedules asserted here are the ones a cluster would run with.
+"""
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from flyteidl.admin.launch_plan_pb2 import LaunchPlan
+from flyteidl.admin.task_pb2 import TaskSpec
+from flyteidl.admin.workflow_pb2 import WorkflowSpec
+from flyteidl.core.execution_pb2 import WorkflowExecution
+from flyteidl.core.tasks_pb2 import Resources
+from flytekit import FlyteContextManager, current_context, task
+from flytekit.core.type_engine import TypeEngine
+from flytekit.models.literals import Literal
+
+from nanochat_flyte.config import RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+PREBUILT_IMAGE = "ghcr.io/example/nanochat-flyte:test"
+ALERT_EMAIL = "oncall@example.com"
+CPU, GPU, MEMORY, STORAGE = (Resources.ResourceName.Value(name)
+                             for name in ("CPU", "GPU", "MEMORY", "EPHEMERAL_STORAGE"))
+DATA_TASKS = ("prepare_tokenizer", "plan_data_shards", "prepare_data_shard", "collect_data")
+
+
+def package(tmp_path: Path, **settings: str) -> dict[str, dict]:
+    """Run `pyflyte package` with these NANOCHAT_* settings; entities by kind ("task", ...) and short name."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("NANOCHAT_")}
+    env.update(NANOCHAT_IMAGE=PREBUILT_IMAGE, **settings)  # a prebuilt image: nothing to build here
+    output = tmp_path / "pkg.tgz"
+    result = subprocess.run([sys.executable, "-m", "flytekit.clis.sdk_in_container.pyflyte", "--pkgs", "workflows",
+                             "package", "--image", "ghcr.io/example/default:test", "-f", "--output", str(output)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Files are named <index>_<entity name>_<ResourceType>.pb: 1 task, 2 workflow, 3 launch plan.
+    kinds = {"1": ("task", TaskSpec), "2": ("workflow", WorkflowSpec), "3": ("launch_plan", LaunchPlan)}
+    entities = {"task": {}, "workflow": {}, "launch_plan": {}}
+    with tarfile.open(output) as tar:
+        for member in tar.getmembers():
+            name, _, resource_type = member.name.removesuffix(".pb").rpartition("_")
+            kind, message_type = kinds[resource_type]
+            message = message_type.FromString(tar.extractfile(member).read())
+            entities[kind][name.split("_", 1)[1].rpartition(".")[2]] = message
+    return entities
+
+
+@pytest.fixture(scope="module")
+def entities(tmp_path_factory):
+    return package(tmp_path_factory.mktemp("default"), NANOCHAT_ALERT_EMAILS=ALERT_EMAIL)
+
+
+@pytest.fixture(scope="module")
+def tasks(entities):
+    return {name: spec.template for name, spec in entities["task"].items()}
+
+
+def resources(template) -> tuple[dict, dict]:
+    container = template.container.resources
+    return ({r.name: r.value for r in container.requests}, {r.name: r.value for r in container.limits})
+
+
+def config_default(launch_plan: LaunchPlan) -> RunConfig:
+    literal = Literal.from_flyte_idl(launch_plan.spec.default_inputs.parameters["config"].default)
+    return TypeEngine.to_python_value(FlyteContextManager.current_context(), literal, RunConfig)
+
+
+def test_train_base_model_gets_the_reference_machine(tasks):
+    train = tasks["train_base_model"]
+    requests, limits = resources(train)
+    assert requests == limits == {CPU: "8", MEMORY: "32Gi", GPU: "1", STORAGE: "50Gi"}
+    assert train.extended_resources.gpu_accelerator.device == "nvidia-tesla-t4"
+    assert train.extended_resources.shared_memory.mount_path == "/dev/shm"
+
+
+def test_train_base_model_is_interruptible_with_retries_and_the_wandb_secret(tasks):
+    train = tasks["train_base_model"]
+    assert train.metadata.interruptible and train.metadata.retries.retries == 3
+    assert not train.metadata.discoverable  # a training run is never served from cache
+    assert [(s.group, s.key) for s in train.security_context.secrets] == [("wandb", "api_key")]
+
+
+def test_setup_environment_runs_on_the_training_node(tasks):
+    setup, train = tasks["setup_environment"], tasks["train_base_model"]
+    assert resources(setup) == resources(train)
+    assert setup.extended_resources == train.extended_resources
+    assert setup.metadata.interruptible
+    assert list(setup.security_context.secrets) == list(train.security_context.secrets)
+
+
+def test_data_tasks_are_cpu_only_and_cached_with_an_explicit_version(tasks):
+    for name in DATA_TASKS:
+        requests, limits = resources(tasks[name])
+        assert GPU not in requests and GPU not in limits, name
+        assert not tasks[name].extended_resources.HasField("gpu_accelerator"), name
+        assert tasks[name].metadata.discoverable and tasks[name].metadata.discovery_version == "1", name
+    assert list(tasks["prepare_data_shard"].metadata.cache_ignore_input_vars) == ["tokenizer_dir"]
+
+
+def test_shard_fan_out_has_a_concurrency_limit(entities):
+    nodes = entities["workflow"]["download_and_prepare_data"].template.nodes
+    (fan_out,) = [node for node in nodes if node.HasField("array_node")]
+    assert fan_out.array_node.parallelism == 8
+
+
+def test_every_task_uses_the_image_named_by_nanochat_image(tasks):
+    assert {template.container.image for template in tasks.values()} == {PREBUILT_IMAGE}
+
+
+def test_reference_launch_plan_defaults_to_the_d8_t4_preset(entities):
+    plan = entities["launch_plan"]["nanochat_d8_t4"]
+    assert plan.spec.workflow_id.name == "workflows.nanochat.main"
+    assert config_default(plan) == RunConfig.from_file(ROOT / "configs" / "d8_t4.yaml")
+    assert not plan.spec.entity_metadata.HasField("schedule")
+
+
+def test_nightly_launch_plan_is_scheduled_and_mails_on_failure(entities):
+    plan = entities["launch_plan"]["nanochat_nightly"]
+    assert config_default(plan) == RunConfig.from_file(ROOT / "configs" / "d8_t4.yaml")
+    assert plan.spec.entity_metadata.schedule.cron_schedule.schedule == "0 3 * * *"
+    (notification,) = plan.spec.entity_metadata.notifications
+    assert list(notification.email.recipients_email) == [ALERT_EMAIL]
+    assert WorkflowExecution.FAILED in notification.phases
+
+
+def test_scale_up_moves_the_gpu_tasks_to_a100s(entities, tasks):
+    single = entities["workflow"]["nanochat_d12_a100"].template
+    overridden = [node for node in single.nodes if node.task_node.overrides.HasField("extended_resources")]
+    assert sorted(node.task_node.reference_id.name.rpartition(".")[2] for node in overridden) == [
+        "setup_environment", "train_base_model"]
+    for node in overridden:
+        assert node.task_node.overrides.extended_resources.gpu_accelerator.device == "nvidia-tesla-a100"
+        assert {r.name: r.value for r in node.task_node.overrides.resources.limits}[GPU] == "1"
+    assert config_default(entities["launch_plan"]["nanochat_d12_a100"]).depth == 12
+
+
+def test_multi_gpu_training_is_one_elastic_pod_with_eight_a100s(tasks):
+    ddp = tasks["train_base_model_multi_gpu"]
+    assert ddp.type == "python-task"  # nnodes=1: torch elastic inside one pod, no PyTorchJob operator
+    requests, limits = resources(ddp)
+    assert requests[GPU] == limits[GPU] == "8"
+    assert ddp.extended_resources.gpu_accelerator.device == "nvidia-tesla-a100"
+    assert [(s.group, s.key) for s in ddp.security_context.secrets] == [("wandb", "api_key")]
+
+
+def test_secret_names_schedule_and_alerts_are_set_without_editing_code(tmp_path):
+    entities = package(tmp_path, NANOCHAT_WANDB_SECRET_GROUP="ml-team", NANOCHAT_WANDB_SECRET_KEY="wandb-key",
+                       NANOCHAT_NIGHTLY_CRON="30 1 * * 1-5")
+    train = entities["task"]["train_base_model"].template
+    assert [(s.group, s.key) for s in train.security_context.secrets] == [("ml-team", "wandb-key")]
+    nightly = entities["launch_plan"]["nanochat_nightly"]
+    assert nightly.spec.entity_metadata.schedule.cron_schedule.schedule == "30 1 * * 1-5"
+    assert not nightly.spec.entity_metadata.notifications  # no NANOCHAT_ALERT_EMAILS: no e-mail
+
+
+@task
+def read_secret(group: str, key: str) -> str:
+    """Inside a task, as a local `pyflyte run` executes it (secret lookups differ outside one)."""
+    return current_context().secrets.get(group or None, key)
+
+
+@task
+def wandb_key_after_loading() -> str:
+    from workflows.nanochat import load_wandb_key
+
+    load_wandb_key()
+    return os.environ.get("WANDB_API_KEY", "")
+
+
+@pytest.mark.parametrize("group, key", [("wandb", "api_key"), ("", "wandb_api_key")], ids=["flyte", "union"])
+def test_a_local_run_reads_the_wandb_secret_from_wandb_api_key(monkeypatch, group, key):
+    monkeypatch.setenv("WANDB_API_KEY", "key-from-env")
+    assert read_secret(group=group, key=key) == "key-from-env"
+
+
+def test_a_cluster_pod_passes_the_injected_secret_to_wandb(monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("_FSEC_WANDB_API_KEY", "key-from-secret")  # how Flyte injects group wandb, key api_key
+    assert wandb_key_after_loading() == "key-from-secret"

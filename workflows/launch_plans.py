@@ -1,0 +1,37 @@
+"""Named launch plans of `main`, registered with `pyflyte register workflows` (see docs/cluster.md).
+
+    nanochat_d8_t4     the reference run: configs/d8_t4.yaml as its default input (editable at launch)
+    nanochat_nightly   the reference run every night; e-mails on failure. Inactive until activated.
+
+`main` also has its default launch plan (same name as the workflow), with RunConfig's defaults.
+Settings read at registration time: NANOCHAT_NIGHTLY_CRON (default "0 3 * * *", UTC) and
+NANOCHAT_ALERT_EMAILS (comma-separated; empty: no e-mail, failures show in the console only).
+"""
+
+import os
+from pathlib import Path
+
+from flytekit import CronSchedule, Email, LaunchPlan, WorkflowExecutionPhase
+
+from nanochat_flyte.config import RunConfig
+from workflows.nanochat import main
+
+REFERENCE_CONFIG = RunConfig.from_file(Path(__file__).resolve().parents[1] / "configs" / "d8_t4.yaml")
+NIGHTLY_CRON = os.environ.get("NANOCHAT_NIGHTLY_CRON", "0 3 * * *")
+ALERT_EMAILS = [address.strip() for address in os.environ.get("NANOCHAT_ALERT_EMAILS", "").split(",")
+                if address.strip()]
+FAILED_PHASES = [WorkflowExecutionPhase.FAILED, WorkflowExecutionPhase.TIMED_OUT, WorkflowExecutionPhase.ABORTED]
+
+nanochat_d8_t4 = LaunchPlan.get_or_create(
+    main,
+    name="nanochat_d8_t4",
+    default_inputs={"config": REFERENCE_CONFIG},
+)
+
+nanochat_nightly = LaunchPlan.get_or_create(
+    main,
+    name="nanochat_nightly",
+    default_inputs={"config": REFERENCE_CONFIG},
+    schedule=CronSchedule(schedule=NIGHTLY_CRON),
+    notifications=[Email(phases=FAILED_PHASES, recipients_email=ALERT_EMAILS)] if ALERT_EMAILS else [],
+)
