@@ -169,8 +169,9 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    # Not named from_dict: `pyflyte run` patches dataclasses_json's lenient from_dict onto input dataclasses.
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+    def from_mapping(cls, values: dict[str, Any]) -> "RunConfig":
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
@@ -182,7 +183,7 @@ class RunConfig:
         """Load a preset (YAML or JSON). Fields it leaves out keep their defaults."""
         text = Path(path).read_text()
         values = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-        return cls.from_dict(values or {})
+        return cls.from_mapping(values or {})
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     config = RunConfig.from_file(args.preset)
     overrides = dict(map(parse_override, args.overrides))
-    config = RunConfig.from_dict({**config.to_dict(), **overrides}).validate()
+    config = RunConfig.from_mapping({**config.to_dict(), **overrides}).validate()
     print(json.dumps(config.to_dict()))
 
 

@@ -83,7 +83,7 @@ def test_json_preset_and_overrides(tmp_path):
 
 def test_cli_merges_a_preset_with_overrides(capsys):
     config_main([str(CONFIGS / "smoke.yaml"), "data_url=http://127.0.0.1:8000/shards", "depth=3", "compile=true"])
-    merged = RunConfig.from_dict(json.loads(capsys.readouterr().out))
+    merged = RunConfig.from_mapping(json.loads(capsys.readouterr().out))
     smoke = RunConfig.from_file(CONFIGS / "smoke.yaml")
     assert merged == dataclasses.replace(smoke, data_url="http://127.0.0.1:8000/shards", depth=3, compile=True)
 

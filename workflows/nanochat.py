@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+import requests
 from flytekit import Cache, Deck, Resources, Secret, current_context, map_task, task, workflow
 from flytekit.configuration.plugin import get_plugin
 from flytekit.exceptions.user import FlyteRecoverableException
@@ -23,7 +24,7 @@ from nanochat_flyte.environment import environment_report, format_report
 from nanochat_flyte.prepare import ShardJob, build_tokenizer, merge_prepared, plan_jobs, prepare_shard
 from nanochat_flyte.report import data_deck_html, environment_deck_html, training_deck_html
 from nanochat_flyte.results import aggregate_results as combine_results
-from nanochat_flyte.train import train
+from nanochat_flyte.train import distributed_env, train
 from workflows.image import IMAGE
 
 # Bump when the token files' format or contents change: cached shards from older versions are then ignored.
@@ -93,7 +94,8 @@ def plan_data_shards(config: RunConfig, tokenizer_dir: FlyteDirectory) -> list[S
 
 # Keyed by the job alone (data_url, shard index, split, tokenizer fingerprint): a relaunch or a scheduled run
 # reuses every shard it has prepared before, whatever else changed in the config.
-@task(container_image=IMAGE, requests=DATA_RESOURCES, retries=3, interruptible=True,
+# No user retries: download_shard already retries with backoff, and a preempted spot pod is a system retry.
+@task(container_image=IMAGE, requests=DATA_RESOURCES, interruptible=True,
       cache=Cache(version=DATA_CACHE_VERSION, ignored_inputs=("tokenizer_dir",)))
 def prepare_data_shard(job: ShardJob, tokenizer_dir: FlyteDirectory) -> FlyteDirectory:
     out_dir = Path(current_context().working_directory) / f"{job.split}_{job.index:05d}"
@@ -130,7 +132,8 @@ def restore_flyte_checkpoint(checkpoint_dir: Path) -> Path | None:
     if not restored or not (Path(restored) / "checkpoint.pt").exists():
         return None
     shutil.copytree(restored, checkpoint_dir, dirs_exist_ok=True)
-    flyte_checkpoint.save(checkpoint_dir)
+    if distributed_env()[0] == 0:  # under torch elastic every rank restores; one re-saves
+        flyte_checkpoint.save(checkpoint_dir)
     print(f"resuming from the previous attempt's checkpoint ({restored})", flush=True)
     return checkpoint_dir
 
@@ -147,12 +150,12 @@ def save_flyte_checkpoint(checkpoint_dir: Path) -> None:
 def train_base_model(config: RunConfig, data: FlyteDirectory, environment: dict) -> tuple[FlyteDirectory, dict]:
     load_wandb_key()
     checkpoint_dir = Path(current_context().working_directory) / "checkpoint"
-    resume_dir = restore_flyte_checkpoint(checkpoint_dir)
     try:
+        resume_dir = restore_flyte_checkpoint(checkpoint_dir)
         summary = train(config, Path(data.download()), checkpoint_dir, resume_dir=resume_dir,
                         on_save=save_flyte_checkpoint, env_report=environment)
-    except (ConnectionError, TimeoutError) as error:  # a lost node or storage hiccup: retry from the checkpoint
-        raise FlyteRecoverableException(str(error)) from error
+    except (OSError, requests.RequestException) as error:  # storage or network hiccup: retry from the checkpoint
+        raise FlyteRecoverableException(f"{type(error).__name__}: {error}") from error
     Deck("Training", training_deck_html(checkpoint_dir, config, environment, summary))
     return FlyteDirectory(str(checkpoint_dir)), summary
 
@@ -164,12 +167,19 @@ def aggregate_results(config: RunConfig, environment: dict, manifest: dict, trai
                            checkpoint_dir=checkpoint.remote_source or checkpoint.path)
 
 
-@workflow
-def main(config: RunConfig = RunConfig()) -> tuple[dict, FlyteDirectory]:
-    """The whole run. Returns the results JSON and the checkpoint directory."""
-    resolved, environment = setup_environment(config=config)
+def pretrain(config: RunConfig, train_task=train_base_model, gpu_node: dict | None = None
+             ) -> tuple[dict, FlyteDirectory]:
+    """The four stages, chained. `gpu_node` overrides where setup and training run (workflows/scale_up.py)."""
+    gpu_node = gpu_node or {}
+    resolved, environment = setup_environment(config=config).with_overrides(**gpu_node)
     data, manifest = download_and_prepare_data(config=resolved)
-    checkpoint, training = train_base_model(config=resolved, data=data, environment=environment)
+    checkpoint, training = train_task(config=resolved, data=data, environment=environment).with_overrides(**gpu_node)
     results = aggregate_results(config=resolved, environment=environment, manifest=manifest, training=training,
                                 checkpoint=checkpoint)
     return results, checkpoint
+
+
+@workflow
+def main(config: RunConfig = RunConfig()) -> tuple[dict, FlyteDirectory]:
+    """The whole run. Returns the results JSON and the checkpoint directory."""
+    return pretrain(config)

@@ -8,6 +8,8 @@ Both reuse main's tasks: the data tasks unchanged (and their cache), the GPU tas
 (flytekitplugins-kfpytorch); with nnodes=1 it is a plain pod, no Kubeflow operator needed.
 """
 
+from pathlib import Path
+
 from flytekit import Resources, task, workflow
 from flytekit.extras.accelerators import A100
 from flytekit.types.directory import FlyteDirectory
@@ -15,16 +17,12 @@ from flytekitplugins.kfpytorch import Elastic
 
 from nanochat_flyte.config import RunConfig
 from workflows.image import IMAGE
-from workflows.nanochat import (WANDB_SECRET, aggregate_results, download_and_prepare_data, setup_environment,
-                                train_base_model)
+from workflows.nanochat import WANDB_SECRET, pretrain, train_base_model
 
 GPUS = 8  # one full A100 node (a2-highgpu-8g on GCP, p4d.24xlarge on AWS)
 
-# Depth 12: model_dim 768, ~160M parameters with the GPT-2 vocabulary. 20 tokens per parameter (Chinchilla)
-# is ~3.2B tokens: 12,000 steps of 262,144 tokens, from 64 shards of ~54M GPT-2 tokens each.
-# 262,144 = 32 x 1024 x 8: gradient accumulation 8 on one GPU, 1 on eight. bf16 on the A100 (dtype auto).
-D12_CONFIG = RunConfig(depth=12, max_seq_len=1024, device_batch_size=32, total_batch_size=262_144,
-                       num_iterations=12_000, num_shards=64, eval_every=250, save_every=250, sample_every=1000)
+# Depth 12 for ~3.2B tokens (20 per parameter, Chinchilla), bf16 on the A100: see the preset's comments.
+D12_CONFIG = RunConfig.from_file(Path(__file__).resolve().parents[1] / "configs" / "d12_a100.yaml")
 
 # a2-highgpu-1g has 12 vCPUs and 85 GB; leave the kubelet its share. Disk as for the T4, plus bigger checkpoints.
 A100_NODE = dict(
@@ -47,16 +45,6 @@ def train_base_model_multi_gpu(config: RunConfig, data: FlyteDirectory, environm
                                ) -> tuple[FlyteDirectory, dict]:
     """train_base_model in one process per GPU (RANK, LOCAL_RANK, WORLD_SIZE set); flytekit returns rank 0's."""
     return train_base_model.task_function(config=config, data=data, environment=environment)
-
-
-def pretrain(config: RunConfig, train_task, gpu_node: dict) -> tuple[dict, FlyteDirectory]:
-    """main's wiring, with the environment report and the training on `gpu_node`."""
-    resolved, environment = setup_environment(config=config).with_overrides(**gpu_node)
-    data, manifest = download_and_prepare_data(config=resolved)
-    checkpoint, training = train_task(config=resolved, data=data, environment=environment).with_overrides(**gpu_node)
-    results = aggregate_results(config=resolved, environment=environment, manifest=manifest, training=training,
-                                checkpoint=checkpoint)
-    return results, checkpoint
 
 
 @workflow
