@@ -7,9 +7,11 @@ This file only declares tasks, resources, images and caching; the work lives in 
 """
 
 import functools
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import requests
 from flytekit import Cache, Deck, Resources, Secret, current_context, map_task, task, workflow
@@ -163,12 +165,18 @@ def train_base_model(config: RunConfig, data: FlyteDirectory, environment: dict)
 @task(container_image=IMAGE)
 def aggregate_results(config: RunConfig, environment: dict, manifest: dict, training: dict,
                       checkpoint: FlyteDirectory) -> dict:
-    return combine_results(config.to_dict(), environment, manifest, training,
-                           checkpoint_dir=checkpoint.remote_source or checkpoint.path)
+    results = combine_results(config.to_dict(), environment, manifest, training,
+                              checkpoint_dir=checkpoint.remote_source or checkpoint.path)
+    print(json.dumps(results, indent=2), flush=True)  # the results JSON, in the task's log
+    return results
 
 
-def pretrain(config: RunConfig, train_task=train_base_model, gpu_node: dict | None = None
-             ) -> tuple[dict, FlyteDirectory]:
+class RunOutputs(NamedTuple):
+    results: dict  # the results JSON
+    checkpoint: FlyteDirectory  # checkpoint.pt, model_config.json, training_state.json, tokenizer/, report.md
+
+
+def pretrain(config: RunConfig, train_task=train_base_model, gpu_node: dict | None = None) -> RunOutputs:
     """The four stages, chained. `gpu_node` overrides where setup and training run (workflows/scale_up.py)."""
     gpu_node = gpu_node or {}
     resolved, environment = setup_environment(config=config).with_overrides(**gpu_node)
@@ -176,10 +184,10 @@ def pretrain(config: RunConfig, train_task=train_base_model, gpu_node: dict | No
     checkpoint, training = train_task(config=resolved, data=data, environment=environment).with_overrides(**gpu_node)
     results = aggregate_results(config=resolved, environment=environment, manifest=manifest, training=training,
                                 checkpoint=checkpoint)
-    return results, checkpoint
+    return RunOutputs(results, checkpoint)
 
 
 @workflow
-def main(config: RunConfig = RunConfig()) -> tuple[dict, FlyteDirectory]:
+def main(config: RunConfig = RunConfig()) -> RunOutputs:
     """The whole run. Returns the results JSON and the checkpoint directory."""
     return pretrain(config)

@@ -17,7 +17,7 @@ from flytekitplugins.kfpytorch import Elastic
 
 from nanochat_flyte.config import RunConfig
 from workflows.image import IMAGE
-from workflows.nanochat import WANDB_SECRET, pretrain, train_base_model
+from workflows.nanochat import WANDB_SECRET, RunOutputs, pretrain, train_base_model
 
 GPUS = 8  # one full A100 node (a2-highgpu-8g on GCP, p4d.24xlarge on AWS)
 
@@ -48,10 +48,10 @@ def train_base_model_multi_gpu(config: RunConfig, data: FlyteDirectory, environm
 
 
 @workflow
-def nanochat_d12_a100(config: RunConfig = D12_CONFIG) -> tuple[dict, FlyteDirectory]:
+def nanochat_d12_a100(config: RunConfig = D12_CONFIG) -> RunOutputs:
     return pretrain(config, train_base_model, A100_NODE)
 
 
 @workflow
-def nanochat_d12_8xa100(config: RunConfig = D12_CONFIG) -> tuple[dict, FlyteDirectory]:
+def nanochat_d12_8xa100(config: RunConfig = D12_CONFIG) -> RunOutputs:
     return pretrain(config, train_base_model_multi_gpu, dict(MULTI_A100_RESOURCES, interruptible=False))
