@@ -91,7 +91,12 @@ def test_setup_environment_runs_on_the_training_node(tasks):
     assert resources(setup) == resources(train)
     assert setup.extended_resources == train.extended_resources
     assert setup.metadata.interruptible
-    assert list(setup.security_context.secrets) == list(train.security_context.secrets)
+    assert [(s.group, s.key) for s in setup.security_context.secrets] == [("wandb", "api_key"), ("hf", "token")]
+
+
+def test_tasks_that_download_shards_can_read_the_hf_token(tasks):
+    for name in ("setup_environment", "prepare_tokenizer", "plan_data_shards", "prepare_data_shard"):
+        assert ("hf", "token") in [(s.group, s.key) for s in tasks[name].security_context.secrets], name
 
 
 def test_data_tasks_are_cpu_only_and_cached_with_an_explicit_version(tasks):
@@ -167,9 +172,9 @@ def read_secret(group: str, key: str) -> str:
 
 @task
 def wandb_key_after_loading() -> str:
-    from workflows.nanochat import load_wandb_key
+    from workflows.nanochat import WANDB_SECRET, export_secret
 
-    load_wandb_key()
+    export_secret(WANDB_SECRET, "WANDB_API_KEY")
     return os.environ.get("WANDB_API_KEY", "")
 
 

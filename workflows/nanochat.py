@@ -33,15 +33,32 @@ from workflows.image import IMAGE
 DATA_CACHE_VERSION = "1"
 SHARD_CONCURRENCY = 8  # shard pods at once: enough to saturate the hub, few enough not to be rate-limited
 
-# The W&B key's secret. Union names a secret by its key alone (`union create secret wandb_api_key`); open-source
-# Flyte needs a group too: the Kubernetes secret `wandb` with the key `api_key`. Either name can be changed at
-# registration time without editing code. Locally both defaults read $WANDB_API_KEY (flytekit looks for
-# GROUP_KEY in upper case).
+# Secrets, with names that can be changed at registration time without editing code
+# ($NANOCHAT_<NAME>_SECRET_GROUP / _KEY). Open-source Flyte names a secret by group and key: the Kubernetes secret
+# `wandb` with the key `api_key`. Union names it by its key alone: `union create secret wandb_api_key`. Locally,
+# flytekit reads either default from the environment as GROUP_KEY in upper case: $WANDB_API_KEY, $HF_TOKEN.
 SECRET_NEEDS_GROUP = get_plugin().secret_requires_group()  # False when the `union` package is installed
-WANDB_SECRET = Secret(
-    group=os.environ.get("NANOCHAT_WANDB_SECRET_GROUP", "wandb" if SECRET_NEEDS_GROUP else "") or None,
-    key=os.environ.get("NANOCHAT_WANDB_SECRET_KEY", "api_key" if SECRET_NEEDS_GROUP else "wandb_api_key"),
-)
+
+
+def declared_secret(name: str, group: str, key: str) -> Secret:
+    return Secret(
+        group=os.environ.get(f"NANOCHAT_{name}_SECRET_GROUP", group if SECRET_NEEDS_GROUP else "") or None,
+        key=os.environ.get(f"NANOCHAT_{name}_SECRET_KEY", key if SECRET_NEEDS_GROUP else f"{group}_{key}"),
+    )
+
+
+WANDB_SECRET = declared_secret("WANDB", "wandb", "api_key")  # absent: W&B runs offline
+HF_SECRET = declared_secret("HF", "hf", "token")  # only for a gated or private mirror of the dataset
+
+
+def export_secret(secret: Secret, env_var: str) -> None:
+    """Put a Flyte secret into the environment variable the library reads; a missing secret is no error."""
+    try:
+        value = current_context().secrets.get(secret.group, secret.key)
+    except ValueError:
+        return
+    os.environ[env_var] = value
+
 
 # What the reference run used: one T4 with 8 CPUs and 32 GiB. Disk: ~6 GB of tokens for 50 shards, ~1 GB per
 # checkpoint (kept twice: ours and Flyte's copy) and torch.compile's cache; 50Gi fits a 100 GB node disk.
@@ -56,50 +73,48 @@ TRAINING_RESOURCES = dict(
 DATA_RESOURCES = Resources(cpu="4", mem="8Gi", ephemeral_storage="20Gi")
 
 
-def load_wandb_key() -> None:
-    """Put the W&B key from the Flyte secret into WANDB_API_KEY; without one, tracking runs offline."""
-    try:
-        key = current_context().secrets.get(WANDB_SECRET.group, WANDB_SECRET.key)
-    except ValueError:  # no such secret: fine, W&B falls back to offline
-        return
-    os.environ["WANDB_API_KEY"] = key
-
-
 # The same node kind as training (interruptible too: spot pools are tainted for interruptible pods), so that the
 # report describes the GPU, driver and CPUs the training will get.
-@task(container_image=IMAGE, secret_requests=[WANDB_SECRET], interruptible=True, **TRAINING_RESOURCES)
+@task(container_image=IMAGE, secret_requests=[WANDB_SECRET, HF_SECRET], interruptible=True,
+      **TRAINING_RESOURCES)
 def setup_environment(config: RunConfig) -> tuple[RunConfig, dict]:
     """Validate the config and report the machine, before any download or GPU time is spent."""
     config = config.resolved().validate()
+    export_secret(HF_SECRET, "HF_TOKEN")
     check_data_url(config)
-    load_wandb_key()
+    export_secret(WANDB_SECRET, "WANDB_API_KEY")
     report = environment_report()
     print(format_report(report), flush=True)
     Deck("Environment", environment_deck_html(report))
     return config, report
 
 
-@task(container_image=IMAGE, requests=DATA_RESOURCES, cache=Cache(version=DATA_CACHE_VERSION))
+@task(container_image=IMAGE, requests=DATA_RESOURCES, secret_requests=[HF_SECRET],
+      cache=Cache(version=DATA_CACHE_VERSION))
 def prepare_tokenizer(tokenizer: str, data_url: str, num_shards: int, bpe_vocab_size: int,
                       bpe_train_chars: int) -> FlyteDirectory:
     """GPT-2's identity, or our own BPE trained on the train shards. Cached: training a BPE takes a while."""
+    export_secret(HF_SECRET, "HF_TOKEN")
     config = RunConfig(tokenizer=tokenizer, data_url=data_url, num_shards=num_shards,
                        bpe_vocab_size=bpe_vocab_size, bpe_train_chars=bpe_train_chars)
     out_dir = Path(current_context().working_directory) / "tokenizer"
     return FlyteDirectory(str(build_tokenizer(config, out_dir)))
 
 
-@task(container_image=IMAGE, requests=DATA_RESOURCES, cache=Cache(version=DATA_CACHE_VERSION))
+@task(container_image=IMAGE, requests=DATA_RESOURCES, secret_requests=[HF_SECRET],
+      cache=Cache(version=DATA_CACHE_VERSION))
 def plan_data_shards(config: RunConfig, tokenizer_dir: FlyteDirectory) -> list[ShardJob]:
+    export_secret(HF_SECRET, "HF_TOKEN")  # with only_needed_shards, shard 0 is downloaded here
     return plan_jobs(config, Path(tokenizer_dir.download()))
 
 
 # Keyed by the job alone (data_url, shard index, split, tokenizer fingerprint): a relaunch or a scheduled run
 # reuses every shard it has prepared before, whatever else changed in the config.
 # No user retries: download_shard already retries with backoff, and a preempted spot pod is a system retry.
-@task(container_image=IMAGE, requests=DATA_RESOURCES, interruptible=True,
+@task(container_image=IMAGE, requests=DATA_RESOURCES, secret_requests=[HF_SECRET], interruptible=True,
       cache=Cache(version=DATA_CACHE_VERSION, ignored_inputs=("tokenizer_dir",)))
 def prepare_data_shard(job: ShardJob, tokenizer_dir: FlyteDirectory) -> FlyteDirectory:
+    export_secret(HF_SECRET, "HF_TOKEN")
     out_dir = Path(current_context().working_directory) / f"{job.split}_{job.index:05d}"
     prepare_shard(job, Path(tokenizer_dir.download()), out_dir)
     return FlyteDirectory(str(out_dir))
@@ -150,7 +165,7 @@ def save_flyte_checkpoint(checkpoint_dir: Path) -> None:
 @task(container_image=IMAGE, secret_requests=[WANDB_SECRET], interruptible=True, retries=3, enable_deck=True,
       **TRAINING_RESOURCES)
 def train_base_model(config: RunConfig, data: FlyteDirectory, environment: dict) -> tuple[FlyteDirectory, dict]:
-    load_wandb_key()
+    export_secret(WANDB_SECRET, "WANDB_API_KEY")
     checkpoint_dir = Path(current_context().working_directory) / "checkpoint"
     try:
         resume_dir = restore_flyte_checkpoint(checkpoint_dir)
