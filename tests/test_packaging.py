@@ -152,13 +152,18 @@ def test_multi_gpu_training_is_one_elastic_pod_with_eight_a100s(tasks):
     assert requests[GPU] == limits[GPU] == "8"
     assert ddp.extended_resources.gpu_accelerator.device == "nvidia-tesla-a100"
     assert [(s.group, s.key) for s in ddp.security_context.secrets] == [("wandb", "api_key")]
+    assert "link_type" not in ddp.config  # no NANOCHAT_WANDB_ENTITY: no W&B console link
 
 
 def test_secret_names_schedule_and_alerts_are_set_without_editing_code(tmp_path):
     entities = package(tmp_path, NANOCHAT_WANDB_SECRET_GROUP="ml-team", NANOCHAT_WANDB_SECRET_KEY="wandb-key",
-                       NANOCHAT_NIGHTLY_CRON="30 1 * * 1-5")
+                       NANOCHAT_NIGHTLY_CRON="30 1 * * 1-5", NANOCHAT_WANDB_ENTITY="ml-team")
     train = entities["task"]["train_base_model"].template
     assert [(s.group, s.key) for s in train.security_context.secrets] == [("ml-team", "wandb-key")]
+    # the console's W&B link: the cluster's wandb-execution-id template filled from the task's config
+    link = {"link_type": "wandb-execution-id", "host": "https://wandb.ai", "entity": "ml-team", "project": "nanochat"}
+    for name in ("train_base_model", "train_base_model_multi_gpu"):
+        assert dict(entities["task"][name].template.config) == link, name
     nightly = entities["launch_plan"]["nanochat_nightly"]
     assert nightly.spec.entity_metadata.schedule.cron_schedule.schedule == "30 1 * * 1-5"
     assert not nightly.spec.entity_metadata.notifications  # no NANOCHAT_ALERT_EMAILS: no e-mail

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import requests
 from flytekit import Cache, Deck, Resources, Secret, current_context, map_task, task, workflow
 from flytekit.configuration.plugin import get_plugin
+from flytekit.core.utils import ClassDecorator
 from flytekit.exceptions.user import FlyteRecoverableException
 from flytekit.extras.accelerators import T4
 from flytekit.types.directory import FlyteDirectory
@@ -49,6 +50,24 @@ def declared_secret(name: str, group: str, key: str) -> Secret:
 
 WANDB_SECRET = declared_secret("WANDB", "wandb", "api_key")  # absent: W&B runs offline
 HF_SECRET = declared_secret("HF", "hf", "token")  # only for a gated or private mirror of the dataset
+
+
+class wandb_console_link(ClassDecorator):  # noqa: N801 - used as a decorator, like flytekit's own
+    """Gives the task a "Weights & Biases" link in the Flyte/Union console, to the run named after the execution
+    (the Tracker's run id). Needs the cluster's `wandb-execution-id` dynamic log link (docs/observability.md)
+    and, at registration, NANOCHAT_WANDB_ENTITY (and NANOCHAT_WANDB_PROJECT / NANOCHAT_WANDB_HOST where they differ
+    from "nanochat" / https://wandb.ai)."""
+
+    def execute(self, *args, **kwargs):
+        return self.task_function(*args, **kwargs)
+
+    def get_extra_config(self) -> dict[str, str]:
+        entity = os.environ.get("NANOCHAT_WANDB_ENTITY", "")
+        if not entity:  # the link's URL is host/entity/project/runs/<execution>: no entity, no link
+            return {}
+        return {self.LINK_TYPE_KEY: "wandb-execution-id", "entity": entity,
+                "host": os.environ.get("NANOCHAT_WANDB_HOST", "https://wandb.ai"),
+                "project": os.environ.get("NANOCHAT_WANDB_PROJECT", "nanochat")}
 
 
 def export_secret(secret: Secret, env_var: str) -> None:
@@ -164,6 +183,7 @@ def save_flyte_checkpoint(checkpoint_dir: Path) -> None:
 # Interruptible: a spot T4 is a third of the price; a preempted attempt resumes from the intra-task checkpoint.
 @task(container_image=IMAGE, secret_requests=[WANDB_SECRET], interruptible=True, retries=3, enable_deck=True,
       **TRAINING_RESOURCES)
+@wandb_console_link
 def train_base_model(config: RunConfig, data: FlyteDirectory, environment: dict) -> tuple[FlyteDirectory, dict]:
     export_secret(WANDB_SECRET, "WANDB_API_KEY")
     checkpoint_dir = Path(current_context().working_directory) / "checkpoint"

@@ -17,7 +17,7 @@ from flytekitplugins.kfpytorch import Elastic
 
 from nanochat_flyte.config import RunConfig
 from workflows.image import IMAGE
-from workflows.nanochat import WANDB_SECRET, RunOutputs, pretrain, train_base_model
+from workflows.nanochat import WANDB_SECRET, RunOutputs, pretrain, train_base_model, wandb_console_link
 
 GPUS = 8  # one full A100 node (a2-highgpu-8g on GCP, p4d.24xlarge on AWS)
 
@@ -41,6 +41,7 @@ MULTI_A100_RESOURCES = dict(
 
 @task(task_config=Elastic(nnodes=1, nproc_per_node=GPUS), container_image=IMAGE, secret_requests=[WANDB_SECRET],
       retries=3, enable_deck=True, shared_memory=True, **MULTI_A100_RESOURCES)
+@wandb_console_link
 def train_base_model_multi_gpu(config: RunConfig, data: FlyteDirectory, environment: dict
                                ) -> tuple[FlyteDirectory, dict]:
     """train_base_model in one process per GPU (RANK, LOCAL_RANK, WORLD_SIZE set); flytekit returns rank 0's."""
