@@ -94,7 +94,7 @@ DATA_RESOURCES = Resources(cpu="4", mem="8Gi", ephemeral_storage="20Gi")
 
 # The same node kind as training (interruptible too: spot pools are tainted for interruptible pods), so that the
 # report describes the GPU, driver and CPUs the training will get.
-@task(container_image=IMAGE, secret_requests=[WANDB_SECRET, HF_SECRET], interruptible=True,
+@task(container_image=IMAGE, secret_requests=[WANDB_SECRET, HF_SECRET], interruptible=True, enable_deck=True,
       **TRAINING_RESOURCES)
 def setup_environment(config: RunConfig) -> tuple[RunConfig, dict]:
     """Validate the config and report the machine, before any download or GPU time is spent."""

@@ -1,0 +1,70 @@
+"""A preempted train_base_model attempt resumes from Flyte's intra-task checkpoint (flytekit's SyncCheckpoint).
+
+Flyte hands attempt N the checkpoint that attempt N-1 saved, and only that one: each attempt must re-save what
+it restored before it trains, or a second preemption would lose it.
+"""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from flytekit.core.checkpointer import SyncCheckpoint
+from flytekit.types.directory import FlyteDirectory
+
+import workflows.nanochat as wf
+from tests.helpers import make_data_dir, tiny_config
+
+
+class Preempted(Exception):
+    pass
+
+
+class PreemptedAfterFirstSave(SyncCheckpoint):
+    """The spot node disappears right after the first checkpoint upload."""
+
+    def save(self, path):
+        super().save(path)
+        raise Preempted
+
+
+class NoSecrets:
+    def get(self, group, key):
+        raise ValueError(f"no secret {group}/{key}")  # what flytekit raises for a secret that is not there
+
+
+def run_attempt(tmp_path, monkeypatch, attempt: int, checkpoint: SyncCheckpoint):
+    """train_base_model's body in a pod of its own, with the intra-task checkpoint Flyte would give it."""
+    context = SimpleNamespace(checkpoint=checkpoint, working_directory=str(tmp_path / f"pod{attempt}"),
+                              secrets=NoSecrets())
+    monkeypatch.setattr(wf, "current_context", lambda: context)
+    return wf.train_base_model.task_function(config=tiny_config(), data=FlyteDirectory(str(tmp_path / "data")),
+                                             environment={})
+
+
+def steps_logged(checkpoint_dir):
+    return [row["step"] for row in map(json.loads, (checkpoint_dir / "metrics.jsonl").open()) if "train/loss" in row]
+
+
+def test_a_preempted_attempt_resumes_from_the_previous_attempts_checkpoint(tmp_path, monkeypatch):
+    make_data_dir(tmp_path / "data")
+    saved = {attempt: tmp_path / f"flyte-checkpoint-{attempt}" for attempt in range(3)}
+
+    with pytest.raises(Preempted):  # attempt 0: trains 3 of 6 steps, saves, is preempted
+        run_attempt(tmp_path, monkeypatch, 0, PreemptedAfterFirstSave(str(saved[0])))
+    assert json.loads((saved[0] / "training_state.json").read_text())["steps_completed"] == 3
+
+    with pytest.raises(Preempted):  # attempt 1: restores, re-saves at once, and is preempted by that save
+        run_attempt(tmp_path, monkeypatch, 1, PreemptedAfterFirstSave(str(saved[1]), str(saved[0])))
+    assert (saved[1] / "checkpoint.pt").read_bytes() == (saved[0] / "checkpoint.pt").read_bytes()
+
+    checkpoint, summary = run_attempt(tmp_path, monkeypatch, 2, SyncCheckpoint(str(saved[2]), str(saved[1])))
+    assert summary["status"] == "completed" and summary["steps_completed"] == 6
+    assert steps_logged(tmp_path / "pod2" / "checkpoint") == [1, 2, 3, 4, 5, 6]  # 1-3 from attempt 0, none twice
+    assert (saved[2] / "checkpoint.pt").exists()  # the final save reached Flyte's checkpoint too
+
+
+def test_a_first_attempt_starts_fresh(tmp_path, monkeypatch):
+    make_data_dir(tmp_path / "data")
+    checkpoint, summary = run_attempt(tmp_path, monkeypatch, 0, SyncCheckpoint(str(tmp_path / "flyte-checkpoint")))
+    assert summary["steps_completed"] == 6
+    assert steps_logged(tmp_path / "pod0" / "checkpoint") == [1, 2, 3, 4, 5, 6]
