@@ -174,9 +174,18 @@ def prepare_shard(job: ShardJob, tokenizer_dir: Path, out_dir: Path, cache_dir: 
 
 # ----------------------------------------------------------------------------- manifest
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where source and target share a filesystem (instant, no extra disk), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
 def merge_prepared(config, parts: list[Path], tokenizer_dir: Path, out_dir: Path) -> dict:
-    """Move the per-shard outputs of prepare_shard into one data directory and write manifest.json.
-    Every input is checked before anything moves."""
+    """Gather the per-shard outputs of prepare_shard into one data directory and write manifest.json.
+    Every input is checked before anything is written. The parts are left as they are: in a local Flyte run they
+    are cached task outputs that a later run reuses."""
     out_dir = Path(out_dir)
     splits = {"train": [], "val": []}
     sources = {}
@@ -199,7 +208,7 @@ def merge_prepared(config, parts: list[Path], tokenizer_dir: Path, out_dir: Path
 
     for file, source in sources.items():
         (out_dir / file).parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(source, out_dir / file)  # a rename when the parts live on the same filesystem
+        link_or_copy(source, out_dir / file)
     if Path(tokenizer_dir).resolve() != (out_dir / "tokenizer").resolve():
         shutil.copytree(tokenizer_dir, out_dir / "tokenizer", dirs_exist_ok=True)
     info = json.loads((out_dir / "tokenizer" / "tokenizer.json").read_text())

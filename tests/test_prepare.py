@@ -126,7 +126,23 @@ def test_bpe_data_directory(tmp_path):
     assert [enc.decode(doc[1:].tolist()) for doc in split_documents(tokens, 511)] == fineweb_texts(DOCS_PER_SHARD, 5)
 
 
-def test_merge_checks_its_inputs_before_moving_anything(tmp_path):
+def test_merge_leaves_the_parts_for_a_second_merge(tmp_path):
+    # In a local Flyte run the parts are cached outputs of prepare_data_shard: the next run merges them again.
+    write_fineweb_shards(tmp_path / "shards", [0, 5], DOCS_PER_SHARD)
+    config = small_config(str(tmp_path / "shards"), num_shards=1)
+    tokenizer_dir = build_tokenizer(config, tmp_path / "tokenizer")
+    for job in plan_shards(config, "gpt2"):
+        prepare_shard(job, tokenizer_dir, tmp_path / job.split)
+    parts = [tmp_path / "train", tmp_path / "val"]
+
+    first = merge_prepared(config, parts, tokenizer_dir, tmp_path / "run1")
+    second = merge_prepared(config, parts, tokenizer_dir, tmp_path / "run2")
+    assert first == second
+    for entry in first["train"] + first["val"]:
+        assert (tmp_path / "run1" / entry["file"]).read_bytes() == (tmp_path / "run2" / entry["file"]).read_bytes()
+
+
+def test_merge_checks_its_inputs_before_writing_anything(tmp_path):
     write_fineweb_shards(tmp_path / "shards", [0, 5], DOCS_PER_SHARD)
     config = small_config(str(tmp_path / "shards"), num_shards=1)
     tokenizer_dir = build_tokenizer(config, tmp_path / "tokenizer")
