@@ -33,7 +33,8 @@ import tiktoken
 
 from nanochat_flyte.config import ConfigError
 from nanochat_flyte.download import Download, download_shard, download_shards
-from nanochat_flyte.tokenizer import gpt2_tokenizer, load_tokenizer, save_tokenizer, tokenizer_id, tokenizer_name, train_bpe
+from nanochat_flyte.tokenizer import (gpt2_tokenizer, load_tokenizer, save_tokenizer, tokenizer_id, tokenizer_name,
+                                      train_bpe)
 
 STATS_FILE = "stats.json"
 MANIFEST_FILE = "manifest.json"

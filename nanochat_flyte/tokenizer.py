@@ -51,7 +51,8 @@ def tokenizer_id(enc: tiktoken.Encoding) -> str:
     if tokenizer_name(enc) == "gpt2":
         return "gpt2"
     digest = hashlib.sha256(enc._pat_str.encode())  # _pat_str: tiktoken keeps the split pattern only here
-    for token, rank in sorted(mergeable_ranks(enc).items(), key=lambda item: item[1]):
+    ranks = mergeable_ranks(enc)
+    for token in sorted(ranks, key=ranks.get):
         digest.update(token + b"\0")
     return f"bpe-{digest.hexdigest()[:16]}"
 
