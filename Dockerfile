@@ -35,8 +35,9 @@ RUN python -c 'import tiktoken; tiktoken.get_encoding("r50k_base")' && test -n "
 
 # ---------------------------------------------------------------- runtime
 FROM ${CUDA_IMAGE}
-# git: the environment report and W&B record the code version. gcc + libc headers: torch.compile's Triton
-# kernels build a small C launcher at run time. ca-certificates: https for git and the data downloads.
+# git: W&B records the code version with it (the reference run's first attempt failed without it).
+# gcc + libc headers: torch.compile's Triton kernels build a small C launcher at run time.
+# ca-certificates: https for git and the data downloads.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends git gcc libc6-dev ca-certificates \
     && rm -rf /var/lib/apt/lists/*

@@ -29,7 +29,7 @@ IMAGE_SPEC = ImageSpec(
     registry=os.environ.get("NANOCHAT_IMAGE_REGISTRY") or None,
     base_image=CUDA_IMAGE,
     python_version="3.11",
-    # git for the code version in reports; gcc + libc headers because torch.compile's Triton builds C at run time
+    # git for W&B's code version; gcc + libc headers because torch.compile's Triton builds C at run time
     apt_packages=["git", "gcc", "libc6-dev", "ca-certificates"],
     packages=[f"torch=={TORCH_VERSION}", *PROJECT_DEPENDENCIES],
     env={"TIKTOKEN_CACHE_DIR": TIKTOKEN_CACHE_DIR},
