@@ -187,9 +187,9 @@ class RunConfig:
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
-    """A preset file (optional) with keyword overrides on top."""
+    """A preset file (optional) with overrides on top; an unknown field in either is a ConfigError."""
     config = RunConfig.from_file(path) if path else RunConfig()
-    return dataclasses.replace(config, **overrides) if overrides else config
+    return RunConfig.from_mapping({**config.to_dict(), **overrides})
 
 
 def parse_override(assignment: str) -> tuple[str, Any]:
@@ -212,9 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("preset", help="a preset file, e.g. configs/smoke.yaml")
     parser.add_argument("overrides", nargs="*", metavar="field=value")
     args = parser.parse_args(argv)
-    config = RunConfig.from_file(args.preset)
-    overrides = dict(map(parse_override, args.overrides))
-    config = RunConfig.from_mapping({**config.to_dict(), **overrides}).validate()
+    config = load_config(args.preset, **dict(map(parse_override, args.overrides))).validate()
     print(json.dumps(config.to_dict()))
 
 

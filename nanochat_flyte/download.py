@@ -168,7 +168,8 @@ def fetch_fsspec(url: str, partial: Path) -> None:
 
 # ----------------------------------------------------------------------------- one shard, with retries
 
-def download_shard(data_url: str, index: int, cache_dir: Path | None = None, retry: Retry = DEFAULT_RETRY) -> Download:
+def download_shard(data_url: str, index: int, cache_dir: Path | None = None,
+                   retry: Retry = DEFAULT_RETRY) -> Download:
     """Return shard `index` verified on local disk: cached, read in place (local data), or downloaded."""
     url = shard_url(data_url, index)
     start = time.time()
