@@ -243,8 +243,8 @@ def prepare_jobs(config, jobs: list[ShardJob], enc: tiktoken.Encoding, parts_dir
     """Download `jobs` in parallel and tokenize each shard as soon as it arrives (downloads go on meanwhile)."""
     jobs_by_index = {job.index: job for job in jobs}
     parts = []
-    for download in download_shards(config.data_url, list(jobs_by_index), cache_dir, config.download_workers):
-        job = jobs_by_index[download.index]
+    for index, download in download_shards(config.data_url, list(jobs_by_index), cache_dir, config.download_workers):
+        job = jobs_by_index[index]
         part = parts_dir / f"{job.split}_{job.index:05d}"
         tokenize_download(job, download, enc, part)
         parts.append(part)

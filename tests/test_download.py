@@ -7,7 +7,7 @@ import fsspec
 import pytest
 
 from nanochat_flyte.config import ConfigError, RunConfig
-from nanochat_flyte.download import (Retry, ShardDownloadError, check_data_url, download_shard, download_shards,
+from nanochat_flyte.download import (Retry, DownloadError, check_data_url, download_shard, download_shards,
                                      verify_shard)
 from tests.shard_server import fineweb_texts, write_fineweb_shard, write_fineweb_shards
 
@@ -52,16 +52,16 @@ def test_recovers_from_each_recoverable_fault(shard_server, shard_0, tmp_path, f
 
 def test_404_fails_at_once_with_shard_url_and_cause(shard_server, shard_0, tmp_path):
     shard_server.fail(SHARD_0, "404", times=None)
-    with pytest.raises(ShardDownloadError) as error:
+    with pytest.raises(DownloadError) as error:
         download_shard(shard_server.url, 0, tmp_path / "cache", FAST_RETRY)
     message = str(error.value)
-    assert "shard 0" in message and shard_server.url + SHARD_0 in message and "HTTP 404" in message
+    assert "shard 0" in message and shard_server.url + SHARD_0 in message and "not found (HTTP 404)" in message
     assert len(shard_server.requests_for(SHARD_0)) == 1  # not retried
 
 
 def test_gives_up_after_the_retries_with_one_error(shard_server, shard_0, tmp_path):
     shard_server.fail(SHARD_0, "503", times=None)
-    with pytest.raises(ShardDownloadError, match=r"shard 0 .*HTTP 503.*after 4 attempts"):
+    with pytest.raises(DownloadError, match=r"shard 0 .*HTTP 503.*after 4 attempts"):
         download_shard(shard_server.url, 0, tmp_path / "cache", FAST_RETRY)
     assert len(shard_server.requests_for(SHARD_0)) == 4
 
@@ -105,7 +105,7 @@ def test_local_path_file_url_and_fsspec_url(tmp_path):
         download = download_shard("memory://bucket", 3, tmp_path / "cache")
         assert download.path == tmp_path / "cache" / "shard_00003.parquet"
         assert download.path.read_bytes() == source.read_bytes()
-        with pytest.raises(ShardDownloadError, match="shard 4 .*memory://bucket/shard_00004.parquet.*no such file"):
+        with pytest.raises(DownloadError, match="shard 4 .*memory://bucket/shard_00004.parquet.*not found"):
             download_shard("memory://bucket", 4, tmp_path / "cache")
     finally:
         fs.rm("/bucket", recursive=True)
@@ -113,7 +113,12 @@ def test_local_path_file_url_and_fsspec_url(tmp_path):
 
 def test_local_corrupt_shard_fails_clearly(tmp_path):
     (tmp_path / "shard_00000.parquet").write_bytes(b"not parquet")
-    with pytest.raises(ShardDownloadError, match="shard 0 .*not a readable parquet file"):
+    with pytest.raises(DownloadError, match="shard 0 .*not a readable parquet file"):
+        download_shard(str(tmp_path), 0)
+
+
+def test_a_missing_local_shard_is_not_found_not_corrupt(tmp_path):
+    with pytest.raises(DownloadError, match="shard 0 .*: not found$"):
         download_shard(str(tmp_path), 0)
 
 
@@ -131,7 +136,7 @@ def test_hf_token_is_sent_but_never_printed(shard_server, shard_0, tmp_path, mon
     shard_server.fail(SHARD_0, "503")  # a retry line gets printed
     download_shard(shard_server.url, 0, tmp_path / "cache", FAST_RETRY)
     shard_server.fail("/shard_00001.parquet", "404")
-    with pytest.raises(ShardDownloadError) as error:
+    with pytest.raises(DownloadError) as error:
         download_shard(shard_server.url, 1, tmp_path / "cache", FAST_RETRY)
 
     assert all(r.headers["Authorization"] == f"Bearer {token}" for r in shard_server.requests)
@@ -143,24 +148,47 @@ def test_hf_token_is_sent_but_never_printed(shard_server, shard_0, tmp_path, mon
 def test_parallel_downloads_report_progress_and_fail_loudly(shard_server, tmp_path, capsys):
     write_fineweb_shards(shard_server.directory, [0, 1, 2], docs_per_shard=50)
     downloads = list(download_shards(shard_server.url, [0, 1, 2], tmp_path / "cache", workers=2, retry=FAST_RETRY))
-    assert sorted(d.index for d in downloads) == [0, 1, 2]
+    assert sorted(index for index, _ in downloads) == [0, 1, 2]
     out = capsys.readouterr().out
     assert "download: 3/3 shards" in out and "MB/s" in out and "ETA" in out
 
     shard_server.fail("/shard_00003.parquet", "404")
-    with pytest.raises(ShardDownloadError, match="shard 3 "):
+    with pytest.raises(DownloadError, match="shard 3 "):
         list(download_shards(shard_server.url, [0, 1, 2, 3], tmp_path / "cache2", workers=2, retry=FAST_RETRY))
 
 
 def test_check_data_url(shard_server, tmp_path):
-    write_fineweb_shards(shard_server.directory, [1822], docs_per_shard=5)
-    check_data_url(RunConfig(data_url=shard_server.url))  # reachable: no error
-    check_data_url(RunConfig(data_url=str(shard_server.directory)))
+    write_fineweb_shards(shard_server.directory, [0, 1822], docs_per_shard=5)
+    check_data_url(RunConfig(data_url=shard_server.url, num_shards=1))  # reachable: no error
+    check_data_url(RunConfig(data_url=str(shard_server.directory), num_shards=1))
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         closed_port = s.getsockname()[1]
     for data_url in (f"http://127.0.0.1:{closed_port}/data", shard_server.url + "/missing", str(tmp_path / "nowhere")):
         with pytest.raises(ConfigError, match="unreachable") as error:
-            check_data_url(RunConfig(data_url=data_url))
+            check_data_url(RunConfig(data_url=data_url, num_shards=1))
         assert error.value.field == "data_url" and data_url in str(error.value)
+
+
+@pytest.mark.parametrize("serve", ["http", "local"])
+def test_every_requested_shard_is_probed_before_any_download(shard_server, serve):
+    write_fineweb_shards(shard_server.directory, [*range(8), 1822], docs_per_shard=2)
+    data_url = shard_server.url if serve == "http" else str(shard_server.directory)
+    with pytest.raises(ConfigError) as error:
+        check_data_url(RunConfig(data_url=data_url, num_shards=20))
+    assert str(error.value) == "RunConfig.num_shards: data_url has shards 0..7; num_shards=20 needs 0..19 " \
+                               "(not found: 8..19)"
+    if serve == "http":  # HEAD requests only: nothing was downloaded
+        assert {r.method for r in shard_server.requests} == {"HEAD"} and len(shard_server.requests) == 21
+
+    (shard_server.directory / "shard_01822.parquet").unlink()
+    with pytest.raises(ConfigError, match=r"^RunConfig\.val_shard: data_url has no shard 1822 \(not found"):
+        check_data_url(RunConfig(data_url=data_url, num_shards=8))
+
+
+def test_a_server_error_while_probing_is_unreachable_not_missing(shard_server):
+    write_fineweb_shards(shard_server.directory, [0, 1822], docs_per_shard=2)
+    shard_server.fail("/shard_00000.parquet", "503", times=None)
+    with pytest.raises(ConfigError, match=r"RunConfig\.data_url: .* is unreachable .*shard_00000.*HTTP 503"):
+        check_data_url(RunConfig(data_url=shard_server.url, num_shards=1))
