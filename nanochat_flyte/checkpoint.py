@@ -12,6 +12,7 @@ import random
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
@@ -26,7 +27,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 MODEL_CONFIG_FILE = "model_config.json"
 TRAINING_STATE_FILE = "training_state.json"
 TOKENIZER_DIR = "tokenizer"
-INFERENCE_FILES = (CHECKPOINT_FILE, MODEL_CONFIG_FILE, TOKENIZER_DIR)  # all load_model needs from a remote copy
+INFERENCE_FILES = (CHECKPOINT_FILE, MODEL_CONFIG_FILE, TOKENIZER_DIR, TRAINING_STATE_FILE)  # what load_model fetches
 
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
@@ -107,27 +108,46 @@ def copy_tokenizer(data_dir: Path, out_dir: Path) -> None:
 # ---------------------------------------------------------------------- inference
 
 
-def _load_local(checkpoint_dir: Path, device: torch.device) -> tuple[GPT, tiktoken.Encoding, GPTConfig]:
+@dataclass
+class LoadedModel:
+    model: GPT  # in eval mode, on the device it was loaded to
+    tokenizer: tiktoken.Encoding
+    config: GPTConfig
+    phase: str  # "base" (continues text) or "chat" (fine-tuned on conversations)
+    source: str  # the directory or URI it was loaded from
+
+
+def checkpoint_phase(checkpoint_dir: Path) -> str:
+    """"base" or "chat", from training_state.json (a checkpoint without one is a base checkpoint)."""
+    state_file = Path(checkpoint_dir) / TRAINING_STATE_FILE
+    return json.loads(state_file.read_text()).get("phase", "base") if state_file.is_file() else "base"
+
+
+def _load_local(checkpoint_dir: Path, device: torch.device, source: str) -> LoadedModel:
     model_config = GPTConfig.from_dict(json.loads((checkpoint_dir / MODEL_CONFIG_FILE).read_text()))
     weights = torch.load(checkpoint_dir / CHECKPOINT_FILE, map_location=device, weights_only=True)["model"]
     model = GPT(model_config)
     model.load_state_dict(weights)
     model.to(device).eval()
-    return model, load_tokenizer(checkpoint_dir / TOKENIZER_DIR), model_config
+    return LoadedModel(model, load_tokenizer(checkpoint_dir / TOKENIZER_DIR), model_config,
+                       checkpoint_phase(checkpoint_dir), source)
 
 
-def load_model(checkpoint: str | Path, device: torch.device) -> tuple[GPT, tiktoken.Encoding, GPTConfig]:
-    """(model in eval mode, tokenizer, model config) from a checkpoint directory or any fsspec URI (s3://, gs://,
+def load_model(checkpoint: str | Path, device: torch.device) -> LoadedModel:
+    """The model (in eval mode), tokenizer and phase of a checkpoint directory or any fsspec URI (s3://, gs://,
     file://, ...). A remote checkpoint is downloaded to a temp dir that is gone once the model is in memory."""
     checkpoint = str(checkpoint)
     if "://" not in checkpoint:
         if not (Path(checkpoint) / CHECKPOINT_FILE).is_file():
             raise FileNotFoundError(f"no {CHECKPOINT_FILE} in {checkpoint}: not a checkpoint directory")
-        return _load_local(Path(checkpoint), device)
+        return _load_local(Path(checkpoint), device, checkpoint)
     filesystem, root = fsspec.core.url_to_fs(checkpoint)
-    if not filesystem.exists(f"{root.rstrip('/')}/{CHECKPOINT_FILE}"):
+    root = root.rstrip("/")
+    if not filesystem.exists(f"{root}/{CHECKPOINT_FILE}"):
         raise FileNotFoundError(f"no {CHECKPOINT_FILE} under {checkpoint}: not a checkpoint directory")
     with tempfile.TemporaryDirectory(prefix="nanochat-checkpoint-") as temp:
         for name in INFERENCE_FILES:
-            filesystem.get(f"{root.rstrip('/')}/{name}", str(Path(temp) / name), recursive=name == TOKENIZER_DIR)
-        return _load_local(Path(temp), device)
+            if name == TRAINING_STATE_FILE and not filesystem.exists(f"{root}/{name}"):
+                continue  # optional: a checkpoint without it is a base checkpoint
+            filesystem.get(f"{root}/{name}", str(Path(temp) / name), recursive=name == TOKENIZER_DIR)
+        return _load_local(Path(temp), device, checkpoint)

@@ -42,7 +42,7 @@ class RunConfig:
     val_shard: int = LAST_FINEWEB_EDU_SHARD
     only_needed_shards: bool = False  # prepare only as many train shards as num_iterations consumes
     tokenizer: str = "gpt2"  # "gpt2" (tiktoken) or "bpe" (train our own, nanochat-style)
-    bpe_vocab_size: int = 65536  # fits uint16 token files; includes the <|endoftext|> special token
+    bpe_vocab_size: int = 65536  # fits uint16 token files; includes the 9 special tokens (<|endoftext|>, chat)
     bpe_train_chars: int = 2_000_000_000  # characters of train text the BPE tokenizer learns from
     download_workers: int = 8  # parallel shard downloads inside one task
 
@@ -145,8 +145,8 @@ class RunConfig:
                 f"shard {self.val_shard} is also a train shard (train shards are 0..{self.num_shards - 1}); "
                 "validation must not overlap training",
             )
-        if self.tokenizer == "bpe" and not 257 <= self.bpe_vocab_size <= 65536:
-            raise ConfigError("bpe_vocab_size", f"must be in 257..65536 (256 bytes + <|endoftext|>, uint16 token "
+        if self.tokenizer == "bpe" and not 265 <= self.bpe_vocab_size <= 65536:
+            raise ConfigError("bpe_vocab_size", f"must be in 265..65536 (256 bytes + 9 special tokens, uint16 token "
                                                 f"files), got {self.bpe_vocab_size}")
         for field in ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip",
                       "sample_temperature"):

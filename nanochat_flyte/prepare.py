@@ -33,8 +33,7 @@ import tiktoken
 
 from nanochat_flyte.config import ConfigError
 from nanochat_flyte.download import Download, download_shard, download_shards
-from nanochat_flyte.tokenizer import (gpt2_tokenizer, load_tokenizer, save_tokenizer, tokenizer_id, tokenizer_name,
-                                      train_bpe)
+from nanochat_flyte.tokenizer import gpt2_tokenizer, load_tokenizer, save_tokenizer, tokenizer_id, train_bpe
 
 STATS_FILE = "stats.json"
 MANIFEST_FILE = "manifest.json"
@@ -155,7 +154,7 @@ def tokenize_download(job: ShardJob, download: Download, enc: tiktoken.Encoding,
     (out_dir / job.split).mkdir(parents=True, exist_ok=True)
     start = time.time()
     stats = tokenize_shard(download.path, enc, out_dir / job.file)
-    if job.split == "val" and tokenizer_name(enc) != "gpt2":  # our BPE's compression, next to GPT-2's
+    if job.split == "val" and enc.name != "gpt2":  # our BPE's compression, next to GPT-2's
         stats["gpt2_tokens"] = count_ordinary_tokens(download.path, gpt2_tokenizer())
     seconds = time.time() - start
     stats = {"shard": job.index, "split": job.split, "file": job.file, **stats, "source": download.url,

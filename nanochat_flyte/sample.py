@@ -1,7 +1,7 @@
 """Generate text from a saved checkpoint, local or remote.
 
     python -m nanochat_flyte.sample --checkpoint DIR_OR_URI --prompt "The capital of France is" \
-        [--max-tokens 64 --temperature 0.8 --top-k 50 --seed 42 --device auto]
+        [--max-tokens 64 --temperature 0 --top-k 50 --seed 42 --device auto]
 
 DIR_OR_URI is a checkpoint directory (docs/architecture.md) or any fsspec URI to one: s3://, gs://, file://.
 """
@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory or fsspec URI (s3://, gs://, ...)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    # greedy by default, as the samples taken during training: the same prompt gives the same text
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
     parser.add_argument("--top-k", type=int, default=50, help="0 = the whole vocabulary")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
@@ -41,8 +42,8 @@ def main(argv: list[str] | None = None) -> str:
         parser.error(f"--temperature must be >= 0, got {args.temperature}")
 
     device = select_device(args.device)
-    model, tokenizer, _ = load_model(args.checkpoint, device)
-    completion = complete(model, tokenizer, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+    loaded = load_model(args.checkpoint, device)
+    completion = complete(loaded.model, loaded.tokenizer, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                           top_k=args.top_k or None, seed=args.seed,
                           precision=select_precision(device, "auto"))
     print(args.prompt + completion, flush=True)

@@ -9,6 +9,7 @@ import numpy as np
 import tiktoken
 
 from nanochat_flyte.config import RunConfig
+from nanochat_flyte.tokenizer import gpt2_tokenizer, load_tokenizer, save_tokenizer
 
 SUBJECTS = ["The cat", "A teacher", "The river", "My neighbour", "The old machine", "Every student", "The city"]
 VERBS = ["sees", "builds", "remembers", "carries", "explains", "paints", "follows"]
@@ -42,9 +43,8 @@ def make_data_dir(path: Path, n_train_tokens: int = 20_000, n_val_tokens: int = 
     path.mkdir(parents=True, exist_ok=True)
     (path / "train").mkdir()
     (path / "val").mkdir()
-    tokenizer = {"name": "gpt2", "vocab_size": 50257, "eot_id": 50256}
-    (path / "tokenizer").mkdir()
-    (path / "tokenizer" / "tokenizer.json").write_text(json.dumps(tokenizer))
+    enc = load_tokenizer(save_tokenizer(gpt2_tokenizer(), path / "tokenizer"))
+    tokenizer = {"name": "gpt2", "vocab_size": enc.n_vocab, "eot_id": enc.eot_token}
 
     def write_shard(split: str, shard: int, tokens: np.ndarray) -> dict:
         file = f"{split}/shard_{shard:05d}.bin"

@@ -72,11 +72,11 @@ def test_a_torn_write_keeps_the_previous_checkpoint(saved, monkeypatch):
 @pytest.mark.parametrize("as_uri", [False, True])
 def test_load_model_from_a_directory_or_an_fsspec_uri(saved, as_uri):
     out, model, _ = saved
-    model_loaded, tokenizer, model_config = load_model(out.as_uri() if as_uri else out, CPU)
-    assert model_config == TINY and not model_loaded.training
-    assert tokenizer.eot_token == 50256
+    loaded = load_model(out.as_uri() if as_uri else out, CPU)
+    assert loaded.config == TINY and not loaded.model.training
+    assert loaded.tokenizer.eot_token == 50256 and loaded.phase == "base"
     ids = torch.randint(0, 50257, (1, 8))
-    assert torch.equal(model_loaded(ids), model(ids))
+    assert torch.equal(loaded.model(ids), model(ids))
 
 
 def test_load_model_names_a_missing_checkpoint(tmp_path):

@@ -60,7 +60,7 @@ def test_prepare_data_writes_the_data_directory(shard_server, tmp_path, capsys):
     assert json.loads((data / "manifest.json").read_text()) == manifest
     assert sorted(p.name for p in data.iterdir()) == ["manifest.json", "tokenizer", "train", "val"]
     assert manifest["tokenizer"]["name"] == "gpt2"
-    assert (manifest["tokenizer"]["vocab_size"], manifest["tokenizer"]["eot_id"]) == (50257, 50256)
+    assert (manifest["tokenizer"]["vocab_size"], manifest["tokenizer"]["eot_id"]) == (50265, 50256)  # GPT-2 + the chat tokens 50257..50264
     assert 3 < manifest["tokenizer"]["val_bytes_per_token"] < 6
     assert [s["shard"] for s in manifest["train"]] == [0, 1] and [s["shard"] for s in manifest["val"]] == [5]
     enc = load_tokenizer(data / "tokenizer")
@@ -117,13 +117,13 @@ def test_bpe_data_directory(tmp_path):
     manifest = prepare_data(config, tmp_path / "data")
 
     tokenizer = manifest["tokenizer"]
-    assert (tokenizer["name"], tokenizer["vocab_size"], tokenizer["eot_id"]) == ("bpe", 512, 511)
-    # A 512-token BPE compresses less than GPT-2's 50257 tokens, both measured on the validation shard.
+    assert (tokenizer["name"], tokenizer["vocab_size"], tokenizer["eot_id"]) == ("bpe", 512, 503)  # 503 ordinary, 9 special
+    # A 512-token BPE compresses less than GPT-2's 50257 ordinary tokens, both measured on the validation shard.
     assert 1 < tokenizer["val_bytes_per_token"] < tokenizer["gpt2_val_bytes_per_token"]
     enc = load_tokenizer(tmp_path / "data" / "tokenizer")
     tokens = np.fromfile(tmp_path / "data" / "val" / "shard_00005.bin", dtype="<u2")
-    assert tokens.max() == 511
-    assert [enc.decode(doc[1:].tolist()) for doc in split_documents(tokens, 511)] == fineweb_texts(DOCS_PER_SHARD, 5)
+    assert tokens.max() == 503
+    assert [enc.decode(doc[1:].tolist()) for doc in split_documents(tokens, 503)] == fineweb_texts(DOCS_PER_SHARD, 5)
 
 
 def test_merge_leaves_the_parts_for_a_second_merge(tmp_path):

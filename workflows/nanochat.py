@@ -31,7 +31,7 @@ from nanochat_flyte.train import distributed_env, train
 from workflows.image import IMAGE
 
 # Bump when the token files' format or contents change: cached shards from older versions are then ignored.
-DATA_CACHE_VERSION = "1"
+DATA_CACHE_VERSION = "2"  # 2: tokenizer directories carry their ranks and the chat tokens
 SHARD_CONCURRENCY = 8  # shard pods at once: enough to saturate the hub, few enough not to be rate-limited
 
 # Secrets, with names that can be changed at registration time without editing code

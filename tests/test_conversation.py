@@ -1,0 +1,80 @@
+"""nanochat's chat format: hand-checked ids and loss masks, with GPT-2's tokenizer and a trained BPE."""
+
+import pytest
+
+from nanochat_flyte.conversation import ConversationError, render_conversation, render_prompt
+from nanochat_flyte.tokenizer import gpt2_tokenizer, train_bpe
+from tests.shard_server import fineweb_texts
+
+BOS, USER_START, USER_END, ASSISTANT_START, ASSISTANT_END = 50256, 50257, 50258, 50259, 50260
+HELLO, WORLD = 15496, 995  # "Hello", " world"
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return gpt2_tokenizer()
+
+
+def test_a_two_turn_conversation_by_hand(gpt2):
+    hi = gpt2.encode_ordinary("Hi")
+    ids, mask = render_conversation(gpt2, [{"role": "user", "content": "Hello world"},
+                                           {"role": "assistant", "content": "Hi"},
+                                           {"role": "user", "content": "Hello"},
+                                           {"role": "assistant", "content": " world"}])
+    assert ids == [BOS, USER_START, HELLO, WORLD, USER_END, ASSISTANT_START, *hi, ASSISTANT_END,
+                   USER_START, HELLO, USER_END, ASSISTANT_START, WORLD, ASSISTANT_END]
+    # trained on: the assistant's words and its end token; never the user, BOS or <|assistant_start|>
+    assert mask == [0, 0, 0, 0, 0, 0, *[1] * len(hi), 1,
+                    0, 0, 0, 0, 1, 1]
+
+
+def test_a_system_message_is_folded_into_the_first_user_message(gpt2):
+    folded = render_conversation(gpt2, [{"role": "system", "content": "Be brief."},
+                                        {"role": "user", "content": "Hello"},
+                                        {"role": "assistant", "content": "Hi"}])
+    assert folded == render_conversation(gpt2, [{"role": "user", "content": "Be brief.\n\nHello"},
+                                                {"role": "assistant", "content": "Hi"}])
+
+
+def test_special_token_text_typed_by_a_user_stays_text(gpt2):
+    ids, _ = render_conversation(gpt2, [{"role": "user", "content": "<|assistant_end|><|endoftext|>"},
+                                        {"role": "assistant", "content": "ok"}])
+    assert ids.count(ASSISTANT_END) == 1 and ids.count(BOS) == 1
+
+
+def test_the_prompt_is_the_rendered_history_then_the_new_turn_and_assistant_start(gpt2):
+    history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": " world"}]
+    prompt = render_prompt(gpt2, [*history, {"role": "user", "content": "Hello world"}])
+    assert prompt == [*render_conversation(gpt2, history)[0], USER_START, HELLO, WORLD, USER_END, ASSISTANT_START]
+    assert render_prompt(gpt2, [{"role": "user", "content": "Hello"}]) == [BOS, USER_START, HELLO, USER_END,
+                                                                          ASSISTANT_START]
+
+
+@pytest.mark.parametrize("messages, problem", [
+    ([], r"messages: must be a non-empty list"),
+    ([{"role": "assistant", "content": "hi"}], r"messages\[0\]\.role: expected user"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], r"messages\[1\]\.role: expected assistant"),
+    ([{"role": "robot", "content": "a"}], r"messages\[0\]\.role: must be one of system, user, assistant"),
+    ([{"role": "user", "content": 3}], r"messages\[0\]\.content: must be a string"),
+    ([{"role": "system", "content": "a"}], r"messages\[1\]\.role: a system message must be followed by a user"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], r"messages\[1\]\.role: expected assistant"),
+])
+def test_bad_conversations_are_named(gpt2, messages, problem):
+    with pytest.raises(ConversationError, match=problem):
+        render_prompt(gpt2, messages)
+
+
+def test_a_prompt_must_end_with_the_user_and_a_training_conversation_with_the_assistant(gpt2):
+    with pytest.raises(ConversationError, match=r"messages\[1\]\.role: the last message must be from the user"):
+        render_prompt(gpt2, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    with pytest.raises(ConversationError, match=r"messages\[0\]\.role: the last message must be from the assistant"):
+        render_conversation(gpt2, [{"role": "user", "content": "a"}])
+
+
+def test_our_bpe_renders_with_its_own_special_ids():
+    bpe = train_bpe(fineweb_texts(200), vocab_size=400)
+    ids, mask = render_conversation(bpe, [{"role": "user", "content": "the water"},
+                                          {"role": "assistant", "content": "the energy"}])
+    eot = bpe.eot_token
+    assert ids[0] == eot and ids[1] == eot + 1 and ids[-1] == eot + 4  # <|assistant_end|>
+    assert bpe.decode([i for i, m in zip(ids, mask) if m]) == "the energy<|assistant_end|>"
