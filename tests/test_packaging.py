@@ -21,6 +21,7 @@ from flytekit.core.type_engine import TypeEngine
 from flytekit.models.literals import Literal
 
 from nanochat_flyte.config import RunConfig
+from workflows.nanochat import DATA_CACHE_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 PREBUILT_IMAGE = "ghcr.io/example/nanochat-flyte:test"
@@ -104,7 +105,7 @@ def test_data_tasks_are_cpu_only_and_cached_with_an_explicit_version(tasks):
         requests, limits = resources(tasks[name])
         assert GPU not in requests and GPU not in limits, name
         assert not tasks[name].extended_resources.HasField("gpu_accelerator"), name
-        assert tasks[name].metadata.discoverable and tasks[name].metadata.discovery_version == "1", name
+        assert tasks[name].metadata.discoverable and tasks[name].metadata.discovery_version == DATA_CACHE_VERSION, name
     assert list(tasks["prepare_data_shard"].metadata.cache_ignore_input_vars) == ["tokenizer_dir"]
 
 
