@@ -1,0 +1,27 @@
+"""How our command-line tools end on a user's mistake: one line on stderr naming the problem, exit status 2.
+
+A traceback is for bugs. A misspelt field, a missing checkpoint, an unreachable URL or a malformed conversation is
+the user's to fix, and the one line that says what to fix must not drown in forty lines of stack.
+"""
+
+import sys
+from collections.abc import Callable
+
+from nanochat_flyte.config import ConfigError
+from nanochat_flyte.conversation import ConversationError
+from nanochat_flyte.download import DownloadError
+from nanochat_flyte.tokenizer import TokenizerError
+
+USER_ERRORS = (ConfigError, ConversationError, DownloadError, TokenizerError, FileNotFoundError)
+USER_ERROR_EXIT = 2  # argparse's status for a usage error
+
+
+def run(main: Callable[[], object]) -> None:
+    """Call a CLI's main(); a user error becomes one line and exit status 2."""
+    try:
+        main()
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
+    except KeyboardInterrupt:
+        sys.exit(130)  # the shell's status for Ctrl-C
