@@ -141,8 +141,8 @@ def headline_numbers(out_dir: Path, summary: dict) -> dict[str, str]:
 
 def markdown_grid(header: list[str], rows: list[list[Any]]) -> str:
     """A Markdown table of any number of columns; cells formatted as format_value does."""
-    def line(cells: list[Any]) -> str:
-        return "| " + " | ".join(format_value(cell).replace("|", r"\|") for cell in cells) + " |"  # a bare | ends a cell
+    def line(cells: list[Any]) -> str:  # a bare | would end a cell
+        return "| " + " | ".join(format_value(cell).replace("|", r"\|") for cell in cells) + " |"
 
     return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
 

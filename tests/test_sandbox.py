@@ -1,6 +1,7 @@
 """The sandbox for model-written code: it runs the code, and the kernel keeps it off the network, within its limits,
 out of new processes and inside an empty directory that is gone afterwards."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -127,6 +128,8 @@ def test_memory_limit():
 
 def test_resource_limits_cannot_be_raised_again():
     result = execute("import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))")
+    if os.geteuid() == 0 and "user+network namespace" not in result.isolation:
+        pytest.skip("root outside a user namespace keeps CAP_SYS_RESOURCE")
     assert not result.passed and "ValueError" in result.stderr
 
 
