@@ -2,12 +2,12 @@
 
 A decoder-only transformer with rotary position embeddings (no learned positions), RMSNorm on queries and
 keys, a ReLU^2 MLP four times as wide as the model, untied input embedding and output head, no biases,
-parameter-free RMSNorm everywhere, and logits soft-capped at 15. Generation runs through a KV cache.
+parameter-free RMSNorm everywhere, and logits soft-capped at 15. The KV cache serves the inference engine
+(engine.py): rows of a batch hold sequences of different lengths.
 """
 
 import dataclasses
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -70,13 +70,12 @@ def norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def rotary_angles(start: int, length: int, head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for positions start..start+length, shaped (1, length, 1, head_dim/2) to broadcast over
-    batch and heads. Computed per call (a few thousand numbers): no buffer to keep on the right device."""
-    inv_freq = ROTARY_BASE ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-    positions = torch.arange(start, start + length, dtype=torch.float32, device=device)
-    angles = positions[:, None] * inv_freq[None, :]
-    return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+def rotary_angles(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for positions (B or 1, T), shaped (B or 1, T, 1, head_dim/2) to broadcast over heads.
+    Computed per call (a few thousand numbers): no buffer to keep on the right device."""
+    inv_freq = ROTARY_BASE ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    angles = positions.float()[..., None] * inv_freq
+    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -87,30 +86,75 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Keys and values of every layer for the positions seen so far, preallocated for max_len positions."""
+    """Keys and values of every layer for up to max_len positions per row, preallocated.
+
+    Each row (one sequence) has its own length: rows of a batch may hold prompts of different lengths, and each
+    row's new tokens get rotary positions from its own length on and attend only to its own stored positions.
+    A forward pass feeds every row the same number of new tokens (one, when decoding a batch).
+    """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int):
+        self.config, self.max_len = config, max_len
         self.shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.max_len = max_len
-        self.pos = 0  # positions already stored; the next tokens get rotary positions from here
+        self.lengths = [0] * batch_size  # positions already stored in each row
         # Allocated on first use, in the dtype the keys arrive in (autocast decides it, not us).
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None  # (B, T) positions of the tokens being fed
+        self._mask: torch.Tensor | None = None  # (B, 1, T, keys) which stored keys each new token sees
+        self._end = 0  # keys to attend over in this forward pass: up to the longest row
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's new k, v (B, kv_heads, T, head_dim); return all keys and values up to them."""
-        end = self.pos + k.size(2)
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+    def start(self, num_new: int, device: torch.device) -> torch.Tensor:
+        """Before a forward pass of num_new tokens per row: their positions (B, num_new)."""
+        end = max(self.lengths) + num_new
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {end} needed")
-        if self.keys is None:
-            self.keys, self.values = k.new_empty(self.shape), v.new_empty(self.shape)
-        self.keys[layer, :, :, self.pos:end] = k
-        self.values[layer, :, :, self.pos:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        lengths = torch.tensor(self.lengths, device=device)
+        self._positions = lengths[:, None] + torch.arange(num_new, device=device)
+        # Key j is visible to the new token at position p of the same row when j <= p: the row's stored prefix
+        # and the new tokens causally; never another row's longer prefix (the slots past this row's length).
+        # No mask when every row starts empty: plain causal attention.
+        keys = torch.arange(end, device=device)
+        self._mask = None if end == num_new else (keys <= self._positions[:, :, None])[:, None]
+        self._end = end
+        return self._positions
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store this layer's new k, v (B, kv_heads, T, head_dim); return the keys and values of every row up
+        to the longest, and the attention mask (None = causal)."""
+        if self.keys is None:  # zeros: a masked-out slot still enters the attention sums (times 0); never NaN
+            self.keys, self.values = k.new_zeros(self.shape), v.new_zeros(self.shape)
+        rows = torch.arange(k.size(0), device=k.device)[:, None]
+        # (B, T) indices into rows and positions; the heads dimension in between is taken whole
+        self.keys[layer][rows, :, self._positions] = k.transpose(1, 2)
+        self.values[layer][rows, :, self._positions] = v.transpose(1, 2)
+        return self.keys[layer, :, :, :self._end], self.values[layer, :, :, :self._end], self._mask
 
     def advance(self, num_tokens: int) -> None:
         """Called once every layer has stored the new tokens."""
-        self.pos += num_tokens
+        self.lengths = [length + num_tokens for length in self.lengths]
+
+    @classmethod
+    def stack(cls, caches: list["KVCache"]) -> "KVCache":
+        """One cache of the rows of all `caches` (of the same model and max_len, each used at least once)."""
+        lengths = [length for cache in caches for length in cache.lengths]
+        stacked = cls(caches[0].config, len(lengths), caches[0].max_len)
+        stacked.keys = torch.cat([cache.keys for cache in caches], dim=1)
+        stacked.values = torch.cat([cache.values for cache in caches], dim=1)
+        stacked.lengths = lengths
+        return stacked
+
+    def keep(self, rows: list[int]) -> None:
+        """Drop every row not in `rows` (the batch shrinks when sequences finish)."""
+        index = torch.tensor(rows, device=self.keys.device)
+        self.keys, self.values = self.keys.index_select(1, index), self.values.index_select(1, index)
+        self.lengths = [self.lengths[row] for row in rows]
+        self.shape = (self.shape[0], len(rows), *self.shape[2:])
 
 
 class CausalSelfAttention(nn.Module):
@@ -130,14 +174,13 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer, k, v)
+        mask = None  # causal
+        if kv_cache is not None:  # new queries also see their row's cached prefix
+            k, v, mask = kv_cache.update(self.layer, k, v)
         gqa = self.n_kv_head != self.n_head
-        Tq, Tk = q.size(2), k.size(2)
-        if Tq == Tk:
+        if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:  # new queries see the whole cached prefix, and each other causally
-            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+        else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -201,8 +244,11 @@ class GPT(nn.Module):
         """idx (B, T) -> logits (B, T, vocab_size), or with targets the cross-entropy loss ("mean", "sum",
         or "none" for per-token losses shaped like targets; targets of -1 are ignored)."""
         T = idx.size(1)
-        start = 0 if kv_cache is None else kv_cache.pos
-        cos, sin = rotary_angles(start, T, self.config.head_dim, idx.device)
+        if kv_cache is None:
+            positions = torch.arange(T, dtype=torch.float32, device=idx.device)[None, :]
+        else:  # each row continues from its own length
+            positions = kv_cache.start(T, idx.device)
+        cos, sin = rotary_angles(positions, self.config.head_dim)
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)
@@ -227,31 +273,3 @@ class GPT(nn.Module):
         c = self.config
         matmul_params = self.num_params() - self.transformer.wte.weight.numel()
         return 6 * matmul_params + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
-
-    @torch.inference_mode()
-    def generate(self, tokens: list[int], max_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 seed: int = 42) -> Iterator[int]:
-        """Yield max_tokens new token ids after the prompt: one prefill pass, then one token per step through
-        the KV cache. temperature 0 is greedy; top_k None or 0 keeps the whole vocabulary."""
-        if not tokens:
-            raise ValueError("generate needs at least one prompt token")
-        device = self.lm_head.weight.device
-        generator = torch.Generator(device=device).manual_seed(seed)
-        kv_cache = KVCache(self.config, batch_size=1, max_len=len(tokens) + max_tokens)
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        for _ in range(max_tokens):
-            logits = self(ids, kv_cache=kv_cache)[:, -1, :]
-            ids = sample_next_token(logits, generator, temperature, top_k)
-            yield ids.item()
-
-
-def sample_next_token(logits: torch.Tensor, generator: torch.Generator, temperature: float,
-                      top_k: int | None) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B, 1)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    if top_k:
-        kth_largest = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    probs = F.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)

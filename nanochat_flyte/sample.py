@@ -10,19 +10,17 @@ import argparse
 
 import tiktoken
 
-from nanochat_flyte.checkpoint import load_model
-from nanochat_flyte.device import Precision, select_device, select_precision
+from nanochat_flyte.device import Precision
+from nanochat_flyte.engine import Engine, SamplingParams
 from nanochat_flyte.model import GPT
 
 
 def complete(model: GPT, tokenizer: tiktoken.Encoding, prompt: str, *, max_tokens: int, temperature: float,
              top_k: int | None, seed: int, precision: Precision) -> str:
-    """The model's continuation of prompt (without the prompt), decoded."""
-    # training documents start with <|endoftext|>: with it in front the prompt reads as the start of a document
-    tokens = [tokenizer.eot_token] + tokenizer.encode_ordinary(prompt)
-    with precision.autocast():
-        completion = list(model.generate(tokens, max_tokens, temperature=temperature, top_k=top_k, seed=seed))
-    return tokenizer.decode(completion)
+    """The model's continuation of prompt (without the prompt), decoded: up to max_tokens, or until the end of
+    the text or of the model's context."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    return Engine(model, tokenizer, precision).complete(prompt, params).text
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -41,11 +39,10 @@ def main(argv: list[str] | None = None) -> str:
     if args.temperature < 0:
         parser.error(f"--temperature must be >= 0, got {args.temperature}")
 
-    device = select_device(args.device)
-    loaded = load_model(args.checkpoint, device)
-    completion = complete(loaded.model, loaded.tokenizer, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                          top_k=args.top_k or None, seed=args.seed,
-                          precision=select_precision(device, "auto"))
+    engine = Engine.from_checkpoint(args.checkpoint, args.device)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                            seed=args.seed)
+    completion = engine.complete(args.prompt, params).text
     print(args.prompt + completion, flush=True)
     return completion
 

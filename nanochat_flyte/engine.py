@@ -1,0 +1,378 @@
+"""The inference engine: the one way every front end generates text (chat CLI, server, sample CLI, the samples
+taken during training, chat evaluation).
+
+A request is a prompt (token ids) and its SamplingParams. The engine prefills each prompt into its own row of a
+KV cache, then decodes the rows together, one token per row per forward pass. Every row has its own length and
+rotary positions (model.KVCache), so a batch of prompts of different lengths computes, row by row, what each
+prompt computes alone. A row stops on its own: at `<|assistant_end|>` or `<|endoftext|>` (the end of the text),
+at a stop string, at max_tokens, or where the model's context is full; the batch then shrinks to the rows that
+go on. Each row samples with its own seeded generator: a request gives the same tokens in any batch.
+
+Text streams out as soon as it is certain: never half a UTF-8 character, never text that may turn out to be the
+start of a stop string (it is held back until the next tokens decide).
+
+    engine = Engine.from_checkpoint("s3://bucket/run/checkpoint")   # base or chat, any fsspec URI
+    for delta in engine.stream(engine.chat_prompt([{"role": "user", "content": "Hi"}]), SamplingParams()):
+        print(delta, end="", flush=True)
+
+A base checkpoint was never taught the chat format: chat_prompt() then falls back to plain completion of the last
+user message (engine.chat_mode says which; front ends say so).
+"""
+
+import codecs
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tiktoken
+import torch
+import torch.nn.functional as F
+
+from nanochat_flyte.checkpoint import load_model
+from nanochat_flyte.conversation import normalize, render_prompt
+from nanochat_flyte.device import Precision, select_device, select_precision
+from nanochat_flyte.model import GPT, KVCache
+from nanochat_flyte.tokenizer import EOT
+
+STOP_TOKENS = ("<|assistant_end|>", EOT)  # the end of the assistant's turn; the end of the text
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int | None = None  # None or 0 = whole vocabulary
+    seed: int = 42
+    stop: tuple[str, ...] = ()  # stop strings, checked on the decoded text
+
+    def validate(self) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens: must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, int | float) or not self.temperature >= 0:  # `not >=` also refuses NaN
+            raise ValueError(f"temperature: must be a number >= 0, got {self.temperature!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            raise ValueError(f"top_k: must be None or an integer >= 0, got {self.top_k!r}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed: must be an integer, got {self.seed!r}")
+        if not all(isinstance(stop, str) and stop for stop in self.stop):
+            raise ValueError(f"stop: must be non-empty strings, got {self.stop!r}")
+
+
+@dataclass
+class Completion:
+    tokens: list[int]  # generated ids, without the stop token (with those that spelled a stop string)
+    text: str  # decoded, cut before a stop string
+    finish_reason: str  # "stop" (assistant_end, eot or a stop string) or "length" (max_tokens or the context)
+
+
+def sample_next_token(logits: torch.Tensor, generator: torch.Generator, temperature: float,
+                      top_k: int | None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    if top_k:
+        kth_largest = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probs = F.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+class TextStream:
+    """Token ids in, text deltas out: only whole UTF-8 characters, and text cut before the first stop string.
+
+    Text that could be the start of a stop string is held back until later tokens rule it in or out. Invalid
+    UTF-8 becomes U+FFFD, as tokenizer.decode() does.
+    """
+
+    def __init__(self, tokenizer: tiktoken.Encoding, stop: tuple[str, ...]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # keeps a partial character back
+        self.text = ""  # all the text decoded so far (cut at a stop string once one is found)
+        self.sent = 0  # characters of text already handed out
+        self.stopped = False  # a stop string was found
+
+    def add(self, token: int) -> str:
+        return self._append(self.utf8.decode(self.tokenizer.decode_single_token_bytes(token)), final=False)
+
+    def close(self) -> str:
+        """The text still held back: the end of the text has come."""
+        return self._append(self.utf8.decode(b"", final=True), final=True)
+
+    def _append(self, piece: str, final: bool) -> str:
+        self.text += piece
+        # Text already sent cannot start a stop string (it was held back while it could), so search after it.
+        found = [at for stop in self.stop if (at := self.text.find(stop, self.sent)) >= 0]
+        if found:
+            self.text, self.stopped, final = self.text[:min(found)], True, True
+        end = len(self.text) if final else len(self.text) - self._maybe_stop_start()
+        delta, self.sent = self.text[self.sent:end], end
+        return delta
+
+    def _maybe_stop_start(self) -> int:
+        """Length of the longest unsent tail of the text that a stop string starts with."""
+        unsent = self.text[self.sent:]
+        for length in range(min(len(unsent), max(map(len, self.stop), default=1) - 1), 0, -1):
+            if any(stop.startswith(unsent[-length:]) for stop in self.stop):
+                return length
+        return 0
+
+
+@dataclass
+class Sequence:
+    """One request being decoded: its prompt, its tokens so far, its text, and how it finished."""
+    prompt: list[int]
+    params: SamplingParams
+    max_new: int  # max_tokens, or fewer where the prompt leaves less room in the model's context
+    stop_ids: frozenset[int]
+    text: TextStream
+    generator: torch.Generator
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    cancelled: bool = False  # set from another thread: the batch drops the sequence before its next step
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.cancelled
+
+    def accept(self, token: int) -> str:
+        """Take the next sampled token; return the text it makes certain (may be empty)."""
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+            return self.text.close()
+        self.tokens.append(token)
+        delta = self.text.add(token)
+        if self.text.stopped:
+            self.finish_reason = "stop"
+        elif len(self.tokens) == self.max_new:
+            self.finish_reason = "length"
+            delta += self.text.close()
+        return delta
+
+    def completion(self) -> Completion:
+        return Completion(list(self.tokens), self.text.text, self.finish_reason)
+
+
+class Batch:
+    """Sequences that decode together through one KV cache of max_len positions per row."""
+
+    def __init__(self, engine: "Engine", max_len: int):
+        self.engine, self.max_len = engine, max_len
+        self.sequences: list[Sequence] = []
+        self.cache: KVCache | None = None
+        self.next_ids: list[int] = []  # each sequence's last token: the input of the next step
+
+    def _logits(self, ids: list[list[int]], cache: KVCache) -> torch.Tensor:
+        """The next-token logits (B, V) after feeding ids (B rows of equal length) into cache."""
+        inputs = torch.tensor(ids, dtype=torch.long, device=self.engine.device)
+        with self.engine.precision.autocast():
+            return self.engine.model(inputs, kv_cache=cache)[:, -1, :]
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
+        if all(sequence.params.temperature == 0 for sequence in sequences):
+            return logits.argmax(dim=-1).tolist()
+        # each row with its own generator and settings: its tokens do not depend on the other rows
+        ids = [sample_next_token(logits[row:row + 1], sequence.generator, sequence.params.temperature,
+                                 sequence.params.top_k) for row, sequence in enumerate(sequences)]
+        return torch.cat(ids).view(-1).tolist()  # one device sync for the whole batch
+
+    @torch.inference_mode()
+    def add(self, sequences: list[Sequence]) -> list[tuple[Sequence, str]]:
+        """Prefill each sequence's prompt in its own cache row, sample its first token, and let it join the batch
+        (unless that token already ends it). Returns (sequence, text delta) for each."""
+        events, joining = [], []
+        for sequence in sequences:
+            cache = KVCache(self.engine.model.config, batch_size=1, max_len=self.max_len)
+            token = self._sample(self._logits([sequence.prompt], cache), [sequence])[0]
+            events.append((sequence, sequence.accept(token)))
+            if not sequence.done:
+                joining.append(cache)
+                self.sequences.append(sequence)
+                self.next_ids.append(token)
+        if joining:
+            self.cache = KVCache.stack(([self.cache] if self.cache is not None else []) + joining)
+        return events
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Sequence, str]]:
+        """One token for every sequence in the batch. Returns (sequence, text delta) for each; finished sequences
+        leave the batch."""
+        self._keep_going()  # cancelled ones leave before the forward pass
+        if not self.sequences:
+            return []
+        logits = self._logits([[token] for token in self.next_ids], self.cache)
+        tokens = self._sample(logits, self.sequences)
+        events = [(sequence, sequence.accept(token)) for sequence, token in zip(self.sequences, tokens)]
+        self.next_ids = tokens
+        self._keep_going()
+        return events
+
+    def _keep_going(self) -> None:
+        going = [row for row, sequence in enumerate(self.sequences) if not sequence.done]
+        if len(going) == len(self.sequences):
+            return
+        self.sequences = [self.sequences[row] for row in going]
+        self.next_ids = [self.next_ids[row] for row in going]
+        if going:
+            self.cache.keep(going)
+        else:
+            self.cache = None  # free the memory while idle
+
+
+class Engine:
+    def __init__(self, model: GPT, tokenizer: tiktoken.Encoding, precision: Precision, phase: str = "base"):
+        self.model, self.tokenizer, self.precision, self.phase = model, tokenizer, precision, phase
+        self.device = model.lm_head.weight.device
+        self.context = model.config.sequence_len  # the longest sequence the model was trained on
+        self.stop_ids = frozenset(tokenizer.encode_single_token(token) for token in STOP_TOKENS
+                                  if token in tokenizer.special_tokens_set)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, device: str = "auto") -> "Engine":
+        """Any checkpoint directory or fsspec URI, base or chat; precision follows the device, as in training."""
+        torch_device = select_device(device)
+        loaded = load_model(checkpoint, torch_device)
+        return cls(loaded.model, loaded.tokenizer, select_precision(torch_device, "auto"), loaded.phase)
+
+    # ------------------------------------------------------------------ prompts
+
+    @property
+    def chat_mode(self) -> bool:
+        """Whether messages are rendered as a conversation (a chat checkpoint) or the last user message is
+        continued as plain text (a base checkpoint: it never saw the chat format)."""
+        return self.phase == "chat"
+
+    def completion_prompt(self, text: str) -> list[int]:
+        # training documents start with <|endoftext|>: with it in front the text reads as the start of a document
+        return [self.tokenizer.eot_token, *self.tokenizer.encode_ordinary(text)]
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """The prompt for the assistant's next reply. Raises ConversationError for messages that break the rules
+        (also in plain completion mode)."""
+        if self.chat_mode:
+            return render_prompt(self.tokenizer, messages)
+        return self.completion_prompt(normalize(messages, ends_with="user")[-1]["content"])
+
+    # ------------------------------------------------------------------ generation
+
+    def sequence(self, prompt: list[int], params: SamplingParams) -> Sequence:
+        """A request checked and ready to decode. ValueError names the problem."""
+        params.validate()
+        if not prompt:
+            raise ValueError("prompt: needs at least one token")
+        if len(prompt) >= self.context:
+            raise ValueError(f"prompt: {len(prompt)} tokens leave no room in the model's context of "
+                             f"{self.context} tokens")
+        if not all(isinstance(token, int) and 0 <= token < self.tokenizer.n_vocab for token in prompt):
+            raise ValueError(f"prompt: token ids must be integers in [0, {self.tokenizer.n_vocab})")
+        return Sequence(prompt=list(prompt), params=params, max_new=min(params.max_tokens, self.context - len(prompt)),
+                        stop_ids=self.stop_ids, text=TextStream(self.tokenizer, tuple(params.stop)),
+                        generator=torch.Generator(device=self.device).manual_seed(params.seed))
+
+    def generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """All prompts decoded together through one batched KV cache, each row stopping on its own; equal to
+        running each prompt alone."""
+        sequences = [self.sequence(prompt, params) for prompt in prompts]
+        if not sequences:
+            return []
+        batch = Batch(self, max_len=max(len(s.prompt) + s.max_new for s in sequences))
+        batch.add(sequences)
+        while batch.sequences:
+            batch.step()
+        return [sequence.completion() for sequence in sequences]
+
+    def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[str]:
+        """Text deltas as they are produced."""
+        return self.decode(self.sequence(prompt, params))
+
+    def decode(self, sequence: Sequence) -> Iterator[str]:
+        """stream() for a Sequence made by sequence(): its completion() tells how it finished."""
+        batch = Batch(self, max_len=len(sequence.prompt) + sequence.max_new)
+        events = batch.add([sequence])
+        while events:
+            yield from (delta for _, delta in events if delta)
+            events = batch.step()
+
+    def complete(self, text: str, params: SamplingParams) -> Completion:
+        """Plain text completion (a base model's job): the continuation of text."""
+        return self.generate_batch([self.completion_prompt(text)], params)[0]
+
+
+class Request:
+    """A sequence submitted to a Scheduler. Its text arrives from the decode thread: take() it after notify()."""
+
+    def __init__(self, sequence: Sequence, notify: Callable[[], None]):
+        self.sequence, self._notify = sequence, notify
+        self._lock = threading.Lock()
+        self._pending: list[str] = []
+        self._finished = False
+        self.error: Exception | None = None  # set when decoding failed (the request is then finished)
+
+    def deliver(self, delta: str, finished: bool, error: Exception | None = None) -> None:
+        with self._lock:
+            self._pending.append(delta)
+            self._finished = finished
+            self.error = error
+        self._notify()
+
+    def take(self) -> tuple[str, bool]:
+        """The text that came since the last take, and whether the request is finished."""
+        with self._lock:
+            text, self._pending = "".join(self._pending), []
+            return text, self._finished
+
+    def cancel(self) -> None:
+        """Stop decoding it (the client went away): its row leaves the batch before the next step."""
+        self.sequence.cancelled = True
+
+
+class Scheduler:
+    """Concurrent requests decoded in one batch by one thread (the server's): a request joins the running batch
+    between two steps, and leaves it when it finishes or is cancelled. Torch code never runs on the caller's
+    thread, so an event loop that submits requests stays responsive."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._waiting: list[Request] = []
+        self._wake = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="nanochat-decode", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt: list[int], params: SamplingParams, notify: Callable[[], None]) -> Request:
+        """Queue a request (ValueError if it is invalid). notify() is called from the decode thread whenever
+        new text or the end is ready."""
+        request = Request(self.engine.sequence(prompt, params), notify)
+        with self._wake:
+            self._waiting.append(request)
+            self._wake.notify()
+        return request
+
+    def _run(self) -> None:
+        batch = Batch(self.engine, max_len=self.engine.context)
+        requests: dict[int, Request] = {}  # by id() of their sequence
+        while True:
+            with self._wake:
+                while not self._waiting and not batch.sequences:
+                    self._wake.wait()
+                joining, self._waiting = self._waiting, []
+            try:
+                joining = [request for request in joining if not request.sequence.cancelled]
+                requests.update((id(request.sequence), request) for request in joining)
+                self._deliver(batch.add([request.sequence for request in joining]), requests)
+                self._deliver(batch.step(), requests)
+            except Exception as error:  # e.g. out of memory: fail the requests in flight, keep serving
+                for request in requests.values():
+                    request.deliver("", finished=True, error=error)
+                requests.clear()
+                batch = Batch(self.engine, max_len=self.engine.context)
+            for key in [key for key, request in requests.items() if request.sequence.cancelled]:
+                del requests[key]
+
+    @staticmethod
+    def _deliver(events: list[tuple[Sequence, str]], requests: dict[int, Request]) -> None:
+        for sequence, delta in events:
+            if sequence.done:
+                requests.pop(id(sequence)).deliver(delta, finished=True)
+            elif delta:
+                requests[id(sequence)].deliver(delta, finished=False)

@@ -1,0 +1,257 @@
+"""The inference engine: KV-cache decoding equals full recomputation, batched rows equal the same requests alone
+(also when they join a running batch), stop tokens, stop strings, UTF-8 and context limits.
+
+Two kinds of tiny models, both with the real GPT-2 tokenizer:
+- a randomized GPT, whose every prediction depends on the whole context (for the cache and batching checks);
+- a scripted GPT whose blocks are the identity (zero output projections, as init_weights leaves them), so that each
+  prediction depends only on the last token: a chosen token -> next token table, to spell out exact texts.
+"""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from nanochat_flyte.conversation import ConversationError, render_prompt
+from nanochat_flyte.device import select_precision
+from nanochat_flyte.engine import Engine, SamplingParams, Scheduler, TextStream
+from nanochat_flyte.model import GPT, GPTConfig
+from nanochat_flyte.tokenizer import gpt2_tokenizer
+
+TOKENIZER = gpt2_tokenizer()
+CPU = select_precision(torch.device("cpu"))
+ASSISTANT_END = TOKENIZER.encode_single_token("<|assistant_end|>")
+EOT = TOKENIZER.eot_token
+
+
+def randomized_engine(context: int = 48, seed: int = 0, phase: str = "base") -> Engine:
+    torch.manual_seed(seed)
+    config = GPTConfig(sequence_len=context, vocab_size=TOKENIZER.n_vocab, n_layer=2, n_head=2, n_kv_head=1,
+                       n_embd=32)  # grouped-query attention, as bigger configs may use
+    model = GPT(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.3)  # fresh models predict uniformly (zero head); make predictions vary
+    return Engine(model.eval(), TOKENIZER, CPU, phase)
+
+
+def scripted_engine(next_token: dict[int, int], context: int = 64) -> Engine:
+    """A GPT that answers token a with next_token[a] (and token 0, "!", after any other token)."""
+    config = GPTConfig(sequence_len=context, vocab_size=TOKENIZER.n_vocab, n_layer=1, n_head=1, n_kv_head=1,
+                       n_embd=64)
+    assert len(next_token) <= config.n_embd
+    model = GPT(config)
+    model.init_weights()  # zero attention and MLP output projections: x = norm(embedding of the last token)
+    with torch.no_grad():
+        model.transformer.wte.weight.zero_()
+        for slot, (token, following) in enumerate(next_token.items()):
+            model.transformer.wte.weight[token, slot] = 1.0  # token -> its own direction
+            model.lm_head.weight[following, slot] = 1.0  # that direction -> a high logit for the next token
+    return Engine(model.eval(), TOKENIZER, CPU, "chat")
+
+
+def chain(*tokens: int) -> dict[int, int]:
+    return dict(zip(tokens, tokens[1:]))
+
+
+def recompute_greedy(engine: Engine, prompt: list[int], steps: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(engine.model(torch.tensor([ids]))[0, -1].argmax().item())
+    return ids[len(prompt):]
+
+
+def tokens_of(text: str) -> list[int]:
+    return TOKENIZER.encode_ordinary(text)
+
+
+# ---------------------------------------------------------------------------- the KV cache and batching
+
+
+def test_kv_cache_stream_equals_greedy_decoding_without_cache():
+    engine = randomized_engine()
+    prompt = [EOT, *tokens_of("The cat sees")]
+    sequence = engine.sequence(prompt, SamplingParams(max_tokens=16))
+    text = "".join(engine.decode(sequence))
+    assert sequence.tokens == recompute_greedy(engine, prompt, 16)
+    assert len(set(sequence.tokens)) > 4  # the randomized model does not just repeat one token
+    assert text == TOKENIZER.decode(sequence.tokens) == engine.generate_batch([prompt], SamplingParams(16))[0].text
+    assert sequence.completion().finish_reason == "length"
+
+
+@pytest.mark.parametrize("params", [SamplingParams(max_tokens=24), SamplingParams(max_tokens=24, temperature=1.0),
+                                    SamplingParams(max_tokens=24, temperature=0.8, top_k=20, seed=3)],
+                         ids=["greedy", "temperature", "top-k"])
+def test_batched_rows_give_the_tokens_of_each_request_alone(params):
+    engine = randomized_engine(context=32)
+    # 3 to 20 tokens: each row has its own positions; the context (32) leaves them 24, 24, 20, 12 new tokens, so
+    # rows finish at different steps and the batch shrinks under the others
+    prompts = [tokens_of(text)[:length] for text, length in
+               [("A teacher builds the long road.", 3), ("My neighbour paints three red apples today.", 7),
+                ("Every student remembers the map near the sea, and the old machine follows the river", 12),
+                ("The city carries a quiet song with great care. " * 4, 20)]]
+    batched = engine.generate_batch(prompts, params)
+    alone = [engine.generate_batch([prompt], params)[0] for prompt in prompts]
+    assert [len(c.tokens) for c in batched] == [24, 24, 20, 12]
+    assert batched == alone
+    if params.temperature == 0:
+        assert [c.tokens for c in batched] == [recompute_greedy(engine, p, len(c.tokens))
+                                               for p, c in zip(prompts, batched)]
+    assert len({tuple(c.tokens) for c in batched}) == 4  # four different answers: none took another row's tokens
+
+
+def test_seeded_sampling_is_reproducible():
+    engine = randomized_engine()
+
+    def sample(seed: int, top_k: int | None) -> list[int]:
+        params = SamplingParams(max_tokens=12, temperature=1.0, top_k=top_k, seed=seed)
+        return engine.generate_batch([[1, 2]], params)[0].tokens
+
+    assert sample(7, None) == sample(7, None)
+    assert sample(7, 5) == sample(7, 5)
+    assert sample(7, None) != sample(8, None)
+    greedy = engine.generate_batch([[1, 2]], SamplingParams(max_tokens=12))[0].tokens
+    assert sample(7, 1) == sample(8, 1) == greedy  # top_k 1 leaves only the argmax
+
+
+def test_scheduler_requests_joining_a_running_batch_match_requests_alone():
+    engine = randomized_engine(context=64)
+    scheduler = Scheduler(engine)
+    prompts = [tokens_of(text) for text in ("The river explains", "A quiet song", "Three red apples near the sea",
+                                            "The old machine", "My neighbour sees the bright moon")]
+    params = [SamplingParams(max_tokens=30 + 3 * i, temperature=0.7 * (i % 2), seed=i) for i in range(len(prompts))]
+    requests, texts = [], [""] * len(prompts)
+    events = [threading.Event() for _ in prompts]
+    for index, (prompt, param) in enumerate(zip(prompts, params)):
+        requests.append(scheduler.submit(prompt, param, events[index].set))
+        if index == 2:  # the first ones are decoding by now: the next join a running batch
+            events[0].wait(30)
+    for index, request in enumerate(requests):
+        finished = False
+        while not finished:
+            assert events[index].wait(60), "no progress from the decode thread"
+            events[index].clear()
+            text, finished = request.take()
+            texts[index] += text
+        assert request.error is None
+    for prompt, param, request, text in zip(prompts, params, requests, texts):
+        alone = engine.generate_batch([prompt], param)[0]
+        assert request.sequence.completion() == alone
+        assert text == alone.text
+
+
+def test_a_cancelled_request_leaves_the_batch_and_the_others_go_on():
+    engine = randomized_engine(context=256)
+    scheduler = Scheduler(engine)
+    progress, done = threading.Event(), threading.Event()
+    cancelled = scheduler.submit(tokens_of("The cat"), SamplingParams(max_tokens=250), progress.set)
+    kept = scheduler.submit(tokens_of("The river"), SamplingParams(max_tokens=40), done.set)
+    assert progress.wait(30)
+    cancelled.cancel()
+    while not kept.take()[1]:
+        assert done.wait(60)
+        done.clear()
+    assert kept.sequence.completion() == engine.generate_batch([tokens_of("The river")], SamplingParams(40))[0]
+    decoded = len(cancelled.sequence.tokens)
+    time.sleep(0.2)
+    assert len(cancelled.sequence.tokens) == decoded < 250 and cancelled.sequence.finish_reason is None
+
+
+# ---------------------------------------------------------------------------- stop conditions and text
+
+
+def test_stops_at_assistant_end_and_at_the_end_of_the_text():
+    hello, world, comma, there, moon = (tokens_of(word)[0] for word in (" Hello", " world", ",", " there", " moon"))
+    engine = scripted_engine({**chain(hello, world, comma, ASSISTANT_END), **chain(EOT, there, moon, EOT)})
+    completion = engine.generate_batch([[EOT, hello]], SamplingParams(max_tokens=10))[0]
+    assert (completion.tokens, completion.text, completion.finish_reason) == ([world, comma], " world,", "stop")
+    # both prompts in one batch: each row stops on its own step
+    first, second = engine.generate_batch([[hello], [EOT]], SamplingParams(max_tokens=10))
+    assert (second.tokens, second.text, second.finish_reason) == ([there, moon], " there moon", "stop")
+    assert first == completion
+    assert engine.generate_batch([[hello]], SamplingParams(max_tokens=1))[0].finish_reason == "length"
+
+
+def test_stop_strings_cut_the_text_and_hold_back_what_may_start_one():
+    words = [tokens_of(word)[0] for word in (" Hello", " world", ",", " Bob", " and", " the", " moon")]
+    engine = scripted_engine(chain(*words, ASSISTANT_END))
+    prompt = [words[0]]
+    # " world" could be the start of " world!": held back until "," rules it out
+    deltas = list(engine.stream(prompt, SamplingParams(max_tokens=20, stop=(" world!", "the m"))))
+    assert deltas == [" world,", " Bob", " and", " "]
+    assert "".join(deltas) == " world, Bob and "
+    completion = engine.generate_batch([prompt], SamplingParams(max_tokens=20, stop=(" world!", "the m")))[0]
+    assert (completion.text, completion.finish_reason) == (" world, Bob and ", "stop")
+    assert completion.tokens == words[1:7]  # " the" and " moon" spelled the stop string: theirs, not their text
+    stopped = engine.generate_batch([prompt], SamplingParams(max_tokens=20, stop=("Bob",)))[0]
+    assert (stopped.text, stopped.tokens, stopped.finish_reason) == (" world, ", words[1:4], "stop")
+    # held-back text is let out when the sequence ends another way
+    ended = list(engine.stream(prompt, SamplingParams(max_tokens=20, stop=(" moon!",))))
+    assert "".join(ended) == " world, Bob and the moon" and ended[-1] == " moon"
+
+
+def test_streaming_never_splits_a_utf8_character():
+    smile = tokens_of("🙂")  # one character, two byte-level tokens
+    assert len(smile) == 2
+    hello, world = tokens_of(" Hello")[0], tokens_of(" world")[0]
+    engine = scripted_engine(chain(hello, *smile, world, ASSISTANT_END))
+    deltas = list(engine.stream([EOT, hello], SamplingParams(max_tokens=10)))
+    assert deltas == ["🙂", " world"]
+    # cut after the first byte-level token: the incomplete character becomes U+FFFD, as tokenizer.decode does
+    cut = engine.generate_batch([[EOT, hello]], SamplingParams(max_tokens=1))[0]
+    assert cut.text == TOKENIZER.decode(smile[:1]) == "\ufffd"
+
+
+def test_text_stream_with_overlapping_stop_strings():
+    stream = TextStream(TOKENIZER, ("ab", "abc", "xyz"))
+    deltas = [stream._append(piece, final=False) for piece in ("1a", "x", "y", "2a")]
+    assert deltas == ["1", "a", "", "xy2"]  # "a" may start "ab", "x" and "xy" may start "xyz"
+    assert stream._append("b", final=False) == "" and stream.stopped and stream.text == "1axy2"
+
+
+def test_the_context_limits_the_new_tokens():
+    engine = randomized_engine(context=16)
+    completion = engine.generate_batch([list(range(10))], SamplingParams(max_tokens=100))[0]
+    assert (len(completion.tokens), completion.finish_reason) == (6, "length")  # 10 + 6 = the context of 16
+    with pytest.raises(ValueError, match="prompt: 16 tokens leave no room in the model's context of 16"):
+        engine.generate_batch([list(range(16))], SamplingParams())
+
+
+@pytest.mark.parametrize("params, field", [(SamplingParams(max_tokens=0), "max_tokens"),
+                                           (SamplingParams(temperature=-1), "temperature"),
+                                           (SamplingParams(temperature=float("nan")), "temperature"),
+                                           (SamplingParams(top_k=-2), "top_k"),
+                                           (SamplingParams(stop=("",)), "stop")])
+def test_bad_sampling_params_name_the_field(params, field):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        randomized_engine().stream([1, 2], params)
+
+
+def test_bad_prompts_are_refused():
+    engine = randomized_engine()
+    with pytest.raises(ValueError, match="prompt: needs at least one token"):
+        engine.generate_batch([[]], SamplingParams())
+    with pytest.raises(ValueError, match="prompt: token ids"):
+        engine.generate_batch([[TOKENIZER.n_vocab]], SamplingParams())
+
+
+# ---------------------------------------------------------------------------- prompts
+
+
+def test_chat_prompt_renders_the_conversation_for_a_chat_model():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a colour."}]
+    engine = randomized_engine(phase="chat")
+    assert engine.chat_mode and engine.chat_prompt(messages) == render_prompt(TOKENIZER, messages)
+
+
+def test_a_base_model_continues_the_last_user_message_as_plain_text():
+    engine = randomized_engine(phase="base")
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "The capital of France is"}]
+    assert not engine.chat_mode
+    assert engine.chat_prompt(messages) == [EOT, *tokens_of("The capital of France is")]
+    with pytest.raises(ConversationError, match=r"messages\[1\].role"):  # the rules hold in both modes
+        engine.chat_prompt([messages[0], messages[0]])
