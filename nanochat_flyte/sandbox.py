@@ -22,7 +22,7 @@ before it runs a line of the code:
 
 Namespaces and seccomp need Linux. unshare(CLONE_NEWNET) needs CAP_SYS_ADMIN (root in a VM or a privileged
 container) or unprivileged user namespaces; seccomp filters need neither, only a kernel and container runtime
-that allow seccomp(2) (Docker's and Kubernetes' default profiles do). sandbox_available() runs a probe: the
+that allow seccomp(2) (Docker's default profile does). sandbox_available() runs a probe: the
 code must fail to connect to a socket this process listens on at 127.0.0.1.
 The filesystem is not isolated: the code runs as the evaluating user and can read (and, but for the Python layer,
 write) what that user can.
@@ -261,16 +261,20 @@ class SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(SockFilter))]
 
 
-def install_seccomp_filter() -> str:
-    machine = platform.machine()
-    if machine not in SYSCALLS:
-        raise OSError(errno.ENOSYS, f"no seccomp filter written for {machine}")
-    program = seccomp_program(machine)
+def install_filter(program: list[tuple[int, int, int, int]]) -> None:
+    """Apply a seccomp-BPF program to this process and everything it will start."""
     instructions = (SockFilter * len(program))(*(SockFilter(*instruction) for instruction in program))
     # no_new_privs: required to install a filter without CAP_SYS_ADMIN; also, no setuid binary gains privileges
     check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
     check(libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(SockFprog(len(program), instructions)), 0, 0),
           "prctl(PR_SET_SECCOMP)")
+
+
+def install_seccomp_filter() -> str:
+    machine = platform.machine()
+    if machine not in SYSCALLS:
+        raise OSError(errno.ENOSYS, f"seccomp: no filter written for {machine}")
+    install_filter(seccomp_program(machine))
     return "seccomp"
 
 

@@ -112,6 +112,32 @@ def test_the_seccomp_filter_alone_refuses_sockets_and_processes_but_not_threads(
                                           "thread ran"]
 
 
+REFUSE_CALLS = """
+    import errno, platform
+    from nanochat_flyte import sandbox as s
+    numbers = {{"x86_64": {{"unshare": 272, "prctl": 157}}, "aarch64": {{"unshare": 97, "prctl": 167}}}}[platform.machine()]
+    program = [(s.LOAD, 0, 0, s.ARCH_OFFSET), (s.JEQ, 1, 0, s.SYSCALLS[platform.machine()]["arch"]),
+               (s.RET, 0, 0, s.KILL_PROCESS), (s.LOAD, 0, 0, s.NR_OFFSET)]
+    for name in {refused}:  # as a container runtime's profile would: EPERM
+        program += [(s.JEQ, 0, 1, numbers[name]), (s.RET, 0, 0, s.ERRNO | errno.EPERM)]
+    s.install_filter(program + [(s.RET, 0, 0, s.ALLOW)])  # inherited by the sandbox's process
+    print(s.sandbox_available())
+"""
+
+
+@pytest.mark.parametrize("refused, available", [
+    (["unshare"], "(True, 'seccomp')"),  # a container without namespaces: the filter alone holds the network
+    (["prctl"], "(True, 'user+network namespace')"),  # no seccomp filter: the namespace alone
+    (["unshare", "prctl"], "(False, 'no kernel barrier to the network here: unshare: Operation not permitted "
+                           "(user+network), Operation not permitted (network); prctl(PR_SET_NO_NEW_PRIVS): "
+                           "Operation not permitted')"),
+])
+def test_each_layer_alone_is_enough_and_without_both_the_code_does_not_run(refused, available):
+    result = run_layer(REFUSE_CALLS.format(refused=refused))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == available
+
+
 def test_the_seccomp_program_jumps_stay_inside_it():
     for machine in ("x86_64", "aarch64"):
         program = seccomp_program(machine)
