@@ -115,7 +115,8 @@ def test_the_seccomp_filter_alone_refuses_sockets_and_processes_but_not_threads(
 REFUSE_CALLS = """
     import errno, platform
     from nanochat_flyte import sandbox as s
-    numbers = {{"x86_64": {{"unshare": 272, "prctl": 157}}, "aarch64": {{"unshare": 97, "prctl": 167}}}}[platform.machine()]
+    numbers = {{"x86_64": {{"unshare": 272, "prctl": 157}},
+               "aarch64": {{"unshare": 97, "prctl": 167}}}}[platform.machine()]
     program = [(s.LOAD, 0, 0, s.ARCH_OFFSET), (s.JEQ, 1, 0, s.SYSCALLS[platform.machine()]["arch"]),
                (s.RET, 0, 0, s.KILL_PROCESS), (s.LOAD, 0, 0, s.NR_OFFSET)]
     for name in {refused}:  # as a container runtime's profile would: EPERM
