@@ -178,15 +178,16 @@ EVAL_SOURCES = {
 assert tuple(EVAL_SOURCES) == CHAT_EVAL_TASKS, "config.CHAT_EVAL_TASKS names the tasks this module provides"
 
 
-def convert_split(source: Source, endpoint: str = "", cache_dir: Path | None = None) -> tuple[list[str], dict]:
+def convert_split(source: Source, endpoint: str = "", cache_dir: Path | None = None) -> tuple[list[bytes], dict]:
     """Download the source's split (cached) and convert every row: (one JSON line per good row, the record for a
-    manifest: where the rows came from, how many there were and how many were skipped, and why)."""
+    manifest: where the rows came from, how many there were and how many were skipped, and why). The lines are
+    UTF-8 bytes: half the memory of str for text with a single character beyond Latin-1 (SmolTalk's ~1.9 GB)."""
     paths = download_split(source.repo, source.subset, source.split, endpoint, cache_dir, source.columns)
     lines, skipped, rows = [], Counter(), 0
     for index, row in enumerate(iter_rows(paths, source.columns)):
         rows += 1
         try:
-            lines.append(json.dumps(source.convert(row, index), ensure_ascii=False))
+            lines.append(json.dumps(source.convert(row, index), ensure_ascii=False).encode() + b"\n")
         except BadRow as e:
             skipped[str(e)] += 1
     record = {"repo": source.repo, "subset": source.subset, "split": source.split, "rows": rows,
@@ -215,9 +216,6 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def jsonl(lines: list[str]):
-    return (line + "\n" for line in lines)
-
 # ----------------------------------------------------------------------------- preparing the data
 
 
@@ -234,7 +232,7 @@ def prepare_sft_data(config: ChatConfig, out_dir: Path, cache_dir: Path | None =
     config.validate()
     endpoint = hub_endpoint(config.hf_endpoint)
     out_dir = Path(out_dir)
-    mixture: list[tuple[str, str]] = []  # (source name, JSON line)
+    mixture: list[tuple[str, bytes]] = []  # (source name, JSON line)
     sources = {}
     for name, (source, epochs_field) in SFT_SOURCES.items():
         epochs = getattr(config, epochs_field)
@@ -259,12 +257,12 @@ def prepare_sft_data(config: ChatConfig, out_dir: Path, cache_dir: Path | None =
     val_lines = random.Random(f"{config.seed}/val").sample(val_lines, min(config.val_conversations, len(val_lines)))
     val["conversations"] = len(val_lines)
 
-    write_atomically(out_dir / "train.jsonl", jsonl([line for _, line in mixture]))
-    write_atomically(out_dir / "val.jsonl", jsonl(val_lines))
+    write_atomically(out_dir / "train.jsonl", (line for _, line in mixture))
+    write_atomically(out_dir / "val.jsonl", val_lines)
     manifest = {"endpoint": endpoint, "seed": config.seed, "max_conversations": config.max_conversations,
                 "sources": sources, "val": val, "train_conversations": len(mixture),
                 "val_conversations": len(val_lines)}
-    write_atomically(out_dir / "manifest.json", [json.dumps(manifest, indent=1)])
+    write_atomically(out_dir / "manifest.json", [json.dumps(manifest, indent=1).encode()])
     print(f"chat data: {len(mixture):,} training and {len(val_lines):,} validation conversations in {out_dir}",
           flush=True)
     return manifest
@@ -279,11 +277,11 @@ def prepare_eval_data(tasks: list[str], out_dir: Path, endpoint: str = "", cache
     records = {}
     for task in tasks:
         lines, record = convert_split(EVAL_SOURCES[task], endpoint, cache_dir)
-        write_atomically(out_dir / f"{task}.jsonl", jsonl(lines))
+        write_atomically(out_dir / f"{task}.jsonl", lines)
         records[task] = record | {"items": len(lines), "file": f"{task}.jsonl"}
         print(f"chat data: {task}: {len(lines):,} items ({record['skipped']:,} rows skipped)", flush=True)
     manifest = {"endpoint": endpoint, "tasks": records}
-    write_atomically(out_dir / "manifest.json", [json.dumps(manifest, indent=1)])
+    write_atomically(out_dir / "manifest.json", [json.dumps(manifest, indent=1).encode()])
     return manifest
 
 

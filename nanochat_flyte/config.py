@@ -87,8 +87,14 @@ class StrictConfig:
     @classmethod
     def from_json(cls, text: str):
         """What `pyflyte run --config` builds the input with: inline JSON, or a YAML/JSON file flytekit has read.
-        Validated here too, so that a bad value stops the command before anything runs."""
-        return cls.from_mapping(json.loads(text)).validate()
+        Validated here too, so that a bad value stops the command before anything runs, as one line: click's
+        BadParameter (pyflyte's CLI toolkit) prints its message; any other exception prints a traceback."""
+        try:
+            return cls.from_mapping(json.loads(text)).validate()
+        except ConfigError as error:
+            import click
+
+            raise click.BadParameter(str(error)) from error
 
     @classmethod
     def from_file(cls, path: str | Path):
@@ -184,6 +190,9 @@ class RunConfig(StrictConfig):
     wandb_project: str = "nanochat"
     wandb_entity: str = ""
     wandb_mode: str = "auto"  # auto: online when a W&B key is present, offline otherwise
+
+    # --- where the checkpoint is kept ---
+    save_to: str = ""  # a directory or fsspec URI that gets a copy of the checkpoint at every save; empty: none
 
     # ------------------------------------------------------------------ derived values
 
@@ -305,10 +314,11 @@ class ChatConfig(StrictConfig):
     eval_max_tokens: int = 256  # generation budget per GSM8K / HumanEval answer
     humaneval: str = "auto"  # runs model-written code in a sandbox; auto: only where the sandbox works here
 
-    # --- tracking ---
+    # --- tracking, and where the chat checkpoint is kept ---
     wandb_project: str = "nanochat"
     wandb_entity: str = ""
     wandb_mode: str = "auto"
+    save_to: str = ""  # a directory or fsspec URI that gets a copy of the chat checkpoint at every save
 
     @property
     def eval_task_list(self) -> list[str]:

@@ -29,6 +29,7 @@ from nanochat_flyte.download import DEFAULT_RETRY, CorruptFile, DownloadError, R
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DOWNLOAD_WORKERS = 4  # parquet files of one split fetched at once (SmolTalk's train split has a few)
 LISTING_FILE = "listing.json"
+ROWS_PER_BATCH = 1024  # rows turned into Python objects at once: a few MB, where a whole file would be GBs
 
 
 def hub_endpoint(explicit: str = "") -> str:
@@ -85,12 +86,12 @@ def cached_listing(directory: Path, url: str) -> list[str] | None:
     return record["urls"] if record.get("listing_url") == url else None
 
 
-def write_atomically(path: Path, chunks: Iterable[str]) -> None:
+def write_atomically(path: Path, chunks: Iterable[bytes]) -> None:
     """Write the whole file or nothing (a temp file renamed into place): a killed process never leaves a half
     file that looks whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as f:
+    with open(temporary, "wb") as f:
         f.writelines(chunks)
     os.replace(temporary, path)
 
@@ -105,7 +106,7 @@ def download_split(repo: str, subset: str, split: str, endpoint: str = "", cache
     if urls is None:
         urls = parquet_urls(repo, subset, split, endpoint, retry)
         # recorded before the files: a relaunch after a failed file resumes the same listing, asking nothing
-        write_atomically(directory / LISTING_FILE, [json.dumps({"listing_url": url, "urls": urls}, indent=1)])
+        write_atomically(directory / LISTING_FILE, [json.dumps({"listing_url": url, "urls": urls}, indent=1).encode()])
     verify = parquet_verifier(columns)
 
     def fetch(index: int) -> Path:
@@ -131,10 +132,10 @@ def file_records(paths: list[Path]) -> list[dict]:
 
 
 def iter_rows(paths: list[Path], columns: tuple[str, ...]) -> Iterator[dict]:
-    """The rows of the files in order, as dicts of `columns`, one record batch in memory at a time."""
+    """The rows of the files in order, as dicts of `columns`, a batch of rows in memory at a time."""
     for path in paths:
         with pq.ParquetFile(path) as parquet:
-            for batch in parquet.iter_batches(columns=list(columns)):
+            for batch in parquet.iter_batches(ROWS_PER_BATCH, columns=list(columns)):
                 yield from batch.to_pylist()
 
 

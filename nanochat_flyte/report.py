@@ -48,8 +48,15 @@ def format_duration(seconds: float | None) -> str:
 
 
 def markdown_text(text: str) -> str:
-    """Model output as Markdown text: on one line (a newline would end the list item), HTML shown, not run."""
-    return html.escape(text.replace("\n", " "), quote=False)
+    """Text as Markdown shows it: HTML shown, not run."""
+    return html.escape(text, quote=False)
+
+
+def markdown_sample(prompt: str, completion: str) -> str:
+    """A sample as a block quote: the prompt in bold, then the completion with its own line breaks (a blank line
+    stays a quoted blank line, so a completion that starts with newlines is not mistaken for an empty one)."""
+    lines = f"**{markdown_text(prompt.strip())}** {markdown_text(completion)}".split("\n")
+    return "\n".join(f"> {line.rstrip()}  " if line.strip() else ">" for line in lines)  # two spaces: a line break
 
 
 def as_written(values: dict[str, Any]) -> dict[str, str]:
@@ -69,34 +76,42 @@ def series(metrics: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [row["step"] for row in rows], [row[key] for row in rows]
 
 
+VALIDATION_METRICS = {"val/bpb": ("Validation bits per byte", "bpb"),  # pretraining
+                      "val/loss": ("Validation loss (assistant tokens)", "cross-entropy (nats)")}  # fine-tuning
+
+
 def loss_figure(metrics: list[dict]) -> Figure | None:
-    """Training loss (raw and smoothed) and validation bits per byte against the step."""
-    if not any("train/loss" in row or "val/bpb" in row for row in metrics):
+    """Training loss (raw and smoothed) and the validation metric against the step."""
+    if not any("train/loss" in row or any(key in row for key in VALIDATION_METRICS) for row in metrics):
         return None
     figure = Figure(figsize=FIGURE_SIZE, dpi=DPI, layout="tight")
-    loss_axes, bpb_axes = figure.subplots(1, 2)
+    loss_axes, val_axes = figure.subplots(1, 2)
     loss_axes.plot(*series(metrics, "train/loss"), alpha=0.3, label="loss")
     loss_axes.plot(*series(metrics, "train/loss_smooth"), label="loss (smoothed)")
     loss_axes.set(title="Training loss", xlabel="step", ylabel="cross-entropy (nats)")
     loss_axes.legend()
-    bpb_axes.plot(*series(metrics, "val/bpb"), marker="o", color="tab:green")
-    bpb_axes.set(title="Validation bits per byte", xlabel="step", ylabel="bpb")
-    for axes in (loss_axes, bpb_axes):
+    key = next((key for key in VALIDATION_METRICS if any(key in row for row in metrics)), "val/bpb")
+    title, label = VALIDATION_METRICS[key]
+    val_axes.plot(*series(metrics, key), marker="o", color="tab:green")
+    val_axes.set(title=title, xlabel="step", ylabel=label)
+    for axes in (loss_axes, val_axes):
         axes.grid(alpha=0.3)
     return figure
 
 
 def throughput_figure(metrics: list[dict]) -> Figure | None:
-    """Tokens per second and model FLOPs utilisation against the step."""
+    """Tokens per second, and model FLOPs utilisation where it is known (not on a CPU), against the step."""
     if not any("train/tok_per_sec" in row for row in metrics):
         return None
-    figure = Figure(figsize=FIGURE_SIZE, dpi=DPI, layout="tight")
-    speed_axes, mfu_axes = figure.subplots(1, 2)
+    has_mfu = any(row.get("train/mfu") is not None for row in metrics)
+    figure = Figure(figsize=FIGURE_SIZE if has_mfu else (FIGURE_SIZE[0] / 2, FIGURE_SIZE[1]), dpi=DPI, layout="tight")
+    speed_axes, *mfu_axes = figure.subplots(1, 2) if has_mfu else [figure.subplots(1, 1)]
     speed_axes.plot(*series(metrics, "train/tok_per_sec"))
     speed_axes.set(title="Throughput", xlabel="step", ylabel="tokens / s")
-    mfu_axes.plot(*series(metrics, "train/mfu"), color="tab:orange")
-    mfu_axes.set(title="Model FLOPs utilisation", xlabel="step", ylabel="MFU (%)")
-    for axes in (speed_axes, mfu_axes):
+    for axes in mfu_axes:
+        axes.plot(*series(metrics, "train/mfu"), color="tab:orange")
+        axes.set(title="Model FLOPs utilisation", xlabel="step", ylabel="MFU (%)")
+    for axes in (speed_axes, *mfu_axes):
         axes.grid(alpha=0.3)
     return figure
 
@@ -130,8 +145,8 @@ def headline_numbers(out_dir: Path, summary: dict) -> dict[str, str]:
         "wall time": format_duration(summary.get("total_time_s")),
         "average tokens / s": format_value(summary.get("avg_tok_per_sec")),
         "average MFU (%)": format_value(summary.get("avg_mfu")),
-        "min validation bpb": format_value(summary.get("min_validation_bpb")),
-        "final validation bpb": format_value(summary.get("final_validation_bpb")),
+        **{f"{kind} validation {metric}": format_value(summary[f"{kind}_validation_{metric}"])
+           for metric in ("bpb", "loss") for kind in ("min", "final") if f"{kind}_validation_{metric}" in summary},
         "W&B run": summary.get("wandb_url") or "none online (offline runs are under wandb/)",
     }
 
@@ -166,7 +181,7 @@ def write_report(out_dir: Path, config, env_report: dict | None, summary: dict) 
     if samples:
         last_step = max(sample["step"] for sample in samples)
         sections.append(f"## Samples at step {last_step}")
-        sections += [f"- **{markdown_text(sample['prompt'])}**{markdown_text(sample['completion'])}"
+        sections += [markdown_sample(sample["prompt"], sample["completion"])
                      for sample in samples if sample["step"] == last_step]
     sections += ["## Configuration", markdown_table(as_written(settings), ("field", "value"))]
     if env_report:

@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import fsspec
+
 WORKFLOW_NAME = "nanochat_full_training"
 
 
@@ -24,6 +26,14 @@ def aggregate_results(config_dict: dict, environment: dict, manifest: dict, trai
     }
 
 
-def write_results(results: dict, path: Path) -> Path:
-    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    return path
+RESULTS_FILE = "results.json"
+
+
+def write_results(results: dict, directory: str | Path) -> str:
+    """results.json in a directory or under any fsspec URI (s3://...); returns where it went."""
+    target = f"{str(directory).rstrip('/')}/{RESULTS_FILE}"
+    filesystem, path = fsspec.core.url_to_fs(target)
+    filesystem.makedirs(filesystem._parent(path), exist_ok=True)
+    with filesystem.open(path, "w") as file:
+        file.write(json.dumps(results, indent=2, default=str) + "\n")
+    return target

@@ -285,7 +285,7 @@ def test_bad_config_fails_before_any_download(hub_server, tmp_path):
 
 def test_an_interrupted_write_leaves_no_file_that_looks_whole(tmp_path):
     def lines():
-        yield "one\n"
+        yield b"one\n"
         raise KeyboardInterrupt  # the task is killed mid-write
 
     with pytest.raises(KeyboardInterrupt):

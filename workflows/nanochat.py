@@ -13,21 +13,25 @@ import shutil
 from pathlib import Path
 from typing import NamedTuple
 
+import click
 import requests
-from flytekit import Cache, Deck, Resources, Secret, current_context, map_task, task, workflow
+from flytekit import Cache, Deck, FlyteContextManager, Resources, Secret, current_context, map_task, task, workflow
 from flytekit.configuration.plugin import get_plugin
 from flytekit.core.utils import ClassDecorator
 from flytekit.exceptions.user import FlyteRecoverableException
 from flytekit.extras.accelerators import T4
 from flytekit.types.directory import FlyteDirectory
 
+from nanochat_flyte.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, fetch_checkpoint
+from nanochat_flyte.cli import USER_ERRORS
 from nanochat_flyte.config import RunConfig
 from nanochat_flyte.download import check_data_url
 from nanochat_flyte.environment import environment_report, format_report
 from nanochat_flyte.prepare import ShardJob, build_tokenizer, merge_prepared, plan_jobs, prepare_shard
 from nanochat_flyte.report import data_deck_html, environment_deck_html, training_deck_html
 from nanochat_flyte.results import aggregate_results as combine_results
-from nanochat_flyte.train import distributed_env, train
+from nanochat_flyte.results import write_results
+from nanochat_flyte.train import check_resume, distributed_env, train
 from workflows.image import IMAGE
 
 # Bump when the token files' format or contents change: cached shards from older versions are then ignored.
@@ -70,6 +74,28 @@ class wandb_console_link(ClassDecorator):  # noqa: N801 - used as a decorator, l
                 "project": os.environ.get("NANOCHAT_WANDB_PROJECT", "nanochat")}
 
 
+class UserError(click.ClickException):
+    """A mistake in the run's inputs. Raised from a task, it makes a local `pyflyte run` print one line
+    (`Error: RunConfig.data_url: ...`) instead of a traceback; on a cluster it fails the task, not retried."""
+
+
+def one_line_user_errors(task_function):
+    """Our user errors (a bad config field, an unreachable URL, a missing checkpoint) leave the task as UserError."""
+
+    @functools.wraps(task_function)
+    def run(*args, **kwargs):
+        try:
+            return task_function(*args, **kwargs)
+        except USER_ERRORS as error:
+            raise UserError(str(error)) from error
+
+    return run
+
+
+def is_local_run() -> bool:
+    return FlyteContextManager.current_context().execution_state.is_local_execution()
+
+
 def export_secret(secret: Secret, env_var: str) -> None:
     """Put a Flyte secret into the environment variable the library reads; a missing secret is no error."""
     try:
@@ -96,9 +122,12 @@ DATA_RESOURCES = Resources(cpu="4", mem="8Gi", ephemeral_storage="20Gi")
 # report describes the GPU, driver and CPUs the training will get.
 @task(container_image=IMAGE, secret_requests=[WANDB_SECRET, HF_SECRET], interruptible=True, enable_deck=True,
       **TRAINING_RESOURCES)
-def setup_environment(config: RunConfig) -> tuple[RunConfig, dict]:
-    """Validate the config and report the machine, before any download or GPU time is spent."""
+@one_line_user_errors
+def setup_environment(config: RunConfig, resume_from: str) -> tuple[RunConfig, dict]:
+    """Validate the config (and the checkpoint to resume) and report the machine, before any download or GPU time."""
     config = config.resolved().validate()
+    if resume_from:
+        check_resume(config, resume_from)
     export_secret(HF_SECRET, "HF_TOKEN")
     check_data_url(config)
     export_secret(WANDB_SECRET, "WANDB_API_KEY")
@@ -110,6 +139,7 @@ def setup_environment(config: RunConfig) -> tuple[RunConfig, dict]:
 
 @task(container_image=IMAGE, requests=DATA_RESOURCES, secret_requests=[HF_SECRET],
       cache=Cache(version=DATA_CACHE_VERSION))
+@one_line_user_errors
 def prepare_tokenizer(tokenizer: str, data_url: str, num_shards: int, bpe_vocab_size: int,
                       bpe_train_chars: int) -> FlyteDirectory:
     """GPT-2's identity, or our own BPE trained on the train shards. Cached: training a BPE takes a while."""
@@ -122,6 +152,7 @@ def prepare_tokenizer(tokenizer: str, data_url: str, num_shards: int, bpe_vocab_
 
 @task(container_image=IMAGE, requests=DATA_RESOURCES, secret_requests=[HF_SECRET],
       cache=Cache(version=DATA_CACHE_VERSION))
+@one_line_user_errors
 def plan_data_shards(config: RunConfig, tokenizer_dir: FlyteDirectory) -> list[ShardJob]:
     export_secret(HF_SECRET, "HF_TOKEN")  # with only_needed_shards, shard 0 is downloaded here
     return plan_jobs(config, Path(tokenizer_dir.download()))
@@ -132,6 +163,7 @@ def plan_data_shards(config: RunConfig, tokenizer_dir: FlyteDirectory) -> list[S
 # No user retries: download_shard already retries with backoff, and a preempted spot pod is a system retry.
 @task(container_image=IMAGE, requests=DATA_RESOURCES, secret_requests=[HF_SECRET], interruptible=True,
       cache=Cache(version=DATA_CACHE_VERSION, ignored_inputs=("tokenizer_dir",)))
+@one_line_user_errors
 def prepare_data_shard(job: ShardJob, tokenizer_dir: FlyteDirectory) -> FlyteDirectory:
     export_secret(HF_SECRET, "HF_TOKEN")
     out_dir = Path(current_context().working_directory) / f"{job.split}_{job.index:05d}"
@@ -140,6 +172,7 @@ def prepare_data_shard(job: ShardJob, tokenizer_dir: FlyteDirectory) -> FlyteDir
 
 
 @task(container_image=IMAGE, requests=DATA_RESOURCES, enable_deck=True, cache=Cache(version=DATA_CACHE_VERSION))
+@one_line_user_errors
 def collect_data(config: RunConfig, parts: list[FlyteDirectory], tokenizer_dir: FlyteDirectory
                  ) -> tuple[FlyteDirectory, dict]:
     out_dir = Path(current_context().working_directory) / "data"
@@ -175,8 +208,10 @@ def restore_flyte_checkpoint(checkpoint_dir: Path) -> Path | None:
 
 
 def save_flyte_checkpoint(checkpoint_dir: Path) -> None:
+    """Upload the intra-task checkpoint, for a retry of this task to resume from. A local run is never retried:
+    it skips the copy (which would double the checkpoint's disk use for nothing)."""
     flyte_checkpoint = current_context().checkpoint
-    if flyte_checkpoint:
+    if flyte_checkpoint and not is_local_run():
         flyte_checkpoint.save(checkpoint_dir)
 
 
@@ -184,15 +219,28 @@ def save_flyte_checkpoint(checkpoint_dir: Path) -> None:
 @task(container_image=IMAGE, secret_requests=[WANDB_SECRET], interruptible=True, retries=3, enable_deck=True,
       **TRAINING_RESOURCES)
 @wandb_console_link
-def train_base_model(config: RunConfig, data: FlyteDirectory, environment: dict) -> tuple[FlyteDirectory, dict]:
+@one_line_user_errors
+def train_base_model(config: RunConfig, data: FlyteDirectory, environment: dict, resume_from: str
+                     ) -> tuple[FlyteDirectory, dict]:
+    """Train, continuing (in this order) a previous attempt of this task, the checkpoint `resume_from`, or nothing."""
     export_secret(WANDB_SECRET, "WANDB_API_KEY")
-    checkpoint_dir = Path(current_context().working_directory) / "checkpoint"
+    work_dir = Path(current_context().working_directory)
+    checkpoint_dir = work_dir / "checkpoint"
+    resume_dir = restore_flyte_checkpoint(checkpoint_dir)
+    if resume_dir is None and resume_from:
+        resume_dir = fetch_checkpoint(resume_from, work_dir / "resume_from")
+        print(f"resuming from {resume_from}", flush=True)
     try:
-        resume_dir = restore_flyte_checkpoint(checkpoint_dir)
         summary = train(config, Path(data.download()), checkpoint_dir, resume_dir=resume_dir,
                         on_save=save_flyte_checkpoint, env_report=environment)
     except (OSError, requests.RequestException) as error:  # storage or network hiccup: retry from the checkpoint
         raise FlyteRecoverableException(f"{type(error).__name__}: {error}") from error
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C in a local run (flytekit raises SystemExit): say how to go on
+        saved = Path(config.save_to) if config.save_to and "://" not in config.save_to else checkpoint_dir
+        if (saved / CHECKPOINT_FILE).exists():
+            print(f"resume with: pyflyte run workflows/nanochat.py main --config {saved / CONFIG_FILE} "
+                  f"--resume_from {saved}", flush=True)
+        raise
     Deck("Training", training_deck_html(checkpoint_dir, config, environment, summary))
     return FlyteDirectory(str(checkpoint_dir)), summary
 
@@ -203,6 +251,8 @@ def aggregate_results(config: RunConfig, environment: dict, manifest: dict, trai
     results = combine_results(config.to_dict(), environment, manifest, training,
                               checkpoint_dir=checkpoint.remote_source or checkpoint.path)
     print(json.dumps(results, indent=2), flush=True)  # the results JSON, in the task's log
+    if config.save_to:  # next to the checkpoint copy: the run's outputs in one place the user chose
+        print(f"results: {write_results(results, config.save_to)}", flush=True)
     return results
 
 
@@ -211,18 +261,24 @@ class RunOutputs(NamedTuple):
     checkpoint: FlyteDirectory  # checkpoint.pt, model_config.json, training_state.json, tokenizer/, report.md
 
 
-def pretrain(config: RunConfig, train_task=train_base_model, gpu_node: dict | None = None) -> RunOutputs:
+def pretrain(config: RunConfig, resume_from: str, train_task=train_base_model, gpu_node: dict | None = None
+             ) -> RunOutputs:
     """The four stages, chained. `gpu_node` overrides where setup and training run (workflows/scale_up.py)."""
     gpu_node = gpu_node or {}
-    resolved, environment = setup_environment(config=config).with_overrides(**gpu_node)
+    resolved, environment = setup_environment(config=config, resume_from=resume_from).with_overrides(**gpu_node)
     data, manifest = download_and_prepare_data(config=resolved)
-    checkpoint, training = train_task(config=resolved, data=data, environment=environment).with_overrides(**gpu_node)
+    checkpoint, training = train_task(config=resolved, data=data, environment=environment,
+                                      resume_from=resume_from).with_overrides(**gpu_node)
     results = aggregate_results(config=resolved, environment=environment, manifest=manifest, training=training,
                                 checkpoint=checkpoint)
     return RunOutputs(results, checkpoint)
 
 
 @workflow
-def main(config: RunConfig = RunConfig()) -> RunOutputs:
-    """The whole run. Returns the results JSON and the checkpoint directory."""
-    return pretrain(config)
+def main(config: RunConfig = RunConfig(), resume_from: str = "") -> RunOutputs:
+    """The whole run. Returns the results JSON and the checkpoint directory.
+
+    resume_from: a checkpoint directory or URI (a previous run's `checkpoint` output, or its save_to copy) to
+    continue: a run that stopped early goes on from its last save; a finished one is extended to a larger
+    num_iterations (the LR schedule is then that of the new num_iterations)."""
+    return pretrain(config, resume_from)
