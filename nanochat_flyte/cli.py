@@ -4,6 +4,7 @@ A traceback is for bugs. A misspelt field, a missing checkpoint, an unreachable 
 the user's to fix, and the one line that says what to fix must not drown in forty lines of stack.
 """
 
+import argparse
 import sys
 from collections.abc import Callable
 
@@ -14,6 +15,13 @@ from nanochat_flyte.tokenizer import TokenizerError
 
 USER_ERRORS = (ConfigError, ConversationError, DownloadError, TokenizerError, FileNotFoundError)
 USER_ERROR_EXIT = 2  # argparse's status for a usage error
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line too (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(USER_ERROR_EXIT, f"error: {message} (see {self.prog} --help)\n")
 
 
 def run(main: Callable[[], object]) -> None:

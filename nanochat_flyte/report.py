@@ -154,12 +154,16 @@ def headline_numbers(out_dir: Path, summary: dict) -> dict[str, str]:
 # ---------------------------------------------------------------------------- report.md
 
 
+def markdown_grid(header: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table of any number of columns; cells formatted as format_value does."""
+    def line(cells: list[Any]) -> str:  # a bare | would end a cell
+        return "| " + " | ".join(format_value(cell).replace("|", r"\|") for cell in cells) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
+
+
 def markdown_table(rows: dict[str, Any], header: tuple[str, str] = ("", "")) -> str:
-    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
-    for key, value in rows.items():
-        cell = format_value(value).replace("|", r"\|")  # a bare | would end the cell
-        lines.append(f"| {key} | {cell} |")
-    return "\n".join(lines)
+    return markdown_grid(list(header), [[key, value] for key, value in rows.items()])
 
 
 def write_report(out_dir: Path, config, env_report: dict | None, summary: dict) -> Path:
