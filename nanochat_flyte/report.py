@@ -166,15 +166,17 @@ def markdown_table(rows: dict[str, Any], header: tuple[str, str] = ("", "")) -> 
     return markdown_grid(list(header), [[key, value] for key, value in rows.items()])
 
 
-def write_report(out_dir: Path, config, env_report: dict | None, summary: dict) -> Path:
-    """out_dir/report.md: the run's report card, with its plots next to it as PNG files."""
+def write_report(out_dir: Path, config, env_report: dict | None, summary: dict,
+                 evaluations: tuple[str, ...] = ()) -> Path:
+    """out_dir/report.md: the run's report card, with its plots next to it as PNG files. `evaluations` are
+    Markdown sections (the CORE table, the chat evaluation table) placed after the results."""
     out_dir = Path(out_dir)
     metrics = read_jsonl(out_dir / METRICS_FILE)
     samples = read_jsonl(out_dir / SAMPLES_FILE)
     settings = config_dict(config)
     sections = [f"# nanochat-flyte report: {settings.get('run_name') or 'unnamed run'}",
                 f"Generated {datetime.now():%Y-%m-%d %H:%M:%S} from `{METRICS_FILE}` and `{SAMPLES_FILE}`.",
-                "## Results", markdown_table(headline_numbers(out_dir, summary))]
+                "## Results", markdown_table(headline_numbers(out_dir, summary)), *evaluations]
     for name, figure in run_figures(metrics).items():
         figure.savefig(out_dir / name)
         sections.append(f"![{Path(name).stem}]({name})")

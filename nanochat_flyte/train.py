@@ -315,7 +315,7 @@ class Trainer:
                   f"{self.facts['flops_per_token']:.3e} FLOPs/token | device: {self.device_name} "
                   f"({self.precision.name}), world size {self.world_size} | phase: {phase.name}", flush=True)
         self.tracker = Tracker(config, self.out_dir, env_report, rank=self.rank,
-                               resume_step=self.start_step if self.resumed else None)
+                               resume_step=self.start_step if self.resumed else None, phase=phase.name)
         self.tracker.log_config(self.facts)
 
     # ------------------------------------------------------------------ numbers
