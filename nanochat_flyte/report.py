@@ -154,12 +154,18 @@ def headline_numbers(out_dir: Path, summary: dict) -> dict[str, str]:
 # ---------------------------------------------------------------------------- report.md
 
 
-def markdown_table(rows: dict[str, Any], header: tuple[str, str] = ("", "")) -> str:
-    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
-    for key, value in rows.items():
-        cell = format_value(value).replace("|", r"\|")  # a bare | would end the cell
-        lines.append(f"| {key} | {cell} |")
+def markdown_grid(header: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table of any width, cells formatted as in html_table."""
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    lines = [line(header), "|" + "---|" * len(header)]
+    lines += [line([format_value(cell).replace("|", r"\|") for cell in row]) for row in rows]  # a bare | ends a cell
     return "\n".join(lines)
+
+
+def markdown_table(rows: dict[str, Any], header: tuple[str, str] = ("", "")) -> str:
+    return markdown_grid(list(header), [[key, value] for key, value in rows.items()])
 
 
 def write_report(out_dir: Path, config, env_report: dict | None, summary: dict) -> Path:
