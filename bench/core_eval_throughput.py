@@ -4,9 +4,10 @@
     python bench/core_eval_throughput.py --depth 2 --seq-len 256 --examples-per-task 40 --device cpu
     python bench/core_eval_throughput.py --checkpoint DIR_OR_URI --batch-size 64
 
-The bundle has the shape of the real one's tasks: multiple choice with 4 choices, schema with 2 contexts and
-language modeling, 10-shot and 0-shot, sentences of 8-30 words (10-shot prompts overflow a 512-token context, as
-hellaswag's do). It also times rendering + tokenization alone, the part that runs on the CPU whatever the device.
+The generated bundle (tests/core_bundle.py) has the shapes of the real tasks: multiple choice with 4 choices, schema
+with 2 contexts, language modeling; 10-shot and 0-shot; sentences of 8-30 words (10-shot prompts overflow a 512-token
+context, as hellaswag's do). It also times rendering + tokenization alone: the part that runs on the CPU whatever
+the device.
 """
 
 import argparse
@@ -23,15 +24,7 @@ from nanochat_flyte.core_eval import evaluate_core, item_rows, load_bundle, load
 from nanochat_flyte.device import select_device, select_precision  # noqa: E402
 from nanochat_flyte.model import GPT, GPTConfig  # noqa: E402
 from nanochat_flyte.tokenizer import gpt2_tokenizer  # noqa: E402
-from tests.core_bundle import TaskSpec, write_core_bundle  # noqa: E402
-
-BENCH_TASKS = (
-    TaskSpec("mc_10shot", "multiple_choice", 10, "mc.jsonl", random_baseline=25.0),
-    TaskSpec("mc_0shot", "multiple_choice", 0, "mc.jsonl", random_baseline=25.0),
-    TaskSpec("schema_0shot", "schema", 0, "schema.jsonl", random_baseline=50.0),
-    TaskSpec("lm_0shot", "language_modeling", 0, "lm.jsonl"),
-    TaskSpec("qa_10shot", "language_modeling", 10, "qa.jsonl", delimiter="\nAnswer: "),
-)
+from tests.core_bundle import generated_tasks, write_core_bundle  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.nn.init.normal_(model.lm_head.weight, std=0.02)  # a zero head would make every choice tie
     context_len = model.config.sequence_len
     with tempfile.TemporaryDirectory() as directory:
-        bundle = load_bundle(write_core_bundle(Path(directory), args.examples_per_task, tasks=BENCH_TASKS,
+        bundle = load_bundle(write_core_bundle(Path(directory), args.examples_per_task, tasks=generated_tasks(shots=10),
                                                words=(8, 30)))
 
     start = time.perf_counter()

@@ -29,13 +29,18 @@ class TaskSpec:
     random_baseline: float = 0.0  # percent
 
 
-TEST_TASKS = (
-    TaskSpec("mc_fewshot", "multiple_choice", 3, "reasoning/choices.jsonl", random_baseline=25.0),
-    TaskSpec("mc_zeroshot", "multiple_choice", 0, "reasoning/choices.jsonl", random_baseline=25.0),
-    TaskSpec("schema_fewshot", "schema", 2, "commonsense/schema.jsonl", random_baseline=50.0),
-    TaskSpec("lm_zeroshot", "language_modeling", 0, "language/completion.jsonl"),
-    TaskSpec("qa_answer", "language_modeling", 3, "knowledge/qa.jsonl", delimiter="\nAnswer: "),
-)
+def generated_tasks(shots: int) -> tuple[TaskSpec, ...]:
+    """Every task type; few-shot (`shots`) and zero-shot; two tasks on one dataset; a custom delimiter."""
+    return (
+        TaskSpec("mc_fewshot", "multiple_choice", shots, "reasoning/choices.jsonl", random_baseline=25.0),
+        TaskSpec("mc_zeroshot", "multiple_choice", 0, "reasoning/choices.jsonl", random_baseline=25.0),
+        TaskSpec("schema_fewshot", "schema", shots, "commonsense/schema.jsonl", random_baseline=50.0),
+        TaskSpec("lm_zeroshot", "language_modeling", 0, "language/completion.jsonl"),
+        TaskSpec("qa_answer", "language_modeling", shots, "knowledge/qa.jsonl", delimiter="\nAnswer: "),
+    )
+
+
+TEST_TASKS = generated_tasks(shots=3)
 NAMES = ["Anna", "Ben", "Chloe", "David", "Emma", "Farid", "Grace", "Hugo"]
 
 

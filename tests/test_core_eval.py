@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import fsspec
 import pytest
 import tiktoken
 import torch
@@ -74,7 +75,7 @@ def test_bundle_loads_from_a_directory_a_zip_and_http_alike(bundle_dir, tmp_path
 
 
 def test_an_fsspec_directory_is_copied_into_the_cache(bundle_dir, tmp_path):
-    filesystem = __import__("fsspec").filesystem("memory")
+    filesystem = fsspec.filesystem("memory")
     filesystem.put(str(bundle_dir), "/core-test/eval_bundle", recursive=True)
     bundle = load_bundle("memory://core-test/eval_bundle", cache_dir=tmp_path / "cache")
     assert summary(bundle) == summary(load_bundle(bundle_dir))
