@@ -15,12 +15,15 @@ Each prompt is `num_fewshot` solved examples of the same task (never the item it
 item), each followed by a blank line, then the item; context and answer are joined by the task's
 `continuation_delimiter` (default one space). Like the training documents, every prompt starts with
 <|endoftext|>. A prompt longer than the model's context loses tokens from the left (the oldest few-shot text).
+--max-per-task N scores the first N items of a seeded shuffle of each task; their few-shot examples still come from
+the whole task, so every item gets the same prompt as in a full run.
 
 Which tokens are the answer's: BPE may merge the first characters of the continuation with the end of the context,
 so the continuation is not tokenized on its own. We tokenize the prompt without the continuation and the prompt
 with it; the answer span is every token of the latter after their longest common prefix: exactly the tokens whose
 text depends on the continuation. (nanochat does the same for language modeling; for multiple choice it takes the
-common prefix across the choices instead, which also drops leading tokens that all choices share.)
+common prefix across the choices instead, which also drops leading tokens that all choices share, and for schema
+the common suffix across the contexts: the same span unless the contexts end alike.)
 
 A task's accuracy is centered against its random baseline b (percent): (acc - b/100) / (1 - b/100), so 0 is
 chance and 1 is perfect; CORE is the mean of the centered accuracies. GPT-2 (124M) scores about 0.2565.
