@@ -585,8 +585,8 @@ def positive_int(text: str) -> int:
 
 def load_checkpoint(checkpoint: str, device: torch.device) -> tuple[nn.Module, tiktoken.Encoding]:
     """(model, tokenizer) of a checkpoint directory or URI: the one place the CLI and the benchmark load one."""
-    model, tokenizer, _ = load_model(checkpoint, device)
-    return model, tokenizer
+    loaded = load_model(checkpoint, device)
+    return loaded.model, loaded.tokenizer
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
