@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"context {context_len} | {len(bundle.tasks)} tasks, {examples} examples, {len(rows)} rows, "
           f"{tokens / len(rows):.0f} tokens per row | batch size {args.batch_size}", flush=True)
     print(f"rendering + tokenization alone: {examples / tokenize_seconds:.0f} examples/s "
-          f"({tokens / tokenize_seconds / 1e6:.2f} M tokens/s, one process)", flush=True)
+          f"({len(rows) / tokenize_seconds:.0f} rows/s, one process)", flush=True)
 
     if device.type == "cuda":
         torch.cuda.synchronize()
