@@ -26,6 +26,8 @@ from nanochat_flyte.model import GPT, GPTConfig  # noqa: E402
 from nanochat_flyte.tokenizer import gpt2_tokenizer  # noqa: E402
 from tests.core_bundle import generated_tasks, write_core_bundle  # noqa: E402
 
+SHOTS = 10  # as most CORE tasks
+
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -37,6 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
     args = parser.parse_args(argv)
+    if args.examples_per_task <= SHOTS:
+        parser.error(f"--examples-per-task must be > {SHOTS}: a {SHOTS}-shot item's examples are other items")
 
     device = select_device(args.device)
     precision = select_precision(device, args.dtype)
@@ -50,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.nn.init.normal_(model.lm_head.weight, std=0.02)  # a zero head would make every choice tie
     context_len = model.config.sequence_len
     with tempfile.TemporaryDirectory() as directory:
-        bundle = load_bundle(write_core_bundle(Path(directory), args.examples_per_task, tasks=generated_tasks(shots=10),
+        bundle = load_bundle(write_core_bundle(Path(directory), args.examples_per_task, tasks=generated_tasks(SHOTS),
                                                words=(8, 30)))
 
     start = time.perf_counter()
