@@ -15,7 +15,6 @@ says otherwise. The CLI reads the datasets from $HF_ENDPOINT (default: the Huggi
 prepares them in a CPU task first (chat_data.prepare_sft_data).
 """
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from nanochat_flyte.cli import ArgumentParser
 from nanochat_flyte.chat_data import prepare_sft_data, read_jsonl
 from nanochat_flyte.checkpoint import CONFIG_FILE, TOKENIZER_DIR, fetch_checkpoint, load_checkpoint, read_checkpoint_json
 from nanochat_flyte.config import ChatConfig, ConfigError, RunConfig, load_config, parse_override
@@ -178,7 +178,7 @@ def wait_for(path: Path, seconds: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base-checkpoint", required=True, help="a base checkpoint directory or fsspec URI")
     parser.add_argument("--out-dir", type=Path, required=True, help="where the chat checkpoint directory is written")
     parser.add_argument("--config", help="a ChatConfig preset (YAML or JSON), e.g. configs/chat_smoke.yaml")

@@ -10,10 +10,11 @@ from collections.abc import Callable
 
 from nanochat_flyte.config import ConfigError
 from nanochat_flyte.conversation import ConversationError
+from nanochat_flyte.core_eval import BundleError
 from nanochat_flyte.download import DownloadError
 from nanochat_flyte.tokenizer import TokenizerError
 
-USER_ERRORS = (ConfigError, ConversationError, DownloadError, TokenizerError, FileNotFoundError)
+USER_ERRORS = (ConfigError, ConversationError, DownloadError, TokenizerError, BundleError, FileNotFoundError)
 USER_ERROR_EXIT = 2  # argparse's status for a usage error
 
 

@@ -377,9 +377,9 @@ def main(argv: list[str] | None = None) -> None:
 
     A bad field stops the `&&` chain with one line naming it; without -o the JSON goes to stdout.
     """
-    import argparse
+    from nanochat_flyte.cli import ArgumentParser  # cli imports this module
 
-    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser = ArgumentParser(description=main.__doc__.splitlines()[0])
     parser.add_argument("preset", help="a preset file, e.g. configs/smoke.yaml")
     parser.add_argument("overrides", nargs="*", metavar="field=value")
     parser.add_argument("--chat", action="store_true", help="a ChatConfig preset (the chat stage), not a RunConfig")

@@ -182,9 +182,15 @@ def bundle_root(directory: Path) -> Path:
 
 
 def load_bundle(source: str | Path = EVAL_BUNDLE_URL, cache_dir: Path | None = None) -> Bundle:
-    """Fetch (see fetch_bundle), parse and validate a bundle. Every problem raises one BundleError naming the file
-    and the field or line, before any model runs."""
-    source = str(source)
+    """Fetch (see fetch_bundle), parse and validate a bundle. Every problem raises one BundleError naming the
+    bundle, the file and the field or line, before any model runs."""
+    try:
+        return read_bundle(str(source), cache_dir)
+    except BundleError as error:
+        raise BundleError(f"eval bundle {source}: {error}") from None
+
+
+def read_bundle(source: str, cache_dir: Path | None) -> Bundle:
     top = fetch_bundle(source, cache_dir)
     root = bundle_root(top)
 
@@ -568,11 +574,6 @@ def core_log_metrics(result: dict[str, Any]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- CLI
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise SystemExit(f"{self.prog}: {message} (see --help)")
-
-
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -590,7 +591,9 @@ def load_checkpoint(checkpoint: str, device: torch.device) -> tuple[nn.Module, t
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = OneLineParser(prog="python -m nanochat_flyte.core_eval", description=__doc__.splitlines()[0])
+    from nanochat_flyte.cli import ArgumentParser  # cli imports this module (BundleError is a user error)
+
+    parser = ArgumentParser(prog="python -m nanochat_flyte.core_eval", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory or fsspec URI (s3://, gs://, ...)")
     parser.add_argument("--bundle", default=EVAL_BUNDLE_URL, help="eval bundle: zip or directory, path or URL")
     parser.add_argument("--max-per-task", type=positive_int, help="evaluate a fixed, seeded subset of each task")
@@ -598,15 +601,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
     args = parser.parse_args(argv)
-    try:
-        device = select_device(args.device)
-        precision = select_precision(device, args.dtype)
-        model, tokenizer = load_checkpoint(args.checkpoint, device)
-        bundle = load_bundle(args.bundle)
-    except BundleError as e:
-        raise SystemExit(f"{parser.prog}: eval bundle {args.bundle}: {e}") from None
-    except (ConfigError, DownloadError, FileNotFoundError) as e:
-        raise SystemExit(f"{parser.prog}: {e}") from None
+    device = select_device(args.device)
+    precision = select_precision(device, args.dtype)
+    model, tokenizer = load_checkpoint(args.checkpoint, device)
+    bundle = load_bundle(args.bundle)
     result = evaluate_core(model, tokenizer, bundle, max_per_task=args.max_per_task, batch_size=args.batch_size,
                            device=device, precision=precision)
     print(core_table_markdown(result))
@@ -615,4 +613,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from nanochat_flyte.cli import run
+
+    run(main)

@@ -20,7 +20,6 @@ schedule is that of the new num_iterations, so a run that had finished its warmd
 rate and warms down again over the last warmdown_ratio of the new length.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -38,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from nanochat_flyte.cli import ArgumentParser
 from nanochat_flyte.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, TOKENIZER_DIR, TRAINING_STATE_FILE,
                                        load_checkpoint, publish_checkpoint, read_checkpoint_json, restore_rng_states,
                                        save_checkpoint, write_json)
@@ -532,7 +532,7 @@ def train(config: RunConfig, data_dir: Path, out_dir: Path, *, resume_dir: Path 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="a RunConfig preset (YAML or JSON); defaults to the reference run")
     parser.add_argument("--data-dir", type=Path, required=True, help="a prepared data directory")
     parser.add_argument("--out-dir", type=Path, required=True, help="where the checkpoint directory is written")

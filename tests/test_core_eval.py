@@ -450,31 +450,30 @@ def test_the_cli_scores_a_trained_checkpoint_on_a_served_bundle(checkpoint, bund
     (["--batch-size", "many"], "argument --batch-size: must be an integer >= 1, got 'many'"),
     (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
 ])
-def test_bad_arguments_get_one_line(checkpoint, bundle_dir, arguments, message):
+def test_bad_arguments_get_one_line(checkpoint, bundle_dir, arguments, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--checkpoint", str(checkpoint), "--bundle", str(bundle_dir), *arguments])
-    assert message in str(exit_.value.code) and "\n" not in str(exit_.value.code)
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in error and error.count("\n") == 1
 
 
-def test_a_malformed_bundle_gets_one_line(checkpoint, bundle_dir):
+def test_a_malformed_bundle_is_named(checkpoint, bundle_dir):
     MALFORMED["missing gold"][0](bundle_dir)
-    with pytest.raises(SystemExit) as exit_:
+    with pytest.raises(BundleError) as error:
         main(["--checkpoint", str(checkpoint), "--bundle", str(bundle_dir), "--device", "cpu"])
-    assert str(exit_.value.code) == (f"python -m nanochat_flyte.core_eval: eval bundle {bundle_dir}: "
-                                     "eval_data/reasoning/choices.jsonl line 12: missing field 'gold'")
+    assert str(error.value) == (f"eval bundle {bundle_dir}: eval_data/reasoning/choices.jsonl line 12: "
+                                "missing field 'gold'")
 
 
-def test_a_missing_bundle_gets_one_line(checkpoint, tmp_path):
-    with pytest.raises(SystemExit) as exit_:
+def test_a_missing_bundle_is_named(checkpoint, tmp_path):
+    with pytest.raises(DownloadError) as error:
         main(["--checkpoint", str(checkpoint), "--bundle", str(tmp_path / "missing.zip"), "--device", "cpu"])
-    assert str(exit_.value.code) == (f"python -m nanochat_flyte.core_eval: the CORE eval bundle could not be "
-                                     f"downloaded from {tmp_path / 'missing.zip'}: not found")
+    assert str(error.value) == f"the CORE eval bundle could not be downloaded from {tmp_path / 'missing.zip'}: not found"
 
 
 def test_the_cli_process_exits_non_zero_without_a_traceback(bundle_dir, tmp_path):
     process = subprocess.run([sys.executable, "-m", "nanochat_flyte.core_eval", "--checkpoint", str(tmp_path / "no"),
                               "--bundle", str(bundle_dir), "--device", "cpu"],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert process.returncode == 1 and process.stdout == ""
-    assert process.stderr == f"python -m nanochat_flyte.core_eval: no checkpoint.pt in {tmp_path / 'no'}: " \
-                             "not a checkpoint directory\n"
+    assert process.returncode == 2 and process.stdout == ""
+    assert process.stderr == f"error: no checkpoint.pt in {tmp_path / 'no'}: not a checkpoint directory\n"
