@@ -131,7 +131,7 @@ def sft_run_config(chat: ChatConfig, base: RunConfig, conversations: RenderedCon
         sample_every=chat.sample_every, sample_max_tokens=chat.sample_max_tokens, sample_temperature=0.0,
         save_every=chat.save_every, device=chat.device, dtype=chat.dtype, compile=chat.compile,
         wandb_project=chat.wandb_project, wandb_entity=chat.wandb_entity, wandb_mode=chat.wandb_mode,
-        save_to=chat.save_to)
+        save_to=chat.save_to, evaluate_core=False, core_metric_every=0)  # CORE scores base models
     try:
         config.grad_accum_steps(distributed_env()[2])
     except ConfigError as error:  # name the ChatConfig field the user can change

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 HF_FINEWEB_EDU_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
+EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"  # nanochat's copy of DCLM's
 LAST_FINEWEB_EDU_SHARD = 1822  # shards are numbered 0..1822; the last one is held out for validation
 TOKENIZERS = ("gpt2", "bpe")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -181,6 +182,12 @@ class RunConfig(StrictConfig):
     sample_top_k: int = 50
     save_every: int = 100  # ~2 minutes of T4 time between saves: a preemption loses little
 
+    # --- CORE (the DCLM benchmark nanochat reports for base models; core_eval.py) ---
+    evaluate_core: bool = True  # score the final checkpoint (evaluate_base_model), where eval_bundle_url is set
+    eval_bundle_url: str = EVAL_BUNDLE_URL  # zip or directory, local or any URL; empty: no CORE
+    core_max_per_task: int = 500  # a fixed, seeded subset per task (a T4 scores it in minutes); 0: every example
+    core_metric_every: int = 0  # also score CORE every N training steps (same subset); 0: only at the end
+
     # --- hardware ---
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 on compute capability >= 8.0, float16 + GradScaler below, float32 on CPU
@@ -220,6 +227,11 @@ class RunConfig(StrictConfig):
     def tokens_needed(self) -> int:
         return self.num_iterations * self.total_batch_size
 
+    @property
+    def core_enabled(self) -> bool:
+        """Whether the final checkpoint gets a CORE score: asked for, and a bundle to score it on."""
+        return self.evaluate_core and bool(self.eval_bundle_url)
+
     # ------------------------------------------------------------------ validation
 
     def validate(self, world_size: int = 1) -> "RunConfig":
@@ -228,7 +240,8 @@ class RunConfig(StrictConfig):
                       "num_iterations", "eval_every", "eval_tokens", "sample_every", "save_every",
                       "download_workers", "sample_max_tokens"):
             at_least(self, field, 1)
-        for field in ("val_shard", "seed", "sample_top_k", "bpe_train_chars"):
+        for field in ("val_shard", "seed", "sample_top_k", "bpe_train_chars", "core_max_per_task",
+                      "core_metric_every"):
             at_least(self, field, 0)
         one_of(self, "tokenizer", TOKENIZERS)
         one_of(self, "wandb_mode", WANDB_MODES)

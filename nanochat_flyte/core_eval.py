@@ -55,13 +55,12 @@ import torch.nn.functional as F
 import yaml
 
 from nanochat_flyte.checkpoint import load_model
-from nanochat_flyte.config import ConfigError
+from nanochat_flyte.config import EVAL_BUNDLE_URL, ConfigError
 from nanochat_flyte.device import Precision, select_device, select_precision
 from nanochat_flyte.download import (CorruptFile, DownloadError, default_cache_dir, download_file, is_http, is_local,
                                      probe)
 from nanochat_flyte.report import html_table, markdown_grid
 
-EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 CORE_YAML = "core.yaml"
 DATA_DIR = "eval_data"
 META_CSV = "eval_meta_data.csv"

@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import fsspec
 from matplotlib.figure import Figure
 
 from nanochat_flyte.tracking import METRICS_FILE, RUN_INFO_FILE, SAMPLES_FILE, read_jsonl
@@ -191,6 +192,19 @@ def write_report(out_dir: Path, config, env_report: dict | None, summary: dict,
     report = out_dir / REPORT_FILE
     report.write_text("\n\n".join(sections) + "\n")
     return report
+
+
+def write_run_report(checkpoint: str, report_dir: Path, config, env_report: dict | None, summary: dict,
+                     evaluations: tuple[str, ...] = ()) -> Path:
+    """The report card of a finished run, with its evaluations, in report_dir: built from the records of its
+    checkpoint (a directory or fsspec URI), fetched without the weights."""
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    filesystem, root = fsspec.core.url_to_fs(str(checkpoint))
+    for name in (METRICS_FILE, SAMPLES_FILE, RUN_INFO_FILE):
+        if filesystem.exists(f"{root.rstrip('/')}/{name}"):
+            filesystem.get_file(f"{root.rstrip('/')}/{name}", str(report_dir / name))
+    return write_report(report_dir, config, env_report, summary, evaluations)
 
 
 # ---------------------------------------------------------------------------- Flyte Deck HTML

@@ -9,8 +9,9 @@ WORKFLOW_NAME = "nanochat_full_training"
 
 
 def aggregate_results(config_dict: dict, environment: dict, manifest: dict, training: dict,
-                      checkpoint_dir: str) -> dict:
-    """Combine what the stages reported. `training` is the summary train() returns."""
+                      checkpoint_dir: str, core: dict | None = None) -> dict:
+    """Combine what the stages reported. `training` is the summary train() returns; `core` the CORE evaluation
+    (core_eval.evaluate_core; empty or None when it did not run)."""
     data = {key: manifest.get(key) for key in ("train_tokens", "val_tokens", "tokens_needed", "epochs")}
     data["tokenizer"] = manifest.get("tokenizer", {}).get("name")
     data["train_shards"] = [entry["shard"] for entry in manifest.get("train", [])]
@@ -22,6 +23,25 @@ def aggregate_results(config_dict: dict, environment: dict, manifest: dict, trai
         "data": data,
         "environment": environment,
         "config": config_dict,
+        "wandb_url": training.get("wandb_url"),
+        "core": core or None,
+    }
+
+
+CHAT_WORKFLOW_NAME = "nanochat_chat"
+
+
+def chat_results(chat_config: dict, base_checkpoint: str, training: dict, evaluation: dict,
+                 checkpoint_dir: str) -> dict:
+    """The chat stage's results: the SFT summary (Trainer) and the chat evaluation (chat_eval.evaluate_chat)."""
+    return {
+        "workflow": CHAT_WORKFLOW_NAME,
+        "run_name": training.get("run_name"),
+        "base_checkpoint": base_checkpoint,
+        "sft": {**training, "checkpoint_dir": checkpoint_dir},
+        "chat_eval": evaluation,
+        "chatcore": evaluation.get("chatcore"),
+        "config": chat_config,
         "wandb_url": training.get("wandb_url"),
     }
 

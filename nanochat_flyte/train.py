@@ -42,6 +42,7 @@ from nanochat_flyte.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, TOKENIZER
                                        load_checkpoint, publish_checkpoint, read_checkpoint_json, restore_rng_states,
                                        save_checkpoint, write_json)
 from nanochat_flyte.config import ConfigError, RunConfig, load_config
+from nanochat_flyte.core_eval import core_log_metrics, evaluate_core, load_bundle
 from nanochat_flyte.dataloader import TokenLoader, shard_files, validation_tokens
 from nanochat_flyte.device import Precision, mfu, peak_flops, select_device, select_precision
 from nanochat_flyte.environment import environment_report
@@ -209,6 +210,10 @@ class Phase:
     def load_weights(self, model: GPT) -> None:
         """Starting weights on top of the fresh initialisation (fine-tuning loads the base model's)."""
 
+    def periodic_metrics(self, model: GPT, step: int, batch_size: int, precision: Precision) -> dict[str, float]:
+        """Extra evaluations at some step boundaries (CORE during pretraining); every rank calls it."""
+        return {}
+
     def info(self) -> dict:
         """Facts about the phase's inputs for run_info.json and W&B (data, base checkpoint, ...)."""
         return {}
@@ -225,6 +230,7 @@ class Pretraining(Phase):
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         self.val_tokens = validation_tokens(self.data_dir, config.eval_tokens)
         self.token_bytes = token_byte_lengths(self.tokenizer)
+        self.core_bundle = None  # loaded at the first CORE evaluation during training
 
     def batches(self, batch_size, device, rank, world_size, state):
         loader = TokenLoader(shard_files(self.data_dir, "train"), batch_size, self.config.max_seq_len,
@@ -237,6 +243,22 @@ class Pretraining(Phase):
         return evaluate_bpb(model, self.val_tokens, self.token_bytes, batch_size=batch_size,
                             seq_len=self.config.max_seq_len, eval_tokens=self.config.eval_tokens, device=device,
                             precision=precision)
+
+    def periodic_metrics(self, model, step, batch_size, precision):
+        """CORE every core_metric_every steps (not at the end: evaluate_base_model scores the final checkpoint)."""
+        config = self.config
+        every = config.core_metric_every if config.core_enabled else 0
+        if not every or step == 0 or step % every or step == config.num_iterations:
+            return {}
+        if self.core_bundle is None:  # rank 0 downloads the bundle; the others then find it in the cache
+            if dist.is_initialized() and dist.get_rank() > 0:
+                dist.barrier()
+            self.core_bundle = load_bundle(config.eval_bundle_url)
+            if dist.is_initialized() and dist.get_rank() == 0:
+                dist.barrier()
+        result = evaluate_core(model, self.tokenizer, self.core_bundle, max_per_task=config.core_max_per_task or None,
+                               batch_size=batch_size, precision=precision)
+        return core_log_metrics(result)
 
     def samples(self, model, precision):
         config = self.config
@@ -367,6 +389,14 @@ class Trainer:
             print(f"step {step:05d} | validation {metric}: {loop.val_metric:.4f} (min {loop.min_val_metric:.4f})",
                   flush=True)
 
+    def periodic(self, step: int) -> None:
+        metrics = self.phase.periodic_metrics(self.model, step, self.loop.device_batch_size, self.precision)
+        if metrics:
+            self.tracker.log(step, metrics)
+            if self.master:
+                print(f"step {step:05d} | " + " | ".join(f"{key}: {value:.4f}" for key, value in metrics.items()
+                                                        if "/" not in key), flush=True)
+
     def sample(self, step: int) -> None:
         samples = self.phase.samples(self.model, self.precision)
         for sample in samples:
@@ -460,6 +490,8 @@ class Trainer:
             done_before_resume = self.resumed and step == self.start_step
             if not done_before_resume and (last_step or step % config.eval_every == 0):
                 self.evaluate(step)
+            if not done_before_resume:
+                self.periodic(step)
             if self.master and not done_before_resume:
                 if last_step or (step > 0 and step % config.sample_every == 0):
                     self.sample(step)

@@ -13,36 +13,31 @@ from pathlib import Path
 from typing import NamedTuple
 
 import requests
-from flytekit import Cache, Deck, current_context, task, workflow
+from flytekit import Cache, Deck, Resources, current_context, task, workflow
 from flytekit.exceptions.user import FlyteRecoverableException
 from flytekit.types.directory import FlyteDirectory
 
 from nanochat_flyte.chat_data import check_hub_endpoint, prepare_eval_data, prepare_sft_data
-from nanochat_flyte.chat_eval import chat_metrics, chat_table_html, evaluate_chat, read_eval_items
+from nanochat_flyte.chat_eval import chat_metrics, chat_table_html, chat_table_markdown, evaluate_chat, read_eval_items
 from nanochat_flyte.chat_sft import train_chat
-from nanochat_flyte.checkpoint import TRAINING_STATE_FILE, read_checkpoint_json
+from nanochat_flyte.checkpoint import CONFIG_FILE, TRAINING_STATE_FILE, publish_checkpoint, read_checkpoint_json
 from nanochat_flyte.config import ChatConfig, ConfigError, RunConfig
 from nanochat_flyte.engine import Engine
 from nanochat_flyte.environment import environment_report, format_report
 from nanochat_flyte.hub import hub_endpoint
-from nanochat_flyte.report import environment_deck_html, training_deck_html
-from nanochat_flyte.results import chat_results
+from nanochat_flyte.report import environment_deck_html, training_deck_html, write_run_report
+from nanochat_flyte.results import chat_results, write_results
 from nanochat_flyte.tracking import log_evaluation
 from workflows.image import IMAGE
-from workflows.nanochat import (DATA_RESOURCES, HF_SECRET, TRAINING_RESOURCES, WANDB_SECRET, RunOutputs,
+from workflows.nanochat import (HF_SECRET, TRAINING_RESOURCES, WANDB_SECRET, RunOutputs, checkpoint_location,
                                 export_secret, one_line_user_errors, pretrain, restore_flyte_checkpoint,
                                 save_flyte_checkpoint, wandb_console_link)
 
 # Bump when the prepared conversations or evaluation items change format: cached ones are then ignored.
 CHAT_DATA_CACHE_VERSION = "1"
-# The whole SmolTalk split is converted in memory (~3 GB at its 460K rows, measured on a CPU).
-CHAT_DATA_RESOURCES = dict(requests=DATA_RESOURCES.__class__(cpu="4", mem="8Gi", ephemeral_storage="20Gi"))
-
-
-def checkpoint_location(directory: FlyteDirectory) -> str:
-    """Where a checkpoint directory input lives (its URI on a cluster, its path locally), to read small files of it
-    without downloading the weights."""
-    return directory.remote_source or directory.path
+# Converting the whole SmolTalk split (460K rows) peaked at 2.9 GB of memory on a CPU; the parquet files and the
+# conversations take ~3 GB of disk.
+CHAT_DATA_RESOURCES = dict(requests=Resources(cpu="4", mem="8Gi", ephemeral_storage="20Gi"))
 
 
 @task(container_image=IMAGE, secret_requests=[WANDB_SECRET, HF_SECRET], interruptible=True, enable_deck=True,
@@ -106,7 +101,7 @@ def train_chat_model(config: ChatConfig, base_checkpoint: FlyteDirectory, data: 
                              resume_dir=resume_dir, on_save=save_flyte_checkpoint, env_report=environment)
     except (OSError, requests.RequestException) as error:  # storage or network hiccup: retry from the checkpoint
         raise FlyteRecoverableException(f"{type(error).__name__}: {error}") from error
-    sft_config = RunConfig.from_mapping(read_checkpoint_json(checkpoint_dir, "config.json"))
+    sft_config = RunConfig.from_mapping(read_checkpoint_json(checkpoint_dir, CONFIG_FILE))
     Deck("Fine-tuning", training_deck_html(checkpoint_dir, sft_config, environment, summary))
     return FlyteDirectory(str(checkpoint_dir)), summary
 
@@ -123,9 +118,10 @@ def evaluate_chat_model(config: ChatConfig, checkpoint: FlyteDirectory, eval_dat
     items = read_eval_items(Path(eval_data.download()), ChatConfig(eval_tasks=tasks).eval_task_list)
     result = evaluate_chat(engine, items, max_per_task=max_per_task, batch_size=config.eval_batch_size,
                            max_tokens=config.eval_max_tokens, humaneval=humaneval, seed=config.seed)
-    state = read_checkpoint_json(checkpoint.path, TRAINING_STATE_FILE)
-    sft_config = RunConfig.from_mapping(read_checkpoint_json(checkpoint.path, "config.json"))
-    result["wandb_url"] = log_evaluation(sft_config, checkpoint.path, state["steps_completed"], chat_metrics(result),
+    location = checkpoint_location(checkpoint)
+    step = read_checkpoint_json(location, TRAINING_STATE_FILE)["steps_completed"]
+    sft_config = RunConfig.from_mapping(read_checkpoint_json(location, CONFIG_FILE))
+    result["wandb_url"] = log_evaluation(sft_config, location, step, chat_metrics(result),
                                          {"chatcore": result["chatcore"]}, phase=engine.phase)
     Deck("Chat evaluation", chat_table_html(result))
     return result
@@ -133,14 +129,25 @@ def evaluate_chat_model(config: ChatConfig, checkpoint: FlyteDirectory, eval_dat
 
 @task(container_image=IMAGE)
 def aggregate_chat_results(config: ChatConfig, base_checkpoint: FlyteDirectory, training: dict, evaluation: dict,
-                           checkpoint: FlyteDirectory) -> dict:
-    return chat_results(config.to_dict(), checkpoint_location(base_checkpoint), training, evaluation,
-                        checkpoint_location(checkpoint))
+                           checkpoint: FlyteDirectory, environment: dict) -> tuple[dict, FlyteDirectory]:
+    """The chat results JSON, and the chat run's report card with the chat evaluation table."""
+    location = checkpoint_location(checkpoint)
+    results = chat_results(config.to_dict(), checkpoint_location(base_checkpoint), training, evaluation, location)
+    report_dir = Path(current_context().working_directory) / "chat_report"
+    sft_config = RunConfig.from_mapping(read_checkpoint_json(location, CONFIG_FILE))
+    report = write_run_report(location, report_dir, sft_config, environment, training,
+                              evaluations=(chat_table_markdown(evaluation),))
+    write_results(results, report_dir)
+    print(f"report card: {report}", flush=True)
+    if config.save_to:
+        publish_checkpoint(report_dir, config.save_to)
+    return results, FlyteDirectory(str(report_dir))
 
 
 class ChatOutputs(NamedTuple):
     chat_checkpoint: FlyteDirectory  # the chat checkpoint directory: same layout as a base one, "phase": "chat"
     results: dict  # the chat results JSON: SFT summary and chat evaluation
+    report: FlyteDirectory  # report.md with its plots and the chat evaluation table, and results.json
 
 
 def fine_tune(config: ChatConfig, base_checkpoint: FlyteDirectory) -> ChatOutputs:
@@ -156,9 +163,9 @@ def fine_tune(config: ChatConfig, base_checkpoint: FlyteDirectory) -> ChatOutput
     evaluation = evaluate_chat_model(config=checked, checkpoint=chat_checkpoint, eval_data=eval_data,
                                      tasks=checked.eval_tasks, max_per_task=checked.eval_max_per_task,
                                      humaneval=checked.humaneval)
-    results = aggregate_chat_results(config=checked, base_checkpoint=base_checkpoint, training=training,
-                                     evaluation=evaluation, checkpoint=chat_checkpoint)
-    return ChatOutputs(chat_checkpoint, results)
+    results, report = aggregate_chat_results(config=checked, base_checkpoint=base_checkpoint, training=training,
+                                             evaluation=evaluation, checkpoint=chat_checkpoint, environment=environment)
+    return ChatOutputs(chat_checkpoint, results, report)
 
 
 @workflow
@@ -169,10 +176,12 @@ def chat_sft(base_checkpoint: FlyteDirectory, config: ChatConfig = ChatConfig())
 
 
 class PipelineOutputs(NamedTuple):
-    results: dict  # the base run's results JSON
+    results: dict  # the base run's results JSON (with CORE)
     checkpoint: FlyteDirectory  # the base checkpoint
+    report: FlyteDirectory  # the base run's report card
     chat_results: dict  # the chat stage's results JSON
     chat_checkpoint: FlyteDirectory  # the chat checkpoint
+    chat_report: FlyteDirectory  # the chat run's report card
 
 
 @workflow
@@ -180,4 +189,5 @@ def nanochat_chat(config: RunConfig = RunConfig(), chat_config: ChatConfig = Cha
     """The whole pipeline: pretraining (with CORE when config.evaluate_core), then SFT, then the chat evaluation."""
     base: RunOutputs = pretrain(config, "")
     chat = fine_tune(chat_config, base.checkpoint)
-    return PipelineOutputs(base.results, base.checkpoint, chat.results, chat.chat_checkpoint)
+    return PipelineOutputs(base.results, base.checkpoint, base.report, chat.results, chat.chat_checkpoint,
+                           chat.report)
