@@ -279,7 +279,7 @@ def chat_metrics(result: dict) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser("nanochat_flyte.chat_eval", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory or fsspec URI (s3://, gs://, ...)")
     parser.add_argument("--tasks", default=",".join(CHAT_EVAL_TASKS), help="comma-separated, from: %(default)s")
     parser.add_argument("--max-per-task", type=int, default=0, help="a fixed, seeded subset of N items per task; "

@@ -178,7 +178,7 @@ def wait_for(path: Path, seconds: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser("nanochat_flyte.chat_sft", description=__doc__.splitlines()[0])
     parser.add_argument("--base-checkpoint", required=True, help="a base checkpoint directory or fsspec URI")
     parser.add_argument("--out-dir", type=Path, required=True, help="where the chat checkpoint directory is written")
     parser.add_argument("--config", help="a ChatConfig preset (YAML or JSON), e.g. configs/chat_smoke.yaml")

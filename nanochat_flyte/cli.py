@@ -19,7 +19,11 @@ USER_ERROR_EXIT = 2  # argparse's status for a usage error
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line too (argparse prints the whole usage first)."""
+    """argparse, but a usage error is one line too (argparse prints the whole usage first), and the program is named
+    as it is run: `python -m nanochat_flyte.<module>` (argparse would say `__main__.py`)."""
+
+    def __init__(self, module: str, **kwargs):
+        super().__init__(prog=f"python -m {module}", **kwargs)
 
     def error(self, message: str):
         self.exit(USER_ERROR_EXIT, f"error: {message} (see {self.prog} --help)\n")

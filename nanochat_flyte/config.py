@@ -392,12 +392,12 @@ def main(argv: list[str] | None = None) -> None:
     """
     from nanochat_flyte.cli import ArgumentParser  # cli imports this module
 
-    parser = ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser = ArgumentParser("nanochat_flyte.config", description=main.__doc__.splitlines()[0])
     parser.add_argument("preset", help="a preset file, e.g. configs/smoke.yaml")
     parser.add_argument("overrides", nargs="*", metavar="field=value")
     parser.add_argument("--chat", action="store_true", help="a ChatConfig preset (the chat stage), not a RunConfig")
     parser.add_argument("-o", "--output", type=Path, help="write the JSON to this file instead of stdout")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # field=value overrides may come before or after the options
     kind = ChatConfig if args.chat else RunConfig
     overrides = dict(parse_override(assignment, kind.__name__) for assignment in args.overrides)
     config = load_config(args.preset, kind, **overrides).validate()
@@ -409,6 +409,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from nanochat_flyte import config  # the package's module, not __main__: its error classes are those cli catches
     from nanochat_flyte.cli import run
 
-    run(main)
+    run(config.main)

@@ -592,7 +592,7 @@ def load_checkpoint(checkpoint: str, device: torch.device) -> tuple[nn.Module, t
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from nanochat_flyte.cli import ArgumentParser  # cli imports this module (BundleError is a user error)
 
-    parser = ArgumentParser(prog="python -m nanochat_flyte.core_eval", description=__doc__.splitlines()[0])
+    parser = ArgumentParser("nanochat_flyte.core_eval", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory or fsspec URI (s3://, gs://, ...)")
     parser.add_argument("--bundle", default=EVAL_BUNDLE_URL, help="eval bundle: zip or directory, path or URL")
     parser.add_argument("--max-per-task", type=positive_int, help="evaluate a fixed, seeded subset of each task")
@@ -612,6 +612,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    from nanochat_flyte import core_eval  # the package's module, not __main__: its error classes are those cli catches
     from nanochat_flyte.cli import run
 
-    run(main)
+    run(core_eval.main)

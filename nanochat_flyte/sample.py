@@ -24,7 +24,7 @@ def complete(model: GPT, tokenizer: tiktoken.Encoding, prompt: str, *, max_token
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser("nanochat_flyte.sample", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory or fsspec URI (s3://, gs://, ...)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-tokens", type=int, default=64)
