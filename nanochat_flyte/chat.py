@@ -8,6 +8,8 @@ fine-tuning) cannot hold a conversation: each message is then continued as plain
 """
 
 import argparse
+import dataclasses
+import itertools
 import sys
 
 from nanochat_flyte.config import ConfigError
@@ -36,7 +38,7 @@ def chat(engine: Engine, params: SamplingParams) -> None:
     if not engine.chat_mode:
         print(BASE_MODEL_NOTE)
     messages: list[dict] = []
-    while True:
+    for turn in itertools.count():
         try:
             text = input("\nYou: ").strip()
         except (EOFError, KeyboardInterrupt):
@@ -53,7 +55,8 @@ def chat(engine: Engine, params: SamplingParams) -> None:
         messages.append({"role": "user", "content": text})
         print("Assistant: ", end="", flush=True)
         try:
-            reply = answer(engine, messages, params)
+            # a new seed each turn: asking again gives another sample, the session stays reproducible from --seed
+            reply = answer(engine, messages, dataclasses.replace(params, seed=params.seed + turn))
         except ValueError as error:  # the conversation no longer fits the context
             messages.pop()
             print(f"\nerror: {error}; /clear starts a new conversation")
