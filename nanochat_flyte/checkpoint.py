@@ -26,6 +26,7 @@ from nanochat_flyte.tokenizer import load_tokenizer
 CHECKPOINT_FILE = "checkpoint.pt"
 MODEL_CONFIG_FILE = "model_config.json"
 TRAINING_STATE_FILE = "training_state.json"
+CONFIG_FILE = "config.json"  # the run's config as `pyflyte run ... --config` and `train --config` take it
 TOKENIZER_DIR = "tokenizer"
 INFERENCE_FILES = (CHECKPOINT_FILE, MODEL_CONFIG_FILE, TOKENIZER_DIR, TRAINING_STATE_FILE)  # what load_model fetches
 
@@ -100,9 +101,55 @@ def load_checkpoint(checkpoint_dir: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def copy_tokenizer(data_dir: Path, out_dir: Path) -> None:
-    """The checkpoint carries its tokenizer, so sampling never needs the data directory."""
-    shutil.copytree(data_dir / TOKENIZER_DIR, out_dir / TOKENIZER_DIR, dirs_exist_ok=True)
+# ---------------------------------------------------------------------- copies elsewhere
+
+
+def is_uri(location: str | Path) -> bool:
+    return "://" in str(location)
+
+
+def publish_checkpoint(checkpoint_dir: Path, target: str) -> None:
+    """Copy the checkpoint directory to `target`, a local directory or any fsspec URI (s3://, gs://, ...). Every
+    file lands whole: locally through a temp file and a rename; object stores write an object at once. checkpoint.pt
+    goes last, so a copy that holds it holds the files that describe it."""
+    files = sorted((path for path in Path(checkpoint_dir).rglob("*") if path.is_file()),
+                   key=lambda path: path.name == CHECKPOINT_FILE)
+    if not is_uri(target):
+        for path in files:
+            destination = Path(target) / path.relative_to(checkpoint_dir)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomically(destination, lambda temp, source=path: shutil.copyfile(source, temp))
+        return
+    filesystem, root = fsspec.core.url_to_fs(target)
+    for path in files:
+        filesystem.put_file(str(path), f"{root.rstrip('/')}/{path.relative_to(checkpoint_dir).as_posix()}")
+
+
+def fetch_checkpoint(source: str | Path, local_dir: Path) -> Path:
+    """A checkpoint directory (local path or fsspec URI) as a local directory: local paths are used in place,
+    remote ones are downloaded into local_dir."""
+    if not is_uri(source) or str(source).startswith("file://"):
+        path = Path(fsspec.core.url_to_fs(str(source))[1])
+        if not (path / CHECKPOINT_FILE).is_file():
+            raise FileNotFoundError(f"no {CHECKPOINT_FILE} in {source}: not a checkpoint directory")
+        return path
+    filesystem, root = fsspec.core.url_to_fs(str(source))
+    root = root.rstrip("/")
+    if not filesystem.exists(f"{root}/{CHECKPOINT_FILE}"):
+        raise FileNotFoundError(f"no {CHECKPOINT_FILE} under {source}: not a checkpoint directory")
+    filesystem.get(f"{root}/", str(local_dir), recursive=True)
+    return Path(local_dir)
+
+
+def read_checkpoint_json(source: str | Path, name: str) -> dict | None:
+    """One small JSON file of a checkpoint directory (local or fsspec URI), without fetching the weights; None if
+    the checkpoint has no such file."""
+    filesystem, root = fsspec.core.url_to_fs(str(source))
+    path = f"{root.rstrip('/')}/{name}"
+    if not filesystem.exists(path):
+        return None
+    with filesystem.open(path, "r") as file:
+        return json.load(file)
 
 
 # ---------------------------------------------------------------------- inference

@@ -6,6 +6,7 @@ Presets in `configs/*.yaml` set only the fields they change; the rest keep these
 """
 
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,6 +16,7 @@ from typing import Any
 import yaml
 
 HF_FINEWEB_EDU_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
+EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"  # nanochat's copy of DCLM's
 LAST_FINEWEB_EDU_SHARD = 1822  # shards are numbered 0..1822; the last one is held out for validation
 TOKENIZERS = ("gpt2", "bpe")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -23,15 +25,121 @@ DEVICES = ("auto", "cuda", "cpu", "mps")
 
 
 class ConfigError(ValueError):
-    """A RunConfig field holds a value the run cannot use. The message names the field."""
+    """A config field holds a value the run cannot use. The message names the field: `RunConfig.depth: ...`."""
 
-    def __init__(self, field: str, problem: str):
+    def __init__(self, field: str, problem: str, owner: str = "RunConfig"):
         self.field = field
-        super().__init__(f"RunConfig.{field}: {problem}")
+        super().__init__(f"{owner}.{field}: {problem}")
+
+
+# Allowed types of a field's value, by its annotation: YAML and JSON write 1 for 1.0, and the console's JSON
+# (a protobuf Struct) turns every number into a float, so whole floats are accepted for ints and ints for floats.
+def coerce(owner: str, field: dataclasses.Field, value: Any) -> Any:
+    kind = field.type if isinstance(field.type, type) else {"int": int, "float": float, "str": str,
+                                                              "bool": bool}[field.type]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(value, kind):
+        return value
+    raise ConfigError(field.name, f"must be {'an' if kind is int else 'a'} {kind.__name__}, got {value!r}", owner)
+
+
+class StrictConfig:
+    """What the workflow configs share: every way into them rejects an unknown field by name, before anything runs.
+
+    The ways in: our loaders (`from_file`, `from_mapping`, the config CLI); `pyflyte run --config` (flytekit calls
+    the class's `from_json` when it has one, instead of patching in dataclasses_json's lenient one); and Flyte's type
+    engine (the msgpack literal of a launch and the console's JSON on a relaunch), which decodes with mashumaro,
+    which calls `__pre_deserialize__` first.
+    """
+
+    @classmethod
+    def check_fields(cls, values: dict[str, Any]) -> None:
+        known = [f.name for f in dataclasses.fields(cls)]
+        for name in sorted(set(values) - set(known)):
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"{cls.__name__} has {', '.join(known)}"
+            raise ConfigError(name, f"unknown field; {hint}", cls.__name__)
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]):
+        """A config from plain values; fields left out keep their defaults. Not named from_dict: pyflyte run
+        patches dataclasses_json's lenient from_dict onto input dataclasses that have none."""
+        if not isinstance(values, dict):
+            raise ConfigError("*", f"a config is a mapping of field: value, got {type(values).__name__}", cls.__name__)
+        cls.check_fields(values)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        return cls(**{name: coerce(cls.__name__, fields[name], value) for name, value in values.items()})
+
+    @classmethod
+    def __pre_deserialize__(cls, values: dict[str, Any]) -> dict[str, Any]:
+        cls.check_fields(values)
+        return values
+
+    @classmethod
+    def from_json(cls, text: str):
+        """What `pyflyte run --config` builds the input with: inline JSON, or a YAML/JSON file flytekit has read.
+        Validated here too, so that a bad value stops the command before anything runs, as one line: click's
+        BadParameter (pyflyte's CLI toolkit) prints its message; any other exception prints a traceback."""
+        try:
+            return cls.from_mapping(json.loads(text)).validate()
+        except ConfigError as error:
+            import click
+
+            raise click.BadParameter(str(error)) from error
+
+    @classmethod
+    def from_file(cls, path: str | Path):
+        """Load a preset (YAML or JSON). Fields it leaves out keep their defaults."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("*", f"no preset file {str(path)!r}", cls.__name__)
+        text = path.read_text()
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return cls.from_mapping(values or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self, world_size: int = 1):
+        raise NotImplementedError
+
+
+def at_least(config, field: str, minimum: int) -> None:
+    value = getattr(config, field)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(field, f"must be an integer, got {value!r}", type(config).__name__)
+    if value < minimum:
+        raise ConfigError(field, f"must be >= {minimum}, got {value}", type(config).__name__)
+
+
+def one_of(config, field: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(config, field)
+    if value not in allowed:
+        raise ConfigError(field, f"unknown value {value!r}; choose one of {', '.join(allowed)}", type(config).__name__)
+
+
+def fraction(config, field: str) -> None:
+    if not 0.0 <= getattr(config, field) <= 1.0:
+        raise ConfigError(field, f"must be in [0, 1], got {getattr(config, field)}", type(config).__name__)
+
+
+def non_negative(config, field: str) -> None:
+    if getattr(config, field) < 0:
+        raise ConfigError(field, f"must be >= 0, got {getattr(config, field)}", type(config).__name__)
 
 
 @dataclass
-class RunConfig:
+class RunConfig(StrictConfig):
     # --- identity ---
     run_name: str = ""  # empty: nanochat_d{depth}_flyte_{YYYYMMDD_HHMMSS}
     seed: int = 42
@@ -74,6 +182,12 @@ class RunConfig:
     sample_top_k: int = 50
     save_every: int = 100  # ~2 minutes of T4 time between saves: a preemption loses little
 
+    # --- CORE (the DCLM benchmark nanochat reports for base models; core_eval.py) ---
+    evaluate_core: bool = True  # score the final checkpoint (evaluate_base_model), where eval_bundle_url is set
+    eval_bundle_url: str = EVAL_BUNDLE_URL  # zip or directory, local or any URL; empty: no CORE
+    core_max_per_task: int = 500  # a fixed, seeded subset per task (a T4 scores it in minutes); 0: every example
+    core_metric_every: int = 0  # also score CORE every N training steps (same subset); 0: only at the end
+
     # --- hardware ---
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 on compute capability >= 8.0, float16 + GradScaler below, float32 on CPU
@@ -83,6 +197,9 @@ class RunConfig:
     wandb_project: str = "nanochat"
     wandb_entity: str = ""
     wandb_mode: str = "auto"  # auto: online when a W&B key is present, offline otherwise
+
+    # --- where the checkpoint is kept ---
+    save_to: str = ""  # a directory or fsspec URI that gets a copy of the checkpoint at every save; empty: none
 
     # ------------------------------------------------------------------ derived values
 
@@ -110,33 +227,26 @@ class RunConfig:
     def tokens_needed(self) -> int:
         return self.num_iterations * self.total_batch_size
 
+    @property
+    def core_enabled(self) -> bool:
+        """Whether the final checkpoint gets a CORE score: asked for, and a bundle to score it on."""
+        return self.evaluate_core and bool(self.eval_bundle_url)
+
     # ------------------------------------------------------------------ validation
 
     def validate(self, world_size: int = 1) -> "RunConfig":
         """Raise ConfigError naming the first bad field. Cheap, offline: run it before any download."""
-
-        def at_least(field: str, minimum: int) -> None:
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(field, f"must be an integer, got {value!r}")
-            if value < minimum:
-                raise ConfigError(field, f"must be >= {minimum}, got {value}")
-
-        def one_of(field: str, allowed: tuple[str, ...]) -> None:
-            value = getattr(self, field)
-            if value not in allowed:
-                raise ConfigError(field, f"unknown value {value!r}; choose one of {', '.join(allowed)}")
-
         for field in ("depth", "num_shards", "max_seq_len", "device_batch_size", "total_batch_size",
                       "num_iterations", "eval_every", "eval_tokens", "sample_every", "save_every",
                       "download_workers", "sample_max_tokens"):
-            at_least(field, 1)
-        for field in ("val_shard", "seed", "sample_top_k", "bpe_train_chars"):
-            at_least(field, 0)
-        one_of("tokenizer", TOKENIZERS)
-        one_of("wandb_mode", WANDB_MODES)
-        one_of("dtype", DTYPES)
-        one_of("device", DEVICES)
+            at_least(self, field, 1)
+        for field in ("val_shard", "seed", "sample_top_k", "bpe_train_chars", "core_max_per_task",
+                      "core_metric_every"):
+            at_least(self, field, 0)
+        one_of(self, "tokenizer", TOKENIZERS)
+        one_of(self, "wandb_mode", WANDB_MODES)
+        one_of(self, "dtype", DTYPES)
+        one_of(self, "device", DEVICES)
         if not self.data_url.strip():
             raise ConfigError("data_url", "must not be empty")
         if self.val_shard < self.num_shards:
@@ -150,11 +260,9 @@ class RunConfig:
                                                 f"files), got {self.bpe_vocab_size}")
         for field in ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip",
                       "sample_temperature"):
-            if getattr(self, field) < 0:
-                raise ConfigError(field, f"must be >= 0, got {getattr(self, field)}")
+            non_negative(self, field)
         for field in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
-            if not 0.0 <= getattr(self, field) <= 1.0:
-                raise ConfigError(field, f"must be in [0, 1], got {getattr(self, field)}")
+            fraction(self, field)
         if self.warmup_ratio + self.warmdown_ratio > 1.0:
             raise ConfigError("warmdown_ratio", f"warmup_ratio + warmdown_ratio must be <= 1, got "
                                                 f"{self.warmup_ratio} + {self.warmdown_ratio}")
@@ -164,57 +272,144 @@ class RunConfig:
         self.grad_accum_steps(world_size)
         return self
 
-    # ------------------------------------------------------------------ (de)serialisation
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    # Not named from_dict: `pyflyte run` patches dataclasses_json's lenient from_dict onto input dataclasses.
-    @classmethod
-    def from_mapping(cls, values: dict[str, Any]) -> "RunConfig":
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ConfigError(unknown[0], f"unknown field; RunConfig has {', '.join(known)}")
-        return cls(**values)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "RunConfig":
-        """Load a preset (YAML or JSON). Fields it leaves out keep their defaults."""
-        text = Path(path).read_text()
-        values = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-        return cls.from_mapping(values or {})
+CHAT_EVAL_TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval")
+HUMANEVAL_MODES = ("auto", "on", "off")
 
 
-def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
+@dataclass
+class ChatConfig(StrictConfig):
+    """The chat stage's one input: supervised fine-tuning (SFT) of a base checkpoint on conversations, then the
+    chat evaluation. Defaults follow nanochat's SFT: the base run's batch and learning rates, the rates scaled by
+    init_lr_frac, a linear warmdown over the second half, one epoch of SmolTalk + 3 x MMLU + 4 x GSM8K.
+    A 0 below means "the base run's value"."""
+
+    # --- identity ---
+    run_name: str = ""  # empty: the base run's name + "_sft"
+    seed: int = 42
+
+    # --- data: the Hugging Face hub (or a mirror) through its parquet listing API ---
+    hf_endpoint: str = ""  # empty: $HF_ENDPOINT, else https://huggingface.co
+    smoltalk_epochs: float = 1.0  # HuggingFaceTB/smol-smoltalk: general conversations
+    mmlu_epochs: float = 3.0  # cais/mmlu auxiliary_train, as multiple choice: teaches answering with a letter
+    gsm8k_epochs: float = 4.0  # openai/gsm8k: grade-school math with worked solutions
+    max_conversations: int = 0  # 0: the whole mixture; N: a fixed, seeded subset of N (smoke runs)
+    val_conversations: int = 1000  # SmolTalk test conversations held out for the validation loss
+
+    # --- training (0 = inherit from the base run) ---
+    num_iterations: int = 0  # 0: one epoch of the mixture
+    max_seq_len: int = 0
+    device_batch_size: int = 0
+    total_batch_size: int = 0
+    embedding_lr: float = 0.0
+    unembedding_lr: float = 0.0
+    matrix_lr: float = 0.0
+    init_lr_frac: float = 0.8  # SFT starts at this fraction of the (inherited) learning rates
+    warmup_ratio: float = 0.0
+    warmdown_ratio: float = 0.5
+    final_lr_frac: float = 0.0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_every: int = 100  # validation loss on the held-out assistant tokens
+    sample_every: int = 200
+    sample_max_tokens: int = 64
+    save_every: int = 100
+
+    # --- hardware ---
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = True
+
+    # --- chat evaluation ---
+    eval_tasks: str = ",".join(CHAT_EVAL_TASKS)
+    eval_max_per_task: int = 0  # 0: every example; N: a fixed, seeded subset of N per task
+    eval_batch_size: int = 8  # prompts decoded (or scored) together
+    eval_max_tokens: int = 256  # generation budget per GSM8K / HumanEval answer
+    humaneval: str = "auto"  # runs model-written code in a sandbox; auto: only where the sandbox works here
+
+    # --- tracking, and where the chat checkpoint is kept ---
+    wandb_project: str = "nanochat"
+    wandb_entity: str = ""
+    wandb_mode: str = "auto"
+    save_to: str = ""  # a directory or fsspec URI that gets a copy of the chat checkpoint at every save
+
+    @property
+    def eval_task_list(self) -> list[str]:
+        return [task.strip() for task in self.eval_tasks.split(",") if task.strip()]
+
+    def validate(self, world_size: int = 1) -> "ChatConfig":
+        for field in ("seed", "max_conversations", "num_iterations", "max_seq_len", "device_batch_size",
+                      "total_batch_size", "eval_max_per_task"):
+            at_least(self, field, 0)
+        for field in ("val_conversations", "eval_every", "sample_every", "sample_max_tokens", "save_every",
+                      "eval_batch_size", "eval_max_tokens"):
+            at_least(self, field, 1)
+        for field in ("smoltalk_epochs", "mmlu_epochs", "gsm8k_epochs", "embedding_lr", "unembedding_lr", "matrix_lr",
+                      "weight_decay", "grad_clip"):
+            non_negative(self, field)
+        if self.smoltalk_epochs + self.mmlu_epochs + self.gsm8k_epochs == 0:
+            raise ConfigError("smoltalk_epochs", "the mixture is empty: give at least one source epochs > 0",
+                              "ChatConfig")
+        for field in ("init_lr_frac", "warmup_ratio", "warmdown_ratio", "final_lr_frac"):
+            fraction(self, field)
+        if self.warmup_ratio + self.warmdown_ratio > 1.0:
+            raise ConfigError("warmdown_ratio", f"warmup_ratio + warmdown_ratio must be <= 1, got "
+                                                f"{self.warmup_ratio} + {self.warmdown_ratio}", "ChatConfig")
+        one_of(self, "dtype", DTYPES)
+        one_of(self, "device", DEVICES)
+        one_of(self, "wandb_mode", WANDB_MODES)
+        one_of(self, "humaneval", HUMANEVAL_MODES)
+        for task in self.eval_task_list:
+            if task not in CHAT_EVAL_TASKS:
+                raise ConfigError("eval_tasks", f"unknown task {task!r}; choose from {', '.join(CHAT_EVAL_TASKS)}",
+                                  "ChatConfig")
+        if self.hf_endpoint and not self.hf_endpoint.startswith(("http://", "https://")):
+            raise ConfigError("hf_endpoint", f"must be an http(s) URL, got {self.hf_endpoint!r}", "ChatConfig")
+        return self
+
+
+def load_config(path: str | Path | None = None, kind: type[StrictConfig] = RunConfig, **overrides: Any):
     """A preset file (optional) with overrides on top; an unknown field in either is a ConfigError."""
-    config = RunConfig.from_file(path) if path else RunConfig()
-    return RunConfig.from_mapping({**config.to_dict(), **overrides})
+    config = kind.from_file(path) if path else kind()
+    return kind.from_mapping({**config.to_dict(), **overrides})
 
 
-def parse_override(assignment: str) -> tuple[str, Any]:
+def parse_override(assignment: str, owner: str = "RunConfig") -> tuple[str, Any]:
     """'field=value' with value typed as YAML reads it (4 -> int, true -> bool, text -> str)."""
     field, sep, value = assignment.partition("=")
     if not sep:
-        raise ConfigError(field or assignment, f"override {assignment!r} is not of the form field=value")
+        raise ConfigError(field or assignment, f"override {assignment!r} is not of the form field=value", owner)
     return field.strip(), yaml.safe_load(value)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print a preset with overrides as one JSON document, the form `pyflyte run ... --config` takes inline:
+    """Check a preset with overrides and write it as one JSON document, the form `pyflyte run ... --config` takes:
 
-        pyflyte run workflows/nanochat.py main \\
-            --config "$(python -m nanochat_flyte.config configs/smoke.yaml data_url=s3://my-bucket/fineweb)"
+        python -m nanochat_flyte.config configs/smoke.yaml data_url=s3://my-bucket/fineweb -o run.json \
+            && pyflyte run workflows/nanochat.py main --config run.json
+
+    A bad field stops the `&&` chain with one line naming it; without -o the JSON goes to stdout.
     """
-    import argparse
+    from nanochat_flyte.cli import ArgumentParser  # cli imports this module
 
-    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser = ArgumentParser("nanochat_flyte.config", description=main.__doc__.splitlines()[0])
     parser.add_argument("preset", help="a preset file, e.g. configs/smoke.yaml")
     parser.add_argument("overrides", nargs="*", metavar="field=value")
-    args = parser.parse_args(argv)
-    config = load_config(args.preset, **dict(map(parse_override, args.overrides))).validate()
-    print(json.dumps(config.to_dict()))
+    parser.add_argument("--chat", action="store_true", help="a ChatConfig preset (the chat stage), not a RunConfig")
+    parser.add_argument("-o", "--output", type=Path, help="write the JSON to this file instead of stdout")
+    args = parser.parse_intermixed_args(argv)  # field=value overrides may come before or after the options
+    kind = ChatConfig if args.chat else RunConfig
+    overrides = dict(parse_override(assignment, kind.__name__) for assignment in args.overrides)
+    config = load_config(args.preset, kind, **overrides).validate()
+    text = json.dumps(config.to_dict())
+    if args.output:
+        args.output.write_text(text + "\n")
+    else:
+        print(text)
 
 
 if __name__ == "__main__":
-    main()
+    from nanochat_flyte import config  # the package's module, not __main__: its error classes are those cli catches
+    from nanochat_flyte.cli import run
+
+    run(config.main)

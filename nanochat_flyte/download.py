@@ -17,6 +17,7 @@ downloader at a time.
 import email.utils
 import os
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -294,6 +295,13 @@ def download_shards(data_url: str, indices: list[int], cache_dir: Path | None = 
 
 # ----------------------------------------------------------------------------- probe
 
+def short_reason(error: Exception) -> str:
+    """The reason inside an error: requests nests it deep ("HTTPConnectionPool(...): Max retries exceeded ...
+    [Errno 111] Connection refused"))"), which is all a user needs to read."""
+    match = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(error))
+    return match.group(1) if match else (str(error).splitlines() or [type(error).__name__])[0][:300]
+
+
 def probe(url: str) -> str | None:
     """None when the file at url exists; "not found" when the source answers that it has no such file; any
     other text says why the source could not be asked (connection refused, HTTP 503, ...)."""
@@ -309,7 +317,7 @@ def probe(url: str) -> str | None:
                 fs, path = fsspec.core.url_to_fs(url)
                 return None if fs.exists(path) else "not found"
         except (requests.RequestException, OSError, ImportError, ValueError) as e:  # ImportError: s3fs missing
-            cause = str(e)
+            cause = short_reason(e)
         if cause is None:
             return None
         if attempt + 1 < PROBE_ATTEMPTS:

@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import fsspec
 from matplotlib.figure import Figure
 
 from nanochat_flyte.tracking import METRICS_FILE, RUN_INFO_FILE, SAMPLES_FILE, read_jsonl
@@ -48,8 +49,15 @@ def format_duration(seconds: float | None) -> str:
 
 
 def markdown_text(text: str) -> str:
-    """Model output as Markdown text: on one line (a newline would end the list item), HTML shown, not run."""
-    return html.escape(text.replace("\n", " "), quote=False)
+    """Text as Markdown shows it: HTML shown, not run."""
+    return html.escape(text, quote=False)
+
+
+def markdown_sample(prompt: str, completion: str) -> str:
+    """A sample as a block quote: the prompt in bold, then the completion with its own line breaks (a blank line
+    stays a quoted blank line, so a completion that starts with newlines is not mistaken for an empty one)."""
+    lines = f"**{markdown_text(prompt.strip())}** {markdown_text(completion)}".split("\n")
+    return "\n".join(f"> {line.rstrip()}  " if line.strip() else ">" for line in lines)  # two spaces: a line break
 
 
 def as_written(values: dict[str, Any]) -> dict[str, str]:
@@ -69,34 +77,42 @@ def series(metrics: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [row["step"] for row in rows], [row[key] for row in rows]
 
 
+VALIDATION_METRICS = {"val/bpb": ("Validation bits per byte", "bpb"),  # pretraining
+                      "val/loss": ("Validation loss (assistant tokens)", "cross-entropy (nats)")}  # fine-tuning
+
+
 def loss_figure(metrics: list[dict]) -> Figure | None:
-    """Training loss (raw and smoothed) and validation bits per byte against the step."""
-    if not any("train/loss" in row or "val/bpb" in row for row in metrics):
+    """Training loss (raw and smoothed) and the validation metric against the step."""
+    if not any("train/loss" in row or any(key in row for key in VALIDATION_METRICS) for row in metrics):
         return None
     figure = Figure(figsize=FIGURE_SIZE, dpi=DPI, layout="tight")
-    loss_axes, bpb_axes = figure.subplots(1, 2)
+    loss_axes, val_axes = figure.subplots(1, 2)
     loss_axes.plot(*series(metrics, "train/loss"), alpha=0.3, label="loss")
     loss_axes.plot(*series(metrics, "train/loss_smooth"), label="loss (smoothed)")
     loss_axes.set(title="Training loss", xlabel="step", ylabel="cross-entropy (nats)")
     loss_axes.legend()
-    bpb_axes.plot(*series(metrics, "val/bpb"), marker="o", color="tab:green")
-    bpb_axes.set(title="Validation bits per byte", xlabel="step", ylabel="bpb")
-    for axes in (loss_axes, bpb_axes):
+    key = next((key for key in VALIDATION_METRICS if any(key in row for row in metrics)), "val/bpb")
+    title, label = VALIDATION_METRICS[key]
+    val_axes.plot(*series(metrics, key), marker="o", color="tab:green")
+    val_axes.set(title=title, xlabel="step", ylabel=label)
+    for axes in (loss_axes, val_axes):
         axes.grid(alpha=0.3)
     return figure
 
 
 def throughput_figure(metrics: list[dict]) -> Figure | None:
-    """Tokens per second and model FLOPs utilisation against the step."""
+    """Tokens per second, and model FLOPs utilisation where it is known (not on a CPU), against the step."""
     if not any("train/tok_per_sec" in row for row in metrics):
         return None
-    figure = Figure(figsize=FIGURE_SIZE, dpi=DPI, layout="tight")
-    speed_axes, mfu_axes = figure.subplots(1, 2)
+    has_mfu = any(row.get("train/mfu") is not None for row in metrics)
+    figure = Figure(figsize=FIGURE_SIZE if has_mfu else (FIGURE_SIZE[0] / 2, FIGURE_SIZE[1]), dpi=DPI, layout="tight")
+    speed_axes, *mfu_axes = figure.subplots(1, 2) if has_mfu else [figure.subplots(1, 1)]
     speed_axes.plot(*series(metrics, "train/tok_per_sec"))
     speed_axes.set(title="Throughput", xlabel="step", ylabel="tokens / s")
-    mfu_axes.plot(*series(metrics, "train/mfu"), color="tab:orange")
-    mfu_axes.set(title="Model FLOPs utilisation", xlabel="step", ylabel="MFU (%)")
-    for axes in (speed_axes, mfu_axes):
+    for axes in mfu_axes:
+        axes.plot(*series(metrics, "train/mfu"), color="tab:orange")
+        axes.set(title="Model FLOPs utilisation", xlabel="step", ylabel="MFU (%)")
+    for axes in (speed_axes, *mfu_axes):
         axes.grid(alpha=0.3)
     return figure
 
@@ -130,8 +146,8 @@ def headline_numbers(out_dir: Path, summary: dict) -> dict[str, str]:
         "wall time": format_duration(summary.get("total_time_s")),
         "average tokens / s": format_value(summary.get("avg_tok_per_sec")),
         "average MFU (%)": format_value(summary.get("avg_mfu")),
-        "min validation bpb": format_value(summary.get("min_validation_bpb")),
-        "final validation bpb": format_value(summary.get("final_validation_bpb")),
+        **{f"{kind} validation {metric}": format_value(summary[f"{kind}_validation_{metric}"])
+           for metric in ("bpb", "loss") for kind in ("min", "final") if f"{kind}_validation_{metric}" in summary},
         "W&B run": summary.get("wandb_url") or "none online (offline runs are under wandb/)",
     }
 
@@ -139,30 +155,36 @@ def headline_numbers(out_dir: Path, summary: dict) -> dict[str, str]:
 # ---------------------------------------------------------------------------- report.md
 
 
+def markdown_grid(header: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table of any number of columns; cells formatted as format_value does."""
+    def line(cells: list[Any]) -> str:  # a bare | would end a cell
+        return "| " + " | ".join(format_value(cell).replace("|", r"\|") for cell in cells) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
+
+
 def markdown_table(rows: dict[str, Any], header: tuple[str, str] = ("", "")) -> str:
-    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
-    for key, value in rows.items():
-        cell = format_value(value).replace("|", r"\|")  # a bare | would end the cell
-        lines.append(f"| {key} | {cell} |")
-    return "\n".join(lines)
+    return markdown_grid(list(header), [[key, value] for key, value in rows.items()])
 
 
-def write_report(out_dir: Path, config, env_report: dict | None, summary: dict) -> Path:
-    """out_dir/report.md: the run's report card, with its plots next to it as PNG files."""
+def write_report(out_dir: Path, config, env_report: dict | None, summary: dict,
+                 evaluations: tuple[str, ...] = ()) -> Path:
+    """out_dir/report.md: the run's report card, with its plots next to it as PNG files. `evaluations` are
+    Markdown sections (the CORE table, the chat evaluation table) placed after the results."""
     out_dir = Path(out_dir)
     metrics = read_jsonl(out_dir / METRICS_FILE)
     samples = read_jsonl(out_dir / SAMPLES_FILE)
     settings = config_dict(config)
     sections = [f"# nanochat-flyte report: {settings.get('run_name') or 'unnamed run'}",
                 f"Generated {datetime.now():%Y-%m-%d %H:%M:%S} from `{METRICS_FILE}` and `{SAMPLES_FILE}`.",
-                "## Results", markdown_table(headline_numbers(out_dir, summary))]
+                "## Results", markdown_table(headline_numbers(out_dir, summary)), *evaluations]
     for name, figure in run_figures(metrics).items():
         figure.savefig(out_dir / name)
         sections.append(f"![{Path(name).stem}]({name})")
     if samples:
         last_step = max(sample["step"] for sample in samples)
         sections.append(f"## Samples at step {last_step}")
-        sections += [f"- **{markdown_text(sample['prompt'])}**{markdown_text(sample['completion'])}"
+        sections += [markdown_sample(sample["prompt"], sample["completion"])
                      for sample in samples if sample["step"] == last_step]
     sections += ["## Configuration", markdown_table(as_written(settings), ("field", "value"))]
     if env_report:
@@ -170,6 +192,19 @@ def write_report(out_dir: Path, config, env_report: dict | None, summary: dict) 
     report = out_dir / REPORT_FILE
     report.write_text("\n\n".join(sections) + "\n")
     return report
+
+
+def write_run_report(checkpoint: str, report_dir: Path, config, env_report: dict | None, summary: dict,
+                     evaluations: tuple[str, ...] = ()) -> Path:
+    """The report card of a finished run, with its evaluations, in report_dir: built from the records of its
+    checkpoint (a directory or fsspec URI), fetched without the weights."""
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    filesystem, root = fsspec.core.url_to_fs(str(checkpoint))
+    for name in (METRICS_FILE, SAMPLES_FILE, RUN_INFO_FILE):
+        if filesystem.exists(f"{root.rstrip('/')}/{name}"):
+            filesystem.get_file(f"{root.rstrip('/')}/{name}", str(report_dir / name))
+    return write_report(report_dir, config, env_report, summary, evaluations)
 
 
 # ---------------------------------------------------------------------------- Flyte Deck HTML

@@ -3,12 +3,15 @@
 import json
 from pathlib import Path
 
+import fsspec
+
 WORKFLOW_NAME = "nanochat_full_training"
 
 
 def aggregate_results(config_dict: dict, environment: dict, manifest: dict, training: dict,
-                      checkpoint_dir: str) -> dict:
-    """Combine what the stages reported. `training` is the summary train() returns."""
+                      checkpoint_dir: str, core: dict | None = None) -> dict:
+    """Combine what the stages reported. `training` is the summary train() returns; `core` the CORE evaluation
+    (core_eval.evaluate_core; empty or None when it did not run)."""
     data = {key: manifest.get(key) for key in ("train_tokens", "val_tokens", "tokens_needed", "epochs")}
     data["tokenizer"] = manifest.get("tokenizer", {}).get("name")
     data["train_shards"] = [entry["shard"] for entry in manifest.get("train", [])]
@@ -21,9 +24,36 @@ def aggregate_results(config_dict: dict, environment: dict, manifest: dict, trai
         "environment": environment,
         "config": config_dict,
         "wandb_url": training.get("wandb_url"),
+        "core": core or None,
     }
 
 
-def write_results(results: dict, path: Path) -> Path:
-    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    return path
+CHAT_WORKFLOW_NAME = "nanochat_chat"
+
+
+def chat_results(chat_config: dict, base_checkpoint: str, training: dict, evaluation: dict,
+                 checkpoint_dir: str) -> dict:
+    """The chat stage's results: the SFT summary (Trainer) and the chat evaluation (chat_eval.evaluate_chat)."""
+    return {
+        "workflow": CHAT_WORKFLOW_NAME,
+        "run_name": training.get("run_name"),
+        "base_checkpoint": base_checkpoint,
+        "sft": {**training, "checkpoint_dir": checkpoint_dir},
+        "chat_eval": evaluation,
+        "chatcore": evaluation.get("chatcore"),
+        "config": chat_config,
+        "wandb_url": training.get("wandb_url"),
+    }
+
+
+RESULTS_FILE = "results.json"
+
+
+def write_results(results: dict, directory: str | Path) -> str:
+    """results.json in a directory or under any fsspec URI (s3://...); returns where it went."""
+    target = f"{str(directory).rstrip('/')}/{RESULTS_FILE}"
+    filesystem, path = fsspec.core.url_to_fs(target)
+    filesystem.makedirs(filesystem._parent(path), exist_ok=True)
+    with filesystem.open(path, "w") as file:
+        file.write(json.dumps(results, indent=2, default=str) + "\n")
+    return target

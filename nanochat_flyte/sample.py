@@ -6,10 +6,10 @@
 DIR_OR_URI is a checkpoint directory (docs/architecture.md) or any fsspec URI to one: s3://, gs://, file://.
 """
 
-import argparse
 
 import tiktoken
 
+from nanochat_flyte.cli import ArgumentParser
 from nanochat_flyte.device import Precision
 from nanochat_flyte.engine import Engine, SamplingParams
 from nanochat_flyte.model import GPT
@@ -24,7 +24,7 @@ def complete(model: GPT, tokenizer: tiktoken.Encoding, prompt: str, *, max_token
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser("nanochat_flyte.sample", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory or fsspec URI (s3://, gs://, ...)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -48,4 +48,6 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from nanochat_flyte.cli import run
+
+    run(main)

@@ -8,7 +8,9 @@ single warning line.
 
 Run id: inside a Flyte execution the W&B run id is the execution name (FLYTE_INTERNAL_EXECUTION_ID), the same
 convention as flytekitplugins-wandb, so a console log-link template can point at the run and every retry of the
-task resumes the same run. Elsewhere a resumed run reuses the id stored in out_dir/wandb_run_id.
+task resumes the same run; a fine-tuning run in the same execution is "<execution>-chat". Elsewhere a resumed run
+reuses the id stored in out_dir/wandb_run_id. Evaluations after training (CORE, chat evaluation) add their numbers
+to the run of the checkpoint they evaluated (log_evaluation).
 """
 
 import json
@@ -16,11 +18,13 @@ import logging
 import os
 import secrets
 import struct
+import tempfile
 import time
 import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
+import fsspec
 import wandb
 from wandb.proto import wandb_internal_pb2
 
@@ -84,8 +88,8 @@ class Tracker:
     """Logs one training run. On ranks other than 0 every method does nothing (one writer per run)."""
 
     def __init__(self, config: RunConfig, out_dir: Path, env_report: dict | None = None, rank: int = 0,
-                 resume_step: int | None = None):
-        self.config = config
+                 resume_step: int | None = None, phase: str = "base"):
+        self.config, self.phase = config, phase
         self.out_dir = Path(out_dir)
         self.is_writer = rank == 0
         self.run = None
@@ -113,6 +117,8 @@ class Tracker:
     def _choose_run_id(self, resuming: bool) -> str:
         id_file = self.out_dir / RUN_ID_FILE
         run_id = os.environ.get("FLYTE_INTERNAL_EXECUTION_ID")
+        if run_id and self.phase != "base":  # base training and fine-tuning of one execution: two runs
+            run_id = f"{run_id}-{self.phase}"
         if not run_id and resuming and id_file.exists():
             run_id = id_file.read_text().strip()
         run_id = run_id or secrets.token_hex(6)  # W&B ids: lowercase letters and digits
@@ -136,7 +142,7 @@ class Tracker:
         # A custom x-axis: "step" is in every row, so val/bpb and the samples plot against the training step,
         # and a resumed run may re-log steps W&B has seen (its own _step must only grow).
         run.define_metric("step")
-        for pattern in ("train/*", "val/*", "samples"):
+        for pattern in ("train/*", "val/*", "core/*", "chat/*", "samples"):
             run.define_metric(pattern, step_metric="step")
         return run
 
@@ -231,6 +237,22 @@ class Tracker:
 
     def _write_run_info(self) -> None:
         (self.out_dir / RUN_INFO_FILE).write_text(json.dumps(self.run_info, indent=2, default=str))
+
+
+def log_evaluation(config: RunConfig, checkpoint: str, step: int, metrics: dict[str, float], summary: dict[str, Any],
+                   phase: str = "base") -> str | None:
+    """Add an evaluation's numbers to the W&B run that trained `checkpoint` (a directory or fsspec URI), at the
+    training step it ended on. The run id comes from the Flyte execution, or from the checkpoint's wandb_run_id.
+    Returns the run's URL when online. The numbers are in the results JSON whatever W&B does."""
+    with tempfile.TemporaryDirectory(prefix="nanochat-eval-wandb-") as scratch:
+        filesystem, root = fsspec.core.url_to_fs(str(checkpoint))
+        id_file = f"{root.rstrip('/')}/{RUN_ID_FILE}"
+        if filesystem.exists(id_file):
+            Path(scratch, RUN_ID_FILE).write_text(filesystem.cat_file(id_file).decode())
+        tracker = Tracker(config, Path(scratch), resume_step=step, phase=phase)
+        tracker.log(step, metrics)
+        tracker.set_summary(summary)
+        return tracker.finish()
 
 
 # ---------------------------------------------------------------------- reading an offline run back

@@ -1,15 +1,25 @@
-"""The base-model training loop: `train()`, and `python -m nanochat_flyte.train` (also under torchrun).
+"""The training loop, shared by pretraining and supervised fine-tuning (SFT): `Trainer`, and `train()`, the
+pretraining run (`python -m nanochat_flyte.train`, also under torchrun).
 
 One loop for every setting: CPU, MPS, one GPU, or N GPUs under DDP (rank 0 alone writes and logs). Per step:
-grad_accum_steps micro-batches forward/backward, one optimizer step. At step boundaries: validation bpb,
-samples and checkpoints. In a single-process run a CUDA out-of-memory error halves the device batch (and
-doubles the accumulation, so the optimizer sees the same batch) and re-runs the step.
+grad_accum_steps micro-batches forward/backward, one optimizer step. At step boundaries: validation, samples and
+checkpoints. In a single-process run a CUDA out-of-memory error halves the device batch (and doubles the
+accumulation, so the optimizer sees the same batch) and re-runs the step.
+
+A `Phase` brings what differs between pretraining and SFT: the batches, the validation metric, the samples and the
+starting weights (`Pretraining` here, `FineTuning` in chat_sft.py). The Trainer does the rest: device and
+precision, DDP, optimizers and schedules, the OOM fallback, resuming, W&B and metrics.jsonl, checkpoints, the
+report card.
 
     python -m nanochat_flyte.train --config configs/X.yaml --data-dir DATA --out-dir OUT [--resume-dir CKPT]
     torchrun --nproc_per_node=2 -m nanochat_flyte.train --config configs/X.yaml --data-dir DATA --out-dir OUT
+
+Resuming (--resume-dir, or `main(resume_from=...)` in the workflow) continues from the checkpoint's step with the
+optimizer, data position and RNG states it saved. With a larger num_iterations it extends a finished run: the LR
+schedule is that of the new num_iterations, so a run that had finished its warmdown returns to the flat learning
+rate and warms down again over the last warmdown_ratio of the new length.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -21,13 +31,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import tiktoken
+
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from nanochat_flyte.checkpoint import (TRAINING_STATE_FILE, copy_tokenizer, load_checkpoint, restore_rng_states,
+from nanochat_flyte.cli import ArgumentParser
+from nanochat_flyte.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, TOKENIZER_DIR, TRAINING_STATE_FILE,
+                                       load_checkpoint, publish_checkpoint, read_checkpoint_json, restore_rng_states,
                                        save_checkpoint, write_json)
-from nanochat_flyte.config import RunConfig, load_config
+from nanochat_flyte.config import ConfigError, RunConfig, load_config
+from nanochat_flyte.core_eval import core_log_metrics, evaluate_core, load_bundle
 from nanochat_flyte.dataloader import TokenLoader, shard_files, validation_tokens
 from nanochat_flyte.device import Precision, mfu, peak_flops, select_device, select_precision
 from nanochat_flyte.environment import environment_report
@@ -123,8 +138,8 @@ class LoopState:
 
     device_batch_size: int  # can shrink after an out-of-memory error
     loss_ema: float = 0.0
-    val_bpb: float | None = None  # last evaluation
-    min_val_bpb: float | None = None
+    val_metric: float | None = None  # last evaluation (bpb when pretraining, loss when fine-tuning)
+    min_val_metric: float | None = None
     skipped_steps: int = 0
     timed_steps: int = 0  # steps in the throughput averages: all but the first of each session (warm-up, compile)
     timed_seconds: float = 0.0
@@ -169,230 +184,410 @@ def training_device(config: RunConfig, local_rank: int = 0) -> torch.device:
     return device
 
 
-# ---------------------------------------------------------------------- the loop
+# ---------------------------------------------------------------------- phases
 
 
-def generate_samples(model: GPT, tokenizer, config: RunConfig, precision: Precision) -> list[dict[str, str]]:
-    return [{"prompt": prompt,
-             "completion": complete(model, tokenizer, prompt, max_tokens=config.sample_max_tokens,
-                                    temperature=config.sample_temperature, top_k=config.sample_top_k or None,
-                                    seed=config.seed, precision=precision)}
-            for prompt in SAMPLE_PROMPTS]
+class Phase:
+    """What a training phase brings to the loop. Subclasses: Pretraining (below) and FineTuning (chat_sft.py)."""
+
+    name: str  # "base" or "chat": recorded in the checkpoint, so the sampler and chat tools tell them apart
+    metric: str  # the validation metric: "bpb" or "loss" (logged as val/<metric>, summarised as *_validation_<metric>)
+    tokenizer: tiktoken.Encoding
+    tokenizer_dir: Path  # copied into the checkpoint: a checkpoint carries its tokenizer
+
+    def batches(self, batch_size: int, device: torch.device, rank: int, world_size: int, state: dict | None):
+        """An iterator of (inputs, targets) micro-batches with state_dict(), close() and .epoch, resumed at state."""
+        raise NotImplementedError
+
+    def evaluate(self, model: torch.nn.Module, batch_size: int, device: torch.device, precision: Precision) -> float:
+        """The validation metric (lower is better). Under DDP every rank calls it and gets the same number."""
+        raise NotImplementedError
+
+    def samples(self, model: GPT, precision: Precision) -> list[dict[str, str]]:
+        """[{"prompt", "completion"}] to log: what the model writes at this point of training."""
+        raise NotImplementedError
+
+    def load_weights(self, model: GPT) -> None:
+        """Starting weights on top of the fresh initialisation (fine-tuning loads the base model's)."""
+
+    def periodic_metrics(self, model: GPT, step: int, batch_size: int, precision: Precision) -> dict[str, float]:
+        """Extra evaluations at some step boundaries (CORE during pretraining); every rank calls it."""
+        return {}
+
+    def info(self) -> dict:
+        """Facts about the phase's inputs for run_info.json and W&B (data, base checkpoint, ...)."""
+        return {}
 
 
-def train(config: RunConfig, data_dir: Path, out_dir: Path, *, resume_dir: Path | None = None,
-          on_save: Callable[[Path], None] | None = None, env_report: dict | None = None) -> dict:
-    """Train a base model on data_dir's tokens; write the checkpoint directory to out_dir; return the summary."""
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    rank, local_rank, world_size = distributed_env()
-    config.validate(world_size)
-    device = training_device(config, local_rank)
-    own_process_group = world_size > 1 and not dist.is_initialized()
-    if own_process_group:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    master = rank == 0
-    precision = select_precision(device, config.dtype)
+class Pretraining(Phase):
+    """Next-token prediction on the data directory's train shards; validation bits per byte on its val shard."""
 
-    tokenizer = load_tokenizer(data_dir / "tokenizer")
-    model = build_model(config, tokenizer.n_vocab, device)
-    optimizers = build_optimizers(model, config)
-    grad_scaler = make_grad_scaler(precision, device)
-    loop = LoopState(device_batch_size=config.device_batch_size)
-    start_step, loader_state = 0, None
-    if resume_dir is not None:
-        checkpoint = load_checkpoint(Path(resume_dir))
-        model.load_state_dict(checkpoint["model"])
-        for optimizer, state in zip(optimizers, checkpoint["optimizers"], strict=True):
-            optimizer.load_state_dict(state)
-        if grad_scaler:
-            grad_scaler.load_state_dict(checkpoint["grad_scaler"])
-        loop = LoopState(**checkpoint["loop"])
-        start_step, loader_state = checkpoint["step"], checkpoint["loader"]
-        restore_rng_states(checkpoint["rng"])
-        if not config.run_name:  # keep the name (and with it the W&B run) of the run being resumed
-            config = dataclasses.replace(config, run_name=checkpoint["config"]["run_name"])
-        if master and Path(resume_dir).resolve() != out_dir.resolve():
-            # continue in out_dir from the saved directory: metrics, samples and the W&B run id come along
-            shutil.copytree(resume_dir, out_dir, dirs_exist_ok=True)
-        del checkpoint
-    config = config.resolved()
+    name, metric = "base", "bpb"
 
-    def make_loader(batch_size: int, state: dict | None) -> TokenLoader:
-        loader = TokenLoader(shard_files(data_dir, "train"), batch_size, config.max_seq_len, seed=config.seed,
-                             device=device, rank=rank, world_size=world_size)
+    def __init__(self, config: RunConfig, data_dir: Path):
+        self.config, self.data_dir = config, Path(data_dir)
+        self.tokenizer_dir = self.data_dir / TOKENIZER_DIR
+        self.tokenizer = load_tokenizer(self.tokenizer_dir)
+        self.val_tokens = validation_tokens(self.data_dir, config.eval_tokens)
+        self.token_bytes = token_byte_lengths(self.tokenizer)
+        self.core_bundle = None  # loaded at the first CORE evaluation during training
+
+    def batches(self, batch_size, device, rank, world_size, state):
+        loader = TokenLoader(shard_files(self.data_dir, "train"), batch_size, self.config.max_seq_len,
+                             seed=self.config.seed, device=device, rank=rank, world_size=world_size)
         if state is not None:
             loader.load_state_dict(state)
         return loader
 
-    loader = make_loader(loop.device_batch_size, loader_state)
-    compiled = compile_model(model, config, device)
-    trained = compiled
-    if world_size > 1:
-        trained = DistributedDataParallel(compiled, device_ids=[local_rank] if device.type == "cuda" else None)
-    val_tokens = validation_tokens(data_dir, config.eval_tokens)
-    token_bytes = token_byte_lengths(tokenizer)
+    def evaluate(self, model, batch_size, device, precision):
+        return evaluate_bpb(model, self.val_tokens, self.token_bytes, batch_size=batch_size,
+                            seq_len=self.config.max_seq_len, eval_tokens=self.config.eval_tokens, device=device,
+                            precision=precision)
 
-    flops_per_token = model.estimate_flops()
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    peak = peak_flops(device_name, precision.dtype)
-    facts = {"num_params": model.num_params(), "flops_per_token": flops_per_token, "device": device.type,
-             "device_name": device_name, "dtype": precision.name, "world_size": world_size,
-             "model_config": model.config.to_dict()}
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        copy_tokenizer(data_dir, out_dir)
-        print(f"model: depth {config.depth}, {facts['num_params']:,} parameters, {flops_per_token:.3e} FLOPs/token | "
-              f"device: {device_name} ({precision.name}), world size {world_size}", flush=True)
-    tracker = Tracker(config, out_dir, env_report, rank=rank, resume_step=start_step if resume_dir else None)
-    tracker.log_config(facts)
+    def periodic_metrics(self, model, step, batch_size, precision):
+        """CORE every core_metric_every steps (not at the end: evaluate_base_model scores the final checkpoint)."""
+        config = self.config
+        every = config.core_metric_every if config.core_enabled else 0
+        if not every or step == 0 or step % every or step == config.num_iterations:
+            return {}
+        if self.core_bundle is None:  # rank 0 downloads the bundle; the others then find it in the cache
+            if dist.is_initialized() and dist.get_rank() > 0:
+                dist.barrier()
+            self.core_bundle = load_bundle(config.eval_bundle_url)
+            if dist.is_initialized() and dist.get_rank() == 0:
+                dist.barrier()
+        result = evaluate_core(model, self.tokenizer, self.core_bundle, max_per_task=config.core_max_per_task or None,
+                               batch_size=batch_size, precision=precision)
+        return core_log_metrics(result)
 
-    def summary(status: str, step: int) -> dict:
-        tok_per_sec = loop.timed_steps * config.total_batch_size / loop.timed_seconds if loop.timed_steps else None
-        return {"status": status, "run_name": config.run_name, "depth": config.depth,
-                "num_iterations": config.num_iterations, "steps_completed": step,
-                "min_validation_bpb": loop.min_val_bpb, "final_validation_bpb": loop.val_bpb,
-                "tokens_seen": step * config.total_batch_size, "total_time_s": loop.total_time_s,
-                "avg_tok_per_sec": tok_per_sec,
-                "avg_mfu": mfu_percent(tok_per_sec) if tok_per_sec else None,
-                **{key: facts[key] for key in ("num_params", "flops_per_token", "device", "device_name", "dtype")},
-                "skipped_steps": loop.skipped_steps, "device_batch_size": loop.device_batch_size,
-                "grad_accum_steps": grad_accum_steps(), "data_epochs": loader.epoch, "wandb_url": tracker.url}
+    def samples(self, model, precision):
+        config = self.config
+        return [{"prompt": prompt,
+                 "completion": complete(model, self.tokenizer, prompt, max_tokens=config.sample_max_tokens,
+                                        temperature=config.sample_temperature, top_k=config.sample_top_k or None,
+                                        seed=config.seed, precision=precision)}
+                for prompt in SAMPLE_PROMPTS]
 
-    def mfu_percent(tok_per_sec: float) -> float | None:
-        utilisation = mfu(flops_per_token, tok_per_sec / world_size, peak)  # mfu() takes one device's rate
+
+# ---------------------------------------------------------------------- the loop
+
+
+class Trainer:
+    """Trains `phase` under `config` into the checkpoint directory out_dir; `run()` returns the summary.
+
+    resume_dir: a checkpoint directory to continue from (its step, optimizers, data position, RNG states).
+    on_save(out_dir): called after every save on rank 0 (the workflow uploads Flyte's intra-task checkpoint).
+    """
+
+    def __init__(self, config: RunConfig, phase: Phase, out_dir: Path, *, resume_dir: Path | None = None,
+                 on_save: Callable[[Path], None] | None = None, env_report: dict | None = None):
+        self.phase, self.out_dir, self.on_save, self.env_report = phase, Path(out_dir), on_save, env_report
+        self.rank, local_rank, self.world_size = distributed_env()
+        config.validate(self.world_size)
+        self.device = device = training_device(config, local_rank)
+        self.own_process_group = self.world_size > 1 and not dist.is_initialized()
+        if self.own_process_group:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self.master = self.rank == 0
+        self.precision = select_precision(device, config.dtype)
+
+        self.model = model = build_model(config, phase.tokenizer.n_vocab, device)
+        phase.load_weights(model)
+        self.optimizers = build_optimizers(model, config)
+        self.grad_scaler = make_grad_scaler(self.precision, device)
+        self.loop = LoopState(device_batch_size=config.device_batch_size)
+        self.start_step, loader_state = 0, None
+        self.resumed = resume_dir is not None
+        if resume_dir is not None:
+            checkpoint = load_checkpoint(Path(resume_dir))
+            model.load_state_dict(checkpoint["model"])
+            for optimizer, state in zip(self.optimizers, checkpoint["optimizers"], strict=True):
+                optimizer.load_state_dict(state)
+            if self.grad_scaler:
+                self.grad_scaler.load_state_dict(checkpoint["grad_scaler"])
+            self.loop = LoopState(**checkpoint["loop"])
+            self.start_step, loader_state = checkpoint["step"], checkpoint["loader"]
+            restore_rng_states(checkpoint["rng"])
+            if not config.run_name:  # keep the name (and with it the W&B run) of the run being resumed
+                config = dataclasses.replace(config, run_name=checkpoint["config"]["run_name"])
+            if self.master and Path(resume_dir).resolve() != self.out_dir.resolve():
+                # continue in out_dir from the saved directory: metrics, samples and the W&B run id come along
+                shutil.copytree(resume_dir, self.out_dir, dirs_exist_ok=True)
+            del checkpoint
+        self.config = config = config.resolved()
+        self.saved_step = self.start_step if self.resumed else None  # the step of the newest checkpoint in out_dir
+
+        self.loader = phase.batches(self.loop.device_batch_size, device, self.rank, self.world_size, loader_state)
+        self.compiled = compile_model(model, config, device)
+        self.trained = self.compiled
+        if self.world_size > 1:
+            self.trained = DistributedDataParallel(self.compiled,
+                                                   device_ids=[local_rank] if device.type == "cuda" else None)
+
+        self.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        self.peak = peak_flops(self.device_name, self.precision.dtype)
+        self.facts = {"phase": phase.name, "num_params": model.num_params(), "flops_per_token": model.estimate_flops(),
+                      "device": device.type, "device_name": self.device_name, "dtype": self.precision.name,
+                      "world_size": self.world_size, "model_config": model.config.to_dict(), **phase.info()}
+        if self.master:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(phase.tokenizer_dir, self.out_dir / TOKENIZER_DIR, dirs_exist_ok=True)
+            write_json(self.out_dir / CONFIG_FILE, config.to_dict())  # `--config` for a run that resumes this one
+            print(f"model: depth {config.depth}, {self.facts['num_params']:,} parameters, "
+                  f"{self.facts['flops_per_token']:.3e} FLOPs/token | device: {self.device_name} "
+                  f"({self.precision.name}), world size {self.world_size} | phase: {phase.name}", flush=True)
+        self.tracker = Tracker(config, self.out_dir, env_report, rank=self.rank,
+                               resume_step=self.start_step if self.resumed else None, phase=phase.name)
+        self.tracker.log_config(self.facts)
+
+    # ------------------------------------------------------------------ numbers
+
+    def grad_accum_steps(self) -> int:
+        return dataclasses.replace(self.config, device_batch_size=self.loop.device_batch_size
+                                   ).grad_accum_steps(self.world_size)
+
+    def mfu_percent(self, tok_per_sec: float) -> float | None:
+        utilisation = mfu(self.facts["flops_per_token"], tok_per_sec / self.world_size, self.peak)  # one device's
         return None if utilisation is None else 100 * utilisation
 
-    def grad_accum_steps() -> int:
-        return dataclasses.replace(config, device_batch_size=loop.device_batch_size).grad_accum_steps(world_size)
+    def summary(self, status: str, step: int) -> dict:
+        config, loop, metric = self.config, self.loop, self.phase.metric
+        tok_per_sec = loop.timed_steps * config.total_batch_size / loop.timed_seconds if loop.timed_steps else None
+        return {"status": status, "phase": self.phase.name, "run_name": config.run_name, "depth": config.depth,
+                "num_iterations": config.num_iterations, "steps_completed": step,
+                f"min_validation_{metric}": loop.min_val_metric, f"final_validation_{metric}": loop.val_metric,
+                "tokens_seen": step * config.total_batch_size, "total_time_s": loop.total_time_s,
+                "avg_tok_per_sec": tok_per_sec, "avg_mfu": self.mfu_percent(tok_per_sec) if tok_per_sec else None,
+                **{key: self.facts[key] for key in ("num_params", "flops_per_token", "device", "device_name", "dtype")},
+                "skipped_steps": loop.skipped_steps, "device_batch_size": loop.device_batch_size,
+                "grad_accum_steps": self.grad_accum_steps(), "data_epochs": self.loader.epoch,
+                "wandb_url": self.tracker.url}
 
-    def save(step: int, status: str) -> None:
-        save_checkpoint(out_dir, step=step, model=model, optimizers=optimizers, grad_scaler=grad_scaler,
-                        loader_state=loader.state_dict(), loop_state=dataclasses.asdict(loop),
-                        config=config.to_dict(), model_config=model.config)
-        write_json(out_dir / TRAINING_STATE_FILE, summary(status, step))
-        print(f"step {step:05d} | saved checkpoint to {out_dir}", flush=True)
+    # ------------------------------------------------------------------ step-boundary work
 
-    step = start_step
-    session_start, session_steps = time.perf_counter(), 0
-    time_before_session = loop.total_time_s
-    while True:
-        last_step = step == config.num_iterations
-        # a resumed run starts where its checkpoint was saved: that step's eval, samples and save are done
-        done_before_resume = resume_dir is not None and step == start_step
-        if not done_before_resume and (last_step or step % config.eval_every == 0):
-            # every rank evaluates its share of the validation slice
-            loop.val_bpb = evaluate_bpb(compiled, val_tokens, token_bytes, batch_size=loop.device_batch_size,
-                                        seq_len=config.max_seq_len, eval_tokens=config.eval_tokens,
-                                        device=device, precision=precision)
-            loop.min_val_bpb = min(loop.val_bpb, loop.min_val_bpb or math.inf)
-            tracker.log(step, {"val/bpb": loop.val_bpb})
-            if master:
-                print(f"step {step:05d} | validation bpb: {loop.val_bpb:.4f} (min {loop.min_val_bpb:.4f})", flush=True)
-        if master and not done_before_resume:
-            if last_step or (step > 0 and step % config.sample_every == 0):
-                samples = generate_samples(model, tokenizer, config, precision)
-                for sample in samples:
-                    print(f"step {step:05d} | sample: {sample['prompt']!r} -> {sample['completion']!r}", flush=True)
-                tracker.log_samples(step, samples)
-            if not last_step and step > 0 and step % config.save_every == 0:
-                save(step, "running")
-                if on_save:
-                    on_save(out_dir)
-        if last_step:
-            break
+    def save(self, step: int, status: str) -> None:
+        save_checkpoint(self.out_dir, step=step, model=self.model, optimizers=self.optimizers,
+                        grad_scaler=self.grad_scaler, loader_state=self.loader.state_dict(),
+                        loop_state=dataclasses.asdict(self.loop), config=self.config.to_dict(),
+                        model_config=self.model.config)
+        write_json(self.out_dir / TRAINING_STATE_FILE, self.summary(status, step))
+        self.saved_step = step
+        print(f"step {step:05d} | saved checkpoint to {self.out_dir}", flush=True)
+        if self.config.save_to:
+            publish_checkpoint(self.out_dir, self.config.save_to)
+            print(f"step {step:05d} | copied the checkpoint to {self.config.save_to}", flush=True)
+        if self.on_save:
+            self.on_save(self.out_dir)
 
-        # one optimizer step, re-run with a smaller device batch after a CUDA out-of-memory error
-        apply_schedules(optimizers, step, config)
-        loader_at_step_start = loader.state_dict()
+    def evaluate(self, step: int) -> None:
+        loop, metric = self.loop, self.phase.metric
+        # every rank evaluates its share of the validation set
+        loop.val_metric = self.phase.evaluate(self.compiled, loop.device_batch_size, self.device, self.precision)
+        loop.min_val_metric = min(loop.val_metric, loop.min_val_metric or math.inf)
+        self.tracker.log(step, {f"val/{metric}": loop.val_metric})
+        if self.master:
+            print(f"step {step:05d} | validation {metric}: {loop.val_metric:.4f} (min {loop.min_val_metric:.4f})",
+                  flush=True)
+
+    def periodic(self, step: int) -> None:
+        metrics = self.phase.periodic_metrics(self.model, step, self.loop.device_batch_size, self.precision)
+        if metrics:
+            self.tracker.log(step, metrics)
+            if self.master:
+                print(f"step {step:05d} | " + " | ".join(f"{key}: {value:.4f}" for key, value in metrics.items()
+                                                        if "/" not in key), flush=True)
+
+    def sample(self, step: int) -> None:
+        samples = self.phase.samples(self.model, self.precision)
+        for sample in samples:
+            print(f"step {step:05d} | sample: {sample['prompt']!r} -> {sample['completion']!r}", flush=True)
+        self.tracker.log_samples(step, samples)
+
+    # ------------------------------------------------------------------ one optimizer step
+
+    def optimizer_step(self, step: int) -> tuple[StepResult, float]:
+        """One optimizer step from `step`, re-run with a smaller device batch after a CUDA out-of-memory error.
+        Returns its result and its wall time in seconds."""
+        config, loop, device = self.config, self.loop, self.device
+        apply_schedules(self.optimizers, step, config)
+        loader_at_step_start = self.loader.state_dict()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        step_start = time.perf_counter()
+        start = time.perf_counter()
         while True:
             try:
-                result = train_step(trained, optimizers, loader, grad_accum_steps(), precision, grad_scaler,
-                                    config.grad_clip)
+                result = train_step(self.trained, self.optimizers, self.loader, self.grad_accum_steps(),
+                                    self.precision, self.grad_scaler, config.grad_clip)
                 break
             except torch.cuda.OutOfMemoryError as error:
-                if world_size > 1:  # the ranks would have to agree on the new batch; they cannot, mid-step
-                    raise RuntimeError(f"CUDA out of memory on rank {rank} at device_batch_size "
+                if self.world_size > 1:  # the ranks would have to agree on the new batch; they cannot, mid-step
+                    raise RuntimeError(f"CUDA out of memory on rank {self.rank} at device_batch_size "
                                        f"{loop.device_batch_size}: under DDP, lower device_batch_size (the "
                                        "automatic fallback works in single-process runs)") from error
                 if loop.device_batch_size == 1:
                     raise RuntimeError(f"CUDA out of memory at device_batch_size 1 (depth {config.depth}, "
                                        f"max_seq_len {config.max_seq_len}): the model does not fit on "
-                                       f"{device_name}; lower depth or max_seq_len") from error
-                model.zero_grad(set_to_none=True)
+                                       f"{self.device_name}; lower depth or max_seq_len") from error
+                self.model.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 loop.device_batch_size = halved_batch_size(loop.device_batch_size)
                 print(f"step {step + 1:05d} | CUDA out of memory: retrying with device_batch_size "
-                      f"{loop.device_batch_size}, {grad_accum_steps()} accumulation steps", flush=True)
-                loader.close()
-                loader = make_loader(loop.device_batch_size, loader_at_step_start)
+                      f"{loop.device_batch_size}, {self.grad_accum_steps()} accumulation steps", flush=True)
+                self.loader.close()
+                self.loader = self.phase.batches(loop.device_batch_size, device, self.rank, self.world_size,
+                                                 loader_at_step_start)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        dt = time.perf_counter() - step_start
-        step += 1
-        session_steps += 1
+        return result, time.perf_counter() - start
 
-        if session_steps > 1:  # the first step of a session pays for warm-up and compilation
-            loop.timed_steps += 1
-            loop.timed_seconds += dt
-        loop.skipped_steps += result.skipped
-        loop.loss_ema = LOSS_EMA_BETA * loop.loss_ema + (1 - LOSS_EMA_BETA) * result.loss
-        loop.total_time_s = time_before_session + time.perf_counter() - session_start
-        if master:
-            tok_per_sec = config.total_batch_size / dt
-            step_mfu = mfu_percent(tok_per_sec)
-            lrm = lr_multiplier(step - 1, config)
-            smoothed = loop.smoothed_loss(step)
-            metrics = {"train/loss": result.loss, "train/loss_smooth": smoothed, "train/lrm": lrm,
-                       **learning_rates(optimizers), "train/dt": dt, "train/tok_per_sec": tok_per_sec,
-                       "train/mfu": step_mfu, "train/grad_norm": result.grad_norm,
-                       "train/skipped_steps": loop.skipped_steps}
-            if device.type == "cuda":
-                metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            if grad_scaler:
-                metrics["train/grad_scale"] = grad_scaler.get_scale()
-            tracker.log(step, metrics)
-            mean_dt = loop.timed_seconds / loop.timed_steps if loop.timed_steps else dt
-            eta = (config.num_iterations - step) * mean_dt
-            print(f"step {step:05d}/{config.num_iterations:05d} ({100 * step / config.num_iterations:.2f}%) | "
-                  f"loss: {smoothed:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,.0f} | "
-                  f"mfu: {'n/a' if step_mfu is None else f'{step_mfu:.2f}'} | "
-                  f"total time: {format_minutes(loop.total_time_s)} | eta: {eta / 60:.1f}m"
-                  + (" | skipped (fp16 overflow)" if result.skipped else ""), flush=True)
+    def log_step(self, step: int, result: StepResult, dt: float) -> None:
+        """Metrics of the step that just finished (step counts finished steps) to W&B, metrics.jsonl and stdout."""
+        config, loop = self.config, self.loop
+        tok_per_sec = config.total_batch_size / dt
+        step_mfu = self.mfu_percent(tok_per_sec)
+        lrm = lr_multiplier(step - 1, config)
+        smoothed = loop.smoothed_loss(step)
+        metrics = {"train/loss": result.loss, "train/loss_smooth": smoothed, "train/lrm": lrm,
+                   **learning_rates(self.optimizers), "train/dt": dt, "train/tok_per_sec": tok_per_sec,
+                   "train/mfu": step_mfu, "train/grad_norm": result.grad_norm, "train/skipped_steps": loop.skipped_steps}
+        if self.device.type == "cuda":
+            metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.grad_scaler:
+            metrics["train/grad_scale"] = self.grad_scaler.get_scale()
+        self.tracker.log(step, metrics)
+        mean_dt = loop.timed_seconds / loop.timed_steps if loop.timed_steps else dt
+        eta = (config.num_iterations - step) * mean_dt
+        print(f"step {step:05d}/{config.num_iterations:05d} ({100 * step / config.num_iterations:.2f}%) | "
+              f"loss: {smoothed:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,.0f} | "
+              f"mfu: {'n/a' if step_mfu is None else f'{step_mfu:.2f}'} | "
+              f"total time: {format_minutes(loop.total_time_s)} | eta: {eta / 60:.1f}m"
+              + (" | skipped (fp16 overflow)" if result.skipped else ""), flush=True)
 
-    loop.total_time_s = time_before_session + time.perf_counter() - session_start
-    loader.close()
-    result = summary("completed", step)
-    if master:
-        save(step, "completed")
-        tracker.set_summary(result)
-        result["wandb_url"] = tracker.finish()
-        write_json(out_dir / TRAINING_STATE_FILE, result)
-        write_report(out_dir, config, env_report, result)
-        if on_save:
-            on_save(out_dir)
-    if own_process_group:
-        dist.destroy_process_group()
-    return result
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> dict:
+        try:
+            step = self.train_until_done()
+            return self.finish(step)
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C (flytekit turns SIGINT into SystemExit in local runs)
+            if self.master:
+                print(self.interrupted_message(), flush=True)
+            raise
+        finally:
+            self.loader.close()
+            if self.own_process_group:
+                dist.destroy_process_group()
+
+    def train_until_done(self) -> int:
+        config, loop = self.config, self.loop
+        step = self.step = self.start_step
+        session_start, session_steps = time.perf_counter(), 0
+        time_before_session = loop.total_time_s
+        while True:
+            last_step = step == config.num_iterations
+            # a resumed run starts where its checkpoint was saved: that step's eval, samples and save are done
+            done_before_resume = self.resumed and step == self.start_step
+            if not done_before_resume and (last_step or step % config.eval_every == 0):
+                self.evaluate(step)
+            if not done_before_resume:
+                self.periodic(step)
+            if self.master and not done_before_resume:
+                if last_step or (step > 0 and step % config.sample_every == 0):
+                    self.sample(step)
+                if not last_step and step > 0 and step % config.save_every == 0:
+                    self.save(step, "running")
+            if last_step:
+                break
+            result, dt = self.optimizer_step(step)
+            step = self.step = step + 1
+            session_steps += 1
+            if session_steps > 1:  # the first step of a session pays for warm-up and compilation
+                loop.timed_steps += 1
+                loop.timed_seconds += dt
+            loop.skipped_steps += result.skipped
+            loop.loss_ema = LOSS_EMA_BETA * loop.loss_ema + (1 - LOSS_EMA_BETA) * result.loss
+            loop.total_time_s = time_before_session + time.perf_counter() - session_start
+            if self.master:
+                self.log_step(step, result, dt)
+        return step
+
+    def finish(self, step: int) -> dict:
+        result = self.summary("completed", step)
+        if self.master:
+            self.save(step, "completed")
+            self.tracker.set_summary(result)
+            result["wandb_url"] = self.tracker.finish()
+            write_json(self.out_dir / TRAINING_STATE_FILE, result)
+            write_report(self.out_dir, self.config, self.env_report, result)
+        return result
+
+    def interrupted_message(self) -> str:
+        where = self.config.save_to or self.out_dir
+        if self.saved_step is None:
+            return (f"interrupted at step {self.step}, before the first checkpoint (saved every "
+                    f"{self.config.save_every} steps): nothing to resume from")
+        return f"interrupted at step {self.step}; the last checkpoint (step {self.saved_step}) is in {where}"
+
+
+# What a resumed run must share with the run it continues: the model's shape and the data stream's order.
+RESUME_KEEPS = ("depth", "max_seq_len", "tokenizer", "bpe_vocab_size", "seed", "data_url", "num_shards", "val_shard",
+                "only_needed_shards")
+
+
+def check_resume(config: RunConfig, checkpoint: str | Path) -> None:
+    """Fail early, in one line, when `checkpoint` (a directory or URI) cannot be continued under `config`: no
+    checkpoint there, a different model shape or data, or fewer iterations than it has already done."""
+    state = read_checkpoint_json(checkpoint, TRAINING_STATE_FILE)
+    saved = read_checkpoint_json(checkpoint, CONFIG_FILE)
+    if state is None or saved is None or read_checkpoint_json(checkpoint, MODEL_CONFIG_FILE) is None:
+        raise ConfigError("resume_from", f"{checkpoint} is not a checkpoint directory (no {TRAINING_STATE_FILE} "
+                                         f"and {CONFIG_FILE})", "main")
+    for field in RESUME_KEEPS:
+        if getattr(config, field) != saved[field]:
+            raise ConfigError(field, f"{getattr(config, field)!r} differs from {saved[field]!r} in the checkpoint "
+                                     f"being resumed ({checkpoint}); a resumed run keeps the model and the data")
+    done = state["steps_completed"]
+    if config.num_iterations < done:
+        raise ConfigError("num_iterations", f"{config.num_iterations} is fewer than the {done} steps the checkpoint "
+                                            f"being resumed has done ({checkpoint})")
+    if config.only_needed_shards and config.num_iterations != saved["num_iterations"]:
+        raise ConfigError("num_iterations", "with only_needed_shards, a new num_iterations changes the shards "
+                                            "prepared and so the data stream; extend with only_needed_shards: false")
+
+
+def train(config: RunConfig, data_dir: Path, out_dir: Path, *, resume_dir: Path | None = None,
+          on_save: Callable[[Path], None] | None = None, env_report: dict | None = None) -> dict:
+    """Pretrain a base model on data_dir's tokens; write the checkpoint directory to out_dir; return the summary."""
+    return Trainer(config, Pretraining(config, data_dir), out_dir, resume_dir=resume_dir, on_save=on_save,
+                   env_report=env_report).run()
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser("nanochat_flyte.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="a RunConfig preset (YAML or JSON); defaults to the reference run")
     parser.add_argument("--data-dir", type=Path, required=True, help="a prepared data directory")
     parser.add_argument("--out-dir", type=Path, required=True, help="where the checkpoint directory is written")
     parser.add_argument("--resume-dir", type=Path, help="a checkpoint directory to continue from")
     args = parser.parse_args(argv)
     rank = distributed_env()[0]
-    summary = train(load_config(args.config), args.data_dir, args.out_dir, resume_dir=args.resume_dir,
-                    env_report=environment_report() if rank == 0 else None)
+    config = load_config(args.config)
+    if args.resume_dir:
+        check_resume(config, args.resume_dir)
+    try:
+        summary = train(config, args.data_dir, args.out_dir, resume_dir=args.resume_dir,
+                        env_report=environment_report() if rank == 0 else None)
+    except (KeyboardInterrupt, SystemExit):
+        if rank == 0 and (args.out_dir / "checkpoint.pt").exists():
+            print(f"resume with: python -m nanochat_flyte.train --config {args.out_dir / CONFIG_FILE} "
+                  f"--data-dir {args.data_dir} --out-dir {args.out_dir} --resume-dir {args.out_dir}", flush=True)
+        raise
     if rank == 0:
         print(json.dumps(summary, indent=2), flush=True)
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    from nanochat_flyte.cli import run
+
+    run(main)

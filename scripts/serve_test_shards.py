@@ -25,12 +25,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
         write_fineweb_shards(Path(directory), args.shards, args.docs)
-        server = ShardServer(Path(directory), port=args.port)
-        print(f"serving shards {args.shards} at {server.url} (Ctrl-C to stop)", flush=True)
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
+        ShardServer(Path(directory), port=args.port).serve_until_interrupted(f"shards {args.shards}")
 
 
 if __name__ == "__main__":

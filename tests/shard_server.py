@@ -124,6 +124,34 @@ class ShardServer(http.server.ThreadingHTTPServer):
         with self.lock:
             self.faults.setdefault(path, []).append(Fault(kind, times, **options))
 
+    def content(self, path: str) -> bytes | None:
+        """The body for `path`: the file under `directory` (None: 404). Subclasses add routes (tests/hub_server.py)."""
+        file = self.directory / path.lstrip("/")
+        return file.read_bytes() if file.is_file() else None
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator["ShardServer"]:
+        """Serve from a background thread for the duration of the block, then close."""
+        # Poll for shutdown every 10 ms instead of 500 ms: tests start and stop many servers.
+        thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self.shutdown()
+            self.server_close()
+            thread.join()
+
+    def serve_until_interrupted(self, what: str) -> None:
+        """Serve in the foreground until Ctrl-C (scripts/serve_test_*.py)."""
+        print(f"serving {what} at {self.url} (Ctrl-C to stop)", flush=True)
+        try:
+            self.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.server_close()
+
     def requests_for(self, path: str) -> list[Request]:
         return [r for r in self.requests if r.path == path]
 
@@ -168,11 +196,10 @@ class ShardRequestHandler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             return
 
-        file = server.directory / self.path.lstrip("/")
-        if not file.is_file():
+        data = server.content(self.path)
+        if data is None:
             self.send_error(404)
             return
-        data = file.read_bytes()
         start = 0
         range_match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
         if range_match and server.supports_range:
@@ -209,16 +236,8 @@ class ShardRequestHandler(http.server.BaseHTTPRequestHandler):
 @contextlib.contextmanager
 def serve_shards(directory: Path) -> Iterator[ShardServer]:
     """Serve `directory` on 127.0.0.1 at a free port for the duration of the block."""
-    server = ShardServer(directory)
-    # Poll for shutdown every 10 ms instead of 500 ms: tests start and stop many servers.
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-    thread.start()
-    try:
+    with ShardServer(directory).running() as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 @pytest.fixture

@@ -1,12 +1,13 @@
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from helpers import make_data_dir
 
-from nanochat_flyte.checkpoint import (CHECKPOINT_FILE, MODEL_CONFIG_FILE, copy_tokenizer, load_checkpoint, load_model,
+from nanochat_flyte.checkpoint import (CHECKPOINT_FILE, MODEL_CONFIG_FILE, load_checkpoint, load_model,
                                        restore_rng_states, rng_states, save_checkpoint)
 from nanochat_flyte.model import GPT, GPTConfig
 
@@ -27,7 +28,7 @@ def saved(tmp_path):
     save_checkpoint(out, step=7, model=model, optimizers=[optimizer], grad_scaler=torch.amp.GradScaler("cpu"),
                     loader_state={"windows_consumed": 56}, loop_state={"loss_ema": 1.5}, config={"depth": 1},
                     model_config=TINY)
-    copy_tokenizer(make_data_dir(tmp_path / "data", 200, 100), out)
+    shutil.copytree(make_data_dir(tmp_path / "data", 200, 100) / "tokenizer", out / "tokenizer")
     return out, model, optimizer
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from nanochat_flyte.config import ConfigError, RunConfig, load_config
+from nanochat_flyte.config import ChatConfig, ConfigError, RunConfig, load_config
 from nanochat_flyte.config import main as config_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -26,8 +26,8 @@ def test_reference_preset_matches_defaults_and_validates():
 
 
 def test_every_preset_validates():
-    for path in CONFIGS.glob("*.yaml"):
-        RunConfig.from_file(path).validate()
+    for path in CONFIGS.glob("*.yaml"):  # chat_*.yaml are ChatConfig presets (the chat stage)
+        (ChatConfig if path.name.startswith("chat_") else RunConfig).from_file(path).validate()
 
 
 def test_preset_sets_only_some_fields():
@@ -93,3 +93,22 @@ def test_cli_names_a_bad_override():
         config_main([str(CONFIGS / "smoke.yaml"), "detph=3"])
     with pytest.raises(ConfigError, match="RunConfig.depth: must be >= 1"):
         config_main([str(CONFIGS / "smoke.yaml"), "depth=0"])
+
+
+def test_the_config_cli_writes_a_file_and_fails_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    ok = subprocess.run([sys.executable, "-m", "nanochat_flyte.config", "configs/chat_smoke.yaml", "--chat",
+                         "max_conversations=20", "-o", str(tmp_path / "chat.json")], cwd=root, capture_output=True,
+                        text=True, timeout=60)
+    assert ok.returncode == 0 and ok.stdout == ""
+    assert ChatConfig.from_file(tmp_path / "chat.json").max_conversations == 20
+    for arguments, line in [(["configs/smoke.yaml", "num_iteration=40"],
+                             "error: RunConfig.num_iteration: unknown field; did you mean num_iterations?"),
+                            (["configs/nope.yaml"], "error: RunConfig.*: no preset file 'configs/nope.yaml'"),
+                            (["configs/smoke.yaml", "depth=0"], "error: RunConfig.depth: must be >= 1, got 0")]:
+        bad = subprocess.run([sys.executable, "-m", "nanochat_flyte.config", *arguments, "-o", str(tmp_path / "x.json")],
+                             cwd=root, capture_output=True, text=True, timeout=60)
+        assert (bad.returncode, bad.stdout, bad.stderr) == (2, "", line + "\n")
+    assert not (tmp_path / "x.json").exists()

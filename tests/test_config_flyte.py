@@ -83,3 +83,32 @@ def test_pyflyte_run_yaml_preset_matches_from_file(preset):
     config = JsonParamType(RunConfig).convert(str(CONFIGS / preset), None, None)
     assert config == RunConfig.from_file(CONFIGS / preset)
     assert to_config(to_literal(config)) == config
+
+
+# ---------------------------------------------------------------------- a misspelt field fails on every way in
+
+def test_an_unknown_field_in_a_console_relaunch_is_named():
+    with pytest.raises(Exception, match=r"RunConfig\.num_iteration: unknown field; did you mean num_iterations\?"):
+        to_config(console_literal({"num_iteration": 40}))
+
+
+def test_an_unknown_field_in_a_msgpack_literal_is_named():
+    literal = Literal(scalar=Scalar(binary=Binary(value=msgpack.dumps({"depht": 2}), tag="msgpack")))
+    with pytest.raises(Exception, match=r"RunConfig\.depht: unknown field; did you mean depth\?"):
+        to_config(literal)
+
+
+@pytest.mark.parametrize("value", ['{"depht": 2}', "YAML"])
+def test_pyflyte_run_rejects_an_unknown_field_as_a_bad_parameter(tmp_path, value):
+    import click
+    if value == "YAML":
+        value = str(tmp_path / "typo.yaml")
+        (tmp_path / "typo.yaml").write_text("num_iteration: 40\n")
+    with pytest.raises(click.BadParameter, match=r"RunConfig\.(depht|num_iteration): unknown field; did you mean"):
+        JsonParamType(RunConfig).convert(value, None, None)
+
+
+def test_pyflyte_run_rejects_a_bad_value_before_the_run():
+    import click
+    with pytest.raises(click.BadParameter, match=r"^RunConfig\.depth: must be >= 1, got 0$"):
+        JsonParamType(RunConfig).convert('{"depth": 0}', None, None)

@@ -38,7 +38,7 @@ def run_attempt(tmp_path, monkeypatch, attempt: int, checkpoint: SyncCheckpoint)
                               secrets=NoSecrets())
     monkeypatch.setattr(wf, "current_context", lambda: context)
     return wf.train_base_model.task_function(config=tiny_config(), data=FlyteDirectory(str(tmp_path / "data")),
-                                             environment={})
+                                             environment={}, resume_from="")
 
 
 def steps_logged(checkpoint_dir):

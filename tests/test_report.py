@@ -49,7 +49,8 @@ def test_report_card_has_numbers_plots_and_last_samples(tmp_path):
     for expected in ("report_unit", "36,700,160", "2.500e+08", "1,310,720", "1h 02m 05s", "15,000", "5.8",
                      "1.25", "1.3", "Tesla T4", "## Samples at step 20"):
         assert expected in text, expected
-    assert "&lt;b&gt;blue&lt;/b&gt; 20 again" in text  # escaped, on one line
+    # escaped, with the completion's own line break kept (a quote line per line), not turned into spaces
+    assert "> **The sky is**  &lt;b&gt;blue&lt;/b&gt; 20  \n> again  \n" in text
     assert "blue&lt;/b&gt; 10" not in text  # only the last sampling point
     assert "| val_shard | 1822 |" in text  # settings as written
 
@@ -85,3 +86,20 @@ def test_data_deck_tolerates_missing_fields():
 def test_environment_deck_lists_every_field():
     deck = environment_deck_html(ENVIRONMENT)
     assert all(key in deck for key in ENVIRONMENT) and "Tesla T4" in deck
+
+
+def test_a_cpu_run_has_no_empty_mfu_panel(tmp_path):
+    from nanochat_flyte.report import throughput_figure
+    with_mfu = [{"step": 1, "train/tok_per_sec": 10.0, "train/mfu": 3.0}]
+    without_mfu = [{"step": 1, "train/tok_per_sec": 10.0}]
+    assert len(throughput_figure(with_mfu).axes) == 2
+    assert [axes.get_title() for axes in throughput_figure(without_mfu).axes] == ["Throughput"]
+
+
+def test_samples_that_start_with_newlines_are_not_blank(tmp_path):
+    tracker = Tracker(CONFIG, tmp_path)
+    tracker.log_samples(5, [{"prompt": "List:", "completion": "\n\n- one\n- two"}])
+    tracker.finish()
+    text = write_report(tmp_path, CONFIG, None, {"min_validation_loss": 2.5}).read_text()
+    assert "> **List:**  \n>\n> - one  \n> - two  " in text
+    assert "| min validation loss | 2.5 |" in text

@@ -1,4 +1,4 @@
-"""The whole `main` workflow, run in-process by flytekit against shards served from 127.0.0.1."""
+"""The whole `main` workflow, run in-process by flytekit against shards and a CORE bundle served from 127.0.0.1."""
 
 import json
 import math
@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from nanochat_flyte.config import RunConfig
+from tests.core_bundle import write_core_bundle, zip_directory
 from tests.shard_server import serve_shards, write_fineweb_shards
 from workflows.nanochat import main
 
@@ -14,19 +15,21 @@ VAL_SHARD = 1822
 
 
 def tiny_config(data_url: str, **changes) -> RunConfig:
-    """Small enough for a 2-core CI machine, big enough that the loss visibly falls."""
+    """Small enough for a 2-core CI machine, big enough that the loss visibly falls. CORE off unless asked."""
     values = dict(run_name="e2e", data_url=data_url, num_shards=2, val_shard=VAL_SHARD, depth=1, max_seq_len=64,
                   device_batch_size=4, total_batch_size=512, num_iterations=12, eval_every=6, eval_tokens=2048,
                   sample_every=6, sample_max_tokens=4, save_every=6, compile=False, wandb_mode="offline",
-                  download_workers=2)
+                  download_workers=2, eval_bundle_url="")
     values.update(changes)
     return RunConfig(**values)
 
 
 @pytest.fixture(scope="module")
 def served_shards(tmp_path_factory):
+    """The shards, and the CORE bundle as /eval_bundle.zip in the official layout."""
     directory = tmp_path_factory.mktemp("shards")
     write_fineweb_shards(directory, [0, 1, VAL_SHARD], docs_per_shard=150)
+    zip_directory(write_core_bundle(tmp_path_factory.mktemp("bundle"), examples_per_task=8), directory / "eval_bundle.zip")
     with serve_shards(directory) as server:
         yield server
 
@@ -37,7 +40,9 @@ def private_shard_cache(tmp_path, monkeypatch):
 
 
 def test_main_runs_end_to_end(served_shards):
-    results, checkpoint = main(config=tiny_config(served_shards.url))
+    config = tiny_config(served_shards.url, eval_bundle_url=served_shards.url + "/eval_bundle.zip", core_max_per_task=4,
+                         core_metric_every=6)
+    results, checkpoint, report = main(config=config)
 
     assert results["workflow"] == "nanochat_full_training"
     assert results["run_name"] == "e2e"
@@ -61,6 +66,26 @@ def test_main_runs_end_to_end(served_shards):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # it learns
     prompts = {json.loads(line)["prompt"] for line in (checkpoint_dir / "samples.jsonl").open()}
     assert {"The capital of France is", "If yesterday was Friday, then tomorrow will be"} <= prompts
+
+    # CORE: during training at step 6 (core_metric_every), then evaluate_base_model on the final checkpoint
+    core = results["core"]
+    assert set(core["tasks"]) == {"mc_fewshot", "mc_zeroshot", "schema_fewshot", "lm_zeroshot", "qa_answer"}
+    assert all(task["examples"] == 4 for task in core["tasks"].values()) and math.isfinite(core["core_metric"])
+    in_training = [row for row in map(json.loads, (checkpoint_dir / "metrics.jsonl").open()) if "core_metric" in row]
+    assert [row["step"] for row in in_training] == [6]
+    card = (Path(report.path) / "report.md").read_text()
+    assert "| mc_fewshot | multiple_choice |" in card and "## Samples at step 12" in card
+    assert json.loads((Path(report.path) / "results.json").read_text()) == json.loads(json.dumps(results))
+
+
+def test_core_is_off_without_a_bundle_and_an_unreachable_bundle_fails_before_training(served_shards):
+    results, _, report = main(config=tiny_config(served_shards.url, num_iterations=2, eval_every=2, sample_every=2,
+                                                 save_every=2))
+    assert results["core"] is None and "mc_fewshot" not in (Path(report.path) / "report.md").read_text()
+    served_shards.requests.clear()
+    with pytest.raises(Exception, match=r"RunConfig\.eval_bundle_url: .*not found"):
+        main(config=tiny_config(served_shards.url, eval_bundle_url=served_shards.url + "/no_bundle.zip"))
+    assert {r.method for r in served_shards.requests} == {"HEAD"}  # probes only: no shard was downloaded
 
 
 @pytest.mark.parametrize("changes, field", [

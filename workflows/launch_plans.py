@@ -2,6 +2,7 @@
 
     nanochat_d8_t4     the reference run: configs/d8_t4.yaml as its default input (editable at launch)
     nanochat_nightly   the reference run every night; e-mails on failure. Inactive until activated.
+    nanochat_chat_d8_t4  the whole pipeline on T4s: the reference run, CORE, SFT (configs/chat_d8_t4.yaml), chat eval
 
 `main` also has its default launch plan (same name as the workflow), with RunConfig's defaults.
 Settings read at registration time: NANOCHAT_NIGHTLY_CRON (default "0 3 * * *", UTC) and
@@ -13,10 +14,13 @@ from pathlib import Path
 
 from flytekit import CronSchedule, Email, LaunchPlan, WorkflowExecutionPhase
 
-from nanochat_flyte.config import RunConfig
+from nanochat_flyte.config import ChatConfig, RunConfig
+from workflows.chat import nanochat_chat
 from workflows.nanochat import main
 
-REFERENCE_CONFIG = RunConfig.from_file(Path(__file__).resolve().parents[1] / "configs" / "d8_t4.yaml")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+REFERENCE_CONFIG = RunConfig.from_file(CONFIGS / "d8_t4.yaml")
+REFERENCE_CHAT_CONFIG = ChatConfig.from_file(CONFIGS / "chat_d8_t4.yaml")
 NIGHTLY_CRON = os.environ.get("NANOCHAT_NIGHTLY_CRON", "0 3 * * *")
 ALERT_EMAILS = [address.strip() for address in os.environ.get("NANOCHAT_ALERT_EMAILS", "").split(",")
                 if address.strip()]
@@ -34,4 +38,10 @@ nanochat_nightly = LaunchPlan.get_or_create(
     default_inputs={"config": REFERENCE_CONFIG},
     schedule=CronSchedule(schedule=NIGHTLY_CRON),
     notifications=[Email(phases=FAILED_PHASES, recipients_email=ALERT_EMAILS)] if ALERT_EMAILS else [],
+)
+
+nanochat_chat_d8_t4 = LaunchPlan.get_or_create(
+    nanochat_chat,
+    name="nanochat_chat_d8_t4",
+    default_inputs={"config": REFERENCE_CONFIG, "chat_config": REFERENCE_CHAT_CONFIG},
 )

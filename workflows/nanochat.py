@@ -13,21 +13,31 @@ import shutil
 from pathlib import Path
 from typing import NamedTuple
 
+import click
 import requests
-from flytekit import Cache, Deck, Resources, Secret, current_context, map_task, task, workflow
+from flytekit import (Cache, Deck, FlyteContextManager, Resources, Secret, conditional, current_context, map_task, task,
+                      workflow)
 from flytekit.configuration.plugin import get_plugin
 from flytekit.core.utils import ClassDecorator
 from flytekit.exceptions.user import FlyteRecoverableException
 from flytekit.extras.accelerators import T4
 from flytekit.types.directory import FlyteDirectory
 
+from nanochat_flyte.checkpoint import (CHECKPOINT_FILE, CONFIG_FILE, TRAINING_STATE_FILE, fetch_checkpoint,
+                                       load_model, publish_checkpoint, read_checkpoint_json)
+from nanochat_flyte.cli import USER_ERRORS
 from nanochat_flyte.config import RunConfig
-from nanochat_flyte.download import check_data_url
+from nanochat_flyte.core_eval import (BundleError, check_bundle_url, core_log_metrics, core_table_html,
+                                      core_table_markdown, evaluate_core, load_bundle)
+from nanochat_flyte.device import select_device, select_precision
+from nanochat_flyte.download import DownloadError, check_data_url
 from nanochat_flyte.environment import environment_report, format_report
 from nanochat_flyte.prepare import ShardJob, build_tokenizer, merge_prepared, plan_jobs, prepare_shard
-from nanochat_flyte.report import data_deck_html, environment_deck_html, training_deck_html
+from nanochat_flyte.report import data_deck_html, environment_deck_html, training_deck_html, write_run_report
 from nanochat_flyte.results import aggregate_results as combine_results
-from nanochat_flyte.train import distributed_env, train
+from nanochat_flyte.results import write_results
+from nanochat_flyte.tracking import log_evaluation
+from nanochat_flyte.train import check_resume, distributed_env, train
 from workflows.image import IMAGE
 
 # Bump when the token files' format or contents change: cached shards from older versions are then ignored.
@@ -70,6 +80,28 @@ class wandb_console_link(ClassDecorator):  # noqa: N801 - used as a decorator, l
                 "project": os.environ.get("NANOCHAT_WANDB_PROJECT", "nanochat")}
 
 
+class UserError(click.ClickException):
+    """A mistake in the run's inputs. Raised from a task, it makes a local `pyflyte run` print one line
+    (`Error: RunConfig.data_url: ...`) instead of a traceback; on a cluster it fails the task, not retried."""
+
+
+def one_line_user_errors(task_function):
+    """Our user errors (a bad config field, an unreachable URL, a missing checkpoint) leave the task as UserError."""
+
+    @functools.wraps(task_function)
+    def run(*args, **kwargs):
+        try:
+            return task_function(*args, **kwargs)
+        except USER_ERRORS as error:
+            raise UserError(str(error)) from error
+
+    return run
+
+
+def is_local_run() -> bool:
+    return FlyteContextManager.current_context().execution_state.is_local_execution()
+
+
 def export_secret(secret: Secret, env_var: str) -> None:
     """Put a Flyte secret into the environment variable the library reads; a missing secret is no error."""
     try:
@@ -96,20 +128,27 @@ DATA_RESOURCES = Resources(cpu="4", mem="8Gi", ephemeral_storage="20Gi")
 # report describes the GPU, driver and CPUs the training will get.
 @task(container_image=IMAGE, secret_requests=[WANDB_SECRET, HF_SECRET], interruptible=True, enable_deck=True,
       **TRAINING_RESOURCES)
-def setup_environment(config: RunConfig) -> tuple[RunConfig, dict]:
-    """Validate the config and report the machine, before any download or GPU time is spent."""
+@one_line_user_errors
+def setup_environment(config: RunConfig, resume_from: str) -> tuple[RunConfig, dict, bool]:
+    """Validate the config (and the checkpoint to resume), probe the data and the CORE bundle, and report the machine,
+    before any download or GPU time. Also says whether the final checkpoint gets a CORE score."""
     config = config.resolved().validate()
+    if resume_from:
+        check_resume(config, resume_from)
     export_secret(HF_SECRET, "HF_TOKEN")
     check_data_url(config)
+    if config.core_enabled:
+        check_bundle_url(config.eval_bundle_url)
     export_secret(WANDB_SECRET, "WANDB_API_KEY")
     report = environment_report()
     print(format_report(report), flush=True)
     Deck("Environment", environment_deck_html(report))
-    return config, report
+    return config, report, config.core_enabled
 
 
 @task(container_image=IMAGE, requests=DATA_RESOURCES, secret_requests=[HF_SECRET],
       cache=Cache(version=DATA_CACHE_VERSION))
+@one_line_user_errors
 def prepare_tokenizer(tokenizer: str, data_url: str, num_shards: int, bpe_vocab_size: int,
                       bpe_train_chars: int) -> FlyteDirectory:
     """GPT-2's identity, or our own BPE trained on the train shards. Cached: training a BPE takes a while."""
@@ -122,6 +161,7 @@ def prepare_tokenizer(tokenizer: str, data_url: str, num_shards: int, bpe_vocab_
 
 @task(container_image=IMAGE, requests=DATA_RESOURCES, secret_requests=[HF_SECRET],
       cache=Cache(version=DATA_CACHE_VERSION))
+@one_line_user_errors
 def plan_data_shards(config: RunConfig, tokenizer_dir: FlyteDirectory) -> list[ShardJob]:
     export_secret(HF_SECRET, "HF_TOKEN")  # with only_needed_shards, shard 0 is downloaded here
     return plan_jobs(config, Path(tokenizer_dir.download()))
@@ -132,6 +172,7 @@ def plan_data_shards(config: RunConfig, tokenizer_dir: FlyteDirectory) -> list[S
 # No user retries: download_shard already retries with backoff, and a preempted spot pod is a system retry.
 @task(container_image=IMAGE, requests=DATA_RESOURCES, secret_requests=[HF_SECRET], interruptible=True,
       cache=Cache(version=DATA_CACHE_VERSION, ignored_inputs=("tokenizer_dir",)))
+@one_line_user_errors
 def prepare_data_shard(job: ShardJob, tokenizer_dir: FlyteDirectory) -> FlyteDirectory:
     export_secret(HF_SECRET, "HF_TOKEN")
     out_dir = Path(current_context().working_directory) / f"{job.split}_{job.index:05d}"
@@ -140,6 +181,7 @@ def prepare_data_shard(job: ShardJob, tokenizer_dir: FlyteDirectory) -> FlyteDir
 
 
 @task(container_image=IMAGE, requests=DATA_RESOURCES, enable_deck=True, cache=Cache(version=DATA_CACHE_VERSION))
+@one_line_user_errors
 def collect_data(config: RunConfig, parts: list[FlyteDirectory], tokenizer_dir: FlyteDirectory
                  ) -> tuple[FlyteDirectory, dict]:
     out_dir = Path(current_context().working_directory) / "data"
@@ -175,8 +217,10 @@ def restore_flyte_checkpoint(checkpoint_dir: Path) -> Path | None:
 
 
 def save_flyte_checkpoint(checkpoint_dir: Path) -> None:
+    """Upload the intra-task checkpoint, for a retry of this task to resume from. A local run is never retried:
+    it skips the copy (which would double the checkpoint's disk use for nothing)."""
     flyte_checkpoint = current_context().checkpoint
-    if flyte_checkpoint:
+    if flyte_checkpoint and not is_local_run():
         flyte_checkpoint.save(checkpoint_dir)
 
 
@@ -184,45 +228,116 @@ def save_flyte_checkpoint(checkpoint_dir: Path) -> None:
 @task(container_image=IMAGE, secret_requests=[WANDB_SECRET], interruptible=True, retries=3, enable_deck=True,
       **TRAINING_RESOURCES)
 @wandb_console_link
-def train_base_model(config: RunConfig, data: FlyteDirectory, environment: dict) -> tuple[FlyteDirectory, dict]:
+@one_line_user_errors
+def train_base_model(config: RunConfig, data: FlyteDirectory, environment: dict, resume_from: str
+                     ) -> tuple[FlyteDirectory, dict]:
+    """Train, continuing (in this order) a previous attempt of this task, the checkpoint `resume_from`, or nothing."""
     export_secret(WANDB_SECRET, "WANDB_API_KEY")
-    checkpoint_dir = Path(current_context().working_directory) / "checkpoint"
+    work_dir = Path(current_context().working_directory)
+    checkpoint_dir = work_dir / "checkpoint"
+    resume_dir = restore_flyte_checkpoint(checkpoint_dir)
+    if resume_dir is None and resume_from:
+        resume_dir = fetch_checkpoint(resume_from, work_dir / "resume_from")
+        print(f"resuming from {resume_from}", flush=True)
     try:
-        resume_dir = restore_flyte_checkpoint(checkpoint_dir)
         summary = train(config, Path(data.download()), checkpoint_dir, resume_dir=resume_dir,
                         on_save=save_flyte_checkpoint, env_report=environment)
     except (OSError, requests.RequestException) as error:  # storage or network hiccup: retry from the checkpoint
         raise FlyteRecoverableException(f"{type(error).__name__}: {error}") from error
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C in a local run (flytekit raises SystemExit): say how to go on
+        saved = Path(config.save_to) if config.save_to and "://" not in config.save_to else checkpoint_dir
+        if (saved / CHECKPOINT_FILE).exists():
+            print(f"resume with: pyflyte run workflows/nanochat.py main --config {saved / CONFIG_FILE} "
+                  f"--resume_from {saved}", flush=True)
+        raise
     Deck("Training", training_deck_html(checkpoint_dir, config, environment, summary))
     return FlyteDirectory(str(checkpoint_dir)), summary
 
 
+def checkpoint_location(directory: FlyteDirectory) -> str:
+    """Where a checkpoint directory input lives (its URI on a cluster, its path locally): small files of it are read
+    from there without downloading the weights."""
+    return directory.remote_source or directory.path
+
+
+# On the training node kind; cached on (checkpoint, bundle, max_per_task): scoring the same checkpoint again is free.
+@task(container_image=IMAGE, secret_requests=[WANDB_SECRET], interruptible=True, retries=2, enable_deck=True,
+      cache=Cache(version="1", ignored_inputs=("config",)), **TRAINING_RESOURCES)
+@one_line_user_errors
+def evaluate_base_model(config: RunConfig, checkpoint: FlyteDirectory, bundle_url: str, max_per_task: int) -> dict:
+    """The CORE score of the trained base model (core_eval.py), with its per-task table."""
+    export_secret(WANDB_SECRET, "WANDB_API_KEY")
+    location = checkpoint_location(checkpoint)
+    try:
+        bundle = load_bundle(bundle_url)
+    except (BundleError, DownloadError) as error:  # training is done and kept: say how to score it later
+        raise UserError(f"{error}. The trained checkpoint is kept at {location}; score it later with "
+                        f"python -m nanochat_flyte.core_eval --checkpoint {location} --bundle BUNDLE") from error
+    device = select_device(config.device)
+    loaded = load_model(Path(checkpoint.download()), device)
+    result = evaluate_core(loaded.model, loaded.tokenizer, bundle, max_per_task=max_per_task or None,
+                           batch_size=config.device_batch_size, precision=select_precision(device, config.dtype))
+    step = read_checkpoint_json(location, TRAINING_STATE_FILE)["steps_completed"]
+    result["wandb_url"] = log_evaluation(config, location, step, core_log_metrics(result),
+                                         {"core_metric": result["core_metric"]})
+    print(f"CORE: {result['core_metric']:.4f} ({len(result['tasks'])} tasks, {result['seconds']:.0f}s)", flush=True)
+    Deck("CORE", core_table_html(result))
+    return result
+
+
+@task(container_image=IMAGE)
+def no_core() -> dict:
+    """The CORE branch when evaluate_core is off or no eval_bundle_url is set."""
+    return {}
+
+
 @task(container_image=IMAGE)
 def aggregate_results(config: RunConfig, environment: dict, manifest: dict, training: dict,
-                      checkpoint: FlyteDirectory) -> dict:
+                      checkpoint: FlyteDirectory, core: dict) -> tuple[dict, FlyteDirectory]:
+    """The results JSON, and the run's report card with every evaluation (report.md, plots, results.json)."""
     results = combine_results(config.to_dict(), environment, manifest, training,
-                              checkpoint_dir=checkpoint.remote_source or checkpoint.path)
+                              checkpoint_dir=checkpoint_location(checkpoint), core=core)
     print(json.dumps(results, indent=2), flush=True)  # the results JSON, in the task's log
-    return results
+    report_dir = Path(current_context().working_directory) / "report"
+    report = write_run_report(checkpoint_location(checkpoint), report_dir, config, environment, training,
+                              evaluations=(core_table_markdown(core),) if core else ())
+    write_results(results, report_dir)
+    print(f"report card: {report}", flush=True)
+    if config.save_to:  # next to the checkpoint copy: the run's outputs in one place the user chose
+        publish_checkpoint(report_dir, config.save_to)
+        print(f"report and results: {config.save_to}", flush=True)
+    return results, FlyteDirectory(str(report_dir))
 
 
 class RunOutputs(NamedTuple):
     results: dict  # the results JSON
-    checkpoint: FlyteDirectory  # checkpoint.pt, model_config.json, training_state.json, tokenizer/, report.md
+    checkpoint: FlyteDirectory  # checkpoint.pt, model_config.json, training_state.json, tokenizer/, metrics, ...
+    report: FlyteDirectory  # report.md with its plots and the CORE table, and results.json
 
 
-def pretrain(config: RunConfig, train_task=train_base_model, gpu_node: dict | None = None) -> RunOutputs:
-    """The four stages, chained. `gpu_node` overrides where setup and training run (workflows/scale_up.py)."""
+def pretrain(config: RunConfig, resume_from: str, train_task=train_base_model, gpu_node: dict | None = None
+             ) -> RunOutputs:
+    """The stages, chained. `gpu_node` overrides where setup, training and CORE run (workflows/scale_up.py)."""
     gpu_node = gpu_node or {}
-    resolved, environment = setup_environment(config=config).with_overrides(**gpu_node)
+    resolved, environment, core_on = setup_environment(config=config, resume_from=resume_from
+                                                       ).with_overrides(**gpu_node)
     data, manifest = download_and_prepare_data(config=resolved)
-    checkpoint, training = train_task(config=resolved, data=data, environment=environment).with_overrides(**gpu_node)
-    results = aggregate_results(config=resolved, environment=environment, manifest=manifest, training=training,
-                                checkpoint=checkpoint)
-    return RunOutputs(results, checkpoint)
+    checkpoint, training = train_task(config=resolved, data=data, environment=environment,
+                                      resume_from=resume_from).with_overrides(**gpu_node)
+    core = (conditional("core").if_(core_on.is_true())
+            .then(evaluate_base_model(config=resolved, checkpoint=checkpoint, bundle_url=resolved.eval_bundle_url,
+                                      max_per_task=resolved.core_max_per_task).with_overrides(**gpu_node))
+            .else_().then(no_core()))
+    results, report = aggregate_results(config=resolved, environment=environment, manifest=manifest,
+                                        training=training, checkpoint=checkpoint, core=core)
+    return RunOutputs(results, checkpoint, report)
 
 
 @workflow
-def main(config: RunConfig = RunConfig()) -> RunOutputs:
-    """The whole run. Returns the results JSON and the checkpoint directory."""
-    return pretrain(config)
+def main(config: RunConfig = RunConfig(), resume_from: str = "") -> RunOutputs:
+    """The whole run. Returns the results JSON, the checkpoint directory and the report card.
+
+    resume_from: a checkpoint directory or URI (a previous run's `checkpoint` output, or its save_to copy) to
+    continue: a run that stopped early goes on from its last save; a finished one is extended to a larger
+    num_iterations (the LR schedule is then that of the new num_iterations)."""
+    return pretrain(config, resume_from)

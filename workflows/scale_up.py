@@ -42,17 +42,17 @@ MULTI_A100_RESOURCES = dict(
 @task(task_config=Elastic(nnodes=1, nproc_per_node=GPUS), container_image=IMAGE, secret_requests=[WANDB_SECRET],
       retries=3, enable_deck=True, shared_memory=True, **MULTI_A100_RESOURCES)
 @wandb_console_link
-def train_base_model_multi_gpu(config: RunConfig, data: FlyteDirectory, environment: dict
+def train_base_model_multi_gpu(config: RunConfig, data: FlyteDirectory, environment: dict, resume_from: str
                                ) -> tuple[FlyteDirectory, dict]:
     """train_base_model in one process per GPU (RANK, LOCAL_RANK, WORLD_SIZE set); flytekit returns rank 0's."""
-    return train_base_model.task_function(config=config, data=data, environment=environment)
+    return train_base_model.task_function(config=config, data=data, environment=environment, resume_from=resume_from)
 
 
 @workflow
-def nanochat_d12_a100(config: RunConfig = D12_CONFIG) -> RunOutputs:
-    return pretrain(config, train_base_model, A100_NODE)
+def nanochat_d12_a100(config: RunConfig = D12_CONFIG, resume_from: str = "") -> RunOutputs:
+    return pretrain(config, resume_from, train_base_model, A100_NODE)
 
 
 @workflow
-def nanochat_d12_8xa100(config: RunConfig = D12_CONFIG) -> RunOutputs:
-    return pretrain(config, train_base_model_multi_gpu, dict(MULTI_A100_RESOURCES, interruptible=False))
+def nanochat_d12_8xa100(config: RunConfig = D12_CONFIG, resume_from: str = "") -> RunOutputs:
+    return pretrain(config, resume_from, train_base_model_multi_gpu, dict(MULTI_A100_RESOURCES, interruptible=False))

@@ -1,0 +1,40 @@
+"""How our command-line tools end on a user's mistake: one line on stderr naming the problem, exit status 2.
+
+A traceback is for bugs. A misspelt field, a missing checkpoint, an unreachable URL or a malformed conversation is
+the user's to fix, and the one line that says what to fix must not drown in forty lines of stack.
+"""
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from nanochat_flyte.config import ConfigError
+from nanochat_flyte.conversation import ConversationError
+from nanochat_flyte.core_eval import BundleError
+from nanochat_flyte.download import DownloadError
+from nanochat_flyte.tokenizer import TokenizerError
+
+USER_ERRORS = (ConfigError, ConversationError, DownloadError, TokenizerError, BundleError, FileNotFoundError)
+USER_ERROR_EXIT = 2  # argparse's status for a usage error
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line too (argparse prints the whole usage first), and the program is named
+    as it is run: `python -m nanochat_flyte.<module>` (argparse would say `__main__.py`)."""
+
+    def __init__(self, module: str, **kwargs):
+        super().__init__(prog=f"python -m {module}", **kwargs)
+
+    def error(self, message: str):
+        self.exit(USER_ERROR_EXIT, f"error: {message} (see {self.prog} --help)\n")
+
+
+def run(main: Callable[[], object]) -> None:
+    """Call a CLI's main(); a user error becomes one line and exit status 2."""
+    try:
+        main()
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
+    except KeyboardInterrupt:
+        sys.exit(130)  # the shell's status for Ctrl-C

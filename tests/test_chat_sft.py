@@ -1,0 +1,85 @@
+"""SFT end to end: a tiny base checkpoint fine-tuned on the chat mixture served by the local hub."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import make_data_dir, tiny_config
+
+from nanochat_flyte.chat_data import prepare_sft_data
+from nanochat_flyte.chat_sft import sft_run_config, train_chat
+from nanochat_flyte.config import ChatConfig, ConfigError, RunConfig
+from nanochat_flyte.engine import Engine
+from nanochat_flyte.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def chat_config(**changes) -> ChatConfig:
+    """A few SFT steps on rows of 128 tokens (the base model was trained on 32: rotary positions extend)."""
+    values = dict(max_seq_len=128, device_batch_size=4, total_batch_size=1024, num_iterations=16, eval_every=8,
+                  sample_every=16, sample_max_tokens=8, save_every=8, max_conversations=200, val_conversations=20,
+                  device="cpu", dtype="float32", compile=False, wandb_mode="disabled")
+    values.update(changes)
+    return ChatConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("base")
+    train(tiny_config(num_iterations=20, eval_every=20, sample_every=20, save_every=20, warmdown_ratio=0.2),
+          make_data_dir(tmp_path_factory.mktemp("data"), n_train_tokens=30_000), out)
+    return out
+
+
+def val_losses(checkpoint_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (checkpoint_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row["val/loss"] for row in rows if "val/loss" in row]
+
+
+def test_sft_lowers_the_loss_on_held_out_assistant_tokens(base_checkpoint, hub_server, tmp_path):
+    config = chat_config()
+    manifest = prepare_sft_data(config, tmp_path / "sft_data")
+    assert manifest["train_conversations"] == 200
+    summary = train_chat(config, base_checkpoint, tmp_path / "sft_data", tmp_path / "chat")
+
+    assert summary["phase"] == "chat" and summary["status"] == "completed" and summary["steps_completed"] == 16
+    losses = val_losses(tmp_path / "chat")
+    assert len(losses) == 3  # steps 0 (the base model), 8 and 16
+    assert losses[-1] < losses[0] - 0.5, losses  # fine-tuning learns the held-out answers' format and words
+    assert summary["final_validation_loss"] == losses[-1]
+    state = json.loads((tmp_path / "chat" / "training_state.json").read_text())
+    assert state["phase"] == "chat"
+    engine = Engine.from_checkpoint(tmp_path / "chat", device="cpu")
+    assert engine.phase == "chat" and engine.chat_mode
+    samples = [json.loads(line) for line in (tmp_path / "chat" / "samples.jsonl").read_text().splitlines()]
+    assert {s["prompt"] for s in samples} >= {"What is the capital of France?"}
+
+
+def test_sft_inherits_the_base_runs_batch_and_scaled_learning_rates():
+    base = RunConfig(run_name="base_run")
+    config = sft_run_config(ChatConfig(init_lr_frac=0.5), base)
+    assert (config.max_seq_len, config.device_batch_size, config.total_batch_size) == (512, 16, 65536)
+    assert (config.matrix_lr, config.embedding_lr) == (0.01, 0.1)
+    assert config.run_name == "base_run_sft" and config.warmdown_ratio == 0.5
+    with pytest.raises(ConfigError, match=r"^ChatConfig\.total_batch_size: "):
+        sft_run_config(ChatConfig(total_batch_size=1000), base)
+
+
+def test_the_sft_cli_reads_the_hub_and_resumes_nothing_twice(base_checkpoint, hub_server, tmp_path):
+    preset = tmp_path / "chat.json"
+    preset.write_text(json.dumps(chat_config(num_iterations=4, eval_every=4, sample_every=4, save_every=4).to_dict()))
+    result = subprocess.run([sys.executable, "-m", "nanochat_flyte.chat_sft", "--base-checkpoint",
+                             base_checkpoint.as_uri(), "--out-dir", str(tmp_path / "chat"), "--config", str(preset),
+                             "seed=7"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout[result.stdout.index("{\n"):])
+    assert summary["phase"] == "chat" and summary["steps_completed"] == 4
+
+    bad = subprocess.run([sys.executable, "-m", "nanochat_flyte.chat_sft", "--base-checkpoint", str(base_checkpoint),
+                          "--out-dir", str(tmp_path / "x"), "mmlu_epoch=2"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: ChatConfig.mmlu_epoch: unknown field; did you mean mmlu_epochs?"

@@ -1,0 +1,67 @@
+"""The chat workflows run in-process by flytekit: shards and the hub's datasets served from 127.0.0.1."""
+
+import json
+from pathlib import Path
+
+import pytest
+from flytekit.types.directory import FlyteDirectory
+
+from nanochat_flyte.config import ChatConfig
+from tests.shard_server import serve_shards, write_fineweb_shards
+from tests.test_workflow import VAL_SHARD, tiny_config
+from workflows.chat import chat_sft, nanochat_chat
+from workflows.nanochat import main
+
+EVAL_TASKS = {"arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval"}
+
+
+def tiny_chat_config(**changes) -> ChatConfig:
+    values = dict(max_conversations=120, val_conversations=10, max_seq_len=128, device_batch_size=4,
+                  total_batch_size=1024, num_iterations=4, eval_every=2, sample_every=4, sample_max_tokens=4,
+                  save_every=2, compile=False, wandb_mode="offline", eval_max_per_task=3, eval_max_tokens=16,
+                  eval_batch_size=4)
+    values.update(changes)
+    return ChatConfig(**values)
+
+
+@pytest.fixture
+def served_shards(tmp_path):
+    write_fineweb_shards(tmp_path / "shards", [0, 1, VAL_SHARD], docs_per_shard=150)
+    with serve_shards(tmp_path / "shards") as server:
+        yield server
+
+
+def test_the_whole_pipeline_base_to_chat_eval(served_shards, hub_server):
+    results, checkpoint, report, chat_results, chat_checkpoint, chat_report = nanochat_chat(
+        config=tiny_config(served_shards.url), chat_config=tiny_chat_config())
+
+    assert results["training"]["status"] == "completed" and results["core"] is None  # no bundle: CORE off
+    sft = chat_results["sft"]
+    assert sft["phase"] == "chat" and sft["steps_completed"] == 4 and sft["run_name"] == "e2e_sft"
+    evaluation = chat_results["chat_eval"]
+    assert set(evaluation["tasks"]) | set(evaluation["skipped"]) == EVAL_TASKS
+    assert all(task["examples"] == 3 for task in evaluation["tasks"].values())
+    assert chat_results["chatcore"] == evaluation["chatcore"]
+    assert json.loads((Path(chat_checkpoint.path) / "training_state.json").read_text())["phase"] == "chat"
+    card = (Path(chat_report.path) / "report.md").read_text()
+    assert "## Chat evaluation" in card and "| arc_easy |" in card and "validation loss" in card
+
+
+def test_chat_sft_from_a_checkpoint_directory_reuses_its_downloads(served_shards, hub_server):
+    _, checkpoint, _ = main(config=tiny_config(served_shards.url, num_iterations=2, eval_every=2, sample_every=2,
+                                               save_every=2))
+    config = tiny_chat_config(num_iterations=2, eval_tasks="arc_easy,gsm8k")
+    first, first_results, _ = chat_sft(base_checkpoint=FlyteDirectory(checkpoint.path), config=config)
+    assert first_results["sft"]["steps_completed"] == 2
+    assert set(first_results["chat_eval"]["tasks"]) == {"arc_easy", "gsm8k"}
+
+    hub_server.requests.clear()
+    chat_sft(base_checkpoint=FlyteDirectory(checkpoint.path), config=config)
+    assert not [r for r in hub_server.requests if r.path.endswith(".parquet")]  # cached: no dataset downloaded again
+
+
+def test_a_base_checkpoint_that_is_not_one_fails_before_any_gpu_time(tmp_path, hub_server):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Exception, match=r"chat_sft\.base_checkpoint: .* is not a checkpoint directory"):
+        chat_sft(base_checkpoint=FlyteDirectory(str(tmp_path / "empty")), config=tiny_chat_config())
+    assert hub_server.requests == []

@@ -1,0 +1,479 @@
+"""CORE evaluation: bundle loading (directory, zip, HTTP), validation, hand-checked scoring, batching, the CLI."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import fsspec
+import pytest
+import tiktoken
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import yaml
+from helpers import make_data_dir, tiny_config
+
+from nanochat_flyte.config import ConfigError
+from nanochat_flyte.core_eval import (BundleError, centered_accuracy, check_bundle_url, core_log_metrics, core_table,
+                                      core_table_html, core_table_markdown, evaluate_core, fewshot_indices, load_bundle,
+                                      main, render, score_rows, score_task, task_subset, tokenize)
+from nanochat_flyte.device import Precision
+from nanochat_flyte.download import DownloadError
+from nanochat_flyte.model import GPT, GPTConfig
+from nanochat_flyte.tokenizer import gpt2_tokenizer, load_tokenizer, save_tokenizer, train_bpe
+from nanochat_flyte.train import train
+from tests.core_bundle import TEST_TASKS, TaskSpec, write_bundle, write_core_bundle, zip_directory
+from tests.shard_server import fineweb_texts, serve_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+FP32 = Precision(torch.float32, use_grad_scaler=False, device_type="cpu")
+LN2 = math.log(2)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@pytest.fixture
+def bundle_dir(tmp_path):
+    return write_core_bundle(tmp_path / "bundle", examples_per_task=12)
+
+
+def summary(bundle):
+    return [(task.label, task.task_type, task.num_fewshot, task.delimiter, task.random_baseline, task.examples)
+            for task in bundle.tasks]
+
+
+def test_bundle_loads_from_a_directory_a_zip_and_http_alike(bundle_dir, tmp_path):
+    from_dir = load_bundle(bundle_dir, cache_dir=tmp_path / "cache")
+    assert [task.label for task in from_dir.tasks] == [spec.label for spec in TEST_TASKS]
+    labels = {task.label: task for task in from_dir.tasks}
+    assert labels["mc_fewshot"].num_fewshot == 3 and labels["mc_fewshot"].delimiter == " "
+    assert labels["qa_answer"].delimiter == "\nAnswer: " and labels["schema_fewshot"].random_baseline == 50.0
+    assert labels["mc_fewshot"].examples is labels["mc_zeroshot"].examples  # one dataset file, read once
+
+    local_zip = zip_directory(bundle_dir, tmp_path / "served" / "eval_bundle.zip")  # eval_bundle/ inside
+    assert summary(load_bundle(str(local_zip), cache_dir=tmp_path / "cache")) == summary(from_dir)
+    flat_zip = zip_directory(bundle_dir, tmp_path / "flat.zip", prefix="")  # core.yaml at the top
+    assert summary(load_bundle(flat_zip.as_uri(), cache_dir=tmp_path / "cache")) == summary(from_dir)
+
+    with serve_shards(tmp_path / "served") as server:
+        url = f"{server.url}/eval_bundle.zip"
+        server.fail("/eval_bundle.zip", "503")  # the real download path: retried
+        cache = tmp_path / "http_cache"
+        assert summary(load_bundle(url, cache_dir=cache)) == summary(from_dir)
+        unpacked = [path for path in cache.iterdir() if path.is_dir()]
+        assert len(unpacked) == 1 and (unpacked[0] / "eval_bundle" / "core.yaml").is_file()
+        (unpacked[0] / "marker").touch()
+        assert summary(load_bundle(url, cache_dir=cache)) == summary(from_dir)
+        assert len(server.requests_for("/eval_bundle.zip")) == 2  # the 503 and one download: then the cache
+        assert (unpacked[0] / "marker").exists()  # unpacked once, not again
+
+
+def test_an_fsspec_directory_is_copied_into_the_cache(bundle_dir, tmp_path):
+    filesystem = fsspec.filesystem("memory")
+    filesystem.put(str(bundle_dir), "/core-test/eval_bundle", recursive=True)
+    bundle = load_bundle("memory://core-test/eval_bundle", cache_dir=tmp_path / "cache")
+    assert summary(bundle) == summary(load_bundle(bundle_dir))
+
+
+def edit_yaml(root: Path, change) -> None:
+    config = yaml.safe_load((root / "core.yaml").read_text())
+    change(config["icl_tasks"])
+    (root / "core.yaml").write_text(yaml.safe_dump(config))
+
+
+def edit_line(root: Path, dataset: str, number: int, change) -> None:
+    path = root / "eval_data" / dataset
+    lines = path.read_text().splitlines()
+    lines[number - 1] = change(lines[number - 1])
+    path.write_text("\n".join(lines) + "\n")
+
+
+def drop_field(field):
+    return lambda line: json.dumps({k: v for k, v in json.loads(line).items() if k != field})
+
+
+MALFORMED = {
+    "unknown type": (lambda root: edit_yaml(root, lambda tasks: tasks[3].update(icl_task_type="foo")),
+                     "core.yaml: icl_tasks[3] (lm_zeroshot): unknown icl_task_type 'foo'"),
+    "no label": (lambda root: edit_yaml(root, lambda tasks: tasks[1].pop("label")),
+                 "core.yaml: icl_tasks[1]: needs a 'label'"),
+    "bad shots": (lambda root: edit_yaml(root, lambda tasks: tasks[0].update(num_fewshot=[-1])),
+                  "core.yaml: icl_tasks[0] (mc_fewshot): num_fewshot must be an integer >= 0"),
+    "too many shots": (lambda root: edit_yaml(root, lambda tasks: tasks[0].update(num_fewshot=[12])),
+                       "icl_tasks[0] (mc_fewshot): num_fewshot 12 needs at least 13 examples; "
+                       "eval_data/reasoning/choices.jsonl has 12"),
+    "no data file": (lambda root: edit_yaml(root, lambda tasks: tasks[2].update(dataset_uri="nope.jsonl")),
+                     "icl_tasks[2] (schema_fewshot): dataset_uri 'nope.jsonl': no such file eval_data/nope.jsonl"),
+    "missing gold": (lambda root: edit_line(root, "reasoning/choices.jsonl", 12, drop_field("gold")),
+                     "eval_data/reasoning/choices.jsonl line 12: missing field 'gold'"),
+    "gold out of range": (lambda root: edit_line(root, "commonsense/schema.jsonl", 3,
+                                                 lambda line: json.dumps({**json.loads(line), "gold": 2})),
+                          "eval_data/commonsense/schema.jsonl line 3: field 'gold' is 2, not an index into the 2 "
+                          "'context_options'"),
+    "wrong type": (lambda root: edit_line(root, "language/completion.jsonl", 5,
+                                          lambda line: json.dumps({**json.loads(line), "continuation": 7})),
+                   "eval_data/language/completion.jsonl line 5: field 'continuation' must be a str (int found)"),
+    "bad json": (lambda root: edit_line(root, "knowledge/qa.jsonl", 2, lambda line: line[:-1]),
+                 "eval_data/knowledge/qa.jsonl line 2: not valid JSON"),
+    "no baseline row": (lambda root: (root / "eval_meta_data.csv").write_text(
+                            "\n".join((root / "eval_meta_data.csv").read_text().splitlines()[:-1]) + "\n"),
+                        "eval_meta_data.csv: no 'Random baseline' row for task 'qa_answer'"),
+    "bad baseline": (lambda root: (root / "eval_meta_data.csv").write_text(
+                         (root / "eval_meta_data.csv").read_text().replace("50.0", "fifty")),
+                     "eval_meta_data.csv line 4: 'Random baseline' of 'schema_fewshot' must be a number in [0, 100)"),
+    "no csv": (lambda root: (root / "eval_meta_data.csv").unlink(), "eval_meta_data.csv: missing"),
+    "no core.yaml": (lambda root: (root / "core.yaml").unlink(), "no single core.yaml in the bundle"),
+    "not yaml": (lambda root: (root / "core.yaml").write_text("icl_tasks: [\n"), "core.yaml: not valid YAML"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_a_malformed_bundle_names_the_file_and_the_field(bundle_dir, case):
+    break_it, message = MALFORMED[case]
+    break_it(bundle_dir)
+    with pytest.raises(BundleError) as error:
+        load_bundle(bundle_dir)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_file_that_is_not_a_zip_fails_as_a_download(tmp_path):
+    (tmp_path / "eval_bundle.zip").write_text("<html>Access denied</html>")
+    with pytest.raises(DownloadError, match="the CORE eval bundle .* not a readable zip"):
+        load_bundle(tmp_path / "eval_bundle.zip", cache_dir=tmp_path / "cache")
+
+
+def test_check_bundle_url_probes_without_downloading(bundle_dir, tmp_path):
+    check_bundle_url(str(bundle_dir))
+    zip_path = zip_directory(bundle_dir, tmp_path / "served" / "eval_bundle.zip")
+    check_bundle_url(str(zip_path))
+    with pytest.raises(ConfigError, match="eval_bundle_url: .*not found"):
+        check_bundle_url(str(tmp_path / "missing.zip"))
+    with pytest.raises(ConfigError, match="eval_bundle_url: .*no single core.yaml"):
+        check_bundle_url(str(tmp_path / "served"))
+    with serve_shards(tmp_path / "served") as server:
+        check_bundle_url(f"{server.url}/eval_bundle.zip")
+        with pytest.raises(ConfigError, match="eval_bundle_url: .*unreachable: not found"):
+            check_bundle_url(f"{server.url}/other.zip")
+        assert [request.method for request in server.requests] == ["HEAD", "HEAD"]
+
+
+# ----------------------------------------------------------------------------- hand-checked scoring
+
+
+def byte_tokenizer() -> tiktoken.Encoding:
+    """One token per byte (ids 0..255, "a" is 97), <|endoftext|> is 256: prompts are easy to follow by hand."""
+    return tiktoken.Encoding(name="bytes", pat_str=r"(?s:.)", mergeable_ranks={bytes([i]): i for i in range(256)},
+                             special_tokens={"<|endoftext|>": 256})
+
+
+class BigramModel(nn.Module):
+    """p(next byte | previous byte) as the test sets it; every other next byte shares the rest uniformly."""
+
+    def __init__(self, sequence_len: int = 64):
+        super().__init__()
+        self.config = SimpleNamespace(sequence_len=sequence_len)
+        self.table = nn.Parameter(torch.full((257, 257), -math.log(257)))
+
+    def set(self, previous: str, probabilities: dict[str, float]) -> None:
+        rest = (1 - sum(probabilities.values())) / (257 - len(probabilities))
+        row = torch.full((257,), rest)
+        for token, probability in probabilities.items():
+            row[ord(token)] = probability
+        with torch.no_grad():
+            self.table[ord(previous)] = row.log()
+
+    def forward(self, idx):
+        return self.table[idx]
+
+
+def scores(model, task, index):
+    rows = tokenize(byte_tokenizer(), render(task, index), model.config.sequence_len)
+    return score_rows(model, rows, batch_size=4, pad_token=256, device=CPU, precision=FP32)
+
+
+HAND_TASKS = (
+    TaskSpec("mc", "multiple_choice", 0, "mc.jsonl", random_baseline=25.0),
+    TaskSpec("schema", "schema", 0, "schema.jsonl", random_baseline=50.0),
+    TaskSpec("lm", "language_modeling", 0, "lm.jsonl"),
+)
+HAND_EXAMPLES = {
+    "mc.jsonl": [{"query": "Q", "choices": ["ab", "cdef"], "gold": 1},
+                 {"query": "Q", "choices": ["ab", "cdef"], "gold": 0}],
+    "schema.jsonl": [{"context_options": ["xA", "xB"], "continuation": "c", "gold": 0},
+                     {"context_options": ["xA", "xB"], "continuation": "c", "gold": 1}],
+    "lm.jsonl": [{"context": "ab", "continuation": "cd"}, {"context": "ab ", "continuation": "ce"},
+                 {"context": "ab", "continuation": "c"}],
+}
+
+
+@pytest.fixture
+def hand_model():
+    model = BigramModel()
+    # multiple choice: " ab" costs 1 + 3 + 1 bits (sum 5, mean 5/3); " cdef" 1 + 2 + 1 + 1 + 1 (sum 6, mean 6/5)
+    model.set("Q", {" ": 1 / 2})
+    model.set(" ", {"a": 1 / 8, "c": 1 / 4})
+    model.set("a", {"b": 1 / 2})
+    model.set("c", {"d": 1 / 2, "e": 1 / 4})
+    model.set("d", {"e": 1 / 2})
+    model.set("e", {"f": 1 / 2})
+    # schema: the context "xB" is far likelier, but the continuation " c" is likelier after "xA"
+    model.set("x", {"A": 0.001, "B": 0.9})
+    model.set("A", {" ": 0.9})
+    model.set("B", {" ": 0.1})
+    # language modeling: after "ab" greedy decoding writes " cd" (" c" then "d", not "e")
+    model.set("b", {" ": 0.9})
+    return model
+
+
+@pytest.fixture
+def hand_bundle(tmp_path):
+    return load_bundle(write_bundle(tmp_path / "hand", HAND_TASKS, HAND_EXAMPLES))
+
+
+def test_multiple_choice_picks_the_lowest_mean_loss_not_the_lowest_sum(hand_model, hand_bundle):
+    task = hand_bundle.tasks[0]
+    mean_losses, _ = scores(hand_model, task, 0)
+    assert mean_losses == pytest.approx([5 / 3 * LN2, 6 / 5 * LN2])  # sums 5 and 6 bits: "ab" has the lower sum
+    assert score_task(hand_model, byte_tokenizer(), task, [0, 1], batch_size=3, context_len=64, device=CPU,
+                      precision=FP32) == [True, False]  # "cdef" is the answer: right for gold 1, wrong for gold 0
+
+
+def test_schema_scores_only_the_continuation_under_each_context(hand_model, hand_bundle):
+    task = hand_bundle.tasks[1]
+    mean_losses, _ = scores(hand_model, task, 0)
+    c_after_space = -math.log(1 / 4)  # the same under both contexts
+    assert mean_losses == pytest.approx([(-math.log(0.9) + c_after_space) / 2, (-math.log(0.1) + c_after_space) / 2])
+    assert score_task(hand_model, byte_tokenizer(), task, [0, 1], batch_size=3, context_len=64, device=CPU,
+                      precision=FP32) == [True, False]
+
+
+def test_language_modeling_needs_every_continuation_token(hand_model, hand_bundle):
+    task = hand_bundle.tasks[2]
+    assert [scores(hand_model, task, index)[1] for index in range(3)] == [[True], [False], [True]]
+    rows = tokenize(byte_tokenizer(), render(task, 1), 64)
+    assert bytes(rows[0].tokens[1:]).decode() == "ab ce"  # the context's trailing space is stripped
+    assert bytes(rows[0].tokens[rows[0].start:]).decode() == " ce"
+
+
+def test_centered_accuracy_and_core_arithmetic(hand_model, hand_bundle):
+    assert centered_accuracy(0.5, 25) == pytest.approx(1 / 3)
+    assert centered_accuracy(0.25, 25) == 0 and centered_accuracy(1.0, 60) == 1
+    result = evaluate_core(hand_model, byte_tokenizer(), hand_bundle, batch_size=2)
+    tasks = result["tasks"]
+    assert [tasks[label]["accuracy"] for label in ("mc", "schema", "lm")] == [1 / 2, 1 / 2, 2 / 3]
+    assert [tasks[label]["centered"] for label in ("mc", "schema", "lm")] == pytest.approx([1 / 3, 0, 2 / 3])
+    assert result["core_metric"] == pytest.approx((1 / 3 + 0 + 2 / 3) / 3)
+    assert tasks["mc"] | {"seconds": 0} == {"type": "multiple_choice", "shots": 0, "examples": 2, "accuracy": 0.5,
+                                            "centered": pytest.approx(1 / 3), "seconds": 0}
+    assert result["max_per_task"] is None and result["bundle"] == hand_bundle.source
+    json.dumps(result)  # the results JSON takes it as it is
+    assert core_log_metrics(result) == {"core_metric": result["core_metric"], "core/mc": tasks["mc"]["centered"],
+                                        "core/schema": tasks["schema"]["centered"], "core/lm": tasks["lm"]["centered"]}
+
+
+def test_a_long_prompt_loses_tokens_from_the_left(hand_model, hand_bundle):
+    task = hand_bundle.tasks[0]
+    full = tokenize(byte_tokenizer(), render(task, 0), 64)
+    cropped = tokenize(byte_tokenizer(), render(task, 0), 6)  # <|endoftext|>Q cdef is 7 tokens: one too many
+    assert [len(row.tokens) for row in full] == [5, 7] and [len(row.tokens) for row in cropped] == [5, 6]
+    for whole, short in zip(full, cropped):
+        assert short.tokens == whole.tokens[-6:] and short.tokens[short.start:] == whole.tokens[whole.start:]
+    cropped = tokenize(byte_tokenizer(), render(task, 0), 3)  # " cdef" is longer than the whole context:
+    assert [row.tokens for row in cropped] == [list(b" ab"), list(b"def")]  # what fits is scored, after a first
+    assert [row.start for row in cropped] == [1, 1]  # token that only predicts
+
+
+# ----------------------------------------------------------------------------- prompts and subsets
+
+
+def test_fewshot_examples_are_other_items_chosen_the_same_way_every_time(bundle_dir):
+    task = load_bundle(bundle_dir).tasks[0]  # mc_fewshot: 3 shots from 12 items
+    for index in range(len(task.examples)):
+        shots = fewshot_indices(len(task.examples), index, task.num_fewshot)
+        assert index not in shots and len(set(shots)) == 3 and all(0 <= shot < 12 for shot in shots)
+        assert shots == fewshot_indices(len(task.examples), index, task.num_fewshot)
+        context, continuation = render(task, index)[0]
+        query = task.examples[index]["query"]
+        assert context.endswith(query) and query not in context[:-len(query)]
+        for shot in shots:  # each shot is shown solved, then a blank line
+            example = task.examples[shot]
+            assert f"{example['query']} {example['choices'][example['gold']]}\n\n" in context
+    assert len({tuple(fewshot_indices(12, index, 3)) for index in range(12)}) > 1  # not one fixed set
+
+
+def test_answer_spans_decode_to_the_continuation_with_gpt2_and_bpe(bundle_dir, bpe):
+    bundle = load_bundle(bundle_dir)
+    for tokenizer in (gpt2_tokenizer(), bpe):
+        for task in bundle.tasks:
+            for index in range(len(task.examples)):
+                options = render(task, index)
+                for (context, continuation), row in zip(options, tokenize(tokenizer, options, 10_000)):
+                    assert row.tokens[0] == tokenizer.eot_token
+                    assert tokenizer.decode(row.tokens[1:]) == context + continuation
+                    assert tokenizer.decode(row.tokens[row.start:]).endswith(continuation.strip())
+                    assert context.startswith(tokenizer.decode(row.tokens[1:row.start]))
+
+
+def test_max_per_task_takes_the_same_seeded_subset_every_time(bundle_dir):
+    task = load_bundle(bundle_dir).tasks[0]
+    five = task_subset(task, 5)
+    assert five == task_subset(task, 5) and len(set(five)) == 5 and five == sorted(five)
+    assert five != list(range(5))  # shuffled, not the first five
+    assert set(five) <= set(task_subset(task, 8))  # a larger subset extends a smaller one
+    assert task_subset(task, None) == task_subset(task, 100) == list(range(12))
+
+
+# ----------------------------------------------------------------------------- batching, a real GPT, both tokenizers
+
+
+def random_gpt(vocab_size: int, sequence_len: int = 48) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=1, n_head=1, n_kv_head=1,
+                          n_embd=32))
+    model.init_weights()
+    nn.init.normal_(model.lm_head.weight, std=0.5)  # init_weights zeroes the head: every choice would tie
+    return model
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    """Our BPE with a small vocabulary: a model's output layer over GPT-2's 50,257 tokens is slow on a CPU."""
+    return train_bpe(fineweb_texts(50), vocab_size=400)
+
+
+def test_batched_scoring_matches_one_row_at_a_time(bundle_dir, bpe):
+    bundle, tokenizer = load_bundle(bundle_dir), bpe
+    model = random_gpt(tokenizer.n_vocab)
+    rows = [row for task in bundle.tasks for index in range(len(task.examples))
+            for row in tokenize(tokenizer, render(task, index), 48)]
+    assert max(len(row.tokens) for row in rows) == 48 > min(len(row.tokens) for row in rows)  # cropped and padded
+    one = score_rows(model, rows, batch_size=1, pad_token=tokenizer.eot_token, device=CPU, precision=FP32)
+    batched = score_rows(model, rows, batch_size=7, pad_token=tokenizer.eot_token, device=CPU, precision=FP32)
+    assert batched[0] == pytest.approx(one[0], rel=1e-5) and batched[1] == one[1]
+    single = evaluate_core(model, tokenizer, bundle, batch_size=1)
+    together = evaluate_core(model, tokenizer, bundle, batch_size=16)
+    assert [task["accuracy"] for task in single["tasks"].values()] == \
+           [task["accuracy"] for task in together["tasks"].values()]
+    subset = evaluate_core(model, tokenizer, bundle, max_per_task=5, batch_size=16)
+    assert {task["examples"] for task in subset["tasks"].values()} == {5}
+    assert subset == evaluate_core(model, tokenizer, bundle, max_per_task=5, batch_size=16) | {
+        "seconds": subset["seconds"], "tasks": {label: task | {"seconds": subset["tasks"][label]["seconds"]}
+                                                for label, task in subset["tasks"].items()}}
+    with pytest.raises(ValueError, match="max_per_task must be >= 1"):
+        evaluate_core(model, tokenizer, bundle, max_per_task=0)
+
+
+def test_our_bpe_tokenizer_evaluates_too(bundle_dir, bpe):
+    tokenizer = bpe
+    model = random_gpt(tokenizer.n_vocab)
+    result = evaluate_core(model, tokenizer, load_bundle(bundle_dir), batch_size=8)
+    assert set(result["tasks"]) == {spec.label for spec in TEST_TASKS}
+    assert all(0 <= task["accuracy"] <= 1 for task in result["tasks"].values())
+    assert model.training  # handed back in the mode it came in
+
+
+def evaluate_on_rank(rank: int, world_size: int, init_file: str, bundle_dir: str, tokenizer_dir: str,
+                     expected: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        tokenizer = load_tokenizer(Path(tokenizer_dir))
+        result = evaluate_core(random_gpt(tokenizer.n_vocab), tokenizer, load_bundle(bundle_dir), batch_size=8)
+        assert {label: task["accuracy"] for label, task in result["tasks"].items()} == expected
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_share_the_items_and_sum_the_counts(bundle_dir, bpe, tmp_path):
+    single = evaluate_core(random_gpt(bpe.n_vocab), bpe, load_bundle(bundle_dir), batch_size=8)
+    expected = {label: task["accuracy"] for label, task in single["tasks"].items()}
+    tokenizer_dir = save_tokenizer(bpe, tmp_path / "tokenizer")
+    mp.spawn(evaluate_on_rank, args=(2, str(tmp_path / "rendezvous"), str(bundle_dir), str(tokenizer_dir), expected),
+             nprocs=2)
+
+
+# ----------------------------------------------------------------------------- report tables
+
+
+def test_the_per_task_table_renders_as_markdown_and_html():
+    result = {"core_metric": 0.125, "tasks": {
+        "hellaswag": {"type": "multiple_choice", "shots": 10, "examples": 500, "accuracy": 0.3, "centered": 0.0667,
+                      "seconds": 3.0},
+        "a|b": {"type": "language_modeling", "shots": 0, "examples": 20, "accuracy": 0.1834, "centered": 0.1834,
+                "seconds": 1.0}}}
+    header, rows = core_table(result)
+    assert header == ["task", "type", "shots", "examples", "accuracy", "centered"]
+    assert rows[-1] == ["CORE", "", "", 520, "", 0.125]
+    assert core_table_markdown(result).splitlines() == [
+        "| task | type | shots | examples | accuracy | centered |", "|---|---|---|---|---|---|",
+        "| hellaswag | multiple_choice | 10 | 500 | 0.3 | 0.0667 |",
+        r"| a\|b | language_modeling | 0 | 20 | 0.1834 | 0.1834 |", "| CORE |  |  | 520 |  | 0.125 |"]
+    html = core_table_html(result)
+    assert "<th>centered</th>" in html and "<td>hellaswag</td>" in html and "<td>0.125</td>" in html
+
+
+# ----------------------------------------------------------------------------- the CLI, end to end
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    data_dir = make_data_dir(tmp_path_factory.mktemp("data"), n_train_tokens=5_000, n_val_tokens=1_000)
+    out = tmp_path_factory.mktemp("checkpoint")
+    train(tiny_config(num_iterations=3), data_dir, out)
+    return out
+
+
+def test_the_cli_scores_a_trained_checkpoint_on_a_served_bundle(checkpoint, bundle_dir, tmp_path, monkeypatch,
+                                                                  capsys):
+    zip_directory(bundle_dir, tmp_path / "served" / "eval_bundle.zip")
+    monkeypatch.setenv("NANOCHAT_FLYTE_CACHE", str(tmp_path / "cache"))
+    with serve_shards(tmp_path / "served") as server:
+        result = main(["--checkpoint", str(checkpoint), "--bundle", f"{server.url}/eval_bundle.zip",
+                       "--max-per-task", "6", "--device", "cpu", "--batch-size", "5"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1]) == json.loads(json.dumps(result))
+    assert set(result["tasks"]) == {spec.label for spec in TEST_TASKS}
+    assert all(task["examples"] == 6 for task in result["tasks"].values())
+    assert set(json.loads(lines[-1])["tasks"]["mc_fewshot"]) >= {"accuracy", "centered", "examples"}
+    table = lines[lines.index("| task | type | shots | examples | accuracy | centered |"):-1]
+    assert len(table) == 2 + len(TEST_TASKS) + 1 and table[2].startswith("| mc_fewshot | multiple_choice | 3 | 6 |")
+    assert (tmp_path / "cache" / "eval_bundle").is_dir()  # the default cache: default_cache_dir("eval_bundle")
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--max-per-task", "0"], "argument --max-per-task: must be an integer >= 1, got 0"),
+    (["--batch-size", "many"], "argument --batch-size: must be an integer >= 1, got 'many'"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+])
+def test_bad_arguments_get_one_line(checkpoint, bundle_dir, arguments, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--checkpoint", str(checkpoint), "--bundle", str(bundle_dir), *arguments])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in error and error.count("\n") == 1
+
+
+def test_a_malformed_bundle_is_named(checkpoint, bundle_dir):
+    MALFORMED["missing gold"][0](bundle_dir)
+    with pytest.raises(BundleError) as error:
+        main(["--checkpoint", str(checkpoint), "--bundle", str(bundle_dir), "--device", "cpu"])
+    assert str(error.value) == (f"eval bundle {bundle_dir}: eval_data/reasoning/choices.jsonl line 12: "
+                                "missing field 'gold'")
+
+
+def test_a_missing_bundle_is_named(checkpoint, tmp_path):
+    with pytest.raises(DownloadError) as error:
+        main(["--checkpoint", str(checkpoint), "--bundle", str(tmp_path / "missing.zip"), "--device", "cpu"])
+    assert str(error.value) == f"the CORE eval bundle could not be downloaded from {tmp_path / 'missing.zip'}: not found"
+
+
+def test_the_cli_process_exits_non_zero_without_a_traceback(bundle_dir, tmp_path):
+    process = subprocess.run([sys.executable, "-m", "nanochat_flyte.core_eval", "--checkpoint", str(tmp_path / "no"),
+                              "--bundle", str(bundle_dir), "--device", "cpu"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert process.returncode == 2 and process.stdout == ""
+    assert process.stderr == f"error: no checkpoint.pt in {tmp_path / 'no'}: not a checkpoint directory\n"

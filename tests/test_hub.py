@@ -1,0 +1,132 @@
+"""The hub client against a local hub (tests/hub_server.py): the listing API, downloads, faults, cache, HF_TOKEN."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nanochat_flyte.download import DownloadError, Retry
+from nanochat_flyte.hub import download_split, file_records, hub_endpoint, parquet_urls, read_rows, split_cache_dir
+from tests.hub_server import HUB_SPLITS, MMLU_SCHEMA, split_path, write_split
+
+FAST_RETRY = Retry(attempts=3, backoff_base_s=0.01, backoff_max_s=0.05)
+MMLU_TEST = ("cais/mmlu", "all", "test")
+LISTING = split_path(*MMLU_TEST)
+FILE_0 = LISTING + "/0.parquet"
+
+
+def test_the_endpoint_is_explicit_else_hf_endpoint_else_the_hub(monkeypatch):
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    assert hub_endpoint() == "https://huggingface.co"
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.example.com/")
+    assert hub_endpoint() == "https://hf-mirror.example.com"
+    assert hub_endpoint("http://127.0.0.1:8766/") == "http://127.0.0.1:8766"
+
+
+def test_the_listing_names_the_parquet_files_and_they_download_in_the_exact_schema(hub_server, tmp_path):
+    repo, subset, split = key = ("HuggingFaceTB/smol-smoltalk", "default", "train")  # two files
+    urls = parquet_urls(*key)
+    assert urls == [f"{hub_server.url}{split_path(*key)}/{n}.parquet" for n in (0, 1)]
+
+    paths = download_split(*key, cache_dir=tmp_path / "cache", columns=("messages",))
+
+    directory = tmp_path / "cache" / "HuggingFaceTB--smol-smoltalk" / "default" / "train"
+    assert paths == [directory / "00000.parquet", directory / "00001.parquet"] == \
+           [split_cache_dir(*key, tmp_path / "cache") / name for name in ("00000.parquet", "00001.parquet")]
+    schema, rows, _ = HUB_SPLITS[key]
+    assert pq.read_schema(paths[0]).equals(schema)
+    assert read_rows(paths, ("messages", "source")) == rows
+    assert [r["url"] for r in file_records(paths)] == urls
+
+
+def test_every_split_reads_back_as_written(hub_server, tmp_path):
+    for key, (schema, rows, _) in HUB_SPLITS.items():
+        assert read_rows(download_split(*key, cache_dir=tmp_path / "cache"), tuple(schema.names)) == rows, key
+
+
+def test_503_on_the_listing_and_on_a_file_is_retried(hub_server, tmp_path):
+    hub_server.fail(LISTING, "503")
+    hub_server.fail(FILE_0, "503")
+    (path,) = download_split(*MMLU_TEST, cache_dir=tmp_path / "cache", retry=FAST_RETRY)
+    assert read_rows([path], ("question",)) == [{"question": r["question"]} for r in HUB_SPLITS[MMLU_TEST][1]]
+    assert len(hub_server.requests_for(LISTING)) == 2 and len(hub_server.requests_for(FILE_0)) == 2
+
+
+def test_a_split_the_hub_does_not_have_fails_in_one_line_naming_it(hub_server, tmp_path):
+    with pytest.raises(DownloadError) as error:
+        download_split("cais/mmlu", "all", "nonexistent", cache_dir=tmp_path / "cache", retry=FAST_RETRY)
+    message = str(error.value)
+    assert message == (f"the parquet listing of cais/mmlu all/nonexistent could not be downloaded from "
+                       f"{hub_server.url}/api/datasets/cais/mmlu/parquet/all/nonexistent: not found (HTTP 404)")
+    assert len(hub_server.requests) == 1  # a 404 is not retried
+
+
+def test_a_listed_file_that_is_missing_fails_naming_the_dataset_and_file(hub_server, tmp_path):
+    hub_server.fail(FILE_0, "404", times=None)
+    with pytest.raises(DownloadError) as error:
+        download_split(*MMLU_TEST, cache_dir=tmp_path / "cache", retry=FAST_RETRY)
+    assert str(error.value) == (f"cais/mmlu all/test file 0 could not be downloaded from {hub_server.url}{FILE_0}: "
+                                f"not found (HTTP 404)")
+
+
+def test_a_listing_that_is_not_a_list_of_urls_fails_naming_the_split(hub_server, tmp_path):
+    bogus = hub_server.directory / split_path("some/dataset", "default", "train").lstrip("/")
+    bogus.parent.mkdir(parents=True)
+    bogus.write_text(json.dumps({"error": "The dataset viewer is not available for this dataset."}))
+    with pytest.raises(DownloadError, match=r"^the parquet listing of some/dataset default/train could not be "
+                                            r"downloaded from .*: expected a non-empty JSON list of parquet URLs"):
+        parquet_urls("some/dataset", "default", "train", retry=FAST_RETRY)
+
+
+def test_a_file_without_the_expected_columns_fails_its_check(hub_server, tmp_path):
+    table_rows = [{k: v for k, v in row.items() if k != "answer"} for row in HUB_SPLITS[MMLU_TEST][1]]
+    write_split(hub_server.directory, "cais/mmlu", "all", "validation", table_rows,
+                pa.schema([f for f in MMLU_SCHEMA if f.name != "answer"]))
+    with pytest.raises(DownloadError, match=r"^cais/mmlu all/validation file 0 .*has no column answer"):
+        download_split("cais/mmlu", "all", "validation", cache_dir=tmp_path / "cache",
+                       columns=("question", "answer"), retry=FAST_RETRY)
+
+
+def test_a_second_call_asks_the_network_nothing_and_a_corrupt_file_is_fetched_again(hub_server, tmp_path):
+    first = download_split(*MMLU_TEST, cache_dir=tmp_path / "cache")
+    asked = len(hub_server.requests)
+    assert asked == 2  # the listing, the file
+
+    assert download_split(*MMLU_TEST, cache_dir=tmp_path / "cache") == first
+    assert len(hub_server.requests) == asked
+
+    first[0].write_bytes(first[0].read_bytes()[:100])  # e.g. a disk-full copy
+    download_split(*MMLU_TEST, cache_dir=tmp_path / "cache")
+    assert [r.path for r in hub_server.requests[asked:]] == [FILE_0]  # the file again; the listing is kept
+
+
+def test_another_endpoint_lists_again(hub_server, tmp_path):
+    download_split(*MMLU_TEST, cache_dir=tmp_path / "cache")
+    # the same server under another name: a different listing URL, so the recorded listing does not apply
+    download_split(*MMLU_TEST, hub_server.url.replace("127.0.0.1", "localhost"), tmp_path / "cache")
+    assert len(hub_server.requests_for(LISTING)) == 2
+
+
+def test_hf_token_is_sent_to_the_hub_never_printed_and_not_forwarded_to_another_host(hub_server, tmp_path,
+                                                                                     monkeypatch, capsys):
+    token = "hf_sEcReT0123456789"
+    monkeypatch.setenv("HF_TOKEN", token)
+    # the hub redirects the file to a CDN: here the same server under another host name
+    cdn_path = "/cdn/mmlu-test-0.parquet"
+    (hub_server.directory / cdn_path.lstrip("/")).parent.mkdir()
+    (hub_server.directory / cdn_path.lstrip("/")).write_bytes((hub_server.directory / FILE_0.lstrip("/")).read_bytes())
+    hub_server.fail(FILE_0, "redirect", location=hub_server.url.replace("127.0.0.1", "localhost") + cdn_path)
+    hub_server.fail(LISTING, "503")  # a retry prints its cause
+
+    download_split(*MMLU_TEST, cache_dir=tmp_path / "cache", retry=FAST_RETRY)
+    with pytest.raises(DownloadError) as error:
+        download_split("cais/mmlu", "all", "nonexistent", cache_dir=tmp_path / "cache", retry=FAST_RETRY)
+
+    for request in hub_server.requests_for(LISTING) + hub_server.requests_for(FILE_0):
+        assert request.headers["Authorization"] == f"Bearer {token}"
+    (cdn_request,) = hub_server.requests_for(cdn_path)
+    assert "Authorization" not in cdn_request.headers
+    output = capsys.readouterr()
+    assert "retrying" in output.out
+    assert token not in output.out + output.err + str(error.value)

@@ -1,0 +1,193 @@
+"""The chat stage as Flyte workflows: supervised fine-tuning (SFT) of a base checkpoint, then the chat evaluation;
+and the whole pipeline, from raw shards to an evaluated chat model.
+
+    pyflyte run workflows/chat.py chat_sft --base_checkpoint s3://.../checkpoint --config configs/chat_d8_t4.yaml
+    pyflyte run workflows/chat.py nanochat_chat --config configs/smoke.yaml --chat_config configs/chat_smoke.yaml
+
+Like workflows/nanochat.py this file only declares tasks, resources and caching; the work is in nanochat_flyte
+(chat_data, chat_sft, chat_eval). The data tasks run on CPUs, cached, before any GPU starts: a relaunch downloads
+nothing again.
+"""
+
+from pathlib import Path
+from typing import NamedTuple
+
+import requests
+from flytekit import Cache, Deck, Resources, current_context, task, workflow
+from flytekit.exceptions.user import FlyteRecoverableException
+from flytekit.types.directory import FlyteDirectory
+
+from nanochat_flyte.chat_data import check_hub_endpoint, prepare_eval_data, prepare_sft_data
+from nanochat_flyte.chat_eval import chat_metrics, chat_table_html, chat_table_markdown, evaluate_chat, read_eval_items
+from nanochat_flyte.chat_sft import train_chat
+from nanochat_flyte.checkpoint import CONFIG_FILE, TRAINING_STATE_FILE, publish_checkpoint, read_checkpoint_json
+from nanochat_flyte.config import ChatConfig, ConfigError, RunConfig
+from nanochat_flyte.engine import Engine
+from nanochat_flyte.environment import environment_report, format_report
+from nanochat_flyte.hub import hub_endpoint
+from nanochat_flyte.report import environment_deck_html, training_deck_html, write_run_report
+from nanochat_flyte.results import chat_results, write_results
+from nanochat_flyte.tracking import log_evaluation
+from workflows.image import IMAGE
+from workflows.nanochat import (HF_SECRET, TRAINING_RESOURCES, WANDB_SECRET, RunOutputs, checkpoint_location,
+                                export_secret, one_line_user_errors, pretrain, restore_flyte_checkpoint,
+                                save_flyte_checkpoint, wandb_console_link)
+
+# Bump when the prepared conversations or evaluation items change format: cached ones are then ignored.
+CHAT_DATA_CACHE_VERSION = "1"
+# Converting the whole SmolTalk split (460K rows) peaked at 2.9 GB of memory on a CPU; the parquet files and the
+# conversations take ~3 GB of disk.
+CHAT_DATA_RESOURCES = dict(requests=Resources(cpu="4", mem="8Gi", ephemeral_storage="20Gi"))
+
+
+@task(container_image=IMAGE, secret_requests=[WANDB_SECRET, HF_SECRET], interruptible=True, enable_deck=True,
+      **TRAINING_RESOURCES)
+@one_line_user_errors
+def setup_chat(config: ChatConfig, base_checkpoint: FlyteDirectory) -> tuple[ChatConfig, str, dict]:
+    """Validate the chat config, check the base checkpoint and probe the hub endpoint, before any GPU time is spent.
+    Returns the config, the endpoint the data tasks use, and the environment report (of the training node kind)."""
+    config = config.validate()
+    state = read_checkpoint_json(checkpoint_location(base_checkpoint), TRAINING_STATE_FILE)
+    if state is None:
+        raise ConfigError("base_checkpoint", f"{checkpoint_location(base_checkpoint)} is not a checkpoint directory "
+                                             f"(no {TRAINING_STATE_FILE})", "chat_sft")
+    export_secret(HF_SECRET, "HF_TOKEN")
+    check_hub_endpoint(config)
+    report = environment_report()
+    print(format_report(report), flush=True)
+    Deck("Environment", environment_deck_html(report))
+    return config, hub_endpoint(config.hf_endpoint), report
+
+
+# Keyed by exactly what decides the conversations: a new learning rate or a longer run reuses the prepared data.
+@task(container_image=IMAGE, secret_requests=[HF_SECRET], cache=Cache(version=CHAT_DATA_CACHE_VERSION),
+      **CHAT_DATA_RESOURCES)
+@one_line_user_errors
+def prepare_chat_sft_data(endpoint: str, smoltalk_epochs: float, mmlu_epochs: float, gsm8k_epochs: float,
+                          max_conversations: int, val_conversations: int, seed: int) -> FlyteDirectory:
+    """The SFT mixture (train.jsonl) and the held-out validation conversations (val.jsonl), from the hub."""
+    export_secret(HF_SECRET, "HF_TOKEN")
+    config = ChatConfig(hf_endpoint=endpoint, smoltalk_epochs=smoltalk_epochs, mmlu_epochs=mmlu_epochs,
+                        gsm8k_epochs=gsm8k_epochs, max_conversations=max_conversations,
+                        val_conversations=val_conversations, seed=seed)
+    out_dir = Path(current_context().working_directory) / "sft_data"
+    prepare_sft_data(config, out_dir)
+    return FlyteDirectory(str(out_dir))
+
+
+@task(container_image=IMAGE, secret_requests=[HF_SECRET], cache=Cache(version=CHAT_DATA_CACHE_VERSION),
+      **CHAT_DATA_RESOURCES)
+@one_line_user_errors
+def prepare_chat_eval_data(endpoint: str, tasks: str) -> FlyteDirectory:
+    """The evaluation sets (<task>.jsonl), so that the GPU pod downloads nothing."""
+    export_secret(HF_SECRET, "HF_TOKEN")
+    out_dir = Path(current_context().working_directory) / "eval_data"
+    prepare_eval_data(ChatConfig(eval_tasks=tasks).eval_task_list, out_dir, endpoint)
+    return FlyteDirectory(str(out_dir))
+
+
+@task(container_image=IMAGE, secret_requests=[WANDB_SECRET], interruptible=True, retries=3, enable_deck=True,
+      **TRAINING_RESOURCES)
+@wandb_console_link
+@one_line_user_errors
+def train_chat_model(config: ChatConfig, base_checkpoint: FlyteDirectory, data: FlyteDirectory, environment: dict
+                     ) -> tuple[FlyteDirectory, dict]:
+    """SFT on the shared training loop; a preempted attempt resumes from the intra-task checkpoint."""
+    export_secret(WANDB_SECRET, "WANDB_API_KEY")
+    checkpoint_dir = Path(current_context().working_directory) / "chat_checkpoint"
+    resume_dir = restore_flyte_checkpoint(checkpoint_dir)
+    try:
+        summary = train_chat(config, Path(base_checkpoint.download()), Path(data.download()), checkpoint_dir,
+                             resume_dir=resume_dir, on_save=save_flyte_checkpoint, env_report=environment)
+    except (OSError, requests.RequestException) as error:  # storage or network hiccup: retry from the checkpoint
+        raise FlyteRecoverableException(f"{type(error).__name__}: {error}") from error
+    sft_config = RunConfig.from_mapping(read_checkpoint_json(checkpoint_dir, CONFIG_FILE))
+    Deck("Fine-tuning", training_deck_html(checkpoint_dir, sft_config, environment, summary))
+    return FlyteDirectory(str(checkpoint_dir)), summary
+
+
+# Cached on (checkpoint, evaluation data, settings): evaluating the same checkpoint again costs nothing.
+@task(container_image=IMAGE, secret_requests=[WANDB_SECRET], interruptible=True, retries=2, enable_deck=True,
+      cache=Cache(version="1", ignored_inputs=("config",)), **TRAINING_RESOURCES)
+@one_line_user_errors
+def evaluate_chat_model(config: ChatConfig, checkpoint: FlyteDirectory, eval_data: FlyteDirectory, tasks: str,
+                        max_per_task: int, humaneval: str) -> dict:
+    """ARC-Easy, ARC-Challenge, MMLU, GSM8K and HumanEval (in the sandbox, where it works), and ChatCORE."""
+    export_secret(WANDB_SECRET, "WANDB_API_KEY")
+    engine = Engine.from_checkpoint(Path(checkpoint.download()), device=config.device)
+    items = read_eval_items(Path(eval_data.download()), ChatConfig(eval_tasks=tasks).eval_task_list)
+    result = evaluate_chat(engine, items, max_per_task=max_per_task, batch_size=config.eval_batch_size,
+                           max_tokens=config.eval_max_tokens, humaneval=humaneval, seed=config.seed)
+    location = checkpoint_location(checkpoint)
+    step = read_checkpoint_json(location, TRAINING_STATE_FILE)["steps_completed"]
+    sft_config = RunConfig.from_mapping(read_checkpoint_json(location, CONFIG_FILE))
+    result["wandb_url"] = log_evaluation(sft_config, location, step, chat_metrics(result),
+                                         {"chatcore": result["chatcore"]}, phase=engine.phase)
+    Deck("Chat evaluation", chat_table_html(result))
+    return result
+
+
+@task(container_image=IMAGE)
+def aggregate_chat_results(config: ChatConfig, base_checkpoint: FlyteDirectory, training: dict, evaluation: dict,
+                           checkpoint: FlyteDirectory, environment: dict) -> tuple[dict, FlyteDirectory]:
+    """The chat results JSON, and the chat run's report card with the chat evaluation table."""
+    location = checkpoint_location(checkpoint)
+    results = chat_results(config.to_dict(), checkpoint_location(base_checkpoint), training, evaluation, location)
+    report_dir = Path(current_context().working_directory) / "chat_report"
+    sft_config = RunConfig.from_mapping(read_checkpoint_json(location, CONFIG_FILE))
+    report = write_run_report(location, report_dir, sft_config, environment, training,
+                              evaluations=(chat_table_markdown(evaluation),))
+    write_results(results, report_dir)
+    print(f"report card: {report}", flush=True)
+    if config.save_to:
+        publish_checkpoint(report_dir, config.save_to)
+    return results, FlyteDirectory(str(report_dir))
+
+
+class ChatOutputs(NamedTuple):
+    chat_checkpoint: FlyteDirectory  # the chat checkpoint directory: same layout as a base one, "phase": "chat"
+    results: dict  # the chat results JSON: SFT summary and chat evaluation
+    report: FlyteDirectory  # report.md with its plots and the chat evaluation table, and results.json
+
+
+def fine_tune(config: ChatConfig, base_checkpoint: FlyteDirectory) -> ChatOutputs:
+    """setup -> data (CPU, cached) -> SFT -> chat evaluation -> results."""
+    checked, endpoint, environment = setup_chat(config=config, base_checkpoint=base_checkpoint)
+    data = prepare_chat_sft_data(endpoint=endpoint, smoltalk_epochs=checked.smoltalk_epochs,
+                                 mmlu_epochs=checked.mmlu_epochs, gsm8k_epochs=checked.gsm8k_epochs,
+                                 max_conversations=checked.max_conversations,
+                                 val_conversations=checked.val_conversations, seed=checked.seed)
+    eval_data = prepare_chat_eval_data(endpoint=endpoint, tasks=checked.eval_tasks)
+    chat_checkpoint, training = train_chat_model(config=checked, base_checkpoint=base_checkpoint, data=data,
+                                                 environment=environment)
+    evaluation = evaluate_chat_model(config=checked, checkpoint=chat_checkpoint, eval_data=eval_data,
+                                     tasks=checked.eval_tasks, max_per_task=checked.eval_max_per_task,
+                                     humaneval=checked.humaneval)
+    results, report = aggregate_chat_results(config=checked, base_checkpoint=base_checkpoint, training=training,
+                                             evaluation=evaluation, checkpoint=chat_checkpoint, environment=environment)
+    return ChatOutputs(chat_checkpoint, results, report)
+
+
+@workflow
+def chat_sft(base_checkpoint: FlyteDirectory, config: ChatConfig = ChatConfig()) -> ChatOutputs:
+    """A base checkpoint (a previous run's `checkpoint` output, or any directory or URI holding one) to an
+    evaluated chat checkpoint."""
+    return fine_tune(config, base_checkpoint)
+
+
+class PipelineOutputs(NamedTuple):
+    results: dict  # the base run's results JSON (with CORE)
+    checkpoint: FlyteDirectory  # the base checkpoint
+    report: FlyteDirectory  # the base run's report card
+    chat_results: dict  # the chat stage's results JSON
+    chat_checkpoint: FlyteDirectory  # the chat checkpoint
+    chat_report: FlyteDirectory  # the chat run's report card
+
+
+@workflow
+def nanochat_chat(config: RunConfig = RunConfig(), chat_config: ChatConfig = ChatConfig()) -> PipelineOutputs:
+    """The whole pipeline: pretraining (with CORE when config.evaluate_core), then SFT, then the chat evaluation."""
+    base: RunOutputs = pretrain(config, "")
+    chat = fine_tune(chat_config, base.checkpoint)
+    return PipelineOutputs(base.results, base.checkpoint, base.report, chat.results, chat.chat_checkpoint,
+                           chat.report)
