@@ -10,7 +10,8 @@ sys.path.insert(0, str(ROOT))
 
 from cache_gpt2_tokenizer import cache_gpt2_tokenizer  # noqa: E402
 
-pytest_plugins = ["tests.shard_server", "tests.hub_server"]  # the shard_server and hub_server fixtures
+# fixtures: shard_server, hub_server; checkpoints and servers to chat with (chat CLI, server, page)
+pytest_plugins = ["tests.shard_server", "tests.hub_server", "tests.chat_server"]
 
 # The real GPT-2 ranks, from PyPI when this machine cannot reach openaipublic.blob.core.windows.net.
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT / ".cache" / "tiktoken"))

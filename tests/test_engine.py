@@ -15,7 +15,7 @@ import torch
 
 from nanochat_flyte.conversation import ConversationError, render_prompt
 from nanochat_flyte.device import select_precision
-from nanochat_flyte.engine import Engine, SamplingParams, Scheduler, TextStream
+from nanochat_flyte.engine import Engine, SamplingParams, Scheduler, TextStream, sample_next_token
 from nanochat_flyte.model import GPT, GPTConfig
 from nanochat_flyte.tokenizer import gpt2_tokenizer
 
@@ -102,6 +102,29 @@ def test_batched_rows_give_the_tokens_of_each_request_alone(params):
     assert len({tuple(c.tokens) for c in batched}) == 4  # four different answers: none took another row's tokens
 
 
+def test_each_row_may_have_its_own_sampling_params():
+    engine = randomized_engine()
+    prompts = [tokens_of("The cat sees"), tokens_of("A teacher"), tokens_of("The river carries three")]
+    params = [SamplingParams(max_tokens=5), SamplingParams(max_tokens=9, temperature=1.0, seed=1),
+              SamplingParams(max_tokens=7, temperature=0.7, top_k=10, seed=2)]
+    batched = engine.generate_batch(prompts, params)
+    assert batched == [engine.generate_batch([p], q)[0] for p, q in zip(prompts, params)]
+    assert [len(c.tokens) for c in batched] == [5, 9, 7]
+    with pytest.raises(ValueError, match="params: 2 SamplingParams for 3 prompts"):
+        engine.generate_batch(prompts, params[:2])
+
+
+def test_sampling_follows_the_softmax_of_the_logits_over_temperature_and_top_k():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, 1.0, 2.0, -3.0]]).repeat(10_000, 1)  # 10,000 rows: one draw each
+    for temperature, top_k in [(1.0, None), (0.5, None), (2.0, 2)]:
+        draws = sample_next_token(logits, generator, temperature, top_k).view(-1)
+        frequencies = torch.bincount(draws, minlength=4) / draws.numel()
+        kept = logits[0] if top_k is None else logits[0].masked_fill(logits[0] < 1.0, float("-inf"))
+        torch.testing.assert_close(frequencies, torch.softmax(kept / temperature, dim=0), atol=0.02, rtol=0)
+    assert (sample_next_token(logits[:5], generator, 0.0, None).view(-1) == 2).all()  # temperature 0: the argmax
+
+
 def test_seeded_sampling_is_reproducible():
     engine = randomized_engine()
 
@@ -133,8 +156,8 @@ def test_scheduler_requests_joining_a_running_batch_match_requests_alone():
         while not finished:
             assert events[index].wait(60), "no progress from the decode thread"
             events[index].clear()
-            text, finished = request.take()
-            texts[index] += text
+            deltas, finished = request.take()
+            texts[index] += "".join(deltas)
         assert request.error is None
     for prompt, param, request, text in zip(prompts, params, requests, texts):
         alone = engine.generate_batch([prompt], param)[0]

@@ -21,7 +21,7 @@ TIKTOKEN_CACHE_DIR = "/opt/tiktoken"  # GPT-2's ranks, fetched at build time
 PROJECT_DEPENDENCIES = [
     "torch>=2.5", "numpy>=1.26", "tiktoken>=0.7", "pyarrow>=15", "requests>=2.31", "fsspec>=2024.3", "pyyaml>=6",
     "wandb>=0.31", "matplotlib>=3.8", "rustbpe>=0.1", "flytekit>=1.16,<1.17",
-    "flytekitplugins-kfpytorch>=1.16,<1.17",
+    "flytekitplugins-kfpytorch>=1.16,<1.17", "fastapi>=0.110", "uvicorn>=0.29",
 ]
 
 IMAGE_SPEC = ImageSpec(

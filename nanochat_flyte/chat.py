@@ -1,0 +1,103 @@
+"""Talk to a checkpoint in the terminal: a multi-turn chat with the answer streamed as it is written.
+
+    python -m nanochat_flyte.chat --checkpoint DIR_OR_URI [--temperature 0.6 --top-k 50 --max-tokens 512]
+    python -m nanochat_flyte.chat --checkpoint DIR_OR_URI --prompt "Why is the sky blue?"   # answer once, exit
+
+In the chat, /clear starts a new conversation and /quit (or Ctrl-D) leaves. A base checkpoint (no chat
+fine-tuning) cannot hold a conversation: each message is then continued as plain text, and the chat says so.
+"""
+
+import argparse
+import dataclasses
+import itertools
+import sys
+
+from nanochat_flyte.config import ConfigError
+from nanochat_flyte.engine import Engine, SamplingParams
+from nanochat_flyte.tokenizer import TokenizerError
+
+BASE_MODEL_NOTE = ("note: this is a BASE checkpoint (no chat fine-tuning): each message is continued as plain "
+                   "text, without the earlier turns")
+
+
+def answer(engine: Engine, messages: list[dict], params: SamplingParams) -> str:
+    """Stream the assistant's reply to messages onto stdout; return it."""
+    sequence = engine.sequence(engine.chat_prompt(messages), params)
+    reply = []
+    for delta in engine.decode(sequence):
+        print(delta, end="", flush=True)
+        reply.append(delta)
+    print(flush=True)
+    if sequence.finish_reason == "length":  # on stderr: a script reading the answer gets the answer only
+        print("(cut at the token limit)", file=sys.stderr, flush=True)
+    return "".join(reply)
+
+
+def chat(engine: Engine, params: SamplingParams) -> None:
+    print(f"nanochat: {engine.phase} checkpoint, context {engine.context} tokens. /clear starts over, /quit leaves.")
+    if not engine.chat_mode:
+        print(BASE_MODEL_NOTE)
+    messages: list[dict] = []
+    for turn in itertools.count():
+        try:
+            text = input("\nYou: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if text == "/quit":
+            return
+        if text == "/clear":
+            messages = []
+            print("(new conversation)")
+            continue
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        print("Assistant: ", end="", flush=True)
+        try:
+            # a new seed each turn: asking again gives another sample, the session stays reproducible from --seed
+            reply = answer(engine, messages, dataclasses.replace(params, seed=params.seed + turn))
+        except ValueError as error:  # the conversation no longer fits the context
+            messages.pop()
+            print(f"\nerror: {error}; /clear starts a new conversation")
+            continue
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
+            messages.pop()
+            print("\n(stopped)")
+            continue
+        messages.append({"role": "assistant", "content": reply})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or fsspec URI (s3://, gs://, ...)")
+    parser.add_argument("--prompt", help="answer this one message and exit (for scripts)")
+    parser.add_argument("--max-tokens", type=int, default=512, help="the longest answer (the context may cut it)")
+    parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=50, help="0 = the whole vocabulary")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
+    args = parser.parse_args(argv)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                            seed=args.seed)
+    try:
+        params.validate()
+    except ValueError as error:
+        parser.error(f"--{str(error).replace('_', '-')}")
+    try:
+        engine = Engine.from_checkpoint(args.checkpoint, args.device)
+    except (FileNotFoundError, ConfigError, TokenizerError) as error:
+        sys.exit(f"error: {error}")
+    if args.prompt is None:
+        chat(engine, params)
+        return
+    if not engine.chat_mode:
+        print(BASE_MODEL_NOTE, file=sys.stderr)
+    try:
+        answer(engine, [{"role": "user", "content": args.prompt}], params)
+    except ValueError as error:  # a prompt longer than the context
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

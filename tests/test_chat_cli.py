@@ -1,0 +1,86 @@
+"""The terminal chat (`python -m nanochat_flyte.chat`): one-shot answers for scripts, the interactive multi-turn
+chat with /clear and /quit, plain completion for a base checkpoint, one-line errors."""
+
+import io
+import re
+import subprocess
+import sys
+
+import pytest
+from chat_server import ROOT
+
+from nanochat_flyte.chat import main
+from nanochat_flyte.engine import Engine, SamplingParams
+
+GREEDY = ["--temperature", "0", "--max-tokens", "8", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def chat_engine(chat_checkpoint):
+    return Engine.from_checkpoint(chat_checkpoint, "cpu")
+
+
+def answer_to(engine: Engine, messages: list[dict]) -> str:
+    return engine.generate_batch([engine.chat_prompt(messages)], SamplingParams(max_tokens=8))[0].text
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def test_prompt_answers_once_for_scripts(chat_checkpoint, chat_engine):
+    result = subprocess.run([sys.executable, "-m", "nanochat_flyte.chat", "--checkpoint", chat_checkpoint.as_uri(),
+                             "--prompt", "Hello there", *GREEDY], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == answer_to(chat_engine, [user("Hello there")]) + "\n"
+    assert "(cut at the token limit)" in result.stderr  # on stderr: stdout holds the answer only
+
+
+def test_interactive_chat_keeps_the_conversation_until_clear(chat_checkpoint, chat_engine, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\nTell me more\n/clear\nTell me more\n/quit\n"))
+    main(["--checkpoint", str(chat_checkpoint), *GREEDY])
+    out = capsys.readouterr().out
+    first = answer_to(chat_engine, [user("Hello there")])
+    second = answer_to(chat_engine, [user("Hello there"), {"role": "assistant", "content": first},
+                                     user("Tell me more")])
+    fresh = answer_to(chat_engine, [user("Tell me more")])  # after /clear, without the earlier turns
+    assert out.splitlines()[0] == "nanochat: chat checkpoint, context 256 tokens. /clear starts over, /quit leaves."
+    assert re.findall(r"Assistant: (.*)", out) == [first, second, fresh]  # (input() prints "You: " unechoed)
+    assert "(new conversation)" in out and "BASE checkpoint" not in out
+
+
+def test_end_of_input_leaves_the_chat(chat_checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n"))  # Ctrl-D after one message
+    main(["--checkpoint", str(chat_checkpoint), *GREEDY])
+    assert capsys.readouterr().out.count("Assistant: ") == 1
+
+
+def test_a_base_checkpoint_says_it_continues_plain_text(base_checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("The river\n/quit\n"))
+    main(["--checkpoint", str(base_checkpoint), *GREEDY])
+    out = capsys.readouterr().out
+    assert "this is a BASE checkpoint (no chat fine-tuning)" in out
+    base = Engine.from_checkpoint(base_checkpoint, "cpu")
+    assert f"Assistant: {base.complete('The river', SamplingParams(max_tokens=8)).text}\n" in out
+
+
+def test_a_conversation_longer_than_the_context_is_refused_in_one_line(chat_checkpoint, chat_engine, monkeypatch,
+                                                                       capsys):
+    long = "The cat sees a small boat. " * 80
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{long}\nHello there\n/quit\n"))
+    main(["--checkpoint", str(chat_checkpoint), *GREEDY])
+    out = capsys.readouterr().out
+    assert re.search(r"\nerror: prompt: \d+ tokens leave no room in the model's context of 256 tokens; /clear starts "
+                     r"a new conversation\n", out)
+    # the chat goes on without the long message: the next one is answered as the first of the conversation
+    assert re.findall(r"Assistant: (.*)", out)[-1] == answer_to(chat_engine, [user("Hello there")])
+
+
+def test_bad_arguments_and_missing_checkpoints_give_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--checkpoint", str(tmp_path), "--prompt", "Hi"])
+    assert exit_.value.code == f"error: no checkpoint.pt in {tmp_path}: not a checkpoint directory"
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(tmp_path), "--max-tokens", "0"])
+    assert "--max-tokens: must be an integer >= 1, got 0" in capsys.readouterr().err

@@ -1,0 +1,116 @@
+"""The chat page in a real browser: headless Chromium (Debian's `chromium` package, driven by Playwright) opens the
+page served by a real server, sends messages, and sees the answer stream in, token by token. The screenshot is
+saved in the test's tmp dir (chat_page.png), as an artifact to look at.
+
+Without Debian's chromium or the playwright package these tests skip, saying so; .ci/run installs both."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+from chat_server import API_KEY
+
+from nanochat_flyte.engine import Engine, SamplingParams
+
+CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
+if not CHROMIUM.is_file():
+    pytest.skip("no browser: Debian's chromium is not installed (`apt-get install chromium`, as .ci/run does)",
+                allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
+                                                             "(pip install -e '.[test]')")
+
+LAUNCH_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync"]
+RECORD_ANSWER_TEXT = """() => {
+    // every text the newest answer shows while it streams in
+    window.seen = [];
+    new MutationObserver(() => {
+        const answers = document.querySelectorAll(".assistant");
+        if (answers.length) window.seen.push(answers[answers.length - 1].textContent);
+    }).observe(document.getElementById("messages"), {subtree: true, childList: true, characterData: true});
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        # Playwright gives each launch a fresh temporary profile (--user-data-dir) and runs it headless
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=LAUNCH_FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    page = browser.new_page(viewport={"width": 1000, "height": 720})
+    yield page
+    page.close()
+
+
+def ask(page, text: str) -> str:
+    """Send text as the user; wait until the answer has finished streaming; return it."""
+    before = page.locator(".assistant").count()
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+    answer = page.locator(".assistant").nth(before)
+    answer.wait_for()
+    page.wait_for_selector(".assistant.streaming", state="detached", timeout=60_000)
+    return answer.text_content()
+
+
+def expected(engine: Engine, messages: list[dict], max_tokens: int) -> str:
+    return engine.generate_batch([engine.chat_prompt(messages)], SamplingParams(max_tokens=max_tokens))[0].text
+
+
+def test_the_page_streams_answers_keeps_the_conversation_and_shows_errors(page, chat_server, chat_checkpoint,
+                                                                           tmp_path):
+    engine = Engine.from_checkpoint(chat_checkpoint, "cpu")
+    page.goto(chat_server.url)
+    page.wait_for_function("document.getElementById('model').textContent.includes('chat checkpoint')")
+    assert not page.is_visible("#banner")  # a chat checkpoint: no base-model warning
+    page.fill("#temperature", "0")  # greedy: the answers can be compared with the engine's
+    page.fill("#max-tokens", "60")
+    page.evaluate(RECORD_ANSWER_TEXT)
+
+    first = ask(page, "Hello there")
+    assert first == expected(engine, [{"role": "user", "content": "Hello there"}], 60)
+    seen = [text for text in dict.fromkeys(page.evaluate("window.seen")) if text]
+    assert len(seen) >= 10, seen  # the answer grew over many renders, not in one piece
+    assert all(first.startswith(text) for text in seen)
+    assert page.locator(".note").last.text_content() == "(the answer reached the token limit)"
+    page.screenshot(path=tmp_path / "chat_page.png", full_page=True)
+    assert (tmp_path / "chat_page.png").stat().st_size > 10_000
+
+    # the page sends the whole conversation: the second answer follows the first
+    second = ask(page, "Tell me more")
+    history = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": first},
+               {"role": "user", "content": "Tell me more"}]
+    assert second == expected(engine, history, 60)
+
+    page.click("#new-chat")
+    assert page.locator(".message").count() == 0
+    assert ask(page, "Tell me more") == expected(engine, [{"role": "user", "content": "Tell me more"}], 60)
+
+    page.fill("#max-tokens", "0")
+    page.fill("#input", "Hello again")
+    page.press("#input", "Enter")
+    error = page.locator(".error")
+    error.wait_for()
+    assert error.text_content() == "400: max_tokens: must be an integer from 1 to 256, got 0"
+
+
+def test_a_base_model_page_says_so_and_asks_for_the_api_key(page, base_server, base_checkpoint):
+    page.goto(base_server.url)
+    page.wait_for_function("document.getElementById('model').textContent.includes('base checkpoint')")
+    assert "This is a BASE model" in page.text_content("#banner") and page.is_visible("#banner")
+    assert page.is_visible("#api-key")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "12")
+    page.fill("#input", "The river")
+    page.press("#input", "Enter")
+    page.locator(".error").wait_for()
+    assert page.locator(".error").text_content().startswith("401: a valid API key is needed")
+    page.fill("#api-key", API_KEY)
+    answer = ask(page, "The river")
+    base = Engine.from_checkpoint(base_checkpoint, "cpu")
+    assert answer == base.complete("The river", SamplingParams(max_tokens=12)).text

@@ -1,0 +1,294 @@
+"""The OpenAI-compatible server, tested over HTTP against real servers on 127.0.0.1 (tests/chat_server.py): answers
+equal what the engine computes for the same request, in OpenAI's shapes, through raw HTTP and the `openai` client;
+bad requests get 4xx in OpenAI's error shape; concurrency, the 429 limit, disconnects and the API key."""
+
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+
+import openai
+import pytest
+import requests
+from chat_server import API_KEY, CONTEXT
+
+from nanochat_flyte.engine import Engine, SamplingParams
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def chat_engine(chat_checkpoint):
+    return Engine.from_checkpoint(chat_checkpoint, "cpu")
+
+
+@pytest.fixture(scope="module")
+def base_engine(base_checkpoint):
+    return Engine.from_checkpoint(base_checkpoint, "cpu")
+
+
+def expected(engine: Engine, messages: list[dict], **params) -> str:
+    """The engine's answer to the request, computed here, in the test process."""
+    return engine.generate_batch([engine.chat_prompt(messages)], SamplingParams(**params))[0].text
+
+
+def post(server, body, headers=None, timeout=60, **kwargs):
+    return requests.post(f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=timeout, **kwargs)
+
+
+def sse_events(response) -> Iterator[dict | str]:
+    """The data of each server-sent event as it arrives: parsed JSON, or the final "[DONE]"."""
+    for line in response.iter_lines(decode_unicode=True):
+        if line.startswith("data: "):
+            data = line.removeprefix("data: ")
+            yield data if data == "[DONE]" else json.loads(data)
+        else:
+            assert line == "", f"not server-sent events: {line!r}"
+
+
+def streamed_text(server, body, headers=None) -> str:
+    with post(server, {**body, "stream": True}, headers, stream=True) as response:
+        assert response.status_code == 200, response.text
+        events = list(sse_events(response))
+    assert events[-1] == "[DONE]"
+    return "".join(event["choices"][0]["delta"].get("content", "") for event in events[:-1] if event["choices"])
+
+
+# ---------------------------------------------------------------------------- completions
+
+
+def test_a_non_streamed_completion(chat_server, chat_engine):
+    response = post(chat_server, {"model": "anything", "messages": HELLO, "max_tokens": 12, "temperature": 0})
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Nanochat-Mode"] == "chat"
+    body = response.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["model"] == chat_server.health()["model"] and body["system_fingerprint"] == "nanochat-flyte-chat"
+    (choice,) = body["choices"]
+    assert choice["message"] == {"role": "assistant", "content": expected(chat_engine, HELLO, max_tokens=12)}
+    assert choice["finish_reason"] == "length"
+    prompt_tokens = len(chat_engine.chat_prompt(HELLO))
+    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 12,
+                             "total_tokens": prompt_tokens + 12}
+
+
+def test_a_streamed_completion_arrives_token_by_token(chat_server, chat_engine):
+    messages = [{"role": "system", "content": "Answer briefly."}, *HELLO, {"role": "assistant", "content": "Hi!"},
+                {"role": "user", "content": "Tell me about the sea."}]
+    request = {"messages": messages, "max_completion_tokens": 20, "temperature": 0.9, "seed": 5, "stream": True,
+               "stream_options": {"include_usage": True}}
+    with post(chat_server, request, stream=True) as response:
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = list(sse_events(response))
+    first, *content, last, usage, done = events
+    assert done == "[DONE]"
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert len({event["id"] for event in events[:-1]}) == 1
+    assert all(event["object"] == "chat.completion.chunk" for event in events[:-1])
+    deltas = [event["choices"][0]["delta"]["content"] for event in content]
+    assert len(deltas) == 20  # one chunk per token: plain ASCII words, no stop strings to hold text back
+    assert "".join(deltas) == expected(chat_engine, messages, max_tokens=20, temperature=0.9, top_k=50, seed=5)
+    assert last["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "length", "logprobs": None}
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 20
+
+
+def test_stop_strings_end_the_answer(chat_server, chat_engine):
+    full = expected(chat_engine, HELLO, max_tokens=12)
+    stop = full.split()[2]  # the third word of the answer
+    body = post(chat_server, {"messages": HELLO, "max_tokens": 12, "temperature": 0, "stop": [stop, "zzz"]}).json()
+    assert body["choices"][0]["message"]["content"] == full[:full.index(stop)]
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert streamed_text(chat_server, {"messages": HELLO, "max_tokens": 12, "temperature": 0, "stop": stop}) == \
+        full[:full.index(stop)]
+
+
+def test_the_openai_client(chat_server, chat_engine):
+    client = openai.OpenAI(base_url=f"{chat_server.url}/v1", api_key="not-needed", max_retries=0)
+    (model,) = client.models.list().data
+    assert model.id == chat_server.health()["model"]
+    answer = expected(chat_engine, HELLO, max_tokens=10)
+    completion = client.chat.completions.create(model=model.id, messages=HELLO, max_tokens=10, temperature=0)
+    assert completion.choices[0].message.content == answer
+    assert completion.usage.completion_tokens == 10
+    stream = client.chat.completions.create(model=model.id, messages=HELLO, max_tokens=10, temperature=0,
+                                            stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == answer
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=model.id, messages=HELLO, n=2)
+    assert refused.value.status_code == 400 and refused.value.body["param"] == "n"
+
+
+def test_eight_concurrent_streams_are_all_correct_and_never_mixed(chat_server, chat_engine):
+    # Sampled answers (greedy answers of this tiny model are all alike) to prompts of different lengths. The model
+    # often ends its text early: of 32 candidates, the 8 longest answers are asked, so that the streams overlap.
+    # The expected answers come from one engine batch (tests/test_engine.py shows batched rows equal rows alone).
+    words = ["cat", "river", "teacher", "moon", "road", "song", "city", "map"]
+    candidates = [[{"role": "user", "content": f"Story {i}: the {words[i % 8]}" + " again" * (i % 5)}]
+                  for i in range(32)]
+    params = [{"max_tokens": 100, "temperature": 0.8, "top_k": 40, "seed": i} for i in range(32)]
+    completions = chat_engine.generate_batch([chat_engine.chat_prompt(c) for c in candidates],
+                                             [SamplingParams(**p) for p in params])
+    longest = sorted(range(32), key=lambda i: -len(completions[i].tokens))[:8]
+    assert len(completions[longest[-1]].tokens) >= 30
+    requests_ = [{"messages": candidates[i], **params[i]} for i in longest]
+    answers = [completions[i].text for i in longest]
+    assert len(set(answers)) == 8
+    results, spans = [None] * 8, [None] * 8
+    start = threading.Barrier(8)
+
+    def run(index: int) -> None:
+        start.wait()
+        with post(chat_server, {**requests_[index], "stream": True}, stream=True) as response:
+            text, first = "", None
+            for event in sse_events(response):
+                if event != "[DONE]" and event["choices"] and event["choices"][0]["delta"].get("content"):
+                    first = first or time.monotonic()
+                    text += event["choices"][0]["delta"]["content"]
+            results[index], spans[index] = text, (first, time.monotonic())
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results == answers
+    assert max(first for first, _ in spans) < min(end for _, end in spans), spans  # all 8 streamed at once
+
+
+# ---------------------------------------------------------------------------- bad requests
+
+
+LONG = [{"role": "user", "content": "The cat sees a small boat. " * (CONTEXT // 4)}]
+
+
+@pytest.mark.parametrize("body, status, param, fragment", [
+    ({"messages": []}, 400, "messages", "non-empty list"),
+    ({}, 400, "messages", "non-empty list"),
+    ({"messages": [{"role": "assistant", "content": "Hi"}]}, 400, "messages", "messages[0].role: expected user"),
+    ({"messages": [*HELLO, *HELLO]}, 400, "messages", "messages[1].role: expected assistant"),
+    ({"messages": [{"role": "user", "content": 7}]}, 400, "messages", "messages[0].content"),
+    ({"messages": [{"role": "wizard", "content": "Hi"}]}, 400, "messages", "messages[0].role"),
+    ({"messages": LONG}, 400, "messages", f"this model's context is {CONTEXT} tokens"),
+    ({"messages": HELLO, "max_tokens": 0}, 400, "max_tokens", f"from 1 to {CONTEXT}"),
+    ({"messages": HELLO, "max_tokens": CONTEXT + 1}, 400, "max_tokens", f"from 1 to {CONTEXT}"),
+    ({"messages": HELLO, "max_completion_tokens": "ten"}, 400, "max_completion_tokens", "an integer"),
+    ({"messages": HELLO, "temperature": 3}, 400, "temperature", "from 0 to 2"),
+    ({"messages": HELLO, "n": 2}, 400, "n", "only 1 is supported"),
+    ({"messages": HELLO, "top_p": 0.5}, 400, "top_p", "only 1 is supported"),
+    ({"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "up to 4"),
+    ({"messages": HELLO, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
+    ([HELLO], 400, None, "must be a JSON object"),
+], ids=["no-messages", "missing-messages", "assistant-first", "two-users", "content-not-text", "unknown-role",
+        "longer-than-context", "max-tokens-0", "max-tokens-over-context", "max-tokens-not-int", "temperature",
+        "n", "top-p", "five-stops", "tools", "not-an-object"])
+def test_bad_requests_get_a_clear_4xx_in_openai_shape(chat_server, body, status, param, fragment):
+    response = post(chat_server, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert error["param"] == param and fragment in error["message"]
+
+
+def test_invalid_json_oversized_bodies_and_unknown_routes(chat_server):
+    url = f"{chat_server.url}/v1/chat/completions"
+    response = requests.post(url, data=b'{"messages": [', headers={"Content-Type": "application/json"}, timeout=10)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+    huge = json.dumps({"messages": [{"role": "user", "content": "x" * 1_100_000}]})
+    response = requests.post(url, data=huge, timeout=10)
+    assert response.status_code == 413 and "over the limit of 1000000 bytes" in response.json()["error"]["message"]
+
+    def chunked():  # no Content-Length: the limit is enforced while reading
+        for _ in range(12):
+            yield b"x" * 100_000
+
+    response = requests.post(url, data=chunked(), timeout=10)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    response = requests.get(url, timeout=10)
+    assert response.status_code == 405 and response.json()["error"]["message"] == "Method Not Allowed"
+    response = requests.get(f"{chat_server.url}/v1/nothing", timeout=10)
+    assert response.status_code == 404 and "error" in response.json()
+    assert chat_server.health()["status"] == "ok"  # none of it hurt the server
+    assert chat_server.process.poll() is None
+
+
+# ---------------------------------------------------------------------------- base model, limits, disconnects, key
+
+
+def test_a_base_checkpoint_is_served_as_plain_completion_and_says_so(base_server, base_engine):
+    health = base_server.health()
+    assert (health["phase"], health["mode"], health["auth"]) == ("base", "completion", True)
+    messages = [*HELLO, {"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "The river"}]
+    response = post(base_server, {"messages": messages, "max_tokens": 8, "temperature": 0}, AUTH)
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Nanochat-Mode"] == "completion"
+    body = response.json()
+    assert body["system_fingerprint"] == "nanochat-flyte-completion"
+    # the last user message alone, continued as plain text
+    plain = base_engine.complete("The river", SamplingParams(max_tokens=8)).text
+    assert body["choices"][0]["message"]["content"] == plain == expected(base_engine, messages, max_tokens=8)
+    assert "BASE checkpoint" in base_server.log.read_text()
+
+
+def test_the_api_key_protects_the_api(base_server):
+    assert post(base_server, {"messages": HELLO, "max_tokens": 1}).status_code == 401
+    wrong = post(base_server, {"messages": HELLO, "max_tokens": 1}, {"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    assert requests.get(f"{base_server.url}/v1/models", timeout=10).status_code == 401
+    assert requests.get(f"{base_server.url}/v1/models", headers=AUTH, timeout=10).status_code == 200
+    assert requests.get(f"{base_server.url}/", timeout=10).status_code == 200  # the page itself holds no secret
+    assert post(base_server, {"messages": HELLO, "max_tokens": 1}, AUTH).status_code == 200
+
+
+def test_servers_listen_on_localhost_by_default(base_server, chat_server):
+    for server in (base_server, chat_server):
+        assert re.search(r"Uvicorn running on http://127\.0\.0\.1:\d+", server.log.read_text())
+
+
+def wait_until_idle(server, seconds: float = 10) -> dict:
+    deadline = time.monotonic() + seconds
+    while (health := server.health())["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return health
+
+
+def test_beyond_the_concurrency_limit_the_answer_is_429(base_server):
+    long_answer = {"messages": HELLO, "max_tokens": CONTEXT, "temperature": 0, "stream": True}
+    with post(base_server, long_answer, AUTH, stream=True) as streaming:
+        lines = streaming.iter_lines()  # (kept: a dropped iterator closes the connection, which cancels the answer)
+        next(lines)  # the first event: the answer is being generated
+        busy = post(base_server, {"messages": HELLO, "max_tokens": 1}, AUTH)
+        assert busy.status_code == 429
+        assert busy.json()["error"]["type"] == "rate_limit_error"
+        assert busy.json()["error"]["code"] == "rate_limit_exceeded"
+    wait_until_idle(base_server)
+    assert post(base_server, {"messages": HELLO, "max_tokens": 1}, AUTH).status_code == 200
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(base_server):
+    before = base_server.health()["requests"]
+    long_answer = {"messages": HELLO, "max_tokens": CONTEXT, "temperature": 0, "stream": True}
+    with post(base_server, long_answer, AUTH, stream=True) as streaming:
+        lines = streaming.iter_lines()
+        for _ in range(3):  # the role, then two tokens
+            next(lines)
+            next(lines)
+    # the connection is closed with most of the answer still to come: decoding stops, the slot is free
+    health = wait_until_idle(base_server)
+    assert health["active"] == 0
+    assert health["requests"]["cancelled"] == before["cancelled"] + 1
+    assert health["requests"]["completed"] == before["completed"]
+    tokens = [int(n) for n in re.findall(r"cancelled after (\d+) tokens", base_server.log.read_text())]
+    assert tokens and tokens[-1] < CONTEXT - 10
+    assert post(base_server, {"messages": HELLO, "max_tokens": 1}, AUTH).status_code == 200
+
+
+def test_a_client_that_gives_up_on_a_non_streamed_answer_frees_its_slot(base_server):
+    before = base_server.health()["requests"]
+    with pytest.raises(requests.ReadTimeout):  # the client stops waiting and closes the connection
+        post(base_server, {"messages": HELLO, "max_tokens": CONTEXT, "temperature": 0}, AUTH, timeout=0.3)
+    health = wait_until_idle(base_server)
+    assert health["requests"]["cancelled"] == before["cancelled"] + 1
+    assert health["requests"]["completed"] == before["completed"]
