@@ -27,7 +27,8 @@ import torch.distributed as dist
 
 from nanochat_flyte.cli import ArgumentParser
 from nanochat_flyte.chat_data import prepare_sft_data, read_jsonl
-from nanochat_flyte.checkpoint import CONFIG_FILE, TOKENIZER_DIR, fetch_checkpoint, load_checkpoint, read_checkpoint_json
+from nanochat_flyte.checkpoint import (CONFIG_FILE, TOKENIZER_DIR, fetch_checkpoint, load_checkpoint,
+                                       read_checkpoint_json)
 from nanochat_flyte.config import ChatConfig, ConfigError, RunConfig, load_config, parse_override
 from nanochat_flyte.conversation import ChatTokens, render_prompt
 from nanochat_flyte.download import default_cache_dir

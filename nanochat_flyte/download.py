@@ -144,7 +144,8 @@ def raise_for_status(response: requests.Response) -> None:
     """Sort an HTTP error into transient (retry) or permanent (fail now)."""
     status = response.status_code
     if status == 408 or status == 429 or status >= 500:
-        raise TransientError(f"HTTP {status} {response.reason}", retry_after_seconds(response.headers.get("Retry-After")))
+        retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+        raise TransientError(f"HTTP {status} {response.reason}", retry_after)
     if status == 404:
         raise PermanentError("not found (HTTP 404)")
     if status >= 400:

@@ -123,7 +123,8 @@ class ConversationLoader:
         return self.position / len(self.conversations)
 
     def state_dict(self) -> dict:
-        return {"conversations_consumed": self.position, "seed": self.seed, "num_conversations": len(self.conversations),
+        return {"conversations_consumed": self.position, "seed": self.seed,
+                "num_conversations": len(self.conversations),
                 "seq_len": self.capacity - 1}
 
     def load_state_dict(self, state: dict) -> None:

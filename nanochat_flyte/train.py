@@ -450,7 +450,8 @@ class Trainer:
         smoothed = loop.smoothed_loss(step)
         metrics = {"train/loss": result.loss, "train/loss_smooth": smoothed, "train/lrm": lrm,
                    **learning_rates(self.optimizers), "train/dt": dt, "train/tok_per_sec": tok_per_sec,
-                   "train/mfu": step_mfu, "train/grad_norm": result.grad_norm, "train/skipped_steps": loop.skipped_steps}
+                   "train/mfu": step_mfu, "train/grad_norm": result.grad_norm,
+                   "train/skipped_steps": loop.skipped_steps}
         if self.device.type == "cuda":
             metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if self.grad_scaler:

@@ -108,7 +108,8 @@ def test_the_config_cli_writes_a_file_and_fails_in_one_line(tmp_path):
                              "error: RunConfig.num_iteration: unknown field; did you mean num_iterations?"),
                             (["configs/nope.yaml"], "error: RunConfig.*: no preset file 'configs/nope.yaml'"),
                             (["configs/smoke.yaml", "depth=0"], "error: RunConfig.depth: must be >= 1, got 0")]:
-        bad = subprocess.run([sys.executable, "-m", "nanochat_flyte.config", *arguments, "-o", str(tmp_path / "x.json")],
+        bad = subprocess.run([sys.executable, "-m", "nanochat_flyte.config", *arguments,
+                              "-o", str(tmp_path / "x.json")],
                              cwd=root, capture_output=True, text=True, timeout=60)
         assert (bad.returncode, bad.stdout, bad.stderr) == (2, "", line + "\n")
     assert not (tmp_path / "x.json").exists()

@@ -57,7 +57,8 @@ def test_the_prompt_is_the_rendered_history_then_the_new_turn_and_assistant_star
     ([{"role": "robot", "content": "a"}], r"messages\[0\]\.role: must be one of system, user, assistant"),
     ([{"role": "user", "content": 3}], r"messages\[0\]\.content: must be a string"),
     ([{"role": "system", "content": "a"}], r"messages\[1\]\.role: a system message must be followed by a user"),
-    ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], r"messages\[1\]\.role: expected assistant"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
+     r"messages\[1\]\.role: expected assistant"),
 ])
 def test_bad_conversations_are_named(gpt2, messages, problem):
     with pytest.raises(ConversationError, match=problem):

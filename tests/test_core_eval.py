@@ -468,7 +468,8 @@ def test_a_malformed_bundle_is_named(checkpoint, bundle_dir):
 def test_a_missing_bundle_is_named(checkpoint, tmp_path):
     with pytest.raises(DownloadError) as error:
         main(["--checkpoint", str(checkpoint), "--bundle", str(tmp_path / "missing.zip"), "--device", "cpu"])
-    assert str(error.value) == f"the CORE eval bundle could not be downloaded from {tmp_path / 'missing.zip'}: not found"
+    missing = tmp_path / "missing.zip"
+    assert str(error.value) == f"the CORE eval bundle could not be downloaded from {missing}: not found"
 
 
 def test_the_cli_process_exits_non_zero_without_a_traceback(bundle_dir, tmp_path):

@@ -60,7 +60,8 @@ def test_prepare_data_writes_the_data_directory(shard_server, tmp_path, capsys):
     assert json.loads((data / "manifest.json").read_text()) == manifest
     assert sorted(p.name for p in data.iterdir()) == ["manifest.json", "tokenizer", "train", "val"]
     assert manifest["tokenizer"]["name"] == "gpt2"
-    assert (manifest["tokenizer"]["vocab_size"], manifest["tokenizer"]["eot_id"]) == (50265, 50256)  # GPT-2 + the chat tokens 50257..50264
+    # GPT-2's 50257 tokens, then the chat tokens 50257..50264
+    assert (manifest["tokenizer"]["vocab_size"], manifest["tokenizer"]["eot_id"]) == (50265, 50256)
     assert 3 < manifest["tokenizer"]["val_bytes_per_token"] < 6
     assert [s["shard"] for s in manifest["train"]] == [0, 1] and [s["shard"] for s in manifest["val"]] == [5]
     enc = load_tokenizer(data / "tokenizer")
@@ -117,7 +118,8 @@ def test_bpe_data_directory(tmp_path):
     manifest = prepare_data(config, tmp_path / "data")
 
     tokenizer = manifest["tokenizer"]
-    assert (tokenizer["name"], tokenizer["vocab_size"], tokenizer["eot_id"]) == ("bpe", 512, 503)  # 503 ordinary, 9 special
+    # 503 ordinary tokens, then the 9 special ones
+    assert (tokenizer["name"], tokenizer["vocab_size"], tokenizer["eot_id"]) == ("bpe", 512, 503)
     # A 512-token BPE compresses less than GPT-2's 50257 ordinary tokens, both measured on the validation shard.
     assert 1 < tokenizer["val_bytes_per_token"] < tokenizer["gpt2_val_bytes_per_token"]
     enc = load_tokenizer(tmp_path / "data" / "tokenizer")

@@ -29,7 +29,8 @@ def served_shards(tmp_path_factory):
     """The shards, and the CORE bundle as /eval_bundle.zip in the official layout."""
     directory = tmp_path_factory.mktemp("shards")
     write_fineweb_shards(directory, [0, 1, VAL_SHARD], docs_per_shard=150)
-    zip_directory(write_core_bundle(tmp_path_factory.mktemp("bundle"), examples_per_task=8), directory / "eval_bundle.zip")
+    bundle = write_core_bundle(tmp_path_factory.mktemp("bundle"), examples_per_task=8)
+    zip_directory(bundle, directory / "eval_bundle.zip")
     with serve_shards(directory) as server:
         yield server
 

@@ -12,9 +12,7 @@ nothing again.
 from pathlib import Path
 from typing import NamedTuple
 
-import requests
 from flytekit import Cache, Deck, Resources, current_context, task, workflow
-from flytekit.exceptions.user import FlyteRecoverableException
 from flytekit.types.directory import FlyteDirectory
 
 from nanochat_flyte.chat_data import check_hub_endpoint, prepare_eval_data, prepare_sft_data
@@ -29,9 +27,10 @@ from nanochat_flyte.report import environment_deck_html, training_deck_html, wri
 from nanochat_flyte.results import chat_results, write_results
 from nanochat_flyte.tracking import log_evaluation
 from workflows.image import IMAGE
-from workflows.nanochat import (HF_SECRET, TRAINING_RESOURCES, WANDB_SECRET, RunOutputs, checkpoint_location,
-                                export_secret, one_line_user_errors, pretrain, restore_flyte_checkpoint,
-                                save_flyte_checkpoint, wandb_console_link)
+from workflows.nanochat import (HF_SECRET, TRAINING_RESOURCES, TRAINING_TASK, WANDB_SECRET, RunOutputs,
+                                checkpoint_location, export_secret, one_line_user_errors, pretrain,
+                                restore_flyte_checkpoint, retried_on_storage_errors, save_flyte_checkpoint,
+                                wandb_console_link)
 
 # Bump when the prepared conversations or evaluation items change format: cached ones are then ignored.
 CHAT_DATA_CACHE_VERSION = "1"
@@ -86,8 +85,7 @@ def prepare_chat_eval_data(endpoint: str, tasks: str) -> FlyteDirectory:
     return FlyteDirectory(str(out_dir))
 
 
-@task(container_image=IMAGE, secret_requests=[WANDB_SECRET], interruptible=True, retries=3, enable_deck=True,
-      **TRAINING_RESOURCES)
+@task(**TRAINING_TASK)
 @wandb_console_link
 @one_line_user_errors
 def train_chat_model(config: ChatConfig, base_checkpoint: FlyteDirectory, data: FlyteDirectory, environment: dict
@@ -96,11 +94,9 @@ def train_chat_model(config: ChatConfig, base_checkpoint: FlyteDirectory, data: 
     export_secret(WANDB_SECRET, "WANDB_API_KEY")
     checkpoint_dir = Path(current_context().working_directory) / "chat_checkpoint"
     resume_dir = restore_flyte_checkpoint(checkpoint_dir)
-    try:
+    with retried_on_storage_errors():
         summary = train_chat(config, Path(base_checkpoint.download()), Path(data.download()), checkpoint_dir,
                              resume_dir=resume_dir, on_save=save_flyte_checkpoint, env_report=environment)
-    except (OSError, requests.RequestException) as error:  # storage or network hiccup: retry from the checkpoint
-        raise FlyteRecoverableException(f"{type(error).__name__}: {error}") from error
     sft_config = RunConfig.from_mapping(read_checkpoint_json(checkpoint_dir, CONFIG_FILE))
     Deck("Fine-tuning", training_deck_html(checkpoint_dir, sft_config, environment, summary))
     return FlyteDirectory(str(checkpoint_dir)), summary

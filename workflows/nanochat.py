@@ -6,6 +6,7 @@
 This file only declares tasks, resources, images and caching; the work lives in `nanochat_flyte`.
 """
 
+import contextlib
 import functools
 import json
 import os
@@ -224,9 +225,23 @@ def save_flyte_checkpoint(checkpoint_dir: Path) -> None:
         flyte_checkpoint.save(checkpoint_dir)
 
 
-# Interruptible: a spot T4 is a third of the price; a preempted attempt resumes from the intra-task checkpoint.
-@task(container_image=IMAGE, secret_requests=[WANDB_SECRET], interruptible=True, retries=3, enable_deck=True,
-      **TRAINING_RESOURCES)
+@contextlib.contextmanager
+def retried_on_storage_errors():
+    """A storage or network hiccup fails a training attempt as recoverable: Flyte retries it, and the retry resumes
+    from the intra-task checkpoint."""
+    try:
+        yield
+    except (OSError, requests.RequestException) as error:
+        raise FlyteRecoverableException(f"{type(error).__name__}: {error}") from error
+
+
+# How every training task (pretraining, SFT) is declared. Interruptible: a spot T4 is a third of the price; a
+# preempted attempt resumes from the intra-task checkpoint.
+TRAINING_TASK = dict(container_image=IMAGE, secret_requests=[WANDB_SECRET], interruptible=True, retries=3,
+                     enable_deck=True, **TRAINING_RESOURCES)
+
+
+@task(**TRAINING_TASK)
 @wandb_console_link
 @one_line_user_errors
 def train_base_model(config: RunConfig, data: FlyteDirectory, environment: dict, resume_from: str
@@ -240,10 +255,9 @@ def train_base_model(config: RunConfig, data: FlyteDirectory, environment: dict,
         resume_dir = fetch_checkpoint(resume_from, work_dir / "resume_from")
         print(f"resuming from {resume_from}", flush=True)
     try:
-        summary = train(config, Path(data.download()), checkpoint_dir, resume_dir=resume_dir,
-                        on_save=save_flyte_checkpoint, env_report=environment)
-    except (OSError, requests.RequestException) as error:  # storage or network hiccup: retry from the checkpoint
-        raise FlyteRecoverableException(f"{type(error).__name__}: {error}") from error
+        with retried_on_storage_errors():
+            summary = train(config, Path(data.download()), checkpoint_dir, resume_dir=resume_dir,
+                            on_save=save_flyte_checkpoint, env_report=environment)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C in a local run (flytekit raises SystemExit): say how to go on
         saved = Path(config.save_to) if config.save_to and "://" not in config.save_to else checkpoint_dir
         if (saved / CHECKPOINT_FILE).exists():
