@@ -12,8 +12,10 @@ from helpers import make_data_dir, tiny_config
 
 from nanochat_flyte.dataloader import TokenLoader, shard_files
 from nanochat_flyte.device import select_precision
+from nanochat_flyte.engine import Engine, SamplingParams
 from nanochat_flyte.model import GPT, GPTConfig
 from nanochat_flyte.optim import build_optimizers
+from nanochat_flyte.tokenizer import gpt2_tokenizer
 from nanochat_flyte.train import build_model, compile_model, make_grad_scaler, train, train_step
 
 pytestmark = pytest.mark.cuda
@@ -199,20 +201,31 @@ def test_a_real_out_of_memory_error_halves_the_device_batch_and_keeps_the_total_
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
 
 
+def greedy_without_cache(model: GPT, prompt: list[int], max_tokens: int, stop_ids: frozenset[int]) -> list[int]:
+    """The reference: greedy decoding that recomputes the whole sequence for every token."""
+    tokens = list(prompt)
+    with torch.inference_mode():
+        for _ in range(max_tokens):
+            token = model(torch.tensor([tokens], device=CUDA))[0, -1].argmax().item()
+            if token in stop_ids:
+                break
+            tokens.append(token)
+    return tokens[len(prompt):]
+
+
 def test_generation_with_the_kv_cache_gives_the_tokens_of_full_recomputation():
+    tokenizer = gpt2_tokenizer()
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_depth(2, VOCAB_SIZE, 128)).to(CUDA)
+    model = GPT(GPTConfig.from_depth(2, tokenizer.n_vocab, 128)).to(CUDA)
     model.init_weights()
     with torch.no_grad():  # the zero-initialised head and projections would make every logit equal
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
-    prompt = [50256, 464, 3139, 286, 4881, 318]  # <|endoftext|>The capital of France is
-    cached = list(model.generate(prompt, max_tokens=32, temperature=0.0))
-
-    tokens = list(prompt)
-    with torch.inference_mode():
-        for _ in range(32):  # greedy, recomputing the whole sequence every time
-            logits = model(torch.tensor([tokens], device=CUDA))
-            tokens.append(logits[0, -1].argmax().item())
-    assert cached == tokens[len(prompt):]
-    assert len(set(cached)) > 1  # a real sequence, not one repeated token
+    engine = Engine(model, tokenizer, select_precision(CUDA, "float32"))
+    # prompts of different lengths in one batch: each row has its own cache length and rotary positions
+    prompts = [engine.completion_prompt(text) for text in ("The capital of France is", "My favorite color is",
+                                                           "If yesterday was Friday, then tomorrow will be")]
+    completions = engine.generate_batch(prompts, SamplingParams(max_tokens=24, temperature=0.0))
+    for prompt, completion in zip(prompts, completions, strict=True):
+        assert completion.tokens == greedy_without_cache(model, prompt, 24, engine.stop_ids)
+    assert any(len(set(completion.tokens)) > 1 for completion in completions)  # real sequences, not one token

@@ -204,5 +204,6 @@ def test_the_summary_is_a_short_markdown_table():
     assert "**NOT PASSED**: 0 of 1 checks passed in 300 s." in text
     assert ("| T4 path (fp16 + GradScaler, compile) at >= 30% MFU on this device | FAIL | 27.4% MFU on NVIDIA H100 |"
             in text)
-    assert "| float16 | yes | 80.0 | 819,200 | 27.4% | 9.50 GiB | 41 s |" in text
+    assert ("| dtype | compile | ms/step | tokens/s | MFU | peak memory | warm-up |\n|---|---|---|---|---|---|---|\n"
+            "| float16 | yes | 80.0 | 819,200 | 27.4% | 9.50 GiB | 41 s |\n") in text
     assert "| matmul: blocks | 30.00 | 50% |" in text
