@@ -2,6 +2,7 @@
 
     python bench/train_throughput.py                      # the d8 reference config
     python bench/train_throughput.py --depth 2 --seq-len 64 --device-batch-size 4 --total-batch-size 512 --steps 5
+    python bench/train_throughput.py --dtype float16 --profile-steps 2   # on CUDA: where the step's GPU time goes
 
 It also projects the 1000-iteration reference run (d8, 65,536 tokens per step) onto a T4 at the MFU it measured:
 MFU carries across GPUs far better than tokens/s does. Random tokens stand in for data: in training the loader
@@ -11,6 +12,9 @@ prefetches, so reading data is not part of a step's time.
 import argparse
 import dataclasses
 import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -23,6 +27,16 @@ from nanochat_flyte.train import build_model, compile_model, make_grad_scaler, t
 GPT2_VOCAB_SIZE = 50257
 T4_PEAK_FP16_FLOPS = 65e12  # dense fp16 tensor-core peak, from NVIDIA's T4 datasheet
 
+# How the profile sorts CUDA kernels, by (lower-cased) kernel name. cuBLAS and CUTLASS name their matrix
+# kernels *gemm* / *xmma* / (cuBLAS 12.8+ on Hopper) nvjet_*; Inductor's matmul templates are triton_tem_*.
+MATMUL_MARKS = ("gemm", "xmma", "cutlass", "nvjet", "triton_tem")
+ATTENTION_MARKS = ("flash", "fmha", "attention")
+# The logits' softcap (the model's only tanh) and the cross-entropy: eager kernel names and Inductor's fused ones
+LOSS_MARKS = ("tanh", "softmax", "nll_loss", "cross_entropy")
+OPTIMIZER_REGION = "Optimizer."  # torch wraps every optimizer.step() in a profiler range "Optimizer.step#Muon.step"
+CATEGORIES = ("matmul: blocks", "matmul: lm_head (logits)", "attention", "logits softcap + loss",
+              "optimizer step", "other (memory-bound)")
+
 
 def reference_run_flops() -> float:
     """Training FLOPs of the reference run: FLOPs/token of the d8 model x tokens per step x steps."""
@@ -30,6 +44,165 @@ def reference_run_flops() -> float:
     with torch.device("meta"):  # the FLOP count needs the shapes only, not memory
         model = GPT(GPTConfig.from_depth(reference.depth, GPT2_VOCAB_SIZE, reference.max_seq_len))
     return model.estimate_flops() * reference.total_batch_size * reference.num_iterations
+
+
+# ---------------------------------------------------------------------- the profile of a step
+
+
+@dataclass
+class KernelTime:
+    name: str  # the CUDA kernel
+    microseconds: float
+    op_shapes: list  # input shapes of the operator that launched it (record_shapes)
+    region: str  # the enclosing optimizer range ("Optimizer.step#AdamW.step"), or ""
+
+
+def kernel_category(kernel: KernelTime, padded_vocab_size: int) -> str:
+    """One of CATEGORIES: which part of the step a kernel's time belongs to."""
+    if kernel.region.startswith(OPTIMIZER_REGION):
+        return "optimizer step"
+    name = kernel.name.lower()
+    if any(mark in name for mark in MATMUL_MARKS):
+        lm_head = any(isinstance(shape, list) and padded_vocab_size in shape for shape in kernel.op_shapes)
+        return "matmul: lm_head (logits)" if lm_head else "matmul: blocks"
+    if any(mark in name for mark in ATTENTION_MARKS):
+        return "attention"
+    if any(mark in name for mark in LOSS_MARKS):
+        return "logits softcap + loss"
+    return "other (memory-bound)"
+
+
+def summarize_kernels(kernels: list[KernelTime], steps: int, step_ms: float, gpu_microseconds: float,
+                      padded_vocab_size: int, top: int = 8) -> dict:
+    """Per-step milliseconds by category and the costliest kernels. step_ms is a step's time without the
+    profiler; gpu_microseconds all device activity (kernels, copies, memsets) over the profiled steps: what
+    no operator launched shows as 'unattributed'."""
+    by_category: dict[str, float] = dict.fromkeys(CATEGORIES, 0.0)
+    by_kernel: dict[tuple[str, str], float] = defaultdict(float)  # (kernel, category): one kernel can serve two
+    calls: dict[tuple[str, str], int] = defaultdict(int)
+    for kernel in kernels:
+        category = kernel_category(kernel, padded_vocab_size)
+        by_category[category] += kernel.microseconds
+        by_kernel[kernel.name, category] += kernel.microseconds
+        calls[kernel.name, category] += 1
+    attributed = sum(by_category.values())
+    by_category["unattributed"] = max(gpu_microseconds - attributed, 0.0)
+    gpu_ms = max(gpu_microseconds, attributed) / 1000 / steps
+    matmul_ms = (by_category["matmul: blocks"] + by_category["matmul: lm_head (logits)"]) / 1000 / steps
+    return {
+        "steps": steps, "step_ms": step_ms, "gpu_busy_ms": gpu_ms,
+        "gpu_idle_percent": 100 * max(step_ms - gpu_ms, 0.0) / step_ms,  # launch gaps, host work, syncs
+        "matmul_percent_of_gpu": 100 * matmul_ms / gpu_ms if gpu_ms else None,
+        "categories_ms": {name: us / 1000 / steps for name, us in by_category.items()},
+        "top_kernels": [{"name": name[:120], "category": category, "ms": us / 1000 / steps,
+                         "calls_per_step": calls[name, category] / steps}
+                        for (name, category), us in sorted(by_kernel.items(), key=lambda item: -item[1])[:top]],
+    }
+
+
+def profile_steps(run_step: Callable[[], None], steps: int, step_ms: float, padded_vocab_size: int) -> dict:
+    """torch.profiler over `steps` calls of run_step (CUDA only): where a step's GPU time goes. step_ms, the
+    step's time measured without the profiler, is what the GPU's busy time is compared with."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        for _ in range(steps):
+            run_step()
+        torch.cuda.synchronize()
+    events = prof.events()
+    device_events = [event for event in events if event.device_type == DeviceType.CUDA]
+    kernels = []
+    for event in events:  # each kernel hangs on the operator that launched it
+        if event.device_type != DeviceType.CPU or not event.kernels:
+            continue
+        region, parent = "", event
+        while parent is not None and not region:  # the operator itself or a range around it
+            region = parent.name if parent.name.startswith(OPTIMIZER_REGION) else ""
+            parent = parent.cpu_parent
+        kernels += [KernelTime(kernel.name, kernel.duration, list(event.input_shapes or []), region)
+                    for kernel in event.kernels]
+    attributed = bool(kernels)
+    if not attributed:  # this torch linked no kernel to an operator: sort by kernel names alone
+        kernels = [KernelTime(event.name, event.time_range.elapsed_us(), [], "") for event in device_events]
+    gpu_us = sum(event.time_range.elapsed_us() for event in device_events)
+    return {**summarize_kernels(kernels, steps, step_ms, gpu_us, padded_vocab_size),
+            "kernels_linked_to_operators": attributed}
+
+
+# ---------------------------------------------------------------------- timing
+
+
+def measure(config: RunConfig, steps: int, warmup_steps: int, profile: int = 0,
+            log: Callable[[str], None] = print) -> dict:
+    """Time `steps` optimizer steps of config's model (after warmup_steps untimed ones: compilation, allocator)
+    on random tokens; with profile > 0 (CUDA), also profile that many more steps."""
+    device = training_device(config)
+    precision = select_precision(device, config.dtype)
+    model = build_model(config, GPT2_VOCAB_SIZE, device)
+    optimizers = build_optimizers(model, config)
+    grad_scaler = make_grad_scaler(precision, device)
+    compiled = compile_model(model, config, device)
+    grad_accum_steps = config.grad_accum_steps()
+    tokens = torch.randint(0, GPT2_VOCAB_SIZE, (config.device_batch_size, config.max_seq_len + 1), device=device)
+    batch = (tokens[:, :-1], tokens[:, 1:])
+
+    def endless_batch():
+        while True:
+            yield batch
+
+    batches = endless_batch()
+    on_cuda = device.type == "cuda"
+    device_name = torch.cuda.get_device_name(device) if on_cuda else device.type
+    log(f"device: {device_name} ({precision.name}, compile {compiled is not model}) | depth {config.depth}, "
+        f"{model.num_params():,} parameters, {model.estimate_flops():.3e} FLOPs/token | "
+        f"batch {config.device_batch_size} x {config.max_seq_len}, {grad_accum_steps} accumulation steps")
+
+    def run_step() -> None:
+        train_step(compiled, optimizers, batches, grad_accum_steps, precision, grad_scaler, config.grad_clip)
+
+    def timed(count: int) -> float:
+        if on_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(count):
+            run_step()
+        if on_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    warmup_seconds = timed(warmup_steps)
+    seconds = timed(steps)
+    tok_per_sec = steps * config.total_batch_size / seconds
+    utilisation = mfu(model.estimate_flops(), tok_per_sec, peak_flops(device_name, precision.dtype))
+    result = {"device_name": device_name, "dtype": precision.name, "compile": compiled is not model,
+              "depth": config.depth, "seq_len": config.max_seq_len, "device_batch_size": config.device_batch_size,
+              "total_batch_size": config.total_batch_size, "grad_accum_steps": grad_accum_steps,
+              "num_params": model.num_params(), "flops_per_token": model.estimate_flops(),
+              "warmup_steps": warmup_steps, "warmup_s": warmup_seconds, "steps": steps,
+              "ms_per_step": 1000 * seconds / steps, "tok_per_sec": tok_per_sec, "mfu": utilisation,
+              "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else None,
+              "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if on_cuda else None}
+    log(f"step time: {result['ms_per_step']:.1f} ms | tokens/s: {tok_per_sec:,.0f} | "
+        f"MFU: {'n/a' if utilisation is None else f'{100 * utilisation:.2f}%'}"
+        + (f" | peak memory {result['peak_memory_gib']:.2f} GiB | warm-up {warmup_seconds:.1f} s" if on_cuda else ""))
+    if profile and on_cuda:
+        result["profile"] = profile_steps(run_step, profile, result["ms_per_step"], model.config.padded_vocab_size)
+        log(format_profile(result["profile"]))
+    return result
+
+
+def format_profile(profile: dict) -> str:
+    lines = [f"profile: {profile['step_ms']:.1f} ms/step, GPU busy {profile['gpu_busy_ms']:.1f} ms "
+             f"({profile['gpu_idle_percent']:.0f}% idle)"]
+    lines += [f"  {name:<26} {ms:8.2f} ms" for name, ms in profile["categories_ms"].items()]
+    lines += [f"  top: {kernel['ms']:7.2f} ms x{kernel['calls_per_step']:<5g} {kernel['category']:<26} "
+              f"{kernel['name'][:70]}"
+              for kernel in profile["top_kernels"]]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -46,47 +219,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=reference.compile,
                         help="torch.compile the model (CUDA only, as in training)")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="CUDA: profile this many more steps and print where the GPU time goes")
     args = parser.parse_args(argv)
 
     config = dataclasses.replace(reference, depth=args.depth, device_batch_size=args.device_batch_size,
                                  max_seq_len=args.seq_len, total_batch_size=args.total_batch_size, dtype=args.dtype,
                                  device=args.device, compile=args.compile, eval_tokens=args.seq_len + 1).validate()
-    device = training_device(config)
-    precision = select_precision(device, config.dtype)
-    model = build_model(config, GPT2_VOCAB_SIZE, device)
-    optimizers = build_optimizers(model, config)
-    grad_scaler = make_grad_scaler(precision, device)
-    compiled = compile_model(model, config, device)
-    grad_accum_steps = config.grad_accum_steps()
-    tokens = torch.randint(0, GPT2_VOCAB_SIZE, (config.device_batch_size, config.max_seq_len + 1), device=device)
-    batch = (tokens[:, :-1], tokens[:, 1:])
-
-    def endless_batch():
-        while True:
-            yield batch
-
-    batches = endless_batch()
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    print(f"device: {device_name} ({precision.name}, compile {compiled is not model}) | depth {config.depth}, "
-          f"{model.num_params():,} parameters, {model.estimate_flops():.3e} FLOPs/token | "
-          f"batch {config.device_batch_size} x {config.max_seq_len}, {grad_accum_steps} accumulation steps", flush=True)
-
-    def timed_step() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        train_step(compiled, optimizers, batches, grad_accum_steps, precision, grad_scaler, config.grad_clip)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    for _ in range(args.warmup_steps):
-        timed_step()
-    seconds = sum(timed_step() for _ in range(args.steps))
-    tok_per_sec = args.steps * config.total_batch_size / seconds
-    utilisation = mfu(model.estimate_flops(), tok_per_sec, peak_flops(device_name, precision.dtype))
-    print(f"step time: {1000 * seconds / args.steps:.1f} ms | tokens/s: {tok_per_sec:,.0f} | "
-          f"MFU: {'n/a' if utilisation is None else f'{100 * utilisation:.2f}%'}", flush=True)
+    result = measure(config, args.steps, args.warmup_steps, profile=args.profile_steps,
+                     log=lambda line: print(line, flush=True))
+    utilisation = result["mfu"]
     if utilisation is None:
         t4_minutes = None
         print("reference run on a T4: n/a (no MFU on this device: its peak FLOP/s are unknown)", flush=True)
@@ -94,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         t4_minutes = reference_run_flops() / (utilisation * T4_PEAK_FP16_FLOPS) / 60
         print(f"reference run on a T4 (d8, {reference.num_iterations} x {reference.total_batch_size:,} tokens) at "
               f"{100 * utilisation:.2f}% MFU: {t4_minutes:.1f} minutes", flush=True)
-    return {"tok_per_sec": tok_per_sec, "mfu": utilisation, "t4_reference_minutes": t4_minutes}
+    return {**result, "t4_reference_minutes": t4_minutes}
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-import rustbpe
 import tiktoken
 
 EOT = "<|endoftext|>"
@@ -65,6 +64,8 @@ def gpt2_tokenizer() -> tiktoken.Encoding:
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> tiktoken.Encoding:
     """Learn a byte-level BPE of `vocab_size` tokens in all: 256 bytes, merges, then the special tokens."""
+    import rustbpe  # only BPE training needs it (the GPU acceptance machine has none; training there does not)
+
     trainer = rustbpe.Tokenizer()
     trainer.train_from_iterator(iter(texts), vocab_size - len(SPECIAL_TOKENS), pattern=BPE_SPLIT_PATTERN)
     ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}

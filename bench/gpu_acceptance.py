@@ -1,0 +1,458 @@
+"""GPU acceptance: every CUDA path of the project checked on a real GPU, in one command (docs/gpu_acceptance.md).
+
+    python3 bench/gpu_acceptance.py --out DIR [--sections tests,throughput,t4] [--quick] [--time-limit 345]
+
+Sections, each in a process of its own under a time budget, their results written as they come in:
+- tests: the CUDA-only tests (tests/test_cuda.py, marker `cuda`): an fp16 overflow under the GradScaler, bf16,
+  compiled vs eager, pinned prefetch, kill-and-resume, a real out-of-memory fallback, KV-cache generation.
+- throughput: the d8 reference shape (context 512, device batch 16, 65,536 tokens per step, GPT-2 vocabulary)
+  in fp16 + GradScaler (the T4 path) and in bf16, each with and without torch.compile: tokens/s, MFU, peak
+  memory, ms/step; and a torch.profiler breakdown of the T4 path's step.
+- t4: the reference configuration as a T4 would run it (fp16, compile) with the allocator capped at a T4's
+  memory, for 300 steps on generated tokens: its peak memory, the device batch it ran at, and fp16 stability
+  (no NaN/inf loss, skipped steps, final grad scale).
+
+Writes DIR/<date>_<device>.json (self-describing: device, versions, every check and number), .md (a short
+summary) and .log (all output). Exits 0 only if every section completed and every check passed. Where torch
+sees no CUDA device it refuses in one line. Needs no network: the GPT-2 ranks come from .cache/tiktoken.
+"""
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the package and tests/ from a bare checkout: the device machine installs nothing
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT / ".cache" / "tiktoken"))  # where tests/conftest.py keeps them
+
+from nanochat_flyte.checkpoint import write_json  # noqa: E402
+from nanochat_flyte.config import load_config  # noqa: E402
+from nanochat_flyte.environment import environment_report  # noqa: E402
+from nanochat_flyte.tracking import METRICS_FILE, read_jsonl  # noqa: E402
+
+# Seconds each section may take at least (H100 estimates with compilation, rounded up); a section that ends
+# early leaves its time to the later ones. Together they fit the default limit.
+SECTION_BUDGETS_S = {"tests": 100, "throughput": 130, "t4": 100}
+DEFAULT_TIME_LIMIT_S = 345  # the issue's 6 minutes, less time to start, write the results and stop
+MIN_SECTION_S = 20  # less than this left: the section is not started (no GPU work fits)
+REFERENCE = load_config(ROOT / "configs" / "d8_t4.yaml")  # the reference run's configuration
+GPT2_RANKS_FILE = "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4"  # sha1 of r50k_base's URL: tiktoken's cache name
+
+# throughput: (dtype, compile) in order of importance, the T4 path first
+THROUGHPUT_VARIANTS = (("float16", True), ("float16", False), ("bfloat16", False), ("bfloat16", True))
+T4_PATH = ("float16", True)
+MFU_TARGET = 0.30  # the product's headline: the reference run at >= 30% MFU in fp16
+
+# t4: a T4 has 15,360 MiB (16.1 GB), of which the CUDA context and the libraries' kernels take several hundred
+# MB outside PyTorch's allocator: capping the allocator at 15 GB leaves it about what a T4 would.
+T4_ALLOCATOR_CAP_BYTES = 15e9
+STABILITY_STEPS, QUICK_STABILITY_STEPS = 300, 60
+STABILITY_TRAIN_TOKENS = 2_000_000  # ~4,000 windows of 513 tokens; 300 steps of 65,536 tokens repeat them
+EVAL_TOKENS = 2 * 16 * 513  # two full batches at device batch 16: no odd-sized last batch to compile for
+
+
+# ---------------------------------------------------------------------- small helpers
+
+
+def refuse(message: str, code: int) -> int:
+    print(f"gpu_acceptance: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def check(name: str, passed: bool | None, detail: str) -> dict:
+    """One line of the verdict: passed is None where a timeout left it undecided."""
+    return {"name": name, "passed": passed, "detail": detail}
+
+
+def finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None  # JSON has no NaN or inf
+
+
+def percent(fraction: float | None) -> str:
+    return "n/a" if fraction is None else f"{100 * fraction:.1f}%"
+
+
+def gib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} GiB"
+
+
+def free_cuda_memory() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------- section: the CUDA tests
+
+
+def tests_section(work_dir: Path, record: Callable[[dict], None], quick: bool) -> None:
+    import pytest
+
+    outcomes: list[dict] = []
+
+    class Recorder:  # a pytest plugin: each result is recorded as soon as pytest has it
+        def pytest_runtest_logreport(self, report):
+            if report.when != "call" and report.passed:
+                return  # setup and teardown count only when they fail or skip
+            outcome = "error" if report.failed and report.when != "call" else report.outcome
+            outcomes.append({"name": report.nodeid.split("::")[-1], "outcome": outcome,
+                             "duration_s": round(report.duration, 2), "message": failure_message(report)})
+            record({"tests": outcomes, "checks": [
+                check(f"cuda test: {o['name']}", o["outcome"] == "passed",
+                      o["message"] or f"{o['outcome']} in {o['duration_s']} s") for o in outcomes]})
+
+    exit_code = pytest.main([str(ROOT / "tests" / "test_cuda.py"), "-m", "cuda", "-q", "-p", "no:cacheprovider",
+                             "--basetemp", str(work_dir / "pytest")], plugins=[Recorder()])
+    record({"pytest_exit_code": int(exit_code)})
+    if exit_code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) or not outcomes:
+        raise RuntimeError(f"pytest could not run the CUDA tests (exit code {int(exit_code)}): see the log")
+
+
+def failure_message(report) -> str:
+    if report.passed:
+        return ""
+    if isinstance(report.longrepr, tuple):  # a skip: (file, line, reason)
+        return report.longrepr[2]
+    crash = getattr(report.longrepr, "reprcrash", None)
+    text = crash.message if crash is not None else str(report.longrepr)
+    return text.strip().splitlines()[0][:300] if text.strip() else report.outcome
+
+
+# ---------------------------------------------------------------------- section: throughput
+
+
+def throughput_section(work_dir: Path, record: Callable[[dict], None], quick: bool) -> None:
+    import train_throughput  # bench/, this script's folder
+
+    steps, warmup_steps, profile_steps = (3, 2, 1) if quick else (10, 3, 2)
+    record({"reference_shape": {"depth": REFERENCE.depth, "seq_len": REFERENCE.max_seq_len,
+                                "device_batch_size": REFERENCE.device_batch_size,
+                                "total_batch_size": REFERENCE.total_batch_size,
+                                "vocab_size": train_throughput.GPT2_VOCAB_SIZE}})
+    variants = []
+    for dtype, compile in THROUGHPUT_VARIANTS:
+        config = dataclasses.replace(REFERENCE, device="cuda", dtype=dtype, compile=compile)
+        print(f"throughput: {dtype}, compile {compile}", flush=True)
+        result = train_throughput.measure(config, steps, warmup_steps,
+                                          profile=profile_steps if (dtype, compile) == T4_PATH else 0,
+                                          log=lambda line: print(line, flush=True))
+        variants.append(result)
+        record({"variants": variants, "checks": throughput_checks(variants)})
+        torch.compiler.reset()  # drop the compiled graphs (and the model they hold) before the next variant
+        free_cuda_memory()
+
+
+def throughput_checks(variants: list[dict]) -> list[dict]:
+    t4_path = [v for v in variants if (v["dtype"], v["compile"]) == T4_PATH]
+    if not t4_path or t4_path[0]["mfu"] is None:
+        return []
+    utilisation, device = t4_path[0]["mfu"], t4_path[0]["device_name"]
+    return [check(f"T4 path (fp16 + GradScaler, compile) at >= {MFU_TARGET:.0%} MFU on this device",
+                  utilisation >= MFU_TARGET, f"{100 * utilisation:.1f}% MFU on {device}")]
+
+
+# ---------------------------------------------------------------------- section: the T4 rehearsal
+
+
+def t4_section(work_dir: Path, record: Callable[[dict], None], quick: bool) -> None:
+    from nanochat_flyte.train import train
+    from tests.helpers import make_data_dir
+
+    steps = QUICK_STABILITY_STEPS if quick else STABILITY_STEPS
+    total_memory = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, T4_ALLOCATOR_CAP_BYTES / total_memory))
+    record({"memory_cap_gb": T4_ALLOCATOR_CAP_BYTES / 1e9, "steps": steps})
+    data_dir = make_data_dir(work_dir / "t4_data", n_train_tokens=STABILITY_TRAIN_TOKENS, n_val_tokens=EVAL_TOKENS)
+    config = dataclasses.replace(REFERENCE, device="cuda", dtype="float16", num_iterations=steps,
+                                 eval_every=steps, eval_tokens=EVAL_TOKENS, sample_every=steps, save_every=steps,
+                                 evaluate_core=False, wandb_mode="disabled", run_name="gpu_acceptance_t4").validate()
+    summary = train(config, data_dir, work_dir / "t4_run")
+    record({**t4_results(work_dir / "t4_run", steps, summary),
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30})
+
+
+def t4_results(run_dir: Path, steps: int, summary: dict | None) -> dict:
+    """The T4 fit and fp16 stability from the run's metrics.jsonl, and from its summary once it has finished
+    (summary None: stopped by the time limit, so the device batch and the verdicts may be unknown)."""
+    rows = [row for row in read_jsonl(run_dir / METRICS_FILE) if "train/loss" in row]
+    losses = [row["train/loss"] for row in rows]
+    nonfinite = sum(not math.isfinite(loss) for loss in losses)
+    peak = max((row["train/peak_mem_gib"] for row in rows if "train/peak_mem_gib" in row), default=None)
+    skipped = rows[-1]["train/skipped_steps"] if rows else None
+    scale = rows[-1].get("train/grad_scale") if rows else None
+    first = losses[0] if losses else math.nan
+    last = sum(losses[-10:]) / len(losses[-10:]) if losses else math.nan
+    batch = summary["device_batch_size"] if summary else None
+
+    fits = None if summary is None else batch == REFERENCE.device_batch_size
+    if nonfinite:
+        stable = False
+    elif summary is None:
+        stable = None
+    else:  # finite all along, every step done, and it learned
+        stable = summary["steps_completed"] == steps and last < first
+    return {
+        "steps_completed": len(losses), "device_batch_size": batch, "peak_memory_gib": peak,
+        "nonfinite_losses": nonfinite, "skipped_steps": skipped, "final_grad_scale": scale,
+        "first_loss": finite_or_none(first), "last_10_mean_loss": finite_or_none(last),
+        "total_time_s": summary["total_time_s"] if summary else None,
+        "checks": [
+            check(f"T4 fit: reference config (fp16, compile) at device batch {REFERENCE.device_batch_size} under a "
+                  f"{T4_ALLOCATOR_CAP_BYTES / 1e9:.0f} GB cap", fits,
+                  f"ran at device batch {batch or 'unknown (not finished)'}, peak "
+                  + ("unknown" if peak is None else f"{peak:.2f} GiB allocated")),
+            check(f"fp16 stability: {steps} steps of d{REFERENCE.depth}, no NaN/inf loss", stable,
+                  f"{len(losses)} steps, {nonfinite} non-finite losses, loss {first:.3f} -> {last:.3f} (last 10), "
+                  f"{skipped} skipped steps, final grad scale {scale}"),
+        ],
+    }
+
+
+SECTIONS = {"tests": tests_section, "throughput": throughput_section, "t4": t4_section}
+
+
+def partial_results(name: str, work_dir: Path, quick: bool) -> dict:
+    """What a section stopped by its time limit left behind beyond its own records."""
+    if name == "t4" and (work_dir / "t4_run" / METRICS_FILE).exists():
+        return t4_results(work_dir / "t4_run", QUICK_STABILITY_STEPS if quick else STABILITY_STEPS, None)
+    return {}
+
+
+# ---------------------------------------------------------------------- one section's process
+
+
+def run_section(name: str, result_file: Path, work_dir: Path, quick: bool) -> int:
+    result: dict = {"status": "running"}
+
+    def record(update: dict) -> None:
+        result.update(update)
+        write_json(result_file, result)
+
+    record({})
+    try:
+        SECTIONS[name](work_dir, record, quick)
+    except Exception as error:  # the orchestrator reports it and goes on with the next section
+        traceback.print_exc()
+        record({"status": "error", "error": f"{type(error).__name__}: {error}".splitlines()[0][:500]})
+        return 1
+    record({"status": "completed"})
+    return 0
+
+
+def run_process(command: list[str], timeout_s: float, log: Callable[[str], None]) -> int | None:
+    """Run command, passing each output line to log; None if it outran timeout_s (then it and its children
+    are killed: it runs in a process group of its own)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                               start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def pump() -> None:
+        for line in process.stdout:
+            log(line.rstrip("\n"))
+
+    pump_thread = threading.Thread(target=pump, daemon=True)
+    pump_thread.start()
+    try:
+        return_code = process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        return_code = None
+    pump_thread.join(timeout=10)
+    return return_code
+
+
+def section_timeout(name: str, later: list[str], remaining_s: float) -> float:
+    """Its budget, or more when earlier sections left time over; never more than what is left."""
+    spare = remaining_s - sum(SECTION_BUDGETS_S[section] for section in later)
+    return min(remaining_s, max(SECTION_BUDGETS_S[name], spare))
+
+
+# ---------------------------------------------------------------------- the report
+
+
+def describe_machine(commit: str | None) -> dict:
+    properties = torch.cuda.get_device_properties(0)
+    return {"device_name": properties.name, "compute_capability": f"{properties.major}.{properties.minor}",
+            "multiprocessors": properties.multi_processor_count, "memory_gib": properties.total_memory / 2**30,
+            "driver": command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
+            "cudnn": torch.backends.cudnn.version(),
+            # the device machine gets the working tree without .git: then the caller names the commit
+            "git_commit": commit or command_output(["git", "-C", str(ROOT), "rev-parse", "HEAD"]),
+            "environment": environment_report()}
+
+
+def command_output(command: list[str]) -> str | None:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def overall_passed(report: dict) -> bool:
+    sections = report["sections"].values()
+    return (len(report["sections"]) == len(report["requested_sections"])
+            and all(section["status"] == "completed" for section in sections)
+            and all(c["passed"] is True for section in sections for c in section.get("checks", [])))
+
+
+def markdown_summary(report: dict) -> str:
+    machine, env = report["machine"], report["machine"]["environment"]
+    checks = [c for section in report["sections"].values() for c in section.get("checks", [])]
+    verdict = {True: "pass", False: "FAIL", None: "undecided"}
+    lines = [f"# GPU acceptance: {machine['device_name']}, {report['date']}", "",
+             f"torch {env['torch']}, CUDA {env['cuda']}, driver {machine['driver']}, Python {env['python']}, "
+             f"commit {machine['git_commit'] or 'unknown'}{', --quick' if report['quick'] else ''}. "
+             f"**{'PASSED' if report['passed'] else 'NOT PASSED'}**: "
+             f"{sum(c['passed'] is True for c in checks)} of {len(checks)} checks passed in {report['wall_s']:.0f} s.",
+             "", "| section | status | time |", "|---|---|---|"]
+    lines += [f"| {name} | {section['status']}{': ' + section['error'] if section.get('error') else ''} "
+              f"| {section.get('wall_s', 0):.0f} s |" for name, section in report["sections"].items()]
+    lines += ["", "| check | result | detail |", "|---|---|---|"]
+    lines += [f"| {c['name']} | {verdict[c['passed']]} | {c['detail']} |" for c in checks]
+    throughput = report["sections"].get("throughput", {})
+    if throughput.get("variants"):
+        shape = throughput["reference_shape"]
+        lines += ["", f"Throughput, d{shape['depth']} at context {shape['seq_len']}, device batch "
+                      f"{shape['device_batch_size']}, {shape['total_batch_size']:,} tokens per step:", "",
+                  "| dtype | compile | ms/step | tokens/s | MFU | peak memory | warm-up |", "|" + "---|" * 7]
+        lines += [f"| {v['dtype']} | {'yes' if v['compile'] else 'no'} | {v['ms_per_step']:.1f} | "
+                  f"{v['tok_per_sec']:,.0f} | {percent(v['mfu'])} | {gib(v['peak_memory_gib'])} | "
+                  f"{v['warmup_s']:.0f} s |" for v in throughput["variants"]]
+        profile = next((v["profile"] for v in throughput["variants"] if "profile" in v), None)
+        if profile:
+            gpu = profile["gpu_busy_ms"]
+            lines += ["", f"Profile of the T4 path's step: {profile['step_ms']:.1f} ms, GPU busy {gpu:.1f} ms "
+                          f"({profile['gpu_idle_percent']:.0f}% idle):", "", "| part | ms/step | share of GPU time |",
+                      "|---|---|---|"]
+            lines += [f"| {name} | {ms:.2f} | {100 * ms / gpu:.0f}% |" for name, ms in profile["categories_ms"].items()
+                      if gpu]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------- the command
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="folder for the JSON, markdown and log (created); required")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated, in this order: {', '.join(SECTIONS)} (default: all)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"fewer timed steps and {QUICK_STABILITY_STEPS} instead of {STABILITY_STEPS} "
+                             "stability steps: a short check that the command works")
+    parser.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT_S,
+                        help="seconds for the whole run; a section still running at its share is stopped")
+    parser.add_argument("--work-dir", type=Path, help="scratch folder for data and checkpoints (default: a temp "
+                                                      "folder, removed at the end)")
+    parser.add_argument("--commit", help="the commit under test, for the record (default: git rev-parse HEAD, "
+                                         "where the checkout has its .git)")
+    parser.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)  # internal: run one section
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)  # internal: the section's JSON
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argument_parser()
+    args = parser.parse_args(argv)
+    if args.section:  # a section's own process, started below
+        return run_section(args.section, args.result, args.work_dir, args.quick)
+    if args.out is None:
+        parser.error("the following arguments are required: --out")
+
+    sections = [name.strip() for name in args.sections.split(",") if name.strip()]
+    unknown = [name for name in sections if name not in SECTIONS]
+    if unknown or not sections:
+        return refuse(f"--sections: unknown section {unknown[0] if unknown else '(none given)'!r}; "
+                      f"choose from {', '.join(SECTIONS)}", 2)
+    if args.out.exists() and not args.out.is_dir():
+        return refuse(f"--out {args.out} is a file, not a folder", 2)
+    if args.time_limit <= 0:
+        return refuse(f"--time-limit must be > 0 seconds, got {args.time_limit}", 2)
+    if not torch.cuda.is_available():
+        return refuse(f"no CUDA device: torch {torch.__version__} (CUDA {torch.version.cuda}) sees none; "
+                      "run this on a GPU machine (docs/gpu_acceptance.md)", 1)
+    ranks = Path(os.environ["TIKTOKEN_CACHE_DIR"]) / GPT2_RANKS_FILE
+    if not ranks.is_file():
+        return refuse(f"the GPT-2 ranks are missing at {ranks} and this machine may have no network: run "
+                      "`python scripts/cache_gpt2_tokenizer.py` where there is one and bring .cache/tiktoken", 2)
+
+    start = time.monotonic()
+    started_at = datetime.now(timezone.utc)
+    machine = describe_machine(args.commit)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"{started_at:%Y-%m-%d_%H%M}_{slug(machine['device_name'])}"
+    json_path, markdown_path, log_path = (args.out / f"{stem}.{suffix}" for suffix in ("json", "md", "log"))
+    report = {"what": "nanochat-flyte GPU acceptance (bench/gpu_acceptance.py)",
+              "date": f"{started_at:%Y-%m-%d %H:%M} UTC", "command": " ".join(["python3", *sys.argv]),
+              "quick": args.quick, "time_limit_s": args.time_limit, "requested_sections": sections,
+              "machine": machine, "sections": {}, "passed": False, "wall_s": 0.0}
+    log_lock = threading.Lock()
+
+    def log(line: str) -> None:
+        with log_lock, log_path.open("a") as file:
+            print(line, flush=True)
+            file.write(line + "\n")
+
+    def write_outputs() -> None:
+        report["wall_s"] = time.monotonic() - start
+        report["passed"] = overall_passed(report)
+        write_json(json_path, report)
+        try:
+            markdown_path.write_text(markdown_summary(report))
+        except Exception as error:  # the JSON holds it all; a summary bug must not stop the GPU run
+            markdown_path.write_text(f"The summary could not be written ({type(error).__name__}: {error}); "
+                                     f"see {json_path.name}.\n")
+
+    log(f"gpu acceptance on {machine['device_name']}: sections {', '.join(sections)}, limit {args.time_limit:.0f} s")
+    with tempfile.TemporaryDirectory(prefix="gpu_acceptance_") as temporary:
+        work_dir = args.work_dir or Path(temporary)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        for index, name in enumerate(sections):
+            remaining = args.time_limit - (time.monotonic() - start)
+            timeout = section_timeout(name, sections[index + 1:], remaining)
+            if timeout < MIN_SECTION_S:
+                report["sections"][name] = {"status": "not run", "error": f"the time limit left {remaining:.0f} s"}
+                write_outputs()
+                continue
+            log(f"=== section {name} (at most {timeout:.0f} s)")
+            result_file = work_dir / f"{name}.json"
+            section_start = time.monotonic()
+            return_code = run_process([sys.executable, str(Path(__file__).resolve()), "--section", name,
+                                       "--result", str(result_file), "--work-dir", str(work_dir),
+                                       *(["--quick"] if args.quick else [])], timeout, log)
+            section = json.loads(result_file.read_text()) if result_file.exists() else {"status": "running"}
+            if return_code is None:
+                section.update({**partial_results(name, work_dir, args.quick), "status": "timeout",
+                                "error": f"stopped at its limit of {timeout:.0f} s"})
+            elif section["status"] == "running":  # the process died without a word: a crash in native code
+                section.update({"status": "crashed", "error": f"exit code {return_code}"})
+            section.update({"wall_s": time.monotonic() - section_start, "timeout_s": timeout})
+            report["sections"][name] = section
+            write_outputs()
+    write_outputs()
+    log(markdown_path.read_text())
+    log(f"results: {json_path} {markdown_path} {log_path}")
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

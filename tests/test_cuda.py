@@ -1,0 +1,231 @@
+"""The CUDA-only paths, on a real GPU: marked `cuda`, so they are skipped (not failed) where torch sees no CUDA
+device, as in CI. bench/gpu_acceptance.py runs them on a lent GPU (docs/gpu_acceptance.md)."""
+
+import dataclasses
+import gc
+import json
+import math
+
+import pytest
+import torch
+from helpers import make_data_dir, tiny_config
+
+from nanochat_flyte.dataloader import TokenLoader, shard_files
+from nanochat_flyte.device import select_precision
+from nanochat_flyte.engine import Engine, SamplingParams
+from nanochat_flyte.model import GPT, GPTConfig
+from nanochat_flyte.optim import build_optimizers
+from nanochat_flyte.tokenizer import gpt2_tokenizer
+from nanochat_flyte.train import build_model, compile_model, make_grad_scaler, train, train_step
+
+pytestmark = pytest.mark.cuda
+
+CUDA = torch.device("cuda")
+VOCAB_SIZE = 50257
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_data_dir(tmp_path_factory.mktemp("data"), n_train_tokens=60_000, n_val_tokens=4_000)
+
+
+def cuda_config(**overrides):
+    return tiny_config(device="cuda", **{"depth": 2, "max_seq_len": 64, "device_batch_size": 8,
+                                         "total_batch_size": 512, **overrides})
+
+
+def fixed_batches(data_dir, config, count: int) -> list:
+    """count micro-batches, read once: two models can then train on exactly the same data."""
+    loader = TokenLoader(shard_files(data_dir, "train"), config.device_batch_size, config.max_seq_len,
+                         seed=config.seed, device=CUDA)
+    batches = [next(loader) for _ in range(count)]
+    loader.close()
+    return batches
+
+
+def train_losses(model, config, batches, precision, grad_scaler=None) -> list[float]:
+    optimizers = build_optimizers(model, config)
+    stream = iter(batches)
+    return [train_step(model, optimizers, stream, 1, precision, grad_scaler, config.grad_clip).loss
+            for _ in range(len(batches))]
+
+
+def test_an_fp16_overflow_skips_the_step_lowers_the_scale_and_training_goes_on(data_dir):
+    config = cuda_config(dtype="float16")
+    precision = select_precision(CUDA, "float16")
+    assert precision.use_grad_scaler
+    model = build_model(config, VOCAB_SIZE, CUDA)
+    optimizers = build_optimizers(model, config)
+    # 2^40 times the loss's gradient (~1/512 per logit) is ~2e9: far past fp16's largest value, 65504, so the
+    # backward pass overflows in the fp16 matmuls themselves, as a real loss spike would
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**40)
+    loader = TokenLoader(shard_files(data_dir, "train"), config.device_batch_size, config.max_seq_len, seed=0,
+                         device=CUDA)
+    before = [parameter.detach().clone() for parameter in model.parameters()]
+
+    first = train_step(model, optimizers, loader, 1, precision, scaler, config.grad_clip)
+    assert first.skipped and not math.isfinite(first.grad_norm)
+    assert all(torch.equal(old, new) for old, new in zip(before, model.parameters(), strict=True))
+    assert scaler.get_scale() == 2.0**39  # backed off by half
+
+    results = [train_step(model, optimizers, loader, 1, precision, scaler, config.grad_clip) for _ in range(50)]
+    loader.close()
+    skipped = sum(result.skipped for result in results)
+    assert scaler.get_scale() == 2.0 ** (39 - skipped)  # halved once per overflow, not raised within 2000 steps
+    assert sum(result.skipped for result in results[-20:]) <= 2, "the scale never settled below the overflow"
+    trained = [result for result in results if not result.skipped]
+    assert all(math.isfinite(result.loss) and math.isfinite(result.grad_norm) for result in trained)
+    assert sum(result.loss for result in trained[-3:]) / 3 < trained[0].loss - 0.5  # and it trains on
+
+
+def test_bf16_autocast_trains_like_float32(data_dir):
+    config = cuda_config(dtype="bfloat16")
+    precision = select_precision(CUDA, "auto")
+    assert precision.dtype == torch.bfloat16 and make_grad_scaler(precision, CUDA) is None  # Ampere and newer
+    batches = fixed_batches(data_dir, config, 6)
+    model = build_model(config, VOCAB_SIZE, CUDA)
+    with precision.autocast():
+        assert model.lm_head(torch.randn(2, model.config.n_embd, device=CUDA)).dtype == torch.bfloat16
+    bf16 = train_losses(model, config, batches, precision)
+    assert all(parameter.dtype == torch.float32 for parameter in model.parameters())
+    fp32 = train_losses(build_model(config, VOCAB_SIZE, CUDA), config, batches, select_precision(CUDA, "float32"))
+    assert bf16[0] == pytest.approx(math.log(VOCAB_SIZE), rel=1e-3)  # the zero-initialised head: uniform
+    assert bf16 == pytest.approx(fp32, rel=2e-2)  # bf16 keeps 8 bits of mantissa: ~0.4% per rounding
+    assert bf16[-1] < bf16[0] - 0.5
+
+
+def test_the_compiled_train_step_gives_the_eager_losses(data_dir):
+    config = cuda_config(dtype="bfloat16", compile=True)
+    precision = select_precision(CUDA, config.dtype)
+    batches = fixed_batches(data_dir, config, 4)
+    eager = train_losses(build_model(config, VOCAB_SIZE, CUDA), config, batches, precision)
+    compiled_model = compile_model(build_model(config, VOCAB_SIZE, CUDA), config, CUDA)
+    assert isinstance(compiled_model, torch._dynamo.eval_frame.OptimizedModule)
+    compiled = train_losses(compiled_model, config, batches, precision)
+    # the same function: Inductor only fuses and reorders, which moves bf16 roundings around
+    assert compiled == pytest.approx(eager, rel=1e-2)
+    assert compiled[-1] < compiled[0]
+
+
+def test_pinned_prefetched_batches_equal_unprefetched_ones(data_dir):
+    files = shard_files(data_dir, "train")
+
+    def loader(prefetch: bool) -> TokenLoader:
+        return TokenLoader(files, 16, 64, seed=3, device=CUDA, prefetch=prefetch)
+
+    direct, prefetched = loader(False), loader(True)
+    for _ in range(70):  # 60,000 tokens are ~930 windows: 70 batches of 16 cross into the second epoch
+        (x1, y1), (x2, y2) = next(direct), next(prefetched)
+        assert x2.is_cuda and torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert prefetched.epoch > 1
+    resumed = loader(True)
+    resumed.load_state_dict(prefetched.state_dict())
+    prefetched.close()
+    for _ in range(5):
+        (x1, y1), (x2, y2) = next(direct), next(resumed)
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    direct.close()
+    resumed.close()
+
+
+class Killed(Exception):
+    pass
+
+
+def read_metrics(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_killed_and_resumed_fp16_run_continues_the_same_loss_curve(data_dir, tmp_path):
+    config = tiny_config(device="cuda", dtype="float16")  # fp16: the GradScaler's state must resume too
+
+    def kill_after_first_save(path):
+        raise Killed
+
+    train(config, data_dir, tmp_path / "straight")
+    with pytest.raises(Killed):
+        train(config, data_dir, tmp_path / "first", on_save=kill_after_first_save)
+    summary = train(config, data_dir, tmp_path / "resumed", resume_dir=tmp_path / "first")
+
+    def curve(out_dir):
+        rows = [row for row in read_metrics(out_dir) if "train/loss" in row]
+        return [row["step"] for row in rows], [row["train/loss"] for row in rows], [row["train/grad_scale"]
+                                                                                   for row in rows]
+
+    straight_steps, straight_losses, straight_scales = curve(tmp_path / "straight")
+    steps, losses, scales = curve(tmp_path / "resumed")
+    assert steps == straight_steps == [1, 2, 3, 4, 5, 6]  # no step lost, none logged twice
+    assert losses == pytest.approx(straight_losses, rel=1e-3)  # CUDA reductions may differ in the last bits
+    assert scales == straight_scales
+    assert summary["status"] == "completed" and summary["device"] == "cuda"
+
+
+def peak_reserved_bytes(config, data_dir, batch_size: int) -> int:
+    """The allocator's peak reservation (what the memory fraction caps) over one fp32 step at batch_size."""
+    config = dataclasses.replace(config, device_batch_size=batch_size,
+                                 total_batch_size=batch_size * config.max_seq_len)
+    model = build_model(config, VOCAB_SIZE, CUDA)
+    optimizers = build_optimizers(model, config)
+    loader = TokenLoader(shard_files(data_dir, "train"), batch_size, config.max_seq_len, seed=0, device=CUDA)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    train_step(model, optimizers, loader, 1, select_precision(CUDA, "float32"), None, config.grad_clip)
+    torch.cuda.synchronize()
+    loader.close()
+    return torch.cuda.max_memory_reserved()
+
+
+def test_a_real_out_of_memory_error_halves_the_device_batch_and_keeps_the_total_batch(data_dir, tmp_path,
+                                                                                       capsys):
+    # depth 1 at context 512: the fp32 logits (512 x 50,304 x 4 bytes, ~100 MB a row, several copies in the
+    # backward pass) dwarf the model, so memory grows with the batch in steps of ~0.5 GB a row
+    config = tiny_config(device="cuda", dtype="float32", max_seq_len=512, device_batch_size=8,
+                         total_batch_size=8 * 512, num_iterations=2, eval_every=2, sample_every=2, save_every=2,
+                         eval_tokens=513)  # one validation row: evaluation needs less memory than a step
+    peak_at_2 = peak_reserved_bytes(config, data_dir, 2)
+    peak_at_4 = peak_reserved_bytes(config, data_dir, 4)
+    cap = peak_at_4 + (peak_at_4 - peak_at_2)  # halfway between what batch 4 needs and what batch 8 would
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(CUDA).total_memory)
+    try:
+        summary = train(config, data_dir, tmp_path)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert "CUDA out of memory: retrying with device_batch_size 4, 2 accumulation steps" in capsys.readouterr().out
+    assert summary["status"] == "completed" and summary["steps_completed"] == 2
+    assert summary["device_batch_size"] == 4 and summary["grad_accum_steps"] == 2
+    assert summary["tokens_seen"] == 2 * 8 * 512  # the optimizer still saw the whole batch each step
+    losses = [row["train/loss"] for row in read_metrics(tmp_path) if "train/loss" in row]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+
+
+def greedy_without_cache(model: GPT, prompt: list[int], max_tokens: int, stop_ids: frozenset[int]) -> list[int]:
+    """The reference: greedy decoding that recomputes the whole sequence for every token."""
+    tokens = list(prompt)
+    with torch.inference_mode():
+        for _ in range(max_tokens):
+            token = model(torch.tensor([tokens], device=CUDA))[0, -1].argmax().item()
+            if token in stop_ids:
+                break
+            tokens.append(token)
+    return tokens[len(prompt):]
+
+
+def test_generation_with_the_kv_cache_gives_the_tokens_of_full_recomputation():
+    tokenizer = gpt2_tokenizer()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_depth(2, tokenizer.n_vocab, 128)).to(CUDA)
+    model.init_weights()
+    with torch.no_grad():  # the zero-initialised head and projections would make every logit equal
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    engine = Engine(model, tokenizer, select_precision(CUDA, "float32"))
+    # prompts of different lengths in one batch: each row has its own cache length and rotary positions
+    prompts = [engine.completion_prompt(text) for text in ("The capital of France is", "My favorite color is",
+                                                           "If yesterday was Friday, then tomorrow will be")]
+    completions = engine.generate_batch(prompts, SamplingParams(max_tokens=24, temperature=0.0))
+    for prompt, completion in zip(prompts, completions, strict=True):
+        assert completion.tokens == greedy_without_cache(model, prompt, 24, engine.stop_ids)
+    assert any(len(set(completion.tokens)) > 1 for completion in completions)  # real sequences, not one token

@@ -1,0 +1,209 @@
+"""bench/gpu_acceptance.py on a machine without CUDA: its arguments, its one-line refusal, its pieces (the
+section runner, time budgets, the profile's kernel categories, the T4 verdicts, the summary), and that the CUDA
+tests it runs are collected and skipped here. The GPU run itself is docs/gpu_acceptance.md's business."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_data_dir, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "gpu_acceptance.py"
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine the command runs for real")
+
+
+def load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+acceptance = load_bench("gpu_acceptance")
+throughput = load_bench("train_throughput")
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+
+
+@no_cuda
+def test_without_cuda_it_refuses_in_one_line_and_writes_nothing(tmp_path):
+    result = run_script("--out", str(tmp_path / "out"))
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("gpu_acceptance: no CUDA device: torch ") and "sees none" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "{tmp}/FILE"], "--out {tmp}/FILE is a file, not a folder"),
+    (["--out", "{tmp}/out", "--sections", "tests,speed"], "--sections: unknown section 'speed'"),
+    (["--out", "{tmp}/out", "--sections", ","], "--sections: unknown section '(none given)'"),
+    (["--out", "{tmp}/out", "--time-limit", "0"], "--time-limit must be > 0 seconds, got 0.0"),
+])
+def test_bad_arguments_get_one_line_before_any_gpu_work(tmp_path, capsys, args, message):
+    (tmp_path / "FILE").write_text("")
+    assert acceptance.main([arg.format(tmp=tmp_path) for arg in args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gpu_acceptance: {message.format(tmp=tmp_path)}") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_is_required(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        acceptance.main([])
+    assert exit_info.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+def test_the_tests_section_collects_the_cuda_tests_and_here_skips_them(tmp_path):
+    result_file = tmp_path / "tests.json"
+    run = run_script("--section", "tests", "--result", str(result_file), "--work-dir", str(tmp_path))
+    result = json.loads(result_file.read_text())
+    assert run.returncode == 0 and result["status"] == "completed" and result["pytest_exit_code"] == 0
+    names = [test["name"] for test in result["tests"]]
+    defined = [line.split("(")[0].removeprefix("def ") for line in (ROOT / "tests" / "test_cuda.py").read_text()
+               .splitlines() if line.startswith("def test_")]
+    assert names == defined and len(names) >= 7
+    if not torch.cuda.is_available():
+        assert all(test["outcome"] == "skipped" and "needs a CUDA device" in test["message"]
+                   for test in result["tests"])
+        assert not any(check["passed"] for check in result["checks"])  # a skip proves nothing
+
+
+def test_run_process_passes_the_output_on_and_stops_at_the_time_limit():
+    lines = []
+    assert acceptance.run_process([sys.executable, "-c", "print('one'); print('two'); raise SystemExit(3)"],
+                                  30, lines.append) == 3
+    assert lines == ["one", "two"]
+    lines.clear()
+    start = time.monotonic()
+    sleeper = "import time; print('started', flush=True); time.sleep(60)"
+    assert acceptance.run_process([sys.executable, "-c", sleeper], 2, lines.append) is None
+    assert lines == ["started"] and time.monotonic() - start < 20
+
+
+def test_a_section_gets_its_budget_and_the_time_earlier_ones_left_over():
+    budgets = acceptance.SECTION_BUDGETS_S
+    assert sum(budgets.values()) <= acceptance.DEFAULT_TIME_LIMIT_S
+    assert acceptance.section_timeout("tests", ["throughput", "t4"], 400) == 400 - budgets["throughput"] - budgets["t4"]
+    assert acceptance.section_timeout("throughput", ["t4"], 150) == budgets["throughput"]
+    assert acceptance.section_timeout("t4", [], 40) == 40  # never more than what is left
+
+
+def test_profile_kernels_fall_into_the_parts_of_a_step():
+    Kernel, vocab = throughput.KernelTime, 50304
+    kernels = [
+        Kernel("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NNT", 400.0, [[8192, 512], [512, vocab]], ""),
+        Kernel("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64", 300.0, [[8192, 512], [512, 2048]], ""),
+        Kernel("triton_tem_fused_mm_0", 100.0, [], ""),
+        Kernel("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>", 150.0, [], ""),
+        Kernel("triton_red_fused__log_softmax_div_tanh_0", 250.0, [], ""),
+        Kernel("void at::native::vectorized_elementwise_kernel<4, tanh_kernel_cuda>", 50.0, [], ""),
+        Kernel("sm90_xmma_gemm_bf16bf16_bf16f32", 120.0, [[512, 512], [512, 512]], "Optimizer.step#Muon.step"),
+        Kernel("void at::native::multi_tensor_apply_kernel<FusedAdam>", 30.0, [], "Optimizer.step#AdamW.step"),
+        Kernel("triton_poi_fused__to_copy_mul_rsqrt_1", 200.0, [], ""),
+        Kernel("triton_poi_fused__to_copy_mul_rsqrt_1", 200.0, [], ""),
+    ]
+    assert [throughput.kernel_category(kernel, vocab) for kernel in kernels] == [
+        "matmul: lm_head (logits)", "matmul: blocks", "matmul: blocks", "attention", "logits softcap + loss",
+        "logits softcap + loss", "optimizer step", "optimizer step", "other (memory-bound)", "other (memory-bound)"]
+
+    summary = throughput.summarize_kernels(kernels, steps=2, step_ms=2.0, gpu_microseconds=2000.0,
+                                           padded_vocab_size=vocab, top=3)
+    assert summary["step_ms"] == pytest.approx(2.0) and summary["gpu_busy_ms"] == pytest.approx(1.0)
+    assert summary["gpu_idle_percent"] == pytest.approx(50.0)
+    assert summary["categories_ms"] == pytest.approx({
+        "matmul: blocks": 0.2, "matmul: lm_head (logits)": 0.2, "attention": 0.075, "logits softcap + loss": 0.15,
+        "optimizer step": 0.075, "other (memory-bound)": 0.2, "unattributed": 0.1})
+    assert summary["matmul_percent_of_gpu"] == pytest.approx(40.0)
+    assert [(k["name"][:12], k["ms"], k["calls_per_step"]) for k in summary["top_kernels"]] == [
+        ("nvjet_hsh_25", 0.2, 0.5), ("triton_poi_f", 0.2, 1.0), ("sm90_xmma_ge", 0.15, 0.5)]
+
+
+@pytest.fixture(scope="module")
+def run_without_wandb(tmp_path_factory):
+    """A short training run in a process where wandb and rustbpe cannot be imported, as on the device machine."""
+    tmp = tmp_path_factory.mktemp("no_wandb")
+    data_dir = make_data_dir(tmp / "data", n_train_tokens=20_000, n_val_tokens=2_000)
+    code = ("import json, sys\n"
+            "sys.modules['wandb'] = sys.modules['rustbpe'] = None  # importing either now fails\n"
+            "from pathlib import Path\n"
+            "from nanochat_flyte.config import RunConfig\n"
+            "from nanochat_flyte.train import train\n"
+            "train(RunConfig(**json.loads(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3]))\n")
+    config = tiny_config(num_iterations=3, save_every=3, wandb_mode="offline")
+    result = subprocess.run([sys.executable, "-c", code, json.dumps(config.to_dict()), str(data_dir), str(tmp / "run")],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return result, tmp / "run"
+
+
+def test_training_needs_neither_wandb_nor_rustbpe(run_without_wandb):
+    result, run_dir = run_without_wandb
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "W&B: the wandb package is not installed; W&B disabled" in result.stderr
+    assert json.loads((run_dir / "training_state.json").read_text())["status"] == "completed"
+
+
+def test_t4_verdicts_from_a_run_finished_or_stopped(run_without_wandb, tmp_path):
+    _, run_dir = run_without_wandb
+    summary = json.loads((run_dir / "training_state.json").read_text())
+    finished = acceptance.t4_results(run_dir, 3, summary)
+    assert finished["steps_completed"] == 3 and finished["nonfinite_losses"] == 0
+    assert finished["device_batch_size"] == 4 and finished["peak_memory_gib"] is None  # a CPU run
+    fit, stable = finished["checks"]
+    assert fit["passed"] is False and "ran at device batch 4" in fit["detail"]  # the reference runs at 16
+    assert stable["passed"] is True and "3 steps, 0 non-finite losses" in stable["detail"]
+
+    stopped = acceptance.t4_results(run_dir, 300, None)  # the time limit stopped it: nothing decided yet
+    assert [c["passed"] for c in stopped["checks"]] == [None, None] and stopped["device_batch_size"] is None
+    with (run_dir / "metrics.jsonl").open("a") as metrics:
+        metrics.write(json.dumps({"step": 4, "train/loss": math.nan, "train/skipped_steps": 1}) + "\n")
+    assert acceptance.t4_results(run_dir, 300, None)["checks"][1]["passed"] is False  # a NaN decides it
+
+
+def report_with(sections: dict) -> dict:
+    machine = {"device_name": "NVIDIA H100 80GB HBM3", "driver": "580.159.04", "git_commit": None,
+               "environment": {"torch": "2.11.0+cu130", "cuda": "13.0", "python": "3.12.3"}}
+    return {"date": "2026-11-27 09:30 UTC", "quick": False, "requested_sections": list(sections),
+            "machine": machine, "sections": sections, "wall_s": 300.0, "passed": False}
+
+
+def test_the_verdict_needs_every_section_completed_and_every_check_passed():
+    passing = {"status": "completed", "checks": [acceptance.check("a", True, "")]}
+    assert acceptance.overall_passed(report_with({"tests": passing, "t4": passing}))
+    for broken in ({"status": "timeout", "checks": [acceptance.check("a", True, "")]},
+                   {"status": "completed", "checks": [acceptance.check("a", None, "undecided")]},
+                   {"status": "completed", "checks": [acceptance.check("a", False, "")]}):
+        assert not acceptance.overall_passed(report_with({"tests": passing, "t4": broken}))
+    missing = report_with({"tests": passing})
+    missing["requested_sections"].append("t4")
+    assert not acceptance.overall_passed(missing)
+
+
+def test_the_summary_is_a_short_markdown_table():
+    variant = {"dtype": "float16", "compile": True, "ms_per_step": 80.0, "tok_per_sec": 819200.0, "mfu": 0.274,
+               "peak_memory_gib": 9.5, "warmup_s": 41.0,
+               "profile": {"step_ms": 82.0, "gpu_busy_ms": 60.0, "gpu_idle_percent": 26.8,
+                           "categories_ms": {"matmul: blocks": 30.0, "optimizer step": 6.0}}}
+    throughput_section = {"status": "completed", "wall_s": 120.0, "variants": [variant],
+                          "reference_shape": {"depth": 8, "seq_len": 512, "device_batch_size": 16,
+                                              "total_batch_size": 65536},
+                          "checks": acceptance.throughput_checks([{**variant, "device_name": "NVIDIA H100"}])}
+    text = acceptance.markdown_summary(report_with({"throughput": throughput_section}))
+    assert text.startswith("# GPU acceptance: NVIDIA H100 80GB HBM3, 2026-11-27 09:30 UTC\n")
+    assert "**NOT PASSED**: 0 of 1 checks passed in 300 s." in text
+    assert ("| T4 path (fp16 + GradScaler, compile) at >= 30% MFU on this device | FAIL | 27.4% MFU on NVIDIA H100 |"
+            in text)
+    assert ("| dtype | compile | ms/step | tokens/s | MFU | peak memory | warm-up |\n|---|---|---|---|---|---|---|\n"
+            "| float16 | yes | 80.0 | 819,200 | 27.4% | 9.50 GiB | 41 s |\n") in text
+    assert "| matmul: blocks | 30.00 | 50% |" in text
