@@ -1,0 +1,81 @@
+"""What a user of `pyflyte run` sees: bad config fields fail at once in one line, a user error is a message and not
+a traceback, and Ctrl-C tells where the last checkpoint is and the exact command that resumes it."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.shard_server import serve_shards, write_fineweb_shards
+from tests.test_workflow import VAL_SHARD, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PYFLYTE = [sys.executable, "-m", "flytekit.clis.sdk_in_container.pyflyte", "run", "workflows/nanochat.py", "main"]
+
+
+@pytest.fixture
+def env(tmp_path):
+    return {**os.environ, "NANOCHAT_FLYTE_CACHE": str(tmp_path / "cache"), "COLUMNS": "200"}
+
+
+def pyflyte(*arguments: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([*PYFLYTE, *arguments], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("form", ["inline JSON", "YAML file"])
+def test_a_misspelt_field_stops_pyflyte_run_with_one_message(tmp_path, env, form):
+    value = '{"num_iteration": 40}'
+    if form == "YAML file":
+        value = str(tmp_path / "preset.yaml")
+        (tmp_path / "preset.yaml").write_text("depth: 2\nnum_iteration: 40\n")
+    result = pyflyte("--config", value, env=env)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "RunConfig.num_iteration: unknown field; did you mean num_iterations?" in output
+    assert "Traceback" not in output and "Running Execution" not in output  # refused before anything ran
+
+
+def test_an_unreachable_data_url_is_one_message_not_a_traceback(env):
+    config = tiny_config("http://127.0.0.1:9/no-mirror").to_dict()
+    result = pyflyte("--config", json.dumps(config), env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output
+    assert "RunConfig.data_url: 'http://127.0.0.1:9/no-mirror' is unreachable" in output
+    assert "Connection refused" in output
+
+
+def test_ctrl_c_prints_the_resume_command_and_that_command_resumes(tmp_path, env):
+    write_fineweb_shards(tmp_path / "shards", [0, 1, VAL_SHARD], docs_per_shard=150)
+    with serve_shards(tmp_path / "shards") as server:
+        # ~1 s a step on 2 cores: the interrupt lands long before the run could finish
+        config = tiny_config(server.url, depth=2, device_batch_size=8, total_batch_size=2048, num_iterations=8,
+                             eval_every=8, sample_every=8, save_every=2, wandb_mode="disabled")
+        (tmp_path / "run.json").write_text(json.dumps(config.to_dict()))
+        run = subprocess.Popen([*PYFLYTE, "--config", str(tmp_path / "run.json")], cwd=ROOT, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        lines = []
+        for line in run.stdout:
+            lines.append(line)
+            if line.startswith("step 00002 | saved checkpoint to "):
+                run.send_signal(signal.SIGINT)
+                break
+        lines += run.stdout.readlines()
+        run.wait(timeout=120)
+        output = "".join(lines)
+        assert run.returncode != 0, output[-3000:]
+        interrupted = next(line for line in lines if line.startswith("interrupted at step "))
+        assert "the last checkpoint (step 2) is in " in interrupted, output[-3000:]
+        command = next(line for line in lines if line.startswith("resume with: ")).removeprefix("resume with: ")
+        assert command.startswith("pyflyte run workflows/nanochat.py main --config ")
+
+        arguments = command.split()[2:]  # after "pyflyte run": the workflow file, main, --config ..., --resume_from ...
+        resumed = subprocess.run([*PYFLYTE[:-2], *arguments], cwd=ROOT, env=env, capture_output=True, text=True,
+                                 timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    steps = [line.split()[1] for line in resumed.stdout.splitlines() if line.startswith("step ") and "/00008" in line]
+    assert steps[0] == "00003/00008" and steps[-1] == "00008/00008"  # continued after step 2, to the end
+    assert "resuming from " in resumed.stdout
