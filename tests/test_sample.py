@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -50,3 +51,32 @@ def test_temperature_sampling_is_reproducible_from_the_seed(checkpoint):
 def test_bad_arguments_are_refused(checkpoint):
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(checkpoint), "--prompt", PROMPT, "--max-tokens", "0"])
+
+
+def test_the_default_is_greedy_like_the_samples_taken_in_training(checkpoint):
+    completion = main(["--checkpoint", str(checkpoint), "--prompt", PROMPT, "--max-tokens", "6", "--device", "cpu"])
+    assert completion == last_training_sample(checkpoint, PROMPT)
+
+
+def test_a_checkpoint_samples_without_the_network(checkpoint, tmp_path):
+    """The checkpoint carries its tokenizer's ranks: an empty tiktoken cache (nothing to read, and downloads fail
+    here) changes nothing."""
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty-cache"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "nanochat_flyte.sample", "--checkpoint", str(checkpoint),
+                             "--prompt", PROMPT, "--max-tokens", "6"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == PROMPT + last_training_sample(checkpoint, PROMPT) + "\n"
+    assert not (tmp_path / "empty-cache").exists() or not any((tmp_path / "empty-cache").iterdir())
+
+
+def test_user_errors_of_the_sample_and_train_clis_are_one_line(tmp_path):
+    sample = subprocess.run([sys.executable, "-m", "nanochat_flyte.sample", "--checkpoint", str(tmp_path / "none"),
+                             "--prompt", PROMPT], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (sample.returncode, sample.stderr) == (2, f"error: no checkpoint.pt in {tmp_path / 'none'}: not a "
+                                                     "checkpoint directory\n")
+    (tmp_path / "typo.yaml").write_text("depht: 2\n")
+    train = subprocess.run([sys.executable, "-m", "nanochat_flyte.train", "--config", str(tmp_path / "typo.yaml"),
+                            "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert (train.returncode, train.stderr) == (2, "error: RunConfig.depht: unknown field; did you mean depth?\n")

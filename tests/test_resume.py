@@ -1,0 +1,89 @@
+"""main(resume_from=...): continue or extend a run from its checkpoint, checked before any GPU time; save_to keeps a
+copy where the user chose; a CORE failure after training loses nothing."""
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from nanochat_flyte.config import ConfigError
+from nanochat_flyte.train import check_resume
+from tests.shard_server import serve_shards, write_fineweb_shards
+from tests.test_workflow import VAL_SHARD, tiny_config
+from workflows.nanochat import main
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("shards")
+    write_fineweb_shards(directory, [0, 1, VAL_SHARD], docs_per_shard=150)
+    with zipfile.ZipFile(directory / "no_core_yaml.zip", "w") as bundle:  # a zip, but not a bundle
+        bundle.writestr("eval_bundle/README.txt", "not a bundle")
+    with serve_shards(directory) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def finished(served, tmp_path_factory):
+    """A finished 6-step run, copied to save_to."""
+    save_to = tmp_path_factory.mktemp("runs") / "first"
+    config = tiny_config(served.url, num_iterations=6, eval_every=3, sample_every=6, save_every=3,
+                         warmdown_ratio=0.3, save_to=str(save_to))
+    results, checkpoint, report = main(config=config)
+    return config, results, Path(checkpoint.path), save_to
+
+
+def rows(checkpoint_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (checkpoint_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_save_to_holds_the_checkpoint_the_report_and_the_results(finished):
+    _, results, _, save_to = finished
+    for name in ("checkpoint.pt", "config.json", "training_state.json", "tokenizer/tokenizer.tiktoken", "report.md",
+                 "results.json", "metrics.jsonl"):
+        assert (save_to / name).is_file(), name
+    assert json.loads((save_to / "results.json").read_text())["training"]["steps_completed"] == 6
+
+
+def test_a_finished_run_is_extended_and_its_learning_rate_warms_down_again(finished):
+    config, _, _, save_to = finished
+    results, checkpoint, _ = main(config=tiny_config(config.data_url, num_iterations=10, eval_every=3,
+                                                     sample_every=10, save_every=3, warmdown_ratio=0.3),
+                                  resume_from=str(save_to))
+    assert results["training"]["steps_completed"] == 10
+    train_rows = [row for row in rows(Path(checkpoint.path)) if "train/loss" in row]
+    assert [row["step"] for row in train_rows] == list(range(1, 11))  # steps 1-6 came with the checkpoint
+    lrm = {row["step"]: row["train/lrm"] for row in train_rows}
+    # warmdown_ratio 0.3: the last 2 of 6 steps warmed down; of 10 steps, the last 3, so step 7 is flat again
+    assert lrm[6] < 1.0 and lrm[7] == 1.0
+    assert lrm[10] < 1.0
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(depth=2), r"RunConfig\.depth: 2 differs from 1 in the checkpoint being resumed"),
+    (dict(num_iterations=4), r"RunConfig\.num_iterations: 4 is fewer than the 6 steps"),
+    (dict(seed=7), r"RunConfig\.seed: 7 differs from 42"),
+])
+def test_an_incompatible_resume_is_refused_before_anything_runs(finished, changes, message):
+    config, _, _, save_to = finished
+    with pytest.raises(ConfigError, match=message):
+        check_resume(tiny_config(config.data_url, **changes), str(save_to))
+
+
+def test_resume_from_a_folder_without_a_checkpoint_fails_in_setup(served, tmp_path):
+    served.requests.clear()
+    with pytest.raises(Exception, match=r"main\.resume_from: .* is not a checkpoint directory"):
+        main(config=tiny_config(served.url), resume_from=str(tmp_path))
+    assert served.requests == []  # checked before the shards were even probed
+
+
+def test_a_bundle_that_fails_after_training_keeps_the_checkpoint(served, tmp_path):
+    save_to = tmp_path / "kept"
+    config = tiny_config(served.url, num_iterations=2, eval_every=2, sample_every=2, save_every=2,
+                         eval_bundle_url=served.url + "/no_core_yaml.zip", save_to=str(save_to))
+    with pytest.raises(Exception, match=r"no single core\.yaml in the bundle.*The trained checkpoint is kept at .*"
+                                        r"score it later with python -m nanochat_flyte\.core_eval"):
+        main(config=config)
+    assert json.loads((save_to / "training_state.json").read_text())["status"] == "completed"
+    assert (save_to / "checkpoint.pt").is_file()
