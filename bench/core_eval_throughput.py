@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.core_bundle, when run as a script
 
-from nanochat_flyte.core_eval import evaluate_core, item_rows, load_bundle, load_checkpoint  # noqa: E402
+from nanochat_flyte.checkpoint import load_model  # noqa: E402
+from nanochat_flyte.core_eval import evaluate_core, item_rows, load_bundle  # noqa: E402
 from nanochat_flyte.device import select_device, select_precision  # noqa: E402
 from nanochat_flyte.model import GPT, GPTConfig  # noqa: E402
 from nanochat_flyte.tokenizer import gpt2_tokenizer  # noqa: E402
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = select_device(args.device)
     precision = select_precision(device, args.dtype)
     if args.checkpoint:
-        model, tokenizer = load_checkpoint(args.checkpoint, device)
+        loaded = load_model(args.checkpoint, device)
+        model, tokenizer = loaded.model, loaded.tokenizer
     else:
         tokenizer = gpt2_tokenizer()
         torch.manual_seed(0)

@@ -30,8 +30,8 @@ from pathlib import Path
 
 from nanochat_flyte.config import CHAT_EVAL_TASKS, ChatConfig, ConfigError
 from nanochat_flyte.conversation import ConversationError, normalize
-from nanochat_flyte.download import DownloadError, Retry
-from nanochat_flyte.hub import download_split, file_records, hub_endpoint, iter_rows, parquet_urls, write_atomically
+from nanochat_flyte.download import DownloadError, Retry, write_bytes_atomically
+from nanochat_flyte.hub import download_split, file_records, hub_endpoint, iter_rows, parquet_urls
 
 LETTERS = "ABCDEFGHIJ"
 PROBE_RETRY = Retry(attempts=2, backoff_base_s=1.0)  # the endpoint check fails within seconds, not minutes
@@ -257,12 +257,12 @@ def prepare_sft_data(config: ChatConfig, out_dir: Path, cache_dir: Path | None =
     val_lines = random.Random(f"{config.seed}/val").sample(val_lines, min(config.val_conversations, len(val_lines)))
     val["conversations"] = len(val_lines)
 
-    write_atomically(out_dir / "train.jsonl", (line for _, line in mixture))
-    write_atomically(out_dir / "val.jsonl", val_lines)
+    write_bytes_atomically(out_dir / "train.jsonl", (line for _, line in mixture))
+    write_bytes_atomically(out_dir / "val.jsonl", val_lines)
     manifest = {"endpoint": endpoint, "seed": config.seed, "max_conversations": config.max_conversations,
                 "sources": sources, "val": val, "train_conversations": len(mixture),
                 "val_conversations": len(val_lines)}
-    write_atomically(out_dir / "manifest.json", [json.dumps(manifest, indent=1).encode()])
+    write_bytes_atomically(out_dir / "manifest.json", [json.dumps(manifest, indent=1).encode()])
     print(f"chat data: {len(mixture):,} training and {len(val_lines):,} validation conversations in {out_dir}",
           flush=True)
     return manifest
@@ -277,11 +277,11 @@ def prepare_eval_data(tasks: list[str], out_dir: Path, endpoint: str = "", cache
     records = {}
     for task in tasks:
         lines, record = convert_split(EVAL_SOURCES[task], endpoint, cache_dir)
-        write_atomically(out_dir / f"{task}.jsonl", lines)
+        write_bytes_atomically(out_dir / f"{task}.jsonl", lines)
         records[task] = record | {"items": len(lines), "file": f"{task}.jsonl"}
         print(f"chat data: {task}: {len(lines):,} items ({record['skipped']:,} rows skipped)", flush=True)
     manifest = {"endpoint": endpoint, "tasks": records}
-    write_atomically(out_dir / "manifest.json", [json.dumps(manifest, indent=1).encode()])
+    write_bytes_atomically(out_dir / "manifest.json", [json.dumps(manifest, indent=1).encode()])
     return manifest
 
 

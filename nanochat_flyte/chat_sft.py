@@ -114,11 +114,10 @@ class FineTuning(Phase):
                 "train_conversations": len(self.train), "trained_tokens": self.train.trained_tokens}
 
 
-def sft_run_config(chat: ChatConfig, base: RunConfig, conversations: RenderedConversations | None = None
-                   ) -> RunConfig:
+def sft_run_config(chat: ChatConfig, base: RunConfig) -> RunConfig:
     """The training loop's config for SFT: the base run's context, batch and learning rates where `chat` leaves
-    them at 0, the rates scaled by init_lr_frac, and num_iterations for one epoch of `conversations` when
-    `chat.num_iterations` is 0."""
+    them at 0, the rates scaled by init_lr_frac. With chat.num_iterations 0, num_iterations is 1 until train_chat
+    knows how many steps one epoch of the rendered conversations takes."""
     inherit = {field: getattr(chat, field) or getattr(base, field)
                for field in ("max_seq_len", "device_batch_size", "total_batch_size", "embedding_lr", "unembedding_lr",
                              "matrix_lr")}
@@ -137,10 +136,6 @@ def sft_run_config(chat: ChatConfig, base: RunConfig, conversations: RenderedCon
         config.grad_accum_steps(distributed_env()[2])
     except ConfigError as error:  # name the ChatConfig field the user can change
         raise ConfigError("total_batch_size", str(error).split(": ", 1)[1], "ChatConfig") from None
-    if not chat.num_iterations and conversations is not None:
-        rows_per_step = config.total_batch_size // config.max_seq_len
-        config = dataclasses.replace(config, num_iterations=steps_per_epoch(conversations, config.max_seq_len,
-                                                                             config.seed, rows_per_step))
     return config
 
 
@@ -150,9 +145,12 @@ def train_chat(chat: ChatConfig, base_dir: Path, data_dir: Path, out_dir: Path, 
     the chat checkpoint directory to out_dir; return the summary."""
     chat.validate()
     base = RunConfig.from_mapping(read_checkpoint_json(base_dir, CONFIG_FILE) or load_checkpoint(base_dir)["config"])
-    phase = FineTuning(sft_run_config(chat, base), chat, base_dir, data_dir)
-    config = sft_run_config(chat, base, phase.train)
-    if not chat.num_iterations:
+    config = sft_run_config(chat, base)
+    phase = FineTuning(config, chat, base_dir, data_dir)
+    if not chat.num_iterations:  # one epoch of the mixture, rows_per_step rows of max_seq_len tokens a step
+        rows_per_step = config.total_batch_size // config.max_seq_len
+        config = dataclasses.replace(config, num_iterations=steps_per_epoch(phase.train, config.max_seq_len,
+                                                                             config.seed, rows_per_step))
         print(f"sft: one epoch of the mixture is {config.num_iterations} steps of {config.total_batch_size:,} "
               f"tokens", flush=True)
     return Trainer(config, phase, out_dir, resume_dir=resume_dir, on_save=on_save, env_report=env_report).run()

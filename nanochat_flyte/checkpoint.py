@@ -7,11 +7,9 @@ checkpoint from a remote URI never runs code from it.
 """
 
 import json
-import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import numpy as np
 import tiktoken
 import torch
 
+from nanochat_flyte.download import write_atomically
 from nanochat_flyte.model import GPT, GPTConfig
 from nanochat_flyte.tokenizer import load_tokenizer
 
@@ -28,18 +27,12 @@ MODEL_CONFIG_FILE = "model_config.json"
 TRAINING_STATE_FILE = "training_state.json"
 CONFIG_FILE = "config.json"  # the run's config as `pyflyte run ... --config` and `train --config` take it
 TOKENIZER_DIR = "tokenizer"
-INFERENCE_FILES = (CHECKPOINT_FILE, MODEL_CONFIG_FILE, TOKENIZER_DIR, TRAINING_STATE_FILE)  # what load_model fetches
-
-
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write to a temp file beside path, then rename: a kill mid-write leaves the previous file intact."""
-    temp = path.with_name(f".{path.name}.tmp")
-    write(temp)
-    os.replace(temp, path)
+# What load_model fetches of a remote checkpoint (training_state.json, which holds the phase, where there is one)
+INFERENCE_FILES = (CHECKPOINT_FILE, MODEL_CONFIG_FILE, TOKENIZER_DIR, TRAINING_STATE_FILE)
 
 
 def write_json(path: Path, values: dict) -> None:
-    _write_atomically(path, lambda temp: temp.write_text(json.dumps(values, indent=2) + "\n"))
+    write_atomically(path, lambda temp: temp.write_text(json.dumps(values, indent=2) + "\n"))
 
 
 # ---------------------------------------------------------------------- RNG states
@@ -87,7 +80,7 @@ def save_checkpoint(out_dir: Path, *, step: int, model: torch.nn.Module, optimiz
         "config": config,
         "model_config": model_config.to_dict(),
     }
-    _write_atomically(out_dir / CHECKPOINT_FILE, lambda temp: torch.save(state, temp))
+    write_atomically(out_dir / CHECKPOINT_FILE, lambda temp: torch.save(state, temp))
     write_json(out_dir / MODEL_CONFIG_FILE, model_config.to_dict())
     return out_dir / CHECKPOINT_FILE
 
@@ -118,16 +111,16 @@ def publish_checkpoint(checkpoint_dir: Path, target: str) -> None:
         for path in files:
             destination = Path(target) / path.relative_to(checkpoint_dir)
             destination.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomically(destination, lambda temp, source=path: shutil.copyfile(source, temp))
+            write_atomically(destination, lambda temp, source=path: shutil.copyfile(source, temp))
         return
     filesystem, root = fsspec.core.url_to_fs(target)
     for path in files:
         filesystem.put_file(str(path), f"{root.rstrip('/')}/{path.relative_to(checkpoint_dir).as_posix()}")
 
 
-def fetch_checkpoint(source: str | Path, local_dir: Path) -> Path:
+def fetch_checkpoint(source: str | Path, local_dir: Path, names: tuple[str, ...] | None = None) -> Path:
     """A checkpoint directory (local path or fsspec URI) as a local directory: local paths are used in place,
-    remote ones are downloaded into local_dir."""
+    remote ones are downloaded into local_dir: all of it, or only the files and folders in `names` that it has."""
     if not is_uri(source) or str(source).startswith("file://"):
         path = Path(fsspec.core.url_to_fs(str(source))[1])
         if not (path / CHECKPOINT_FILE).is_file():
@@ -137,7 +130,11 @@ def fetch_checkpoint(source: str | Path, local_dir: Path) -> Path:
     root = root.rstrip("/")
     if not filesystem.exists(f"{root}/{CHECKPOINT_FILE}"):
         raise FileNotFoundError(f"no {CHECKPOINT_FILE} under {source}: not a checkpoint directory")
-    filesystem.get(f"{root}/", str(local_dir), recursive=True)
+    if names is None:
+        filesystem.get(f"{root}/", str(local_dir), recursive=True)
+    for name in names or ():
+        if filesystem.exists(f"{root}/{name}"):
+            filesystem.get(f"{root}/{name}", str(Path(local_dir) / name), recursive=True)
     return Path(local_dir)
 
 
@@ -182,19 +179,7 @@ def _load_local(checkpoint_dir: Path, device: torch.device, source: str) -> Load
 
 def load_model(checkpoint: str | Path, device: torch.device) -> LoadedModel:
     """The model (in eval mode), tokenizer and phase of a checkpoint directory or any fsspec URI (s3://, gs://,
-    file://, ...). A remote checkpoint is downloaded to a temp dir that is gone once the model is in memory."""
-    checkpoint = str(checkpoint)
-    if "://" not in checkpoint:
-        if not (Path(checkpoint) / CHECKPOINT_FILE).is_file():
-            raise FileNotFoundError(f"no {CHECKPOINT_FILE} in {checkpoint}: not a checkpoint directory")
-        return _load_local(Path(checkpoint), device, checkpoint)
-    filesystem, root = fsspec.core.url_to_fs(checkpoint)
-    root = root.rstrip("/")
-    if not filesystem.exists(f"{root}/{CHECKPOINT_FILE}"):
-        raise FileNotFoundError(f"no {CHECKPOINT_FILE} under {checkpoint}: not a checkpoint directory")
+    file://, ...). Of a remote checkpoint only what inference needs is downloaded, to a temp dir that is gone once
+    the model is in memory."""
     with tempfile.TemporaryDirectory(prefix="nanochat-checkpoint-") as temp:
-        for name in INFERENCE_FILES:
-            if name == TRAINING_STATE_FILE and not filesystem.exists(f"{root}/{name}"):
-                continue  # optional: a checkpoint without it is a base checkpoint
-            filesystem.get(f"{root}/{name}", str(Path(temp) / name), recursive=name == TOKENIZER_DIR)
-        return _load_local(Path(temp), device, checkpoint)
+        return _load_local(fetch_checkpoint(checkpoint, Path(temp), INFERENCE_FILES), device, str(checkpoint))

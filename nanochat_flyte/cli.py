@@ -8,13 +8,11 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from nanochat_flyte.config import ConfigError
-from nanochat_flyte.conversation import ConversationError
-from nanochat_flyte.core_eval import BundleError
-from nanochat_flyte.download import DownloadError
-from nanochat_flyte.tokenizer import TokenizerError
+from nanochat_flyte.config import UserError
 
-USER_ERRORS = (ConfigError, ConversationError, DownloadError, TokenizerError, BundleError, FileNotFoundError)
+# Our modules' user errors (ConfigError, ConversationError, DownloadError, TokenizerError, BundleError, ...) derive
+# from UserError; a missing checkpoint or preset is a FileNotFoundError.
+USER_ERRORS = (UserError, FileNotFoundError)
 USER_ERROR_EXIT = 2  # argparse's status for a usage error
 
 

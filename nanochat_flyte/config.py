@@ -24,7 +24,12 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cuda", "cpu", "mps")
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A mistake the user can fix (a field, a path, a URL, a file's contents). Our CLIs print its message as one
+    line (cli.py) and the workflows show it without a traceback; every module's user errors derive from it."""
+
+
+class ConfigError(UserError, ValueError):
     """A config field holds a value the run cannot use. The message names the field: `RunConfig.depth: ...`."""
 
     def __init__(self, field: str, problem: str, owner: str = "RunConfig"):

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 
 import tiktoken
 
+from nanochat_flyte.config import UserError
+
 ROLES = ("system", "user", "assistant")
 
 
-class ConversationError(ValueError):
+class ConversationError(UserError, ValueError):
     """A conversation that cannot be rendered; the message names the message index and the problem."""
 
 

@@ -55,7 +55,8 @@ import torch.nn.functional as F
 import yaml
 
 from nanochat_flyte.checkpoint import load_model
-from nanochat_flyte.config import EVAL_BUNDLE_URL, ConfigError
+from nanochat_flyte.cli import ArgumentParser
+from nanochat_flyte.config import EVAL_BUNDLE_URL, ConfigError, UserError
 from nanochat_flyte.device import Precision, select_device, select_precision
 from nanochat_flyte.download import (CorruptFile, DownloadError, default_cache_dir, download_file, is_http, is_local,
                                      probe)
@@ -77,7 +78,7 @@ SUBSET_SEED = 1337  # the shuffle --max-per-task takes its first N from: the sam
 CHUNK_ITEMS = 512  # items tokenized at a time: bounds memory; the next chunk is tokenized while this one runs
 
 
-class BundleError(ValueError):
+class BundleError(UserError, ValueError):
     """The eval bundle is not usable; the message names the file (and line or field) at fault."""
 
 
@@ -583,15 +584,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-def load_checkpoint(checkpoint: str, device: torch.device) -> tuple[nn.Module, tiktoken.Encoding]:
-    """(model, tokenizer) of a checkpoint directory or URI: the one place the CLI and the benchmark load one."""
-    loaded = load_model(checkpoint, device)
-    return loaded.model, loaded.tokenizer
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from nanochat_flyte.cli import ArgumentParser  # cli imports this module (BundleError is a user error)
-
     parser = ArgumentParser("nanochat_flyte.core_eval", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory or fsspec URI (s3://, gs://, ...)")
     parser.add_argument("--bundle", default=EVAL_BUNDLE_URL, help="eval bundle: zip or directory, path or URL")
@@ -602,17 +595,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     device = select_device(args.device)
     precision = select_precision(device, args.dtype)
-    model, tokenizer = load_checkpoint(args.checkpoint, device)
-    bundle = load_bundle(args.bundle)
-    result = evaluate_core(model, tokenizer, bundle, max_per_task=args.max_per_task, batch_size=args.batch_size,
-                           device=device, precision=precision)
+    bundle = load_bundle(args.bundle)  # a bad bundle fails before a large checkpoint is loaded
+    loaded = load_model(args.checkpoint, device)
+    result = evaluate_core(loaded.model, loaded.tokenizer, bundle, max_per_task=args.max_per_task,
+                           batch_size=args.batch_size, device=device, precision=precision)
     print(core_table_markdown(result))
     print(json.dumps(result), flush=True)
     return result
 
 
 if __name__ == "__main__":
-    from nanochat_flyte import core_eval  # the package's module, not __main__: its error classes are those cli catches
     from nanochat_flyte.cli import run
 
-    run(core_eval.main)
+    run(main)

@@ -20,7 +20,7 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import requests
 from fsspec.implementations.local import LocalFileSystem
 
-from nanochat_flyte.config import ConfigError
+from nanochat_flyte.config import ConfigError, UserError
 
 CHUNK_BYTES = 1 << 16  # 64 KiB per read: an interrupted read loses at most this much; syscalls stay few
 HTTP_TIMEOUT_S = (10, 60)  # (connect, between bytes): a stalled CDN connection fails and is retried
@@ -89,7 +89,7 @@ class Download:
     bytes: int  # size of the file fetched now: 0 for a cache hit or a local file
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """One file could not be had: `what` names it for people ("shard 3", "the CORE eval bundle")."""
 
     def __init__(self, what: str, url: str, cause: str):
@@ -121,6 +121,23 @@ def verify_shard(path: Path) -> None:
         raise CorruptFile(f"{path.name} is not a readable parquet file: {e}") from e
     if "text" not in schema.names or schema.field("text").type not in (pa.string(), pa.large_string()):
         raise CorruptFile(f"{path.name} has no `text` string column (columns: {schema.names})")
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """write(temp) a temp file beside path, then rename it into place: a process killed mid-write leaves the
+    previous file (or none), never half of one that looks whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    write(temp)
+    os.replace(temp, path)
+
+
+def write_bytes_atomically(path: Path, chunks: Iterable[bytes]) -> None:
+    def write(temp: Path) -> None:
+        with open(temp, "wb") as file:
+            file.writelines(chunks)
+
+    write_atomically(path, write)
 
 
 # ----------------------------------------------------------------------------- one file, one attempt

@@ -16,15 +16,15 @@ when a redirect leaves the host, so the CDN never sees it.
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat_flyte.download import DEFAULT_RETRY, CorruptFile, DownloadError, Retry, default_cache_dir, \
-    download_file, get_json
+from nanochat_flyte.download import (DEFAULT_RETRY, CorruptFile, DownloadError, Retry, default_cache_dir,
+                                     download_file, get_json, write_bytes_atomically)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DOWNLOAD_WORKERS = 4  # parquet files of one split fetched at once (SmolTalk's train split has a few)
@@ -86,16 +86,6 @@ def cached_listing(directory: Path, url: str) -> list[str] | None:
     return record["urls"] if record.get("listing_url") == url else None
 
 
-def write_atomically(path: Path, chunks: Iterable[bytes]) -> None:
-    """Write the whole file or nothing (a temp file renamed into place): a killed process never leaves a half
-    file that looks whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as f:
-        f.writelines(chunks)
-    os.replace(temporary, path)
-
-
 def download_split(repo: str, subset: str, split: str, endpoint: str = "", cache_dir: Path | None = None,
                    columns: tuple[str, ...] = (), retry: Retry = DEFAULT_RETRY) -> list[Path]:
     """The split's parquet files, verified, on local disk (in listing order). A file that cannot be had raises
@@ -106,7 +96,8 @@ def download_split(repo: str, subset: str, split: str, endpoint: str = "", cache
     if urls is None:
         urls = parquet_urls(repo, subset, split, endpoint, retry)
         # recorded before the files: a relaunch after a failed file resumes the same listing, asking nothing
-        write_atomically(directory / LISTING_FILE, [json.dumps({"listing_url": url, "urls": urls}, indent=1).encode()])
+        listing = json.dumps({"listing_url": url, "urls": urls}, indent=1).encode()
+        write_bytes_atomically(directory / LISTING_FILE, [listing])
     verify = parquet_verifier(columns)
 
     def fetch(index: int) -> Path:

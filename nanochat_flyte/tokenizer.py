@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
+from nanochat_flyte.config import UserError
+
 EOT = "<|endoftext|>"
 # Reserved for conversations (nanochat's scheme): user and assistant turns, and a python tool's call and output.
 CHAT_SPECIAL_TOKENS = ("<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
@@ -39,7 +41,7 @@ CONFIG_FILE = "tokenizer.json"
 RANKS_FILE = "tokenizer.tiktoken"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer directory or source that cannot give the tokenizer; the message says what to do."""
 
 

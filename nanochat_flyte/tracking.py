@@ -33,6 +33,7 @@ except ImportError:  # W&B is optional where it is off: the GPU acceptance machi
     wandb = None
 
 from nanochat_flyte.config import RunConfig
+from nanochat_flyte.download import write_atomically
 from nanochat_flyte.environment import wandb_key_available
 
 logger = logging.getLogger(__name__)
@@ -75,9 +76,8 @@ def truncate_jsonl(path: Path, last_step: int) -> list[dict[str, Any]]:
     """Keep the lines with step <= last_step, so a run resumed at last_step does not log steps twice."""
     kept = [record for record in read_jsonl(path) if record.get("step", 0) <= last_step]
     if path.exists():
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text("".join(json.dumps(record) + "\n" for record in kept))
-        temporary.replace(path)  # atomic: a crash now leaves the old or the new file, never half of one
+        text = "".join(json.dumps(record) + "\n" for record in kept)
+        write_atomically(path, lambda temp: temp.write_text(text))  # a crash leaves the old file or the new one
     return kept
 
 

@@ -13,7 +13,8 @@ from nanochat_flyte.chat_data import (EVAL_SOURCES, BadRow, arc_question, check_
                                       render_multiple_choice, smoltalk_conversation, strip_calculator_annotations)
 from nanochat_flyte.config import ChatConfig, ConfigError
 from nanochat_flyte.conversation import render_conversation
-from nanochat_flyte.hub import split_cache_dir, write_atomically
+from nanochat_flyte.download import write_bytes_atomically
+from nanochat_flyte.hub import split_cache_dir
 from nanochat_flyte.tokenizer import BPE_SPLIT_PATTERN, gpt2_tokenizer
 from tests.hub_server import HUB_SPLITS, SMOLTALK_SCHEMA, serve_hub, split_path, write_split
 
@@ -289,7 +290,7 @@ def test_an_interrupted_write_leaves_no_file_that_looks_whole(tmp_path):
         raise KeyboardInterrupt  # the task is killed mid-write
 
     with pytest.raises(KeyboardInterrupt):
-        write_atomically(tmp_path / "train.jsonl", lines())
+        write_bytes_atomically(tmp_path / "train.jsonl", lines())
     assert not (tmp_path / "train.jsonl").exists()
 
 # ----------------------------------------------------------------------------- the endpoint check

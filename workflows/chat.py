@@ -102,18 +102,20 @@ def train_chat_model(config: ChatConfig, base_checkpoint: FlyteDirectory, data: 
     return FlyteDirectory(str(checkpoint_dir)), summary
 
 
-# Cached on (checkpoint, evaluation data, settings): evaluating the same checkpoint again costs nothing.
+# Cached on (checkpoint, evaluation data, the settings that change the scores): evaluating the same checkpoint again
+# costs nothing.
 @task(container_image=IMAGE, secret_requests=[WANDB_SECRET], interruptible=True, retries=2, enable_deck=True,
       cache=Cache(version="1", ignored_inputs=("config",)), **TRAINING_RESOURCES)
 @one_line_user_errors
 def evaluate_chat_model(config: ChatConfig, checkpoint: FlyteDirectory, eval_data: FlyteDirectory, tasks: str,
-                        max_per_task: int, humaneval: str) -> dict:
-    """ARC-Easy, ARC-Challenge, MMLU, GSM8K and HumanEval (in the sandbox, where it works), and ChatCORE."""
+                        max_per_task: int, max_tokens: int, seed: int, humaneval: str) -> dict:
+    """ARC-Easy, ARC-Challenge, MMLU, GSM8K and HumanEval (in the sandbox, where it works), and ChatCORE. Every
+    setting that changes the scores is an input of its own (the cache key); `config` brings the rest."""
     export_secret(WANDB_SECRET, "WANDB_API_KEY")
     engine = Engine.from_checkpoint(Path(checkpoint.download()), device=config.device)
     items = read_eval_items(Path(eval_data.download()), ChatConfig(eval_tasks=tasks).eval_task_list)
     result = evaluate_chat(engine, items, max_per_task=max_per_task, batch_size=config.eval_batch_size,
-                           max_tokens=config.eval_max_tokens, humaneval=humaneval, seed=config.seed)
+                           max_tokens=max_tokens, humaneval=humaneval, seed=seed)
     location = checkpoint_location(checkpoint)
     step = read_checkpoint_json(location, TRAINING_STATE_FILE)["steps_completed"]
     sft_config = RunConfig.from_mapping(read_checkpoint_json(location, CONFIG_FILE))
@@ -158,7 +160,7 @@ def fine_tune(config: ChatConfig, base_checkpoint: FlyteDirectory) -> ChatOutput
                                                  environment=environment)
     evaluation = evaluate_chat_model(config=checked, checkpoint=chat_checkpoint, eval_data=eval_data,
                                      tasks=checked.eval_tasks, max_per_task=checked.eval_max_per_task,
-                                     humaneval=checked.humaneval)
+                                     max_tokens=checked.eval_max_tokens, seed=checked.seed, humaneval=checked.humaneval)
     results, report = aggregate_chat_results(config=checked, base_checkpoint=base_checkpoint, training=training,
                                              evaluation=evaluation, checkpoint=chat_checkpoint, environment=environment)
     return ChatOutputs(chat_checkpoint, results, report)
