@@ -32,7 +32,7 @@ from nanochat_flyte.chat_data import load_eval_items, read_jsonl
 from nanochat_flyte.cli import ArgumentParser, run
 from nanochat_flyte.config import CHAT_EVAL_TASKS, ChatConfig, ConfigError
 from nanochat_flyte.conversation import render_prompt
-from nanochat_flyte.device import Precision
+from nanochat_flyte.device import EvalBatches, Precision
 from nanochat_flyte.engine import Engine, SamplingParams
 from nanochat_flyte.report import DECK_STYLE, html_table, markdown_grid
 from nanochat_flyte.sandbox import Limits, execute, sandbox_available
@@ -58,29 +58,28 @@ def letter_token(tokenizer: tiktoken.Encoding, letter: str) -> int:
 
 @torch.inference_mode()
 def choose_letters(model: torch.nn.Module, prompts: list[list[int]], letter_ids: list[list[int]], *,
-                   batch_size: int, device: torch.device, precision: Precision, pad_id: int) -> list[int]:
+                   batches: EvalBatches, device: torch.device, precision: Precision, pad_id: int) -> list[int]:
     """For each prompt, the index (into its letter_ids) of the letter the model scores highest at the prompt's
     last position. Prompts are right-padded into batches: causal attention keeps the padding out of sight."""
-    chosen = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        width = max(map(len, batch))
-        ids = torch.tensor([prompt + [pad_id] * (width - len(prompt)) for prompt in batch], device=device)
+
+    def choose(batch: list[int]) -> list[int]:
+        width = max(len(prompts[i]) for i in batch)
+        ids = torch.tensor([prompts[i] + [pad_id] * (width - len(prompts[i])) for i in batch], device=device)
+        last = torch.zeros_like(ids, dtype=torch.bool)
+        last[torch.arange(len(batch)), torch.tensor([len(prompts[i]) - 1 for i in batch])] = True
         with precision.autocast():
-            logits = model(ids)  # (B, T, V)
-        last_positions = torch.tensor([len(prompt) - 1 for prompt in batch], device=device)
-        last = logits[torch.arange(len(batch), device=device), last_positions]  # (B, V)
-        for scores, letters in zip(last, letter_ids[start:start + batch_size]):
-            chosen.append(int(scores[letters].argmax()))
-    return chosen
+            logits = model(ids, logits_at=last)  # (B, V): one position per row
+        return [int(scores[letter_ids[i]].argmax()) for scores, i in zip(logits, batch)]
+
+    return batches.map(range(len(prompts)), choose)
 
 
-def score_categorical(engine: Engine, items: list[dict], batch_size: int) -> list[bool | None]:
+def score_categorical(engine: Engine, items: list[dict], batches: EvalBatches) -> list[bool | None]:
     """Right or wrong per item; None where the prompt is longer than the model's context."""
     prompts = [render_prompt(engine.tokenizer, item["messages"]) for item in items]
     fits = [index for index, prompt in enumerate(prompts) if len(prompt) <= engine.context]
     letter_ids = [[letter_token(engine.tokenizer, letter) for letter in items[index]["letters"]] for index in fits]
-    chosen = choose_letters(engine.model, [prompts[index] for index in fits], letter_ids, batch_size=batch_size,
+    chosen = choose_letters(engine.model, [prompts[index] for index in fits], letter_ids, batches=batches,
                             device=engine.device, precision=engine.precision, pad_id=engine.tokenizer.eot_token)
     outcomes: list[bool | None] = [None] * len(items)
     for index, choice in zip(fits, chosen):
@@ -90,16 +89,16 @@ def score_categorical(engine: Engine, items: list[dict], batch_size: int) -> lis
 # ------------------------------------------------------------------------------------------- generative
 
 
-def generate(engine: Engine, items: list[dict], *, batch_size: int, max_tokens: int, seed: int) -> list[str | None]:
+def generate(engine: Engine, items: list[dict], *, batches: EvalBatches, max_tokens: int,
+             seed: int) -> list[str | None]:
     """Each item's greedy reply; None where the prompt leaves no room in the model's context."""
     prompts = [render_prompt(engine.tokenizer, item["messages"]) for item in items]
     fits = [index for index, prompt in enumerate(prompts) if len(prompt) < engine.context]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=seed)
+    completions = batches.map(fits, lambda batch: engine.generate_batch([prompts[index] for index in batch], params))
     replies: list[str | None] = [None] * len(items)
-    for start in range(0, len(fits), batch_size):
-        batch = fits[start:start + batch_size]
-        for index, completion in zip(batch, engine.generate_batch([prompts[index] for index in batch], params)):
-            replies[index] = completion.text
+    for index, completion in zip(fits, completions):
+        replies[index] = completion.text
     return replies
 
 
@@ -193,6 +192,7 @@ def evaluate_chat(engine: Engine, items_by_task: dict[str, list[dict]], *, max_p
                                 ("eval_max_tokens", max_tokens, 1)):
         if value < least:
             raise ConfigError(field, f"must be >= {least}, got {value}", "ChatConfig")
+    batches = EvalBatches(batch_size, "chat evaluation")  # shrinks if a batch does not fit on the GPU
     skipped, sandbox = {}, None
     if "humaneval" in items_by_task:
         if reason := humaneval_skip_reason(humaneval):
@@ -207,9 +207,9 @@ def evaluate_chat(engine: Engine, items_by_task: dict[str, list[dict]], *, max_p
             continue
         start = time.perf_counter()
         if TASK_TYPES[task] == CATEGORICAL:
-            outcomes = score_categorical(engine, items, batch_size)
+            outcomes = score_categorical(engine, items, batches)
         else:
-            replies = generate(engine, items, batch_size=batch_size, max_tokens=max_tokens, seed=seed)
+            replies = generate(engine, items, batches=batches, max_tokens=max_tokens, seed=seed)
             outcomes = (score_gsm8k(replies, items) if task == "gsm8k" else
                         score_humaneval(replies, items, workers))
         correct = sum(outcome is True for outcome in outcomes)

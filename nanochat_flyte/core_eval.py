@@ -18,12 +18,16 @@ item), each followed by a blank line, then the item; context and answer are join
 --max-per-task N scores the first N items of a seeded shuffle of each task; their few-shot examples still come from
 the whole task, so every item gets the same prompt as in a full run.
 
-Which tokens are the answer's: BPE may merge the first characters of the continuation with the end of the context,
-so the continuation is not tokenized on its own. We tokenize the prompt without the continuation and the prompt
-with it; the answer span is every token of the latter after their longest common prefix: exactly the tokens whose
-text depends on the continuation. (nanochat does the same for language modeling; for multiple choice it takes the
-common prefix across the choices instead, which also drops leading tokens that all choices share, and for schema
-the common suffix across the contexts: the same span unless the contexts end alike.)
+Which tokens are the answer's: nanochat's rules, so that our scores compare with its published ones. BPE may merge
+the first characters of the continuation with the end of the context, so the continuation is never tokenized on its
+own; the spans come from the whole prompts' tokens:
+- multiple choice: every token after those that all the item's prompts share from the left (the query, and any
+  leading words that all choices share);
+- schema: the tokens that all the item's prompts share from the right (the continuation, and any ending that all
+  contexts share);
+- language modeling: every token of the prompt after its longest common prefix with the prompt without the
+  continuation: exactly the tokens whose text depends on the continuation.
+A span keeps at least its last token (a choice that is a prefix of another would otherwise have none).
 
 A task's accuracy is centered against its random baseline b (percent): (acc - b/100) / (1 - b/100), so 0 is
 chance and 1 is perfect; CORE is the mean of the centered accuracies. GPT-2 (124M) scores about 0.2565.
@@ -57,7 +61,7 @@ import yaml
 from nanochat_flyte.checkpoint import load_model
 from nanochat_flyte.cli import ArgumentParser
 from nanochat_flyte.config import EVAL_BUNDLE_URL, ConfigError, UserError
-from nanochat_flyte.device import Precision, select_device, select_precision
+from nanochat_flyte.device import EvalBatches, Precision, select_device, select_precision
 from nanochat_flyte.download import (CorruptFile, DownloadError, default_cache_dir, download_file, is_http, is_local,
                                      probe)
 from nanochat_flyte.report import html_table, markdown_grid
@@ -390,55 +394,71 @@ class Row:
     start: int
 
 
-def tokenize(tokenizer: tiktoken.Encoding, options: list[tuple[str, str]], context_len: int) -> list[Row]:
-    """Rows of (context, continuation) pairs. Texts are tokenized in one parallel batch (tiktoken releases the
-    GIL); a context shared by several options (the query of a multiple-choice item) is tokenized once."""
-    texts = list(dict.fromkeys(text for context, continuation in options for text in (context, context + continuation)))
-    tokens = dict(zip(texts, tokenizer.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)))
-    bos = [tokenizer.eot_token]  # training documents start with <|endoftext|>
-    rows = []
-    for context, continuation in options:
-        without, full = bos + tokens[context], bos + tokens[context + continuation]
-        start = common_prefix_length(without, full)
-        crop = max(0, len(full) - context_len)  # too long for the model: drop the oldest tokens
-        # a continuation longer than the whole context keeps only its last tokens (start 0 has no prediction)
-        rows.append(Row(full[crop:], max(1, start - crop)))
-    return rows
+def encode(tokenizer: tiktoken.Encoding, texts: list[str]) -> dict[str, list[int]]:
+    """Each distinct text's tokens after <|endoftext|> (training documents start with it), in one parallel batch
+    (tiktoken releases the GIL)."""
+    texts = list(dict.fromkeys(texts))
+    encoded = tokenizer.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+    return {text: [tokenizer.eot_token] + tokens for text, tokens in zip(texts, encoded)}
+
+
+def answer_starts(task_type: str, prompts: list[list[int]], contexts: list[list[int]]) -> list[int]:
+    """Where each prompt's answer span starts (the rules are in the module docstring); contexts, the prompts
+    without their continuation, are needed for language modeling only."""
+    if task_type == "multiple_choice":
+        shared = min(common_prefix_length(prompts[0], prompt) for prompt in prompts)
+        starts = [shared] * len(prompts)
+    elif task_type == "schema":
+        shared = min(common_prefix_length(prompts[0][::-1], prompt[::-1]) for prompt in prompts)
+        starts = [len(prompt) - shared for prompt in prompts]
+    else:
+        starts = [common_prefix_length(context, prompt) for context, prompt in zip(contexts, prompts)]
+    # at least the last token; never the first (nothing predicts it)
+    return [max(1, min(start, len(prompt) - 1)) for start, prompt in zip(starts, prompts)]
+
+
+def cropped(tokens: list[int], start: int, context_len: int) -> Row:
+    """A prompt longer than the model's context loses its oldest tokens. An answer longer than the whole context
+    keeps only its last tokens, after a first one that only predicts."""
+    crop = max(0, len(tokens) - context_len)
+    return Row(tokens[crop:], max(1, start - crop))
 
 
 # ----------------------------------------------------------------------------- scoring
 
 
 @torch.inference_mode()
-def score_rows(model: nn.Module, rows: list[Row], *, batch_size: int, pad_token: int, device: torch.device,
+def score_rows(model: nn.Module, rows: list[Row], *, batches: EvalBatches, pad_token: int, device: torch.device,
                precision: Precision) -> tuple[list[float], list[bool]]:
     """For each row: the mean loss (nats) of its answer tokens, and whether the argmax predicted every one."""
-    mean_losses, exact = [0.0] * len(rows), [False] * len(rows)
-    order = sorted(range(len(rows)), key=lambda r: len(rows[r].tokens), reverse=True)  # longest (OOM) first
-    for batch in batched(order, batch_size):
+
+    def score(batch: list[int]) -> list[tuple[float, bool]]:
         lengths = [len(rows[r].tokens) for r in batch]
         inputs = torch.full((len(batch), lengths[0]), pad_token, dtype=torch.long)
         for i, r in enumerate(batch):
             inputs[i, :lengths[i]] = torch.tensor(rows[r].tokens)
         inputs = inputs.to(device)
-        with precision.autocast():
-            logits = model(inputs)
         # position p predicts token p + 1: the answer tokens start..length-1 are predicted at start-1..length-2
-        positions = torch.arange(lengths[0] - 1, device=device)
+        positions = torch.arange(lengths[0], device=device)
         starts = torch.tensor([rows[r].start for r in batch], device=device)
         ends = torch.tensor(lengths, device=device)
         in_span = (positions >= starts[:, None] - 1) & (positions < ends[:, None] - 1)
-        span_logits = logits[:, :-1][in_span].float()  # (answer tokens in the batch, vocab): a small slice
-        targets = inputs[:, 1:][in_span]
+        with precision.autocast():
+            span_logits = model(inputs, logits_at=in_span)  # (answer tokens in the batch, vocab)
+        targets = inputs[:, 1:][in_span[:, :-1]]  # the last position predicts nothing: never in a span
         losses = F.cross_entropy(span_logits, targets, reduction="none")
         misses = (span_logits.argmax(dim=-1) != targets).float()
         which_row = in_span.nonzero()[:, 0]
-        counts = in_span.sum(dim=1)
         loss_sums = torch.zeros(len(batch), device=device).index_add_(0, which_row, losses)
         miss_counts = torch.zeros(len(batch), device=device).index_add_(0, which_row, misses)
-        for i, (loss, missed) in enumerate(zip((loss_sums / counts).tolist(), miss_counts.tolist())):
-            mean_losses[batch[i]], exact[batch[i]] = loss, missed == 0
-    return mean_losses, exact
+        mean_losses = (loss_sums / in_span.sum(dim=1)).tolist()
+        return [(loss, missed == 0) for loss, missed in zip(mean_losses, miss_counts.tolist())]
+
+    order = sorted(range(len(rows)), key=lambda r: len(rows[r].tokens), reverse=True)  # longest (OOM) first
+    scores = [None] * len(rows)
+    for r, row_score in zip(order, batches.map(order, score)):
+        scores[r] = row_score
+    return [loss for loss, _ in scores], [exact for _, exact in scores]
 
 
 def is_correct(task: CoreTask, index: int, scores: list[tuple[float, bool]]) -> bool:
@@ -452,15 +472,20 @@ def is_correct(task: CoreTask, index: int, scores: list[tuple[float, bool]]) -> 
 def item_rows(tokenizer: tiktoken.Encoding, task: CoreTask, indices: list[int], context_len: int) -> list[list[Row]]:
     """The rows of each item (one per answer option), tokenized in one batch."""
     options = [render(task, index) for index in indices]
-    rows = tokenize(tokenizer, [pair for item in options for pair in item], context_len)
-    starts = [0]
+    language_modeling = task.task_type == "language_modeling"
+    tokens = encode(tokenizer, [text for item in options for context, continuation in item
+                                for text in ([context] if language_modeling else []) + [context + continuation]])
+    rows = []
     for item in options:
-        starts.append(starts[-1] + len(item))
-    return [rows[first:last] for first, last in zip(starts, starts[1:])]
+        prompts = [tokens[context + continuation] for context, continuation in item]
+        contexts = [tokens[context] for context, _ in item] if language_modeling else []
+        starts = answer_starts(task.task_type, prompts, contexts)
+        rows.append([cropped(prompt, start, context_len) for prompt, start in zip(prompts, starts)])
+    return rows
 
 
 def score_task(model: nn.Module, tokenizer: tiktoken.Encoding, task: CoreTask, indices: list[int], *,
-               batch_size: int, context_len: int, device: torch.device, precision: Precision) -> list[bool]:
+               batches: EvalBatches, context_len: int, device: torch.device, precision: Precision) -> list[bool]:
     """Whether the model answers each item of `indices` correctly. While the model scores one chunk of items, a
     thread tokenizes the next."""
     results: list[bool] = []
@@ -472,7 +497,7 @@ def score_task(model: nn.Module, tokenizer: tiktoken.Encoding, task: CoreTask, i
             if number + 1 < len(chunks):
                 upcoming = pool.submit(item_rows, tokenizer, task, chunks[number + 1], context_len)
             rows = [row for item in rows_per_item for row in item]
-            scores = iter(zip(*score_rows(model, rows, batch_size=batch_size, pad_token=tokenizer.eot_token,
+            scores = iter(zip(*score_rows(model, rows, batches=batches, pad_token=tokenizer.eot_token,
                                           device=device, precision=precision)))
             results += [is_correct(task, index, [next(scores) for _ in item])
                         for index, item in zip(chunk, rows_per_item)]
@@ -508,8 +533,7 @@ def evaluate_core(model: nn.Module, tokenizer: tiktoken.Encoding, bundle: Bundle
     """
     if max_per_task is not None and max_per_task < 1:
         raise ValueError(f"max_per_task must be >= 1 (or None for every example), got {max_per_task}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batches = EvalBatches(batch_size, "CORE")  # shrinks if a batch does not fit on the GPU
     device = device or next(model.parameters()).device
     precision = precision or select_precision(device)
     context_len = context_len or model.config.sequence_len
@@ -524,7 +548,7 @@ def evaluate_core(model: nn.Module, tokenizer: tiktoken.Encoding, bundle: Bundle
         for task in bundle.tasks:
             task_start = time.perf_counter()
             indices = task_subset(task, max_per_task)
-            correct = sum(score_task(model, tokenizer, task, indices[rank::world_size], batch_size=batch_size,
+            correct = sum(score_task(model, tokenizer, task, indices[rank::world_size], batches=batches,
                                      context_len=context_len, device=device, precision=precision))
             if world_size > 1:
                 counts = torch.tensor([correct], dtype=torch.int64, device=device)

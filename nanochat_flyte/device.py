@@ -1,4 +1,5 @@
-"""Which device to train on, in which precision, and how close to the hardware's peak it runs (MFU).
+"""Which device to train on, in which precision, how close to the hardware's peak it runs (MFU), and evaluation
+batches that shrink to fit the device's memory.
 
 Precision follows the hardware: bf16 autocast from Ampere (compute capability 8.0) on; fp16 autocast with
 a GradScaler below it (T4, V100: no bf16 tensor cores); plain float32 on CPU and Apple MPS.
@@ -6,6 +7,7 @@ a GradScaler below it (T4, V100: no bf16 tensor cores); plain float32 on CPU and
 
 import re
 import warnings
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -108,3 +110,32 @@ def mfu(flops_per_token: float, tokens_per_sec: float, peak: float | None) -> fl
     if peak is None:
         return None
     return flops_per_token * tokens_per_sec / peak
+
+
+class EvalBatches:
+    """Evaluation in batches of `size` items, with an out-of-memory fallback: a batch that does not fit on the GPU
+    (a CUDA out-of-memory error) is retried at half the size, which then holds for the rest of the evaluation.
+    Evaluation results never depend on the batch size, only its speed does; training has its own fallback, which
+    keeps the total batch (train.py)."""
+
+    def __init__(self, size: int, what: str = "evaluation"):
+        if size < 1:
+            raise ValueError(f"{what} batch size must be >= 1, got {size}")
+        self.size, self.what = size, what
+
+    def map(self, items: Sequence, work: Callable[[Sequence], list]) -> list:
+        """work(batch) for consecutive batches of items: its results (one per item), concatenated."""
+        results: list = []
+        while len(results) < len(items):
+            try:
+                results += work(items[len(results):len(results) + self.size])
+                continue
+            except torch.cuda.OutOfMemoryError as error:
+                if self.size == 1:
+                    raise RuntimeError(f"CUDA out of memory in {self.what} at batch size 1: the model's "
+                                       "activations for one sequence do not fit") from error
+            # out of the except block: the error's frames, and the tensors they held, are released
+            self.size //= 2
+            torch.cuda.empty_cache()
+            print(f"{self.what}: CUDA out of memory; continuing at batch size {self.size}", flush=True)
+        return results

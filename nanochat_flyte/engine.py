@@ -169,8 +169,10 @@ class Batch:
     def _logits(self, ids: list[list[int]], cache: KVCache) -> torch.Tensor:
         """The next-token logits (B, V) after feeding ids (B rows of equal length) into cache."""
         inputs = torch.tensor(ids, dtype=torch.long, device=self.engine.device)
+        last = torch.zeros_like(inputs, dtype=torch.bool)
+        last[:, -1] = True  # a prompt's prefill needs the logits of its last position only
         with self.engine.precision.autocast():
-            return self.engine.model(inputs, kv_cache=cache)[:, -1, :]
+            return self.engine.model(inputs, kv_cache=cache, logits_at=last)
 
     @staticmethod
     def _sample(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:

@@ -240,9 +240,12 @@ class GPT(nn.Module):
             nn.init.zeros_(block.mlp.c_proj.weight)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean",
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+                kv_cache: KVCache | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) -> logits (B, T, vocab_size), or with targets the cross-entropy loss ("mean", "sum",
-        or "none" for per-token losses shaped like targets; targets of -1 are ignored)."""
+        or "none" for per-token losses shaped like targets; targets of -1 are ignored).
+        logits_at, a (B, T) bool mask: only the logits of those positions, (N, vocab_size) in row-major order.
+        Evaluation and decoding need a few positions, and at every position the logits would be the largest
+        tensor of the forward (16 x 512 x 50,257 floats: 1.6 GB) and lm_head about half of a d8 model's FLOPs."""
         T = idx.size(1)
         if kv_cache is None:
             positions = torch.arange(T, dtype=torch.float32, device=idx.device)[None, :]
@@ -254,8 +257,12 @@ class GPT(nn.Module):
             x = block(x, cos, sin, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
+        x = norm(x)
+        if logits_at is not None:
+            assert targets is None, "logits_at selects logits; the loss needs them all"
+            x = x[logits_at]
         # Drop the padding columns, then softcap and score in float32 whatever the autocast dtype.
-        logits = self.lm_head(norm(x))[..., :self.config.vocab_size].float()
+        logits = self.lm_head(x)[..., :self.config.vocab_size].float()
         logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
         if targets is None:
             return logits

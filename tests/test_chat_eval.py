@@ -18,7 +18,7 @@ from nanochat_flyte.chat_eval import (CHANCE, centered, chat_metrics, chat_table
 from nanochat_flyte.cli import run
 from nanochat_flyte.config import CHAT_EVAL_TASKS, ConfigError
 from nanochat_flyte.conversation import render_prompt
-from nanochat_flyte.device import select_precision
+from nanochat_flyte.device import EvalBatches, select_precision
 from nanochat_flyte.engine import Engine
 from nanochat_flyte.model import GPT, GPTConfig
 from nanochat_flyte.tokenizer import gpt2_tokenizer
@@ -73,8 +73,9 @@ class LetterScores(torch.nn.Module):
                 for letter_id, score in scores.items():
                     self.table.weight[token, letter_id] = score
 
-    def forward(self, idx):
-        return self.table(idx).cumsum(dim=1)
+    def forward(self, idx, logits_at=None):  # logits_at as GPT.forward takes it
+        logits = self.table(idx).cumsum(dim=1)
+        return logits if logits_at is None else logits[logits_at]
 
 
 def multiple_choice_item(question: str, letters: str, answer: str) -> dict:
@@ -103,8 +104,8 @@ def test_categorical_reads_each_prompts_last_position_and_only_its_letters(token
     letter_ids = [[letter_token(tokenizer, letter) for letter in item["letters"]] for item in items]
     expected = [1, 2, 4, 1]
     for batch_size in (1, 2, 4):
-        assert choose_letters(model, prompts, letter_ids, batch_size=batch_size, device=CPU, precision=FLOAT32,
-                              pad_id=tokenizer.eot_token) == expected
+        assert choose_letters(model, prompts, letter_ids, batches=EvalBatches(batch_size), device=CPU,
+                              precision=FLOAT32, pad_id=tokenizer.eot_token) == expected
 
 
 def small_gpt(tokenizer, sequence_len: int = 512, seed: int = 0) -> GPT:
@@ -132,13 +133,13 @@ def test_categorical_batches_score_as_one_item_at_a_time(hub_server, tokenizer):
         one_at_a_time.append(chosen == item["answer"])
     assert len(set(one_at_a_time)) == 2  # the model gets some right and some wrong: the comparison means something
     for batch_size in (3, 10):
-        assert score_categorical(engine, items, batch_size) == one_at_a_time
+        assert score_categorical(engine, items, EvalBatches(batch_size)) == one_at_a_time
 
 
 def test_a_prompt_longer_than_the_context_counts_as_wrong(hub_server, tokenizer):
     items = load_eval_items("arc_easy")[:3]
     engine = Engine(small_gpt(tokenizer, sequence_len=16), tokenizer, FLOAT32, "chat")
-    assert score_categorical(engine, items, 8) == [None, None, None]
+    assert score_categorical(engine, items, EvalBatches(8)) == [None, None, None]
 
 # ------------------------------------------------------------------------------------------- HumanEval
 

@@ -18,10 +18,11 @@ import yaml
 from helpers import make_data_dir, tiny_config
 
 from nanochat_flyte.config import ConfigError
-from nanochat_flyte.core_eval import (BundleError, centered_accuracy, check_bundle_url, core_log_metrics, core_table,
-                                      core_table_html, core_table_markdown, evaluate_core, fewshot_indices, load_bundle,
-                                      main, render, score_rows, score_task, task_subset, tokenize)
-from nanochat_flyte.device import Precision
+from nanochat_flyte.core_eval import (BundleError, CoreTask, answer_starts, centered_accuracy, check_bundle_url,
+                                      core_log_metrics, core_table, core_table_html, core_table_markdown, evaluate_core,
+                                      fewshot_indices, item_rows, load_bundle, main, render, score_rows, score_task,
+                                      task_subset)
+from nanochat_flyte.device import EvalBatches, Precision
 from nanochat_flyte.download import DownloadError
 from nanochat_flyte.model import GPT, GPTConfig
 from nanochat_flyte.tokenizer import gpt2_tokenizer, load_tokenizer, save_tokenizer, train_bpe
@@ -188,13 +189,14 @@ class BigramModel(nn.Module):
         with torch.no_grad():
             self.table[ord(previous)] = row.log()
 
-    def forward(self, idx):
-        return self.table[idx]
+    def forward(self, idx, logits_at=None):  # logits_at as GPT.forward takes it
+        logits = self.table[idx]
+        return logits if logits_at is None else logits[logits_at]
 
 
 def scores(model, task, index):
-    rows = tokenize(byte_tokenizer(), render(task, index), model.config.sequence_len)
-    return score_rows(model, rows, batch_size=4, pad_token=256, device=CPU, precision=FP32)
+    rows = item_rows(byte_tokenizer(), task, [index], model.config.sequence_len)[0]
+    return score_rows(model, rows, batches=EvalBatches(4), pad_token=256, device=CPU, precision=FP32)
 
 
 HAND_TASKS = (
@@ -215,7 +217,8 @@ HAND_EXAMPLES = {
 @pytest.fixture
 def hand_model():
     model = BigramModel()
-    # multiple choice: " ab" costs 1 + 3 + 1 bits (sum 5, mean 5/3); " cdef" 1 + 2 + 1 + 1 + 1 (sum 6, mean 6/5)
+    # multiple choice: the space is shared by both prompts, so it is not scored: "ab" costs 3 + 1 bits (sum 4,
+    # mean 2); "cdef" 2 + 1 + 1 + 1 (sum 5, mean 5/4)
     model.set("Q", {" ": 1 / 2})
     model.set(" ", {"a": 1 / 8, "c": 1 / 4})
     model.set("a", {"b": 1 / 2})
@@ -239,8 +242,8 @@ def hand_bundle(tmp_path):
 def test_multiple_choice_picks_the_lowest_mean_loss_not_the_lowest_sum(hand_model, hand_bundle):
     task = hand_bundle.tasks[0]
     mean_losses, _ = scores(hand_model, task, 0)
-    assert mean_losses == pytest.approx([5 / 3 * LN2, 6 / 5 * LN2])  # sums 5 and 6 bits: "ab" has the lower sum
-    assert score_task(hand_model, byte_tokenizer(), task, [0, 1], batch_size=3, context_len=64, device=CPU,
+    assert mean_losses == pytest.approx([2 * LN2, 5 / 4 * LN2])  # sums 4 and 5 bits: "ab" has the lower sum
+    assert score_task(hand_model, byte_tokenizer(), task, [0, 1], batches=EvalBatches(3), context_len=64, device=CPU,
                       precision=FP32) == [True, False]  # "cdef" is the answer: right for gold 1, wrong for gold 0
 
 
@@ -249,14 +252,14 @@ def test_schema_scores_only_the_continuation_under_each_context(hand_model, hand
     mean_losses, _ = scores(hand_model, task, 0)
     c_after_space = -math.log(1 / 4)  # the same under both contexts
     assert mean_losses == pytest.approx([(-math.log(0.9) + c_after_space) / 2, (-math.log(0.1) + c_after_space) / 2])
-    assert score_task(hand_model, byte_tokenizer(), task, [0, 1], batch_size=3, context_len=64, device=CPU,
+    assert score_task(hand_model, byte_tokenizer(), task, [0, 1], batches=EvalBatches(3), context_len=64, device=CPU,
                       precision=FP32) == [True, False]
 
 
 def test_language_modeling_needs_every_continuation_token(hand_model, hand_bundle):
     task = hand_bundle.tasks[2]
     assert [scores(hand_model, task, index)[1] for index in range(3)] == [[True], [False], [True]]
-    rows = tokenize(byte_tokenizer(), render(task, 1), 64)
+    rows = item_rows(byte_tokenizer(), task, [1], 64)[0]
     assert bytes(rows[0].tokens[1:]).decode() == "ab ce"  # the context's trailing space is stripped
     assert bytes(rows[0].tokens[rows[0].start:]).decode() == " ce"
 
@@ -279,12 +282,12 @@ def test_centered_accuracy_and_core_arithmetic(hand_model, hand_bundle):
 
 def test_a_long_prompt_loses_tokens_from_the_left(hand_model, hand_bundle):
     task = hand_bundle.tasks[0]
-    full = tokenize(byte_tokenizer(), render(task, 0), 64)
-    cropped = tokenize(byte_tokenizer(), render(task, 0), 6)  # <|endoftext|>Q cdef is 7 tokens: one too many
+    full = item_rows(byte_tokenizer(), task, [0], 64)[0]
+    cropped = item_rows(byte_tokenizer(), task, [0], 6)[0]  # <|endoftext|>Q cdef is 7 tokens: one too many
     assert [len(row.tokens) for row in full] == [5, 7] and [len(row.tokens) for row in cropped] == [5, 6]
     for whole, short in zip(full, cropped):
         assert short.tokens == whole.tokens[-6:] and short.tokens[short.start:] == whole.tokens[whole.start:]
-    cropped = tokenize(byte_tokenizer(), render(task, 0), 3)  # " cdef" is longer than the whole context:
+    cropped = item_rows(byte_tokenizer(), task, [0], 3)[0]  # " cdef" is longer than the whole context:
     assert [row.tokens for row in cropped] == [list(b" ab"), list(b"def")]  # what fits is scored, after a first
     assert [row.start for row in cropped] == [1, 1]  # token that only predicts
 
@@ -307,17 +310,38 @@ def test_fewshot_examples_are_other_items_chosen_the_same_way_every_time(bundle_
     assert len({tuple(fewshot_indices(12, index, 3)) for index in range(12)}) > 1  # not one fixed set
 
 
-def test_answer_spans_decode_to_the_continuation_with_gpt2_and_bpe(bundle_dir, bpe):
+def test_answer_spans_follow_nanochat_rules():
+    # multiple choice: choices that start alike (" the cat", " the dog") are scored on what differs
+    assert answer_starts("multiple_choice", [[0, 1, 2, 3], [0, 1, 2, 4, 5]], []) == [3, 3]
+    # ... and a choice that is a prefix of another keeps its last token
+    assert answer_starts("multiple_choice", [[0, 1, 2], [0, 1, 2, 3]], []) == [2, 3]
+    # schema: the continuation [8, 9], and the ending [7] that both contexts share
+    assert answer_starts("schema", [[0, 5, 7, 8, 9], [0, 6, 6, 7, 8, 9]], []) == [2, 3]
+    # language modeling: what follows the common prefix, here with the context's last token merged into another
+    assert answer_starts("language_modeling", [[0, 1, 2, 3], [0, 1, 4]], [[0, 1, 2], [0, 1, 9]]) == [3, 2]
+
+
+def test_answer_spans_with_gpt2_and_bpe(bundle_dir, bpe):
     bundle = load_bundle(bundle_dir)
     for tokenizer in (gpt2_tokenizer(), bpe):
         for task in bundle.tasks:
-            for index in range(len(task.examples)):
+            indices = list(range(len(task.examples)))
+            for index, rows in zip(indices, item_rows(tokenizer, task, indices, 10_000)):
                 options = render(task, index)
-                for (context, continuation), row in zip(options, tokenize(tokenizer, options, 10_000)):
+                for (context, continuation), row in zip(options, rows):
                     assert row.tokens[0] == tokenizer.eot_token
                     assert tokenizer.decode(row.tokens[1:]) == context + continuation
-                    assert tokenizer.decode(row.tokens[row.start:]).endswith(continuation.strip())
-                    assert context.startswith(tokenizer.decode(row.tokens[1:row.start]))
+                    assert 1 <= row.start < len(row.tokens)
+                    if task.task_type == "multiple_choice":  # what precedes the span is the same in every row
+                        assert continuation.endswith(tokenizer.decode(row.tokens[row.start:]))
+                        assert {tuple(other.tokens[:row.start]) for other in rows} == {tuple(row.tokens[:row.start])}
+                    else:  # the span holds the whole continuation
+                        assert tokenizer.decode(row.tokens[row.start:]).endswith(continuation.strip())
+    tokenizer = gpt2_tokenizer()
+    task = CoreTask("mc", "multiple_choice", 0, " ", 25.0,
+                    ({"query": "Q:", "choices": ["the cat", "the dog"], "gold": 0},))
+    rows = item_rows(tokenizer, task, [0], 100)[0]
+    assert [tokenizer.decode(row.tokens[row.start:]) for row in rows] == [" cat", " dog"]
 
 
 def test_max_per_task_takes_the_same_seeded_subset_every_time(bundle_dir):
@@ -350,11 +374,11 @@ def bpe():
 def test_batched_scoring_matches_one_row_at_a_time(bundle_dir, bpe):
     bundle, tokenizer = load_bundle(bundle_dir), bpe
     model = random_gpt(tokenizer.n_vocab)
-    rows = [row for task in bundle.tasks for index in range(len(task.examples))
-            for row in tokenize(tokenizer, render(task, index), 48)]
+    rows = [row for task in bundle.tasks for item in item_rows(tokenizer, task, list(range(len(task.examples))), 48)
+            for row in item]
     assert max(len(row.tokens) for row in rows) == 48 > min(len(row.tokens) for row in rows)  # cropped and padded
-    one = score_rows(model, rows, batch_size=1, pad_token=tokenizer.eot_token, device=CPU, precision=FP32)
-    batched = score_rows(model, rows, batch_size=7, pad_token=tokenizer.eot_token, device=CPU, precision=FP32)
+    one = score_rows(model, rows, batches=EvalBatches(1), pad_token=tokenizer.eot_token, device=CPU, precision=FP32)
+    batched = score_rows(model, rows, batches=EvalBatches(7), pad_token=tokenizer.eot_token, device=CPU, precision=FP32)
     assert batched[0] == pytest.approx(one[0], rel=1e-5) and batched[1] == one[1]
     single = evaluate_core(model, tokenizer, bundle, batch_size=1)
     together = evaluate_core(model, tokenizer, bundle, batch_size=16)

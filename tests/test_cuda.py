@@ -10,8 +10,9 @@ import pytest
 import torch
 from helpers import make_data_dir, tiny_config
 
+from nanochat_flyte.core_eval import Row, score_rows
 from nanochat_flyte.dataloader import TokenLoader, shard_files
-from nanochat_flyte.device import select_precision
+from nanochat_flyte.device import EvalBatches, select_precision
 from nanochat_flyte.engine import Engine, SamplingParams
 from nanochat_flyte.model import GPT, GPTConfig
 from nanochat_flyte.optim import build_optimizers
@@ -199,6 +200,42 @@ def test_a_real_out_of_memory_error_halves_the_device_batch_and_keeps_the_total_
     assert summary["tokens_seen"] == 2 * 8 * 512  # the optimizer still saw the whole batch each step
     losses = [row["train/loss"] for row in read_metrics(tmp_path) if "train/loss" in row]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+
+
+def scored_with_peak(model: GPT, rows: list[Row], batches: EvalBatches) -> tuple[tuple, int]:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    scores = score_rows(model, rows, batches=batches, pad_token=0, device=CUDA,
+                        precision=select_precision(CUDA, "float32"))
+    torch.cuda.synchronize()
+    return scores, torch.cuda.max_memory_reserved()
+
+
+def test_a_real_out_of_memory_error_in_evaluation_halves_the_batch_and_scores_the_same(capsys):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_depth(2, VOCAB_SIZE, 512)).to(CUDA)
+    model.init_weights()
+    with torch.no_grad():  # the zero-initialised head and projections would make every loss equal
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    # 64 rows with 256-token answer spans: the span logits alone are 64 x 256 x 50,257 floats (3.3 GB), so memory
+    # grows with the batch in steps of ~50 MB a row
+    rows = [Row(torch.randint(VOCAB_SIZE, (512,)).tolist(), start=256) for _ in range(64)]
+    expected, peak_at_4 = scored_with_peak(model, rows, EvalBatches(4))
+    _, peak_at_64 = scored_with_peak(model, rows, EvalBatches(64))
+    cap = peak_at_4 + (peak_at_64 - peak_at_4) // 4  # room for about 16 rows, not for 32 or 64
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(CUDA).total_memory)
+    try:
+        batches = EvalBatches(64, "CORE")
+        losses, exact = scored_with_peak(model, rows, batches)[0]
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert "CORE: CUDA out of memory; continuing at batch size 32" in capsys.readouterr().out
+    assert 4 <= batches.size < 64
+    assert losses == pytest.approx(expected[0], rel=1e-3) and exact == expected[1]
 
 
 def greedy_without_cache(model: GPT, prompt: list[int], max_tokens: int, stop_ids: frozenset[int]) -> list[int]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nanochat_flyte.config import ConfigError
-from nanochat_flyte.device import Precision, mfu, peak_flops, select_device, select_precision
+from nanochat_flyte.device import EvalBatches, Precision, mfu, peak_flops, select_device, select_precision
 from nanochat_flyte.model import GPT, GPTConfig
 
 
@@ -108,3 +108,26 @@ def test_float32_peak_depends_on_tf32(monkeypatch):
 def test_mfu():
     assert mfu(flops_per_token=1e9, tokens_per_sec=13e3, peak=65e12) == pytest.approx(0.2)
     assert mfu(1e9, 65e3, peak_flops("cpu", torch.float32)) is None
+
+
+def test_eval_batches_shrink_after_an_out_of_memory_error_and_stay_shrunk(capsys):
+    seen = []
+
+    def square(batch):  # "out of memory" beyond 3 items, as a GPU would be
+        seen.append(len(batch))
+        if len(batch) > limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [item * item for item in batch]
+
+    limit = 3
+    batches = EvalBatches(8, "CORE")
+    assert batches.map(range(10), square) == [item * item for item in range(10)]
+    assert batches.map(range(4), square) == [0, 1, 4, 9]  # a later evaluation starts at the size that fitted
+    assert seen == [8, 4] + [2] * 5 + [2] * 2  # 10 items, then 4, two at a time
+    assert capsys.readouterr().out.splitlines() == ["CORE: CUDA out of memory; continuing at batch size 4",
+                                                    "CORE: CUDA out of memory; continuing at batch size 2"]
+    limit = 0  # not even one item fits: there is no smaller batch to try
+    with pytest.raises(RuntimeError, match="CUDA out of memory in chat evaluation at batch size 1"):
+        EvalBatches(2, "chat evaluation").map([1, 2, 3, 4], square)
+    with pytest.raises(ValueError, match="CORE batch size must be >= 1, got 0"):
+        EvalBatches(0, "CORE")

@@ -88,6 +88,19 @@ def test_causal_future_tokens_do_not_change_past_logits():
     torch.testing.assert_close(model(idx)[:, :8], model(changed)[:, :8])
 
 
+def test_logits_at_selects_positions_in_row_major_order():
+    model = build()
+    randomize(model)
+    idx = torch.randint(0, TINY.vocab_size, (3, 10))
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    mask[0, 2], mask[0, 9], mask[2, 0] = True, True, True
+    selected = model(idx, logits_at=mask)
+    assert selected.shape == (3, TINY.vocab_size)
+    torch.testing.assert_close(selected, model(idx)[mask])
+    with pytest.raises(AssertionError, match="the loss needs them all"):
+        model(idx, idx, logits_at=mask)
+
+
 def test_fp16_and_bf16_autocast_keep_loss_in_float32():
     model = build()
     idx = torch.randint(0, TINY.vocab_size, (2, 8))
