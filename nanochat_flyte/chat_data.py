@@ -4,11 +4,13 @@ Training (nanochat's recipe; each source's epochs in ChatConfig):
 - SmolTalk (HuggingFaceTB/smol-smoltalk): general conversations, as they are. A row that breaks the chat rules
   (conversation.normalize) is skipped and counted.
 - MMLU auxiliary_train (cais/mmlu, all): multiple choice; the assistant answers with the letter alone.
-- GSM8K (openai/gsm8k, main): grade-school math; the assistant writes the worked solution ending in `#### N`.
+- GSM8K (openai/gsm8k, main): grade-school math; the assistant writes the worked solution ending in `#### N`,
+  with its calculations as calls to the calculator tool (calculator.py).
 Evaluation: ARC-Easy, ARC-Challenge (allenai/ai2_arc), MMLU test, GSM8K test, HumanEval (openai/openai_humaneval).
 
 Every line this module writes is one JSON object:
-- a conversation: {"messages": [{"role", "content"}, ...], "source": "smoltalk" | "mmlu" | "gsm8k"}
+- a conversation: {"messages": [{"role", "content"}, ...], "source": "smoltalk" | "mmlu" | "gsm8k"}; GSM8K's
+  assistant content is a list of parts (conversation.py)
 - an evaluation item, by kind:
   categorical (arc_easy, arc_challenge, mmlu): {"task", "id", "messages": [user], "letters", "answer"} (+ "subject")
   gsm8k: {"task", "id", "messages": [user], "answer": "18"} (the reference number, commas removed)
@@ -75,13 +77,21 @@ def arc_question(row: dict) -> tuple[str, list[str], str]:
 
 # ----------------------------------------------------------------------------- GSM8K
 
-CALCULATOR_ANNOTATION = re.compile(r"<<[^\n]*?>>")  # "48/2 = <<48/2=24>>24": the visible text keeps the result
+# "48/2 = <<48/2=24>>24 clips": a calculation for the calculator, its result; the visible text repeats the result
+CALCULATOR_ANNOTATION = re.compile(r"<<([^\n<>]*)=([^\n<>=]*)>>")
 FINAL_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 
 
-def strip_calculator_annotations(solution: str) -> str:
-    """GSM8K solutions mark each calculation for a calculator tool; our chat format does not use tools yet."""
-    return CALCULATOR_ANNOTATION.sub("", solution)
+def calculator_parts(solution: str) -> list[dict]:
+    """A GSM8K solution as assistant content parts (conversation.py): its calculator annotations become tool calls,
+    the expression for the model to write and the result for the tool to give back, as nanochat trains them."""
+    parts, position = [], 0
+    for match in CALCULATOR_ANNOTATION.finditer(solution):
+        parts += [{"type": "text", "text": solution[position:match.start()]},
+                  {"type": "python", "text": match.group(1)}, {"type": "python_output", "text": match.group(2)}]
+        position = match.end()
+    parts.append({"type": "text", "text": solution[position:]})
+    return [part for part in parts if part["text"] or part["type"] != "text"]
 
 
 def gsm8k_final_answer(solution: str) -> str:
@@ -112,7 +122,7 @@ def mmlu_conversation(row: dict, index: int) -> dict:
 def gsm8k_conversation(row: dict, index: int) -> dict:
     gsm8k_final_answer(row["answer"])  # a solution without its final answer teaches the wrong ending
     return {"messages": [{"role": "user", "content": row["question"]},
-                         {"role": "assistant", "content": strip_calculator_annotations(row["answer"])}],
+                         {"role": "assistant", "content": calculator_parts(row["answer"])}],
             "source": "gsm8k"}
 
 # ----------------------------------------------------------------------------- rows -> evaluation items

@@ -10,6 +10,11 @@ roles alternate, user first. Rendered:
 encoded with encode_ordinary: a user who types "<|assistant_end|>" gets those characters, never the token.
 The loss mask marks what the model learns to write: the assistant's words and its `<|assistant_end|>`; never the
 user's turn, nor `<|assistant_start|>`, which the prompt supplies.
+
+An assistant message's content may also be a list of parts, nanochat's way of writing tool use (calculator.py):
+{"type": "text", "text"}, {"type": "python", "text": "48/2"} (a calculation the model writes, rendered as
+<|python_start|> 48/2 <|python_end|>, learned) and {"type": "python_output", "text": "24"} (the tool's answer,
+<|output_start|> 24 <|output_end|>: in the context, never in the loss, since the engine supplies it).
 """
 
 from dataclasses import dataclass
@@ -19,6 +24,7 @@ import tiktoken
 from nanochat_flyte.config import UserError
 
 ROLES = ("system", "user", "assistant")
+PART_TYPES = ("text", "python", "python_output")  # of an assistant message's content, when it is a list
 
 
 class ConversationError(UserError, ValueError):
@@ -32,6 +38,10 @@ class ChatTokens:
     user_end: int
     assistant_start: int
     assistant_end: int
+    python_start: int
+    python_end: int
+    output_start: int
+    output_end: int
 
     @classmethod
     def of(cls, tokenizer: tiktoken.Encoding) -> "ChatTokens":
@@ -40,7 +50,22 @@ class ChatTokens:
                                     "nanochat-flyte 0.1; prepare the data and train the base model again")
         special = tokenizer.encode_single_token
         return cls(bos=tokenizer.eot_token, user_start=special("<|user_start|>"), user_end=special("<|user_end|>"),
-                   assistant_start=special("<|assistant_start|>"), assistant_end=special("<|assistant_end|>"))
+                   assistant_start=special("<|assistant_start|>"), assistant_end=special("<|assistant_end|>"),
+                   python_start=special("<|python_start|>"), python_end=special("<|python_end|>"),
+                   output_start=special("<|output_start|>"), output_end=special("<|output_end|>"))
+
+
+def check_content(message: dict, index: int) -> None:
+    content = message.get("content")
+    if isinstance(content, str):
+        return
+    if message.get("role") != "assistant" or not isinstance(content, list):
+        raise ConversationError(f"messages[{index}].content: must be a string"
+                                + (" or a list of parts" if message.get("role") == "assistant" else ""))
+    for number, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") not in PART_TYPES or not isinstance(part.get("text"), str):
+            raise ConversationError(f"messages[{index}].content[{number}]: must be {{\"type\": "
+                                    f"{' | '.join(PART_TYPES)}, \"text\": string}}")
 
 
 def normalize(messages: list[dict], *, ends_with: str) -> list[dict]:
@@ -51,8 +76,7 @@ def normalize(messages: list[dict], *, ends_with: str) -> list[dict]:
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise ConversationError(f"messages[{index}].role: must be one of {', '.join(ROLES)}")
-        if not isinstance(message.get("content"), str):
-            raise ConversationError(f"messages[{index}].content: must be a string")
+        check_content(message, index)
     turns = [dict(role=m["role"], content=m["content"]) for m in messages]
     if turns[0]["role"] == "system":
         if len(turns) == 1 or turns[1]["role"] != "user":
@@ -75,15 +99,36 @@ def render_conversation(tokenizer: tiktoken.Encoding, messages: list[dict]) -> t
     tokens = ChatTokens.of(tokenizer)
     ids, mask = [tokens.bos], [0]
     for message in normalize(messages, ends_with="assistant"):
-        text = tokenizer.encode_ordinary(message["content"])
         if message["role"] == "user":
-            turn = [tokens.user_start, *text, tokens.user_end]
+            turn = [tokens.user_start, *tokenizer.encode_ordinary(message["content"]), tokens.user_end]
             ids += turn
             mask += [0] * len(turn)
         else:
-            ids += [tokens.assistant_start, *text, tokens.assistant_end]
-            mask += [0] + [1] * (len(text) + 1)
+            ids.append(tokens.assistant_start)
+            mask.append(0)
+            for part_ids, learned in assistant_parts(tokenizer, tokens, message["content"]):
+                ids += part_ids
+                mask += [int(learned)] * len(part_ids)
+            ids.append(tokens.assistant_end)
+            mask.append(1)
     return ids, mask
+
+
+def assistant_parts(tokenizer: tiktoken.Encoding, tokens: ChatTokens, content: str | list[dict]
+                    ) -> list[tuple[list[int], bool]]:
+    """(ids, learned) of each part of an assistant message: the tool's output is the one part not learned."""
+    if isinstance(content, str):
+        return [(tokenizer.encode_ordinary(content), True)]
+    parts = []
+    for part in content:
+        text = tokenizer.encode_ordinary(part["text"])
+        if part["type"] == "python":
+            parts.append(([tokens.python_start, *text, tokens.python_end], True))
+        elif part["type"] == "python_output":
+            parts.append(([tokens.output_start, *text, tokens.output_end], False))
+        else:
+            parts.append((text, True))
+    return parts
 
 
 def render_prompt(tokenizer: tiktoken.Encoding, messages: list[dict]) -> list[int]:

@@ -11,6 +11,10 @@ go on. Each row samples with its own seeded generator: a request gives the same 
 Text streams out as soon as it is certain: never half a UTF-8 character, never text that may turn out to be the
 start of a stop string (it is held back until the next tokens decide).
 
+A chat model has a calculator (calculator.py): when it closes an expression (<|python_start|> 48/2 <|python_end|>),
+the engine feeds it the result (<|output_start|> 24 <|output_end|>) as its next tokens instead of sampling them.
+The text shows the call as GSM8K writes it: "<<48/2=24>>".
+
     engine = Engine.from_checkpoint("s3://bucket/run/checkpoint")   # base or chat, any fsspec URI
     for delta in engine.stream(engine.chat_prompt([{"role": "user", "content": "Hi"}]), SamplingParams()):
         print(delta, end="", flush=True)
@@ -29,8 +33,9 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 
+from nanochat_flyte.calculator import calculate
 from nanochat_flyte.checkpoint import load_model
-from nanochat_flyte.conversation import normalize, render_prompt
+from nanochat_flyte.conversation import ChatTokens, normalize, render_prompt
 from nanochat_flyte.device import Precision, select_device, select_precision
 from nanochat_flyte.model import GPT, KVCache
 from nanochat_flyte.tokenizer import EOT
@@ -89,14 +94,17 @@ class TextStream:
     UTF-8 becomes U+FFFD, as tokenizer.decode() does.
     """
 
-    def __init__(self, tokenizer: tiktoken.Encoding, stop: tuple[str, ...]):
+    def __init__(self, tokenizer: tiktoken.Encoding, stop: tuple[str, ...], shown_as: dict[int, str] | None = None):
         self.tokenizer, self.stop = tokenizer, stop
+        self.shown_as = shown_as or {}  # special tokens shown as other text (the calculator's)
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # keeps a partial character back
         self.text = ""  # all the text decoded so far (cut at a stop string once one is found)
         self.sent = 0  # characters of text already handed out
         self.stopped = False  # a stop string was found
 
     def add(self, token: int) -> str:
+        if token in self.shown_as:  # a special token ends any character left unfinished before it
+            return self._append(self.utf8.decode(b"", final=True) + self.shown_as[token], final=False)
         return self._append(self.utf8.decode(self.tokenizer.decode_single_token_bytes(token)), final=False)
 
     def close(self) -> str:
@@ -131,9 +139,12 @@ class Sequence:
     stop_ids: frozenset[int]
     text: TextStream
     generator: torch.Generator
+    tools: ChatTokens | None = None  # the calculator's tokens, for a chat model
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     cancelled: bool = False  # set from another thread: the batch drops the sequence before its next step
+    expression: list[int] | None = None  # the calculation being written, after <|python_start|>
+    forced: list[int] = field(default_factory=list)  # the calculator's answer: the next tokens, not sampled
 
     @property
     def done(self) -> bool:
@@ -146,12 +157,30 @@ class Sequence:
             return self.text.close()
         self.tokens.append(token)
         delta = self.text.add(token)
+        if self.tools is not None:
+            self._use_calculator(token)
         if self.text.stopped:
             self.finish_reason = "stop"
         elif len(self.tokens) == self.max_new:
             self.finish_reason = "length"
             delta += self.text.close()
         return delta
+
+    def _use_calculator(self, token: int) -> None:
+        tools = self.tools
+        if token == tools.python_start:
+            self.expression = []
+        elif token == tools.python_end and self.expression is not None:
+            result = calculate(self.text.tokenizer.decode(self.expression))
+            self.expression = None
+            if result is not None:  # no answer (not arithmetic): the model goes on by itself
+                self.forced = [tools.output_start, *self.text.tokenizer.encode_ordinary(result), tools.output_end]
+        elif self.expression is not None:
+            self.expression.append(token)
+
+    def next_token(self, sampled: int) -> int:
+        """The token this sequence takes next: the calculator's answer comes before anything sampled."""
+        return self.forced.pop(0) if self.forced else sampled
 
     def completion(self) -> Completion:
         return Completion(list(self.tokens), self.text.text, self.finish_reason)
@@ -177,11 +206,12 @@ class Batch:
     @staticmethod
     def _sample(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
         if all(sequence.params.temperature == 0 for sequence in sequences):
-            return logits.argmax(dim=-1).tolist()
-        # each row with its own generator and settings: its tokens do not depend on the other rows
-        ids = [sample_next_token(logits[row:row + 1], sequence.generator, sequence.params.temperature,
-                                 sequence.params.top_k) for row, sequence in enumerate(sequences)]
-        return torch.cat(ids).view(-1).tolist()  # one device sync for the whole batch
+            sampled = logits.argmax(dim=-1).tolist()
+        else:  # each row with its own generator and settings: its tokens do not depend on the other rows
+            ids = [sample_next_token(logits[row:row + 1], sequence.generator, sequence.params.temperature,
+                                     sequence.params.top_k) for row, sequence in enumerate(sequences)]
+            sampled = torch.cat(ids).view(-1).tolist()  # one device sync for the whole batch
+        return [sequence.next_token(token) for sequence, token in zip(sequences, sampled)]
 
     @torch.inference_mode()
     def add(self, sequences: list[Sequence]) -> list[tuple[Sequence, str]]:
@@ -233,6 +263,11 @@ class Engine:
         self.context = model.config.sequence_len  # the longest sequence the model was trained on
         self.stop_ids = frozenset(tokenizer.encode_single_token(token) for token in STOP_TOKENS
                                   if token in tokenizer.special_tokens_set)
+        # the calculator is part of the chat format: a base model never learned to call it
+        self.tools = ChatTokens.of(tokenizer) if self.chat_mode else None
+        self.tool_text = {} if self.tools is None else {
+            self.tools.python_start: "<<", self.tools.python_end: "=", self.tools.output_start: "",
+            self.tools.output_end: ">>"}
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, device: str = "auto") -> "Engine":
@@ -273,8 +308,8 @@ class Engine:
         if not all(isinstance(token, int) and 0 <= token < self.tokenizer.n_vocab for token in prompt):
             raise ValueError(f"prompt: token ids must be integers in [0, {self.tokenizer.n_vocab})")
         return Sequence(prompt=list(prompt), params=params, max_new=min(params.max_tokens, self.context - len(prompt)),
-                        stop_ids=self.stop_ids, text=TextStream(self.tokenizer, tuple(params.stop)),
-                        generator=torch.Generator(device=self.device).manual_seed(params.seed))
+                        stop_ids=self.stop_ids, text=TextStream(self.tokenizer, tuple(params.stop), self.tool_text),
+                        generator=torch.Generator(device=self.device).manual_seed(params.seed), tools=self.tools)
 
     def generate_batch(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
                        ) -> list[Completion]:

@@ -7,10 +7,10 @@ from collections import Counter
 import pytest
 import regex
 
-from nanochat_flyte.chat_data import (EVAL_SOURCES, BadRow, arc_question, check_hub_endpoint, gsm8k_conversation,
-                                      gsm8k_final_answer, gsm8k_item, load_eval_items,
+from nanochat_flyte.chat_data import (EVAL_SOURCES, BadRow, arc_question, calculator_parts, check_hub_endpoint,
+                                      gsm8k_conversation, gsm8k_final_answer, gsm8k_item, load_eval_items,
                                       mmlu_conversation, prepare_eval_data, prepare_sft_data, read_jsonl,
-                                      render_multiple_choice, smoltalk_conversation, strip_calculator_annotations)
+                                      render_multiple_choice, smoltalk_conversation)
 from nanochat_flyte.config import ChatConfig, ConfigError
 from nanochat_flyte.conversation import render_conversation
 from nanochat_flyte.download import write_bytes_atomically
@@ -95,15 +95,19 @@ def test_arc_numeric_labels_and_five_choices_become_letters_by_position():
         arc_question(five | {"answerKey": "F"})
 
 
-def test_gsm8k_annotations_are_stripped_and_the_final_line_kept():
+def test_gsm8k_calculations_become_calculator_calls_and_the_final_line_is_kept():
     solution = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
                 "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72")
-    assert strip_calculator_annotations(solution) == (
-        "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May.\n#### 72")
+    assert calculator_parts(solution) == [
+        {"type": "text", "text": "Natalia sold 48/2 = "}, {"type": "python", "text": "48/2"},
+        {"type": "python_output", "text": "24"}, {"type": "text", "text": "24 clips in May.\nNatalia sold 48+24 = "},
+        {"type": "python", "text": "48+24"}, {"type": "python_output", "text": "72"},
+        {"type": "text", "text": "72 clips altogether in April and May.\n#### 72"}]
+    assert calculator_parts("<<2*3=6>>6\n#### 6")[:3] == [  # no empty text part before a leading call
+        {"type": "python", "text": "2*3"}, {"type": "python_output", "text": "6"}, {"type": "text", "text": "6\n#### 6"}]
     row = {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in "
                        "May. How many clips did Natalia sell altogether in April and May?", "answer": solution}
-    assert gsm8k_conversation(row, 0) == {"messages": [user(row["question"]),
-                                                       assistant(strip_calculator_annotations(solution))],
+    assert gsm8k_conversation(row, 0) == {"messages": [user(row["question"]), assistant(calculator_parts(solution))],
                                           "source": "gsm8k"}
     assert gsm8k_item(row, 5) == {"task": "gsm8k", "id": "gsm8k/5", "messages": [user(row["question"])],
                                   "answer": "72"}

@@ -7,6 +7,7 @@ from nanochat_flyte.tokenizer import gpt2_tokenizer, train_bpe
 from tests.shard_server import fineweb_texts
 
 BOS, USER_START, USER_END, ASSISTANT_START, ASSISTANT_END = 50256, 50257, 50258, 50259, 50260
+PYTHON_START, PYTHON_END, OUTPUT_START, OUTPUT_END = 50261, 50262, 50263, 50264
 HELLO, WORLD = 15496, 995  # "Hello", " world"
 
 
@@ -36,6 +37,18 @@ def test_a_system_message_is_folded_into_the_first_user_message(gpt2):
                                                 {"role": "assistant", "content": "Hi"}])
 
 
+def test_a_calculator_call_is_learned_and_its_output_is_not(gpt2):
+    parts = [{"type": "text", "text": "Half is "}, {"type": "python", "text": "48/2"},
+             {"type": "python_output", "text": "24"}, {"type": "text", "text": "24."}]
+    ids, mask = render_conversation(gpt2, [{"role": "user", "content": "Hello"},
+                                           {"role": "assistant", "content": parts}])
+    half, expression, result, answer = (gpt2.encode_ordinary(text) for text in ("Half is ", "48/2", "24", "24."))
+    assert ids == [BOS, USER_START, HELLO, USER_END, ASSISTANT_START, *half, PYTHON_START, *expression, PYTHON_END,
+                   OUTPUT_START, *result, OUTPUT_END, *answer, ASSISTANT_END]
+    assert mask == [0, 0, 0, 0, 0, *[1] * len(half), 1, *[1] * len(expression), 1,
+                    0, *[0] * len(result), 0, *[1] * len(answer), 1]  # the tool writes its output, not the model
+
+
 def test_special_token_text_typed_by_a_user_stays_text(gpt2):
     ids, _ = render_conversation(gpt2, [{"role": "user", "content": "<|assistant_end|><|endoftext|>"},
                                         {"role": "assistant", "content": "ok"}])
@@ -55,7 +68,12 @@ def test_the_prompt_is_the_rendered_history_then_the_new_turn_and_assistant_star
     ([{"role": "assistant", "content": "hi"}], r"messages\[0\]\.role: expected user"),
     ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], r"messages\[1\]\.role: expected assistant"),
     ([{"role": "robot", "content": "a"}], r"messages\[0\]\.role: must be one of system, user, assistant"),
-    ([{"role": "user", "content": 3}], r"messages\[0\]\.content: must be a string"),
+    ([{"role": "user", "content": 3}], r"messages\[0\]\.content: must be a string$"),
+    ([{"role": "user", "content": [{"type": "text", "text": "a"}]}], r"messages\[0\]\.content: must be a string$"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "image", "text": "b"}]}],
+     r"messages\[1\]\.content\[0\]: must be \{\"type\": text \| python \| python_output, \"text\": string\}"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": 3}],
+     r"messages\[1\]\.content: must be a string or a list of parts"),
     ([{"role": "system", "content": "a"}], r"messages\[1\]\.role: a system message must be followed by a user"),
     ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
      r"messages\[1\]\.role: expected assistant"),

@@ -36,7 +36,7 @@ def randomized_engine(context: int = 48, seed: int = 0, phase: str = "base") -> 
     return Engine(model.eval(), TOKENIZER, CPU, phase)
 
 
-def scripted_engine(next_token: dict[int, int], context: int = 64) -> Engine:
+def scripted_engine(next_token: dict[int, int], context: int = 64, phase: str = "chat") -> Engine:
     """A GPT that answers token a with next_token[a] (and token 0, "!", after any other token)."""
     config = GPTConfig(sequence_len=context, vocab_size=TOKENIZER.n_vocab, n_layer=1, n_head=1, n_kv_head=1,
                        n_embd=64)
@@ -48,7 +48,7 @@ def scripted_engine(next_token: dict[int, int], context: int = 64) -> Engine:
         for slot, (token, following) in enumerate(next_token.items()):
             model.transformer.wte.weight[token, slot] = 1.0  # token -> its own direction
             model.lm_head.weight[following, slot] = 1.0  # that direction -> a high logit for the next token
-    return Engine(model.eval(), TOKENIZER, CPU, "chat")
+    return Engine(model.eval(), TOKENIZER, CPU, phase)
 
 
 def chain(*tokens: int) -> dict[int, int]:
@@ -195,6 +195,30 @@ def test_stops_at_assistant_end_and_at_the_end_of_the_text():
     assert (second.tokens, second.text, second.finish_reason) == ([there, moon], " there moon", "stop")
     assert first == completion
     assert engine.generate_batch([[hello]], SamplingParams(max_tokens=1))[0].finish_reason == "length"
+
+
+def test_a_chat_model_gets_the_calculators_answer_as_its_next_tokens():
+    special = TOKENIZER.encode_single_token
+    start, python_start, python_end, output_start, output_end = (special(f"<|{name}|>") for name in (
+        "assistant_start", "python_start", "python_end", "output_start", "output_end"))
+    half, clips = tokens_of("Half is"), tokens_of(" clips")
+    expression, answer = tokens_of("48/2"), tokens_of("24")
+    # the model writes the call, then whatever it predicts after <|python_end|> ("!") is replaced by the answer; it
+    # goes on by itself after <|output_end|>
+    engine = scripted_engine(chain(start, *half, python_start, *expression, python_end)
+                             | chain(output_end, *clips, ASSISTANT_END))
+    completion = engine.generate_batch([[EOT, start]], SamplingParams(max_tokens=20))[0]
+    assert completion.tokens == [*half, python_start, *expression, python_end, output_start, *answer, output_end,
+                                 *clips]
+    assert completion.text == "Half is<<48/2=24>> clips" and completion.finish_reason == "stop"
+    assert "".join(engine.stream([EOT, start], SamplingParams(max_tokens=20))) == completion.text
+    # not arithmetic: no answer, and the model goes on by itself ("!" after "!")
+    engine = scripted_engine(chain(start, python_start, *tokens_of("x"), python_end))
+    assert engine.generate_batch([[EOT, start]], SamplingParams(max_tokens=6))[0].text == "<<x=!!!"
+    # a base model never learned the tool: its special tokens are left alone
+    engine = scripted_engine(chain(start, python_start, *expression, python_end), phase="base")
+    completion = engine.generate_batch([[EOT, start]], SamplingParams(max_tokens=6))[0]
+    assert completion.text == "<|python_start|>48/2<|python_end|>!"
 
 
 def test_stop_strings_cut_the_text_and_hold_back_what_may_start_one():

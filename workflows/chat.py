@@ -33,7 +33,7 @@ from workflows.nanochat import (HF_SECRET, TRAINING_RESOURCES, TRAINING_TASK, WA
                                 wandb_console_link)
 
 # Bump when the prepared conversations or evaluation items change format: cached ones are then ignored.
-CHAT_DATA_CACHE_VERSION = "1"
+CHAT_DATA_CACHE_VERSION = "2"  # 2: GSM8K solutions keep their calculations, as tool calls
 # Converting the whole SmolTalk split (460K rows) peaked at 2.9 GB of memory on a CPU; the parquet files and the
 # conversations take ~3 GB of disk.
 CHAT_DATA_RESOURCES = dict(requests=Resources(cpu="4", mem="8Gi", ephemeral_storage="20Gi"))

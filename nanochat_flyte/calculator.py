@@ -1,0 +1,61 @@
+"""The assistant's one tool, a calculator, as nanochat gives it to its chat models for GSM8K.
+
+GSM8K's worked solutions mark every calculation: "48/2 = <<48/2=24>>24 clips". SFT turns each mark into a tool call
+(conversation.py): the model writes the expression between <|python_start|> and <|python_end|>, and the result comes
+back between <|output_start|> and <|output_end|>. At inference the engine runs the tool: when the model closes an
+expression, the calculator's answer is fed to it as the next tokens (engine.py), so a small model need not do
+arithmetic in its head.
+
+Only arithmetic is evaluated: numbers, + - * / // % ** and parentheses, parsed with `ast` (never `eval`), with
+bounds on the expression's length and on powers, so a model cannot make it run for long or allocate much.
+"""
+
+import ast
+import math
+import operator
+import re
+
+MAX_EXPRESSION_CHARS = 200  # GSM8K's longest calculation is under 100 characters
+MAX_EXPONENT = 64  # 10 ** 64 already dwarfs any grade-school quantity; 9 ** 9 ** 9 would hang the decoder
+DIGIT_GROUPS = re.compile(r"(?<=\d),(?=\d{3}\b)")  # "1,200" -> "1200"; a comma elsewhere is not arithmetic
+
+BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+          ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+
+
+def evaluate(node: ast.AST) -> int | float:
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and type(node.op) in UNARY:
+        return UNARY[type(node.op)](evaluate(node.operand))
+    if isinstance(node, ast.BinOp) and type(node.op) in BINARY:
+        left, right = evaluate(node.left), evaluate(node.right)
+        if isinstance(node.op, ast.Pow) and abs(right) > MAX_EXPONENT:
+            raise ValueError("exponent too large")
+        return BINARY[type(node.op)](left, right)
+    raise ValueError(f"not arithmetic: {type(node).__name__}")
+
+
+def format_number(value: int | float) -> str:
+    """As GSM8K writes results: whole numbers without a decimal point, others to at most 6 decimals."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.6f}".rstrip("0").rstrip(".")
+
+
+def calculate(expression: str) -> str | None:
+    """The value of an arithmetic expression as text, or None when it is not one (or cannot be computed): the
+    engine then lets the model go on without a result."""
+    expression = DIGIT_GROUPS.sub("", expression.strip())
+    if not expression or len(expression) > MAX_EXPRESSION_CHARS:
+        return None
+    try:
+        value = evaluate(ast.parse(expression, mode="eval").body)
+    except (SyntaxError, ValueError, ArithmeticError, TypeError):  # ZeroDivisionError, OverflowError are these
+        return None
+    if isinstance(value, complex) or (isinstance(value, float) and not math.isfinite(value)):
+        return None  # (-8) ** 0.5 is complex
+    return format_number(value)

@@ -1,0 +1,22 @@
+"""The calculator tool: arithmetic only, bounded, and results written as GSM8K writes them."""
+
+import pytest
+
+from nanochat_flyte.calculator import calculate
+
+
+@pytest.mark.parametrize("expression, result", [
+    ("48/2", "24"), ("48+24", "72"), ("12/60", "0.2"), ("0.2*50", "10"), ("5*.2", "1"), ("(3+4)*2", "14"),
+    ("-3+1", "-2"), ("2**10", "1024"), ("7//2", "3"), ("7%3", "1"), ("1,200*2", "2400"), (" 10/3 ", "3.333333"),
+    ("2/3", "0.666667"), ("1e3/4", "250"),
+])
+def test_arithmetic(expression, result):
+    assert calculate(expression) == result
+
+
+@pytest.mark.parametrize("expression", [
+    "", "1/0", "5%0", "__import__('os').system('true')", "open('x')", "x+1", "'a'*3", "[1]*3", "2**1000",
+    "9**9**9", "(-8)**0.5", "1,2", "1 if 1 else 2", "10**400*1.0", "1" * 201,
+])
+def test_anything_else_has_no_result(expression):
+    assert calculate(expression) is None
