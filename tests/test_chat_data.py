@@ -103,8 +103,9 @@ def test_gsm8k_calculations_become_calculator_calls_and_the_final_line_is_kept()
         {"type": "python_output", "text": "24"}, {"type": "text", "text": "24 clips in May.\nNatalia sold 48+24 = "},
         {"type": "python", "text": "48+24"}, {"type": "python_output", "text": "72"},
         {"type": "text", "text": "72 clips altogether in April and May.\n#### 72"}]
-    assert calculator_parts("<<2*3=6>>6\n#### 6")[:3] == [  # no empty text part before a leading call
-        {"type": "python", "text": "2*3"}, {"type": "python_output", "text": "6"}, {"type": "text", "text": "6\n#### 6"}]
+    assert calculator_parts("<<2*3=6>>6\n#### 6") == [  # no empty text part before a leading call
+        {"type": "python", "text": "2*3"}, {"type": "python_output", "text": "6"},
+        {"type": "text", "text": "6\n#### 6"}]
     row = {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in "
                        "May. How many clips did Natalia sell altogether in April and May?", "answer": solution}
     assert gsm8k_conversation(row, 0) == {"messages": [user(row["question"]), assistant(calculator_parts(solution))],
