@@ -7,8 +7,10 @@ Two kinds of tiny models, both with the real GPT-2 tokenizer:
   prediction depends only on the last token: a chosen token -> next token table, to spell out exact texts.
 """
 
+import importlib.util
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -302,3 +304,16 @@ def test_a_base_model_continues_the_last_user_message_as_plain_text():
     assert engine.chat_prompt(messages) == [EOT, *tokens_of("The capital of France is")]
     with pytest.raises(ConversationError, match=r"messages\[1\].role"):  # the rules hold in both modes
         engine.chat_prompt([messages[0], messages[0]])
+
+
+def test_the_engine_bench_measures_prefill_and_batched_decoding(capsys):
+    path = Path(__file__).resolve().parents[1] / "bench" / "engine_throughput.py"
+    spec = importlib.util.spec_from_file_location("engine_throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--depth", "1", "--seq-len", "64", "--prompt-tokens", "16", "--new-tokens", "4",
+                         "--batch-sizes", "1,3", "--repeats", "1", "--device", "cpu"])
+    assert result["prefill_ms"] > 0 and set(result["decode_tokens_per_sec"]) == {1, 3}
+    assert "batch 3:" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # a prompt and reply that do not fit the context
+        bench.main(["--depth", "1", "--seq-len", "16", "--prompt-tokens", "16", "--device", "cpu"])

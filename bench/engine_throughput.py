@@ -1,0 +1,94 @@
+"""Inference engine throughput: how fast the one engine behind the chat CLI, the server and chat evaluation answers.
+
+    python bench/engine_throughput.py                                   # d8, random weights, context 512
+    python bench/engine_throughput.py --depth 4 --batch-sizes 1,8 --device cpu
+    python bench/engine_throughput.py --checkpoint DIR_OR_URI
+
+Two figures, each the median of --repeats runs:
+- prefill: milliseconds to read a prompt of --prompt-tokens tokens and choose the first reply token (what a user
+  waits for before the first word appears);
+- decode: generated tokens per second for B prompts answered together in one batch, --new-tokens each, for each B
+  of --batch-sizes (greedy, and no stop token ends a row early: every row writes all its tokens).
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package from a bare checkout (the GPU machine)
+
+from nanochat_flyte.device import select_device, select_precision  # noqa: E402
+from nanochat_flyte.engine import Engine, SamplingParams  # noqa: E402
+from nanochat_flyte.model import GPT, GPTConfig  # noqa: E402
+from nanochat_flyte.tokenizer import gpt2_tokenizer  # noqa: E402
+
+
+def timed(engine: Engine, work) -> float:
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    work()
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="a trained model instead of a randomly initialised one")
+    parser.add_argument("--depth", type=int, default=8, help="of the random model")
+    parser.add_argument("--seq-len", type=int, default=512, help="context of the random model")
+    parser.add_argument("--prompt-tokens", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch-sizes", default="1,8,32", help="comma-separated")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
+    args = parser.parse_args(argv)
+    batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
+
+    if args.checkpoint:
+        engine = Engine.from_checkpoint(args.checkpoint, args.device)
+    else:
+        device, tokenizer = select_device(args.device), gpt2_tokenizer()
+        torch.manual_seed(0)
+        model = GPT(GPTConfig.from_depth(args.depth, tokenizer.n_vocab, args.seq_len)).to(device)
+        model.init_weights()
+        with torch.no_grad():  # a zero head would make every token tie
+            torch.nn.init.normal_(model.lm_head.weight, std=0.02)
+        engine = Engine(model.eval(), tokenizer, select_precision(device, "auto"), "base")
+    if args.prompt_tokens + args.new_tokens > engine.context:
+        parser.error(f"--prompt-tokens + --new-tokens must fit the model's context of {engine.context} tokens")
+    # random ordinary tokens: no <|endoftext|> or chat token among them, so no row stops early
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, engine.tokenizer.n_vocab - 1000, (args.prompt_tokens,), generator=generator).tolist()
+               for _ in range(max(batch_sizes))]
+    with torch.no_grad():  # a stop token's logit becomes 0, far below the largest of 50k: greedy never picks it
+        engine.model.lm_head.weight[sorted(engine.stop_ids)] = 0.0
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0)
+    first = SamplingParams(max_tokens=1, temperature=0.0)
+    device_name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else engine.device.type
+    print(f"device: {device_name} ({engine.precision.name}) | {sum(p.numel() for p in engine.model.parameters()):,} "
+          f"parameters, context {engine.context} | prompts of {args.prompt_tokens} tokens, {args.new_tokens} new "
+          f"tokens each", flush=True)
+
+    timed(engine, lambda: engine.generate_batch(prompts[:1], first))  # warm-up: allocator, kernels
+    prefill_ms = 1000 * statistics.median(timed(engine, lambda: engine.generate_batch(prompts[:1], first))
+                                          for _ in range(args.repeats))
+    print(f"prefill: {prefill_ms:.1f} ms for a {args.prompt_tokens}-token prompt", flush=True)
+    result = {"prefill_ms": prefill_ms, "decode_tokens_per_sec": {}}
+    for size in batch_sizes:
+        seconds = statistics.median(timed(engine, lambda: engine.generate_batch(prompts[:size], params))
+                                    for _ in range(args.repeats))
+        rate = size * args.new_tokens / seconds
+        result["decode_tokens_per_sec"][size] = rate
+        print(f"batch {size}: {rate:,.0f} tokens/s ({size} x {args.new_tokens} tokens in {seconds:.2f} s, prefill "
+              "included)", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
