@@ -1,6 +1,7 @@
 """Small shared test helpers: a valid data directory of real GPT-2 tokens, tiny training configs."""
 
 import hashlib
+import importlib.util
 import json
 import random
 from pathlib import Path
@@ -71,3 +72,12 @@ def tiny_config(**overrides) -> RunConfig:
                   warmdown_ratio=0.5)
     values.update(overrides)
     return RunConfig(**values)
+
+
+def load_bench(name: str):
+    """A benchmark script of bench/ as a module (bench/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -7,13 +7,12 @@ Two kinds of tiny models, both with the real GPT-2 tokenizer:
   prediction depends only on the last token: a chosen token -> next token table, to spell out exact texts.
 """
 
-import importlib.util
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_bench
 
 from nanochat_flyte.conversation import ConversationError, render_prompt
 from nanochat_flyte.device import select_precision
@@ -307,10 +306,7 @@ def test_a_base_model_continues_the_last_user_message_as_plain_text():
 
 
 def test_the_engine_bench_measures_prefill_and_batched_decoding(capsys):
-    path = Path(__file__).resolve().parents[1] / "bench" / "engine_throughput.py"
-    spec = importlib.util.spec_from_file_location("engine_throughput", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("engine_throughput")
     result = bench.main(["--depth", "1", "--seq-len", "64", "--prompt-tokens", "16", "--new-tokens", "4",
                          "--batch-sizes", "1,3", "--repeats", "1", "--device", "cpu"])
     assert result["prefill_ms"] > 0 and set(result["decode_tokens_per_sec"]) == {1, 3}

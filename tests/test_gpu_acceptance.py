@@ -2,7 +2,6 @@
 section runner, time budgets, the profile's kernel categories, the T4 verdicts, the summary), and that the CUDA
 tests it runs are collected and skipped here. The GPU run itself is docs/gpu_acceptance.md's business."""
 
-import importlib.util
 import json
 import math
 import os
@@ -13,18 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_data_dir, tiny_config
+from helpers import load_bench, make_data_dir, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_acceptance.py"
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine the command runs for real")
-
-
-def load_bench(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 acceptance = load_bench("gpu_acceptance")

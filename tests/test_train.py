@@ -1,12 +1,10 @@
-import importlib.util
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_data_dir, tiny_config
+from helpers import load_bench, make_data_dir, tiny_config
 
 from nanochat_flyte.device import select_precision
 from nanochat_flyte.model import GPT
@@ -170,10 +168,7 @@ def test_an_overflowing_fp16_step_is_skipped_by_every_optimizer():
 
 
 def test_the_throughput_bench_runs_the_train_step(capsys):
-    path = Path(__file__).resolve().parents[1] / "bench" / "train_throughput.py"
-    spec = importlib.util.spec_from_file_location("train_throughput", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("train_throughput")
     result = bench.main(["--depth", "1", "--seq-len", "32", "--device-batch-size", "2", "--total-batch-size", "128",
                          "--steps", "2", "--warmup-steps", "1", "--device", "cpu"])
     assert result["tok_per_sec"] > 0 and result["mfu"] is None and result["t4_reference_minutes"] is None
