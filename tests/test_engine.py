@@ -103,6 +103,16 @@ def test_batched_rows_give_the_tokens_of_each_request_alone(params):
     assert len({tuple(c.tokens) for c in batched}) == 4  # four different answers: none took another row's tokens
 
 
+def test_a_row_that_ends_at_its_first_token_leaves_the_prefilled_batch_and_the_others_go_on():
+    hello, world, comma, there, moon = (tokens_of(word)[0] for word in (" Hello", " world", ",", " there", " moon"))
+    engine = scripted_engine({**chain(hello, world, comma, there, moon), comma: ASSISTANT_END})
+    prompts = [[EOT, hello], [EOT, world, world, comma], [EOT, world, world, world, world, world, world, there]]
+    batched = engine.generate_batch(prompts, SamplingParams(max_tokens=6))
+    assert [(c.tokens, c.finish_reason) for c in batched] == [([world, comma], "stop"), ([], "stop"),
+                                                               ([moon] + [0] * 5, "length")]  # "!" is token 0
+    assert batched == [engine.generate_batch([prompt], SamplingParams(max_tokens=6))[0] for prompt in prompts]
+
+
 def test_each_row_may_have_its_own_sampling_params():
     engine = randomized_engine()
     prompts = [tokens_of("The cat sees"), tokens_of("A teacher"), tokens_of("The river carries three")]
