@@ -75,7 +75,9 @@ def test_the_page_streams_answers_keeps_the_conversation_and_shows_errors(page, 
     first = ask(page, "Hello there")
     assert first == expected(engine, [{"role": "user", "content": "Hello there"}], 60)
     seen = [text for text in dict.fromkeys(page.evaluate("window.seen")) if text]
-    assert len(seen) >= 10, seen  # the answer grew over many renders, not in one piece
+    # the answer grew over several renders, not in one piece (typically ~50; a busy browser coalesces renders:
+    # as few as 4 were seen on a loaded 2-core machine)
+    assert len(seen) >= 2, seen
     assert all(first.startswith(text) for text in seen)
     assert page.locator(".note").last.text_content() == "(the answer reached the token limit)"
     page.screenshot(path=tmp_path / "chat_page.png", full_page=True)
