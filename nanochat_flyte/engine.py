@@ -1,8 +1,9 @@
 """The inference engine: the one way every front end generates text (chat CLI, server, sample CLI, the samples
 taken during training, chat evaluation).
 
-A request is a prompt (token ids) and its SamplingParams. The engine prefills each prompt into its own row of a
-KV cache, then decodes the rows together, one token per row per forward pass. Every row has its own length and
+A request is a prompt (token ids) and its SamplingParams. The engine prefills the prompts that arrive together in
+one forward pass (right-padded, each into its own row of a KV cache), then decodes the rows together, one token
+per row per forward pass. Every row has its own length and
 rotary positions (model.KVCache), so a batch of prompts of different lengths computes, row by row, what each
 prompt computes alone. A row stops on its own: at `<|assistant_end|>` or `<|endoftext|>` (the end of the text),
 at a stop string, at max_tokens, or where the model's context is full; the batch then shrinks to the rows that
@@ -196,12 +197,19 @@ class Batch:
         self.next_ids: list[int] = []  # each sequence's last token: the input of the next step
 
     def _logits(self, ids: list[list[int]], cache: KVCache) -> torch.Tensor:
-        """The next-token logits (B, V) after feeding ids (B rows of equal length) into cache."""
-        inputs = torch.tensor(ids, dtype=torch.long, device=self.engine.device)
+        """The next-token logits (B, V) after feeding ids (B rows, right-padded to one width) into cache: each
+        row's from its last real token. Padding lies past its row's length: never attended to, and overwritten
+        by the row's next tokens."""
+        lengths = [len(row) for row in ids]
+        width = max(lengths)
+        pad = self.engine.tokenizer.eot_token
+        inputs = torch.tensor([row + [pad] * (width - len(row)) for row in ids], device=self.engine.device)
         last = torch.zeros_like(inputs, dtype=torch.bool)
-        last[:, -1] = True  # a prompt's prefill needs the logits of its last position only
+        last[torch.arange(len(ids)), torch.tensor(lengths) - 1] = True  # no other position's logits are needed
         with self.engine.precision.autocast():
-            return self.engine.model(inputs, kv_cache=cache, logits_at=last)
+            logits = self.engine.model(inputs, kv_cache=cache, logits_at=last)
+        cache.unpad([width - length for length in lengths])
+        return logits
 
     @staticmethod
     def _sample(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
@@ -215,19 +223,22 @@ class Batch:
 
     @torch.inference_mode()
     def add(self, sequences: list[Sequence]) -> list[tuple[Sequence, str]]:
-        """Prefill each sequence's prompt in its own cache row, sample its first token, and let it join the batch
-        (unless that token already ends it). Returns (sequence, text delta) for each."""
-        events, joining = [], []
-        for sequence in sequences:
-            cache = KVCache(self.engine.model.config, batch_size=1, max_len=self.max_len)
-            token = self._sample(self._logits([sequence.prompt], cache), [sequence])[0]
+        """Prefill the prompts together (one forward pass, one new cache row each), sample each one's first token,
+        and let each join the batch unless that token already ends it. Returns (sequence, text delta) for each."""
+        if not sequences:
+            return []
+        cache = KVCache(self.engine.model.config, batch_size=len(sequences), max_len=self.max_len)
+        tokens = self._sample(self._logits([sequence.prompt for sequence in sequences], cache), sequences)
+        events, going = [], []
+        for row, (sequence, token) in enumerate(zip(sequences, tokens)):
             events.append((sequence, sequence.accept(token)))
             if not sequence.done:
-                joining.append(cache)
+                going.append(row)
                 self.sequences.append(sequence)
                 self.next_ids.append(token)
-        if joining:
-            self.cache = KVCache.stack(([self.cache] if self.cache is not None else []) + joining)
+        if going:
+            cache.keep(going)
+            self.cache = KVCache.stack(([self.cache] if self.cache is not None else []) + [cache])
         return events
 
     @torch.inference_mode()

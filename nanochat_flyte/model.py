@@ -139,6 +139,11 @@ class KVCache:
         """Called once every layer has stored the new tokens."""
         self.lengths = [length + num_tokens for length in self.lengths]
 
+    def unpad(self, padding: list[int]) -> None:
+        """Forget the last padding[row] positions of each row: right padding, fed so that rows of different
+        lengths could share a forward pass. They are masked from then on, and the row's next tokens overwrite them."""
+        self.lengths = [length - pad for length, pad in zip(self.lengths, padding, strict=True)]
+
     @classmethod
     def stack(cls, caches: list["KVCache"]) -> "KVCache":
         """One cache of the rows of all `caches` (of the same model and max_len, each used at least once)."""
