@@ -33,7 +33,7 @@ from nanochat_flyte.cli import ArgumentParser, run
 from nanochat_flyte.config import CHAT_EVAL_TASKS, ChatConfig, ConfigError
 from nanochat_flyte.conversation import render_prompt
 from nanochat_flyte.device import EvalBatches, Precision
-from nanochat_flyte.engine import Engine, SamplingParams
+from nanochat_flyte.engine import Engine, SamplingParams, next_token_logits
 from nanochat_flyte.report import DECK_STYLE, html_table, markdown_grid
 from nanochat_flyte.sandbox import Limits, execute, sandbox_available
 
@@ -60,15 +60,11 @@ def letter_token(tokenizer: tiktoken.Encoding, letter: str) -> int:
 def choose_letters(model: torch.nn.Module, prompts: list[list[int]], letter_ids: list[list[int]], *,
                    batches: EvalBatches, device: torch.device, precision: Precision, pad_id: int) -> list[int]:
     """For each prompt, the index (into its letter_ids) of the letter the model scores highest at the prompt's
-    last position. Prompts are right-padded into batches: causal attention keeps the padding out of sight."""
+    last position."""
 
     def choose(batch: list[int]) -> list[int]:
-        width = max(len(prompts[i]) for i in batch)
-        ids = torch.tensor([prompts[i] + [pad_id] * (width - len(prompts[i])) for i in batch], device=device)
-        last = torch.zeros_like(ids, dtype=torch.bool)
-        last[torch.arange(len(batch)), torch.tensor([len(prompts[i]) - 1 for i in batch])] = True
-        with precision.autocast():
-            logits = model(ids, logits_at=last)  # (B, V): one position per row
+        logits = next_token_logits(model, [prompts[i] for i in batch], pad_id=pad_id, device=device,
+                                   precision=precision)
         return [int(scores[letter_ids[i]].argmax()) for scores, i in zip(logits, batch)]
 
     return batches.map(range(len(prompts)), choose)

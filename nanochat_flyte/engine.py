@@ -88,6 +88,23 @@ def sample_next_token(logits: torch.Tensor, generator: torch.Generator, temperat
     return choice if ids is None else ids.gather(-1, choice)
 
 
+def next_token_logits(model: torch.nn.Module, ids: list[list[int]], *, pad_id: int, device: torch.device,
+                      precision: Precision, cache: KVCache | None = None) -> torch.Tensor:
+    """The next-token logits (B, V) after each row of ids: the logits of each row's last token only. Rows of
+    different lengths share one forward pass, right-padded: causal attention keeps the padding out of the real
+    tokens' sight, and a KV cache forgets it again (KVCache.unpad), so the row's next tokens overwrite it."""
+    lengths = [len(row) for row in ids]
+    width = max(lengths)
+    inputs = torch.tensor([row + [pad_id] * (width - len(row)) for row in ids], device=device)
+    last = torch.zeros_like(inputs, dtype=torch.bool)
+    last[torch.arange(len(ids)), torch.tensor(lengths) - 1] = True
+    with precision.autocast():
+        logits = model(inputs, kv_cache=cache, logits_at=last)
+    if cache is not None:
+        cache.unpad([width - length for length in lengths])
+    return logits
+
+
 class TextStream:
     """Token ids in, text deltas out: only whole UTF-8 characters, and text cut before the first stop string.
 
@@ -197,19 +214,9 @@ class Batch:
         self.next_ids: list[int] = []  # each sequence's last token: the input of the next step
 
     def _logits(self, ids: list[list[int]], cache: KVCache) -> torch.Tensor:
-        """The next-token logits (B, V) after feeding ids (B rows, right-padded to one width) into cache: each
-        row's from its last real token. Padding lies past its row's length: never attended to, and overwritten
-        by the row's next tokens."""
-        lengths = [len(row) for row in ids]
-        width = max(lengths)
-        pad = self.engine.tokenizer.eot_token
-        inputs = torch.tensor([row + [pad] * (width - len(row)) for row in ids], device=self.engine.device)
-        last = torch.zeros_like(inputs, dtype=torch.bool)
-        last[torch.arange(len(ids)), torch.tensor(lengths) - 1] = True  # no other position's logits are needed
-        with self.engine.precision.autocast():
-            logits = self.engine.model(inputs, kv_cache=cache, logits_at=last)
-        cache.unpad([width - length for length in lengths])
-        return logits
+        engine = self.engine
+        return next_token_logits(engine.model, ids, pad_id=engine.tokenizer.eot_token, device=engine.device,
+                                 precision=engine.precision, cache=cache)
 
     @staticmethod
     def _sample(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:

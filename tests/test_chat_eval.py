@@ -73,7 +73,7 @@ class LetterScores(torch.nn.Module):
                 for letter_id, score in scores.items():
                     self.table.weight[token, letter_id] = score
 
-    def forward(self, idx, logits_at=None):  # logits_at as GPT.forward takes it
+    def forward(self, idx, kv_cache=None, logits_at=None):  # as GPT.forward takes them (no cache here)
         logits = self.table(idx).cumsum(dim=1)
         return logits if logits_at is None else logits[logits_at]
 
