@@ -121,7 +121,8 @@ def sft_run_config(chat: ChatConfig, base: RunConfig) -> RunConfig:
     inherit = {field: getattr(chat, field) or getattr(base, field)
                for field in ("max_seq_len", "device_batch_size", "total_batch_size", "embedding_lr", "unembedding_lr",
                              "matrix_lr")}
-    for rate in ("embedding_lr", "unembedding_lr", "matrix_lr"):
+    inherit["scalar_lr"] = base.scalar_lr  # the residual scalars (if the model has them) follow the base run too
+    for rate in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr"):
         inherit[rate] *= chat.init_lr_frac
     config = dataclasses.replace(
         base, run_name=chat.run_name or f"{base.run_name}_sft", seed=chat.seed, **inherit,

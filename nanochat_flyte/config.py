@@ -161,6 +161,7 @@ class RunConfig(StrictConfig):
 
     # --- model ---
     depth: int = 8  # model_dim = depth * 64, head_dim 128: depth 8 -> dim 512, 4 heads
+    residual_scalars: bool = False  # learned per-layer resid and x0 scalars (a later nanochat addition; model.py)
 
     # --- batch ---
     max_seq_len: int = 512
@@ -172,6 +173,7 @@ class RunConfig(StrictConfig):
     embedding_lr: float = 0.2
     unembedding_lr: float = 0.004
     matrix_lr: float = 0.02
+    scalar_lr: float = 0.5  # the x0 scalars' AdamW rate (the resid scalars get 1/100 of it); with residual_scalars
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 disables clipping
     warmup_ratio: float = 0.0
@@ -263,7 +265,7 @@ class RunConfig(StrictConfig):
         if self.tokenizer == "bpe" and not 265 <= self.bpe_vocab_size <= 65536:
             raise ConfigError("bpe_vocab_size", f"must be in 265..65536 (256 bytes + 9 special tokens, uint16 token "
                                                 f"files), got {self.bpe_vocab_size}")
-        for field in ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip",
+        for field in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "weight_decay", "grad_clip",
                       "sample_temperature"):
             non_negative(self, field)
         for field in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):

@@ -1,8 +1,9 @@
 """Optimizers and schedules of nanochat's original recipe.
 
 Muon for the 2-D weight matrices inside the transformer blocks; AdamW for the embedding and the output
-head, with learning rates that shrink as the model widens. The learning rate is flat, then decays linearly
-over the last part of training; Muon's momentum warms up over the first 300 steps.
+head, with learning rates that shrink as the model widens, and for the residual scalars when the model has
+them. The learning rate is flat, then decays linearly over the last part of training; Muon's momentum warms
+up over the first 300 steps.
 """
 
 import torch
@@ -13,6 +14,9 @@ from nanochat_flyte.model import GPT
 ADAMW_BETAS = (0.8, 0.95)
 ADAMW_EPS = 1e-10
 LR_REFERENCE_DIM = 768  # the width nanochat's AdamW learning rates were tuned at
+# The residual scalars multiply the whole residual stream, and a change compounds through the layers: nanochat
+# found they need about 1/100 of the learning rate of the x0 scalars, which only add a fraction of the embedding.
+RESID_LAMBDA_LR_FRACTION = 0.01
 MUON_MOMENTUM_START, MUON_MOMENTUM_END, MUON_MOMENTUM_WARMUP_STEPS = 0.85, 0.95, 300
 # Quintic Newton-Schulz coefficients from Keller Jordan's Muon write-up: they push every singular value
 # into roughly [0.7, 1.2] in 5 steps, which is orthogonal enough for an update direction.
@@ -69,19 +73,25 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_optimizers(model: GPT, config: RunConfig) -> list[torch.optim.Optimizer]:
-    """[AdamW for embedding + head, Muon for the block matrices]; every group records its "initial_lr"."""
+    """[AdamW for embedding, head (and the residual scalars), Muon for the block matrices]; every group records
+    its "initial_lr"."""
     embedding = list(model.transformer.wte.parameters())
     head = list(model.lm_head.parameters())
     matrices = list(model.transformer.h.parameters())
-    if len(embedding) + len(head) + len(matrices) != len(list(model.parameters())):
-        raise ValueError("build_optimizers: the model has parameters outside wte, lm_head and the blocks")
+    scalars = model.scalar_parameters()
+    if len(embedding) + len(head) + len(matrices) + len(scalars) != len(list(model.parameters())):
+        raise ValueError("build_optimizers: the model has parameters outside wte, lm_head, the blocks and the "
+                         "residual scalars")
     width_scale = (model.config.n_embd / LR_REFERENCE_DIM) ** -0.5  # wider model -> smaller AdamW steps
     on_cuda = embedding[0].is_cuda
-    adamw = torch.optim.AdamW(
-        [dict(params=embedding, lr=config.embedding_lr * width_scale),
-         dict(params=head, lr=config.unembedding_lr * width_scale)],
-        betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=config.weight_decay, fused=on_cuda,
-    )
+    groups = [dict(params=embedding, lr=config.embedding_lr * width_scale),
+              dict(params=head, lr=config.unembedding_lr * width_scale)]
+    if scalars:  # never decayed: weight decay would pull the residual's scale towards 0
+        resid_lambdas, x0_lambdas = scalars
+        groups += [dict(params=[resid_lambdas], lr=config.scalar_lr * RESID_LAMBDA_LR_FRACTION, weight_decay=0.0),
+                   dict(params=[x0_lambdas], lr=config.scalar_lr, weight_decay=0.0)]
+    adamw = torch.optim.AdamW(groups, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=config.weight_decay,
+                              fused=on_cuda)
     muon = Muon(matrices, lr=config.matrix_lr, weight_decay=config.weight_decay)
     optimizers = [adamw, muon]
     for optimizer in optimizers:

@@ -115,7 +115,7 @@ def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], 
 
 def build_model(config: RunConfig, vocab_size: int, device: torch.device) -> GPT:
     torch.manual_seed(config.seed)  # the same initial weights on every rank and every run of a config
-    model = GPT(GPTConfig.from_depth(config.depth, vocab_size, config.max_seq_len)).to(device)
+    model = GPT(GPTConfig.from_depth(config.depth, vocab_size, config.max_seq_len, config.residual_scalars)).to(device)
     model.init_weights()
     return model
 
@@ -532,8 +532,8 @@ class Trainer:
 
 
 # What a resumed run must share with the run it continues: the model's shape and the data stream's order.
-RESUME_KEEPS = ("depth", "max_seq_len", "tokenizer", "bpe_vocab_size", "seed", "data_url", "num_shards", "val_shard",
-                "only_needed_shards")
+RESUME_KEEPS = ("depth", "residual_scalars", "max_seq_len", "tokenizer", "bpe_vocab_size", "seed", "data_url",
+                "num_shards", "val_shard", "only_needed_shards")
 
 
 def check_resume(config: RunConfig, checkpoint: str | Path) -> None:
@@ -544,6 +544,7 @@ def check_resume(config: RunConfig, checkpoint: str | Path) -> None:
     if state is None or saved is None or read_checkpoint_json(checkpoint, MODEL_CONFIG_FILE) is None:
         raise ConfigError("resume_from", f"{checkpoint} is not a checkpoint directory (no {TRAINING_STATE_FILE} "
                                          f"and {CONFIG_FILE})", "main")
+    saved = RunConfig().to_dict() | saved  # a field newer than the checkpoint has its default there
     for field in RESUME_KEEPS:
         if getattr(config, field) != saved[field]:
             raise ConfigError(field, f"{getattr(config, field)!r} differs from {saved[field]!r} in the checkpoint "

@@ -59,10 +59,11 @@ def test_sft_lowers_the_loss_on_held_out_assistant_tokens(base_checkpoint, hub_s
 
 
 def test_sft_inherits_the_base_runs_batch_and_scaled_learning_rates():
-    base = RunConfig(run_name="base_run")
+    base = RunConfig(run_name="base_run", residual_scalars=True, scalar_lr=0.2)
     config = sft_run_config(ChatConfig(init_lr_frac=0.5), base)
     assert (config.max_seq_len, config.device_batch_size, config.total_batch_size) == (512, 16, 65536)
-    assert (config.matrix_lr, config.embedding_lr) == (0.01, 0.1)
+    assert (config.matrix_lr, config.embedding_lr, config.scalar_lr) == (0.01, 0.1, 0.1)
+    assert config.residual_scalars  # the base model's shape
     assert config.run_name == "base_run_sft" and config.warmdown_ratio == 0.5
     with pytest.raises(ConfigError, match=r"^ChatConfig\.total_batch_size: "):
         sft_run_config(ChatConfig(total_batch_size=1000), base)

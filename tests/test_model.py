@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -112,11 +113,13 @@ def test_fp16_and_bf16_autocast_keep_loss_in_float32():
         assert all(p.grad.dtype == torch.float32 for p in model.parameters())
 
 
-def test_kv_cache_chunk_after_prefix_matches_full_forward():
-    model = build()
-    randomize(model)
+@pytest.mark.parametrize("config", [TINY, dataclasses.replace(TINY, residual_scalars=True)],
+                         ids=["original", "residual_scalars"])
+def test_kv_cache_chunk_after_prefix_matches_full_forward(config):
+    model = build(config)
+    randomize(model)  # with residual scalars: every x0 and resid scalar non-trivial
     idx = torch.randint(0, TINY.vocab_size, (2, 10))  # batch of 2 through the cache
-    cache = KVCache(TINY, batch_size=2, max_len=10)
+    cache = KVCache(config, batch_size=2, max_len=10)
     with torch.no_grad():
         first = model(idx[:, :6], kv_cache=cache)
         second = model(idx[:, 6:], kv_cache=cache)  # 4 queries over 10 keys: the masked path
@@ -124,3 +127,28 @@ def test_kv_cache_chunk_after_prefix_matches_full_forward():
     torch.testing.assert_close(torch.cat([first, second], dim=1), full, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="KV cache"):
         model(idx[:, :1], kv_cache=cache)
+
+
+def test_residual_scalars_start_as_the_original_model_and_learn():
+    original, scalars = build(seed=1), build(dataclasses.replace(TINY, residual_scalars=True), seed=1)
+    assert scalars.num_params() == original.num_params() + 2 * TINY.n_layer
+    assert scalars.estimate_flops() == original.estimate_flops()  # scalars are not matmul weights
+    assert scalars.resid_lambdas.tolist() == [1.0, 1.0] and scalars.x0_lambdas.tolist() == [0.0, 0.0]
+    randomize(original)
+    with torch.no_grad():  # the same weights in both; scalars at their initial values
+        for name, parameter in original.named_parameters():
+            scalars.get_parameter(name).copy_(parameter)
+    idx = torch.randint(0, TINY.vocab_size, (2, 12))
+    torch.testing.assert_close(scalars(idx), original(idx))
+    scalars(idx, idx).backward()
+    assert scalars.x0_lambdas.grad.abs().min() > 0 and scalars.resid_lambdas.grad.abs().min() > 0
+    with torch.no_grad():
+        scalars.x0_lambdas.fill_(0.5)
+    assert not torch.allclose(scalars(idx), original(idx))  # x0 now reaches every block
+
+
+def test_a_model_config_from_before_residual_scalars_loads_as_the_original_model():
+    saved = TINY.to_dict()
+    del saved["residual_scalars"]
+    assert GPTConfig.from_dict(saved) == TINY and not GPTConfig.from_dict(saved).residual_scalars
+    assert GPTConfig.from_depth(2, 100, 16, residual_scalars=True).residual_scalars

@@ -7,9 +7,10 @@ from nanochat_flyte.optim import (Muon, apply_schedules, build_optimizers, lr_mu
                                   orthogonalize)
 
 
-def tiny_model() -> GPT:
+def tiny_model(residual_scalars: bool = False) -> GPT:
     torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32,
+                          residual_scalars=residual_scalars))
     model.init_weights()
     return model
 
@@ -45,6 +46,20 @@ def test_param_groups_and_width_scaled_learning_rates():
     assert [g["initial_lr"] for g in muon.param_groups] == [0.02]
     optimized = {id(p) for opt in (adamw, muon) for g in opt.param_groups for p in g["params"]}
     assert optimized == {id(p) for p in model.parameters()}
+
+
+def test_residual_scalars_get_their_own_undecayed_adamw_groups():
+    model = tiny_model(residual_scalars=True)
+    config = RunConfig(scalar_lr=0.2, weight_decay=0.1)
+    adamw, muon = build_optimizers(model, config)
+    resid, x0 = adamw.param_groups[2:]
+    assert resid["params"] == [model.resid_lambdas] and x0["params"] == [model.x0_lambdas]
+    assert (resid["initial_lr"], x0["initial_lr"]) == pytest.approx((0.002, 0.2))  # resid: 1/100 of the x0 rate
+    assert resid["weight_decay"] == x0["weight_decay"] == 0.0 and adamw.param_groups[0]["weight_decay"] == 0.1
+    optimized = {id(p) for opt in (adamw, muon) for g in opt.param_groups for p in g["params"]}
+    assert optimized == {id(p) for p in model.parameters()}
+    apply_schedules([adamw, muon], config.num_iterations - 1, config)  # the schedule scales them like the rest
+    assert x0["lr"] == pytest.approx(0.2 * lr_multiplier(config.num_iterations - 1, config))
 
 
 def test_loss_decreases_when_overfitting_one_batch():

@@ -2,6 +2,7 @@
 copy where the user chose; a CORE failure after training loses nothing."""
 
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -64,11 +65,23 @@ def test_a_finished_run_is_extended_and_its_learning_rate_warms_down_again(finis
     (dict(depth=2), r"RunConfig\.depth: 2 differs from 1 in the checkpoint being resumed"),
     (dict(num_iterations=4), r"RunConfig\.num_iterations: 4 is fewer than the 6 steps"),
     (dict(seed=7), r"RunConfig\.seed: 7 differs from 42"),
+    (dict(residual_scalars=True), r"RunConfig\.residual_scalars: True differs from False"),
 ])
 def test_an_incompatible_resume_is_refused_before_anything_runs(finished, changes, message):
     config, _, _, save_to = finished
     with pytest.raises(ConfigError, match=message):
         check_resume(tiny_config(config.data_url, **changes), str(save_to))
+
+
+def test_a_checkpoint_older_than_a_config_field_resumes_with_its_default(finished, tmp_path):
+    config, _, _, save_to = finished
+    shutil.copytree(save_to, tmp_path / "old")
+    saved = json.loads((tmp_path / "old" / "config.json").read_text())
+    del saved["residual_scalars"]  # written before the field existed: it had the original model
+    (tmp_path / "old" / "config.json").write_text(json.dumps(saved))
+    check_resume(tiny_config(config.data_url, num_iterations=8), str(tmp_path / "old"))
+    with pytest.raises(ConfigError, match=r"RunConfig\.residual_scalars: True differs from False"):
+        check_resume(tiny_config(config.data_url, num_iterations=8, residual_scalars=True), str(tmp_path / "old"))
 
 
 def test_resume_from_a_folder_without_a_checkpoint_fails_in_setup(served, tmp_path):

@@ -7,6 +7,7 @@ import torch
 from helpers import load_bench, make_data_dir, tiny_config
 
 from nanochat_flyte.device import select_precision
+from nanochat_flyte.engine import Engine, SamplingParams
 from nanochat_flyte.model import GPT
 from nanochat_flyte.train import SAMPLE_PROMPTS, halved_batch_size, train, train_step
 
@@ -84,14 +85,14 @@ class Killed(Exception):
     pass
 
 
+def kill_at_save(path):
+    raise Killed
+
+
 def test_a_killed_and_resumed_run_repeats_the_straight_losses_exactly(straight_run, data_dir, tmp_path):
     _, straight, _ = straight_run
-
-    def kill_after_first_save(path):
-        raise Killed
-
     with pytest.raises(Killed):
-        train(tiny_config(), data_dir, tmp_path / "first", on_save=kill_after_first_save)
+        train(tiny_config(), data_dir, tmp_path / "first", on_save=kill_at_save)
     assert json.loads((tmp_path / "first" / "training_state.json").read_text())["steps_completed"] == 3
     summary = train(tiny_config(), data_dir, tmp_path / "resumed", resume_dir=tmp_path / "first")
 
@@ -101,6 +102,19 @@ def test_a_killed_and_resumed_run_repeats_the_straight_losses_exactly(straight_r
     assert summary["final_validation_bpb"] == straight_run[0]["final_validation_bpb"]
     samples = read_jsonl(tmp_path / "resumed" / "samples.jsonl")
     assert samples == read_jsonl(straight / "samples.jsonl")
+
+
+def test_residual_scalars_are_trained_saved_resumed_exactly_and_served(data_dir, tmp_path):
+    config = tiny_config(residual_scalars=True, scalar_lr=0.5)
+    train(config, data_dir, tmp_path / "straight")
+    with pytest.raises(Killed):
+        train(config, data_dir, tmp_path / "first", on_save=kill_at_save)
+    train(config, data_dir, tmp_path / "resumed", resume_dir=tmp_path / "first")
+    assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "straight")
+    assert json.loads((tmp_path / "straight" / "model_config.json").read_text())["residual_scalars"] is True
+    engine = Engine.from_checkpoint(tmp_path / "straight", device="cpu")
+    assert engine.model.x0_lambdas.abs().min() > 0  # learned, from 0
+    assert engine.generate_batch([[engine.tokenizer.eot_token]], SamplingParams(max_tokens=4))[0].text
 
 
 def test_out_of_memory_halves_the_device_batch_and_keeps_the_effective_batch(straight_run, data_dir, tmp_path,
