@@ -7,20 +7,8 @@ DIR_OR_URI is a checkpoint directory (docs/architecture.md) or any fsspec URI to
 """
 
 
-import tiktoken
-
 from nanochat_flyte.cli import ArgumentParser
-from nanochat_flyte.device import Precision
 from nanochat_flyte.engine import Engine, SamplingParams
-from nanochat_flyte.model import GPT
-
-
-def complete(model: GPT, tokenizer: tiktoken.Encoding, prompt: str, *, max_tokens: int, temperature: float,
-             top_k: int | None, seed: int, precision: Precision) -> str:
-    """The model's continuation of prompt (without the prompt), decoded: up to max_tokens, or until the end of
-    the text or of the model's context."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed)
-    return Engine(model, tokenizer, precision).complete(prompt, params).text
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -105,9 +105,11 @@ class Tracker:
         if not self.is_writer:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None:
-            truncate_jsonl(self.out_dir / METRICS_FILE, resume_step)
-            truncate_jsonl(self.out_dir / SAMPLES_FILE, resume_step)
+        for name in (METRICS_FILE, SAMPLES_FILE):
+            if resume_step is not None:
+                truncate_jsonl(self.out_dir / name, resume_step)
+            else:  # a new run in a used directory: the old run's records would mix with this one's
+                (self.out_dir / name).unlink(missing_ok=True)
         # the W&B samples table is cumulative: a resumed run starts with the samples already taken
         self.sample_rows = [[row["step"], row["prompt"], row["completion"]]
                             for row in read_jsonl(self.out_dir / SAMPLES_FILE)]

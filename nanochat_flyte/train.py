@@ -45,12 +45,12 @@ from nanochat_flyte.config import ConfigError, RunConfig, load_config
 from nanochat_flyte.core_eval import core_log_metrics, evaluate_core, load_bundle
 from nanochat_flyte.dataloader import TokenLoader, shard_files, validation_tokens
 from nanochat_flyte.device import Precision, mfu, peak_flops, select_device, select_precision
+from nanochat_flyte.engine import Engine, SamplingParams
 from nanochat_flyte.environment import environment_report
 from nanochat_flyte.evaluate import evaluate_bpb
 from nanochat_flyte.model import GPT, GPTConfig
 from nanochat_flyte.optim import apply_schedules, build_optimizers, lr_multiplier
 from nanochat_flyte.report import write_report
-from nanochat_flyte.sample import complete
 from nanochat_flyte.tokenizer import load_tokenizer, token_byte_lengths
 from nanochat_flyte.tracking import Tracker
 
@@ -262,11 +262,14 @@ class Pretraining(Phase):
 
     def samples(self, model, precision):
         config = self.config
-        return [{"prompt": prompt,
-                 "completion": complete(model, self.tokenizer, prompt, max_tokens=config.sample_max_tokens,
-                                        temperature=config.sample_temperature, top_k=config.sample_top_k or None,
-                                        seed=config.seed, precision=precision)}
-                for prompt in SAMPLE_PROMPTS]
+        engine = Engine(model, self.tokenizer, precision)
+        params = SamplingParams(max_tokens=config.sample_max_tokens, temperature=config.sample_temperature,
+                                top_k=config.sample_top_k or None, seed=config.seed)
+        # A prompt longer than a short context leaves room for the sample: its start is cropped (nanoGPT's way)
+        room = max(1, engine.context - config.sample_max_tokens)
+        prompts = [engine.completion_prompt(prompt)[-room:] for prompt in SAMPLE_PROMPTS]
+        return [{"prompt": prompt, "completion": completion.text}
+                for prompt, completion in zip(SAMPLE_PROMPTS, engine.generate_batch(prompts, params))]
 
 
 # ---------------------------------------------------------------------- the loop

@@ -1,6 +1,7 @@
 import json
 import math
 import re
+import shutil
 
 import pytest
 import torch
@@ -62,6 +63,14 @@ def test_a_run_writes_the_checkpoint_directory_and_its_records(straight_run, cap
     assert "The capital of France is" in {s["prompt"] for s in samples}
 
 
+def test_a_new_run_in_a_used_directory_starts_its_records_anew(straight_run, data_dir, tmp_path):
+    _, straight, _ = straight_run
+    shutil.copytree(straight, tmp_path / "used")
+    train(tiny_config(num_iterations=2, eval_every=2, sample_every=2), data_dir, tmp_path / "used")
+    assert [r["step"] for r in read_jsonl(tmp_path / "used" / "metrics.jsonl")] == [0, 1, 2, 2]
+    assert {s["step"] for s in read_jsonl(tmp_path / "used" / "samples.jsonl")} == {2}
+
+
 def test_the_loss_falls(data_dir, tmp_path):
     summary = train(tiny_config(num_iterations=10, eval_every=10, sample_every=10, save_every=10), data_dir, tmp_path)
     losses = [loss for _, loss in train_losses(tmp_path)]
@@ -79,6 +88,15 @@ def test_log_lines_are_nanochat_style(data_dir, tmp_path, capsys):
     assert line.search(out), out
     assert re.search(r"^step 00002 \| validation bpb: \d+\.\d{4}", out, re.MULTILINE)
     assert re.search(r"^step 00002 \| sample: 'The capital of France is' -> ", out, re.MULTILINE)
+
+
+def test_a_context_shorter_than_the_sample_prompts_crops_them_instead_of_failing(data_dir, tmp_path):
+    summary = train(tiny_config(max_seq_len=8, num_iterations=2, sample_every=2, sample_max_tokens=4), data_dir,
+                    tmp_path)
+    assert summary["status"] == "completed"
+    samples = read_jsonl(tmp_path / "samples.jsonl")
+    assert [s["prompt"] for s in samples] == list(SAMPLE_PROMPTS)  # logged whole, cropped for the model only
+    assert all(s["completion"] for s in samples)
 
 
 class Killed(Exception):
