@@ -51,7 +51,7 @@ def finished_run(out_dir: Path, config: RunConfig) -> dict | None:
     """The summary of a finished run of this very config in out_dir, if there is one."""
     try:
         summary = json.loads((out_dir / "training_state.json").read_text())
-        saved = json.loads((out_dir / "config.json").read_text())
+        saved = RunConfig().to_dict() | json.loads((out_dir / "config.json").read_text())  # older: defaults
     except (OSError, ValueError):
         return None
     same = all(saved.get(key) == value for key, value in config.to_dict().items() if key not in RUN_NAME_FIELDS)

@@ -25,6 +25,11 @@ def test_reference_preset_matches_defaults_and_validates():
     assert preset == RunConfig()
 
 
+def test_tuned_preset_is_the_reference_run_with_three_changes():
+    tuned = RunConfig.from_file(CONFIGS / "d8_t4_tuned.yaml").validate()
+    assert tuned == dataclasses.replace(RunConfig(), warmdown_ratio=0.4, residual_scalars=True, scalar_lr=0.2)
+
+
 def test_every_preset_validates():
     for path in CONFIGS.glob("*.yaml"):  # chat_*.yaml are ChatConfig presets (the chat stage)
         (ChatConfig if path.name.startswith("chat_") else RunConfig).from_file(path).validate()

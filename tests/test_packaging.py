@@ -154,6 +154,13 @@ def test_reference_launch_plan_defaults_to_the_d8_t4_preset(entities):
     assert not plan.spec.entity_metadata.HasField("schedule")
 
 
+def test_tuned_launch_plan_defaults_to_the_tuned_preset(entities):
+    plan = entities["launch_plan"]["nanochat_d8_t4_tuned"]
+    assert plan.spec.workflow_id.name == "workflows.nanochat.main"
+    assert config_default(plan) == RunConfig.from_file(ROOT / "configs" / "d8_t4_tuned.yaml")
+    assert config_default(plan).residual_scalars
+
+
 def test_nightly_launch_plan_is_scheduled_and_mails_on_failure(entities):
     plan = entities["launch_plan"]["nanochat_nightly"]
     assert config_default(plan) == RunConfig.from_file(ROOT / "configs" / "d8_t4.yaml")

@@ -1,6 +1,7 @@
 """Named launch plans of `main`, registered with `pyflyte register workflows` (see docs/cluster.md).
 
     nanochat_d8_t4     the reference run: configs/d8_t4.yaml as its default input (editable at launch)
+    nanochat_d8_t4_tuned  the same run with later nanochat recipe changes: configs/d8_t4_tuned.yaml
     nanochat_nightly   the reference run every night; e-mails on failure. Inactive until activated.
     nanochat_chat_d8_t4  the whole pipeline on T4s: the reference run, CORE, SFT (configs/chat_d8_t4.yaml), chat eval
 
@@ -20,6 +21,7 @@ from workflows.nanochat import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 REFERENCE_CONFIG = RunConfig.from_file(CONFIGS / "d8_t4.yaml")
+TUNED_CONFIG = RunConfig.from_file(CONFIGS / "d8_t4_tuned.yaml")
 REFERENCE_CHAT_CONFIG = ChatConfig.from_file(CONFIGS / "chat_d8_t4.yaml")
 NIGHTLY_CRON = os.environ.get("NANOCHAT_NIGHTLY_CRON", "0 3 * * *")
 ALERT_EMAILS = [address.strip() for address in os.environ.get("NANOCHAT_ALERT_EMAILS", "").split(",")
@@ -30,6 +32,12 @@ nanochat_d8_t4 = LaunchPlan.get_or_create(
     main,
     name="nanochat_d8_t4",
     default_inputs={"config": REFERENCE_CONFIG},
+)
+
+nanochat_d8_t4_tuned = LaunchPlan.get_or_create(
+    main,
+    name="nanochat_d8_t4_tuned",
+    default_inputs={"config": TUNED_CONFIG},
 )
 
 nanochat_nightly = LaunchPlan.get_or_create(
