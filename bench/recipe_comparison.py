@@ -111,4 +111,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from nanochat_flyte.cli import run
+
+    run(main)  # a misspelt field or value is one line, before any data is prepared

@@ -1,6 +1,10 @@
 """bench/recipe_comparison.py: every variant trains at every seed on one shared data directory, the table compares
 means against the first variant, and a finished run of the same config is read instead of trained again."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from helpers import load_bench
 
@@ -45,4 +49,15 @@ def test_variants_that_would_need_different_data_are_refused(corpus, tmp_path):
     with pytest.raises(SystemExit, match="differ in bpe_vocab_size"):
         comparison.main(["--corpus", str(corpus), "--out", str(tmp_path), "--variant", "reference",
                          "--variant", "other bpe_vocab_size=400", *TINY])
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_misspelt_field_is_one_line_before_any_work(corpus, tmp_path):
+    script = Path(__file__).resolve().parents[1] / "bench" / "recipe_comparison.py"
+    result = subprocess.run([sys.executable, str(script), "--corpus", str(corpus), "--out", str(tmp_path),
+                             "--variant", "reference", "--variant", "typo warmdown_ration=0.4"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: RunConfig.warmdown_ration: unknown field; did you mean warmdown_ratio?"]
     assert not (tmp_path / "data").exists()
