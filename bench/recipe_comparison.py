@@ -20,7 +20,7 @@ import json
 import statistics
 from pathlib import Path
 
-from nanochat_flyte.config import RunConfig, load_config, parse_override
+from nanochat_flyte.config import RunConfig, parse_override
 from nanochat_flyte.prepare import prepare_data
 from nanochat_flyte.train import train
 
@@ -31,7 +31,6 @@ PROXY = dict(num_shards=2, tokenizer="bpe", bpe_vocab_size=8192, depth=4, max_se
              total_batch_size=4096, num_iterations=300, eval_every=50, eval_tokens=131_072, sample_every=1000,
              save_every=1000, device="cpu", compile=False, wandb_mode="disabled", evaluate_core=False,
              eval_bundle_url="")
-RUN_NAME_FIELDS = ("run_name",)  # differ between otherwise identical runs; ignored when reusing a finished run
 # The variants share one data directory, so they must agree on what goes into it.
 DATA_FIELDS = ("data_url", "num_shards", "val_shard", "only_needed_shards", "tokenizer", "bpe_vocab_size",
                "bpe_train_chars")
@@ -44,7 +43,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 
 def variant_config(corpus: str, seed: int, overrides: dict, common: dict) -> RunConfig:
-    return load_config(None, RunConfig, **(PROXY | {"data_url": corpus, "seed": seed} | common | overrides)).validate()
+    return RunConfig.from_mapping(PROXY | {"data_url": corpus, "seed": seed} | common | overrides).validate()
 
 
 def finished_run(out_dir: Path, config: RunConfig) -> dict | None:
@@ -54,7 +53,8 @@ def finished_run(out_dir: Path, config: RunConfig) -> dict | None:
         saved = RunConfig().to_dict() | json.loads((out_dir / "config.json").read_text())  # older: defaults
     except (OSError, ValueError):
         return None
-    same = all(saved.get(key) == value for key, value in config.to_dict().items() if key not in RUN_NAME_FIELDS)
+    # run_name is filled in per run, so it differs between otherwise identical runs
+    same = all(saved.get(key) == value for key, value in config.to_dict().items() if key != "run_name")
     return summary if same and summary.get("status") == "completed" else None
 
 
