@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from nanochat_flyte.config import CHAT_EVAL_TASKS, ChatConfig, ConfigError
+from nanochat_flyte.config import CHAT_EVAL_TASKS, ChatConfig, ConfigError, RLConfig
 from nanochat_flyte.conversation import ConversationError, normalize
 from nanochat_flyte.download import DownloadError, Retry, write_bytes_atomically
 from nanochat_flyte.hub import download_split, file_records, hub_endpoint, iter_rows, parquet_urls
@@ -138,8 +138,8 @@ def categorical_item(task: str, question: Callable[[dict], tuple[str, list[str],
     return item
 
 
-def gsm8k_item(row: dict, index: int) -> dict:
-    return {"task": "gsm8k", "id": f"gsm8k/{index}", "messages": [{"role": "user", "content": row["question"]}],
+def gsm8k_item(row: dict, index: int, id_prefix: str = "gsm8k") -> dict:
+    return {"task": "gsm8k", "id": f"{id_prefix}/{index}", "messages": [{"role": "user", "content": row["question"]}],
             "answer": gsm8k_final_answer(row["answer"])}
 
 
@@ -186,6 +186,8 @@ EVAL_SOURCES = {
                         ("task_id", "prompt", "canonical_solution", "test", "entry_point"), humaneval_item),
 }
 assert tuple(EVAL_SOURCES) == CHAT_EVAL_TASKS, "config.CHAT_EVAL_TASKS names the tasks this module provides"
+# RL's problems: GSM8K's training split as evaluation items (the reward checks the final number)
+RL_SOURCE = Source("openai/gsm8k", "main", "train", GSM8K_COLUMNS, partial(gsm8k_item, id_prefix="gsm8k_train"))
 
 
 def convert_split(source: Source, endpoint: str = "", cache_dir: Path | None = None) -> tuple[list[bytes], dict]:
@@ -295,12 +297,35 @@ def prepare_eval_data(tasks: list[str], out_dir: Path, endpoint: str = "", cache
     return manifest
 
 
-def check_hub_endpoint(config: ChatConfig) -> None:
-    """Fail fast, before any GPU starts, unless the endpoint answers the parquet listing API (probed with the
-    SmolTalk test split, which every run needs for its validation conversations)."""
+def prepare_rl_data(config: RLConfig, out_dir: Path, cache_dir: Path | None = None) -> dict:
+    """Write RL's problems: out_dir/train.jsonl (GSM8K train, all or a seeded subset of max_problems),
+    out_dir/val.jsonl (a seeded subset of eval_problems GSM8K test problems) and out_dir/manifest.json (written
+    last). Returns the manifest. Only the data fields of `config` count here: its callers validated the whole."""
     endpoint = hub_endpoint(config.hf_endpoint)
+    out_dir = Path(out_dir)
+    parts = {}
+    for name, source, wanted in (("train", RL_SOURCE, config.max_problems),
+                                 ("val", EVAL_SOURCES["gsm8k"], config.eval_problems)):
+        lines, record = convert_split(source, endpoint, cache_dir)
+        if wanted and wanted < len(lines):
+            lines = random.Random(f"{config.seed}/{name}").sample(lines, wanted)
+        write_bytes_atomically(out_dir / f"{name}.jsonl", lines)
+        parts[name] = record | {"problems": len(lines)}
+        print(f"rl data: {name}: {len(lines):,} GSM8K problems of {record['rows']:,} ({record['skipped']:,} rows "
+              f"skipped)", flush=True)
+    manifest = {"endpoint": endpoint, "seed": config.seed, "max_problems": config.max_problems,
+                "eval_problems": config.eval_problems, **parts}
+    write_bytes_atomically(out_dir / "manifest.json", [json.dumps(manifest, indent=1).encode()])
+    return manifest
+
+
+def check_hub_endpoint(config: ChatConfig | RLConfig) -> None:
+    """Fail fast, before any GPU starts, unless the endpoint answers the parquet listing API (probed with a split
+    the stage needs: SmolTalk's test split for SFT's validation conversations, GSM8K's test split for RL)."""
+    endpoint = hub_endpoint(config.hf_endpoint)
+    probe = EVAL_SOURCES["gsm8k"] if isinstance(config, RLConfig) else VAL_SOURCE
     try:
-        parquet_urls(VAL_SOURCE.repo, VAL_SOURCE.subset, VAL_SOURCE.split, endpoint, PROBE_RETRY)
+        parquet_urls(probe.repo, probe.subset, probe.split, endpoint, PROBE_RETRY)
     except DownloadError as e:
         raise ConfigError("hf_endpoint", f"{endpoint} does not answer the hub's parquet listing API "
-                                         f"({e.url}): {e.cause}", "ChatConfig") from e
+                                         f"({e.url}): {e.cause}", type(config).__name__) from e

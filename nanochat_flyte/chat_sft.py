@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,8 +30,8 @@ from nanochat_flyte.cli import ArgumentParser
 from nanochat_flyte.chat_data import prepare_sft_data, read_jsonl
 from nanochat_flyte.checkpoint import (CONFIG_FILE, TOKENIZER_DIR, fetch_checkpoint, load_checkpoint,
                                        read_checkpoint_json)
-from nanochat_flyte.config import ChatConfig, ConfigError, RunConfig, load_config, parse_override
-from nanochat_flyte.conversation import ChatTokens, render_prompt
+from nanochat_flyte.config import ChatConfig, ConfigError, RLConfig, RunConfig, load_config, parse_override
+from nanochat_flyte.conversation import ChatTokens
 from nanochat_flyte.download import default_cache_dir
 from nanochat_flyte.engine import Engine, SamplingParams
 from nanochat_flyte.environment import environment_report
@@ -44,13 +45,13 @@ CHAT_SAMPLE_PROMPTS = (
     "Why is the sky blue?",
     "If 5*x + 3 = 13, what is x?",
 )
-SFT_DATA_WAIT_S = 3600  # other ranks wait this long for rank 0 to prepare the data (a full SmolTalk download)
+DATA_WAIT_S = 3600  # other ranks wait this long for rank 0 to prepare the data (a full SmolTalk download)
 
 
 class FineTuning(Phase):
     """Next-token prediction on the assistant's turns of the SFT mixture; validation loss on held-out ones."""
 
-    name, metric = "chat", "loss"
+    name, stage, metric = "chat", "chat", "loss"
 
     def __init__(self, config: RunConfig, chat_config: ChatConfig, base_dir: Path, data_dir: Path):
         self.config, self.chat_config, self.base_dir = config, chat_config, Path(base_dir)
@@ -98,20 +99,29 @@ class FineTuning(Phase):
         return (total[0] / total[1]).item()
 
     def samples(self, model, precision):
-        engine = Engine(model, self.tokenizer, precision, phase="chat")
-        prompts = [render_prompt(self.tokenizer, [{"role": "user", "content": text}]) for text in CHAT_SAMPLE_PROMPTS]
-        params = SamplingParams(max_tokens=self.chat_config.sample_max_tokens, seed=self.config.seed)
-        return [{"prompt": text, "completion": completion.text}
-                for text, completion in zip(CHAT_SAMPLE_PROMPTS, engine.generate_batch(prompts, params))]
+        return chat_samples(Engine(model, self.tokenizer, precision, phase="chat"), self.config)
 
     def load_weights(self, model):
-        weights = load_checkpoint(self.base_dir)["model"]
-        model.load_state_dict(weights)
+        model.load_state_dict(load_checkpoint(self.base_dir)["model"])
 
     def info(self):
         return {"base_checkpoint": str(self.base_dir), "chat_config": self.chat_config.to_dict(),
                 "sft_data": {key: value for key, value in self.manifest.items() if key != "sources"},
                 "train_conversations": len(self.train), "trained_tokens": self.train.trained_tokens}
+
+
+def chat_samples(engine: Engine, config: RunConfig) -> list[dict[str, str]]:
+    """Greedy replies of a chat model to CHAT_SAMPLE_PROMPTS (what SFT and RL log as samples)."""
+    prompts = [engine.chat_prompt([{"role": "user", "content": text}]) for text in CHAT_SAMPLE_PROMPTS]
+    params = SamplingParams(max_tokens=config.sample_max_tokens, seed=config.seed)
+    return [{"prompt": text, "completion": completion.text}
+            for text, completion in zip(CHAT_SAMPLE_PROMPTS, engine.generate_batch(prompts, params))]
+
+
+def checkpoint_run_config(checkpoint_dir: Path) -> RunConfig:
+    """The RunConfig the training loop of a checkpoint ran with."""
+    return RunConfig.from_mapping(read_checkpoint_json(checkpoint_dir, CONFIG_FILE)
+                                  or load_checkpoint(checkpoint_dir)["config"])
 
 
 def sft_run_config(chat: ChatConfig, base: RunConfig) -> RunConfig:
@@ -145,8 +155,7 @@ def train_chat(chat: ChatConfig, base_dir: Path, data_dir: Path, out_dir: Path, 
     """Fine-tune the base checkpoint in base_dir on the SFT data in data_dir (chat_data.prepare_sft_data); write
     the chat checkpoint directory to out_dir; return the summary."""
     chat.validate()
-    base = RunConfig.from_mapping(read_checkpoint_json(base_dir, CONFIG_FILE) or load_checkpoint(base_dir)["config"])
-    config = sft_run_config(chat, base)
+    config = sft_run_config(chat, checkpoint_run_config(base_dir))
     phase = FineTuning(config, chat, base_dir, data_dir)
     if not chat.num_iterations:  # one epoch of the mixture, rows_per_step rows of max_seq_len tokens a step
         rows_per_step = config.total_batch_size // config.max_seq_len
@@ -160,20 +169,28 @@ def train_chat(chat: ChatConfig, base_dir: Path, data_dir: Path, out_dir: Path, 
 # ---------------------------------------------------------------------- the CLI
 
 
-def sft_data_dir(chat: ChatConfig) -> Path:
-    """Where the CLI prepares the SFT data: a cache folder keyed by everything that decides its contents."""
-    keys = ("hf_endpoint", "smoltalk_epochs", "mmlu_epochs", "gsm8k_epochs", "max_conversations", "val_conversations",
-            "seed")
-    fingerprint = json.dumps({key: getattr(chat, key) for key in keys} | {"env": os.environ.get("HF_ENDPOINT", "")},
+SFT_DATA_KEYS = ("hf_endpoint", "smoltalk_epochs", "mmlu_epochs", "gsm8k_epochs", "max_conversations",
+                 "val_conversations", "seed")
+
+
+def data_cache_dir(name: str, config: ChatConfig | RLConfig, keys: tuple[str, ...]) -> Path:
+    """Where a CLI prepares its hub data: a cache folder keyed by everything that decides its contents."""
+    fingerprint = json.dumps({key: getattr(config, key) for key in keys} | {"env": os.environ.get("HF_ENDPOINT", "")},
                              sort_keys=True)
-    return default_cache_dir("sft_data") / hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    return default_cache_dir(name) / hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
 
 
-def wait_for(path: Path, seconds: float) -> None:
-    deadline = time.time() + seconds
-    while not path.exists():
+def prepared_on_rank_zero(data_dir: Path, prepare: Callable[[], object]) -> None:
+    """Rank 0 prepares the data (unless data_dir has it already); the other ranks wait for its manifest."""
+    if (data_dir / "manifest.json").exists():
+        return
+    if distributed_env()[0] == 0:
+        prepare()
+        return
+    deadline = time.time() + DATA_WAIT_S
+    while not (data_dir / "manifest.json").exists():
         if time.time() > deadline:
-            raise TimeoutError(f"rank 0 did not prepare {path} within {seconds:.0f}s")
+            raise TimeoutError(f"rank 0 did not prepare {data_dir} within {DATA_WAIT_S:.0f}s")
         time.sleep(5)
 
 
@@ -191,12 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
                        **dict(parse_override(item, "ChatConfig") for item in args.overrides)).validate()
     rank = distributed_env()[0]
     base_dir = fetch_checkpoint(args.base_checkpoint, args.out_dir.with_name(args.out_dir.name + "_base"))
-    data_dir = args.data_dir or sft_data_dir(chat)
-    if not (data_dir / "manifest.json").exists():
-        if rank == 0:
-            prepare_sft_data(chat, data_dir)
-        else:
-            wait_for(data_dir / "manifest.json", SFT_DATA_WAIT_S)
+    data_dir = args.data_dir or data_cache_dir("sft_data", chat, SFT_DATA_KEYS)
+    prepared_on_rank_zero(data_dir, lambda: prepare_sft_data(chat, data_dir))
     summary = train_chat(chat, base_dir, data_dir, args.out_dir, resume_dir=args.resume_dir,
                          env_report=environment_report() if rank == 0 else None)
     if rank == 0:

@@ -375,6 +375,104 @@ class ChatConfig(StrictConfig):
         return self
 
 
+@dataclass
+class RLConfig(StrictConfig):
+    """Reinforcement learning (RL) of a chat checkpoint on GSM8K (chat_rl.py): nanochat's simplified GRPO. For each
+    problem the model samples num_samples answers; an answer with the right final number earns reward 1, others 0;
+    each answer's tokens are pushed up or down by its reward minus the mean reward of its group. Defaults are
+    nanochat's: 16 problems x 16 answers a step, one epoch of GSM8K's training problems, the learning rate decaying
+    linearly to 0. A 0 below means "the SFT run's value"."""
+
+    # --- identity ---
+    run_name: str = ""  # empty: the SFT run's name + "_rl"
+    seed: int = 42
+
+    # --- data: GSM8K (openai/gsm8k, main) from the hub or a mirror, like ChatConfig ---
+    hf_endpoint: str = ""  # empty: $HF_ENDPOINT, else https://huggingface.co
+    max_problems: int = 0  # 0: every training problem (7,473); N: a fixed, seeded subset of N (smoke runs)
+    eval_problems: int = 400  # GSM8K test problems for the validation pass@1 during training
+
+    # --- rollouts ---
+    examples_per_step: int = 16  # problems per optimizer step, over all ranks
+    num_samples: int = 16  # answers sampled per problem: the group whose mean reward is the baseline
+    max_new_tokens: int = 256  # per answer (fewer where the prompt leaves less of the context)
+    temperature: float = 1.0
+    top_k: int = 50  # 0: the whole vocabulary
+
+    # --- training (0 = inherit from the SFT run) ---
+    num_iterations: int = 0  # 0: one epoch of the problems, examples_per_step a step
+    device_batch_size: int = 0  # answers per forward/backward pass
+    decode_batch_size: int = 0  # answers decoded together; 0: all of a step's (examples_per_step x num_samples / ranks)
+    embedding_lr: float = 0.0
+    unembedding_lr: float = 0.0
+    matrix_lr: float = 0.0
+    # of the SFT run's rates: nanochat's RL starts at 0.05 of the base rates, its SFT at 0.8 of them
+    init_lr_frac: float = 0.0625
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # 0 disables clipping (nanochat's RL does not clip)
+    eval_every: int = 60  # validation pass@1 (greedy) on eval_problems
+    sample_every: int = 60
+    sample_max_tokens: int = 64
+    save_every: int = 60
+
+    # --- hardware ---
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = True
+
+    # --- chat evaluation of the RL checkpoint (as ChatConfig's) ---
+    eval_tasks: str = ",".join(CHAT_EVAL_TASKS)
+    eval_max_per_task: int = 0
+    eval_batch_size: int = 8
+    eval_max_tokens: int = 256
+    humaneval: str = "auto"
+
+    # --- tracking, and where the RL checkpoint is kept ---
+    wandb_project: str = "nanochat"
+    wandb_entity: str = ""
+    wandb_mode: str = "auto"
+    save_to: str = ""
+
+    @property
+    def eval_task_list(self) -> list[str]:
+        return [task.strip() for task in self.eval_tasks.split(",") if task.strip()]
+
+    def chat_eval_config(self) -> "ChatConfig":
+        """The ChatConfig that the chat evaluation of the RL checkpoint runs with."""
+        return ChatConfig(seed=self.seed, hf_endpoint=self.hf_endpoint, device=self.device,
+                          **{field: getattr(self, field) for field in ("eval_tasks", "eval_max_per_task",
+                                                                       "eval_batch_size", "eval_max_tokens",
+                                                                       "humaneval")})
+
+    def validate(self) -> "RLConfig":
+        for field in ("seed", "max_problems", "num_iterations", "device_batch_size", "decode_batch_size", "top_k",
+                      "eval_max_per_task"):
+            at_least(self, field, 0)
+        for field in ("eval_problems", "examples_per_step", "max_new_tokens", "eval_every", "sample_every",
+                      "sample_max_tokens", "save_every", "eval_batch_size", "eval_max_tokens"):
+            at_least(self, field, 1)
+        at_least(self, "num_samples", 2)  # the baseline is the group's mean: one answer alone learns nothing
+        for field in ("temperature", "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip"):
+            non_negative(self, field)
+        if self.temperature == 0:
+            raise ConfigError("temperature", "must be > 0: greedy answers to one problem are all the same, so every "
+                                             "advantage is 0", "RLConfig")
+        fraction(self, "init_lr_frac")
+        if 0 < self.max_problems < self.examples_per_step:
+            raise ConfigError("max_problems", f"{self.max_problems} problems do not fill one step of "
+                                              f"examples_per_step {self.examples_per_step}", "RLConfig")
+        one_of(self, "dtype", DTYPES)
+        one_of(self, "device", DEVICES)
+        one_of(self, "wandb_mode", WANDB_MODES)
+        try:  # the evaluation fields, checked as the chat stage checks them
+            self.chat_eval_config().validate()
+        except ConfigError as error:
+            raise ConfigError(error.field, str(error).split(": ", 1)[1], "RLConfig") from None
+        if self.hf_endpoint and not self.hf_endpoint.startswith(("http://", "https://")):
+            raise ConfigError("hf_endpoint", f"must be an http(s) URL, got {self.hf_endpoint!r}", "RLConfig")
+        return self
+
+
 def load_config(path: str | Path | None = None, kind: type[StrictConfig] = RunConfig, **overrides: Any):
     """A preset file (optional) with overrides on top; an unknown field in either is a ConfigError."""
     config = kind.from_file(path) if path else kind()
@@ -402,10 +500,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser("nanochat_flyte.config", description=main.__doc__.splitlines()[0])
     parser.add_argument("preset", help="a preset file, e.g. configs/smoke.yaml")
     parser.add_argument("overrides", nargs="*", metavar="field=value")
-    parser.add_argument("--chat", action="store_true", help="a ChatConfig preset (the chat stage), not a RunConfig")
+    kinds = parser.add_mutually_exclusive_group()
+    kinds.add_argument("--chat", action="store_true", help="a ChatConfig preset (the chat stage), not a RunConfig")
+    kinds.add_argument("--rl", action="store_true", help="an RLConfig preset (reinforcement learning on GSM8K)")
     parser.add_argument("-o", "--output", type=Path, help="write the JSON to this file instead of stdout")
     args = parser.parse_intermixed_args(argv)  # field=value overrides may come before or after the options
-    kind = ChatConfig if args.chat else RunConfig
+    kind = ChatConfig if args.chat else RLConfig if args.rl else RunConfig
     overrides = dict(parse_override(assignment, kind.__name__) for assignment in args.overrides)
     config = load_config(args.preset, kind, **overrides).validate()
     text = json.dumps(config.to_dict())

@@ -70,6 +70,8 @@ class Completion:
     tokens: list[int]  # generated ids, without the stop token (with those that spelled a stop string)
     text: str  # decoded, cut before a stop string
     finish_reason: str  # "stop" (assistant_end, eot or a stop string) or "length" (max_tokens or the context)
+    forced: list[int] = field(default_factory=list)  # positions in tokens that the calculator wrote, not the model
+    stop_token: int | None = None  # the stop token the model sampled, if it stopped on one
 
 
 def sample_next_token(logits: torch.Tensor, generator: torch.Generator, temperature: float,
@@ -163,6 +165,8 @@ class Sequence:
     cancelled: bool = False  # set from another thread: the batch drops the sequence before its next step
     expression: list[int] | None = None  # the calculation being written, after <|python_start|>
     forced: list[int] = field(default_factory=list)  # the calculator's answer: the next tokens, not sampled
+    forced_at: list[int] = field(default_factory=list)  # where in tokens the calculator's answers went
+    stop_token: int | None = None
 
     @property
     def done(self) -> bool:
@@ -171,7 +175,7 @@ class Sequence:
     def accept(self, token: int) -> str:
         """Take the next sampled token; return the text it makes certain (may be empty)."""
         if token in self.stop_ids:
-            self.finish_reason = "stop"
+            self.finish_reason, self.stop_token = "stop", token
             return self.text.close()
         self.tokens.append(token)
         delta = self.text.add(token)
@@ -198,10 +202,14 @@ class Sequence:
 
     def next_token(self, sampled: int) -> int:
         """The token this sequence takes next: the calculator's answer comes before anything sampled."""
-        return self.forced.pop(0) if self.forced else sampled
+        if not self.forced:
+            return sampled
+        self.forced_at.append(len(self.tokens))
+        return self.forced.pop(0)
 
     def completion(self) -> Completion:
-        return Completion(list(self.tokens), self.text.text, self.finish_reason)
+        return Completion(list(self.tokens), self.text.text, self.finish_reason, list(self.forced_at),
+                          self.stop_token)
 
 
 class Batch:

@@ -78,18 +78,23 @@ def series(metrics: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 VALIDATION_METRICS = {"val/bpb": ("Validation bits per byte", "bpb"),  # pretraining
-                      "val/loss": ("Validation loss (assistant tokens)", "cross-entropy (nats)")}  # fine-tuning
+                      "val/loss": ("Validation loss (assistant tokens)", "cross-entropy (nats)"),  # fine-tuning
+                      "val/pass@1": ("Validation GSM8K pass@1 (greedy)", "share of problems solved")}  # RL
 
 
 def loss_figure(metrics: list[dict]) -> Figure | None:
-    """Training loss (raw and smoothed) and the validation metric against the step."""
+    """Training loss (raw and smoothed), or in RL the mean reward, and the validation metric against the step."""
     if not any("train/loss" in row or any(key in row for key in VALIDATION_METRICS) for row in metrics):
         return None
     figure = Figure(figsize=FIGURE_SIZE, dpi=DPI, layout="tight")
     loss_axes, val_axes = figure.subplots(1, 2)
-    loss_axes.plot(*series(metrics, "train/loss"), alpha=0.3, label="loss")
-    loss_axes.plot(*series(metrics, "train/loss_smooth"), label="loss (smoothed)")
-    loss_axes.set(title="Training loss", xlabel="step", ylabel="cross-entropy (nats)")
+    if any("rl/reward" in row for row in metrics):  # RL's loss is a surrogate; its reward says how it learns
+        loss_axes.plot(*series(metrics, "rl/reward"), label="mean reward of the step's answers")
+        loss_axes.set(title="Reward", xlabel="step", ylabel="reward")
+    else:
+        loss_axes.plot(*series(metrics, "train/loss"), alpha=0.3, label="loss")
+        loss_axes.plot(*series(metrics, "train/loss_smooth"), label="loss (smoothed)")
+        loss_axes.set(title="Training loss", xlabel="step", ylabel="cross-entropy (nats)")
     loss_axes.legend()
     key = next((key for key in VALIDATION_METRICS if any(key in row for row in metrics)), "val/bpb")
     title, label = VALIDATION_METRICS[key]
@@ -147,7 +152,8 @@ def headline_numbers(out_dir: Path, summary: dict) -> dict[str, str]:
         "average tokens / s": format_value(summary.get("avg_tok_per_sec")),
         "average MFU (%)": format_value(summary.get("avg_mfu")),
         **{f"{kind} validation {metric}": format_value(summary[f"{kind}_validation_{metric}"])
-           for metric in ("bpb", "loss") for kind in ("min", "final") if f"{kind}_validation_{metric}" in summary},
+           for metric in ("bpb", "loss", "pass@1") for kind in ("min", "max", "final")
+           if f"{kind}_validation_{metric}" in summary},
         "W&B run": summary.get("wandb_url") or "none online (offline runs are under wandb/)",
     }
 

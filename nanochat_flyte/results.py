@@ -28,20 +28,22 @@ def aggregate_results(config_dict: dict, environment: dict, manifest: dict, trai
     }
 
 
-CHAT_WORKFLOW_NAME = "nanochat_chat"
+# by the checkpoint's stage: the workflow, the key of its training summary, the key of the checkpoint it started from
+CHAT_STAGES = {"chat": ("nanochat_chat", "sft", "base_checkpoint"), "rl": ("chat_rl", "rl", "sft_checkpoint")}
 
 
-def chat_results(chat_config: dict, base_checkpoint: str, training: dict, evaluation: dict,
-                 checkpoint_dir: str) -> dict:
-    """The chat stage's results: the SFT summary (Trainer) and the chat evaluation (chat_eval.evaluate_chat)."""
+def chat_results(config: dict, start_checkpoint: str, training: dict, evaluation: dict, checkpoint_dir: str) -> dict:
+    """The results of a chat stage: SFT (from a base checkpoint) or RL (from an SFT one), as its training summary
+    (Trainer) and the chat evaluation of its checkpoint (chat_eval.evaluate_chat)."""
+    workflow, summary_key, start_key = CHAT_STAGES[training.get("stage", "chat")]
     return {
-        "workflow": CHAT_WORKFLOW_NAME,
+        "workflow": workflow,
         "run_name": training.get("run_name"),
-        "base_checkpoint": base_checkpoint,
-        "sft": {**training, "checkpoint_dir": checkpoint_dir},
+        start_key: start_checkpoint,
+        summary_key: {**training, "checkpoint_dir": checkpoint_dir},
         "chat_eval": evaluation,
         "chatcore": evaluation.get("chatcore"),
-        "config": chat_config,
+        "config": config,
         "wandb_url": training.get("wandb_url"),
     }
 

@@ -76,19 +76,27 @@ class StepResult:
     skipped: bool  # the grad scaler found inf/nan gradients and no optimizer stepped
 
 
+def next_token_loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
+    """The mean cross-entropy of a batch's (inputs, targets): pretraining's and SFT's loss."""
+    inputs, targets = batch
+    return model(inputs, targets)
+
+
 def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], batches: Iterator,
                grad_accum_steps: int, precision: Precision, grad_scaler: torch.amp.GradScaler | None,
-               grad_clip: float) -> StepResult:
-    """Forward/backward over grad_accum_steps micro-batches, then one step of every optimizer."""
+               grad_clip: float, loss_of: Callable[[torch.nn.Module, tuple], torch.Tensor] = next_token_loss
+               ) -> StepResult:
+    """Forward/backward over grad_accum_steps micro-batches, then one step of every optimizer. loss_of(model,
+    batch) is a micro-batch's loss (next_token_loss, or RL's policy-gradient loss)."""
     micro_losses = []
     for micro_step in range(grad_accum_steps):
-        inputs, targets = next(batches)
+        batch = next(batches)
         # under DDP, all-reduce the gradients once, after the last micro-batch
         last_micro_step = micro_step == grad_accum_steps - 1
         no_sync = isinstance(model, DistributedDataParallel) and not last_micro_step
         with model.no_sync() if no_sync else contextlib.nullcontext():
             with precision.autocast():
-                loss = model(inputs, targets)
+                loss = loss_of(model, batch)
             micro_losses.append(loss.detach())
             loss = loss / grad_accum_steps  # the gradient of the mean over the whole batch
             (grad_scaler.scale(loss) if grad_scaler else loss).backward()
@@ -138,8 +146,8 @@ class LoopState:
 
     device_batch_size: int  # can shrink after an out-of-memory error
     loss_ema: float = 0.0
-    val_metric: float | None = None  # last evaluation (bpb when pretraining, loss when fine-tuning)
-    min_val_metric: float | None = None
+    val_metric: float | None = None  # last evaluation (bpb when pretraining, loss in SFT, pass@1 in RL)
+    best_val_metric: float | None = None  # the lowest (the highest where the phase's metric is higher_is_better)
     skipped_steps: int = 0
     timed_steps: int = 0  # steps in the throughput averages: all but the first of each session (warm-up, compile)
     timed_seconds: float = 0.0
@@ -191,7 +199,9 @@ class Phase:
     """What a training phase brings to the loop. Subclasses: Pretraining (below) and FineTuning (chat_sft.py)."""
 
     name: str  # "base" or "chat": recorded in the checkpoint, so the sampler and chat tools tell them apart
-    metric: str  # the validation metric: "bpb" or "loss" (logged as val/<metric>, summarised as *_validation_<metric>)
+    stage: str  # "base", "chat" (SFT) or "rl": names the run's W&B run within an execution
+    metric: str  # the validation metric: "bpb", "loss" or "pass@1" (logged as val/<metric>)
+    higher_is_better = False  # summarised as min_validation_<metric>, or as max_validation_<metric>
     tokenizer: tiktoken.Encoding
     tokenizer_dir: Path  # copied into the checkpoint: a checkpoint carries its tokenizer
 
@@ -210,6 +220,17 @@ class Phase:
     def load_weights(self, model: GPT) -> None:
         """Starting weights on top of the fresh initialisation (fine-tuning loads the base model's)."""
 
+    def attach(self, model: GPT, precision: Precision) -> None:
+        """The model being trained, with its weights loaded or resumed (RL samples its rollouts from it)."""
+
+    def loss(self, model: torch.nn.Module, batch: tuple) -> torch.Tensor:
+        """A micro-batch's loss: next-token cross-entropy unless the phase trains otherwise."""
+        return next_token_loss(model, batch)
+
+    def step_metrics(self) -> dict[str, float]:
+        """Metrics of the step just taken besides the loss (RL's mean reward); every rank calls it."""
+        return {}
+
     def periodic_metrics(self, model: GPT, step: int, batch_size: int, precision: Precision) -> dict[str, float]:
         """Extra evaluations at some step boundaries (CORE during pretraining); every rank calls it."""
         return {}
@@ -222,7 +243,7 @@ class Phase:
 class Pretraining(Phase):
     """Next-token prediction on the data directory's train shards; validation bits per byte on its val shard."""
 
-    name, metric = "base", "bpb"
+    name, stage, metric = "base", "base", "bpb"
 
     def __init__(self, config: RunConfig, data_dir: Path):
         self.config, self.data_dir = config, Path(data_dir)
@@ -308,7 +329,10 @@ class Trainer:
                 optimizer.load_state_dict(state)
             if self.grad_scaler:
                 self.grad_scaler.load_state_dict(checkpoint["grad_scaler"])
-            self.loop = LoopState(**checkpoint["loop"])
+            loop = dict(checkpoint["loop"])
+            if "min_val_metric" in loop:  # its name in checkpoints saved before RL's higher-is-better metric
+                loop["best_val_metric"] = loop.pop("min_val_metric")
+            self.loop = LoopState(**loop)
             self.start_step, loader_state = checkpoint["step"], checkpoint["loader"]
             restore_rng_states(checkpoint["rng"])
             if not config.run_name:  # keep the name (and with it the W&B run) of the run being resumed
@@ -319,6 +343,7 @@ class Trainer:
             del checkpoint
         self.config = config = config.resolved()
         self.saved_step = self.start_step if self.resumed else None  # the step of the newest checkpoint in out_dir
+        phase.attach(model, self.precision)
 
         self.loader = phase.batches(self.loop.device_batch_size, device, self.rank, self.world_size, loader_state)
         self.compiled = compile_model(model, config, device)
@@ -340,7 +365,7 @@ class Trainer:
                   f"{self.facts['flops_per_token']:.3e} FLOPs/token | device: {self.device_name} "
                   f"({self.precision.name}), world size {self.world_size} | phase: {phase.name}", flush=True)
         self.tracker = Tracker(config, self.out_dir, env_report, rank=self.rank,
-                               resume_step=self.start_step if self.resumed else None, phase=phase.name)
+                               resume_step=self.start_step if self.resumed else None, phase=phase.stage)
         self.tracker.log_config(self.facts)
 
     # ------------------------------------------------------------------ numbers
@@ -356,9 +381,11 @@ class Trainer:
     def summary(self, status: str, step: int) -> dict:
         config, loop, metric = self.config, self.loop, self.phase.metric
         tok_per_sec = loop.timed_steps * config.total_batch_size / loop.timed_seconds if loop.timed_steps else None
-        return {"status": status, "phase": self.phase.name, "run_name": config.run_name, "depth": config.depth,
+        best = "max" if self.phase.higher_is_better else "min"
+        return {"status": status, "phase": self.phase.name, "stage": self.phase.stage, "run_name": config.run_name,
+                "depth": config.depth,
                 "num_iterations": config.num_iterations, "steps_completed": step,
-                f"min_validation_{metric}": loop.min_val_metric, f"final_validation_{metric}": loop.val_metric,
+                f"{best}_validation_{metric}": loop.best_val_metric, f"final_validation_{metric}": loop.val_metric,
                 "tokens_seen": step * config.total_batch_size, "total_time_s": loop.total_time_s,
                 "avg_tok_per_sec": tok_per_sec, "avg_mfu": self.mfu_percent(tok_per_sec) if tok_per_sec else None,
                 **{key: self.facts[key] for key in ("num_params", "flops_per_token", "device", "device_name", "dtype")},
@@ -386,10 +413,12 @@ class Trainer:
         loop, metric = self.loop, self.phase.metric
         # every rank evaluates its share of the validation set
         loop.val_metric = self.phase.evaluate(self.compiled, loop.device_batch_size, self.device, self.precision)
-        loop.min_val_metric = min(loop.val_metric, loop.min_val_metric or math.inf)
+        better = max if self.phase.higher_is_better else min
+        loop.best_val_metric = loop.val_metric if loop.best_val_metric is None else better(loop.val_metric,
+                                                                                          loop.best_val_metric)
         self.tracker.log(step, {f"val/{metric}": loop.val_metric})
         if self.master:
-            print(f"step {step:05d} | validation {metric}: {loop.val_metric:.4f} (min {loop.min_val_metric:.4f})",
+            print(f"step {step:05d} | validation {metric}: {loop.val_metric:.4f} (best {loop.best_val_metric:.4f})",
                   flush=True)
 
     def periodic(self, step: int) -> None:
@@ -420,7 +449,7 @@ class Trainer:
         while True:
             try:
                 result = train_step(self.trained, self.optimizers, self.loader, self.grad_accum_steps(),
-                                    self.precision, self.grad_scaler, config.grad_clip)
+                                    self.precision, self.grad_scaler, config.grad_clip, self.phase.loss)
                 break
             except torch.cuda.OutOfMemoryError as error:
                 if self.world_size > 1:  # the ranks would have to agree on the new batch; they cannot, mid-step
@@ -444,7 +473,7 @@ class Trainer:
             torch.cuda.synchronize()
         return result, time.perf_counter() - start
 
-    def log_step(self, step: int, result: StepResult, dt: float) -> None:
+    def log_step(self, step: int, result: StepResult, dt: float, phase_metrics: dict[str, float]) -> None:
         """Metrics of the step that just finished (step counts finished steps) to W&B, metrics.jsonl and stdout."""
         config, loop = self.config, self.loop
         tok_per_sec = config.total_batch_size / dt
@@ -454,7 +483,7 @@ class Trainer:
         metrics = {"train/loss": result.loss, "train/loss_smooth": smoothed, "train/lrm": lrm,
                    **learning_rates(self.optimizers), "train/dt": dt, "train/tok_per_sec": tok_per_sec,
                    "train/mfu": step_mfu, "train/grad_norm": result.grad_norm,
-                   "train/skipped_steps": loop.skipped_steps}
+                   "train/skipped_steps": loop.skipped_steps, **phase_metrics}
         if self.device.type == "cuda":
             metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if self.grad_scaler:
@@ -466,6 +495,7 @@ class Trainer:
               f"loss: {smoothed:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,.0f} | "
               f"mfu: {'n/a' if step_mfu is None else f'{step_mfu:.2f}'} | "
               f"total time: {format_minutes(loop.total_time_s)} | eta: {eta / 60:.1f}m"
+              + "".join(f" | {key.split('/')[-1]}: {value:.4f}" for key, value in phase_metrics.items())
               + (" | skipped (fp16 overflow)" if result.skipped else ""), flush=True)
 
     # ------------------------------------------------------------------ the run
@@ -504,6 +534,7 @@ class Trainer:
             if last_step:
                 break
             result, dt = self.optimizer_step(step)
+            phase_metrics = self.phase.step_metrics()
             step = self.step = step + 1
             session_steps += 1
             if session_steps > 1:  # the first step of a session pays for warm-up and compilation
@@ -513,7 +544,7 @@ class Trainer:
             loop.loss_ema = LOSS_EMA_BETA * loop.loss_ema + (1 - LOSS_EMA_BETA) * result.loss
             loop.total_time_s = time_before_session + time.perf_counter() - session_start
             if self.master:
-                self.log_step(step, result, dt)
+                self.log_step(step, result, dt, phase_metrics)
         return step
 
     def finish(self, step: int) -> dict:

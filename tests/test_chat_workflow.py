@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 from flytekit.types.directory import FlyteDirectory
 
-from nanochat_flyte.config import ChatConfig
+from nanochat_flyte.config import ChatConfig, RLConfig
 from tests.shard_server import serve_shards, write_fineweb_shards
 from tests.test_workflow import VAL_SHARD, tiny_config
-from workflows.chat import chat_sft, nanochat_chat
+from workflows.chat import chat_rl, chat_sft, nanochat_chat
 from workflows.nanochat import main
 
 EVAL_TASKS = {"arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval"}
@@ -22,6 +22,15 @@ def tiny_chat_config(**changes) -> ChatConfig:
                   eval_batch_size=4)
     values.update(changes)
     return ChatConfig(**values)
+
+
+def tiny_rl_config(**changes) -> RLConfig:
+    values = dict(max_problems=8, eval_problems=4, examples_per_step=2, num_samples=2, max_new_tokens=8,
+                  device_batch_size=4, num_iterations=2, eval_every=2, sample_every=2, sample_max_tokens=4,
+                  save_every=2, compile=False, wandb_mode="offline", eval_tasks="gsm8k", eval_max_per_task=3,
+                  eval_max_tokens=16, eval_batch_size=4)
+    values.update(changes)
+    return RLConfig(**values)
 
 
 @pytest.fixture
@@ -58,6 +67,26 @@ def test_chat_sft_from_a_checkpoint_directory_reuses_its_downloads(served_shards
     hub_server.requests.clear()
     chat_sft(base_checkpoint=FlyteDirectory(checkpoint.path), config=config)
     assert not [r for r in hub_server.requests if r.path.endswith(".parquet")]  # cached: no dataset downloaded again
+
+    # RL of that chat checkpoint, then its chat evaluation
+    rl_checkpoint, rl_results, rl_report = chat_rl(sft_checkpoint=FlyteDirectory(first.path), config=tiny_rl_config())
+    assert rl_results["workflow"] == "chat_rl" and rl_results["sft_checkpoint"] == first.path
+    rl = rl_results["rl"]
+    assert (rl["phase"], rl["stage"], rl["steps_completed"]) == ("chat", "rl", 2)
+    assert rl["run_name"] == "e2e_sft_rl" and "max_validation_pass@1" in rl
+    assert set(rl_results["chat_eval"]["tasks"]) == {"gsm8k"}
+    state = json.loads((Path(rl_checkpoint.path) / "training_state.json").read_text())
+    assert (state["phase"], state["stage"]) == ("chat", "rl")
+    card = (Path(rl_report.path) / "report.md").read_text()
+    assert "## Chat evaluation" in card and "max validation pass@1" in card
+
+
+def test_rl_from_a_base_checkpoint_fails_before_any_download(served_shards, hub_server):
+    _, checkpoint, _ = main(config=tiny_config(served_shards.url, num_iterations=1, eval_every=1, sample_every=1,
+                                               save_every=1))
+    with pytest.raises(Exception, match=r"chat_rl\.sft_checkpoint: .* is a base checkpoint; RL starts from a chat"):
+        chat_rl(sft_checkpoint=FlyteDirectory(checkpoint.path), config=tiny_rl_config())
+    assert hub_server.requests == []
 
 
 def test_a_base_checkpoint_that_is_not_one_fails_before_any_gpu_time(tmp_path, hub_server):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from nanochat_flyte.config import ChatConfig, ConfigError, RunConfig, load_config
+from nanochat_flyte.config import ChatConfig, ConfigError, RLConfig, RunConfig, load_config
 from nanochat_flyte.config import main as config_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -31,8 +31,9 @@ def test_tuned_preset_is_the_reference_run_with_three_changes():
 
 
 def test_every_preset_validates():
-    for path in CONFIGS.glob("*.yaml"):  # chat_*.yaml are ChatConfig presets (the chat stage)
-        (ChatConfig if path.name.startswith("chat_") else RunConfig).from_file(path).validate()
+    kinds = {"chat": ChatConfig, "rl": RLConfig}  # chat_*.yaml: the chat stage's presets; rl_*.yaml: RL's
+    for path in CONFIGS.glob("*.yaml"):
+        kinds.get(path.name.split("_")[0], RunConfig).from_file(path).validate()
 
 
 def test_preset_sets_only_some_fields():
@@ -109,10 +110,15 @@ def test_the_config_cli_writes_a_file_and_fails_in_one_line(tmp_path):
                         text=True, timeout=60)
     assert ok.returncode == 0 and ok.stdout == ""
     assert ChatConfig.from_file(tmp_path / "chat.json").max_conversations == 20
+    config_main([str(root / "configs" / "rl_smoke.yaml"), "--rl", "top_k=8", "-o", str(tmp_path / "rl.json")])
+    rl = RLConfig.from_file(tmp_path / "rl.json")
+    assert (rl.top_k, rl.num_samples) == (8, 4)  # the override, and the preset's own value
     for arguments, line in [(["configs/smoke.yaml", "num_iteration=40"],
                              "error: RunConfig.num_iteration: unknown field; did you mean num_iterations?"),
                             (["configs/nope.yaml"], "error: RunConfig.*: no preset file 'configs/nope.yaml'"),
-                            (["configs/smoke.yaml", "depth=0"], "error: RunConfig.depth: must be >= 1, got 0")]:
+                            (["configs/smoke.yaml", "depth=0"], "error: RunConfig.depth: must be >= 1, got 0"),
+                            (["configs/rl_smoke.yaml", "--rl", "num_samples=1"],
+                             "error: RLConfig.num_samples: must be >= 2, got 1")]:
         bad = subprocess.run([sys.executable, "-m", "nanochat_flyte.config", *arguments,
                               "-o", str(tmp_path / "x.json")],
                              cwd=root, capture_output=True, text=True, timeout=60)

@@ -204,8 +204,9 @@ def test_stops_at_assistant_end_and_at_the_end_of_the_text():
     # both prompts in one batch: each row stops on its own step
     first, second = engine.generate_batch([[hello], [EOT]], SamplingParams(max_tokens=10))
     assert (second.tokens, second.text, second.finish_reason) == ([there, moon], " there moon", "stop")
-    assert first == completion
-    assert engine.generate_batch([[hello]], SamplingParams(max_tokens=1))[0].finish_reason == "length"
+    assert first == completion and (first.stop_token, second.stop_token) == (ASSISTANT_END, EOT)
+    cut = engine.generate_batch([[hello]], SamplingParams(max_tokens=1))[0]
+    assert (cut.finish_reason, cut.stop_token, cut.forced) == ("length", None, [])
 
 
 def test_a_chat_model_gets_the_calculators_answer_as_its_next_tokens():
@@ -222,6 +223,10 @@ def test_a_chat_model_gets_the_calculators_answer_as_its_next_tokens():
     assert completion.tokens == [*half, python_start, *expression, python_end, output_start, *answer, output_end,
                                  *clips]
     assert completion.text == "Half is<<48/2=24>> clips" and completion.finish_reason == "stop"
+    # what RL must not train on: the calculator's tokens; and the stop token the model chose
+    first_forced = len(half) + 1 + len(expression) + 1
+    assert completion.forced == list(range(first_forced, first_forced + len(answer) + 2))
+    assert completion.stop_token == ASSISTANT_END
     assert "".join(engine.stream([EOT, start], SamplingParams(max_tokens=20))) == completion.text
     # not arithmetic: no answer, and the model goes on by itself ("!" after "!")
     engine = scripted_engine(chain(start, python_start, *tokens_of("x"), python_end))

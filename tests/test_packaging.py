@@ -20,7 +20,7 @@ from flytekit import FlyteContextManager, current_context, task
 from flytekit.core.type_engine import TypeEngine
 from flytekit.models.literals import Literal
 
-from nanochat_flyte.config import ChatConfig, RunConfig
+from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
 from workflows.chat import CHAT_DATA_CACHE_VERSION
 from workflows.nanochat import DATA_CACHE_VERSION
 
@@ -111,7 +111,7 @@ def test_data_tasks_are_cpu_only_and_cached_with_an_explicit_version(tasks):
 
 
 def test_chat_data_tasks_are_cpu_only_and_cached(tasks):
-    for name in ("prepare_chat_sft_data", "prepare_chat_eval_data"):
+    for name in ("prepare_chat_sft_data", "prepare_chat_eval_data", "prepare_rl_problems"):
         requests, limits = resources(tasks[name])
         assert GPU not in requests and GPU not in limits, name
         assert tasks[name].metadata.discoverable and tasks[name].metadata.discovery_version == CHAT_DATA_CACHE_VERSION
@@ -119,11 +119,13 @@ def test_chat_data_tasks_are_cpu_only_and_cached(tasks):
 
 
 def test_sft_and_the_evaluations_run_on_the_training_node(tasks):
-    for name in ("train_chat_model", "evaluate_base_model", "evaluate_chat_model", "setup_chat"):
+    for name in ("train_chat_model", "train_rl_model", "evaluate_base_model", "evaluate_chat_model", "setup_chat",
+                 "setup_rl"):
         assert resources(tasks[name]) == resources(tasks["train_base_model"]), name
         assert tasks[name].extended_resources == tasks["train_base_model"].extended_resources, name
-    assert tasks["train_chat_model"].metadata.interruptible and tasks["train_chat_model"].metadata.retries.retries == 3
-    assert not tasks["train_chat_model"].metadata.discoverable
+    for name in ("train_chat_model", "train_rl_model"):
+        assert tasks[name].metadata.interruptible and tasks[name].metadata.retries.retries == 3, name
+        assert not tasks[name].metadata.discoverable, name
     for name in ("evaluate_base_model", "evaluate_chat_model"):  # the same checkpoint is never scored twice
         assert tasks[name].metadata.discoverable and list(tasks[name].metadata.cache_ignore_input_vars) == ["config"]
 
@@ -135,6 +137,15 @@ def test_the_pipeline_launch_plan_defaults_to_the_reference_presets(entities):
     literal = Literal.from_flyte_idl(plan.spec.default_inputs.parameters["chat_config"].default)
     chat = TypeEngine.to_python_value(FlyteContextManager.current_context(), literal, ChatConfig)
     assert chat == ChatConfig.from_file(ROOT / "configs" / "chat_d8_t4.yaml")
+
+
+def test_the_rl_launch_plan_defaults_to_the_rl_preset_and_asks_for_the_checkpoint(entities):
+    plan = entities["launch_plan"]["nanochat_rl_d8_t4"]
+    assert plan.spec.workflow_id.name == "workflows.chat.chat_rl"
+    literal = Literal.from_flyte_idl(plan.spec.default_inputs.parameters["config"].default)
+    rl = TypeEngine.to_python_value(FlyteContextManager.current_context(), literal, RLConfig)
+    assert rl == RLConfig.from_file(ROOT / "configs" / "rl_d8_t4.yaml")
+    assert plan.spec.default_inputs.parameters["sft_checkpoint"].required
 
 
 def test_shard_fan_out_has_a_concurrency_limit(entities):

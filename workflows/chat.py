@@ -1,25 +1,29 @@
-"""The chat stage as Flyte workflows: supervised fine-tuning (SFT) of a base checkpoint, then the chat evaluation;
-and the whole pipeline, from raw shards to an evaluated chat model.
+"""The chat stages as Flyte workflows: supervised fine-tuning (SFT) of a base checkpoint, then the chat evaluation;
+reinforcement learning (RL) on GSM8K of an SFT checkpoint, then the chat evaluation; and the whole pipeline, from
+raw shards to an evaluated chat model.
 
     pyflyte run workflows/chat.py chat_sft --base_checkpoint s3://.../checkpoint --config configs/chat_d8_t4.yaml
+    pyflyte run workflows/chat.py chat_rl --sft_checkpoint s3://.../chat_checkpoint --config configs/rl_d8_t4.yaml
     pyflyte run workflows/chat.py nanochat_chat --config configs/smoke.yaml --chat_config configs/chat_smoke.yaml
 
 Like workflows/nanochat.py this file only declares tasks, resources and caching; the work is in nanochat_flyte
-(chat_data, chat_sft, chat_eval). The data tasks run on CPUs, cached, before any GPU starts: a relaunch downloads
-nothing again.
+(chat_data, chat_sft, chat_rl, chat_eval). The data tasks run on CPUs, cached, before any GPU starts: a relaunch
+downloads nothing again.
 """
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 from flytekit import Cache, Deck, Resources, current_context, task, workflow
 from flytekit.types.directory import FlyteDirectory
 
-from nanochat_flyte.chat_data import check_hub_endpoint, prepare_eval_data, prepare_sft_data
+from nanochat_flyte.chat_data import check_hub_endpoint, prepare_eval_data, prepare_rl_data, prepare_sft_data
 from nanochat_flyte.chat_eval import chat_metrics, chat_table_html, chat_table_markdown, evaluate_chat, read_eval_items
+from nanochat_flyte.chat_rl import check_sft_checkpoint, train_rl
 from nanochat_flyte.chat_sft import train_chat
 from nanochat_flyte.checkpoint import CONFIG_FILE, TRAINING_STATE_FILE, publish_checkpoint, read_checkpoint_json
-from nanochat_flyte.config import ChatConfig, ConfigError, RunConfig
+from nanochat_flyte.config import ChatConfig, ConfigError, RLConfig, RunConfig
 from nanochat_flyte.engine import Engine
 from nanochat_flyte.environment import environment_report, format_report
 from nanochat_flyte.hub import hub_endpoint
@@ -39,6 +43,17 @@ CHAT_DATA_CACHE_VERSION = "2"  # 2: GSM8K solutions keep their calculations, as 
 CHAT_DATA_RESOURCES = dict(requests=Resources(cpu="4", mem="8Gi", ephemeral_storage="20Gi"))
 
 
+def probe_hub_and_report(config: ChatConfig | RLConfig) -> tuple[str, dict]:
+    """What both chat setups end with: the hub endpoint answers (or one line says it does not), and the environment
+    report of the training node kind. Returns the endpoint the data tasks use, and the report."""
+    export_secret(HF_SECRET, "HF_TOKEN")
+    check_hub_endpoint(config)
+    report = environment_report()
+    print(format_report(report), flush=True)
+    Deck("Environment", environment_deck_html(report))
+    return hub_endpoint(config.hf_endpoint), report
+
+
 @task(container_image=IMAGE, secret_requests=[WANDB_SECRET, HF_SECRET], interruptible=True, enable_deck=True,
       **TRAINING_RESOURCES)
 @one_line_user_errors
@@ -50,12 +65,19 @@ def setup_chat(config: ChatConfig, base_checkpoint: FlyteDirectory) -> tuple[Cha
     if state is None:
         raise ConfigError("base_checkpoint", f"{checkpoint_location(base_checkpoint)} is not a checkpoint directory "
                                              f"(no {TRAINING_STATE_FILE})", "chat_sft")
-    export_secret(HF_SECRET, "HF_TOKEN")
-    check_hub_endpoint(config)
-    report = environment_report()
-    print(format_report(report), flush=True)
-    Deck("Environment", environment_deck_html(report))
-    return config, hub_endpoint(config.hf_endpoint), report
+    return config, *probe_hub_and_report(config)
+
+
+@task(container_image=IMAGE, secret_requests=[WANDB_SECRET, HF_SECRET], interruptible=True, enable_deck=True,
+      **TRAINING_RESOURCES)
+@one_line_user_errors
+def setup_rl(config: RLConfig, sft_checkpoint: FlyteDirectory) -> tuple[RLConfig, ChatConfig, str, dict]:
+    """Validate the RL config, check that the checkpoint is a chat (SFT) one and probe the hub endpoint, before any
+    GPU time is spent. Returns the config, the ChatConfig of the evaluation after RL, the endpoint and the
+    environment report."""
+    config = config.validate()
+    check_sft_checkpoint(checkpoint_location(sft_checkpoint))
+    return config, config.chat_eval_config(), *probe_hub_and_report(config)
 
 
 # Keyed by exactly what decides the conversations: a new learning rate or a longer run reuses the prepared data.
@@ -77,6 +99,18 @@ def prepare_chat_sft_data(endpoint: str, smoltalk_epochs: float, mmlu_epochs: fl
 @task(container_image=IMAGE, secret_requests=[HF_SECRET], cache=Cache(version=CHAT_DATA_CACHE_VERSION),
       **CHAT_DATA_RESOURCES)
 @one_line_user_errors
+def prepare_rl_problems(endpoint: str, max_problems: int, eval_problems: int, seed: int) -> FlyteDirectory:
+    """RL's GSM8K problems: train.jsonl (to learn from) and val.jsonl (the validation pass@1), from the hub."""
+    export_secret(HF_SECRET, "HF_TOKEN")
+    out_dir = Path(current_context().working_directory) / "rl_data"
+    prepare_rl_data(RLConfig(hf_endpoint=endpoint, max_problems=max_problems, eval_problems=eval_problems, seed=seed),
+                    out_dir)
+    return FlyteDirectory(str(out_dir))
+
+
+@task(container_image=IMAGE, secret_requests=[HF_SECRET], cache=Cache(version=CHAT_DATA_CACHE_VERSION),
+      **CHAT_DATA_RESOURCES)
+@one_line_user_errors
 def prepare_chat_eval_data(endpoint: str, tasks: str) -> FlyteDirectory:
     """The evaluation sets (<task>.jsonl), so that the GPU pod downloads nothing."""
     export_secret(HF_SECRET, "HF_TOKEN")
@@ -85,21 +119,40 @@ def prepare_chat_eval_data(endpoint: str, tasks: str) -> FlyteDirectory:
     return FlyteDirectory(str(out_dir))
 
 
+def train_in_task(directory: str, title: str, environment: dict,
+                  run: Callable[[Path, Path | None], dict]) -> tuple[FlyteDirectory, dict]:
+    """A chat training task's body: run(checkpoint_dir, resume_dir) trains into the task's working directory,
+    continuing the previous attempt's intra-task checkpoint; then the training deck."""
+    export_secret(WANDB_SECRET, "WANDB_API_KEY")
+    checkpoint_dir = Path(current_context().working_directory) / directory
+    resume_dir = restore_flyte_checkpoint(checkpoint_dir)
+    with retried_on_storage_errors():
+        summary = run(checkpoint_dir, resume_dir)
+    run_config = RunConfig.from_mapping(read_checkpoint_json(checkpoint_dir, CONFIG_FILE))
+    Deck(title, training_deck_html(checkpoint_dir, run_config, environment, summary))
+    return FlyteDirectory(str(checkpoint_dir)), summary
+
+
 @task(**TRAINING_TASK)
 @wandb_console_link
 @one_line_user_errors
 def train_chat_model(config: ChatConfig, base_checkpoint: FlyteDirectory, data: FlyteDirectory, environment: dict
                      ) -> tuple[FlyteDirectory, dict]:
     """SFT on the shared training loop; a preempted attempt resumes from the intra-task checkpoint."""
-    export_secret(WANDB_SECRET, "WANDB_API_KEY")
-    checkpoint_dir = Path(current_context().working_directory) / "chat_checkpoint"
-    resume_dir = restore_flyte_checkpoint(checkpoint_dir)
-    with retried_on_storage_errors():
-        summary = train_chat(config, Path(base_checkpoint.download()), Path(data.download()), checkpoint_dir,
-                             resume_dir=resume_dir, on_save=save_flyte_checkpoint, env_report=environment)
-    sft_config = RunConfig.from_mapping(read_checkpoint_json(checkpoint_dir, CONFIG_FILE))
-    Deck("Fine-tuning", training_deck_html(checkpoint_dir, sft_config, environment, summary))
-    return FlyteDirectory(str(checkpoint_dir)), summary
+    return train_in_task("chat_checkpoint", "Fine-tuning", environment, lambda out_dir, resume_dir: train_chat(
+        config, Path(base_checkpoint.download()), Path(data.download()), out_dir, resume_dir=resume_dir,
+        on_save=save_flyte_checkpoint, env_report=environment))
+
+
+@task(**TRAINING_TASK)
+@wandb_console_link
+@one_line_user_errors
+def train_rl_model(config: RLConfig, sft_checkpoint: FlyteDirectory, data: FlyteDirectory, environment: dict
+                   ) -> tuple[FlyteDirectory, dict]:
+    """RL on the shared training loop; a preempted attempt resumes from the intra-task checkpoint."""
+    return train_in_task("rl_checkpoint", "Reinforcement learning", environment, lambda out_dir, resume_dir: train_rl(
+        config, Path(sft_checkpoint.download()), Path(data.download()), out_dir, resume_dir=resume_dir,
+        on_save=save_flyte_checkpoint, env_report=environment))
 
 
 # Cached on (checkpoint, evaluation data, the settings that change the scores): evaluating the same checkpoint again
@@ -117,29 +170,43 @@ def evaluate_chat_model(config: ChatConfig, checkpoint: FlyteDirectory, eval_dat
     result = evaluate_chat(engine, items, max_per_task=max_per_task, batch_size=config.eval_batch_size,
                            max_tokens=max_tokens, humaneval=humaneval, seed=seed)
     location = checkpoint_location(checkpoint)
-    step = read_checkpoint_json(location, TRAINING_STATE_FILE)["steps_completed"]
-    sft_config = RunConfig.from_mapping(read_checkpoint_json(location, CONFIG_FILE))
-    result["wandb_url"] = log_evaluation(sft_config, location, step, chat_metrics(result),
-                                         {"chatcore": result["chatcore"]}, phase=engine.phase)
+    state = read_checkpoint_json(location, TRAINING_STATE_FILE)
+    run_config = RunConfig.from_mapping(read_checkpoint_json(location, CONFIG_FILE))
+    # into the W&B run of the training that made the checkpoint (SFT's or RL's)
+    result["wandb_url"] = log_evaluation(run_config, location, state["steps_completed"], chat_metrics(result),
+                                         {"chatcore": result["chatcore"]}, phase=state.get("stage", engine.phase))
     Deck("Chat evaluation", chat_table_html(result))
     return result
 
 
-@task(container_image=IMAGE)
-def aggregate_chat_results(config: ChatConfig, base_checkpoint: FlyteDirectory, training: dict, evaluation: dict,
-                           checkpoint: FlyteDirectory, environment: dict) -> tuple[dict, FlyteDirectory]:
-    """The chat results JSON, and the chat run's report card with the chat evaluation table."""
+def write_chat_results(config: ChatConfig | RLConfig, start_checkpoint: FlyteDirectory, training: dict,
+                       evaluation: dict, checkpoint: FlyteDirectory, environment: dict) -> tuple[dict, FlyteDirectory]:
+    """The results JSON of SFT or RL, and the run's report card with the chat evaluation table."""
     location = checkpoint_location(checkpoint)
-    results = chat_results(config.to_dict(), checkpoint_location(base_checkpoint), training, evaluation, location)
+    results = chat_results(config.to_dict(), checkpoint_location(start_checkpoint), training, evaluation, location)
     report_dir = Path(current_context().working_directory) / "chat_report"
-    sft_config = RunConfig.from_mapping(read_checkpoint_json(location, CONFIG_FILE))
-    report = write_run_report(location, report_dir, sft_config, environment, training,
+    run_config = RunConfig.from_mapping(read_checkpoint_json(location, CONFIG_FILE))
+    report = write_run_report(location, report_dir, run_config, environment, training,
                               evaluations=(chat_table_markdown(evaluation),))
     write_results(results, report_dir)
     print(f"report card: {report}", flush=True)
     if config.save_to:
         publish_checkpoint(report_dir, config.save_to)
     return results, FlyteDirectory(str(report_dir))
+
+
+@task(container_image=IMAGE)
+def aggregate_chat_results(config: ChatConfig, base_checkpoint: FlyteDirectory, training: dict, evaluation: dict,
+                           checkpoint: FlyteDirectory, environment: dict) -> tuple[dict, FlyteDirectory]:
+    """The chat results JSON (`sft`, `chat_eval`, `chatcore`), and the chat run's report card."""
+    return write_chat_results(config, base_checkpoint, training, evaluation, checkpoint, environment)
+
+
+@task(container_image=IMAGE)
+def aggregate_rl_results(config: RLConfig, sft_checkpoint: FlyteDirectory, training: dict, evaluation: dict,
+                         checkpoint: FlyteDirectory, environment: dict) -> tuple[dict, FlyteDirectory]:
+    """The RL results JSON (`rl`, `chat_eval`, `chatcore`), and the RL run's report card."""
+    return write_chat_results(config, sft_checkpoint, training, evaluation, checkpoint, environment)
 
 
 class ChatOutputs(NamedTuple):
@@ -171,6 +238,24 @@ def chat_sft(base_checkpoint: FlyteDirectory, config: ChatConfig = ChatConfig())
     """A base checkpoint (a previous run's `checkpoint` output, or any directory or URI holding one) to an
     evaluated chat checkpoint."""
     return fine_tune(config, base_checkpoint)
+
+
+@workflow
+def chat_rl(sft_checkpoint: FlyteDirectory, config: RLConfig = RLConfig()) -> ChatOutputs:
+    """A chat (SFT) checkpoint (a chat run's `chat_checkpoint` output, or any directory or URI holding one) to an
+    evaluated RL checkpoint: setup -> GSM8K problems and evaluation data (CPU, cached) -> RL -> chat evaluation."""
+    checked, eval_config, endpoint, environment = setup_rl(config=config, sft_checkpoint=sft_checkpoint)
+    data = prepare_rl_problems(endpoint=endpoint, max_problems=checked.max_problems,
+                               eval_problems=checked.eval_problems, seed=checked.seed)
+    eval_data = prepare_chat_eval_data(endpoint=endpoint, tasks=checked.eval_tasks)
+    rl_checkpoint, training = train_rl_model(config=checked, sft_checkpoint=sft_checkpoint, data=data,
+                                             environment=environment)
+    evaluation = evaluate_chat_model(config=eval_config, checkpoint=rl_checkpoint, eval_data=eval_data,
+                                     tasks=checked.eval_tasks, max_per_task=checked.eval_max_per_task,
+                                     max_tokens=checked.eval_max_tokens, seed=checked.seed, humaneval=checked.humaneval)
+    results, report = aggregate_rl_results(config=checked, sft_checkpoint=sft_checkpoint, training=training,
+                                           evaluation=evaluation, checkpoint=rl_checkpoint, environment=environment)
+    return ChatOutputs(rl_checkpoint, results, report)
 
 
 class PipelineOutputs(NamedTuple):

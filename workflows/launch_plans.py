@@ -4,6 +4,7 @@
     nanochat_d8_t4_tuned  the same run with later nanochat recipe changes: configs/d8_t4_tuned.yaml
     nanochat_nightly   the reference run every night; e-mails on failure. Inactive until activated.
     nanochat_chat_d8_t4  the whole pipeline on T4s: the reference run, CORE, SFT (configs/chat_d8_t4.yaml), chat eval
+    nanochat_rl_d8_t4  RL on GSM8K of a chat checkpoint on a T4 (configs/rl_d8_t4.yaml); sft_checkpoint is asked for
 
 `main` also has its default launch plan (same name as the workflow), with RunConfig's defaults.
 Settings read at registration time: NANOCHAT_NIGHTLY_CRON (default "0 3 * * *", UTC) and
@@ -15,14 +16,15 @@ from pathlib import Path
 
 from flytekit import CronSchedule, Email, LaunchPlan, WorkflowExecutionPhase
 
-from nanochat_flyte.config import ChatConfig, RunConfig
-from workflows.chat import nanochat_chat
+from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
+from workflows.chat import chat_rl, nanochat_chat
 from workflows.nanochat import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 REFERENCE_CONFIG = RunConfig.from_file(CONFIGS / "d8_t4.yaml")
 TUNED_CONFIG = RunConfig.from_file(CONFIGS / "d8_t4_tuned.yaml")
 REFERENCE_CHAT_CONFIG = ChatConfig.from_file(CONFIGS / "chat_d8_t4.yaml")
+REFERENCE_RL_CONFIG = RLConfig.from_file(CONFIGS / "rl_d8_t4.yaml")
 NIGHTLY_CRON = os.environ.get("NANOCHAT_NIGHTLY_CRON", "0 3 * * *")
 ALERT_EMAILS = [address.strip() for address in os.environ.get("NANOCHAT_ALERT_EMAILS", "").split(",")
                 if address.strip()]
@@ -52,4 +54,10 @@ nanochat_chat_d8_t4 = LaunchPlan.get_or_create(
     nanochat_chat,
     name="nanochat_chat_d8_t4",
     default_inputs={"config": REFERENCE_CONFIG, "chat_config": REFERENCE_CHAT_CONFIG},
+)
+
+nanochat_rl_d8_t4 = LaunchPlan.get_or_create(
+    chat_rl,
+    name="nanochat_rl_d8_t4",
+    default_inputs={"config": REFERENCE_RL_CONFIG},  # sft_checkpoint: a chat run's chat_checkpoint, given at launch
 )
