@@ -34,15 +34,13 @@ import torch.distributed as dist
 
 from nanochat_flyte.chat_data import prepare_rl_data, read_jsonl
 from nanochat_flyte.chat_eval import generate, score_gsm8k
-from nanochat_flyte.chat_sft import chat_samples, checkpoint_run_config, data_cache_dir, prepared_on_rank_zero
-from nanochat_flyte.checkpoint import TOKENIZER_DIR, TRAINING_STATE_FILE, fetch_checkpoint, load_checkpoint, \
-    read_checkpoint_json
+from nanochat_flyte.chat_sft import chat_samples, checkpoint_run_config, data_cache_dir, run_stage
+from nanochat_flyte.checkpoint import TOKENIZER_DIR, TRAINING_STATE_FILE, load_checkpoint, read_checkpoint_json
 from nanochat_flyte.cli import ArgumentParser
 from nanochat_flyte.config import ConfigError, RLConfig, RunConfig, load_config, parse_override
 from nanochat_flyte.conversation import ChatTokens, render_prompt
 from nanochat_flyte.device import EvalBatches, Precision
 from nanochat_flyte.engine import Completion, Engine, SamplingParams
-from nanochat_flyte.environment import environment_report
 from nanochat_flyte.model import GPT
 from nanochat_flyte.tokenizer import load_tokenizer
 from nanochat_flyte.train import Phase, Trainer, distributed_env
@@ -318,18 +316,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--resume-dir", type=Path, help="an RL checkpoint directory to continue from")
     parser.add_argument("overrides", nargs="*", metavar="field=value")
     args = parser.parse_args(argv)
-    rl = load_config(args.config, RLConfig, **dict(parse_override(item, "RLConfig") for item in args.overrides))
-    rl.validate()
+    rl = load_config(args.config, RLConfig,
+                     **dict(parse_override(item, "RLConfig") for item in args.overrides)).validate()
     check_sft_checkpoint(args.sft_checkpoint)  # before any download
-    rank = distributed_env()[0]
-    sft_dir = fetch_checkpoint(args.sft_checkpoint, args.out_dir.with_name(args.out_dir.name + "_sft"))
-    data_dir = args.data_dir or data_cache_dir("rl_data", rl, RL_DATA_KEYS)
-    prepared_on_rank_zero(data_dir, lambda: prepare_rl_data(rl, data_dir))
-    summary = train_rl(rl, sft_dir, data_dir, args.out_dir, resume_dir=args.resume_dir,
-                       env_report=environment_report() if rank == 0 else None)
-    if rank == 0:
-        print(json.dumps(summary, indent=2), flush=True)
-    return summary
+    return run_stage(rl, args.sft_checkpoint, args, data_cache_dir("rl_data", rl, RL_DATA_KEYS), prepare_rl_data,
+                     train_rl)
 
 
 if __name__ == "__main__":

@@ -206,12 +206,20 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     chat = load_config(args.config, ChatConfig,
                        **dict(parse_override(item, "ChatConfig") for item in args.overrides)).validate()
+    return run_stage(chat, args.base_checkpoint, args, data_cache_dir("sft_data", chat, SFT_DATA_KEYS),
+                     prepare_sft_data, train_chat)
+
+
+def run_stage(config: ChatConfig | RLConfig, start_checkpoint: str, args, default_data_dir: Path,
+              prepare: Callable[[ChatConfig | RLConfig, Path], object], train: Callable[..., dict]) -> dict:
+    """What the SFT and RL CLIs do once their arguments are checked: fetch the checkpoint they start from, prepare
+    the hub data (rank 0, into a cache folder unless --data-dir names one), train, print the summary."""
     rank = distributed_env()[0]
-    base_dir = fetch_checkpoint(args.base_checkpoint, args.out_dir.with_name(args.out_dir.name + "_base"))
-    data_dir = args.data_dir or data_cache_dir("sft_data", chat, SFT_DATA_KEYS)
-    prepared_on_rank_zero(data_dir, lambda: prepare_sft_data(chat, data_dir))
-    summary = train_chat(chat, base_dir, data_dir, args.out_dir, resume_dir=args.resume_dir,
-                         env_report=environment_report() if rank == 0 else None)
+    start_dir = fetch_checkpoint(start_checkpoint, args.out_dir.with_name(args.out_dir.name + "_start"))
+    data_dir = args.data_dir or default_data_dir
+    prepared_on_rank_zero(data_dir, lambda: prepare(config, data_dir))
+    summary = train(config, start_dir, data_dir, args.out_dir, resume_dir=args.resume_dir,
+                    env_report=environment_report() if rank == 0 else None)
     if rank == 0:
         print(json.dumps(summary, indent=2), flush=True)
     return summary

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_data_dir, tiny_config
+from helpers import load_bench, make_data_dir, tiny_config
 from hub_server import GSM8K
 
 from nanochat_flyte.chat_data import gsm8k_conversation, gsm8k_item, prepare_rl_data
@@ -280,3 +280,13 @@ def test_two_cpu_ranks_roll_out_and_learn_as_one_process(sft_checkpoint, rl_data
     assert metric_rows(tmp_path / "ddp", "train/loss") == pytest.approx(metric_rows(tmp_path / "single", "train/loss"),
                                                                        rel=1e-4)
     assert metric_rows(tmp_path / "ddp", "val/pass@1") == metric_rows(tmp_path / "single", "val/pass@1")
+
+
+def test_the_rollout_bench_decodes_the_same_answers_in_either_batching(capsys):
+    results = load_bench("rl_rollout_throughput").main(["--depth", "1", "--seq-len", "128", "--problems", "2",
+                                                         "--num-samples", "2", "--max-new-tokens", "4",
+                                                         "--decode-batch-sizes", "2,0", "--device", "cpu"])
+    assert set(results) == {2, 0} and results[2]["speedup"] == 1.0
+    assert all(result["answers_per_s"] > 0 for result in results.values())
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("decode")]
+    assert [line.split(" in ")[0].split(": ")[1] for line in lines] == ["4 answers (16 tokens)"] * 2
