@@ -9,7 +9,9 @@ import math
 import pytest
 import torch
 from helpers import make_data_dir, tiny_config
+from test_chat_rl import base_checkpoint, metric_rows, rl_config, rl_data, sft_checkpoint, shortness  # noqa: F401
 
+from nanochat_flyte.chat_rl import train_rl
 from nanochat_flyte.core_eval import Row, score_rows
 from nanochat_flyte.dataloader import TokenLoader, shard_files
 from nanochat_flyte.device import EvalBatches, select_precision
@@ -266,3 +268,16 @@ def test_generation_with_the_kv_cache_gives_the_tokens_of_full_recomputation():
     for prompt, completion in zip(prompts, completions, strict=True):
         assert completion.tokens == greedy_without_cache(model, prompt, 24, engine.stop_ids)
     assert any(len(set(completion.tokens)) > 1 for completion in completions)  # real sequences, not one token
+
+
+def test_rl_in_fp16_with_a_compiled_model_learns_its_reward(sft_checkpoint, rl_data, tmp_path):  # noqa: F811
+    """RL as a T4 runs it: fp16 autocast with the GradScaler, the compiled model on rows of one shape, the rollouts
+    decoded on the GPU. With the reward for short answers (tests/test_chat_rl.py) the answers get shorter."""
+    config = rl_config(device="cuda", dtype="float16", compile=True, num_iterations=16, eval_every=16,
+                       sample_every=16, save_every=16, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.01,
+                       init_lr_frac=1.0)
+    summary = train_rl(config, sft_checkpoint, rl_data, tmp_path / "rl", reward=shortness)
+    assert summary["device"] == "cuda" and summary["steps_completed"] == 16
+    assert all(math.isfinite(loss) for loss in metric_rows(tmp_path / "rl", "train/loss"))
+    lengths = metric_rows(tmp_path / "rl", "rl/answer_tokens")
+    assert sum(lengths[-4:]) / 4 < sum(lengths[:4]) / 4 - 2, (lengths, summary["skipped_steps"])

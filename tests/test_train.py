@@ -206,3 +206,16 @@ def test_the_throughput_bench_runs_the_train_step(capsys):
     assert result["tok_per_sec"] > 0 and result["mfu"] is None and result["t4_reference_minutes"] is None
     out = capsys.readouterr().out
     assert "2 accumulation steps" in out and "MFU: n/a" in out
+
+
+def test_a_checkpoint_saved_before_the_best_metric_was_renamed_resumes(tmp_path):
+    """Checkpoints written before RL's higher-is-better metric call the loop's best value min_val_metric."""
+    data_dir = make_data_dir(tmp_path / "data")
+    first = train(tiny_config(num_iterations=3, eval_every=3, sample_every=3, save_every=3), data_dir, tmp_path / "old")
+    state = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=True)
+    state["loop"]["min_val_metric"] = state["loop"].pop("best_val_metric")
+    torch.save(state, tmp_path / "old" / "checkpoint.pt")
+    resumed = train(tiny_config(num_iterations=6, eval_every=3, sample_every=6, save_every=3), data_dir,
+                    tmp_path / "new", resume_dir=tmp_path / "old")
+    assert resumed["steps_completed"] == 6
+    assert resumed["min_validation_bpb"] == min(first["min_validation_bpb"], resumed["final_validation_bpb"])
