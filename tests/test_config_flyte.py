@@ -16,7 +16,7 @@ from flytekit.interaction.click_types import JsonParamType
 from flytekit.models.literals import Binary, Literal, Scalar
 from google.protobuf.struct_pb2 import Struct
 
-from nanochat_flyte.config import RunConfig
+from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -112,3 +112,23 @@ def test_pyflyte_run_rejects_a_bad_value_before_the_run():
     import click
     with pytest.raises(click.BadParameter, match=r"^RunConfig\.depth: must be >= 1, got 0$"):
         JsonParamType(RunConfig).convert('{"depth": 0}', None, None)
+
+
+# ---------------------------------------------------------------------- the chat stage's and RL's configs alike
+
+@pytest.mark.parametrize("kind, preset, edits, typo", [
+    (ChatConfig, "chat_d8_t4.yaml", {"max_conversations": 500.0, "eval_tasks": "gsm8k"}, "mmlu_epoch"),
+    (RLConfig, "rl_d8_t4.yaml", {"num_samples": 8.0, "temperature": 1, "eval_problems": 100.0}, "num_sample"),
+])
+def test_chat_and_rl_configs_round_trip_relaunch_edited_and_name_a_typo(kind, preset, edits, typo):
+    ctx = FlyteContextManager.current_context()
+    config = kind.from_file(CONFIGS / preset)
+    literal = TypeEngine.to_literal(ctx, config, kind, TypeEngine.to_literal_type(kind))
+    assert TypeEngine.to_python_value(ctx, literal, kind) == config
+    # a console relaunch: the shown JSON with some fields edited, numbers as floats
+    shown = json.loads(json.dumps(dataclasses.asdict(config))) | edits
+    relaunched = TypeEngine.to_python_value(ctx, console_literal(shown), kind)
+    assert relaunched == kind.from_mapping({**config.to_dict(), **edits})
+    assert all(type(getattr(relaunched, field)) is type(getattr(config, field)) for field in edits)
+    with pytest.raises(Exception, match=rf"{kind.__name__}\.{typo}: unknown field; did you mean"):
+        TypeEngine.to_python_value(ctx, console_literal({typo: 2}), kind)
