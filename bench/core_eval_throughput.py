@@ -23,9 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.core_b
 from nanochat_flyte.checkpoint import load_model  # noqa: E402
 from nanochat_flyte.core_eval import evaluate_core, item_rows, load_bundle  # noqa: E402
 from nanochat_flyte.device import select_device, select_precision  # noqa: E402
-from nanochat_flyte.model import GPT, GPTConfig  # noqa: E402
-from nanochat_flyte.tokenizer import gpt2_tokenizer  # noqa: E402
 from tests.core_bundle import generated_tasks, write_core_bundle  # noqa: E402
+from tests.helpers import random_gpt  # noqa: E402
 
 SHOTS = 10  # as most CORE tasks
 
@@ -49,11 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
         loaded = load_model(args.checkpoint, device)
         model, tokenizer = loaded.model, loaded.tokenizer
     else:
-        tokenizer = gpt2_tokenizer()
-        torch.manual_seed(0)
-        model = GPT(GPTConfig.from_depth(args.depth, tokenizer.n_vocab, args.seq_len)).to(device)
-        model.init_weights()
-        torch.nn.init.normal_(model.lm_head.weight, std=0.02)  # a zero head would make every choice tie
+        model, tokenizer = random_gpt(args.depth, args.seq_len, device)
     context_len = model.config.sequence_len
     with tempfile.TemporaryDirectory() as directory:
         bundle = load_bundle(write_core_bundle(Path(directory), args.examples_per_task, tasks=generated_tasks(SHOTS),

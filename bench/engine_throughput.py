@@ -23,8 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package from
 
 from nanochat_flyte.device import select_device, select_precision  # noqa: E402
 from nanochat_flyte.engine import Engine, SamplingParams  # noqa: E402
-from nanochat_flyte.model import GPT, GPTConfig  # noqa: E402
-from nanochat_flyte.tokenizer import gpt2_tokenizer  # noqa: E402
+from tests.helpers import random_gpt  # noqa: E402
 
 
 def timed(engine: Engine, work) -> float:
@@ -53,12 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.checkpoint:
         engine = Engine.from_checkpoint(args.checkpoint, args.device)
     else:
-        device, tokenizer = select_device(args.device), gpt2_tokenizer()
-        torch.manual_seed(0)
-        model = GPT(GPTConfig.from_depth(args.depth, tokenizer.n_vocab, args.seq_len)).to(device)
-        model.init_weights()
-        with torch.no_grad():  # a zero head would make every token tie
-            torch.nn.init.normal_(model.lm_head.weight, std=0.02)
+        device = select_device(args.device)
+        model, tokenizer = random_gpt(args.depth, args.seq_len, device)
         engine = Engine(model.eval(), tokenizer, select_precision(device, "auto"), "base")
     if args.prompt_tokens + args.new_tokens > engine.context:
         parser.error(f"--prompt-tokens + --new-tokens must fit the model's context of {engine.context} tokens")

@@ -27,8 +27,8 @@ from nanochat_flyte.chat_rl import ReinforcementLearning, Rollouts  # noqa: E402
 from nanochat_flyte.checkpoint import TOKENIZER_DIR, load_model  # noqa: E402
 from nanochat_flyte.config import RLConfig, RunConfig  # noqa: E402
 from nanochat_flyte.device import select_device, select_precision  # noqa: E402
-from nanochat_flyte.model import GPT, GPTConfig  # noqa: E402
-from nanochat_flyte.tokenizer import gpt2_tokenizer, save_tokenizer  # noqa: E402
+from nanochat_flyte.tokenizer import save_tokenizer  # noqa: E402
+from tests.helpers import random_gpt  # noqa: E402
 from tests.hub_server import GSM8K  # noqa: E402  (generated problems in GSM8K's shape: the GPU machine is offline)
 
 
@@ -58,12 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
             loaded = load_model(args.checkpoint, device)
             model, tokenizer = loaded.model, loaded.tokenizer
         else:
-            tokenizer = gpt2_tokenizer()
-            torch.manual_seed(0)
-            model = GPT(GPTConfig.from_depth(args.depth, tokenizer.n_vocab, args.seq_len)).to(device)
-            model.init_weights()
-            with torch.no_grad():  # a zero head would make every token tie
-                model.lm_head.weight.normal_(0.0, 0.02)
+            model, tokenizer = random_gpt(args.depth, args.seq_len, device)
         save_tokenizer(tokenizer, scratch / TOKENIZER_DIR)
         write_problems(scratch)
         config = RunConfig(max_seq_len=model.config.sequence_len)

@@ -1,4 +1,5 @@
-"""Small shared test helpers: a valid data directory of real GPT-2 tokens, tiny training configs."""
+"""Small shared test helpers: a valid data directory of real GPT-2 tokens, tiny training configs, the benchmarks'
+randomly initialised model."""
 
 import hashlib
 import importlib.util
@@ -8,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import tiktoken
+import torch
 
 from nanochat_flyte.config import RunConfig
+from nanochat_flyte.model import GPT, GPTConfig
 from nanochat_flyte.tokenizer import gpt2_tokenizer, load_tokenizer, save_tokenizer
 
 SUBJECTS = ["The cat", "A teacher", "The river", "My neighbour", "The old machine", "Every student", "The city"]
@@ -81,3 +84,15 @@ def load_bench(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def random_gpt(depth: int, seq_len: int, device: torch.device) -> tuple[GPT, tiktoken.Encoding]:
+    """A freshly initialised GPT-2-vocabulary model whose predictions vary (init_weights zeroes the head, which would
+    make every token tie), and its tokenizer: what the benchmarks time when no checkpoint is given."""
+    tokenizer = gpt2_tokenizer()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_depth(depth, tokenizer.n_vocab, seq_len)).to(device)
+    model.init_weights()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.lm_head.weight, std=0.02)
+    return model, tokenizer
