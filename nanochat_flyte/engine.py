@@ -74,17 +74,20 @@ class Completion:
     stop_token: int | None = None  # the stop token the model sampled, if it stopped on one
 
 
-def sample_next_token(logits: torch.Tensor, generator: torch.Generator, temperature: float,
+def sample_next_token(logits: torch.Tensor, generators: list[torch.Generator], temperature: float,
                       top_k: int | None) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B, 1). Samples by inverting the cumulative distribution with one uniform
-    number per row: torch.multinomial costs ~7 ms for a 50k vocabulary on a CPU, this ~0.3 ms."""
+    """logits (B, V) -> next token ids (B, 1); row i draws its one uniform number from generators[i], so its token
+    does not depend on the other rows. Samples by inverting the cumulative distribution: torch.multinomial costs
+    ~7 ms for a 50k vocabulary on a CPU, this ~0.3 ms; and the whole batch shares one top-k, softmax and search,
+    where a GPU pays a kernel launch for each."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     ids = None
     if top_k and top_k < logits.size(-1):
         logits, ids = torch.topk(logits, top_k, dim=-1)
     cumulative = F.softmax(logits / temperature, dim=-1).cumsum(dim=-1)
-    uniform = torch.rand(logits.size(0), 1, generator=generator, device=logits.device) * cumulative[:, -1:]
+    draws = torch.cat([torch.rand(1, generator=generator, device=logits.device) for generator in generators])
+    uniform = draws[:, None] * cumulative[:, -1:]
     # the first token whose cumulative probability passes the uniform draw; the clamp guards float round-off
     choice = torch.searchsorted(cumulative, uniform, right=True).clamp_(max=logits.size(-1) - 1)
     return choice if ids is None else ids.gather(-1, choice)
@@ -230,10 +233,16 @@ class Batch:
     def _sample(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
         if all(sequence.params.temperature == 0 for sequence in sequences):
             sampled = logits.argmax(dim=-1).tolist()
-        else:  # each row with its own generator and settings: its tokens do not depend on the other rows
-            ids = [sample_next_token(logits[row:row + 1], sequence.generator, sequence.params.temperature,
-                                     sequence.params.top_k) for row, sequence in enumerate(sequences)]
-            sampled = torch.cat(ids).view(-1).tolist()  # one device sync for the whole batch
+        else:  # rows with the same settings sample together, each with its own generator
+            settings: dict[tuple, list[int]] = {}
+            for row, sequence in enumerate(sequences):
+                settings.setdefault((sequence.params.temperature, sequence.params.top_k), []).append(row)
+            ids = torch.empty(len(sequences), dtype=torch.long, device=logits.device)
+            for (temperature, top_k), rows in settings.items():
+                index = torch.tensor(rows, device=logits.device)
+                ids[index] = sample_next_token(logits[index], [sequences[row].generator for row in rows],
+                                               temperature, top_k).view(-1)
+            sampled = ids.tolist()  # one device sync for the whole batch
         return [sequence.next_token(token) for sequence, token in zip(sequences, sampled)]
 
     @torch.inference_mode()

@@ -126,14 +126,14 @@ def test_each_row_may_have_its_own_sampling_params():
 
 
 def test_sampling_follows_the_softmax_of_the_logits_over_temperature_and_top_k():
-    generator = torch.Generator().manual_seed(0)
+    generators = [torch.Generator().manual_seed(0)] * 10_000  # one generator drawing for every row, in turn
     logits = torch.tensor([[0.0, 1.0, 2.0, -3.0]]).repeat(10_000, 1)  # 10,000 rows: one draw each
     for temperature, top_k in [(1.0, None), (0.5, None), (2.0, 2)]:
-        draws = sample_next_token(logits, generator, temperature, top_k).view(-1)
+        draws = sample_next_token(logits, generators, temperature, top_k).view(-1)
         frequencies = torch.bincount(draws, minlength=4) / draws.numel()
         kept = logits[0] if top_k is None else logits[0].masked_fill(logits[0] < 1.0, float("-inf"))
         torch.testing.assert_close(frequencies, torch.softmax(kept / temperature, dim=0), atol=0.02, rtol=0)
-    assert (sample_next_token(logits[:5], generator, 0.0, None).view(-1) == 2).all()  # temperature 0: the argmax
+    assert (sample_next_token(logits[:5], generators[:5], 0.0, None).view(-1) == 2).all()  # temperature 0: argmax
 
 
 def test_seeded_sampling_is_reproducible():
