@@ -1,4 +1,4 @@
-"""The training loop, shared by pretraining and supervised fine-tuning (SFT): `Trainer`, and `train()`, the
+"""The training loop, shared by pretraining, supervised fine-tuning (SFT) and RL: `Trainer`, and `train()`, the
 pretraining run (`python -m nanochat_flyte.train`, also under torchrun).
 
 One loop for every setting: CPU, MPS, one GPU, or N GPUs under DDP (rank 0 alone writes and logs). Per step:
@@ -6,10 +6,11 @@ grad_accum_steps micro-batches forward/backward, one optimizer step. At step bou
 checkpoints. In a single-process run a CUDA out-of-memory error halves the device batch (and doubles the
 accumulation, so the optimizer sees the same batch) and re-runs the step.
 
-A `Phase` brings what differs between pretraining and SFT: the batches, the validation metric, the samples and the
-starting weights (`Pretraining` here, `FineTuning` in chat_sft.py). The Trainer does the rest: device and
-precision, DDP, optimizers and schedules, the OOM fallback, resuming, W&B and metrics.jsonl, checkpoints, the
-report card.
+A `Phase` brings what differs between the stages: the batches, their loss (next-token cross-entropy unless it
+says otherwise), the validation metric, the samples and the starting weights (`Pretraining` here, `FineTuning` in
+chat_sft.py, `ReinforcementLearning` in chat_rl.py, whose batches are answers it samples and rewards). The Trainer
+does the rest: device and precision, DDP, optimizers and schedules, the OOM fallback, resuming, W&B and
+metrics.jsonl, checkpoints, the report card.
 
     python -m nanochat_flyte.train --config configs/X.yaml --data-dir DATA --out-dir OUT [--resume-dir CKPT]
     torchrun --nproc_per_node=2 -m nanochat_flyte.train --config configs/X.yaml --data-dir DATA --out-dir OUT
@@ -196,7 +197,8 @@ def training_device(config: RunConfig, local_rank: int = 0) -> torch.device:
 
 
 class Phase:
-    """What a training phase brings to the loop. Subclasses: Pretraining (below) and FineTuning (chat_sft.py)."""
+    """What a training phase brings to the loop. Subclasses: Pretraining (below), FineTuning (chat_sft.py) and
+    ReinforcementLearning (chat_rl.py)."""
 
     name: str  # "base" or "chat": recorded in the checkpoint, so the sampler and chat tools tell them apart
     stage: str  # "base", "chat" (SFT) or "rl": names the run's W&B run within an execution
@@ -383,8 +385,7 @@ class Trainer:
         tok_per_sec = loop.timed_steps * config.total_batch_size / loop.timed_seconds if loop.timed_steps else None
         best = "max" if self.phase.higher_is_better else "min"
         return {"status": status, "phase": self.phase.name, "stage": self.phase.stage, "run_name": config.run_name,
-                "depth": config.depth,
-                "num_iterations": config.num_iterations, "steps_completed": step,
+                "depth": config.depth, "num_iterations": config.num_iterations, "steps_completed": step,
                 f"{best}_validation_{metric}": loop.best_val_metric, f"final_validation_{metric}": loop.val_metric,
                 "tokens_seen": step * config.total_batch_size, "total_time_s": loop.total_time_s,
                 "avg_tok_per_sec": tok_per_sec, "avg_mfu": self.mfu_percent(tok_per_sec) if tok_per_sec else None,
