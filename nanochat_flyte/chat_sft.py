@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch.distributed as dist
 
 from nanochat_flyte.cli import ArgumentParser
 from nanochat_flyte.chat_data import prepare_sft_data, read_jsonl
-from nanochat_flyte.checkpoint import (CONFIG_FILE, TOKENIZER_DIR, fetch_checkpoint, load_checkpoint,
+from nanochat_flyte.checkpoint import (CONFIG_FILE, TOKENIZER_DIR, fetch_checkpoint, is_uri, load_checkpoint,
                                        read_checkpoint_json)
 from nanochat_flyte.config import ChatConfig, ConfigError, RLConfig, RunConfig, load_config, parse_override
 from nanochat_flyte.conversation import ChatTokens
@@ -45,7 +46,8 @@ CHAT_SAMPLE_PROMPTS = (
     "Why is the sky blue?",
     "If 5*x + 3 = 13, what is x?",
 )
-DATA_WAIT_S = 3600  # other ranks wait this long for rank 0 to prepare the data (a full SmolTalk download)
+DATA_WAIT_S = 3600  # other ranks wait this long for local rank 0 to prepare the data (a full SmolTalk download)
+FETCHED_FILE = "fetched_from.json"  # in a downloaded start checkpoint: its URI, written once the download is complete
 
 
 class FineTuning(Phase):
@@ -180,18 +182,39 @@ def data_cache_dir(name: str, config: ChatConfig | RLConfig, keys: tuple[str, ..
     return default_cache_dir(name) / hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
 
 
-def prepared_on_rank_zero(data_dir: Path, prepare: Callable[[], object]) -> None:
-    """Rank 0 prepares the data (unless data_dir has it already); the other ranks wait for its manifest."""
-    if (data_dir / "manifest.json").exists():
+def once_per_node(is_done: Callable[[], bool], work: Callable[[], object], what: str) -> None:
+    """Local rank 0 runs work() unless is_done() already; the other ranks of its node wait until is_done(). Per
+    node, because each node writes to its own disk (on a shared one the nodes write the same files, atomically)."""
+    if is_done():
         return
-    if distributed_env()[0] == 0:
-        prepare()
+    if distributed_env()[1] == 0:
+        work()
         return
     deadline = time.time() + DATA_WAIT_S
-    while not (data_dir / "manifest.json").exists():
+    while not is_done():
         if time.time() > deadline:
-            raise TimeoutError(f"rank 0 did not prepare {data_dir} within {DATA_WAIT_S:.0f}s")
+            raise TimeoutError(f"local rank 0 did not prepare {what} within {DATA_WAIT_S:.0f}s")
         time.sleep(5)
+
+
+def fetched_once_per_node(source: str, local_dir: Path) -> Path:
+    """The checkpoint to start from as a local directory: a local path in place; a URI downloaded into local_dir by
+    one rank per node (ranks fetching into one folder together would overwrite each other's half-written files).
+    A folder that holds the same URI's complete download already is reused."""
+    if not is_uri(source) or source.startswith("file://"):
+        return fetch_checkpoint(source, local_dir)
+    marker = local_dir / FETCHED_FILE  # written last: the download is complete
+
+    def fetched() -> bool:
+        return marker.is_file() and json.loads(marker.read_text()).get("source") == source
+
+    def fetch() -> None:
+        shutil.rmtree(local_dir, ignore_errors=True)  # another source's files must not mix with this one's
+        fetch_checkpoint(source, local_dir)
+        marker.write_text(json.dumps({"source": source}))
+
+    once_per_node(fetched, fetch, f"{local_dir} from {source}")
+    return local_dir
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -213,11 +236,11 @@ def main(argv: list[str] | None = None) -> dict:
 def run_stage(config: ChatConfig | RLConfig, start_checkpoint: str, args, default_data_dir: Path,
               prepare: Callable[[ChatConfig | RLConfig, Path], object], train: Callable[..., dict]) -> dict:
     """What the SFT and RL CLIs do once their arguments are checked: fetch the checkpoint they start from, prepare
-    the hub data (rank 0, into a cache folder unless --data-dir names one), train, print the summary."""
+    the hub data (one rank per node, into a cache folder unless --data-dir names one), train, print the summary."""
     rank = distributed_env()[0]
-    start_dir = fetch_checkpoint(start_checkpoint, args.out_dir.with_name(args.out_dir.name + "_start"))
+    start_dir = fetched_once_per_node(start_checkpoint, args.out_dir.with_name(args.out_dir.name + "_start"))
     data_dir = args.data_dir or default_data_dir
-    prepared_on_rank_zero(data_dir, lambda: prepare(config, data_dir))
+    once_per_node((data_dir / "manifest.json").exists, lambda: prepare(config, data_dir), f"the data in {data_dir}")
     summary = train(config, start_dir, data_dir, args.out_dir, resume_dir=args.resume_dir,
                     env_report=environment_report() if rank == 0 else None)
     if rank == 0:

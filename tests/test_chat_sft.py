@@ -1,15 +1,17 @@
 """SFT end to end: a tiny base checkpoint fine-tuned on the chat mixture served by the local hub."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import fsspec
 import pytest
 from helpers import make_data_dir, tiny_config
 
 from nanochat_flyte.chat_data import prepare_sft_data
-from nanochat_flyte.chat_sft import sft_run_config, train_chat
+from nanochat_flyte.chat_sft import FETCHED_FILE, fetched_once_per_node, sft_run_config, train_chat
 from nanochat_flyte.config import ChatConfig, ConfigError, RunConfig
 from nanochat_flyte.engine import Engine
 from nanochat_flyte.train import train
@@ -84,3 +86,28 @@ def test_the_sft_cli_reads_the_hub_and_resumes_nothing_twice(base_checkpoint, hu
                          timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip() == "error: ChatConfig.mmlu_epoch: unknown field; did you mean mmlu_epochs?"
+
+
+def test_a_remote_start_checkpoint_is_fetched_by_one_rank_per_node_and_the_others_wait(tmp_path):
+    memory = fsspec.filesystem("memory")
+    memory.pipe({"/ckpt/checkpoint.pt": b"weights", "/ckpt/tokenizer/ranks.txt": b"ranks"})
+    local_dir = tmp_path / "chat_start"
+    local_dir.mkdir()
+    (local_dir / "stale.pt").write_text("another source's file")
+    # local rank 1 of the node, in its own process: its memory:// is empty, so it can only wait for rank 0's download
+    rank_one = ("import sys, pathlib; from nanochat_flyte.chat_sft import fetched_once_per_node as f; "
+                "print(f('memory://ckpt', pathlib.Path(sys.argv[1])))")
+    waiter = subprocess.Popen([sys.executable, "-c", rank_one, str(local_dir)],
+                              env={**os.environ, "LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "2"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert fetched_once_per_node("memory://ckpt", local_dir) == local_dir  # this process is local rank 0
+    out, err = waiter.communicate(timeout=60)
+    assert waiter.returncode == 0, err[-2000:]
+    assert out.strip() == str(local_dir)
+    assert sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file()) == [
+        "checkpoint.pt", FETCHED_FILE, "tokenizer/ranks.txt"]  # the stale file of another source is gone
+
+    memory.rm("/ckpt", recursive=True)  # the same URI again: its complete download is reused, not fetched again
+    assert fetched_once_per_node("memory://ckpt", local_dir) == local_dir
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        fetched_once_per_node("memory://other", local_dir)  # another URI is fetched (and here, found missing)

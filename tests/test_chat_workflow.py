@@ -9,7 +9,7 @@ from flytekit.types.directory import FlyteDirectory
 from nanochat_flyte.config import ChatConfig, RLConfig
 from tests.shard_server import serve_shards, write_fineweb_shards
 from tests.test_workflow import VAL_SHARD, tiny_config
-from workflows.chat import chat_rl, chat_sft, nanochat_chat
+from workflows.chat import chat_rl, chat_sft, nanochat_chat, nanochat_chat_rl
 from workflows.nanochat import main
 
 EVAL_TASKS = {"arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval"}
@@ -54,6 +54,37 @@ def test_the_whole_pipeline_base_to_chat_eval(served_shards, hub_server):
     assert json.loads((Path(chat_checkpoint.path) / "training_state.json").read_text())["phase"] == "chat"
     card = (Path(chat_report.path) / "report.md").read_text()
     assert "## Chat evaluation" in card and "| arc_easy |" in card and "validation loss" in card
+
+
+def test_the_whole_pipeline_with_rl_trains_the_rl_model_from_the_sft_one(served_shards, hub_server):
+    outputs = nanochat_chat_rl(config=tiny_config(served_shards.url, num_iterations=4, eval_every=4, sample_every=4,
+                                                  save_every=4),
+                               chat_config=tiny_chat_config(num_iterations=2, eval_tasks="gsm8k"),
+                               rl_config=tiny_rl_config())
+    assert outputs.results["training"]["steps_completed"] == 4
+    assert outputs.chat_results["sft"]["steps_completed"] == 2
+    rl = outputs.rl_results["rl"]
+    assert (rl["stage"], rl["steps_completed"], rl["run_name"]) == ("rl", 2, "e2e_sft_rl")
+    assert outputs.rl_results["sft_checkpoint"] == outputs.chat_checkpoint.path
+    assert set(outputs.rl_results["chat_eval"]["tasks"]) == {"gsm8k"}
+    state = json.loads((Path(outputs.rl_checkpoint.path) / "training_state.json").read_text())
+    assert (state["phase"], state["stage"]) == ("chat", "rl")
+    assert "max validation pass@1" in (Path(outputs.rl_report.path) / "report.md").read_text()
+
+
+@pytest.mark.parametrize("run, field", [
+    (lambda url: nanochat_chat(config=tiny_config(url), chat_config=tiny_chat_config(num_iterations=-1)),
+     "ChatConfig.num_iterations"),
+    (lambda url: nanochat_chat(config=tiny_config(url), chat_config=tiny_chat_config(total_batch_size=1000)),
+     "ChatConfig.total_batch_size"),  # 1000 tokens are not a whole number of micro-batches of 4 rows x 128 tokens
+    (lambda url: nanochat_chat_rl(config=tiny_config(url), chat_config=tiny_chat_config(),
+                                  rl_config=tiny_rl_config(device_batch_size=3)), "RLConfig.device_batch_size"),
+])
+def test_a_pipelines_bad_chat_or_rl_config_fails_before_any_download(served_shards, hub_server, run, field):
+    # built directly, as a console relaunch builds them: pyflyte run's own check of each config is not involved
+    with pytest.raises(Exception, match=rf"{field}: "):
+        run(served_shards.url)
+    assert served_shards.requests == [] and hub_server.requests == []
 
 
 def test_chat_sft_from_a_checkpoint_directory_reuses_its_downloads(served_shards, hub_server):

@@ -139,6 +139,30 @@ def test_the_pipeline_launch_plan_defaults_to_the_reference_presets(entities):
     assert chat == ChatConfig.from_file(ROOT / "configs" / "chat_d8_t4.yaml")
 
 
+def test_the_pipeline_with_rl_launch_plan_defaults_to_the_three_reference_presets(entities):
+    plan = entities["launch_plan"]["nanochat_chat_rl_d8_t4"]
+    assert plan.spec.workflow_id.name == "workflows.chat.nanochat_chat_rl"
+    assert config_default(plan) == RunConfig.from_file(ROOT / "configs" / "d8_t4.yaml")
+    defaults = {name: TypeEngine.to_python_value(FlyteContextManager.current_context(), Literal.from_flyte_idl(
+        plan.spec.default_inputs.parameters[name].default), kind)
+        for name, kind in (("chat_config", ChatConfig), ("rl_config", RLConfig))}
+    assert defaults == {"chat_config": ChatConfig.from_file(ROOT / "configs" / "chat_d8_t4.yaml"),
+                        "rl_config": RLConfig.from_file(ROOT / "configs" / "rl_d8_t4.yaml")}
+
+
+@pytest.mark.parametrize("workflow, check", [("nanochat_chat", "check_chat_config"),
+                                             ("nanochat_chat_rl", "check_chat_and_rl_configs")])
+def test_a_pipeline_checks_its_later_configs_on_a_cpu_before_pretraining_starts(entities, tasks, workflow, check):
+    nodes = {node.id: node for node in entities["workflow"][workflow].template.nodes}
+    (check_id,) = [node_id for node_id, node in nodes.items() if node.task_node.reference_id.name.endswith(check)]
+    (setup_id,) = [node_id for node_id, node in nodes.items()
+                   if node.task_node.reference_id.name.endswith(".setup_environment")]
+    assert check_id in nodes[setup_id].upstream_node_ids
+    requests, limits = resources(tasks[check])
+    assert GPU not in requests and GPU not in limits
+    assert not tasks[check].extended_resources.HasField("gpu_accelerator")
+
+
 def test_the_rl_launch_plan_defaults_to_the_rl_preset_and_asks_for_the_checkpoint(entities):
     plan = entities["launch_plan"]["nanochat_rl_d8_t4"]
     assert plan.spec.workflow_id.name == "workflows.chat.chat_rl"

@@ -1,10 +1,11 @@
 """The chat stages as Flyte workflows: supervised fine-tuning (SFT) of a base checkpoint, then the chat evaluation;
 reinforcement learning (RL) on GSM8K of an SFT checkpoint, then the chat evaluation; and the whole pipeline, from
-raw shards to an evaluated chat model.
+raw shards to an evaluated chat model, with or without RL.
 
     pyflyte run workflows/chat.py chat_sft --base_checkpoint s3://.../checkpoint --config configs/chat_d8_t4.yaml
     pyflyte run workflows/chat.py chat_rl --sft_checkpoint s3://.../chat_checkpoint --config configs/rl_d8_t4.yaml
     pyflyte run workflows/chat.py nanochat_chat --config configs/smoke.yaml --chat_config configs/chat_smoke.yaml
+    pyflyte run workflows/chat.py nanochat_chat_rl --config ... --chat_config ... --rl_config configs/rl_smoke.yaml
 
 Like workflows/nanochat.py this file only declares tasks, resources and caching; the work is in nanochat_flyte
 (chat_data, chat_sft, chat_rl, chat_eval). The data tasks run on CPUs, cached, before any GPU starts: a relaunch
@@ -20,8 +21,8 @@ from flytekit.types.directory import FlyteDirectory
 
 from nanochat_flyte.chat_data import check_hub_endpoint, prepare_eval_data, prepare_rl_data, prepare_sft_data
 from nanochat_flyte.chat_eval import chat_metrics, chat_table_html, chat_table_markdown, evaluate_chat, read_eval_items
-from nanochat_flyte.chat_rl import check_sft_checkpoint, train_rl
-from nanochat_flyte.chat_sft import train_chat
+from nanochat_flyte.chat_rl import check_sft_checkpoint, rl_run_config, train_rl
+from nanochat_flyte.chat_sft import sft_run_config, train_chat
 from nanochat_flyte.checkpoint import CONFIG_FILE, TRAINING_STATE_FILE, publish_checkpoint, read_checkpoint_json
 from nanochat_flyte.config import ChatConfig, ConfigError, RLConfig, RunConfig
 from nanochat_flyte.engine import Engine
@@ -52,6 +53,25 @@ def probe_hub_and_report(config: ChatConfig | RLConfig) -> tuple[str, dict]:
     print(format_report(report), flush=True)
     Deck("Environment", environment_deck_html(report))
     return hub_endpoint(config.hf_endpoint), report
+
+
+# A pipeline's chat and RL configs are checked against the base run before it starts: `pyflyte run` checks each config
+# alone, a relaunch from the console with edited inputs checks nothing, and the stage's own setup runs hours later.
+@task(container_image=IMAGE)
+@one_line_user_errors
+def check_chat_config(config: RunConfig, chat_config: ChatConfig) -> ChatConfig:
+    chat_config = chat_config.validate()
+    sft_run_config(chat_config, config.validate())
+    return chat_config
+
+
+@task(container_image=IMAGE)
+@one_line_user_errors
+def check_chat_and_rl_configs(config: RunConfig, chat_config: ChatConfig, rl_config: RLConfig
+                              ) -> tuple[ChatConfig, RLConfig]:
+    chat_config, rl_config = chat_config.validate(), rl_config.validate()
+    rl_run_config(rl_config, sft_run_config(chat_config, config.validate()))
+    return chat_config, rl_config
 
 
 @task(container_image=IMAGE, secret_requests=[WANDB_SECRET, HF_SECRET], interruptible=True, enable_deck=True,
@@ -240,10 +260,8 @@ def chat_sft(base_checkpoint: FlyteDirectory, config: ChatConfig = ChatConfig())
     return fine_tune(config, base_checkpoint)
 
 
-@workflow
-def chat_rl(sft_checkpoint: FlyteDirectory, config: RLConfig = RLConfig()) -> ChatOutputs:
-    """A chat (SFT) checkpoint (a chat run's `chat_checkpoint` output, or any directory or URI holding one) to an
-    evaluated RL checkpoint: setup -> GSM8K problems and evaluation data (CPU, cached) -> RL -> chat evaluation."""
+def reinforce(config: RLConfig, sft_checkpoint: FlyteDirectory) -> ChatOutputs:
+    """setup -> GSM8K problems and evaluation data (CPU, cached) -> RL -> chat evaluation -> results."""
     checked, eval_config, endpoint, environment = setup_rl(config=config, sft_checkpoint=sft_checkpoint)
     data = prepare_rl_problems(endpoint=endpoint, max_problems=checked.max_problems,
                                eval_problems=checked.eval_problems, seed=checked.seed)
@@ -258,6 +276,13 @@ def chat_rl(sft_checkpoint: FlyteDirectory, config: RLConfig = RLConfig()) -> Ch
     return ChatOutputs(rl_checkpoint, results, report)
 
 
+@workflow
+def chat_rl(sft_checkpoint: FlyteDirectory, config: RLConfig = RLConfig()) -> ChatOutputs:
+    """A chat (SFT) checkpoint (a chat run's `chat_checkpoint` output, or any directory or URI holding one) to an
+    evaluated RL checkpoint."""
+    return reinforce(config, sft_checkpoint)
+
+
 class PipelineOutputs(NamedTuple):
     results: dict  # the base run's results JSON (with CORE)
     checkpoint: FlyteDirectory  # the base checkpoint
@@ -270,7 +295,33 @@ class PipelineOutputs(NamedTuple):
 @workflow
 def nanochat_chat(config: RunConfig = RunConfig(), chat_config: ChatConfig = ChatConfig()) -> PipelineOutputs:
     """The whole pipeline: pretraining (with CORE when config.evaluate_core), then SFT, then the chat evaluation."""
-    base: RunOutputs = pretrain(config, "")
-    chat = fine_tune(chat_config, base.checkpoint)
+    checked_chat = check_chat_config(config=config, chat_config=chat_config)
+    base: RunOutputs = pretrain(config, "", checked_first=(checked_chat,))
+    chat = fine_tune(checked_chat, base.checkpoint)
     return PipelineOutputs(base.results, base.checkpoint, base.report, chat.results, chat.chat_checkpoint,
                            chat.report)
+
+
+class RLPipelineOutputs(NamedTuple):
+    results: dict  # the base run's results JSON (with CORE)
+    checkpoint: FlyteDirectory  # the base checkpoint
+    report: FlyteDirectory  # the base run's report card
+    chat_results: dict  # the SFT stage's results JSON
+    chat_checkpoint: FlyteDirectory  # the SFT checkpoint
+    chat_report: FlyteDirectory  # the SFT run's report card
+    rl_results: dict  # the RL stage's results JSON
+    rl_checkpoint: FlyteDirectory  # the RL checkpoint: a chat checkpoint, the one to talk to
+    rl_report: FlyteDirectory  # the RL run's report card
+
+
+@workflow
+def nanochat_chat_rl(config: RunConfig = RunConfig(), chat_config: ChatConfig = ChatConfig(),
+                     rl_config: RLConfig = RLConfig()) -> RLPipelineOutputs:
+    """The whole pipeline of the reference run's next steps: pretraining (with CORE when config.evaluate_core), SFT
+    and its chat evaluation, then RL on GSM8K and the chat evaluation of the RL model."""
+    checked_chat, checked_rl = check_chat_and_rl_configs(config=config, chat_config=chat_config, rl_config=rl_config)
+    base: RunOutputs = pretrain(config, "", checked_first=(checked_chat, checked_rl))
+    chat = fine_tune(checked_chat, base.checkpoint)
+    rl = reinforce(checked_rl, chat.chat_checkpoint)
+    return RLPipelineOutputs(base.results, base.checkpoint, base.report, chat.results, chat.chat_checkpoint,
+                             chat.report, rl.results, rl.chat_checkpoint, rl.report)

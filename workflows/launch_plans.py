@@ -5,6 +5,7 @@
     nanochat_nightly   the reference run every night; e-mails on failure. Inactive until activated.
     nanochat_chat_d8_t4  the whole pipeline on T4s: the reference run, CORE, SFT (configs/chat_d8_t4.yaml), chat eval
     nanochat_rl_d8_t4  RL on GSM8K of a chat checkpoint on a T4 (configs/rl_d8_t4.yaml); sft_checkpoint is asked for
+    nanochat_chat_rl_d8_t4  the whole pipeline, then RL: the three reference presets above
 
 `main` also has its default launch plan (same name as the workflow), with RunConfig's defaults.
 Settings read at registration time: NANOCHAT_NIGHTLY_CRON (default "0 3 * * *", UTC) and
@@ -17,7 +18,7 @@ from pathlib import Path
 from flytekit import CronSchedule, Email, LaunchPlan, WorkflowExecutionPhase
 
 from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
-from workflows.chat import chat_rl, nanochat_chat
+from workflows.chat import chat_rl, nanochat_chat, nanochat_chat_rl
 from workflows.nanochat import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -60,4 +61,10 @@ nanochat_rl_d8_t4 = LaunchPlan.get_or_create(
     chat_rl,
     name="nanochat_rl_d8_t4",
     default_inputs={"config": REFERENCE_RL_CONFIG},  # sft_checkpoint: a chat run's chat_checkpoint, given at launch
+)
+
+nanochat_chat_rl_d8_t4 = LaunchPlan.get_or_create(
+    nanochat_chat_rl,
+    name="nanochat_chat_rl_d8_t4",
+    default_inputs={"config": REFERENCE_CONFIG, "chat_config": REFERENCE_CHAT_CONFIG, "rl_config": REFERENCE_RL_CONFIG},
 )
