@@ -111,12 +111,20 @@ def test_chat_sft_from_a_checkpoint_directory_reuses_its_downloads(served_shards
     card = (Path(rl_report.path) / "report.md").read_text()
     assert "## Chat evaluation" in card and "max validation pass@1" in card
 
+    # the 2 x 2 answers of a step are not micro-batches of 3: said by setup_rl, before any download or GPU time
+    hub_server.requests.clear()
+    with pytest.raises(Exception, match=r"RLConfig\.device_batch_size: the 4 answers of a step"):
+        chat_rl(sft_checkpoint=FlyteDirectory(first.path), config=tiny_rl_config(device_batch_size=3))
+    assert hub_server.requests == []
 
-def test_rl_from_a_base_checkpoint_fails_before_any_download(served_shards, hub_server):
+
+def test_rl_from_a_base_checkpoint_or_sft_with_a_bad_batch_fails_before_any_download(served_shards, hub_server):
     _, checkpoint, _ = main(config=tiny_config(served_shards.url, num_iterations=1, eval_every=1, sample_every=1,
                                                save_every=1))
     with pytest.raises(Exception, match=r"chat_rl\.sft_checkpoint: .* is a base checkpoint; RL starts from a chat"):
         chat_rl(sft_checkpoint=FlyteDirectory(checkpoint.path), config=tiny_rl_config())
+    with pytest.raises(Exception, match=r"ChatConfig\.total_batch_size: 1000 is not divisible"):
+        chat_sft(base_checkpoint=FlyteDirectory(checkpoint.path), config=tiny_chat_config(total_batch_size=1000))
     assert hub_server.requests == []
 
 

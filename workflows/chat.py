@@ -22,7 +22,7 @@ from flytekit.types.directory import FlyteDirectory
 from nanochat_flyte.chat_data import check_hub_endpoint, prepare_eval_data, prepare_rl_data, prepare_sft_data
 from nanochat_flyte.chat_eval import chat_metrics, chat_table_html, chat_table_markdown, evaluate_chat, read_eval_items
 from nanochat_flyte.chat_rl import check_sft_checkpoint, rl_run_config, train_rl
-from nanochat_flyte.chat_sft import sft_run_config, train_chat
+from nanochat_flyte.chat_sft import checkpoint_run_config, sft_run_config, train_chat
 from nanochat_flyte.checkpoint import CONFIG_FILE, TRAINING_STATE_FILE, publish_checkpoint, read_checkpoint_json
 from nanochat_flyte.config import ChatConfig, ConfigError, RLConfig, RunConfig
 from nanochat_flyte.engine import Engine
@@ -81,10 +81,11 @@ def setup_chat(config: ChatConfig, base_checkpoint: FlyteDirectory) -> tuple[Cha
     """Validate the chat config, check the base checkpoint and probe the hub endpoint, before any GPU time is spent.
     Returns the config, the endpoint the data tasks use, and the environment report (of the training node kind)."""
     config = config.validate()
-    state = read_checkpoint_json(checkpoint_location(base_checkpoint), TRAINING_STATE_FILE)
-    if state is None:
-        raise ConfigError("base_checkpoint", f"{checkpoint_location(base_checkpoint)} is not a checkpoint directory "
-                                             f"(no {TRAINING_STATE_FILE})", "chat_sft")
+    location = checkpoint_location(base_checkpoint)
+    if read_checkpoint_json(location, TRAINING_STATE_FILE) is None:
+        raise ConfigError("base_checkpoint", f"{location} is not a checkpoint directory (no {TRAINING_STATE_FILE})",
+                          "chat_sft")
+    sft_run_config(config, checkpoint_run_config(location))  # the batch fits the base run's model and context
     return config, *probe_hub_and_report(config)
 
 
@@ -96,7 +97,9 @@ def setup_rl(config: RLConfig, sft_checkpoint: FlyteDirectory) -> tuple[RLConfig
     GPU time is spent. Returns the config, the ChatConfig of the evaluation after RL, the endpoint and the
     environment report."""
     config = config.validate()
-    check_sft_checkpoint(checkpoint_location(sft_checkpoint))
+    location = checkpoint_location(sft_checkpoint)
+    check_sft_checkpoint(location)
+    rl_run_config(config, checkpoint_run_config(location))  # the step's answers split into the SFT run's micro-batches
     return config, config.chat_eval_config(), *probe_hub_and_report(config)
 
 
@@ -235,6 +238,14 @@ class ChatOutputs(NamedTuple):
     report: FlyteDirectory  # report.md with its plots and the chat evaluation table, and results.json
 
 
+def evaluate_stage(config: ChatConfig | RLConfig, eval_config: ChatConfig, checkpoint: FlyteDirectory,
+                   eval_data: FlyteDirectory) -> dict:
+    """The chat evaluation of a stage's checkpoint, with the stage config's evaluation settings."""
+    return evaluate_chat_model(config=eval_config, checkpoint=checkpoint, eval_data=eval_data, tasks=config.eval_tasks,
+                               max_per_task=config.eval_max_per_task, max_tokens=config.eval_max_tokens,
+                               seed=config.seed, humaneval=config.humaneval)
+
+
 def fine_tune(config: ChatConfig, base_checkpoint: FlyteDirectory) -> ChatOutputs:
     """setup -> data (CPU, cached) -> SFT -> chat evaluation -> results."""
     checked, endpoint, environment = setup_chat(config=config, base_checkpoint=base_checkpoint)
@@ -245,9 +256,7 @@ def fine_tune(config: ChatConfig, base_checkpoint: FlyteDirectory) -> ChatOutput
     eval_data = prepare_chat_eval_data(endpoint=endpoint, tasks=checked.eval_tasks)
     chat_checkpoint, training = train_chat_model(config=checked, base_checkpoint=base_checkpoint, data=data,
                                                  environment=environment)
-    evaluation = evaluate_chat_model(config=checked, checkpoint=chat_checkpoint, eval_data=eval_data,
-                                     tasks=checked.eval_tasks, max_per_task=checked.eval_max_per_task,
-                                     max_tokens=checked.eval_max_tokens, seed=checked.seed, humaneval=checked.humaneval)
+    evaluation = evaluate_stage(checked, checked, chat_checkpoint, eval_data)
     results, report = aggregate_chat_results(config=checked, base_checkpoint=base_checkpoint, training=training,
                                              evaluation=evaluation, checkpoint=chat_checkpoint, environment=environment)
     return ChatOutputs(chat_checkpoint, results, report)
@@ -268,9 +277,7 @@ def reinforce(config: RLConfig, sft_checkpoint: FlyteDirectory) -> ChatOutputs:
     eval_data = prepare_chat_eval_data(endpoint=endpoint, tasks=checked.eval_tasks)
     rl_checkpoint, training = train_rl_model(config=checked, sft_checkpoint=sft_checkpoint, data=data,
                                              environment=environment)
-    evaluation = evaluate_chat_model(config=eval_config, checkpoint=rl_checkpoint, eval_data=eval_data,
-                                     tasks=checked.eval_tasks, max_per_task=checked.eval_max_per_task,
-                                     max_tokens=checked.eval_max_tokens, seed=checked.seed, humaneval=checked.humaneval)
+    evaluation = evaluate_stage(checked, eval_config, rl_checkpoint, eval_data)
     results, report = aggregate_rl_results(config=checked, sft_checkpoint=sft_checkpoint, training=training,
                                            evaluation=evaluation, checkpoint=rl_checkpoint, environment=environment)
     return ChatOutputs(rl_checkpoint, results, report)
