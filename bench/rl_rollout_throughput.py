@@ -36,7 +36,8 @@ def write_problems(directory: Path) -> None:
     items = [json.dumps(gsm8k_item(row, index)) + "\n" for index, row in enumerate(GSM8K)]
     (directory / "train.jsonl").write_text("".join(items))
     (directory / "val.jsonl").write_text("".join(items[:1]))
-    (directory / "manifest.json").write_text("{}")
+    (directory / "manifest.json").write_text(json.dumps({"endpoint": "generated", "seed": 0, "max_problems": 0,
+                                                         "eval_problems": 1}))
 
 
 def main(argv: list[str] | None = None) -> dict:

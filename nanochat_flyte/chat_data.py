@@ -224,6 +224,21 @@ def load_eval_items(task: str, endpoint: str = "", cache_dir: Path | None = None
     return [json.loads(line) for line in lines]
 
 
+# what tells each stage's prepared data apart: a key only its manifest has
+PREPARED_DATA = {"chat_sft": ("train_conversations", "SFT conversations (prepare_sft_data)"),
+                 "chat_rl": ("max_problems", "RL problems (prepare_rl_data)")}
+
+
+def prepared_manifest(data_dir: Path, stage: str) -> dict:
+    """The manifest of a folder of `stage`'s prepared data ("chat_sft" or "chat_rl"); one line when it is not one."""
+    key, what = PREPARED_DATA[stage]
+    path = Path(data_dir) / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    if key not in manifest:
+        raise ConfigError("data_dir", f"{data_dir} holds no prepared {what}", stage)
+    return manifest
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """The conversations or items of a file this module wrote."""
     with open(path, encoding="utf-8") as f:

@@ -23,7 +23,6 @@ is a chat checkpoint (`"phase": "chat"`, `"stage": "rl"`) that every chat tool o
 """
 
 import dataclasses
-import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nanochat_flyte.chat_data import prepare_rl_data, read_jsonl
+from nanochat_flyte.chat_data import prepare_rl_data, prepared_manifest, read_jsonl
 from nanochat_flyte.chat_eval import generate, score_gsm8k
 from nanochat_flyte.chat_sft import chat_samples, checkpoint_run_config, data_cache_dir, run_stage
 from nanochat_flyte.checkpoint import TOKENIZER_DIR, TRAINING_STATE_FILE, load_checkpoint, read_checkpoint_json
@@ -185,9 +184,9 @@ class ReinforcementLearning(Phase):
         self.tokenizer_dir = self.sft_dir / TOKENIZER_DIR
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         ChatTokens.of(self.tokenizer)  # a tokenizer without chat tokens fails here
+        self.manifest = prepared_manifest(data_dir, "chat_rl")
         self.problems = read_jsonl(Path(data_dir) / "train.jsonl")
         self.val = read_jsonl(Path(data_dir) / "val.jsonl")
-        self.manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
         self.orders: dict[int, list[int]] = {}
         self.engine: Engine | None = None
         self.rollouts: Rollouts | None = None

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat_flyte.cli import ArgumentParser
-from nanochat_flyte.chat_data import prepare_sft_data, read_jsonl
+from nanochat_flyte.chat_data import prepare_sft_data, prepared_manifest, read_jsonl
 from nanochat_flyte.checkpoint import (CONFIG_FILE, TOKENIZER_DIR, fetch_checkpoint, is_uri, load_checkpoint,
                                        read_checkpoint_json)
 from nanochat_flyte.config import ChatConfig, ConfigError, RLConfig, RunConfig, load_config, parse_override
@@ -38,7 +38,7 @@ from nanochat_flyte.engine import Engine, SamplingParams
 from nanochat_flyte.environment import environment_report
 from nanochat_flyte.packing import ConversationLoader, RenderedConversations, epoch_rows, rows_tensor, steps_per_epoch
 from nanochat_flyte.tokenizer import load_tokenizer
-from nanochat_flyte.train import Phase, Trainer, distributed_env
+from nanochat_flyte.train import Phase, Trainer, check_resumed_stage, distributed_env
 
 CHAT_SAMPLE_PROMPTS = (
     "Hello! Who are you?",
@@ -60,12 +60,12 @@ class FineTuning(Phase):
         self.tokenizer_dir = self.base_dir / TOKENIZER_DIR
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         ChatTokens.of(self.tokenizer)  # a tokenizer without chat tokens fails here, before any data is rendered
+        self.manifest = prepared_manifest(data_dir, "chat_sft")
         row = config.max_seq_len + 1
         start = time.time()
         self.train = RenderedConversations(self.tokenizer, read_jsonl(Path(data_dir) / "train.jsonl"), row)
         self.val = RenderedConversations(self.tokenizer, read_jsonl(Path(data_dir) / "val.jsonl"), row)
         self.val_rows = epoch_rows(self.val, config.max_seq_len)
-        self.manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
         print(f"sft data: {len(self.train):,} train conversations ({self.train.trained_tokens:,} trained tokens, "
               f"{self.train.dropped} without an assistant token in the first {row} tokens, dropped), "
               f"{len(self.val):,} validation conversations in {len(self.val_rows)} rows; rendered in "
@@ -235,9 +235,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run_stage(config: ChatConfig | RLConfig, start_checkpoint: str, args, default_data_dir: Path,
               prepare: Callable[[ChatConfig | RLConfig, Path], object], train: Callable[..., dict]) -> dict:
-    """What the SFT and RL CLIs do once their arguments are checked: fetch the checkpoint they start from, prepare
-    the hub data (one rank per node, into a cache folder unless --data-dir names one), train, print the summary."""
+    """What the SFT and RL CLIs do once their arguments are checked: check --data-dir and --resume-dir, fetch the
+    checkpoint they start from, prepare the hub data into a cache folder (one rank per node) unless --data-dir names
+    prepared data, train, print the summary."""
     rank = distributed_env()[0]
+    stage = "chat_sft" if isinstance(config, ChatConfig) else "chat_rl"
+    if args.data_dir:  # data named by the user is used as it is, never prepared into
+        prepared_manifest(args.data_dir, stage)
+    if args.resume_dir:
+        check_resumed_stage(args.resume_dir, "chat" if stage == "chat_sft" else "rl")
     start_dir = fetched_once_per_node(start_checkpoint, args.out_dir.with_name(args.out_dir.name + "_start"))
     data_dir = args.data_dir or default_data_dir
     once_per_node((data_dir / "manifest.json").exists, lambda: prepare(config, data_dir), f"the data in {data_dir}")

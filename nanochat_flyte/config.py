@@ -8,6 +8,8 @@ Presets in `configs/*.yaml` set only the fields they change; the rest keep these
 import dataclasses
 import difflib
 import json
+import math
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +24,18 @@ TOKENIZERS = ("gpt2", "bpe")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cuda", "cpu", "mps")
+
+
+class YamlLoader(yaml.SafeLoader):
+    """YAML as YAML 1.2 reads booleans: only true/false. YAML 1.1's yes/no/on/off would turn `humaneval: off` into
+    False, and the user's `off` into a confusing `must be a str, got False`."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
 
 
 class UserError(Exception):
@@ -46,12 +60,16 @@ def coerce(owner: str, field: dataclasses.Field, value: Any) -> Any:
         if isinstance(value, bool):
             return value
     elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= 2**63:  # torch's seeds, Flyte's msgpack and every counter here are 64-bit
+                raise ConfigError(field.name, f"must be below 2**63 in size, got {value}", owner)
+            return value
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # NaN passes every `< 0` check and trains to a NaN loss
+                raise ConfigError(field.name, f"must be a finite number, got {value}", owner)
             return float(value)
     elif isinstance(value, kind):
         return value
@@ -88,7 +106,8 @@ class StrictConfig:
     @classmethod
     def __pre_deserialize__(cls, values: dict[str, Any]) -> dict[str, Any]:
         cls.check_fields(values)
-        return values
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        return {name: coerce(cls.__name__, fields[name], value) for name, value in values.items()}
 
     @classmethod
     def from_json(cls, text: str):
@@ -108,8 +127,13 @@ class StrictConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError("*", f"no preset file {str(path)!r}", cls.__name__)
-        text = path.read_text()
-        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        try:
+            text = path.read_text()
+            values = json.loads(text) if path.suffix == ".json" else yaml.load(text, YamlLoader)
+        except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as error:
+            problem = " ".join(str(error).split())  # YAML's messages span lines
+            raise ConfigError("*", f"{str(path)!r} is not a {'JSON' if path.suffix == '.json' else 'YAML'} "
+                                   f"document: {problem}", cls.__name__) from None
         return cls.from_mapping(values or {})
 
     def to_dict(self) -> dict[str, Any]:
@@ -366,6 +390,8 @@ class ChatConfig(StrictConfig):
         one_of(self, "device", DEVICES)
         one_of(self, "wandb_mode", WANDB_MODES)
         one_of(self, "humaneval", HUMANEVAL_MODES)
+        if not self.eval_task_list:
+            raise ConfigError("eval_tasks", f"no task given; choose from {', '.join(CHAT_EVAL_TASKS)}", "ChatConfig")
         for task in self.eval_task_list:
             if task not in CHAT_EVAL_TASKS:
                 raise ConfigError("eval_tasks", f"unknown task {task!r}; choose from {', '.join(CHAT_EVAL_TASKS)}",
@@ -480,11 +506,15 @@ def load_config(path: str | Path | None = None, kind: type[StrictConfig] = RunCo
 
 
 def parse_override(assignment: str, owner: str = "RunConfig") -> tuple[str, Any]:
-    """'field=value' with value typed as YAML reads it (4 -> int, true -> bool, text -> str)."""
+    """'field=value' with value typed as YAML reads it (4 -> int, true -> bool, text -> str); a value YAML cannot
+    read (`run_name=@me`, `eval_tasks=,,`) is taken as the text it is."""
     field, sep, value = assignment.partition("=")
-    if not sep:
-        raise ConfigError(field or assignment, f"override {assignment!r} is not of the form field=value", owner)
-    return field.strip(), yaml.safe_load(value)
+    if not sep or not field.strip():
+        raise ConfigError(field.strip() or "*", f"override {assignment!r} is not of the form field=value", owner)
+    try:
+        return field.strip(), yaml.load(value, YamlLoader)
+    except yaml.YAMLError:
+        return field.strip(), value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -510,7 +540,11 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(args.preset, kind, **overrides).validate()
     text = json.dumps(config.to_dict())
     if args.output:
-        args.output.write_text(text + "\n")
+        try:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(text + "\n")
+        except OSError as error:
+            raise ConfigError("*", f"cannot write -o {str(args.output)!r}: {error.strerror}", kind.__name__) from None
     else:
         print(text)
 

@@ -339,6 +339,8 @@ def check_bundle_url(url: str) -> None:
                 raise ConfigError("eval_bundle_url", f"{url!r}: {e}") from e
         elif not path.is_file():
             raise ConfigError("eval_bundle_url", f"{url!r}: not found")
+        elif not zipfile.is_zipfile(path):
+            raise ConfigError("eval_bundle_url", f"{url!r} is not a zip file (eval_bundle.zip) or a bundle directory")
         return
     answer = probe(url)
     if answer is not None:

@@ -325,6 +325,7 @@ class Trainer:
         self.start_step, loader_state = 0, None
         self.resumed = resume_dir is not None
         if resume_dir is not None:
+            check_resumed_stage(resume_dir, phase.stage)
             checkpoint = load_checkpoint(Path(resume_dir))
             model.load_state_dict(checkpoint["model"])
             for optimizer, state in zip(self.optimizers, checkpoint["optimizers"], strict=True):
@@ -571,6 +572,15 @@ RESUME_KEEPS = ("depth", "residual_scalars", "max_seq_len", "tokenizer", "bpe_vo
                 "num_shards", "val_shard", "only_needed_shards")
 
 
+def check_resumed_stage(checkpoint_dir: str | Path, stage: str) -> None:
+    """A run continues a checkpoint of its own stage (base, chat or rl): another's data stream cannot be resumed."""
+    state = read_checkpoint_json(checkpoint_dir, TRAINING_STATE_FILE) or {}
+    saved = state.get("stage", state.get("phase", "base"))  # saved before stages had names: the phase's
+    if saved != stage:
+        raise ConfigError("resume_dir", f"{checkpoint_dir} is a {saved} checkpoint; a {stage} run continues a {stage} "
+                                         "checkpoint", "Trainer")
+
+
 def check_resume(config: RunConfig, checkpoint: str | Path) -> None:
     """Fail early, in one line, when `checkpoint` (a directory or URI) cannot be continued under `config`: no
     checkpoint there, a different model shape or data, or fewer iterations than it has already done."""
@@ -579,6 +589,9 @@ def check_resume(config: RunConfig, checkpoint: str | Path) -> None:
     if state is None or saved is None or read_checkpoint_json(checkpoint, MODEL_CONFIG_FILE) is None:
         raise ConfigError("resume_from", f"{checkpoint} is not a checkpoint directory (no {TRAINING_STATE_FILE} "
                                          f"and {CONFIG_FILE})", "main")
+    if state.get("phase", "base") != "base":
+        raise ConfigError("resume_from", f"{checkpoint} is a {state['phase']} checkpoint; pretraining continues a "
+                                         "base checkpoint (a chat one goes on with chat_sft or chat_rl)", "main")
     saved = RunConfig().to_dict() | saved  # a field newer than the checkpoint has its default there
     for field in RESUME_KEEPS:
         if getattr(config, field) != saved[field]:

@@ -55,7 +55,8 @@ def sft_checkpoint(base_checkpoint, tmp_path_factory) -> Path:
     conversations = [gsm8k_conversation(row, index) for index, row in enumerate(GSM8K)]
     write_jsonl(data / "train.jsonl", conversations[:40])
     write_jsonl(data / "val.jsonl", conversations[40:])
-    (data / "manifest.json").write_text("{}")
+    (data / "manifest.json").write_text(json.dumps({"endpoint": "test", "seed": 42, "train_conversations": 40,
+                                                    "val_conversations": len(conversations) - 40}))
     chat = ChatConfig(max_seq_len=96, device_batch_size=4, total_batch_size=768, num_iterations=6, eval_every=6,
                       sample_every=6, sample_max_tokens=4, save_every=6, device="cpu", dtype="float32",
                       compile=False, wandb_mode="disabled")
@@ -243,10 +244,16 @@ def test_rl_data_comes_from_the_hub_and_the_cli_trains(sft_checkpoint, hub_serve
 @pytest.mark.parametrize("argv, message", [
     (["num_sample=4"], "error: RLConfig.num_sample: unknown field; did you mean num_samples?"),
     (["--sft-checkpoint", "BASE"], "is a base checkpoint; RL starts from a chat (SFT) checkpoint"),
+    (["--data-dir", "EMPTY"], "error: chat_rl.data_dir: EMPTY holds no prepared RL problems (prepare_rl_data)"),
+    (["--data-dir", "SFT"], "error: chat_rl.data_dir: SFT holds no prepared RL problems (prepare_rl_data)"),
+    (["--resume-dir", "SFT"], "Trainer.resume_dir: SFT is a chat checkpoint; a rl run continues a rl checkpoint"),
 ])
 def test_the_rl_cli_refuses_bad_input_in_one_line_before_any_download(base_checkpoint, sft_checkpoint, tmp_path,
                                                                        argv, message):
-    argv = [str(base_checkpoint) if arg == "BASE" else arg for arg in argv]
+    (tmp_path / "empty").mkdir()
+    paths = {"BASE": str(base_checkpoint), "SFT": str(sft_checkpoint), "EMPTY": str(tmp_path / "empty")}
+    message = " ".join(paths.get(word, word) for word in message.split(" "))
+    argv = [paths.get(arg, arg) for arg in argv]
     if "--sft-checkpoint" not in argv:
         argv = ["--sft-checkpoint", str(sft_checkpoint), *argv]
     # an endpoint that answers nothing: a download attempt would fail otherwise, in more than one line

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -124,3 +125,50 @@ def test_the_config_cli_writes_a_file_and_fails_in_one_line(tmp_path):
                              cwd=root, capture_output=True, text=True, timeout=60)
         assert (bad.returncode, bad.stdout, bad.stderr) == (2, "", line + "\n")
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("kind, value, field, problem", [
+    (RunConfig, "matrix_lr=.nan", "matrix_lr", "must be a finite number, got nan"),
+    (RunConfig, "sample_temperature=.inf", "sample_temperature", "must be a finite number, got inf"),
+    (ChatConfig, "smoltalk_epochs=.nan", "smoltalk_epochs", "must be a finite number, got nan"),
+    (RLConfig, "temperature=-.inf", "temperature", "must be a finite number, got -inf"),
+    (RunConfig, "seed=99999999999999999999", "seed", "must be below 2**63 in size, got 99999999999999999999"),
+    (RunConfig, "num_iterations=1.0e+30", "num_iterations", "must be below 2**63 in size"),
+    (ChatConfig, "eval_tasks=,,,", "eval_tasks", "no task given"),  # not valid YAML: taken as the text it is
+    (ChatConfig, "humaneval=maybe", "humaneval", "unknown value 'maybe'"),
+    (RunConfig, "=5", "*", "override '=5' is not of the form field=value"),
+])
+def test_nonsense_values_are_named_before_anything_runs(kind, value, field, problem):
+    preset = {RunConfig: "smoke.yaml", ChatConfig: "chat_smoke.yaml", RLConfig: "rl_smoke.yaml"}[kind]
+    flag = {RunConfig: [], ChatConfig: ["--chat"], RLConfig: ["--rl"]}[kind]
+    with pytest.raises(ConfigError, match=rf"^{kind.__name__}\.{re.escape(field)}: {re.escape(problem)}"):
+        config_main([str(CONFIGS / preset), *flag, value])
+
+
+def test_on_and_off_are_words_not_yaml_booleans(tmp_path, capsys):
+    preset = tmp_path / "chat.yaml"
+    preset.write_text("humaneval: off\ncompile: true\n")
+    assert ChatConfig.from_file(preset).humaneval == "off" and ChatConfig.from_file(preset).compile is True
+    config_main([str(preset), "--chat", "humaneval=on", "run_name=@me"])
+    written = json.loads(capsys.readouterr().out)
+    assert (written["humaneval"], written["run_name"]) == ("on", "@me")
+
+
+@pytest.mark.parametrize("name, text, problem", [
+    ("bad.yaml", "depth: [4\n", "is not a YAML document: while parsing"),
+    ("bad.json", '{"depth": 4,}', "is not a JSON document: Expecting property name"),
+    ("binary.yaml", b"\xff\xfe\x00depth", "is not a YAML document: 'utf-8' codec can't decode"),
+])
+def test_a_preset_that_is_not_yaml_or_json_is_one_line(tmp_path, name, text, problem):
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError) as error:
+        RunConfig.from_file(path)
+    assert str(error.value).startswith(f"RunConfig.*: {str(path)!r} {problem}") and "\n" not in str(error.value)
+
+
+def test_the_config_cli_names_an_output_it_cannot_write(tmp_path):
+    with pytest.raises(ConfigError, match=rf"^RunConfig\.\*: cannot write -o '{re.escape(str(tmp_path))}': "):
+        config_main([str(CONFIGS / "smoke.yaml"), "-o", str(tmp_path)])  # a directory
+    config_main([str(CONFIGS / "smoke.yaml"), "-o", str(tmp_path / "new" / "run.json")])  # a new folder is made
+    assert RunConfig.from_file(tmp_path / "new" / "run.json") == RunConfig.from_file(CONFIGS / "smoke.yaml")

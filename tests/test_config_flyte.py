@@ -132,3 +132,10 @@ def test_chat_and_rl_configs_round_trip_relaunch_edited_and_name_a_typo(kind, pr
     assert all(type(getattr(relaunched, field)) is type(getattr(config, field)) for field in edits)
     with pytest.raises(Exception, match=rf"{kind.__name__}\.{typo}: unknown field; did you mean"):
         TypeEngine.to_python_value(ctx, console_literal({typo: 2}), kind)
+
+
+def test_a_console_relaunch_with_a_nan_is_named():
+    # the console's JSON cannot hold NaN, but a msgpack literal (flytectl, the SDK) can: no NaN learning rate trains
+    literal = Literal(scalar=Scalar(binary=Binary(value=msgpack.dumps({"matrix_lr": float("nan")}), tag="msgpack")))
+    with pytest.raises(Exception, match=r"RunConfig\.matrix_lr: must be a finite number, got nan"):
+        to_config(literal)

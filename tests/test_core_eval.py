@@ -157,6 +157,9 @@ def test_check_bundle_url_probes_without_downloading(bundle_dir, tmp_path):
         check_bundle_url(str(tmp_path / "missing.zip"))
     with pytest.raises(ConfigError, match="eval_bundle_url: .*no single core.yaml"):
         check_bundle_url(str(tmp_path / "served"))
+    (tmp_path / "bundle.zip").write_text("not a zip")
+    with pytest.raises(ConfigError, match="eval_bundle_url: .*bundle.zip' is not a zip file"):
+        check_bundle_url(str(tmp_path / "bundle.zip"))
     with serve_shards(tmp_path / "served") as server:
         check_bundle_url(f"{server.url}/eval_bundle.zip")
         with pytest.raises(ConfigError, match="eval_bundle_url: .*unreachable: not found"):

@@ -73,6 +73,15 @@ def test_an_incompatible_resume_is_refused_before_anything_runs(finished, change
         check_resume(tiny_config(config.data_url, **changes), str(save_to))
 
 
+def test_pretraining_does_not_continue_a_chat_checkpoint(finished, tmp_path):
+    config, _, _, save_to = finished
+    shutil.copytree(save_to, tmp_path / "chat")
+    state = json.loads((tmp_path / "chat" / "training_state.json").read_text())
+    (tmp_path / "chat" / "training_state.json").write_text(json.dumps(state | {"phase": "chat", "stage": "chat"}))
+    with pytest.raises(ConfigError, match=r"main\.resume_from: .* is a chat checkpoint; pretraining continues a base"):
+        check_resume(tiny_config(config.data_url, num_iterations=8), str(tmp_path / "chat"))
+
+
 def test_a_checkpoint_older_than_a_config_field_resumes_with_its_default(finished, tmp_path):
     config, _, _, save_to = finished
     shutil.copytree(save_to, tmp_path / "old")
