@@ -577,8 +577,8 @@ def check_resumed_stage(checkpoint_dir: str | Path, stage: str) -> None:
     state = read_checkpoint_json(checkpoint_dir, TRAINING_STATE_FILE) or {}
     saved = state.get("stage", state.get("phase", "base"))  # saved before stages had names: the phase's
     if saved != stage:
-        raise ConfigError("resume_dir", f"{checkpoint_dir} is a {saved} checkpoint; a {stage} run continues a {stage} "
-                                         "checkpoint", "Trainer")
+        raise ConfigError("resume_dir", f"{checkpoint_dir} is a checkpoint of the {saved} stage; this {stage} run "
+                                         "continues only its own stage's checkpoints", "Trainer")
 
 
 def check_resume(config: RunConfig, checkpoint: str | Path) -> None:

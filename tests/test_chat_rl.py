@@ -246,7 +246,7 @@ def test_rl_data_comes_from_the_hub_and_the_cli_trains(sft_checkpoint, hub_serve
     (["--sft-checkpoint", "BASE"], "is a base checkpoint; RL starts from a chat (SFT) checkpoint"),
     (["--data-dir", "EMPTY"], "error: chat_rl.data_dir: EMPTY holds no prepared RL problems (prepare_rl_data)"),
     (["--data-dir", "SFT"], "error: chat_rl.data_dir: SFT holds no prepared RL problems (prepare_rl_data)"),
-    (["--resume-dir", "SFT"], "Trainer.resume_dir: SFT is a chat checkpoint; a rl run continues a rl checkpoint"),
+    (["--resume-dir", "SFT"], "Trainer.resume_dir: SFT is a checkpoint of the chat stage; this rl run continues"),
 ])
 def test_the_rl_cli_refuses_bad_input_in_one_line_before_any_download(base_checkpoint, sft_checkpoint, tmp_path,
                                                                        argv, message):
