@@ -18,6 +18,7 @@ import numpy as np
 import tiktoken
 import torch
 
+from nanochat_flyte.config import ConfigError
 from nanochat_flyte.download import write_atomically
 from nanochat_flyte.model import GPT, GPTConfig
 from nanochat_flyte.tokenizer import load_tokenizer
@@ -99,6 +100,18 @@ def load_checkpoint(checkpoint_dir: Path) -> dict:
 
 def is_uri(location: str | Path) -> bool:
     return "://" in str(location)
+
+
+def check_save_to(target: str, owner: str) -> None:
+    """Fail in one line, before any training, when a local save_to cannot be written (a URI's store is known only at
+    the first copy): the first copy comes save_every steps into the run."""
+    if not target or is_uri(target):
+        return
+    try:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=target).close()
+    except OSError as error:
+        raise ConfigError("save_to", f"cannot write to {target!r}: {error.strerror or error}", owner) from None
 
 
 def publish_checkpoint(checkpoint_dir: Path, target: str) -> None:

@@ -40,8 +40,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from nanochat_flyte.cli import ArgumentParser
 from nanochat_flyte.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, TOKENIZER_DIR, TRAINING_STATE_FILE,
-                                       load_checkpoint, publish_checkpoint, read_checkpoint_json, restore_rng_states,
-                                       save_checkpoint, write_json)
+                                       check_save_to, load_checkpoint, publish_checkpoint, read_checkpoint_json,
+                                       restore_rng_states, save_checkpoint, write_json)
 from nanochat_flyte.config import ConfigError, RunConfig, load_config
 from nanochat_flyte.core_eval import core_log_metrics, evaluate_core, load_bundle
 from nanochat_flyte.dataloader import TokenLoader, shard_files, validation_tokens
@@ -324,6 +324,7 @@ class Trainer:
         self.loop = LoopState(device_batch_size=config.device_batch_size)
         self.start_step, loader_state = 0, None
         self.resumed = resume_dir is not None
+        check_save_to(config.save_to, "RunConfig")
         if resume_dir is not None:
             check_resumed_stage(resume_dir, phase.stage)
             checkpoint = load_checkpoint(Path(resume_dir))

@@ -94,6 +94,7 @@ def test_core_is_off_without_a_bundle_and_an_unreachable_bundle_fails_before_tra
     (dict(total_batch_size=500), "total_batch_size"),
     (dict(num_shards=0), "num_shards"),
     (dict(tokenizer="wordpiece"), "tokenizer"),
+    (dict(save_to="/dev/null/run"), "save_to"),  # a file where its folder would go: the first copy would fail
 ])
 def test_bad_config_fails_before_any_download(served_shards, changes, field):
     served_shards.requests.clear()

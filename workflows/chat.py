@@ -23,7 +23,8 @@ from nanochat_flyte.chat_data import check_hub_endpoint, prepare_eval_data, prep
 from nanochat_flyte.chat_eval import chat_metrics, chat_table_html, chat_table_markdown, evaluate_chat, read_eval_items
 from nanochat_flyte.chat_rl import check_sft_checkpoint, rl_run_config, train_rl
 from nanochat_flyte.chat_sft import checkpoint_run_config, sft_run_config, train_chat
-from nanochat_flyte.checkpoint import CONFIG_FILE, TRAINING_STATE_FILE, publish_checkpoint, read_checkpoint_json
+from nanochat_flyte.checkpoint import (CONFIG_FILE, TRAINING_STATE_FILE, check_save_to, publish_checkpoint,
+                                       read_checkpoint_json)
 from nanochat_flyte.config import ChatConfig, ConfigError, RLConfig, RunConfig
 from nanochat_flyte.engine import Engine
 from nanochat_flyte.environment import environment_report, format_report
@@ -48,6 +49,7 @@ def probe_hub_and_report(config: ChatConfig | RLConfig) -> tuple[str, dict]:
     """What both chat setups end with: the hub endpoint answers (or one line says it does not), and the environment
     report of the training node kind. Returns the endpoint the data tasks use, and the report."""
     export_secret(HF_SECRET, "HF_TOKEN")
+    check_save_to(config.save_to, type(config).__name__)
     check_hub_endpoint(config)
     report = environment_report()
     print(format_report(report), flush=True)

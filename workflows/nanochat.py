@@ -24,8 +24,8 @@ from flytekit.exceptions.user import FlyteRecoverableException
 from flytekit.extras.accelerators import T4
 from flytekit.types.directory import FlyteDirectory
 
-from nanochat_flyte.checkpoint import (CHECKPOINT_FILE, CONFIG_FILE, TRAINING_STATE_FILE, fetch_checkpoint,
-                                       load_model, publish_checkpoint, read_checkpoint_json)
+from nanochat_flyte.checkpoint import (CHECKPOINT_FILE, CONFIG_FILE, TRAINING_STATE_FILE, check_save_to,
+                                       fetch_checkpoint, load_model, publish_checkpoint, read_checkpoint_json)
 from nanochat_flyte.cli import USER_ERRORS
 from nanochat_flyte.config import RunConfig
 from nanochat_flyte.core_eval import (BundleError, check_bundle_url, core_log_metrics, core_table_html,
@@ -136,6 +136,7 @@ def setup_environment(config: RunConfig, resume_from: str) -> tuple[RunConfig, d
     config = config.resolved().validate()
     if resume_from:
         check_resume(config, resume_from)
+    check_save_to(config.save_to, "RunConfig")
     export_secret(HF_SECRET, "HF_TOKEN")
     check_data_url(config)
     if config.core_enabled:
