@@ -325,6 +325,10 @@ class Trainer:
         self.start_step, loader_state = 0, None
         self.resumed = resume_dir is not None
         check_save_to(config.save_to, "RunConfig")
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError("out_dir", f"cannot create {str(self.out_dir)!r}: {error.strerror}", "Trainer") from None
         if resume_dir is not None:
             check_resumed_stage(resume_dir, phase.stage)
             checkpoint = load_checkpoint(Path(resume_dir))

@@ -3,6 +3,7 @@ import pytest
 import torch
 from helpers import make_data_dir
 
+from nanochat_flyte.config import ConfigError
 from nanochat_flyte.dataloader import TokenLoader, shard_files, validation_tokens
 
 CPU = torch.device("cpu")
@@ -77,3 +78,8 @@ def test_validation_tokens_are_the_first_tokens_of_the_val_split(data_dir):
     val = validation_tokens(data_dir, 100)
     assert len(val) == 100
     assert np.array_equal(val, np.fromfile(shard_files(data_dir, "val")[0], dtype=np.uint16)[:100])
+
+
+def test_data_too_small_for_one_micro_batch_names_the_context(data_dir):
+    with pytest.raises(ConfigError, match=r"^RunConfig\.max_seq_len: the train data holds \d+ windows of 1000001"):
+        TokenLoader(shard_files(data_dir, "train"), 4, 1_000_000, seed=0, device=CPU)

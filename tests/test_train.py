@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import load_bench, make_data_dir, tiny_config
 
+from nanochat_flyte.config import ConfigError
 from nanochat_flyte.device import select_precision
 from nanochat_flyte.engine import Engine, SamplingParams
 from nanochat_flyte.model import GPT
@@ -78,6 +79,15 @@ def test_the_loss_falls(data_dir, tmp_path):
     assert sum(losses[-3:]) / 3 < losses[0] - 3
     val = [r["val/bpb"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "val/bpb" in r]
     assert val[-1] < val[0] and summary["final_validation_bpb"] == val[-1]
+
+
+def test_an_out_dir_that_cannot_be_made_or_an_unwritable_save_to_fail_before_training(data_dir, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"^Trainer\.out_dir: cannot create .*file/run': Not a directory"):
+        train(tiny_config(), data_dir, tmp_path / "file" / "run")
+    with pytest.raises(ConfigError, match=r"^RunConfig\.save_to: cannot write to .*file/copy': Not a directory"):
+        train(tiny_config(save_to=str(tmp_path / "file" / "copy")), data_dir, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_log_lines_are_nanochat_style(data_dir, tmp_path, capsys):
