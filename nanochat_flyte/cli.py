@@ -13,6 +13,24 @@ from nanochat_flyte.config import UserError
 # Our modules' user errors (ConfigError, ConversationError, DownloadError, TokenizerError, BundleError, ...) derive
 # from UserError; a missing checkpoint or preset is a FileNotFoundError.
 USER_ERRORS = (UserError, FileNotFoundError)
+# An object store (s3://, gs://) asked for without credentials: botocore's and google-auth's errors, named rather than
+# imported, as neither package need be installed.
+CREDENTIALS_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"}
+
+
+def is_credentials_error(error: BaseException) -> bool:
+    return any(kind.__name__ in CREDENTIALS_ERRORS for kind in type(error).__mro__)
+
+
+def is_user_error(error: BaseException) -> bool:
+    return isinstance(error, USER_ERRORS) or is_credentials_error(error)
+
+
+def user_message(error: BaseException) -> str:
+    if is_credentials_error(error):
+        return (f"{error} for an object store URI (s3://, gs://): give this machine its credentials (AWS_PROFILE or "
+                "AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...)")
+    return str(error)
 USER_ERROR_EXIT = 2  # argparse's status for a usage error
 
 
@@ -31,8 +49,10 @@ def run(main: Callable[[], object]) -> None:
     """Call a CLI's main(); a user error becomes one line and exit status 2."""
     try:
         main()
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+    except Exception as error:
+        if not is_user_error(error):
+            raise
+        print(f"error: {user_message(error)}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
     except KeyboardInterrupt:
         sys.exit(130)  # the shell's status for Ctrl-C

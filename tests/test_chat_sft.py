@@ -111,3 +111,15 @@ def test_a_remote_start_checkpoint_is_fetched_by_one_rank_per_node_and_the_other
     assert fetched_once_per_node("memory://ckpt", local_dir) == local_dir
     with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
         fetched_once_per_node("memory://other", local_dir)  # another URI is fetched (and here, found missing)
+
+
+def test_an_object_store_without_credentials_is_one_line(tmp_path):
+    env = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true", HF_ENDPOINT="http://127.0.0.1:9")  # no credentials from anywhere
+    result = subprocess.run([sys.executable, "-m", "nanochat_flyte.chat_sft", "--base-checkpoint",
+                             "s3://no-such-bucket/checkpoint", "--out-dir", str(tmp_path / "chat")], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: Unable to locate credentials for an object store URI (s3://, gs://)")
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -26,7 +26,7 @@ from flytekit.types.directory import FlyteDirectory
 
 from nanochat_flyte.checkpoint import (CHECKPOINT_FILE, CONFIG_FILE, TRAINING_STATE_FILE, check_save_to,
                                        fetch_checkpoint, load_model, publish_checkpoint, read_checkpoint_json)
-from nanochat_flyte.cli import USER_ERRORS
+from nanochat_flyte.cli import is_user_error, user_message
 from nanochat_flyte.config import RunConfig
 from nanochat_flyte.core_eval import (BundleError, check_bundle_url, core_log_metrics, core_table_html,
                                       core_table_markdown, evaluate_core, load_bundle)
@@ -93,8 +93,10 @@ def one_line_user_errors(task_function):
     def run(*args, **kwargs):
         try:
             return task_function(*args, **kwargs)
-        except USER_ERRORS as error:
-            raise UserError(str(error)) from error
+        except Exception as error:
+            if not is_user_error(error):
+                raise
+            raise UserError(user_message(error)) from error
 
     return run
 
