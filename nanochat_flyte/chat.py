@@ -7,14 +7,14 @@ In the chat, /clear starts a new conversation and /quit (or Ctrl-D) leaves. A ba
 fine-tuning) cannot hold a conversation: each message is then continued as plain text, and the chat says so.
 """
 
-import argparse
 import dataclasses
 import itertools
 import sys
 
-from nanochat_flyte.config import ConfigError
+from nanochat_flyte.cli import ArgumentParser, run
+from nanochat_flyte.config import UserError
 from nanochat_flyte.engine import Engine, SamplingParams
-from nanochat_flyte.tokenizer import TokenizerError
+from nanochat_flyte.sample import sampling_params, seed_flag, temperature_flag
 
 BASE_MODEL_NOTE = ("note: this is a BASE checkpoint (no chat fine-tuning): each message is continued as plain "
                    "text, without the earlier turns")
@@ -69,25 +69,17 @@ def chat(engine: Engine, params: SamplingParams) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser("nanochat_flyte.chat", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory or fsspec URI (s3://, gs://, ...)")
     parser.add_argument("--prompt", help="answer this one message and exit (for scripts)")
     parser.add_argument("--max-tokens", type=int, default=512, help="the longest answer (the context may cut it)")
-    parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
+    parser.add_argument("--temperature", type=temperature_flag, default=0.6, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=50, help="0 = the whole vocabulary")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=seed_flag, default=42)
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
     args = parser.parse_args(argv)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                            seed=args.seed)
-    try:
-        params.validate()
-    except ValueError as error:
-        parser.error(f"--{str(error).replace('_', '-')}")
-    try:
-        engine = Engine.from_checkpoint(args.checkpoint, args.device)
-    except (FileNotFoundError, ConfigError, TokenizerError) as error:
-        sys.exit(f"error: {error}")
+    params = sampling_params(parser, args)
+    engine = Engine.from_checkpoint(args.checkpoint, args.device)
     if args.prompt is None:
         chat(engine, params)
         return
@@ -96,8 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         answer(engine, [{"role": "user", "content": args.prompt}], params)
     except ValueError as error:  # a prompt longer than the context
-        sys.exit(f"error: {error}")
+        raise UserError(f"--{error}") from None
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -31,9 +31,10 @@ class TokenLoader:
         self.shards = [np.memmap(path, dtype=np.uint16, mode="r") for path in train_files]
         windows_per_shard = [(len(tokens) - 1) // seq_len for tokens in self.shards]
         if sum(windows_per_shard) < batch_size * world_size:
-            raise ConfigError("max_seq_len", f"the train data holds {sum(windows_per_shard)} windows of {seq_len + 1} "
-                                             f"tokens, fewer than one micro-batch of {batch_size} x {world_size} ranks: "
-                                             "a shorter context, a smaller device_batch_size or more data")
+            raise ConfigError("max_seq_len", f"the train data holds {sum(windows_per_shard)} windows of "
+                                             f"{seq_len + 1} tokens, fewer than one micro-batch of {batch_size} x "
+                                             f"{world_size} ranks: a shorter context, a smaller device_batch_size or "
+                                             "more data")
         # window w of the run-wide numbering lives in shard shard_of[w], starting at token start_of[w]
         self.shard_of = np.repeat(np.arange(len(self.shards)), windows_per_shard)
         self.start_of = np.concatenate([np.arange(n) * seq_len for n in windows_per_shard])

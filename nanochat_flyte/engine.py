@@ -25,6 +25,7 @@ user message (engine.chat_mode says which; front ends say so).
 """
 
 import codecs
+import math
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -55,8 +56,9 @@ class SamplingParams:
     def validate(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens: must be an integer >= 1, got {self.max_tokens!r}")
-        if not isinstance(self.temperature, int | float) or not self.temperature >= 0:  # `not >=` also refuses NaN
-            raise ValueError(f"temperature: must be a number >= 0, got {self.temperature!r}")
+        # `not <=` also refuses NaN; an infinite temperature would turn every probability into NaN
+        if not isinstance(self.temperature, int | float) or not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature: must be a finite number >= 0, got {self.temperature!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
             raise ValueError(f"top_k: must be None or an integer >= 0, got {self.top_k!r}")
         if not isinstance(self.seed, int):

@@ -6,9 +6,47 @@
 DIR_OR_URI is a checkpoint directory (docs/architecture.md) or any fsspec URI to one: s3://, gs://, file://.
 """
 
+import argparse
+import math
 
-from nanochat_flyte.cli import ArgumentParser
+from nanochat_flyte.cli import ArgumentParser, run
+from nanochat_flyte.config import UserError
 from nanochat_flyte.engine import Engine, SamplingParams
+
+MAX_SEED = 2**63 - 1  # a non-negative int64; the chat adds its turn count, still within torch's 2**64 - 1
+
+
+def seed_flag(text: str) -> int:
+    """--seed, checked by argparse: an error names the flag, and comes before the model loads."""
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = None
+    if seed is None or not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**63 - 1, got {text!r}")
+    return seed
+
+
+def temperature_flag(text: str) -> float:
+    """--temperature, checked by argparse: float() also reads nan and inf, which sample nothing sensible."""
+    try:
+        temperature = float(text)
+    except ValueError:
+        temperature = math.nan
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return temperature
+
+
+def sampling_params(parser: argparse.ArgumentParser, args: argparse.Namespace) -> SamplingParams:
+    """The flags' SamplingParams, checked: a bad one is a usage error naming its flag (`--top-k: ...`)."""
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                            seed=args.seed)
+    try:
+        params.validate()
+    except ValueError as error:
+        parser.error(f"--{str(error).replace('_', '-')}")
+    return params
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -17,25 +55,21 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-tokens", type=int, default=64)
     # greedy by default, as the samples taken during training: the same prompt gives the same text
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
+    parser.add_argument("--temperature", type=temperature_flag, default=0.0, help="0 = greedy (the default)")
     parser.add_argument("--top-k", type=int, default=50, help="0 = the whole vocabulary")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=seed_flag, default=42)
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
     args = parser.parse_args(argv)
-    if args.max_tokens < 1:
-        parser.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    if args.temperature < 0:
-        parser.error(f"--temperature must be >= 0, got {args.temperature}")
+    params = sampling_params(parser, args)
 
     engine = Engine.from_checkpoint(args.checkpoint, args.device)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                            seed=args.seed)
-    completion = engine.complete(args.prompt, params).text
+    try:
+        completion = engine.complete(args.prompt, params).text
+    except ValueError as error:  # a prompt that fills the model's context
+        raise UserError(f"--{error}") from None
     print(args.prompt + completion, flush=True)
     return completion
 
 
 if __name__ == "__main__":
-    from nanochat_flyte.cli import run
-
     run(main)

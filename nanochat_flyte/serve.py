@@ -24,14 +24,14 @@ A base checkpoint is served in plain completion mode: the model continues the la
 "nanochat-flyte-completion", /health says so, and the page shows it.
 """
 
-import argparse
 import asyncio
+import errno
 import hmac
 import json
 import logging
 import os
 import secrets
-import sys
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -41,10 +41,10 @@ from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from nanochat_flyte.config import ConfigError
+from nanochat_flyte.cli import ArgumentParser, run
+from nanochat_flyte.config import UserError
 from nanochat_flyte.conversation import ConversationError
 from nanochat_flyte.engine import Engine, Request, SamplingParams, Scheduler
-from nanochat_flyte.tokenizer import TokenizerError
 
 API_KEY_ENV = "NANOCHAT_API_KEY"
 DEFAULT_TEMPERATURE = 0.6  # nanochat's chat default: less repetitive than greedy, still on topic
@@ -188,6 +188,8 @@ async def read_json(state: ServerState, http: HttpRequest) -> object:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ApiError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
+    except RecursionError:  # [[[[... far deeper than any request: the parser's stack runs out
+        raise ApiError(400, "the request body is not valid JSON: nested too deeply", code="invalid_json") from None
 
 
 def check_api_key(state: ServerState, http: HttpRequest) -> None:
@@ -363,8 +365,35 @@ def model_name_of(checkpoint: str) -> str:
     return "-".join(parts[-2:]) if len(parts) >= 2 else (parts[-1] if parts else "nanochat")
 
 
+def check_can_listen(host: str, port: int) -> None:
+    """Bind, and let go, what uvicorn will bind (asyncio's create_server: every address of the host): a host that
+    is no address here or a port in use then fails in one line naming the flag, before the model loads."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise UserError(f"--host: {host!r} is neither an IP address nor a known host name ({error.strerror})") from None
+    bound = 0
+    for family, _, _, _, address in set(infos):
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as create_server: TIME_WAIT is no obstacle
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as error:
+                if error.errno == errno.EADDRNOTAVAIL:  # create_server skips those; it fails if none is left
+                    continue
+                problems = {errno.EADDRINUSE: f"--port: {port} is already in use on {host}",
+                            errno.EACCES: f"--port: no permission to listen on port {port} (below 1024 needs root)"}
+                raise UserError(problems.get(error.errno, f"--host/--port: cannot listen on {host} port {port}: "
+                                                          f"{error.strerror}")) from None
+            bound += 1
+    if not bound:
+        raise UserError(f"--host: {host} is not an address of this machine")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser("nanochat_flyte.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory or fsspec URI (s3://, gs://, ...)")
     parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (the default) is reachable from this "
                                                             "machine only; 0.0.0.0 exposes the server")
@@ -377,15 +406,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be 0..65535, got {args.port}")
+    check_can_listen(args.host, args.port)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     api_key = os.environ.get(API_KEY_ENV) or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model "
                     "(set %s to require one)", args.host, API_KEY_ENV)
-    try:
-        engine = Engine.from_checkpoint(args.checkpoint, args.device)
-    except (FileNotFoundError, ConfigError, TokenizerError, ConversationError) as error:
-        sys.exit(f"error: {error}")
+    engine = Engine.from_checkpoint(args.checkpoint, args.device)
     name = args.model_name or model_name_of(args.checkpoint)
     if engine.chat_mode:
         log.info("serving %s (chat checkpoint, context %d tokens)", name, engine.context)
@@ -397,4 +424,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

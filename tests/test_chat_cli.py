@@ -10,6 +10,7 @@ import pytest
 from chat_server import ROOT
 
 from nanochat_flyte.chat import main
+from nanochat_flyte.config import UserError
 from nanochat_flyte.engine import Engine, SamplingParams
 
 GREEDY = ["--temperature", "0", "--max-tokens", "8", "--device", "cpu"]
@@ -77,10 +78,34 @@ def test_a_conversation_longer_than_the_context_is_refused_in_one_line(chat_chec
     assert re.findall(r"Assistant: (.*)", out)[-1] == answer_to(chat_engine, [user("Hello there")])
 
 
-def test_bad_arguments_and_missing_checkpoints_give_one_line(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(["--checkpoint", str(tmp_path), "--prompt", "Hi"])
-    assert exit_.value.code == f"error: no checkpoint.pt in {tmp_path}: not a checkpoint directory"
-    with pytest.raises(SystemExit):
-        main(["--checkpoint", str(tmp_path), "--max-tokens", "0"])
-    assert "--max-tokens: must be an integer >= 1, got 0" in capsys.readouterr().err
+def test_usage_errors_and_missing_checkpoints_give_one_line_and_status_2(tmp_path):
+    def chat(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "nanochat_flyte.chat", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+
+    missing = chat("--checkpoint", str(tmp_path), "--prompt", "Hi")
+    assert (missing.returncode, missing.stderr) == (2, f"error: no checkpoint.pt in {tmp_path}: not a checkpoint "
+                                                       "directory\n")
+    usage = chat("--prompt", "Hi")
+    assert (usage.returncode, usage.stderr) == (2, "error: the following arguments are required: --checkpoint (see "
+                                                   "python -m nanochat_flyte.chat --help)\n")
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--max-tokens", "0"], "--max-tokens: must be an integer >= 1, got 0"),
+    (["--seed", "99999999999999999999", "--temperature", "1"],
+     "argument --seed: must be an integer from 0 to 2**63 - 1, got '99999999999999999999'"),
+    (["--seed", "-1"], "argument --seed: must be an integer from 0 to 2**63 - 1, got '-1'"),
+    (["--temperature", "inf"], "argument --temperature: must be a finite number >= 0, got 'inf'"),
+    (["--temperature", "nan"], "argument --temperature: must be a finite number >= 0, got 'nan'"),
+], ids=["max-tokens-0", "seed-too-large", "seed-negative", "temperature-inf", "temperature-nan"])
+def test_bad_flags_are_refused_in_one_line_before_loading(tmp_path, capsys, flags, problem):
+    with pytest.raises(SystemExit) as exit_:  # no checkpoint there: a refusal after loading would not get this far
+        main(["--checkpoint", str(tmp_path), *flags])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"error: {problem} (see python -m nanochat_flyte.chat --help)\n"
+
+
+def test_a_prompt_longer_than_the_context_is_refused_naming_the_flag(chat_checkpoint):
+    with pytest.raises(UserError, match=r"^--prompt: \d+ tokens leave no room in the model's context of 256 tokens$"):
+        main(["--checkpoint", str(chat_checkpoint), "--prompt", "The cat sees a small boat. " * 80, *GREEDY])

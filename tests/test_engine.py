@@ -285,6 +285,7 @@ def test_the_context_limits_the_new_tokens():
 @pytest.mark.parametrize("params, field", [(SamplingParams(max_tokens=0), "max_tokens"),
                                            (SamplingParams(temperature=-1), "temperature"),
                                            (SamplingParams(temperature=float("nan")), "temperature"),
+                                           (SamplingParams(temperature=float("inf")), "temperature"),
                                            (SamplingParams(top_k=-2), "top_k"),
                                            (SamplingParams(stop=("",)), "stop")])
 def test_bad_sampling_params_name_the_field(params, field):

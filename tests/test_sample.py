@@ -6,6 +6,7 @@ import sys
 import pytest
 from helpers import make_data_dir, tiny_config
 
+from nanochat_flyte.config import UserError
 from nanochat_flyte.sample import main
 from nanochat_flyte.train import train
 
@@ -48,9 +49,32 @@ def test_temperature_sampling_is_reproducible_from_the_seed(checkpoint):
     assert main(args + ["--seed", "1"]) == main(args + ["--seed", "1"])
 
 
-def test_bad_arguments_are_refused(checkpoint):
-    with pytest.raises(SystemExit):
-        main(["--checkpoint", str(checkpoint), "--prompt", PROMPT, "--max-tokens", "0"])
+@pytest.mark.parametrize("flags, problem", [
+    (["--max-tokens", "0"], "--max-tokens: must be an integer >= 1, got 0"),
+    (["--top-k", "-1"], "--top-k: must be None or an integer >= 0, got -1"),
+    (["--seed", "99999999999999999999"], "argument --seed: must be an integer from 0 to 2**63 - 1, got "
+                                         "'99999999999999999999'"),
+    (["--seed", "-1"], "argument --seed: must be an integer from 0 to 2**63 - 1, got '-1'"),
+    (["--temperature", "nan"], "argument --temperature: must be a finite number >= 0, got 'nan'"),
+    (["--temperature", "inf"], "argument --temperature: must be a finite number >= 0, got 'inf'"),
+    (["--temperature", "-0.5"], "argument --temperature: must be a finite number >= 0, got '-0.5'"),
+], ids=["max-tokens-0", "top-k-negative", "seed-too-large", "seed-negative", "temperature-nan", "temperature-inf",
+        "temperature-negative"])
+def test_bad_arguments_are_refused_in_one_line_before_loading(tmp_path, capsys, flags, problem):
+    with pytest.raises(SystemExit) as exit_:  # no checkpoint there: a refusal after loading would not get this far
+        main(["--checkpoint", str(tmp_path), "--prompt", PROMPT, *flags])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"error: {problem} (see python -m nanochat_flyte.sample --help)\n"
+
+
+def test_the_largest_seed_samples(checkpoint):
+    main(["--checkpoint", str(checkpoint), "--prompt", PROMPT, "--max-tokens", "2", "--temperature", "1",
+          "--seed", str(2**63 - 1), "--device", "cpu"])
+
+
+def test_a_prompt_longer_than_the_context_is_refused_naming_the_flag(checkpoint):
+    with pytest.raises(UserError, match=r"^--prompt: \d+ tokens leave no room in the model's context of 32 tokens$"):
+        main(["--checkpoint", str(checkpoint), "--prompt", PROMPT * 10, "--device", "cpu"])
 
 
 def test_the_default_is_greedy_like_the_samples_taken_in_training(checkpoint):

@@ -4,6 +4,9 @@ bad requests get 4xx in OpenAI's error shape; concurrency, the 429 limit, discon
 
 import json
 import re
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -11,9 +14,11 @@ from collections.abc import Iterator
 import openai
 import pytest
 import requests
-from chat_server import API_KEY, CONTEXT
+from chat_server import API_KEY, CONTEXT, ROOT
 
+from nanochat_flyte.config import UserError
 from nanochat_flyte.engine import Engine, SamplingParams
+from nanochat_flyte.serve import main
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -214,6 +219,15 @@ def test_invalid_json_oversized_bodies_and_unknown_routes(chat_server):
     assert chat_server.process.poll() is None
 
 
+def test_json_nested_too_deeply_is_invalid_json_not_a_crash(chat_server):
+    response = requests.post(f"{chat_server.url}/v1/chat/completions", data=b"[" * 100_000,
+                             headers={"Content-Type": "application/json"}, timeout=10)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == {"message": "the request body is not valid JSON: nested too deeply",
+                                        "type": "invalid_request_error", "param": None, "code": "invalid_json"}
+    assert "RecursionError" not in chat_server.log.read_text()
+
+
 # ---------------------------------------------------------------------------- base model, limits, disconnects, key
 
 
@@ -292,3 +306,34 @@ def test_a_client_that_gives_up_on_a_non_streamed_answer_frees_its_slot(base_ser
     health = wait_until_idle(base_server)
     assert health["requests"]["cancelled"] == before["cancelled"] + 1
     assert health["requests"]["completed"] == before["completed"]
+
+
+# ---------------------------------------------------------------------------- the command line
+
+
+def test_a_host_or_port_that_cannot_be_listened_on_is_refused_before_the_model_loads(tmp_path):
+    missing = ["--checkpoint", str(tmp_path)]  # no checkpoint there: a refusal after loading would not get this far
+    with pytest.raises(UserError, match=r"^--host: '256\.1\.1\.1' is neither an IP address nor a known host name"):
+        main([*missing, "--host", "256.1.1.1"])
+    with pytest.raises(UserError, match=r"^--host: 192\.0\.2\.1 is not an address of this machine$"):
+        main([*missing, "--host", "192.0.2.1"])  # TEST-NET-1: documentation only, nobody's address
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for host in ("127.0.0.1", "localhost", "0.0.0.0"):
+            with pytest.raises(UserError, match=f"^--port: {port} is already in use on {host}$"):
+                main([*missing, "--host", host, "--port", str(port)])
+
+
+def test_usage_errors_and_missing_checkpoints_give_one_line_and_status_2(tmp_path):
+    def serve(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "nanochat_flyte.serve", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+
+    missing = serve("--checkpoint", str(tmp_path), "--port", "0")
+    assert (missing.returncode, missing.stderr) == (2, f"error: no checkpoint.pt in {tmp_path}: not a checkpoint "
+                                                       "directory\n")
+    usage = serve("--checkpoint", str(tmp_path), "--port", "65536")
+    assert (usage.returncode, usage.stderr) == (2, "error: --port must be 0..65535, got 65536 (see python -m "
+                                                   "nanochat_flyte.serve --help)\n")
