@@ -7,7 +7,8 @@
 
 Two ways to run it:
 - in one process: `prepare_data(config, out_dir)` (tokenizer, parallel downloads overlapped with tokenization,
-  merge);
+  merge), also as `python -m nanochat_flyte.prepare --config PRESET --out-dir DATA [field=value ...]`, the data
+  directory that `python -m nanochat_flyte.train --data-dir DATA` takes;
 - on a cluster: `build_tokenizer` once, `prepare_shard` for each `plan_shards` job in its own pod, then
   `merge_prepared` over the per-shard outputs.
 """
@@ -31,8 +32,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import tiktoken
 
-from nanochat_flyte.config import ConfigError
-from nanochat_flyte.download import Download, download_shard, download_shards
+from nanochat_flyte.cli import ArgumentParser
+from nanochat_flyte.config import ConfigError, load_config, parse_override
+from nanochat_flyte.download import Download, check_data_url, download_shard, download_shards
 from nanochat_flyte.tokenizer import gpt2_tokenizer, load_tokenizer, save_tokenizer, tokenizer_id, train_bpe
 
 STATS_FILE = "stats.json"
@@ -277,3 +279,22 @@ def prepare_data(config, out_dir: Path, cache_dir: Path | None = None) -> dict:
     manifest = merge_prepared(config, parts, tokenizer_dir, out_dir)
     shutil.rmtree(parts_dir)
     return manifest
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = ArgumentParser("nanochat_flyte.prepare", description="Download and tokenize the shards a run needs into "
+                                                                  "a data directory (train --data-dir).")
+    parser.add_argument("--config", help="a RunConfig preset (YAML or JSON): its data fields (data_url, num_shards, "
+                                          "val_shard, tokenizer, ...) decide the data; defaults to the reference run")
+    parser.add_argument("--out-dir", type=Path, required=True, help="the data directory to write")
+    parser.add_argument("overrides", nargs="*", metavar="field=value")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, **dict(parse_override(item) for item in args.overrides)).validate()
+    check_data_url(config)  # every shard answers, before any download
+    return prepare_data(config, args.out_dir)  # prints what it downloads and tokenizes, then the data's totals
+
+
+if __name__ == "__main__":
+    from nanochat_flyte.cli import run
+
+    run(main)

@@ -249,6 +249,9 @@ class Pretraining(Phase):
 
     def __init__(self, config: RunConfig, data_dir: Path):
         self.config, self.data_dir = config, Path(data_dir)
+        if not self.data_dir.is_dir():
+            raise ConfigError("data_dir", f"no such folder {str(self.data_dir)!r} (a prepared data directory: "
+                                          "python -m nanochat_flyte.prepare)", "train")
         self.tokenizer_dir = self.data_dir / TOKENIZER_DIR
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         self.val_tokens = validation_tokens(self.data_dir, config.eval_tokens)

@@ -4,6 +4,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from nanochat_flyte.tokenizer import gpt2_tokenizer, load_tokenizer
 from tests.shard_server import fineweb_texts, write_fineweb_shard, write_fineweb_shards
 
 
+ROOT = Path(__file__).resolve().parents[1]
 DOCS_PER_SHARD = 60  # ~30k GPT-2 tokens per shard
 SHARD_KEYS = ["shard", "file", "tokens", "documents", "characters", "utf8_bytes", "sha256", "source",
               "download_seconds", "tokenize_seconds"]
@@ -168,3 +172,37 @@ def test_shard_job_must_match_the_tokenizer(tmp_path):
     tokenizer_dir = build_tokenizer(small_config(str(tmp_path / "shards")), tmp_path / "tokenizer")
     with pytest.raises(ValueError, match="asks for tokenizer 'bpe'"):
         prepare_shard(ShardJob(0, "train", str(tmp_path / "shards"), "bpe"), tokenizer_dir, tmp_path / "out")
+
+
+def test_the_prepare_cli_writes_the_data_directory_that_the_train_cli_takes(shard_server, tmp_path):
+    write_fineweb_shards(shard_server.directory, [0, 1, 5], DOCS_PER_SHARD)
+    preset = tmp_path / "run.json"
+    preset.write_text(json.dumps(small_config(shard_server.url, depth=1, num_iterations=2, eval_every=2,
+                                              sample_every=2, sample_max_tokens=4, save_every=2, compile=False,
+                                              wandb_mode="disabled", device="cpu", dtype="float32").to_dict()))
+
+    def cli(module: str, *arguments: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", f"nanochat_flyte.{module}", *arguments], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+
+    bad = cli("prepare", "--config", str(preset), "--out-dir", str(tmp_path / "data"), "num_shards=4")
+    assert (bad.returncode, bad.stderr) == (2, "error: RunConfig.num_shards: data_url has shards 0..1; num_shards=4 "
+                                               "needs 0..3 (not found: 2..3)\n")
+    assert not (tmp_path / "data").exists()
+
+    prepared = cli("prepare", "--config", str(preset), "--out-dir", str(tmp_path / "data"))
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert [s["shard"] for s in manifest["train"]] == [0, 1] and [s["shard"] for s in manifest["val"]] == [5]
+    assert (f"data: 2 train shards, {manifest['train_tokens']:,} train tokens, {manifest['val_tokens']:,} val tokens; "
+            "tokenizer gpt2") in prepared.stdout
+
+    trained = cli("train", "--config", str(preset), "--data-dir", str(tmp_path / "data"), "--out-dir",
+                  str(tmp_path / "ckpt"))
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert json.loads((tmp_path / "ckpt" / "training_state.json").read_text())["steps_completed"] == 2
+    missing = cli("train", "--config", str(preset), "--data-dir", str(tmp_path / "nodata"), "--out-dir",
+                  str(tmp_path / "x"))
+    assert (missing.returncode, missing.stderr) == (2, f"error: train.data_dir: no such folder "
+                                                       f"'{tmp_path / 'nodata'}' (a prepared data directory: python -m "
+                                                       "nanochat_flyte.prepare)\n")
