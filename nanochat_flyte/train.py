@@ -622,7 +622,8 @@ def train(config: RunConfig, data_dir: Path, out_dir: Path, *, resume_dir: Path 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = ArgumentParser("nanochat_flyte.train", description=__doc__.splitlines()[0])
+    parser = ArgumentParser("nanochat_flyte.train", description="Pretrain a base model on a prepared data directory "
+                                                                "(python -m nanochat_flyte.prepare).")
     parser.add_argument("--config", help="a RunConfig preset (YAML or JSON); defaults to the reference run")
     parser.add_argument("--data-dir", type=Path, required=True, help="a prepared data directory")
     parser.add_argument("--out-dir", type=Path, required=True, help="where the checkpoint directory is written")

@@ -3,12 +3,14 @@
 tiktoken's `r50k_base` is GPT-2's vocabulary, split pattern and <|endoftext|> in one file,
 `r50k_base.tiktoken`. The openai-whisper source distribution on PyPI ships a byte-identical copy at
 `whisper/assets/gpt2.tiktoken`; we take that file (without installing whisper), check its sha256 and store
-it where tiktoken looks: $TIKTOKEN_CACHE_DIR/<sha1 of the blob URL>.
+it where tiktoken looks: <cache>/<sha1 of the blob URL>, the cache being $TIKTOKEN_CACHE_DIR, else
+$DATA_GYM_CACHE_DIR, else <temp dir>/data-gym-cache (tiktoken's own rule).
 Users with internet never need this: tiktoken downloads the file itself.
 
     python scripts/cache_gpt2_tokenizer.py [CACHE_DIR]
 """
 
+import argparse
 import hashlib
 import os
 import subprocess
@@ -40,6 +42,14 @@ def cache_gpt2_tokenizer(cache_dir: Path) -> Path:
     return target
 
 
+def tiktoken_cache_dir() -> Path:
+    """Where tiktoken looks for cached files (tiktoken.load.read_file_cached)."""
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+    return Path(cache) if cache else Path(tempfile.gettempdir()) / "data-gym-cache"
+
+
 if __name__ == "__main__":
-    default = os.environ.get("TIKTOKEN_CACHE_DIR") or Path(__file__).resolve().parents[1] / ".cache" / "tiktoken"
-    print(cache_gpt2_tokenizer(Path(sys.argv[1] if len(sys.argv) > 1 else default)))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("cache_dir", nargs="?", type=Path, default=tiktoken_cache_dir(),
+                        help="default: where tiktoken looks (%(default)s)")
+    print(cache_gpt2_tokenizer(parser.parse_args().cache_dir))

@@ -157,6 +157,9 @@ def test_check_bundle_url_probes_without_downloading(bundle_dir, tmp_path):
         check_bundle_url(str(tmp_path / "missing.zip"))
     with pytest.raises(ConfigError, match="eval_bundle_url: .*no single core.yaml"):
         check_bundle_url(str(tmp_path / "served"))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "write_test_core_bundle.py"  # the README's bundle
+    subprocess.run([sys.executable, str(script), str(tmp_path / "readme.zip")], check=True, capture_output=True)
+    check_bundle_url(str(tmp_path / "readme.zip"))
     (tmp_path / "bundle.zip").write_text("not a zip")
     with pytest.raises(ConfigError, match="eval_bundle_url: .*bundle.zip' is not a zip file"):
         check_bundle_url(str(tmp_path / "bundle.zip"))
