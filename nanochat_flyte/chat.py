@@ -14,7 +14,7 @@ import sys
 from nanochat_flyte.cli import ArgumentParser, run
 from nanochat_flyte.config import UserError
 from nanochat_flyte.engine import Engine, SamplingParams
-from nanochat_flyte.sample import sampling_params, seed_flag, temperature_flag
+from nanochat_flyte.sample import add_sampling_flags, sampling_params
 
 BASE_MODEL_NOTE = ("note: this is a BASE checkpoint (no chat fine-tuning): each message is continued as plain "
                    "text, without the earlier turns")
@@ -70,13 +70,9 @@ def chat(engine: Engine, params: SamplingParams) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser("nanochat_flyte.chat", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or fsspec URI (s3://, gs://, ...)")
     parser.add_argument("--prompt", help="answer this one message and exit (for scripts)")
-    parser.add_argument("--max-tokens", type=int, default=512, help="the longest answer (the context may cut it)")
-    parser.add_argument("--temperature", type=temperature_flag, default=0.6, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=50, help="0 = the whole vocabulary")
-    parser.add_argument("--seed", type=seed_flag, default=42)
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
+    # answers of up to 512 tokens (the context may cut them), sampled at nanochat's chat temperature
+    add_sampling_flags(parser, max_tokens=512, temperature=0.6, temperature_help="0 = greedy")
     args = parser.parse_args(argv)
     params = sampling_params(parser, args)
     engine = Engine.from_checkpoint(args.checkpoint, args.device)

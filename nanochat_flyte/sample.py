@@ -38,6 +38,17 @@ def temperature_flag(text: str) -> float:
     return temperature
 
 
+def add_sampling_flags(parser: argparse.ArgumentParser, max_tokens: int, temperature: float, temperature_help: str
+                       ) -> None:
+    """The flags every sampling front end takes (sample, chat), each checked before the model loads."""
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or fsspec URI (s3://, gs://, ...)")
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    parser.add_argument("--temperature", type=temperature_flag, default=temperature, help=temperature_help)
+    parser.add_argument("--top-k", type=int, default=50, help="0 = the whole vocabulary")
+    parser.add_argument("--seed", type=seed_flag, default=42)
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
+
+
 def sampling_params(parser: argparse.ArgumentParser, args: argparse.Namespace) -> SamplingParams:
     """The flags' SamplingParams, checked: a bad one is a usage error naming its flag (`--top-k: ...`)."""
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k or None,
@@ -51,14 +62,9 @@ def sampling_params(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 def main(argv: list[str] | None = None) -> str:
     parser = ArgumentParser("nanochat_flyte.sample", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or fsspec URI (s3://, gs://, ...)")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-tokens", type=int, default=64)
     # greedy by default, as the samples taken during training: the same prompt gives the same text
-    parser.add_argument("--temperature", type=temperature_flag, default=0.0, help="0 = greedy (the default)")
-    parser.add_argument("--top-k", type=int, default=50, help="0 = the whole vocabulary")
-    parser.add_argument("--seed", type=seed_flag, default=42)
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
+    add_sampling_flags(parser, max_tokens=64, temperature=0.0, temperature_help="0 = greedy (the default)")
     args = parser.parse_args(argv)
     params = sampling_params(parser, args)
 

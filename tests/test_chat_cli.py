@@ -78,17 +78,21 @@ def test_a_conversation_longer_than_the_context_is_refused_in_one_line(chat_chec
     assert re.findall(r"Assistant: (.*)", out)[-1] == answer_to(chat_engine, [user("Hello there")])
 
 
-def test_usage_errors_and_missing_checkpoints_give_one_line_and_status_2(tmp_path):
-    def chat(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "nanochat_flyte.chat", *args], cwd=ROOT, capture_output=True,
+@pytest.mark.parametrize("module, usage_args, usage_error", [
+    ("chat", ["--prompt", "Hi"], "the following arguments are required: --checkpoint"),
+    ("serve", ["--checkpoint", "CKPT", "--port", "65536"], "--port must be 0..65535, got 65536"),
+])
+def test_usage_errors_and_missing_checkpoints_give_one_line_and_status_2(tmp_path, module, usage_args, usage_error):
+    def front_end(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", f"nanochat_flyte.{module}", *args], cwd=ROOT, capture_output=True,
                               text=True, timeout=120)
 
-    missing = chat("--checkpoint", str(tmp_path), "--prompt", "Hi")
+    missing = front_end("--checkpoint", str(tmp_path), *(["--prompt", "Hi"] if module == "chat" else ["--port", "0"]))
     assert (missing.returncode, missing.stderr) == (2, f"error: no checkpoint.pt in {tmp_path}: not a checkpoint "
                                                        "directory\n")
-    usage = chat("--prompt", "Hi")
-    assert (usage.returncode, usage.stderr) == (2, "error: the following arguments are required: --checkpoint (see "
-                                                   "python -m nanochat_flyte.chat --help)\n")
+    usage = front_end(*[str(tmp_path) if arg == "CKPT" else arg for arg in usage_args])
+    assert (usage.returncode, usage.stderr) == (2, f"error: {usage_error} (see python -m nanochat_flyte.{module} "
+                                                   "--help)\n")
 
 
 @pytest.mark.parametrize("flags, problem", [
