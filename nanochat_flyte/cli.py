@@ -13,6 +13,7 @@ from nanochat_flyte.config import UserError
 # Our modules' user errors (ConfigError, ConversationError, DownloadError, TokenizerError, BundleError, ...) derive
 # from UserError; a missing checkpoint or preset is a FileNotFoundError.
 USER_ERRORS = (UserError, FileNotFoundError)
+USER_ERROR_EXIT = 2  # argparse's status for a usage error
 # An object store (s3://, gs://) asked for without credentials: botocore's and google-auth's errors, named rather than
 # imported, as neither package need be installed.
 CREDENTIALS_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"}
@@ -31,7 +32,6 @@ def user_message(error: BaseException) -> str:
         return (f"{error} for an object store URI (s3://, gs://): give this machine its credentials (AWS_PROFILE or "
                 "AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...)")
     return str(error)
-USER_ERROR_EXIT = 2  # argparse's status for a usage error
 
 
 class ArgumentParser(argparse.ArgumentParser):

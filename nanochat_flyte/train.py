@@ -368,8 +368,7 @@ class Trainer:
         self.facts = {"phase": phase.name, "num_params": model.num_params(), "flops_per_token": model.estimate_flops(),
                       "device": device.type, "device_name": self.device_name, "dtype": self.precision.name,
                       "world_size": self.world_size, "model_config": model.config.to_dict(), **phase.info()}
-        if self.master:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.master:  # out_dir was made above, before any other work
             shutil.copytree(phase.tokenizer_dir, self.out_dir / TOKENIZER_DIR, dirs_exist_ok=True)
             write_json(self.out_dir / CONFIG_FILE, config.to_dict())  # `--config` for a run that resumes this one
             print(f"model: depth {config.depth}, {self.facts['num_params']:,} parameters, "

@@ -305,7 +305,7 @@ class PipelineOutputs(NamedTuple):
 def nanochat_chat(config: RunConfig = RunConfig(), chat_config: ChatConfig = ChatConfig()) -> PipelineOutputs:
     """The whole pipeline: pretraining (with CORE when config.evaluate_core), then SFT, then the chat evaluation."""
     checked_chat = check_chat_config(config=config, chat_config=chat_config)
-    base: RunOutputs = pretrain(config, "", checked_first=(checked_chat,))
+    base: RunOutputs = pretrain(config, "", checked_first=checked_chat)
     chat = fine_tune(checked_chat, base.checkpoint)
     return PipelineOutputs(base.results, base.checkpoint, base.report, chat.results, chat.chat_checkpoint,
                            chat.report)
@@ -329,7 +329,7 @@ def nanochat_chat_rl(config: RunConfig = RunConfig(), chat_config: ChatConfig = 
     """The whole pipeline of the reference run's next steps: pretraining (with CORE when config.evaluate_core), SFT
     and its chat evaluation, then RL on GSM8K and the chat evaluation of the RL model."""
     checked_chat, checked_rl = check_chat_and_rl_configs(config=config, chat_config=chat_config, rl_config=rl_config)
-    base: RunOutputs = pretrain(config, "", checked_first=(checked_chat, checked_rl))
+    base: RunOutputs = pretrain(config, "", checked_first=checked_chat)  # one node checks both
     chat = fine_tune(checked_chat, base.checkpoint)
     rl = reinforce(checked_rl, chat.chat_checkpoint)
     return RLPipelineOutputs(base.results, base.checkpoint, base.report, chat.results, chat.chat_checkpoint,

@@ -333,14 +333,14 @@ class RunOutputs(NamedTuple):
 
 
 def pretrain(config: RunConfig, resume_from: str, train_task=train_base_model, gpu_node: dict | None = None,
-             checked_first: tuple = ()) -> RunOutputs:
+             checked_first=None) -> RunOutputs:
     """The stages, chained. `gpu_node` overrides where setup, training and CORE run (workflows/scale_up.py).
-    `checked_first`: outputs of tasks that must succeed before anything starts (a pipeline's later configs)."""
+    `checked_first`: an output of a task that must succeed before anything starts (a pipeline's later configs)."""
     gpu_node = gpu_node or {}
     resolved, environment, core_on = setup_environment(config=config, resume_from=resume_from
                                                        ).with_overrides(**gpu_node)
-    for check in checked_first:
-        check >> resolved
+    if checked_first is not None:
+        checked_first >> resolved
     data, manifest = download_and_prepare_data(config=resolved)
     checkpoint, training = train_task(config=resolved, data=data, environment=environment,
                                       resume_from=resume_from).with_overrides(**gpu_node)
