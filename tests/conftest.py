@@ -1,8 +1,10 @@
-"""Shared test setup: offline GPT-2 ranks, no Flyte local cache, W&B kept off the network, CUDA tests skipped
-where there is no CUDA device."""
+"""Shared test setup: offline GPT-2 ranks, no Flyte local cache, W&B kept off the network, each test's temp files
+removed after it, CUDA tests skipped where there is no CUDA device."""
 
 import os
+import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,3 +37,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda"):
             item.add_marker(skip)
+
+
+def local_task_sandboxes() -> Path | None:
+    """The folder where flytekit makes a new working folder for every task it runs in this process, and never
+    removes it (None until a test has imported flytekit)."""
+    if "flytekit" not in sys.modules:
+        return None
+    from flytekit import FlyteContextManager
+    return Path(FlyteContextManager.current_context().user_space_params.working_directory).parent
+
+
+@pytest.fixture(autouse=True)
+def temp_files_go_with_the_test(tmp_path_factory, monkeypatch) -> Iterator[None]:
+    """The suite writes about 5 GB of checkpoints, and CI machines share their disk: keep the peak at one test's
+    worth. pytest removes a passing test's tmp_path (tmp_path_retention_policy in pyproject.toml); this removes
+    what flytekit and subprocesses leave in the temp folder: the task folders of local workflow runs in this
+    process, and the sandbox each `pyflyte run` or other flytekit subprocess makes at import."""
+    subprocess_temp = tmp_path_factory.mktemp("subprocess-temp")
+    monkeypatch.setenv("TMPDIR", str(subprocess_temp))
+    sandboxes = local_task_sandboxes()
+    kept = set(sandboxes.iterdir()) if sandboxes else set()  # module fixtures' runs, made before this test
+    yield
+    shutil.rmtree(subprocess_temp, ignore_errors=True)
+    for made_by_this_test in set(sandboxes.iterdir()) - kept if sandboxes else ():
+        shutil.rmtree(made_by_this_test, ignore_errors=True)
