@@ -4,6 +4,7 @@ removed after it, CUDA tests skipped where there is no CUDA device."""
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,9 @@ cache_gpt2_tokenizer(Path(os.environ["TIKTOKEN_CACHE_DIR"]))
 os.environ["FLYTE_LOCAL_CACHE_ENABLED"] = "false"
 os.environ.pop("WANDB_API_KEY", None)
 os.environ.setdefault("WANDB_SILENT", "true")
+# Pin this process's temp folder now: tests point TMPDIR at folders of their own for their subprocesses (below),
+# and tempfile reads TMPDIR only once, at its first use.
+tempfile.gettempdir()
 
 
 def pytest_collection_modifyitems(config, items):
