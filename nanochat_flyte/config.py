@@ -51,6 +51,11 @@ class ConfigError(UserError, ValueError):
         super().__init__(f"{owner}.{field}: {problem}")
 
 
+# Fields whose words are YAML 1.1 booleans. `pyflyte run --chat_config preset.yaml` reads the file with PyYAML's
+# safe_load, not YamlLoader, and hands us `humaneval: off` as False: a boolean means the word it was read from.
+ON_OFF_FIELDS = ("humaneval",)
+
+
 # Allowed types of a field's value, by its annotation: YAML and JSON write 1 for 1.0, and the console's JSON
 # (a protobuf Struct) turns every number into a float, so whole floats are accepted for ints and ints for floats.
 def coerce(owner: str, field: dataclasses.Field, value: Any) -> Any:
@@ -71,6 +76,8 @@ def coerce(owner: str, field: dataclasses.Field, value: Any) -> Any:
             if not math.isfinite(value):  # NaN passes every `< 0` check and trains to a NaN loss
                 raise ConfigError(field.name, f"must be a finite number, got {value}", owner)
             return float(value)
+    elif isinstance(value, bool) and field.name in ON_OFF_FIELDS:
+        return "on" if value else "off"
     elif isinstance(value, kind):
         return value
     raise ConfigError(field.name, f"must be {'an' if kind is int else 'a'} {kind.__name__}, got {value!r}", owner)

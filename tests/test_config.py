@@ -154,6 +154,14 @@ def test_on_and_off_are_words_not_yaml_booleans(tmp_path, capsys):
     assert (written["humaneval"], written["run_name"]) == ("on", "@me")
 
 
+def test_a_yaml_11_reader_s_boolean_is_the_word_it_was_read_from_for_humaneval_only():
+    # pyflyte reads a preset file with PyYAML's safe_load (YAML 1.1): `humaneval: off` arrives as False
+    assert ChatConfig.from_mapping({"humaneval": False}).humaneval == "off"
+    assert RLConfig.from_mapping({"humaneval": True}).humaneval == "on"
+    with pytest.raises(ConfigError, match=r"^ChatConfig\.run_name: must be a str, got False"):
+        ChatConfig.from_mapping({"run_name": False})
+
+
 @pytest.mark.parametrize("name, text, problem", [
     ("bad.yaml", "depth: [4\n", "is not a YAML document: while parsing"),
     ("bad.json", '{"depth": 4,}', "is not a JSON document: Expecting property name"),

@@ -39,6 +39,17 @@ def test_a_misspelt_field_stops_pyflyte_run_with_one_message(tmp_path, env, form
     assert "Traceback" not in output and "Running Execution" not in output  # refused before anything ran
 
 
+def test_a_chat_preset_file_may_say_humaneval_off(tmp_path, env):
+    # pyflyte reads the file itself, as YAML 1.1 (`off` is False); the next bad field shows `off` got through
+    (tmp_path / "chat.yaml").write_text("humaneval: off\neval_tasks: ''\n")
+    result = subprocess.run([*PYFLYTE[:-2], "workflows/chat.py", "nanochat_chat", "--chat_config",
+                             str(tmp_path / "chat.yaml")], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output
+    assert "ChatConfig.eval_tasks: no task given" in output and "ChatConfig.humaneval" not in output
+
+
 def test_an_unreachable_data_url_is_one_message_not_a_traceback(env):
     config = tiny_config("http://127.0.0.1:9/no-mirror").to_dict()
     result = pyflyte("--config", json.dumps(config), env=env)
