@@ -39,7 +39,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the package and tests/ from a bare checkout: the device machine installs nothing
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT / ".cache" / "tiktoken"))  # where tests/conftest.py keeps them
+GPT2_RANKS_FILE = "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4"  # sha1 of r50k_base's URL: tiktoken's cache name
+CARRIED_TIKTOKEN_CACHE = ROOT / ".cache" / "tiktoken"  # where tests/conftest.py keeps them, carried to the GPU
+# The checkout's ranks win over a TIKTOKEN_CACHE_DIR that lacks them (a GPU image may set one, empty, and
+# have no network to fill it).
+if not (Path(os.environ.get("TIKTOKEN_CACHE_DIR", CARRIED_TIKTOKEN_CACHE)) / GPT2_RANKS_FILE).is_file() \
+        and (CARRIED_TIKTOKEN_CACHE / GPT2_RANKS_FILE).is_file():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(CARRIED_TIKTOKEN_CACHE)
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(CARRIED_TIKTOKEN_CACHE))
 
 from nanochat_flyte.checkpoint import write_json  # noqa: E402
 from nanochat_flyte.config import load_config  # noqa: E402
@@ -52,7 +59,6 @@ SECTION_BUDGETS_S = {"tests": 100, "throughput": 130, "t4": 100}
 DEFAULT_TIME_LIMIT_S = 345  # the 6 minutes, less time to start, write the results and stop
 MIN_SECTION_S = 20  # less than this left: the section is not started (no GPU work fits)
 REFERENCE = load_config(ROOT / "configs" / "d8_t4.yaml")  # the reference run's configuration
-GPT2_RANKS_FILE = "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4"  # sha1 of r50k_base's URL: tiktoken's cache name
 
 # throughput: (dtype, compile) in order of importance, the T4 path first
 THROUGHPUT_VARIANTS = (("float16", True), ("float16", False), ("bfloat16", False), ("bfloat16", True))

@@ -100,6 +100,16 @@ def summarize_kernels(kernels: list[KernelTime], steps: int, step_ms: float, gpu
     }
 
 
+def busy_microseconds(intervals: list[tuple[float, float]]) -> float:
+    """Time covered by at least one interval: kernels on two streams at once count once."""
+    busy, covered_until = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > covered_until:
+            busy += end - max(start, covered_until)
+            covered_until = end
+    return busy
+
+
 def profile_steps(run_step: Callable[[], None], steps: int, step_ms: float, padded_vocab_size: int) -> dict:
     """torch.profiler over `steps` calls of run_step (CUDA only): where a step's GPU time goes. step_ms, the
     step's time measured without the profiler, is what the GPU's busy time is compared with."""
@@ -112,7 +122,10 @@ def profile_steps(run_step: Callable[[], None], steps: int, step_ms: float, padd
             run_step()
         torch.cuda.synchronize()
     events = prof.events()
-    device_events = [event for event in events if event.device_type == DeviceType.CUDA]
+    # Device-side work only: the profiler also puts each record_function range (the optimizer's, the
+    # compiled graph's) on the GPU timeline, spanning the work inside it and the gaps between.
+    device_events = [event for event in events
+                     if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)]
     kernels = []
     for event in events:  # each kernel hangs on the operator that launched it
         if event.device_type != DeviceType.CPU or not event.kernels:
@@ -126,7 +139,7 @@ def profile_steps(run_step: Callable[[], None], steps: int, step_ms: float, padd
     attributed = bool(kernels)
     if not attributed:  # this torch linked no kernel to an operator: sort by kernel names alone
         kernels = [KernelTime(event.name, event.time_range.elapsed_us(), [], "") for event in device_events]
-    gpu_us = sum(event.time_range.elapsed_us() for event in device_events)
+    gpu_us = busy_microseconds([(event.time_range.start, event.time_range.end) for event in device_events])
     return {**summarize_kernels(kernels, steps, step_ms, gpu_us, padded_vocab_size),
             "kernels_linked_to_operators": attributed}
 

@@ -76,12 +76,11 @@ def norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def rotary_angles(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for positions (B or 1, T), shaped (B or 1, T, 1, head_dim/2) to broadcast over heads.
-    Computed per call (a few thousand numbers): no buffer to keep on the right device."""
-    inv_freq = ROTARY_BASE ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
-    angles = positions.float()[..., None] * inv_freq
-    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+def rotary_table(num_positions: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's angles, (num_positions, head_dim/2) in float32."""
+    inv_freq = ROTARY_BASE ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.arange(num_positions, dtype=torch.float32)[:, None] * inv_freq
+    return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -100,6 +99,9 @@ class KVCache:
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int):
+        if max_len > config.sequence_len:
+            raise ValueError(f"KV cache max_len: {max_len} positions exceed the model's context of "
+                             f"{config.sequence_len}")
         self.config, self.max_len = config, max_len
         self.shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         self.lengths = [0] * batch_size  # positions already stored in each row
@@ -232,6 +234,12 @@ class GPT(nn.Module):
             "h": nn.ModuleList(Block(config, layer) for layer in range(config.n_layer)),
         })
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        # A table, not angles computed in forward(): torch.compile fuses that computation into every layer's
+        # rotary kernel, forward and backward, and the H200 profile showed it as the costliest memory-bound
+        # kernel of a step. Not in state_dict: it follows from the config, and older checkpoints lack it.
+        cos, sin = rotary_table(config.sequence_len, config.head_dim)
+        self.register_buffer("rotary_cos", cos, persistent=False)
+        self.register_buffer("rotary_sin", sin, persistent=False)
         if config.residual_scalars:  # values set in init_weights: under torch.device("meta") these are fake
             self.resid_lambdas = nn.Parameter(torch.empty(config.n_layer))
             self.x0_lambdas = nn.Parameter(torch.empty(config.n_layer))
@@ -269,10 +277,13 @@ class GPT(nn.Module):
         tensor of the forward (16 x 512 x 50,257 floats: 1.6 GB) and lm_head about half of a d8 model's FLOPs."""
         T = idx.size(1)
         if kv_cache is None:
-            positions = torch.arange(T, dtype=torch.float32, device=idx.device)[None, :]
+            if T > self.config.sequence_len:
+                raise ValueError(f"{T} tokens exceed the model's context of {self.config.sequence_len}")
+            cos, sin = self.rotary_cos[None, :T], self.rotary_sin[None, :T]
         else:  # each row continues from its own length
             positions = kv_cache.start(T, idx.device)
-        cos, sin = rotary_angles(positions, self.config.head_dim)
+            cos, sin = self.rotary_cos[positions], self.rotary_sin[positions]
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B or 1, T, 1, head_dim/2): broadcast over heads
         x = x0 = norm(self.transformer.wte(idx))
         for layer, block in enumerate(self.transformer.h):
             if self.config.residual_scalars:

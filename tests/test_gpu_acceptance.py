@@ -91,6 +91,29 @@ def test_a_section_gets_its_budget_and_the_time_earlier_ones_left_over():
     assert acceptance.section_timeout("t4", [], 40) == 40  # never more than what is left
 
 
+def test_gpu_busy_time_counts_overlapping_work_once():
+    throughput = load_bench("train_throughput")
+    # two streams overlap from 3 to 4; a gap from 6 to 8; a kernel inside another
+    assert throughput.busy_microseconds([(0.0, 4.0), (3.0, 6.0), (8.0, 10.0), (8.5, 9.0)]) == pytest.approx(8.0)
+    assert throughput.busy_microseconds([]) == 0.0
+
+
+def test_the_carried_gpt2_ranks_win_over_a_tiktoken_cache_dir_without_them(tmp_path):
+    """A GPU image may set TIKTOKEN_CACHE_DIR to a folder without the ranks, and have no network: the first run
+    on a lent H200 stopped there. Then the checkout's own .cache/tiktoken is used; a folder with them is kept."""
+    show_cache_dir = ("import importlib.util, os; "
+                      f"spec = importlib.util.spec_from_file_location('g', {str(SCRIPT)!r}); "
+                      "spec.loader.exec_module(importlib.util.module_from_spec(spec)); "
+                      "print(os.environ['TIKTOKEN_CACHE_DIR'])")
+    with_ranks = tmp_path / "with_ranks"
+    with_ranks.mkdir()
+    (with_ranks / "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4").write_bytes(b"")
+    for cache_dir, expected in ((tmp_path, ROOT / ".cache" / "tiktoken"), (with_ranks, with_ranks)):
+        result = subprocess.run([sys.executable, "-c", show_cache_dir], capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "TIKTOKEN_CACHE_DIR": str(cache_dir)}, check=True)
+        assert result.stdout.strip() == str(expected)
+
+
 def test_profile_kernels_fall_into_the_parts_of_a_step():
     Kernel, vocab = throughput.KernelTime, 50304
     kernels = [

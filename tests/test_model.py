@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nanochat_flyte.config import ConfigError
-from nanochat_flyte.model import GPT, LOGIT_SOFTCAP, GPTConfig, KVCache
+from nanochat_flyte.model import GPT, LOGIT_SOFTCAP, GPTConfig, KVCache, apply_rotary
 
 TINY = GPTConfig(sequence_len=16, vocab_size=100, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
 
@@ -127,6 +127,32 @@ def test_kv_cache_chunk_after_prefix_matches_full_forward(config):
     torch.testing.assert_close(torch.cat([first, second], dim=1), full, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="KV cache"):
         model(idx[:, :1], kv_cache=cache)
+
+
+def test_the_rotary_table_rotates_by_relative_position_and_stays_out_of_checkpoints():
+    model = build()
+    assert not any("rotary" in name for name in model.state_dict())  # recomputed from the config, never saved
+    assert model.rotary_cos.shape == (TINY.sequence_len, TINY.head_dim // 2)
+    # The point of rotary embeddings: a query and a key, rotated by the table at their positions, score the
+    # same for any two positions the same distance apart.
+    q, k = torch.randn(1, 1, 1, TINY.head_dim), torch.randn(1, 1, 1, TINY.head_dim)
+
+    def score(query_position: int, key_position: int) -> torch.Tensor:
+        def at(x, position):
+            cos, sin = model.rotary_cos[position], model.rotary_sin[position]
+            return apply_rotary(x, cos[None, None, None], sin[None, None, None])
+        return (at(q, query_position) * at(k, key_position)).sum()
+
+    torch.testing.assert_close(score(5, 2), score(15, 12))
+    assert not torch.allclose(score(5, 2), score(5, 4))
+
+
+def test_more_positions_than_the_context_are_refused_by_name():
+    model = build()
+    with pytest.raises(ValueError, match="17 tokens exceed the model's context of 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="KV cache max_len: 17 positions exceed the model's context of 16"):
+        KVCache(TINY, batch_size=1, max_len=17)
 
 
 def test_residual_scalars_start_as_the_original_model_and_learn():
