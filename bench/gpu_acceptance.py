@@ -346,9 +346,11 @@ def markdown_summary(report: dict) -> str:
         profile = next((v["profile"] for v in throughput["variants"] if "profile" in v), None)
         if profile:
             gpu = profile["gpu_busy_ms"]
+            bound = profile.get("mfu_if_never_idle")
             lines += ["", f"Profile of the T4 path's step: {profile['step_ms']:.1f} ms, GPU busy {gpu:.1f} ms "
-                          f"({profile['gpu_idle_percent']:.0f}% idle):", "", "| part | ms/step | share of GPU time |",
-                      "|---|---|---|"]
+                          f"({profile['gpu_idle_percent']:.0f}% idle)"
+                          + ("" if bound is None else f"; MFU if the GPU were never idle: {percent(bound)}") + ":",
+                      "", "| part | ms/step | share of GPU time |", "|---|---|---|"]
             lines += [f"| {name} | {ms:.2f} | {100 * ms / gpu:.0f}% |" for name, ms in profile["categories_ms"].items()
                       if gpu]
     return "\n".join(lines) + "\n"

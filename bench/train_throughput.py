@@ -204,13 +204,24 @@ def measure(config: RunConfig, steps: int, warmup_steps: int, profile: int = 0,
         + (f" | peak memory {result['peak_memory_gib']:.2f} GiB | warm-up {warmup_seconds:.1f} s" if on_cuda else ""))
     if profile and on_cuda:
         result["profile"] = profile_steps(run_step, profile, result["ms_per_step"], model.config.padded_vocab_size)
+        result["profile"]["mfu_if_never_idle"] = mfu_if_never_idle(utilisation, result["profile"])
         log(format_profile(result["profile"]))
     return result
 
 
+def mfu_if_never_idle(utilisation: float | None, profile: dict) -> float | None:
+    """The MFU of the step's GPU work alone: what removing every launch gap and host wait (CUDA graphs, larger
+    micro-batches) could reach at most, before any kernel gets faster."""
+    if utilisation is None or not profile["gpu_busy_ms"]:
+        return None
+    return utilisation * profile["step_ms"] / profile["gpu_busy_ms"]
+
+
 def format_profile(profile: dict) -> str:
+    bound = profile.get("mfu_if_never_idle")
     lines = [f"profile: {profile['step_ms']:.1f} ms/step, GPU busy {profile['gpu_busy_ms']:.1f} ms "
-             f"({profile['gpu_idle_percent']:.0f}% idle)"]
+             f"({profile['gpu_idle_percent']:.0f}% idle)"
+             + ("" if bound is None else f"; MFU if the GPU were never idle: {100 * bound:.1f}%")]
     lines += [f"  {name:<26} {ms:8.2f} ms" for name, ms in profile["categories_ms"].items()]
     lines += [f"  top: {kernel['ms']:7.2f} ms x{kernel['calls_per_step']:<5g} {kernel['category']:<26} "
               f"{kernel['name'][:70]}"

@@ -114,6 +114,16 @@ def test_the_carried_gpt2_ranks_win_over_a_tiktoken_cache_dir_without_them(tmp_p
         assert result.stdout.strip() == str(expected)
 
 
+def test_the_mfu_if_never_idle_scales_the_measured_mfu_by_busy_over_step_time():
+    throughput = load_bench("train_throughput")
+    # the H200's profile after the rotary table: 18.91% MFU in 115.9 ms, of which the GPU was busy 76.2 ms
+    profile = {"step_ms": 115.9, "gpu_busy_ms": 76.2}
+    assert throughput.mfu_if_never_idle(0.1891, profile) == pytest.approx(0.2876, abs=1e-4)
+    assert throughput.mfu_if_never_idle(None, profile) is None  # a device without a known peak
+    assert "MFU if the GPU were never idle: 28.8%" in throughput.format_profile(
+        {**profile, "gpu_idle_percent": 34.3, "mfu_if_never_idle": 0.2876, "categories_ms": {}, "top_kernels": []})
+
+
 def test_profile_kernels_fall_into_the_parts_of_a_step():
     Kernel, vocab = throughput.KernelTime, 50304
     kernels = [
@@ -208,7 +218,7 @@ def test_the_verdict_needs_every_section_completed_and_every_check_passed():
 def test_the_summary_is_a_short_markdown_table():
     variant = {"dtype": "float16", "compile": True, "ms_per_step": 80.0, "tok_per_sec": 819200.0, "mfu": 0.274,
                "peak_memory_gib": 9.5, "warmup_s": 41.0,
-               "profile": {"step_ms": 82.0, "gpu_busy_ms": 60.0, "gpu_idle_percent": 26.8,
+               "profile": {"step_ms": 82.0, "gpu_busy_ms": 60.0, "gpu_idle_percent": 26.8, "mfu_if_never_idle": 0.3745,
                            "categories_ms": {"matmul: blocks": 30.0, "optimizer step": 6.0}}}
     throughput_section = {"status": "completed", "wall_s": 120.0, "variants": [variant],
                           "reference_shape": {"depth": 8, "seq_len": 512, "device_batch_size": 16,
@@ -221,4 +231,5 @@ def test_the_summary_is_a_short_markdown_table():
             in text)
     assert ("| dtype | compile | ms/step | tokens/s | MFU | peak memory | warm-up |\n|---|---|---|---|---|---|---|\n"
             "| float16 | yes | 80.0 | 819,200 | 27.4% | 9.50 GiB | 41 s |\n") in text
+    assert "GPU busy 60.0 ms (27% idle); MFU if the GPU were never idle: 37.5%:" in text
     assert "| matmul: blocks | 30.00 | 50% |" in text
