@@ -360,7 +360,9 @@ class Trainer:
         self.compiled = compile_model(model, config, device)
         self.trained = self.compiled
         if self.world_size > 1:
-            self.trained = DistributedDataParallel(self.compiled,
+            # The model's only buffers, the rotary tables, are computed alike on every rank: nothing to broadcast
+            # before each forward.
+            self.trained = DistributedDataParallel(self.compiled, broadcast_buffers=False,
                                                    device_ids=[local_rank] if device.type == "cuda" else None)
 
         self.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
