@@ -41,12 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the package and tests/ from a bare checkout: the device machine installs nothing
 GPT2_RANKS_FILE = "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4"  # sha1 of r50k_base's URL: tiktoken's cache name
 CARRIED_TIKTOKEN_CACHE = ROOT / ".cache" / "tiktoken"  # where tests/conftest.py keeps them, carried to the GPU
-# The checkout's ranks win over a TIKTOKEN_CACHE_DIR that lacks them (a GPU image may set one, empty, and
-# have no network to fill it).
-if not (Path(os.environ.get("TIKTOKEN_CACHE_DIR", CARRIED_TIKTOKEN_CACHE)) / GPT2_RANKS_FILE).is_file() \
-        and (CARRIED_TIKTOKEN_CACHE / GPT2_RANKS_FILE).is_file():
+# The checkout's cache unless TIKTOKEN_CACHE_DIR holds the ranks: a GPU image may set one, empty, and have no
+# network to fill it.
+if not (Path(os.environ.get("TIKTOKEN_CACHE_DIR", CARRIED_TIKTOKEN_CACHE)) / GPT2_RANKS_FILE).is_file():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(CARRIED_TIKTOKEN_CACHE)
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(CARRIED_TIKTOKEN_CACHE))
 
 from nanochat_flyte.checkpoint import write_json  # noqa: E402
 from nanochat_flyte.config import load_config  # noqa: E402
