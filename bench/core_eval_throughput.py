@@ -1,4 +1,4 @@
-"""CORE evaluation throughput: examples per second of nanochat_flyte.core_eval on a generated bundle.
+"""CORE evaluation throughput: examples per second of nanochat_flyte.evaluation.core on a generated bundle.
 
     python bench/core_eval_throughput.py                                     # d8, random weights, context 512
     python bench/core_eval_throughput.py --depth 2 --seq-len 256 --examples-per-task 40 --device cpu
@@ -20,9 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.core_bundle, when run as a script
 
-from nanochat_flyte.checkpoint import load_model  # noqa: E402
-from nanochat_flyte.core_eval import evaluate_core, item_rows, load_bundle  # noqa: E402
-from nanochat_flyte.device import select_device, select_precision  # noqa: E402
+from nanochat_flyte.evaluation.bundle import load_bundle
+from nanochat_flyte.evaluation.core import item_rows, score_core  # noqa: E402
+from nanochat_flyte.model.checkpoint import load_model  # noqa: E402
+from nanochat_flyte.model.device import select_device, select_precision  # noqa: E402
 from tests.core_bundle import generated_tasks, write_core_bundle  # noqa: E402
 from tests.helpers import random_gpt  # noqa: E402
 
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if device.type == "cuda":
         torch.cuda.synchronize()
-    result = evaluate_core(model, tokenizer, bundle, batch_size=args.batch_size, device=device, precision=precision)
+    result = score_core(model, tokenizer, bundle, batch_size=args.batch_size, device=device, precision=precision)
     seconds = result["seconds"]
     print(f"CORE evaluation: {examples} examples in {seconds:.1f}s = {examples / seconds:.1f} examples/s "
           f"({len(rows) / seconds:.1f} rows/s, {tokens / seconds:,.0f} tokens/s)", flush=True)

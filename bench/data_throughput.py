@@ -19,9 +19,9 @@ import tiktoken
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.shard_server, when run as a script
 
-from nanochat_flyte.download import download_shards  # noqa: E402
-from nanochat_flyte.prepare import tokenize_shard  # noqa: E402
-from nanochat_flyte.tokenizer import GPT2_ENCODING  # noqa: E402
+from nanochat_flyte.data.download import download_shards  # noqa: E402
+from nanochat_flyte.data.prepare import tokenize_shard  # noqa: E402
+from nanochat_flyte.data.tokenizer import GPT2_ENCODING  # noqa: E402
 from tests.shard_server import fineweb_texts, serve_shards, write_fineweb_shard  # noqa: E402
 
 DOCS_PER_SHARD = 8192  # ~20 MB of text per shard file: several shards, so the downloads run in parallel

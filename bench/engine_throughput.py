@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package from a bare checkout (the GPU machine)
 
-from nanochat_flyte.device import select_device, select_precision  # noqa: E402
-from nanochat_flyte.engine import Engine, SamplingParams  # noqa: E402
+from nanochat_flyte.inference.engine import Engine, SamplingParams  # noqa: E402
+from nanochat_flyte.model.device import select_device, select_precision  # noqa: E402
 from tests.helpers import random_gpt  # noqa: E402
 
 

@@ -46,10 +46,10 @@ CARRIED_TIKTOKEN_CACHE = ROOT / ".cache" / "tiktoken"  # where tests/conftest.py
 if not (Path(os.environ.get("TIKTOKEN_CACHE_DIR", CARRIED_TIKTOKEN_CACHE)) / GPT2_RANKS_FILE).is_file():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(CARRIED_TIKTOKEN_CACHE)
 
-from nanochat_flyte.checkpoint import write_json  # noqa: E402
 from nanochat_flyte.config import load_config  # noqa: E402
-from nanochat_flyte.environment import environment_report  # noqa: E402
-from nanochat_flyte.tracking import METRICS_FILE, read_jsonl  # noqa: E402
+from nanochat_flyte.model.checkpoint import write_json  # noqa: E402
+from nanochat_flyte.reporting.environment import environment_report  # noqa: E402
+from nanochat_flyte.reporting.tracking import METRICS_FILE, read_jsonl  # noqa: E402
 
 # Seconds each section may take at least (H100 estimates with compilation, rounded up); a section that ends
 # early leaves its time to the later ones. Together they fit the default limit.
@@ -178,7 +178,7 @@ def throughput_checks(variants: list[dict]) -> list[dict]:
 
 
 def t4_section(work_dir: Path, record: Callable[[dict], None], quick: bool) -> None:
-    from nanochat_flyte.train import train
+    from nanochat_flyte.training.pretrain import train
     from tests.helpers import make_data_dir
 
     steps = QUICK_STABILITY_STEPS if quick else STABILITY_STEPS

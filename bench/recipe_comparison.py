@@ -20,9 +20,10 @@ import json
 import statistics
 from pathlib import Path
 
-from nanochat_flyte.config import RunConfig, parse_override
-from nanochat_flyte.prepare import prepare_data
-from nanochat_flyte.train import train
+from nanochat_flyte.config import RunConfig
+from nanochat_flyte.data.prepare import prepare_data
+from nanochat_flyte.schema import parse_override
+from nanochat_flyte.training.pretrain import train
 
 # Small enough for a CPU, real enough to learn from: our BPE at 8,192 tokens (GPT-2's 50,257-row head would be
 # most of a depth-4 model's compute), context 256, 4,096 tokens a step. 300 steps read 1.2M tokens: 0.66 epoch of
@@ -111,6 +112,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from nanochat_flyte.cli import run
+    from nanochat_flyte.cli.usage import run
 
     run(main)  # a misspelt field or value is one line, before any data is prepared

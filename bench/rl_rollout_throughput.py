@@ -22,12 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.hub_server, when run as a script
 
-from nanochat_flyte.chat_data import gsm8k_item  # noqa: E402
-from nanochat_flyte.chat_rl import ReinforcementLearning, Rollouts  # noqa: E402
-from nanochat_flyte.checkpoint import TOKENIZER_DIR, load_model  # noqa: E402
 from nanochat_flyte.config import RLConfig, RunConfig  # noqa: E402
-from nanochat_flyte.device import select_device, select_precision  # noqa: E402
-from nanochat_flyte.tokenizer import save_tokenizer  # noqa: E402
+from nanochat_flyte.data.chat_data import gsm8k_item  # noqa: E402
+from nanochat_flyte.data.tokenizer import save_tokenizer  # noqa: E402
+from nanochat_flyte.model.checkpoint import TOKENIZER_DIR, load_model  # noqa: E402
+from nanochat_flyte.model.device import select_device, select_precision  # noqa: E402
+from nanochat_flyte.training.rl import ReinforcementLearning, Rollouts  # noqa: E402
 from tests.helpers import random_gpt  # noqa: E402
 from tests.hub_server import GSM8K  # noqa: E402  (generated problems in GSM8K's shape: the GPU machine is offline)
 

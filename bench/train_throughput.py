@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from nanochat_flyte.config import RunConfig
-from nanochat_flyte.device import mfu, peak_flops, select_precision
-from nanochat_flyte.model import GPT, GPTConfig
-from nanochat_flyte.optim import build_optimizers
-from nanochat_flyte.train import build_model, compile_model, make_grad_scaler, train_step, training_device
+from nanochat_flyte.model.device import mfu, peak_flops, select_precision
+from nanochat_flyte.model.gpt import GPT, GPTConfig
+from nanochat_flyte.model.optim import build_optimizers
+from nanochat_flyte.training.loop import build_model, compile_model, make_grad_scaler, train_step, training_device
 
 GPT2_VOCAB_SIZE = 50257
 T4_PEAK_FP16_FLOPS = 65e12  # dense fp16 tensor-core peak, from NVIDIA's T4 datasheet

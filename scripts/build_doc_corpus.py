@@ -3,7 +3,7 @@
     apt-get install -y perl-doc postgresql-doc-15      # the prose: Perl's manual pages, PostgreSQL's manual
     python scripts/build_doc_corpus.py --out /tmp/doc_corpus
     pyflyte run workflows/nanochat.py main --config configs/smoke.yaml   # with data_url=/tmp/doc_corpus:
-    python -m nanochat_flyte.config configs/smoke.yaml data_url=/tmp/doc_corpus -o run.json \
+    nanochat config configs/smoke.yaml data_url=/tmp/doc_corpus -o run.json \
         && pyflyte run workflows/nanochat.py main --config run.json
 
 Generated text shows that code runs; only real text shows whether a recipe learns. Each manual page becomes

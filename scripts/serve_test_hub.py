@@ -2,7 +2,7 @@
 
     python scripts/serve_test_hub.py --port 8766
     HF_ENDPOINT=http://127.0.0.1:8766 python -c "from pathlib import Path; from nanochat_flyte.config import \
-ChatConfig; from nanochat_flyte.chat_data import prepare_sft_data; prepare_sft_data(ChatConfig(), Path('sft'))"
+ChatConfig; from nanochat_flyte.data.chat_data import prepare_sft_data; prepare_sft_data(ChatConfig(), Path('sft'))"
 
 or give a ChatConfig `hf_endpoint=http://127.0.0.1:8766`. The datasets are the ones the tests use
 (tests/hub_server.py: every split the chat stage reads, a few dozen rows each, in the hub's exact schemas).

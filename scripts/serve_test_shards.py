@@ -2,7 +2,7 @@
 
     python scripts/serve_test_shards.py --shards 0 1822 --docs 2000 --port 8765
     pyflyte run workflows/nanochat.py main \
-        --config "$(python -m nanochat_flyte.config configs/smoke.yaml data_url=http://127.0.0.1:8765)"
+        --config "$(nanochat config configs/smoke.yaml data_url=http://127.0.0.1:8765)"
 
 The shards are written by the same code the tests use (tests/shard_server.py): one `text` column, zstd,
 row groups of 1024 documents. The text is synthetic, so the samples read like word salad.

@@ -1,7 +1,7 @@
 """Write a small generated CORE bundle in the exact eval_bundle.zip format, for trying CORE without the internet.
 
     python scripts/write_test_core_bundle.py /tmp/core_bundle.zip
-    python -m nanochat_flyte.core_eval --checkpoint runs/smoke --bundle /tmp/core_bundle.zip --max-per-task 20
+    nanochat core-eval --checkpoint runs/smoke --bundle /tmp/core_bundle.zip --max-per-task 20
 
 The bundle is written by the same code the tests use (tests/core_bundle.py): all three task types, few-shot and
 zero-shot, a custom continuation delimiter. Its text is synthetic, so its scores say only that CORE runs.

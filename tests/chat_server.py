@@ -1,5 +1,5 @@
 """Fixtures for the chat front ends (CLI, server, page): a tiny trained checkpoint, base and "chat", and real
-servers (`python -m nanochat_flyte.serve` in a subprocess on a free port of 127.0.0.1)."""
+servers (`nanochat serve` in a subprocess on a free port of 127.0.0.1)."""
 
 import json
 import os
@@ -15,7 +15,7 @@ import pytest
 import requests
 from helpers import make_data_dir, tiny_config
 
-from nanochat_flyte.train import train
+from nanochat_flyte.training.pretrain import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 256  # long enough for multi-turn prompts and for answers that take a while to decode
@@ -61,7 +61,7 @@ class Server:
 def start_server(checkpoint: Path, log: Path, *args: str, env: dict | None = None) -> Server:
     port = free_port()
     with log.open("w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "nanochat_flyte.serve", "--checkpoint", str(checkpoint),
+        process = subprocess.Popen([sys.executable, "-m", "nanochat_flyte", "serve", "--checkpoint", str(checkpoint),
                                     "--port", str(port), "--device", "cpu", *args], cwd=ROOT, stdout=out,
                                    stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     server = Server(f"http://127.0.0.1:{port}", process, log)

@@ -5,6 +5,7 @@ import hashlib
 import importlib.util
 import json
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +13,16 @@ import tiktoken
 import torch
 
 from nanochat_flyte.config import RunConfig
-from nanochat_flyte.model import GPT, GPTConfig
-from nanochat_flyte.tokenizer import gpt2_tokenizer, load_tokenizer, save_tokenizer
+from nanochat_flyte.data.tokenizer import gpt2_tokenizer, load_tokenizer, save_tokenizer
+from nanochat_flyte.model.gpt import GPT, GPTConfig
 
 SUBJECTS = ["The cat", "A teacher", "The river", "My neighbour", "The old machine", "Every student", "The city"]
 VERBS = ["sees", "builds", "remembers", "carries", "explains", "paints", "follows"]
 OBJECTS = ["a small boat", "the bright moon", "three red apples", "the long road", "a quiet song", "the map"]
 ENDINGS = [".", " today.", " in the morning.", " near the sea.", " with great care."]
+
+# the `nanochat` command that `pip install` put beside this interpreter ([project.scripts])
+NANOCHAT = str(Path(sys.executable).with_name("nanochat"))
 
 
 def generated_documents(seed: int):

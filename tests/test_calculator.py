@@ -2,7 +2,7 @@
 
 import pytest
 
-from nanochat_flyte.calculator import calculate
+from nanochat_flyte.inference.calculator import calculate
 
 
 @pytest.mark.parametrize("expression, result", [

@@ -1,4 +1,4 @@
-"""The terminal chat (`python -m nanochat_flyte.chat`): one-shot answers for scripts, the interactive multi-turn
+"""The terminal chat (`nanochat chat`): one-shot answers for scripts, the interactive multi-turn
 chat with /clear and /quit, plain completion for a base checkpoint, one-line errors."""
 
 import io
@@ -8,10 +8,11 @@ import sys
 
 import pytest
 from chat_server import ROOT
+from helpers import NANOCHAT
 
-from nanochat_flyte.chat import main
-from nanochat_flyte.config import UserError
-from nanochat_flyte.engine import Engine, SamplingParams
+from nanochat_flyte.cli.chat import main
+from nanochat_flyte.errors import UserError
+from nanochat_flyte.inference.engine import Engine, SamplingParams
 
 GREEDY = ["--temperature", "0", "--max-tokens", "8", "--device", "cpu"]
 
@@ -30,7 +31,7 @@ def user(text: str) -> dict:
 
 
 def test_prompt_answers_once_for_scripts(chat_checkpoint, chat_engine):
-    result = subprocess.run([sys.executable, "-m", "nanochat_flyte.chat", "--checkpoint", chat_checkpoint.as_uri(),
+    result = subprocess.run([sys.executable, "-m", "nanochat_flyte", "chat", "--checkpoint", chat_checkpoint.as_uri(),
                              "--prompt", "Hello there", *GREEDY], cwd=ROOT, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -84,15 +85,14 @@ def test_a_conversation_longer_than_the_context_is_refused_in_one_line(chat_chec
 ])
 def test_usage_errors_and_missing_checkpoints_give_one_line_and_status_2(tmp_path, module, usage_args, usage_error):
     def front_end(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", f"nanochat_flyte.{module}", *args], cwd=ROOT, capture_output=True,
+        return subprocess.run([NANOCHAT, module, *args], cwd=ROOT, capture_output=True,
                               text=True, timeout=120)
 
     missing = front_end("--checkpoint", str(tmp_path), *(["--prompt", "Hi"] if module == "chat" else ["--port", "0"]))
     assert (missing.returncode, missing.stderr) == (2, f"error: no checkpoint.pt in {tmp_path}: not a checkpoint "
                                                        "directory\n")
     usage = front_end(*[str(tmp_path) if arg == "CKPT" else arg for arg in usage_args])
-    assert (usage.returncode, usage.stderr) == (2, f"error: {usage_error} (see python -m nanochat_flyte.{module} "
-                                                   "--help)\n")
+    assert (usage.returncode, usage.stderr) == (2, f"error: {usage_error} (see nanochat {module} --help)\n")
 
 
 @pytest.mark.parametrize("flags, problem", [
@@ -107,7 +107,7 @@ def test_bad_flags_are_refused_in_one_line_before_loading(tmp_path, capsys, flag
     with pytest.raises(SystemExit) as exit_:  # no checkpoint there: a refusal after loading would not get this far
         main(["--checkpoint", str(tmp_path), *flags])
     assert exit_.value.code == 2
-    assert capsys.readouterr().err == f"error: {problem} (see python -m nanochat_flyte.chat --help)\n"
+    assert capsys.readouterr().err == f"error: {problem} (see nanochat chat --help)\n"
 
 
 def test_a_prompt_longer_than_the_context_is_refused_naming_the_flag(chat_checkpoint):

@@ -7,15 +7,29 @@ from collections import Counter
 import pytest
 import regex
 
-from nanochat_flyte.chat_data import (EVAL_SOURCES, BadRow, arc_question, calculator_parts, check_hub_endpoint,
-                                      gsm8k_conversation, gsm8k_final_answer, gsm8k_item, load_eval_items,
-                                      mmlu_conversation, prepare_eval_data, prepare_sft_data, read_jsonl,
-                                      render_multiple_choice, smoltalk_conversation)
-from nanochat_flyte.config import ChatConfig, ConfigError
-from nanochat_flyte.conversation import render_conversation
-from nanochat_flyte.download import write_bytes_atomically
-from nanochat_flyte.hub import split_cache_dir
-from nanochat_flyte.tokenizer import BPE_SPLIT_PATTERN, gpt2_tokenizer
+from nanochat_flyte.config import ChatConfig
+from nanochat_flyte.data.chat_data import (
+    EVAL_SOURCES,
+    BadRow,
+    arc_question,
+    calculator_parts,
+    check_hub_endpoint,
+    gsm8k_conversation,
+    gsm8k_final_answer,
+    gsm8k_item,
+    load_eval_items,
+    mmlu_conversation,
+    prepare_eval_data,
+    prepare_sft_data,
+    read_jsonl,
+    render_multiple_choice,
+    smoltalk_conversation,
+)
+from nanochat_flyte.data.conversation import render_conversation
+from nanochat_flyte.data.download import write_bytes_atomically
+from nanochat_flyte.data.hub import split_cache_dir
+from nanochat_flyte.data.tokenizer import BPE_SPLIT_PATTERN, gpt2_tokenizer
+from nanochat_flyte.errors import ConfigError
 from tests.hub_server import HUB_SPLITS, SMOLTALK_SCHEMA, serve_hub, split_path, write_split
 
 SMOLTALK_TRAIN = ("HuggingFaceTB/smol-smoltalk", "default", "train")

@@ -9,20 +9,37 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat_flyte import chat_eval
-from nanochat_flyte.chat_data import load_eval_items, prepare_eval_data
-from nanochat_flyte.chat_eval import (CHANCE, centered, chat_metrics, chat_table_html, chat_table_markdown, chatcore,
-                                      choose_letters, evaluate_chat, fixed_subset, gsm8k_answer, humaneval_program,
-                                      humaneval_skip_reason, letter_token, main, read_eval_items, score_categorical,
-                                      score_gsm8k, score_humaneval)
-from nanochat_flyte.cli import run
-from nanochat_flyte.config import CHAT_EVAL_TASKS, ConfigError
-from nanochat_flyte.conversation import render_prompt
-from nanochat_flyte.device import EvalBatches, select_precision
-from nanochat_flyte.engine import Engine
-from nanochat_flyte.model import GPT, GPTConfig
-from nanochat_flyte.tokenizer import gpt2_tokenizer
-from nanochat_flyte.train import train
+from nanochat_flyte.cli.chat_eval import main
+from nanochat_flyte.cli.usage import run
+from nanochat_flyte.config import CHAT_EVAL_TASKS
+from nanochat_flyte.data.chat_data import load_eval_items, prepare_eval_data
+from nanochat_flyte.data.conversation import render_prompt
+from nanochat_flyte.data.tokenizer import gpt2_tokenizer
+from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.evaluation import chat_eval
+from nanochat_flyte.evaluation.chat_eval import (
+    CHANCE,
+    centered,
+    chat_metrics,
+    chat_table_html,
+    chat_table_markdown,
+    chatcore,
+    choose_letters,
+    evaluate_chat,
+    fixed_subset,
+    gsm8k_answer,
+    humaneval_program,
+    humaneval_skip_reason,
+    letter_token,
+    read_eval_items,
+    score_categorical,
+    score_gsm8k,
+    score_humaneval,
+)
+from nanochat_flyte.inference.engine import Engine
+from nanochat_flyte.model.device import EvalBatches, select_precision
+from nanochat_flyte.model.gpt import GPT, GPTConfig
+from nanochat_flyte.training.pretrain import train
 from tests.helpers import make_data_dir, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,7 +248,7 @@ def checkpoint(tmp_path_factory):
 
 def test_cli_prints_a_table_then_the_result_as_its_last_line(hub_server, checkpoint):
     process = subprocess.run(
-        [sys.executable, "-m", "nanochat_flyte.chat_eval", "--checkpoint", str(checkpoint), "--max-per-task", "3",
+        [sys.executable, "-m", "nanochat_flyte", "chat-eval", "--checkpoint", str(checkpoint), "--max-per-task", "3",
          "--max-tokens", "4", "--device", "cpu"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert process.returncode == 0, process.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from chat_server import API_KEY
 
-from nanochat_flyte.engine import Engine, SamplingParams
+from nanochat_flyte.inference.engine import Engine, SamplingParams
 
 CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
 if not CHROMIUM.is_file():

@@ -13,15 +13,24 @@ import torch
 from helpers import load_bench, make_data_dir, tiny_config
 from hub_server import GSM8K
 
-from nanochat_flyte.chat_data import gsm8k_conversation, gsm8k_item, prepare_rl_data
-from nanochat_flyte.chat_rl import (Rollout, gsm8k_reward, policy_gradient_loss, rollout, rows_tensors,
-                                    rl_run_config, sampling_seed, train_rl)
-from nanochat_flyte.chat_sft import train_chat
-from nanochat_flyte.checkpoint import load_checkpoint
-from nanochat_flyte.config import ChatConfig, ConfigError, RLConfig, RunConfig
-from nanochat_flyte.engine import Completion, Engine
-from nanochat_flyte.model import GPT, GPTConfig
-from nanochat_flyte.train import train
+from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
+from nanochat_flyte.data.chat_data import gsm8k_conversation, gsm8k_item, prepare_rl_data
+from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.inference.engine import Completion, Engine
+from nanochat_flyte.model.checkpoint import load_checkpoint
+from nanochat_flyte.model.gpt import GPT, GPTConfig
+from nanochat_flyte.training.pretrain import train
+from nanochat_flyte.training.rl import (
+    Rollout,
+    gsm8k_reward,
+    policy_gradient_loss,
+    rl_run_config,
+    rollout,
+    rows_tensors,
+    sampling_seed,
+    train_rl,
+)
+from nanochat_flyte.training.sft import train_chat
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -233,7 +242,7 @@ def test_rl_data_comes_from_the_hub_and_the_cli_trains(sft_checkpoint, hub_serve
     preset = tmp_path / "rl.json"
     preset.write_text(json.dumps(rl_config(num_iterations=2, eval_every=2, sample_every=2, save_every=2,
                                            max_problems=8, eval_problems=4).to_dict()))
-    result = subprocess.run([sys.executable, "-m", "nanochat_flyte.chat_rl", "--sft-checkpoint",
+    result = subprocess.run([sys.executable, "-m", "nanochat_flyte", "rl", "--sft-checkpoint",
                              sft_checkpoint.as_uri(), "--out-dir", str(tmp_path / "rl"), "--config", str(preset),
                              "seed=7"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -257,7 +266,7 @@ def test_the_rl_cli_refuses_bad_input_in_one_line_before_any_download(base_check
     if "--sft-checkpoint" not in argv:
         argv = ["--sft-checkpoint", str(sft_checkpoint), *argv]
     # an endpoint that answers nothing: a download attempt would fail otherwise, in more than one line
-    result = subprocess.run([sys.executable, "-m", "nanochat_flyte.chat_rl", "--out-dir", str(tmp_path / "rl"),
+    result = subprocess.run([sys.executable, "-m", "nanochat_flyte", "rl", "--out-dir", str(tmp_path / "rl"),
                              *argv], cwd=ROOT, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9"})
     assert result.returncode == 2, result.stderr
@@ -274,7 +283,7 @@ def test_two_cpu_ranks_roll_out_and_learn_as_one_process(sft_checkpoint, rl_data
     script = tmp_path / "rl_ranks.py"  # the library's API under torchrun, with the same reward
     script.write_text(textwrap.dedent(f"""
         from pathlib import Path
-        from nanochat_flyte.chat_rl import train_rl
+        from nanochat_flyte.training.rl import train_rl
         from nanochat_flyte.config import RLConfig
         train_rl(RLConfig.from_file({str(tmp_path / "rl.json")!r}), Path({str(sft_checkpoint)!r}),
                  Path({str(rl_data)!r}), Path({str(tmp_path / "ddp")!r}), reward=lambda item, answer: -len(answer) / 50)

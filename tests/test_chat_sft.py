@@ -10,11 +10,13 @@ import fsspec
 import pytest
 from helpers import make_data_dir, tiny_config
 
-from nanochat_flyte.chat_data import prepare_sft_data
-from nanochat_flyte.chat_sft import FETCHED_FILE, fetched_once_per_node, sft_run_config, train_chat
-from nanochat_flyte.config import ChatConfig, ConfigError, RunConfig
-from nanochat_flyte.engine import Engine
-from nanochat_flyte.train import train
+from nanochat_flyte.cli.chat_stage import FETCHED_FILE, fetched_once_per_node
+from nanochat_flyte.config import ChatConfig, RunConfig
+from nanochat_flyte.data.chat_data import prepare_sft_data
+from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.inference.engine import Engine
+from nanochat_flyte.training.pretrain import train
+from nanochat_flyte.training.sft import sft_run_config, train_chat
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,14 +76,14 @@ def test_sft_inherits_the_base_runs_batch_and_scaled_learning_rates():
 def test_the_sft_cli_reads_the_hub_and_resumes_nothing_twice(base_checkpoint, hub_server, tmp_path):
     preset = tmp_path / "chat.json"
     preset.write_text(json.dumps(chat_config(num_iterations=4, eval_every=4, sample_every=4, save_every=4).to_dict()))
-    result = subprocess.run([sys.executable, "-m", "nanochat_flyte.chat_sft", "--base-checkpoint",
+    result = subprocess.run([sys.executable, "-m", "nanochat_flyte", "sft", "--base-checkpoint",
                              base_checkpoint.as_uri(), "--out-dir", str(tmp_path / "chat"), "--config", str(preset),
                              "seed=7"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout[result.stdout.index("{\n"):])
     assert summary["phase"] == "chat" and summary["steps_completed"] == 4
 
-    bad = subprocess.run([sys.executable, "-m", "nanochat_flyte.chat_sft", "--base-checkpoint", str(base_checkpoint),
+    bad = subprocess.run([sys.executable, "-m", "nanochat_flyte", "sft", "--base-checkpoint", str(base_checkpoint),
                           "--out-dir", str(tmp_path / "x"), "mmlu_epoch=2"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2
@@ -95,7 +97,7 @@ def test_a_remote_start_checkpoint_is_fetched_by_one_rank_per_node_and_the_other
     local_dir.mkdir()
     (local_dir / "stale.pt").write_text("another source's file")
     # local rank 1 of the node, in its own process: its memory:// is empty, so it can only wait for rank 0's download
-    rank_one = ("import sys, pathlib; from nanochat_flyte.chat_sft import fetched_once_per_node as f; "
+    rank_one = ("import sys, pathlib; from nanochat_flyte.training.sft import fetched_once_per_node as f; "
                 "print(f('memory://ckpt', pathlib.Path(sys.argv[1])))")
     waiter = subprocess.Popen([sys.executable, "-c", rank_one, str(local_dir)],
                               env={**os.environ, "LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "2"},
@@ -117,7 +119,7 @@ def test_an_object_store_without_credentials_is_one_line(tmp_path):
     env = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
     env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
                AWS_EC2_METADATA_DISABLED="true", HF_ENDPOINT="http://127.0.0.1:9")  # no credentials from anywhere
-    result = subprocess.run([sys.executable, "-m", "nanochat_flyte.chat_sft", "--base-checkpoint",
+    result = subprocess.run([sys.executable, "-m", "nanochat_flyte", "sft", "--base-checkpoint",
                              "s3://no-such-bucket/checkpoint", "--out-dir", str(tmp_path / "chat")], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stdout == ""

@@ -7,9 +7,16 @@ import pytest
 import torch
 from helpers import make_data_dir
 
-from nanochat_flyte.checkpoint import (CHECKPOINT_FILE, MODEL_CONFIG_FILE, load_checkpoint, load_model,
-                                       restore_rng_states, rng_states, save_checkpoint)
-from nanochat_flyte.model import GPT, GPTConfig
+from nanochat_flyte.model.checkpoint import (
+    CHECKPOINT_FILE,
+    MODEL_CONFIG_FILE,
+    load_checkpoint,
+    load_model,
+    restore_rng_states,
+    rng_states,
+    save_checkpoint,
+)
+from nanochat_flyte.model.gpt import GPT, GPTConfig
 
 CPU = torch.device("cpu")
 TINY = GPTConfig(sequence_len=16, vocab_size=50257, n_layer=1, n_head=1, n_kv_head=1, n_embd=32)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from nanochat_flyte.config import ChatConfig, ConfigError, RLConfig, RunConfig, load_config
-from nanochat_flyte.config import main as config_main
+from nanochat_flyte.cli.config import main as config_main
+from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig, load_config
+from nanochat_flyte.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -106,7 +107,7 @@ def test_the_config_cli_writes_a_file_and_fails_in_one_line(tmp_path):
     import subprocess
     import sys
     root = Path(__file__).resolve().parents[1]
-    ok = subprocess.run([sys.executable, "-m", "nanochat_flyte.config", "configs/chat_smoke.yaml", "--chat",
+    ok = subprocess.run([sys.executable, "-m", "nanochat_flyte", "config", "configs/chat_smoke.yaml", "--chat",
                          "max_conversations=20", "-o", str(tmp_path / "chat.json")], cwd=root, capture_output=True,
                         text=True, timeout=60)
     assert ok.returncode == 0 and ok.stdout == ""
@@ -120,7 +121,7 @@ def test_the_config_cli_writes_a_file_and_fails_in_one_line(tmp_path):
                             (["configs/smoke.yaml", "depth=0"], "error: RunConfig.depth: must be >= 1, got 0"),
                             (["configs/rl_smoke.yaml", "--rl", "num_samples=1"],
                              "error: RLConfig.num_samples: must be >= 2, got 1")]:
-        bad = subprocess.run([sys.executable, "-m", "nanochat_flyte.config", *arguments,
+        bad = subprocess.run([sys.executable, "-m", "nanochat_flyte", "config", *arguments,
                               "-o", str(tmp_path / "x.json")],
                              cwd=root, capture_output=True, text=True, timeout=60)
         assert (bad.returncode, bad.stdout, bad.stderr) == (2, "", line + "\n")

@@ -2,8 +2,8 @@
 
 import pytest
 
-from nanochat_flyte.conversation import ConversationError, render_conversation, render_prompt
-from nanochat_flyte.tokenizer import gpt2_tokenizer, train_bpe
+from nanochat_flyte.data.conversation import ConversationError, render_conversation, render_prompt
+from nanochat_flyte.data.tokenizer import gpt2_tokenizer, train_bpe
 from tests.shard_server import fineweb_texts
 
 BOS, USER_START, USER_END, ASSISTANT_START, ASSISTANT_END = 50256, 50257, 50258, 50259, 50260

@@ -17,16 +17,29 @@ import torch.nn as nn
 import yaml
 from helpers import make_data_dir, tiny_config
 
-from nanochat_flyte.config import ConfigError
-from nanochat_flyte.core_eval import (BundleError, CoreTask, answer_starts, centered_accuracy, check_bundle_url,
-                                      core_log_metrics, core_table, core_table_html, core_table_markdown, evaluate_core,
-                                      fewshot_indices, item_rows, load_bundle, main, render, score_rows, score_task,
-                                      task_subset)
-from nanochat_flyte.device import EvalBatches, Precision
-from nanochat_flyte.download import DownloadError
-from nanochat_flyte.model import GPT, GPTConfig
-from nanochat_flyte.tokenizer import gpt2_tokenizer, load_tokenizer, save_tokenizer, train_bpe
-from nanochat_flyte.train import train
+from nanochat_flyte.cli.core_eval import main
+from nanochat_flyte.data.download import DownloadError
+from nanochat_flyte.data.tokenizer import gpt2_tokenizer, load_tokenizer, save_tokenizer, train_bpe
+from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.evaluation.bundle import BundleError, CoreTask, check_bundle_url, load_bundle
+from nanochat_flyte.evaluation.core import (
+    answer_starts,
+    centered_accuracy,
+    core_log_metrics,
+    core_table,
+    core_table_html,
+    core_table_markdown,
+    fewshot_indices,
+    item_rows,
+    render,
+    score_core,
+    score_rows,
+    score_task,
+    task_subset,
+)
+from nanochat_flyte.model.device import EvalBatches, Precision
+from nanochat_flyte.model.gpt import GPT, GPTConfig
+from nanochat_flyte.training.pretrain import train
 from tests.core_bundle import TEST_TASKS, TaskSpec, write_bundle, write_core_bundle, zip_directory
 from tests.shard_server import fineweb_texts, serve_shards
 
@@ -273,7 +286,7 @@ def test_language_modeling_needs_every_continuation_token(hand_model, hand_bundl
 def test_centered_accuracy_and_core_arithmetic(hand_model, hand_bundle):
     assert centered_accuracy(0.5, 25) == pytest.approx(1 / 3)
     assert centered_accuracy(0.25, 25) == 0 and centered_accuracy(1.0, 60) == 1
-    result = evaluate_core(hand_model, byte_tokenizer(), hand_bundle, batch_size=2)
+    result = score_core(hand_model, byte_tokenizer(), hand_bundle, batch_size=2)
     tasks = result["tasks"]
     assert [tasks[label]["accuracy"] for label in ("mc", "schema", "lm")] == [1 / 2, 1 / 2, 2 / 3]
     assert [tasks[label]["centered"] for label in ("mc", "schema", "lm")] == pytest.approx([1 / 3, 0, 2 / 3])
@@ -386,23 +399,23 @@ def test_batched_scoring_matches_one_row_at_a_time(bundle_dir, bpe):
     one = score_rows(model, rows, batches=EvalBatches(1), pad_token=tokenizer.eot_token, device=CPU, precision=FP32)
     batched = score_rows(model, rows, batches=EvalBatches(7), pad_token=tokenizer.eot_token, device=CPU, precision=FP32)
     assert batched[0] == pytest.approx(one[0], rel=1e-5) and batched[1] == one[1]
-    single = evaluate_core(model, tokenizer, bundle, batch_size=1)
-    together = evaluate_core(model, tokenizer, bundle, batch_size=16)
+    single = score_core(model, tokenizer, bundle, batch_size=1)
+    together = score_core(model, tokenizer, bundle, batch_size=16)
     assert [task["accuracy"] for task in single["tasks"].values()] == \
            [task["accuracy"] for task in together["tasks"].values()]
-    subset = evaluate_core(model, tokenizer, bundle, max_per_task=5, batch_size=16)
+    subset = score_core(model, tokenizer, bundle, max_per_task=5, batch_size=16)
     assert {task["examples"] for task in subset["tasks"].values()} == {5}
-    assert subset == evaluate_core(model, tokenizer, bundle, max_per_task=5, batch_size=16) | {
+    assert subset == score_core(model, tokenizer, bundle, max_per_task=5, batch_size=16) | {
         "seconds": subset["seconds"], "tasks": {label: task | {"seconds": subset["tasks"][label]["seconds"]}
                                                 for label, task in subset["tasks"].items()}}
     with pytest.raises(ValueError, match="max_per_task must be >= 1"):
-        evaluate_core(model, tokenizer, bundle, max_per_task=0)
+        score_core(model, tokenizer, bundle, max_per_task=0)
 
 
 def test_our_bpe_tokenizer_evaluates_too(bundle_dir, bpe):
     tokenizer = bpe
     model = random_gpt(tokenizer.n_vocab)
-    result = evaluate_core(model, tokenizer, load_bundle(bundle_dir), batch_size=8)
+    result = score_core(model, tokenizer, load_bundle(bundle_dir), batch_size=8)
     assert set(result["tasks"]) == {spec.label for spec in TEST_TASKS}
     assert all(0 <= task["accuracy"] <= 1 for task in result["tasks"].values())
     assert model.training  # handed back in the mode it came in
@@ -413,14 +426,14 @@ def evaluate_on_rank(rank: int, world_size: int, init_file: str, bundle_dir: str
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         tokenizer = load_tokenizer(Path(tokenizer_dir))
-        result = evaluate_core(random_gpt(tokenizer.n_vocab), tokenizer, load_bundle(bundle_dir), batch_size=8)
+        result = score_core(random_gpt(tokenizer.n_vocab), tokenizer, load_bundle(bundle_dir), batch_size=8)
         assert {label: task["accuracy"] for label, task in result["tasks"].items()} == expected
     finally:
         dist.destroy_process_group()
 
 
 def test_ranks_share_the_items_and_sum_the_counts(bundle_dir, bpe, tmp_path):
-    single = evaluate_core(random_gpt(bpe.n_vocab), bpe, load_bundle(bundle_dir), batch_size=8)
+    single = score_core(random_gpt(bpe.n_vocab), bpe, load_bundle(bundle_dir), batch_size=8)
     expected = {label: task["accuracy"] for label, task in single["tasks"].items()}
     tokenizer_dir = save_tokenizer(bpe, tmp_path / "tokenizer")
     mp.spawn(evaluate_on_rank, args=(2, str(tmp_path / "rendezvous"), str(bundle_dir), str(tokenizer_dir), expected),
@@ -503,7 +516,7 @@ def test_a_missing_bundle_is_named(checkpoint, tmp_path):
 
 
 def test_the_cli_process_exits_non_zero_without_a_traceback(bundle_dir, tmp_path):
-    process = subprocess.run([sys.executable, "-m", "nanochat_flyte.core_eval", "--checkpoint", str(tmp_path / "no"),
+    process = subprocess.run([sys.executable, "-m", "nanochat_flyte", "core-eval", "--checkpoint", str(tmp_path / "no"),
                               "--bundle", str(bundle_dir), "--device", "cpu"],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert process.returncode == 2 and process.stdout == ""

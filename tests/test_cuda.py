@@ -11,15 +11,16 @@ import torch
 from helpers import make_data_dir, tiny_config
 from test_chat_rl import base_checkpoint, metric_rows, rl_config, rl_data, sft_checkpoint, shortness  # noqa: F401
 
-from nanochat_flyte.chat_rl import train_rl
-from nanochat_flyte.core_eval import Row, score_rows
-from nanochat_flyte.dataloader import TokenLoader, shard_files
-from nanochat_flyte.device import EvalBatches, select_precision
-from nanochat_flyte.engine import Engine, SamplingParams
-from nanochat_flyte.model import GPT, GPTConfig
-from nanochat_flyte.optim import build_optimizers
-from nanochat_flyte.tokenizer import gpt2_tokenizer
-from nanochat_flyte.train import build_model, compile_model, make_grad_scaler, train, train_step
+from nanochat_flyte.data.dataloader import TokenLoader, shard_files
+from nanochat_flyte.data.tokenizer import gpt2_tokenizer
+from nanochat_flyte.evaluation.core import Row, score_rows
+from nanochat_flyte.inference.engine import Engine, SamplingParams
+from nanochat_flyte.model.device import EvalBatches, select_precision
+from nanochat_flyte.model.gpt import GPT, GPTConfig
+from nanochat_flyte.model.optim import build_optimizers
+from nanochat_flyte.training.loop import build_model, compile_model, make_grad_scaler, train_step
+from nanochat_flyte.training.pretrain import train
+from nanochat_flyte.training.rl import train_rl
 
 pytestmark = pytest.mark.cuda
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 from helpers import make_data_dir
 
-from nanochat_flyte.config import ConfigError
-from nanochat_flyte.dataloader import TokenLoader, shard_files, validation_tokens
+from nanochat_flyte.data.dataloader import TokenLoader, shard_files, validation_tokens
+from nanochat_flyte.errors import ConfigError
 
 CPU = torch.device("cpu")
 

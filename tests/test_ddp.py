@@ -5,7 +5,7 @@ import sys
 import pytest
 from helpers import make_data_dir, tiny_config
 
-from nanochat_flyte.train import train
+from nanochat_flyte.training.pretrain import train
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ def test_two_cpu_ranks_see_the_single_process_losses(tmp_path):
 
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "nanochat_flyte.train", "--config", str(tmp_path / "config.json"), "--data-dir", str(data_dir),
+         "-m", "nanochat_flyte", "train", "--config", str(tmp_path / "config.json"), "--data-dir", str(data_dir),
          "--out-dir", str(tmp_path / "ddp")],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from nanochat_flyte.config import ConfigError
-from nanochat_flyte.device import EvalBatches, Precision, mfu, peak_flops, select_device, select_precision
-from nanochat_flyte.model import GPT, GPTConfig
+from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.model.device import EvalBatches, Precision, mfu, peak_flops, select_device, select_precision
+from nanochat_flyte.model.gpt import GPT, GPTConfig
 
 
 @pytest.fixture

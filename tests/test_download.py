@@ -6,11 +6,17 @@ import time
 import fsspec
 import pytest
 
-from nanochat_flyte.config import ConfigError, RunConfig
-from nanochat_flyte.download import (Retry, DownloadError, check_data_url, download_shard, download_shards,
-                                     verify_shard)
+from nanochat_flyte.config import RunConfig
+from nanochat_flyte.data.download import (
+    DownloadError,
+    Retry,
+    check_data_url,
+    download_shard,
+    download_shards,
+    verify_shard,
+)
+from nanochat_flyte.errors import ConfigError
 from tests.shard_server import fineweb_texts, write_fineweb_shard, write_fineweb_shards
-
 
 FAST_RETRY = Retry(attempts=4, backoff_base_s=0.01, backoff_max_s=0.05)
 SHARD_0 = "/shard_00000.parquet"

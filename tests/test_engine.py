@@ -14,11 +14,12 @@ import pytest
 import torch
 from helpers import load_bench
 
-from nanochat_flyte.conversation import ConversationError, render_prompt
-from nanochat_flyte.device import select_precision
-from nanochat_flyte.engine import Engine, SamplingParams, Scheduler, TextStream, sample_next_token
-from nanochat_flyte.model import GPT, GPTConfig
-from nanochat_flyte.tokenizer import gpt2_tokenizer
+from nanochat_flyte.data.conversation import ConversationError, render_prompt
+from nanochat_flyte.data.tokenizer import gpt2_tokenizer
+from nanochat_flyte.inference.engine import Engine, SamplingParams, TextStream, sample_next_token
+from nanochat_flyte.inference.scheduler import Scheduler
+from nanochat_flyte.model.device import select_precision
+from nanochat_flyte.model.gpt import GPT, GPTConfig
 
 TOKENIZER = gpt2_tokenizer()
 CPU = select_precision(torch.device("cpu"))

@@ -1,6 +1,6 @@
 import torch
 
-from nanochat_flyte.environment import environment_report, format_report
+from nanochat_flyte.reporting.environment import environment_report, format_report
 
 
 def test_report_has_the_promised_fields(monkeypatch):

@@ -8,10 +8,10 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat_flyte.config import ConfigError
-from nanochat_flyte.device import Precision
-from nanochat_flyte.evaluate import evaluate_bpb
-from nanochat_flyte.model import GPT, GPTConfig
+from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.evaluation.bpb import evaluate_bpb
+from nanochat_flyte.model.device import Precision
+from nanochat_flyte.model.gpt import GPT, GPTConfig
 
 FP32 = Precision(torch.float32, use_grad_scaler=False, device_type="cpu")
 # Token 3 is special (0 bytes); tokens 0, 1, 2 are 1, 2 and 4 bytes long.

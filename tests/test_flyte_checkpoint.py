@@ -12,6 +12,7 @@ from flytekit.core.checkpointer import SyncCheckpoint
 from flytekit.types.directory import FlyteDirectory
 
 import workflows.nanochat as wf
+import workflows.support as support
 from tests.helpers import make_data_dir, tiny_config
 
 
@@ -37,6 +38,7 @@ def run_attempt(tmp_path, monkeypatch, attempt: int, checkpoint: SyncCheckpoint)
     context = SimpleNamespace(checkpoint=checkpoint, working_directory=str(tmp_path / f"pod{attempt}"),
                               secrets=NoSecrets())
     monkeypatch.setattr(wf, "current_context", lambda: context)
+    monkeypatch.setattr(support, "current_context", lambda: context)
     return wf.train_base_model.task_function(config=tiny_config(), data=FlyteDirectory(str(tmp_path / "data")),
                                              environment={}, resume_from="")
 

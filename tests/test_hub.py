@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat_flyte.download import DownloadError, Retry
-from nanochat_flyte.hub import download_split, file_records, hub_endpoint, parquet_urls, read_rows, split_cache_dir
+from nanochat_flyte.data.download import DownloadError, Retry
+from nanochat_flyte.data.hub import download_split, file_records, hub_endpoint, parquet_urls, read_rows, split_cache_dir
 from tests.hub_server import HUB_SPLITS, MMLU_SCHEMA, split_path, write_split
 
 FAST_RETRY = Retry(attempts=3, backoff_base_s=0.01, backoff_max_s=0.05)

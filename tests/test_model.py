@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from nanochat_flyte.config import ConfigError
-from nanochat_flyte.model import GPT, LOGIT_SOFTCAP, GPTConfig, KVCache, apply_rotary
+from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.model.gpt import GPT, LOGIT_SOFTCAP, GPTConfig, KVCache, apply_rotary
 
 TINY = GPTConfig(sequence_len=16, vocab_size=100, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
 

@@ -2,9 +2,15 @@ import pytest
 import torch
 
 from nanochat_flyte.config import RunConfig
-from nanochat_flyte.model import GPT, GPTConfig
-from nanochat_flyte.optim import (Muon, apply_schedules, build_optimizers, lr_multiplier, muon_momentum,
-                                  orthogonalize)
+from nanochat_flyte.model.gpt import GPT, GPTConfig
+from nanochat_flyte.model.optim import (
+    Muon,
+    apply_schedules,
+    build_optimizers,
+    lr_multiplier,
+    muon_momentum,
+    orthogonalize,
+)
 
 
 def tiny_model(residual_scalars: bool = False) -> GPT:

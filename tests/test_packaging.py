@@ -248,7 +248,7 @@ def read_secret(group: str, key: str) -> str:
 
 @task
 def wandb_key_after_loading() -> str:
-    from workflows.nanochat import WANDB_SECRET, export_secret
+    from workflows.support import WANDB_SECRET, export_secret
 
     export_secret(WANDB_SECRET, "WANDB_API_KEY")
     return os.environ.get("WANDB_API_KEY", "")

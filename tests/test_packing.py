@@ -4,9 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from nanochat_flyte.packing import (ConversationLoader, RenderedConversations, epoch_rows, rows_tensor,
-                                    steps_per_epoch)
-from nanochat_flyte.tokenizer import gpt2_tokenizer
+from nanochat_flyte.data.packing import (
+    ConversationLoader,
+    RenderedConversations,
+    epoch_rows,
+    rows_tensor,
+    steps_per_epoch,
+)
+from nanochat_flyte.data.tokenizer import gpt2_tokenizer
 
 CPU = torch.device("cpu")
 

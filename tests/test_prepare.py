@@ -11,12 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanochat_flyte.config import ConfigError, RunConfig
-from nanochat_flyte.prepare import (ShardJob, build_tokenizer, merge_prepared, plan_jobs, plan_shards, prepare_data,
-                                    prepare_shard, tokenize_shard)
-from nanochat_flyte.tokenizer import gpt2_tokenizer, load_tokenizer
+from nanochat_flyte.config import RunConfig
+from nanochat_flyte.data.prepare import (
+    ShardJob,
+    build_tokenizer,
+    merge_prepared,
+    plan_jobs,
+    plan_shards,
+    prepare_data,
+    prepare_shard,
+    tokenize_shard,
+)
+from nanochat_flyte.data.tokenizer import gpt2_tokenizer, load_tokenizer
+from nanochat_flyte.errors import ConfigError
 from tests.shard_server import fineweb_texts, write_fineweb_shard, write_fineweb_shards
-
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS_PER_SHARD = 60  # ~30k GPT-2 tokens per shard
@@ -205,4 +213,4 @@ def test_the_prepare_cli_writes_the_data_directory_that_the_train_cli_takes(shar
                   str(tmp_path / "x"))
     assert (missing.returncode, missing.stderr) == (2, f"error: train.data_dir: no such folder "
                                                        f"'{tmp_path / 'nodata'}' (a prepared data directory: python -m "
-                                                       "nanochat_flyte.prepare)\n")
+                                                       "nanochat_flyte.data.prepare)\n")

@@ -4,7 +4,7 @@ import base64
 import re
 
 from nanochat_flyte.config import RunConfig
-from nanochat_flyte.report import (
+from nanochat_flyte.reporting.report import (
     LOSS_PLOT,
     THROUGHPUT_PLOT,
     data_deck_html,
@@ -12,7 +12,7 @@ from nanochat_flyte.report import (
     training_deck_html,
     write_report,
 )
-from nanochat_flyte.tracking import Tracker
+from nanochat_flyte.reporting.tracking import Tracker
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CONFIG = RunConfig(run_name="report_unit", wandb_mode="disabled")
@@ -89,7 +89,7 @@ def test_environment_deck_lists_every_field():
 
 
 def test_a_cpu_run_has_no_empty_mfu_panel(tmp_path):
-    from nanochat_flyte.report import throughput_figure
+    from nanochat_flyte.reporting.report import throughput_figure
     with_mfu = [{"step": 1, "train/tok_per_sec": 10.0, "train/mfu": 3.0}]
     without_mfu = [{"step": 1, "train/tok_per_sec": 10.0}]
     assert len(throughput_figure(with_mfu).axes) == 2

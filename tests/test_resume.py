@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from nanochat_flyte.config import ConfigError
-from nanochat_flyte.train import check_resume
+from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.training.pretrain import check_resume
 from tests.shard_server import serve_shards, write_fineweb_shards
 from tests.test_workflow import VAL_SHARD, tiny_config
 from workflows.nanochat import main
@@ -105,7 +105,7 @@ def test_a_bundle_that_fails_after_training_keeps_the_checkpoint(served, tmp_pat
     config = tiny_config(served.url, num_iterations=2, eval_every=2, sample_every=2, save_every=2,
                          eval_bundle_url=served.url + "/no_core_yaml.zip", save_to=str(save_to))
     with pytest.raises(Exception, match=r"no single core\.yaml in the bundle.*The trained checkpoint is kept at .*"
-                                        r"score it later with python -m nanochat_flyte\.core_eval"):
+                                        r"score it later with nanochat core-eval"):
         main(config=config)
     assert json.loads((save_to / "training_state.json").read_text())["status"] == "completed"
     assert (save_to / "checkpoint.pt").is_file()

@@ -6,9 +6,9 @@ import sys
 import pytest
 from helpers import make_data_dir, tiny_config
 
-from nanochat_flyte.config import UserError
-from nanochat_flyte.sample import main
-from nanochat_flyte.train import train
+from nanochat_flyte.cli.sample import main
+from nanochat_flyte.errors import UserError
+from nanochat_flyte.training.pretrain import train
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 PROMPT = "The capital of France is"
@@ -36,7 +36,7 @@ def test_greedy_sampling_repeats_the_sample_taken_in_training(checkpoint, capsys
 
 def test_the_cli_loads_a_checkpoint_from_a_file_uri(checkpoint):
     result = subprocess.run(
-        [sys.executable, "-m", "nanochat_flyte.sample", "--checkpoint", checkpoint.as_uri(), "--prompt", PROMPT,
+        [sys.executable, "-m", "nanochat_flyte", "sample", "--checkpoint", checkpoint.as_uri(), "--prompt", PROMPT,
          "--max-tokens", "6", "--temperature", "0"],
         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -64,7 +64,7 @@ def test_bad_arguments_are_refused_in_one_line_before_loading(tmp_path, capsys, 
     with pytest.raises(SystemExit) as exit_:  # no checkpoint there: a refusal after loading would not get this far
         main(["--checkpoint", str(tmp_path), "--prompt", PROMPT, *flags])
     assert exit_.value.code == 2
-    assert capsys.readouterr().err == f"error: {problem} (see python -m nanochat_flyte.sample --help)\n"
+    assert capsys.readouterr().err == f"error: {problem} (see nanochat sample --help)\n"
 
 
 def test_the_largest_seed_samples(checkpoint):
@@ -86,7 +86,7 @@ def test_a_checkpoint_samples_without_the_network(checkpoint, tmp_path):
     """The checkpoint carries its tokenizer's ranks: an empty tiktoken cache (nothing to read, and downloads fail
     here) changes nothing."""
     env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty-cache"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "nanochat_flyte.sample", "--checkpoint", str(checkpoint),
+    result = subprocess.run([sys.executable, "-m", "nanochat_flyte", "sample", "--checkpoint", str(checkpoint),
                              "--prompt", PROMPT, "--max-tokens", "6"], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -95,12 +95,12 @@ def test_a_checkpoint_samples_without_the_network(checkpoint, tmp_path):
 
 
 def test_user_errors_of_the_sample_and_train_clis_are_one_line(tmp_path):
-    sample = subprocess.run([sys.executable, "-m", "nanochat_flyte.sample", "--checkpoint", str(tmp_path / "none"),
+    sample = subprocess.run([sys.executable, "-m", "nanochat_flyte", "sample", "--checkpoint", str(tmp_path / "none"),
                              "--prompt", PROMPT], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert (sample.returncode, sample.stderr) == (2, f"error: no checkpoint.pt in {tmp_path / 'none'}: not a "
                                                      "checkpoint directory\n")
     (tmp_path / "typo.yaml").write_text("depht: 2\n")
-    train = subprocess.run([sys.executable, "-m", "nanochat_flyte.train", "--config", str(tmp_path / "typo.yaml"),
+    train = subprocess.run([sys.executable, "-m", "nanochat_flyte", "train", "--config", str(tmp_path / "typo.yaml"),
                             "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
     assert (train.returncode, train.stderr) == (2, "error: RunConfig.depht: unknown field; did you mean depth?\n")

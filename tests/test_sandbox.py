@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nanochat_flyte.sandbox import Limits, execute, sandbox_available, seccomp_program
+from nanochat_flyte.evaluation.sandbox import Limits, execute, sandbox_available, seccomp_program
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox needs Linux namespaces or seccomp")
@@ -69,7 +69,7 @@ def test_the_network_namespace_alone_cuts_the_network():
     with socket.create_server(("127.0.0.1", 0)) as server:
         result = run_layer(f"""
             import socket
-            from nanochat_flyte.sandbox import new_network_namespace
+            from nanochat_flyte.evaluation.sandbox import new_network_namespace
             print(new_network_namespace())
             print(open("/proc/self/net/dev").read().count(":"), "interfaces")
             try:
@@ -87,7 +87,7 @@ def test_the_network_namespace_alone_cuts_the_network():
 def test_the_seccomp_filter_alone_refuses_sockets_and_processes_but_not_threads():
     result = run_layer("""
         import os, socket, threading
-        from nanochat_flyte.sandbox import install_seccomp_filter
+        from nanochat_flyte.evaluation.sandbox import install_seccomp_filter
         install_seccomp_filter()
         for family in (socket.AF_INET, socket.AF_INET6):
             try:
@@ -114,7 +114,7 @@ def test_the_seccomp_filter_alone_refuses_sockets_and_processes_but_not_threads(
 
 REFUSE_CALLS = """
     import errno, platform
-    from nanochat_flyte import sandbox as s
+    from nanochat_flyte.evaluation import sandbox as s
     numbers = {{"x86_64": {{"unshare": 272, "prctl": 157}},
                "aarch64": {{"unshare": 97, "prctl": 167}}}}[platform.machine()]
     program = [(s.LOAD, 0, 0, s.ARCH_OFFSET), (s.JEQ, 1, 0, s.SYSCALLS[platform.machine()]["arch"]),

@@ -14,9 +14,9 @@ import pytest
 import requests
 from chat_server import API_KEY, CONTEXT
 
-from nanochat_flyte.config import UserError
-from nanochat_flyte.engine import Engine, SamplingParams
-from nanochat_flyte.serve import main
+from nanochat_flyte.cli.serve import main
+from nanochat_flyte.errors import UserError
+from nanochat_flyte.inference.engine import Engine, SamplingParams
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -8,8 +8,18 @@ import numpy as np
 import pytest
 import tiktoken
 
-from nanochat_flyte.tokenizer import (CHAT_SPECIAL_TOKENS, EOT, GPT2_RANKS_SHA256, TokenizerError, gpt2_tokenizer,
-                                      load_tokenizer, save_tokenizer, token_byte_lengths, tokenizer_id, train_bpe)
+from nanochat_flyte.data.tokenizer import (
+    CHAT_SPECIAL_TOKENS,
+    EOT,
+    GPT2_RANKS_SHA256,
+    TokenizerError,
+    gpt2_tokenizer,
+    load_tokenizer,
+    save_tokenizer,
+    token_byte_lengths,
+    tokenizer_id,
+    train_bpe,
+)
 from tests.shard_server import fineweb_texts
 
 UNICODE_TEXT = "Zürich, 東京 and São Paulo — 3.14159 ≈ π; emoji 🦜 and <|endoftext|> as plain text.\n\n  Done."

@@ -4,12 +4,12 @@ import json
 import logging
 import socket
 
+from wandb_offline import read_offline_history, read_offline_summary
+
 from nanochat_flyte.config import RunConfig
-from nanochat_flyte.tracking import (
+from nanochat_flyte.reporting.tracking import (
     Tracker,
     read_jsonl,
-    read_offline_history,
-    read_offline_summary,
     resolve_mode,
 )
 
@@ -86,10 +86,10 @@ def test_online_without_network_falls_back_offline_and_never_shows_the_key(tmp_p
     monkeypatch.setenv("WANDB_API_KEY", secret)
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
     monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")  # keep the failing online attempt short
-    with caplog.at_level(logging.WARNING, logger="nanochat_flyte.tracking"):
+    with caplog.at_level(logging.WARNING, logger="nanochat_flyte.reporting.tracking"):
         tracker = Tracker(RunConfig(run_name="no-network", wandb_mode="online"), tmp_path)
     assert tracker.mode == "offline"
-    warnings = [r for r in caplog.records if r.name == "nanochat_flyte.tracking"]
+    warnings = [r for r in caplog.records if r.name == "nanochat_flyte.reporting.tracking"]
     assert len(warnings) == 1 and "online init failed" in warnings[0].getMessage()
 
     log_synthetic_run(tracker)
@@ -111,11 +111,11 @@ def test_failing_wandb_log_never_fails_training(tmp_path, caplog):
         raise ConnectionError("service went away")
 
     tracker.run.log = broken_log
-    with caplog.at_level(logging.WARNING, logger="nanochat_flyte.tracking"):
+    with caplog.at_level(logging.WARNING, logger="nanochat_flyte.reporting.tracking"):
         tracker.log(0, {"train/loss": 1.0})
         tracker.log(1, {"train/loss": 0.9})
     assert tracker.mode == "disabled"  # offline failed, nothing left to fall back to
-    assert len([r for r in caplog.records if r.name == "nanochat_flyte.tracking"]) == 1
+    assert len([r for r in caplog.records if r.name == "nanochat_flyte.reporting.tracking"]) == 1
     assert [m["step"] for m in read_jsonl(tmp_path / "metrics.jsonl")] == [0, 1]
     assert tracker.finish() is None
 

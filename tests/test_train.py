@@ -7,11 +7,12 @@ import pytest
 import torch
 from helpers import load_bench, make_data_dir, tiny_config
 
-from nanochat_flyte.config import ConfigError
-from nanochat_flyte.device import select_precision
-from nanochat_flyte.engine import Engine, SamplingParams
-from nanochat_flyte.model import GPT
-from nanochat_flyte.train import SAMPLE_PROMPTS, halved_batch_size, train, train_step
+from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.inference.engine import Engine, SamplingParams
+from nanochat_flyte.model.device import select_precision
+from nanochat_flyte.model.gpt import GPT
+from nanochat_flyte.training.loop import halved_batch_size, train_step
+from nanochat_flyte.training.pretrain import SAMPLE_PROMPTS, train
 
 SUMMARY_KEYS = {"status", "depth", "num_iterations", "steps_completed", "min_validation_bpb", "final_validation_bpb",
                 "tokens_seen", "total_time_s", "avg_tok_per_sec", "avg_mfu", "num_params", "flops_per_token",
@@ -167,7 +168,7 @@ def test_out_of_memory_at_device_batch_1_stops_with_a_clear_error(data_dir, tmp_
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
 
     monkeypatch.setattr(GPT, "forward", forward_without_memory)
-    monkeypatch.setattr("nanochat_flyte.train.evaluate_bpb", lambda *args, **kwargs: 1.0)
+    monkeypatch.setattr("nanochat_flyte.training.pretrain.evaluate_bpb", lambda *args, **kwargs: 1.0)
     with pytest.raises(RuntimeError, match="out of memory at device_batch_size 1"):
         train(tiny_config(device_batch_size=2, total_batch_size=128), data_dir, tmp_path)
 

@@ -19,24 +19,46 @@ from typing import NamedTuple
 from flytekit import Cache, Deck, Resources, current_context, task, workflow
 from flytekit.types.directory import FlyteDirectory
 
-from nanochat_flyte.chat_data import check_hub_endpoint, prepare_eval_data, prepare_rl_data, prepare_sft_data
-from nanochat_flyte.chat_eval import chat_metrics, chat_table_html, chat_table_markdown, evaluate_chat, read_eval_items
-from nanochat_flyte.chat_rl import check_sft_checkpoint, rl_run_config, train_rl
-from nanochat_flyte.chat_sft import checkpoint_run_config, sft_run_config, train_chat
-from nanochat_flyte.checkpoint import (CONFIG_FILE, TRAINING_STATE_FILE, check_save_to, publish_checkpoint,
-                                       read_checkpoint_json)
-from nanochat_flyte.config import ChatConfig, ConfigError, RLConfig, RunConfig
-from nanochat_flyte.engine import Engine
-from nanochat_flyte.environment import environment_report, format_report
-from nanochat_flyte.hub import hub_endpoint
-from nanochat_flyte.report import environment_deck_html, training_deck_html, write_run_report
-from nanochat_flyte.results import chat_results, write_results
-from nanochat_flyte.tracking import log_evaluation
+from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
+from nanochat_flyte.data.chat_data import check_hub_endpoint, prepare_eval_data, prepare_rl_data, prepare_sft_data
+from nanochat_flyte.data.hub import hub_endpoint
+from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.evaluation.chat_eval import (
+    chat_metrics,
+    chat_table_html,
+    chat_table_markdown,
+    evaluate_chat,
+    read_eval_items,
+)
+from nanochat_flyte.inference.engine import Engine
+from nanochat_flyte.model.checkpoint import (
+    CONFIG_FILE,
+    TRAINING_STATE_FILE,
+    check_save_to,
+    publish_checkpoint,
+    read_checkpoint_json,
+)
+from nanochat_flyte.reporting.environment import environment_report, format_report
+from nanochat_flyte.reporting.report import environment_deck_html, training_deck_html, write_run_report
+from nanochat_flyte.reporting.results import chat_results, write_results
+from nanochat_flyte.reporting.tracking import log_evaluation
+from nanochat_flyte.training.rl import check_sft_checkpoint, rl_run_config, train_rl
+from nanochat_flyte.training.sft import checkpoint_run_config, sft_run_config, train_chat
 from workflows.image import IMAGE
-from workflows.nanochat import (HF_SECRET, TRAINING_RESOURCES, TRAINING_TASK, WANDB_SECRET, RunOutputs,
-                                checkpoint_location, export_secret, one_line_user_errors, pretrain,
-                                restore_flyte_checkpoint, retried_on_storage_errors, save_flyte_checkpoint,
-                                wandb_console_link)
+from workflows.nanochat import RunOutputs, pretrain
+from workflows.support import (
+    HF_SECRET,
+    TRAINING_RESOURCES,
+    TRAINING_TASK,
+    WANDB_SECRET,
+    checkpoint_location,
+    export_secret,
+    one_line_user_errors,
+    restore_flyte_checkpoint,
+    retried_on_storage_errors,
+    save_flyte_checkpoint,
+    wandb_console_link,
+)
 
 # Bump when the prepared conversations or evaluation items change format: cached ones are then ignored.
 CHAT_DATA_CACHE_VERSION = "2"  # 2: GSM8K solutions keep their calculations, as tool calls
@@ -240,6 +262,12 @@ class ChatOutputs(NamedTuple):
     report: FlyteDirectory  # report.md with its plots and the chat evaluation table, and results.json
 
 
+class RLOutputs(NamedTuple):
+    rl_checkpoint: FlyteDirectory  # the RL checkpoint: a chat checkpoint ("phase": "chat", "stage": "rl")
+    results: dict  # the RL results JSON: RL summary and chat evaluation
+    report: FlyteDirectory  # report.md with its plots and the chat evaluation table, and results.json
+
+
 def evaluate_stage(config: ChatConfig | RLConfig, eval_config: ChatConfig, checkpoint: FlyteDirectory,
                    eval_data: FlyteDirectory) -> dict:
     """The chat evaluation of a stage's checkpoint, with the stage config's evaluation settings."""
@@ -271,7 +299,7 @@ def chat_sft(base_checkpoint: FlyteDirectory, config: ChatConfig = ChatConfig())
     return fine_tune(config, base_checkpoint)
 
 
-def reinforce(config: RLConfig, sft_checkpoint: FlyteDirectory) -> ChatOutputs:
+def reinforce(config: RLConfig, sft_checkpoint: FlyteDirectory) -> RLOutputs:
     """setup -> GSM8K problems and evaluation data (CPU, cached) -> RL -> chat evaluation -> results."""
     checked, eval_config, endpoint, environment = setup_rl(config=config, sft_checkpoint=sft_checkpoint)
     data = prepare_rl_problems(endpoint=endpoint, max_problems=checked.max_problems,
@@ -282,11 +310,11 @@ def reinforce(config: RLConfig, sft_checkpoint: FlyteDirectory) -> ChatOutputs:
     evaluation = evaluate_stage(checked, eval_config, rl_checkpoint, eval_data)
     results, report = aggregate_rl_results(config=checked, sft_checkpoint=sft_checkpoint, training=training,
                                            evaluation=evaluation, checkpoint=rl_checkpoint, environment=environment)
-    return ChatOutputs(rl_checkpoint, results, report)
+    return RLOutputs(rl_checkpoint, results, report)
 
 
 @workflow
-def chat_rl(sft_checkpoint: FlyteDirectory, config: RLConfig = RLConfig()) -> ChatOutputs:
+def chat_rl(sft_checkpoint: FlyteDirectory, config: RLConfig = RLConfig()) -> RLOutputs:
     """A chat (SFT) checkpoint (a chat run's `chat_checkpoint` output, or any directory or URI holding one) to an
     evaluated RL checkpoint."""
     return reinforce(config, sft_checkpoint)
@@ -333,4 +361,4 @@ def nanochat_chat_rl(config: RunConfig = RunConfig(), chat_config: ChatConfig = 
     chat = fine_tune(checked_chat, base.checkpoint)
     rl = reinforce(checked_rl, chat.chat_checkpoint)
     return RLPipelineOutputs(base.results, base.checkpoint, base.report, chat.results, chat.chat_checkpoint,
-                             chat.report, rl.results, rl.chat_checkpoint, rl.report)
+                             chat.report, rl.results, rl.rl_checkpoint, rl.report)

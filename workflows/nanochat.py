@@ -6,125 +6,64 @@
 This file only declares tasks, resources, images and caching; the work lives in `nanochat_flyte`.
 """
 
-import contextlib
 import functools
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import NamedTuple
 
-import click
-import requests
-from flytekit import (Cache, Deck, FlyteContextManager, Resources, Secret, conditional, current_context, map_task, task,
-                      workflow)
-from flytekit.configuration.plugin import get_plugin
-from flytekit.core.utils import ClassDecorator
-from flytekit.exceptions.user import FlyteRecoverableException
-from flytekit.extras.accelerators import T4
+from flytekit import (
+    Cache,
+    Deck,
+    conditional,
+    current_context,
+    map_task,
+    task,
+    workflow,
+)
 from flytekit.types.directory import FlyteDirectory
 
-from nanochat_flyte.checkpoint import (CHECKPOINT_FILE, CONFIG_FILE, TRAINING_STATE_FILE, check_save_to,
-                                       fetch_checkpoint, load_model, publish_checkpoint, read_checkpoint_json)
-from nanochat_flyte.cli import is_user_error, user_message
 from nanochat_flyte.config import RunConfig
-from nanochat_flyte.core_eval import (BundleError, check_bundle_url, core_log_metrics, core_table_html,
-                                      core_table_markdown, evaluate_core, load_bundle)
-from nanochat_flyte.device import select_device, select_precision
-from nanochat_flyte.download import DownloadError, check_data_url
-from nanochat_flyte.environment import environment_report, format_report
-from nanochat_flyte.prepare import ShardJob, build_tokenizer, merge_prepared, plan_jobs, prepare_shard
-from nanochat_flyte.report import data_deck_html, environment_deck_html, training_deck_html, write_run_report
-from nanochat_flyte.results import aggregate_results as combine_results
-from nanochat_flyte.results import write_results
-from nanochat_flyte.tracking import log_evaluation
-from nanochat_flyte.train import check_resume, distributed_env, train
+from nanochat_flyte.data.download import DownloadError, check_data_url
+from nanochat_flyte.data.prepare import ShardJob, build_tokenizer, merge_prepared, plan_jobs, prepare_shard
+from nanochat_flyte.evaluation.bundle import BundleError, check_bundle_url, load_bundle
+from nanochat_flyte.evaluation.core import core_log_metrics, core_table_html, core_table_markdown, score_core
+from nanochat_flyte.model.checkpoint import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    TRAINING_STATE_FILE,
+    check_save_to,
+    fetch_checkpoint,
+    load_model,
+    publish_checkpoint,
+    read_checkpoint_json,
+)
+from nanochat_flyte.model.device import select_device, select_precision
+from nanochat_flyte.reporting.environment import environment_report, format_report
+from nanochat_flyte.reporting.report import data_deck_html, environment_deck_html, training_deck_html, write_run_report
+from nanochat_flyte.reporting.results import aggregate_results as combine_results
+from nanochat_flyte.reporting.results import write_results
+from nanochat_flyte.reporting.tracking import log_evaluation
+from nanochat_flyte.training.pretrain import check_resume, train
 from workflows.image import IMAGE
+from workflows.support import (
+    DATA_RESOURCES,
+    HF_SECRET,
+    TRAINING_RESOURCES,
+    TRAINING_TASK,
+    WANDB_SECRET,
+    TaskInputError,
+    checkpoint_location,
+    export_secret,
+    one_line_user_errors,
+    restore_flyte_checkpoint,
+    retried_on_storage_errors,
+    save_flyte_checkpoint,
+    wandb_console_link,
+)
 
 # Bump when the token files' format or contents change: cached shards from older versions are then ignored.
 DATA_CACHE_VERSION = "2"  # 2: tokenizer directories carry their ranks and the chat tokens
 SHARD_CONCURRENCY = 8  # shard pods at once: enough to saturate the hub, few enough not to be rate-limited
-
-# Secrets, with names that can be changed at registration time without editing code
-# ($NANOCHAT_<NAME>_SECRET_GROUP / _KEY). Open-source Flyte names a secret by group and key: the Kubernetes secret
-# `wandb` with the key `api_key`. Union names it by its key alone: `union create secret wandb_api_key`. Locally,
-# flytekit reads either default from the environment as GROUP_KEY in upper case: $WANDB_API_KEY, $HF_TOKEN.
-SECRET_NEEDS_GROUP = get_plugin().secret_requires_group()  # False when the `union` package is installed
-
-
-def declared_secret(name: str, group: str, key: str) -> Secret:
-    return Secret(
-        group=os.environ.get(f"NANOCHAT_{name}_SECRET_GROUP", group if SECRET_NEEDS_GROUP else "") or None,
-        key=os.environ.get(f"NANOCHAT_{name}_SECRET_KEY", key if SECRET_NEEDS_GROUP else f"{group}_{key}"),
-    )
-
-
-WANDB_SECRET = declared_secret("WANDB", "wandb", "api_key")  # absent: W&B runs offline
-HF_SECRET = declared_secret("HF", "hf", "token")  # only for a gated or private mirror of the dataset
-
-
-class wandb_console_link(ClassDecorator):  # noqa: N801 - used as a decorator, like flytekit's own
-    """Gives the task a "Weights & Biases" link in the Flyte/Union console, to the run named after the execution
-    (the Tracker's run id). Needs the cluster's `wandb-execution-id` dynamic log link (docs/observability.md)
-    and, at registration, NANOCHAT_WANDB_ENTITY (and NANOCHAT_WANDB_PROJECT / NANOCHAT_WANDB_HOST where they differ
-    from "nanochat" / https://wandb.ai)."""
-
-    def execute(self, *args, **kwargs):
-        return self.task_function(*args, **kwargs)
-
-    def get_extra_config(self) -> dict[str, str]:
-        entity = os.environ.get("NANOCHAT_WANDB_ENTITY", "")
-        if not entity:  # the link's URL is host/entity/project/runs/<execution>: no entity, no link
-            return {}
-        return {self.LINK_TYPE_KEY: "wandb-execution-id", "entity": entity,
-                "host": os.environ.get("NANOCHAT_WANDB_HOST", "https://wandb.ai"),
-                "project": os.environ.get("NANOCHAT_WANDB_PROJECT", "nanochat")}
-
-
-class UserError(click.ClickException):
-    """A mistake in the run's inputs. Raised from a task, it makes a local `pyflyte run` print one line
-    (`Error: RunConfig.data_url: ...`) instead of a traceback; on a cluster it fails the task, not retried."""
-
-
-def one_line_user_errors(task_function):
-    """Our user errors (a bad config field, an unreachable URL, a missing checkpoint) leave the task as UserError."""
-
-    @functools.wraps(task_function)
-    def run(*args, **kwargs):
-        try:
-            return task_function(*args, **kwargs)
-        except Exception as error:
-            if not is_user_error(error):
-                raise
-            raise UserError(user_message(error)) from error
-
-    return run
-
-
-def is_local_run() -> bool:
-    return FlyteContextManager.current_context().execution_state.is_local_execution()
-
-
-def export_secret(secret: Secret, env_var: str) -> None:
-    """Put a Flyte secret into the environment variable the library reads; a missing secret is no error."""
-    try:
-        value = current_context().secrets.get(secret.group, secret.key)
-    except ValueError:
-        return
-    os.environ[env_var] = value
-
-
-# What the reference run used: one T4 with 8 CPUs and 32 GiB. Disk: ~6 GB of tokens for 50 shards, ~1 GB per
-# checkpoint (kept twice: ours and Flyte's copy) and torch.compile's cache; 50Gi fits a 100 GB node disk.
-# Limits equal requests: a Guaranteed pod is the last to be evicted. shared_memory=True mounts a /dev/shm as
-# large as the memory limit (a container's default is 64 MB): torch multiprocessing and NCCL under DDP use it.
-TRAINING_RESOURCES = dict(
-    requests=Resources(cpu="8", mem="32Gi", gpu="1", ephemeral_storage="50Gi"),
-    limits=Resources(cpu="8", mem="32Gi", gpu="1", ephemeral_storage="50Gi"),
-    accelerator=T4,
-    shared_memory=True,
-)
-DATA_RESOURCES = Resources(cpu="4", mem="8Gi", ephemeral_storage="20Gi")
 
 
 # The same node kind as training (interruptible too: spot pools are tainted for interruptible pods), so that the
@@ -207,43 +146,6 @@ def download_and_prepare_data(config: RunConfig) -> tuple[FlyteDirectory, dict]:
     return collect_data(config=config, parts=parts, tokenizer_dir=tokenizer_dir)
 
 
-def restore_flyte_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """Resume from the previous attempt's save, and save it again at once: Flyte only keeps attempt - 1's."""
-    flyte_checkpoint = current_context().checkpoint
-    restored = flyte_checkpoint.restore() if flyte_checkpoint else None
-    if not restored or not (Path(restored) / "checkpoint.pt").exists():
-        return None
-    shutil.copytree(restored, checkpoint_dir, dirs_exist_ok=True)
-    if distributed_env()[0] == 0:  # under torch elastic every rank restores; one re-saves
-        flyte_checkpoint.save(checkpoint_dir)
-    print(f"resuming from the previous attempt's checkpoint ({restored})", flush=True)
-    return checkpoint_dir
-
-
-def save_flyte_checkpoint(checkpoint_dir: Path) -> None:
-    """Upload the intra-task checkpoint, for a retry of this task to resume from. A local run is never retried:
-    it skips the copy (which would double the checkpoint's disk use for nothing)."""
-    flyte_checkpoint = current_context().checkpoint
-    if flyte_checkpoint and not is_local_run():
-        flyte_checkpoint.save(checkpoint_dir)
-
-
-@contextlib.contextmanager
-def retried_on_storage_errors():
-    """A storage or network hiccup fails a training attempt as recoverable: Flyte retries it, and the retry resumes
-    from the intra-task checkpoint."""
-    try:
-        yield
-    except (OSError, requests.RequestException) as error:
-        raise FlyteRecoverableException(f"{type(error).__name__}: {error}") from error
-
-
-# How every training task (pretraining, SFT) is declared. Interruptible: a spot T4 is a third of the price; a
-# preempted attempt resumes from the intra-task checkpoint.
-TRAINING_TASK = dict(container_image=IMAGE, secret_requests=[WANDB_SECRET], interruptible=True, retries=3,
-                     enable_deck=True, **TRAINING_RESOURCES)
-
-
 @task(**TRAINING_TASK)
 @wandb_console_link
 @one_line_user_errors
@@ -271,12 +173,6 @@ def train_base_model(config: RunConfig, data: FlyteDirectory, environment: dict,
     return FlyteDirectory(str(checkpoint_dir)), summary
 
 
-def checkpoint_location(directory: FlyteDirectory) -> str:
-    """Where a checkpoint directory input lives (its URI on a cluster, its path locally): small files of it are read
-    from there without downloading the weights."""
-    return directory.remote_source or directory.path
-
-
 # On the training node kind; cached on (checkpoint, bundle, max_per_task): scoring the same checkpoint again is free.
 @task(container_image=IMAGE, secret_requests=[WANDB_SECRET], interruptible=True, retries=2, enable_deck=True,
       cache=Cache(version="1", ignored_inputs=("config",)), **TRAINING_RESOURCES)
@@ -288,11 +184,11 @@ def evaluate_base_model(config: RunConfig, checkpoint: FlyteDirectory, bundle_ur
     try:
         bundle = load_bundle(bundle_url)
     except (BundleError, DownloadError) as error:  # training is done and kept: say how to score it later
-        raise UserError(f"{error}. The trained checkpoint is kept at {location}; score it later with "
-                        f"python -m nanochat_flyte.core_eval --checkpoint {location} --bundle BUNDLE") from error
+        raise TaskInputError(f"{error}. The trained checkpoint is kept at {location}; score it later with "
+                        f"nanochat core-eval --checkpoint {location} --bundle BUNDLE") from error
     device = select_device(config.device)
     loaded = load_model(Path(checkpoint.download()), device)
-    result = evaluate_core(loaded.model, loaded.tokenizer, bundle, max_per_task=max_per_task or None,
+    result = score_core(loaded.model, loaded.tokenizer, bundle, max_per_task=max_per_task or None,
                            batch_size=config.device_batch_size, precision=select_precision(device, config.dtype))
     step = read_checkpoint_json(location, TRAINING_STATE_FILE)["steps_completed"]
     result["wandb_url"] = log_evaluation(config, location, step, core_log_metrics(result),

@@ -17,7 +17,8 @@ from flytekitplugins.kfpytorch import Elastic
 
 from nanochat_flyte.config import RunConfig
 from workflows.image import IMAGE
-from workflows.nanochat import WANDB_SECRET, RunOutputs, pretrain, train_base_model, wandb_console_link
+from workflows.nanochat import RunOutputs, pretrain, train_base_model
+from workflows.support import WANDB_SECRET, wandb_console_link
 
 GPUS = 8  # one full A100 node (a2-highgpu-8g on GCP, p4d.24xlarge on AWS)
 

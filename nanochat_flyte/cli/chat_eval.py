@@ -1,0 +1,57 @@
+"""Score a base or chat checkpoint on ARC-Easy, ARC-Challenge, MMLU, GSM8K and HumanEval.
+
+examples:
+  nanochat chat-eval --checkpoint runs/chat --max-per-task 50
+  nanochat chat-eval --checkpoint runs/chat --tasks gsm8k,humaneval --humaneval on
+
+The datasets come from the Hugging Face hub or the mirror in $HF_ENDPOINT. Prints a table, then the result as one
+JSON object on its last line. HumanEval runs model-written code, only in the sandbox (docs/sandbox.md).
+"""
+
+import json
+
+from nanochat_flyte.cli.usage import ArgumentParser
+from nanochat_flyte.config import CHAT_EVAL_TASKS, ChatConfig
+from nanochat_flyte.data.chat_data import load_eval_items
+from nanochat_flyte.evaluation.chat_eval import (
+    TABLE_HEADER,
+    chat_notes,
+    chat_table_rows,
+    evaluate_chat,
+    humaneval_skip_reason,
+)
+from nanochat_flyte.inference.engine import Engine
+from nanochat_flyte.reporting.report import markdown_grid
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = ArgumentParser("chat-eval", __doc__)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or fsspec URI (s3://, gs://, ...)")
+    parser.add_argument("--tasks", default=",".join(CHAT_EVAL_TASKS), help="comma-separated, from: %(default)s")
+    parser.add_argument("--max-per-task", type=int, default=0, help="a fixed, seeded subset of N items per task; "
+                                                                    "0 = all")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts scored or decoded together")
+    parser.add_argument("--max-tokens", type=int, default=256, help="generation budget per GSM8K/HumanEval answer")
+    parser.add_argument("--humaneval", default="auto", choices=("auto", "on", "off"),
+                        help="runs model-written code in a sandbox; auto: only where the sandbox works here")
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args(argv)
+    config = ChatConfig(eval_tasks=args.tasks, eval_max_per_task=args.max_per_task, eval_batch_size=args.batch_size,
+                        eval_max_tokens=args.max_tokens, humaneval=args.humaneval, device=args.device,
+                        seed=args.seed).validate()  # one line naming the field, before anything is loaded
+    tasks = config.eval_task_list
+    if "humaneval" in tasks:
+        humaneval_skip_reason(args.humaneval)  # `on` without a sandbox fails here, not after the other tasks
+
+    engine = Engine.from_checkpoint(args.checkpoint, device=args.device)
+    print(f"chat eval: {args.checkpoint}: a {engine.phase} checkpoint on {engine.device}, {engine.precision.name}",
+          flush=True)
+    items_by_task = {task: load_eval_items(task) for task in tasks}
+    result = evaluate_chat(engine, items_by_task, max_per_task=args.max_per_task, batch_size=args.batch_size,
+                           max_tokens=args.max_tokens, humaneval=args.humaneval, seed=args.seed)
+    print(markdown_grid(TABLE_HEADER, chat_table_rows(result)))
+    for note in chat_notes(result):
+        print(note)
+    print(json.dumps(result), flush=True)
+    return result

@@ -1,0 +1,86 @@
+"""What the SFT and RL commands share under torchrun: the hub data prepared once per node into a cache folder, the
+start checkpoint fetched once per node, and the run itself (`run_stage`)."""
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from nanochat_flyte.config import ChatConfig, RLConfig
+from nanochat_flyte.data.chat_data import prepared_manifest
+from nanochat_flyte.data.download import default_cache_dir
+from nanochat_flyte.model.checkpoint import fetch_checkpoint, is_uri
+from nanochat_flyte.reporting.environment import environment_report
+from nanochat_flyte.training.loop import check_resumed_stage, distributed_env
+
+DATA_WAIT_S = 3600  # other ranks wait this long for local rank 0 to prepare the data (a full SmolTalk download)
+FETCHED_FILE = "fetched_from.json"  # in a downloaded start checkpoint: its URI, written once the download is complete
+SFT_DATA_KEYS = ("hf_endpoint", "smoltalk_epochs", "mmlu_epochs", "gsm8k_epochs", "max_conversations",
+                 "val_conversations", "seed")
+RL_DATA_KEYS = ("hf_endpoint", "max_problems", "eval_problems", "seed")
+
+
+def data_cache_dir(name: str, config: ChatConfig | RLConfig, keys: tuple[str, ...]) -> Path:
+    """Where a CLI prepares its hub data: a cache folder keyed by everything that decides its contents."""
+    fingerprint = json.dumps({key: getattr(config, key) for key in keys} | {"env": os.environ.get("HF_ENDPOINT", "")},
+                             sort_keys=True)
+    return default_cache_dir(name) / hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+
+
+def once_per_node(is_done: Callable[[], bool], work: Callable[[], object], what: str) -> None:
+    """Local rank 0 runs work() unless is_done() already; the other ranks of its node wait until is_done(). Per
+    node, because each node writes to its own disk (on a shared one the nodes write the same files, atomically)."""
+    if is_done():
+        return
+    if distributed_env()[1] == 0:
+        work()
+        return
+    deadline = time.time() + DATA_WAIT_S
+    while not is_done():
+        if time.time() > deadline:
+            raise TimeoutError(f"local rank 0 did not prepare {what} within {DATA_WAIT_S:.0f}s")
+        time.sleep(5)
+
+
+def fetched_once_per_node(source: str, local_dir: Path) -> Path:
+    """The checkpoint to start from as a local directory: a local path in place; a URI downloaded into local_dir by
+    one rank per node (ranks fetching into one folder together would overwrite each other's half-written files).
+    A folder that holds the same URI's complete download already is reused."""
+    if not is_uri(source) or source.startswith("file://"):
+        return fetch_checkpoint(source, local_dir)
+    marker = local_dir / FETCHED_FILE  # written last: the download is complete
+
+    def fetched() -> bool:
+        return marker.is_file() and json.loads(marker.read_text()).get("source") == source
+
+    def fetch() -> None:
+        shutil.rmtree(local_dir, ignore_errors=True)  # another source's files must not mix with this one's
+        fetch_checkpoint(source, local_dir)
+        marker.write_text(json.dumps({"source": source}))
+
+    once_per_node(fetched, fetch, f"{local_dir} from {source}")
+    return local_dir
+
+
+def run_stage(config: ChatConfig | RLConfig, start_checkpoint: str, args, default_data_dir: Path,
+              prepare: Callable[[ChatConfig | RLConfig, Path], object], train: Callable[..., dict]) -> dict:
+    """What the SFT and RL CLIs do once their arguments are checked: check --data-dir and --resume-dir, fetch the
+    checkpoint they start from, prepare the hub data into a cache folder (one rank per node) unless --data-dir names
+    prepared data, train, print the summary."""
+    rank = distributed_env()[0]
+    stage = "chat_sft" if isinstance(config, ChatConfig) else "chat_rl"
+    if args.data_dir:  # data named by the user is used as it is, never prepared into
+        prepared_manifest(args.data_dir, stage)
+    if args.resume_dir:
+        check_resumed_stage(args.resume_dir, "chat" if stage == "chat_sft" else "rl")
+    start_dir = fetched_once_per_node(start_checkpoint, args.out_dir.with_name(args.out_dir.name + "_start"))
+    data_dir = args.data_dir or default_data_dir
+    once_per_node((data_dir / "manifest.json").exists, lambda: prepare(config, data_dir), f"the data in {data_dir}")
+    summary = train(config, start_dir, data_dir, args.out_dir, resume_dir=args.resume_dir,
+                    env_report=environment_report() if rank == 0 else None)
+    if rank == 0:
+        print(json.dumps(summary, indent=2), flush=True)
+    return summary

@@ -1,0 +1,40 @@
+"""Check a preset with overrides and write it as one JSON document, the form `pyflyte run --config` takes.
+
+examples:
+  nanochat config configs/smoke.yaml data_url=s3://my-bucket/fineweb -o run.json \
+      && pyflyte run workflows/nanochat.py main --config run.json
+  nanochat config --chat configs/chat_smoke.yaml num_iterations=4
+
+A bad field stops the `&&` chain with one line naming it; without -o the JSON goes to stdout.
+"""
+
+import json
+from pathlib import Path
+
+from nanochat_flyte.cli.usage import ArgumentParser
+from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig, load_config
+from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.schema import parse_override
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser("config", __doc__)
+    parser.add_argument("preset", help="a preset file, e.g. configs/smoke.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="field=value")
+    kinds = parser.add_mutually_exclusive_group()
+    kinds.add_argument("--chat", action="store_true", help="a ChatConfig preset (the chat stage), not a RunConfig")
+    kinds.add_argument("--rl", action="store_true", help="an RLConfig preset (reinforcement learning on GSM8K)")
+    parser.add_argument("-o", "--output", type=Path, help="write the JSON to this file instead of stdout")
+    args = parser.parse_intermixed_args(argv)  # field=value overrides may come before or after the options
+    kind = ChatConfig if args.chat else RLConfig if args.rl else RunConfig
+    overrides = dict(parse_override(assignment, kind.__name__) for assignment in args.overrides)
+    config = load_config(args.preset, kind, **overrides).validate()
+    text = json.dumps(config.to_dict())
+    if args.output:
+        try:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(text + "\n")
+        except OSError as error:
+            raise ConfigError("*", f"cannot write -o {str(args.output)!r}: {error.strerror}", kind.__name__) from None
+    else:
+        print(text)

@@ -1,0 +1,29 @@
+"""Download and tokenize the shards a run needs into a data directory (what `nanochat train --data-dir` takes).
+
+examples:
+  nanochat prepare --config configs/smoke.yaml --out-dir runs/data
+  nanochat prepare --config configs/d8_t4.yaml --out-dir /data/d8 data_url=s3://my-bucket/fineweb num_shards=10
+
+The preset's data fields (data_url, num_shards, val_shard, tokenizer, ...) decide the data; field=value overrides
+them. Every shard is checked to answer before any download.
+"""
+
+from pathlib import Path
+
+from nanochat_flyte.cli.usage import ArgumentParser
+from nanochat_flyte.config import load_config
+from nanochat_flyte.data.download import check_data_url
+from nanochat_flyte.data.prepare import prepare_data
+from nanochat_flyte.schema import parse_override
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = ArgumentParser("prepare", __doc__)
+    parser.add_argument("--config", help="a RunConfig preset (YAML or JSON): its data fields (data_url, num_shards, "
+                                          "val_shard, tokenizer, ...) decide the data; defaults to the reference run")
+    parser.add_argument("--out-dir", type=Path, required=True, help="the data directory to write")
+    parser.add_argument("overrides", nargs="*", metavar="field=value")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, **dict(parse_override(item) for item in args.overrides)).validate()
+    check_data_url(config)  # every shard answers, before any download
+    return prepare_data(config, args.out_dir)  # prints what it downloads and tokenizes, then the data's totals

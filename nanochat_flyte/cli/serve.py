@@ -1,0 +1,54 @@
+"""Serve a checkpoint: a chat page in the browser and an OpenAI-compatible chat-completions API.
+
+examples:
+  nanochat serve --checkpoint runs/chat
+  NANOCHAT_API_KEY=secret nanochat serve --checkpoint s3://bucket/chat --host 0.0.0.0 --port 8000
+
+  GET  /                     the chat page
+  POST /v1/chat/completions  OpenAI's chat completions, streamed (server-sent events) or not
+  GET  /v1/models            the one model served
+  GET  /health               liveness, the mode (chat or plain completion) and the load
+
+It listens on 127.0.0.1 unless told otherwise; with NANOCHAT_API_KEY set, every /v1 request needs
+`Authorization: Bearer <that key>`. docs/serving.md has the details.
+"""
+
+import logging
+import os
+
+import uvicorn
+
+from nanochat_flyte.cli.usage import ArgumentParser
+from nanochat_flyte.inference.engine import Engine
+from nanochat_flyte.inference.serve import API_KEY_ENV, check_can_listen, create_app, log, model_name_of
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser("serve", __doc__)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or fsspec URI (s3://, gs://, ...)")
+    parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (the default) is reachable from this "
+                                                            "machine only; 0.0.0.0 exposes the server")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-concurrent", type=int, default=4, help="answers generated at once; more get 429")
+    parser.add_argument("--model-name", help="the model id in responses (default: from the checkpoint path)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
+    args = parser.parse_args(argv)
+    if args.max_concurrent < 1:
+        parser.error(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be 0..65535, got {args.port}")
+    check_can_listen(args.host, args.port)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    api_key = os.environ.get(API_KEY_ENV) or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        log.warning("listening on %s without an API key: anyone who can reach this port can use the model "
+                    "(set %s to require one)", args.host, API_KEY_ENV)
+    engine = Engine.from_checkpoint(args.checkpoint, args.device)
+    name = args.model_name or model_name_of(args.checkpoint)
+    if engine.chat_mode:
+        log.info("serving %s (chat checkpoint, context %d tokens)", name, engine.context)
+    else:
+        log.info("serving %s: a BASE checkpoint (no chat fine-tuning): plain completion mode, each request "
+                 "continues its last user message as plain text", name)
+    app = create_app(engine, model_name=name, max_concurrent=args.max_concurrent, api_key=api_key)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")

@@ -1,0 +1,44 @@
+"""Pretrain a base model on a prepared data directory (from `nanochat prepare`).
+
+examples:
+  nanochat train --config configs/smoke.yaml --data-dir runs/data --out-dir runs/base
+  nanochat train --config runs/base/config.json --data-dir runs/data --out-dir runs/base --resume-dir runs/base
+  torchrun --nproc_per_node=2 -m nanochat_flyte train --config configs/d8_t4.yaml --data-dir DATA --out-dir OUT
+
+--resume-dir continues from a checkpoint's step with the optimizer, data position and RNG states it saved; with a
+larger num_iterations it extends a finished run.
+"""
+
+import json
+from pathlib import Path
+
+from nanochat_flyte.cli.usage import ArgumentParser
+from nanochat_flyte.config import load_config
+from nanochat_flyte.model.checkpoint import CONFIG_FILE
+from nanochat_flyte.reporting.environment import environment_report
+from nanochat_flyte.training.loop import distributed_env
+from nanochat_flyte.training.pretrain import check_resume, train
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = ArgumentParser("train", __doc__)
+    parser.add_argument("--config", help="a RunConfig preset (YAML or JSON); defaults to the reference run")
+    parser.add_argument("--data-dir", type=Path, required=True, help="a prepared data directory")
+    parser.add_argument("--out-dir", type=Path, required=True, help="where the checkpoint directory is written")
+    parser.add_argument("--resume-dir", type=Path, help="a checkpoint directory to continue from")
+    args = parser.parse_args(argv)
+    rank = distributed_env()[0]
+    config = load_config(args.config)
+    if args.resume_dir:
+        check_resume(config, args.resume_dir)
+    try:
+        summary = train(config, args.data_dir, args.out_dir, resume_dir=args.resume_dir,
+                        env_report=environment_report() if rank == 0 else None)
+    except (KeyboardInterrupt, SystemExit):
+        if rank == 0 and (args.out_dir / "checkpoint.pt").exists():
+            print(f"resume with: nanochat train --config {args.out_dir / CONFIG_FILE} "
+                  f"--data-dir {args.data_dir} --out-dir {args.out_dir} --resume-dir {args.out_dir}", flush=True)
+        raise
+    if rank == 0:
+        print(json.dumps(summary, indent=2), flush=True)
+    return summary

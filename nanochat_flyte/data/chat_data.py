@@ -1,0 +1,350 @@
+"""The chat stage's data: hub datasets turned into training conversations (the SFT mixture) and evaluation items.
+
+Training (nanochat's recipe; each source's epochs in ChatConfig):
+- SmolTalk (HuggingFaceTB/smol-smoltalk): general conversations, as they are. A row that breaks the chat rules
+  (conversation.normalize) is skipped and counted.
+- MMLU auxiliary_train (cais/mmlu, all): multiple choice; the assistant answers with the letter alone.
+- GSM8K (openai/gsm8k, main): grade-school math; the assistant writes the worked solution ending in `#### N`,
+  with its calculations as calls to the calculator tool (calculator.py).
+Evaluation: ARC-Easy, ARC-Challenge (allenai/ai2_arc), MMLU test, GSM8K test, HumanEval (openai/openai_humaneval).
+RL (chat_rl.py): GSM8K train problems to learn from, GSM8K test problems to validate on, as evaluation items.
+
+Every line this module writes is one JSON object:
+- a conversation: {"messages": [{"role", "content"}, ...], "source": "smoltalk" | "mmlu" | "gsm8k"}; GSM8K's
+  assistant content is a list of parts (conversation.py)
+- an evaluation item, by kind:
+  categorical (arc_easy, arc_challenge, mmlu): {"task", "id", "messages": [user], "letters", "answer"} (+ "subject")
+  gsm8k: {"task", "id", "messages": [user], "answer": "18"} (the reference number, commas removed)
+  humaneval: {"task", "id", "messages": [user], "prompt", "test", "entry_point", "canonical_solution"}
+
+    prepare_sft_data(config, out_dir)   -> out_dir/train.jsonl, val.jsonl, manifest.json
+    prepare_eval_data(tasks, out_dir)   -> out_dir/<task>.jsonl, manifest.json
+    prepare_rl_data(config, out_dir)    -> out_dir/train.jsonl, val.jsonl, manifest.json
+Both run on a CPU before any GPU starts; the downloads are cached (hub.py), the outputs written atomically.
+"""
+
+import json
+import random
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from nanochat_flyte.config import CHAT_EVAL_TASKS, ChatConfig, RLConfig
+from nanochat_flyte.data.conversation import ConversationError, normalize
+from nanochat_flyte.data.download import DownloadError, Retry, write_bytes_atomically
+from nanochat_flyte.data.hub import download_split, file_records, hub_endpoint, iter_rows, parquet_urls
+from nanochat_flyte.errors import ConfigError
+
+LETTERS = "ABCDEFGHIJ"
+PROBE_RETRY = Retry(attempts=2, backoff_base_s=1.0)  # the endpoint check fails within seconds, not minutes
+
+
+class BadRow(ValueError):
+    """A dataset row that cannot become a conversation or an item: skipped, and counted in the manifest."""
+
+# ----------------------------------------------------------------------------- multiple choice
+
+
+def render_multiple_choice(question: str, choices: list[str], letters: list[str]) -> str:
+    """The user's message for a multiple choice question. Each letter follows its choice, in parentheses: the
+    letter then binds to the text just read (small models answer better so), and "(" and ")" keep it a token of
+    its own, without a leading space, in both GPT-2's and our BPE's split patterns: the very token the assistant
+    answers with."""
+    lines = [f"Multiple choice question: {question}", "", "Choices:"]
+    lines += [f"- {choice} ({letter})" for letter, choice in zip(letters, choices)]
+    lines += ["", "Answer with the letter of the correct choice only."]
+    return "\n".join(lines)
+
+
+def multiple_choice(question: str, choices: list[str], answer: int) -> tuple[str, list[str], str]:
+    """(user message, letters, answer letter) of a question whose `answer` is the index of the right choice."""
+    if not 2 <= len(choices) <= len(LETTERS) or not 0 <= answer < len(choices):
+        raise BadRow(f"answer {answer} of {len(choices)} choices")
+    letters = list(LETTERS[:len(choices)])
+    return render_multiple_choice(question, choices, letters), letters, letters[answer]
+
+
+def mmlu_question(row: dict) -> tuple[str, list[str], str]:
+    return multiple_choice(row["question"], row["choices"], row["answer"])
+
+
+def arc_question(row: dict) -> tuple[str, list[str], str]:
+    # Most ARC questions are labelled A-E, some 1-5: both become A-E by position, the letters the model learns
+    labels = row["choices"]["label"]
+    if row["answerKey"] not in labels:
+        raise BadRow(f"answerKey {row['answerKey']!r} is not one of the labels {labels}")
+    return multiple_choice(row["question"], row["choices"]["text"], labels.index(row["answerKey"]))
+
+
+# ----------------------------------------------------------------------------- GSM8K
+
+# "48/2 = <<48/2=24>>24 clips": a calculation for the calculator, its result; the visible text repeats the result
+CALCULATOR_ANNOTATION = re.compile(r"<<([^\n<>]*)=([^\n<>=]*)>>")
+FINAL_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
+
+
+def calculator_parts(solution: str) -> list[dict]:
+    """A GSM8K solution as assistant content parts (conversation.py): its calculator annotations become tool calls,
+    the expression for the model to write and the result for the tool to give back, as nanochat trains them."""
+    parts, position = [], 0
+    for match in CALCULATOR_ANNOTATION.finditer(solution):
+        parts += [{"type": "text", "text": solution[position:match.start()]},
+                  {"type": "python", "text": match.group(1)}, {"type": "python_output", "text": match.group(2)}]
+        position = match.end()
+    parts.append({"type": "text", "text": solution[position:]})
+    return [part for part in parts if part["text"] or part["type"] != "text"]
+
+
+def gsm8k_final_answer(solution: str) -> str:
+    """The number after `####`, commas removed: "#### 1,200" -> "1200", "#### -3" -> "-3"."""
+    match = FINAL_ANSWER.search(solution)
+    if not match:
+        raise BadRow("no final answer '#### N'")
+    return match.group(1).replace(",", "")
+
+# ----------------------------------------------------------------------------- rows -> training conversations
+
+
+def smoltalk_conversation(row: dict, index: int) -> dict:
+    try:
+        normalize(row["messages"], ends_with="assistant")
+    except ConversationError as e:
+        raise BadRow(str(e)) from e
+    return {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]],
+            "source": "smoltalk"}
+
+
+def mmlu_conversation(row: dict, index: int) -> dict:
+    question, _, answer = mmlu_question(row)
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+            "source": "mmlu"}
+
+
+def gsm8k_conversation(row: dict, index: int) -> dict:
+    gsm8k_final_answer(row["answer"])  # a solution without its final answer teaches the wrong ending
+    return {"messages": [{"role": "user", "content": row["question"]},
+                         {"role": "assistant", "content": calculator_parts(row["answer"])}],
+            "source": "gsm8k"}
+
+# ----------------------------------------------------------------------------- rows -> evaluation items
+
+
+def categorical_item(task: str, question: Callable[[dict], tuple[str, list[str], str]], row: dict,
+                     index: int) -> dict:
+    content, letters, answer = question(row)
+    item = {"task": task, "id": row.get("id") or f"{task}/{index}", "messages": [{"role": "user", "content": content}],
+            "letters": letters, "answer": answer}
+    if "subject" in row:
+        item["subject"] = row["subject"]
+    return item
+
+
+def gsm8k_item(row: dict, index: int, id_prefix: str = "gsm8k") -> dict:
+    return {"task": "gsm8k", "id": f"{id_prefix}/{index}", "messages": [{"role": "user", "content": row["question"]}],
+            "answer": gsm8k_final_answer(row["answer"])}
+
+
+def humaneval_item(row: dict, index: int) -> dict:
+    return {"task": "humaneval", "id": row["task_id"], "messages": [{"role": "user", "content": row["prompt"]}],
+            "prompt": row["prompt"], "test": row["test"], "entry_point": row["entry_point"],
+            "canonical_solution": row["canonical_solution"]}
+
+# ----------------------------------------------------------------------------- the sources
+
+
+@dataclass(frozen=True)
+class Source:
+    repo: str
+    subset: str
+    split: str
+    columns: tuple[str, ...]  # read from the parquet files; a file without them fails its download check
+    convert: Callable[[dict, int], dict]  # (row, row index) -> conversation or item; BadRow to skip the row
+
+
+SMOLTALK_COLUMNS = ("messages",)
+MMLU_COLUMNS = ("question", "choices", "answer")
+GSM8K_COLUMNS = ("question", "answer")
+ARC_COLUMNS = ("id", "question", "choices", "answerKey")
+
+# name -> (source, the ChatConfig field with its epochs)
+SFT_SOURCES = {
+    "smoltalk": (Source("HuggingFaceTB/smol-smoltalk", "default", "train", SMOLTALK_COLUMNS, smoltalk_conversation),
+                 "smoltalk_epochs"),
+    "mmlu": (Source("cais/mmlu", "all", "auxiliary_train", MMLU_COLUMNS, mmlu_conversation), "mmlu_epochs"),
+    "gsm8k": (Source("openai/gsm8k", "main", "train", GSM8K_COLUMNS, gsm8k_conversation), "gsm8k_epochs"),
+}
+VAL_SOURCE = Source("HuggingFaceTB/smol-smoltalk", "default", "test", SMOLTALK_COLUMNS, smoltalk_conversation)
+
+EVAL_SOURCES = {
+    "arc_easy": Source("allenai/ai2_arc", "ARC-Easy", "test", ARC_COLUMNS,
+                       partial(categorical_item, "arc_easy", arc_question)),
+    "arc_challenge": Source("allenai/ai2_arc", "ARC-Challenge", "test", ARC_COLUMNS,
+                            partial(categorical_item, "arc_challenge", arc_question)),
+    "mmlu": Source("cais/mmlu", "all", "test", (*MMLU_COLUMNS, "subject"),
+                   partial(categorical_item, "mmlu", mmlu_question)),
+    "gsm8k": Source("openai/gsm8k", "main", "test", GSM8K_COLUMNS, gsm8k_item),
+    "humaneval": Source("openai/openai_humaneval", "openai_humaneval", "test",
+                        ("task_id", "prompt", "canonical_solution", "test", "entry_point"), humaneval_item),
+}
+assert tuple(EVAL_SOURCES) == CHAT_EVAL_TASKS, "config.CHAT_EVAL_TASKS names the tasks this module provides"
+# RL's problems: GSM8K's training split as evaluation items (the reward checks the final number)
+RL_SOURCE = Source("openai/gsm8k", "main", "train", GSM8K_COLUMNS, partial(gsm8k_item, id_prefix="gsm8k_train"))
+
+
+def convert_split(source: Source, endpoint: str = "", cache_dir: Path | None = None) -> tuple[list[bytes], dict]:
+    """Download the source's split (cached) and convert every row: (one JSON line per good row, the record for a
+    manifest: where the rows came from, how many there were and how many were skipped, and why). The lines are
+    UTF-8 bytes: half the memory of str for text with a single character beyond Latin-1 (SmolTalk's ~1.9 GB)."""
+    paths = download_split(source.repo, source.subset, source.split, endpoint, cache_dir, source.columns)
+    lines, skipped, rows = [], Counter(), 0
+    for index, row in enumerate(iter_rows(paths, source.columns)):
+        rows += 1
+        try:
+            lines.append(json.dumps(source.convert(row, index), ensure_ascii=False).encode() + b"\n")
+        except BadRow as e:
+            skipped[str(e)] += 1
+    record = {"repo": source.repo, "subset": source.subset, "split": source.split, "rows": rows,
+              "skipped": sum(skipped.values()), "skip_reasons": dict(skipped.most_common(5)),
+              "files": file_records(paths)}
+    return lines, record
+
+
+def check_tasks(tasks: list[str]) -> None:
+    for task in tasks:
+        if task not in EVAL_SOURCES:
+            raise ConfigError("eval_tasks", f"unknown task {task!r}; choose from {', '.join(EVAL_SOURCES)}",
+                              "ChatConfig")
+
+
+def load_eval_items(task: str, endpoint: str = "", cache_dir: Path | None = None) -> list[dict]:
+    """The evaluation items of `task` (see EVAL_SOURCES), downloaded (cached) and converted, in dataset order."""
+    check_tasks([task])
+    lines, _ = convert_split(EVAL_SOURCES[task], endpoint, cache_dir)
+    return [json.loads(line) for line in lines]
+
+
+# what tells each stage's prepared data apart: a key only its manifest has
+PREPARED_DATA = {"chat_sft": ("train_conversations", "SFT conversations (prepare_sft_data)"),
+                 "chat_rl": ("max_problems", "RL problems (prepare_rl_data)")}
+
+
+def prepared_manifest(data_dir: Path, stage: str) -> dict:
+    """The manifest of a folder of `stage`'s prepared data ("chat_sft" or "chat_rl"); one line when it is not one."""
+    key, what = PREPARED_DATA[stage]
+    path = Path(data_dir) / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    if key not in manifest:
+        raise ConfigError("data_dir", f"{data_dir} holds no prepared {what}", stage)
+    return manifest
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The conversations or items of a file this module wrote."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+# ----------------------------------------------------------------------------- preparing the data
+
+
+def expand_epochs(lines: list, epochs: float, rng: random.Random) -> list:
+    """Every line int(epochs) times, plus a random subset of round(fraction * len) lines for the fraction."""
+    whole = int(epochs)
+    return lines * whole + rng.sample(lines, round((epochs - whole) * len(lines)))
+
+
+def prepare_sft_data(config: ChatConfig, out_dir: Path, cache_dir: Path | None = None) -> dict:
+    """Write the SFT mixture: out_dir/train.jsonl (each source expanded by its epochs, shuffled with config.seed,
+    cut to max_conversations if > 0), out_dir/val.jsonl (val_conversations SmolTalk test conversations) and
+    out_dir/manifest.json (written last). Returns the manifest."""
+    config.validate()
+    endpoint = hub_endpoint(config.hf_endpoint)
+    out_dir = Path(out_dir)
+    mixture: list[tuple[str, bytes]] = []  # (source name, JSON line)
+    sources = {}
+    for name, (source, epochs_field) in SFT_SOURCES.items():
+        epochs = getattr(config, epochs_field)
+        sources[name] = {"repo": source.repo, "subset": source.subset, "split": source.split, "epochs": epochs}
+        if epochs == 0:
+            continue  # not in the mixture: nothing to download
+        lines, record = convert_split(source, endpoint, cache_dir)
+        # a fractional epoch takes its own seeded subset, the same whatever the other sources hold
+        expanded = expand_epochs(lines, epochs, random.Random(f"{config.seed}/{name}"))
+        mixture += [(name, line) for line in expanded]
+        sources[name] |= record | {"conversations_per_epoch": len(lines)}
+        print(f"chat data: {name}: {record['rows']:,} rows, {record['skipped']:,} skipped, {epochs:g} epochs -> "
+              f"{len(expanded):,} conversations", flush=True)
+    random.Random(config.seed).shuffle(mixture)
+    if config.max_conversations:
+        mixture = mixture[:config.max_conversations]  # a seeded subset: the first N of the seeded shuffle
+    used = Counter(name for name, _ in mixture)
+    for name in sources:
+        sources[name]["conversations"] = used[name]
+
+    val_lines, val = convert_split(VAL_SOURCE, endpoint, cache_dir)
+    val_lines = random.Random(f"{config.seed}/val").sample(val_lines, min(config.val_conversations, len(val_lines)))
+    val["conversations"] = len(val_lines)
+
+    write_bytes_atomically(out_dir / "train.jsonl", (line for _, line in mixture))
+    write_bytes_atomically(out_dir / "val.jsonl", val_lines)
+    manifest = {"endpoint": endpoint, "seed": config.seed, "max_conversations": config.max_conversations,
+                "sources": sources, "val": val, "train_conversations": len(mixture),
+                "val_conversations": len(val_lines)}
+    write_bytes_atomically(out_dir / "manifest.json", [json.dumps(manifest, indent=1).encode()])
+    print(f"chat data: {len(mixture):,} training and {len(val_lines):,} validation conversations in {out_dir}",
+          flush=True)
+    return manifest
+
+
+def prepare_eval_data(tasks: list[str], out_dir: Path, endpoint: str = "", cache_dir: Path | None = None) -> dict:
+    """Write out_dir/<task>.jsonl (the task's evaluation items) for each task, then out_dir/manifest.json.
+    Returns the manifest."""
+    check_tasks(tasks)
+    endpoint = hub_endpoint(endpoint)
+    out_dir = Path(out_dir)
+    records = {}
+    for task in tasks:
+        lines, record = convert_split(EVAL_SOURCES[task], endpoint, cache_dir)
+        write_bytes_atomically(out_dir / f"{task}.jsonl", lines)
+        records[task] = record | {"items": len(lines), "file": f"{task}.jsonl"}
+        print(f"chat data: {task}: {len(lines):,} items ({record['skipped']:,} rows skipped)", flush=True)
+    manifest = {"endpoint": endpoint, "tasks": records}
+    write_bytes_atomically(out_dir / "manifest.json", [json.dumps(manifest, indent=1).encode()])
+    return manifest
+
+
+def prepare_rl_data(config: RLConfig, out_dir: Path, cache_dir: Path | None = None) -> dict:
+    """Write RL's problems: out_dir/train.jsonl (GSM8K train, all or a seeded subset of max_problems),
+    out_dir/val.jsonl (a seeded subset of eval_problems GSM8K test problems) and out_dir/manifest.json (written
+    last). Returns the manifest. Only the data fields of `config` count here: its callers validated the whole."""
+    endpoint = hub_endpoint(config.hf_endpoint)
+    out_dir = Path(out_dir)
+    parts = {}
+    for name, source, wanted in (("train", RL_SOURCE, config.max_problems),
+                                 ("val", EVAL_SOURCES["gsm8k"], config.eval_problems)):
+        lines, record = convert_split(source, endpoint, cache_dir)
+        if wanted and wanted < len(lines):
+            lines = random.Random(f"{config.seed}/{name}").sample(lines, wanted)
+        write_bytes_atomically(out_dir / f"{name}.jsonl", lines)
+        parts[name] = record | {"problems": len(lines)}
+        print(f"rl data: {name}: {len(lines):,} GSM8K problems of {record['rows']:,} ({record['skipped']:,} rows "
+              f"skipped)", flush=True)
+    manifest = {"endpoint": endpoint, "seed": config.seed, "max_problems": config.max_problems,
+                "eval_problems": config.eval_problems, **parts}
+    write_bytes_atomically(out_dir / "manifest.json", [json.dumps(manifest, indent=1).encode()])
+    return manifest
+
+
+def check_hub_endpoint(config: ChatConfig | RLConfig) -> None:
+    """Fail fast, before any GPU starts, unless the endpoint answers the parquet listing API (probed with a split
+    the stage needs: SmolTalk's test split for SFT's validation conversations, GSM8K's test split for RL)."""
+    endpoint = hub_endpoint(config.hf_endpoint)
+    probe = EVAL_SOURCES["gsm8k"] if isinstance(config, RLConfig) else VAL_SOURCE
+    try:
+        parquet_urls(probe.repo, probe.subset, probe.split, endpoint, PROBE_RETRY)
+    except DownloadError as e:
+        raise ConfigError("hf_endpoint", f"{endpoint} does not answer the hub's parquet listing API "
+                                         f"({e.url}): {e.cause}", type(config).__name__) from e

@@ -1,0 +1,165 @@
+"""Memory-mapped training batches: deterministic, resumable, DDP-sharded, prefetched on CUDA.
+
+The train shards are raw uint16 token files (see docs/architecture.md). We cut every shard into windows of
+max_seq_len + 1 tokens that start every max_seq_len tokens (each window's last target is the next window's
+first input), and visit all windows in a random order drawn from the seed, a fresh order each epoch.
+
+The whole run is one stream of windows, so the loader's position is a single number: how many windows were
+consumed. A micro-batch is the next world_size * batch_size windows of the stream and rank r takes the r-th
+slice of it, so N ranks see exactly the tokens one process sees with N times the gradient accumulation.
+"""
+
+import json
+import queue
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanochat_flyte.errors import ConfigError
+
+PREFETCH_BATCHES = 2  # enough to hide one host->device copy behind a step; more only holds pinned memory
+
+
+class TokenLoader:
+    """Yields (inputs, targets) int64 tensors of shape (batch_size, seq_len) on `device`."""
+
+    def __init__(self, train_files: list[Path], batch_size: int, seq_len: int, *, seed: int,
+                 device: torch.device, rank: int = 0, world_size: int = 1, prefetch: bool | None = None,
+                 verbose: bool = True):
+        self.shards = [np.memmap(path, dtype=np.uint16, mode="r") for path in train_files]
+        windows_per_shard = [(len(tokens) - 1) // seq_len for tokens in self.shards]
+        if sum(windows_per_shard) < batch_size * world_size:
+            raise ConfigError("max_seq_len", f"the train data holds {sum(windows_per_shard)} windows of "
+                                             f"{seq_len + 1} tokens, fewer than one micro-batch of {batch_size} x "
+                                             f"{world_size} ranks: a shorter context, a smaller device_batch_size or "
+                                             "more data")
+        # window w of the run-wide numbering lives in shard shard_of[w], starting at token start_of[w]
+        self.shard_of = np.repeat(np.arange(len(self.shards)), windows_per_shard)
+        self.start_of = np.concatenate([np.arange(n) * seq_len for n in windows_per_shard])
+        self.num_windows = len(self.shard_of)
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.device, self.rank, self.world_size = device, rank, world_size
+        self.prefetch = device.type == "cuda" if prefetch is None else prefetch
+        self.verbose = verbose and rank == 0
+        self.windows_consumed = 0
+        self._order_epoch, self._order = -1, None
+        self._thread = None
+
+    # ------------------------------------------------------------------ position
+
+    @property
+    def epoch(self) -> float:
+        return self.windows_consumed / self.num_windows
+
+    def state_dict(self) -> dict:
+        return {"windows_consumed": self.windows_consumed, "seed": self.seed, "seq_len": self.seq_len,
+                "num_windows": self.num_windows}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "seq_len", "num_windows"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"loader state was saved with {key}={state[key]}, this loader has "
+                                 f"{getattr(self, key)}: the data order would not continue where it stopped")
+        self._stop_prefetch()
+        self.windows_consumed = state["windows_consumed"]
+
+    # ------------------------------------------------------------------ batches
+
+    def _window_order(self, epoch: int) -> np.ndarray:
+        if epoch != self._order_epoch:
+            if self.verbose and epoch > 0:
+                print(f"data: train tokens exhausted, starting epoch {epoch + 1}", flush=True)
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            self._order_epoch = epoch
+        return self._order
+
+    def _read_batch(self, first_window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slice of the micro-batch that starts at stream position first_window, on the host."""
+        first = first_window + self.rank * self.batch_size
+        rows = []
+        for position in range(first, first + self.batch_size):
+            epoch, index = divmod(position, self.num_windows)
+            window = self._window_order(epoch)[index]
+            start = self.start_of[window]
+            rows.append(self.shards[self.shard_of[window]][start:start + self.seq_len + 1])
+        batch = torch.from_numpy(np.stack(rows).astype(np.int64))
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        if self.device.type == "cuda":
+            inputs, targets = inputs.pin_memory(), targets.pin_memory()
+        return inputs, targets
+
+    def _to_device(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        non_blocking = self.device.type == "cuda"  # pinned source: the copy overlaps the running step
+        return inputs.to(self.device, non_blocking=non_blocking), targets.to(self.device, non_blocking=non_blocking)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        stride = self.batch_size * self.world_size
+        if not self.prefetch:
+            batch = self._read_batch(self.windows_consumed)
+        else:
+            if self._thread is None:
+                self._start_prefetch(self.windows_consumed)
+            batch = self._queue.get()
+            if isinstance(batch, BaseException):
+                raise batch
+        self.windows_consumed += stride
+        return self._to_device(*batch)
+
+    # ------------------------------------------------------------------ background prefetch
+
+    def _start_prefetch(self, first_window: int) -> None:
+        self._queue = queue.Queue(maxsize=PREFETCH_BATCHES)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(first_window, self._queue, self._stop),
+                                        daemon=True, name="token-prefetch")
+        self._thread.start()
+
+    def _produce(self, position: int, out: queue.Queue, stop: threading.Event) -> None:
+        def put(item) -> None:  # wait for room, but give up as soon as the loader is stopped
+            while not stop.is_set():
+                try:
+                    return out.put(item, timeout=0.1)
+                except queue.Full:
+                    continue
+
+        try:
+            while not stop.is_set():
+                put(self._read_batch(position))
+                position += self.batch_size * self.world_size
+        except BaseException as error:  # hand the error to the consumer instead of dying silently
+            put(error)
+
+    def _stop_prefetch(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def close(self) -> None:
+        self._stop_prefetch()
+
+
+def shard_files(data_dir: Path, split: str) -> list[Path]:
+    """The shards of one split ("train" or "val") listed in data_dir/manifest.json, in manifest order."""
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    files = [data_dir / entry["file"] for entry in manifest[split]]
+    if not files:
+        raise ValueError(f"{data_dir / 'manifest.json'} lists no {split} shards")
+    return files
+
+
+def validation_tokens(data_dir: Path, num_tokens: int) -> np.ndarray:
+    """The first num_tokens validation tokens (fewer if the split is shorter): the fixed slice bpb is measured on."""
+    pieces, remaining = [], num_tokens
+    for path in shard_files(data_dir, "val"):
+        piece = np.memmap(path, dtype=np.uint16, mode="r")[:remaining]
+        pieces.append(piece)
+        remaining -= len(piece)
+        if remaining == 0:
+            break
+    return np.concatenate(pieces)

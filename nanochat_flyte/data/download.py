@@ -1,0 +1,380 @@
+"""Download files robustly into a local cache: FineWeb-Edu shards, the CORE eval bundle, hub datasets.
+
+- http(s) with requests: redirects followed (the hub redirects resolve/ URLs to its CDN), retries with
+  exponential backoff and jitter on connection errors, timeouts, 429 and 5xx (honouring Retry-After), and on
+  a body shorter than its Content-Length; an interrupted download resumes with a Range request. A 4xx such
+  as 404 fails at once. A gated mirror gets `Authorization: Bearer $HF_TOKEN` (the token is never printed).
+- Any other URL goes through fsspec (s3://, gs://, memory://, ...); local paths and file:// are read in place.
+- A download streams into `<file>.part` and is renamed into place only after it verifies (for a shard: a
+  readable parquet footer with a `text` string column): readers never see a partial or corrupt file, and a
+  corrupt file already in the cache is downloaded again.
+- A file that still fails after its retries raises ONE DownloadError naming what it is, the URL and the cause:
+  a run never goes on with fewer files than it asked for. A file the source does not have is "not found".
+The cache (NANOCHAT_FLYTE_CACHE, default ~/.cache/nanochat_flyte; one folder per kind of file) assumes one
+downloader at a time.
+"""
+
+import email.utils
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import requests
+from fsspec.implementations.local import LocalFileSystem
+
+from nanochat_flyte.errors import ConfigError, UserError
+
+CHUNK_BYTES = 1 << 16  # 64 KiB per read: an interrupted read loses at most this much; syscalls stay few
+HTTP_TIMEOUT_S = (10, 60)  # (connect, between bytes): a stalled CDN connection fails and is retried
+PROBE_TIMEOUT_S = 10
+PROBE_ATTEMPTS = 2
+PROBE_WORKERS = 16  # HEAD requests at once when checking that every shard exists
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.parquet"
+
+
+def shard_url(data_url: str, index: int) -> str:
+    return f"{data_url.rstrip('/')}/{shard_name(index)}"
+
+
+def default_cache_dir(kind: str = "shards") -> Path:
+    """Where downloads of one kind ("shards", "eval_bundle", "hub", ...) are cached."""
+    root = os.environ.get("NANOCHAT_FLYTE_CACHE") or Path.home() / ".cache" / "nanochat_flyte"
+    return Path(root) / kind
+
+
+def is_http(url: str) -> bool:
+    return url.startswith(("http://", "https://"))
+
+
+def is_local(url: str) -> bool:
+    """A local path or file:// URL: read in place, never copied into the cache."""
+    return not is_http(url) and isinstance(fsspec.core.url_to_fs(url)[0], LocalFileSystem)
+
+
+@dataclass(frozen=True)
+class Retry:
+    attempts: int = 6  # 1 try + 5 retries, with up to 1+2+4+8+16 s of backoff: rides out a CDN hiccup
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait after failed attempt `attempt` (0-based): the server's Retry-After if it sent one,
+        else exponential backoff with jitter, so that parallel downloads do not retry in lockstep."""
+        if retry_after is not None:
+            return retry_after
+        return min(self.backoff_max_s, self.backoff_base_s * 2**attempt) * random.uniform(0.5, 1.0)
+
+
+DEFAULT_RETRY = Retry()
+
+
+@dataclass
+class Download:
+    url: str
+    path: Path  # the verified file: in the cache, or the source itself for local data
+    seconds: float
+    bytes: int  # size of the file fetched now: 0 for a cache hit or a local file
+
+
+class DownloadError(UserError, RuntimeError):
+    """One file could not be had: `what` names it for people ("shard 3", "the CORE eval bundle")."""
+
+    def __init__(self, what: str, url: str, cause: str):
+        self.what, self.url, self.cause = what, url, cause
+        super().__init__(f"{what} could not be downloaded from {url}: {cause}")
+
+
+class CorruptFile(ValueError):
+    """The bytes are not the file they should be (for a shard: no readable parquet footer or no `text` column)."""
+
+
+class TransientError(Exception):
+    """A failure worth retrying (429, 5xx, short body, ...), with the server's Retry-After if any."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentError(Exception):
+    """A failure that retrying cannot fix (404, 403, a missing file)."""
+
+
+def verify_shard(path: Path) -> None:
+    """Check the parquet footer (cheap: no data pages are read) and the `text` column."""
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as e:
+        raise CorruptFile(f"{path.name} is not a readable parquet file: {e}") from e
+    if "text" not in schema.names or schema.field("text").type not in (pa.string(), pa.large_string()):
+        raise CorruptFile(f"{path.name} has no `text` string column (columns: {schema.names})")
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """write(temp) a temp file beside path, then rename it into place: a process killed mid-write leaves the
+    previous file (or none), never half of one that looks whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    write(temp)
+    os.replace(temp, path)
+
+
+def write_bytes_atomically(path: Path, chunks: Iterable[bytes]) -> None:
+    def write(temp: Path) -> None:
+        with open(temp, "wb") as file:
+            file.writelines(chunks)
+
+    write_atomically(path, write)
+
+
+# ----------------------------------------------------------------------------- one file, one attempt
+
+def auth_headers() -> dict[str, str]:
+    token = os.environ.get("HF_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def retry_after_seconds(header: str | None) -> float | None:
+    """Retry-After is either delta-seconds or an HTTP date."""
+    if not header:
+        return None
+    if header.strip().isdigit():
+        return float(header)
+    when = email.utils.parsedate_to_datetime(header)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def raise_for_status(response: requests.Response) -> None:
+    """Sort an HTTP error into transient (retry) or permanent (fail now)."""
+    status = response.status_code
+    if status == 408 or status == 429 or status >= 500:
+        retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+        raise TransientError(f"HTTP {status} {response.reason}", retry_after)
+    if status == 404:
+        raise PermanentError("not found (HTTP 404)")
+    if status >= 400:
+        hint = " (a gated or private mirror needs HF_TOKEN)" if status in (401, 403) else ""
+        raise PermanentError(f"HTTP {status} {response.reason}{hint}")
+
+
+def fetch_http(url: str, partial: Path) -> None:
+    """Append the rest of `url` to `partial`, resuming with a Range request from the bytes already there."""
+    offset = partial.stat().st_size if partial.exists() else 0
+    headers = auth_headers() | ({"Range": f"bytes={offset}-"} if offset else {})
+    with requests.get(url, headers=headers, stream=True, timeout=HTTP_TIMEOUT_S) as response:
+        if response.status_code == 416:  # our partial file is not a prefix the server can continue: start over
+            partial.unlink()
+            raise TransientError(f"HTTP 416: cannot resume at byte {offset}")
+        raise_for_status(response)
+        resumed = response.status_code == 206
+        if not resumed:
+            offset = 0  # the server ignored Range and sends the whole file
+        length = response.headers.get("Content-Length")
+        with open(partial, "ab" if resumed else "wb") as f:
+            for chunk in response.iter_content(CHUNK_BYTES):
+                f.write(chunk)
+    size = partial.stat().st_size
+    if length is not None and size < offset + int(length):
+        raise TransientError(f"body ended at byte {size} of {offset + int(length)}")
+
+
+def fetch_fsspec(url: str, partial: Path) -> None:
+    """Append the rest of an fsspec URL to `partial`, seeking past the bytes already there."""
+    offset = partial.stat().st_size if partial.exists() else 0
+    try:
+        with fsspec.open(url, "rb") as source, open(partial, "ab") as target:
+            source.seek(offset)
+            shutil.copyfileobj(source, target, CHUNK_BYTES)
+    except FileNotFoundError as e:
+        raise PermanentError(f"not found: {e}") from e
+
+
+# ----------------------------------------------------------------------------- one file, with retries
+
+def with_retries(action: Callable[[], object], what: str, url: str, retry: Retry = DEFAULT_RETRY,
+                 on_corrupt: Callable[[], None] | None = None):
+    """Run `action` until it succeeds: transient failures are retried with backoff, permanent ones raise at
+    once, and the last failure raises one DownloadError naming `what`."""
+    for attempt in range(retry.attempts):
+        retry_after = None
+        try:
+            return action()
+        except PermanentError as e:
+            raise DownloadError(what, url, str(e)) from e
+        except CorruptFile as e:
+            if on_corrupt:
+                on_corrupt()
+            cause = e
+        except TransientError as e:
+            cause, retry_after = e, e.retry_after
+        except (requests.RequestException, OSError) as e:  # connection errors, resets, timeouts
+            cause = e
+        if attempt + 1 < retry.attempts:
+            delay = retry.delay(attempt, retry_after)
+            print(f"{what}: attempt {attempt + 1}/{retry.attempts} failed ({cause}); retrying in {delay:.1f}s",
+                  flush=True)
+            time.sleep(delay)
+    raise DownloadError(what, url, f"{cause} (gave up after {retry.attempts} attempts)")
+
+
+def download_file(url: str, cached: Path, verify: Callable[[Path], None], what: str,
+                  retry: Retry = DEFAULT_RETRY) -> Download:
+    """The file at `url`, verified, on local disk: read in place (local data), from the cache at `cached`, or
+    downloaded there. `verify(path)` raises CorruptFile for bytes that are not the expected file."""
+    start = time.time()
+    if is_local(url):
+        local_path = Path(fsspec.core.url_to_fs(url)[1])
+        if not local_path.exists():
+            raise DownloadError(what, url, "not found")
+        try:
+            verify(local_path)
+        except CorruptFile as e:
+            raise DownloadError(what, url, str(e)) from e
+        return Download(url, local_path, time.time() - start, 0)
+
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    if cached.exists():
+        try:
+            verify(cached)
+            return Download(url, cached, time.time() - start, 0)
+        except CorruptFile as e:
+            print(f"{what}: cached file is corrupt ({e}); downloading it again", flush=True)
+            cached.unlink()
+
+    fetch = fetch_http if is_http(url) else fetch_fsspec
+    partial = cached.with_name(cached.name + ".part")
+
+    def attempt() -> Download:
+        fetch(url, partial)
+        size = partial.stat().st_size
+        verify(partial)
+        os.replace(partial, cached)  # atomic: the cache holds whole, verified files only
+        return Download(url, cached, time.time() - start, size)
+
+    return with_retries(attempt, what, url, retry, on_corrupt=lambda: partial.unlink(missing_ok=True))
+
+
+def get_json(url: str, what: str, retry: Retry = DEFAULT_RETRY):
+    """A small JSON document over http(s) (an API listing), with the same retries as a download."""
+
+    def attempt():
+        response = requests.get(url, headers=auth_headers(), timeout=HTTP_TIMEOUT_S)
+        raise_for_status(response)
+        try:
+            return response.json()
+        except ValueError as e:
+            raise CorruptFile(f"the answer is not JSON: {response.text[:100]!r}") from e
+
+    return with_retries(attempt, what, url, retry)
+
+
+# ----------------------------------------------------------------------------- shards
+
+def download_shard(data_url: str, index: int, cache_dir: Path | None = None,
+                   retry: Retry = DEFAULT_RETRY) -> Download:
+    """Return shard `index` verified on local disk: cached, read in place (local data), or downloaded."""
+    cached = Path(cache_dir or default_cache_dir("shards")) / shard_name(index)
+    return download_file(shard_url(data_url, index), cached, verify_shard, f"shard {index}", retry)
+
+
+def download_shards(data_url: str, indices: list[int], cache_dir: Path | None = None, workers: int = 8,
+                    retry: Retry = DEFAULT_RETRY) -> Iterator[tuple[int, Download]]:
+    """Download `indices` with `workers` threads; yield (index, download) as each completes, with a progress
+    line. The first shard that fails raises its DownloadError (queued downloads are cancelled)."""
+    start = time.time()
+    transferred = 0
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {pool.submit(download_shard, data_url, index, cache_dir, retry): index for index in indices}
+        try:
+            for done, future in enumerate(as_completed(futures), start=1):
+                download = future.result()
+                transferred += download.bytes
+                elapsed = time.time() - start
+                eta = elapsed / done * (len(indices) - done)
+                print(f"download: {done}/{len(indices)} shards, {transferred / 1e6:.1f} MB in {elapsed:.0f}s, "
+                      f"{transferred / 1e6 / max(elapsed, 1e-9):.1f} MB/s, ETA {eta:.0f}s", flush=True)
+                yield futures[future], download
+        finally:
+            pool.shutdown(cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------- probe
+
+def short_reason(error: Exception) -> str:
+    """The reason inside an error: requests nests it deep ("HTTPConnectionPool(...): Max retries exceeded ...
+    [Errno 111] Connection refused"))"), which is all a user needs to read."""
+    match = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(error))
+    return match.group(1) if match else (str(error).splitlines() or [type(error).__name__])[0][:300]
+
+
+def probe(url: str) -> str | None:
+    """None when the file at url exists; "not found" when the source answers that it has no such file; any
+    other text says why the source could not be asked (connection refused, HTTP 503, ...)."""
+    cause = "not probed"
+    for attempt in range(PROBE_ATTEMPTS):
+        try:
+            if is_http(url):
+                response = requests.head(url, headers=auth_headers(), allow_redirects=True, timeout=PROBE_TIMEOUT_S)
+                if response.status_code == 404:
+                    return "not found"
+                cause = None if response.ok else f"HTTP {response.status_code} {response.reason}"
+            else:
+                fs, path = fsspec.core.url_to_fs(url)
+                return None if fs.exists(path) else "not found"
+        except (requests.RequestException, OSError, ImportError, ValueError) as e:  # ImportError: s3fs missing
+            cause = short_reason(e)
+        if cause is None:
+            return None
+        if attempt + 1 < PROBE_ATTEMPTS:
+            time.sleep(1)
+    return cause
+
+
+def index_ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 3, 7, 9, 10] -> "0..3, 7, 9..10"."""
+    ranges: list[list[int]] = []
+    for index in sorted(indices):
+        if ranges and index == ranges[-1][1] + 1:
+            ranges[-1][1] = index
+        else:
+            ranges.append([index, index])
+    return ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in ranges)
+
+
+def check_data_url(config) -> None:
+    """Fail fast, before any download, unless config.data_url serves every shard the run asks for: train shards
+    0..num_shards-1 and the validation shard, all probed in parallel. Raises one ConfigError naming the field."""
+    train = list(range(config.num_shards))
+    indices = train + [config.val_shard]
+    with ThreadPoolExecutor(min(PROBE_WORKERS, len(indices))) as pool:
+        answers = dict(zip(indices, pool.map(lambda index: probe(shard_url(config.data_url, index)), indices)))
+    for index, answer in answers.items():
+        if answer not in (None, "not found"):
+            raise ConfigError("data_url", f"{config.data_url!r} is unreachable (probed "
+                                          f"{shard_url(config.data_url, index)}): {answer}")
+    if all(answer == "not found" for answer in answers.values()):
+        raise ConfigError("data_url", f"{config.data_url!r} is unreachable or empty: it serves none of the "
+                                      f"requested shards ({shard_url(config.data_url, config.val_shard)}: not found)")
+    missing = [index for index in train if answers[index] == "not found"]
+    if missing:
+        present = [index for index in train if answers[index] is None]
+        has = f"has shards {index_ranges(present)}" if present else "has none of them"
+        raise ConfigError("num_shards", f"data_url {has}; num_shards="
+                                        f"{config.num_shards} needs 0..{config.num_shards - 1} (not found: "
+                                        f"{index_ranges(missing)})")
+    if answers[config.val_shard] == "not found":
+        raise ConfigError("val_shard", f"data_url has no shard {config.val_shard} (not found: "
+                                       f"{shard_url(config.data_url, config.val_shard)})")

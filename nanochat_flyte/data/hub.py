@@ -1,0 +1,142 @@
+"""Datasets from the Hugging Face hub (or a mirror) without the `datasets` package: the parquet listing API.
+
+Every dataset on the hub has an automatic parquet export. `GET {endpoint}/api/datasets/{repo}/parquet/{subset}/{split}`
+answers a JSON list of its parquet files' URLs (on the hub: `.../parquet/{subset}/{split}/0.parquet`, which
+redirect to a CDN). We download each with `download.download_file` (retries, resume, a parquet footer check,
+the cache) into
+
+    default_cache_dir("hub") / <repo with / -> --> / <subset> / <split> / 00000.parquet, 00001.parquet, ...
+
+and keep the listing beside them (`listing.json`), so that a second call, or a relaunch on the same disk, asks
+the network nothing. The endpoint is the one every hub client honours: an explicit value, else $HF_ENDPOINT,
+else https://huggingface.co. A gated mirror gets $HF_TOKEN (download.auth_headers); requests drops that header
+when a redirect leaves the host, so the CDN never sees it.
+"""
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nanochat_flyte.data.download import (
+    DEFAULT_RETRY,
+    CorruptFile,
+    DownloadError,
+    Retry,
+    default_cache_dir,
+    download_file,
+    get_json,
+    write_bytes_atomically,
+)
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+DOWNLOAD_WORKERS = 4  # parquet files of one split fetched at once (SmolTalk's train split has a few)
+LISTING_FILE = "listing.json"
+ROWS_PER_BATCH = 1024  # rows turned into Python objects at once: a few MB, where a whole file would be GBs
+
+
+def hub_endpoint(explicit: str = "") -> str:
+    """The hub to ask: `explicit`, else $HF_ENDPOINT, else https://huggingface.co; without a trailing slash."""
+    return (explicit or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def listing_url(repo: str, subset: str, split: str, endpoint: str = "") -> str:
+    return f"{hub_endpoint(endpoint)}/api/datasets/{repo}/parquet/{subset}/{split}"
+
+
+def split_name(repo: str, subset: str, split: str) -> str:
+    """How errors name a split: "cais/mmlu all/test"."""
+    return f"{repo} {subset}/{split}"
+
+
+def parquet_urls(repo: str, subset: str, split: str, endpoint: str = "", retry: Retry = DEFAULT_RETRY) -> list[str]:
+    """The URLs of the split's parquet files, from the listing API. A split the hub does not have (404), or an
+    answer that is not a non-empty list of URLs, raises one DownloadError naming the split and the URL."""
+    url = listing_url(repo, subset, split, endpoint)
+    what = f"the parquet listing of {split_name(repo, subset, split)}"
+    urls = get_json(url, what, retry)
+    if not isinstance(urls, list) or not urls or not all(isinstance(u, str) and u.startswith(("http://", "https://"))
+                                                         for u in urls):
+        raise DownloadError(what, url, f"expected a non-empty JSON list of parquet URLs, got {str(urls)[:200]!r}")
+    return urls
+
+
+def split_cache_dir(repo: str, subset: str, split: str, cache_dir: Path | None = None) -> Path:
+    return Path(cache_dir or default_cache_dir("hub")) / repo.replace("/", "--") / subset / split
+
+
+def parquet_verifier(columns: tuple[str, ...] = ()) -> Callable[[Path], None]:
+    """A download check: a readable parquet footer (no data pages are read) with every column in `columns`."""
+
+    def verify(path: Path) -> None:
+        try:
+            schema = pq.read_schema(path)
+        except (pa.ArrowException, OSError) as e:
+            raise CorruptFile(f"{path.name} is not a readable parquet file: {e}") from e
+        missing = [column for column in columns if column not in schema.names]
+        if missing:
+            raise CorruptFile(f"{path.name} has no column {', '.join(missing)} (columns: {schema.names})")
+
+    return verify
+
+
+def cached_listing(directory: Path, url: str) -> list[str] | None:
+    """The file URLs recorded by an earlier call for the same listing URL (the same endpoint), if any."""
+    try:
+        record = json.loads((directory / LISTING_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record["urls"] if record.get("listing_url") == url else None
+
+
+def download_split(repo: str, subset: str, split: str, endpoint: str = "", cache_dir: Path | None = None,
+                   columns: tuple[str, ...] = (), retry: Retry = DEFAULT_RETRY) -> list[Path]:
+    """The split's parquet files, verified, on local disk (in listing order). A file that cannot be had raises
+    one DownloadError naming it: "<repo> <subset>/<split> file N"."""
+    directory = split_cache_dir(repo, subset, split, cache_dir)
+    url = listing_url(repo, subset, split, endpoint)
+    urls = cached_listing(directory, url)
+    if urls is None:
+        urls = parquet_urls(repo, subset, split, endpoint, retry)
+        # recorded before the files: a relaunch after a failed file resumes the same listing, asking nothing
+        listing = json.dumps({"listing_url": url, "urls": urls}, indent=1).encode()
+        write_bytes_atomically(directory / LISTING_FILE, [listing])
+    verify = parquet_verifier(columns)
+
+    def fetch(index: int) -> Path:
+        what = f"{split_name(repo, subset, split)} file {index}"
+        return download_file(urls[index], directory / f"{index:05d}.parquet", verify, what, retry).path
+
+    with ThreadPoolExecutor(min(DOWNLOAD_WORKERS, len(urls))) as pool:
+        return list(pool.map(fetch, range(len(urls))))
+
+
+def file_records(paths: list[Path]) -> list[dict]:
+    """For a manifest: each downloaded file's URL (from the split's listing), size and sha256."""
+    records = []
+    for path in paths:
+        urls = json.loads((path.parent / LISTING_FILE).read_text())["urls"]
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        records.append({"url": urls[int(path.stem)], "file": path.name, "bytes": path.stat().st_size,
+                        "sha256": digest.hexdigest()})
+    return records
+
+
+def iter_rows(paths: list[Path], columns: tuple[str, ...]) -> Iterator[dict]:
+    """The rows of the files in order, as dicts of `columns`, a batch of rows in memory at a time."""
+    for path in paths:
+        with pq.ParquetFile(path) as parquet:
+            for batch in parquet.iter_batches(ROWS_PER_BATCH, columns=list(columns)):
+                yield from batch.to_pylist()
+
+
+def read_rows(paths: list[Path], columns: tuple[str, ...]) -> list[dict]:
+    return list(iter_rows(paths, columns))

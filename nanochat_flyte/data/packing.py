@@ -1,0 +1,161 @@
+"""Conversations as training rows: rendered once with their loss masks, then packed into rows of max_seq_len + 1.
+
+Rendering (conversation.render_conversation) gives every conversation its token ids and a mask that marks what the
+assistant wrote. A row is filled with whole conversations in stream order; when the next one does not fit, the
+rest of the row is padding and that conversation starts the next row: nothing is cut, except a conversation
+longer than a row, which keeps its first row's worth of tokens. Every row therefore starts at a conversation's
+`<|endoftext|>`. Targets are the next tokens where the mask is set and -1 elsewhere (user turns, padding): the
+model's cross-entropy ignores -1, so the loss is the assistant's tokens alone.
+
+The stream visits every conversation once per epoch, in a fresh order drawn from the seed each epoch. The loader's
+position is one number, the conversations consumed before the next micro-batch: a resumed run packs exactly the
+rows it would have packed. A micro-batch is the next world_size * batch_size rows; rank r takes the r-th slice.
+"""
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import tiktoken
+import torch
+
+from nanochat_flyte.data.conversation import ChatTokens, render_conversation
+
+
+class RenderedConversations:
+    """Token ids and loss masks of many conversations, in two flat arrays (a Python list of lists of ints would
+    take ~7x the memory), each conversation cut to at most max_len tokens."""
+
+    def __init__(self, tokenizer: tiktoken.Encoding, conversations: Iterable[dict], max_len: int):
+        self.pad = ChatTokens.of(tokenizer).bos  # any id does: padding positions are never trained on
+        tokens, masks, lengths = [], [], []
+        self.dropped = 0  # conversations whose assistant tokens all lie past max_len: nothing to learn in a row
+        for conversation in conversations:
+            ids, mask = render_conversation(tokenizer, conversation["messages"])
+            ids, mask = ids[:max_len], mask[:max_len]
+            if not any(mask[1:]):  # the first token is never a target
+                self.dropped += 1
+                continue
+            tokens.append(np.asarray(ids, dtype=np.int32))
+            masks.append(np.asarray(mask, dtype=np.bool_))
+            lengths.append(len(ids))
+        if not lengths:
+            raise ValueError("no conversation has an assistant token within the row length: nothing to train on")
+        self.tokens, self.masks = np.concatenate(tokens), np.concatenate(masks)
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]])
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def get(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        start, end = self.starts[index], self.starts[index] + self.lengths[index]
+        return self.tokens[start:end], self.masks[start:end]
+
+    @property
+    def trained_tokens(self) -> int:
+        return int(self.masks.sum())
+
+
+def pack(lengths: np.ndarray, order: "Order", position: int, capacity: int, num_rows: int,
+         end: int | None = None) -> tuple[list[list[int]], int]:
+    """The next num_rows rows from stream position `position` (fewer if the stream `end`s first): the
+    conversation indices of each row, and the position after them. A row takes conversations while they fit in
+    `capacity` tokens."""
+    rows = []
+    while len(rows) < num_rows and position != end:
+        row, used = [], 0
+        while position != end:
+            index = order[position]
+            if used and used + lengths[index] > capacity:
+                break  # it starts the next row
+            row.append(index)
+            used += min(lengths[index], capacity)
+            position += 1
+        rows.append(row)
+    return rows, position
+
+
+class Order:
+    """The stream's conversation at any position: epoch e visits all n in a permutation drawn from (seed, e)."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self._epoch, self._permutation = -1, None
+
+    def __getitem__(self, position: int) -> int:
+        epoch, index = divmod(position, self.n)
+        if not self.shuffle:
+            return index
+        if epoch != self._epoch:
+            self._epoch, self._permutation = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return int(self._permutation[index])
+
+
+def rows_tensor(conversations: RenderedConversations, rows: list[list[int]], capacity: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) int64 (len(rows), capacity - 1): targets -1 wherever the model is not trained."""
+    tokens = np.full((len(rows), capacity), conversations.pad, dtype=np.int64)
+    trained = np.zeros((len(rows), capacity), dtype=np.bool_)
+    for r, row in enumerate(rows):
+        used = 0
+        for index in row:
+            ids, mask = conversations.get(index)
+            ids, mask = ids[:capacity - used], mask[:capacity - used]
+            tokens[r, used:used + len(ids)], trained[r, used:used + len(ids)] = ids, mask
+            used += len(ids)
+    targets = np.where(trained[:, 1:], tokens[:, 1:], -1)
+    return torch.from_numpy(tokens[:, :-1]), torch.from_numpy(targets)
+
+
+class ConversationLoader:
+    """Yields (inputs, targets) int64 tensors of shape (batch_size, seq_len) on `device`; resumable, DDP-sharded."""
+
+    def __init__(self, conversations: RenderedConversations, batch_size: int, seq_len: int, *, seed: int,
+                 device: torch.device, rank: int = 0, world_size: int = 1):
+        self.conversations, self.batch_size, self.capacity = conversations, batch_size, seq_len + 1
+        self.order = Order(len(conversations), seed)
+        self.seed, self.device, self.rank, self.world_size = seed, device, rank, world_size
+        self.position = 0  # conversations consumed
+
+    @property
+    def epoch(self) -> float:
+        return self.position / len(self.conversations)
+
+    def state_dict(self) -> dict:
+        return {"conversations_consumed": self.position, "seed": self.seed,
+                "num_conversations": len(self.conversations),
+                "seq_len": self.capacity - 1}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in (("seed", self.seed), ("num_conversations", len(self.conversations)),
+                           ("seq_len", self.capacity - 1)):
+            if state[key] != value:
+                raise ValueError(f"loader state was saved with {key}={state[key]}, this loader has {value}: the "
+                                 "conversations would not continue where they stopped")
+        self.position = state["conversations_consumed"]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, self.position = pack(self.conversations.lengths, self.order, self.position, self.capacity,
+                                   self.batch_size * self.world_size)
+        mine = rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        inputs, targets = rows_tensor(self.conversations, mine, self.capacity)
+        return inputs.to(self.device), targets.to(self.device)
+
+    def close(self) -> None:
+        """Nothing runs in the background: batches are small next to a training step."""
+
+
+def epoch_rows(conversations: RenderedConversations, seq_len: int, seed: int | None = None) -> list[list[int]]:
+    """One pass over every conversation, packed into rows: in epoch 0's order of the training stream (seed), or
+    in the given order (seed None; the validation rows, the same at every evaluation)."""
+    order = Order(len(conversations), seed or 0, shuffle=seed is not None)
+    return pack(conversations.lengths, order, 0, seq_len + 1, len(conversations), end=len(conversations))[0]
+
+
+def steps_per_epoch(conversations: RenderedConversations, seq_len: int, seed: int, rows_per_step: int) -> int:
+    """Optimizer steps that one epoch of the conversations takes, rows_per_step rows a step."""
+    return max(1, math.ceil(len(epoch_rows(conversations, seq_len, seed)) / rows_per_step))

@@ -1,0 +1,280 @@
+"""The data stage: FineWeb-Edu parquet shards -> uint16 token files + manifest.json (docs/architecture.md).
+
+    data/manifest.json
+    data/train/shard_00000.bin ...   raw little-endian uint16 ids; each document is <|endoftext|> + its tokens
+    data/val/shard_01822.bin
+    data/tokenizer/
+
+Two ways to run it:
+- in one process: `prepare_data(config, out_dir)` (tokenizer, parallel downloads overlapped with tokenization,
+  merge), also as `nanochat prepare --config PRESET --out-dir DATA [field=value ...]`, the data
+  directory that `nanochat train --data-dir DATA` takes;
+- on a cluster: `build_tokenizer` once, `prepare_shard` for each `plan_shards` job in its own pod, then
+  `merge_prepared` over the per-shard outputs.
+"""
+
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import tiktoken
+
+from nanochat_flyte.data.download import Download, download_shard, download_shards
+from nanochat_flyte.data.tokenizer import gpt2_tokenizer, load_tokenizer, save_tokenizer, tokenizer_id, train_bpe
+from nanochat_flyte.errors import ConfigError
+
+STATS_FILE = "stats.json"
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass
+class ShardJob:
+    index: int
+    split: str  # "train" | "val"
+    data_url: str
+    tokenizer: str
+
+    @property
+    def file(self) -> str:
+        return f"{self.split}/shard_{self.index:05d}.bin"
+
+
+def plan_shards(config, tokenizer: str, first_shard_tokens: int | None = None) -> list[ShardJob]:
+    """Train shards 0..n-1, then the validation shard, each to be tokenized by `tokenizer` (a tokenizer_id).
+    n = config.num_shards, or with only_needed_shards and the token count of train shard 0 (shards are about
+    equal in size), just enough shards for num_iterations * total_batch_size tokens."""
+    num_train = config.num_shards
+    if config.only_needed_shards and first_shard_tokens:
+        num_train = min(num_train, math.ceil(config.tokens_needed / first_shard_tokens))
+    train = [ShardJob(index, "train", config.data_url, tokenizer) for index in range(num_train)]
+    return train + [ShardJob(config.val_shard, "val", config.data_url, tokenizer)]
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def iter_row_groups(parquet_path: Path) -> Iterator[pa.ChunkedArray]:
+    """The `text` column one row group (~1024 documents) at a time: memory stays bounded whatever the shard size."""
+    shard = pq.ParquetFile(parquet_path)
+    for group in range(shard.num_row_groups):
+        yield shard.read_row_group(group, columns=["text"]).column("text")
+
+
+def iter_train_texts(config, cache_dir: Path | None) -> Iterator[str]:
+    """Train documents in shard order (a reproducible tokenizer), up to config.bpe_train_chars characters."""
+    budget = config.bpe_train_chars
+    for index in range(config.num_shards):
+        path = download_shard(config.data_url, index, cache_dir).path
+        for texts in iter_row_groups(path):
+            for text in texts.to_pylist():
+                if budget <= 0:
+                    return
+                yield text[:budget]
+                budget -= len(text)
+
+
+def build_tokenizer(config, out_dir: Path, cache_dir: Path | None = None) -> Path:
+    """Write the tokenizer directory: GPT-2's, or a BPE trained on the train shards (downloaded as needed)."""
+    if config.tokenizer == "gpt2":
+        return save_tokenizer(gpt2_tokenizer(), out_dir)
+    start = time.time()
+    print(f"bpe: training a {config.bpe_vocab_size}-token tokenizer on up to {config.bpe_train_chars:,} "
+          f"characters of train text", flush=True)
+    enc = train_bpe(iter_train_texts(config, cache_dir), config.bpe_vocab_size)
+    print(f"bpe: trained in {time.time() - start:.0f}s", flush=True)
+    return save_tokenizer(enc, out_dir)
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+def encode_row_groups(parquet_path: Path, enc: tiktoken.Encoding,
+                      num_threads: int | None = None) -> Iterator[tuple[pa.ChunkedArray, np.ndarray]]:
+    """(texts, tokens) for each row group, tokens = <|endoftext|> + the document's tokens for every document,
+    as uint16. Documents are encoded on `num_threads` threads (all cores by default), and the next row group is
+    queued before this one is handed back, so the threads stay busy while the caller writes."""
+    # With no disallowed specials encode_to_numpy gives exactly encode_ordinary's ids (tiktoken documents the
+    # equivalence), but it builds no Python list of ints: that conversion holds the GIL and would serialise
+    # the threads.
+    encode = functools.partial(enc.encode_to_numpy, disallowed_special=())
+    eot = np.array([enc.eot_token], dtype=np.uint32)
+
+    def join(texts, token_arrays):
+        return texts, np.concatenate([part for tokens in token_arrays for part in (eot, tokens)]).astype("<u2")
+
+    with ThreadPoolExecutor(num_threads or os.cpu_count()) as pool:
+        queued = deque()
+        for texts in iter_row_groups(parquet_path):
+            queued.append((texts, pool.map(encode, texts.to_pylist())))
+            if len(queued) == 2:
+                yield join(*queued.popleft())
+        while queued:
+            yield join(*queued.popleft())
+
+
+def tokenize_shard(parquet_path: Path, enc: tiktoken.Encoding, bin_path: Path, num_threads: int | None = None) -> dict:
+    """Tokenize one parquet shard into a uint16 .bin file (written whole, then renamed). Returns its stats."""
+    if enc.n_vocab > 2**16:
+        raise ValueError(f"a {enc.n_vocab}-token vocabulary does not fit the uint16 token files")
+    stats = {"tokens": 0, "documents": 0, "characters": 0, "utf8_bytes": 0}
+    sha256 = hashlib.sha256()
+    partial = bin_path.with_name(bin_path.name + ".tmp")
+    with open(partial, "wb") as out:
+        for texts, tokens in encode_row_groups(parquet_path, enc, num_threads):
+            out.write(tokens)
+            sha256.update(tokens)
+            stats["tokens"] += len(tokens)
+            stats["documents"] += len(texts)
+            stats["characters"] += pc.sum(pc.utf8_length(texts)).as_py()
+            stats["utf8_bytes"] += pc.sum(pc.binary_length(texts)).as_py()
+    os.replace(partial, bin_path)
+    return stats | {"sha256": sha256.hexdigest()}
+
+
+def count_ordinary_tokens(parquet_path: Path, enc: tiktoken.Encoding) -> int:
+    """Tokens of the shard's text alone (no <|endoftext|>): the denominator of bytes per token."""
+    return sum(len(tokens) - len(texts) for texts, tokens in encode_row_groups(parquet_path, enc))
+
+
+def tokenize_download(job: ShardJob, download: Download, enc: tiktoken.Encoding, out_dir: Path) -> dict:
+    """Tokenize a downloaded shard into out_dir/{split}/shard_XXXXX.bin and write out_dir/stats.json."""
+    if tokenizer_id(enc) != job.tokenizer:
+        raise ValueError(f"shard job {job.index} asks for tokenizer {job.tokenizer!r}, the tokenizer directory "
+                         f"holds {tokenizer_id(enc)!r}")
+    (out_dir / job.split).mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    stats = tokenize_shard(download.path, enc, out_dir / job.file)
+    if job.split == "val" and enc.name != "gpt2":  # our BPE's compression, next to GPT-2's
+        stats["gpt2_tokens"] = count_ordinary_tokens(download.path, gpt2_tokenizer())
+    seconds = time.time() - start
+    stats = {"shard": job.index, "split": job.split, "file": job.file, **stats, "source": download.url,
+             "download_seconds": round(download.seconds, 3), "tokenize_seconds": round(seconds, 3)}
+    (out_dir / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+    print(f"tokenized {job.file}: {stats['documents']:,} documents, {stats['tokens']:,} tokens, "
+          f"{stats['utf8_bytes'] / 1e6 / max(seconds, 1e-9):.1f} MB/s", flush=True)
+    return stats
+
+
+def prepare_shard(job: ShardJob, tokenizer_dir: Path, out_dir: Path, cache_dir: Path | None = None) -> dict:
+    """Download (cached) and tokenize ONE shard into out_dir/{split}/shard_XXXXX.bin + out_dir/stats.json.
+    Self-contained: on a cluster each call runs in its own pod."""
+    download = download_shard(job.data_url, job.index, cache_dir)
+    return tokenize_download(job, download, load_tokenizer(tokenizer_dir), Path(out_dir))
+
+
+# ----------------------------------------------------------------------------- manifest
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where source and target share a filesystem (instant, no extra disk), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def merge_prepared(config, parts: list[Path], tokenizer_dir: Path, out_dir: Path) -> dict:
+    """Gather the per-shard outputs of prepare_shard into one data directory and write manifest.json.
+    Every input is checked before anything is written. The parts are left as they are: in a local Flyte run they
+    are cached task outputs that a later run reuses."""
+    out_dir = Path(out_dir)
+    splits = {"train": [], "val": []}
+    sources = {}
+    for part in map(Path, parts):
+        stats = json.loads((part / STATS_FILE).read_text())
+        source = part / stats["file"]
+        if source.stat().st_size != 2 * stats["tokens"]:
+            raise ValueError(f"{source} holds {source.stat().st_size} bytes, but {part / STATS_FILE} says "
+                             f"{stats['tokens']} uint16 tokens")
+        sources[stats["file"]] = source
+        splits[stats.pop("split")].append(stats)
+    for split, shards in splits.items():
+        if not shards:
+            raise ValueError(f"no {split} shard among the {len(parts)} prepared parts")
+        shards.sort(key=lambda stats: stats["shard"])
+    (val,) = splits["val"]
+    if val["tokens"] < config.eval_tokens:
+        raise ConfigError("eval_tokens", f"{config.eval_tokens:,} is more than the {val['tokens']:,} tokens of "
+                                         f"validation shard {val['shard']}")
+
+    for file, source in sources.items():
+        (out_dir / file).parent.mkdir(parents=True, exist_ok=True)
+        link_or_copy(source, out_dir / file)
+    if Path(tokenizer_dir).resolve() != (out_dir / "tokenizer").resolve():
+        shutil.copytree(tokenizer_dir, out_dir / "tokenizer", dirs_exist_ok=True)
+    info = json.loads((out_dir / "tokenizer" / "tokenizer.json").read_text())
+    # Compression: text bytes per token, not counting the one <|endoftext|> per document.
+    tokenizer = {"name": info["name"], "vocab_size": info["vocab_size"], "eot_id": info["eot_id"],
+                 "val_bytes_per_token": round(val["utf8_bytes"] / (val["tokens"] - val["documents"]), 3)}
+    if "gpt2_tokens" in val:
+        tokenizer["gpt2_val_bytes_per_token"] = round(val["utf8_bytes"] / val["gpt2_tokens"], 3)
+
+    train_tokens = sum(shard["tokens"] for shard in splits["train"])
+    val_tokens = val["tokens"]
+    manifest = {"tokenizer": tokenizer, "train": splits["train"], "val": splits["val"],
+                "train_tokens": train_tokens, "val_tokens": val_tokens, "tokens_needed": config.tokens_needed,
+                "epochs": round(config.tokens_needed / train_tokens, 4)}
+    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+
+    compared = f" (GPT-2: {tokenizer['gpt2_val_bytes_per_token']})" if "gpt2_tokens" in val else ""
+    print(f"data: {len(splits['train'])} train shards, {train_tokens:,} train tokens, {val_tokens:,} val tokens; "
+          f"tokenizer {info['name']}: {tokenizer['val_bytes_per_token']} bytes/token on val{compared}", flush=True)
+    if manifest["epochs"] > 1:
+        print(f"WARNING: training needs {config.tokens_needed:,} tokens but only {train_tokens:,} train tokens are "
+              f"prepared: the data will repeat ({manifest['epochs']:.2f} epochs). Raise num_shards to avoid it.",
+              flush=True)
+    return manifest
+
+
+# ----------------------------------------------------------------------------- the whole stage
+
+def prepare_jobs(config, jobs: list[ShardJob], enc: tiktoken.Encoding, parts_dir: Path,
+                 cache_dir: Path | None) -> list[Path]:
+    """Download `jobs` in parallel and tokenize each shard as soon as it arrives (downloads go on meanwhile)."""
+    jobs_by_index = {job.index: job for job in jobs}
+    parts = []
+    for index, download in download_shards(config.data_url, list(jobs_by_index), cache_dir, config.download_workers):
+        job = jobs_by_index[index]
+        part = parts_dir / f"{job.split}_{job.index:05d}"
+        tokenize_download(job, download, enc, part)
+        parts.append(part)
+    return parts
+
+
+def plan_jobs(config, tokenizer_dir: Path, cache_dir: Path | None = None) -> list[ShardJob]:
+    """plan_shards for a cluster, where each shard is prepared in its own pod: with only_needed_shards, train
+    shard 0 is downloaded and counted here to size the plan."""
+    enc = load_tokenizer(tokenizer_dir)
+    first_shard_tokens = None
+    if config.only_needed_shards:
+        shard_0 = download_shard(config.data_url, 0, cache_dir).path
+        first_shard_tokens = sum(len(tokens) for _, tokens in encode_row_groups(shard_0, enc))
+    return plan_shards(config, tokenizer_id(enc), first_shard_tokens)
+
+
+def prepare_data(config, out_dir: Path, cache_dir: Path | None = None) -> dict:
+    """The whole data stage in this process: tokenizer, parallel downloads, tokenization, merge -> manifest."""
+    out_dir = Path(out_dir)
+    tokenizer_dir = build_tokenizer(config, out_dir / "tokenizer", cache_dir)
+    enc = load_tokenizer(tokenizer_dir)
+    parts_dir = out_dir / "parts"
+    jobs = plan_shards(config, tokenizer_id(enc))
+    parts = []
+    if config.only_needed_shards:  # shard 0's size tells how many shards the run needs
+        parts = prepare_jobs(config, jobs[:1], enc, parts_dir, cache_dir)
+        first_shard_tokens = json.loads((parts[0] / STATS_FILE).read_text())["tokens"]
+        jobs = plan_shards(config, tokenizer_id(enc), first_shard_tokens)[1:]
+    parts += prepare_jobs(config, jobs, enc, parts_dir, cache_dir)
+    manifest = merge_prepared(config, parts, tokenizer_dir, out_dir)
+    shutil.rmtree(parts_dir)
+    return manifest

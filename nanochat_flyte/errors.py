@@ -1,0 +1,42 @@
+"""What counts as the user's mistake, and the one line that says so.
+
+A traceback is for bugs. A misspelt field, a missing checkpoint, an unreachable URL or a malformed conversation is
+the user's to fix: our command-line tools print it as one line (cli/usage.py) and both Flyte fronts fail the task
+with it, not retried. Every module's user errors derive from UserError. Imports nothing of the package.
+"""
+
+
+class UserError(Exception):
+    """A mistake the user can fix (a field, a path, a URL, a file's contents). Our CLIs print its message as one
+    line (cli.py) and the workflows show it without a traceback; every module's user errors derive from it."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config field holds a value the run cannot use. The message names the field: `RunConfig.depth: ...`."""
+
+    def __init__(self, field: str, problem: str, owner: str = "RunConfig"):
+        self.field = field
+        super().__init__(f"{owner}.{field}: {problem}")
+
+
+# Our modules' user errors (ConfigError, ConversationError, DownloadError, TokenizerError, BundleError, ...) derive
+# from UserError; a missing checkpoint or preset is a FileNotFoundError.
+USER_ERRORS = (UserError, FileNotFoundError)
+# An object store (s3://, gs://) asked for without credentials: botocore's and google-auth's errors, named rather than
+# imported, as neither package need be installed.
+CREDENTIALS_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"}
+
+
+def is_credentials_error(error: BaseException) -> bool:
+    return any(kind.__name__ in CREDENTIALS_ERRORS for kind in type(error).__mro__)
+
+
+def is_user_error(error: BaseException) -> bool:
+    return isinstance(error, USER_ERRORS) or is_credentials_error(error)
+
+
+def user_message(error: BaseException) -> str:
+    if is_credentials_error(error):
+        return (f"{error} for an object store URI (s3://, gs://): give this machine its credentials (AWS_PROFILE or "
+                "AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...)")
+    return str(error)

@@ -1,0 +1,274 @@
+"""Chat evaluation: a base or chat checkpoint scored on ARC-Easy, ARC-Challenge, MMLU, GSM8K and HumanEval.
+
+    nanochat chat-eval --checkpoint DIR_OR_URI \
+        [--tasks arc_easy,arc_challenge,mmlu,gsm8k,humaneval] [--max-per-task N] [--humaneval auto|on|off]
+
+Every prompt is the item's conversation rendered for the assistant's reply (conversation.render_prompt), for a
+base checkpoint too: it never learned the chat format, so expect about chance there; that is the comparison.
+- categorical (ARC, MMLU): one forward pass per batch; the answer is the item's letter whose token scores highest
+  as the assistant's first token. Only the item's own letters compete (ARC has 3 to 5 choices).
+- GSM8K: greedy decoding through the engine's KV cache; the number after `####` must equal the reference.
+- HumanEval: greedy decoding; the program (the completion with the prompt's code, the test and
+  `check(entry_point)`) must exit cleanly in the sandbox (sandbox.py): pass@1.
+ChatCORE (nanochat's definition): the mean over the evaluated tasks of (accuracy - chance) / (1 - chance), with
+chance 0.25 for the multiple choice tasks (as nanochat, whatever the number of choices) and 0 for the open ones:
+0 at chance, 1 for a perfect model.
+
+The CLI reads the datasets from the Hugging Face hub or the mirror in HF_ENDPOINT, prints a table, then the result
+as one JSON object on its last line.
+"""
+
+import random
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import tiktoken
+import torch
+
+from nanochat_flyte.config import CHAT_EVAL_TASKS
+from nanochat_flyte.data.chat_data import read_jsonl
+from nanochat_flyte.data.conversation import render_prompt
+from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.evaluation.sandbox import Limits, execute, sandbox_available
+from nanochat_flyte.inference.engine import Engine, SamplingParams, next_token_logits
+from nanochat_flyte.model.device import EvalBatches, Precision
+from nanochat_flyte.reporting.report import DECK_STYLE, html_table, markdown_grid
+
+CATEGORICAL, GENERATIVE = "categorical", "generative"
+TASK_TYPES = {"arc_easy": CATEGORICAL, "arc_challenge": CATEGORICAL, "mmlu": CATEGORICAL, "gsm8k": GENERATIVE,
+              "humaneval": GENERATIVE}
+CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "mmlu": 0.25, "gsm8k": 0.0, "humaneval": 0.0}  # nanochat's
+HUMANEVAL_LIMITS = Limits(timeout=10.0)  # per program; HumanEval's own harness gives 3 s to tests that take ms
+assert tuple(TASK_TYPES) == tuple(CHANCE) == CHAT_EVAL_TASKS
+
+# ------------------------------------------------------------------------------------------- categorical
+
+
+def letter_token(tokenizer: tiktoken.Encoding, letter: str) -> int:
+    """The id of a choice letter as the assistant's first token ("A", no leading space: it follows
+    <|assistant_start|>). A byte-level BPE always has it as one token; anything else is a broken item."""
+    ids = tokenizer.encode_ordinary(letter)
+    if len(ids) != 1:
+        raise ValueError(f"the choice letter {letter!r} is {len(ids)} tokens, not one")
+    return ids[0]
+
+
+@torch.inference_mode()
+def choose_letters(model: torch.nn.Module, prompts: list[list[int]], letter_ids: list[list[int]], *,
+                   batches: EvalBatches, device: torch.device, precision: Precision, pad_id: int) -> list[int]:
+    """For each prompt, the index (into its letter_ids) of the letter the model scores highest at the prompt's
+    last position."""
+
+    def choose(batch: list[int]) -> list[int]:
+        logits = next_token_logits(model, [prompts[i] for i in batch], pad_id=pad_id, device=device,
+                                   precision=precision)
+        return [int(scores[letter_ids[i]].argmax()) for scores, i in zip(logits, batch)]
+
+    return batches.map(range(len(prompts)), choose)
+
+
+def score_categorical(engine: Engine, items: list[dict], batches: EvalBatches) -> list[bool | None]:
+    """Right or wrong per item; None where the prompt is longer than the model's context."""
+    prompts = [render_prompt(engine.tokenizer, item["messages"]) for item in items]
+    fits = [index for index, prompt in enumerate(prompts) if len(prompt) <= engine.context]
+    letter_ids = [[letter_token(engine.tokenizer, letter) for letter in items[index]["letters"]] for index in fits]
+    chosen = choose_letters(engine.model, [prompts[index] for index in fits], letter_ids, batches=batches,
+                            device=engine.device, precision=engine.precision, pad_id=engine.tokenizer.eot_token)
+    outcomes: list[bool | None] = [None] * len(items)
+    for index, choice in zip(fits, chosen):
+        outcomes[index] = items[index]["letters"][choice] == items[index]["answer"]
+    return outcomes
+
+# ------------------------------------------------------------------------------------------- generative
+
+
+def generate(engine: Engine, items: list[dict], *, batches: EvalBatches, max_tokens: int,
+             seed: int) -> list[str | None]:
+    """Each item's greedy reply; None where the prompt leaves no room in the model's context."""
+    prompts = [render_prompt(engine.tokenizer, item["messages"]) for item in items]
+    fits = [index for index, prompt in enumerate(prompts) if len(prompt) < engine.context]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=seed)
+    completions = batches.map(fits, lambda batch: engine.generate_batch([prompts[index] for index in batch], params))
+    replies: list[str | None] = [None] * len(items)
+    for index, completion in zip(fits, completions):
+        replies[index] = completion.text
+    return replies
+
+
+GSM8K_ANSWER = re.compile(r"#### (-?[0-9.,]+)")  # GSM8K's own marker and number pattern (its grader, nanochat's)
+
+
+def gsm8k_answer(text: str) -> str | None:
+    """The number after the first `####`, without thousands separators or a sentence's final period."""
+    match = GSM8K_ANSWER.search(text)
+    return match.group(1).replace(",", "").rstrip(".") if match else None
+
+
+def score_gsm8k(replies: list[str | None], items: list[dict]) -> list[bool | None]:
+    return [None if reply is None else gsm8k_answer(reply) == gsm8k_answer(f"#### {item['answer']}")
+            for reply, item in zip(replies, items)]
+
+
+FENCED_CODE = re.compile(r"```[\w+-]*[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)  # an unclosed fence runs to the end
+
+
+def humaneval_program(item: dict, completion: str) -> str:
+    """The program that tests a completion: a chat model writes the whole function (often in a markdown fence),
+    after the prompt's code before it (imports, helper functions); a base model continues the prompt."""
+    fenced = FENCED_CODE.search(completion)
+    code = fenced.group(1) if fenced else completion
+    definition = rf"^def {re.escape(item['entry_point'])}\s*\("
+    if re.search(definition, code, re.MULTILINE):
+        signature = re.search(definition, item["prompt"], re.MULTILINE)
+        program = (item["prompt"][:signature.start()] if signature else "") + code
+    else:
+        program = item["prompt"] + code
+    return f"{program}\n\n{item['test']}\n\ncheck({item['entry_point']})\n"
+
+
+def score_humaneval(replies: list[str | None], items: list[dict], workers: int) -> list[bool | None]:
+    """Each program in its own sandbox, `workers` at a time."""
+    def passes(reply: str | None, item: dict) -> bool | None:
+        return None if reply is None else execute(humaneval_program(item, reply), HUMANEVAL_LIMITS).passed
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(passes, replies, items))
+
+# ------------------------------------------------------------------------------------------- the whole evaluation
+
+
+def centered(accuracy: float, chance: float) -> float:
+    """0 at chance, 1 at perfect: CORE's and ChatCORE's scale."""
+    return (accuracy - chance) / (1.0 - chance)
+
+
+def chatcore(tasks: dict[str, dict]) -> float | None:
+    """The mean centered accuracy over the tasks evaluated (None if none was)."""
+    return sum(result["centered"] for result in tasks.values()) / len(tasks) if tasks else None
+
+
+def fixed_subset(items: list[dict], max_items: int, seed: int) -> list[dict]:
+    """max_items of the items (all for 0), chosen by the seed alone and kept in dataset order: the same subset on
+    every run and with every batch size."""
+    if not max_items or max_items >= len(items):
+        return items
+    return [items[index] for index in sorted(random.Random(seed).sample(range(len(items)), max_items))]
+
+
+def humaneval_skip_reason(mode: str) -> str | None:
+    """Why HumanEval will not run (None: it runs). `on` where the sandbox does not work is an error."""
+    if mode not in ("auto", "on", "off"):
+        raise ConfigError("humaneval", f"must be auto, on or off, got {mode!r}", "ChatConfig")
+    if mode == "off":
+        return "humaneval is off"
+    available, why = sandbox_available()
+    if available:
+        return None
+    if mode == "on":
+        raise ConfigError("humaneval", f"on, but the sandbox for model-written code does not work here: {why}",
+                          "ChatConfig")
+    return f"no sandbox for model-written code here: {why}"
+
+
+def evaluate_chat(engine: Engine, items_by_task: dict[str, list[dict]], *, max_per_task: int = 0,
+                  batch_size: int = 8, max_tokens: int = 256, humaneval: str = "auto", seed: int = 42,
+                  workers: int = 4) -> dict:
+    """Score the engine's model on each task's items (in CHAT_EVAL_TASKS order). Returns
+    {"chatcore", "phase", "tasks": {task: {"accuracy", "correct", "examples", "centered", "chance", "too_long",
+    "seconds"}}, "skipped": {task: reason}, "sandbox": HumanEval's isolation layers or None}. `workers`: sandboxes
+    run in parallel for HumanEval."""
+    unknown = sorted(set(items_by_task) - set(CHAT_EVAL_TASKS))
+    if unknown:
+        raise ConfigError("eval_tasks", f"unknown task {unknown[0]!r}; choose from {', '.join(CHAT_EVAL_TASKS)}",
+                          "ChatConfig")
+    for field, value, least in (("eval_max_per_task", max_per_task, 0), ("eval_batch_size", batch_size, 1),
+                                ("eval_max_tokens", max_tokens, 1)):
+        if value < least:
+            raise ConfigError(field, f"must be >= {least}, got {value}", "ChatConfig")
+    batches = EvalBatches(batch_size, "chat evaluation")  # shrinks if a batch does not fit on the GPU
+    skipped, sandbox = {}, None
+    if "humaneval" in items_by_task:
+        if reason := humaneval_skip_reason(humaneval):
+            skipped["humaneval"] = reason
+        else:
+            sandbox = sandbox_available()[1]  # the isolation layers HumanEval's programs run under
+    tasks = {}
+    for task in (task for task in CHAT_EVAL_TASKS if task in items_by_task and task not in skipped):
+        items = fixed_subset(items_by_task[task], max_per_task, seed)
+        if not items:
+            skipped[task] = "no items"
+            continue
+        start = time.perf_counter()
+        if TASK_TYPES[task] == CATEGORICAL:
+            outcomes = score_categorical(engine, items, batches)
+        else:
+            replies = generate(engine, items, batches=batches, max_tokens=max_tokens, seed=seed)
+            outcomes = (score_gsm8k(replies, items) if task == "gsm8k" else
+                        score_humaneval(replies, items, workers))
+        correct = sum(outcome is True for outcome in outcomes)
+        accuracy = correct / len(items)
+        tasks[task] = {"accuracy": accuracy, "correct": correct, "examples": len(items),
+                       "centered": centered(accuracy, CHANCE[task]), "chance": CHANCE[task],
+                       "too_long": sum(outcome is None for outcome in outcomes),
+                       "seconds": time.perf_counter() - start}
+        print(f"chat eval: {task}: {correct}/{len(items)} = {accuracy:.4f} ({tasks[task]['seconds']:.1f} s)",
+              flush=True)
+    return {"chatcore": chatcore(tasks), "phase": engine.phase, "tasks": tasks, "skipped": skipped,
+            "sandbox": sandbox}
+
+
+def read_eval_items(directory: str | Path, tasks: list[str]) -> dict[str, list[dict]]:
+    """The items of each task from the `<task>.jsonl` files chat_data.prepare_eval_data wrote."""
+    return {task: read_jsonl(Path(directory) / f"{task}.jsonl") for task in tasks}
+
+# ------------------------------------------------------------------------------------------- reporting
+
+
+TABLE_HEADER = ["task", "type", "examples", "accuracy", "centered", "seconds"]
+
+
+def chat_table_rows(result: dict) -> list[list]:
+    rows = [[task, TASK_TYPES[task], scores["examples"], scores["accuracy"], scores["centered"], scores["seconds"]]
+            for task, scores in result["tasks"].items()]
+    rows += [[task, TASK_TYPES[task], 0, "skipped", reason, ""] for task, reason in result["skipped"].items()]
+    return rows + [["ChatCORE", f"mean of {len(result['tasks'])} centered", "", "", result["chatcore"], ""]]
+
+
+def chat_notes(result: dict) -> list[str]:
+    """What a reader must know to read the table right."""
+    notes = []
+    if result.get("phase") == "base":
+        notes.append("A base checkpoint: it never learned the chat format these prompts use, so expect about chance "
+                     "(centered about 0).")
+    if result.get("sandbox"):
+        notes.append(f"HumanEval's programs ran in the sandbox: {result['sandbox']}.")
+    too_long = {task: scores["too_long"] for task, scores in result["tasks"].items() if scores["too_long"]}
+    if too_long:
+        notes.append("Prompts longer than the model's context, counted as wrong: "
+                     + ", ".join(f"{task} {count}" for task, count in too_long.items()) + ".")
+    return notes
+
+
+def chat_table_markdown(result: dict) -> str:
+    """The report card's section."""
+    return "\n\n".join(["## Chat evaluation", markdown_grid(TABLE_HEADER, chat_table_rows(result)),
+                        *chat_notes(result)])
+
+
+def chat_table_html(result: dict) -> str:
+    """The Flyte Deck's table."""
+    notes = "".join(f"<p>{note}</p>" for note in chat_notes(result))
+    return "\n".join([DECK_STYLE, "<h2>Chat evaluation</h2>", html_table(TABLE_HEADER, chat_table_rows(result)),
+                      notes])
+
+
+def chat_metrics(result: dict) -> dict[str, float]:
+    """Flat metrics for W&B: chat/chatcore, chat/<task>/accuracy, chat/<task>/centered."""
+    metrics = {"chat/chatcore": result["chatcore"]}
+    for task, scores in result["tasks"].items():
+        metrics |= {f"chat/{task}/accuracy": scores["accuracy"], f"chat/{task}/centered": scores["centered"]}
+    return metrics
+
+# ------------------------------------------------------------------------------------------- the CLI

@@ -1,0 +1,391 @@
+"""Serve a checkpoint: a chat page in the browser and an OpenAI-compatible chat-completions API.
+
+    nanochat serve --checkpoint DIR_OR_URI [--host 127.0.0.1 --port 8000 --max-concurrent 4]
+
+    GET  /                     the chat page (one self-contained HTML file: no CDN)
+    POST /v1/chat/completions  OpenAI's chat completions, streamed (server-sent events) or not
+    GET  /v1/models            the one model served
+    GET  /health               liveness, the mode (chat or plain completion) and the load
+
+Built on FastAPI + uvicorn. Torch runs on the engine's decode thread (engine.Scheduler): concurrent requests decode
+together in one batch, and the event loop stays free to stream. A client that disconnects mid-answer frees its
+slot at once; beyond --max-concurrent requests the answer is 429. The server listens on 127.0.0.1 unless told
+otherwise; with NANOCHAT_API_KEY set, every /v1 request needs `Authorization: Bearer <that key>`.
+
+OpenAI request fields: messages, model (any name is accepted: one model is served), stream, stream_options
+(include_usage), max_completion_tokens or max_tokens (1 .. the model's context; default: until the answer ends or
+the context is full), temperature (0..2, default 0.6), top_k (an extension, default 50; 0 = whole vocabulary), stop
+(a string or up to 4), seed (default: a random one). n must be 1 and top_p 1: other values are refused, not
+ignored. Fields that change what is asked (tools, functions, response_format, logprobs) are refused; the remaining
+fields (user, penalties, ...) are accepted and ignored.
+
+A base checkpoint is served in plain completion mode: the model continues the last user message as plain text
+(it never saw the chat format). Responses then carry `X-Nanochat-Mode: completion` and system_fingerprint
+"nanochat-flyte-completion", /health says so, and the page shows it.
+"""
+
+import asyncio
+import errno
+import hmac
+import json
+import logging
+import secrets
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from nanochat_flyte.data.conversation import ConversationError
+from nanochat_flyte.errors import UserError
+from nanochat_flyte.inference.engine import Engine, SamplingParams
+from nanochat_flyte.inference.scheduler import Request, Scheduler
+
+API_KEY_ENV = "NANOCHAT_API_KEY"
+DEFAULT_TEMPERATURE = 0.6  # nanochat's chat default: less repetitive than greedy, still on topic
+DEFAULT_TOP_K = 50
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_BODY_BYTES = 1_000_000  # a conversation that fills even a long context is far below this
+PAGE = Path(__file__).parent / "static" / "chat.html"  # package data (pyproject.toml)
+REFUSED_FIELDS = ("tools", "functions", "tool_choice", "function_call", "response_format", "logprobs",
+                  "top_logprobs")
+
+log = logging.getLogger("nanochat_flyte.inference.serve")
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
+
+
+@dataclass
+class ChatRequest:
+    """A checked POST /v1/chat/completions body."""
+    prompt: list[int]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+@dataclass
+class ServerState:
+    engine: Engine
+    scheduler: Scheduler
+    model_name: str
+    max_concurrent: int
+    api_key: str | None
+    max_body_bytes: int
+    active: set[Request] = field(default_factory=set)
+    counts: dict[str, int] = field(default_factory=lambda: {"completed": 0, "cancelled": 0, "failed": 0})
+
+    def running(self) -> int:
+        self.active = {request for request in self.active if not request.done}
+        return len(self.active)
+
+
+# ---------------------------------------------------------------------------- request checking
+
+
+def _number(body: dict, name: str, default, minimum, maximum, integer: bool):
+    value = body.get(name)
+    if value is None:
+        return default
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not minimum <= value <= maximum:
+        what = "an integer" if integer else "a number"
+        raise ApiError(400, f"{name}: must be {what} from {minimum} to {maximum}, got {value!r}", name,
+                       "invalid_value")
+    return value
+
+
+def _messages(body: dict) -> list[dict]:
+    """OpenAI messages as {role, content: str}: text content parts are joined, other parts refused."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages: must be a non-empty list of {role, content}", "messages")
+    plain = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ApiError(400, f"messages[{index}]: must be an object with role and content", "messages")
+        content = message.get("content")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                       for part in content):
+                raise ApiError(400, f"messages[{index}].content: only text parts are supported", "messages")
+            content = "".join(part["text"] for part in content)
+        plain.append({"role": message.get("role"), "content": content})
+    return plain
+
+
+def parse_chat_request(state: ServerState, body: object) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    for name in REFUSED_FIELDS:
+        if body.get(name) not in (None, False, []):
+            raise ApiError(400, f"{name}: not supported by this server", name, "unsupported_parameter")
+    if body.get("n") not in (None, 1):
+        raise ApiError(400, f"n: only 1 is supported (one answer per request), got {body['n']!r}", "n",
+                       "unsupported_value")
+    if body.get("top_p") not in (None, 1, 1.0):
+        raise ApiError(400, f"top_p: only 1 is supported (nucleus sampling is not implemented; use top_k), "
+                            f"got {body['top_p']!r}", "top_p", "unsupported_value")
+    engine = state.engine
+    try:
+        prompt = engine.chat_prompt(_messages(body))
+    except ConversationError as error:
+        raise ApiError(400, str(error), "messages") from None
+    if len(prompt) >= engine.context:
+        raise ApiError(400, f"messages: the conversation is {len(prompt)} tokens; this model's context is "
+                            f"{engine.context} tokens, and the answer needs at least one more",
+                       "messages", "context_length_exceeded")
+    length_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, length_field, engine.context, 1, engine.context, integer=True)
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if (not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS
+            or not all(isinstance(s, str) and s for s in stop)):
+        raise ApiError(400, f"stop: must be a non-empty string or a list of up to {MAX_STOP_STRINGS}", "stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise ApiError(400, "stream: must be true or false", "stream")
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise ApiError(400, "stream_options: must be an object", "stream_options")
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", DEFAULT_TEMPERATURE, 0, 2, integer=False),
+        top_k=_number(body, "top_k", DEFAULT_TOP_K, 0, engine.tokenizer.n_vocab, integer=True) or None,
+        seed=_number(body, "seed", secrets.randbelow(2**31), -2**63, 2**63 - 1, integer=True),
+        stop=tuple(stop))
+    return ChatRequest(prompt, params, bool(stream), bool(stream_options.get("include_usage")))
+
+
+async def read_json(state: ServerState, http: HttpRequest) -> object:
+    declared = http.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > state.max_body_bytes:
+        raise ApiError(413, f"the request body ({declared} bytes) is over the limit of {state.max_body_bytes} bytes",
+                       code="request_too_large")
+    body = bytearray()
+    async for chunk in http.stream():  # also bounds bodies sent without a Content-Length
+        body += chunk
+        if len(body) > state.max_body_bytes:
+            raise ApiError(413, f"the request body is over the limit of {state.max_body_bytes} bytes",
+                           code="request_too_large")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ApiError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
+    except RecursionError:  # [[[[... far deeper than any request: the parser's stack runs out
+        raise ApiError(400, "the request body is not valid JSON: nested too deeply", code="invalid_json") from None
+
+
+def check_api_key(state: ServerState, http: HttpRequest) -> None:
+    if state.api_key is None:
+        return
+    scheme, _, token = http.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
+        raise ApiError(401, f"a valid API key is needed: send `Authorization: Bearer <key>` (the key in "
+                            f"${API_KEY_ENV} on the server)", code="invalid_api_key")
+
+
+# ---------------------------------------------------------------------------- responses
+
+
+def _mode(engine: Engine) -> str:
+    return "chat" if engine.chat_mode else "completion"
+
+
+def _usage(request: Request) -> dict:
+    prompt, completion = len(request.sequence.prompt), len(request.sequence.tokens)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class Answer:
+    """One request's text, arriving from the decode thread through an asyncio.Event."""
+
+    def __init__(self, state: ServerState, chat: ChatRequest):
+        self.state = state
+        loop = asyncio.get_running_loop()
+        self._ready = asyncio.Event()
+
+        def notify() -> None:  # called on the decode thread
+            try:
+                loop.call_soon_threadsafe(self._ready.set)
+            except RuntimeError:  # the loop is closed: the server is shutting down
+                pass
+
+        self.request = state.scheduler.submit(chat.prompt, chat.params, notify)
+        state.active.add(self.request)
+
+    async def deltas(self):
+        """Text deltas until the answer is finished. Raises ApiError if decoding failed."""
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            deltas, finished = self.request.take()
+            for delta in deltas:
+                yield delta
+            if finished:
+                break
+        if self.request.error is not None:
+            self.state.counts["failed"] += 1
+            log.error("generation failed: %r", self.request.error)
+            raise ApiError(500, f"generation failed: {type(self.request.error).__name__}", kind="server_error")
+        self.state.counts["completed"] += 1
+
+    def abandon(self) -> None:
+        """The client is gone (or the server stops): stop decoding now, free the slot."""
+        if not self.request.done:
+            self.request.cancel()
+            self.state.counts["cancelled"] += 1
+            log.info("client went away: generation cancelled after %d tokens", len(self.request.sequence.tokens))
+
+
+def create_app(engine: Engine, *, model_name: str, max_concurrent: int = 4, api_key: str | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    state = ServerState(engine, Scheduler(engine), model_name, max_concurrent, api_key or None, max_body_bytes)
+    app = FastAPI(title="nanochat-flyte", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+    headers = {"X-Nanochat-Mode": _mode(engine)}
+    fingerprint = f"nanochat-flyte-{_mode(engine)}"
+
+    @app.exception_handler(ApiError)
+    async def api_error(_, error: ApiError):
+        return error.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_, error: HTTPException):  # unknown routes, wrong methods: OpenAI's shape too
+        return ApiError(error.status_code, str(error.detail), code=None).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(_, error: Exception):
+        log.exception("unexpected error")
+        return ApiError(500, f"internal error: {type(error).__name__}", kind="server_error").response()
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "phase": engine.phase, "mode": _mode(engine),
+                "context": engine.context, "auth": state.api_key is not None, "active": state.running(),
+                "max_concurrent": max_concurrent, "requests": dict(state.counts)}
+
+    @app.get("/v1/models")
+    async def models(http: HttpRequest):
+        check_api_key(state, http)
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "nanochat-flyte"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: HttpRequest):
+        check_api_key(state, http)
+        chat = parse_chat_request(state, await read_json(state, http))
+        if state.running() >= max_concurrent:
+            raise ApiError(429, f"the server is busy: {max_concurrent} answers are being generated; retry shortly",
+                           code="rate_limit_exceeded", kind="rate_limit_error")
+        answer = Answer(state, chat)
+        base = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": model_name,
+                "system_fingerprint": fingerprint}
+        if chat.stream:
+            return StreamingResponse(stream_events(answer, chat, base), media_type="text/event-stream",
+                                     headers={**headers, "Cache-Control": "no-cache"})
+        text = []
+        collecting = asyncio.ensure_future(_collect(answer, text))
+        try:
+            while not collecting.done():  # a non-streamed answer has no writes to notice a disconnect by: poll
+                await asyncio.wait([collecting], timeout=0.5)
+                if not collecting.done() and await http.is_disconnected():
+                    return Response(status_code=499)  # nobody reads it; finally frees the slot
+            collecting.result()  # raises the ApiError of a failed generation
+        finally:
+            collecting.cancel()
+            answer.abandon()
+        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                  "finish_reason": answer.request.sequence.finish_reason, "logprobs": None}
+        return JSONResponse({**base, "object": "chat.completion", "choices": [choice],
+                             "usage": _usage(answer.request)}, headers=headers)
+
+    return app
+
+
+async def _collect(answer: Answer, text: list[str]) -> None:
+    async for delta in answer.deltas():
+        text.append(delta)
+
+
+def _event(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+async def stream_events(answer: Answer, chat: ChatRequest, base: dict):
+    """Server-sent events in OpenAI's chunk format: the role, the text deltas, the finish reason, [DONE]."""
+    chunk = {**base, "object": "chat.completion.chunk"}
+
+    def choice(delta: dict, finish_reason: str | None = None) -> dict:
+        return {**chunk, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+
+    try:  # a disconnect cancels this generator at an await: finally frees the slot
+        yield _event(choice({"role": "assistant", "content": ""}))
+        try:
+            async for delta in answer.deltas():
+                yield _event(choice({"content": delta}))
+        except ApiError as error:  # the status line is sent already: the error goes into the stream
+            yield _event({"error": json.loads(error.response().body)["error"]})
+            yield _event("[DONE]")
+            return
+        yield _event(choice({}, answer.request.sequence.finish_reason))
+        if chat.include_usage:
+            yield _event({**chunk, "choices": [], "usage": _usage(answer.request)})
+        yield _event("[DONE]")
+    finally:
+        answer.abandon()
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def model_name_of(checkpoint: str) -> str:
+    """The checkpoint's directory name ("s3://bucket/runs/d20/checkpoint/" -> "d20-checkpoint")."""
+    parts = PurePosixPath(checkpoint.split("://", 1)[-1].rstrip("/")).parts
+    return "-".join(parts[-2:]) if len(parts) >= 2 else (parts[-1] if parts else "nanochat")
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Bind, and let go, what uvicorn will bind (asyncio's create_server: every address of the host): a host that
+    is no address here or a port in use then fails in one line naming the flag, before the model loads."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise UserError(f"--host: {host!r} is neither an IP address nor a known host name ({error.strerror})") from None
+    bound = 0
+    for family, _, _, _, address in set(infos):
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as create_server: TIME_WAIT is no obstacle
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as error:
+                if error.errno == errno.EADDRNOTAVAIL:  # create_server skips those; it fails if none is left
+                    continue
+                problems = {errno.EADDRINUSE: f"--port: {port} is already in use on {host}",
+                            errno.EACCES: f"--port: no permission to listen on port {port} (below 1024 needs root)"}
+                raise UserError(problems.get(error.errno, f"--host/--port: cannot listen on {host} port {port}: "
+                                                          f"{error.strerror}")) from None
+            bound += 1
+    if not bound:
+        raise UserError(f"--host: {host} is not an address of this machine")

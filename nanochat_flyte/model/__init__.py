@@ -1,0 +1,2 @@
+"""The model: the GPT (gpt), its optimizers (optim), checkpoints (checkpoint), and the device and precision it runs
+in (device). Imports data/ (the tokenizer saved with a checkpoint) and the config modules."""

@@ -1,0 +1,198 @@
+"""The checkpoint directory (docs/architecture.md): save and restore the full training state, load for inference.
+
+checkpoint.pt holds everything a resumed run needs to continue on the exact same loss curve: weights,
+optimizer and grad-scaler state, every RNG, the data loader position, the step and the loop's own state.
+It holds only tensors and plain Python values, so it loads with torch.load(weights_only=True): loading a
+checkpoint from a remote URI never runs code from it.
+"""
+
+import json
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import tiktoken
+import torch
+
+from nanochat_flyte.data.download import write_atomically
+from nanochat_flyte.data.tokenizer import load_tokenizer
+from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.model.gpt import GPT, GPTConfig
+
+CHECKPOINT_FILE = "checkpoint.pt"
+MODEL_CONFIG_FILE = "model_config.json"
+TRAINING_STATE_FILE = "training_state.json"
+CONFIG_FILE = "config.json"  # the run's config as `pyflyte run ... --config` and `train --config` take it
+TOKENIZER_DIR = "tokenizer"
+# What load_model fetches of a remote checkpoint (training_state.json, which holds the phase, where there is one)
+INFERENCE_FILES = (CHECKPOINT_FILE, MODEL_CONFIG_FILE, TOKENIZER_DIR, TRAINING_STATE_FILE)
+
+
+def write_json(path: Path, values: dict) -> None:
+    write_atomically(path, lambda temp: temp.write_text(json.dumps(values, indent=2) + "\n"))
+
+
+# ---------------------------------------------------------------------- RNG states
+
+
+def rng_states() -> dict:
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
+                  "has_gauss": has_gauss, "cached_gaussian": cached_gaussian},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    numpy = states["numpy"]
+    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ---------------------------------------------------------------------- training state
+
+
+def save_checkpoint(out_dir: Path, *, step: int, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
+                    grad_scaler: torch.amp.GradScaler | None, loader_state: dict, loop_state: dict,
+                    config: dict, model_config: GPTConfig) -> Path:
+    """Write checkpoint.pt and model_config.json into out_dir. `model` is the bare model (not compiled or DDP)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {
+        "step": step,
+        "model": model.state_dict(),
+        "optimizers": [optimizer.state_dict() for optimizer in optimizers],
+        "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
+        "rng": rng_states(),
+        "loader": loader_state,
+        "loop": loop_state,
+        "config": config,
+        "model_config": model_config.to_dict(),
+    }
+    write_atomically(out_dir / CHECKPOINT_FILE, lambda temp: torch.save(state, temp))
+    write_json(out_dir / MODEL_CONFIG_FILE, model_config.to_dict())
+    return out_dir / CHECKPOINT_FILE
+
+
+def load_checkpoint(checkpoint_dir: Path) -> dict:
+    """The saved state, on the CPU: RNG states must be CPU tensors, and load_state_dict() moves the weights and
+    optimizer states to wherever the model lives."""
+    path = Path(checkpoint_dir) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CHECKPOINT_FILE} in {checkpoint_dir}: nothing to resume from")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------- copies elsewhere
+
+
+def is_uri(location: str | Path) -> bool:
+    return "://" in str(location)
+
+
+def check_save_to(target: str, owner: str) -> None:
+    """Fail in one line, before any training, when a local save_to cannot be written (a URI's store is known only at
+    the first copy): the first copy comes save_every steps into the run."""
+    if not target or is_uri(target):
+        return
+    try:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=target).close()
+    except OSError as error:
+        raise ConfigError("save_to", f"cannot write to {target!r}: {error.strerror or error}", owner) from None
+
+
+def publish_checkpoint(checkpoint_dir: Path, target: str) -> None:
+    """Copy the checkpoint directory to `target`, a local directory or any fsspec URI (s3://, gs://, ...). Every
+    file lands whole: locally through a temp file and a rename; object stores write an object at once. checkpoint.pt
+    goes last, so a copy that holds it holds the files that describe it."""
+    files = sorted((path for path in Path(checkpoint_dir).rglob("*") if path.is_file()),
+                   key=lambda path: path.name == CHECKPOINT_FILE)
+    if not is_uri(target):
+        for path in files:
+            destination = Path(target) / path.relative_to(checkpoint_dir)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(destination, lambda temp, source=path: shutil.copyfile(source, temp))
+        return
+    filesystem, root = fsspec.core.url_to_fs(target)
+    for path in files:
+        filesystem.put_file(str(path), f"{root.rstrip('/')}/{path.relative_to(checkpoint_dir).as_posix()}")
+
+
+def fetch_checkpoint(source: str | Path, local_dir: Path, names: tuple[str, ...] | None = None) -> Path:
+    """A checkpoint directory (local path or fsspec URI) as a local directory: local paths are used in place,
+    remote ones are downloaded into local_dir: all of it, or only the files and folders in `names` that it has."""
+    if not is_uri(source) or str(source).startswith("file://"):
+        path = Path(fsspec.core.url_to_fs(str(source))[1])
+        if not (path / CHECKPOINT_FILE).is_file():
+            raise FileNotFoundError(f"no {CHECKPOINT_FILE} in {source}: not a checkpoint directory")
+        return path
+    filesystem, root = fsspec.core.url_to_fs(str(source))
+    root = root.rstrip("/")
+    if not filesystem.exists(f"{root}/{CHECKPOINT_FILE}"):
+        raise FileNotFoundError(f"no {CHECKPOINT_FILE} under {source}: not a checkpoint directory")
+    if names is None:
+        filesystem.get(f"{root}/", str(local_dir), recursive=True)
+    for name in names or ():
+        if filesystem.exists(f"{root}/{name}"):
+            filesystem.get(f"{root}/{name}", str(Path(local_dir) / name), recursive=True)
+    return Path(local_dir)
+
+
+def read_checkpoint_json(source: str | Path, name: str) -> dict | None:
+    """One small JSON file of a checkpoint directory (local or fsspec URI), without fetching the weights; None if
+    the checkpoint has no such file."""
+    filesystem, root = fsspec.core.url_to_fs(str(source))
+    path = f"{root.rstrip('/')}/{name}"
+    if not filesystem.exists(path):
+        return None
+    with filesystem.open(path, "r") as file:
+        return json.load(file)
+
+
+# ---------------------------------------------------------------------- inference
+
+
+@dataclass
+class LoadedModel:
+    model: GPT  # in eval mode, on the device it was loaded to
+    tokenizer: tiktoken.Encoding
+    config: GPTConfig
+    phase: str  # "base" (continues text) or "chat" (fine-tuned on conversations)
+    source: str  # the directory or URI it was loaded from
+
+
+def checkpoint_phase(checkpoint_dir: Path) -> str:
+    """"base" or "chat", from training_state.json (a checkpoint without one is a base checkpoint)."""
+    state_file = Path(checkpoint_dir) / TRAINING_STATE_FILE
+    return json.loads(state_file.read_text()).get("phase", "base") if state_file.is_file() else "base"
+
+
+def _load_local(checkpoint_dir: Path, device: torch.device, source: str) -> LoadedModel:
+    model_config = GPTConfig.from_dict(json.loads((checkpoint_dir / MODEL_CONFIG_FILE).read_text()))
+    weights = torch.load(checkpoint_dir / CHECKPOINT_FILE, map_location=device, weights_only=True)["model"]
+    model = GPT(model_config)
+    model.load_state_dict(weights)
+    model.to(device).eval()
+    return LoadedModel(model, load_tokenizer(checkpoint_dir / TOKENIZER_DIR), model_config,
+                       checkpoint_phase(checkpoint_dir), source)
+
+
+def load_model(checkpoint: str | Path, device: torch.device) -> LoadedModel:
+    """The model (in eval mode), tokenizer and phase of a checkpoint directory or any fsspec URI (s3://, gs://,
+    file://, ...). Of a remote checkpoint only what inference needs is downloaded, to a temp dir that is gone once
+    the model is in memory."""
+    with tempfile.TemporaryDirectory(prefix="nanochat-checkpoint-") as temp:
+        return _load_local(fetch_checkpoint(checkpoint, Path(temp), INFERENCE_FILES), device, str(checkpoint))

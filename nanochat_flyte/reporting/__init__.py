@@ -1,0 +1,2 @@
+"""What a run leaves for people to read: W&B and metrics files (tracking), the report card and deck HTML (report),
+the results JSON (results), and the machine's description (environment). Imports data/ and the config modules."""

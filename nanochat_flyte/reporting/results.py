@@ -1,0 +1,61 @@
+"""The final results of a run: one JSON document, shaped like the reference run's."""
+
+import json
+from pathlib import Path
+
+import fsspec
+
+WORKFLOW_NAME = "nanochat_full_training"
+
+
+def aggregate_results(config_dict: dict, environment: dict, manifest: dict, training: dict,
+                      checkpoint_dir: str, core: dict | None = None) -> dict:
+    """Combine what the stages reported. `training` is the summary train() returns; `core` the CORE evaluation
+    (evaluation.core.score_core; empty or None when it did not run)."""
+    data = {key: manifest.get(key) for key in ("train_tokens", "val_tokens", "tokens_needed", "epochs")}
+    data["tokenizer"] = manifest.get("tokenizer", {}).get("name")
+    data["train_shards"] = [entry["shard"] for entry in manifest.get("train", [])]
+    data["val_shards"] = [entry["shard"] for entry in manifest.get("val", [])]
+    return {
+        "workflow": WORKFLOW_NAME,
+        "run_name": config_dict["run_name"],
+        "training": {**training, "checkpoint_dir": checkpoint_dir},
+        "data": data,
+        "environment": environment,
+        "config": config_dict,
+        "wandb_url": training.get("wandb_url"),
+        "core": core or None,
+    }
+
+
+# by the checkpoint's stage: the workflow, the key of its training summary, the key of the checkpoint it started from
+CHAT_STAGES = {"chat": ("nanochat_chat", "sft", "base_checkpoint"), "rl": ("chat_rl", "rl", "sft_checkpoint")}
+
+
+def chat_results(config: dict, start_checkpoint: str, training: dict, evaluation: dict, checkpoint_dir: str) -> dict:
+    """The results of a chat stage: SFT (from a base checkpoint) or RL (from an SFT one), as its training summary
+    (Trainer) and the chat evaluation of its checkpoint (chat_eval.evaluate_chat)."""
+    workflow, summary_key, start_key = CHAT_STAGES[training.get("stage", "chat")]
+    return {
+        "workflow": workflow,
+        "run_name": training.get("run_name"),
+        start_key: start_checkpoint,
+        summary_key: {**training, "checkpoint_dir": checkpoint_dir},
+        "chat_eval": evaluation,
+        "chatcore": evaluation.get("chatcore"),
+        "config": config,
+        "wandb_url": training.get("wandb_url"),
+    }
+
+
+RESULTS_FILE = "results.json"
+
+
+def write_results(results: dict, directory: str | Path) -> str:
+    """results.json in a directory or under any fsspec URI (s3://...); returns where it went."""
+    target = f"{str(directory).rstrip('/')}/{RESULTS_FILE}"
+    filesystem, path = fsspec.core.url_to_fs(target)
+    filesystem.makedirs(filesystem._parent(path), exist_ok=True)
+    with filesystem.open(path, "w") as file:
+        file.write(json.dumps(results, indent=2, default=str) + "\n")
+    return target

@@ -1,0 +1,260 @@
+"""Run tracking: Weights & Biases (with an offline fallback), plus metrics.jsonl and samples.jsonl.
+
+The two JSON-lines files in the output directory are the durable record: every step is appended and flushed
+before W&B sees it, so a run is fully described even when W&B is unreachable. W&B is best effort: a missing
+network, a bad key or a service error at init or at log time never fails training; the Tracker falls back to
+an offline run (under out_dir/wandb, `wandb sync`-able later) or, if that fails too, to no W&B at all, with a
+single warning line.
+
+Run id: inside a Flyte execution the W&B run id is the execution name (FLYTE_INTERNAL_EXECUTION_ID), the same
+convention as flytekitplugins-wandb, so a console log-link template can point at the run and every retry of the
+task resumes the same run; a fine-tuning run in the same execution is "<execution>-chat". Elsewhere a resumed run
+reuses the id stored in out_dir/wandb_run_id. Evaluations after training (CORE, chat evaluation) add their numbers
+to the run of the checkpoint they evaluated (log_evaluation).
+"""
+
+import json
+import logging
+import os
+import secrets
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+try:
+    import wandb
+except ImportError:  # W&B is optional where it is off: the GPU acceptance machine has no wandb package
+    wandb = None
+
+from nanochat_flyte.config import RunConfig
+from nanochat_flyte.data.download import write_atomically
+from nanochat_flyte.reporting.environment import wandb_key_available
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+RUN_INFO_FILE = "run_info.json"  # config, parameters, FLOPs/token, environment: what the report card reads
+RUN_ID_FILE = "wandb_run_id"
+SAMPLE_COLUMNS = ["step", "prompt", "completion"]
+# A reachable W&B answers in a few seconds; a dead one should cost the GPU little time before we go offline.
+# WANDB_INIT_TIMEOUT (W&B's own variable) overrides it.
+DEFAULT_INIT_TIMEOUT_S = 30.0
+# Upload at finish is bounded too; whatever is left stays in out_dir/wandb for `wandb sync`.
+FINISH_TIMEOUT_S = 300.0
+# Modes tried in order: online falls back to offline, offline to nothing.
+FALLBACKS = {"online": ("online", "offline"), "offline": ("offline",), "disabled": ()}
+
+
+def resolve_mode(requested: str) -> str:
+    """'auto' means online when a W&B API key is present (WANDB_API_KEY or `wandb login`), offline otherwise."""
+    if requested == "auto":
+        return "online" if wandb_key_available() else "offline"
+    return requested
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The complete JSON lines of a file; a line torn by a crash mid-write is skipped."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def truncate_jsonl(path: Path, last_step: int) -> list[dict[str, Any]]:
+    """Keep the lines with step <= last_step, so a run resumed at last_step does not log steps twice."""
+    kept = [record for record in read_jsonl(path) if record.get("step", 0) <= last_step]
+    if path.exists():
+        text = "".join(json.dumps(record) + "\n" for record in kept)
+        write_atomically(path, lambda temp: temp.write_text(text))  # a crash leaves the old file or the new one
+    return kept
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    # default=float turns numpy / 0-d tensor scalars into plain numbers
+    with path.open("a") as file:
+        file.write(json.dumps(record, default=float) + "\n")
+        file.flush()
+
+
+class Tracker:
+    """Logs one training run. On ranks other than 0 every method does nothing (one writer per run)."""
+
+    def __init__(self, config: RunConfig, out_dir: Path, env_report: dict | None = None, rank: int = 0,
+                 resume_step: int | None = None, phase: str = "base"):
+        self.config, self.phase = config, phase
+        self.out_dir = Path(out_dir)
+        self.is_writer = rank == 0
+        self.run = None
+        self.mode = "disabled"
+        self.url: str | None = None
+        self.offline_dir: Path | None = None
+        self.summary: dict[str, Any] = {}
+        self.sample_rows: list[list[Any]] = []
+        if not self.is_writer:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for name in (METRICS_FILE, SAMPLES_FILE):
+            if resume_step is not None:
+                truncate_jsonl(self.out_dir / name, resume_step)
+            else:  # a new run in a used directory: the old run's records would mix with this one's
+                (self.out_dir / name).unlink(missing_ok=True)
+        # the W&B samples table is cumulative: a resumed run starts with the samples already taken
+        self.sample_rows = [[row["step"], row["prompt"], row["completion"]]
+                            for row in read_jsonl(self.out_dir / SAMPLES_FILE)]
+        self.run_id = self._choose_run_id(resuming=resume_step is not None)
+        self.run_info: dict[str, Any] = {"config": config.to_dict(), "environment": env_report}
+        self._write_run_info()
+        self._start_wandb(FALLBACKS[resolve_mode(config.wandb_mode)])
+
+    # ------------------------------------------------------------------ W&B lifecycle
+
+    def _choose_run_id(self, resuming: bool) -> str:
+        id_file = self.out_dir / RUN_ID_FILE
+        run_id = os.environ.get("FLYTE_INTERNAL_EXECUTION_ID")
+        if run_id and self.phase != "base":  # base training and fine-tuning of one execution: two runs
+            run_id = f"{run_id}-{self.phase}"
+        if not run_id and resuming and id_file.exists():
+            run_id = id_file.read_text().strip()
+        run_id = run_id or secrets.token_hex(6)  # W&B ids: lowercase letters and digits
+        id_file.write_text(run_id)
+        return run_id
+
+    def _init_run(self, mode: str):
+        init_timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", DEFAULT_INIT_TIMEOUT_S))
+        run = wandb.init(
+            project=self.config.wandb_project or "nanochat",
+            entity=self.config.wandb_entity or None,
+            name=self.config.run_name or None,
+            id=self.run_id,
+            resume="allow",  # a retry or a resume continues the same run
+            dir=self.out_dir,  # the run lands in out_dir/wandb and travels with the checkpoint directory
+            config=self.run_info,
+            mode=mode,
+            settings=wandb.Settings(init_timeout=init_timeout, finish_timeout=FINISH_TIMEOUT_S,
+                                    symlink=False),  # no 'latest-run' symlink in the uploaded directory
+        )
+        # A custom x-axis: "step" is in every row, so val/bpb and the samples plot against the training step,
+        # and a resumed run may re-log steps W&B has seen (its own _step must only grow).
+        run.define_metric("step")
+        for pattern in ("train/*", "val/*", "core/*", "chat/*", "samples"):
+            run.define_metric(pattern, step_metric="step")
+        return run
+
+    def _start_wandb(self, modes: tuple[str, ...], trouble: str = "") -> None:
+        """Start the first mode of `modes` that works; warn once if any failed (or if `trouble` says why)."""
+        self.run, self.mode = None, "disabled"
+        problems = [trouble] if trouble else []
+        if modes and wandb is None:
+            problems, modes = problems + ["the wandb package is not installed"], ()
+        for mode in modes:
+            try:
+                self.run = self._init_run(mode)
+                self.mode = mode
+                break
+            except Exception as error:  # W&B must never fail training
+                problems.append(f"{mode} init failed: {self._redact(error)}")
+                wandb.teardown()  # the failed attempt keeps the run id reserved in W&B's service process
+        if self.mode == "offline":
+            self.offline_dir = Path(self.run.settings.sync_dir)
+        if problems:
+            fallback = f"logging offline to {self.offline_dir}" if self.mode == "offline" else "W&B disabled"
+            logger.warning("W&B: %s; %s (metrics.jsonl is complete either way)", "; ".join(problems), fallback)
+
+    def _wandb_call(self, action) -> None:
+        """Run a W&B call; if it fails, switch to offline (or to nothing if offline itself failed)."""
+        if self.run is None:
+            return
+        try:
+            action()
+        except Exception as error:  # W&B must never fail training
+            failed_mode = self.mode
+            wandb.teardown()
+            self._start_wandb(FALLBACKS[failed_mode][1:], trouble=f"{failed_mode} logging failed: "
+                                                                  f"{self._redact(error)}")
+
+    @staticmethod
+    def _redact(error: Exception) -> str:
+        """The error text, with the API key removed should a library ever echo it."""
+        text = str(error).splitlines()[0] if str(error) else type(error).__name__
+        key = os.environ.get("WANDB_API_KEY")
+        return text.replace(key, "<WANDB_API_KEY>") if key else text
+
+    # ------------------------------------------------------------------ logging
+
+    def log(self, step: int, metrics: dict[str, float | int | None]) -> None:
+        """One row of metrics at a training step; None values (not measured this step) are dropped."""
+        if not self.is_writer:
+            return
+        values = {key: value for key, value in metrics.items() if value is not None}
+        append_jsonl(self.out_dir / METRICS_FILE, {"step": step, "time": time.time(), **values})
+        self._wandb_call(lambda: self.run.log({**values, "step": step}))
+
+    def log_config(self, extra: dict[str, Any]) -> None:
+        """Facts known once the model exists: parameter count, FLOPs per token, and the like."""
+        if not self.is_writer:
+            return
+        self.run_info.update(extra)
+        self._write_run_info()
+        self._wandb_call(lambda: self.run.config.update(extra, allow_val_change=True))
+
+    def log_samples(self, step: int, samples: list[dict[str, str]]) -> None:
+        """Generated text at a step: appended to samples.jsonl and shown in one cumulative W&B table."""
+        if not self.is_writer:
+            return
+        for sample in samples:
+            append_jsonl(self.out_dir / SAMPLES_FILE, {"step": step, **sample})
+            self.sample_rows.append([step, sample["prompt"], sample["completion"]])
+        # a fresh table with every row so far: the newest version in the W&B UI shows all sampling points
+        self._wandb_call(lambda: self.run.log({"samples": wandb.Table(columns=SAMPLE_COLUMNS,
+                                                                      data=self.sample_rows), "step": step}))
+
+    def set_summary(self, summary: dict[str, Any]) -> None:
+        """Final numbers (min/final validation bpb, total time, tokens seen): W&B run summary and the report."""
+        if not self.is_writer:
+            return
+        self.summary.update(summary)
+        self._wandb_call(lambda: self.run.summary.update(summary))
+
+    def finish(self) -> str | None:
+        """Close the W&B run. Returns the run URL when it was logged online."""
+        if self.run is None:
+            return self.url
+        try:
+            if self.mode == "online":
+                self.url = self.run.url
+            self.run.finish()
+            # finish() can return before W&B's service has written the run's .wandb file; shutting the service
+            # down waits for that, and the directory is uploaded (or read back) right after training.
+            wandb.teardown()
+        except Exception as error:  # a failed upload leaves the run in out_dir/wandb for `wandb sync`
+            logger.warning("W&B: finish failed: %s; the run stays in %s", self._redact(error), self.out_dir / "wandb")
+        self.run = None
+        return self.url
+
+    def _write_run_info(self) -> None:
+        (self.out_dir / RUN_INFO_FILE).write_text(json.dumps(self.run_info, indent=2, default=str))
+
+
+def log_evaluation(config: RunConfig, checkpoint: str, step: int, metrics: dict[str, float], summary: dict[str, Any],
+                   phase: str = "base") -> str | None:
+    """Add an evaluation's numbers to the W&B run that trained `checkpoint` (a directory or fsspec URI), at the
+    training step it ended on. The run id comes from the Flyte execution, or from the checkpoint's wandb_run_id.
+    Returns the run's URL when online. The numbers are in the results JSON whatever W&B does."""
+    with tempfile.TemporaryDirectory(prefix="nanochat-eval-wandb-") as scratch:
+        filesystem, root = fsspec.core.url_to_fs(str(checkpoint))
+        id_file = f"{root.rstrip('/')}/{RUN_ID_FILE}"
+        if filesystem.exists(id_file):
+            Path(scratch, RUN_ID_FILE).write_text(filesystem.cat_file(id_file).decode())
+        tracker = Tracker(config, Path(scratch), resume_step=step, phase=phase)
+        tracker.log(step, metrics)
+        tracker.set_summary(summary)
+        return tracker.finish()

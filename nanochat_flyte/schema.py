@@ -1,0 +1,162 @@
+"""How a config is read and checked: the YAML loader, value coercion, `StrictConfig` (the base of every config)
+and the field checks the configs' validate() methods share. Imports only errors.py.
+"""
+
+import dataclasses
+import difflib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nanochat_flyte.errors import ConfigError
+
+
+class YamlLoader(yaml.SafeLoader):
+    """YAML as YAML 1.2 reads booleans: only true/false. YAML 1.1's yes/no/on/off would turn `humaneval: off` into
+    False, and the user's `off` into a confusing `must be a str, got False`."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+
+
+# Fields whose words are YAML 1.1 booleans. `pyflyte run --chat_config preset.yaml` reads the file with PyYAML's
+# safe_load, not YamlLoader, and hands us `humaneval: off` as False: a boolean means the word it was read from.
+ON_OFF_FIELDS = ("humaneval",)
+
+
+# Allowed types of a field's value, by its annotation: YAML and JSON write 1 for 1.0, and the console's JSON
+# (a protobuf Struct) turns every number into a float, so whole floats are accepted for ints and ints for floats.
+def coerce(owner: str, field: dataclasses.Field, value: Any) -> Any:
+    kind = field.type if isinstance(field.type, type) else {"int": int, "float": float, "str": str,
+                                                              "bool": bool}[field.type]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= 2**63:  # torch's seeds, Flyte's msgpack and every counter here are 64-bit
+                raise ConfigError(field.name, f"must be below 2**63 in size, got {value}", owner)
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # NaN passes every `< 0` check and trains to a NaN loss
+                raise ConfigError(field.name, f"must be a finite number, got {value}", owner)
+            return float(value)
+    elif isinstance(value, bool) and field.name in ON_OFF_FIELDS:
+        return "on" if value else "off"
+    elif isinstance(value, kind):
+        return value
+    raise ConfigError(field.name, f"must be {'an' if kind is int else 'a'} {kind.__name__}, got {value!r}", owner)
+
+
+class StrictConfig:
+    """What the workflow configs share: every way into them rejects an unknown field by name, before anything runs.
+
+    The ways in: our loaders (`from_file`, `from_mapping`, the config CLI); `pyflyte run --config` (flytekit calls
+    the class's `from_json` when it has one, instead of patching in dataclasses_json's lenient one); and Flyte's type
+    engine (the msgpack literal of a launch and the console's JSON on a relaunch), which decodes with mashumaro,
+    which calls `__pre_deserialize__` first.
+    """
+
+    @classmethod
+    def check_fields(cls, values: dict[str, Any]) -> None:
+        known = [f.name for f in dataclasses.fields(cls)]
+        for name in sorted(set(values) - set(known)):
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"{cls.__name__} has {', '.join(known)}"
+            raise ConfigError(name, f"unknown field; {hint}", cls.__name__)
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]):
+        """A config from plain values; fields left out keep their defaults. Not named from_dict: pyflyte run
+        patches dataclasses_json's lenient from_dict onto input dataclasses that have none."""
+        if not isinstance(values, dict):
+            raise ConfigError("*", f"a config is a mapping of field: value, got {type(values).__name__}", cls.__name__)
+        cls.check_fields(values)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        return cls(**{name: coerce(cls.__name__, fields[name], value) for name, value in values.items()})
+
+    @classmethod
+    def __pre_deserialize__(cls, values: dict[str, Any]) -> dict[str, Any]:
+        cls.check_fields(values)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        return {name: coerce(cls.__name__, fields[name], value) for name, value in values.items()}
+
+    @classmethod
+    def from_json(cls, text: str):
+        """What `pyflyte run --config` builds the input with: inline JSON, or a YAML/JSON file flytekit has read.
+        Validated here too, so that a bad value stops the command before anything runs, as one line: click's
+        BadParameter (pyflyte's CLI toolkit) prints its message; any other exception prints a traceback."""
+        try:
+            return cls.from_mapping(json.loads(text)).validate()
+        except ConfigError as error:
+            import click
+
+            raise click.BadParameter(str(error)) from error
+
+    @classmethod
+    def from_file(cls, path: str | Path):
+        """Load a preset (YAML or JSON). Fields it leaves out keep their defaults."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("*", f"no preset file {str(path)!r}", cls.__name__)
+        try:
+            text = path.read_text()
+            values = json.loads(text) if path.suffix == ".json" else yaml.load(text, YamlLoader)
+        except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as error:
+            problem = " ".join(str(error).split())  # YAML's messages span lines
+            raise ConfigError("*", f"{str(path)!r} is not a {'JSON' if path.suffix == '.json' else 'YAML'} "
+                                   f"document: {problem}", cls.__name__) from None
+        return cls.from_mapping(values or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self, world_size: int = 1):
+        raise NotImplementedError
+
+
+def at_least(config, field: str, minimum: int) -> None:
+    value = getattr(config, field)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(field, f"must be an integer, got {value!r}", type(config).__name__)
+    if value < minimum:
+        raise ConfigError(field, f"must be >= {minimum}, got {value}", type(config).__name__)
+
+
+def one_of(config, field: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(config, field)
+    if value not in allowed:
+        raise ConfigError(field, f"unknown value {value!r}; choose one of {', '.join(allowed)}", type(config).__name__)
+
+
+def fraction(config, field: str) -> None:
+    if not 0.0 <= getattr(config, field) <= 1.0:
+        raise ConfigError(field, f"must be in [0, 1], got {getattr(config, field)}", type(config).__name__)
+
+
+def non_negative(config, field: str) -> None:
+    if getattr(config, field) < 0:
+        raise ConfigError(field, f"must be >= 0, got {getattr(config, field)}", type(config).__name__)
+
+
+def parse_override(assignment: str, owner: str = "RunConfig") -> tuple[str, Any]:
+    """'field=value' with value typed as YAML reads it (4 -> int, true -> bool, text -> str); a value YAML cannot
+    read (`run_name=@me`, `eval_tasks=,,`) is taken as the text it is."""
+    field, sep, value = assignment.partition("=")
+    if not sep or not field.strip():
+        raise ConfigError(field.strip() or "*", f"override {assignment!r} is not of the form field=value", owner)
+    try:
+        return field.strip(), yaml.load(value, YamlLoader)
+    except yaml.YAMLError:
+        return field.strip(), value

@@ -1,0 +1,551 @@
+"""The training loop, shared by pretraining, supervised fine-tuning (SFT) and RL: `Trainer`, and `train()`, the
+pretraining run (`nanochat train`, also under torchrun).
+
+One loop for every setting: CPU, MPS, one GPU, or N GPUs under DDP (rank 0 alone writes and logs). Per step:
+grad_accum_steps micro-batches forward/backward, one optimizer step. At step boundaries: validation, samples and
+checkpoints. In a single-process run a CUDA out-of-memory error halves the device batch (and doubles the
+accumulation, so the optimizer sees the same batch) and re-runs the step.
+
+A `Phase` brings what differs between the stages: the batches, their loss (next-token cross-entropy unless it
+says otherwise), the validation metric, the samples and the starting weights (`Pretraining` here, `FineTuning` in
+chat_sft.py, `ReinforcementLearning` in chat_rl.py, whose batches are answers it samples and rewards). The Trainer
+does the rest: device and precision, DDP, optimizers and schedules, the OOM fallback, resuming, W&B and
+metrics.jsonl, checkpoints, the report card.
+
+    nanochat train --config configs/X.yaml --data-dir DATA --out-dir OUT [--resume-dir CKPT]
+    torchrun --nproc_per_node=2 -m nanochat_flyte train --config configs/X.yaml --data-dir DATA --out-dir OUT
+
+Resuming (--resume-dir, or `main(resume_from=...)` in the workflow) continues from the checkpoint's step with the
+optimizer, data position and RNG states it saved. With a larger num_iterations it extends a finished run: the LR
+schedule is that of the new num_iterations, so a run that had finished its warmdown returns to the flat learning
+rate and warms down again over the last warmdown_ratio of the new length.
+"""
+
+import contextlib
+import dataclasses
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import tiktoken
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from nanochat_flyte.config import RunConfig
+from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.model.checkpoint import (
+    CONFIG_FILE,
+    TOKENIZER_DIR,
+    TRAINING_STATE_FILE,
+    check_save_to,
+    load_checkpoint,
+    publish_checkpoint,
+    read_checkpoint_json,
+    restore_rng_states,
+    save_checkpoint,
+    write_json,
+)
+from nanochat_flyte.model.device import Precision, mfu, peak_flops, select_device, select_precision
+from nanochat_flyte.model.gpt import GPT, GPTConfig
+from nanochat_flyte.model.optim import apply_schedules, build_optimizers, lr_multiplier
+from nanochat_flyte.reporting.report import write_report
+from nanochat_flyte.reporting.tracking import Tracker
+
+LOSS_EMA_BETA = 0.9  # smoothing of the logged loss: roughly the mean of the last 10 steps
+
+
+# ---------------------------------------------------------------------- one optimizer step
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over micro-batches and ranks
+    grad_norm: float  # before clipping; inf/nan on an fp16 overflow
+    skipped: bool  # the grad scaler found inf/nan gradients and no optimizer stepped
+
+
+def next_token_loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
+    """The mean cross-entropy of a batch's (inputs, targets): pretraining's and SFT's loss."""
+    inputs, targets = batch
+    return model(inputs, targets)
+
+
+def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], batches: Iterator,
+               grad_accum_steps: int, precision: Precision, grad_scaler: torch.amp.GradScaler | None,
+               grad_clip: float, loss_of: Callable[[torch.nn.Module, tuple], torch.Tensor] = next_token_loss
+               ) -> StepResult:
+    """Forward/backward over grad_accum_steps micro-batches, then one step of every optimizer. loss_of(model,
+    batch) is a micro-batch's loss (next_token_loss, or RL's policy-gradient loss)."""
+    micro_losses = []
+    for micro_step in range(grad_accum_steps):
+        batch = next(batches)
+        # under DDP, all-reduce the gradients once, after the last micro-batch
+        last_micro_step = micro_step == grad_accum_steps - 1
+        no_sync = isinstance(model, DistributedDataParallel) and not last_micro_step
+        with model.no_sync() if no_sync else contextlib.nullcontext():
+            with precision.autocast():
+                loss = loss_of(model, batch)
+            micro_losses.append(loss.detach())
+            loss = loss / grad_accum_steps  # the gradient of the mean over the whole batch
+            (grad_scaler.scale(loss) if grad_scaler else loss).backward()
+    if grad_scaler:
+        for optimizer in optimizers:  # clip (and step) the true gradients, not the scaled ones
+            grad_scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    # skip the whole step on inf/nan, not only the optimizers whose own gradients overflowed
+    skipped = grad_scaler is not None and not torch.isfinite(grad_norm).item()
+    for optimizer in optimizers:
+        if grad_scaler is None:
+            optimizer.step()
+        elif not skipped:
+            grad_scaler.step(optimizer)
+    if grad_scaler:
+        grad_scaler.update()  # lowers the scale after an overflow, raises it after a run of good steps
+    model.zero_grad(set_to_none=True)
+    loss = torch.stack(micro_losses).mean()
+    if dist.is_initialized():
+        dist.all_reduce(loss)  # gloo has no AVG: sum, then divide
+        loss /= dist.get_world_size()
+    return StepResult(loss=loss.item(), grad_norm=grad_norm.item(), skipped=skipped)
+
+
+def build_model(config: RunConfig, vocab_size: int, device: torch.device) -> GPT:
+    torch.manual_seed(config.seed)  # the same initial weights on every rank and every run of a config
+    model = GPT(GPTConfig.from_depth(config.depth, vocab_size, config.max_seq_len, config.residual_scalars)).to(device)
+    model.init_weights()
+    return model
+
+
+def compile_model(model: GPT, config: RunConfig, device: torch.device) -> torch.nn.Module:
+    # compile pays off only on CUDA; on CPU its start-up time exceeds any gain in a run that fits a CPU
+    return torch.compile(model) if config.compile and device.type == "cuda" else model
+
+
+def make_grad_scaler(precision: Precision, device: torch.device) -> torch.amp.GradScaler | None:
+    return torch.amp.GradScaler(device.type) if precision.use_grad_scaler else None
+
+
+# ---------------------------------------------------------------------- loop state
+
+
+@dataclass
+class LoopState:
+    """Everything the loop carries from step to step besides weights, optimizers and data: saved in checkpoints."""
+
+    device_batch_size: int  # can shrink after an out-of-memory error
+    loss_ema: float = 0.0
+    val_metric: float | None = None  # last evaluation (bpb when pretraining, loss in SFT, pass@1 in RL)
+    best_val_metric: float | None = None  # the lowest (the highest where the phase's metric is higher_is_better)
+    skipped_steps: int = 0
+    timed_steps: int = 0  # steps in the throughput averages: all but the first of each session (warm-up, compile)
+    timed_seconds: float = 0.0
+    total_time_s: float = 0.0  # wall-clock time inside the loop, summed over sessions
+
+    def smoothed_loss(self, steps: int) -> float:
+        return self.loss_ema / (1 - LOSS_EMA_BETA ** steps)  # bias correction: the EMA starts at 0
+
+
+def halved_batch_size(batch_size: int) -> int:
+    """The largest divisor of batch_size up to half of it: the accumulation count stays a whole number."""
+    return next(size for size in range(batch_size // 2, 0, -1) if batch_size % size == 0)
+
+
+def learning_rates(optimizers: list[torch.optim.Optimizer]) -> dict[str, float]:
+    """This step's learning rates, read by build_optimizers' layout: [AdamW(embedding, unembedding), Muon]."""
+    adamw, muon = optimizers
+    return {"train/lr_matrix": muon.param_groups[0]["lr"], "train/lr_embedding": adamw.param_groups[0]["lr"],
+            "train/lr_unembedding": adamw.param_groups[1]["lr"]}
+
+
+def format_minutes(seconds: float) -> str:
+    return f"{seconds / 60:.2f}m"
+
+
+# ---------------------------------------------------------------------- distributed set-up
+
+
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) for a plain process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def training_device(config: RunConfig, local_rank: int = 0) -> torch.device:
+    # CPUs run ~10x slower on denormal floats, which near-zero gradients and optimizer states are full of;
+    # flushing them to zero costs no accuracy that matters (GPUs flush them already)
+    torch.set_flush_denormal(True)
+    device = select_device(config.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+# ---------------------------------------------------------------------- phases
+
+
+class Phase:
+    """What a training phase brings to the loop. Subclasses: Pretraining (pretrain.py), FineTuning (sft.py) and
+    ReinforcementLearning (rl.py)."""
+
+    model_kind: str  # "base" or "chat": the kind of model it makes, saved as the checkpoint's "phase", so the chat
+    #                  tools know whether it holds conversations
+    stage: str  # "base", "chat" (SFT) or "rl": which stage trained it; names the W&B run within an execution
+    metric: str  # the validation metric: "bpb", "loss" or "pass@1" (logged as val/<metric>)
+    higher_is_better = False  # summarised as min_validation_<metric>, or as max_validation_<metric>
+    tokenizer: tiktoken.Encoding
+    tokenizer_dir: Path  # copied into the checkpoint: a checkpoint carries its tokenizer
+
+    def batches(self, batch_size: int, device: torch.device, rank: int, world_size: int, state: dict | None):
+        """An iterator of (inputs, targets) micro-batches with state_dict(), close() and .epoch, resumed at state."""
+        raise NotImplementedError
+
+    def evaluate(self, model: torch.nn.Module, batch_size: int, device: torch.device, precision: Precision) -> float:
+        """The validation metric (lower is better). Under DDP every rank calls it and gets the same number."""
+        raise NotImplementedError
+
+    def samples(self, model: GPT, precision: Precision) -> list[dict[str, str]]:
+        """[{"prompt", "completion"}] to log: what the model writes at this point of training."""
+        raise NotImplementedError
+
+    def load_weights(self, model: GPT) -> None:
+        """Starting weights on top of the fresh initialisation (fine-tuning loads the base model's)."""
+
+    def attach(self, model: GPT, precision: Precision) -> None:
+        """The model being trained, with its weights loaded or resumed (RL samples its rollouts from it)."""
+
+    def loss(self, model: torch.nn.Module, batch: tuple) -> torch.Tensor:
+        """A micro-batch's loss: next-token cross-entropy unless the phase trains otherwise."""
+        return next_token_loss(model, batch)
+
+    def step_metrics(self) -> dict[str, float]:
+        """Metrics of the step just taken besides the loss (RL's mean reward); every rank calls it."""
+        return {}
+
+    def periodic_metrics(self, model: GPT, step: int, batch_size: int, precision: Precision) -> dict[str, float]:
+        """Extra evaluations at some step boundaries (CORE during pretraining); every rank calls it."""
+        return {}
+
+    def info(self) -> dict:
+        """Facts about the phase's inputs for run_info.json and W&B (data, base checkpoint, ...)."""
+        return {}
+
+
+# ---------------------------------------------------------------------- the loop
+
+
+class Trainer:
+    """Trains `phase` under `config` into the checkpoint directory out_dir; `run()` returns the summary.
+
+    resume_dir: a checkpoint directory to continue from (its step, optimizers, data position, RNG states).
+    on_save(out_dir): called after every save on rank 0 (the workflow uploads Flyte's intra-task checkpoint).
+    """
+
+    def __init__(self, config: RunConfig, phase: Phase, out_dir: Path, *, resume_dir: Path | None = None,
+                 on_save: Callable[[Path], None] | None = None, env_report: dict | None = None):
+        self.phase, self.out_dir, self.on_save, self.env_report = phase, Path(out_dir), on_save, env_report
+        local_rank = self.join_ranks(config)
+        self.build_model(config)
+        self.make_out_dir(config)
+        self.resumed = resume_dir is not None
+        self.start_step, loader_state = 0, None
+        if resume_dir is not None:
+            config, loader_state = self.resume(config, Path(resume_dir))
+        self.config = config = config.resolved()
+        self.saved_step = self.start_step if self.resumed else None  # the step of the newest checkpoint in out_dir
+        phase.attach(self.model, self.precision)
+        self.loader = phase.batches(self.loop.device_batch_size, self.device, self.rank, self.world_size, loader_state)
+        self.wrap_model(local_rank)
+        self.describe_run()
+        self.tracker = Tracker(config, self.out_dir, env_report, rank=self.rank,
+                               resume_step=self.start_step if self.resumed else None, phase=phase.stage)
+        self.tracker.log_config(self.facts)
+
+    def join_ranks(self, config: RunConfig) -> int:
+        """This process's rank, device and precision; the process group under torchrun. Returns the local rank."""
+        self.rank, local_rank, self.world_size = distributed_env()
+        config.validate(self.world_size)
+        self.device = training_device(config, local_rank)
+        self.own_process_group = self.world_size > 1 and not dist.is_initialized()
+        if self.own_process_group:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.master = self.rank == 0
+        self.precision = select_precision(self.device, config.dtype)
+        return local_rank
+
+    def build_model(self, config: RunConfig) -> None:
+        """The model with the phase's starting weights, its optimizers, the fp16 grad scaler and a fresh loop state."""
+        self.model = build_model(config, self.phase.tokenizer.n_vocab, self.device)
+        self.phase.load_weights(self.model)
+        self.optimizers = build_optimizers(self.model, config)
+        self.grad_scaler = make_grad_scaler(self.precision, self.device)
+        self.loop = LoopState(device_batch_size=config.device_batch_size)
+
+    def make_out_dir(self, config: RunConfig) -> None:
+        """out_dir and the save_to copy are checked writable before any training."""
+        check_save_to(config.save_to, "RunConfig")
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError("out_dir", f"cannot create {str(self.out_dir)!r}: {error.strerror}", "Trainer") from None
+
+    def resume(self, config: RunConfig, resume_dir: Path) -> tuple[RunConfig, dict]:
+        """Load the weights, optimizers, scaler, loop state and RNG states saved in resume_dir. Returns the config
+        (with the resumed run's name where it had none) and the data loader's saved position."""
+        check_resumed_stage(resume_dir, self.phase.stage)
+        checkpoint = load_checkpoint(resume_dir)
+        self.model.load_state_dict(checkpoint["model"])
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizers"], strict=True):
+            optimizer.load_state_dict(state)
+        if self.grad_scaler:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler"])
+        loop = dict(checkpoint["loop"])
+        if "min_val_metric" in loop:  # its name in checkpoints saved before RL's higher-is-better metric
+            loop["best_val_metric"] = loop.pop("min_val_metric")
+        self.loop = LoopState(**loop)
+        self.start_step = checkpoint["step"]
+        restore_rng_states(checkpoint["rng"])
+        if not config.run_name:  # keep the name (and with it the W&B run) of the run being resumed
+            config = dataclasses.replace(config, run_name=checkpoint["config"]["run_name"])
+        if self.master and resume_dir.resolve() != self.out_dir.resolve():
+            # continue in out_dir from the saved directory: metrics, samples and the W&B run id come along
+            shutil.copytree(resume_dir, self.out_dir, dirs_exist_ok=True)
+        return config, checkpoint["loader"]
+
+    def wrap_model(self, local_rank: int) -> None:
+        """torch.compile where it applies, then DDP over the ranks: `trained` is what the steps run."""
+        self.compiled = compile_model(self.model, self.config, self.device)
+        self.trained = self.compiled
+        if self.world_size > 1:
+            # The model's only buffers, the rotary tables, are computed alike on every rank: nothing to broadcast
+            # before each forward.
+            self.trained = DistributedDataParallel(self.compiled, broadcast_buffers=False,
+                                                   device_ids=[local_rank] if self.device.type == "cuda" else None)
+
+    def describe_run(self) -> None:
+        """The run's facts (for W&B and the report card); on rank 0, the tokenizer and config.json in out_dir (what a
+        run that resumes this one reads) and one line on the model and the machine."""
+        config, phase, model = self.config, self.phase, self.model
+        self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type
+        self.peak = peak_flops(self.device_name, self.precision.dtype)
+        self.facts = {"phase": phase.model_kind, "num_params": model.num_params(),
+                      "flops_per_token": model.estimate_flops(),
+                      "device": self.device.type, "device_name": self.device_name, "dtype": self.precision.name,
+                      "world_size": self.world_size, "model_config": model.config.to_dict(), **phase.info()}
+        if self.master:
+            shutil.copytree(phase.tokenizer_dir, self.out_dir / TOKENIZER_DIR, dirs_exist_ok=True)
+            write_json(self.out_dir / CONFIG_FILE, config.to_dict())
+            print(f"model: depth {config.depth}, {self.facts['num_params']:,} parameters, "
+                  f"{self.facts['flops_per_token']:.3e} FLOPs/token | device: {self.device_name} "
+                  f"({self.precision.name}), world size {self.world_size} | phase: {phase.model_kind}", flush=True)
+
+    # ------------------------------------------------------------------ numbers
+
+    def grad_accum_steps(self) -> int:
+        return dataclasses.replace(self.config, device_batch_size=self.loop.device_batch_size
+                                   ).grad_accum_steps(self.world_size)
+
+    def mfu_percent(self, tok_per_sec: float) -> float | None:
+        utilisation = mfu(self.facts["flops_per_token"], tok_per_sec / self.world_size, self.peak)  # one device's
+        return None if utilisation is None else 100 * utilisation
+
+    def summary(self, status: str, step: int) -> dict:
+        config, loop, metric = self.config, self.loop, self.phase.metric
+        tok_per_sec = loop.timed_steps * config.total_batch_size / loop.timed_seconds if loop.timed_steps else None
+        best = "max" if self.phase.higher_is_better else "min"
+        return {"status": status, "phase": self.phase.model_kind, "stage": self.phase.stage,
+                "run_name": config.run_name,
+                "depth": config.depth, "num_iterations": config.num_iterations, "steps_completed": step,
+                f"{best}_validation_{metric}": loop.best_val_metric, f"final_validation_{metric}": loop.val_metric,
+                "tokens_seen": step * config.total_batch_size, "total_time_s": loop.total_time_s,
+                "avg_tok_per_sec": tok_per_sec, "avg_mfu": self.mfu_percent(tok_per_sec) if tok_per_sec else None,
+                **{key: self.facts[key] for key in ("num_params", "flops_per_token", "device", "device_name", "dtype")},
+                "skipped_steps": loop.skipped_steps, "device_batch_size": loop.device_batch_size,
+                "grad_accum_steps": self.grad_accum_steps(), "data_epochs": self.loader.epoch,
+                "wandb_url": self.tracker.url}
+
+    # ------------------------------------------------------------------ step-boundary work
+
+    def save(self, step: int, status: str) -> None:
+        save_checkpoint(self.out_dir, step=step, model=self.model, optimizers=self.optimizers,
+                        grad_scaler=self.grad_scaler, loader_state=self.loader.state_dict(),
+                        loop_state=dataclasses.asdict(self.loop), config=self.config.to_dict(),
+                        model_config=self.model.config)
+        write_json(self.out_dir / TRAINING_STATE_FILE, self.summary(status, step))
+        self.saved_step = step
+        print(f"step {step:05d} | saved checkpoint to {self.out_dir}", flush=True)
+        if self.config.save_to:
+            publish_checkpoint(self.out_dir, self.config.save_to)
+            print(f"step {step:05d} | copied the checkpoint to {self.config.save_to}", flush=True)
+        if self.on_save:
+            self.on_save(self.out_dir)
+
+    def evaluate(self, step: int) -> None:
+        loop, metric = self.loop, self.phase.metric
+        # every rank evaluates its share of the validation set
+        loop.val_metric = self.phase.evaluate(self.compiled, loop.device_batch_size, self.device, self.precision)
+        better = max if self.phase.higher_is_better else min
+        loop.best_val_metric = loop.val_metric if loop.best_val_metric is None else better(loop.val_metric,
+                                                                                          loop.best_val_metric)
+        self.tracker.log(step, {f"val/{metric}": loop.val_metric})
+        if self.master:
+            print(f"step {step:05d} | validation {metric}: {loop.val_metric:.4f} (best {loop.best_val_metric:.4f})",
+                  flush=True)
+
+    def periodic(self, step: int) -> None:
+        metrics = self.phase.periodic_metrics(self.model, step, self.loop.device_batch_size, self.precision)
+        if metrics:
+            self.tracker.log(step, metrics)
+            if self.master:
+                print(f"step {step:05d} | " + " | ".join(f"{key}: {value:.4f}" for key, value in metrics.items()
+                                                        if "/" not in key), flush=True)
+
+    def sample(self, step: int) -> None:
+        samples = self.phase.samples(self.model, self.precision)
+        for sample in samples:
+            print(f"step {step:05d} | sample: {sample['prompt']!r} -> {sample['completion']!r}", flush=True)
+        self.tracker.log_samples(step, samples)
+
+    # ------------------------------------------------------------------ one optimizer step
+
+    def optimizer_step(self, step: int) -> tuple[StepResult, float]:
+        """One optimizer step from `step`, re-run with a smaller device batch after a CUDA out-of-memory error.
+        Returns its result and its wall time in seconds."""
+        config, loop, device = self.config, self.loop, self.device
+        apply_schedules(self.optimizers, step, config)
+        loader_at_step_start = self.loader.state_dict()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        while True:
+            try:
+                result = train_step(self.trained, self.optimizers, self.loader, self.grad_accum_steps(),
+                                    self.precision, self.grad_scaler, config.grad_clip, self.phase.loss)
+                break
+            except torch.cuda.OutOfMemoryError as error:
+                if self.world_size > 1:  # the ranks would have to agree on the new batch; they cannot, mid-step
+                    raise RuntimeError(f"CUDA out of memory on rank {self.rank} at device_batch_size "
+                                       f"{loop.device_batch_size}: under DDP, lower device_batch_size (the "
+                                       "automatic fallback works in single-process runs)") from error
+                if loop.device_batch_size == 1:
+                    raise RuntimeError(f"CUDA out of memory at device_batch_size 1 (depth {config.depth}, "
+                                       f"max_seq_len {config.max_seq_len}): the model does not fit on "
+                                       f"{self.device_name}; lower depth or max_seq_len") from error
+                self.model.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                loop.device_batch_size = halved_batch_size(loop.device_batch_size)
+                print(f"step {step + 1:05d} | CUDA out of memory: retrying with device_batch_size "
+                      f"{loop.device_batch_size}, {self.grad_accum_steps()} accumulation steps", flush=True)
+                self.loader.close()
+                self.loader = self.phase.batches(loop.device_batch_size, device, self.rank, self.world_size,
+                                                 loader_at_step_start)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return result, time.perf_counter() - start
+
+    def log_step(self, step: int, result: StepResult, dt: float, phase_metrics: dict[str, float]) -> None:
+        """Metrics of the step that just finished (step counts finished steps) to W&B, metrics.jsonl and stdout."""
+        config, loop = self.config, self.loop
+        tok_per_sec = config.total_batch_size / dt
+        step_mfu = self.mfu_percent(tok_per_sec)
+        lrm = lr_multiplier(step - 1, config)
+        smoothed = loop.smoothed_loss(step)
+        metrics = {"train/loss": result.loss, "train/loss_smooth": smoothed, "train/lrm": lrm,
+                   **learning_rates(self.optimizers), "train/dt": dt, "train/tok_per_sec": tok_per_sec,
+                   "train/mfu": step_mfu, "train/grad_norm": result.grad_norm,
+                   "train/skipped_steps": loop.skipped_steps, **phase_metrics}
+        if self.device.type == "cuda":
+            metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.grad_scaler:
+            metrics["train/grad_scale"] = self.grad_scaler.get_scale()
+        self.tracker.log(step, metrics)
+        mean_dt = loop.timed_seconds / loop.timed_steps if loop.timed_steps else dt
+        eta = (config.num_iterations - step) * mean_dt
+        print(f"step {step:05d}/{config.num_iterations:05d} ({100 * step / config.num_iterations:.2f}%) | "
+              f"loss: {smoothed:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,.0f} | "
+              f"mfu: {'n/a' if step_mfu is None else f'{step_mfu:.2f}'} | "
+              f"total time: {format_minutes(loop.total_time_s)} | eta: {eta / 60:.1f}m"
+              + "".join(f" | {key.split('/')[-1]}: {value:.4f}" for key, value in phase_metrics.items())
+              + (" | skipped (fp16 overflow)" if result.skipped else ""), flush=True)
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> dict:
+        try:
+            step = self.train_until_done()
+            return self.finish(step)
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C (flytekit turns SIGINT into SystemExit in local runs)
+            if self.master:
+                print(self.interrupted_message(), flush=True)
+            raise
+        finally:
+            self.loader.close()
+            if self.own_process_group:
+                dist.destroy_process_group()
+
+    def train_until_done(self) -> int:
+        config, loop = self.config, self.loop
+        step = self.step = self.start_step
+        session_start, session_steps = time.perf_counter(), 0
+        time_before_session = loop.total_time_s
+        while True:
+            last_step = step == config.num_iterations
+            # a resumed run starts where its checkpoint was saved: that step's eval, samples and save are done
+            done_before_resume = self.resumed and step == self.start_step
+            if not done_before_resume and (last_step or step % config.eval_every == 0):
+                self.evaluate(step)
+            if not done_before_resume:
+                self.periodic(step)
+            if self.master and not done_before_resume:
+                if last_step or (step > 0 and step % config.sample_every == 0):
+                    self.sample(step)
+                if not last_step and step > 0 and step % config.save_every == 0:
+                    self.save(step, "running")
+            if last_step:
+                break
+            result, dt = self.optimizer_step(step)
+            phase_metrics = self.phase.step_metrics()
+            step = self.step = step + 1
+            session_steps += 1
+            if session_steps > 1:  # the first step of a session pays for warm-up and compilation
+                loop.timed_steps += 1
+                loop.timed_seconds += dt
+            loop.skipped_steps += result.skipped
+            loop.loss_ema = LOSS_EMA_BETA * loop.loss_ema + (1 - LOSS_EMA_BETA) * result.loss
+            loop.total_time_s = time_before_session + time.perf_counter() - session_start
+            if self.master:
+                self.log_step(step, result, dt, phase_metrics)
+        return step
+
+    def finish(self, step: int) -> dict:
+        result = self.summary("completed", step)
+        if self.master:
+            self.save(step, "completed")
+            self.tracker.set_summary(result)
+            result["wandb_url"] = self.tracker.finish()
+            write_json(self.out_dir / TRAINING_STATE_FILE, result)
+            write_report(self.out_dir, self.config, self.env_report, result)
+        return result
+
+    def interrupted_message(self) -> str:
+        where = self.config.save_to or self.out_dir
+        if self.saved_step is None:
+            return (f"interrupted at step {self.step}, before the first checkpoint (saved every "
+                    f"{self.config.save_every} steps): nothing to resume from")
+        return f"interrupted at step {self.step}; the last checkpoint (step {self.saved_step}) is in {where}"
+
+
+def check_resumed_stage(checkpoint_dir: str | Path, stage: str) -> None:
+    """A run continues a checkpoint of its own stage (base, chat or rl): another's data stream cannot be resumed."""
+    state = read_checkpoint_json(checkpoint_dir, TRAINING_STATE_FILE) or {}
+    saved = state.get("stage", state.get("phase", "base"))  # saved before stages had names: the phase's
+    if saved != stage:
+        raise ConfigError("resume_dir", f"{checkpoint_dir} is a checkpoint of the {saved} stage; this {stage} run "
+                                         "continues only its own stage's checkpoints", "Trainer")
+
+

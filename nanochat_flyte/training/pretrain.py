@@ -1,0 +1,128 @@
+"""Pretraining: next-token prediction on the prepared FineWeb-Edu tokens, validated in bits per byte, with CORE now and
+then, and the samples nanochat prints; `train()` runs it in the shared training loop (loop.py).
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch.distributed as dist
+
+from nanochat_flyte.config import RunConfig
+from nanochat_flyte.data.dataloader import TokenLoader, shard_files, validation_tokens
+from nanochat_flyte.data.tokenizer import load_tokenizer, token_byte_lengths
+from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.evaluation.bpb import evaluate_bpb
+from nanochat_flyte.evaluation.bundle import load_bundle
+from nanochat_flyte.evaluation.core import core_log_metrics, score_core
+from nanochat_flyte.inference.engine import Engine, SamplingParams
+from nanochat_flyte.model.checkpoint import (
+    CONFIG_FILE,
+    MODEL_CONFIG_FILE,
+    TOKENIZER_DIR,
+    TRAINING_STATE_FILE,
+    read_checkpoint_json,
+)
+from nanochat_flyte.training.loop import Phase, Trainer
+
+SAMPLE_PROMPTS = (
+    "The capital of France is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The chemical symbol of gold is",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+)
+
+
+class Pretraining(Phase):
+    """Next-token prediction on the data directory's train shards; validation bits per byte on its val shard."""
+
+    model_kind, stage, metric = "base", "base", "bpb"
+
+    def __init__(self, config: RunConfig, data_dir: Path):
+        self.config, self.data_dir = config, Path(data_dir)
+        if not self.data_dir.is_dir():
+            raise ConfigError("data_dir", f"no such folder {str(self.data_dir)!r} (a prepared data directory: "
+                                          "nanochat prepare)", "train")
+        self.tokenizer_dir = self.data_dir / TOKENIZER_DIR
+        self.tokenizer = load_tokenizer(self.tokenizer_dir)
+        self.val_tokens = validation_tokens(self.data_dir, config.eval_tokens)
+        self.token_bytes = token_byte_lengths(self.tokenizer)
+        self.core_bundle = None  # loaded at the first CORE evaluation during training
+
+    def batches(self, batch_size, device, rank, world_size, state):
+        loader = TokenLoader(shard_files(self.data_dir, "train"), batch_size, self.config.max_seq_len,
+                             seed=self.config.seed, device=device, rank=rank, world_size=world_size)
+        if state is not None:
+            loader.load_state_dict(state)
+        return loader
+
+    def evaluate(self, model, batch_size, device, precision):
+        return evaluate_bpb(model, self.val_tokens, self.token_bytes, batch_size=batch_size,
+                            seq_len=self.config.max_seq_len, eval_tokens=self.config.eval_tokens, device=device,
+                            precision=precision)
+
+    def periodic_metrics(self, model, step, batch_size, precision):
+        """CORE every core_metric_every steps (not at the end: evaluate_base_model scores the final checkpoint)."""
+        config = self.config
+        every = config.core_metric_every if config.core_enabled else 0
+        if not every or step == 0 or step % every or step == config.num_iterations:
+            return {}
+        if self.core_bundle is None:  # rank 0 downloads the bundle; the others then find it in the cache
+            if dist.is_initialized() and dist.get_rank() > 0:
+                dist.barrier()
+            self.core_bundle = load_bundle(config.eval_bundle_url)
+            if dist.is_initialized() and dist.get_rank() == 0:
+                dist.barrier()
+        result = score_core(model, self.tokenizer, self.core_bundle, max_per_task=config.core_max_per_task or None,
+                               batch_size=batch_size, precision=precision)
+        return core_log_metrics(result)
+
+    def samples(self, model, precision):
+        config = self.config
+        engine = Engine(model, self.tokenizer, precision)
+        params = SamplingParams(max_tokens=config.sample_max_tokens, temperature=config.sample_temperature,
+                                top_k=config.sample_top_k or None, seed=config.seed)
+        # A prompt longer than a short context leaves room for the sample: its start is cropped (nanoGPT's way)
+        room = max(1, engine.context - config.sample_max_tokens)
+        prompts = [engine.completion_prompt(prompt)[-room:] for prompt in SAMPLE_PROMPTS]
+        return [{"prompt": prompt, "completion": completion.text}
+                for prompt, completion in zip(SAMPLE_PROMPTS, engine.generate_batch(prompts, params))]
+
+
+# What a resumed run must share with the run it continues: the model's shape and the data stream's order.
+RESUME_KEEPS = ("depth", "residual_scalars", "max_seq_len", "tokenizer", "bpe_vocab_size", "seed", "data_url",
+                "num_shards", "val_shard", "only_needed_shards")
+
+
+def check_resume(config: RunConfig, checkpoint: str | Path) -> None:
+    """Fail early, in one line, when `checkpoint` (a directory or URI) cannot be continued under `config`: no
+    checkpoint there, a different model shape or data, or fewer iterations than it has already done."""
+    state = read_checkpoint_json(checkpoint, TRAINING_STATE_FILE)
+    saved = read_checkpoint_json(checkpoint, CONFIG_FILE)
+    if state is None or saved is None or read_checkpoint_json(checkpoint, MODEL_CONFIG_FILE) is None:
+        raise ConfigError("resume_from", f"{checkpoint} is not a checkpoint directory (no {TRAINING_STATE_FILE} "
+                                         f"and {CONFIG_FILE})", "main")
+    if state.get("phase", "base") != "base":
+        raise ConfigError("resume_from", f"{checkpoint} is a {state['phase']} checkpoint; pretraining continues a "
+                                         "base checkpoint (a chat one goes on with chat_sft or chat_rl)", "main")
+    saved = RunConfig().to_dict() | saved  # a field newer than the checkpoint has its default there
+    for field in RESUME_KEEPS:
+        if getattr(config, field) != saved[field]:
+            raise ConfigError(field, f"{getattr(config, field)!r} differs from {saved[field]!r} in the checkpoint "
+                                     f"being resumed ({checkpoint}); a resumed run keeps the model and the data")
+    done = state["steps_completed"]
+    if config.num_iterations < done:
+        raise ConfigError("num_iterations", f"{config.num_iterations} is fewer than the {done} steps the checkpoint "
+                                            f"being resumed has done ({checkpoint})")
+    if config.only_needed_shards and config.num_iterations != saved["num_iterations"]:
+        raise ConfigError("num_iterations", "with only_needed_shards, a new num_iterations changes the shards "
+                                            "prepared and so the data stream; extend with only_needed_shards: false")
+
+
+def train(config: RunConfig, data_dir: Path, out_dir: Path, *, resume_dir: Path | None = None,
+          on_save: Callable[[Path], None] | None = None, env_report: dict | None = None) -> dict:
+    """Pretrain a base model on data_dir's tokens; write the checkpoint directory to out_dir; return the summary."""
+    return Trainer(config, Pretraining(config, data_dir), out_dir, resume_dir=resume_dir, on_save=on_save,
+                   env_report=env_report).run()

@@ -1,0 +1,81 @@
+"""The `nanochat` command: every stage is a subcommand with its own help, and the package's imports go one way."""
+
+import ast
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import NANOCHAT
+
+from nanochat_flyte.cli import COMMANDS
+
+PACKAGE = Path(__file__).resolve().parents[1] / "nanochat_flyte"
+# The import order the package's docstring promises: a module imports only from its own level or those before it.
+LEVELS = ["errors", "schema", "config", "data", "model", "reporting", "inference", "evaluation", "training", "cli"]
+
+
+def nanochat(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([NANOCHAT, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_nanochat_help_lists_every_stage_in_pipeline_order():
+    result = nanochat("--help")
+    assert result.returncode == 0
+    listed = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
+    assert listed == ["config", "prepare", "train", "core-eval", "sft", "rl", "chat-eval", "sample", "chat", "serve"]
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_each_command_has_a_help_with_an_example(command):
+    result = nanochat(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: nanochat {command} ")
+    assert f"\n  nanochat {command} " in result.stdout  # an example, as the user would type it
+
+
+def test_an_unknown_command_is_one_line_with_a_suggestion():
+    result = nanochat("trian")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == "error: unknown command 'trian'; did you mean train? (see nanochat --help)\n"
+    assert nanochat().returncode == 2  # no command: the usage, and the status of a usage error
+
+
+def test_python_m_runs_the_same_command():
+    result = subprocess.run([str(Path(NANOCHAT).with_name("python3")), "-m", "nanochat_flyte", "config", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("usage: nanochat config ")
+
+
+def imports_of(path: Path) -> set[str]:
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("nanochat_flyte."):
+            modules.add(node.module)
+    return modules
+
+
+def test_imports_go_one_way_down_the_pipeline():
+    upward = []
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        if parts[0] in ("__init__", "__main__"):
+            continue
+        for module in imports_of(path):
+            if LEVELS.index(module.split(".")[1]) > LEVELS.index(parts[0]):
+                upward.append(f"{path.relative_to(PACKAGE)} imports {module}")
+    assert upward == []
+
+
+def test_no_module_imports_itself_back_through_others():
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(("nanochat_flyte", *path.relative_to(PACKAGE).with_suffix("").parts))
+        graph[name.removesuffix(".__init__")] = {module for module in imports_of(path)}
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        for module in graph.get(start, ()):
+            if module == target or (module not in seen and not seen.add(module) and reaches(module, target, seen)):
+                return True
+        return False
+
+    assert [name for name in graph if reaches(name, name, set())] == []
