@@ -9,6 +9,7 @@ The pipeline, one sub-package a stage, in import order (a package imports only t
     inference/               the one inference engine, its server scheduler, the chat server
     evaluation/              bits per byte, CORE, the chat evaluation and HumanEval's sandbox
     training/                the one training loop, and its three phases: pretraining, SFT, RL
+    pipeline/                what each Flyte task does, as plain functions both Flyte fronts call
     cli/                     the `nanochat` command
 
 The Flyte fronts (`workflows/`) call these functions; nothing here imports Flyte.

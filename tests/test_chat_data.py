@@ -321,9 +321,11 @@ def test_check_hub_endpoint(hub_server, tmp_path, monkeypatch):
     with serve_hub(tmp_path / "empty") as empty:  # answers, but has no such dataset
         with pytest.raises(ConfigError, match=rf"^ChatConfig.hf_endpoint: {empty.url} does not answer the hub's "
                                               rf"parquet listing API \({empty.url}/api/datasets/HuggingFaceTB/"
-                                              rf"smol-smoltalk/parquet/default/test\): not found \(HTTP 404\)$"):
+                                              rf"smol-smoltalk/parquet/default/test\): not found \(HTTP 404\); "
+                                              rf"without the hub, point hf_endpoint or \$HF_ENDPOINT at a mirror "
+                                              rf"\(README: Offline and mirrors\)$"):
             check_hub_endpoint(ChatConfig(hf_endpoint=empty.url))
         closed = empty.url
-    refused = r"^ChatConfig.hf_endpoint: .*Connection refused.*\(gave up after 2 attempts\)$"
+    refused = r"^ChatConfig.hf_endpoint: .*Connection refused.*\(gave up after 2 attempts\); without the hub, .*mirror"
     with pytest.raises(ConfigError, match=refused):
         check_hub_endpoint(ChatConfig(hf_endpoint=closed))  # nothing listens there any more

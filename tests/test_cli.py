@@ -11,7 +11,8 @@ from nanochat_flyte.cli import COMMANDS
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nanochat_flyte"
 # The import order the package's docstring promises: a module imports only from its own level or those before it.
-LEVELS = ["errors", "schema", "config", "data", "model", "reporting", "inference", "evaluation", "training", "cli"]
+LEVELS = ["errors", "schema", "config", "data", "model", "reporting", "inference", "evaluation", "training", "pipeline",
+          "cli"]
 
 
 def nanochat(*args: str) -> subprocess.CompletedProcess:

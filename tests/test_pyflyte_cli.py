@@ -57,6 +57,17 @@ def test_an_unreachable_data_url_is_one_message_not_a_traceback(env):
     assert result.returncode != 0 and "Traceback" not in output
     assert "RunConfig.data_url: 'http://127.0.0.1:9/no-mirror' is unreachable" in output
     assert "Connection refused" in output
+    # one plain line, copyable: no box around it, no URL split across lines
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert result.returncode == 2 and len(error_lines) == 1 and "http://127.0.0.1:9/no-mirror/shard_00000.parquet" \
+        in error_lines[0] and "│" not in result.stderr
+
+
+def test_a_misspelt_preset_path_says_the_file_is_missing(env):
+    result = pyflyte("--config", "configs/smok.yaml", env=env)
+    output = " ".join((result.stdout + result.stderr).replace("│", " ").split())
+    assert result.returncode == 2 and "Running Execution" not in output
+    assert "no preset file 'configs/smok.yaml'" in output and "valid json" not in output
 
 
 def test_ctrl_c_prints_the_resume_command_and_that_command_resumes(tmp_path, env):

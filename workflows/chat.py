@@ -26,7 +26,6 @@ from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.evaluation.chat_eval import (
     chat_metrics,
     chat_table_html,
-    chat_table_markdown,
     evaluate_chat,
     read_eval_items,
 )
@@ -35,12 +34,11 @@ from nanochat_flyte.model.checkpoint import (
     CONFIG_FILE,
     TRAINING_STATE_FILE,
     check_save_to,
-    publish_checkpoint,
     read_checkpoint_json,
 )
+from nanochat_flyte.pipeline.finish import finish_chat_run
 from nanochat_flyte.reporting.environment import environment_report, format_report
-from nanochat_flyte.reporting.report import environment_deck_html, training_deck_html, write_run_report
-from nanochat_flyte.reporting.results import chat_results, write_results
+from nanochat_flyte.reporting.report import environment_deck_html, training_deck_html
 from nanochat_flyte.reporting.tracking import log_evaluation
 from nanochat_flyte.training.rl import check_sft_checkpoint, rl_run_config, train_rl
 from nanochat_flyte.training.sft import checkpoint_run_config, sft_run_config, train_chat
@@ -53,6 +51,7 @@ from workflows.support import (
     WANDB_SECRET,
     checkpoint_location,
     export_secret,
+    is_local_run,
     one_line_user_errors,
     restore_flyte_checkpoint,
     retried_on_storage_errors,
@@ -74,7 +73,8 @@ def probe_hub_and_report(config: ChatConfig | RLConfig) -> tuple[str, dict]:
     check_save_to(config.save_to, type(config).__name__)
     check_hub_endpoint(config)
     report = environment_report()
-    print(format_report(report), flush=True)
+    if not is_local_run():  # locally, the pretraining setup printed it to the same terminal (and the deck has it)
+        print(format_report(report), flush=True)
     Deck("Environment", environment_deck_html(report))
     return hub_endpoint(config.hf_endpoint), report
 
@@ -229,16 +229,9 @@ def evaluate_chat_model(config: ChatConfig, checkpoint: FlyteDirectory, eval_dat
 def write_chat_results(config: ChatConfig | RLConfig, start_checkpoint: FlyteDirectory, training: dict,
                        evaluation: dict, checkpoint: FlyteDirectory, environment: dict) -> tuple[dict, FlyteDirectory]:
     """The results JSON of SFT or RL, and the run's report card with the chat evaluation table."""
-    location = checkpoint_location(checkpoint)
-    results = chat_results(config.to_dict(), checkpoint_location(start_checkpoint), training, evaluation, location)
     report_dir = Path(current_context().working_directory) / "chat_report"
-    run_config = RunConfig.from_mapping(read_checkpoint_json(location, CONFIG_FILE))
-    report = write_run_report(location, report_dir, run_config, environment, training,
-                              evaluations=(chat_table_markdown(evaluation),))
-    write_results(results, report_dir)
-    print(f"report card: {report}", flush=True)
-    if config.save_to:
-        publish_checkpoint(report_dir, config.save_to)
+    results = finish_chat_run(config, checkpoint_location(start_checkpoint), training, evaluation, environment,
+                              checkpoint_location(checkpoint), report_dir, local=is_local_run())
     return results, FlyteDirectory(str(report_dir))
 
 

@@ -7,7 +7,6 @@ This file only declares tasks, resources, images and caching; the work lives in 
 """
 
 import functools
-import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,7 +25,7 @@ from nanochat_flyte.config import RunConfig
 from nanochat_flyte.data.download import DownloadError, check_data_url
 from nanochat_flyte.data.prepare import ShardJob, build_tokenizer, merge_prepared, plan_jobs, prepare_shard
 from nanochat_flyte.evaluation.bundle import BundleError, check_bundle_url, load_bundle
-from nanochat_flyte.evaluation.core import core_log_metrics, core_table_html, core_table_markdown, score_core
+from nanochat_flyte.evaluation.core import core_log_metrics, core_table_html, score_core
 from nanochat_flyte.model.checkpoint import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -34,14 +33,12 @@ from nanochat_flyte.model.checkpoint import (
     check_save_to,
     fetch_checkpoint,
     load_model,
-    publish_checkpoint,
     read_checkpoint_json,
 )
 from nanochat_flyte.model.device import select_device, select_precision
+from nanochat_flyte.pipeline.finish import finish_base_run
 from nanochat_flyte.reporting.environment import environment_report, format_report
-from nanochat_flyte.reporting.report import data_deck_html, environment_deck_html, training_deck_html, write_run_report
-from nanochat_flyte.reporting.results import aggregate_results as combine_results
-from nanochat_flyte.reporting.results import write_results
+from nanochat_flyte.reporting.report import data_deck_html, environment_deck_html, training_deck_html
 from nanochat_flyte.reporting.tracking import log_evaluation
 from nanochat_flyte.training.pretrain import check_resume, train
 from workflows.image import IMAGE
@@ -54,6 +51,7 @@ from workflows.support import (
     TaskInputError,
     checkpoint_location,
     export_secret,
+    is_local_run,
     one_line_user_errors,
     restore_flyte_checkpoint,
     retried_on_storage_errors,
@@ -208,17 +206,9 @@ def no_core() -> dict:
 def aggregate_results(config: RunConfig, environment: dict, manifest: dict, training: dict,
                       checkpoint: FlyteDirectory, core: dict) -> tuple[dict, FlyteDirectory]:
     """The results JSON, and the run's report card with every evaluation (report.md, plots, results.json)."""
-    results = combine_results(config.to_dict(), environment, manifest, training,
-                              checkpoint_dir=checkpoint_location(checkpoint), core=core)
-    print(json.dumps(results, indent=2), flush=True)  # the results JSON, in the task's log
     report_dir = Path(current_context().working_directory) / "report"
-    report = write_run_report(checkpoint_location(checkpoint), report_dir, config, environment, training,
-                              evaluations=(core_table_markdown(core),) if core else ())
-    write_results(results, report_dir)
-    print(f"report card: {report}", flush=True)
-    if config.save_to:  # next to the checkpoint copy: the run's outputs in one place the user chose
-        publish_checkpoint(report_dir, config.save_to)
-        print(f"report and results: {config.save_to}", flush=True)
+    results = finish_base_run(config, environment, manifest, training, checkpoint_location(checkpoint), core,
+                              report_dir, local=is_local_run())
     return results, FlyteDirectory(str(report_dir))
 
 

@@ -15,6 +15,7 @@ from flytekit.configuration.plugin import get_plugin
 from flytekit.core.utils import ClassDecorator
 from flytekit.exceptions.user import FlyteRecoverableException
 from flytekit.extras.accelerators import T4
+from flytekit.interaction.click_types import JsonParamType
 from flytekit.types.directory import FlyteDirectory
 
 from nanochat_flyte.errors import is_user_error, user_message
@@ -60,13 +61,13 @@ class wandb_console_link(ClassDecorator):  # noqa: N801 - used as a decorator, l
 
 
 class TaskInputError(click.ClickException):
-    """A mistake in the run's inputs. Raised from a task, it makes a local `pyflyte run` print one line
-    (`Error: RunConfig.data_url: ...`) instead of a traceback; on a cluster it fails the task, not retried."""
+    """A mistake in the run's inputs, raised from a task: on a cluster it fails the task, not retried."""
 
 
 def one_line_user_errors(task_function):
-    """Our user errors (a bad config field, an unreachable URL, a missing checkpoint) leave the task as one
-    TaskInputError."""
+    """Our user errors (a bad config field, an unreachable URL, a missing checkpoint) leave the task as one line.
+    In a local `pyflyte run` that line is printed as it is, copyable (pyflyte would box a ClickException and wrap it
+    at 80 columns, splitting URLs), and the command exits with status 2; elsewhere it is a TaskInputError."""
 
     @functools.wraps(task_function)
     def run(*args, **kwargs):
@@ -75,9 +76,29 @@ def one_line_user_errors(task_function):
         except Exception as error:
             if not is_user_error(error):
                 raise
+            if is_local_run() and click.get_current_context(silent=True) is not None:
+                click.echo(f"Error: {user_message(error)}", err=True)
+                raise click.exceptions.Exit(2) from None
             raise TaskInputError(user_message(error)) from error
 
     return run
+
+
+def name_missing_preset_files() -> None:
+    """`pyflyte run ... --config PATH` reads PATH when it exists and parses anything else as inline JSON, so a
+    misspelt preset path was reported as invalid JSON. A value that names a .yaml/.yml/.json file that is not there
+    now says so, before anything runs."""
+    parse = JsonParamType._parse
+
+    def parse_naming_missing_files(self, value, param):
+        if isinstance(value, str) and value.strip().endswith((".yaml", ".yml", ".json")) and not os.path.exists(value):
+            raise click.BadParameter(f"no preset file {value!r} (give a YAML or JSON file that exists, or inline JSON)")
+        return parse(self, value, param)
+
+    JsonParamType._parse = parse_naming_missing_files
+
+
+name_missing_preset_files()
 
 
 def is_local_run() -> bool:

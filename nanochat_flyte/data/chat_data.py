@@ -347,4 +347,5 @@ def check_hub_endpoint(config: ChatConfig | RLConfig) -> None:
         parquet_urls(probe.repo, probe.subset, probe.split, endpoint, PROBE_RETRY)
     except DownloadError as e:
         raise ConfigError("hf_endpoint", f"{endpoint} does not answer the hub's parquet listing API "
-                                         f"({e.url}): {e.cause}", type(config).__name__) from e
+                                         f"({e.url}): {e.cause}; without the hub, point hf_endpoint or $HF_ENDPOINT at "
+                                         "a mirror (README: Offline and mirrors)", type(config).__name__) from e

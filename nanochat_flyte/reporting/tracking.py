@@ -139,8 +139,10 @@ class Tracker:
             dir=self.out_dir,  # the run lands in out_dir/wandb and travels with the checkpoint directory
             config=self.run_info,
             mode=mode,
-            settings=wandb.Settings(init_timeout=init_timeout, finish_timeout=FINISH_TIMEOUT_S,
-                                    symlink=False),  # no 'latest-run' symlink in the uploaded directory
+            # no 'latest-run' symlink in the uploaded directory; quiet: no W&B run summary at the end of each stage
+            # (the stage's own summary names the run's URL)
+            settings=wandb.Settings(init_timeout=init_timeout, finish_timeout=FINISH_TIMEOUT_S, symlink=False,
+                                    quiet=True),
         )
         # A custom x-axis: "step" is in every row, so val/bpb and the samples plot against the training step,
         # and a resumed run may re-log steps W&B has seen (its own _step must only grow).
