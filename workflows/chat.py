@@ -44,20 +44,9 @@ from nanochat_flyte.training.rl import check_sft_checkpoint, rl_run_config, trai
 from nanochat_flyte.training.sft import checkpoint_run_config, sft_run_config, train_chat
 from workflows.image import IMAGE
 from workflows.nanochat import RunOutputs, pretrain
-from workflows.support import (
-    HF_SECRET,
-    TRAINING_RESOURCES,
-    TRAINING_TASK,
-    WANDB_SECRET,
-    checkpoint_location,
-    export_secret,
-    is_local_run,
-    one_line_user_errors,
-    restore_flyte_checkpoint,
-    retried_on_storage_errors,
-    save_flyte_checkpoint,
-    wandb_console_link,
-)
+from workflows.support import (HF_SECRET, TRAINING_RESOURCES, TRAINING_TASK, WANDB_SECRET, checkpoint_location,
+                               export_secret, is_local_run, one_line_user_errors, restore_flyte_checkpoint,
+                               retried_on_storage_errors, save_flyte_checkpoint, wandb_console_link)
 
 # Bump when the prepared conversations or evaluation items change format: cached ones are then ignored.
 CHAT_DATA_CACHE_VERSION = "2"  # 2: GSM8K solutions keep their calculations, as tool calls

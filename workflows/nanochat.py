@@ -42,22 +42,10 @@ from nanochat_flyte.reporting.report import data_deck_html, environment_deck_htm
 from nanochat_flyte.reporting.tracking import log_evaluation
 from nanochat_flyte.training.pretrain import check_resume, train
 from workflows.image import IMAGE
-from workflows.support import (
-    DATA_RESOURCES,
-    HF_SECRET,
-    TRAINING_RESOURCES,
-    TRAINING_TASK,
-    WANDB_SECRET,
-    TaskInputError,
-    checkpoint_location,
-    export_secret,
-    is_local_run,
-    one_line_user_errors,
-    restore_flyte_checkpoint,
-    retried_on_storage_errors,
-    save_flyte_checkpoint,
-    wandb_console_link,
-)
+from workflows.support import (DATA_RESOURCES, HF_SECRET, TRAINING_RESOURCES, TRAINING_TASK, WANDB_SECRET,
+                               TaskInputError, checkpoint_location, export_secret, is_local_run, one_line_user_errors,
+                               restore_flyte_checkpoint, retried_on_storage_errors, save_flyte_checkpoint,
+                               wandb_console_link)
 
 # Bump when the token files' format or contents change: cached shards from older versions are then ignored.
 DATA_CACHE_VERSION = "2"  # 2: tokenizer directories carry their ranks and the chat tokens

@@ -1,6 +1,7 @@
-"""What the SFT and RL commands share under torchrun: the hub data prepared once per node into a cache folder, the
-start checkpoint fetched once per node, and the run itself (`run_stage`)."""
+"""What the SFT and RL commands share: their arguments (`stage_arguments`), and under torchrun the hub data prepared
+once per node into a cache folder, the start checkpoint fetched once per node, and the run itself (`run_stage`)."""
 
+import argparse
 import hashlib
 import json
 import os
@@ -9,11 +10,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from nanochat_flyte.config import ChatConfig, RLConfig
+from nanochat_flyte.cli.usage import ArgumentParser
+from nanochat_flyte.config import ChatConfig, RLConfig, load_config
 from nanochat_flyte.data.chat_data import prepared_manifest
 from nanochat_flyte.data.download import default_cache_dir
 from nanochat_flyte.model.checkpoint import fetch_checkpoint, is_uri
 from nanochat_flyte.reporting.environment import environment_report
+from nanochat_flyte.schema import parse_override
 from nanochat_flyte.training.loop import check_resumed_stage, distributed_env
 
 DATA_WAIT_S = 3600  # other ranks wait this long for local rank 0 to prepare the data (a full SmolTalk download)
@@ -21,6 +24,23 @@ FETCHED_FILE = "fetched_from.json"  # in a downloaded start checkpoint: its URI,
 SFT_DATA_KEYS = ("hf_endpoint", "smoltalk_epochs", "mmlu_epochs", "gsm8k_epochs", "max_conversations",
                  "val_conversations", "seed")
 RL_DATA_KEYS = ("hf_endpoint", "max_problems", "eval_problems", "seed")
+
+
+def stage_arguments(command: str, doc: str, kind: type[ChatConfig] | type[RLConfig], start_flag: str,
+                    start_help: str, argv: list[str] | None) -> tuple[ChatConfig | RLConfig, argparse.Namespace]:
+    """The stage's command line: the checkpoint it starts from, --out-dir, a preset with field=value overrides,
+    --data-dir and --resume-dir. Returns the validated config and the arguments."""
+    parser = ArgumentParser(command, doc)
+    parser.add_argument(start_flag, required=True, help=f"{start_help} directory or fsspec URI")
+    parser.add_argument("--out-dir", type=Path, required=True, help="where the stage's checkpoint directory is written")
+    parser.add_argument("--config", help=f"a {kind.__name__} preset (YAML or JSON)")
+    parser.add_argument("--data-dir", type=Path, help="the stage's prepared data (default: prepared from $HF_ENDPOINT "
+                                                      "into a cache folder)")
+    parser.add_argument("--resume-dir", type=Path, help="a checkpoint directory of this stage to continue from")
+    parser.add_argument("overrides", nargs="*", metavar="field=value")
+    args = parser.parse_args(argv)
+    overrides = dict(parse_override(item, kind.__name__) for item in args.overrides)
+    return load_config(args.config, kind, **overrides).validate(), args
 
 
 def data_cache_dir(name: str, config: ChatConfig | RLConfig, keys: tuple[str, ...]) -> Path:
