@@ -97,7 +97,7 @@ def test_a_remote_start_checkpoint_is_fetched_by_one_rank_per_node_and_the_other
     local_dir.mkdir()
     (local_dir / "stale.pt").write_text("another source's file")
     # local rank 1 of the node, in its own process: its memory:// is empty, so it can only wait for rank 0's download
-    rank_one = ("import sys, pathlib; from nanochat_flyte.training.sft import fetched_once_per_node as f; "
+    rank_one = ("import sys, pathlib; from nanochat_flyte.cli.chat_stage import fetched_once_per_node as f; "
                 "print(f('memory://ckpt', pathlib.Path(sys.argv[1])))")
     waiter = subprocess.Popen([sys.executable, "-c", rank_one, str(local_dir)],
                               env={**os.environ, "LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "2"},

@@ -5,7 +5,6 @@ import hashlib
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from nanochat_flyte.data.prepare import (
 )
 from nanochat_flyte.data.tokenizer import gpt2_tokenizer, load_tokenizer
 from nanochat_flyte.errors import ConfigError
+from tests.helpers import NANOCHAT
 from tests.shard_server import fineweb_texts, write_fineweb_shard, write_fineweb_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,8 +189,8 @@ def test_the_prepare_cli_writes_the_data_directory_that_the_train_cli_takes(shar
                                               sample_every=2, sample_max_tokens=4, save_every=2, compile=False,
                                               wandb_mode="disabled", device="cpu", dtype="float32").to_dict()))
 
-    def cli(module: str, *arguments: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", f"nanochat_flyte.{module}", *arguments], cwd=ROOT,
+    def cli(command: str, *arguments: str) -> subprocess.CompletedProcess:
+        return subprocess.run([NANOCHAT, command, *arguments], cwd=ROOT,
                               capture_output=True, text=True, timeout=300)
 
     bad = cli("prepare", "--config", str(preset), "--out-dir", str(tmp_path / "data"), "num_shards=4")
@@ -212,5 +212,5 @@ def test_the_prepare_cli_writes_the_data_directory_that_the_train_cli_takes(shar
     missing = cli("train", "--config", str(preset), "--data-dir", str(tmp_path / "nodata"), "--out-dir",
                   str(tmp_path / "x"))
     assert (missing.returncode, missing.stderr) == (2, f"error: train.data_dir: no such folder "
-                                                       f"'{tmp_path / 'nodata'}' (a prepared data directory: python -m "
-                                                       "nanochat_flyte.data.prepare)\n")
+                                                       f"'{tmp_path / 'nodata'}' (a prepared data directory: nanochat "
+                                                       "prepare)\n")
