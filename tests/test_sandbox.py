@@ -19,8 +19,21 @@ from pathlib import Path
 
 import pytest
 
-from nanochat_flyte.evaluation.sandbox import (CLONE_NEWUSER, LAYERS, PR_SET_SECCOMP, PRIVATE_ROOT, SYSCALLS, Limits, Rule,
-                                    execute, probe_sandbox, sandbox_available, sandbox_rules, seccomp_program)
+from nanochat_flyte.evaluation.sandbox import (
+    AUDIT_ARCH,
+    CLONE_NEWUSER,
+    LAYERS,
+    PR_SET_SECCOMP,
+    PRIVATE_ROOT,
+    SYSCALLS,
+    Limits,
+    Rule,
+    execute,
+    probe_sandbox,
+    sandbox_available,
+    sandbox_rules,
+    seccomp_program,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MACHINE = platform.machine()
@@ -225,13 +238,12 @@ def test_each_escape_is_held(probe, host):
 
 
 def test_the_disk_cap_counts_every_file():
-    result = execute(PRELUDE + textwrap.dedent("""
-        attempt("fill", lambda: [open(f"fill{i}", "wb").write(bytes(2**19)) for i in range(16)])
-        print(sum(os.path.getsize(name) for name in os.listdir(".")))
-    """), PROBE_LIMITS)
+    result = execute(probe_program(["fill the disk"], {}) + "print(sum(map(os.path.getsize, os.listdir('.'))))",
+                     PROBE_LIMITS)
     if PRIVATE_ROOT not in result.isolation:
         pytest.skip(f"no private root here, so no total cap: {result.missing[PRIVATE_ROOT]}")
-    assert result.stdout.splitlines() == ["fill: held, No space left on device", str(PROBE_LIMITS.disk_bytes)]
+    assert result.stdout.splitlines() == ["fill the disk: held, No space left on device",
+                                          str(PROBE_LIMITS.disk_bytes)]  # every file counts, up to the cap
 
 # ------------------------------------------------------------------------------------------ missing layers
 
@@ -332,14 +344,9 @@ def test_each_layer_reports_whether_it_holds_and_code_never_runs_with_less_than_
     assert run_evaluator(setup, LAYER_REPORT, python).splitlines() == [str(report), required]
 
 
-def run_layer(code: str) -> str:
-    """code in a plain subprocess (no sandbox around it) that imports this worktree's sandbox module."""
-    return run_evaluator("", code)
-
-
 def test_the_network_namespace_alone_cuts_the_network():
     with socket.create_server(("127.0.0.1", 0)) as server:
-        lines = run_layer(f"""
+        lines = run_evaluator("", f"""
             import socket
             enter_namespaces()
             print(open("/proc/self/net/dev").read().count(":"), "interfaces")
@@ -352,7 +359,7 @@ def test_the_network_namespace_alone_cuts_the_network():
 
 
 def test_the_seccomp_filter_alone():
-    lines = run_layer("""
+    lines = run_evaluator("", """
         import os, socket, threading
         install_seccomp_filter()
         for family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
@@ -392,13 +399,14 @@ def test_the_system_call_numbers_are_libseccomps():
     resolve = ctypes.CDLL(found).seccomp_syscall_resolve_name_arch
     resolve.argtypes, resolve.restype = (ctypes.c_uint32, ctypes.c_char_p), ctypes.c_int
     for machine, numbers in SYSCALLS.items():
-        named = {name: number for name, number in numbers.items() if name != "arch" and number is not None}
-        assert {name: resolve(numbers["arch"], name.encode()) for name in named} == named, machine
+        named = {name: number for name, number in numbers.items() if number is not None}
+        assert {name: resolve(AUDIT_ARCH[machine], name.encode()) for name in named} == named, machine
 
 # ------------------------------------------------------------------------------------------ lifetime
 
 
-LIFETIME = """import ctypes, os, signal, time
+LIFETIME = """\
+import ctypes, os, signal, time
 libc = ctypes.CDLL(None)
 open("left-behind", "w").write("x")
 print(os.getpid(), os.getcwd(), libc.kill(os.getppid(), signal.SIGSTOP), libc.kill(os.getppid(), signal.SIGKILL),

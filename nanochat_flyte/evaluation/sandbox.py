@@ -217,35 +217,26 @@ def sandbox_available() -> tuple[bool, str]:
 
 libc = ctypes.CDLL(None, use_errno=True)
 NOBODY = 65534  # the overflow uid and gid: owns no file, no process and no privilege
-SYSCALLS = {  # the audit architecture and the system call numbers used here, per machine (asm/unistd*.h)
-    "x86_64": {"arch": 0xC000003E, "socket": 41, "socketpair": 53, "clone": 56, "fork": 57, "vfork": 58,
-               "execve": 59, "kill": 62, "shmget": 29, "semget": 64, "msgget": 68, "ptrace": 101,
-               "rt_sigqueueinfo": 129, "setpriority": 141, "sched_setparam": 142, "sched_setscheduler": 144,
-               "pivot_root": 155, "prctl": 157, "chroot": 161, "mount": 165, "umount2": 166, "tkill": 200,
-               "sched_setaffinity": 203, "tgkill": 234, "mq_open": 240, "add_key": 248, "request_key": 249,
-               "keyctl": 250, "ioprio_set": 251, "unshare": 272, "rt_tgsigqueueinfo": 297, "perf_event_open": 298,
-               "prlimit64": 302, "open_by_handle_at": 304, "setns": 308, "process_vm_readv": 310,
-               "process_vm_writev": 311, "sched_setattr": 314, "memfd_create": 319, "bpf": 321, "execveat": 322,
-               "userfaultfd": 323, "pidfd_send_signal": 424, "io_uring_setup": 425, "io_uring_enter": 426,
-               "io_uring_register": 427, "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431,
-               "fsmount": 432, "fspick": 433, "pidfd_open": 434, "clone3": 435, "pidfd_getfd": 438,
-               "mount_setattr": 442, "landlock_create_ruleset": 444, "landlock_add_rule": 445,
-               "landlock_restrict_self": 446},
-    "aarch64": {"arch": 0xC00000B7, "socket": 198, "socketpair": 199, "clone": 220,
-                "fork": None, "vfork": None,  # none: libc makes them with clone
-                "execve": 221, "kill": 129, "shmget": 194, "semget": 190, "msgget": 186, "ptrace": 117,
-                "rt_sigqueueinfo": 138, "setpriority": 140, "sched_setparam": 118, "sched_setscheduler": 119,
-                "pivot_root": 41, "prctl": 167, "chroot": 51, "mount": 40, "umount2": 39, "tkill": 130,
-                "sched_setaffinity": 122, "tgkill": 131, "mq_open": 180, "add_key": 217, "request_key": 218,
-                "keyctl": 219, "ioprio_set": 30, "unshare": 97, "rt_tgsigqueueinfo": 240, "perf_event_open": 241,
-                "prlimit64": 261, "open_by_handle_at": 265, "setns": 268, "process_vm_readv": 270,
-                "process_vm_writev": 271, "sched_setattr": 274, "memfd_create": 279, "bpf": 280, "execveat": 281,
-                "userfaultfd": 282, "pidfd_send_signal": 424, "io_uring_setup": 425, "io_uring_enter": 426,
-                "io_uring_register": 427, "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431,
-                "fsmount": 432, "fspick": 433, "pidfd_open": 434, "clone3": 435, "pidfd_getfd": 438,
-                "mount_setattr": 442, "landlock_create_ruleset": 444, "landlock_add_rule": 445,
-                "landlock_restrict_self": 446},
+AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}  # the machines the filter is written for
+NUMBERS = {  # the system calls used here, (x86_64, aarch64) from asm/unistd*.h; aarch64 has no fork or vfork
+    "shmget": (29, 194), "socket": (41, 198), "socketpair": (53, 199), "clone": (56, 220), "fork": (57, None),
+    "vfork": (58, None), "execve": (59, 221), "kill": (62, 129), "semget": (64, 190), "msgget": (68, 186),
+    "ptrace": (101, 117), "rt_sigqueueinfo": (129, 138), "setpriority": (141, 140), "sched_setparam": (142, 118),
+    "sched_setscheduler": (144, 119), "pivot_root": (155, 41), "prctl": (157, 167), "chroot": (161, 51),
+    "mount": (165, 40), "umount2": (166, 39), "tkill": (200, 130), "sched_setaffinity": (203, 122),
+    "tgkill": (234, 131), "mq_open": (240, 180), "add_key": (248, 217), "request_key": (249, 218),
+    "keyctl": (250, 219), "ioprio_set": (251, 30), "unshare": (272, 97), "rt_tgsigqueueinfo": (297, 240),
+    "perf_event_open": (298, 241), "prlimit64": (302, 261), "open_by_handle_at": (304, 265), "setns": (308, 268),
+    "process_vm_readv": (310, 270), "process_vm_writev": (311, 271), "sched_setattr": (314, 274),
+    "memfd_create": (319, 279), "bpf": (321, 280), "execveat": (322, 281), "userfaultfd": (323, 282),
+    "pidfd_send_signal": (424, 424), "io_uring_setup": (425, 425), "io_uring_enter": (426, 426),
+    "io_uring_register": (427, 427), "open_tree": (428, 428), "move_mount": (429, 429), "fsopen": (430, 430),
+    "fsconfig": (431, 431), "fsmount": (432, 432), "fspick": (433, 433), "pidfd_open": (434, 434),
+    "clone3": (435, 435), "pidfd_getfd": (438, 438), "mount_setattr": (442, 442),
+    "landlock_create_ruleset": (444, 444), "landlock_add_rule": (445, 445), "landlock_restrict_self": (446, 446),
 }
+SYSCALLS = {machine: {name: numbers[index] for name, numbers in NUMBERS.items()}
+            for index, machine in enumerate(AUDIT_ARCH)}
 
 
 def check(result: int, what: str) -> int:
@@ -495,13 +486,13 @@ def seccomp_program(machine: str, rules: list[Rule]) -> list[tuple[int, int, int
     """The filter as (code, jt, jf, k) instructions: the rules, and everything else allowed. Another
     architecture's calls kill the process; x32 calls fail."""
     numbers = SYSCALLS[machine]
-    program = [(LOAD, 0, 0, ARCH_OFFSET), (JEQ, 1, 0, numbers["arch"]), (RET, 0, 0, KILL_PROCESS),
+    program = [(LOAD, 0, 0, ARCH_OFFSET), (JEQ, 1, 0, AUDIT_ARCH[machine]), (RET, 0, 0, KILL_PROCESS),
                (LOAD, 0, 0, NR_OFFSET)]
     if machine == "x86_64":
         program += [(JGE, 0, 1, X32_SYSCALL_BIT), (RET, 0, 0, ERRNO | errno.ENOSYS)]
     for rule in rules:
         if numbers[rule.name] is None:
-            continue
+            continue  # fork and vfork on aarch64: libc makes them with clone, which is filtered
         refuse = (RET, 0, 0, ERRNO | rule.error)
         if rule.arg is None:
             block = [refuse]
