@@ -441,7 +441,8 @@ def test_the_code_cannot_stop_or_kill_its_evaluator_and_nothing_outlives_execute
 
 
 def test_the_sandbox_dies_with_its_evaluator(tmp_path):
-    evaluator = subprocess.Popen([sys.executable, "-c", f"from nanochat_flyte.evaluation.sandbox import *\nexecute({LIFETIME!r})"],
+    evaluator = subprocess.Popen([sys.executable, "-c", f"from nanochat_flyte.evaluation.sandbox import *\n"
+                                                        f"execute({LIFETIME!r})"],
                                  cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp_path)})
     deadline = time.monotonic() + 30
     while not (sandboxes := [int(p.name) for p in Path("/proc").glob("[0-9]*") if is_child(p, evaluator.pid)]):
