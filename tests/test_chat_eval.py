@@ -36,6 +36,7 @@ from nanochat_flyte.evaluation.chat_eval import (
     score_gsm8k,
     score_humaneval,
 )
+from nanochat_flyte.evaluation.sandbox import execute
 from nanochat_flyte.inference.engine import Engine
 from nanochat_flyte.model.device import EvalBatches, select_precision
 from nanochat_flyte.model.gpt import GPT, GPTConfig
@@ -178,9 +179,20 @@ def test_humaneval_programs_pass_with_the_canonical_solutions_and_fail_with_wron
 def test_humaneval_keeps_the_prompts_helper_functions():
     item = {"prompt": "def double(x):\n    return 2 * x\n\n\ndef quadruple(x):\n    \"\"\"4 * x\"\"\"\n",
             "entry_point": "quadruple", "test": "def check(candidate):\n    assert candidate(3) == 12\n"}
-    program = humaneval_program(item, "```python\ndef quadruple(x):\n    return double(double(x))\n```")
-    assert program.startswith("def double(x):") and program.endswith("check(quadruple)\n")
+    program = humaneval_program(item, "```python\ndef quadruple(x):\n    return double(double(x))\n```", "f00d")
+    assert program.startswith("def double(x):") and program.endswith("check(quadruple)\nprint('f00d')\n")
     assert score_humaneval(["```python\ndef quadruple(x):\n    return double(double(x))\n```"], [item], 1) == [True]
+
+
+@pytest.mark.parametrize("exit_early", ["import os; os._exit(0)", "import sys; sys.exit(0)", "raise SystemExit",
+                                        "import atexit, os; atexit.register(os._exit, 0); quit()"])
+def test_a_reply_that_exits_before_the_test_does_not_pass(exit_early):
+    item = {"prompt": "def never(x):\n", "entry_point": "never",
+            "test": "def check(candidate):\n    assert candidate(1) == 'impossible'\n"}
+    reply = f"```python\n{exit_early}\ndef never(x):\n    return x\n```"
+    assert execute(humaneval_program(item, reply, "sentinel")).passed  # its exit status alone says: passed
+    assert score_humaneval([reply], [item], 1) == [False]  # but check() never ran: no sentinel
+
 
 def test_humaneval_runs_only_where_the_sandbox_works(monkeypatch):
     assert humaneval_skip_reason("off") == "humaneval is off"

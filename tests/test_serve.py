@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 import requests
-from chat_server import API_KEY, CONTEXT
+from chat_server import API_KEY, CONTEXT, start_server, stop_server
 
 from nanochat_flyte.cli.serve import main
 from nanochat_flyte.errors import UserError
@@ -304,6 +304,78 @@ def test_a_client_that_gives_up_on_a_non_streamed_answer_frees_its_slot(base_ser
     health = wait_until_idle(base_server)
     assert health["requests"]["cancelled"] == before["cancelled"] + 1
     assert health["requests"]["completed"] == before["completed"]
+
+
+# ---------------------------------------------------------------------------- connections
+
+
+@pytest.fixture(scope="module")
+def strict_server(base_checkpoint, tmp_path_factory):
+    """The base checkpoint served with small connection limits: 4 open at once, 1 s to send a request."""
+    server = start_server(base_checkpoint, tmp_path_factory.mktemp("logs") / "strict_server.log",
+                          "--max-connections", "4", "--request-timeout", "1")
+    yield server
+    stop_server(server)
+
+
+def raw_connection(server, data: bytes = b"") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=10)
+    sock.sendall(data)
+    return sock
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
+def test_a_connection_that_does_not_send_its_request_in_time_is_closed(strict_server):
+    start = time.monotonic()
+    silent = raw_connection(strict_server)
+    half_headers = raw_connection(strict_server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    half_body = raw_connection(strict_server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                              b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+    assert read_until_closed(silent) == read_until_closed(half_headers) == b""  # closed, without an answer
+    head, _, body = read_until_closed(half_body).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower()
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert 1.0 <= time.monotonic() - start < 5.0
+    for sock in (silent, half_headers, half_body):
+        sock.close()
+    assert strict_server.health()["status"] == "ok"
+
+
+def test_beyond_the_connection_limit_a_new_connection_gets_503(strict_server):
+    idle = [raw_connection(strict_server) for _ in range(4)]
+    refused = raw_connection(strict_server)
+    answer = read_until_closed(refused)
+    assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert answer.endswith(b"\r\n\r\ntoo many open connections: retry shortly\n")
+    for sock in [*idle, refused]:
+        sock.close()
+    deadline = time.monotonic() + 10
+    while requests.get(f"{strict_server.url}/health", timeout=10).status_code != 200:  # until it sees them closed
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_broken_framing_gets_uvicorns_plain_text_400_and_a_client_gone_mid_body_one_log_line(strict_server):
+    garbled = raw_connection(strict_server, b"NOT HTTP AT ALL\r\n\r\n")
+    assert read_until_closed(garbled).endswith(b"\r\n\r\nInvalid HTTP request received.")
+    logged = len(strict_server.log.read_text())
+    gone = raw_connection(strict_server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                         b"Content-Length: 100\r\n\r\n{\"messages\"")
+    time.sleep(0.2)
+    gone.close()
+    deadline = time.monotonic() + 5
+    while "client went away" not in (new := strict_server.log.read_text()[logged:]):
+        assert time.monotonic() < deadline, new
+        time.sleep(0.05)
+    assert "client went away while sending its request" in new and "Traceback" not in new
+    for sock in (garbled, gone):
+        sock.close()
 
 
 # ---------------------------------------------------------------------------- the command line

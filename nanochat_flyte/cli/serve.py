@@ -10,9 +10,12 @@ examples:
   GET  /health               liveness, the mode (chat or plain completion) and the load
 
 It listens on 127.0.0.1 unless told otherwise; with NANOCHAT_API_KEY set, every /v1 request needs
-`Authorization: Bearer <that key>`. docs/serving.md has the details.
+`Authorization: Bearer <that key>`. A connection must send a request's headers within --request-timeout seconds,
+and its body within as many again; beyond --max-connections open connections, a new one gets a plain-text 503.
+docs/serving.md has the details.
 """
 
+import functools
 import logging
 import os
 
@@ -20,7 +23,16 @@ import uvicorn
 
 from nanochat_flyte.cli.usage import ArgumentParser
 from nanochat_flyte.inference.engine import Engine
-from nanochat_flyte.inference.serve import API_KEY_ENV, check_can_listen, create_app, log, model_name_of
+from nanochat_flyte.inference.serve import (
+    API_KEY_ENV,
+    MAX_CONNECTIONS,
+    REQUEST_TIMEOUT,
+    BoundedHttp,
+    check_can_listen,
+    create_app,
+    log,
+    model_name_of,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,11 +42,18 @@ def main(argv: list[str] | None = None) -> None:
                                                             "machine only; 0.0.0.0 exposes the server")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-concurrent", type=int, default=4, help="answers generated at once; more get 429")
+    parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                        help="open connections at once; more get 503 (default: %(default)s)")
+    parser.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT,
+                        help="seconds a connection has to send a request's headers, and again its body "
+                             "(default: %(default)s)")
     parser.add_argument("--model-name", help="the model id in responses (default: from the checkpoint path)")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
     args = parser.parse_args(argv)
-    if args.max_concurrent < 1:
-        parser.error(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    for flag, value in (("--max-concurrent", args.max_concurrent), ("--max-connections", args.max_connections),
+                        ("--request-timeout", args.request_timeout)):
+        if not value > 0:
+            parser.error(f"{flag} must be > 0, got {value}")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be 0..65535, got {args.port}")
     check_can_listen(args.host, args.port)
@@ -50,5 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         log.info("serving %s: a BASE checkpoint (no chat fine-tuning): plain completion mode, each request "
                  "continues its last user message as plain text", name)
-    app = create_app(engine, model_name=name, max_concurrent=args.max_concurrent, api_key=api_key)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    app = create_app(engine, model_name=name, max_concurrent=args.max_concurrent, api_key=api_key,
+                     request_timeout=args.request_timeout)
+    http = functools.partial(BoundedHttp, request_timeout=args.request_timeout, max_connections=args.max_connections)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=http)

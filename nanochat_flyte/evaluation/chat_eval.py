@@ -9,7 +9,7 @@ base checkpoint too: it never learned the chat format, so expect about chance th
   as the assistant's first token. Only the item's own letters compete (ARC has 3 to 5 choices).
 - GSM8K: greedy decoding through the engine's KV cache; the number after `####` must equal the reference.
 - HumanEval: greedy decoding; the program (the completion with the prompt's code, the test and
-  `check(entry_point)`) must exit cleanly in the sandbox (sandbox.py): pass@1.
+  `check(entry_point)`) must run check() to its end in the sandbox (sandbox.py): pass@1.
 ChatCORE (nanochat's definition): the mean over the evaluated tasks of (accuracy - chance) / (1 - chance), with
 chance 0.25 for the multiple choice tasks (as nanochat, whatever the number of choices) and 0 for the open ones:
 0 at chance, 1 for a perfect model.
@@ -20,6 +20,7 @@ as one JSON object on its last line.
 
 import random
 import re
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,7 +32,7 @@ from nanochat_flyte.config import CHAT_EVAL_TASKS
 from nanochat_flyte.data.chat_data import read_jsonl
 from nanochat_flyte.data.conversation import render_prompt
 from nanochat_flyte.errors import ConfigError
-from nanochat_flyte.evaluation.sandbox import Limits, execute, sandbox_available
+from nanochat_flyte.evaluation.sandbox import Limits, execute, probe_sandbox, sandbox_available
 from nanochat_flyte.inference.engine import Engine, SamplingParams, next_token_logits
 from nanochat_flyte.model.device import EvalBatches, Precision
 from nanochat_flyte.reporting.report import DECK_STYLE, html_table, markdown_grid
@@ -114,9 +115,10 @@ def score_gsm8k(replies: list[str | None], items: list[dict]) -> list[bool | Non
 FENCED_CODE = re.compile(r"```[\w+-]*[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)  # an unclosed fence runs to the end
 
 
-def humaneval_program(item: dict, completion: str) -> str:
+def humaneval_program(item: dict, completion: str, sentinel: str) -> str:
     """The program that tests a completion: a chat model writes the whole function (often in a markdown fence),
-    after the prompt's code before it (imports, helper functions); a base model continues the prompt."""
+    after the prompt's code before it (imports, helper functions); a base model continues the prompt. It prints
+    the sentinel once check() has returned."""
     fenced = FENCED_CODE.search(completion)
     code = fenced.group(1) if fenced else completion
     definition = rf"^def {re.escape(item['entry_point'])}\s*\("
@@ -125,13 +127,20 @@ def humaneval_program(item: dict, completion: str) -> str:
         program = (item["prompt"][:signature.start()] if signature else "") + code
     else:
         program = item["prompt"] + code
-    return f"{program}\n\n{item['test']}\n\ncheck({item['entry_point']})\n"
+    return f"{program}\n\n{item['test']}\n\ncheck({item['entry_point']})\nprint({sentinel!r})\n"
 
 
 def score_humaneval(replies: list[str | None], items: list[dict], workers: int) -> list[bool | None]:
-    """Each program in its own sandbox, `workers` at a time."""
+    """Each program in its own sandbox, `workers` at a time, each with every layer the probe found here. A program
+    passes only if it printed its sentinel: an exit status of 0 alone (os._exit(0) before the test) is no pass."""
+    layers = probe_sandbox()[0]
+
     def passes(reply: str | None, item: dict) -> bool | None:
-        return None if reply is None else execute(humaneval_program(item, reply), HUMANEVAL_LIMITS).passed
+        if reply is None:
+            return None
+        sentinel = secrets.token_hex(16)  # fresh per program: a reply that exits early cannot print it
+        result = execute(humaneval_program(item, reply, sentinel), HUMANEVAL_LIMITS, require=layers)
+        return result.passed and sentinel in result.stdout
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(passes, replies, items))

@@ -1,31 +1,33 @@
-"""Run untrusted Python (code a model wrote, for HumanEval) in a sandbox.
+"""Run untrusted Python (code a model wrote, for HumanEval) so that it can touch nothing outside its own directory.
 
     result = execute("print(1 + 1)")        # ExecutionResult(passed=True, stdout="2\n", ...)
-    available, why = sandbox_available()    # whether the isolation really works on this machine
+    available, why = sandbox_available()    # whether the sandbox works here, and which layers hold
 
-The code runs in a fresh `python -I` process (this file, run as a script: `child_main`), which isolates itself
-before it runs a line of the code:
-- network: the kernel refuses it, two ways, and at least one must hold or the code does not run:
-  * a new, empty network namespace (unshare(2); only a loopback interface, and that one is down), preferably
-    inside a new user namespace, which also takes away the process's capabilities on the host (so, run as root,
-    it can no longer raise its resource limits back);
-  * a seccomp filter: socket(2) only for AF_UNIX, no io_uring (which can open sockets too).
-- processes: the seccomp filter also refuses fork, vfork and clone without CLONE_THREAD (threads still work),
-  and ptrace; RLIMIT_NPROC caps processes and threads too (the kernel never applies it to root, so the filter
-  is what stops a fork bomb there).
-- resources: RLIMIT_CPU (CPU seconds), RLIMIT_AS (memory), RLIMIT_FSIZE (file size), no core dumps; a wall-clock
-  timeout, after which the parent kills the whole process group (the child starts its own session).
-- I/O: stdin is /dev/null once the code is read from it; stdout and stderr are captured and truncated; the
-  environment is scrubbed; the working directory is a new, empty temporary directory, deleted afterwards.
-- a second layer in Python: destructive functions (os.system, os.remove, shutil.rmtree, subprocess.Popen, ...)
-  are disabled, against accidents; it is no barrier (ctypes undoes it), the kernel layers are.
+The code runs in a fresh `python -I` process (this file, run as a script: `child_main`), which builds its layers
+before it runs a line of the code. They overlap, so that no single one is trusted (docs/sandbox.md: what each
+stops, and what is left when one is missing):
+- private root: new mount, network and IPC namespaces. The root becomes an empty tmpfs that holds read-only binds
+  of what Python needs (readable_paths()) and the work directory: a tmpfs of Limits.disk_bytes, gone with the
+  process. The network namespace has one interface, a loopback that is down. Root makes the namespaces itself;
+  anyone else inside a new user namespace that maps only its own uid.
+- unprivileged uid: root becomes nobody, and every capability is dropped: /proc/sys, the host's files and other
+  users' processes are out of reach by plain permissions.
+- landlock: the kernel lets it read only readable_paths() and write only its work directory; no TCP; no signals
+  or abstract unix sockets beyond its own process.
+- seccomp: no sockets at all, no new processes or programs (threads are fine), signals only to itself, no ptrace,
+  pidfd, process_vm_*, namespaces, mounts, keyrings, io_uring, memfd or SysV IPC.
+- resources: RLIMIT_CPU, _AS, _FSIZE and _NPROC, no core dumps, and a wall-clock timeout after which the parent
+  kills the process group. It dies with the evaluator (PR_SET_PDEATHSIG, which the code may not reset).
+- I/O: stdin is /dev/null, stdout and stderr are captured and truncated, the environment is scrubbed.
+- a last layer in Python disables destructive functions (os.system, os.remove, ...), against accidents only.
 
-Namespaces and seccomp need Linux. unshare(CLONE_NEWNET) needs CAP_SYS_ADMIN (root in a VM or a privileged
-container) or unprivileged user namespaces; seccomp filters need neither, only a kernel and container runtime
-that allow seccomp(2) (Docker's default profile does). sandbox_available() runs a probe: the
-code must fail to connect to a socket this process listens on at 127.0.0.1.
-The filesystem is not isolated: the code runs as the evaluating user and can read (and, but for the Python layer,
-write) what that user can.
+A layer this kernel or container does not allow is left out, and said so (sandbox_available(), and each
+ExecutionResult's isolation and missing). The code never runs without seccomp, an unprivileged uid, and a
+filesystem layer (landlock or the private root): execute() raises SandboxError instead.
+
+The seccomp filter is BPF written here, for x86_64 and aarch64: libseccomp's own Python bindings are not on PyPI,
+and pyseccomp, which wraps the system's libseccomp with ctypes, has had no release since 2021 and runs `ldconfig`
+in a subprocess when imported. tests/test_sandbox.py checks the system call numbers below against libseccomp's.
 """
 
 import ctypes
@@ -38,6 +40,7 @@ import resource
 import selectors
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -51,8 +54,13 @@ class Limits:
     memory_bytes: int = 512 * 2**20  # address space: Python itself needs ~30 MB of it
     output_bytes: int = 64 * 2**10  # of stdout and of stderr, each: enough for any traceback
     file_bytes: int = 16 * 2**20  # the largest file the code may write
-    processes: int = 64  # RLIMIT_NPROC: counts this user's processes and threads (within a new user namespace,
-    #                      only the sandbox's own)
+    disk_bytes: int = 64 * 2**20  # all its files together: the work directory is a tmpfs, so this is memory
+    processes: int = 64  # RLIMIT_NPROC: this user's processes and threads (all of nobody's, run by root)
+
+
+# The layers, as ExecutionResult.isolation and .missing name them.
+LAYERS = PRIVATE_ROOT, NETWORK_NAMESPACE, UNPRIVILEGED, LANDLOCK, SECCOMP = (
+    "private root", "network namespace", "unprivileged uid", "landlock", "seccomp")
 
 
 @dataclass
@@ -63,7 +71,8 @@ class ExecutionResult:
     timed_out: bool
     truncated: bool  # stdout or stderr was longer than Limits.output_bytes
     seconds: float
-    isolation: tuple[str, ...]  # the kernel layers that held, e.g. ("user+network namespace", "seccomp")
+    isolation: tuple[str, ...]  # the layers that held, e.g. ("private root", ..., "seccomp")
+    missing: dict[str, str]  # the layers that did not, and why
 
     @property
     def passed(self) -> bool:
@@ -71,31 +80,34 @@ class ExecutionResult:
 
 
 class SandboxError(RuntimeError):
-    """The sandbox could not isolate the code (so it did not run it), or its child failed before trying."""
+    """This machine cannot isolate the code as required (so it did not run), or the child failed before trying."""
 
 
 # ------------------------------------------------------------------------------------------ the parent side
 
-ISOLATED, REFUSED = b"isolated:", b"refused:"  # how the child's report on the ack pipe starts
+
 SAFE_PATH = "/usr/bin:/bin"
 
 
-def execute(code: str, limits: Limits = Limits()) -> ExecutionResult:
-    """Run code in the sandbox; raises SandboxError when the isolation failed (the code then did not run)."""
+def execute(code: str, limits: Limits = Limits(), require: tuple[str, ...] = ()) -> ExecutionResult:
+    """Run code in the sandbox. Any string gives a result; raises SandboxError only when this machine cannot hold
+    the essential layers or one in `require` (the code then did not run)."""
     start = time.monotonic()
-    ack_read, ack_write = os.pipe()  # the child reports on it whether it isolated itself
+    ack_read, ack_write = os.pipe()  # the child reports on it which layers hold
     with tempfile.TemporaryDirectory(prefix="nanochat-sandbox-") as workdir, open(ack_read, "rb") as ack_file:
         try:
             process = subprocess.Popen(
-                [sys.executable, "-I", "-B", os.path.abspath(__file__), str(ack_write), json.dumps(asdict(limits))],
-                cwd=workdir, env={"PATH": SAFE_PATH, "HOME": workdir, "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1"},
+                [sys.executable, "-I", "-B", os.path.abspath(__file__), str(os.getpid()), str(ack_write),
+                 json.dumps(asdict(limits)), json.dumps(list(require))],
+                cwd=workdir, env={"PATH": SAFE_PATH, "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
+                                  "OMP_NUM_THREADS": "1"},
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(ack_write,),
                 start_new_session=True)  # its own process group: one killpg() ends it and anything it started
         finally:
             os.close(ack_write)  # the child's copy is the only one left: EOF once it closes it or dies
         try:
-            try:
-                process.stdin.write(code.encode("utf-8", errors="surrogateescape"))
+            try:  # surrogatepass: even lone surrogates reach the child, whose compile() refuses them
+                process.stdin.write(code.encode("utf-8", errors="surrogatepass"))
                 process.stdin.close()
             except BrokenPipeError:
                 pass  # the child died before reading the code: its stderr says why
@@ -105,15 +117,16 @@ def execute(code: str, limits: Limits = Limits()) -> ExecutionResult:
             kill_group(process)
         ack = ack_file.read()
     stderr_text = stderr.decode("utf-8", errors="replace")
-    if ack.startswith(REFUSED):
-        raise SandboxError(ack[len(REFUSED):].decode().strip())
-    if not ack.startswith(ISOLATED):
+    report = json.loads(ack) if ack else {}
+    if "refused" in report:
+        raise SandboxError(report["refused"])
+    if "isolation" not in report:
         last_line = (stderr_text.strip().splitlines() or ["no output"])[-1]
         raise SandboxError(f"the sandbox process ended before it isolated itself ({last_line})")
     return ExecutionResult(returncode=None if timed_out else process.returncode,
                            stdout=stdout.decode("utf-8", errors="replace"), stderr=stderr_text, timed_out=timed_out,
                            truncated=truncated, seconds=time.monotonic() - start,
-                           isolation=tuple(ack[len(ISOLATED):].decode().split(",")))
+                           isolation=tuple(report["isolation"]), missing=report["missing"])
 
 
 def collect_output(process: subprocess.Popen, deadline: float, cap: int) -> tuple[bytes, bytes, bool, bool]:
@@ -156,56 +169,194 @@ def kill_group(process: subprocess.Popen) -> None:
         stream.close()
 
 
-NETWORK_PROBE = """\
-import socket
+PROBE = """\
+import ctypes, socket
+reached = []
 try:
     socket.create_connection(("127.0.0.1", {port}), timeout=5).close()
-except OSError as error:
-    print(type(error).__name__, error)
-else:
-    raise SystemExit("connected to the parent's port {port}: the network is not isolated")
+    reached.append("the evaluator's port {port}")
+except OSError:
+    pass
+try:
+    open({outside!r}).close()
+    reached.append("a file outside its directory")
+except OSError:
+    pass
+if ctypes.CDLL(None).kill({evaluator}, 0) == 0:
+    reached.append("the evaluator, with a signal")
+if reached:
+    raise SystemExit("the sandboxed code reached " + ", ".join(reached))
 """
 
 
 @functools.cache
-def sandbox_available() -> tuple[bool, str]:
-    """(True, the isolation layers) where the sandbox works here, else (False, why not). Runs a probe once per
-    process: the sandboxed code must fail to reach a port this process listens on."""
+def probe_sandbox() -> tuple[tuple[str, ...], str]:
+    """(the layers that hold here, a description), from a probe run once per process: the sandboxed code must fail
+    to reach a port this process listens on, a file it made, and this process. No layers where the sandbox does not
+    work here; the description then says why."""
     if sys.platform != "linux":
-        return False, f"the sandbox needs Linux (namespaces, seccomp); this is {sys.platform}"
-    with socket.create_server(("127.0.0.1", 0)) as server:
+        return (), f"the sandbox needs Linux (namespaces, landlock, seccomp); this is {sys.platform}"
+    with socket.create_server(("127.0.0.1", 0)) as server, tempfile.NamedTemporaryFile() as outside:
         try:
-            result = execute(NETWORK_PROBE.format(port=server.getsockname()[1]))
+            result = execute(PROBE.format(port=server.getsockname()[1], outside=outside.name, evaluator=os.getpid()))
         except SandboxError as error:
-            return False, str(error)
+            return (), str(error)
     if not result.passed:
-        return False, f"the network probe failed: {(result.stderr or result.stdout).strip()}"
-    return True, " + ".join(result.isolation)
+        return (), f"the probe failed: {(result.stderr or result.stdout).strip()}"
+    missing = "; ".join(f"{name} ({why})" for name, why in result.missing.items())
+    return result.isolation, " + ".join(result.isolation) + (f"; missing: {missing}" if missing else "")
 
+
+def sandbox_available() -> tuple[bool, str]:
+    """(True, the layers that hold and those missing) where the sandbox works here, else (False, why not)."""
+    layers, description = probe_sandbox()
+    return bool(layers), description
 
 # ------------------------------------------------------------------------------------------ the child side
 
+
 libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWUSER, CLONE_NEWNET, CLONE_THREAD = 0x10000000, 0x40000000, 0x00010000  # <linux/sched.h>
-PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2  # <linux/prctl.h>, <linux/seccomp.h>
+NOBODY = 65534  # the overflow uid and gid: owns no file, no process and no privilege
+AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}  # the machines the filter is written for
+NUMBERS = {  # the system calls used here, (x86_64, aarch64) from asm/unistd*.h; aarch64 has no fork or vfork
+    "shmget": (29, 194), "socket": (41, 198), "socketpair": (53, 199), "clone": (56, 220), "fork": (57, None),
+    "vfork": (58, None), "execve": (59, 221), "kill": (62, 129), "semget": (64, 190), "msgget": (68, 186),
+    "ptrace": (101, 117), "rt_sigqueueinfo": (129, 138), "setpriority": (141, 140), "sched_setparam": (142, 118),
+    "sched_setscheduler": (144, 119), "pivot_root": (155, 41), "prctl": (157, 167), "chroot": (161, 51),
+    "mount": (165, 40), "umount2": (166, 39), "tkill": (200, 130), "sched_setaffinity": (203, 122),
+    "tgkill": (234, 131), "mq_open": (240, 180), "add_key": (248, 217), "request_key": (249, 218),
+    "keyctl": (250, 219), "ioprio_set": (251, 30), "unshare": (272, 97), "rt_tgsigqueueinfo": (297, 240),
+    "perf_event_open": (298, 241), "prlimit64": (302, 261), "open_by_handle_at": (304, 265), "setns": (308, 268),
+    "process_vm_readv": (310, 270), "process_vm_writev": (311, 271), "sched_setattr": (314, 274),
+    "memfd_create": (319, 279), "bpf": (321, 280), "execveat": (322, 281), "userfaultfd": (323, 282),
+    "pidfd_send_signal": (424, 424), "io_uring_setup": (425, 425), "io_uring_enter": (426, 426),
+    "io_uring_register": (427, 427), "open_tree": (428, 428), "move_mount": (429, 429), "fsopen": (430, 430),
+    "fsconfig": (431, 431), "fsmount": (432, 432), "fspick": (433, 433), "pidfd_open": (434, 434),
+    "clone3": (435, 435), "pidfd_getfd": (438, 438), "mount_setattr": (442, 442),
+    "landlock_create_ruleset": (444, 444), "landlock_add_rule": (445, 445), "landlock_restrict_self": (446, 446),
+}
+SYSCALLS = {machine: {name: numbers[index] for name, numbers in NUMBERS.items()}
+            for index, machine in enumerate(AUDIT_ARCH)}
 
 
-def check(result: int, what: str) -> None:
-    if result != 0:
+def check(result: int, what: str) -> int:
+    if result < 0:
         error = ctypes.get_errno()
         raise OSError(error, f"{what}: {os.strerror(error)}")
+    return result
 
 
-def new_network_namespace() -> str:
-    """Move this process into a new network namespace: no interface but a loopback that is down. Inside a new user
-    namespace if allowed (it drops our capabilities on the host too), else alone (needs CAP_SYS_ADMIN)."""
-    if libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0:
-        return "user+network namespace"
-    user_error = os.strerror(ctypes.get_errno())
-    if libc.unshare(CLONE_NEWNET) == 0:
-        return "network namespace"
-    raise OSError(ctypes.get_errno(), f"unshare: {user_error} (user+network), "
-                                      f"{os.strerror(ctypes.get_errno())} (network)")
+def syscall(name: str, *args) -> int:
+    """A system call glibc has no wrapper for (pivot_root, landlock); raises OSError naming it."""
+    return check(libc.syscall(SYSCALLS[platform.machine()][name], *args), name)
+
+# --------------------------------------------------------------- namespaces and the private root
+
+
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS = 1, 4, 22, 38  # <linux/prctl.h>
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x08000000, 0x10000000, 0x40000000
+NAMESPACES = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
+MNT_DETACH = 2
+# statvfs's ST_* flags equal mount's MS_* ones; a bind's remount inside a user namespace must keep them
+KEPT_FLAGS = os.ST_NOSUID | os.ST_NODEV | os.ST_NOEXEC | os.ST_NOATIME | os.ST_NODIRATIME | os.ST_RELATIME
+WORK_INODES = 4096  # files and directories the code may make: each costs kernel memory beyond disk_bytes
+
+
+def enter_namespaces() -> None:
+    """New mount, network and IPC namespaces. Root makes them itself: they then belong to the host's user
+    namespace, and no new one is needed. Anyone else, or root without CAP_SYS_ADMIN, makes them inside a new user
+    namespace that maps only its own uid and gid (root becomes nobody first: 65534 could not be mapped later)."""
+    if os.geteuid() == 0 and libc.unshare(NAMESPACES) == 0:
+        return
+    if os.geteuid() == 0:
+        become_nobody()
+        # the uid change gave /proc/self to root: dumpable again, nobody may write the maps below
+        check(libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
+    uid, gid = os.geteuid(), os.getegid()
+    check(libc.unshare(CLONE_NEWUSER | NAMESPACES), "unshare")
+    for name, line in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as file:
+            file.write(line)
+
+
+def readable_paths() -> list[str]:
+    """What the code may read: the interpreter, the system's libraries, the two /etc files Python reads (the
+    dynamic linker's cache, the time zone) and two devices. Not the rest of /etc, nor /home, /root, /proc, /run,
+    /var or /tmp, where secrets and sockets live. Each tree once, by its top."""
+    candidates = {"/usr", "/lib", "/lib32", "/lib64", "/libx32", sys.base_prefix, sys.prefix, "/etc/ld.so.cache",
+                  "/etc/localtime", "/dev/null", "/dev/urandom"}
+    paths = sorted(os.path.abspath(path) for path in candidates if os.path.lexists(path))
+    return [path for path in paths if path != "/" and not any(path.startswith(top + "/") for top in paths)]
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int, options: str | None = None) -> None:
+    encoded = [value.encode() if value is not None else None for value in (source, target, fstype, options)]
+    check(libc.mount(encoded[0], encoded[1], encoded[2], flags, encoded[3]), f"mount {target}")
+
+
+def enter_private_root(workdir: str, owner: tuple[int, int], disk_bytes: int) -> None:
+    """Make an empty tmpfs this process's root, holding read-only binds of readable_paths() and, at its own path,
+    the work directory: a tmpfs of disk_bytes owned by `owner` (uid, gid). Nothing else of the host is there, and
+    nothing written there reaches the host's disk. Should it fail, the host's tree is left as it was."""
+    os.umask(0o022)  # the directories made here must be searchable by the code
+    mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted below reaches the host's mounts, nor theirs us
+    mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=1024,mode=755")  # the new root
+    try:
+        for path in readable_paths():
+            target = workdir + path
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if os.path.islink(path):  # /lib -> usr/lib on a merged /usr: the same link, to the same bind
+                os.symlink(os.readlink(path), target)
+                continue
+            if os.path.isdir(path):
+                os.mkdir(target)
+            else:
+                open(target, "x").close()  # a file's bind needs a file to cover
+            mount(path, target, None, MS_BIND | MS_REC)
+            mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | (os.statvfs(target).f_flag & KEPT_FLAGS))
+        os.makedirs(workdir + workdir)
+        mount("tmpfs", workdir + workdir, "tmpfs", MS_NOSUID | MS_NODEV,
+              f"size={disk_bytes},nr_inodes={WORK_INODES},mode=700,uid={owner[0]},gid={owner[1]}")
+        os.mkdir(workdir + "/.host")
+        syscall("pivot_root", workdir.encode(), (workdir + "/.host").encode())
+    except OSError:
+        libc.umount2(workdir.encode(), MNT_DETACH)  # the new root and all in it
+        raise
+    os.chdir("/")
+    check(libc.umount2(b"/.host", MNT_DETACH), "umount /.host")  # the host's tree, gone from this namespace
+    os.rmdir("/.host")
+    mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    os.chdir(workdir)
+
+# --------------------------------------------------------------- identity
+
+
+class CapHeader(ctypes.Structure):  # <linux/capability.h>
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+CAPABILITY_VERSION_3 = 0x20080522  # 64-bit capability sets, as two CapData
+
+
+def become_nobody() -> None:
+    """Root gives up its uid and gids, and with them every capability."""
+    os.setgroups([])
+    os.setresgid(NOBODY, NOBODY, NOBODY)
+    os.setresuid(NOBODY, NOBODY, NOBODY)
+
+
+def drop_privileges() -> None:
+    """Become nobody if root, and drop every capability (a new user namespace gives all of them, within it)."""
+    if os.geteuid() == 0:
+        become_nobody()
+    check(libc.capset(ctypes.byref(CapHeader(CAPABILITY_VERSION_3, 0)), ctypes.byref((CapData * 2)())), "capset")
+
+# --------------------------------------------------------------- limits and lifetime
 
 
 def set_limits(limits: Limits) -> None:
@@ -217,39 +368,142 @@ def set_limits(limits: Limits) -> None:
         resource.setrlimit(limit, (value, value))
 
 
+def die_with(evaluator: int) -> None:
+    """SIGKILL this process when the evaluator's thread that started it ends. After the uid change, which clears
+    it; seccomp then keeps the code from resetting it."""
+    check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != evaluator:  # it ended before the line above: nothing would kill us
+        os._exit(1)
+
+
+def no_new_privs() -> None:
+    """No setuid binary or file capability gains anything; landlock and seccomp require it of the unprivileged."""
+    check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+# --------------------------------------------------------------- landlock
+
+
+class RulesetAttr(ctypes.Structure):  # <linux/landlock.h>
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+class PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+CREATE_RULESET_VERSION, RULE_PATH_BENEATH = 1, 1
+EXECUTE, WRITE_FILE, READ_FILE, READ_DIR, REMOVE_DIR, REMOVE_FILE = 1, 1 << 1, 1 << 2, 1 << 3, 1 << 4, 1 << 5
+MAKE_DIR, MAKE_REG, MAKE_SYM, REFER, TRUNCATE, IOCTL_DEV = 1 << 7, 1 << 8, 1 << 12, 1 << 13, 1 << 14, 1 << 15
+READ = READ_FILE | READ_DIR
+WORK = READ | WRITE_FILE | REMOVE_DIR | REMOVE_FILE | MAKE_DIR | MAKE_REG | MAKE_SYM | REFER | TRUNCATE
+FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV  # all a rule on a file (not a directory) may hold
+TCP_BIND_AND_CONNECT = SCOPE_ABSTRACT_UNIX_AND_SIGNAL = 0b11
+
+
+def restrict_filesystem() -> None:
+    """Landlock: read readable_paths(), write /dev/null and the work directory, nothing else. Every file right this
+    kernel knows is handled (denied but where granted); from ABI 4, TCP bind and connect too; from ABI 6, signals
+    and abstract unix sockets to processes outside this one. The work directory is granted as the current one:
+    without a private root, the path to it may be closed to nobody."""
+    abi = syscall("landlock_create_ruleset", None, 0, CREATE_RULESET_VERSION)
+    handled = (1 << {1: 13, 2: 14, 3: 15, 4: 15}.get(abi, 16)) - 1  # ABI 2 added REFER, 3 TRUNCATE, 5 IOCTL_DEV
+    attr = RulesetAttr(handled, TCP_BIND_AND_CONNECT if abi >= 4 else 0,
+                       SCOPE_ABSTRACT_UNIX_AND_SIGNAL if abi >= 6 else 0)
+    size = 8 if abi < 4 else 16 if abi < 6 else 24  # an older kernel takes only the fields it knows
+    ruleset = syscall("landlock_create_ruleset", ctypes.byref(attr), size, 0)
+    grants = dict.fromkeys(readable_paths(), READ) | {"/dev/null": READ_FILE | WRITE_FILE, ".": WORK}
+    no_new_privs()
+    try:
+        for path, rights in grants.items():
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            try:
+                if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                    rights &= FILE_RIGHTS
+                rule = PathBeneathAttr(rights & handled, fd)
+                syscall("landlock_add_rule", ruleset, RULE_PATH_BENEATH, ctypes.byref(rule), 0)
+            finally:
+                os.close(fd)
+        syscall("landlock_restrict_self", ruleset, 0)
+    finally:
+        os.close(ruleset)
+
+# --------------------------------------------------------------- seccomp
+
+
 # seccomp-BPF (<linux/filter.h>, <linux/seccomp.h>): a program over struct seccomp_data {int nr; u32 arch;
 # u64 instruction_pointer; u64 args[6]}, run at every system call; its return value decides.
 LOAD = 0x20  # BPF_LD | BPF_W | BPF_ABS: load the 32-bit word at offset k
-JEQ, JGE, JSET = 0x15, 0x35, 0x45  # BPF_JMP | BPF_JEQ / BPF_JGE / BPF_JSET | BPF_K: jump jt if true, else jf
+AND = 0x54  # BPF_ALU | BPF_AND | BPF_K
+JEQ, JGE = 0x15, 0x35  # BPF_JMP | BPF_JEQ / BPF_JGE | BPF_K: jump jt if true, else jf
 RET = 0x06  # BPF_RET | BPF_K
-NR_OFFSET, ARCH_OFFSET, ARG0_OFFSET = 0, 4, 16  # args[0]'s low 32 bits (both architectures are little-endian)
+NR_OFFSET, ARCH_OFFSET, ARGS_OFFSET = 0, 4, 16  # an argument's low 32 bits (both machines are little-endian)
 ALLOW, KILL_PROCESS, ERRNO = 0x7FFF0000, 0x80000000, 0x00050000  # ERRNO | errno: fail the call with errno
 X32_SYSCALL_BIT = 0x40000000  # x86_64's x32 ABI: the same calls under other numbers
-SYSCALLS = {  # the audit architecture and the system call numbers we filter, per machine (asm/unistd*.h)
-    "x86_64": {"arch": 0xC000003E, "socket": 41, "clone": 56, "fork": 57, "vfork": 58, "ptrace": 101,
-               "io_uring_setup": 425, "clone3": 435},
-    "aarch64": {"arch": 0xC00000B7, "socket": 198, "clone": 220, "ptrace": 117, "io_uring_setup": 425,
-                "clone3": 435},  # aarch64 has no fork or vfork: libc makes them with clone
-}
+CLONE_THREAD = 0x00010000
+CLONE_NEW_ANY = 0x7E020000  # every CLONE_NEW* flag: a thread may not make a namespace either
 
 
-def seccomp_program(machine: str) -> list[tuple[int, int, int, int]]:
-    """The filter as (code, jt, jf, k) instructions: no sockets but AF_UNIX, no new processes (threads are
-    fine), no ptrace, no io_uring; everything else allowed. Another architecture's calls kill the process."""
+@dataclass(frozen=True)
+class Rule:
+    """Refuse a system call with `error`; with `arg`, only unless (or only when) that argument's low 32 bits,
+    masked, equal one of the values. A pid argument takes 32 bits in the kernel, whatever the register holds."""
+    name: str
+    error: int = errno.EPERM
+    arg: int | None = None
+    unless: tuple[int, ...] = ()
+    when: tuple[int, ...] = ()
+    mask: int = 0xFFFFFFFF
+
+
+REFUSED_CALLS = (
+    "socket", "socketpair",  # no network, no unix sockets: HumanEval needs none
+    "fork", "vfork", "execve", "execveat",  # no new process, no other program
+    "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_open", "pidfd_getfd", "pidfd_send_signal",
+    "tkill",  # no reach into other processes (tkill names a thread of any process)
+    "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "mount_setattr", "open_tree", "move_mount",
+    "fsopen", "fsconfig", "fsmount", "fspick", "open_by_handle_at",  # the filesystem stays as it was built
+    "add_key", "request_key", "keyctl",  # the keyrings are shared with the host
+    "io_uring_setup", "io_uring_enter", "io_uring_register", "bpf", "userfaultfd", "perf_event_open",
+    "memfd_create", "shmget", "semget", "msgget", "mq_open",  # memory outside the limits; IPC that outlives us
+)
+
+
+def sandbox_rules(pid: int) -> list[Rule]:
+    """What the code, as process `pid`, may not do."""
+    return [*(Rule(name) for name in REFUSED_CALLS),
+            Rule("clone3", errno.ENOSYS),  # ENOSYS: libc falls back to clone, whose flags the next rule can read
+            Rule("clone", arg=0, mask=CLONE_THREAD | CLONE_NEW_ANY, unless=(CLONE_THREAD,)),  # threads only
+            *(Rule(name, arg=0, unless=(pid,)) for name in ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")),
+            *(Rule(name, arg=0, unless=(0, pid)) for name in ("prlimit64", "sched_setaffinity", "sched_setparam",
+                                                              "sched_setscheduler", "sched_setattr")),
+            *(Rule(name, arg=1, unless=(0, pid)) for name in ("setpriority", "ioprio_set")),
+            Rule("prctl", arg=0, when=(PR_SET_PDEATHSIG,))]  # it must die with the evaluator
+
+
+def seccomp_program(machine: str, rules: list[Rule]) -> list[tuple[int, int, int, int]]:
+    """The filter as (code, jt, jf, k) instructions: the rules, and everything else allowed. Another
+    architecture's calls kill the process; x32 calls fail."""
     numbers = SYSCALLS[machine]
-    program = [(LOAD, 0, 0, ARCH_OFFSET), (JEQ, 1, 0, numbers["arch"]), (RET, 0, 0, KILL_PROCESS),
+    program = [(LOAD, 0, 0, ARCH_OFFSET), (JEQ, 1, 0, AUDIT_ARCH[machine]), (RET, 0, 0, KILL_PROCESS),
                (LOAD, 0, 0, NR_OFFSET)]
     if machine == "x86_64":
         program += [(JGE, 0, 1, X32_SYSCALL_BIT), (RET, 0, 0, ERRNO | errno.ENOSYS)]
-    refused = [("fork", errno.EPERM), ("vfork", errno.EPERM), ("ptrace", errno.EPERM),
-               ("io_uring_setup", errno.EPERM), ("clone3", errno.ENOSYS)]  # ENOSYS: libc falls back to clone
-    for name, error in refused:
-        if name in numbers:
-            program += [(JEQ, 0, 1, numbers[name]), (RET, 0, 0, ERRNO | error)]
-    program += [(JEQ, 0, 4, numbers["socket"]), (LOAD, 0, 0, ARG0_OFFSET),  # socket(domain, ...)
-                (JEQ, 0, 1, socket.AF_UNIX), (RET, 0, 0, ALLOW), (RET, 0, 0, ERRNO | errno.EACCES)]
-    program += [(JEQ, 0, 4, numbers["clone"]), (LOAD, 0, 0, ARG0_OFFSET),  # clone(flags, ...)
-                (JSET, 0, 1, CLONE_THREAD), (RET, 0, 0, ALLOW), (RET, 0, 0, ERRNO | errno.EPERM)]
+    for rule in rules:
+        if numbers[rule.name] is None:
+            continue  # fork and vfork on aarch64: libc makes them with clone, which is filtered
+        refuse = (RET, 0, 0, ERRNO | rule.error)
+        if rule.arg is None:
+            block = [refuse]
+        else:  # load the argument, compare it with each value; both outcomes return
+            values = rule.unless or rule.when
+            matched, unmatched = ((RET, 0, 0, ALLOW), refuse) if rule.unless else (refuse, (RET, 0, 0, ALLOW))
+            block = [(LOAD, 0, 0, ARGS_OFFSET + 8 * rule.arg)]
+            block += [(AND, 0, 0, rule.mask)] if rule.mask != 0xFFFFFFFF else []
+            block += [(JEQ, len(values) - index, 0, value) for index, value in enumerate(values)]
+            block += [unmatched, matched]
+        program += [(JEQ, 0, len(block), numbers[rule.name]), *block]
     return program + [(RET, 0, 0, ALLOW)]
 
 
@@ -264,18 +518,65 @@ class SockFprog(ctypes.Structure):
 def install_filter(program: list[tuple[int, int, int, int]]) -> None:
     """Apply a seccomp-BPF program to this process and everything it will start."""
     instructions = (SockFilter * len(program))(*(SockFilter(*instruction) for instruction in program))
-    # no_new_privs: required to install a filter without CAP_SYS_ADMIN; also, no setuid binary gains privileges
-    check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
-    check(libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(SockFprog(len(program), instructions)), 0, 0),
+    no_new_privs()  # required to install a filter without CAP_SYS_ADMIN
+    check(libc.prctl(PR_SET_SECCOMP, 2, ctypes.byref(SockFprog(len(program), instructions)), 0, 0),  # 2: filter
           "prctl(PR_SET_SECCOMP)")
 
 
-def install_seccomp_filter() -> str:
+def install_seccomp_filter() -> None:
     machine = platform.machine()
     if machine not in SYSCALLS:
         raise OSError(errno.ENOSYS, f"seccomp: no filter written for {machine}")
-    install_filter(seccomp_program(machine))
-    return "seccomp"
+    install_filter(seccomp_program(machine, sandbox_rules(os.getpid())))
+
+# --------------------------------------------------------------- the child, in order
+
+
+def isolate(workdir: str, evaluator: int, limits: Limits) -> tuple[list[str], dict[str, str]]:
+    """Build every layer this machine allows, in the order they need: namespaces and mounts while privileged, then
+    the uid, then what the code may not undo. Returns (the layers held, {missing layer: why})."""
+    held, missing = [], {}
+    if os.geteuid() == 0:
+        os.chown(workdir, NOBODY, NOBODY)  # nobody's, for when no private root covers it
+    try:
+        enter_namespaces()
+        held.append(NETWORK_NAMESPACE)
+        enter_private_root(workdir, (NOBODY, NOBODY) if os.geteuid() == 0 else (os.geteuid(), os.getegid()),
+                           limits.disk_bytes)
+        held.append(PRIVATE_ROOT)
+    except OSError as error:
+        missing.update(dict.fromkeys({PRIVATE_ROOT, NETWORK_NAMESPACE} - set(held), why(error)))
+    try:
+        drop_privileges()
+        os.stat(os.__file__)  # without a private root, the host's path to the standard library may be closed to it
+        held.append(UNPRIVILEGED)
+    except OSError as error:
+        missing[UNPRIVILEGED] = why(error)
+    die_with(evaluator)
+    set_limits(limits)  # after the uid change: nobody cannot raise them again
+    for name, build in ((LANDLOCK, restrict_filesystem), (SECCOMP, install_seccomp_filter)):
+        try:
+            build()
+            held.append(name)
+        except OSError as error:
+            missing[name] = why(error)
+    return sorted(held, key=LAYERS.index), dict(sorted(missing.items(), key=lambda item: LAYERS.index(item[0])))
+
+
+def why(error: OSError) -> str:
+    return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+
+
+def refusal(held: list[str], missing: dict[str, str], require: list[str]) -> str | None:
+    """Why the code must not run with only these layers, or None. It needs seccomp, an unprivileged uid, landlock
+    or the private root, and each layer in `require`."""
+    unmet = []
+    for need in [{SECCOMP}, {UNPRIVILEGED}, {LANDLOCK, PRIVATE_ROOT}, *({name} for name in require)]:
+        if not need & set(held) and not any(need <= other for other in unmet):  # each missing layer once
+            unmet.append(need)
+    reasons = "; ".join(" or ".join(f"{name} ({missing[name]})" for name in sorted(need, key=LAYERS.index))
+                        for need in unmet)
+    return f"the sandbox cannot isolate code here, missing: {reasons}" if unmet else None
 
 
 def disable_destructive_functions() -> None:
@@ -293,30 +594,21 @@ def disable_destructive_functions() -> None:
     builtins.help = None  # it starts a pager
 
 
-def child_main(ack_fd: int, limits: Limits) -> None:
+def child_main(evaluator: int, ack_fd: int, limits: Limits, require: list[str]) -> None:
     """Read the code from stdin, isolate, report on ack_fd, run the code."""
-    code = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
+    code = sys.stdin.buffer.read().decode("utf-8", errors="surrogatepass")
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)  # the code gets no input
     os.close(devnull)
-    layers, problems = [], []
-    try:
-        layers.append(new_network_namespace())
-    except OSError as error:
-        problems.append(error.strerror)
-    set_limits(limits)  # after unshare: in a new user namespace RLIMIT_NPROC counts the sandbox's processes only
-    try:
-        layers.append(install_seccomp_filter())
-    except OSError as error:
-        problems.append(error.strerror)
-    if not layers:
-        os.write(ack_fd, REFUSED + f" no kernel barrier to the network here: {'; '.join(problems)}".encode())
+    held, missing = isolate(os.getcwd(), evaluator, limits)
+    if reason := refusal(held, missing, require):
+        os.write(ack_fd, json.dumps({"refused": reason}).encode())
         sys.exit(1)
-    os.write(ack_fd, ISOLATED + ",".join(layers).encode())
+    os.write(ack_fd, json.dumps({"isolation": held, "missing": missing}).encode())
     os.close(ack_fd)
     disable_destructive_functions()
     exec(compile(code, "<sandbox>", "exec"), {"__name__": "__main__"})
 
 
 if __name__ == "__main__":
-    child_main(int(sys.argv[1]), Limits(**json.loads(sys.argv[2])))
+    child_main(int(sys.argv[1]), int(sys.argv[2]), Limits(**json.loads(sys.argv[3])), json.loads(sys.argv[4]))

@@ -8,9 +8,12 @@
     GET  /health               liveness, the mode (chat or plain completion) and the load
 
 Built on FastAPI + uvicorn. Torch runs on the engine's decode thread (engine.Scheduler): concurrent requests decode
-together in one batch, and the event loop stays free to stream. A client that disconnects mid-answer frees its
-slot at once; beyond --max-concurrent requests the answer is 429. The server listens on 127.0.0.1 unless told
-otherwise; with NANOCHAT_API_KEY set, every /v1 request needs `Authorization: Bearer <that key>`.
+together in one batch, and the event loop stays free to stream (a request's JSON and its prompt's tokens are
+worked out on another thread). A client that disconnects mid-answer frees its slot at once; beyond
+--max-concurrent requests the answer is 429. A connection must send a request's headers within --request-timeout
+seconds, and its body within as many again; beyond --max-connections open connections, a new one gets a plain-text
+503. The server listens on 127.0.0.1 unless told otherwise; with NANOCHAT_API_KEY set, every /v1 request needs
+`Authorization: Bearer <that key>`.
 
 OpenAI request fields: messages, model (any name is accepted: one model is served), stream, stream_options
 (include_usage), max_completion_tokens or max_tokens (1 .. the model's context; default: until the answer ends or
@@ -32,13 +35,17 @@ import logging
 import secrets
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+import h11
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanochat_flyte.data.conversation import ConversationError
 from nanochat_flyte.errors import UserError
@@ -50,6 +57,8 @@ DEFAULT_TEMPERATURE = 0.6  # nanochat's chat default: less repetitive than greed
 DEFAULT_TOP_K = 50
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_BODY_BYTES = 1_000_000  # a conversation that fills even a long context is far below this
+REQUEST_TIMEOUT = 10.0  # seconds for a request's headers, and again for its body: a 1 MB body needs far less
+MAX_CONNECTIONS = 256  # open at once, idle ones included: each holds a file descriptor (often 1024 a process)
 PAGE = Path(__file__).parent / "static" / "chat.html"  # package data (pyproject.toml)
 REFUSED_FIELDS = ("tools", "functions", "tool_choice", "function_call", "response_format", "logprobs",
                   "top_logprobs")
@@ -66,8 +75,10 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
     def response(self) -> JSONResponse:
+        # a body cut short (408) or not read (413) leaves the connection unfit for another request: close it
         return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+                                       "code": self.code}}, status_code=self.status,
+                            headers={"Connection": "close"} if self.status in (408, 413) else None)
 
 
 @dataclass
@@ -87,6 +98,10 @@ class ServerState:
     max_concurrent: int
     api_key: str | None
     max_body_bytes: int
+    request_timeout: float
+    # one thread parses and tokenizes requests, one at a time: a burst of long prompts takes one core at most,
+    # and the event loop and the decode thread keep theirs
+    parse_thread: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "parse-request"))
     active: set[Request] = field(default_factory=set)
     counts: dict[str, int] = field(default_factory=lambda: {"completed": 0, "cancelled": 0, "failed": 0})
 
@@ -129,7 +144,15 @@ def _messages(body: dict) -> list[dict]:
     return plain
 
 
-def parse_chat_request(state: ServerState, body: object) -> ChatRequest:
+def parse_chat_request(state: ServerState, raw: bytes) -> ChatRequest:
+    """A request body checked and its prompt tokenized: work that takes a while for a long prompt, so it runs off
+    the event loop."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ApiError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
+    except RecursionError:  # [[[[... far deeper than any request: the parser's stack runs out
+        raise ApiError(400, "the request body is not valid JSON: nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     for name in REFUSED_FIELDS:
@@ -172,23 +195,24 @@ def parse_chat_request(state: ServerState, body: object) -> ChatRequest:
     return ChatRequest(prompt, params, bool(stream), bool(stream_options.get("include_usage")))
 
 
-async def read_json(state: ServerState, http: HttpRequest) -> object:
+async def read_body(state: ServerState, http: HttpRequest) -> bytes:
+    """The request's body, within the size limit and the request timeout."""
     declared = http.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > state.max_body_bytes:
         raise ApiError(413, f"the request body ({declared} bytes) is over the limit of {state.max_body_bytes} bytes",
                        code="request_too_large")
     body = bytearray()
-    async for chunk in http.stream():  # also bounds bodies sent without a Content-Length
-        body += chunk
-        if len(body) > state.max_body_bytes:
-            raise ApiError(413, f"the request body is over the limit of {state.max_body_bytes} bytes",
-                           code="request_too_large")
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ApiError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
-    except RecursionError:  # [[[[... far deeper than any request: the parser's stack runs out
-        raise ApiError(400, "the request body is not valid JSON: nested too deeply", code="invalid_json") from None
+        async with asyncio.timeout(state.request_timeout):
+            async for chunk in http.stream():  # also bounds bodies sent without a Content-Length
+                body += chunk
+                if len(body) > state.max_body_bytes:
+                    raise ApiError(413, f"the request body is over the limit of {state.max_body_bytes} bytes",
+                                   code="request_too_large")
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {state.request_timeout:g} s",
+                       code="request_timeout") from None
+    return bytes(body)
 
 
 def check_api_key(state: ServerState, http: HttpRequest) -> None:
@@ -254,8 +278,9 @@ class Answer:
 
 
 def create_app(engine: Engine, *, model_name: str, max_concurrent: int = 4, api_key: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    state = ServerState(engine, Scheduler(engine), model_name, max_concurrent, api_key or None, max_body_bytes)
+               max_body_bytes: int = MAX_BODY_BYTES, request_timeout: float = REQUEST_TIMEOUT) -> FastAPI:
+    state = ServerState(engine, Scheduler(engine), model_name, max_concurrent, api_key or None, max_body_bytes,
+                        request_timeout)
     app = FastAPI(title="nanochat-flyte", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     headers = {"X-Nanochat-Mode": _mode(engine)}
@@ -268,6 +293,11 @@ def create_app(engine: Engine, *, model_name: str, max_concurrent: int = 4, api_
     @app.exception_handler(HTTPException)
     async def http_error(_, error: HTTPException):  # unknown routes, wrong methods: OpenAI's shape too
         return ApiError(error.status_code, str(error.detail), code=None).response()
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(_, error: ClientDisconnect):
+        log.info("client went away while sending its request")
+        return Response(status_code=499)  # nobody reads it
 
     @app.exception_handler(Exception)
     async def unexpected_error(_, error: Exception):
@@ -293,7 +323,8 @@ def create_app(engine: Engine, *, model_name: str, max_concurrent: int = 4, api_
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest):
         check_api_key(state, http)
-        chat = parse_chat_request(state, await read_json(state, http))
+        body = await read_body(state, http)
+        chat = await asyncio.get_running_loop().run_in_executor(state.parse_thread, parse_chat_request, state, body)
         if state.running() >= max_concurrent:
             raise ApiError(429, f"the server is busy: {max_concurrent} answers are being generated; retry shortly",
                            code="rate_limit_exceeded", kind="rate_limit_error")
@@ -353,6 +384,53 @@ async def stream_events(answer: Answer, chat: ChatRequest, base: dict):
         yield _event("[DONE]")
     finally:
         answer.abandon()
+
+
+# ---------------------------------------------------------------------------- connections
+
+
+TOO_MANY_CONNECTIONS = b"too many open connections: retry shortly\n"
+
+
+class BoundedHttp(H11Protocol):
+    """uvicorn's HTTP/1.1 connection with two limits it lacks: the request's headers must arrive within
+    request_timeout seconds of the connection opening (or of its last answer), else it is closed; and beyond
+    max_connections open connections, a new one gets a plain-text 503 and is closed."""
+
+    def __init__(self, *args, request_timeout: float, max_connections: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.request_timeout, self.max_connections = request_timeout, max_connections
+        self.deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            log.warning("%d connections are open: one more refused", self.max_connections)
+            transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                            b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
+                            % (len(TOO_MANY_CONNECTIONS), TOO_MANY_CONNECTIONS))
+            transport.close()
+            return
+        self.await_request()
+
+    def await_request(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+        self.deadline = self.loop.call_later(self.request_timeout, self.close_if_no_request)
+
+    def close_if_no_request(self) -> None:
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():  # its headers are not all in
+            self.transport.close()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self.await_request()  # the next request on this connection
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+        super().connection_lost(exc)
 
 
 # ---------------------------------------------------------------------------- command line
