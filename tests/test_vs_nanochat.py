@@ -4,6 +4,7 @@ with our side's tiny CPU run. nanochat itself and the GPU figures are docs/gpu_a
 
 import dataclasses
 import json
+import os
 import pickle
 import textwrap
 from pathlib import Path
@@ -83,7 +84,8 @@ STAND_IN_TRAINING = """\
     import rustbpe, wandb  # imported by nanochat's training whether or not it uses them
     home = os.environ["NANOCHAT_BASE_DIR"]
     received = {"argv": sys.argv[1:], "cwd": os.getcwd(), "dtype": os.environ["NANOCHAT_DTYPE"],
-                "parquet": sorted(os.listdir(os.path.join(home, "base_data_climbmix")))}
+                "parquet": sorted(os.listdir(os.path.join(home, "base_data_climbmix"))),
+                "stand_ins": [not hasattr(module, "__file__") for module in (rustbpe, wandb)]}
     json.dump(received, open(os.path.join(home, "received.json"), "w"))
     print("Estimated FLOPs per token: 1.000000e+06")
     steps = int(sys.argv[sys.argv.index("--num-iterations") + 1])
@@ -99,8 +101,12 @@ def tiny_reference():
     return dataclasses.replace(tiny_config(), device_batch_size=2, total_batch_size=128)
 
 
-def test_the_comparison_runs_nanochat_as_a_checkout_then_ours_on_a_cpu(tmp_path, tiny_reference):
+def test_the_comparison_runs_nanochat_as_a_checkout_then_ours_on_a_cpu(tmp_path, tiny_reference, monkeypatch):
     checkout = stand_in_checkout(tmp_path / "nanochat", STAND_IN_TRAINING)
+    # nanochat's process, as on the GPU machine: wandb and rustbpe are not installed, so importing either fails
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text('import sys\nsys.modules["wandb"] = sys.modules["rustbpe"] = None\n')
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path / 'site'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     records, lines = [], []
     report = vs_nanochat.compare(checkout, tmp_path / "work", lambda r: records.append(json.loads(json.dumps(r))),
                                  device="cpu", config=tiny_reference, nanochat_steps=7, our_steps=1,
@@ -108,6 +114,7 @@ def test_the_comparison_runs_nanochat_as_a_checkout_then_ours_on_a_cpu(tmp_path,
     received = json.loads((tmp_path / "work" / "nanochat_home" / "received.json").read_text())
     assert received["cwd"] == str(checkout) and received["dtype"] == "bfloat16"
     assert received["parquet"] == ["shard_00000.parquet", "shard_00001.parquet"]
+    assert received["stand_ins"] == [True, True]
     assert received["argv"] == ["--depth", "1", "--max-seq-len", "32", "--device-batch-size", "2",
                                 "--total-batch-size", "128", "--num-iterations", "7", "--window-pattern", "L",
                                 "--eval-every", "-1", "--core-metric-every", "-1", "--sample-every", "-1",
