@@ -5,10 +5,10 @@ of every position at once) against the chunked one (RunConfig.loss_chunk_tokens;
     python bench/loss_memory.py --chunks 0,1024 --dtypes float32 --tokens 1024
 
 Each measurement runs in a fresh process on the CPU: a model without blocks and the tokens are made first, then the
-loss through GPT.forward, its backward pass and the gradients, as one row of 8,192 tokens. The figure is the process's peak
-resident memory (VmHWM) less its resident memory just before the loss: what the loss needs on top of its inputs.
-glibc is told to map every allocation over 64 KiB on its own (MALLOC_MMAP_THRESHOLD_), so freed tensors leave
-the process at once and the peak counts live tensors, not the allocator's free lists.
+loss through GPT.forward, its backward pass and the gradients, as one row of 8,192 tokens. The figure is the
+process's peak resident memory (VmHWM) less its resident memory just before the loss: what the loss needs on top
+of its inputs. glibc is told to map every allocation over 64 KiB on its own (MALLOC_MMAP_THRESHOLD_), so freed
+tensors leave the process at once and the peak counts live tensors, not the allocator's free lists.
 """
 
 import argparse
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=16 * 512, help="tokens of a micro-batch (16 x 512)")
     parser.add_argument("--dim", type=int, default=512, help="model width (d8: 512)")
-    parser.add_argument("--chunks", default="0,1024,4096", help="loss_chunk_tokens values; 0 is the plain path")
+    parser.add_argument("--chunks", default="0,1024,2048,4096", help="loss_chunk_tokens values; 0 is the plain path")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="float32, and/or bfloat16 (CPU autocast)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: CHUNK:DTYPE, measured in this process
     args = parser.parse_args(argv)
@@ -87,8 +87,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             result = measure_in_fresh_process(args.tokens, args.dim, chunk, dtype)
             plain_mib = result["peak_mib"] if chunk == 0 else plain_mib
             vs_plain = "" if plain_mib is None or chunk == 0 else f" ({result['peak_mib'] / plain_mib:.1%} of plain)"
-            print(f"{dtype:>8} | {'plain' if chunk == 0 else f'chunks of {chunk}':>15} | peak {result['peak_mib']:8.0f} "
-                  f"MiB{vs_plain} | {result['seconds']:5.1f} s | loss {result['loss']:.6f}", flush=True)
+            path = "plain" if chunk == 0 else f"chunks of {chunk}"
+            print(f"{dtype:>8} | {path:>15} | peak {result['peak_mib']:8.0f} MiB{vs_plain} | "
+                  f"{result['seconds']:5.1f} s | loss {result['loss']:.6f}", flush=True)
             results.append(result)
     return results
 

@@ -50,7 +50,8 @@ from bench import train_throughput  # noqa: E402
 from nanochat_flyte.checkpoint import write_json  # noqa: E402
 from nanochat_flyte.config import RunConfig  # noqa: E402
 from nanochat_flyte.device import mfu, peak_flops  # noqa: E402
-from nanochat_flyte.tokenizer import gpt2_tokenizer, mergeable_ranks, token_byte_lengths, with_special_tokens  # noqa: E402
+from nanochat_flyte.tokenizer import (gpt2_tokenizer, mergeable_ranks, token_byte_lengths,  # noqa: E402
+                                      with_special_tokens)
 from tests.helpers import generated_documents  # noqa: E402
 
 NANOCHAT_STEPS, NANOCHAT_WARMUP_STEPS = 20, 5  # its step 0 compiles; the first few run slow after it
@@ -216,9 +217,9 @@ def compare(checkout: Path, work_dir: Path, record: Callable[[dict], None], *, d
 
     update({"nanochat_home": prepare_home(work_dir / "nanochat_home", checkout)})
     nanochat = run_nanochat(checkout, work_dir / "nanochat_home", config, nanochat_steps, device, timeout_s, log)
-    device_name = torch.cuda.get_device_name() if device == "cuda" else device
+    peak = peak_flops(torch.cuda.get_device_name() if device == "cuda" else device, torch.bfloat16)
     nanochat["mfu"] = (None if nanochat["flops_per_token"] is None or nanochat["tok_per_sec"] is None else
-                       mfu(nanochat["flops_per_token"], nanochat["tok_per_sec"], peak_flops(device_name, torch.bfloat16)))
+                       mfu(nanochat["flops_per_token"], nanochat["tok_per_sec"], peak))
     update({"nanochat": nanochat})
     update({"ours": ours(config, "bfloat16", our_steps, our_warmup_steps, log)})
     update({"ours_t4_path": ours(config, "float16", our_steps, our_warmup_steps, log)})

@@ -239,7 +239,8 @@ def test_the_summary_holds_the_headline_figures_and_null_for_what_was_not_measur
     profile = {"step_ms": 82.0, "gpu_busy_ms": 60.0, "mfu_if_never_idle": 0.3745}
     throughput_section = {"status": "completed", "variants": [
         variant(loss_chunk_tokens=2048, mfu=0.25), variant("bfloat16", mfu=0.2), variant(profile=profile)]}
-    summary = acceptance.acceptance_summary(report_with({"throughput": throughput_section, "vs_nanochat": SIDE_BY_SIDE}))
+    report = report_with({"throughput": throughput_section, "vs_nanochat": SIDE_BY_SIDE})
+    summary = acceptance.acceptance_summary(report)
     assert summary == {"device": "NVIDIA H100 80GB HBM3", "commit": None, "t4_path_mfu": 0.274,
                        "t4_path_tok_s": 819200.0, "busy_bound_mfu": 0.3745,
                        "vs_nanochat": {"shape": SIDE_BY_SIDE["shape"], "dtype": "bfloat16", "ours_tok_s": 524288.0,
@@ -260,7 +261,8 @@ def test_the_summary_is_a_short_markdown_table():
     throughput_section = {"status": "completed", "wall_s": 120.0, "variants": measured,
                           "reference_shape": {"depth": 8, "seq_len": 512, "device_batch_size": 16,
                                               "total_batch_size": 65536},
-                          "checks": acceptance.throughput_checks([{**v, "device_name": "NVIDIA H100"} for v in measured])}
+                          "checks": acceptance.throughput_checks([{**v, "device_name": "NVIDIA H100"}
+                                                                  for v in measured])}
     text = acceptance.markdown_summary(report_with({"throughput": throughput_section, "vs_nanochat": SIDE_BY_SIDE}))
     assert text.startswith("# GPU acceptance: NVIDIA H100 80GB HBM3, 2026-11-27 09:30 UTC\n")
     assert "**NOT PASSED**: 0 of 1 checks passed in 300 s." in text

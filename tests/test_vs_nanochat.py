@@ -105,7 +105,8 @@ def test_the_comparison_runs_nanochat_as_a_checkout_then_ours_on_a_cpu(tmp_path,
     checkout = stand_in_checkout(tmp_path / "nanochat", STAND_IN_TRAINING)
     # nanochat's process, as on the GPU machine: wandb and rustbpe are not installed, so importing either fails
     (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text('import sys\nsys.modules["wandb"] = sys.modules["rustbpe"] = None\n')
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        'import sys\nsys.modules["wandb"] = sys.modules["rustbpe"] = None\n')
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path / 'site'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     records, lines = [], []
     report = vs_nanochat.compare(checkout, tmp_path / "work", lambda r: records.append(json.loads(json.dumps(r))),
