@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_config
+from helpers import load_bench, tiny_config
 
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.evaluation.bpb import evaluate_bpb
@@ -163,3 +163,12 @@ def test_loss_chunk_tokens_is_validated():
     with pytest.raises(ConfigError, match="RunConfig.loss_chunk_tokens: must be >= 0"):
         tiny_config(loss_chunk_tokens=-1).validate()
     assert tiny_config().loss_chunk_tokens == 0  # the plain path stays the default
+
+
+def test_the_memory_bench_finds_the_chunked_loss_smaller_at_the_same_loss():
+    plain, chunked = load_bench("loss_memory").main(["--tokens", "512", "--chunks", "0,128", "--dtypes", "float32"])
+    assert (plain["chunk_tokens"], chunked["chunk_tokens"]) == (0, 128)
+    assert chunked["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+    # the plain path holds several copies of 512 x 50,304 float logits (98 MiB each), the chunked one of 128 rows;
+    # both hold the two weights' gradients (98 MiB each)
+    assert chunked["peak_mib"] < 0.75 * plain["peak_mib"]
