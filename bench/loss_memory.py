@@ -1,5 +1,5 @@
 """Peak memory of the output head's loss, forward and backward, at the reference shape: the plain path (the logits
-of every position at once) against the chunked one (RunConfig.loss_chunk_tokens; nanochat_flyte/chunked_loss.py).
+of every position at once) against the chunked one (RunConfig.loss_chunk_tokens; nanochat_flyte/model/chunked_loss.py).
 
     python bench/loss_memory.py                                  # 16 x 512 tokens, dim 512, GPT-2's vocabulary
     python bench/loss_memory.py --chunks 0,1024 --dtypes float32 --tokens 1024
@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nanochat_flyte.model import GPT, GPTConfig  # noqa: E402
+from nanochat_flyte.model.gpt import GPT, GPTConfig  # noqa: E402
 
 GPT2_VOCAB_SIZE = 50257
 MMAP_THRESHOLD_BYTES = 65536

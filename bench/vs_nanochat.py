@@ -47,11 +47,11 @@ sys.path.insert(0, str(ROOT))  # the package and tests/ from a bare checkout
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT / ".cache" / "tiktoken"))  # GPT-2's ranks, offline
 
 from bench import train_throughput  # noqa: E402
-from nanochat_flyte.checkpoint import write_json  # noqa: E402
 from nanochat_flyte.config import RunConfig  # noqa: E402
-from nanochat_flyte.device import mfu, peak_flops  # noqa: E402
-from nanochat_flyte.tokenizer import (gpt2_tokenizer, mergeable_ranks, token_byte_lengths,  # noqa: E402
-                                      with_special_tokens)
+from nanochat_flyte.data.tokenizer import (gpt2_tokenizer, mergeable_ranks, token_byte_lengths,  # noqa: E402
+                                           with_special_tokens)
+from nanochat_flyte.model.checkpoint import write_json  # noqa: E402
+from nanochat_flyte.model.device import mfu, peak_flops  # noqa: E402
 from tests.helpers import generated_documents  # noqa: E402
 
 NANOCHAT_STEPS, NANOCHAT_WARMUP_STEPS = 20, 5  # its step 0 compiles; the first few run slow after it

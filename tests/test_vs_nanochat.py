@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import load_bench, tiny_config
 
-from nanochat_flyte.tokenizer import gpt2_tokenizer
+from nanochat_flyte.data.tokenizer import gpt2_tokenizer
 
 vs_nanochat = load_bench("vs_nanochat")
 
