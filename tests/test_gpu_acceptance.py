@@ -167,7 +167,7 @@ def run_without_wandb(tmp_path_factory):
             "sys.modules['wandb'] = sys.modules['rustbpe'] = None  # importing either now fails\n"
             "from pathlib import Path\n"
             "from nanochat_flyte.config import RunConfig\n"
-            "from nanochat_flyte.training.loop import train\n"
+            "from nanochat_flyte.training.pretrain import train\n"
             "train(RunConfig(**json.loads(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3]))\n")
     config = tiny_config(num_iterations=3, save_every=3, wandb_mode="offline")
     result = subprocess.run([sys.executable, "-c", code, json.dumps(config.to_dict()), str(data_dir), str(tmp / "run")],
