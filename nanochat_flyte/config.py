@@ -85,6 +85,7 @@ class RunConfig(StrictConfig):
     # 0: the loss from the logits of every position at once. N: lm_head, softcap and cross-entropy N tokens at a
     # time, the logits recomputed in the backward pass instead of kept (less memory, one more lm_head product).
     loss_chunk_tokens: int = 0
+    muon_batched: bool = False  # Muon's update for all matrices of one shape at once, in batched products
 
     # --- tracking ---
     wandb_project: str = "nanochat"
