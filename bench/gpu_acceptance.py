@@ -1,20 +1,24 @@
 """GPU acceptance: every CUDA path of the project checked on a real GPU, in one command (docs/gpu_acceptance.md).
 
     python3 bench/gpu_acceptance.py --out DIR [--sections tests,throughput,t4] [--quick] [--time-limit 345]
+                                    [--nanochat CHECKOUT --sections vs_nanochat,...]
 
 Sections, each in a process of its own under a time budget, their results written as they come in:
 - tests: the CUDA-only tests (tests/test_cuda.py, marker `cuda`): an fp16 overflow under the GradScaler, bf16,
   compiled vs eager, pinned prefetch, kill-and-resume, a real out-of-memory fallback, KV-cache generation.
 - throughput: the d8 reference shape (context 512, device batch 16, 65,536 tokens per step, GPT-2 vocabulary)
-  in fp16 + GradScaler (the T4 path) and in bf16, each with and without torch.compile: tokens/s, MFU, peak
-  memory, ms/step; and a torch.profiler breakdown of the T4 path's step.
+  in fp16 + GradScaler (the T4 path) and in bf16, each with and without torch.compile, and the T4 path with the
+  chunked loss: tokens/s, MFU, peak memory, ms/step; and a torch.profiler breakdown of the T4 path's step.
 - t4: the reference configuration as a T4 would run it (fp16, compile) with the allocator capped at a T4's
   memory, for 300 steps on generated tokens: its peak memory, the device batch it ran at, and fp16 stability
   (no NaN/inf loss, skipped steps, final grad scale).
+- vs_nanochat (only when asked for, with --nanochat): nanochat's own training and ours at the reference shape in
+  bf16, each with its own compile, and our T4 path beside them: tokens/s and the ratio (bench/vs_nanochat.py).
 
-Writes DIR/<date>_<device>.json (self-describing: device, versions, every check and number), .md (a short
-summary) and .log (all output). Exits 0 only if every section completed and every check passed. Where torch
-sees no CUDA device it refuses in one line. Needs no network: the GPT-2 ranks come from .cache/tiktoken.
+Writes DIR/<date>_<device>.json (self-describing: device, versions, every check and number, and a summary of the
+headline figures), .md (a short summary) and .log (all output). Exits 0 only if every section completed and every
+check passed. Where torch sees no CUDA device it refuses in one line. Needs no network: the GPT-2 ranks come from
+.cache/tiktoken.
 """
 
 import argparse
@@ -53,14 +57,19 @@ from nanochat_flyte.reporting.tracking import METRICS_FILE, read_jsonl  # noqa: 
 
 # Seconds each section may take at least (H100 estimates with compilation, rounded up); a section that ends
 # early leaves its time to the later ones. Together they fit the default limit.
-SECTION_BUDGETS_S = {"tests": 100, "throughput": 130, "t4": 100}
-DEFAULT_TIME_LIMIT_S = 345  # the issue's 6 minutes, less time to start, write the results and stop
+SECTION_BUDGETS_S = {"tests": 100, "throughput": 130, "t4": 100, "vs_nanochat": 180}
+DEFAULT_SECTIONS = ("tests", "throughput", "t4")  # vs_nanochat needs a nanochat checkout
+DEFAULT_TIME_LIMIT_S = 345  # the default sections in the issue's 6 minutes, less time to start, write and stop
 MIN_SECTION_S = 20  # less than this left: the section is not started (no GPU work fits)
 REFERENCE = load_config(ROOT / "configs" / "d8_t4.yaml")  # the reference run's configuration
 
-# throughput: (dtype, compile) in order of importance, the T4 path first
-THROUGHPUT_VARIANTS = (("float16", True), ("float16", False), ("bfloat16", False), ("bfloat16", True))
-T4_PATH = ("float16", True)
+# throughput: the reference config's overrides in order of importance, the T4 path first, and last the T4 path
+# with the chunked loss (RunConfig.loss_chunk_tokens) in chunks of 2,048 tokens: 4 per micro-batch, 22-28% of the
+# plain path's loss memory in bench/loss_memory.py on a CPU
+CHUNKED_LOSS_TOKENS = 2048
+THROUGHPUT_VARIANTS = ({"dtype": "float16", "compile": True}, {"dtype": "float16", "compile": False},
+                       {"dtype": "bfloat16", "compile": False}, {"dtype": "bfloat16", "compile": True},
+                       {"dtype": "float16", "compile": True, "loss_chunk_tokens": CHUNKED_LOSS_TOKENS})
 MFU_TARGET = 0.30  # the product's headline: the reference run at >= 30% MFU in fp16
 
 # t4: a T4 has 15,360 MiB (16.1 GB), of which the CUDA context and the libraries' kernels take several hundred
@@ -100,6 +109,14 @@ def gib(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f} GiB"
 
 
+def tok_s(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f}"
+
+
+def milliseconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
 def free_cuda_memory() -> None:
     gc.collect()
     torch.cuda.empty_cache()
@@ -108,7 +125,7 @@ def free_cuda_memory() -> None:
 # ---------------------------------------------------------------------- section: the CUDA tests
 
 
-def tests_section(work_dir: Path, record: Callable[[dict], None], quick: bool) -> None:
+def tests_section(work_dir: Path, record: Callable[[dict], None], args: argparse.Namespace) -> None:
     import pytest
 
     outcomes: list[dict] = []
@@ -144,20 +161,27 @@ def failure_message(report) -> str:
 # ---------------------------------------------------------------------- section: throughput
 
 
-def throughput_section(work_dir: Path, record: Callable[[dict], None], quick: bool) -> None:
+def is_t4_path(variant: dict) -> bool:
+    """A measurement of the reference run as a T4 runs it: fp16 + GradScaler, compiled, the reference's loss."""
+    return (variant["dtype"] == "float16" and variant["compile"]
+            and variant["loss_chunk_tokens"] == REFERENCE.loss_chunk_tokens
+            and variant["device_batch_size"] == REFERENCE.device_batch_size)
+
+
+def throughput_section(work_dir: Path, record: Callable[[dict], None], args: argparse.Namespace) -> None:
     import train_throughput  # bench/, this script's folder
 
-    steps, warmup_steps, profile_steps = (3, 2, 1) if quick else (10, 3, 2)
+    steps, warmup_steps, profile_steps = (3, 2, 1) if args.quick else (10, 3, 2)
     record({"reference_shape": {"depth": REFERENCE.depth, "seq_len": REFERENCE.max_seq_len,
                                 "device_batch_size": REFERENCE.device_batch_size,
                                 "total_batch_size": REFERENCE.total_batch_size,
                                 "vocab_size": train_throughput.GPT2_VOCAB_SIZE}})
     variants = []
-    for dtype, compile in THROUGHPUT_VARIANTS:
-        config = dataclasses.replace(REFERENCE, device="cuda", dtype=dtype, compile=compile)
-        print(f"throughput: {dtype}, compile {compile}", flush=True)
-        result = train_throughput.measure(config, steps, warmup_steps,
-                                          profile=profile_steps if (dtype, compile) == T4_PATH else 0,
+    for overrides in THROUGHPUT_VARIANTS:
+        config = dataclasses.replace(REFERENCE, device="cuda", **overrides)
+        print(f"throughput: {overrides}", flush=True)
+        t4_path = overrides == THROUGHPUT_VARIANTS[0]
+        result = train_throughput.measure(config, steps, warmup_steps, profile=profile_steps if t4_path else 0,
                                           log=lambda line: print(line, flush=True))
         variants.append(result)
         record({"variants": variants, "checks": throughput_checks(variants)})
@@ -166,7 +190,7 @@ def throughput_section(work_dir: Path, record: Callable[[dict], None], quick: bo
 
 
 def throughput_checks(variants: list[dict]) -> list[dict]:
-    t4_path = [v for v in variants if (v["dtype"], v["compile"]) == T4_PATH]
+    t4_path = [v for v in variants if is_t4_path(v)]
     if not t4_path or t4_path[0]["mfu"] is None:
         return []
     utilisation, device = t4_path[0]["mfu"], t4_path[0]["device_name"]
@@ -177,11 +201,11 @@ def throughput_checks(variants: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------------- section: the T4 rehearsal
 
 
-def t4_section(work_dir: Path, record: Callable[[dict], None], quick: bool) -> None:
+def t4_section(work_dir: Path, record: Callable[[dict], None], args: argparse.Namespace) -> None:
     from nanochat_flyte.training.pretrain import train
     from tests.helpers import make_data_dir
 
-    steps = QUICK_STABILITY_STEPS if quick else STABILITY_STEPS
+    steps = QUICK_STABILITY_STEPS if args.quick else STABILITY_STEPS
     total_memory = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, T4_ALLOCATOR_CAP_BYTES / total_memory))
     record({"memory_cap_gb": T4_ALLOCATOR_CAP_BYTES / 1e9, "steps": steps})
@@ -231,7 +255,18 @@ def t4_results(run_dir: Path, steps: int, summary: dict | None) -> dict:
     }
 
 
-SECTIONS = {"tests": tests_section, "throughput": throughput_section, "t4": t4_section}
+# ---------------------------------------------------------------------- section: side by side with nanochat
+
+
+def vs_nanochat_section(work_dir: Path, record: Callable[[dict], None], args: argparse.Namespace) -> None:
+    import vs_nanochat  # bench/, this script's folder
+
+    steps = {"nanochat_steps": 8, "our_steps": 3, "our_warmup_steps": 2} if args.quick else {}
+    vs_nanochat.compare(args.nanochat, work_dir, record, log=lambda line: print(line, flush=True), **steps)
+
+
+SECTIONS = {"tests": tests_section, "throughput": throughput_section, "t4": t4_section,
+            "vs_nanochat": vs_nanochat_section}
 
 
 def partial_results(name: str, work_dir: Path, quick: bool) -> dict:
@@ -244,7 +279,7 @@ def partial_results(name: str, work_dir: Path, quick: bool) -> dict:
 # ---------------------------------------------------------------------- one section's process
 
 
-def run_section(name: str, result_file: Path, work_dir: Path, quick: bool) -> int:
+def run_section(name: str, result_file: Path, work_dir: Path, args: argparse.Namespace) -> int:
     result: dict = {"status": "running"}
 
     def record(update: dict) -> None:
@@ -253,7 +288,7 @@ def run_section(name: str, result_file: Path, work_dir: Path, quick: bool) -> in
 
     record({})
     try:
-        SECTIONS[name](work_dir, record, quick)
+        SECTIONS[name](work_dir, record, args)
     except Exception as error:  # the orchestrator reports it and goes on with the next section
         traceback.print_exc()
         record({"status": "error", "error": f"{type(error).__name__}: {error}".splitlines()[0][:500]})
@@ -318,6 +353,20 @@ def overall_passed(report: dict) -> bool:
             and all(c["passed"] is True for section in sections for c in section.get("checks", [])))
 
 
+def acceptance_summary(report: dict) -> dict:
+    """The headline figures, from what this run measured: null where no section measured one (fractions in 0-1)."""
+    variants = report["sections"].get("throughput", {}).get("variants", [])
+    t4_path = next((variant for variant in variants if is_t4_path(variant)), {})
+    side_by_side = report["sections"].get("vs_nanochat", {})
+    return {"device": report["machine"]["device_name"], "commit": report["machine"]["git_commit"],
+            "t4_path_mfu": t4_path.get("mfu"), "t4_path_tok_s": t4_path.get("tok_per_sec"),
+            "busy_bound_mfu": t4_path.get("profile", {}).get("mfu_if_never_idle"),
+            "vs_nanochat": {"shape": side_by_side.get("shape"), "dtype": side_by_side.get("dtype"),
+                            "ours_tok_s": side_by_side.get("ours", {}).get("tok_per_sec"),
+                            "nanochat_tok_s": side_by_side.get("nanochat", {}).get("tok_per_sec"),
+                            "ratio": side_by_side.get("ratio")}}
+
+
 def markdown_summary(report: dict) -> str:
     machine, env = report["machine"], report["machine"]["environment"]
     checks = [c for section in report["sections"].values() for c in section.get("checks", [])]
@@ -337,10 +386,11 @@ def markdown_summary(report: dict) -> str:
         shape = throughput["reference_shape"]
         lines += ["", f"Throughput, d{shape['depth']} at context {shape['seq_len']}, device batch "
                       f"{shape['device_batch_size']}, {shape['total_batch_size']:,} tokens per step:", "",
-                  "| dtype | compile | ms/step | tokens/s | MFU | peak memory | warm-up |", "|" + "---|" * 7]
-        lines += [f"| {v['dtype']} | {'yes' if v['compile'] else 'no'} | {v['ms_per_step']:.1f} | "
-                  f"{v['tok_per_sec']:,.0f} | {percent(v['mfu'])} | {gib(v['peak_memory_gib'])} | "
-                  f"{v['warmup_s']:.0f} s |" for v in throughput["variants"]]
+                  "| dtype | compile | loss | ms/step | tokens/s | MFU | peak memory | warm-up |", "|" + "---|" * 8]
+        lines += [f"| {v['dtype']} | {'yes' if v['compile'] else 'no'} | "
+                  f"{f'chunks of {chunks:,}' if (chunks := v.get('loss_chunk_tokens')) else 'plain'} | "
+                  f"{v['ms_per_step']:.1f} | {v['tok_per_sec']:,.0f} | {percent(v['mfu'])} | "
+                  f"{gib(v['peak_memory_gib'])} | {v['warmup_s']:.0f} s |" for v in throughput["variants"]]
         profile = next((v["profile"] for v in throughput["variants"] if "profile" in v), None)
         if profile:
             gpu = profile["gpu_busy_ms"]
@@ -351,6 +401,18 @@ def markdown_summary(report: dict) -> str:
                       "", "| part | ms/step | share of GPU time |", "|---|---|---|"]
             lines += [f"| {name} | {ms:.2f} | {100 * ms / gpu:.0f}% |" for name, ms in profile["categories_ms"].items()
                       if gpu]
+    side_by_side = report["sections"].get("vs_nanochat", {})
+    if side_by_side.get("shape"):
+        shape, ratio = side_by_side["shape"], side_by_side.get("ratio")
+        lines += ["", f"Side by side with nanochat (commit {side_by_side.get('nanochat_commit') or 'unknown'}), "
+                      f"d{shape['depth']} at context {shape['seq_len']}, device batch {shape['device_batch_size']}, "
+                      f"{shape['total_batch_size']:,} tokens per step, each with its own torch.compile; ours over "
+                      f"nanochat in bf16: {'n/a' if ratio is None else f'x{ratio:.2f}'}", "",
+                  "| run | dtype | ms/step | tokens/s | MFU | peak memory |", "|" + "---|" * 6]
+        runs = (("nanochat", "nanochat"), ("ours", "ours"), ("ours, the T4 path", "ours_t4_path"))
+        lines += [f"| {name} | {run['dtype']} | {milliseconds(run['ms_per_step'])} | {tok_s(run['tok_per_sec'])} | "
+                  f"{percent(run['mfu'])} | {gib(run['peak_memory_gib'])} |"
+                  for name, key in runs if (run := side_by_side.get(key))]
     return "\n".join(lines) + "\n"
 
 
@@ -360,8 +422,9 @@ def markdown_summary(report: dict) -> str:
 def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="folder for the JSON, markdown and log (created); required")
-    parser.add_argument("--sections", default=",".join(SECTIONS),
-                        help=f"comma-separated, in this order: {', '.join(SECTIONS)} (default: all)")
+    parser.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                        help=f"comma-separated, run in the order given, from: {', '.join(SECTIONS)} (default: "
+                             f"{','.join(DEFAULT_SECTIONS)})")
     parser.add_argument("--quick", action="store_true",
                         help=f"fewer timed steps and {QUICK_STABILITY_STEPS} instead of {STABILITY_STEPS} "
                              "stability steps: a short check that the command works")
@@ -371,6 +434,7 @@ def argument_parser() -> argparse.ArgumentParser:
                                                       "folder, removed at the end)")
     parser.add_argument("--commit", help="the commit under test, for the record (default: git rev-parse HEAD, "
                                          "where the checkout has its .git)")
+    parser.add_argument("--nanochat", type=Path, help="an unmodified nanochat checkout, for the vs_nanochat section")
     parser.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)  # internal: run one section
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)  # internal: the section's JSON
     return parser
@@ -380,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argument_parser()
     args = parser.parse_args(argv)
     if args.section:  # a section's own process, started below
-        return run_section(args.section, args.result, args.work_dir, args.quick)
+        return run_section(args.section, args.result, args.work_dir, args)
     if args.out is None:
         parser.error("the following arguments are required: --out")
 
@@ -393,6 +457,10 @@ def main(argv: list[str] | None = None) -> int:
         return refuse(f"--out {args.out} is a file, not a folder", 2)
     if args.time_limit <= 0:
         return refuse(f"--time-limit must be > 0 seconds, got {args.time_limit}", 2)
+    if "vs_nanochat" in sections and args.nanochat is None:
+        return refuse("--sections vs_nanochat needs --nanochat CHECKOUT (docs/gpu_acceptance.md)", 2)
+    if args.nanochat is not None and not (args.nanochat / "scripts" / "base_train.py").is_file():
+        return refuse(f"--nanochat {args.nanochat}: no scripts/base_train.py there (a nanochat checkout)", 2)
     if not torch.cuda.is_available():
         return refuse(f"no CUDA device: torch {torch.__version__} (CUDA {torch.version.cuda}) sees none; "
                       "run this on a GPU machine (docs/gpu_acceptance.md)", 1)
@@ -421,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     def write_outputs() -> None:
         report["wall_s"] = time.monotonic() - start
         report["passed"] = overall_passed(report)
+        report["summary"] = acceptance_summary(report)
         write_json(json_path, report)
         try:
             markdown_path.write_text(markdown_summary(report))
@@ -444,7 +513,9 @@ def main(argv: list[str] | None = None) -> int:
             section_start = time.monotonic()
             return_code = run_process([sys.executable, str(Path(__file__).resolve()), "--section", name,
                                        "--result", str(result_file), "--work-dir", str(work_dir),
-                                       *(["--quick"] if args.quick else [])], timeout, log)
+                                       *(["--quick"] if args.quick else []),
+                                       *(["--nanochat", str(args.nanochat.resolve())] if args.nanochat else [])],
+                              timeout, log)
             section = json.loads(result_file.read_text()) if result_file.exists() else {"status": "running"}
             if return_code is None:
                 section.update({**partial_results(name, work_dir, args.quick), "status": "timeout",

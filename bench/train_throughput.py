@@ -3,6 +3,8 @@
     python bench/train_throughput.py                      # the d8 reference config
     python bench/train_throughput.py --depth 2 --seq-len 64 --device-batch-size 4 --total-batch-size 512 --steps 5
     python bench/train_throughput.py --dtype float16 --profile-steps 2   # on CUDA: where the step's GPU time goes
+    python bench/train_throughput.py --dtype float16 --loss-chunk-tokens 2048 --device-batch-size 64
+    python bench/train_throughput.py --dtype float16 --muon-batched --profile-steps 2
 
 It also projects the 1000-iteration reference run (d8, 65,536 tokens per step) onto a T4 at the MFU it measured:
 MFU carries across GPUs far better than tokens/s does. Random tokens stand in for data: in training the loader
@@ -168,7 +170,8 @@ def measure(config: RunConfig, steps: int, warmup_steps: int, profile: int = 0,
     batches = endless_batch()
     on_cuda = device.type == "cuda"
     device_name = torch.cuda.get_device_name(device) if on_cuda else device.type
-    log(f"device: {device_name} ({precision.name}, compile {compiled is not model}) | depth {config.depth}, "
+    loss = f"loss in chunks of {config.loss_chunk_tokens} tokens" if config.loss_chunk_tokens else "plain loss"
+    log(f"device: {device_name} ({precision.name}, compile {compiled is not model}, {loss}) | depth {config.depth}, "
         f"{model.num_params():,} parameters, {model.estimate_flops():.3e} FLOPs/token | "
         f"batch {config.device_batch_size} x {config.max_seq_len}, {grad_accum_steps} accumulation steps")
 
@@ -194,6 +197,7 @@ def measure(config: RunConfig, steps: int, warmup_steps: int, profile: int = 0,
     result = {"device_name": device_name, "dtype": precision.name, "compile": compiled is not model,
               "depth": config.depth, "seq_len": config.max_seq_len, "device_batch_size": config.device_batch_size,
               "total_batch_size": config.total_batch_size, "grad_accum_steps": grad_accum_steps,
+              "loss_chunk_tokens": config.loss_chunk_tokens, "muon_batched": config.muon_batched,
               "num_params": model.num_params(), "flops_per_token": model.estimate_flops(),
               "warmup_steps": warmup_steps, "warmup_s": warmup_seconds, "steps": steps,
               "ms_per_step": 1000 * seconds / steps, "tok_per_sec": tok_per_sec, "mfu": utilisation,
@@ -243,13 +247,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=reference.compile,
                         help="torch.compile the model (CUDA only, as in training)")
+    parser.add_argument("--loss-chunk-tokens", type=int, default=reference.loss_chunk_tokens,
+                        help="RunConfig.loss_chunk_tokens: 0 for the plain loss, N for lm_head + loss N tokens at a time")
+    parser.add_argument("--muon-batched", action=argparse.BooleanOptionalAction, default=reference.muon_batched,
+                        help="RunConfig.muon_batched: Muon's update for all matrices of one shape at once")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="CUDA: profile this many more steps and print where the GPU time goes")
     args = parser.parse_args(argv)
 
     config = dataclasses.replace(reference, depth=args.depth, device_batch_size=args.device_batch_size,
                                  max_seq_len=args.seq_len, total_batch_size=args.total_batch_size, dtype=args.dtype,
-                                 device=args.device, compile=args.compile, eval_tokens=args.seq_len + 1).validate()
+                                 device=args.device, compile=args.compile, loss_chunk_tokens=args.loss_chunk_tokens,
+                                 muon_batched=args.muon_batched, eval_tokens=args.seq_len + 1).validate()
     result = measure(config, args.steps, args.warmup_steps, profile=args.profile_steps,
                      log=lambda line: print(line, flush=True))
     utilisation = result["mfu"]

@@ -82,6 +82,10 @@ class RunConfig(StrictConfig):
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 on compute capability >= 8.0, float16 + GradScaler below, float32 on CPU
     compile: bool = True  # torch.compile on CUDA
+    # 0: the loss from the logits of every position at once. N: lm_head, softcap and cross-entropy N tokens at a
+    # time, the logits recomputed in the backward pass instead of kept (less memory, one more lm_head product).
+    loss_chunk_tokens: int = 0
+    muon_batched: bool = False  # Muon's update for all matrices of one shape at once, in batched products
 
     # --- tracking ---
     wandb_project: str = "nanochat"
@@ -131,7 +135,7 @@ class RunConfig(StrictConfig):
                       "download_workers", "sample_max_tokens"):
             at_least(self, field, 1)
         for field in ("val_shard", "seed", "sample_top_k", "bpe_train_chars", "core_max_per_task",
-                      "core_metric_every"):
+                      "core_metric_every", "loss_chunk_tokens"):
             at_least(self, field, 0)
         one_of(self, "tokenizer", TOKENIZERS)
         one_of(self, "wandb_mode", WANDB_MODES)

@@ -41,6 +41,9 @@ def test_without_cuda_it_refuses_in_one_line_and_writes_nothing(tmp_path):
     (["--out", "{tmp}/out", "--sections", "tests,speed"], "--sections: unknown section 'speed'"),
     (["--out", "{tmp}/out", "--sections", ","], "--sections: unknown section '(none given)'"),
     (["--out", "{tmp}/out", "--time-limit", "0"], "--time-limit must be > 0 seconds, got 0.0"),
+    (["--out", "{tmp}/out", "--sections", "vs_nanochat"], "--sections vs_nanochat needs --nanochat CHECKOUT"),
+    (["--out", "{tmp}/out", "--sections", "vs_nanochat", "--nanochat", "{tmp}"],
+     "--nanochat {tmp}: no scripts/base_train.py there (a nanochat checkout)"),
 ])
 def test_bad_arguments_get_one_line_before_any_gpu_work(tmp_path, capsys, args, message):
     (tmp_path / "FILE").write_text("")
@@ -85,7 +88,8 @@ def test_run_process_passes_the_output_on_and_stops_at_the_time_limit():
 
 def test_a_section_gets_its_budget_and_the_time_earlier_ones_left_over():
     budgets = acceptance.SECTION_BUDGETS_S
-    assert sum(budgets.values()) <= acceptance.DEFAULT_TIME_LIMIT_S
+    assert set(budgets) == set(acceptance.SECTIONS)
+    assert sum(budgets[name] for name in acceptance.DEFAULT_SECTIONS) <= acceptance.DEFAULT_TIME_LIMIT_S
     assert acceptance.section_timeout("tests", ["throughput", "t4"], 400) == 400 - budgets["throughput"] - budgets["t4"]
     assert acceptance.section_timeout("throughput", ["t4"], 150) == budgets["throughput"]
     assert acceptance.section_timeout("t4", [], 40) == 40  # never more than what is left
@@ -163,7 +167,7 @@ def run_without_wandb(tmp_path_factory):
             "sys.modules['wandb'] = sys.modules['rustbpe'] = None  # importing either now fails\n"
             "from pathlib import Path\n"
             "from nanochat_flyte.config import RunConfig\n"
-            "from nanochat_flyte.training.loop import train\n"
+            "from nanochat_flyte.training.pretrain import train\n"
             "train(RunConfig(**json.loads(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3]))\n")
     config = tiny_config(num_iterations=3, save_every=3, wandb_mode="offline")
     result = subprocess.run([sys.executable, "-c", code, json.dumps(config.to_dict()), str(data_dir), str(tmp / "run")],
@@ -196,6 +200,22 @@ def test_t4_verdicts_from_a_run_finished_or_stopped(run_without_wandb, tmp_path)
     assert acceptance.t4_results(run_dir, 300, None)["checks"][1]["passed"] is False  # a NaN decides it
 
 
+def variant(dtype="float16", compile=True, loss_chunk_tokens=0, device_batch_size=16, **values) -> dict:
+    """A throughput measurement as train_throughput.measure writes it."""
+    return {"dtype": dtype, "compile": compile, "loss_chunk_tokens": loss_chunk_tokens,
+            "device_batch_size": device_batch_size, "ms_per_step": 80.0, "tok_per_sec": 819200.0, "mfu": 0.274,
+            "peak_memory_gib": 9.5, "warmup_s": 41.0, **values}
+
+
+SIDE_BY_SIDE = {"status": "completed", "shape": {"depth": 8, "seq_len": 512, "device_batch_size": 16,
+                                                 "total_batch_size": 65536},
+                "dtype": "bfloat16", "nanochat_commit": "92d63d4",
+                "nanochat": {"dtype": "bfloat16", "ms_per_step": 100.0, "tok_per_sec": 655360.0, "mfu": None,
+                             "peak_memory_gib": 7.25},
+                "ours": variant("bfloat16", tok_per_sec=524288.0, ms_per_step=125.0),
+                "ours_t4_path": variant(), "ratio": 0.8}
+
+
 def report_with(sections: dict) -> dict:
     machine = {"device_name": "NVIDIA H100 80GB HBM3", "driver": "580.159.04", "git_commit": None,
                "environment": {"torch": "2.11.0+cu130", "cuda": "13.0", "python": "3.12.3"}}
@@ -215,21 +235,46 @@ def test_the_verdict_needs_every_section_completed_and_every_check_passed():
     assert not acceptance.overall_passed(missing)
 
 
+def test_the_summary_holds_the_headline_figures_and_null_for_what_was_not_measured():
+    profile = {"step_ms": 82.0, "gpu_busy_ms": 60.0, "mfu_if_never_idle": 0.3745}
+    throughput_section = {"status": "completed", "variants": [
+        variant(loss_chunk_tokens=2048, mfu=0.25), variant("bfloat16", mfu=0.2), variant(profile=profile)]}
+    report = report_with({"throughput": throughput_section, "vs_nanochat": SIDE_BY_SIDE})
+    summary = acceptance.acceptance_summary(report)
+    assert summary == {"device": "NVIDIA H100 80GB HBM3", "commit": None, "t4_path_mfu": 0.274,
+                       "t4_path_tok_s": 819200.0, "busy_bound_mfu": 0.3745,
+                       "vs_nanochat": {"shape": SIDE_BY_SIDE["shape"], "dtype": "bfloat16", "ours_tok_s": 524288.0,
+                                       "nanochat_tok_s": 655360.0, "ratio": 0.8}}
+    nothing = acceptance.acceptance_summary(report_with({"tests": {"status": "completed", "checks": []}}))
+    assert nothing["device"] == "NVIDIA H100 80GB HBM3"
+    assert [nothing[key] for key in ("t4_path_mfu", "t4_path_tok_s", "busy_bound_mfu")] == [None, None, None]
+    assert set(nothing["vs_nanochat"].values()) == {None}
+    # only the reference's loss and device batch count as the T4 path
+    chunked_only = {"status": "completed", "variants": [variant(loss_chunk_tokens=2048), variant(device_batch_size=64)]}
+    assert acceptance.acceptance_summary(report_with({"throughput": chunked_only}))["t4_path_mfu"] is None
+
+
 def test_the_summary_is_a_short_markdown_table():
-    variant = {"dtype": "float16", "compile": True, "ms_per_step": 80.0, "tok_per_sec": 819200.0, "mfu": 0.274,
-               "peak_memory_gib": 9.5, "warmup_s": 41.0,
-               "profile": {"step_ms": 82.0, "gpu_busy_ms": 60.0, "gpu_idle_percent": 26.8, "mfu_if_never_idle": 0.3745,
-                           "categories_ms": {"matmul: blocks": 30.0, "optimizer step": 6.0}}}
-    throughput_section = {"status": "completed", "wall_s": 120.0, "variants": [variant],
+    profile = {"step_ms": 82.0, "gpu_busy_ms": 60.0, "gpu_idle_percent": 26.8, "mfu_if_never_idle": 0.3745,
+               "categories_ms": {"matmul: blocks": 30.0, "optimizer step": 6.0}}
+    measured = [variant(profile=profile), variant(loss_chunk_tokens=2048, peak_memory_gib=6.25)]
+    throughput_section = {"status": "completed", "wall_s": 120.0, "variants": measured,
                           "reference_shape": {"depth": 8, "seq_len": 512, "device_batch_size": 16,
                                               "total_batch_size": 65536},
-                          "checks": acceptance.throughput_checks([{**variant, "device_name": "NVIDIA H100"}])}
-    text = acceptance.markdown_summary(report_with({"throughput": throughput_section}))
+                          "checks": acceptance.throughput_checks([{**v, "device_name": "NVIDIA H100"}
+                                                                  for v in measured])}
+    text = acceptance.markdown_summary(report_with({"throughput": throughput_section, "vs_nanochat": SIDE_BY_SIDE}))
     assert text.startswith("# GPU acceptance: NVIDIA H100 80GB HBM3, 2026-11-27 09:30 UTC\n")
     assert "**NOT PASSED**: 0 of 1 checks passed in 300 s." in text
     assert ("| T4 path (fp16 + GradScaler, compile) at >= 30% MFU on this device | FAIL | 27.4% MFU on NVIDIA H100 |"
             in text)
-    assert ("| dtype | compile | ms/step | tokens/s | MFU | peak memory | warm-up |\n|---|---|---|---|---|---|---|\n"
-            "| float16 | yes | 80.0 | 819,200 | 27.4% | 9.50 GiB | 41 s |\n") in text
+    assert ("| dtype | compile | loss | ms/step | tokens/s | MFU | peak memory | warm-up |\n" + "|---" * 8 + "|\n"
+            "| float16 | yes | plain | 80.0 | 819,200 | 27.4% | 9.50 GiB | 41 s |\n"
+            "| float16 | yes | chunks of 2,048 | 80.0 | 819,200 | 27.4% | 6.25 GiB | 41 s |\n") in text
     assert "GPU busy 60.0 ms (27% idle); MFU if the GPU were never idle: 37.5%:" in text
     assert "| matmul: blocks | 30.00 | 50% |" in text
+    assert ("Side by side with nanochat (commit 92d63d4), d8 at context 512, device batch 16, 65,536 tokens per step, "
+            "each with its own torch.compile; ours over nanochat in bf16: x0.80") in text
+    assert ("| nanochat | bfloat16 | 100.0 | 655,360 | n/a | 7.25 GiB |\n"
+            "| ours | bfloat16 | 125.0 | 524,288 | 27.4% | 9.50 GiB |\n"
+            "| ours, the T4 path | float16 | 80.0 | 819,200 | 27.4% | 9.50 GiB |\n") in text

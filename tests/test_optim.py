@@ -109,3 +109,47 @@ def test_muon_momentum_warmup_and_apply_schedules():
     assert muon.param_groups[0]["lr"] == pytest.approx(0.5 * muon.param_groups[0]["initial_lr"])
     assert adamw.param_groups[1]["lr"] == pytest.approx(0.5 * adamw.param_groups[1]["initial_lr"])
     assert muon.param_groups[0]["momentum"] == pytest.approx(muon_momentum(75))
+
+
+def muon_run(batched: bool, steps: int = 3) -> tuple[list[torch.Tensor], Muon]:
+    """Muon over a model's block matrices (square, tall and wide ones) for a few steps of seeded gradients."""
+    model = tiny_model()
+    with torch.no_grad():  # init_weights zeroes the projections: start from weights that weight decay can shrink
+        for parameter in model.transformer.h.parameters():
+            parameter.normal_(0.0, 0.1)
+    matrices = list(model.transformer.h.parameters())
+    muon = Muon(matrices, lr=0.02, weight_decay=0.1, batched=batched)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for matrix in matrices:
+            matrix.grad = torch.randn(matrix.shape, generator=generator)
+        muon.step()
+    return [matrix.detach() for matrix in matrices], muon
+
+
+def test_batched_muon_makes_the_updates_of_one_matrix_at_a_time():
+    (one_at_a_time, single), (together, batched) = muon_run(batched=False), muon_run(batched=True)
+    assert len({tuple(matrix.shape) for matrix in together}) == 3  # c_q/k/v and both projections' shapes
+    for expected, actual in zip(one_at_a_time, together, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    def buffers(muon: Muon) -> list[torch.Tensor]:
+        return [muon.state[matrix]["momentum_buffer"] for matrix in muon.param_groups[0]["params"]]
+
+    for expected, actual in zip(buffers(single), buffers(batched), strict=True):
+        torch.testing.assert_close(actual, expected)
+    # the same state: a run saved with one way resumes with the other
+    single.load_state_dict(batched.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(buffers(single), buffers(batched), strict=True))
+
+
+def test_orthogonalize_treats_a_stack_matrix_by_matrix():
+    torch.manual_seed(0)
+    for shape in ((3, 16, 16), (2, 24, 8)):  # square, and tall (iterated on its transpose)
+        stack = torch.randn(shape)
+        torch.testing.assert_close(orthogonalize(stack), torch.stack([orthogonalize(m) for m in stack]),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_the_config_chooses_batched_muon():
+    assert not build_optimizers(tiny_model(), RunConfig())[1].batched  # one matrix at a time stays the default
+    assert build_optimizers(tiny_model(), RunConfig(muon_batched=True))[1].batched

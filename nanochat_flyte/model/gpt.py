@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.model.chunked_loss import chunked_cross_entropy
 
 HEAD_DIM = 128  # nanochat keeps heads 128 wide and adds heads as the model widens
 LOGIT_SOFTCAP = 15.0  # logits = 15 * tanh(logits / 15): bounded logits keep early training stable
@@ -224,11 +225,16 @@ class GPT(nn.Module):
 
     Parameters stay float32: torch.autocast runs the matmuls in bf16/fp16, and fp16 training needs float32
     weights for its GradScaler.
+
+    loss_chunk_tokens: 0 computes the loss from the logits of every position at once; N > 0 computes lm_head,
+    softcap and cross-entropy N tokens at a time without keeping the logits (chunked_loss.py). Training sets it
+    from RunConfig.loss_chunk_tokens; it is no part of the model's shape and no part of a checkpoint.
     """
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, loss_chunk_tokens: int = 0):
         super().__init__()
         self.config = config
+        self.loss_chunk_tokens = loss_chunk_tokens
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(config.padded_vocab_size, config.n_embd),
             "h": nn.ModuleList(Block(config, layer) for layer in range(config.n_layer)),
@@ -295,6 +301,10 @@ class GPT(nn.Module):
         if logits_at is not None:
             assert targets is None, "logits_at selects logits; the loss needs them all"
             x = x[logits_at]
+        if targets is not None and self.loss_chunk_tokens:
+            return chunked_cross_entropy(x, self.lm_head.weight, targets, vocab_size=self.config.vocab_size,
+                                         softcap=LOGIT_SOFTCAP, chunk_tokens=self.loss_chunk_tokens,
+                                         reduction=loss_reduction)
         # Drop the padding columns, then softcap and score in float32 whatever the autocast dtype.
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()
         logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)

@@ -24,29 +24,36 @@ NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 def orthogonalize(matrix: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately U V^T of matrix = U S V^T: the same directions with every singular value near 1."""
+    """Approximately U V^T of matrix = U S V^T: the same directions with every singular value near 1. A stack of
+    matrices (..., rows, cols) is orthogonalized matrix by matrix, in batched products."""
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
     # bf16 where the tensor cores run it (Ampere+), float32 elsewhere (CPU, T4: no fast bf16 there).
     fast_bf16 = matrix.is_cuda and torch.cuda.get_device_capability(matrix.device) >= (8, 0)
     x = matrix.to(torch.bfloat16 if fast_bf16 else torch.float32)
-    tall = x.size(0) > x.size(1)
+    tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the wide orientation: X X^T is then the smaller square
-        x = x.T
-    x = x / (x.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1: inside the iteration's basin
+        x = x.mT
+    # spectral norm <= Frobenius norm <= 1: inside the iteration's basin
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x.T if tall else x).to(matrix.dtype)
+    return (x.mT if tall else x).to(matrix.dtype)
 
 
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz: SGD with Nesterov momentum whose update is replaced by
     its nearest orthogonal matrix. For 2-D weights only. Every rank applies the same update to the same
-    (all-reduced) gradient, so under DDP the replicas stay identical."""
+    (all-reduced) gradient, so under DDP the replicas stay identical.
+
+    batched: the matrices of one shape are updated together, their Newton-Schulz iterations as batched products
+    (a d8 model has 48 matrices of 3 shapes): the same update in about 1/16 of the kernel launches. Otherwise one
+    matrix at a time."""
 
     def __init__(self, params, lr: float, momentum: float = MUON_MOMENTUM_END, weight_decay: float = 0.0,
-                 ns_steps: int = 5):
+                 ns_steps: int = 5, batched: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps))
+        self.batched = batched
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
@@ -55,21 +62,31 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buffer = state["momentum_buffer"]
-                buffer.lerp_(p.grad, 1 - group["momentum"])
-                nesterov = p.grad.lerp(buffer, group["momentum"])
-                update = orthogonalize(nesterov, group["ns_steps"])
-                # An orthogonal update of a tall matrix (more outputs than inputs) has a smaller RMS per
-                # entry; scale it back up so every matrix moves by a similar amount.
-                scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"] * scale)
+            params = [p for p in group["params"] if p.grad is not None]
+            if self.batched:
+                for shape in dict.fromkeys(p.shape for p in params):
+                    self.update_together([p for p in params if p.shape == shape], group)
+            else:
+                for p in params:
+                    self.update_together([p], group)
+
+    def update_together(self, params: list[torch.Tensor], group: dict) -> None:
+        """The update of params, all of one shape, one kernel per operation for all of them."""
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        buffers, grads = [self.state[p]["momentum_buffer"] for p in params], [p.grad for p in params]
+        torch._foreach_lerp_(buffers, grads, 1 - group["momentum"])
+        nesterov = torch._foreach_lerp(grads, buffers, group["momentum"])
+        if len(params) == 1:  # a matrix on its own: no stacking copy, plain (not batched) products
+            updates = [orthogonalize(nesterov[0], group["ns_steps"])]
+        else:
+            updates = orthogonalize(torch.stack(nesterov), group["ns_steps"]).unbind(0)
+        # An orthogonal update of a tall matrix (more outputs than inputs) has a smaller RMS per entry; scale it
+        # back up so every matrix moves by a similar amount.
+        scale = max(1.0, params[0].size(0) / params[0].size(1)) ** 0.5
+        torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        torch._foreach_add_(params, updates, alpha=-group["lr"] * scale)
 
 
 def build_optimizers(model: GPT, config: RunConfig) -> list[torch.optim.Optimizer]:
@@ -92,7 +109,7 @@ def build_optimizers(model: GPT, config: RunConfig) -> list[torch.optim.Optimize
                    dict(params=[x0_lambdas], lr=config.scalar_lr, weight_decay=0.0)]
     adamw = torch.optim.AdamW(groups, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=config.weight_decay,
                               fused=on_cuda)
-    muon = Muon(matrices, lr=config.matrix_lr, weight_decay=config.weight_decay)
+    muon = Muon(matrices, lr=config.matrix_lr, weight_decay=config.weight_decay, batched=config.muon_batched)
     optimizers = [adamw, muon]
     for optimizer in optimizers:
         for group in optimizer.param_groups:

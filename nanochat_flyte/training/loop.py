@@ -116,7 +116,8 @@ def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], 
 
 def build_model(config: RunConfig, vocab_size: int, device: torch.device) -> GPT:
     torch.manual_seed(config.seed)  # the same initial weights on every rank and every run of a config
-    model = GPT(GPTConfig.from_depth(config.depth, vocab_size, config.max_seq_len, config.residual_scalars)).to(device)
+    model = GPT(GPTConfig.from_depth(config.depth, vocab_size, config.max_seq_len, config.residual_scalars),
+                loss_chunk_tokens=config.loss_chunk_tokens).to(device)
     model.init_weights()
     return model
 
