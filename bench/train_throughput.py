@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=reference.compile,
                         help="torch.compile the model (CUDA only, as in training)")
     parser.add_argument("--loss-chunk-tokens", type=int, default=reference.loss_chunk_tokens,
-                        help="RunConfig.loss_chunk_tokens: 0 for the plain loss, N for lm_head + loss N tokens at a time")
+                        help="RunConfig.loss_chunk_tokens: 0 for the plain loss, N for lm_head + loss N tokens "
+                             "at a time")
     parser.add_argument("--muon-batched", action=argparse.BooleanOptionalAction, default=reference.muon_batched,
                         help="RunConfig.muon_batched: Muon's update for all matrices of one shape at once")
     parser.add_argument("--profile-steps", type=int, default=0,
