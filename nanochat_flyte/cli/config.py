@@ -1,7 +1,7 @@
 """Check a preset with overrides and write it as one JSON document, the form `pyflyte run --config` takes.
 
 examples:
-  nanochat config configs/smoke.yaml data_url=s3://my-bucket/fineweb -o run.json \
+  nanochat config configs/smoke.yaml data_url=s3://my-bucket/fineweb -o run.json \\
       && pyflyte run workflows/nanochat.py main --config run.json
   nanochat config --chat configs/chat_smoke.yaml num_iterations=4
 

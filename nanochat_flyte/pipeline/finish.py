@@ -28,9 +28,10 @@ def finish_base_run(config: RunConfig, environment: dict, manifest: dict, traini
     metrics = [f"val bpb {training['final_validation_bpb']:.4f}"]
     if core:
         metrics.append(f"CORE {core['core_metric']:.4f}")
+    kept = config.save_to or checkpoint
     print_summary("base model", training, metrics, checkpoint, report_dir, config.save_to, [
-        f"nanochat sample --checkpoint {checkpoint} --prompt 'The capital of France is'",
-        f"nanochat sft --base-checkpoint {checkpoint} --out-dir runs/chat --config configs/chat_smoke.yaml"])
+        f"nanochat sample --checkpoint {kept} --prompt 'The capital of France is'",
+        f"nanochat sft --base-checkpoint {kept} --out-dir runs/chat --config configs/chat_smoke.yaml"])
     return results
 
 
@@ -49,9 +50,10 @@ def finish_chat_run(config: ChatConfig | RLConfig, start_checkpoint: str, traini
     if evaluation.get("chatcore") is not None:
         metrics.append(f"ChatCORE {evaluation['chatcore']:.4f}")
     metrics += [f"{task} {scores['accuracy']:.3f}" for task, scores in evaluation.get("tasks", {}).items()]
-    next_steps = [f"nanochat chat --checkpoint {checkpoint}", f"nanochat serve --checkpoint {checkpoint}"]
+    kept = config.save_to or checkpoint  # the copy the user chose outlives a local run's temporary folder
+    next_steps = [f"nanochat chat --checkpoint {kept}", f"nanochat serve --checkpoint {kept}"]
     if stage == "SFT":
-        next_steps.append(f"nanochat rl --sft-checkpoint {checkpoint} --out-dir runs/rl --config configs/rl_smoke.yaml")
+        next_steps.append(f"nanochat rl --sft-checkpoint {kept} --out-dir runs/rl --config configs/rl_smoke.yaml")
     print_summary(f"{stage} chat model", training, metrics, checkpoint, report_dir, config.save_to, next_steps)
     return results
 
