@@ -2,8 +2,12 @@
 
 A traceback is for bugs. A misspelt field, a missing checkpoint, an unreachable URL or a malformed conversation is
 the user's to fix: our command-line tools print it as one line (cli/usage.py) and both Flyte fronts fail the task
-with it, not retried. Every module's user errors derive from UserError. Imports nothing of the package.
+with it, not retried (`reraise_user_errors`, each with its own kind of failure). Every module's user errors derive
+from UserError. Imports nothing of the package.
 """
+
+import functools
+from collections.abc import Callable
 
 
 class UserError(Exception):
@@ -40,3 +44,33 @@ def user_message(error: BaseException) -> str:
         return (f"{error} for an object store URI (s3://, gs://): give this machine its credentials (AWS_PROFILE or "
                 "AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...)")
     return str(error)
+
+
+def user_error_names() -> set[str]:
+    """The class names of every user error: an error that crossed a process boundary (Flyte 2 keeps only its class
+    name, as the error's code) is known by its name alone."""
+    names, kinds = set(CREDENTIALS_ERRORS), list(USER_ERRORS)
+    while kinds:
+        kind = kinds.pop()
+        names.add(kind.__name__)
+        kinds += kind.__subclasses__()
+    return names
+
+
+def reraise_user_errors(failure: Callable[[BaseException, str], BaseException]):
+    """A decorator for a Flyte task's body: a user error leaving it is raised again as failure(error, its one line),
+    the front's way of failing a task with that line, not retried. Other errors pass unchanged."""
+
+    def decorate(function):
+        @functools.wraps(function)
+        def run(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except Exception as error:
+                if not is_user_error(error):
+                    raise
+                raise failure(error, user_message(error)) from error
+
+        return run
+
+    return decorate

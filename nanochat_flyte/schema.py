@@ -107,6 +107,11 @@ class StrictConfig:
     @classmethod
     def from_file(cls, path: str | Path):
         """Load a preset (YAML or JSON). Fields it leaves out keep their defaults."""
+        return cls.from_mapping(cls.read_preset(path))
+
+    @classmethod
+    def read_preset(cls, path: str | Path) -> Any:
+        """The values a preset file (YAML or JSON) sets, as written: not yet checked against the fields."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError("*", f"no preset file {str(path)!r}", cls.__name__)
@@ -117,7 +122,7 @@ class StrictConfig:
             problem = " ".join(str(error).split())  # YAML's messages span lines
             raise ConfigError("*", f"{str(path)!r} is not a {'JSON' if path.suffix == '.json' else 'YAML'} "
                                    f"document: {problem}", cls.__name__) from None
-        return cls.from_mapping(values or {})
+        return values or {}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

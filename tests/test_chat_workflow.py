@@ -40,10 +40,9 @@ def served_shards(tmp_path):
         yield server
 
 
-def test_the_whole_pipeline_base_to_chat_eval(served_shards, hub_server):
-    results, checkpoint, report, chat_results, chat_checkpoint, chat_report = nanochat_chat(
-        config=tiny_config(served_shards.url), chat_config=tiny_chat_config())
-
+def check_chat_pipeline_outputs(results: dict, chat_results: dict, chat_checkpoint_dir: Path, chat_report_dir: Path
+                                ) -> None:
+    """What nanochat_chat returns for tiny configs, under either Flyte front."""
     assert results["training"]["status"] == "completed" and results["core"] is None  # no bundle: CORE off
     sft = chat_results["sft"]
     assert sft["phase"] == "chat" and sft["steps_completed"] == 4 and sft["run_name"] == "e2e_sft"
@@ -51,9 +50,15 @@ def test_the_whole_pipeline_base_to_chat_eval(served_shards, hub_server):
     assert set(evaluation["tasks"]) | set(evaluation["skipped"]) == EVAL_TASKS
     assert all(task["examples"] == 3 for task in evaluation["tasks"].values())
     assert chat_results["chatcore"] == evaluation["chatcore"]
-    assert json.loads((Path(chat_checkpoint.path) / "training_state.json").read_text())["phase"] == "chat"
-    card = (Path(chat_report.path) / "report.md").read_text()
+    assert json.loads((chat_checkpoint_dir / "training_state.json").read_text())["phase"] == "chat"
+    card = (chat_report_dir / "report.md").read_text()
     assert "## Chat evaluation" in card and "| arc_easy |" in card and "validation loss" in card
+
+
+def test_the_whole_pipeline_base_to_chat_eval(served_shards, hub_server):
+    results, checkpoint, report, chat_results, chat_checkpoint, chat_report = nanochat_chat(
+        config=tiny_config(served_shards.url), chat_config=tiny_chat_config())
+    check_chat_pipeline_outputs(results, chat_results, Path(chat_checkpoint.path), Path(chat_report.path))
 
 
 def test_the_whole_pipeline_with_rl_trains_the_rl_model_from_the_sft_one(served_shards, hub_server):

@@ -40,11 +40,14 @@ def private_shard_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_FLYTE_CACHE", str(tmp_path / "shard-cache"))
 
 
-def test_main_runs_end_to_end(served_shards):
-    config = tiny_config(served_shards.url, eval_bundle_url=served_shards.url + "/eval_bundle.zip", core_max_per_task=4,
-                         core_metric_every=6)
-    results, checkpoint, report = main(config=config)
+def e2e_config(served_shards) -> RunConfig:
+    """The end-to-end run: CORE scored during training (step 6) and on the final checkpoint."""
+    return tiny_config(served_shards.url, eval_bundle_url=served_shards.url + "/eval_bundle.zip", core_max_per_task=4,
+                       core_metric_every=6)
 
+
+def check_e2e_outputs(results: dict, checkpoint_dir: Path, report_dir: Path) -> None:
+    """What `main` returns for e2e_config, under either Flyte front: the results JSON, the checkpoint and report."""
     assert results["workflow"] == "nanochat_full_training"
     assert results["run_name"] == "e2e"
     training = results["training"]
@@ -56,7 +59,6 @@ def test_main_runs_end_to_end(served_shards):
     assert results["environment"]["torch"]
     json.dumps(results)  # the results are one JSON document
 
-    checkpoint_dir = Path(checkpoint.path)
     assert training["checkpoint_dir"]
     for name in ("checkpoint.pt", "model_config.json", "training_state.json", "tokenizer/tokenizer.json",
                  "metrics.jsonl", "samples.jsonl", "report.md"):
@@ -74,9 +76,14 @@ def test_main_runs_end_to_end(served_shards):
     assert all(task["examples"] == 4 for task in core["tasks"].values()) and math.isfinite(core["core_metric"])
     in_training = [row for row in map(json.loads, (checkpoint_dir / "metrics.jsonl").open()) if "core_metric" in row]
     assert [row["step"] for row in in_training] == [6]
-    card = (Path(report.path) / "report.md").read_text()
+    card = (report_dir / "report.md").read_text()
     assert "| mc_fewshot | multiple_choice |" in card and "## Samples at step 12" in card
-    assert json.loads((Path(report.path) / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert json.loads((report_dir / "results.json").read_text()) == json.loads(json.dumps(results))
+
+
+def test_main_runs_end_to_end(served_shards):
+    results, checkpoint, report = main(config=e2e_config(served_shards))
+    check_e2e_outputs(results, Path(checkpoint.path), Path(report.path))
 
 
 def test_core_is_off_without_a_bundle_and_an_unreachable_bundle_fails_before_training(served_shards):

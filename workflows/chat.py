@@ -12,60 +12,25 @@ Like workflows/nanochat.py this file only declares tasks, resources and caching;
 downloads nothing again.
 """
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from flytekit import Cache, Deck, Resources, current_context, task, workflow
+from flytekit import Cache, Resources, current_context, task, workflow
 from flytekit.types.directory import FlyteDirectory
 
 from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
-from nanochat_flyte.data.chat_data import check_hub_endpoint, prepare_eval_data, prepare_rl_data, prepare_sft_data
-from nanochat_flyte.data.hub import hub_endpoint
-from nanochat_flyte.errors import ConfigError
-from nanochat_flyte.evaluation.chat_eval import (
-    chat_metrics,
-    chat_table_html,
-    evaluate_chat,
-    read_eval_items,
-)
-from nanochat_flyte.inference.engine import Engine
-from nanochat_flyte.model.checkpoint import (
-    CONFIG_FILE,
-    TRAINING_STATE_FILE,
-    check_save_to,
-    read_checkpoint_json,
-)
+from nanochat_flyte.pipeline import evaluate, prepare, setup, train
 from nanochat_flyte.pipeline.finish import finish_chat_run
-from nanochat_flyte.reporting.environment import environment_report, format_report
-from nanochat_flyte.reporting.report import environment_deck_html, training_deck_html
-from nanochat_flyte.reporting.tracking import log_evaluation
-from nanochat_flyte.training.rl import check_sft_checkpoint, rl_run_config, train_rl
-from nanochat_flyte.training.sft import checkpoint_run_config, sft_run_config, train_chat
 from workflows.image import IMAGE
 from workflows.nanochat import RunOutputs, pretrain
-from workflows.support import (HF_SECRET, TRAINING_RESOURCES, TRAINING_TASK, WANDB_SECRET, checkpoint_location,
-                               export_secret, is_local_run, one_line_user_errors, restore_flyte_checkpoint,
-                               retried_on_storage_errors, save_flyte_checkpoint, wandb_console_link)
+from workflows.support import (HF_SECRET, TRAINING_RESOURCES, TRAINING_TASK, WANDB_SECRET, FlytekitAttempts,
+                               checkpoint_location, deck, export_secret, is_local_run, one_line_user_errors,
+                               retried_on_storage_errors, wandb_console_link)
 
-# Bump when the prepared conversations or evaluation items change format: cached ones are then ignored.
-CHAT_DATA_CACHE_VERSION = "2"  # 2: GSM8K solutions keep their calculations, as tool calls
+CHAT_DATA_CACHE_VERSION = prepare.CHAT_DATA_VERSION  # cached conversations of an older format are ignored
 # Converting the whole SmolTalk split (460K rows) peaked at 2.9 GB of memory on a CPU; the parquet files and the
 # conversations take ~3 GB of disk.
 CHAT_DATA_RESOURCES = dict(requests=Resources(cpu="4", mem="8Gi", ephemeral_storage="20Gi"))
-
-
-def probe_hub_and_report(config: ChatConfig | RLConfig) -> tuple[str, dict]:
-    """What both chat setups end with: the hub endpoint answers (or one line says it does not), and the environment
-    report of the training node kind. Returns the endpoint the data tasks use, and the report."""
-    export_secret(HF_SECRET, "HF_TOKEN")
-    check_save_to(config.save_to, type(config).__name__)
-    check_hub_endpoint(config)
-    report = environment_report()
-    if not is_local_run():  # locally, the pretraining setup printed it to the same terminal (and the deck has it)
-        print(format_report(report), flush=True)
-    Deck("Environment", environment_deck_html(report))
-    return hub_endpoint(config.hf_endpoint), report
 
 
 # A pipeline's chat and RL configs are checked against the base run before it starts: `pyflyte run` checks each config
@@ -73,18 +38,21 @@ def probe_hub_and_report(config: ChatConfig | RLConfig) -> tuple[str, dict]:
 @task(container_image=IMAGE)
 @one_line_user_errors
 def check_chat_config(config: RunConfig, chat_config: ChatConfig) -> ChatConfig:
-    chat_config = chat_config.validate()
-    sft_run_config(chat_config, config.validate())
-    return chat_config
+    return setup.later_stages(config, chat_config)[0]
 
 
 @task(container_image=IMAGE)
 @one_line_user_errors
 def check_chat_and_rl_configs(config: RunConfig, chat_config: ChatConfig, rl_config: RLConfig
                               ) -> tuple[ChatConfig, RLConfig]:
-    chat_config, rl_config = chat_config.validate(), rl_config.validate()
-    rl_run_config(rl_config, sft_run_config(chat_config, config.validate()))
-    return chat_config, rl_config
+    return setup.later_stages(config, chat_config, rl_config)
+
+
+def describe_training_node() -> dict:
+    """What both chat setups end with: the environment report of the training node kind (locally, the pretraining
+    setup printed it to the same terminal, and the deck has it)."""
+    export_secret(WANDB_SECRET, "WANDB_API_KEY")
+    return setup.describe_machine(deck, printed=not is_local_run())
 
 
 @task(container_image=IMAGE, secret_requests=[WANDB_SECRET, HF_SECRET], interruptible=True, enable_deck=True,
@@ -93,13 +61,9 @@ def check_chat_and_rl_configs(config: RunConfig, chat_config: ChatConfig, rl_con
 def setup_chat(config: ChatConfig, base_checkpoint: FlyteDirectory) -> tuple[ChatConfig, str, dict]:
     """Validate the chat config, check the base checkpoint and probe the hub endpoint, before any GPU time is spent.
     Returns the config, the endpoint the data tasks use, and the environment report (of the training node kind)."""
-    config = config.validate()
-    location = checkpoint_location(base_checkpoint)
-    if read_checkpoint_json(location, TRAINING_STATE_FILE) is None:
-        raise ConfigError("base_checkpoint", f"{location} is not a checkpoint directory (no {TRAINING_STATE_FILE})",
-                          "chat_sft")
-    sft_run_config(config, checkpoint_run_config(location))  # the batch fits the base run's model and context
-    return config, *probe_hub_and_report(config)
+    export_secret(HF_SECRET, "HF_TOKEN")
+    config, endpoint = setup.chat_stage(config, checkpoint_location(base_checkpoint))
+    return config, endpoint, describe_training_node()
 
 
 @task(container_image=IMAGE, secret_requests=[WANDB_SECRET, HF_SECRET], interruptible=True, enable_deck=True,
@@ -109,11 +73,9 @@ def setup_rl(config: RLConfig, sft_checkpoint: FlyteDirectory) -> tuple[RLConfig
     """Validate the RL config, check that the checkpoint is a chat (SFT) one and probe the hub endpoint, before any
     GPU time is spent. Returns the config, the ChatConfig of the evaluation after RL, the endpoint and the
     environment report."""
-    config = config.validate()
-    location = checkpoint_location(sft_checkpoint)
-    check_sft_checkpoint(location)
-    rl_run_config(config, checkpoint_run_config(location))  # the step's answers split into the SFT run's micro-batches
-    return config, config.chat_eval_config(), *probe_hub_and_report(config)
+    export_secret(HF_SECRET, "HF_TOKEN")
+    config, endpoint = setup.rl_stage(config, checkpoint_location(sft_checkpoint))
+    return config, config.chat_eval_config(), endpoint, describe_training_node()
 
 
 # Keyed by exactly what decides the conversations: a new learning rate or a longer run reuses the prepared data.
@@ -124,12 +86,9 @@ def prepare_chat_sft_data(endpoint: str, smoltalk_epochs: float, mmlu_epochs: fl
                           max_conversations: int, val_conversations: int, seed: int) -> FlyteDirectory:
     """The SFT mixture (train.jsonl) and the held-out validation conversations (val.jsonl), from the hub."""
     export_secret(HF_SECRET, "HF_TOKEN")
-    config = ChatConfig(hf_endpoint=endpoint, smoltalk_epochs=smoltalk_epochs, mmlu_epochs=mmlu_epochs,
-                        gsm8k_epochs=gsm8k_epochs, max_conversations=max_conversations,
-                        val_conversations=val_conversations, seed=seed)
     out_dir = Path(current_context().working_directory) / "sft_data"
-    prepare_sft_data(config, out_dir)
-    return FlyteDirectory(str(out_dir))
+    return FlyteDirectory(str(prepare.chat_sft_data(endpoint, smoltalk_epochs, mmlu_epochs, gsm8k_epochs,
+                                                    max_conversations, val_conversations, seed, out_dir)))
 
 
 @task(container_image=IMAGE, secret_requests=[HF_SECRET], cache=Cache(version=CHAT_DATA_CACHE_VERSION),
@@ -139,9 +98,7 @@ def prepare_rl_problems(endpoint: str, max_problems: int, eval_problems: int, se
     """RL's GSM8K problems: train.jsonl (to learn from) and val.jsonl (the validation pass@1), from the hub."""
     export_secret(HF_SECRET, "HF_TOKEN")
     out_dir = Path(current_context().working_directory) / "rl_data"
-    prepare_rl_data(RLConfig(hf_endpoint=endpoint, max_problems=max_problems, eval_problems=eval_problems, seed=seed),
-                    out_dir)
-    return FlyteDirectory(str(out_dir))
+    return FlyteDirectory(str(prepare.rl_problems(endpoint, max_problems, eval_problems, seed, out_dir)))
 
 
 @task(container_image=IMAGE, secret_requests=[HF_SECRET], cache=Cache(version=CHAT_DATA_CACHE_VERSION),
@@ -151,22 +108,7 @@ def prepare_chat_eval_data(endpoint: str, tasks: str) -> FlyteDirectory:
     """The evaluation sets (<task>.jsonl), so that the GPU pod downloads nothing."""
     export_secret(HF_SECRET, "HF_TOKEN")
     out_dir = Path(current_context().working_directory) / "eval_data"
-    prepare_eval_data(ChatConfig(eval_tasks=tasks).eval_task_list, out_dir, endpoint)
-    return FlyteDirectory(str(out_dir))
-
-
-def train_in_task(directory: str, title: str, environment: dict,
-                  run: Callable[[Path, Path | None], dict]) -> tuple[FlyteDirectory, dict]:
-    """A chat training task's body: run(checkpoint_dir, resume_dir) trains into the task's working directory,
-    continuing the previous attempt's intra-task checkpoint; then the training deck."""
-    export_secret(WANDB_SECRET, "WANDB_API_KEY")
-    checkpoint_dir = Path(current_context().working_directory) / directory
-    resume_dir = restore_flyte_checkpoint(checkpoint_dir)
-    with retried_on_storage_errors():
-        summary = run(checkpoint_dir, resume_dir)
-    run_config = RunConfig.from_mapping(read_checkpoint_json(checkpoint_dir, CONFIG_FILE))
-    Deck(title, training_deck_html(checkpoint_dir, run_config, environment, summary))
-    return FlyteDirectory(str(checkpoint_dir)), summary
+    return FlyteDirectory(str(prepare.chat_eval_data(endpoint, tasks, out_dir)))
 
 
 @task(**TRAINING_TASK)
@@ -175,9 +117,12 @@ def train_in_task(directory: str, title: str, environment: dict,
 def train_chat_model(config: ChatConfig, base_checkpoint: FlyteDirectory, data: FlyteDirectory, environment: dict
                      ) -> tuple[FlyteDirectory, dict]:
     """SFT on the shared training loop; a preempted attempt resumes from the intra-task checkpoint."""
-    return train_in_task("chat_checkpoint", "Fine-tuning", environment, lambda out_dir, resume_dir: train_chat(
-        config, Path(base_checkpoint.download()), Path(data.download()), out_dir, resume_dir=resume_dir,
-        on_save=save_flyte_checkpoint, env_report=environment))
+    export_secret(WANDB_SECRET, "WANDB_API_KEY")
+    checkpoint_dir = Path(current_context().working_directory) / "chat_checkpoint"
+    with retried_on_storage_errors():
+        summary = train.chat_model(config, Path(base_checkpoint.download()), Path(data.download()), checkpoint_dir,
+                                   environment, FlytekitAttempts(), deck)
+    return FlyteDirectory(str(checkpoint_dir)), summary
 
 
 @task(**TRAINING_TASK)
@@ -186,33 +131,26 @@ def train_chat_model(config: ChatConfig, base_checkpoint: FlyteDirectory, data: 
 def train_rl_model(config: RLConfig, sft_checkpoint: FlyteDirectory, data: FlyteDirectory, environment: dict
                    ) -> tuple[FlyteDirectory, dict]:
     """RL on the shared training loop; a preempted attempt resumes from the intra-task checkpoint."""
-    return train_in_task("rl_checkpoint", "Reinforcement learning", environment, lambda out_dir, resume_dir: train_rl(
-        config, Path(sft_checkpoint.download()), Path(data.download()), out_dir, resume_dir=resume_dir,
-        on_save=save_flyte_checkpoint, env_report=environment))
+    export_secret(WANDB_SECRET, "WANDB_API_KEY")
+    checkpoint_dir = Path(current_context().working_directory) / "rl_checkpoint"
+    with retried_on_storage_errors():
+        summary = train.rl_model(config, Path(sft_checkpoint.download()), Path(data.download()), checkpoint_dir,
+                                 environment, FlytekitAttempts(), deck)
+    return FlyteDirectory(str(checkpoint_dir)), summary
 
 
 # Cached on (checkpoint, evaluation data, the settings that change the scores): evaluating the same checkpoint again
 # costs nothing.
 @task(container_image=IMAGE, secret_requests=[WANDB_SECRET], interruptible=True, retries=2, enable_deck=True,
-      cache=Cache(version="1", ignored_inputs=("config",)), **TRAINING_RESOURCES)
+      cache=Cache(version=evaluate.EVALUATION_VERSION, ignored_inputs=("config",)), **TRAINING_RESOURCES)
 @one_line_user_errors
 def evaluate_chat_model(config: ChatConfig, checkpoint: FlyteDirectory, eval_data: FlyteDirectory, tasks: str,
                         max_per_task: int, max_tokens: int, seed: int, humaneval: str) -> dict:
     """ARC-Easy, ARC-Challenge, MMLU, GSM8K and HumanEval (in the sandbox, where it works), and ChatCORE. Every
     setting that changes the scores is an input of its own (the cache key); `config` brings the rest."""
     export_secret(WANDB_SECRET, "WANDB_API_KEY")
-    engine = Engine.from_checkpoint(Path(checkpoint.download()), device=config.device)
-    items = read_eval_items(Path(eval_data.download()), ChatConfig(eval_tasks=tasks).eval_task_list)
-    result = evaluate_chat(engine, items, max_per_task=max_per_task, batch_size=config.eval_batch_size,
-                           max_tokens=max_tokens, humaneval=humaneval, seed=seed)
-    location = checkpoint_location(checkpoint)
-    state = read_checkpoint_json(location, TRAINING_STATE_FILE)
-    run_config = RunConfig.from_mapping(read_checkpoint_json(location, CONFIG_FILE))
-    # into the W&B run of the training that made the checkpoint (SFT's or RL's)
-    result["wandb_url"] = log_evaluation(run_config, location, state["steps_completed"], chat_metrics(result),
-                                         {"chatcore": result["chatcore"]}, phase=state.get("stage", engine.phase))
-    Deck("Chat evaluation", chat_table_html(result))
-    return result
+    return evaluate.chat_model(config, checkpoint_location(checkpoint), Path(eval_data.download()), tasks,
+                               max_per_task, max_tokens, seed, humaneval, deck)
 
 
 def write_chat_results(config: ChatConfig | RLConfig, start_checkpoint: FlyteDirectory, training: dict,

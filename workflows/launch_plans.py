@@ -7,28 +7,23 @@
     nanochat_rl_d8_t4  RL on GSM8K of a chat checkpoint on a T4 (configs/rl_d8_t4.yaml); sft_checkpoint is asked for
     nanochat_chat_rl_d8_t4  the whole pipeline, then RL: the three reference presets above
 
-`main` also has its default launch plan (same name as the workflow), with RunConfig's defaults.
-Settings read at registration time: NANOCHAT_NIGHTLY_CRON (default "0 3 * * *", UTC) and
-NANOCHAT_ALERT_EMAILS (comma-separated; empty: no e-mail, failures show in the console only).
+`main` also has its default launch plan (same name as the workflow), with RunConfig's defaults. The presets, the
+nightly's cron and its alert e-mails are in workflows/presets.py, shared with the Flyte 2 front.
 """
-
-import os
-from pathlib import Path
 
 from flytekit import CronSchedule, Email, LaunchPlan, WorkflowExecutionPhase
 
-from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
 from workflows.chat import chat_rl, nanochat_chat, nanochat_chat_rl
 from workflows.nanochat import main
+from workflows.presets import (
+    ALERT_EMAILS,
+    NIGHTLY_CRON,
+    REFERENCE_CHAT_CONFIG,
+    REFERENCE_CONFIG,
+    REFERENCE_RL_CONFIG,
+    TUNED_CONFIG,
+)
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-REFERENCE_CONFIG = RunConfig.from_file(CONFIGS / "d8_t4.yaml")
-TUNED_CONFIG = RunConfig.from_file(CONFIGS / "d8_t4_tuned.yaml")
-REFERENCE_CHAT_CONFIG = ChatConfig.from_file(CONFIGS / "chat_d8_t4.yaml")
-REFERENCE_RL_CONFIG = RLConfig.from_file(CONFIGS / "rl_d8_t4.yaml")
-NIGHTLY_CRON = os.environ.get("NANOCHAT_NIGHTLY_CRON", "0 3 * * *")
-ALERT_EMAILS = [address.strip() for address in os.environ.get("NANOCHAT_ALERT_EMAILS", "").split(",")
-                if address.strip()]
 FAILED_PHASES = [WorkflowExecutionPhase.FAILED, WorkflowExecutionPhase.TIMED_OUT, WorkflowExecutionPhase.ABORTED]
 
 nanochat_d8_t4 = LaunchPlan.get_or_create(

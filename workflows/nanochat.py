@@ -12,7 +12,6 @@ from typing import NamedTuple
 
 from flytekit import (
     Cache,
-    Deck,
     conditional,
     current_context,
     map_task,
@@ -22,34 +21,16 @@ from flytekit import (
 from flytekit.types.directory import FlyteDirectory
 
 from nanochat_flyte.config import RunConfig
-from nanochat_flyte.data.download import DownloadError, check_data_url
-from nanochat_flyte.data.prepare import ShardJob, build_tokenizer, merge_prepared, plan_jobs, prepare_shard
-from nanochat_flyte.evaluation.bundle import BundleError, check_bundle_url, load_bundle
-from nanochat_flyte.evaluation.core import core_log_metrics, core_table_html, score_core
-from nanochat_flyte.model.checkpoint import (
-    CHECKPOINT_FILE,
-    CONFIG_FILE,
-    TRAINING_STATE_FILE,
-    check_save_to,
-    fetch_checkpoint,
-    load_model,
-    read_checkpoint_json,
-)
-from nanochat_flyte.model.device import select_device, select_precision
+from nanochat_flyte.data.prepare import ShardJob, plan_jobs, prepare_shard
+from nanochat_flyte.model.checkpoint import CHECKPOINT_FILE, CONFIG_FILE
+from nanochat_flyte.pipeline import evaluate, prepare, setup, train
 from nanochat_flyte.pipeline.finish import finish_base_run
-from nanochat_flyte.reporting.environment import environment_report, format_report
-from nanochat_flyte.reporting.report import data_deck_html, environment_deck_html, training_deck_html
-from nanochat_flyte.reporting.tracking import log_evaluation
-from nanochat_flyte.training.pretrain import check_resume, train
 from workflows.image import IMAGE
 from workflows.support import (DATA_RESOURCES, HF_SECRET, TRAINING_RESOURCES, TRAINING_TASK, WANDB_SECRET,
-                               TaskInputError, checkpoint_location, export_secret, is_local_run, one_line_user_errors,
-                               restore_flyte_checkpoint, retried_on_storage_errors, save_flyte_checkpoint,
-                               wandb_console_link)
+                               FlytekitAttempts, checkpoint_location, deck, export_secret, is_local_run,
+                               one_line_user_errors, retried_on_storage_errors, wandb_console_link)
 
-# Bump when the token files' format or contents change: cached shards from older versions are then ignored.
-DATA_CACHE_VERSION = "2"  # 2: tokenizer directories carry their ranks and the chat tokens
-SHARD_CONCURRENCY = 8  # shard pods at once: enough to saturate the hub, few enough not to be rate-limited
+DATA_CACHE_VERSION = prepare.DATA_VERSION  # cached data from an older version of the format is ignored
 
 
 # The same node kind as training (interruptible too: spot pools are tainted for interruptible pods), so that the
@@ -60,19 +41,10 @@ SHARD_CONCURRENCY = 8  # shard pods at once: enough to saturate the hub, few eno
 def setup_environment(config: RunConfig, resume_from: str) -> tuple[RunConfig, dict, bool]:
     """Validate the config (and the checkpoint to resume), probe the data and the CORE bundle, and report the machine,
     before any download or GPU time. Also says whether the final checkpoint gets a CORE score."""
-    config = config.resolved().validate()
-    if resume_from:
-        check_resume(config, resume_from)
-    check_save_to(config.save_to, "RunConfig")
     export_secret(HF_SECRET, "HF_TOKEN")
-    check_data_url(config)
-    if config.core_enabled:
-        check_bundle_url(config.eval_bundle_url)
-    export_secret(WANDB_SECRET, "WANDB_API_KEY")
-    report = environment_report()
-    print(format_report(report), flush=True)
-    Deck("Environment", environment_deck_html(report))
-    return config, report, config.core_enabled
+    export_secret(WANDB_SECRET, "WANDB_API_KEY")  # the report says whether W&B can log in
+    config = setup.base_run(config, resume_from)
+    return config, setup.describe_machine(deck), config.core_enabled
 
 
 @task(container_image=IMAGE, requests=DATA_RESOURCES, secret_requests=[HF_SECRET],
@@ -82,10 +54,9 @@ def prepare_tokenizer(tokenizer: str, data_url: str, num_shards: int, bpe_vocab_
                       bpe_train_chars: int) -> FlyteDirectory:
     """GPT-2's identity, or our own BPE trained on the train shards. Cached: training a BPE takes a while."""
     export_secret(HF_SECRET, "HF_TOKEN")
-    config = RunConfig(tokenizer=tokenizer, data_url=data_url, num_shards=num_shards,
-                       bpe_vocab_size=bpe_vocab_size, bpe_train_chars=bpe_train_chars)
     out_dir = Path(current_context().working_directory) / "tokenizer"
-    return FlyteDirectory(str(build_tokenizer(config, out_dir)))
+    return FlyteDirectory(str(prepare.tokenizer(tokenizer, data_url, num_shards, bpe_vocab_size, bpe_train_chars,
+                                                out_dir)))
 
 
 @task(container_image=IMAGE, requests=DATA_RESOURCES, secret_requests=[HF_SECRET],
@@ -104,7 +75,7 @@ def plan_data_shards(config: RunConfig, tokenizer_dir: FlyteDirectory) -> list[S
 @one_line_user_errors
 def prepare_data_shard(job: ShardJob, tokenizer_dir: FlyteDirectory) -> FlyteDirectory:
     export_secret(HF_SECRET, "HF_TOKEN")
-    out_dir = Path(current_context().working_directory) / f"{job.split}_{job.index:05d}"
+    out_dir = Path(current_context().working_directory) / job.name
     prepare_shard(job, Path(tokenizer_dir.download()), out_dir)
     return FlyteDirectory(str(out_dir))
 
@@ -114,9 +85,8 @@ def prepare_data_shard(job: ShardJob, tokenizer_dir: FlyteDirectory) -> FlyteDir
 def collect_data(config: RunConfig, parts: list[FlyteDirectory], tokenizer_dir: FlyteDirectory
                  ) -> tuple[FlyteDirectory, dict]:
     out_dir = Path(current_context().working_directory) / "data"
-    manifest = merge_prepared(config, [Path(part.download()) for part in parts], Path(tokenizer_dir.download()),
-                              out_dir)
-    Deck("Data", data_deck_html(manifest))
+    manifest = prepare.collect_data(config, [Path(part.download()) for part in parts],
+                                    Path(tokenizer_dir.download()), out_dir, deck)
     return FlyteDirectory(str(out_dir)), manifest
 
 
@@ -128,7 +98,7 @@ def download_and_prepare_data(config: RunConfig) -> tuple[FlyteDirectory, dict]:
                                       bpe_train_chars=config.bpe_train_chars)
     jobs = plan_data_shards(config=config, tokenizer_dir=tokenizer_dir)
     parts = map_task(functools.partial(prepare_data_shard, tokenizer_dir=tokenizer_dir),
-                     concurrency=SHARD_CONCURRENCY)(job=jobs)
+                     concurrency=prepare.SHARD_CONCURRENCY)(job=jobs)
     return collect_data(config=config, parts=parts, tokenizer_dir=tokenizer_dir)
 
 
@@ -139,49 +109,28 @@ def train_base_model(config: RunConfig, data: FlyteDirectory, environment: dict,
                      ) -> tuple[FlyteDirectory, dict]:
     """Train, continuing (in this order) a previous attempt of this task, the checkpoint `resume_from`, or nothing."""
     export_secret(WANDB_SECRET, "WANDB_API_KEY")
-    work_dir = Path(current_context().working_directory)
-    checkpoint_dir = work_dir / "checkpoint"
-    resume_dir = restore_flyte_checkpoint(checkpoint_dir)
-    if resume_dir is None and resume_from:
-        resume_dir = fetch_checkpoint(resume_from, work_dir / "resume_from")
-        print(f"resuming from {resume_from}", flush=True)
+    checkpoint_dir = Path(current_context().working_directory) / "checkpoint"
     try:
         with retried_on_storage_errors():
-            summary = train(config, Path(data.download()), checkpoint_dir, resume_dir=resume_dir,
-                            on_save=save_flyte_checkpoint, env_report=environment)
+            summary = train.base_model(config, Path(data.download()), checkpoint_dir, environment, resume_from,
+                                       FlytekitAttempts(), deck)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C in a local run (flytekit raises SystemExit): say how to go on
         saved = Path(config.save_to) if config.save_to and "://" not in config.save_to else checkpoint_dir
         if (saved / CHECKPOINT_FILE).exists():
             print(f"resume with: pyflyte run workflows/nanochat.py main --config {saved / CONFIG_FILE} "
                   f"--resume_from {saved}", flush=True)
         raise
-    Deck("Training", training_deck_html(checkpoint_dir, config, environment, summary))
     return FlyteDirectory(str(checkpoint_dir)), summary
 
 
 # On the training node kind; cached on (checkpoint, bundle, max_per_task): scoring the same checkpoint again is free.
 @task(container_image=IMAGE, secret_requests=[WANDB_SECRET], interruptible=True, retries=2, enable_deck=True,
-      cache=Cache(version="1", ignored_inputs=("config",)), **TRAINING_RESOURCES)
+      cache=Cache(version=evaluate.EVALUATION_VERSION, ignored_inputs=("config",)), **TRAINING_RESOURCES)
 @one_line_user_errors
 def evaluate_base_model(config: RunConfig, checkpoint: FlyteDirectory, bundle_url: str, max_per_task: int) -> dict:
     """The CORE score of the trained base model (core_eval.py), with its per-task table."""
     export_secret(WANDB_SECRET, "WANDB_API_KEY")
-    location = checkpoint_location(checkpoint)
-    try:
-        bundle = load_bundle(bundle_url)
-    except (BundleError, DownloadError) as error:  # training is done and kept: say how to score it later
-        raise TaskInputError(f"{error}. The trained checkpoint is kept at {location}; score it later with "
-                        f"nanochat core-eval --checkpoint {location} --bundle BUNDLE") from error
-    device = select_device(config.device)
-    loaded = load_model(Path(checkpoint.download()), device)
-    result = score_core(loaded.model, loaded.tokenizer, bundle, max_per_task=max_per_task or None,
-                           batch_size=config.device_batch_size, precision=select_precision(device, config.dtype))
-    step = read_checkpoint_json(location, TRAINING_STATE_FILE)["steps_completed"]
-    result["wandb_url"] = log_evaluation(config, location, step, core_log_metrics(result),
-                                         {"core_metric": result["core_metric"]})
-    print(f"CORE: {result['core_metric']:.4f} ({len(result['tasks'])} tasks, {result['seconds']:.0f}s)", flush=True)
-    Deck("CORE", core_table_html(result))
-    return result
+    return evaluate.base_model(config, checkpoint_location(checkpoint), bundle_url, max_per_task, deck)
 
 
 @task(container_image=IMAGE)

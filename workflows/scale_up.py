@@ -8,8 +8,6 @@ Both reuse main's tasks: the data tasks unchanged (and their cache), the GPU tas
 (flytekitplugins-kfpytorch); with nnodes=1 it is a plain pod, no Kubeflow operator needed.
 """
 
-from pathlib import Path
-
 from flytekit import Resources, task, workflow
 from flytekit.extras.accelerators import A100
 from flytekit.types.directory import FlyteDirectory
@@ -18,12 +16,10 @@ from flytekitplugins.kfpytorch import Elastic
 from nanochat_flyte.config import RunConfig
 from workflows.image import IMAGE
 from workflows.nanochat import RunOutputs, pretrain, train_base_model
+from workflows.presets import D12_CONFIG
 from workflows.support import WANDB_SECRET, wandb_console_link
 
 GPUS = 8  # one full A100 node (a2-highgpu-8g on GCP, p4d.24xlarge on AWS)
-
-# Depth 12 for ~3.2B tokens (20 per parameter, Chinchilla), bf16 on the A100: see the preset's comments.
-D12_CONFIG = RunConfig.from_file(Path(__file__).resolve().parents[1] / "configs" / "d12_a100.yaml")
 
 # a2-highgpu-1g has 12 vCPUs and 85 GB; leave the kubelet its share. Disk as for the T4, plus bigger checkpoints.
 A100_NODE = dict(

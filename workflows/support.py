@@ -1,16 +1,14 @@
 """What the flytekit workflows share, besides their tasks: the secrets, the machines, the one-line user errors, the
-intra-task checkpoints that let a retried attempt resume, and the W&B console link.
+intra-task checkpoints that let a retried attempt resume, the cards (Decks) and the W&B console link.
 """
 
 import contextlib
-import functools
 import os
-import shutil
 from pathlib import Path
 
 import click
 import requests
-from flytekit import FlyteContextManager, Resources, Secret, current_context
+from flytekit import Deck, FlyteContextManager, Resources, Secret, current_context
 from flytekit.configuration.plugin import get_plugin
 from flytekit.core.utils import ClassDecorator
 from flytekit.exceptions.user import FlyteRecoverableException
@@ -18,70 +16,57 @@ from flytekit.extras.accelerators import T4
 from flytekit.interaction.click_types import JsonParamType
 from flytekit.types.directory import FlyteDirectory
 
-from nanochat_flyte.errors import is_user_error, user_message
-from nanochat_flyte.training.loop import distributed_env
+from nanochat_flyte.errors import is_user_error, reraise_user_errors
+from nanochat_flyte.pipeline import secrets
+from nanochat_flyte.pipeline.secrets import SecretName
+from nanochat_flyte.reporting.tracking import console_link_settings
 from workflows.image import IMAGE
 
 
-# Secrets, with names that can be changed at registration time without editing code
-# ($NANOCHAT_<NAME>_SECRET_GROUP / _KEY). Open-source Flyte names a secret by group and key: the Kubernetes secret
-# `wandb` with the key `api_key`. Union names it by its key alone: `union create secret wandb_api_key`. Locally,
+# The secrets, named as nanochat_flyte.pipeline.secrets says: by group and key on open-source Flyte (the Kubernetes
+# secret `wandb` with the key `api_key`), by key alone on Union (`union create secret wandb_api_key`). Locally,
 # flytekit reads either default from the environment as GROUP_KEY in upper case: $WANDB_API_KEY, $HF_TOKEN.
 SECRET_NEEDS_GROUP = get_plugin().secret_requires_group()  # False when the `union` package is installed
 
 
-def declared_secret(name: str, group: str, key: str) -> Secret:
-    return Secret(
-        group=os.environ.get(f"NANOCHAT_{name}_SECRET_GROUP", group if SECRET_NEEDS_GROUP else "") or None,
-        key=os.environ.get(f"NANOCHAT_{name}_SECRET_KEY", key if SECRET_NEEDS_GROUP else f"{group}_{key}"),
-    )
+def declared_secret(secret: SecretName) -> Secret:
+    group, key = secret.group_and_key(SECRET_NEEDS_GROUP)
+    return Secret(group=group, key=key)
 
 
-WANDB_SECRET = declared_secret("WANDB", "wandb", "api_key")  # absent: W&B runs offline
+WANDB_SECRET = declared_secret(secrets.WANDB)  # absent: W&B runs offline
 
-HF_SECRET = declared_secret("HF", "hf", "token")  # only for a gated or private mirror of the dataset
+HF_SECRET = declared_secret(secrets.HF)  # only for a gated or private mirror of the dataset
 
 
 class wandb_console_link(ClassDecorator):  # noqa: N801 - used as a decorator, like flytekit's own
     """Gives the task a "Weights & Biases" link in the Flyte/Union console, to the run named after the execution
     (the Tracker's run id). Needs the cluster's `wandb-execution-id` dynamic log link (docs/observability.md)
-    and, at registration, NANOCHAT_WANDB_ENTITY (and NANOCHAT_WANDB_PROJECT / NANOCHAT_WANDB_HOST where they differ
-    from "nanochat" / https://wandb.ai)."""
+    and, at registration, NANOCHAT_WANDB_ENTITY (tracking.console_link_settings)."""
 
     def execute(self, *args, **kwargs):
         return self.task_function(*args, **kwargs)
 
     def get_extra_config(self) -> dict[str, str]:
-        entity = os.environ.get("NANOCHAT_WANDB_ENTITY", "")
-        if not entity:  # the link's URL is host/entity/project/runs/<execution>: no entity, no link
-            return {}
-        return {self.LINK_TYPE_KEY: "wandb-execution-id", "entity": entity,
-                "host": os.environ.get("NANOCHAT_WANDB_HOST", "https://wandb.ai"),
-                "project": os.environ.get("NANOCHAT_WANDB_PROJECT", "nanochat")}
+        settings = console_link_settings()
+        return {self.LINK_TYPE_KEY: "wandb-execution-id", **settings} if settings else {}
 
 
 class TaskInputError(click.ClickException):
     """A mistake in the run's inputs, raised from a task: on a cluster it fails the task, not retried."""
 
 
-def one_line_user_errors(task_function):
-    """Our user errors (a bad config field, an unreachable URL, a missing checkpoint) leave the task as one line.
-    In a local `pyflyte run` that line is printed as it is, copyable (pyflyte would box a ClickException and wrap it
-    at 80 columns, splitting URLs), and the command exits with status 2; elsewhere it is a TaskInputError."""
+def task_input_error(error: BaseException, message: str) -> Exception:
+    """In a local `pyflyte run` the line is printed as it is, copyable (pyflyte would box a ClickException and wrap
+    it at 80 columns, splitting URLs), and the command exits with status 2; elsewhere it is a TaskInputError."""
+    if is_local_run() and click.get_current_context(silent=True) is not None:
+        click.echo(f"Error: {message}", err=True)
+        return click.exceptions.Exit(2)
+    return TaskInputError(message)
 
-    @functools.wraps(task_function)
-    def run(*args, **kwargs):
-        try:
-            return task_function(*args, **kwargs)
-        except Exception as error:
-            if not is_user_error(error):
-                raise
-            if is_local_run() and click.get_current_context(silent=True) is not None:
-                click.echo(f"Error: {user_message(error)}", err=True)
-                raise click.exceptions.Exit(2) from None
-            raise TaskInputError(user_message(error)) from error
 
-    return run
+# Our user errors (a bad config field, an unreachable URL, a missing checkpoint) leave a task as one line.
+one_line_user_errors = reraise_user_errors(task_input_error)
 
 
 def name_missing_preset_files() -> None:
@@ -99,6 +84,11 @@ def name_missing_preset_files() -> None:
 
 
 name_missing_preset_files()
+
+
+def deck(title: str, html: str) -> None:
+    """How a task shows a card: a Deck (nanochat_flyte.pipeline.Show)."""
+    Deck(title, html)
 
 
 def is_local_run() -> bool:
@@ -128,25 +118,20 @@ TRAINING_RESOURCES = dict(
 DATA_RESOURCES = Resources(cpu="4", mem="8Gi", ephemeral_storage="20Gi")
 
 
-def restore_flyte_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """Resume from the previous attempt's save, and save it again at once: Flyte only keeps attempt - 1's."""
-    flyte_checkpoint = current_context().checkpoint
-    restored = flyte_checkpoint.restore() if flyte_checkpoint else None
-    if not restored or not (Path(restored) / "checkpoint.pt").exists():
-        return None
-    shutil.copytree(restored, checkpoint_dir, dirs_exist_ok=True)
-    if distributed_env()[0] == 0:  # under torch elastic every rank restores; one re-saves
-        flyte_checkpoint.save(checkpoint_dir)
-    print(f"resuming from the previous attempt's checkpoint ({restored})", flush=True)
-    return checkpoint_dir
+class FlytekitAttempts:
+    """flytekit's intra-task checkpoint, where a retried attempt finds the previous attempt's last save
+    (nanochat_flyte.pipeline.train.AttemptCheckpoint)."""
 
+    def restore(self) -> Path | None:
+        flyte_checkpoint = current_context().checkpoint
+        restored = flyte_checkpoint.restore() if flyte_checkpoint else None
+        return Path(restored) if restored else None
 
-def save_flyte_checkpoint(checkpoint_dir: Path) -> None:
-    """Upload the intra-task checkpoint, for a retry of this task to resume from. A local run is never retried:
-    it skips the copy (which would double the checkpoint's disk use for nothing)."""
-    flyte_checkpoint = current_context().checkpoint
-    if flyte_checkpoint and not is_local_run():
-        flyte_checkpoint.save(checkpoint_dir)
+    def save(self, checkpoint_dir: Path) -> None:
+        """A local run is never retried: it skips the copy (which would double the checkpoint's disk use)."""
+        flyte_checkpoint = current_context().checkpoint
+        if flyte_checkpoint and not is_local_run():
+            flyte_checkpoint.save(checkpoint_dir)
 
 
 @contextlib.contextmanager
@@ -156,6 +141,8 @@ def retried_on_storage_errors():
     try:
         yield
     except (OSError, requests.RequestException) as error:
+        if is_user_error(error):  # a missing file is the user's to fix: a retry would not find it either
+            raise
         raise FlyteRecoverableException(f"{type(error).__name__}: {error}") from error
 
 

@@ -51,6 +51,10 @@ class ShardJob:
     def file(self) -> str:
         return f"{self.split}/shard_{self.index:05d}.bin"
 
+    @property
+    def name(self) -> str:  # the folder its prepared part is written to
+        return f"{self.split}_{self.index:05d}"
+
 
 def plan_shards(config, tokenizer: str, first_shard_tokens: int | None = None) -> list[ShardJob]:
     """Train shards 0..n-1, then the validation shard, each to be tokenized by `tokenizer` (a tokenizer_id).
@@ -245,7 +249,7 @@ def prepare_jobs(config, jobs: list[ShardJob], enc: tiktoken.Encoding, parts_dir
     parts = []
     for index, download in download_shards(config.data_url, list(jobs_by_index), cache_dir, config.download_workers):
         job = jobs_by_index[index]
-        part = parts_dir / f"{job.split}_{job.index:05d}"
+        part = parts_dir / job.name
         tokenize_download(job, download, enc, part)
         parts.append(part)
     return parts

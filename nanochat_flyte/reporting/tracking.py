@@ -6,9 +6,10 @@ network, a bad key or a service error at init or at log time never fails trainin
 an offline run (under out_dir/wandb, `wandb sync`-able later) or, if that fails too, to no W&B at all, with a
 single warning line.
 
-Run id: inside a Flyte execution the W&B run id is the execution name (FLYTE_INTERNAL_EXECUTION_ID), the same
-convention as flytekitplugins-wandb, so a console log-link template can point at the run and every retry of the
-task resumes the same run; a fine-tuning run in the same execution is "<execution>-chat". Elsewhere a resumed run
+Run id: inside a Flyte execution the W&B run id is the execution name (FLYTE_INTERNAL_EXECUTION_ID; the Flyte 2 front
+sets it to the run's name), the same convention as flytekitplugins-wandb, so a console link can point at the run and
+every retry of the task resumes the same run; a fine-tuning run in the same execution is "<execution>-chat", an RL
+run "<execution>-rl". Elsewhere a resumed run
 reuses the id stored in out_dir/wandb_run_id. Evaluations after training (CORE, chat evaluation) add their numbers
 to the run of the checkpoint they evaluated (log_evaluation).
 """
@@ -39,6 +40,7 @@ METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 RUN_INFO_FILE = "run_info.json"  # config, parameters, FLOPs/token, environment: what the report card reads
 RUN_ID_FILE = "wandb_run_id"
+RUN_ID_ENV = "FLYTE_INTERNAL_EXECUTION_ID"  # the Flyte execution's name: the W&B run id
 SAMPLE_COLUMNS = ["step", "prompt", "completion"]
 # A reachable W&B answers in a few seconds; a dead one should cost the GPU little time before we go offline.
 # WANDB_INIT_TIMEOUT (W&B's own variable) overrides it.
@@ -119,7 +121,7 @@ class Tracker:
 
     def _choose_run_id(self, resuming: bool) -> str:
         id_file = self.out_dir / RUN_ID_FILE
-        run_id = os.environ.get("FLYTE_INTERNAL_EXECUTION_ID")
+        run_id = os.environ.get(RUN_ID_ENV)
         if run_id and self.phase != "base":  # base training and fine-tuning of one execution: two runs
             run_id = f"{run_id}-{self.phase}"
         if not run_id and resuming and id_file.exists():
@@ -244,6 +246,17 @@ class Tracker:
 
     def _write_run_info(self) -> None:
         (self.out_dir / RUN_INFO_FILE).write_text(json.dumps(self.run_info, indent=2, default=str))
+
+
+def console_link_settings() -> dict[str, str] | None:
+    """Where a Flyte console's W&B link points, read at registration: NANOCHAT_WANDB_ENTITY, and
+    NANOCHAT_WANDB_PROJECT / NANOCHAT_WANDB_HOST where they differ from "nanochat" / https://wandb.ai. The link's URL
+    is host/entity/project/runs/<run id>: no entity, no link (None)."""
+    entity = os.environ.get("NANOCHAT_WANDB_ENTITY", "")
+    if not entity:
+        return None
+    return {"entity": entity, "project": os.environ.get("NANOCHAT_WANDB_PROJECT", "nanochat"),
+            "host": os.environ.get("NANOCHAT_WANDB_HOST", "https://wandb.ai")}
 
 
 def log_evaluation(config: RunConfig, checkpoint: str, step: int, metrics: dict[str, float], summary: dict[str, Any],

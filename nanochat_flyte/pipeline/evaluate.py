@@ -1,0 +1,57 @@
+"""The evaluation tasks: CORE of a base checkpoint, the chat evaluation of an SFT or RL checkpoint. Each reads the
+checkpoint where it lives (a directory or URI: only what inference needs is fetched), adds its numbers to the W&B run
+that trained it, and shows its table on a card.
+"""
+
+from pathlib import Path
+
+from nanochat_flyte.config import ChatConfig, RunConfig
+from nanochat_flyte.data.download import DownloadError
+from nanochat_flyte.errors import UserError
+from nanochat_flyte.evaluation.bundle import BundleError, load_bundle
+from nanochat_flyte.evaluation.chat_eval import chat_metrics, chat_table_html, evaluate_chat, read_eval_items
+from nanochat_flyte.evaluation.core import core_log_metrics, core_table_html, score_core
+from nanochat_flyte.inference.engine import Engine
+from nanochat_flyte.model.checkpoint import CONFIG_FILE, TRAINING_STATE_FILE, load_model, read_checkpoint_json
+from nanochat_flyte.model.device import select_device, select_precision
+from nanochat_flyte.pipeline import Show
+from nanochat_flyte.reporting.tracking import log_evaluation
+
+# Bump when a checkpoint's scores would change (a new task, a fixed metric): cached evaluations are then ignored.
+EVALUATION_VERSION = "1"
+
+
+def base_model(config: RunConfig, checkpoint: str, bundle_url: str, max_per_task: int, show: Show) -> dict:
+    """The CORE score of the trained base model (core_eval.py), with its per-task table."""
+    try:
+        bundle = load_bundle(bundle_url)
+    except (BundleError, DownloadError) as error:  # training is done and kept: say how to score it later
+        raise UserError(f"{error}. The trained checkpoint is kept at {checkpoint}; score it later with "
+                        f"nanochat core-eval --checkpoint {checkpoint} --bundle BUNDLE") from error
+    device = select_device(config.device)
+    loaded = load_model(checkpoint, device)
+    result = score_core(loaded.model, loaded.tokenizer, bundle, max_per_task=max_per_task or None,
+                        batch_size=config.device_batch_size, precision=select_precision(device, config.dtype))
+    step = read_checkpoint_json(checkpoint, TRAINING_STATE_FILE)["steps_completed"]
+    result["wandb_url"] = log_evaluation(config, checkpoint, step, core_log_metrics(result),
+                                         {"core_metric": result["core_metric"]})
+    print(f"CORE: {result['core_metric']:.4f} ({len(result['tasks'])} tasks, {result['seconds']:.0f}s)", flush=True)
+    show("CORE", core_table_html(result))
+    return result
+
+
+def chat_model(config: ChatConfig, checkpoint: str, eval_data: Path, tasks: str, max_per_task: int, max_tokens: int,
+               seed: int, humaneval: str, show: Show) -> dict:
+    """ARC-Easy, ARC-Challenge, MMLU, GSM8K and HumanEval (in the sandbox, where it works), and ChatCORE. Every
+    setting that changes the scores is an argument of its own (the fronts' cache key); `config` brings the rest."""
+    engine = Engine.from_checkpoint(checkpoint, device=config.device)
+    items = read_eval_items(eval_data, ChatConfig(eval_tasks=tasks).eval_task_list)
+    result = evaluate_chat(engine, items, max_per_task=max_per_task, batch_size=config.eval_batch_size,
+                           max_tokens=max_tokens, humaneval=humaneval, seed=seed)
+    state = read_checkpoint_json(checkpoint, TRAINING_STATE_FILE)
+    run_config = RunConfig.from_mapping(read_checkpoint_json(checkpoint, CONFIG_FILE))
+    # into the W&B run of the training that made the checkpoint (SFT's or RL's)
+    result["wandb_url"] = log_evaluation(run_config, checkpoint, state["steps_completed"], chat_metrics(result),
+                                         {"chatcore": result["chatcore"]}, phase=state.get("stage", engine.phase))
+    show("Chat evaluation", chat_table_html(result))
+    return result

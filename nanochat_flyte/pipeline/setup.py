@@ -1,0 +1,78 @@
+"""Before any download or GPU time: each stage's inputs checked (a bad field, a missing checkpoint, an unreachable
+URL is one line naming it), and the machine the training gets described.
+"""
+
+from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
+from nanochat_flyte.data.chat_data import check_hub_endpoint
+from nanochat_flyte.data.download import check_data_url
+from nanochat_flyte.data.hub import hub_endpoint
+from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.evaluation.bundle import check_bundle_url
+from nanochat_flyte.model.checkpoint import TRAINING_STATE_FILE, check_save_to, read_checkpoint_json
+from nanochat_flyte.pipeline import Show
+from nanochat_flyte.reporting.environment import environment_report, format_report
+from nanochat_flyte.reporting.report import environment_deck_html
+from nanochat_flyte.training.pretrain import check_resume
+from nanochat_flyte.training.rl import check_sft_checkpoint, rl_run_config
+from nanochat_flyte.training.sft import checkpoint_run_config, sft_run_config
+
+
+def base_run(config: RunConfig, resume_from: str) -> RunConfig:
+    """Pretraining's config, named and validated; the checkpoint to resume (a directory or URI) and save_to checked;
+    the data and the CORE bundle probed. Returns the config the run uses."""
+    config = config.resolved().validate()
+    if resume_from:
+        check_resume(config, resume_from)
+    check_save_to(config.save_to, "RunConfig")
+    check_data_url(config)
+    if config.core_enabled:
+        check_bundle_url(config.eval_bundle_url)
+    return config
+
+
+def later_stages(config: RunConfig, chat_config: ChatConfig, rl_config: RLConfig | None = None
+                 ) -> tuple[ChatConfig, RLConfig | None]:
+    """A pipeline's chat (and RL) configs, checked against its base run before pretraining starts: the stages' own
+    checks run hours later, and a relaunch from the console with edited inputs checks nothing."""
+    chat_config = chat_config.validate()
+    sft = sft_run_config(chat_config, config.validate())
+    if rl_config is not None:
+        rl_config = rl_config.validate()
+        rl_run_config(rl_config, sft)
+    return chat_config, rl_config
+
+
+def chat_stage(config: ChatConfig, base_checkpoint: str) -> tuple[ChatConfig, str]:
+    """SFT's config, checked against the base checkpoint (a directory or URI) it starts from; the hub probed.
+    Returns the config and the hub endpoint the data tasks use."""
+    config = config.validate()
+    if read_checkpoint_json(base_checkpoint, TRAINING_STATE_FILE) is None:
+        raise ConfigError("base_checkpoint", f"{base_checkpoint} is not a checkpoint directory (no "
+                                             f"{TRAINING_STATE_FILE})", "chat_sft")
+    sft_run_config(config, checkpoint_run_config(base_checkpoint))  # the batch fits the base run's model and context
+    return config, probe_hub(config)
+
+
+def rl_stage(config: RLConfig, sft_checkpoint: str) -> tuple[RLConfig, str]:
+    """RL's config, checked against the chat checkpoint it starts from; the hub probed. Returns the config and the
+    hub endpoint."""
+    config = config.validate()
+    check_sft_checkpoint(sft_checkpoint)
+    rl_run_config(config, checkpoint_run_config(sft_checkpoint))  # a step's answers split into SFT's micro-batches
+    return config, probe_hub(config)
+
+
+def probe_hub(config: ChatConfig | RLConfig) -> str:
+    check_save_to(config.save_to, type(config).__name__)
+    check_hub_endpoint(config)
+    return hub_endpoint(config.hf_endpoint)
+
+
+def describe_machine(show: Show, *, printed: bool = True) -> dict:
+    """The environment report of this machine (the training node kind), on its card and, when `printed`, in the
+    log. A local run's later stages leave it out of the log: the terminal has it from pretraining."""
+    report = environment_report()
+    if printed:
+        print(format_report(report), flush=True)
+    show("Environment", environment_deck_html(report))
+    return report

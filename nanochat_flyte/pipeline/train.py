@@ -1,0 +1,83 @@
+"""The training tasks: pretraining, SFT and RL on the shared training loop, each into the checkpoint directory its
+front gives it, with its Training card.
+
+A Flyte task attempt can be preempted (spot GPUs) and retried. Every save of the training loop also goes to the
+front's intra-task checkpoint, and a retried attempt starts from the last one: it loses at most save_every steps.
+"""
+
+import shutil
+from pathlib import Path
+from typing import Protocol
+
+from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
+from nanochat_flyte.model.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, fetch_checkpoint, read_checkpoint_json
+from nanochat_flyte.pipeline import Show
+from nanochat_flyte.reporting.report import training_deck_html
+from nanochat_flyte.training.loop import distributed_env
+from nanochat_flyte.training.pretrain import train
+from nanochat_flyte.training.rl import train_rl
+from nanochat_flyte.training.sft import train_chat
+
+
+class AttemptCheckpoint(Protocol):
+    """Where a front keeps a task attempt's last save for the next attempt (flytekit's or Flyte 2's intra-task
+    checkpoint)."""
+
+    def restore(self) -> Path | None:
+        """The previous attempt's last save, as a local directory; None on a first attempt."""
+
+    def save(self, checkpoint_dir: Path) -> None:
+        """Keep checkpoint_dir for the next attempt."""
+
+
+def resume_previous_attempt(attempts: AttemptCheckpoint, checkpoint_dir: Path) -> Path | None:
+    """The previous attempt's save, copied into checkpoint_dir and saved again at once: Flyte hands an attempt only
+    the save of the attempt before it, so a second preemption before the first save would lose it."""
+    restored = attempts.restore()
+    if not restored or not (Path(restored) / CHECKPOINT_FILE).exists():
+        return None
+    shutil.copytree(restored, checkpoint_dir, dirs_exist_ok=True)
+    if distributed_env()[0] == 0:  # under torch elastic every rank restores; one saves
+        attempts.save(checkpoint_dir)
+    print(f"resuming from the previous attempt's checkpoint ({restored})", flush=True)
+    return checkpoint_dir
+
+
+def base_model(config: RunConfig, data_dir: Path, checkpoint_dir: Path, environment: dict, resume_from: str,
+               attempts: AttemptCheckpoint, show: Show) -> dict:
+    """Pretrain into checkpoint_dir, continuing (in this order) the previous attempt, the checkpoint `resume_from`
+    (a directory or URI), or nothing. Returns the training summary."""
+    resume_dir = resume_previous_attempt(attempts, checkpoint_dir)
+    if resume_dir is None and resume_from:
+        resume_dir = fetch_checkpoint(resume_from, checkpoint_dir.with_name("resume_from"))
+        print(f"resuming from {resume_from}", flush=True)
+    summary = train(config, data_dir, checkpoint_dir, resume_dir=resume_dir, on_save=attempts.save,
+                    env_report=environment)
+    show("Training", training_deck_html(checkpoint_dir, config, environment, summary))
+    return summary
+
+
+def chat_model(config: ChatConfig, base_dir: Path, data_dir: Path, checkpoint_dir: Path, environment: dict,
+               attempts: AttemptCheckpoint, show: Show) -> dict:
+    """SFT of the base checkpoint in base_dir on the conversations in data_dir, into checkpoint_dir."""
+    summary = train_chat(config, base_dir, data_dir, checkpoint_dir,
+                         resume_dir=resume_previous_attempt(attempts, checkpoint_dir), on_save=attempts.save,
+                         env_report=environment)
+    show_training("Fine-tuning", checkpoint_dir, environment, summary, show)
+    return summary
+
+
+def rl_model(config: RLConfig, sft_dir: Path, data_dir: Path, checkpoint_dir: Path, environment: dict,
+             attempts: AttemptCheckpoint, show: Show) -> dict:
+    """RL of the chat checkpoint in sft_dir on the GSM8K problems in data_dir, into checkpoint_dir."""
+    summary = train_rl(config, sft_dir, data_dir, checkpoint_dir,
+                       resume_dir=resume_previous_attempt(attempts, checkpoint_dir), on_save=attempts.save,
+                       env_report=environment)
+    show_training("Reinforcement learning", checkpoint_dir, environment, summary, show)
+    return summary
+
+
+def show_training(title: str, checkpoint_dir: Path, environment: dict, summary: dict, show: Show) -> None:
+    """A chat stage's Training card, under the run config its training loop ran with (the checkpoint's)."""
+    run_config = RunConfig.from_mapping(read_checkpoint_json(checkpoint_dir, CONFIG_FILE))
+    show(title, training_deck_html(checkpoint_dir, run_config, environment, summary))
