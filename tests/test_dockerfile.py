@@ -1,13 +1,18 @@
-"""Static checks of the Dockerfile and of the equivalent ImageSpec (no Docker engine here).
+"""Static checks of the Dockerfile, of the equivalent ImageSpec and of the Flyte 2 front's image (no Docker engine
+here).
 
 What a task needs from its image: Python 3.11 with the package and its dependencies, a CUDA base matching the
 torch wheel, git, a C compiler for torch.compile, GPT-2's ranks already cached, and the layout flytekit's fast
 registration expects (code unpacked into WORKDIR /root, imported through PYTHONPATH=/root).
 """
 
+import asyncio
+import contextlib
 import importlib
+import io
 import re
 import shlex
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -145,3 +150,49 @@ def test_image_is_built_from_the_spec_unless_a_prebuilt_one_is_named(monkeypatch
 
     monkeypatch.setenv("NANOCHAT_IMAGE", "ghcr.io/team/nanochat-flyte:0.1.0")
     assert reload_image().IMAGE == "ghcr.io/team/nanochat-flyte:0.1.0"
+
+
+def flyte2_dockerfile(tmp_path) -> str:
+    """The Dockerfile flyte's local builder would build for the Flyte 2 front's image (a dry run: no Docker)."""
+    from flyte._internal.imagebuild.docker_builder import DockerImageBuilder
+
+    from workflows.flyte2.environments import image
+
+    async def docker_command(cls) -> list[str]:  # what it would run: no Docker asked
+        return ["docker", "buildx", "build"]
+
+    async def render() -> str:
+        output = io.StringIO()
+        with contextlib.redirect_stdout(output):
+            await DockerImageBuilder()._build_image(image(), push=False, dry_run=True)
+        return output.getvalue()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("NANOCHAT_FLYTE2_IMAGE", raising=False)
+        patch.setattr(DockerImageBuilder, "_build_command_prefix", classmethod(docker_command))
+        patch.setattr(tempfile, "tempdir", str(tmp_path))  # the build context it assembles
+        return asyncio.run(render())
+
+
+def test_flyte2_image_is_the_same_image(tmp_path):
+    from workflows.flyte2.environments import FLYTE2_DEPENDENCIES, PACKAGE_DIR
+
+    dockerfile = flyte2_dockerfile(tmp_path)
+    assert f"FROM {workflows.image.CUDA_IMAGE}" in dockerfile
+    assert "--python=3.11" in dockerfile
+    assert re.search(r"apt-get install -y --no-install-recommends\s+git gcc libc6-dev ca-certificates", dockerfile)
+    (pip,) = [line for line in dockerfile.splitlines() if "uv pip install" in line and "torch==" in line]
+    installed = [shlex.split(argument)[0] for argument in pip.split("$UV_PYTHON", 1)[1].split()]
+    assert installed == [f"torch=={workflows.image.TORCH_VERSION}", *workflows.image.PROJECT_DEPENDENCIES,
+                         *FLYTE2_DEPENDENCIES]
+    assert f"uv pip install --python $UV_PYTHON --no-deps {PACKAGE_DIR}" in dockerfile  # the package itself
+    assert f"TIKTOKEN_CACHE_DIR={workflows.image.TIKTOKEN_CACHE_DIR}" in dockerfile
+    assert 'tiktoken.get_encoding("r50k_base")' in dockerfile
+
+
+def test_flyte2_extra_is_what_the_flyte2_image_installs():
+    from workflows.flyte2.environments import FLYTE2_DEPENDENCIES
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert FLYTE2_DEPENDENCIES == pyproject["project"]["optional-dependencies"]["flyte2"]
+    assert "nanochat-flyte[flyte2]" in pyproject["project"]["optional-dependencies"]["test"]

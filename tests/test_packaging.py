@@ -264,3 +264,17 @@ def test_a_cluster_pod_passes_the_injected_secret_to_wandb(monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("_FSEC_WANDB_API_KEY", "key-from-secret")  # how Flyte injects group wandb, key api_key
     assert wandb_key_after_loading() == "key-from-secret"
+
+
+def test_pyflyte_loads_the_flytekit_workflows_without_the_flyte2_extra():
+    """`pyflyte register workflows` imports every module under workflows/, workflows/flyte2/ included: without the
+    flyte package (the flyte2 extra) that folder must show it none, not fail the registration."""
+    code = ("import sys; sys.modules['flyte'] = None  # as if not installed\n"
+            "from flytekit.tools.module_loader import just_load_modules\n"
+            "just_load_modules(['workflows'])\n"
+            "print(sorted(name for name in sys.modules if name.startswith('workflows')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = result.stdout
+    assert "'workflows.launch_plans'" in loaded and "'workflows.scale_up'" in loaded
+    assert "'workflows.flyte2'" in loaded and "'workflows.flyte2.nanochat'" not in loaded

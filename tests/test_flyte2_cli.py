@@ -1,0 +1,90 @@
+"""What a user of `flyte run` sees, as tests/test_pyflyte_cli.py checks for `pyflyte run`: a bad config field, a
+missing preset, an unreachable data URL or a missing checkpoint stops the command with one line, `Error: ...`, and
+exit status 2, before anything is downloaded; a good config runs. workflows/flyte2/cli.py makes it so."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.shard_server import serve_shards, write_fineweb_shards
+from tests.test_workflow import VAL_SHARD, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+FLYTE = str(Path(sys.executable).with_name("flyte"))  # the `flyte` command beside this interpreter
+
+
+@pytest.fixture
+def flyte_run(tmp_path):
+    """`flyte run --local FILE TASK ARGUMENTS` from the repository root, its outputs under tmp_path; HOME empty (flyte's
+    local cache is ~/.flyte), DO_NOT_TRACK set (no crash reports to Sentry)."""
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "DO_NOT_TRACK": "1", "COLUMNS": "80",
+           "NANOCHAT_FLYTE_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    names = []
+
+    def run(*arguments: str, file: str = "workflows/flyte2/nanochat.py", task: str = "main"):
+        names.append(f"test-{uuid.uuid4().hex[:12]}")
+        return subprocess.run([FLYTE, "run", "--local", "--name", names[-1], "--raw-data-path", str(tmp_path / "raw"),
+                               file, task, *arguments], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=600)
+
+    yield run
+    for name in names:  # the run's metadata and reports, which local mode keeps in /tmp/flyte/metadata
+        shutil.rmtree(Path("/tmp/flyte/metadata") / name, ignore_errors=True)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    """The run's only output line that says what went wrong; the command refused, with status 2."""
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert "Traceback" not in output and "│" not in output and "Completed" not in output
+    (line,) = [line for line in output.splitlines() if "Error" in line]
+    return line
+
+
+@pytest.mark.parametrize("form", ["inline JSON", "YAML file"])
+def test_a_misspelt_field_stops_flyte_run_with_one_line(tmp_path, flyte_run, form):
+    value = '{"num_iteration": 40}'
+    if form == "YAML file":
+        value = str(tmp_path / "preset.yaml")
+        (tmp_path / "preset.yaml").write_text("depth: 2\nnum_iteration: 40\n")
+    line = one_error_line(flyte_run("--config", value))
+    assert line == ("Error: Invalid value for '--config': RunConfig.num_iteration: unknown field; did you mean "
+                    "num_iterations?")
+
+
+def test_a_chat_preset_is_read_as_yaml_1_2_and_a_misspelt_path_is_named(tmp_path, flyte_run):
+    # `humaneval: off` stays the word "off" (flyte's own reading would make it False); the next bad field shows it
+    (tmp_path / "chat.yaml").write_text("humaneval: off\neval_tasks: ''\n")
+    line = one_error_line(flyte_run("--chat_config", str(tmp_path / "chat.yaml"),
+                                    file="workflows/flyte2/chat.py", task="nanochat_chat"))
+    assert "ChatConfig.eval_tasks: no task given" in line
+    assert "no preset file 'configs/smok.yaml'" in one_error_line(flyte_run("--config", "configs/smok.yaml"))
+
+
+def test_an_unreachable_data_url_or_a_missing_checkpoint_is_one_line(tmp_path, flyte_run):
+    (tmp_path / "run.json").write_text(json.dumps(tiny_config("http://127.0.0.1:9/no-mirror").to_dict()))
+    line = one_error_line(flyte_run("--config", str(tmp_path / "run.json")))
+    # the same line as under pyflyte run (tests/test_pyflyte_cli.py): copyable, the URL whole
+    assert line.startswith("Error: RunConfig.data_url: 'http://127.0.0.1:9/no-mirror' is unreachable")
+    assert "http://127.0.0.1:9/no-mirror/shard_00000.parquet" in line and "Connection refused" in line
+
+    line = one_error_line(flyte_run("--config", "configs/smoke.yaml", "--resume_from", str(tmp_path)))
+    assert line == (f"Error: main.resume_from: {tmp_path} is not a checkpoint directory (no training_state.json and "
+                    "config.json)")
+
+
+def test_flyte_run_local_runs_main(tmp_path, flyte_run):
+    write_fineweb_shards(tmp_path / "shards", [0, 1, VAL_SHARD], docs_per_shard=150)
+    with serve_shards(tmp_path / "shards") as server:
+        config = tiny_config(server.url, num_iterations=2, eval_every=2, sample_every=2, save_every=2)
+        (tmp_path / "run.yaml").write_text(json.dumps(config.to_dict()))  # JSON is YAML
+        result = flyte_run("--config", str(tmp_path / "run.yaml"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "== base model: e2e (completed, 2 steps" in result.stdout
+    assert "Completed Local Run" in result.stdout + result.stderr

@@ -1,0 +1,131 @@
+"""The Flyte 2 front's pipelines in Flyte 2's local mode (`flyte.with_runcontext(mode="local")`, what
+`flyte run --local` runs), against the shards and hub the flytekit tests serve from 127.0.0.1: the same outputs as
+workflows/'s, and the same one-line refusal of a bad input, before any download."""
+
+import json
+import shutil
+from pathlib import Path
+
+import flyte
+import pytest
+from flyte.io import Dir
+
+import workflows.flyte2.support as support
+from tests.helpers import make_data_dir
+from tests.helpers import tiny_config as tiny_training_config
+from tests.shard_server import serve_shards, write_fineweb_shards
+from tests.test_chat_workflow import check_chat_pipeline_outputs, tiny_chat_config
+from tests.test_workflow import (  # noqa: F401 - served_shards and private_shard_cache are fixtures
+    VAL_SHARD,
+    check_e2e_outputs,
+    e2e_config,
+    private_shard_cache,
+    served_shards,
+    tiny_config,
+)
+from workflows.flyte2.chat import chat_sft, nanochat_chat
+from workflows.flyte2.nanochat import main
+from workflows.flyte2.pretraining import train_base_model
+
+
+class LocalRuns:
+    """Runs tasks as `flyte run --local` does, with their outputs under one folder and no cache (a cached output
+    would point into an earlier test's deleted folder)."""
+
+    def __init__(self, raw_data_path: Path):
+        self.raw_data_path, self.runs = raw_data_path, []
+        flyte.init()
+
+    def __call__(self, task, **inputs) -> tuple:
+        self.runs.append(flyte.with_runcontext(mode="local", raw_data_path=str(self.raw_data_path),
+                                               disable_run_cache=True).run(task, **inputs))
+        return self.runs[-1].outputs()
+
+    def report_cards(self) -> str:
+        """Every task report of these runs (report.html, beside each action's outputs), as one text."""
+        return "".join(path.read_text() for run in self.runs for path in Path(run.url).rglob("report.html"))
+
+
+@pytest.fixture
+def run_locally(tmp_path):
+    runs = LocalRuns(tmp_path / "raw")
+    yield runs
+    for run in runs.runs:  # local mode keeps each run's metadata and reports in /tmp/flyte/metadata
+        shutil.rmtree(run.url, ignore_errors=True)
+
+
+def test_main_runs_end_to_end_with_the_flytekit_fronts_outputs(served_shards, run_locally):  # noqa: F811
+    results, checkpoint, report = run_locally(main, config=e2e_config(served_shards))
+    check_e2e_outputs(results, Path(checkpoint.path), Path(report.path))
+    assert isinstance(checkpoint, Dir) and isinstance(report, Dir)
+    cards = run_locally.report_cards()  # v1's decks, as task report tabs
+    for tab in ("Environment", "Data", "Training", "CORE"):
+        assert f">{tab}<" in cards, tab
+    assert "data:image/png;base64," in cards  # the plots, inlined
+
+
+def test_nanochat_chat_runs_end_to_end_on_the_local_hub(tmp_path, hub_server, run_locally):
+    write_fineweb_shards(tmp_path / "shards", [0, 1, VAL_SHARD], docs_per_shard=150)
+    with serve_shards(tmp_path / "shards") as server:
+        results, _, _, chat_results, chat_checkpoint, chat_report = run_locally(
+            nanochat_chat, config=tiny_config(server.url), chat_config=tiny_chat_config())
+    check_chat_pipeline_outputs(results, chat_results, Path(chat_checkpoint.path), Path(chat_report.path))
+    assert ">Chat evaluation<" in run_locally.report_cards()
+
+
+def test_a_preempted_training_attempt_resumes_from_its_last_save(tmp_path, monkeypatch, run_locally, capfd):
+    """The first attempt is lost right after its first save (step 3 of 6); Flyte retries the task, and the retry
+    goes on from that save through Flyte 2's intra-task checkpoint."""
+    save, preempted = support.FlyteAttempts.save, []
+
+    def save_then_preempt(self, checkpoint_dir):
+        save(self, checkpoint_dir)
+        if not preempted:
+            preempted.append(checkpoint_dir)
+            raise RuntimeError("the spot node is gone")
+
+    monkeypatch.setattr(support.FlyteAttempts, "save", save_then_preempt)
+    data = make_data_dir(tmp_path / "data")
+    checkpoint, summary = run_locally(train_base_model, config=tiny_training_config(), data=Dir(path=str(data)),
+                                      environment={}, resume_from="")
+    assert summary["status"] == "completed" and summary["steps_completed"] == 6
+    assert "resuming from the previous attempt's checkpoint" in capfd.readouterr().out
+    steps = [row["step"] for row in map(json.loads, (Path(checkpoint.path) / "metrics.jsonl").open())
+             if "train/loss" in row]
+    assert steps == [1, 2, 3, 4, 5, 6]  # 1-3 from the lost attempt, none twice
+    assert Path(checkpoint.path) != preempted[0]
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(depth=0), "depth"),
+    (dict(total_batch_size=500), "total_batch_size"),
+    (dict(tokenizer="wordpiece"), "tokenizer"),
+])
+def test_a_bad_config_fails_main_in_one_line_before_any_download(served_shards, run_locally, changes,  # noqa: F811
+                                                                 field):
+    served_shards.requests.clear()
+    with pytest.raises(Exception, match=rf"RunConfig\.{field}: ") as failure:
+        run_locally(main, config=tiny_config(served_shards.url, **changes))
+    assert "\n" not in str(failure.value)
+    assert served_shards.requests == []
+
+
+def test_a_missing_checkpoint_or_bundle_fails_main_before_any_download(served_shards, run_locally):  # noqa: F811
+    served_shards.requests.clear()
+    with pytest.raises(Exception, match=r"main\.resume_from: /no/such/checkpoint is not a checkpoint directory"):
+        run_locally(main, config=tiny_config(served_shards.url), resume_from="/no/such/checkpoint")
+    with pytest.raises(Exception, match=r"RunConfig\.eval_bundle_url: .*not found"):
+        run_locally(main, config=tiny_config(served_shards.url, eval_bundle_url=served_shards.url + "/no_bundle.zip"))
+    assert {request.method for request in served_shards.requests} == {"HEAD"}  # probes only
+
+
+def test_an_unreachable_data_url_fails_main(run_locally):
+    with pytest.raises(Exception, match=r"RunConfig\.data_url: .*unreachable"):
+        run_locally(main, config=tiny_config("http://127.0.0.1:9/no-such-mirror"))
+
+
+def test_a_base_checkpoint_that_is_not_one_fails_chat_sft_before_any_gpu_time(tmp_path, hub_server, run_locally):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Exception, match=r"chat_sft\.base_checkpoint: .* is not a checkpoint directory"):
+        run_locally(chat_sft, base_checkpoint=Dir(path=str(tmp_path / "empty")), config=tiny_chat_config())
+    assert hub_server.requests == []

@@ -1,0 +1,218 @@
+"""The chat stages on Flyte 2, as workflows/chat.py: SFT of a base checkpoint, then the chat evaluation; RL on GSM8K
+of an SFT checkpoint, then the chat evaluation; and the whole pipeline, from raw shards to an evaluated chat model,
+with or without RL.
+
+    flyte run workflows/flyte2/chat.py chat_sft --base_checkpoint s3://.../checkpoint --config configs/chat_d8_t4.yaml
+    flyte run workflows/flyte2/chat.py chat_rl --sft_checkpoint s3://.../chat_checkpoint --config configs/rl_d8_t4.yaml
+    flyte run --local workflows/flyte2/chat.py nanochat_chat --config configs/smoke.yaml \
+        --chat_config configs/chat_smoke.yaml
+    flyte run workflows/flyte2/chat.py nanochat_chat_rl --config ... --chat_config ... --rl_config configs/rl_smoke.yaml
+
+The data tasks run on CPUs, cached, before any GPU starts: a relaunch downloads nothing again.
+"""
+
+from typing import NamedTuple
+
+import flyte
+from flyte.io import Dir
+
+from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
+from nanochat_flyte.pipeline import evaluate, prepare, setup, train
+from nanochat_flyte.pipeline.finish import finish_chat_run
+from workflows.flyte2.environments import CHAT_DATA_CACHE, EVALUATION_CACHE, data_env, driver_env, gpu_env
+from workflows.flyte2.pretraining import describe_training_node, pretrain
+from workflows.flyte2.support import (
+    FlyteAttempts,
+    is_local_run,
+    local_dir,
+    name_wandb_run,
+    one_line_user_errors,
+    show_report,
+    upload,
+    wandb_links,
+    work_dir,
+)
+from workflows.presets import REFERENCE_CHAT_CONFIG, REFERENCE_CONFIG, REFERENCE_RL_CONFIG
+
+
+# Keyed by exactly what decides the conversations: a new learning rate or a longer run reuses the prepared data.
+@data_env.task(cache=CHAT_DATA_CACHE)
+@one_line_user_errors
+def prepare_chat_sft_data(endpoint: str, smoltalk_epochs: float, mmlu_epochs: float, gsm8k_epochs: float,
+                          max_conversations: int, val_conversations: int, seed: int) -> Dir:
+    """The SFT mixture (train.jsonl) and the held-out validation conversations (val.jsonl), from the hub."""
+    return upload(prepare.chat_sft_data(endpoint, smoltalk_epochs, mmlu_epochs, gsm8k_epochs, max_conversations,
+                                        val_conversations, seed, work_dir("sft_data")))
+
+
+@data_env.task(cache=CHAT_DATA_CACHE)
+@one_line_user_errors
+def prepare_rl_problems(endpoint: str, max_problems: int, eval_problems: int, seed: int) -> Dir:
+    """RL's GSM8K problems: train.jsonl (to learn from) and val.jsonl (the validation pass@1), from the hub."""
+    return upload(prepare.rl_problems(endpoint, max_problems, eval_problems, seed, work_dir("rl_data")))
+
+
+@data_env.task(cache=CHAT_DATA_CACHE)
+@one_line_user_errors
+def prepare_chat_eval_data(endpoint: str, tasks: str) -> Dir:
+    """The evaluation sets (<task>.jsonl), so that the GPU task downloads nothing."""
+    return upload(prepare.chat_eval_data(endpoint, tasks, work_dir("eval_data")))
+
+
+@gpu_env.task(retries=3, report=True, links=wandb_links("-chat"))
+@one_line_user_errors
+def train_chat_model(config: ChatConfig, base_checkpoint: Dir, data: Dir, environment: dict) -> tuple[Dir, dict]:
+    """SFT on the shared training loop; a preempted attempt resumes from its last save."""
+    name_wandb_run()
+    checkpoint_dir = work_dir("chat_checkpoint")
+    summary = train.chat_model(config, local_dir(base_checkpoint), local_dir(data), checkpoint_dir, environment,
+                               FlyteAttempts(), show_report)
+    return upload(checkpoint_dir), summary
+
+
+@gpu_env.task(retries=3, report=True, links=wandb_links("-rl"))
+@one_line_user_errors
+def train_rl_model(config: RLConfig, sft_checkpoint: Dir, data: Dir, environment: dict) -> tuple[Dir, dict]:
+    """RL on the shared training loop; a preempted attempt resumes from its last save."""
+    name_wandb_run()
+    checkpoint_dir = work_dir("rl_checkpoint")
+    summary = train.rl_model(config, local_dir(sft_checkpoint), local_dir(data), checkpoint_dir, environment,
+                             FlyteAttempts(), show_report)
+    return upload(checkpoint_dir), summary
+
+
+@gpu_env.task(retries=2, report=True, cache=EVALUATION_CACHE)
+@one_line_user_errors
+def evaluate_chat_model(config: ChatConfig, checkpoint: Dir, eval_data: Dir, tasks: str, max_per_task: int,
+                        max_tokens: int, seed: int, humaneval: str) -> dict:
+    """The chat evaluation and ChatCORE. Every setting that changes the scores is an input of its own (the cache
+    key); `config` brings the rest."""
+    return evaluate.chat_model(config, checkpoint.path, local_dir(eval_data), tasks, max_per_task, max_tokens, seed,
+                               humaneval, show_report)
+
+
+class ChatOutputs(NamedTuple):
+    chat_checkpoint: Dir  # the chat checkpoint directory: same layout as a base one, "phase": "chat"
+    results: dict  # the chat results JSON: SFT summary and chat evaluation
+    report: Dir  # report.md with its plots and the chat evaluation table, and results.json
+
+
+class RLOutputs(NamedTuple):
+    rl_checkpoint: Dir  # the RL checkpoint: a chat checkpoint ("phase": "chat", "stage": "rl")
+    results: dict  # the RL results JSON: RL summary and chat evaluation
+    report: Dir  # report.md with its plots and the chat evaluation table, and results.json
+
+
+def evaluate_stage(config: ChatConfig | RLConfig, eval_config: ChatConfig, checkpoint: Dir, eval_data: Dir) -> dict:
+    """The chat evaluation of a stage's checkpoint, with the stage config's evaluation settings."""
+    return evaluate_chat_model(eval_config, checkpoint, eval_data, config.eval_tasks, config.eval_max_per_task,
+                               config.eval_max_tokens, config.seed, config.humaneval)
+
+
+def finish(config: ChatConfig | RLConfig, start_checkpoint: Dir, training: dict, evaluation: dict, checkpoint: Dir,
+           environment: dict) -> tuple[dict, Dir]:
+    """The results JSON of SFT or RL, and the run's report card with the chat evaluation table."""
+    report_dir = work_dir("chat_report")
+    results = finish_chat_run(config, start_checkpoint.path, training, evaluation, environment, checkpoint.path,
+                              report_dir, local=is_local_run())
+    return results, upload(report_dir)
+
+
+def fine_tune(config: ChatConfig, base_checkpoint: Dir) -> ChatOutputs:
+    """checks (in the driver) -> data (CPU, cached) -> SFT -> chat evaluation -> results."""
+    config, endpoint = setup.chat_stage(config, base_checkpoint.path)
+    environment = describe_training_node(printed=not is_local_run())  # locally, pretraining printed it
+    data = prepare_chat_sft_data(endpoint, config.smoltalk_epochs, config.mmlu_epochs, config.gsm8k_epochs,
+                                 config.max_conversations, config.val_conversations, config.seed)
+    eval_data = prepare_chat_eval_data(endpoint, config.eval_tasks)
+    chat_checkpoint, training = train_chat_model(config, base_checkpoint, data, environment)
+    evaluation = evaluate_stage(config, config, chat_checkpoint, eval_data)
+    results, report = finish(config, base_checkpoint, training, evaluation, chat_checkpoint, environment)
+    return ChatOutputs(chat_checkpoint, results, report)
+
+
+def reinforce(config: RLConfig, sft_checkpoint: Dir) -> RLOutputs:
+    """checks (in the driver) -> GSM8K problems and evaluation data (CPU, cached) -> RL -> chat evaluation ->
+    results."""
+    config, endpoint = setup.rl_stage(config, sft_checkpoint.path)
+    environment = describe_training_node(printed=not is_local_run())
+    data = prepare_rl_problems(endpoint, config.max_problems, config.eval_problems, config.seed)
+    eval_data = prepare_chat_eval_data(endpoint, config.eval_tasks)
+    rl_checkpoint, training = train_rl_model(config, sft_checkpoint, data, environment)
+    evaluation = evaluate_stage(config, config.chat_eval_config(), rl_checkpoint, eval_data)
+    results, report = finish(config, sft_checkpoint, training, evaluation, rl_checkpoint, environment)
+    return RLOutputs(rl_checkpoint, results, report)
+
+
+class PipelineOutputs(NamedTuple):
+    results: dict  # the base run's results JSON (with CORE)
+    checkpoint: Dir  # the base checkpoint
+    report: Dir  # the base run's report card
+    chat_results: dict  # the chat stage's results JSON
+    chat_checkpoint: Dir  # the chat checkpoint
+    chat_report: Dir  # the chat run's report card
+
+
+class RLPipelineOutputs(NamedTuple):
+    results: dict  # the base run's results JSON (with CORE)
+    checkpoint: Dir  # the base checkpoint
+    report: Dir  # the base run's report card
+    chat_results: dict  # the SFT stage's results JSON
+    chat_checkpoint: Dir  # the SFT checkpoint
+    chat_report: Dir  # the SFT run's report card
+    rl_results: dict  # the RL stage's results JSON
+    rl_checkpoint: Dir  # the RL checkpoint: a chat checkpoint, the one to talk to
+    rl_report: Dir  # the RL run's report card
+
+
+# The presets, as workflows/launch_plans.py's: fired from the console, with their inputs editable.
+CHAT_D8_T4 = flyte.Trigger("nanochat-chat-d8-t4", inputs={"config": REFERENCE_CONFIG,
+                                                          "chat_config": REFERENCE_CHAT_CONFIG},
+                           description="the whole pipeline on T4s: the reference run, CORE, SFT, chat evaluation")
+CHAT_RL_D8_T4 = flyte.Trigger("nanochat-chat-rl-d8-t4", inputs={"config": REFERENCE_CONFIG,
+                                                                "chat_config": REFERENCE_CHAT_CONFIG,
+                                                                "rl_config": REFERENCE_RL_CONFIG},
+                              description="the whole pipeline, then RL: the three reference presets")
+RL_D8_T4 = flyte.Trigger("nanochat-rl-d8-t4", inputs={"config": REFERENCE_RL_CONFIG},
+                         description="RL on GSM8K of a chat checkpoint on a T4: sft_checkpoint is asked for")
+
+
+@driver_env.task
+@one_line_user_errors
+def chat_sft(base_checkpoint: Dir, config: ChatConfig = ChatConfig()) -> ChatOutputs:
+    """A base checkpoint (a previous run's `checkpoint` output, or any directory or URI holding one) to an
+    evaluated chat checkpoint."""
+    return fine_tune(config, base_checkpoint)
+
+
+@driver_env.task(triggers=RL_D8_T4)
+@one_line_user_errors
+def chat_rl(sft_checkpoint: Dir, config: RLConfig = RLConfig()) -> RLOutputs:
+    """A chat (SFT) checkpoint (a chat run's `chat_checkpoint` output, or any directory or URI holding one) to an
+    evaluated RL checkpoint."""
+    return reinforce(config, sft_checkpoint)
+
+
+@driver_env.task(triggers=CHAT_D8_T4)
+@one_line_user_errors
+def nanochat_chat(config: RunConfig = RunConfig(), chat_config: ChatConfig = ChatConfig()) -> PipelineOutputs:
+    """The whole pipeline: pretraining (with CORE when config.evaluate_core), then SFT, then the chat evaluation."""
+    chat_config, _ = setup.later_stages(config, chat_config)  # before pretraining: hours before SFT's own checks
+    base = pretrain(config, "")
+    chat = fine_tune(chat_config, base.checkpoint)
+    return PipelineOutputs(base.results, base.checkpoint, base.report, chat.results, chat.chat_checkpoint,
+                           chat.report)
+
+
+@driver_env.task(triggers=CHAT_RL_D8_T4)
+@one_line_user_errors
+def nanochat_chat_rl(config: RunConfig = RunConfig(), chat_config: ChatConfig = ChatConfig(),
+                     rl_config: RLConfig = RLConfig()) -> RLPipelineOutputs:
+    """The whole pipeline of the reference run's next steps: pretraining (with CORE when config.evaluate_core), SFT
+    and its chat evaluation, then RL on GSM8K and the chat evaluation of the RL model."""
+    chat_config, rl_config = setup.later_stages(config, chat_config, rl_config)
+    base = pretrain(config, "")
+    chat = fine_tune(chat_config, base.checkpoint)
+    rl = reinforce(rl_config, chat.chat_checkpoint)
+    return RLPipelineOutputs(base.results, base.checkpoint, base.report, chat.results, chat.chat_checkpoint,
+                             chat.report, rl.results, rl.rl_checkpoint, rl.report)

@@ -1,0 +1,51 @@
+"""The same pipeline, scaled up on Flyte 2, as workflows/scale_up.py: a depth-12 model on an A100, or on eight A100s
+with DDP.
+
+    flyte run workflows/flyte2/scale_up.py nanochat_d12_a100
+    flyte run workflows/flyte2/scale_up.py nanochat_d12_8xa100
+
+Both reuse main's tasks: the data tasks unchanged (and their cache), the GPU tasks moved to A100 nodes with
+`.override`. The multi-GPU variant runs train_base_model's body once per GPU under torch elastic (flyteplugins-pytorch);
+with nnodes=1 it is a plain pod, no Kubeflow operator needed.
+"""
+
+import flyte
+from flyte.io import Dir
+from flyteplugins.pytorch import Elastic
+
+from nanochat_flyte.config import RunConfig
+from workflows.flyte2.environments import IMAGE, WANDB_SECRET, driver_env
+from workflows.flyte2.pretraining import RunOutputs, pretrain, train_base_model
+from workflows.flyte2.support import one_line_user_errors, wandb_links
+from workflows.presets import D12_CONFIG
+
+GPUS = 8  # one full A100 node (a2-highgpu-8g on GCP, p4d.24xlarge on AWS)
+
+# workflows/scale_up.py's nodes. a2-highgpu-1g has 12 vCPUs and 85 GB: the kubelet keeps its share.
+A100_NODE = flyte.Resources(cpu=(10, 10), memory=("64Gi", "64Gi"), gpu="A100:1", shm="auto", disk="60Gi")
+# Each rank downloads its own copy of the data directory (~7 GB), hence the disk.
+MULTI_A100_NODE = flyte.Resources(cpu=(48, 48), memory=("256Gi", "256Gi"), gpu=f"A100:{GPUS}", shm="auto",
+                                  disk="150Gi")
+
+# Not interruptible: a preempted 8-GPU node is slow to come back, and every rank restarts from the last checkpoint.
+multi_gpu_env = flyte.TaskEnvironment(name="nanochat_8xa100", image=IMAGE, secrets=[WANDB_SECRET],
+                                      resources=MULTI_A100_NODE, plugin_config=Elastic(nnodes=1, nproc_per_node=GPUS))
+
+
+@multi_gpu_env.task(retries=3, report=True, links=wandb_links())
+def train_base_model_multi_gpu(config: RunConfig, data: Dir, environment: dict, resume_from: str) -> tuple[Dir, dict]:
+    """train_base_model in one process per GPU (RANK, LOCAL_RANK, WORLD_SIZE set); the task returns rank 0's."""
+    return train_base_model.forward(config, data, environment, resume_from)
+
+
+@driver_env.task
+@one_line_user_errors
+def nanochat_d12_a100(config: RunConfig = D12_CONFIG, resume_from: str = "") -> RunOutputs:
+    return pretrain(config, resume_from, gpu=dict(resources=A100_NODE))
+
+
+@driver_env.task
+@one_line_user_errors
+def nanochat_d12_8xa100(config: RunConfig = D12_CONFIG, resume_from: str = "") -> RunOutputs:
+    return pretrain(config, resume_from, train_base_model_multi_gpu,
+                    dict(resources=MULTI_A100_NODE, interruptible=False))

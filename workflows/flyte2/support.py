@@ -1,0 +1,149 @@
+"""What the Flyte 2 tasks do for Flyte, around the nanochat_flyte functions they call: where a task writes what it
+returns, its report tabs (the cards), the one-line user errors, the intra-task checkpoint a retried attempt resumes
+from, and the W&B console link.
+"""
+
+import io
+import logging
+import os
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import flyte
+import flyte.errors
+import flyte.report
+from flyte.io import Dir
+
+from nanochat_flyte.errors import is_user_error, reraise_user_errors, user_error_names
+from nanochat_flyte.reporting.tracking import RUN_ID_ENV, console_link_settings
+
+
+def is_local_run() -> bool:
+    return flyte.ctx().mode == "local"
+
+
+def work_dir(name: str) -> Path:
+    """A new directory for what a task returns as a Dir. Locally a Dir keeps the path it is given (nothing is copied),
+    so it goes under the run's raw data path; on a cluster into local scratch, which Dir.from_local uploads."""
+    if is_local_run():
+        path = Path(flyte.ctx().raw_data_path.get_random_remote_path(name))
+    else:
+        path = Path(tempfile.mkdtemp(prefix="nanochat-")) / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def local_dir(directory: Dir) -> Path:
+    """A Dir input as a local directory: downloaded on a cluster, used in place locally."""
+    return Path(directory.download_sync())
+
+
+def upload(path: Path) -> Dir:
+    return Dir.from_local_sync(path)
+
+
+def show_report(title: str, html: str) -> None:
+    """How a task shows a card: a tab of its report (nanochat_flyte.pipeline.Show)."""
+    flyte.report.get_tab(title).replace(html)
+
+
+# ---------------------------------------------------------------------- user errors
+
+
+def not_retried(error: BaseException, message: str) -> Exception:
+    """A user error fails the task with its one line, and is not retried; its code names it (ConfigError, ...)."""
+    return flyte.errors.NonRecoverableError(message, code=type(error).__name__)
+
+
+one_line_user_errors = reraise_user_errors(not_retried)
+
+
+def is_user_error_raised(error: BaseException | None) -> bool:
+    while error is not None:
+        if is_user_error(error) or getattr(error, "code", None) in user_error_names():
+            return True
+        error = error.__cause__
+    return False
+
+
+class QuietUserErrors(logging.Filter):
+    """Flyte logs a failed task's traceback, then that a non-recoverable error is not retried: for a user error, the
+    one line that names it (the run's error) is all there is to say."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and is_user_error_raised(record.exc_info[1]):
+            return False
+        return "raised a non-recoverable error" not in record.getMessage()
+
+
+logging.getLogger("flyte").addFilter(QuietUserErrors())  # a logger's filters outlive the CLI's handler setup
+
+
+# ---------------------------------------------------------------------- intra-task checkpoints
+
+OWNER_FILE = ".nanochat_attempt_owner"
+
+
+class FlyteAttempts:
+    """Flyte 2's intra-task checkpoint (flyte.ctx().checkpoint), where a retried attempt finds the previous attempt's
+    last save (nanochat_flyte.pipeline.train.AttemptCheckpoint). A save is one uncompressed tar (weights do not
+    compress; load_sync unpacks any tar) naming the action that made it: a local run gives all its tasks one
+    checkpoint, and a task must not resume another's."""
+
+    def restore(self) -> Path | None:
+        context = flyte.ctx()
+        restored = context.checkpoint.load_sync() if context.checkpoint else None
+        if restored is None or not (restored / OWNER_FILE).is_file():
+            return None
+        return restored if (restored / OWNER_FILE).read_text() == context.action.name else None
+
+    def save(self, checkpoint_dir: Path) -> None:
+        context = flyte.ctx()
+        if not context.checkpoint:
+            return
+        owner = context.action.name.encode()
+        with tempfile.TemporaryDirectory(prefix="nanochat-attempt-") as scratch:
+            archive = Path(scratch) / "checkpoint.tar"
+            with tarfile.open(archive, "w") as tar:
+                for child in sorted(checkpoint_dir.iterdir()):
+                    tar.add(child, arcname=child.name)
+                info = tarfile.TarInfo(OWNER_FILE)
+                info.size = len(owner)
+                tar.addfile(info, io.BytesIO(owner))
+            context.checkpoint.save_sync(archive)
+
+
+# ---------------------------------------------------------------------- the W&B console link
+
+
+@dataclass(frozen=True)
+class WandbRunLink:
+    """The console's "Weights & Biases" link (flyte.Link): to the run a training task logs to, whose id is the Flyte
+    run's name (name_wandb_run), plus the stage's suffix ("-chat", "-rl") for the chat stages. get_link is called at
+    registration, with the run's name as a template the platform fills in."""
+
+    host: str
+    entity: str
+    project: str
+    suffix: str = ""
+    name: str = "Weights & Biases"
+    icon_uri: str = "https://wandb.ai/favicon.ico"
+
+    def get_link(self, run_name: str, project: str, domain: str, context: dict, parent_action_name: str,
+                 action_name: str, pod_name: str, **kwargs) -> str:
+        return f"{self.host}/{self.entity}/{self.project}/runs/{run_name}{self.suffix}"
+
+
+def wandb_links(suffix: str = "") -> tuple[WandbRunLink, ...]:
+    """The link, where NANOCHAT_WANDB_ENTITY was set at registration (tracking.console_link_settings)."""
+    settings = console_link_settings()
+    return (WandbRunLink(**settings, suffix=suffix),) if settings else ()
+
+
+def name_wandb_run() -> None:
+    """The W&B run of a training task on a cluster is named after the Flyte run, as the console link expects (a local
+    run's is random, as under pyflyte)."""
+    if not is_local_run():
+        os.environ[RUN_ID_ENV] = flyte.ctx().action.run_name
