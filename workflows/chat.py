@@ -111,18 +111,25 @@ def prepare_chat_eval_data(endpoint: str, tasks: str) -> FlyteDirectory:
     return FlyteDirectory(str(prepare.chat_eval_data(endpoint, tasks, out_dir)))
 
 
+def train_in_task(config: ChatConfig | RLConfig, start: FlyteDirectory, data: FlyteDirectory, environment: dict,
+                  directory: str) -> tuple[FlyteDirectory, dict]:
+    """A chat stage's training task: SFT or RL into the task's working directory; a preempted attempt resumes from
+    the intra-task checkpoint."""
+    export_secret(WANDB_SECRET, "WANDB_API_KEY")
+    checkpoint_dir = Path(current_context().working_directory) / directory
+    with retried_on_storage_errors():
+        summary = train.chat_stage(config, Path(start.download()), Path(data.download()), checkpoint_dir, environment,
+                                   FlytekitAttempts(), deck)
+    return FlyteDirectory(str(checkpoint_dir)), summary
+
+
 @task(**TRAINING_TASK)
 @wandb_console_link
 @one_line_user_errors
 def train_chat_model(config: ChatConfig, base_checkpoint: FlyteDirectory, data: FlyteDirectory, environment: dict
                      ) -> tuple[FlyteDirectory, dict]:
-    """SFT on the shared training loop; a preempted attempt resumes from the intra-task checkpoint."""
-    export_secret(WANDB_SECRET, "WANDB_API_KEY")
-    checkpoint_dir = Path(current_context().working_directory) / "chat_checkpoint"
-    with retried_on_storage_errors():
-        summary = train.chat_model(config, Path(base_checkpoint.download()), Path(data.download()), checkpoint_dir,
-                                   environment, FlytekitAttempts(), deck)
-    return FlyteDirectory(str(checkpoint_dir)), summary
+    """SFT on the shared training loop."""
+    return train_in_task(config, base_checkpoint, data, environment, "chat_checkpoint")
 
 
 @task(**TRAINING_TASK)
@@ -130,13 +137,8 @@ def train_chat_model(config: ChatConfig, base_checkpoint: FlyteDirectory, data: 
 @one_line_user_errors
 def train_rl_model(config: RLConfig, sft_checkpoint: FlyteDirectory, data: FlyteDirectory, environment: dict
                    ) -> tuple[FlyteDirectory, dict]:
-    """RL on the shared training loop; a preempted attempt resumes from the intra-task checkpoint."""
-    export_secret(WANDB_SECRET, "WANDB_API_KEY")
-    checkpoint_dir = Path(current_context().working_directory) / "rl_checkpoint"
-    with retried_on_storage_errors():
-        summary = train.rl_model(config, Path(sft_checkpoint.download()), Path(data.download()), checkpoint_dir,
-                                 environment, FlytekitAttempts(), deck)
-    return FlyteDirectory(str(checkpoint_dir)), summary
+    """RL on the shared training loop."""
+    return train_in_task(config, sft_checkpoint, data, environment, "rl_checkpoint")
 
 
 # Cached on (checkpoint, evaluation data, the settings that change the scores): evaluating the same checkpoint again
@@ -188,14 +190,6 @@ class RLOutputs(NamedTuple):
     report: FlyteDirectory  # report.md with its plots and the chat evaluation table, and results.json
 
 
-def evaluate_stage(config: ChatConfig | RLConfig, eval_config: ChatConfig, checkpoint: FlyteDirectory,
-                   eval_data: FlyteDirectory) -> dict:
-    """The chat evaluation of a stage's checkpoint, with the stage config's evaluation settings."""
-    return evaluate_chat_model(config=eval_config, checkpoint=checkpoint, eval_data=eval_data, tasks=config.eval_tasks,
-                               max_per_task=config.eval_max_per_task, max_tokens=config.eval_max_tokens,
-                               seed=config.seed, humaneval=config.humaneval)
-
-
 def fine_tune(config: ChatConfig, base_checkpoint: FlyteDirectory) -> ChatOutputs:
     """setup -> data (CPU, cached) -> SFT -> chat evaluation -> results."""
     checked, endpoint, environment = setup_chat(config=config, base_checkpoint=base_checkpoint)
@@ -206,7 +200,8 @@ def fine_tune(config: ChatConfig, base_checkpoint: FlyteDirectory) -> ChatOutput
     eval_data = prepare_chat_eval_data(endpoint=endpoint, tasks=checked.eval_tasks)
     chat_checkpoint, training = train_chat_model(config=checked, base_checkpoint=base_checkpoint, data=data,
                                                  environment=environment)
-    evaluation = evaluate_stage(checked, checked, chat_checkpoint, eval_data)
+    evaluation = evaluate_chat_model(config=checked, checkpoint=chat_checkpoint, eval_data=eval_data,
+                                     **evaluate.chat_settings(checked))
     results, report = aggregate_chat_results(config=checked, base_checkpoint=base_checkpoint, training=training,
                                              evaluation=evaluation, checkpoint=chat_checkpoint, environment=environment)
     return ChatOutputs(chat_checkpoint, results, report)
@@ -227,7 +222,8 @@ def reinforce(config: RLConfig, sft_checkpoint: FlyteDirectory) -> RLOutputs:
     eval_data = prepare_chat_eval_data(endpoint=endpoint, tasks=checked.eval_tasks)
     rl_checkpoint, training = train_rl_model(config=checked, sft_checkpoint=sft_checkpoint, data=data,
                                              environment=environment)
-    evaluation = evaluate_stage(checked, eval_config, rl_checkpoint, eval_data)
+    evaluation = evaluate_chat_model(config=eval_config, checkpoint=rl_checkpoint, eval_data=eval_data,
+                                     **evaluate.chat_settings(checked))
     results, report = aggregate_rl_results(config=checked, sft_checkpoint=sft_checkpoint, training=training,
                                            evaluation=evaluation, checkpoint=rl_checkpoint, environment=environment)
     return RLOutputs(rl_checkpoint, results, report)

@@ -5,7 +5,7 @@ that trained it, and shows its table on a card.
 
 from pathlib import Path
 
-from nanochat_flyte.config import ChatConfig, RunConfig
+from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
 from nanochat_flyte.data.download import DownloadError
 from nanochat_flyte.errors import UserError
 from nanochat_flyte.evaluation.bundle import BundleError, load_bundle
@@ -40,10 +40,17 @@ def base_model(config: RunConfig, checkpoint: str, bundle_url: str, max_per_task
     return result
 
 
+def chat_settings(config: ChatConfig | RLConfig) -> dict:
+    """The settings of a stage's config that change its chat evaluation's scores: chat_model's arguments beside the
+    checkpoint and the data, and so the cache key of the fronts' evaluation tasks."""
+    return dict(tasks=config.eval_tasks, max_per_task=config.eval_max_per_task, max_tokens=config.eval_max_tokens,
+                seed=config.seed, humaneval=config.humaneval)
+
+
 def chat_model(config: ChatConfig, checkpoint: str, eval_data: Path, tasks: str, max_per_task: int, max_tokens: int,
                seed: int, humaneval: str, show: Show) -> dict:
     """ARC-Easy, ARC-Challenge, MMLU, GSM8K and HumanEval (in the sandbox, where it works), and ChatCORE. Every
-    setting that changes the scores is an argument of its own (the fronts' cache key); `config` brings the rest."""
+    setting that changes the scores is an argument of its own (chat_settings); `config` brings the rest."""
     engine = Engine.from_checkpoint(checkpoint, device=config.device)
     items = read_eval_items(eval_data, ChatConfig(eval_tasks=tasks).eval_task_list)
     result = evaluate_chat(engine, items, max_per_task=max_per_task, batch_size=config.eval_batch_size,

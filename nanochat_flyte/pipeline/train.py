@@ -57,27 +57,15 @@ def base_model(config: RunConfig, data_dir: Path, checkpoint_dir: Path, environm
     return summary
 
 
-def chat_model(config: ChatConfig, base_dir: Path, data_dir: Path, checkpoint_dir: Path, environment: dict,
-               attempts: AttemptCheckpoint, show: Show) -> dict:
-    """SFT of the base checkpoint in base_dir on the conversations in data_dir, into checkpoint_dir."""
-    summary = train_chat(config, base_dir, data_dir, checkpoint_dir,
-                         resume_dir=resume_previous_attempt(attempts, checkpoint_dir), on_save=attempts.save,
-                         env_report=environment)
-    show_training("Fine-tuning", checkpoint_dir, environment, summary, show)
-    return summary
-
-
-def rl_model(config: RLConfig, sft_dir: Path, data_dir: Path, checkpoint_dir: Path, environment: dict,
-             attempts: AttemptCheckpoint, show: Show) -> dict:
-    """RL of the chat checkpoint in sft_dir on the GSM8K problems in data_dir, into checkpoint_dir."""
-    summary = train_rl(config, sft_dir, data_dir, checkpoint_dir,
-                       resume_dir=resume_previous_attempt(attempts, checkpoint_dir), on_save=attempts.save,
-                       env_report=environment)
-    show_training("Reinforcement learning", checkpoint_dir, environment, summary, show)
-    return summary
-
-
-def show_training(title: str, checkpoint_dir: Path, environment: dict, summary: dict, show: Show) -> None:
-    """A chat stage's Training card, under the run config its training loop ran with (the checkpoint's)."""
+def chat_stage(config: ChatConfig | RLConfig, start_dir: Path, data_dir: Path, checkpoint_dir: Path,
+               environment: dict, attempts: AttemptCheckpoint, show: Show) -> dict:
+    """SFT of the base checkpoint in start_dir (a ChatConfig) or RL of the chat one (an RLConfig), on the data
+    prepared for it in data_dir, into checkpoint_dir. Its card shows the run config its training loop ran with."""
+    rl = isinstance(config, RLConfig)
+    summary = (train_rl if rl else train_chat)(config, start_dir, data_dir, checkpoint_dir,
+                                               resume_dir=resume_previous_attempt(attempts, checkpoint_dir),
+                                               on_save=attempts.save, env_report=environment)
     run_config = RunConfig.from_mapping(read_checkpoint_json(checkpoint_dir, CONFIG_FILE))
-    show(title, training_deck_html(checkpoint_dir, run_config, environment, summary))
+    show("Reinforcement learning" if rl else "Fine-tuning",
+         training_deck_html(checkpoint_dir, run_config, environment, summary))
+    return summary

@@ -21,17 +21,8 @@ from nanochat_flyte.pipeline import evaluate, prepare, setup, train
 from nanochat_flyte.pipeline.finish import finish_chat_run
 from workflows.flyte2.environments import CHAT_DATA_CACHE, EVALUATION_CACHE, data_env, driver_env, gpu_env
 from workflows.flyte2.pretraining import describe_training_node, pretrain
-from workflows.flyte2.support import (
-    FlyteAttempts,
-    is_local_run,
-    local_dir,
-    name_wandb_run,
-    one_line_user_errors,
-    show_report,
-    upload,
-    wandb_links,
-    work_dir,
-)
+from workflows.flyte2.support import (FlyteAttempts, is_local_run, local_dir, name_wandb_run, one_line_user_errors,
+                                      show_report, upload, wandb_links, work_dir)
 from workflows.presets import REFERENCE_CHAT_CONFIG, REFERENCE_CONFIG, REFERENCE_RL_CONFIG
 
 
@@ -59,34 +50,36 @@ def prepare_chat_eval_data(endpoint: str, tasks: str) -> Dir:
     return upload(prepare.chat_eval_data(endpoint, tasks, work_dir("eval_data")))
 
 
+def train_in_task(config: ChatConfig | RLConfig, start: Dir, data: Dir, environment: dict, directory: str
+                  ) -> tuple[Dir, dict]:
+    """A chat stage's training task: SFT or RL; a preempted attempt resumes from its last save."""
+    name_wandb_run()
+    checkpoint_dir = work_dir(directory)
+    summary = train.chat_stage(config, local_dir(start), local_dir(data), checkpoint_dir, environment,
+                               FlyteAttempts(), show_report)
+    return upload(checkpoint_dir), summary
+
+
 @gpu_env.task(retries=3, report=True, links=wandb_links("-chat"))
 @one_line_user_errors
 def train_chat_model(config: ChatConfig, base_checkpoint: Dir, data: Dir, environment: dict) -> tuple[Dir, dict]:
-    """SFT on the shared training loop; a preempted attempt resumes from its last save."""
-    name_wandb_run()
-    checkpoint_dir = work_dir("chat_checkpoint")
-    summary = train.chat_model(config, local_dir(base_checkpoint), local_dir(data), checkpoint_dir, environment,
-                               FlyteAttempts(), show_report)
-    return upload(checkpoint_dir), summary
+    """SFT on the shared training loop."""
+    return train_in_task(config, base_checkpoint, data, environment, "chat_checkpoint")
 
 
 @gpu_env.task(retries=3, report=True, links=wandb_links("-rl"))
 @one_line_user_errors
 def train_rl_model(config: RLConfig, sft_checkpoint: Dir, data: Dir, environment: dict) -> tuple[Dir, dict]:
-    """RL on the shared training loop; a preempted attempt resumes from its last save."""
-    name_wandb_run()
-    checkpoint_dir = work_dir("rl_checkpoint")
-    summary = train.rl_model(config, local_dir(sft_checkpoint), local_dir(data), checkpoint_dir, environment,
-                             FlyteAttempts(), show_report)
-    return upload(checkpoint_dir), summary
+    """RL on the shared training loop."""
+    return train_in_task(config, sft_checkpoint, data, environment, "rl_checkpoint")
 
 
 @gpu_env.task(retries=2, report=True, cache=EVALUATION_CACHE)
 @one_line_user_errors
 def evaluate_chat_model(config: ChatConfig, checkpoint: Dir, eval_data: Dir, tasks: str, max_per_task: int,
                         max_tokens: int, seed: int, humaneval: str) -> dict:
-    """The chat evaluation and ChatCORE. Every setting that changes the scores is an input of its own (the cache
-    key); `config` brings the rest."""
+    """The chat evaluation and ChatCORE. Every setting that changes the scores is an input of its own
+    (evaluate.chat_settings: the cache key); `config` brings the rest."""
     return evaluate.chat_model(config, checkpoint.path, local_dir(eval_data), tasks, max_per_task, max_tokens, seed,
                                humaneval, show_report)
 
@@ -101,12 +94,6 @@ class RLOutputs(NamedTuple):
     rl_checkpoint: Dir  # the RL checkpoint: a chat checkpoint ("phase": "chat", "stage": "rl")
     results: dict  # the RL results JSON: RL summary and chat evaluation
     report: Dir  # report.md with its plots and the chat evaluation table, and results.json
-
-
-def evaluate_stage(config: ChatConfig | RLConfig, eval_config: ChatConfig, checkpoint: Dir, eval_data: Dir) -> dict:
-    """The chat evaluation of a stage's checkpoint, with the stage config's evaluation settings."""
-    return evaluate_chat_model(eval_config, checkpoint, eval_data, config.eval_tasks, config.eval_max_per_task,
-                               config.eval_max_tokens, config.seed, config.humaneval)
 
 
 def finish(config: ChatConfig | RLConfig, start_checkpoint: Dir, training: dict, evaluation: dict, checkpoint: Dir,
@@ -126,7 +113,7 @@ def fine_tune(config: ChatConfig, base_checkpoint: Dir) -> ChatOutputs:
                                  config.max_conversations, config.val_conversations, config.seed)
     eval_data = prepare_chat_eval_data(endpoint, config.eval_tasks)
     chat_checkpoint, training = train_chat_model(config, base_checkpoint, data, environment)
-    evaluation = evaluate_stage(config, config, chat_checkpoint, eval_data)
+    evaluation = evaluate_chat_model(config, chat_checkpoint, eval_data, **evaluate.chat_settings(config))
     results, report = finish(config, base_checkpoint, training, evaluation, chat_checkpoint, environment)
     return ChatOutputs(chat_checkpoint, results, report)
 
@@ -139,7 +126,8 @@ def reinforce(config: RLConfig, sft_checkpoint: Dir) -> RLOutputs:
     data = prepare_rl_problems(endpoint, config.max_problems, config.eval_problems, config.seed)
     eval_data = prepare_chat_eval_data(endpoint, config.eval_tasks)
     rl_checkpoint, training = train_rl_model(config, sft_checkpoint, data, environment)
-    evaluation = evaluate_stage(config, config.chat_eval_config(), rl_checkpoint, eval_data)
+    evaluation = evaluate_chat_model(config.chat_eval_config(), rl_checkpoint, eval_data,
+                                     **evaluate.chat_settings(config))
     results, report = finish(config, sft_checkpoint, training, evaluation, rl_checkpoint, environment)
     return RLOutputs(rl_checkpoint, results, report)
 
