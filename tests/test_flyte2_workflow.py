@@ -4,6 +4,7 @@ workflows/'s, and the same one-line refusal of a bad input, before any download.
 
 import json
 import shutil
+import uuid
 from pathlib import Path
 
 import flyte
@@ -28,30 +29,33 @@ from workflows.flyte2.nanochat import main
 from workflows.flyte2.pretraining import train_base_model
 
 
+LOCAL_METADATA = Path("/tmp/flyte/metadata")  # where local mode keeps each run's metadata and task reports
+
+
 class LocalRuns:
     """Runs tasks as `flyte run --local` does, with their outputs under one folder and no cache (a cached output
     would point into an earlier test's deleted folder)."""
 
     def __init__(self, raw_data_path: Path):
-        self.raw_data_path, self.runs = raw_data_path, []
+        self.raw_data_path, self.names = raw_data_path, []
         flyte.init()
 
     def __call__(self, task, **inputs) -> tuple:
-        self.runs.append(flyte.with_runcontext(mode="local", raw_data_path=str(self.raw_data_path),
-                                               disable_run_cache=True).run(task, **inputs))
-        return self.runs[-1].outputs()
+        self.names.append(f"test-{uuid.uuid4().hex[:12]}")
+        return flyte.with_runcontext(mode="local", name=self.names[-1], raw_data_path=str(self.raw_data_path),
+                                     disable_run_cache=True).run(task, **inputs).outputs()
 
     def report_cards(self) -> str:
         """Every task report of these runs (report.html, beside each action's outputs), as one text."""
-        return "".join(path.read_text() for run in self.runs for path in Path(run.url).rglob("report.html"))
+        return "".join(path.read_text() for name in self.names for path in (LOCAL_METADATA / name).rglob("report.html"))
 
 
 @pytest.fixture
 def run_locally(tmp_path):
     runs = LocalRuns(tmp_path / "raw")
     yield runs
-    for run in runs.runs:  # local mode keeps each run's metadata and reports in /tmp/flyte/metadata
-        shutil.rmtree(run.url, ignore_errors=True)
+    for name in runs.names:
+        shutil.rmtree(LOCAL_METADATA / name, ignore_errors=True)
 
 
 def test_main_runs_end_to_end_with_the_flytekit_fronts_outputs(served_shards, run_locally):  # noqa: F811
