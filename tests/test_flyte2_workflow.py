@@ -58,9 +58,18 @@ def run_locally(tmp_path):
         shutil.rmtree(LOCAL_METADATA / name, ignore_errors=True)
 
 
-def test_main_runs_end_to_end_with_the_flytekit_fronts_outputs(served_shards, run_locally):  # noqa: F811
+def test_main_runs_end_to_end_with_the_flytekit_fronts_outputs(served_shards, run_locally,  # noqa: F811
+                                                                monkeypatch):
+    mapped, map_tasks = [], flyte.map
+
+    def recorded_map(task, items, **options):
+        mapped.append((task.func.name, len(items), options["concurrency"]))
+        return map_tasks(task, items, **options)
+
+    monkeypatch.setattr(flyte, "map", recorded_map)
     results, checkpoint, report = run_locally(main, config=e2e_config(served_shards))
     check_e2e_outputs(results, Path(checkpoint.path), Path(report.path))
+    assert mapped == [("nanochat_data.prepare_data_shard", 3, 8)]  # one action per shard, 8 at once
     assert isinstance(checkpoint, Dir) and isinstance(report, Dir)
     cards = run_locally.report_cards()  # v1's decks, as task report tabs
     for tab in ("Environment", "Data", "Training", "CORE"):
