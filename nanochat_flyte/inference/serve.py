@@ -56,6 +56,7 @@ API_KEY_ENV = "NANOCHAT_API_KEY"
 DEFAULT_TEMPERATURE = 0.6  # nanochat's chat default: less repetitive than greedy, still on topic
 DEFAULT_TOP_K = 50
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+DISCONNECT_POLL_S = 0.05  # is_disconnected() only looks at the connection's queue: cheap
 MAX_BODY_BYTES = 1_000_000  # a conversation that fills even a long context is far below this
 REQUEST_TIMEOUT = 10.0  # seconds for a request's headers, and again for its body: a 1 MB body needs far less
 MAX_CONNECTIONS = 256  # open at once, idle ones included: each holds a file descriptor (often 1024 a process)
@@ -337,8 +338,10 @@ def create_app(engine: Engine, *, model_name: str, max_concurrent: int = 4, api_
         text = []
         collecting = asyncio.ensure_future(_collect(answer, text))
         try:
-            while not collecting.done():  # a non-streamed answer has no writes to notice a disconnect by: poll
-                await asyncio.wait([collecting], timeout=0.5)
+            # a non-streamed answer has no writes to notice a disconnect by: poll, often enough that a client gone
+            # early frees its slot before a short answer would have finished anyway
+            while not collecting.done():
+                await asyncio.wait([collecting], timeout=DISCONNECT_POLL_S)
                 if not collecting.done() and await http.is_disconnected():
                     return Response(status_code=499)  # nobody reads it; finally frees the slot
             collecting.result()  # raises the ApiError of a failed generation
