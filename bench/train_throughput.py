@@ -5,6 +5,7 @@
     python bench/train_throughput.py --dtype float16 --profile-steps 2   # on CUDA: where the step's GPU time goes
     python bench/train_throughput.py --dtype float16 --loss-chunk-tokens 2048 --device-batch-size 64
     python bench/train_throughput.py --dtype float16 --muon-batched --profile-steps 2
+    python bench/train_throughput.py --dtype float16 --compile-mode reduce-overhead   # CUDA graphs
 
 It also projects the 1000-iteration reference run (d8, 65,536 tokens per step) onto a T4 at the MFU it measured:
 MFU carries across GPUs far better than tokens/s does. Random tokens stand in for data: in training the loader
@@ -20,11 +21,18 @@ from dataclasses import dataclass
 
 import torch
 
-from nanochat_flyte.config import RunConfig
+from nanochat_flyte.config import COMPILE_MODES, RunConfig
 from nanochat_flyte.model.device import mfu, peak_flops, select_precision
 from nanochat_flyte.model.gpt import GPT, GPTConfig
 from nanochat_flyte.model.optim import build_optimizers
-from nanochat_flyte.training.loop import build_model, compile_model, make_grad_scaler, train_step, training_device
+from nanochat_flyte.training.loop import (
+    build_model,
+    compile_model,
+    make_grad_scaler,
+    train_step,
+    training_device,
+    uses_cuda_graphs,
+)
 
 GPT2_VOCAB_SIZE = 50257
 T4_PEAK_FP16_FLOPS = 65e12  # dense fp16 tensor-core peak, from NVIDIA's T4 datasheet
@@ -171,12 +179,16 @@ def measure(config: RunConfig, steps: int, warmup_steps: int, profile: int = 0,
     on_cuda = device.type == "cuda"
     device_name = torch.cuda.get_device_name(device) if on_cuda else device.type
     loss = f"loss in chunks of {config.loss_chunk_tokens} tokens" if config.loss_chunk_tokens else "plain loss"
-    log(f"device: {device_name} ({precision.name}, compile {compiled is not model}, {loss}) | depth {config.depth}, "
+    cuda_graphs = uses_cuda_graphs(config, device)
+    compiled_as = f"compile {config.compile_mode}" if compiled is not model else "eager"
+    log(f"device: {device_name} ({precision.name}, {compiled_as}, {loss}, muon batched {config.muon_batched}) | "
+        f"depth {config.depth}, "
         f"{model.num_params():,} parameters, {model.estimate_flops():.3e} FLOPs/token | "
         f"batch {config.device_batch_size} x {config.max_seq_len}, {grad_accum_steps} accumulation steps")
 
     def run_step() -> None:
-        train_step(compiled, optimizers, batches, grad_accum_steps, precision, grad_scaler, config.grad_clip)
+        train_step(compiled, optimizers, batches, grad_accum_steps, precision, grad_scaler, config.grad_clip,
+                   cuda_graphs=cuda_graphs)
 
     def timed(count: int) -> float:
         if on_cuda:
@@ -195,6 +207,7 @@ def measure(config: RunConfig, steps: int, warmup_steps: int, profile: int = 0,
     tok_per_sec = steps * config.total_batch_size / seconds
     utilisation = mfu(model.estimate_flops(), tok_per_sec, peak_flops(device_name, precision.dtype))
     result = {"device_name": device_name, "dtype": precision.name, "compile": compiled is not model,
+              "compile_mode": config.compile_mode if compiled is not model else None,
               "depth": config.depth, "seq_len": config.max_seq_len, "device_batch_size": config.device_batch_size,
               "total_batch_size": config.total_batch_size, "grad_accum_steps": grad_accum_steps,
               "loss_chunk_tokens": config.loss_chunk_tokens, "muon_batched": config.muon_batched,
@@ -247,6 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=reference.compile,
                         help="torch.compile the model (CUDA only, as in training)")
+    parser.add_argument("--compile-mode", default=reference.compile_mode, choices=COMPILE_MODES,
+                        help="RunConfig.compile_mode: reduce-overhead replays each micro-batch as CUDA graphs")
     parser.add_argument("--loss-chunk-tokens", type=int, default=reference.loss_chunk_tokens,
                         help="RunConfig.loss_chunk_tokens: 0 for the plain loss, N for lm_head + loss N tokens "
                              "at a time")
@@ -258,7 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     config = dataclasses.replace(reference, depth=args.depth, device_batch_size=args.device_batch_size,
                                  max_seq_len=args.seq_len, total_batch_size=args.total_batch_size, dtype=args.dtype,
-                                 device=args.device, compile=args.compile, loss_chunk_tokens=args.loss_chunk_tokens,
+                                 device=args.device, compile=args.compile, compile_mode=args.compile_mode,
+                                 loss_chunk_tokens=args.loss_chunk_tokens,
                                  muon_batched=args.muon_batched, eval_tokens=args.seq_len + 1).validate()
     result = measure(config, args.steps, args.warmup_steps, profile=args.profile_steps,
                      log=lambda line: print(line, flush=True))

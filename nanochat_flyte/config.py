@@ -24,6 +24,8 @@ TOKENIZERS = ("gpt2", "bpe")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cuda", "cpu", "mps")
+# torch.compile's modes; "reduce-overhead" and "max-autotune" replay the step's kernels as CUDA graphs
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -82,6 +84,9 @@ class RunConfig(StrictConfig):
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 on compute capability >= 8.0, float16 + GradScaler below, float32 on CPU
     compile: bool = True  # torch.compile on CUDA
+    # torch.compile's mode. reduce-overhead records each micro-batch's forward and backward as CUDA graphs: one
+    # launch for the whole graph instead of one per kernel, for a host that cannot keep up with a fast GPU.
+    compile_mode: str = "default"
     # 0: the loss from the logits of every position at once. N: lm_head, softcap and cross-entropy N tokens at a
     # time, the logits recomputed in the backward pass instead of kept (less memory, one more lm_head product).
     loss_chunk_tokens: int = 0
@@ -141,6 +146,7 @@ class RunConfig(StrictConfig):
         one_of(self, "wandb_mode", WANDB_MODES)
         one_of(self, "dtype", DTYPES)
         one_of(self, "device", DEVICES)
+        one_of(self, "compile_mode", COMPILE_MODES)
         if not self.data_url.strip():
             raise ConfigError("data_url", "must not be empty")
         if self.val_shard < self.num_shards:

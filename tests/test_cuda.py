@@ -18,7 +18,7 @@ from nanochat_flyte.inference.engine import Engine, SamplingParams
 from nanochat_flyte.model.device import EvalBatches, select_precision
 from nanochat_flyte.model.gpt import GPT, GPTConfig
 from nanochat_flyte.model.optim import build_optimizers
-from nanochat_flyte.training.loop import build_model, compile_model, make_grad_scaler, train_step
+from nanochat_flyte.training.loop import build_model, compile_model, make_grad_scaler, train_step, uses_cuda_graphs
 from nanochat_flyte.training.pretrain import train
 from nanochat_flyte.training.rl import train_rl
 
@@ -109,6 +109,41 @@ def test_the_compiled_train_step_gives_the_eager_losses(data_dir):
     # the same function: Inductor only fuses and reorders, which moves bf16 roundings around
     assert compiled == pytest.approx(eager, rel=1e-2)
     assert compiled[-1] < compiled[0]
+
+
+def test_cuda_graphs_with_gradient_accumulation_train_as_the_default_compile_does(data_dir):
+    """compile_mode reduce-overhead on the T4 path (fp16 + GradScaler), 4 micro-batches a step: a replay must not
+    overwrite the gradients or losses of the micro-batches before it (pytorch/pytorch#169545)."""
+    config = cuda_config(dtype="float16", compile=True, device_batch_size=2)
+    graphs = dataclasses.replace(config, compile_mode="reduce-overhead")
+    assert config.grad_accum_steps() == 4 and uses_cuda_graphs(graphs, CUDA) and not uses_cuda_graphs(config, CUDA)
+    precision = select_precision(CUDA, "float16")
+    batches = fixed_batches(data_dir, config, 4 * 5)
+
+    def losses_and_scale(run_config) -> tuple[list[float], float]:
+        model = compile_model(build_model(run_config, VOCAB_SIZE, CUDA), run_config, CUDA)
+        optimizers, scaler = build_optimizers(model, run_config), make_grad_scaler(precision, CUDA)
+        stream = iter(batches)
+        losses = [train_step(model, optimizers, stream, 4, precision, scaler, run_config.grad_clip,
+                             cuda_graphs=uses_cuda_graphs(run_config, CUDA)).loss for _ in range(5)]
+        torch.compiler.reset()
+        return losses, scaler.get_scale()
+
+    default, replayed = losses_and_scale(config), losses_and_scale(graphs)
+    assert replayed[0] == pytest.approx(default[0], rel=1e-2) and replayed[1] == default[1]
+    assert replayed[0][-1] < replayed[0][0] - 0.5
+
+
+def test_a_run_with_cuda_graphs_evaluates_and_finishes(data_dir, tmp_path):
+    """The whole loop under compile_mode reduce-overhead: training steps, validation (inference replays of the
+    same compiled model) between them, samples and checkpoints."""
+    config = cuda_config(dtype="float16", compile=True, compile_mode="reduce-overhead", num_iterations=12,
+                         eval_every=4, eval_tokens=2 * 8 * 65, sample_every=12, save_every=12)
+    summary = train(config, data_dir, tmp_path / "run")
+    torch.compiler.reset()
+    assert summary["status"] == "completed" and summary["steps_completed"] == 12
+    bpb = metric_rows(tmp_path / "run", "val/bpb")
+    assert len(bpb) == 4 and all(math.isfinite(value) for value in bpb) and bpb[-1] < bpb[0]
 
 
 def test_the_chunked_loss_trains_like_the_plain_one_in_fp16_eager_and_compiled(data_dir):

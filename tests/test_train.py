@@ -11,7 +11,8 @@ from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.inference.engine import Engine, SamplingParams
 from nanochat_flyte.model.device import select_precision
 from nanochat_flyte.model.gpt import GPT
-from nanochat_flyte.training.loop import halved_batch_size, train_step
+from nanochat_flyte.model.optim import build_optimizers
+from nanochat_flyte.training.loop import build_model, halved_batch_size, make_grad_scaler, train_step
 from nanochat_flyte.training.pretrain import SAMPLE_PROMPTS, train
 
 SUMMARY_KEYS = {"status", "depth", "num_iterations", "steps_completed", "min_validation_bpb", "final_validation_bpb",
@@ -208,6 +209,28 @@ def test_an_overflowing_fp16_step_is_skipped_by_every_optimizer():
     result = train_step(model, optimizers, batches, 1, precision, scaler, grad_clip=0.0)
     assert not result.skipped and result.grad_norm == pytest.approx(math.sqrt(6))
     assert torch.allclose(model.weight, torch.full((3,), 0.9)) and torch.allclose(model.bias, torch.full((3,), -0.1))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_gradients_kept_allocated_for_cuda_graphs_train_exactly_as_fresh_ones(dtype):
+    """train_step(cuda_graphs=True) keeps every .grad between steps and adds into it (a CUDA graph's output must not
+    become a .grad); the steps are bit for bit those of fresh gradients, through the GradScaler too."""
+    config = tiny_config(dtype=dtype, grad_clip=1.0)
+    precision = select_precision(torch.device("cpu"), dtype)
+    tokens = torch.randint(0, 300, (4, 33), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for cuda_graphs in (False, True):
+        model = build_model(config, 300, torch.device("cpu"))
+        optimizers, scaler = build_optimizers(model, config), make_grad_scaler(precision, torch.device("cpu"))
+        batches = iter([(tokens[:2, :-1], tokens[:2, 1:]), (tokens[2:, :-1], tokens[2:, 1:])] * 3)
+        results = [train_step(model, optimizers, batches, 2, precision, scaler, config.grad_clip,
+                              cuda_graphs=cuda_graphs) for _ in range(3)]
+        kept = [p.grad for p in model.parameters()]
+        assert all(grad is not None and not grad.any() for grad in kept) if cuda_graphs else kept == [None] * len(kept)
+        runs.append((results, [p.detach().clone() for p in model.parameters()]))
+    (fresh, fresh_weights), (reused, reused_weights) = runs
+    assert reused == fresh and reused[-1].loss < reused[0].loss
+    assert all(torch.equal(a, b) for a, b in zip(fresh_weights, reused_weights, strict=True))
 
 
 def test_the_throughput_bench_runs_the_train_step(capsys):

@@ -77,10 +77,23 @@ def next_token_loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
 
 def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], batches: Iterator,
                grad_accum_steps: int, precision: Precision, grad_scaler: torch.amp.GradScaler | None,
-               grad_clip: float, loss_of: Callable[[torch.nn.Module, tuple], torch.Tensor] = next_token_loss
-               ) -> StepResult:
+               grad_clip: float, loss_of: Callable[[torch.nn.Module, tuple], torch.Tensor] = next_token_loss,
+               cuda_graphs: bool = False) -> StepResult:
     """Forward/backward over grad_accum_steps micro-batches, then one step of every optimizer. loss_of(model,
-    batch) is a micro-batch's loss (next_token_loss, or RL's policy-gradient loss)."""
+    batch) is a micro-batch's loss (next_token_loss, or RL's policy-gradient loss).
+
+    The host waits for the GPU once per step: for the loss and the gradient norm together (with fp16, before the
+    optimizers, which run only if the norm is finite). Every other wait leaves the GPU idle while the host catches up.
+
+    cuda_graphs: the model was compiled into CUDA graphs (compile_mode reduce-overhead), whose outputs live in
+    memory that the next replay overwrites. The gradients are then kept allocated between steps, so that autograd
+    adds each micro-batch's gradients into them instead of adopting a graph's output as .grad, which the next
+    micro-batch's replay would overwrite (pytorch/pytorch#169545)."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if cuda_graphs:
+        for p in parameters:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
     micro_losses = []
     for micro_step in range(grad_accum_steps):
         batch = next(batches)
@@ -88,30 +101,38 @@ def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], 
         last_micro_step = micro_step == grad_accum_steps - 1
         no_sync = isinstance(model, DistributedDataParallel) and not last_micro_step
         with model.no_sync() if no_sync else contextlib.nullcontext():
+            if cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # a new replay: the last one's outputs are done with
             with precision.autocast():
                 loss = loss_of(model, batch)
-            micro_losses.append(loss.detach())
+            micro_losses.append(loss.detach().clone() if cuda_graphs else loss.detach())
             loss = loss / grad_accum_steps  # the gradient of the mean over the whole batch
             (grad_scaler.scale(loss) if grad_scaler else loss).backward()
-    if grad_scaler:
-        for optimizer in optimizers:  # clip (and step) the true gradients, not the scaled ones
-            grad_scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    # skip the whole step on inf/nan, not only the optimizers whose own gradients overflowed
-    skipped = grad_scaler is not None and not torch.isfinite(grad_norm).item()
-    for optimizer in optimizers:
-        if grad_scaler is None:
-            optimizer.step()
-        elif not skipped:
-            grad_scaler.step(optimizer)
-    if grad_scaler:
-        grad_scaler.update()  # lowers the scale after an overflow, raises it after a run of good steps
-    model.zero_grad(set_to_none=True)
     loss = torch.stack(micro_losses).mean()
     if dist.is_initialized():
         dist.all_reduce(loss)  # gloo has no AVG: sum, then divide
         loss /= dist.get_world_size()
-    return StepResult(loss=loss.item(), grad_norm=grad_norm.item(), skipped=skipped)
+    if grad_scaler:
+        for optimizer in optimizers:  # clip (and step) the true gradients, not the scaled ones
+            grad_scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip if grad_clip > 0 else math.inf)
+    if grad_scaler:
+        loss_value, norm_value = torch.stack([loss, grad_norm]).tolist()
+        # skip the whole step on inf/nan, not only the optimizers whose own gradients overflowed. The gradients are
+        # unscaled already and the verdict is taken: optimizer.step() directly, where grad_scaler.step() would wait
+        # for the GPU again, per optimizer, to read the same verdict.
+        skipped = not math.isfinite(norm_value)
+        if not skipped:
+            for optimizer in optimizers:
+                optimizer.step()
+        grad_scaler.update()  # lowers the scale after an overflow, raises it after a run of good steps
+    else:
+        skipped = False
+        for optimizer in optimizers:
+            optimizer.step()
+        loss_value, norm_value = torch.stack([loss, grad_norm]).tolist()
+    model.zero_grad(set_to_none=not cuda_graphs)
+    return StepResult(loss=loss_value, grad_norm=norm_value, skipped=skipped)
 
 
 def build_model(config: RunConfig, vocab_size: int, device: torch.device) -> GPT:
@@ -124,7 +145,14 @@ def build_model(config: RunConfig, vocab_size: int, device: torch.device) -> GPT
 
 def compile_model(model: GPT, config: RunConfig, device: torch.device) -> torch.nn.Module:
     # compile pays off only on CUDA; on CPU its start-up time exceeds any gain in a run that fits a CPU
-    return torch.compile(model) if config.compile and device.type == "cuda" else model
+    if not (config.compile and device.type == "cuda"):
+        return model
+    return torch.compile(model, mode=None if config.compile_mode == "default" else config.compile_mode)
+
+
+def uses_cuda_graphs(config: RunConfig, device: torch.device) -> bool:
+    """Whether compile_model's model replays CUDA graphs (train_step then keeps the gradients allocated)."""
+    return config.compile and device.type == "cuda" and config.compile_mode in ("reduce-overhead", "max-autotune")
 
 
 def make_grad_scaler(precision: Precision, device: torch.device) -> torch.amp.GradScaler | None:
@@ -425,7 +453,8 @@ class Trainer:
         while True:
             try:
                 result = train_step(self.trained, self.optimizers, self.loader, self.grad_accum_steps(),
-                                    self.precision, self.grad_scaler, config.grad_clip, self.phase.loss)
+                                    self.precision, self.grad_scaler, config.grad_clip, self.phase.loss,
+                                    cuda_graphs=uses_cuda_graphs(config, device))
                 break
             except torch.cuda.OutOfMemoryError as error:
                 if self.world_size > 1:  # the ranks would have to agree on the new batch; they cannot, mid-step
