@@ -3,12 +3,15 @@
     python bench/engine_throughput.py                                   # d8, random weights, context 512
     python bench/engine_throughput.py --depth 4 --batch-sizes 1,8 --device cpu
     python bench/engine_throughput.py --checkpoint DIR_OR_URI
+    python bench/engine_throughput.py --device cuda --compile [--compile-mode reduce-overhead]   # Engine(compile=)
 
-Two figures, each the median of --repeats runs:
+Figures, each the median of --repeats runs (after one untimed run of each shape: allocator, compilation):
 - prefill: milliseconds to read a prompt of --prompt-tokens tokens and choose the first reply token (what a user
   waits for before the first word appears);
-- decode: generated tokens per second for B prompts answered together in one batch, --new-tokens each, for each B
-  of --batch-sizes (greedy, and no stop token ends a row early: every row writes all its tokens).
+- one prompt's decode: tokens per second after the prefill, one token at a time (the batch-1 time less the prefill);
+- batched decode: generated tokens per second for B prompts answered together in one batch, --new-tokens each, for
+  each B of --batch-sizes, prefill included (greedy, and no stop token ends a row early: every row writes all its
+  tokens).
 """
 
 import argparse
@@ -21,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package from a bare checkout (the GPU machine)
 
+from nanochat_flyte.config import COMPILE_MODES  # noqa: E402
 from nanochat_flyte.inference.engine import Engine, SamplingParams  # noqa: E402
 from nanochat_flyte.model.device import select_device, select_precision  # noqa: E402
 from tests.helpers import random_gpt  # noqa: E402
@@ -46,15 +50,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-sizes", default="1,8,32", help="comma-separated")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (Engine(compile=True))")
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                        help="with --compile: torch.compile's mode (reduce-overhead: CUDA graphs)")
     args = parser.parse_args(argv)
     batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
 
     if args.checkpoint:
-        engine = Engine.from_checkpoint(args.checkpoint, args.device)
+        loaded = Engine.from_checkpoint(args.checkpoint, args.device)
+        model, tokenizer, precision, phase = loaded.model, loaded.tokenizer, loaded.precision, loaded.phase
     else:
         device = select_device(args.device)
         model, tokenizer = random_gpt(args.depth, args.seq_len, device)
-        engine = Engine(model.eval(), tokenizer, select_precision(device, "auto"), "base")
+        precision, phase = select_precision(device, "auto"), "base"
+    engine = Engine(model.eval(), tokenizer, precision, phase, compile=args.compile, compile_mode=args.compile_mode)
     if args.prompt_tokens + args.new_tokens > engine.context:
         parser.error(f"--prompt-tokens + --new-tokens must fit the model's context of {engine.context} tokens")
     # random ordinary tokens: no <|endoftext|> or chat token among them, so no row stops early
@@ -66,22 +75,32 @@ def main(argv: list[str] | None = None) -> dict:
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0)
     first = SamplingParams(max_tokens=1, temperature=0.0)
     device_name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else engine.device.type
-    print(f"device: {device_name} ({engine.precision.name}) | {sum(p.numel() for p in engine.model.parameters()):,} "
+    compiled = f"compiled decode step ({args.compile_mode})" if args.compile else "eager"
+    print(f"device: {device_name} ({engine.precision.name}, {compiled}) | "
+          f"{sum(p.numel() for p in engine.model.parameters()):,} "
           f"parameters, context {engine.context} | prompts of {args.prompt_tokens} tokens, {args.new_tokens} new "
           f"tokens each", flush=True)
 
-    timed(engine, lambda: engine.generate_batch(prompts[:1], first))  # warm-up: allocator, kernels
-    prefill_ms = 1000 * statistics.median(timed(engine, lambda: engine.generate_batch(prompts[:1], first))
-                                          for _ in range(args.repeats))
-    print(f"prefill: {prefill_ms:.1f} ms for a {args.prompt_tokens}-token prompt", flush=True)
-    result = {"prefill_ms": prefill_ms, "decode_tokens_per_sec": {}}
+    def median_seconds(size: int, sampling: SamplingParams) -> float:
+        timed(engine, lambda: engine.generate_batch(prompts[:size], sampling))  # warm-up: allocator, compilation
+        return statistics.median(timed(engine, lambda: engine.generate_batch(prompts[:size], sampling))
+                                 for _ in range(args.repeats))
+
+    prefill_seconds = median_seconds(1, first)
+    print(f"prefill: {1000 * prefill_seconds:.1f} ms for a {args.prompt_tokens}-token prompt", flush=True)
+    result = {"device_name": device_name, "dtype": engine.precision.name, "compile": args.compile,
+              "compile_mode": args.compile_mode if args.compile else None, "prompt_tokens": args.prompt_tokens,
+              "new_tokens": args.new_tokens, "prefill_ms": 1000 * prefill_seconds, "decode_tokens_per_sec": {}}
     for size in batch_sizes:
-        seconds = statistics.median(timed(engine, lambda: engine.generate_batch(prompts[:size], params))
-                                    for _ in range(args.repeats))
+        seconds = median_seconds(size, params)
         rate = size * args.new_tokens / seconds
         result["decode_tokens_per_sec"][size] = rate
         print(f"batch {size}: {rate:,.0f} tokens/s ({size} x {args.new_tokens} tokens in {seconds:.2f} s, prefill "
               "included)", flush=True)
+        if size == 1 and args.new_tokens > 1:  # the first token comes with the prefill; the rest one step each
+            result["one_prompt_decode_tokens_per_sec"] = (args.new_tokens - 1) / (seconds - prefill_seconds)
+            print(f"one prompt's decode: {result['one_prompt_decode_tokens_per_sec']:,.0f} tokens/s after the "
+                  "prefill", flush=True)
     return result
 
 

@@ -57,7 +57,7 @@ from nanochat_flyte.reporting.tracking import METRICS_FILE, read_jsonl  # noqa: 
 
 # Seconds each section may take at least (H100 estimates with compilation, rounded up); a section that ends
 # early leaves its time to the later ones. Together they fit the default limit.
-SECTION_BUDGETS_S = {"tests": 110, "throughput": 160, "t4": 100, "vs_nanochat": 180}
+SECTION_BUDGETS_S = {"tests": 110, "throughput": 160, "t4": 100, "vs_nanochat": 180, "decode": 90}
 DEFAULT_SECTIONS = ("tests", "throughput", "t4")  # vs_nanochat needs a nanochat checkout
 DEFAULT_TIME_LIMIT_S = 380  # the default sections' budgets, and a little to start, write and stop
 MIN_SECTION_S = 20  # less than this left: the section is not started (no GPU work fits)
@@ -76,6 +76,11 @@ THROUGHPUT_VARIANTS = (T4_PATH, {**T4_PATH, "compile_mode": "reduce-overhead"}, 
                        {"dtype": "bfloat16", "compile": True})
 PROFILED_VARIANTS = (T4_PATH, {**T4_PATH, **ALL_LEVERS})  # where the step's GPU time goes, before and after
 MFU_TARGET = 0.30  # the product's headline: the reference run at >= 30% MFU in fp16
+
+# decode: the engine on a random d8 (context 512, a 256-token prompt, 64 new tokens) eager, with the compiled decode
+# step, and with it replayed as CUDA graphs
+DECODE_VARIANTS = ((), ("--compile",), ("--compile", "--compile-mode", "reduce-overhead"))
+DECODE_TARGET_TOK_S = 400
 
 # t4: a T4 has 15,360 MiB (16.1 GB), of which the CUDA context and the libraries' kernels take several hundred
 # MB outside PyTorch's allocator: capping the allocator at 15 GB leaves it about what a T4 would.
@@ -278,8 +283,27 @@ def vs_nanochat_section(work_dir: Path, record: Callable[[dict], None], args: ar
     vs_nanochat.compare(args.nanochat, work_dir, record, log=lambda line: print(line, flush=True), **steps)
 
 
+# ---------------------------------------------------------------------- section: one prompt's decode
+
+
+def decode_section(work_dir: Path, record: Callable[[dict], None], args: argparse.Namespace) -> None:
+    import engine_throughput  # bench/, this script's folder
+
+    variants = []
+    for compile_flags in DECODE_VARIANTS:
+        print(f"decode: {compile_flags or 'eager'}", flush=True)
+        variants.append(engine_throughput.main(["--device", "cuda", "--batch-sizes", "1,8", "--new-tokens", "64",
+                                                "--repeats", "2" if args.quick else "3", *compile_flags]))
+        best = max(v["one_prompt_decode_tokens_per_sec"] for v in variants)
+        record({"variants": variants, "checks": [
+            check(f"one prompt decodes at >= {DECODE_TARGET_TOK_S} tokens/s (the fastest engine setting)",
+                  best >= DECODE_TARGET_TOK_S, f"{best:,.0f} tokens/s")]})
+        torch.compiler.reset()
+        free_cuda_memory()
+
+
 SECTIONS = {"tests": tests_section, "throughput": throughput_section, "t4": t4_section,
-            "vs_nanochat": vs_nanochat_section}
+            "vs_nanochat": vs_nanochat_section, "decode": decode_section}
 
 
 def partial_results(name: str, work_dir: Path, quick: bool) -> dict:
@@ -379,10 +403,17 @@ def acceptance_summary(report: dict) -> dict:
             "t4_path_mfu": t4_path.get("mfu"), "t4_path_tok_s": t4_path.get("tok_per_sec"),
             "busy_bound_mfu": t4_path.get("profile", {}).get("mfu_if_never_idle"),
             "t4_path_best": best and {**levers(best), "mfu": best["mfu"], "tok_s": best["tok_per_sec"]},
+            "one_prompt_decode_tok_s": {decode_setting(v): v.get("one_prompt_decode_tokens_per_sec")
+                                        for v in report["sections"].get("decode", {}).get("variants", [])},
             "vs_nanochat": {"shape": side_by_side.get("shape"), "dtype": side_by_side.get("dtype"),
                             "ours_tok_s": side_by_side.get("ours", {}).get("tok_per_sec"),
                             "nanochat_tok_s": side_by_side.get("nanochat", {}).get("tok_per_sec"),
                             "ratio": side_by_side.get("ratio")}}
+
+
+def decode_setting(variant: dict) -> str:
+    """The engine setting a decode measurement ran with: eager, or the compiled decode step in its mode."""
+    return f"compiled ({variant['compile_mode']})" if variant["compile"] else "eager"
 
 
 def profile_table(variant: dict) -> list[str]:
@@ -431,6 +462,15 @@ def markdown_summary(report: dict) -> str:
         for variant in throughput["variants"]:
             if "profile" in variant:
                 lines += profile_table(variant)
+    decode = report["sections"].get("decode", {}).get("variants", [])
+    if decode:
+        lines += ["", f"The engine on a random d8 (context 512), a {decode[0]['prompt_tokens']}-token prompt, "
+                      f"{decode[0]['new_tokens']} new tokens, {decode[0]['dtype']}:", "",
+                  "| decode step | prefill, ms | one prompt's decode, tokens/s "
+                  "| batch of 8, tokens/s (prefill included) |", "|---|---|---|---|"]
+        lines += [f"| {decode_setting(v)} | {milliseconds(v['prefill_ms'])} | "
+                  f"{tok_s(v.get('one_prompt_decode_tokens_per_sec'))} | "
+                  f"{tok_s(v['decode_tokens_per_sec'].get(8, v['decode_tokens_per_sec'].get('8')))} |" for v in decode]
     side_by_side = report["sections"].get("vs_nanochat", {})
     if side_by_side.get("shape"):
         shape, ratio = side_by_side["shape"], side_by_side.get("ratio")

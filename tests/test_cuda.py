@@ -358,6 +358,31 @@ def test_generation_with_the_kv_cache_gives_the_tokens_of_full_recomputation():
     assert any(len(set(completion.tokens)) > 1 for completion in completions)  # real sequences, not one token
 
 
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_the_compiled_decode_step_gives_the_eager_tokens(mode):
+    """Engine(compile=True): a batch that shrinks as rows finish, then the same prompt alone twice (reduce-overhead:
+    CUDA graphs, a new cache each request, recorded anew or replayed). In float32, where fusing kernels moves no
+    rounding far enough to flip a greedy choice."""
+    tokenizer = gpt2_tokenizer()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_depth(2, tokenizer.n_vocab, 128)).to(CUDA)
+    model.init_weights()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    precision = select_precision(CUDA, "float32")
+    eager = Engine(model, tokenizer, precision)
+    compiled = Engine(model, tokenizer, precision, compile=True, compile_mode=mode)
+    assert compiled.cuda_graphs == (mode == "reduce-overhead")
+    prompts = [eager.completion_prompt(text) for text in ("The capital of France is", "My favorite color is")]
+    params = [SamplingParams(max_tokens=24), SamplingParams(max_tokens=12)]
+    expected = eager.generate_batch(prompts, params)
+    assert [c.tokens for c in compiled.generate_batch(prompts, params)] == [c.tokens for c in expected]
+    for _ in range(2):
+        assert compiled.generate_batch(prompts[:1], params[0])[0].tokens == expected[0].tokens
+    torch.compiler.reset()
+
+
 def test_rl_in_fp16_with_a_compiled_model_learns_its_reward(sft_checkpoint, rl_data, tmp_path):  # noqa: F811
     """RL as a T4 runs it: fp16 autocast with the GradScaler, the compiled model on rows of one shape, the rollouts
     decoded on the GPU. With the reward for short answers (tests/test_chat_rl.py) the answers get shorter."""

@@ -104,6 +104,22 @@ def test_batched_rows_give_the_tokens_of_each_request_alone(params):
     assert len({tuple(c.tokens) for c in batched}) == 4  # four different answers: none took another row's tokens
 
 
+def test_the_compiled_decode_step_gives_the_tokens_of_the_eager_one():
+    """Engine(compile=True): the decode step through torch.compile, over KV caches of the whole context, for a
+    batch that shrinks as rows finish (greedy and sampled rows) and for a prompt alone after it."""
+    eager = randomized_engine(context=32)
+    compiled = Engine(eager.model, TOKENIZER, CPU, "base", compile=True)
+    assert isinstance(compiled.decode_model, torch._dynamo.eval_frame.OptimizedModule)
+    assert (compiled.cache_len(10), eager.cache_len(10)) == (32, 10)
+    prompts = [tokens_of("A teacher builds the long road.")[:3], tokens_of("My neighbour paints three red apples.")]
+    params = [SamplingParams(max_tokens=20), SamplingParams(max_tokens=12, temperature=0.8, top_k=20, seed=3)]
+    batched = compiled.generate_batch(prompts, params)
+    assert batched == eager.generate_batch(prompts, params)
+    assert [len(c.tokens) for c in batched] == [20, 12]
+    alone = SamplingParams(max_tokens=16)
+    assert compiled.generate_batch(prompts[1:], alone) == eager.generate_batch(prompts[1:], alone)
+
+
 def test_a_row_that_ends_at_its_first_token_leaves_the_prefilled_batch_and_the_others_go_on():
     hello, world, comma, there, moon = (tokens_of(word)[0] for word in (" Hello", " world", ",", " there", " moon"))
     engine = scripted_engine({**chain(hello, world, comma, there, moon), comma: ASSISTANT_END})
@@ -330,6 +346,11 @@ def test_the_engine_bench_measures_prefill_and_batched_decoding(capsys):
     result = bench.main(["--depth", "1", "--seq-len", "64", "--prompt-tokens", "16", "--new-tokens", "4",
                          "--batch-sizes", "1,3", "--repeats", "1", "--device", "cpu"])
     assert result["prefill_ms"] > 0 and set(result["decode_tokens_per_sec"]) == {1, 3}
+    assert result["one_prompt_decode_tokens_per_sec"] > 0 and result["compile_mode"] is None
     assert "batch 3:" in capsys.readouterr().out
+    compiled = bench.main(["--depth", "1", "--seq-len", "64", "--prompt-tokens", "16", "--new-tokens", "4",
+                           "--batch-sizes", "1", "--repeats", "1", "--device", "cpu", "--compile"])
+    assert compiled["compile_mode"] == "default" and compiled["one_prompt_decode_tokens_per_sec"] > 0
+    assert "compiled decode step (default)" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # a prompt and reply that do not fit the context
         bench.main(["--depth", "1", "--seq-len", "16", "--prompt-tokens", "16", "--device", "cpu"])

@@ -67,7 +67,8 @@ def test_the_tests_section_collects_the_cuda_tests_and_here_skips_them(tmp_path)
     names = [test["name"] for test in result["tests"]]
     defined = [line.split("(")[0].removeprefix("def ") for line in (ROOT / "tests" / "test_cuda.py").read_text()
                .splitlines() if line.startswith("def test_")]
-    assert names == defined and len(names) >= 7
+    assert list(dict.fromkeys(name.split("[")[0] for name in names)) == defined and len(defined) >= 7
+    assert "test_the_compiled_decode_step_gives_the_eager_tokens[reduce-overhead]" in names  # one test per case
     if not torch.cuda.is_available():
         assert all(test["outcome"] == "skipped" and "needs a CUDA device" in test["message"]
                    for test in result["tests"])
@@ -216,6 +217,18 @@ SIDE_BY_SIDE = {"status": "completed", "shape": {"depth": 8, "seq_len": 512, "de
                 "ours_t4_path": variant(), "ratio": 0.8}
 
 
+def decode_variant(compile_mode: str | None, one_prompt: float, batch_of_8: float) -> dict:
+    """An engine measurement as engine_throughput.main writes it (its batch sizes as JSON keys, strings)."""
+    return {"compile": compile_mode is not None, "compile_mode": compile_mode, "dtype": "bfloat16",
+            "prompt_tokens": 256, "new_tokens": 64, "prefill_ms": 6.5, "one_prompt_decode_tokens_per_sec": one_prompt,
+            "decode_tokens_per_sec": {"1": one_prompt * 0.9, "8": batch_of_8}}
+
+
+DECODE = {"status": "completed", "variants": [decode_variant(None, 127.0, 900.0),
+                                              decode_variant("default", 450.0, 3000.0),
+                                              decode_variant("reduce-overhead", 1500.0, 9000.0)]}
+
+
 def report_with(sections: dict) -> dict:
     machine = {"device_name": "NVIDIA H100 80GB HBM3", "driver": "580.159.04", "git_commit": None,
                "environment": {"torch": "2.11.0+cu130", "cuda": "13.0", "python": "3.12.3"}}
@@ -239,19 +252,21 @@ def test_the_summary_holds_the_headline_figures_and_null_for_what_was_not_measur
     profile = {"step_ms": 82.0, "gpu_busy_ms": 60.0, "mfu_if_never_idle": 0.3745}
     throughput_section = {"status": "completed", "variants": [
         variant(loss_chunk_tokens=2048, mfu=0.25), variant("bfloat16", mfu=0.2), variant(profile=profile)]}
-    report = report_with({"throughput": throughput_section, "vs_nanochat": SIDE_BY_SIDE})
+    report = report_with({"throughput": throughput_section, "vs_nanochat": SIDE_BY_SIDE, "decode": DECODE})
     summary = acceptance.acceptance_summary(report)
     assert summary == {"device": "NVIDIA H100 80GB HBM3", "commit": None, "t4_path_mfu": 0.274,
                        "t4_path_tok_s": 819200.0, "busy_bound_mfu": 0.3745,
                        "t4_path_best": {"compile_mode": None, "muon_batched": False, "loss_chunk_tokens": 0,
                                         "mfu": 0.274, "tok_s": 819200.0},
+                       "one_prompt_decode_tok_s": {"eager": 127.0, "compiled (default)": 450.0,
+                                                   "compiled (reduce-overhead)": 1500.0},
                        "vs_nanochat": {"shape": SIDE_BY_SIDE["shape"], "dtype": "bfloat16", "ours_tok_s": 524288.0,
                                        "nanochat_tok_s": 655360.0, "ratio": 0.8}}
     nothing = acceptance.acceptance_summary(report_with({"tests": {"status": "completed", "checks": []}}))
     assert nothing["device"] == "NVIDIA H100 80GB HBM3"
     assert [nothing[key] for key in ("t4_path_mfu", "t4_path_tok_s", "busy_bound_mfu")] == [None, None, None]
     assert set(nothing["vs_nanochat"].values()) == {None}
-    assert nothing["t4_path_best"] is None
+    assert nothing["t4_path_best"] is None and nothing["one_prompt_decode_tok_s"] == {}
     # only the reference's settings count as the T4 path; the best fp16 compiled variant may use any lever
     levers = {"status": "completed", "variants": [
         variant(loss_chunk_tokens=2048), variant(device_batch_size=64, mfu=0.5), variant(muon_batched=True),
@@ -273,7 +288,8 @@ def test_the_summary_is_a_short_markdown_table():
                                               "total_batch_size": 65536},
                           "checks": acceptance.throughput_checks([{**v, "device_name": "NVIDIA H100"}
                                                                   for v in measured])}
-    text = acceptance.markdown_summary(report_with({"throughput": throughput_section, "vs_nanochat": SIDE_BY_SIDE}))
+    text = acceptance.markdown_summary(report_with({"throughput": throughput_section, "vs_nanochat": SIDE_BY_SIDE,
+                                                    "decode": DECODE}))
     assert text.startswith("# GPU acceptance: NVIDIA H100 80GB HBM3, 2026-11-27 09:30 UTC\n")
     assert "**NOT PASSED**: 0 of 1 checks passed in 300 s." in text
     assert ("| T4 path (fp16 + GradScaler, compile) at >= 30% MFU on this device | FAIL | 27.4% MFU on NVIDIA H100 |"
@@ -289,6 +305,9 @@ def test_the_summary_is_a_short_markdown_table():
     assert ("Profile of the T4 path's step with CUDA graphs, Muon batched, the loss in chunks of 2,048: 82.0 ms, "
             "GPU busy 75.0 ms (8% idle); MFU if the GPU were never idle: 30.0%:") in text
     assert "| matmul: blocks | 30.00 | 50% |" in text
+    assert ("| decode step | prefill, ms | one prompt's decode, tokens/s | batch of 8, tokens/s (prefill included) |\n"
+            "|---|---|---|---|\n| eager | 6.5 | 127 | 900 |\n| compiled (default) | 6.5 | 450 | 3,000 |\n"
+            "| compiled (reduce-overhead) | 6.5 | 1,500 | 9,000 |\n") in text
     assert ("Side by side with nanochat (commit 92d63d4), d8 at context 512, device batch 16, 65,536 tokens per step, "
             "each with its own torch.compile; ours over nanochat in bf16: x0.80") in text
     assert ("| nanochat | bfloat16 | 100.0 | 655,360 | n/a | 7.25 GiB |\n"

@@ -120,13 +120,20 @@ def test_kv_cache_chunk_after_prefix_matches_full_forward(config):
     randomize(model)  # with residual scalars: every x0 and resid scalar non-trivial
     idx = torch.randint(0, TINY.vocab_size, (2, 10))  # batch of 2 through the cache
     cache = KVCache(config, batch_size=2, max_len=10)
+
+    def cached(chunk: torch.Tensor) -> torch.Tensor:
+        cache.start(chunk.size(1), chunk.device)
+        logits = model(chunk, kv_cache=cache)
+        cache.advance(chunk.size(1))
+        return logits
+
     with torch.no_grad():
-        first = model(idx[:, :6], kv_cache=cache)
-        second = model(idx[:, 6:], kv_cache=cache)  # 4 queries over 10 keys: the masked path
+        first = cached(idx[:, :6])
+        second = cached(idx[:, 6:])  # 4 queries over 10 keys: the masked path
         full = model(idx)
     torch.testing.assert_close(torch.cat([first, second], dim=1), full, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="KV cache"):
-        model(idx[:, :1], kv_cache=cache)
+        cached(idx[:, :1])
 
 
 def test_the_rotary_table_rotates_by_relative_position_and_stays_out_of_checkpoints():

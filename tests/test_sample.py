@@ -34,6 +34,12 @@ def test_greedy_sampling_repeats_the_sample_taken_in_training(checkpoint, capsys
     assert capsys.readouterr().out == PROMPT + completion + "\n"
 
 
+def test_the_compiled_decode_step_writes_the_same_sample(checkpoint, capsys):
+    completion = main(["--checkpoint", str(checkpoint), "--prompt", PROMPT, "--max-tokens", "6",
+                       "--temperature", "0", "--device", "cpu", "--compile"])
+    assert completion == last_training_sample(checkpoint, PROMPT)
+
+
 def test_the_cli_loads_a_checkpoint_from_a_file_uri(checkpoint):
     result = subprocess.run(
         [sys.executable, "-m", "nanochat_flyte", "sample", "--checkpoint", checkpoint.as_uri(), "--prompt", PROMPT,

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     add_sampling_flags(parser, max_tokens=512, temperature=0.6, temperature_help="0 = greedy")
     args = parser.parse_args(argv)
     params = sampling_params(parser, args)
-    engine = Engine.from_checkpoint(args.checkpoint, args.device)
+    engine = Engine.from_checkpoint(args.checkpoint, args.device, compile=args.compile)
     if args.prompt is None:
         chat(engine, params)
         return

@@ -10,7 +10,7 @@ A checkpoint is a directory or any fsspec URI to one: s3://, gs://, file://. Gre
 import argparse
 import math
 
-from nanochat_flyte.cli.usage import ArgumentParser
+from nanochat_flyte.cli.usage import ArgumentParser, add_compile_flag
 from nanochat_flyte.errors import UserError
 from nanochat_flyte.inference.engine import Engine, SamplingParams
 
@@ -48,6 +48,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser, max_tokens: int, tempera
     parser.add_argument("--top-k", type=int, default=50, help="0 = the whole vocabulary")
     parser.add_argument("--seed", type=seed_flag, default=42)
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
+    add_compile_flag(parser)
 
 
 def sampling_params(parser: argparse.ArgumentParser, args: argparse.Namespace) -> SamplingParams:
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     params = sampling_params(parser, args)
 
-    engine = Engine.from_checkpoint(args.checkpoint, args.device)
+    engine = Engine.from_checkpoint(args.checkpoint, args.device, compile=args.compile)
     try:
         completion = engine.complete(args.prompt, params).text
     except ValueError as error:  # a prompt that fills the model's context

@@ -21,7 +21,7 @@ import os
 
 import uvicorn
 
-from nanochat_flyte.cli.usage import ArgumentParser
+from nanochat_flyte.cli.usage import ArgumentParser, add_compile_flag
 from nanochat_flyte.inference.engine import Engine
 from nanochat_flyte.inference.serve import (
     API_KEY_ENV,
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
                              "(default: %(default)s)")
     parser.add_argument("--model-name", help="the model id in responses (default: from the checkpoint path)")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
+    add_compile_flag(parser)
     args = parser.parse_args(argv)
     for flag, value in (("--max-concurrent", args.max_concurrent), ("--max-connections", args.max_connections),
                         ("--request-timeout", args.request_timeout)):
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model "
                     "(set %s to require one)", args.host, API_KEY_ENV)
-    engine = Engine.from_checkpoint(args.checkpoint, args.device)
+    engine = Engine.from_checkpoint(args.checkpoint, args.device, compile=args.compile)
     name = args.model_name or model_name_of(args.checkpoint)
     if engine.chat_mode:
         log.info("serving %s (chat checkpoint, context %d tokens)", name, engine.context)

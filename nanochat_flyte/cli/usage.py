@@ -27,6 +27,14 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(USAGE_ERROR_EXIT, f"error: {message} (see {self.prog} --help)\n")
 
 
+def add_compile_flag(parser: argparse.ArgumentParser) -> None:
+    """--compile for the commands that decode (Engine(compile=True))."""
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step: for a GPU, where launching one kernel per operation "
+                             "limits one prompt's decoding; the first answer waits for the compilation (no gain on "
+                             "a CPU)")
+
+
 def run(main: Callable[[], object]) -> None:
     """Call a command's main(); a user error becomes one line and exit status 2."""
     try:

@@ -34,6 +34,7 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 
+from nanochat_flyte.config import CUDA_GRAPH_COMPILE_MODES
 from nanochat_flyte.data.conversation import ChatTokens, normalize, render_prompt
 from nanochat_flyte.data.tokenizer import EOT
 from nanochat_flyte.inference.calculator import calculate
@@ -95,18 +96,25 @@ def sample_next_token(logits: torch.Tensor, generators: list[torch.Generator], t
 
 
 def next_token_logits(model: torch.nn.Module, ids: list[list[int]], *, pad_id: int, device: torch.device,
-                      precision: Precision, cache: KVCache | None = None) -> torch.Tensor:
+                      precision: Precision, cache: KVCache | None = None, attend_all: bool = False) -> torch.Tensor:
     """The next-token logits (B, V) after each row of ids: the logits of each row's last token only. Rows of
     different lengths share one forward pass, right-padded: causal attention keeps the padding out of the real
-    tokens' sight, and a KV cache forgets it again (KVCache.unpad), so the row's next tokens overwrite it."""
+    tokens' sight, and a KV cache forgets it again (KVCache.unpad), so the row's next tokens overwrite it.
+    attend_all: see KVCache.start (the compiled decode step)."""
     lengths = [len(row) for row in ids]
     width = max(lengths)
     inputs = torch.tensor([row + [pad_id] * (width - len(row)) for row in ids], device=device)
-    last = torch.zeros_like(inputs, dtype=torch.bool)
-    last[torch.arange(len(ids)), torch.tensor(lengths) - 1] = True
-    with precision.autocast():
-        logits = model(inputs, kv_cache=cache, logits_at=last)
     if cache is not None:
+        cache.start(width, device, attend_all)
+    with precision.autocast():
+        if width == 1:  # one token a row (a decode step): its logits are all there are
+            logits = model(inputs, kv_cache=cache)[:, -1]
+        else:
+            last = torch.zeros_like(inputs, dtype=torch.bool)
+            last[torch.arange(len(ids)), torch.tensor(lengths) - 1] = True
+            logits = model(inputs, kv_cache=cache, logits_at=last)
+    if cache is not None:
+        cache.advance(width)
         cache.unpad([width - length for length in lengths])
     return logits
 
@@ -226,9 +234,13 @@ class Batch:
         self.next_ids: list[int] = []  # each sequence's last token: the input of the next step
 
     def _logits(self, ids: list[list[int]], cache: KVCache) -> torch.Tensor:
+        """Prefill runs the model as it is (prompts of any length); a decode step, one token a row, runs the
+        engine's decode model (compiled, if the engine compiles it)."""
         engine = self.engine
-        return next_token_logits(engine.model, ids, pad_id=engine.tokenizer.eot_token, device=engine.device,
-                                 precision=engine.precision, cache=cache)
+        decoding = all(len(row) == 1 for row in ids) and engine.compiled
+        return next_token_logits(engine.decode_model if decoding else engine.model, ids,
+                                 pad_id=engine.tokenizer.eot_token, device=engine.device, precision=engine.precision,
+                                 cache=cache, attend_all=decoding)
 
     @staticmethod
     def _sample(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
@@ -264,6 +276,7 @@ class Batch:
         if going:
             cache.keep(going)
             self.cache = KVCache.stack(([self.cache] if self.cache is not None else []) + [cache])
+            self.engine.hold_in_place(self.cache)
         return events
 
     @torch.inference_mode()
@@ -288,14 +301,24 @@ class Batch:
         self.next_ids = [self.next_ids[row] for row in going]
         if going:
             self.cache.keep(going)
+            self.engine.hold_in_place(self.cache)
         else:
             self.cache = None  # free the memory while idle
 
 
 class Engine:
-    def __init__(self, model: GPT, tokenizer: tiktoken.Encoding, precision: Precision, phase: str = "base"):
+    """compile: torch.compile the decode step (one token a row). Its kernels are fused and each KV cache spans the
+    model's whole context (KVCache.start's attend_all), so one compiled graph serves every step and request of a
+    batch size. compile_mode: torch.compile's mode ("reduce-overhead": replayed as CUDA graphs)."""
+
+    def __init__(self, model: GPT, tokenizer: tiktoken.Encoding, precision: Precision, phase: str = "base",
+                 compile: bool = False, compile_mode: str = "default"):
         self.model, self.tokenizer, self.precision, self.phase = model, tokenizer, precision, phase
         self.device = model.lm_head.weight.device
+        self.compiled = compile
+        self.decode_model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode
+                                          ) if compile else model
+        self.cuda_graphs = compile and compile_mode in CUDA_GRAPH_COMPILE_MODES and self.device.type == "cuda"
         self.context = model.config.sequence_len  # the longest sequence the model was trained on
         self.stop_ids = frozenset(tokenizer.encode_single_token(token) for token in STOP_TOKENS
                                   if token in tokenizer.special_tokens_set)
@@ -306,11 +329,24 @@ class Engine:
             self.tools.output_end: ">>"}
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path, device: str = "auto") -> "Engine":
+    def from_checkpoint(cls, checkpoint: str | Path, device: str = "auto", compile: bool = False) -> "Engine":
         """Any checkpoint directory or fsspec URI, base or chat; precision follows the device, as in training."""
         torch_device = select_device(device)
         loaded = load_model(checkpoint, torch_device)
-        return cls(loaded.model, loaded.tokenizer, select_precision(torch_device, "auto"), loaded.phase)
+        return cls(loaded.model, loaded.tokenizer, select_precision(torch_device, "auto"), loaded.phase, compile)
+
+    def hold_in_place(self, cache: KVCache) -> None:
+        """A CUDA graph reads and writes the KV cache where it was recorded: torch.compile must take the cache's
+        tensors as inputs at fixed addresses (it skips the graphs for inputs it has to write to otherwise). A cache
+        at a new address (a new request, rows joining or leaving) has its graph recorded anew."""
+        if self.cuda_graphs:
+            for tensor in (cache.keys, cache.values):
+                torch._dynamo.mark_static_address(tensor, guard=False)
+
+    def cache_len(self, needed: int) -> int:
+        """A new KV cache's positions: what the requests need, or with a compiled decode step the whole context
+        (one shape for every request)."""
+        return self.context if self.compiled else needed
 
     # ------------------------------------------------------------------ prompts
 
@@ -358,7 +394,7 @@ class Engine:
         sequences = [self.sequence(prompt, row_params) for prompt, row_params in zip(prompts, params)]
         if not sequences:
             return []
-        batch = Batch(self, max_len=max(len(s.prompt) + s.max_new for s in sequences))
+        batch = Batch(self, max_len=self.cache_len(max(len(s.prompt) + s.max_new for s in sequences)))
         batch.add(sequences)
         while batch.sequences:
             batch.step()
@@ -370,7 +406,7 @@ class Engine:
 
     def decode(self, sequence: Sequence) -> Iterator[str]:
         """stream() for a Sequence made by sequence(): its completion() tells how it finished."""
-        batch = Batch(self, max_len=len(sequence.prompt) + sequence.max_new)
+        batch = Batch(self, max_len=self.cache_len(len(sequence.prompt) + sequence.max_new))
         events = batch.add([sequence])
         while events:
             yield from (delta for _, delta in events if delta)

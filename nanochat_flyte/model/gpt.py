@@ -96,7 +96,9 @@ class KVCache:
 
     Each row (one sequence) has its own length: rows of a batch may hold prompts of different lengths, and each
     row's new tokens get rotary positions from its own length on and attend only to its own stored positions.
-    A forward pass feeds every row the same number of new tokens (one, when decoding a batch).
+    A forward pass feeds every row the same number of new tokens (one, when decoding a batch): start(T) before it,
+    advance(T) after it. They stay outside the forward pass, so that a compiled forward sees tensors and fixed
+    numbers only, not the Python list of lengths that changes at every step.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int):
@@ -109,28 +111,34 @@ class KVCache:
         # Allocated on first use, in the dtype the keys arrive in (autocast decides it, not us).
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
-        self._positions: torch.Tensor | None = None  # (B, T) positions of the tokens being fed
+        self.positions: torch.Tensor | None = None  # (B, T) positions of the tokens being fed, set by start()
         self._mask: torch.Tensor | None = None  # (B, 1, T, keys) which stored keys each new token sees
-        self._end = 0  # keys to attend over in this forward pass: up to the longest row
+        self._end = 0  # keys to attend over in this forward pass: up to the longest row, or all (attend_all)
 
     @property
     def batch_size(self) -> int:
         return len(self.lengths)
 
-    def start(self, num_new: int, device: torch.device) -> torch.Tensor:
-        """Before a forward pass of num_new tokens per row: their positions (B, num_new)."""
+    def start(self, num_new: int, device: torch.device, attend_all: bool = False) -> None:
+        """Before a forward pass of num_new tokens per row: their positions (B, num_new), and which stored keys
+        each one sees. Then the forward pass; then advance(num_new).
+
+        attend_all: attend over every slot of the cache, the ones past each row's length masked out, instead of up
+        to the longest row: the shapes then stay the same from step to step, as a compiled decode step needs (the
+        extra slots are a few more dot products per token)."""
         end = max(self.lengths) + num_new
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {end} needed")
         lengths = torch.tensor(self.lengths, device=device)
-        self._positions = lengths[:, None] + torch.arange(num_new, device=device)
+        self.positions = lengths[:, None] + torch.arange(num_new, device=device)
+        if attend_all:
+            end = self.max_len
         # Key j is visible to the new token at position p of the same row when j <= p: the row's stored prefix
         # and the new tokens causally; never another row's longer prefix (the slots past this row's length).
         # No mask when every row starts empty: plain causal attention.
         keys = torch.arange(end, device=device)
-        self._mask = None if end == num_new else (keys <= self._positions[:, :, None])[:, None]
+        self._mask = None if end == num_new else (keys <= self.positions[:, :, None])[:, None]
         self._end = end
-        return self._positions
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -140,8 +148,8 @@ class KVCache:
             self.keys, self.values = k.new_zeros(self.shape), v.new_zeros(self.shape)
         rows = torch.arange(k.size(0), device=k.device)[:, None]
         # (B, T) indices into rows and positions; the heads dimension in between is taken whole
-        self.keys[layer][rows, :, self._positions] = k.transpose(1, 2)
-        self.values[layer][rows, :, self._positions] = v.transpose(1, 2)
+        self.keys[layer][rows, :, self.positions] = k.transpose(1, 2)
+        self.values[layer][rows, :, self.positions] = v.transpose(1, 2)
         return self.keys[layer, :, :, :self._end], self.values[layer, :, :, :self._end], self._mask
 
     def advance(self, num_tokens: int) -> None:
@@ -280,23 +288,21 @@ class GPT(nn.Module):
         or "none" for per-token losses shaped like targets; targets of -1 are ignored).
         logits_at, a (B, T) bool mask: only the logits of those positions, (N, vocab_size) in row-major order.
         Evaluation and decoding need a few positions, and at every position the logits would be the largest
-        tensor of the forward (16 x 512 x 50,257 floats: 1.6 GB) and lm_head about half of a d8 model's FLOPs."""
+        tensor of the forward (16 x 512 x 50,257 floats: 1.6 GB) and lm_head about half of a d8 model's FLOPs.
+        kv_cache: its start(T) called before, its advance(T) due after (KVCache)."""
         T = idx.size(1)
         if kv_cache is None:
             if T > self.config.sequence_len:
                 raise ValueError(f"{T} tokens exceed the model's context of {self.config.sequence_len}")
             cos, sin = self.rotary_cos[None, :T], self.rotary_sin[None, :T]
-        else:  # each row continues from its own length
-            positions = kv_cache.start(T, idx.device)
-            cos, sin = self.rotary_cos[positions], self.rotary_sin[positions]
+        else:  # each row continues from its own length: the caller's kv_cache.start(T) set the positions
+            cos, sin = self.rotary_cos[kv_cache.positions], self.rotary_sin[kv_cache.positions]
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B or 1, T, 1, head_dim/2): broadcast over heads
         x = x0 = norm(self.transformer.wte(idx))
         for layer, block in enumerate(self.transformer.h):
             if self.config.residual_scalars:
                 x = self.resid_lambdas[layer] * x + self.x0_lambdas[layer] * x0
             x = block(x, cos, sin, kv_cache)
-        if kv_cache is not None:
-            kv_cache.advance(T)
         x = norm(x)
         if logits_at is not None:
             assert targets is None, "logits_at selects logits; the loss needs them all"

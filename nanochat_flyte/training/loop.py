@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from nanochat_flyte.config import RunConfig
+from nanochat_flyte.config import CUDA_GRAPH_COMPILE_MODES, RunConfig
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.model.checkpoint import (
     CONFIG_FILE,
@@ -152,7 +152,7 @@ def compile_model(model: GPT, config: RunConfig, device: torch.device) -> torch.
 
 def uses_cuda_graphs(config: RunConfig, device: torch.device) -> bool:
     """Whether compile_model's model replays CUDA graphs (train_step then keeps the gradients allocated)."""
-    return config.compile and device.type == "cuda" and config.compile_mode in ("reduce-overhead", "max-autotune")
+    return config.compile and device.type == "cuda" and config.compile_mode in CUDA_GRAPH_COMPILE_MODES
 
 
 def make_grad_scaler(precision: Precision, device: torch.device) -> torch.amp.GradScaler | None:
