@@ -107,6 +107,34 @@ def test_the_hidden_states_and_head_get_the_gradients_of_the_plain_formula(dtype
     assert x.grad.dtype == weight.grad.dtype == torch.float32
 
 
+def test_a_mean_over_many_tokens_keeps_its_fp16_gradients():
+    """The training loss (a mean, gradients wanted) has its gradients computed in the forward pass; its 16-bit
+    products see every token's gradient at weight 1, the 1/N of the mean applied in float32 afterwards. With N = 4,096
+    and 10,000 logits a token most per-logit gradients of the mean (~1e-4 / 4,096) are below fp16's smallest number
+    (6e-8): scaled inside the products, they would be flushed to zero."""
+    generator = torch.Generator().manual_seed(4)
+    hidden = torch.randn(4096, 32, generator=generator)
+    head = 0.1 * torch.randn(10048, 32, generator=generator)
+    targets = torch.randint(0, 10000, (4096,), generator=generator)
+    results = []
+    for dtype in (torch.float32, torch.float16):
+        x, weight = hidden.clone().requires_grad_(), head.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = chunked_cross_entropy(x, weight, targets, vocab_size=10000, softcap=LOGIT_SOFTCAP, chunk_tokens=1024)
+        assert type(loss.grad_fn).__name__ == "FusedSoftcapCrossEntropyBackward"
+        loss.backward()
+        results.append((loss.item(), x.grad, weight.grad))
+    (loss32, x32, w32), (loss16, x16, w16) = results
+    assert loss16 == pytest.approx(loss32, rel=1e-3)
+    assert_close(x16, x32, torch.float16)
+    assert_close(w16, w32, torch.float16)
+    assert (w16[:10000] != 0).float().mean() > 0.99  # not flushed to zero
+    with torch.no_grad():  # evaluation: per-token losses, nothing computed for a backward pass
+        plain_losses = chunked_cross_entropy(hidden, head, targets, vocab_size=10000, softcap=LOGIT_SOFTCAP,
+                                             chunk_tokens=1024, reduction="none")
+    assert plain_losses.mean().item() == pytest.approx(loss32, rel=1e-6)
+
+
 def test_rl_policy_gradient_loss_and_its_gradients_match():
     inputs, targets = batch(rows=4)
     advantages = torch.tensor([1.0, -0.5, 0.0, 2.0])  # RL's per-answer weights on per-token losses

@@ -2,10 +2,15 @@
 
 The model's plain path computes the logits of every position of a micro-batch at once: at the reference shape
 (16 x 512 tokens, GPT-2's 50,257-token vocabulary) that is 8,192 x 50,304 half-precision products, their float32
-copy (1.6 GB), the softcap's output, and what the backward pass keeps of them. Here the forward pass keeps only
-each token's log-sum-exp (4 bytes a token) and the backward pass recomputes the logits, one chunk of tokens at a
-time: at most one chunk's logits exist at once. The price is a second lm_head product in the forward direction
-(the head's FLOPs go from 3 to 4 products of the logits' size).
+copy (1.6 GB), the softcap's output, and what the backward pass keeps of them. Here at most one chunk's logits exist
+at once, in one of two ways:
+
+- a mean or a sum that gradients will flow from (training's loss): the forward pass computes the loss and, while
+  the chunk's logits are at hand, its gradients with respect to the head's input and weight; the backward pass
+  only scales them by the incoming gradient (a scalar). The head's FLOPs stay the plain path's 3 products of the
+  logits' size, and the logits are read twice (loss, gradient) instead of the plain path's three passes;
+- per-token losses (evaluation, RL's advantage weights): the forward pass keeps each token's log-sum-exp (4 bytes
+  a token) and the backward pass recomputes the logits, for a fourth product of the logits' size.
 
 The arithmetic is the plain path's: the product in the autocast dtype (or the input's), the softcap and the
 cross-entropy in float32, the gradient of the logits cast back to the product's dtype before the two backward
@@ -75,14 +80,53 @@ class ChunkedSoftcapCrossEntropy(torch.autograd.Function):
         return torch.cat(grad_x), grad_weight.to(weight.dtype), None, None, None, None, None
 
 
+class FusedSoftcapCrossEntropy(torch.autograd.Function):
+    """scale x the sum of the per-token losses of x (N, D) through the head weight (V_padded, D), chunk_tokens rows
+    at a time, its gradients computed in the forward pass (scale: 1, or 1 / the number of counted targets)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, scale, vocab_size: int, softcap: float, chunk_tokens: int,
+                dtype: torch.dtype):
+        w = weight.to(dtype)
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = []
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)  # summed over chunks in float32
+        for start in range(0, x.size(0), chunk_tokens):
+            x_chunk, chunk_targets = x[start:start + chunk_tokens].to(dtype), targets[start:start + chunk_tokens]
+            capped = softcapped_logits(x_chunk, w, vocab_size, softcap)
+            log_sum_exp = torch.logsumexp(capped, dim=-1)
+            target_logit = capped.gather(1, chunk_targets.clamp(min=0)[:, None]).squeeze(1)
+            total += torch.where(chunk_targets == IGNORE_INDEX, 0.0, log_sum_exp - target_logit).sum()
+            # Every counted token's gradient at weight 1, its entries within [-1, 1], for the 16-bit products; the
+            # scale (1/8,192 for a mean over 16 x 512 tokens) follows in float32, where fp16 would flush the
+            # gradients of most logits to zero.
+            grad_logits = logits_gradient(capped, log_sum_exp, chunk_targets, torch.ones_like(log_sum_exp), softcap,
+                                          weight.size(0), dtype)
+            grad_x.append((grad_logits @ w).float())
+            grad_weight.add_(grad_logits.t() @ x_chunk)
+        ctx.save_for_backward(torch.cat(grad_x).mul_(scale), grad_weight.mul_(scale))
+        ctx.x_dtype, ctx.weight_dtype = x.dtype, weight.dtype
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_x, grad_weight = ctx.saved_tensors
+        return ((grad_x * grad_total).to(ctx.x_dtype), (grad_weight * grad_total).to(ctx.weight_dtype),
+                None, None, None, None, None, None)
+
+
 def chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, vocab_size: int,
                           softcap: float, chunk_tokens: int, reduction: str = "mean") -> torch.Tensor:
     """The softcapped cross-entropy of x (..., D) through the head `weight` against targets (...), as
     F.cross_entropy(..., ignore_index=-1, reduction=reduction) of the plain path's logits computes it."""
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-    losses = ChunkedSoftcapCrossEntropy.apply(x.reshape(-1, x.size(-1)), weight, targets.reshape(-1), vocab_size,
-                                              softcap, chunk_tokens, dtype)
+    x, flat_targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    if reduction != "none" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        scale = 1.0 if reduction == "sum" else 1 / (flat_targets != IGNORE_INDEX).sum()
+        return FusedSoftcapCrossEntropy.apply(x, weight, flat_targets, scale, vocab_size, softcap, chunk_tokens,
+                                              dtype)
+    losses = ChunkedSoftcapCrossEntropy.apply(x, weight, flat_targets, vocab_size, softcap, chunk_tokens, dtype)
     if reduction == "none":
         return losses.view_as(targets)
     if reduction == "sum":
