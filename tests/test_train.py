@@ -203,11 +203,11 @@ def test_an_overflowing_fp16_step_is_skipped_by_every_optimizer():
     result = train_step(model, optimizers, batches, 1, precision, scaler, grad_clip=1.0)
     assert result.skipped and not math.isfinite(result.grad_norm)
     assert torch.equal(model.weight, torch.ones(3)) and torch.equal(model.bias, torch.zeros(3))
-    assert scaler.get_scale() == 2.0**15  # the scaler backs off
+    assert result.grad_scale == 2.0**16 and scaler.get_scale() == 2.0**15  # the step's scale; then it backs off
 
     model.factor = 1.0
     result = train_step(model, optimizers, batches, 1, precision, scaler, grad_clip=0.0)
-    assert not result.skipped and result.grad_norm == pytest.approx(math.sqrt(6))
+    assert not result.skipped and result.grad_norm == pytest.approx(math.sqrt(6)) and result.grad_scale == 2.0**15
     assert torch.allclose(model.weight, torch.full((3,), 0.9)) and torch.allclose(model.bias, torch.full((3,), -0.1))
 
 

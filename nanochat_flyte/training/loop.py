@@ -67,6 +67,7 @@ class StepResult:
     loss: float  # mean over micro-batches and ranks
     grad_norm: float  # before clipping; inf/nan on an fp16 overflow
     skipped: bool  # the grad scaler found inf/nan gradients and no optimizer stepped
+    grad_scale: float | None = None  # fp16: the loss scale this step's gradients were computed at
 
 
 def next_token_loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
@@ -116,8 +117,10 @@ def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], 
         for optimizer in optimizers:  # clip (and step) the true gradients, not the scaled ones
             grad_scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip if grad_clip > 0 else math.inf)
+    grad_norm = grad_norm.to(loss.device)  # (on the CPU where no parameter had a gradient)
     if grad_scaler:
-        loss_value, norm_value = torch.stack([loss, grad_norm]).tolist()
+        # the scale before update(), read in the same wait (get_scale() would wait again, for the optimizers)
+        loss_value, norm_value, scale_value = torch.stack([loss, grad_norm, grad_scaler._get_scale_async()]).tolist()
         # skip the whole step on inf/nan, not only the optimizers whose own gradients overflowed. The gradients are
         # unscaled already and the verdict is taken: optimizer.step() directly, where grad_scaler.step() would wait
         # for the GPU again, per optimizer, to read the same verdict.
@@ -127,12 +130,12 @@ def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], 
                 optimizer.step()
         grad_scaler.update()  # lowers the scale after an overflow, raises it after a run of good steps
     else:
-        skipped = False
+        skipped, scale_value = False, None
         for optimizer in optimizers:
             optimizer.step()
         loss_value, norm_value = torch.stack([loss, grad_norm]).tolist()
     model.zero_grad(set_to_none=not cuda_graphs)
-    return StepResult(loss=loss_value, grad_norm=norm_value, skipped=skipped)
+    return StepResult(loss=loss_value, grad_norm=norm_value, skipped=skipped, grad_scale=scale_value)
 
 
 def build_model(config: RunConfig, vocab_size: int, device: torch.device) -> GPT:
@@ -443,12 +446,12 @@ class Trainer:
 
     def optimizer_step(self, step: int) -> tuple[StepResult, float]:
         """One optimizer step from `step`, re-run with a smaller device batch after a CUDA out-of-memory error.
-        Returns its result and its wall time in seconds."""
+        Returns its result and its wall time in seconds: until train_step has read the loss. No synchronisation
+        around it: the GPU works on the step's last kernels (the optimizers', with fp16) while the host logs and
+        starts the next step, whose time then includes them; over the steps the times add up to the GPU's."""
         config, loop, device = self.config, self.loop, self.device
         apply_schedules(self.optimizers, step, config)
         loader_at_step_start = self.loader.state_dict()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
         start = time.perf_counter()
         while True:
             try:
@@ -474,8 +477,6 @@ class Trainer:
                 self.loader.close()
                 self.loader = self.phase.batches(loop.device_batch_size, device, self.rank, self.world_size,
                                                  loader_at_step_start)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
         return result, time.perf_counter() - start
 
     def log_step(self, step: int, result: StepResult, dt: float, phase_metrics: dict[str, float]) -> None:
@@ -491,8 +492,8 @@ class Trainer:
                    "train/skipped_steps": loop.skipped_steps, **phase_metrics}
         if self.device.type == "cuda":
             metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        if self.grad_scaler:
-            metrics["train/grad_scale"] = self.grad_scaler.get_scale()
+        if result.grad_scale is not None:
+            metrics["train/grad_scale"] = result.grad_scale
         self.tracker.log(step, metrics)
         mean_dt = loop.timed_seconds / loop.timed_steps if loop.timed_steps else dt
         eta = (config.num_iterations - step) * mean_dt
