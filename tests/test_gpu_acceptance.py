@@ -91,7 +91,7 @@ def test_a_section_gets_its_budget_and_the_time_earlier_ones_left_over():
     budgets = acceptance.SECTION_BUDGETS_S
     assert set(budgets) == set(acceptance.SECTIONS)
     assert sum(budgets[name] for name in acceptance.DEFAULT_SECTIONS) <= acceptance.DEFAULT_TIME_LIMIT_S
-    assert acceptance.section_timeout("tests", ["throughput", "t4"], 400) == 400 - budgets["throughput"] - budgets["t4"]
+    assert acceptance.section_timeout("tests", ["throughput", "t4"], 500) == 500 - budgets["throughput"] - budgets["t4"]
     assert acceptance.section_timeout("throughput", ["t4"], 200) == budgets["throughput"]
     assert acceptance.section_timeout("t4", [], 40) == 40  # never more than what is left
 
@@ -217,16 +217,15 @@ SIDE_BY_SIDE = {"status": "completed", "shape": {"depth": 8, "seq_len": 512, "de
                 "ours_t4_path": variant(), "ratio": 0.8}
 
 
-def decode_variant(compile_mode: str | None, one_prompt: float, batch_of_8: float) -> dict:
+def decode_variant(compile_mode: str | None, one_prompt: float) -> dict:
     """An engine measurement as engine_throughput.main writes it (its batch sizes as JSON keys, strings)."""
     return {"compile": compile_mode is not None, "compile_mode": compile_mode, "dtype": "bfloat16",
             "prompt_tokens": 256, "new_tokens": 64, "prefill_ms": 6.5, "one_prompt_decode_tokens_per_sec": one_prompt,
-            "decode_tokens_per_sec": {"1": one_prompt * 0.9, "8": batch_of_8}}
+            "decode_tokens_per_sec": {"1": one_prompt * 0.9}}
 
 
-DECODE = {"status": "completed", "variants": [decode_variant(None, 127.0, 900.0),
-                                              decode_variant("default", 450.0, 3000.0),
-                                              decode_variant("reduce-overhead", 1500.0, 9000.0)]}
+DECODE = {"status": "completed", "variants": [decode_variant(None, 127.0), decode_variant("default", 450.0),
+                                              decode_variant("reduce-overhead", 1500.0)]}
 
 
 def report_with(sections: dict) -> dict:
@@ -305,9 +304,8 @@ def test_the_summary_is_a_short_markdown_table():
     assert ("Profile of the T4 path's step with CUDA graphs, Muon batched, the loss in chunks of 2,048: 82.0 ms, "
             "GPU busy 75.0 ms (8% idle); MFU if the GPU were never idle: 30.0%:") in text
     assert "| matmul: blocks | 30.00 | 50% |" in text
-    assert ("| decode step | prefill, ms | one prompt's decode, tokens/s | batch of 8, tokens/s (prefill included) |\n"
-            "|---|---|---|---|\n| eager | 6.5 | 127 | 900 |\n| compiled (default) | 6.5 | 450 | 3,000 |\n"
-            "| compiled (reduce-overhead) | 6.5 | 1,500 | 9,000 |\n") in text
+    assert ("| decode step | prefill, ms | one prompt's decode, tokens/s |\n|---|---|---|\n| eager | 6.5 | 127 |\n"
+            "| compiled (default) | 6.5 | 450 |\n| compiled (reduce-overhead) | 6.5 | 1,500 |\n") in text
     assert ("Side by side with nanochat (commit 92d63d4), d8 at context 512, device batch 16, 65,536 tokens per step, "
             "each with its own torch.compile; ours over nanochat in bf16: x0.80") in text
     assert ("| nanochat | bfloat16 | 100.0 | 655,360 | n/a | 7.25 GiB |\n"
