@@ -35,6 +35,10 @@ from nanochat_flyte.training.loop import (
 )
 
 GPT2_VOCAB_SIZE = 50257
+# Issue 25's speed levers, all on: each micro-batch replayed as CUDA graphs, Muon batched by shape, the loss in
+# chunks of 2,048 tokens (4 per micro-batch of 16 x 512). Off by default until a GPU measurement says they help;
+# the acceptance and the side by side with nanochat measure them beside the defaults.
+SPEED_LEVERS = {"compile_mode": "reduce-overhead", "muon_batched": True, "loss_chunk_tokens": 2048}
 T4_PEAK_FP16_FLOPS = 65e12  # dense fp16 tensor-core peak, from NVIDIA's T4 datasheet
 
 # How the profile sorts CUDA kernels, by (lower-cased) kernel name. cuBLAS and CUTLASS name their matrix

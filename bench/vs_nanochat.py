@@ -6,8 +6,9 @@ DIR is an unmodified checkout of nanochat (github.com/karpathy/nanochat, MIT), n
 (docs/gpu_acceptance.md says how to bring one as the ignored folder .nanochat/). It runs as it is, `python -m
 scripts.base_train`, at the reference shape (depth 8, context 512, device batch 16, 65,536 tokens a step) in bf16
 with its own torch.compile. Ours: the real train_step at the same shape in bf16, compiled (bench/train_throughput.py),
-and the T4 path (fp16 + GradScaler, compiled) beside them. bench/gpu_acceptance.py runs this as its `vs_nanochat`
-section and puts the ratio in its summary.
+with the defaults and with all the speed levers (train_throughput.SPEED_LEVERS), and the T4 path (fp16 + GradScaler,
+compiled) beside them. bench/gpu_acceptance.py runs this as its `vs_nanochat` section and puts the ratios in its
+summary.
 
 nanochat runs offline here with nothing of it changed; what it would download or train first is made for it:
 - its data: parquet files with a `text` column in $NANOCHAT_BASE_DIR/base_data_climbmix (the last one is its
@@ -184,10 +185,12 @@ def checkout_commit(checkout: Path) -> str | None:
 # ---------------------------------------------------------------------- the comparison
 
 
-def ours(config: RunConfig, dtype: str, steps: int, warmup_steps: int, log: Callable[[str], None]) -> dict:
-    """Our train_step at config's shape in dtype, compiled (on CUDA), timed as the throughput benchmark times it."""
-    result = train_throughput.measure(dataclasses.replace(config, dtype=dtype, compile=True), steps, warmup_steps,
-                                      log=log)
+def ours(config: RunConfig, dtype: str, steps: int, warmup_steps: int, log: Callable[[str], None],
+         **levers) -> dict:
+    """Our train_step at config's shape in dtype, compiled (on CUDA), timed as the throughput benchmark times it;
+    levers: RunConfig fields (train_throughput.SPEED_LEVERS)."""
+    result = train_throughput.measure(dataclasses.replace(config, dtype=dtype, compile=True, **levers), steps,
+                                      warmup_steps, log=log)
     torch.compiler.reset()  # drop the compiled graphs (and the model they hold) before the next measurement
     gc.collect()
     if torch.cuda.is_available():
@@ -195,9 +198,9 @@ def ours(config: RunConfig, dtype: str, steps: int, warmup_steps: int, log: Call
     return result
 
 
-def ratio(report: dict) -> float | None:
-    """Our bf16 tokens/s over nanochat's (above 1: we are faster)."""
-    ours_rate = report.get("ours", {}).get("tok_per_sec")
+def ratio(report: dict, ours_key: str = "ours") -> float | None:
+    """Our bf16 tokens/s (report[ours_key]) over nanochat's (above 1: we are faster)."""
+    ours_rate = report.get(ours_key, {}).get("tok_per_sec")
     theirs = report.get("nanochat", {}).get("tok_per_sec")
     return ours_rate / theirs if ours_rate and theirs else None
 
@@ -206,13 +209,14 @@ def compare(checkout: Path, work_dir: Path, record: Callable[[dict], None], *, d
             config: RunConfig | None = None, nanochat_steps: int = NANOCHAT_STEPS, our_steps: int = OUR_STEPS,
             our_warmup_steps: int = OUR_WARMUP_STEPS, timeout_s: float = 600, log: Callable[[str], None] = print
             ) -> dict:
-    """nanochat, then ours in bf16, then our T4 path; each result passed to record as soon as it is known."""
+    """nanochat, then ours in bf16 (with the defaults, then with all the speed levers), then our T4 path; each
+    result passed to record as soon as it is known."""
     config = dataclasses.replace(config or RunConfig(), device=device)
     report: dict = {"shape": shape(config), "dtype": "bfloat16", "nanochat_commit": checkout_commit(checkout)}
 
     def update(values: dict) -> None:
         report.update(values)
-        report["ratio"] = ratio(report)
+        report["ratio"], report["ratio_levers"] = ratio(report), ratio(report, "ours_levers")
         record(report)
 
     update({"nanochat_home": prepare_home(work_dir / "nanochat_home", checkout)})
@@ -222,6 +226,8 @@ def compare(checkout: Path, work_dir: Path, record: Callable[[dict], None], *, d
                        mfu(nanochat["flops_per_token"], nanochat["tok_per_sec"], peak))
     update({"nanochat": nanochat})
     update({"ours": ours(config, "bfloat16", our_steps, our_warmup_steps, log)})
+    update({"ours_levers": ours(config, "bfloat16", our_steps, our_warmup_steps, log,
+                                **train_throughput.SPEED_LEVERS)})
     update({"ours_t4_path": ours(config, "float16", our_steps, our_warmup_steps, log)})
     return report
 
@@ -255,8 +261,9 @@ def main(argv: list[str] | None = None) -> dict:
     report = compare(args.nanochat, args.work_dir, record, device=args.device, config=config,
                      nanochat_steps=args.nanochat_steps, our_steps=args.steps,
                      log=lambda line: print(line, flush=True))
-    print(json.dumps({key: report[key] for key in ("shape", "dtype", "ratio")}
-                     | {name: report[name]["tok_per_sec"] for name in ("nanochat", "ours", "ours_t4_path")}))
+    print(json.dumps({key: report[key] for key in ("shape", "dtype", "ratio", "ratio_levers")}
+                     | {name: report[name]["tok_per_sec"] for name in ("nanochat", "ours", "ours_levers",
+                                                                       "ours_t4_path")}))
     return report
 
 

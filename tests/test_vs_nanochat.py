@@ -122,18 +122,22 @@ def test_the_comparison_runs_nanochat_as_a_checkout_then_ours_on_a_cpu(tmp_path,
                                 "--run", "dummy", "--device-type", "cpu"]
     assert "nanochat | Peak memory usage: 512.00MiB" in lines
 
-    nanochat, ours, t4_path = report["nanochat"], report["ours"], report["ours_t4_path"]
+    nanochat, ours, levers, t4_path = report["nanochat"], report["ours"], report["ours_levers"], report["ours_t4_path"]
     assert nanochat["return_code"] == 0 and nanochat["timed_steps"] == 2  # steps 5 and 6: 200 and 100 ms
     assert nanochat["tok_per_sec"] == pytest.approx(2 * 128 / 0.3) and nanochat["peak_memory_gib"] == 0.5
     assert nanochat["mfu"] is None  # a CPU has no known peak
     assert (ours["dtype"], t4_path["dtype"]) == ("bfloat16", "float16") and ours["depth"] == t4_path["depth"] == 1
     assert report["ratio"] == pytest.approx(ours["tok_per_sec"] / nanochat["tok_per_sec"])
+    assert (levers["dtype"], levers["muon_batched"], levers["loss_chunk_tokens"]) == ("bfloat16", True, 2048)
+    assert report["ratio_levers"] == pytest.approx(levers["tok_per_sec"] / nanochat["tok_per_sec"])
     assert report["shape"] == {"depth": 1, "seq_len": 32, "device_batch_size": 2, "total_batch_size": 128}
     assert report["dtype"] == "bfloat16" and report["nanochat_commit"] is None  # a folder without .git
     # recorded as it went: the home, then nanochat, then each of ours, the ratio once both sides are in
-    assert [sorted(set(r) & {"nanochat", "ours", "ours_t4_path"}) for r in records] == [
-        [], ["nanochat"], ["nanochat", "ours"], ["nanochat", "ours", "ours_t4_path"]]
-    assert [r["ratio"] is None for r in records] == [True, True, False, False]
+    assert [sorted(set(r) & {"nanochat", "ours", "ours_levers", "ours_t4_path"}) for r in records] == [
+        [], ["nanochat"], ["nanochat", "ours"], ["nanochat", "ours", "ours_levers"],
+        ["nanochat", "ours", "ours_levers", "ours_t4_path"]]
+    assert [r["ratio"] is None for r in records] == [True, True, False, False, False]
+    assert [r["ratio_levers"] is None for r in records] == [True, True, True, False, False]
 
 
 def test_a_nanochat_that_fails_leaves_its_last_words_and_no_ratio(tmp_path, tiny_reference):
