@@ -56,6 +56,7 @@ def test_empty_run_name_is_derived_from_depth_and_time():
     (dict(num_shards=0), "num_shards"),
     (dict(tokenizer="sentencepiece"), "tokenizer"),
     (dict(wandb_mode="sometimes"), "wandb_mode"),
+    (dict(compile_mode="fast"), "compile_mode"),
     (dict(val_shard=3, num_shards=10), "val_shard"),
     (dict(data_url=""), "data_url"),
     (dict(eval_tokens=100), "eval_tokens"),
