@@ -114,6 +114,11 @@ def check(name: str, passed: bool | None, detail: str) -> dict:
     return {"name": name, "passed": passed, "detail": detail}
 
 
+def error_line(error: BaseException) -> str:
+    """An exception as one line for the JSON and the markdown (its traceback goes to the log)."""
+    return f"{type(error).__name__}: {error}".splitlines()[0][:500]
+
+
 def finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None  # JSON has no NaN or inf
 
@@ -201,15 +206,19 @@ def throughput_section(work_dir: Path, record: Callable[[dict], None], args: arg
                                 "device_batch_size": REFERENCE.device_batch_size,
                                 "total_batch_size": REFERENCE.total_batch_size,
                                 "vocab_size": train_throughput.GPT2_VOCAB_SIZE}})
-    variants = []
+    variants, failed = [], []
     for overrides in THROUGHPUT_VARIANTS:
         config = dataclasses.replace(REFERENCE, device="cuda", **overrides)
         print(f"throughput: {overrides}", flush=True)
         profiled = overrides in PROFILED_VARIANTS
-        result = train_throughput.measure(config, steps, warmup_steps, profile=profile_steps if profiled else 0,
-                                          log=lambda line: print(line, flush=True))
-        variants.append(result)
-        record({"variants": variants, "checks": throughput_checks(variants)})
+        try:
+            variants.append(train_throughput.measure(config, steps, warmup_steps,
+                                                     profile=profile_steps if profiled else 0,
+                                                     log=lambda line: print(line, flush=True)))
+        except Exception as error:  # a lever that breaks on this GPU must not cost the other variants' figures
+            traceback.print_exc()
+            failed.append({**overrides, "error": error_line(error)})
+        record({"variants": variants, "failed_variants": failed, "checks": throughput_checks(variants)})
         torch.compiler.reset()  # drop the compiled graphs (and the model they hold) before the next variant
         free_cuda_memory()
 
@@ -296,17 +305,26 @@ def vs_nanochat_section(work_dir: Path, record: Callable[[dict], None], args: ar
 def decode_section(work_dir: Path, record: Callable[[dict], None], args: argparse.Namespace) -> None:
     import engine_throughput  # bench/, this script's folder
 
-    variants = []
+    variants, failed = [], []
     for compile_flags in DECODE_VARIANTS:
         print(f"decode: {compile_flags or 'eager'}", flush=True)
-        variants.append(engine_throughput.main(["--device", "cuda", "--batch-sizes", "1", "--new-tokens", "64",
-                                                "--repeats", "2" if args.quick else "3", *compile_flags]))
-        best = max(v["one_prompt_decode_tokens_per_sec"] for v in variants)
-        record({"variants": variants, "checks": [
-            check(f"one prompt decodes at >= {DECODE_TARGET_TOK_S} tokens/s (the fastest engine setting)",
-                  best >= DECODE_TARGET_TOK_S, f"{best:,.0f} tokens/s")]})
+        try:
+            variants.append(engine_throughput.main(["--device", "cuda", "--batch-sizes", "1", "--new-tokens", "64",
+                                                    "--repeats", "2" if args.quick else "3", *compile_flags]))
+        except Exception as error:  # as in the throughput section: the other settings still get measured
+            traceback.print_exc()
+            failed.append({"flags": " ".join(compile_flags), "error": error_line(error)})
+        record({"variants": variants, "failed_variants": failed, "checks": decode_checks(variants)})
         torch.compiler.reset()
         free_cuda_memory()
+
+
+def decode_checks(variants: list[dict]) -> list[dict]:
+    if not variants:
+        return []
+    best = max(v["one_prompt_decode_tokens_per_sec"] for v in variants)
+    return [check(f"one prompt decodes at >= {DECODE_TARGET_TOK_S} tokens/s (the fastest engine setting)",
+                  best >= DECODE_TARGET_TOK_S, f"{best:,.0f} tokens/s")]
 
 
 SECTIONS = {"tests": tests_section, "throughput": throughput_section, "t4": t4_section,
@@ -335,7 +353,7 @@ def run_section(name: str, result_file: Path, work_dir: Path, args: argparse.Nam
         SECTIONS[name](work_dir, record, args)
     except Exception as error:  # the orchestrator reports it and goes on with the next section
         traceback.print_exc()
-        record({"status": "error", "error": f"{type(error).__name__}: {error}".splitlines()[0][:500]})
+        record({"status": "error", "error": error_line(error)})
         return 1
     record({"status": "completed"})
     return 0
@@ -471,6 +489,8 @@ def markdown_summary(report: dict) -> str:
         for variant in throughput["variants"]:
             if "profile" in variant:
                 lines += profile_table(variant)
+    lines += [f"\nThroughput variant {json.dumps({k: v for k, v in failure.items() if k != 'error'})} failed: "
+              f"{failure['error']}" for failure in throughput.get("failed_variants", [])]
     decode = report["sections"].get("decode", {}).get("variants", [])
     if decode:
         lines += ["", f"The engine on a random d8 (context 512), a {decode[0]['prompt_tokens']}-token prompt, "
@@ -478,19 +498,25 @@ def markdown_summary(report: dict) -> str:
                   "| decode step | prefill, ms | one prompt's decode, tokens/s |", "|---|---|---|"]
         lines += [f"| {decode_setting(v)} | {milliseconds(v['prefill_ms'])} | "
                   f"{tok_s(v.get('one_prompt_decode_tokens_per_sec'))} |" for v in decode]
+    lines += [f"\nDecode with `{failure['flags'] or 'eager'}` failed: {failure['error']}"
+              for failure in report["sections"].get("decode", {}).get("failed_variants", [])]
     side_by_side = report["sections"].get("vs_nanochat", {})
     if side_by_side.get("shape"):
-        shape, ratio = side_by_side["shape"], side_by_side.get("ratio")
+        shape = side_by_side["shape"]
+        ratio, ratio_levers = (side_by_side.get(key) for key in ("ratio", "ratio_levers"))
         lines += ["", f"Side by side with nanochat (commit {side_by_side.get('nanochat_commit') or 'unknown'}), "
                       f"d{shape['depth']} at context {shape['seq_len']}, device batch {shape['device_batch_size']}, "
                       f"{shape['total_batch_size']:,} tokens per step, each with its own torch.compile; ours over "
-                      f"nanochat in bf16: {'n/a' if ratio is None else f'x{ratio:.2f}'}", "",
+                      f"nanochat in bf16: {'n/a' if ratio is None else f'x{ratio:.2f}'}, with all the speed levers: "
+                      f"{'n/a' if ratio_levers is None else f'x{ratio_levers:.2f}'}", "",
                   "| run | dtype | ms/step | tokens/s | MFU | peak memory |", "|" + "---|" * 6]
         runs = (("nanochat", "nanochat"), ("ours", "ours"), ("ours, all the speed levers", "ours_levers"),
                 ("ours, the T4 path", "ours_t4_path"))
         lines += [f"| {name} | {run['dtype']} | {milliseconds(run['ms_per_step'])} | {tok_s(run['tok_per_sec'])} | "
                   f"{percent(run['mfu'])} | {gib(run['peak_memory_gib'])} |"
                   for name, key in runs if (run := side_by_side.get(key))]
+        lines += [f"\n{name} failed: {run['error']}" for name, key in runs
+                  if (run := side_by_side.get(key)) and run.get("error")]
     return "\n".join(lines) + "\n"
 
 

@@ -38,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -188,9 +189,15 @@ def checkout_commit(checkout: Path) -> str | None:
 def ours(config: RunConfig, dtype: str, steps: int, warmup_steps: int, log: Callable[[str], None],
          **levers) -> dict:
     """Our train_step at config's shape in dtype, compiled (on CUDA), timed as the throughput benchmark times it;
-    levers: RunConfig fields (train_throughput.SPEED_LEVERS)."""
-    result = train_throughput.measure(dataclasses.replace(config, dtype=dtype, compile=True, **levers), steps,
-                                      warmup_steps, log=log)
+    levers: RunConfig fields (train_throughput.SPEED_LEVERS). A measurement that fails is recorded with its error
+    and no figures: the ones after it still run."""
+    try:
+        result = train_throughput.measure(dataclasses.replace(config, dtype=dtype, compile=True, **levers), steps,
+                                          warmup_steps, log=log)
+    except Exception as error:
+        traceback.print_exc()
+        result = {"dtype": dtype, **levers, "error": f"{type(error).__name__}: {error}".splitlines()[0][:500],
+                  **dict.fromkeys(("ms_per_step", "tok_per_sec", "mfu", "peak_memory_gib"))}
     torch.compiler.reset()  # drop the compiled graphs (and the model they hold) before the next measurement
     gc.collect()
     if torch.cuda.is_available():

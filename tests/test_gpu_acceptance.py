@@ -279,6 +279,28 @@ def test_the_summary_holds_the_headline_figures_and_null_for_what_was_not_measur
                                        "mfu": 0.31, "tok_s": 819200.0}
 
 
+def test_a_variant_that_fails_is_named_with_its_error_and_the_others_keep_their_figures():
+    throughput = {"status": "completed", "variants": [variant()], "reference_shape": {
+        "depth": 8, "seq_len": 512, "device_batch_size": 16, "total_batch_size": 65536}, "failed_variants": [
+        {"dtype": "float16", "compile": True, "compile_mode": "reduce-overhead", "error": "RuntimeError: graph"}]}
+    decode = {**DECODE, "failed_variants": [{"flags": "--compile --compile-mode reduce-overhead",
+                                             "error": "RuntimeError: replay"}]}
+    side_by_side = {**SIDE_BY_SIDE, "ratio_levers": None, "ours_levers": {
+        "dtype": "bfloat16", "error": "RuntimeError: graph", "ms_per_step": None, "tok_per_sec": None, "mfu": None,
+        "peak_memory_gib": None}}
+    report = report_with({"throughput": throughput, "decode": decode, "vs_nanochat": side_by_side})
+    text = acceptance.markdown_summary(report)
+    assert ('Throughput variant {"dtype": "float16", "compile": true, "compile_mode": "reduce-overhead"} failed: '
+            "RuntimeError: graph") in text
+    assert "Decode with `--compile --compile-mode reduce-overhead` failed: RuntimeError: replay" in text
+    assert "| ours, all the speed levers | bfloat16 | n/a | n/a | n/a | n/a |" in text
+    assert "ours, all the speed levers failed: RuntimeError: graph" in text
+    assert "with all the speed levers: n/a" in text
+    summary = acceptance.acceptance_summary(report)
+    assert summary["t4_path_mfu"] == 0.274 and summary["vs_nanochat"]["ratio_levers"] is None
+    assert acceptance.decode_checks([]) == []
+
+
 def test_the_summary_is_a_short_markdown_table():
     profile = {"step_ms": 82.0, "gpu_busy_ms": 60.0, "gpu_idle_percent": 26.8, "mfu_if_never_idle": 0.3745,
                "categories_ms": {"matmul: blocks": 30.0, "optimizer step": 6.0}}
@@ -292,6 +314,7 @@ def test_the_summary_is_a_short_markdown_table():
                                                                   for v in measured])}
     text = acceptance.markdown_summary(report_with({"throughput": throughput_section, "vs_nanochat": SIDE_BY_SIDE,
                                                     "decode": DECODE}))
+    assert "in bf16: x0.80, with all the speed levers: x1.10" in text
     assert text.startswith("# GPU acceptance: NVIDIA H100 80GB HBM3, 2026-11-27 09:30 UTC\n")
     assert "**NOT PASSED**: 0 of 1 checks passed in 300 s." in text
     assert ("| T4 path (fp16 + GradScaler, compile) at >= 30% MFU on this device | FAIL | 27.4% MFU on NVIDIA H100 |"

@@ -140,6 +140,16 @@ def test_the_comparison_runs_nanochat_as_a_checkout_then_ours_on_a_cpu(tmp_path,
     assert [r["ratio_levers"] is None for r in records] == [True, True, True, False, False]
 
 
+def test_a_measurement_of_ours_that_fails_is_recorded_and_the_next_still_runs(tiny_reference, monkeypatch):
+    def broken(config, *args, **kwargs):
+        raise RuntimeError("CUDA graphs: an input was overwritten\nmore detail")
+
+    monkeypatch.setattr(vs_nanochat.train_throughput, "measure", broken)
+    result = vs_nanochat.ours(tiny_reference, "bfloat16", 1, 1, lambda line: None, muon_batched=True)
+    assert result["error"] == "RuntimeError: CUDA graphs: an input was overwritten"
+    assert (result["dtype"], result["muon_batched"], result["tok_per_sec"]) == ("bfloat16", True, None)
+
+
 def test_a_nanochat_that_fails_leaves_its_last_words_and_no_ratio(tmp_path, tiny_reference):
     checkout = stand_in_checkout(tmp_path / "nanochat", "raise SystemExit('no CUDA device here')\n")
     report = vs_nanochat.compare(checkout, tmp_path / "work", lambda report: None, device="cpu",
