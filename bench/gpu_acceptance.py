@@ -54,6 +54,7 @@ CARRIED_TIKTOKEN_CACHE = ROOT / ".cache" / "tiktoken"  # where tests/conftest.py
 if not (Path(os.environ.get("TIKTOKEN_CACHE_DIR", CARRIED_TIKTOKEN_CACHE)) / GPT2_RANKS_FILE).is_file():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(CARRIED_TIKTOKEN_CACHE)
 
+from bench import train_throughput  # noqa: E402
 from bench.train_throughput import SPEED_LEVERS  # noqa: E402
 from nanochat_flyte.config import load_config  # noqa: E402
 from nanochat_flyte.model.checkpoint import write_json  # noqa: E402
@@ -199,8 +200,6 @@ def levers(variant: dict) -> dict:
 
 
 def throughput_section(work_dir: Path, record: Callable[[dict], None], args: argparse.Namespace) -> None:
-    import train_throughput  # bench/, this script's folder
-
     steps, warmup_steps, profile_steps = (3, 2, 1) if args.quick else (10, 3, 2)
     record({"reference_shape": {"depth": REFERENCE.depth, "seq_len": REFERENCE.max_seq_len,
                                 "device_batch_size": REFERENCE.device_batch_size,

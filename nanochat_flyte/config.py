@@ -89,7 +89,7 @@ class RunConfig(StrictConfig):
     # launch for the whole graph instead of one per kernel, for a host that cannot keep up with a fast GPU.
     compile_mode: str = "default"
     # 0: the loss from the logits of every position at once. N: lm_head, softcap and cross-entropy N tokens at a
-    # time, the logits recomputed in the backward pass instead of kept (less memory, one more lm_head product).
+    # time, without keeping the logits (less memory; a training loss gets its gradients in the same pass).
     loss_chunk_tokens: int = 0
     muon_batched: bool = False  # Muon's update for all matrices of one shape at once, in batched products
 

@@ -30,6 +30,13 @@ def softcapped_logits(x: torch.Tensor, weight: torch.Tensor, vocab_size: int, so
     return logits.div_(softcap).tanh_().mul_(softcap)
 
 
+def token_losses(capped: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token losses, log-sum-exps) of one chunk's capped logits; an ignored target's loss is 0."""
+    log_sum_exp = torch.logsumexp(capped, dim=-1)
+    target_logit = capped.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+    return torch.where(targets == IGNORE_INDEX, 0.0, log_sum_exp - target_logit), log_sum_exp
+
+
 def logits_gradient(capped: torch.Tensor, log_sum_exp: torch.Tensor, targets: torch.Tensor,
                     grad_losses: torch.Tensor, softcap: float, padded_vocab_size: int, dtype: torch.dtype
                     ) -> torch.Tensor:
@@ -54,10 +61,8 @@ class ChunkedSoftcapCrossEntropy(torch.autograd.Function):
         losses, log_sum_exps = [], []
         for start in range(0, x.size(0), chunk_tokens):
             capped = softcapped_logits(x[start:start + chunk_tokens].to(dtype), w, vocab_size, softcap)
-            chunk_targets = targets[start:start + chunk_tokens]
-            log_sum_exp = torch.logsumexp(capped, dim=-1)
-            target_logit = capped.gather(1, chunk_targets.clamp(min=0)[:, None]).squeeze(1)
-            losses.append(torch.where(chunk_targets == IGNORE_INDEX, 0.0, log_sum_exp - target_logit))
+            chunk_losses, log_sum_exp = token_losses(capped, targets[start:start + chunk_tokens])
+            losses.append(chunk_losses)
             log_sum_exps.append(log_sum_exp)
         ctx.save_for_backward(x, weight, targets, torch.cat(log_sum_exps))
         ctx.vocab_size, ctx.softcap, ctx.chunk_tokens, ctx.dtype = vocab_size, softcap, chunk_tokens, dtype
@@ -94,9 +99,8 @@ class FusedSoftcapCrossEntropy(torch.autograd.Function):
         for start in range(0, x.size(0), chunk_tokens):
             x_chunk, chunk_targets = x[start:start + chunk_tokens].to(dtype), targets[start:start + chunk_tokens]
             capped = softcapped_logits(x_chunk, w, vocab_size, softcap)
-            log_sum_exp = torch.logsumexp(capped, dim=-1)
-            target_logit = capped.gather(1, chunk_targets.clamp(min=0)[:, None]).squeeze(1)
-            total += torch.where(chunk_targets == IGNORE_INDEX, 0.0, log_sum_exp - target_logit).sum()
+            chunk_losses, log_sum_exp = token_losses(capped, chunk_targets)
+            total += chunk_losses.sum()
             # Every counted token's gradient at weight 1, its entries within [-1, 1], for the 16-bit products; the
             # scale (1/8,192 for a mean over 16 x 512 tokens) follows in float32, where fp16 would flush the
             # gradients of most logits to zero.
