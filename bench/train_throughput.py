@@ -6,6 +6,7 @@
     python bench/train_throughput.py --dtype float16 --loss-chunk-tokens 2048 --device-batch-size 64
     python bench/train_throughput.py --dtype float16 --muon-batched --profile-steps 2
     python bench/train_throughput.py --dtype float16 --compile-mode reduce-overhead   # CUDA graphs
+    python bench/train_throughput.py --no-compile --ignored-fraction 0.8   # SFT-like rows: 80% of targets ignored
 
 It also projects the 1000-iteration reference run (d8, 65,536 tokens per step) onto a T4 at the MFU it measured:
 MFU carries across GPUs far better than tokens/s does. Random tokens stand in for data: in training the loader
@@ -162,9 +163,11 @@ def profile_steps(run_step: Callable[[], None], steps: int, step_ms: float, padd
 
 
 def measure(config: RunConfig, steps: int, warmup_steps: int, profile: int = 0,
-            log: Callable[[str], None] = print) -> dict:
+            log: Callable[[str], None] = print, ignored_fraction: float = 0.0) -> dict:
     """Time `steps` optimizer steps of config's model (after warmup_steps untimed ones: compilation, allocator)
-    on random tokens; with profile > 0 (CUDA), also profile that many more steps."""
+    on random tokens; with profile > 0 (CUDA), also profile that many more steps. ignored_fraction: that share of
+    the targets is -1, as SFT ignores what is not the assistant's and RL what the model did not sample (tokens/s
+    and MFU still count every position)."""
     device = training_device(config)
     precision = select_precision(device, config.dtype)
     model = build_model(config, GPT2_VOCAB_SIZE, device)
@@ -173,7 +176,8 @@ def measure(config: RunConfig, steps: int, warmup_steps: int, profile: int = 0,
     compiled = compile_model(model, config, device)
     grad_accum_steps = config.grad_accum_steps()
     tokens = torch.randint(0, GPT2_VOCAB_SIZE, (config.device_batch_size, config.max_seq_len + 1), device=device)
-    batch = (tokens[:, :-1], tokens[:, 1:])
+    ignored = torch.rand(tokens[:, 1:].shape, generator=torch.Generator().manual_seed(0)) < ignored_fraction
+    batch = (tokens[:, :-1], tokens[:, 1:].masked_fill(ignored.to(device), -1))
 
     def endless_batch():
         while True:
@@ -188,7 +192,8 @@ def measure(config: RunConfig, steps: int, warmup_steps: int, profile: int = 0,
     log(f"device: {device_name} ({precision.name}, {compiled_as}, {loss}, muon batched {config.muon_batched}) | "
         f"depth {config.depth}, "
         f"{model.num_params():,} parameters, {model.estimate_flops():.3e} FLOPs/token | "
-        f"batch {config.device_batch_size} x {config.max_seq_len}, {grad_accum_steps} accumulation steps")
+        f"batch {config.device_batch_size} x {config.max_seq_len}, {grad_accum_steps} accumulation steps"
+        + (f", {ignored_fraction:.0%} of targets ignored" if ignored_fraction else ""))
 
     def run_step() -> None:
         train_step(compiled, optimizers, batches, grad_accum_steps, precision, grad_scaler, config.grad_clip,
@@ -215,6 +220,7 @@ def measure(config: RunConfig, steps: int, warmup_steps: int, profile: int = 0,
               "depth": config.depth, "seq_len": config.max_seq_len, "device_batch_size": config.device_batch_size,
               "total_batch_size": config.total_batch_size, "grad_accum_steps": grad_accum_steps,
               "loss_chunk_tokens": config.loss_chunk_tokens, "muon_batched": config.muon_batched,
+              "ignored_fraction": ignored_fraction,
               "num_params": model.num_params(), "flops_per_token": model.estimate_flops(),
               "warmup_steps": warmup_steps, "warmup_s": warmup_seconds, "steps": steps,
               "ms_per_step": 1000 * seconds / steps, "tok_per_sec": tok_per_sec, "mfu": utilisation,
@@ -273,7 +279,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="RunConfig.muon_batched: Muon's update for all matrices of one shape at once")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="CUDA: profile this many more steps and print where the GPU time goes")
+    parser.add_argument("--ignored-fraction", type=float, default=0.0,
+                        help="the share of targets set to -1 (SFT, RL: only some tokens are trained)")
     args = parser.parse_args(argv)
+    if not 0 <= args.ignored_fraction < 1:
+        parser.error(f"--ignored-fraction must be in [0, 1), got {args.ignored_fraction}")
 
     config = dataclasses.replace(reference, depth=args.depth, device_batch_size=args.device_batch_size,
                                  max_seq_len=args.seq_len, total_batch_size=args.total_batch_size, dtype=args.dtype,
@@ -281,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  loss_chunk_tokens=args.loss_chunk_tokens,
                                  muon_batched=args.muon_batched, eval_tokens=args.seq_len + 1).validate()
     result = measure(config, args.steps, args.warmup_steps, profile=args.profile_steps,
-                     log=lambda line: print(line, flush=True))
+                     log=lambda line: print(line, flush=True), ignored_fraction=args.ignored_fraction)
     utilisation = result["mfu"]
     if utilisation is None:
         t4_minutes = None

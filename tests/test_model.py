@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.model import gpt
 from nanochat_flyte.model.gpt import GPT, LOGIT_SOFTCAP, GPTConfig, KVCache, apply_rotary
 
 TINY = GPTConfig(sequence_len=16, vocab_size=100, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
@@ -69,6 +70,63 @@ def test_shapes_loss_and_zero_init():
     targets[0, :4] = -1
     per_token = model(idx, targets, loss_reduction="none")
     assert per_token.shape == targets.shape and (per_token[0, :4] == 0).all()
+
+
+def mostly_ignored_targets(idx: torch.Tensor) -> torch.Tensor:
+    """Targets of which most are -1, as in SFT (only the assistant's tokens count) and RL (only the sampled ones)."""
+    targets = torch.roll(idx, -1, dims=1)
+    targets[torch.rand(idx.shape, generator=torch.Generator().manual_seed(1)) < 0.7] = -1
+    targets[1] = -1  # a row with no target at all
+    return targets
+
+
+@pytest.mark.parametrize("chunk_tokens", [0, 4])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_the_loss_is_the_masked_cross_entropy_of_every_positions_logits(reduction, chunk_tokens, monkeypatch):
+    """The head runs only at the positions whose target counts; the loss and the gradients are those of the
+    logits at every position with the ignored targets masked out."""
+    model = build()
+    randomize(model)
+    model.loss_chunk_tokens = chunk_tokens
+    idx = torch.randint(0, TINY.vocab_size, (3, 10), generator=torch.Generator().manual_seed(0))
+    targets = mostly_ignored_targets(idx)
+    weights = torch.linspace(-1, 2, targets.numel()).view_as(targets)  # RL weighs each token's loss
+
+    def loss_and_grads(loss_of):
+        model.zero_grad(set_to_none=True)
+        loss = loss_of()
+        (loss * weights).sum().backward() if reduction == "none" else loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    expected, expected_grads = loss_and_grads(lambda: torch.nn.functional.cross_entropy(
+        model(idx).flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction).view(
+        targets.shape if reduction == "none" else ()))
+    head_rows = []  # the rows of hidden states that reach the head, on the plain and on the chunked path
+    hook = model.lm_head.register_forward_hook(lambda module, inputs, output: head_rows.append(len(inputs[0])))
+    chunked = gpt.chunked_cross_entropy
+    monkeypatch.setattr(gpt, "chunked_cross_entropy", lambda x, *args, **kwargs: head_rows.append(len(x))
+                        or chunked(x, *args, **kwargs))
+    loss, grads = loss_and_grads(lambda: model(idx, targets, loss_reduction=reduction))
+    hook.remove()
+    assert head_rows == [int((targets != -1).sum())]
+    torch.testing.assert_close(loss, expected)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad)
+    if reduction == "none":
+        assert (loss[targets == -1] == 0).all()
+
+
+def test_a_compiled_model_scores_every_position_in_one_graph():
+    """Under torch.compile the loss keeps one shape (no data-dependent selection: fullgraph would refuse it) and
+    gives the eager loss."""
+    model = build()
+    randomize(model)
+    idx = torch.randint(0, TINY.vocab_size, (3, 10), generator=torch.Generator().manual_seed(0))
+    targets = mostly_ignored_targets(idx)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for reduction in ("mean", "none"):
+        torch.testing.assert_close(compiled(idx, targets, loss_reduction=reduction),
+                                   model(idx, targets, loss_reduction=reduction))
 
 
 def test_logits_are_softcapped():

@@ -52,6 +52,12 @@ def logits_gradient(capped: torch.Tensor, log_sum_exp: torch.Tensor, targets: to
     return grad_logits
 
 
+def chunk_starts(num_tokens: int, chunk_tokens: int) -> range:
+    """Where each chunk starts; one empty chunk when there are no tokens (a batch whose targets are all ignored),
+    so that the results keep their shapes."""
+    return range(0, max(num_tokens, 1), chunk_tokens)
+
+
 class ChunkedSoftcapCrossEntropy(torch.autograd.Function):
     """Per-token losses (N,) of x (N, D) through the head weight (V_padded, D), chunk_tokens rows at a time."""
 
@@ -59,7 +65,7 @@ class ChunkedSoftcapCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, targets, vocab_size: int, softcap: float, chunk_tokens: int, dtype: torch.dtype):
         w = weight.to(dtype)
         losses, log_sum_exps = [], []
-        for start in range(0, x.size(0), chunk_tokens):
+        for start in chunk_starts(x.size(0), chunk_tokens):
             capped = softcapped_logits(x[start:start + chunk_tokens].to(dtype), w, vocab_size, softcap)
             chunk_losses, log_sum_exp = token_losses(capped, targets[start:start + chunk_tokens])
             losses.append(chunk_losses)
@@ -75,7 +81,7 @@ class ChunkedSoftcapCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype)
         grad_x = []
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)  # summed over chunks in float32
-        for start in range(0, x.size(0), chunk_tokens):
+        for start in chunk_starts(x.size(0), chunk_tokens):
             chunk = slice(start, start + chunk_tokens)
             x_chunk = x[chunk].to(dtype)
             grad_logits = logits_gradient(softcapped_logits(x_chunk, w, vocab_size, softcap), log_sum_exp[chunk],
@@ -96,7 +102,7 @@ class FusedSoftcapCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         grad_x = []
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)  # summed over chunks in float32
-        for start in range(0, x.size(0), chunk_tokens):
+        for start in chunk_starts(x.size(0), chunk_tokens):
             x_chunk, chunk_targets = x[start:start + chunk_tokens].to(dtype), targets[start:start + chunk_tokens]
             capped = softcapped_logits(x_chunk, w, vocab_size, softcap)
             chunk_losses, log_sum_exp = token_losses(capped, chunk_targets)

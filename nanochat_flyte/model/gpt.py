@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat_flyte.errors import ConfigError
-from nanochat_flyte.model.chunked_loss import chunked_cross_entropy
+from nanochat_flyte.model.chunked_loss import IGNORE_INDEX, chunked_cross_entropy
 
 HEAD_DIM = 128  # nanochat keeps heads 128 wide and adds heads as the model widens
 LOGIT_SOFTCAP = 15.0  # logits = 15 * tanh(logits / 15): bounded logits keep early training stable
@@ -285,7 +285,8 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean",
                 kv_cache: KVCache | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) -> logits (B, T, vocab_size), or with targets the cross-entropy loss ("mean", "sum",
-        or "none" for per-token losses shaped like targets; targets of -1 are ignored).
+        or "none" for per-token losses shaped like targets; targets of -1 are ignored, and run eagerly, their
+        positions never reach the head).
         logits_at, a (B, T) bool mask: only the logits of those positions, (N, vocab_size) in row-major order.
         Evaluation and decoding need a few positions, and at every position the logits would be the largest
         tensor of the forward (16 x 512 x 50,257 floats: 1.6 GB) and lm_head about half of a d8 model's FLOPs.
@@ -307,18 +308,33 @@ class GPT(nn.Module):
         if logits_at is not None:
             assert targets is None, "logits_at selects logits; the loss needs them all"
             x = x[logits_at]
-        if targets is not None and self.loss_chunk_tokens:
+        if targets is None:
+            return self.capped_logits(x)
+        if torch.compiler.is_compiling():  # one shape for every batch: a compiled graph scores every position
+            return self.head_loss(x, targets, loss_reduction)
+        # Only positions whose target counts need logits: SFT trains on the assistant's tokens and RL on the sampled
+        # answers, a fraction of each row. Eagerly the rest is skipped; in a compiled graph the count, different in
+        # every batch, would make each batch a new graph.
+        counted = targets != IGNORE_INDEX
+        losses = self.head_loss(x[counted], targets[counted], loss_reduction)
+        return losses.new_zeros(targets.shape).masked_scatter(counted, losses) if loss_reduction == "none" else losses
+
+    def capped_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of x (..., n_embd): the padding columns dropped, softcapped in float32 whatever the autocast
+        dtype."""
+        logits = self.lm_head(x)[..., :self.config.vocab_size].float()
+        return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+
+    def head_loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+        """The cross-entropy of x (..., n_embd) against targets (...), as forward() describes it."""
+        if self.loss_chunk_tokens:
             return chunked_cross_entropy(x, self.lm_head.weight, targets, vocab_size=self.config.vocab_size,
                                          softcap=LOGIT_SOFTCAP, chunk_tokens=self.loss_chunk_tokens,
-                                         reduction=loss_reduction)
-        # Drop the padding columns, then softcap and score in float32 whatever the autocast dtype.
-        logits = self.lm_head(x)[..., :self.config.vocab_size].float()
-        logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
-        return loss.view_as(targets) if loss_reduction == "none" else loss
+                                         reduction=reduction)
+        logits = self.capped_logits(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction=reduction)
+        return loss.view_as(targets) if reduction == "none" else loss
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
