@@ -155,8 +155,12 @@ def profile_steps(run_step: Callable[[], None], steps: int, step_ms: float, padd
     if not attributed:  # this torch linked no kernel to an operator: sort by kernel names alone
         kernels = [KernelTime(event.name, event.time_range.elapsed_us(), [], "") for event in device_events]
     gpu_us = busy_microseconds([(event.time_range.start, event.time_range.end) for event in device_events])
-    return {**summarize_kernels(kernels, steps, step_ms, gpu_us, padded_vocab_size),
-            "kernels_linked_to_operators": attributed}
+    result = {**summarize_kernels(kernels, steps, step_ms, gpu_us, padded_vocab_size),
+              "kernels_linked_to_operators": attributed}
+    if not device_events:  # not an idle GPU: a profiler that saw none of its work
+        result.update(gpu_busy_ms=None, gpu_idle_percent=None,
+                      note="the profiler recorded no GPU work (kernels replayed from CUDA graphs can escape it)")
+    return result
 
 
 # ---------------------------------------------------------------------- timing
@@ -245,10 +249,14 @@ def mfu_if_never_idle(utilisation: float | None, profile: dict) -> float | None:
 
 
 def format_profile(profile: dict) -> str:
+    if profile["gpu_busy_ms"] is None:
+        return f"profile: {profile['step_ms']:.1f} ms/step; {profile['note']}"
     bound = profile.get("mfu_if_never_idle")
     lines = [f"profile: {profile['step_ms']:.1f} ms/step, GPU busy {profile['gpu_busy_ms']:.1f} ms "
              f"({profile['gpu_idle_percent']:.0f}% idle)"
              + ("" if bound is None else f"; MFU if the GPU were never idle: {100 * bound:.1f}%")]
+    if profile.get("note"):
+        lines.append(f"  ({profile['note']})")
     lines += [f"  {name:<26} {ms:8.2f} ms" for name, ms in profile["categories_ms"].items()]
     lines += [f"  top: {kernel['ms']:7.2f} ms x{kernel['calls_per_step']:<5g} {kernel['category']:<26} "
               f"{kernel['name'][:70]}"

@@ -67,7 +67,13 @@ def test_the_tests_section_collects_the_cuda_tests_and_here_skips_them(tmp_path)
     names = [test["name"] for test in result["tests"]]
     defined = [line.split("(")[0].removeprefix("def ") for line in (ROOT / "tests" / "test_cuda.py").read_text()
                .splitlines() if line.startswith("def test_")]
-    assert list(dict.fromkeys(name.split("[")[0] for name in names)) == defined and len(defined) >= 7
+    first = acceptance.CUDA_TESTS_FIRST
+    assert all(any(name.startswith(prefix) for name in defined) for prefix in first)  # no stale prefix
+    rank = {name: next((i for i, prefix in enumerate(first) if name.startswith(prefix)), len(first))
+            for name in defined}
+    # the tests no GPU has passed yet first, the others in the file's order
+    assert list(dict.fromkeys(name.split("[")[0] for name in names)) == sorted(defined, key=rank.get)
+    assert len(defined) >= 7 and rank[names[0].split("[")[0]] == 0
     assert "test_the_compiled_decode_step_gives_the_eager_tokens[reduce-overhead]" in names  # one test per case
     if not torch.cuda.is_available():
         assert all(test["outcome"] == "skipped" and "needs a CUDA device" in test["message"]
@@ -127,6 +133,17 @@ def test_the_mfu_if_never_idle_scales_the_measured_mfu_by_busy_over_step_time():
     assert throughput.mfu_if_never_idle(None, profile) is None  # a device without a known peak
     assert "MFU if the GPU were never idle: 28.8%" in throughput.format_profile(
         {**profile, "gpu_idle_percent": 34.3, "mfu_if_never_idle": 0.2876, "categories_ms": {}, "top_kernels": []})
+
+
+def test_a_profile_that_saw_no_gpu_work_says_so_instead_of_an_idle_gpu():
+    """The profiler can miss kernels replayed from CUDA graphs: that is no measurement of an idle GPU."""
+    throughput = load_bench("train_throughput")
+    blind = {"step_ms": 80.0, "gpu_busy_ms": None, "gpu_idle_percent": None, "categories_ms": {}, "top_kernels": [],
+             "note": "the profiler recorded no GPU work"}
+    assert throughput.mfu_if_never_idle(0.3, blind) is None
+    assert throughput.format_profile(blind) == "profile: 80.0 ms/step; the profiler recorded no GPU work"
+    table = acceptance.profile_table(variant(compile_mode="reduce-overhead", profile=blind))
+    assert table[-1] == "Profile of the T4 path's step with CUDA graphs: 80.0 ms; the profiler recorded no GPU work."
 
 
 def test_profile_kernels_fall_into_the_parts_of_a_step():

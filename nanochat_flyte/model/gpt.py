@@ -313,8 +313,8 @@ class GPT(nn.Module):
         if torch.compiler.is_compiling():  # one shape for every batch: a compiled graph scores every position
             return self.head_loss(x, targets, loss_reduction)
         # Only positions whose target counts need logits: SFT trains on the assistant's tokens and RL on the sampled
-        # answers, a fraction of each row. Eagerly the rest is skipped; in a compiled graph the count, different in
-        # every batch, would make each batch a new graph.
+        # answers, a fraction of each row. Eagerly the rest is skipped (on a GPU the host waits once for the count);
+        # in a compiled graph the count, different in every batch, would make each batch a new graph.
         counted = targets != IGNORE_INDEX
         losses = self.head_loss(x[counted], targets[counted], loss_reduction)
         return losses.new_zeros(targets.shape).masked_scatter(counted, losses) if loss_reduction == "none" else losses
