@@ -56,7 +56,7 @@ if not (Path(os.environ.get("TIKTOKEN_CACHE_DIR", CARRIED_TIKTOKEN_CACHE)) / GPT
 
 from bench import train_throughput  # noqa: E402
 from bench.train_throughput import SPEED_LEVERS  # noqa: E402
-from nanochat_flyte.config import CUDA_GRAPH_COMPILE_MODES, load_config  # noqa: E402
+from nanochat_flyte.config import load_config  # noqa: E402
 from nanochat_flyte.model.checkpoint import write_json  # noqa: E402
 from nanochat_flyte.reporting.environment import environment_report  # noqa: E402
 from nanochat_flyte.reporting.tracking import METRICS_FILE, read_jsonl  # noqa: E402
@@ -219,15 +219,9 @@ def throughput_section(work_dir: Path, record: Callable[[dict], None], args: arg
         print(f"throughput: {overrides}", flush=True)
         profiled = overrides in PROFILED_VARIANTS
         try:
-            variant = train_throughput.measure(config, steps, warmup_steps, profile=profile_steps if profiled else 0,
-                                               log=lambda line: print(line, flush=True))
-            profile = variant.get("profile")
-            if profile and profile["gpu_busy_ms"] and config.compile_mode in CUDA_GRAPH_COMPILE_MODES:
-                # a replayed graph's kernels hang on no operator with input shapes: the head's products can only
-                # count as the blocks'; and CUPTI times graph kernels less reliably before CUDA 13.1
-                profile["note"] = ("kernels replayed from CUDA graphs: the lm_head products count under the blocks' "
-                                   "matmuls; busy time as CUPTI reports it for graph replays")
-            variants.append(variant)
+            variants.append(train_throughput.measure(config, steps, warmup_steps,
+                                                     profile=profile_steps if profiled else 0,
+                                                     log=lambda line: print(line, flush=True)))
         except Exception as error:  # a lever that breaks on this GPU must not cost the other variants' figures
             traceback.print_exc()
             failed.append({**overrides, "error": error_line(error)})

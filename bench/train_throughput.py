@@ -236,6 +236,11 @@ def measure(config: RunConfig, steps: int, warmup_steps: int, profile: int = 0,
     if profile and on_cuda:
         result["profile"] = profile_steps(run_step, profile, result["ms_per_step"], model.config.padded_vocab_size)
         result["profile"]["mfu_if_never_idle"] = mfu_if_never_idle(utilisation, result["profile"])
+        if cuda_graphs and result["profile"]["gpu_busy_ms"]:
+            # a replayed graph's kernels hang on no operator with input shapes: the head's products can only count
+            # as the blocks'; and CUPTI times graph kernels less reliably before CUDA 13.1
+            result["profile"]["note"] = ("kernels replayed from CUDA graphs: the lm_head products count under the "
+                                         "blocks' matmuls; busy time as CUPTI reports it for graph replays")
         log(format_profile(result["profile"]))
     return result
 
