@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import make_data_dir, tiny_config
 from test_chat_rl import base_checkpoint, metric_rows, rl_config, rl_data, sft_checkpoint, shortness  # noqa: F401
+from torch._dynamo.utils import counters
 
 from nanochat_flyte.data.dataloader import TokenLoader, shard_files
 from nanochat_flyte.data.tokenizer import gpt2_tokenizer
@@ -361,8 +362,8 @@ def test_generation_with_the_kv_cache_gives_the_tokens_of_full_recomputation():
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_the_compiled_decode_step_gives_the_eager_tokens(mode):
     """Engine(compile=True): a batch that shrinks as rows finish, then the same prompt alone twice (reduce-overhead:
-    CUDA graphs, a new cache each request, recorded anew or replayed). In float32, where fusing kernels moves no
-    rounding far enough to flip a greedy choice."""
+    CUDA graphs, replayed from one request to the next: the caches stay in the engine's storage). In float32, where
+    fusing kernels moves no rounding far enough to flip a greedy choice."""
     tokenizer = gpt2_tokenizer()
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_depth(2, tokenizer.n_vocab, 128)).to(CUDA)
@@ -378,8 +379,12 @@ def test_the_compiled_decode_step_gives_the_eager_tokens(mode):
     params = [SamplingParams(max_tokens=24), SamplingParams(max_tokens=12)]
     expected = eager.generate_batch(prompts, params)
     assert [c.tokens for c in compiled.generate_batch(prompts, params)] == [c.tokens for c in expected]
+    recordings = []  # each CUDA graph recorded counts its inputs that are copied in at a replay (ids, positions, mask)
     for _ in range(2):
         assert compiled.generate_batch(prompts[:1], params[0])[0].tokens == expected[0].tokens
+        recordings.append(counters["inductor"]["cudagraph_recorded_non_static_inputs"])
+    if compiled.cuda_graphs:  # the second request replays the graphs (its cache lies where the first one's did)
+        assert recordings[0] > 0 and recordings[1] == recordings[0]
     torch.compiler.reset()
 
 

@@ -16,7 +16,7 @@ from helpers import load_bench
 
 from nanochat_flyte.data.conversation import ConversationError, render_prompt
 from nanochat_flyte.data.tokenizer import gpt2_tokenizer
-from nanochat_flyte.inference.engine import Engine, SamplingParams, TextStream, sample_next_token
+from nanochat_flyte.inference.engine import Batch, Engine, SamplingParams, TextStream, sample_next_token
 from nanochat_flyte.inference.scheduler import Scheduler
 from nanochat_flyte.model.device import select_precision
 from nanochat_flyte.model.gpt import GPT, GPTConfig
@@ -118,6 +118,40 @@ def test_the_compiled_decode_step_gives_the_tokens_of_the_eager_one():
     assert [len(c.tokens) for c in batched] == [20, 12]
     alone = SamplingParams(max_tokens=16)
     assert compiled.generate_batch(prompts[1:], alone) == eager.generate_batch(prompts[1:], alone)
+
+
+def test_a_compiled_engine_keeps_every_batch_cache_in_one_storage_lent_to_one_batch_at_a_time():
+    """ResidentCache: request after request, a batch's KV cache lies at the same address (where a CUDA graph
+    recorded it), whatever the batch's size up to the storage's; a batch running alongside keeps its own cache and
+    takes the storage once the first is gone; a bigger batch doubles it. Every answer is the eager engine's."""
+    eager = randomized_engine(context=32)
+    compiled = Engine(eager.model, TOKENIZER, CPU, "base", compile=True)
+    prompts = [tokens_of(text) for text in ("A teacher builds", "My neighbour paints three", "The river", "A song")]
+    params = SamplingParams(max_tokens=6)
+
+    def decode(batch: Batch, rows: list[int]) -> set[int]:
+        sequences = [compiled.sequence(prompts[row], params) for row in rows]
+        batch.add(sequences)
+        addresses = set()
+        while batch.sequences:
+            addresses.add(batch.cache.keys.data_ptr())
+            batch.step()
+        assert [s.completion() for s in sequences] == eager.generate_batch([prompts[row] for row in rows], params)
+        return addresses
+
+    storage = compiled.resident_cache
+    first = Batch(compiled, max_len=compiled.context)
+    assert decode(first, [0, 1]) == {storage.keys.data_ptr()} and storage.keys.size(1) == 2
+    address = storage.keys.data_ptr()
+    assert decode(Batch(compiled, max_len=compiled.context), [2]) == {address}  # one row: the storage's first
+    holder = Batch(compiled, max_len=compiled.context)
+    holder.add([compiled.sequence(prompts[0], params)])
+    alongside = Batch(compiled, max_len=compiled.context)
+    assert address not in decode(alongside, [1, 2])  # while the holder has rows, the storage is its own
+    del holder  # gone with its rows (an abandoned stream): the storage is free again
+    assert decode(Batch(compiled, max_len=compiled.context), [3]) == {address}
+    assert decode(Batch(compiled, max_len=compiled.context), [0, 1, 2]) == {storage.keys.data_ptr()}
+    assert storage.keys.size(1) == 4  # three rows outgrew two: doubled
 
 
 def test_a_row_that_ends_at_its_first_token_leaves_the_prefilled_batch_and_the_others_go_on():

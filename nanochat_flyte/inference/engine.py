@@ -26,6 +26,8 @@ user message (engine.chat_mode says which; front ends say so).
 
 import codecs
 import math
+import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,6 +226,53 @@ class Sequence:
                           self.stop_token)
 
 
+class ResidentCache:
+    """The KV cache storage of a compiled engine, kept from request to request.
+
+    A CUDA graph reads and writes the cache at the addresses it was recorded with; a cache at a new address gets
+    its graph recorded anew, at every request (and torch keeps every graph it recorded). So a compiled
+    engine's batches keep their cache in this one storage: a batch of n rows holds its rows in the storage's first
+    n, a view that starts at the same address for every n, so each batch size's graph replays from one request to
+    the next. The storage doubles when a batch outgrows it (each graph is then recorded once more). It serves one
+    batch at a time: a second batch running alongside keeps its cache in tensors of its own.
+    """
+
+    def __init__(self, static_addresses: bool):
+        self.static_addresses = static_addresses  # tell torch.compile the addresses stay (CUDA graphs only)
+        self.keys: torch.Tensor | None = None  # (layers, rows, kv_heads, positions, head_dim)
+        self.values: torch.Tensor | None = None
+        self._user: weakref.ref | None = None  # the batch the storage serves; free once it is gone
+        self._lock = threading.Lock()
+
+    def hold(self, cache: KVCache, batch: "Batch") -> None:
+        """Move the cache's rows into the storage, unless another batch is using it."""
+        with self._lock:
+            user = self._user() if self._user is not None else None
+            if user is None or user is batch:
+                self._user = weakref.ref(batch)
+                self._move_in(cache)
+        if self.static_addresses:  # the storage's view, or the other batch's own tensors (recorded for them)
+            for tensor in (cache.keys, cache.values):
+                torch._dynamo.mark_static_address(tensor, guard=False)
+
+    def _move_in(self, cache: KVCache) -> None:
+        rows, keys = cache.batch_size, cache.keys
+        if (self.keys is None or self.keys.size(1) < rows or self.keys.dtype != keys.dtype
+                or self.keys.shape[2:] != keys.shape[2:] or self.keys.device != keys.device):
+            grown = max(rows, 2 * self.keys.size(1)) if self.keys is not None else rows
+            shape = (keys.size(0), grown, *keys.shape[2:])
+            self.keys, self.values = keys.new_empty(shape), cache.values.new_empty(shape)
+        self.keys[:, :rows].copy_(cache.keys)
+        self.values[:, :rows].copy_(cache.values)
+        cache.keys, cache.values = self.keys[:, :rows], self.values[:, :rows]
+
+    def release(self, batch: "Batch") -> None:
+        """The batch has no rows left: the next one may take the storage."""
+        with self._lock:
+            if self._user is not None and self._user() is batch:
+                self._user = None
+
+
 class Batch:
     """Sequences that decode together through one KV cache of max_len positions per row."""
 
@@ -276,7 +325,7 @@ class Batch:
         if going:
             cache.keep(going)
             self.cache = KVCache.stack(([self.cache] if self.cache is not None else []) + [cache])
-            self.engine.hold_in_place(self.cache)
+            self._hold_in_place()
         return events
 
     @torch.inference_mode()
@@ -301,15 +350,23 @@ class Batch:
         self.next_ids = [self.next_ids[row] for row in going]
         if going:
             self.cache.keep(going)
-            self.engine.hold_in_place(self.cache)
+            self._hold_in_place()
         else:
-            self.cache = None  # free the memory while idle
+            self.cache = None  # free the memory while idle (a compiled engine keeps its storage)
+            if self.engine.resident_cache is not None:
+                self.engine.resident_cache.release(self)
+
+    def _hold_in_place(self) -> None:
+        """A compiled engine's batch keeps its cache in the engine's storage (ResidentCache)."""
+        if self.engine.resident_cache is not None:
+            self.engine.resident_cache.hold(self.cache, self)
 
 
 class Engine:
     """compile: torch.compile the decode step (one token a row). Its kernels are fused and each KV cache spans the
     model's whole context (KVCache.start's attend_all), so one compiled graph serves every step and request of a
-    batch size. compile_mode: torch.compile's mode ("reduce-overhead": replayed as CUDA graphs)."""
+    batch size; the caches stay in one storage (ResidentCache). compile_mode: torch.compile's mode
+    ("reduce-overhead": replayed as CUDA graphs)."""
 
     def __init__(self, model: GPT, tokenizer: tiktoken.Encoding, precision: Precision, phase: str = "base",
                  compile: bool = False, compile_mode: str = "default"):
@@ -319,6 +376,7 @@ class Engine:
         self.decode_model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode
                                           ) if compile else model
         self.cuda_graphs = compile and compile_mode in CUDA_GRAPH_COMPILE_MODES and self.device.type == "cuda"
+        self.resident_cache = ResidentCache(static_addresses=self.cuda_graphs) if compile else None
         self.context = model.config.sequence_len  # the longest sequence the model was trained on
         self.stop_ids = frozenset(tokenizer.encode_single_token(token) for token in STOP_TOKENS
                                   if token in tokenizer.special_tokens_set)
@@ -334,14 +392,6 @@ class Engine:
         torch_device = select_device(device)
         loaded = load_model(checkpoint, torch_device)
         return cls(loaded.model, loaded.tokenizer, select_precision(torch_device, "auto"), loaded.phase, compile)
-
-    def hold_in_place(self, cache: KVCache) -> None:
-        """A CUDA graph reads and writes the KV cache where it was recorded: torch.compile must take the cache's
-        tensors as inputs at fixed addresses (it skips the graphs for inputs it has to write to otherwise). A cache
-        at a new address (a new request, rows joining or leaving) has its graph recorded anew."""
-        if self.cuda_graphs:
-            for tensor in (cache.keys, cache.values):
-                torch._dynamo.mark_static_address(tensor, guard=False)
 
     def cache_len(self, needed: int) -> int:
         """A new KV cache's positions: what the requests need, or with a compiled decode step the whole context
