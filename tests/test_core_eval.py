@@ -488,6 +488,16 @@ def test_the_cli_scores_a_trained_checkpoint_on_a_served_bundle(checkpoint, bund
     assert (tmp_path / "cache" / "eval_bundle").is_dir()  # the default cache: default_cache_dir("eval_bundle")
 
 
+def test_a_wrong_checkpoint_fails_before_the_bundle_is_downloaded(bundle_dir, tmp_path, monkeypatch):
+    zip_directory(bundle_dir, tmp_path / "served" / "eval_bundle.zip")
+    monkeypatch.setenv("NANOCHAT_FLYTE_CACHE", str(tmp_path / "cache"))
+    with serve_shards(tmp_path / "served") as server:
+        with pytest.raises(FileNotFoundError) as error:
+            main(["--checkpoint", str(tmp_path), "--bundle", f"{server.url}/eval_bundle.zip", "--device", "cpu"])
+    assert str(error.value) == f"no checkpoint.pt in {tmp_path}: not a checkpoint directory"
+    assert server.requests == []
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["--max-per-task", "0"], "argument --max-per-task: must be an integer >= 1, got 0"),
     (["--batch-size", "many"], "argument --batch-size: must be an integer >= 1, got 'many'"),

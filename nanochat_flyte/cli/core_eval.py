@@ -15,7 +15,7 @@ from nanochat_flyte.cli.usage import ArgumentParser
 from nanochat_flyte.config import EVAL_BUNDLE_URL
 from nanochat_flyte.evaluation.bundle import load_bundle
 from nanochat_flyte.evaluation.core import core_table_markdown, score_core
-from nanochat_flyte.model.checkpoint import load_model
+from nanochat_flyte.model.checkpoint import load_model, require_checkpoint
 from nanochat_flyte.model.device import select_device, select_precision
 
 
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     device = select_device(args.device)
     precision = select_precision(device, args.dtype)
+    require_checkpoint(args.checkpoint)  # a wrong path fails before the bundle's download
     bundle = load_bundle(args.bundle)  # a bad bundle fails before a large checkpoint is loaded
     loaded = load_model(args.checkpoint, device)
     result = score_core(loaded.model, loaded.tokenizer, bundle, max_per_task=args.max_per_task,

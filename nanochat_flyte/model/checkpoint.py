@@ -131,18 +131,23 @@ def publish_checkpoint(checkpoint_dir: Path, target: str) -> None:
         filesystem.put_file(str(path), f"{root.rstrip('/')}/{path.relative_to(checkpoint_dir).as_posix()}")
 
 
+def require_checkpoint(source: str | Path) -> None:
+    """FileNotFoundError in one line unless the directory (local path or fsspec URI) holds a checkpoint: a check
+    that reads no weights, for commands that have other things to fetch first."""
+    filesystem, root = fsspec.core.url_to_fs(str(source))
+    # exists(), not isfile(): an object store without credentials raises from exists() (one line), isfile() says no
+    if not filesystem.exists(f"{root.rstrip('/')}/{CHECKPOINT_FILE}"):
+        raise FileNotFoundError(f"no {CHECKPOINT_FILE} in {source}: not a checkpoint directory")
+
+
 def fetch_checkpoint(source: str | Path, local_dir: Path, names: tuple[str, ...] | None = None) -> Path:
     """A checkpoint directory (local path or fsspec URI) as a local directory: local paths are used in place,
     remote ones are downloaded into local_dir: all of it, or only the files and folders in `names` that it has."""
+    require_checkpoint(source)
     if not is_uri(source) or str(source).startswith("file://"):
-        path = Path(fsspec.core.url_to_fs(str(source))[1])
-        if not (path / CHECKPOINT_FILE).is_file():
-            raise FileNotFoundError(f"no {CHECKPOINT_FILE} in {source}: not a checkpoint directory")
-        return path
+        return Path(fsspec.core.url_to_fs(str(source))[1])
     filesystem, root = fsspec.core.url_to_fs(str(source))
     root = root.rstrip("/")
-    if not filesystem.exists(f"{root}/{CHECKPOINT_FILE}"):
-        raise FileNotFoundError(f"no {CHECKPOINT_FILE} under {source}: not a checkpoint directory")
     if names is None:
         filesystem.get(f"{root}/", str(local_dir), recursive=True)
     for name in names or ():
