@@ -206,9 +206,14 @@ def test_the_prepare_cli_writes_the_data_directory_that_the_train_cli_takes(shar
             "tokenizer gpt2") in prepared.stdout
 
     trained = cli("train", "--config", str(preset), "--data-dir", str(tmp_path / "data"), "--out-dir",
-                  str(tmp_path / "ckpt"))
+                  str(tmp_path / "ckpt"), "num_iterations=3", "save_every=3")
     assert trained.returncode == 0, trained.stderr[-2000:]
-    assert json.loads((tmp_path / "ckpt" / "training_state.json").read_text())["steps_completed"] == 2
+    assert json.loads((tmp_path / "ckpt" / "training_state.json").read_text())["steps_completed"] == 3
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["num_iterations"] == 3
+    bad_override = cli("train", "--config", str(preset), "--data-dir", str(tmp_path / "data"), "--out-dir",
+                       str(tmp_path / "x"), "depth=0")
+    assert (bad_override.returncode, bad_override.stderr) == (2, "error: RunConfig.depth: must be >= 1, got 0\n")
+    assert not (tmp_path / "x").exists()
     missing = cli("train", "--config", str(preset), "--data-dir", str(tmp_path / "nodata"), "--out-dir",
                   str(tmp_path / "x"))
     assert (missing.returncode, missing.stderr) == (2, f"error: train.data_dir: no such folder "

@@ -2,11 +2,12 @@
 
 examples:
   nanochat train --config configs/smoke.yaml --data-dir runs/data --out-dir runs/base
+  nanochat train --config configs/smoke.yaml --data-dir runs/data --out-dir runs/base2 depth=4 num_iterations=200
   nanochat train --config runs/base/config.json --data-dir runs/data --out-dir runs/base --resume-dir runs/base
   torchrun --nproc_per_node=2 -m nanochat_flyte train --config configs/d8_t4.yaml --data-dir DATA --out-dir OUT
 
---resume-dir continues from a checkpoint's step with the optimizer, data position and RNG states it saved; with a
-larger num_iterations it extends a finished run.
+field=value overrides a field of the preset. --resume-dir continues from a checkpoint's step with the optimizer,
+data position and RNG states it saved; with a larger num_iterations it extends a finished run.
 """
 
 import json
@@ -15,6 +16,7 @@ from pathlib import Path
 from nanochat_flyte.cli.usage import ArgumentParser
 from nanochat_flyte.config import load_config
 from nanochat_flyte.model.checkpoint import CONFIG_FILE
+from nanochat_flyte.schema import parse_override
 from nanochat_flyte.reporting.environment import environment_report
 from nanochat_flyte.training.loop import distributed_env
 from nanochat_flyte.training.pretrain import check_resume, train
@@ -26,9 +28,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-dir", type=Path, required=True, help="a prepared data directory")
     parser.add_argument("--out-dir", type=Path, required=True, help="where the checkpoint directory is written")
     parser.add_argument("--resume-dir", type=Path, help="a checkpoint directory to continue from")
+    parser.add_argument("overrides", nargs="*", metavar="field=value")
     args = parser.parse_args(argv)
     rank = distributed_env()[0]
-    config = load_config(args.config)
+    config = load_config(args.config, **dict(parse_override(item) for item in args.overrides)).validate()
     if args.resume_dir:
         check_resume(config, args.resume_dir)
     try:
