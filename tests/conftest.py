@@ -43,6 +43,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def compile_from_a_clean_slate() -> Iterator[None]:
+    """torch.compile keeps one cache of compiled variants per function, shared by every model of a class and capped
+    (torch._dynamo.config.recompile_limit): tests that compile several models, engines or batch sizes would use up
+    the cap of the tests after them."""
+    yield
+    torch.compiler.reset()
+
+
 def local_task_sandboxes() -> Path | None:
     """The folder where flytekit makes a new working folder for every task it runs in this process, and never
     removes it (None until a test has imported flytekit)."""

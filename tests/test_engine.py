@@ -16,8 +16,9 @@ from helpers import load_bench
 
 from nanochat_flyte.data.conversation import ConversationError, render_prompt
 from nanochat_flyte.data.tokenizer import gpt2_tokenizer
+from nanochat_flyte.inference import engine as engine_module
 from nanochat_flyte.inference.engine import Batch, Engine, SamplingParams, TextStream, sample_next_token
-from nanochat_flyte.inference.scheduler import Scheduler
+from nanochat_flyte.inference.scheduler import Request, Scheduler
 from nanochat_flyte.model.device import select_precision
 from nanochat_flyte.model.gpt import GPT, GPTConfig
 
@@ -120,38 +121,103 @@ def test_the_compiled_decode_step_gives_the_tokens_of_the_eager_one():
     assert compiled.generate_batch(prompts[1:], alone) == eager.generate_batch(prompts[1:], alone)
 
 
-def test_a_compiled_engine_keeps_every_batch_cache_in_one_storage_lent_to_one_batch_at_a_time():
+def graph_replaying_engine(eager: Engine) -> Engine:
+    """The engine of a decode step that replays CUDA graphs (reduce-overhead): on a CPU it replays none, but it
+    keeps its caches in the same ResidentCache."""
+    engine = Engine(eager.model, TOKENIZER, CPU, "base", compile=True, compile_mode="reduce-overhead")
+    assert engine.resident_cache is not None and not engine.cuda_graphs
+    return engine
+
+
+def test_a_graph_replaying_engine_keeps_every_batch_cache_in_one_storage_lent_to_one_batch_at_a_time():
     """ResidentCache: request after request, a batch's KV cache lies at the same address (where a CUDA graph
-    recorded it), whatever the batch's size up to the storage's; a batch running alongside keeps its own cache and
-    takes the storage once the first is gone; a bigger batch doubles it. Every answer is the eager engine's."""
+    recorded it), whatever the batch's size up to the storage's, also when a request joins a running batch; a batch
+    running alongside keeps its own cache and takes the storage once the first is gone; a bigger batch doubles it.
+    Every answer is the eager engine's for the request alone."""
     eager = randomized_engine(context=32)
-    compiled = Engine(eager.model, TOKENIZER, CPU, "base", compile=True)
+    engine = graph_replaying_engine(eager)
     prompts = [tokens_of(text) for text in ("A teacher builds", "My neighbour paints three", "The river", "A song")]
     params = SamplingParams(max_tokens=6)
+    alone = [eager.generate_batch([prompt], params)[0] for prompt in prompts]
 
-    def decode(batch: Batch, rows: list[int]) -> set[int]:
-        sequences = [compiled.sequence(prompts[row], params) for row in rows]
-        batch.add(sequences)
-        addresses = set()
+    def decode(batch: Batch, rows: list[int], joining: tuple[int, ...] = ()) -> set[int]:
+        """The cache's addresses while `rows` decode, `joining` joining them after one step."""
+        sequences = {row: engine.sequence(prompts[row], params) for row in (*rows, *joining)}
+        batch.add([sequences[row] for row in rows])
+        addresses = {batch.cache.keys.data_ptr()}
+        batch.step()
+        batch.add([sequences[row] for row in joining])
         while batch.sequences:
             addresses.add(batch.cache.keys.data_ptr())
             batch.step()
-        assert [s.completion() for s in sequences] == eager.generate_batch([prompts[row] for row in rows], params)
+        assert {row: sequence.completion() for row, sequence in sequences.items()} == {row: alone[row]
+                                                                                     for row in sequences}
         return addresses
 
-    storage = compiled.resident_cache
-    first = Batch(compiled, max_len=compiled.context)
-    assert decode(first, [0, 1]) == {storage.keys.data_ptr()} and storage.keys.size(1) == 2
+    def batch() -> Batch:
+        return Batch(engine, max_len=engine.context)
+
+    storage = engine.resident_cache
+    assert len(decode(batch(), [0], joining=(1,))) == 2 and storage.keys.size(1) == 2  # one row, then two
     address = storage.keys.data_ptr()
-    assert decode(Batch(compiled, max_len=compiled.context), [2]) == {address}  # one row: the storage's first
-    holder = Batch(compiled, max_len=compiled.context)
-    holder.add([compiled.sequence(prompts[0], params)])
-    alongside = Batch(compiled, max_len=compiled.context)
-    assert address not in decode(alongside, [1, 2])  # while the holder has rows, the storage is its own
+    assert decode(batch(), [2, 3]) == {address}
+    assert decode(batch(), [0], joining=(1,)) == {address}  # the joining row goes in behind the first
+    assert decode(batch(), [2]) == {address}
+    holder = batch()
+    holder.add([engine.sequence(prompts[0], params)])
+    assert address not in decode(batch(), [1, 2])  # while the holder has rows, the storage is its own
     del holder  # gone with its rows (an abandoned stream): the storage is free again
-    assert decode(Batch(compiled, max_len=compiled.context), [3]) == {address}
-    assert decode(Batch(compiled, max_len=compiled.context), [0, 1, 2]) == {storage.keys.data_ptr()}
-    assert storage.keys.size(1) == 4  # three rows outgrew two: doubled
+    assert decode(batch(), [3]) == {address}
+    assert decode(batch(), [0, 1, 2]) == {storage.keys.data_ptr()} and storage.keys.size(1) == 4  # doubled
+
+
+def test_a_decode_error_fails_the_requests_in_flight_and_frees_the_cache_for_the_next(monkeypatch):
+    """The server's Scheduler: a forward pass that raises (a GPU out of memory) ends the requests in flight with the
+    error; the storage of a graph-replaying engine is free again, and the next request is answered as if alone."""
+    eager = randomized_engine(context=64)
+    engine = graph_replaying_engine(eager)
+    failed = threading.Event()
+
+    next_token_logits = engine_module.next_token_logits
+
+    def logits_or_fail(model, ids, **kwargs):  # once, at a decode step of a request well under way
+        if kwargs["cache"].lengths[0] >= 5 and not failed.is_set():
+            failed.set()
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return next_token_logits(model, ids, **kwargs)
+
+    monkeypatch.setattr(engine_module, "next_token_logits", logits_or_fail)
+    scheduler = Scheduler(engine)
+    params = SamplingParams(max_tokens=20)
+
+    def answer(prompt: list[int]) -> Request:
+        progress = threading.Event()
+        request = scheduler.submit(prompt, params, progress.set)
+        while not request.take()[1]:
+            assert progress.wait(60), "no progress from the decode thread"
+            progress.clear()
+        return request
+
+    doomed = answer(tokens_of("The cat"))
+    assert isinstance(doomed.error, torch.OutOfMemoryError) and len(doomed.sequence.tokens) < 20
+    spare = Batch(engine, max_len=engine.context)  # takes the storage only if the failed batch let it go
+    spare.add([engine.sequence(tokens_of("A song"), SamplingParams(max_tokens=3))])
+    assert spare.cache.keys.data_ptr() == engine.resident_cache.keys.data_ptr()
+    spare.close()
+    after = answer(tokens_of("The river"))
+    assert after.error is None
+    assert after.sequence.completion() == eager.generate_batch([tokens_of("The river")], params)[0]
+
+
+def test_a_one_token_prompt_is_prefilled_by_the_model_not_the_compiled_decode_step():
+    eager = randomized_engine(context=32)
+    engine = Engine(eager.model, TOKENIZER, CPU, "base", compile=True)
+    compiled, stored_before = engine.decode_model, []
+    engine.decode_model = lambda inputs, kv_cache: stored_before.append(kv_cache.lengths) or compiled(
+        inputs, kv_cache=kv_cache)
+    assert engine.generate_batch([[EOT]], SamplingParams(max_tokens=4)) == eager.generate_batch(
+        [[EOT]], SamplingParams(max_tokens=4))
+    assert stored_before == [[1], [2], [3]]  # three decode steps after the prefill; none over an empty cache
 
 
 def test_a_row_that_ends_at_its_first_token_leaves_the_prefilled_batch_and_the_others_go_on():

@@ -227,50 +227,75 @@ class Sequence:
 
 
 class ResidentCache:
-    """The KV cache storage of a compiled engine, kept from request to request.
+    """The KV cache storage of an engine whose decode step replays CUDA graphs, kept from request to request.
 
     A CUDA graph reads and writes the cache at the addresses it was recorded with; a cache at a new address gets
-    its graph recorded anew, at every request (and torch keeps every graph it recorded). So a compiled
-    engine's batches keep their cache in this one storage: a batch of n rows holds its rows in the storage's first
-    n, a view that starts at the same address for every n, so each batch size's graph replays from one request to
-    the next. The storage doubles when a batch outgrows it (each graph is then recorded once more). It serves one
-    batch at a time: a second batch running alongside keeps its cache in tensors of its own.
+    its graph recorded anew, at every request (and torch keeps every graph it recorded). So such an engine's
+    batches keep their cache in this one storage: a batch of n rows holds its rows in the storage's first n, a view
+    that starts at the same address for every n, so each batch size's graph replays from one request to the next.
+    The storage doubles when a batch outgrows it (each graph is then recorded once more), and never shrinks. It
+    serves one batch at a time: a second batch running alongside keeps its cache in tensors of its own, recorded
+    for at each change, until the storage is free.
     """
 
     def __init__(self, static_addresses: bool):
-        self.static_addresses = static_addresses  # tell torch.compile the addresses stay (CUDA graphs only)
+        self.static_addresses = static_addresses  # tell torch.compile the addresses stay (on a GPU)
         self.keys: torch.Tensor | None = None  # (layers, rows, kv_heads, positions, head_dim)
         self.values: torch.Tensor | None = None
         self._user: weakref.ref | None = None  # the batch the storage serves; free once it is gone
         self._lock = threading.Lock()
 
-    def hold(self, cache: KVCache, batch: "Batch") -> None:
-        """Move the cache's rows into the storage, unless another batch is using it."""
+    def hold(self, caches: list[KVCache], batch: "Batch") -> KVCache:
+        """The rows of `caches`, in order, as the batch's one cache: in the storage where it is free for the batch
+        (rows already at its front stay there; the others are copied in once), else in tensors of their own."""
         with self._lock:
             user = self._user() if self._user is not None else None
-            if user is None or user is batch:
+            lent = user is None or user is batch
+            if lent:
                 self._user = weakref.ref(batch)
-                self._move_in(cache)
-        if self.static_addresses:  # the storage's view, or the other batch's own tensors (recorded for them)
+        if not lent:
+            cache = KVCache.stack(caches)
+        else:
+            settled = caches[0].batch_size if self._at_front(caches[0]) else 0
+            rows = sum(cache.batch_size for cache in caches)
+            self._make_room(caches[-1], rows, settled)
+            at = settled
+            for part in caches[1:] if settled else caches:
+                self.keys[:, at:at + part.batch_size].copy_(part.keys)
+                self.values[:, at:at + part.batch_size].copy_(part.values)
+                at += part.batch_size
+            cache = KVCache(caches[0].config, rows, caches[0].max_len)
+            cache.keys, cache.values = self.keys[:, :rows], self.values[:, :rows]
+            cache.lengths = [length for part in caches for length in part.lengths]
+        if self.static_addresses:
             for tensor in (cache.keys, cache.values):
                 torch._dynamo.mark_static_address(tensor, guard=False)
-
-    def _move_in(self, cache: KVCache) -> None:
-        rows, keys = cache.batch_size, cache.keys
-        if (self.keys is None or self.keys.size(1) < rows or self.keys.dtype != keys.dtype
-                or self.keys.shape[2:] != keys.shape[2:] or self.keys.device != keys.device):
-            grown = max(rows, 2 * self.keys.size(1)) if self.keys is not None else rows
-            shape = (keys.size(0), grown, *keys.shape[2:])
-            self.keys, self.values = keys.new_empty(shape), cache.values.new_empty(shape)
-        self.keys[:, :rows].copy_(cache.keys)
-        self.values[:, :rows].copy_(cache.values)
-        cache.keys, cache.values = self.keys[:, :rows], self.values[:, :rows]
+        return cache
 
     def release(self, batch: "Batch") -> None:
         """The batch has no rows left: the next one may take the storage."""
         with self._lock:
             if self._user is not None and self._user() is batch:
                 self._user = None
+
+    def _at_front(self, cache: KVCache) -> bool:
+        return self.keys is not None and cache.keys.data_ptr() == self.keys.data_ptr()
+
+    def _make_room(self, like: KVCache, rows: int, settled: int) -> None:
+        """Storage for `rows` rows laid out as `like`'s, keeping its first `settled` rows."""
+        keys = like.keys
+        fits = (self.keys is not None and self.keys.dtype == keys.dtype and self.keys.device == keys.device
+                and self.keys.shape[2:] == keys.shape[2:])
+        if fits and self.keys.size(1) >= rows:
+            return
+        capacity = max(rows, 2 * self.keys.size(1)) if fits else rows
+        old_keys, old_values = (self.keys, self.values) if settled else (None, None)
+        self.keys = self.values = None  # the old storage goes before the new one comes, unless rows stay in it
+        shape = (keys.size(0), capacity, *keys.shape[2:])
+        self.keys, self.values = keys.new_empty(shape), like.values.new_empty(shape)
+        if settled:
+            self.keys[:, :settled].copy_(old_keys[:, :settled])
+            self.values[:, :settled].copy_(old_values[:, :settled])
 
 
 class Batch:
@@ -282,14 +307,14 @@ class Batch:
         self.cache: KVCache | None = None
         self.next_ids: list[int] = []  # each sequence's last token: the input of the next step
 
-    def _logits(self, ids: list[list[int]], cache: KVCache) -> torch.Tensor:
-        """Prefill runs the model as it is (prompts of any length); a decode step, one token a row, runs the
-        engine's decode model (compiled, if the engine compiles it)."""
+    def _logits(self, ids: list[list[int]], cache: KVCache, decoding: bool) -> torch.Tensor:
+        """Prefill runs the model as it is (prompts of any length, one token included); a decode step, one token a
+        row, runs the engine's decode model (compiled, if the engine compiles it)."""
         engine = self.engine
-        decoding = all(len(row) == 1 for row in ids) and engine.compiled
-        return next_token_logits(engine.decode_model if decoding else engine.model, ids,
+        compiled = decoding and engine.compiled
+        return next_token_logits(engine.decode_model if compiled else engine.model, ids,
                                  pad_id=engine.tokenizer.eot_token, device=engine.device, precision=engine.precision,
-                                 cache=cache, attend_all=decoding)
+                                 cache=cache, attend_all=compiled)
 
     @staticmethod
     def _sample(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
@@ -314,7 +339,8 @@ class Batch:
         if not sequences:
             return []
         cache = KVCache(self.engine.model.config, batch_size=len(sequences), max_len=self.max_len)
-        tokens = self._sample(self._logits([sequence.prompt for sequence in sequences], cache), sequences)
+        tokens = self._sample(self._logits([sequence.prompt for sequence in sequences], cache, decoding=False),
+                              sequences)
         events, going = [], []
         for row, (sequence, token) in enumerate(zip(sequences, tokens)):
             events.append((sequence, sequence.accept(token)))
@@ -324,8 +350,7 @@ class Batch:
                 self.next_ids.append(token)
         if going:
             cache.keep(going)
-            self.cache = KVCache.stack(([self.cache] if self.cache is not None else []) + [cache])
-            self._hold_in_place()
+            self._settle([part for part in (self.cache, cache) if part is not None])
         return events
 
     @torch.inference_mode()
@@ -335,7 +360,7 @@ class Batch:
         self._keep_going()  # cancelled ones leave before the forward pass
         if not self.sequences:
             return []
-        logits = self._logits([[token] for token in self.next_ids], self.cache)
+        logits = self._logits([[token] for token in self.next_ids], self.cache, decoding=True)
         tokens = self._sample(logits, self.sequences)
         events = [(sequence, sequence.accept(token)) for sequence, token in zip(self.sequences, tokens)]
         self.next_ids = tokens
@@ -350,23 +375,27 @@ class Batch:
         self.next_ids = [self.next_ids[row] for row in going]
         if going:
             self.cache.keep(going)
-            self._hold_in_place()
+            self._settle([self.cache])
         else:
-            self.cache = None  # free the memory while idle (a compiled engine keeps its storage)
-            if self.engine.resident_cache is not None:
-                self.engine.resident_cache.release(self)
+            self.close()
 
-    def _hold_in_place(self) -> None:
-        """A compiled engine's batch keeps its cache in the engine's storage (ResidentCache)."""
+    def _settle(self, caches: list[KVCache]) -> None:
+        """The batch's cache becomes the rows of `caches`, in the engine's storage where it keeps one."""
+        resident = self.engine.resident_cache
+        self.cache = resident.hold(caches, self) if resident is not None else KVCache.stack(caches)
+
+    def close(self) -> None:
+        """Drop every row and the cache (its memory, or the engine's storage, is free for the next batch)."""
+        self.sequences, self.next_ids, self.cache = [], [], None
         if self.engine.resident_cache is not None:
-            self.engine.resident_cache.hold(self.cache, self)
+            self.engine.resident_cache.release(self)
 
 
 class Engine:
     """compile: torch.compile the decode step (one token a row). Its kernels are fused and each KV cache spans the
     model's whole context (KVCache.start's attend_all), so one compiled graph serves every step and request of a
-    batch size; the caches stay in one storage (ResidentCache). compile_mode: torch.compile's mode
-    ("reduce-overhead": replayed as CUDA graphs)."""
+    batch size. compile_mode: torch.compile's mode ("reduce-overhead": replayed as CUDA graphs, with the caches in
+    one storage kept from request to request, ResidentCache)."""
 
     def __init__(self, model: GPT, tokenizer: tiktoken.Encoding, precision: Precision, phase: str = "base",
                  compile: bool = False, compile_mode: str = "default"):
@@ -376,7 +405,9 @@ class Engine:
         self.decode_model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode
                                           ) if compile else model
         self.cuda_graphs = compile and compile_mode in CUDA_GRAPH_COMPILE_MODES and self.device.type == "cuda"
-        self.resident_cache = ResidentCache(static_addresses=self.cuda_graphs) if compile else None
+        # on a CPU such a mode replays no graphs, but its engine keeps the same storage (and so tests it there)
+        replays = compile and compile_mode in CUDA_GRAPH_COMPILE_MODES
+        self.resident_cache = ResidentCache(static_addresses=self.cuda_graphs) if replays else None
         self.context = model.config.sequence_len  # the longest sequence the model was trained on
         self.stop_ids = frozenset(tokenizer.encode_single_token(token) for token in STOP_TOKENS
                                   if token in tokenizer.special_tokens_set)

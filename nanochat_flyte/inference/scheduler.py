@@ -79,7 +79,7 @@ class Scheduler:
                 for request in requests.values():
                     request.deliver("", finished=True, error=error)
                 requests.clear()
-                batch = Batch(self.engine, max_len=self.engine.context)
+                batch.close()  # its cache freed now (the error's traceback still holds the batch)
             for key in [key for key, request in requests.items() if request.sequence.cancelled]:
                 del requests[key]
 

@@ -7,7 +7,7 @@
     GET  /v1/models            the one model served
     GET  /health               liveness, the mode (chat or plain completion) and the load
 
-Built on FastAPI + uvicorn. Torch runs on the engine's decode thread (engine.Scheduler): concurrent requests decode
+Built on FastAPI + uvicorn. Torch runs on the engine's decode thread (scheduler.Scheduler): concurrent requests decode
 together in one batch, and the event loop stays free to stream (a request's JSON and its prompt's tokens are
 worked out on another thread). A client that disconnects mid-answer frees its slot at once; beyond
 --max-concurrent requests the answer is 429. A connection must send a request's headers within --request-timeout

@@ -143,7 +143,7 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Store this layer's new k, v (B, kv_heads, T, head_dim); return the keys and values of every row up
-        to the longest, and the attention mask (None = causal)."""
+        to the longest (or all max_len of them, with start's attend_all), and the attention mask (None = causal)."""
         if self.keys is None:  # zeros: a masked-out slot still enters the attention sums (times 0); never NaN
             self.keys, self.values = k.new_zeros(self.shape), v.new_zeros(self.shape)
         rows = torch.arange(k.size(0), device=k.device)[:, None]
@@ -163,7 +163,10 @@ class KVCache:
 
     @classmethod
     def stack(cls, caches: list["KVCache"]) -> "KVCache":
-        """One cache of the rows of all `caches` (of the same model and max_len, each used at least once)."""
+        """One cache of the rows of all `caches` (of the same model and max_len, each used at least once); one cache
+        is its own stack."""
+        if len(caches) == 1:
+            return caches[0]
         lengths = [length for cache in caches for length in cache.lengths]
         stacked = cls(caches[0].config, len(lengths), caches[0].max_len)
         stacked.keys = torch.cat([cache.keys for cache in caches], dim=1)
