@@ -63,6 +63,18 @@ def test_rng_states_round_trip():
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
 
 
+def test_a_run_saved_on_eight_gpus_restores_the_rng_of_the_gpus_it_resumes_on(monkeypatch):
+    """Each process saves one CUDA generator state per GPU it sees; resumed where it sees fewer (one GPU after eight),
+    it restores the first ones instead of failing on a GPU that is not there."""
+    saved = {**rng_states(), "cuda": [torch.full((16,), gpu, dtype=torch.uint8) for gpu in range(8)]}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    restore_rng_states(saved)
+    assert len(restored) == 1 and torch.equal(restored[0], saved["cuda"][0])
+
+
 def test_a_torn_write_keeps_the_previous_checkpoint(saved, monkeypatch):
     out, model, optimizer = saved
 

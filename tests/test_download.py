@@ -1,5 +1,6 @@
 """Shard download against a local HTTP server with injected faults (never the internet)."""
 
+import dataclasses
 import socket
 import time
 
@@ -54,6 +55,15 @@ def test_recovers_from_each_recoverable_fault(shard_server, shard_0, tmp_path, f
     if fault in ("reset", "truncate"):  # the second request resumes after the bytes already received
         assert requests[1].headers["Range"].startswith("bytes=")
         assert int(requests[1].headers["Range"][len("bytes="):-1]) > 0
+
+
+def test_a_retry_after_longer_than_the_cap_waits_the_cap(shard_server, shard_0, tmp_path):
+    shard_server.fail(SHARD_0, "429", retry_after=86400)  # a day
+    start = time.time()
+    download = download_shard(shard_server.url, 0, tmp_path / "cache",
+                              dataclasses.replace(FAST_RETRY, retry_after_max_s=0.5))
+    assert download.path.read_bytes() == shard_0 and len(shard_server.requests_for(SHARD_0)) == 2
+    assert 0.5 <= time.time() - start < 30
 
 
 def test_404_fails_at_once_with_shard_url_and_cause(shard_server, shard_0, tmp_path):

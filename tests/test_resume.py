@@ -48,9 +48,11 @@ def test_save_to_holds_the_checkpoint_the_report_and_the_results(finished):
 
 
 def test_a_finished_run_is_extended_and_its_learning_rate_warms_down_again(finished):
+    """...at the rates of the new config (a resumed optimizer keeps its moments, not its old settings)."""
     config, _, _, save_to = finished
     results, checkpoint, _ = main(config=tiny_config(config.data_url, num_iterations=10, eval_every=3,
-                                                     sample_every=10, save_every=3, warmdown_ratio=0.3),
+                                                     sample_every=10, save_every=3, warmdown_ratio=0.3,
+                                                     matrix_lr=2 * config.matrix_lr),
                                   resume_from=str(save_to))
     assert results["training"]["steps_completed"] == 10
     train_rows = [row for row in rows(Path(checkpoint.path)) if "train/loss" in row]
@@ -59,6 +61,8 @@ def test_a_finished_run_is_extended_and_its_learning_rate_warms_down_again(finis
     # warmdown_ratio 0.3: the last 2 of 6 steps warmed down; of 10 steps, the last 3, so step 7 is flat again
     assert lrm[6] < 1.0 and lrm[7] == 1.0
     assert lrm[10] < 1.0
+    matrix_lr = {row["step"]: row["train/lr_matrix"] for row in train_rows}
+    assert matrix_lr[5] == config.matrix_lr and matrix_lr[7] == 2 * config.matrix_lr
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -174,6 +174,22 @@ def test_out_of_memory_at_device_batch_1_stops_with_a_clear_error(data_dir, tmp_
         train(tiny_config(device_batch_size=2, total_batch_size=128), data_dir, tmp_path)
 
 
+def test_out_of_memory_in_the_optimizer_step_stops_with_a_clear_error_and_no_retry(data_dir, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """The optimizers allocate their state at their first step; a smaller device batch would not shrink it, and a
+    re-run would step the optimizers that had already stepped a second time."""
+    steps = []
+
+    def step_without_memory(self, *args, **kwargs):
+        steps.append(type(self).__name__)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_without_memory)
+    with pytest.raises(RuntimeError, match=r"out of memory in the optimizer step \(depth 1\).*lower depth"):
+        train(tiny_config(), data_dir, tmp_path)
+    assert steps == ["AdamW"] and "retrying" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("size, halved", [(16, 8), (6, 3), (5, 1), (2, 1)])
 def test_halved_batch_size_divides_the_batch(size, halved):
     assert halved_batch_size(size) == halved

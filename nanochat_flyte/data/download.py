@@ -69,12 +69,14 @@ class Retry:
     attempts: int = 6  # 1 try + 5 retries, with up to 1+2+4+8+16 s of backoff: rides out a CDN hiccup
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
+    retry_after_max_s: float = 300.0  # a rate limit's window; a server asking for a day would stall the run a day
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        """Seconds to wait after failed attempt `attempt` (0-based): the server's Retry-After if it sent one,
-        else exponential backoff with jitter, so that parallel downloads do not retry in lockstep."""
+        """Seconds to wait after failed attempt `attempt` (0-based): the server's Retry-After if it sent one (up to
+        retry_after_max_s), else exponential backoff with jitter, so that parallel downloads do not retry in
+        lockstep."""
         if retry_after is not None:
-            return retry_after
+            return min(retry_after, self.retry_after_max_s)
         return min(self.backoff_max_s, self.backoff_base_s * 2**attempt) * random.uniform(0.5, 1.0)
 
 

@@ -59,7 +59,8 @@ def restore_rng_states(states: dict) -> None:
                          numpy["has_gauss"], numpy["cached_gaussian"]))
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        # one state per GPU the saving process saw: a run resumed on fewer GPUs restores those it has
+        torch.cuda.set_rng_state_all(states["cuda"][:torch.cuda.device_count()])
 
 
 # ---------------------------------------------------------------------- training state
@@ -176,7 +177,6 @@ class LoadedModel:
     tokenizer: tiktoken.Encoding
     config: GPTConfig
     phase: str  # "base" (continues text) or "chat" (fine-tuned on conversations)
-    source: str  # the directory or URI it was loaded from
 
 
 def checkpoint_phase(checkpoint_dir: Path) -> str:
@@ -185,14 +185,16 @@ def checkpoint_phase(checkpoint_dir: Path) -> str:
     return json.loads(state_file.read_text()).get("phase", "base") if state_file.is_file() else "base"
 
 
-def _load_local(checkpoint_dir: Path, device: torch.device, source: str) -> LoadedModel:
+def _load_local(checkpoint_dir: Path, device: torch.device) -> LoadedModel:
     model_config = GPTConfig.from_dict(json.loads((checkpoint_dir / MODEL_CONFIG_FILE).read_text()))
-    weights = torch.load(checkpoint_dir / CHECKPOINT_FILE, map_location=device, weights_only=True)["model"]
+    # memory-mapped on the CPU: of a file that also holds the optimizers' states (twice the weights), only the
+    # weights are read, and only the model's copy of them reaches the device
+    weights = torch.load(checkpoint_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=True, mmap=True)["model"]
     model = GPT(model_config)
     model.load_state_dict(weights)
     model.to(device).eval()
     return LoadedModel(model, load_tokenizer(checkpoint_dir / TOKENIZER_DIR), model_config,
-                       checkpoint_phase(checkpoint_dir), source)
+                       checkpoint_phase(checkpoint_dir))
 
 
 def load_model(checkpoint: str | Path, device: torch.device) -> LoadedModel:
@@ -200,4 +202,4 @@ def load_model(checkpoint: str | Path, device: torch.device) -> LoadedModel:
     file://, ...). Of a remote checkpoint only what inference needs is downloaded, to a temp dir that is gone once
     the model is in memory."""
     with tempfile.TemporaryDirectory(prefix="nanochat-checkpoint-") as temp:
-        return _load_local(fetch_checkpoint(checkpoint, Path(temp), INFERENCE_FILES), device, str(checkpoint))
+        return _load_local(fetch_checkpoint(checkpoint, Path(temp), INFERENCE_FILES), device)

@@ -1,5 +1,4 @@
-"""The training loop, shared by pretraining, supervised fine-tuning (SFT) and RL: `Trainer`, and `train()`, the
-pretraining run (`nanochat train`, also under torchrun).
+"""The training loop, shared by pretraining, supervised fine-tuning (SFT) and RL: `Trainer`.
 
 One loop for every setting: CPU, MPS, one GPU, or N GPUs under DDP (rank 0 alone writes and logs). Per step:
 grad_accum_steps micro-batches forward/backward, one optimizer step. At step boundaries: validation, samples and
@@ -7,8 +6,9 @@ checkpoints. In a single-process run a CUDA out-of-memory error halves the devic
 accumulation, so the optimizer sees the same batch) and re-runs the step.
 
 A `Phase` brings what differs between the stages: the batches, their loss (next-token cross-entropy unless it
-says otherwise), the validation metric, the samples and the starting weights (`Pretraining` here, `FineTuning` in
-chat_sft.py, `ReinforcementLearning` in chat_rl.py, whose batches are answers it samples and rewards). The Trainer
+says otherwise), the validation metric, the samples and the starting weights (`Pretraining` in pretrain.py, with
+`train()`, the pretraining run; `FineTuning` in sft.py; `ReinforcementLearning` in rl.py, whose batches are answers
+it samples and rewards). The Trainer
 does the rest: device and precision, DDP, optimizers and schedules, the OOM fallback, resuming, W&B and
 metrics.jsonl, checkpoints, the report card.
 
@@ -80,8 +80,9 @@ def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], 
                grad_accum_steps: int, precision: Precision, grad_scaler: torch.amp.GradScaler | None,
                grad_clip: float, loss_of: Callable[[torch.nn.Module, tuple], torch.Tensor] = next_token_loss,
                cuda_graphs: bool = False) -> StepResult:
-    """Forward/backward over grad_accum_steps micro-batches, then one step of every optimizer. loss_of(model,
-    batch) is a micro-batch's loss (next_token_loss, or RL's policy-gradient loss).
+    """Forward/backward over grad_accum_steps micro-batches (accumulate_gradients), then one step of every optimizer
+    (apply_gradients). loss_of(model, batch) is a micro-batch's loss (next_token_loss, or RL's policy-gradient
+    loss).
 
     The host waits for the GPU once per step: for the loss and the gradient norm together (with fp16, before the
     optimizers, which run only if the norm is finite). Every other wait leaves the GPU idle while the host catches up.
@@ -90,10 +91,19 @@ def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], 
     memory that the next replay overwrites. The gradients are then kept allocated between steps, so that autograd
     adds each micro-batch's gradients into them instead of adopting a graph's output as .grad, which the next
     micro-batch's replay would overwrite (pytorch/pytorch#169545)."""
-    parameters = [p for p in model.parameters() if p.requires_grad]
+    loss = accumulate_gradients(model, batches, grad_accum_steps, precision, grad_scaler, loss_of, cuda_graphs)
+    return apply_gradients(model, optimizers, loss, grad_scaler, grad_clip, cuda_graphs)
+
+
+def accumulate_gradients(model: torch.nn.Module, batches: Iterator, grad_accum_steps: int, precision: Precision,
+                         grad_scaler: torch.amp.GradScaler | None,
+                         loss_of: Callable[[torch.nn.Module, tuple], torch.Tensor] = next_token_loss,
+                         cuda_graphs: bool = False) -> torch.Tensor:
+    """train_step's first half: the gradients of the mean loss over grad_accum_steps micro-batches, summed into
+    .grad (scaled, with fp16); returns that mean loss (averaged over the ranks under DDP), on the device."""
     if cuda_graphs:
-        for p in parameters:
-            if p.grad is None:
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
     micro_losses = []
     for micro_step in range(grad_accum_steps):
@@ -113,6 +123,14 @@ def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], 
     if dist.is_initialized():
         dist.all_reduce(loss)  # gloo has no AVG: sum, then divide
         loss /= dist.get_world_size()
+    return loss
+
+
+def apply_gradients(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], loss: torch.Tensor,
+                    grad_scaler: torch.amp.GradScaler | None, grad_clip: float, cuda_graphs: bool = False
+                    ) -> StepResult:
+    """train_step's second half: clip, step every optimizer (unless fp16 overflowed), clear the gradients."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
     if grad_scaler:
         for optimizer in optimizers:  # clip (and step) the true gradients, not the scaled ones
             grad_scaler.unscale_(optimizer)
@@ -237,7 +255,8 @@ class Phase:
         raise NotImplementedError
 
     def evaluate(self, model: torch.nn.Module, batch_size: int, device: torch.device, precision: Precision) -> float:
-        """The validation metric (lower is better). Under DDP every rank calls it and gets the same number."""
+        """The validation metric (higher_is_better says which way is better). Under DDP every rank calls it and gets
+        the same number."""
         raise NotImplementedError
 
     def samples(self, model: GPT, precision: Precision) -> list[dict[str, str]]:
@@ -332,7 +351,11 @@ class Trainer:
         checkpoint = load_checkpoint(resume_dir)
         self.model.load_state_dict(checkpoint["model"])
         for optimizer, state in zip(self.optimizers, checkpoint["optimizers"], strict=True):
-            optimizer.load_state_dict(state)
+            configured = [{key: value for key, value in group.items() if key != "params"}
+                          for group in optimizer.param_groups]
+            optimizer.load_state_dict(state)  # its moments, and the settings the run had: this config's win
+            for group, settings in zip(optimizer.param_groups, configured, strict=True):
+                group.update(settings)
         if self.grad_scaler:
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler"])
         loop = dict(checkpoint["loop"])
@@ -446,18 +469,18 @@ class Trainer:
 
     def optimizer_step(self, step: int) -> tuple[StepResult, float]:
         """One optimizer step from `step`, re-run with a smaller device batch after a CUDA out-of-memory error.
-        Returns its result and its wall time in seconds: until train_step has read the loss. No synchronisation
+        Returns its result and its wall time in seconds: until apply_gradients has read the loss. No synchronisation
         around it: the GPU works on the step's last kernels (the optimizers', with fp16) while the host logs and
         starts the next step, whose time then includes them; over the steps the times add up to the GPU's."""
         config, loop, device = self.config, self.loop, self.device
+        cuda_graphs = uses_cuda_graphs(config, device)
         apply_schedules(self.optimizers, step, config)
         loader_at_step_start = self.loader.state_dict()
         start = time.perf_counter()
-        while True:
+        while True:  # only the forward and backward passes are re-run: no optimizer has seen this step yet
             try:
-                result = train_step(self.trained, self.optimizers, self.loader, self.grad_accum_steps(),
-                                    self.precision, self.grad_scaler, config.grad_clip, self.phase.loss,
-                                    cuda_graphs=uses_cuda_graphs(config, device))
+                loss = accumulate_gradients(self.trained, self.loader, self.grad_accum_steps(), self.precision,
+                                            self.grad_scaler, self.phase.loss, cuda_graphs)
                 break
             except torch.cuda.OutOfMemoryError as error:
                 if self.world_size > 1:  # the ranks would have to agree on the new batch; they cannot, mid-step
@@ -477,6 +500,13 @@ class Trainer:
                 self.loader.close()
                 self.loader = self.phase.batches(loop.device_batch_size, device, self.rank, self.world_size,
                                                  loader_at_step_start)
+        try:
+            result = apply_gradients(self.trained, self.optimizers, loss, self.grad_scaler, config.grad_clip,
+                                     cuda_graphs)
+        except torch.cuda.OutOfMemoryError as error:  # the optimizers' state, allocated at their first step
+            raise RuntimeError(f"CUDA out of memory in the optimizer step (depth {config.depth}): the weights, "
+                               f"gradients and optimizer state do not fit on {self.device_name}, whatever the "
+                               "device batch; lower depth") from error
         return result, time.perf_counter() - start
 
     def log_step(self, step: int, result: StepResult, dt: float, phase_metrics: dict[str, float]) -> None:
