@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat_flyte.data.download import DownloadError, Retry
-from nanochat_flyte.data.hub import download_split, file_records, hub_endpoint, parquet_urls, read_rows, split_cache_dir
+from nanochat_flyte.data.hub import download_split, file_records, hub_endpoint, iter_rows, parquet_urls, split_cache_dir
 from tests.hub_server import HUB_SPLITS, MMLU_SCHEMA, split_path, write_split
 
 FAST_RETRY = Retry(attempts=3, backoff_base_s=0.01, backoff_max_s=0.05)
@@ -36,20 +36,20 @@ def test_the_listing_names_the_parquet_files_and_they_download_in_the_exact_sche
            [split_cache_dir(*key, tmp_path / "cache") / name for name in ("00000.parquet", "00001.parquet")]
     schema, rows, _ = HUB_SPLITS[key]
     assert pq.read_schema(paths[0]).equals(schema)
-    assert read_rows(paths, ("messages", "source")) == rows
+    assert list(iter_rows(paths, ("messages", "source"))) == rows
     assert [r["url"] for r in file_records(paths)] == urls
 
 
 def test_every_split_reads_back_as_written(hub_server, tmp_path):
     for key, (schema, rows, _) in HUB_SPLITS.items():
-        assert read_rows(download_split(*key, cache_dir=tmp_path / "cache"), tuple(schema.names)) == rows, key
+        assert list(iter_rows(download_split(*key, cache_dir=tmp_path / "cache"), tuple(schema.names))) == rows, key
 
 
 def test_503_on_the_listing_and_on_a_file_is_retried(hub_server, tmp_path):
     hub_server.fail(LISTING, "503")
     hub_server.fail(FILE_0, "503")
     (path,) = download_split(*MMLU_TEST, cache_dir=tmp_path / "cache", retry=FAST_RETRY)
-    assert read_rows([path], ("question",)) == [{"question": r["question"]} for r in HUB_SPLITS[MMLU_TEST][1]]
+    assert list(iter_rows([path], ("question",))) == [{"question": r["question"]} for r in HUB_SPLITS[MMLU_TEST][1]]
     assert len(hub_server.requests_for(LISTING)) == 2 and len(hub_server.requests_for(FILE_0)) == 2
 
 

@@ -235,6 +235,10 @@ def test_secret_names_schedule_and_alerts_are_set_without_editing_code(tmp_path)
     link = {"link_type": "wandb-execution-id", "host": "https://wandb.ai", "entity": "ml-team", "project": "nanochat"}
     for name in ("train_base_model", "train_base_model_multi_gpu"):
         assert dict(entities["task"][name].template.config) == link, name
+    # SFT's and RL's runs are <execution>-chat and <execution>-rl: the cluster's second template adds the stage
+    for name, stage in (("train_chat_model", "chat"), ("train_rl_model", "rl")):
+        assert dict(entities["task"][name].template.config) == {**link, "link_type": "wandb-execution-id-stage",
+                                                                "stage": stage}, name
     nightly = entities["launch_plan"]["nanochat_nightly"]
     assert nightly.spec.entity_metadata.schedule.cron_schedule.schedule == "30 1 * * 1-5"
     assert not nightly.spec.entity_metadata.notifications  # no NANOCHAT_ALERT_EMAILS: no e-mail

@@ -124,7 +124,7 @@ def train_in_task(config: ChatConfig | RLConfig, start: FlyteDirectory, data: Fl
 
 
 @task(**TRAINING_TASK)
-@wandb_console_link
+@wandb_console_link(stage="chat")  # the Tracker's run id for SFT: <execution>-chat
 @one_line_user_errors
 def train_chat_model(config: ChatConfig, base_checkpoint: FlyteDirectory, data: FlyteDirectory, environment: dict
                      ) -> tuple[FlyteDirectory, dict]:
@@ -133,7 +133,7 @@ def train_chat_model(config: ChatConfig, base_checkpoint: FlyteDirectory, data: 
 
 
 @task(**TRAINING_TASK)
-@wandb_console_link
+@wandb_console_link(stage="rl")
 @one_line_user_errors
 def train_rl_model(config: RLConfig, sft_checkpoint: FlyteDirectory, data: FlyteDirectory, environment: dict
                    ) -> tuple[FlyteDirectory, dict]:

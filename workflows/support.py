@@ -41,15 +41,24 @@ HF_SECRET = declared_secret(secrets.HF)  # only for a gated or private mirror of
 
 class wandb_console_link(ClassDecorator):  # noqa: N801 - used as a decorator, like flytekit's own
     """Gives the task a "Weights & Biases" link in the Flyte/Union console, to the run named after the execution
-    (the Tracker's run id). Needs the cluster's `wandb-execution-id` dynamic log link (docs/observability.md)
-    and, at registration, NANOCHAT_WANDB_ENTITY (tracking.console_link_settings)."""
+    (the Tracker's run id). Needs the cluster's dynamic log links (docs/observability.md) and, at registration,
+    NANOCHAT_WANDB_ENTITY (tracking.console_link_settings).
+
+    @wandb_console_link: pretraining's run, <execution> (the `wandb-execution-id` link).
+    @wandb_console_link(stage="chat"): a later stage's run, <execution>-<stage> (the `wandb-execution-id-stage`
+    link: the cluster fills in only values that are not empty, so the base run's link cannot share its template)."""
 
     def execute(self, *args, **kwargs):
         return self.task_function(*args, **kwargs)
 
     def get_extra_config(self) -> dict[str, str]:
         settings = console_link_settings()
-        return {self.LINK_TYPE_KEY: "wandb-execution-id", **settings} if settings else {}
+        if not settings:
+            return {}
+        stage = self.decorator_kwargs.get("stage")
+        link = {self.LINK_TYPE_KEY: "wandb-execution-id-stage", "stage": stage} if stage else {
+            self.LINK_TYPE_KEY: "wandb-execution-id"}
+        return {**link, **settings}
 
 
 class TaskInputError(click.ClickException):

@@ -7,7 +7,7 @@ Training (nanochat's recipe; each source's epochs in ChatConfig):
 - GSM8K (openai/gsm8k, main): grade-school math; the assistant writes the worked solution ending in `#### N`,
   with its calculations as calls to the calculator tool (calculator.py).
 Evaluation: ARC-Easy, ARC-Challenge (allenai/ai2_arc), MMLU test, GSM8K test, HumanEval (openai/openai_humaneval).
-RL (chat_rl.py): GSM8K train problems to learn from, GSM8K test problems to validate on, as evaluation items.
+RL (training/rl.py): GSM8K train problems to learn from, GSM8K test problems to validate on, as evaluation items.
 
 Every line this module writes is one JSON object:
 - a conversation: {"messages": [{"role", "content"}, ...], "source": "smoltalk" | "mmlu" | "gsm8k"}; GSM8K's
@@ -20,7 +20,7 @@ Every line this module writes is one JSON object:
     prepare_sft_data(config, out_dir)   -> out_dir/train.jsonl, val.jsonl, manifest.json
     prepare_eval_data(tasks, out_dir)   -> out_dir/<task>.jsonl, manifest.json
     prepare_rl_data(config, out_dir)    -> out_dir/train.jsonl, val.jsonl, manifest.json
-Both run on a CPU before any GPU starts; the downloads are cached (hub.py), the outputs written atomically.
+All three run on a CPU before any GPU starts; the downloads are cached (hub.py), the outputs written atomically.
 """
 
 import json

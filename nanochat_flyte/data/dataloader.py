@@ -26,8 +26,7 @@ class TokenLoader:
     """Yields (inputs, targets) int64 tensors of shape (batch_size, seq_len) on `device`."""
 
     def __init__(self, train_files: list[Path], batch_size: int, seq_len: int, *, seed: int,
-                 device: torch.device, rank: int = 0, world_size: int = 1, prefetch: bool | None = None,
-                 verbose: bool = True):
+                 device: torch.device, rank: int = 0, world_size: int = 1, prefetch: bool | None = None):
         self.shards = [np.memmap(path, dtype=np.uint16, mode="r") for path in train_files]
         windows_per_shard = [(len(tokens) - 1) // seq_len for tokens in self.shards]
         if sum(windows_per_shard) < batch_size * world_size:
@@ -42,7 +41,7 @@ class TokenLoader:
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.device, self.rank, self.world_size = device, rank, world_size
         self.prefetch = device.type == "cuda" if prefetch is None else prefetch
-        self.verbose = verbose and rank == 0
+        self.verbose = rank == 0  # one rank announces a new epoch
         self.windows_consumed = 0
         self._order_epoch, self._order = -1, None
         self._thread = None

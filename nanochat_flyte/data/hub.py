@@ -136,7 +136,3 @@ def iter_rows(paths: list[Path], columns: tuple[str, ...]) -> Iterator[dict]:
         with pq.ParquetFile(path) as parquet:
             for batch in parquet.iter_batches(ROWS_PER_BATCH, columns=list(columns)):
                 yield from batch.to_pylist()
-
-
-def read_rows(paths: list[Path], columns: tuple[str, ...]) -> list[dict]:
-    return list(iter_rows(paths, columns))

@@ -116,7 +116,7 @@ class EvalBatches:
     """Evaluation in batches of `size` items, with an out-of-memory fallback: a batch that does not fit on the GPU
     (a CUDA out-of-memory error) is retried at half the size, which then holds for the rest of the evaluation.
     Evaluation results never depend on the batch size, only its speed does; training has its own fallback, which
-    keeps the total batch (train.py)."""
+    keeps the total batch (training/loop.py)."""
 
     def __init__(self, size: int, what: str = "evaluation"):
         if size < 1:

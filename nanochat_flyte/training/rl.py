@@ -13,7 +13,7 @@ The algorithm is nanochat's simplified GRPO, which is REINFORCE with a group bas
 It is on-policy (the answers come from the weights being trained), so there is no probability ratio, no clipping
 and no KL penalty towards the SFT model.
 
-It runs the training loop of pretraining and SFT (train.Trainer) with another Phase. Its "batches" are the rollouts
+It runs the training loop of pretraining and SFT (loop.Trainer) with another Phase. Its "batches" are the rollouts
 above, sampled when the loop asks for the next micro-batch; every row is padded to the context, so every micro-batch
 has one shape (torch.compile compiles once) and a step is examples_per_step x num_samples rows of max_seq_len tokens.
 The validation metric is pass@1: greedy answers to eval_problems GSM8K test problems (higher is better). Everything

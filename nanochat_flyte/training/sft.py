@@ -3,7 +3,7 @@
     nanochat sft --base-checkpoint DIR_OR_URI --out-dir DIR [--config PRESET] [field=value ...]
     torchrun --nproc_per_node=8 -m nanochat_flyte sft --base-checkpoint ... --out-dir ...
 
-It runs the training loop of pretraining (train.Trainer) with another Phase: batches of conversations packed into
+It runs the training loop of pretraining (loop.Trainer) with another Phase: batches of conversations packed into
 rows (packing.py) where only the assistant's tokens are trained on, the validation loss on held-out assistant
 tokens (SmolTalk's test split), and chat samples. Everything else is the same loop: precision by device (fp16 +
 GradScaler on a T4), resuming, the out-of-memory fallback, W&B, metrics.jsonl and the checkpoint layout; the
@@ -162,8 +162,3 @@ def train_chat(chat: ChatConfig, base_dir: Path, data_dir: Path, out_dir: Path, 
         print(f"sft: one epoch of the mixture is {config.num_iterations} steps of {config.total_batch_size:,} "
               f"tokens", flush=True)
     return Trainer(config, phase, out_dir, resume_dir=resume_dir, on_save=on_save, env_report=env_report).run()
-
-
-# ---------------------------------------------------------------------- the CLI
-
-
