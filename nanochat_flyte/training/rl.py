@@ -185,7 +185,7 @@ class ReinforcementLearning(Phase):
         self.manifest = prepared_manifest(data_dir, "chat_rl")
         self.problems = read_jsonl(Path(data_dir) / "train.jsonl")
         self.val = read_jsonl(Path(data_dir) / "val.jsonl")
-        self.orders: dict[int, list[int]] = {}
+        self.epoch_order: dict[int, list[int]] = {}  # the current epoch's permutation, by its epoch
         self.engine: Engine | None = None
         self.rollouts: Rollouts | None = None
         print(f"rl data: {len(self.problems):,} training problems, {len(self.val):,} validation problems", flush=True)
@@ -193,10 +193,10 @@ class ReinforcementLearning(Phase):
     def problem_at(self, position: int) -> dict:
         """The problem at `position` of the stream: each epoch is its own seeded permutation of the problems."""
         epoch, index = divmod(position, len(self.problems))
-        if epoch not in self.orders:
-            self.orders = {epoch: random.Random(f"{self.rl.seed}/{epoch}").sample(range(len(self.problems)),
-                                                                                  len(self.problems))}
-        return self.problems[self.orders[epoch][index]]
+        if epoch not in self.epoch_order:
+            self.epoch_order = {epoch: random.Random(f"{self.rl.seed}/{epoch}").sample(range(len(self.problems)),
+                                                                                       len(self.problems))}
+        return self.problems[self.epoch_order[epoch][index]]
 
     def attach(self, model: GPT, precision: Precision) -> None:
         self.engine = Engine(model, self.tokenizer, precision, phase="chat")  # samples from the weights in training
