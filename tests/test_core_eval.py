@@ -124,6 +124,10 @@ MALFORMED = {
                        "eval_data/reasoning/choices.jsonl has 12"),
     "no data file": (lambda root: edit_yaml(root, lambda tasks: tasks[2].update(dataset_uri="nope.jsonl")),
                      "icl_tasks[2] (schema_fewshot): dataset_uri 'nope.jsonl': no such file eval_data/nope.jsonl"),
+    "absolute data file": (lambda root: edit_yaml(root, lambda tasks: tasks[2].update(dataset_uri="/etc/hosts")),
+                           "icl_tasks[2] (schema_fewshot): dataset_uri '/etc/hosts' must be a path under eval_data/"),
+    "data file outside": (lambda root: edit_yaml(root, lambda tasks: tasks[2].update(dataset_uri="../core.yaml")),
+                          "icl_tasks[2] (schema_fewshot): dataset_uri '../core.yaml' must be a path under eval_data/"),
     "missing gold": (lambda root: edit_line(root, "reasoning/choices.jsonl", 12, drop_field("gold")),
                      "eval_data/reasoning/choices.jsonl line 12: missing field 'gold'"),
     "gold out of range": (lambda root: edit_line(root, "commonsense/schema.jsonl", 3,
@@ -160,6 +164,16 @@ def test_a_file_that_is_not_a_zip_fails_as_a_download(tmp_path):
     (tmp_path / "eval_bundle.zip").write_text("<html>Access denied</html>")
     with pytest.raises(DownloadError, match="the CORE eval bundle .* not a readable zip"):
         load_bundle(tmp_path / "eval_bundle.zip", cache_dir=tmp_path / "cache")
+
+
+def test_a_zip_that_fails_to_unpack_leaves_nothing_in_the_cache(bundle_dir, tmp_path):
+    zip_path = zip_directory(bundle_dir, tmp_path / "eval_bundle.zip")
+    data = bytearray(zip_path.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # a member's bytes, not the directory at the end: its CRC check fails on unpacking
+    zip_path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="cannot be unpacked"):
+        load_bundle(zip_path, cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_check_bundle_url_probes_without_downloading(bundle_dir, tmp_path):

@@ -35,3 +35,6 @@ def test_the_next_commands_use_the_save_to_copy(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "nanochat chat --checkpoint runs/chat" in out and "--checkpoint /tmp/flyte3" not in out
     assert "val loss 1.3000 | ChatCORE 0.0100 | gsm8k 0.000" in out
+    finish.finish_chat_run(ChatConfig(save_to="my runs/chat"), "runs/base", TRAINING, {}, {}, "/tmp/c", tmp_path,
+                           local=True)
+    assert "nanochat chat --checkpoint 'my runs/chat'" in capsys.readouterr().out  # pasted into a shell as one path

@@ -9,6 +9,7 @@ from nanochat_flyte.reporting.report import (
     THROUGHPUT_PLOT,
     data_deck_html,
     environment_deck_html,
+    markdown_grid,
     training_deck_html,
     write_report,
 )
@@ -49,9 +50,9 @@ def test_report_card_has_numbers_plots_and_last_samples(tmp_path):
     for expected in ("report_unit", "36,700,160", "2.500e+08", "1,310,720", "1h 02m 05s", "15,000", "5.8",
                      "1.25", "1.3", "Tesla T4", "## Samples at step 20"):
         assert expected in text, expected
-    # escaped, with the completion's own line break kept (a quote line per line), not turned into spaces
-    assert "> **The sky is**  &lt;b&gt;blue&lt;/b&gt; 20  \n> again  \n" in text
-    assert "blue&lt;/b&gt; 10" not in text  # only the last sampling point
+    # the completion as written, in a fenced block: its HTML shown, not run, its own line break kept
+    assert "**The sky is**\n\n```\n <b>blue</b> 20\nagain\n```\n" in text
+    assert "blue</b> 10" not in text  # only the last sampling point
     assert "| val_shard | 1822 |" in text  # settings as written
 
 
@@ -96,10 +97,23 @@ def test_a_cpu_run_has_no_empty_mfu_panel(tmp_path):
     assert [axes.get_title() for axes in throughput_figure(without_mfu).axes] == ["Throughput"]
 
 
+def test_a_completion_is_never_read_as_markdown_or_html(tmp_path):
+    """Model-written text is hostile: a link, a remote image, HTML or a fence of its own in a completion stay text
+    in the fenced block, whose fence outruns the completion's backticks; a table cell keeps its row."""
+    hostile = "![x](https://evil.example/p.png) [click](javascript:alert(1)) <img src=x>\n````\n# not a heading"
+    tracker = Tracker(CONFIG, tmp_path)
+    tracker.log_samples(5, [{"prompt": "Say *it*:", "completion": hostile}])
+    tracker.finish()
+    text = write_report(tmp_path, CONFIG, None, {"min_validation_loss": 2.5}).read_text()
+    assert f"**Say \\*it\\*:**\n\n`````\n{hostile}\n`````\n" in text
+    assert markdown_grid(["reason"], [["the probe failed:\nTraceback | line 2"]]).splitlines()[-1] == (
+        "| the probe failed: Traceback \\| line 2 |")
+
+
 def test_samples_that_start_with_newlines_are_not_blank(tmp_path):
     tracker = Tracker(CONFIG, tmp_path)
     tracker.log_samples(5, [{"prompt": "List:", "completion": "\n\n- one\n- two"}])
     tracker.finish()
     text = write_report(tmp_path, CONFIG, None, {"min_validation_loss": 2.5}).read_text()
-    assert "> **List:**  \n>\n> - one  \n> - two  " in text
+    assert "**List:**\n\n```\n\n\n- one\n- two\n```" in text
     assert "| min validation loss | 2.5 |" in text

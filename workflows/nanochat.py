@@ -7,6 +7,7 @@ This file only declares tasks, resources, images and caching; the work lives in 
 """
 
 import functools
+import shlex
 from pathlib import Path
 from typing import NamedTuple
 
@@ -117,8 +118,9 @@ def train_base_model(config: RunConfig, data: FlyteDirectory, environment: dict,
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C in a local run (flytekit raises SystemExit): say how to go on
         saved = Path(config.save_to) if config.save_to and "://" not in config.save_to else checkpoint_dir
         if (saved / CHECKPOINT_FILE).exists():
-            print(f"resume with: pyflyte run workflows/nanochat.py main --config {saved / CONFIG_FILE} "
-                  f"--resume_from {saved}", flush=True)
+            config_file, resume_from = shlex.quote(str(saved / CONFIG_FILE)), shlex.quote(str(saved))
+            print(f"resume with: pyflyte run workflows/nanochat.py main --config {config_file} "
+                  f"--resume_from {resume_from}", flush=True)
         raise
     return FlyteDirectory(str(checkpoint_dir)), summary
 

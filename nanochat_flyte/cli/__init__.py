@@ -3,7 +3,8 @@
     nanochat prepare --config configs/smoke.yaml --out-dir runs/data
     nanochat train --config configs/smoke.yaml --data-dir runs/data --out-dir runs/base
 
-The top of the import order: it may import every other sub-package; nothing imports it but the workflows.
+The top of the import order: it may import every other sub-package, and nothing imports it (the `nanochat`
+script and `python -m nanochat_flyte` run it).
 """
 
 import difflib

@@ -13,6 +13,7 @@ import itertools
 import sys
 
 from nanochat_flyte.cli.sample import add_sampling_flags, sampling_params
+from nanochat_flyte.cli.terminal import shown
 from nanochat_flyte.cli.usage import ArgumentParser
 from nanochat_flyte.errors import UserError
 from nanochat_flyte.inference.engine import Engine, SamplingParams
@@ -26,7 +27,7 @@ def answer(engine: Engine, messages: list[dict], params: SamplingParams) -> str:
     sequence = engine.sequence(engine.chat_prompt(messages), params)
     reply = []
     for delta in engine.decode(sequence):
-        print(delta, end="", flush=True)
+        print(shown(delta), end="", flush=True)
         reply.append(delta)
     print(flush=True)
     if sequence.finish_reason == "length":  # on stderr: a script reading the answer gets the answer only

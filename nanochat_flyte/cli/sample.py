@@ -10,6 +10,7 @@ A checkpoint is a directory or any fsspec URI to one: s3://, gs://, file://. Gre
 import argparse
 import math
 
+from nanochat_flyte.cli.terminal import shown
 from nanochat_flyte.cli.usage import ArgumentParser, add_compile_flag
 from nanochat_flyte.errors import UserError
 from nanochat_flyte.inference.engine import Engine, SamplingParams
@@ -75,6 +76,6 @@ def main(argv: list[str] | None = None) -> str:
         completion = engine.complete(args.prompt, params).text
     except ValueError as error:  # a prompt that fills the model's context
         raise UserError(f"--{error}") from None
-    print(args.prompt + completion, flush=True)
+    print(shown(args.prompt + completion), flush=True)
     return completion
 

@@ -11,6 +11,7 @@ data position and RNG states it saved; with a larger num_iterations it extends a
 """
 
 import json
+import shlex
 from pathlib import Path
 
 from nanochat_flyte.cli.usage import ArgumentParser
@@ -39,8 +40,10 @@ def main(argv: list[str] | None = None) -> dict:
                         env_report=environment_report() if rank == 0 else None)
     except (KeyboardInterrupt, SystemExit):
         if rank == 0 and (args.out_dir / "checkpoint.pt").exists():
-            print(f"resume with: nanochat train --config {args.out_dir / CONFIG_FILE} "
-                  f"--data-dir {args.data_dir} --out-dir {args.out_dir} --resume-dir {args.out_dir}", flush=True)
+            out_dir = shlex.quote(str(args.out_dir))
+            print(f"resume with: nanochat train --config {shlex.quote(str(args.out_dir / CONFIG_FILE))} "
+                  f"--data-dir {shlex.quote(str(args.data_dir))} --out-dir {out_dir} --resume-dir {out_dir}",
+                  flush=True)
         raise
     if rank == 0:
         print(json.dumps(summary, indent=2), flush=True)

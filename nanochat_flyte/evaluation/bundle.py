@@ -89,7 +89,11 @@ def publish_directory(fill, target: Path) -> Path:
     temp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(temp, ignore_errors=True)
     temp.mkdir(parents=True)
-    fill(temp)
+    try:
+        fill(temp)
+    except BaseException:  # a failed fetch or unpack leaves nothing in the cache
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
     shutil.rmtree(target, ignore_errors=True)
     os.rename(temp, target)
     return target
@@ -197,6 +201,8 @@ def read_bundle(source: str, cache_dir: Path | None) -> Bundle:
         if not isinstance(uri, str) or not uri:
             raise BundleError(f"{where}: needs a 'dataset_uri' (a path under {DATA_DIR}/)")
         data_file = root / DATA_DIR / uri
+        if Path(uri).is_absolute() or not data_file.resolve().is_relative_to((root / DATA_DIR).resolve()):
+            raise BundleError(f"{where}: dataset_uri '{uri}' must be a path under {DATA_DIR}/")
         if not data_file.is_file():
             raise BundleError(f"{where}: dataset_uri '{uri}': no such file {name(data_file)}")
         if label not in baselines:

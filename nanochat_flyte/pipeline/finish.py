@@ -6,6 +6,7 @@ not (it is in results.json).
 """
 
 import json
+import shlex
 from pathlib import Path
 
 from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
@@ -28,7 +29,7 @@ def finish_base_run(config: RunConfig, environment: dict, manifest: dict, traini
     metrics = [f"val bpb {training['final_validation_bpb']:.4f}"]
     if core:
         metrics.append(f"CORE {core['core_metric']:.4f}")
-    kept = config.save_to or checkpoint
+    kept = shlex.quote(str(config.save_to or checkpoint))  # pasted into a shell
     print_summary("base model", training, metrics, checkpoint, report_dir, config.save_to, [
         f"nanochat sample --checkpoint {kept} --prompt 'The capital of France is'",
         f"nanochat sft --base-checkpoint {kept} --out-dir runs/chat --config configs/chat_smoke.yaml"])
@@ -50,7 +51,8 @@ def finish_chat_run(config: ChatConfig | RLConfig, start_checkpoint: str, traini
     if evaluation.get("chatcore") is not None:
         metrics.append(f"ChatCORE {evaluation['chatcore']:.4f}")
     metrics += [f"{task} {scores['accuracy']:.3f}" for task, scores in evaluation.get("tasks", {}).items()]
-    kept = config.save_to or checkpoint  # the copy the user chose outlives a local run's temporary folder
+    # the copy the user chose outlives a local run's temporary folder; quoted: the lines are pasted into a shell
+    kept = shlex.quote(str(config.save_to or checkpoint))
     next_steps = [f"nanochat chat --checkpoint {kept}", f"nanochat serve --checkpoint {kept}"]
     if stage == "SFT":
         next_steps.append(f"nanochat rl --sft-checkpoint {kept} --out-dir runs/rl --config configs/rl_smoke.yaml")

@@ -9,6 +9,7 @@ import base64
 import html
 import io
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -48,16 +49,21 @@ def format_duration(seconds: float | None) -> str:
     return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
 
 
+MARKDOWN_SYNTAX = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~&])")  # characters Markdown or HTML may read as syntax
+
+
 def markdown_text(text: str) -> str:
-    """Text as Markdown shows it: HTML shown, not run."""
-    return html.escape(text, quote=False)
+    """Text as Markdown shows it, as written: each character Markdown or HTML could read as syntax is
+    backslash-escaped."""
+    return MARKDOWN_SYNTAX.sub(r"\\\1", text)
 
 
 def markdown_sample(prompt: str, completion: str) -> str:
-    """A sample as a block quote: the prompt in bold, then the completion with its own line breaks (a blank line
-    stays a quoted blank line, so a completion that starts with newlines is not mistaken for an empty one)."""
-    lines = f"**{markdown_text(prompt.strip())}** {markdown_text(completion)}".split("\n")
-    return "\n".join(f"> {line.rstrip()}  " if line.strip() else ">" for line in lines)  # two spaces: a line break
+    """A sample: the prompt in bold, then the completion in a fenced block, as the model wrote it, line breaks and
+    leading newlines included. Nothing a model writes is read as Markdown or HTML there (a link, an image that
+    loads from a server of its choosing): the fence is longer than any run of backticks in the completion."""
+    fence = "`" * max(3, 1 + max(map(len, re.findall("`+", completion)), default=0))
+    return f"**{markdown_text(prompt.strip())}**\n\n{fence}\n{completion}\n{fence}"
 
 
 def as_written(values: dict[str, Any]) -> dict[str, str]:
@@ -163,8 +169,8 @@ def headline_numbers(out_dir: Path, summary: dict) -> dict[str, str]:
 
 def markdown_grid(header: list[str], rows: list[list[Any]]) -> str:
     """A Markdown table of any number of columns; cells formatted as format_value does."""
-    def line(cells: list[Any]) -> str:  # a bare | would end a cell
-        return "| " + " | ".join(format_value(cell).replace("|", r"\|") for cell in cells) + " |"
+    def line(cells: list[Any]) -> str:  # a bare | would end a cell, a line break the row
+        return "| " + " | ".join(" ".join(format_value(cell).replace("|", r"\|").split("\n")) for cell in cells) + " |"
 
     return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
 

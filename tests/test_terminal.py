@@ -1,0 +1,22 @@
+"""Model-written text printed by the chat and sample commands: a terminal shows its control characters, never
+obeys them."""
+
+from test_engine import TOKENIZER, chain, scripted_engine, tokens_of
+
+from nanochat_flyte.cli.chat import answer
+from nanochat_flyte.cli.terminal import shown
+from nanochat_flyte.inference.engine import SamplingParams
+
+
+def test_control_characters_are_spelled_out_and_text_is_kept():
+    assert shown("\x1b]52;c;aGk=\x07 red \x1b[31m\r\x9b2J") == "\\x1b]52;c;aGk=\\x07 red \\x1b[31m\\x0d\\x9b2J"
+    assert shown("tab\tand\nnewline, ünïcödé, 中文") == "tab\tand\nnewline, ünïcödé, 中文"
+
+
+def test_a_chat_reply_that_writes_an_escape_sequence_reaches_the_terminal_spelled_out(capsys):
+    hello, escape = tokens_of(" Hello")[0], TOKENIZER.encode_single_token(b"\x1b")
+    colour = tokens_of("[31m")
+    engine = scripted_engine(chain(hello, escape, *colour), phase="base")  # continues the message as plain text
+    reply = answer(engine, [{"role": "user", "content": " Hello"}], SamplingParams(max_tokens=1 + len(colour)))
+    assert reply == "\x1b[31m"  # the text itself is kept as the model wrote it
+    assert capsys.readouterr().out == "\\x1b[31m\n"
