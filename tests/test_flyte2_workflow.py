@@ -107,6 +107,7 @@ def test_a_preempted_training_attempt_resumes_from_its_last_save(tmp_path, monke
              if "train/loss" in row]
     assert steps == [1, 2, 3, 4, 5, 6]  # 1-3 from the lost attempt, none twice
     assert Path(checkpoint.path) != preempted[0]
+    assert not (Path(checkpoint.path) / support.OWNER_FILE).exists()  # the attempts' bookkeeping stays theirs
 
 
 @pytest.mark.parametrize("changes, field", [

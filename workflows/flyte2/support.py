@@ -97,7 +97,11 @@ class FlyteAttempts:
         restored = context.checkpoint.load_sync() if context.checkpoint else None
         if restored is None or not (restored / OWNER_FILE).is_file():
             return None
-        return restored if (restored / OWNER_FILE).read_text() == context.action.name else None
+        owner = restored / OWNER_FILE
+        if owner.read_text() != context.action.name:
+            return None
+        owner.unlink()  # the checkpoint directory made from it holds the run's files only
+        return restored
 
     def save(self, checkpoint_dir: Path) -> None:
         context = flyte.ctx()
@@ -108,7 +112,8 @@ class FlyteAttempts:
             archive = Path(scratch) / "checkpoint.tar"
             with tarfile.open(archive, "w") as tar:
                 for child in sorted(checkpoint_dir.iterdir()):
-                    tar.add(child, arcname=child.name)
+                    if child.name != OWNER_FILE:
+                        tar.add(child, arcname=child.name)
                 info = tarfile.TarInfo(OWNER_FILE)
                 info.size = len(owner)
                 tar.addfile(info, io.BytesIO(owner))
