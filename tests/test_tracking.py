@@ -9,6 +9,7 @@ from wandb_offline import read_offline_history, read_offline_summary
 from nanochat_flyte.config import RunConfig
 from nanochat_flyte.reporting.tracking import (
     Tracker,
+    log_evaluation,
     read_jsonl,
     resolve_mode,
 )
@@ -39,6 +40,16 @@ def test_auto_mode_follows_the_api_key(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
     assert resolve_mode("auto") == "online"
     assert resolve_mode("disabled") == "disabled"
+
+
+def test_an_evaluation_logs_to_wandb_only_online(tmp_path, monkeypatch):
+    """Offline, the evaluation's numbers stay in the results JSON: an offline W&B run of them would be written to a
+    temporary folder and deleted with it."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setattr(Tracker, "__init__", lambda *args, **kwargs: (_ for _ in ()).throw(AssertionError("started")))
+    for mode in ("auto", "offline", "disabled"):
+        assert log_evaluation(RunConfig(wandb_mode=mode), str(tmp_path), 6, {"core/metric": 0.1}, {}) is None
 
 
 def test_offline_run_reads_back_complete(tmp_path, monkeypatch):

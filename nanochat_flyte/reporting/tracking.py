@@ -263,7 +263,10 @@ def log_evaluation(config: RunConfig, checkpoint: str, step: int, metrics: dict[
                    phase: str = "base") -> str | None:
     """Add an evaluation's numbers to the W&B run that trained `checkpoint` (a directory or fsspec URI), at the
     training step it ended on. The run id comes from the Flyte execution, or from the checkpoint's wandb_run_id.
-    Returns the run's URL when online. The numbers are in the results JSON whatever W&B does."""
+    Returns the run's URL when online. The numbers are in the results JSON whatever W&B does; W&B offline, they
+    stay there only (an offline run written here would be thrown away with its temporary folder)."""
+    if resolve_mode(config.wandb_mode) != "online":
+        return None
     with tempfile.TemporaryDirectory(prefix="nanochat-eval-wandb-") as scratch:
         filesystem, root = fsspec.core.url_to_fs(str(checkpoint))
         id_file = f"{root.rstrip('/')}/{RUN_ID_FILE}"
