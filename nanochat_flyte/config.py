@@ -47,7 +47,7 @@ class RunConfig(StrictConfig):
 
     # --- model ---
     depth: int = 8  # model_dim = depth * 64, head_dim 128: depth 8 -> dim 512, 4 heads
-    residual_scalars: bool = False  # learned per-layer resid and x0 scalars (a later nanochat addition; model.py)
+    residual_scalars: bool = False  # learned per-layer resid and x0 scalars (a later nanochat addition; model/gpt.py)
 
     # --- batch ---
     max_seq_len: int = 512
@@ -271,7 +271,7 @@ class ChatConfig(ChatStageConfig):
     warmdown_ratio: float = 0.5
     final_lr_frac: float = 0.0
 
-    def validate(self, world_size: int = 1) -> "ChatConfig":
+    def validate(self) -> "ChatConfig":
         self.validate_shared()
         for field in ("max_conversations", "max_seq_len", "total_batch_size"):
             at_least(self, field, 0)

@@ -8,8 +8,8 @@ raw shards to an evaluated chat model, with or without RL.
     pyflyte run workflows/chat.py nanochat_chat_rl --config ... --chat_config ... --rl_config configs/rl_smoke.yaml
 
 Like workflows/nanochat.py this file only declares tasks, resources and caching; the work is in nanochat_flyte
-(chat_data, chat_sft, chat_rl, chat_eval). The data tasks run on CPUs, cached, before any GPU starts: a relaunch
-downloads nothing again.
+(data/chat_data.py, training/sft.py and rl.py, evaluation/chat_eval.py, through pipeline/). The data tasks run on
+CPUs, cached, before any GPU starts: a relaunch downloads nothing again.
 """
 
 from pathlib import Path

@@ -42,6 +42,7 @@ TASK_TYPES = {"arc_easy": CATEGORICAL, "arc_challenge": CATEGORICAL, "mmlu": CAT
               "humaneval": GENERATIVE}
 CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "mmlu": 0.25, "gsm8k": 0.0, "humaneval": 0.0}  # nanochat's
 HUMANEVAL_LIMITS = Limits(timeout=10.0)  # per program; HumanEval's own harness gives 3 s to tests that take ms
+SANDBOX_WORKERS = 4  # HumanEval programs run at once, each in its own sandbox process
 assert tuple(TASK_TYPES) == tuple(CHANCE) == CHAT_EVAL_TASKS
 
 # ------------------------------------------------------------------------------------------- categorical
@@ -130,15 +131,18 @@ def humaneval_program(item: dict, completion: str, sentinel: str) -> str:
     return f"{program}\n\n{item['test']}\n\ncheck({item['entry_point']})\nprint({sentinel!r})\n"
 
 
-def score_humaneval(replies: list[str | None], items: list[dict], workers: int) -> list[bool | None]:
-    """Each program in its own sandbox, `workers` at a time, each with every layer the probe found here. A program
-    passes only if it printed its sentinel: an exit status of 0 alone (os._exit(0) before the test) is no pass."""
+def score_humaneval(replies: list[str | None], items: list[dict], workers: int = SANDBOX_WORKERS
+                    ) -> list[bool | None]:
+    """Each program in its own sandbox, `workers` at a time, each with every layer the probe found here. A
+    program passes only if it printed its sentinel after its test: an exit status of 0 alone (a reply that calls
+    exit() before the test) is no pass. The sentinel guards against such slips, not against a program written to
+    cheat, which could read it from its own interpreter: the sandbox keeps the host safe, not the score honest."""
     layers = probe_sandbox()[0]
 
     def passes(reply: str | None, item: dict) -> bool | None:
         if reply is None:
             return None
-        sentinel = secrets.token_hex(16)  # fresh per program: a reply that exits early cannot print it
+        sentinel = secrets.token_hex(16)  # fresh per program: not in any reply it trained on
         result = execute(humaneval_program(item, reply, sentinel), HUMANEVAL_LIMITS, require=layers)
         return result.passed and sentinel in result.stdout
 
@@ -182,12 +186,10 @@ def humaneval_skip_reason(mode: str) -> str | None:
 
 
 def evaluate_chat(engine: Engine, items_by_task: dict[str, list[dict]], *, max_per_task: int = 0,
-                  batch_size: int = 8, max_tokens: int = 256, humaneval: str = "auto", seed: int = 42,
-                  workers: int = 4) -> dict:
+                  batch_size: int = 8, max_tokens: int = 256, humaneval: str = "auto", seed: int = 42) -> dict:
     """Score the engine's model on each task's items (in CHAT_EVAL_TASKS order). Returns
     {"chatcore", "phase", "tasks": {task: {"accuracy", "correct", "examples", "centered", "chance", "too_long",
-    "seconds"}}, "skipped": {task: reason}, "sandbox": HumanEval's isolation layers or None}. `workers`: sandboxes
-    run in parallel for HumanEval."""
+    "seconds"}}, "skipped": {task: reason}, "sandbox": HumanEval's isolation layers or None}."""
     unknown = sorted(set(items_by_task) - set(CHAT_EVAL_TASKS))
     if unknown:
         raise ConfigError("eval_tasks", f"unknown task {unknown[0]!r}; choose from {', '.join(CHAT_EVAL_TASKS)}",
@@ -215,7 +217,7 @@ def evaluate_chat(engine: Engine, items_by_task: dict[str, list[dict]], *, max_p
         else:
             replies = generate(engine, items, batches=batches, max_tokens=max_tokens, seed=seed)
             outcomes = (score_gsm8k(replies, items) if task == "gsm8k" else
-                        score_humaneval(replies, items, workers))
+                        score_humaneval(replies, items))
         correct = sum(outcome is True for outcome in outcomes)
         accuracy = correct / len(items)
         tasks[task] = {"accuracy": accuracy, "correct": correct, "examples": len(items),
@@ -279,5 +281,3 @@ def chat_metrics(result: dict) -> dict[str, float]:
     for task, scores in result["tasks"].items():
         metrics |= {f"chat/{task}/accuracy": scores["accuracy"], f"chat/{task}/centered": scores["centered"]}
     return metrics
-
-# ------------------------------------------------------------------------------------------- the CLI

@@ -58,9 +58,6 @@ SUBSET_SEED = 1337  # the shuffle --max-per-task takes its first N from: the sam
 CHUNK_ITEMS = 512  # items tokenized at a time: bounds memory; the next chunk is tokenized while this one runs
 
 
-# ----------------------------------------------------------------------------- the bundle
-
-
 # ----------------------------------------------------------------------------- prompts and tokens
 
 
@@ -237,12 +234,13 @@ def centered_accuracy(accuracy: float, random_baseline: float) -> float:
 
 
 def score_core(model: nn.Module, tokenizer: tiktoken.Encoding, bundle: Bundle, *, max_per_task: int | None = None,
-                  batch_size: int = 16, device: torch.device | None = None, precision: Precision | None = None,
-                  context_len: int | None = None) -> dict[str, Any]:
-    """Score `model` (model(idx) -> logits (B, T, vocab); not compiled: every batch has a new shape) on every task.
+                  batch_size: int = 16, device: torch.device | None = None, precision: Precision | None = None
+                  ) -> dict[str, Any]:
+    """Score `model` (a GPT: model(inputs, logits_at=mask) gives the logits at the masked positions; not compiled:
+    every batch has a new shape) on every task.
 
-    device defaults to the model's, precision to select_precision(device) (bf16/fp16 autocast on GPU), context_len
-    to model.config.sequence_len. batch_size counts rows (one per choice) per forward pass. Under torch.distributed
+    device defaults to the model's, precision to select_precision(device) (bf16/fp16 autocast on GPU); prompts are
+    cropped to the model's context. batch_size counts rows (one per choice) per forward pass. Under torch.distributed
     every rank must call this: each scores every world_size-th item and the counts are summed.
     Returns {"core_metric", "tasks": {label: {type, shots, examples, accuracy, centered, seconds}}, "max_per_task",
     "seconds", "bundle"}.
@@ -252,9 +250,7 @@ def score_core(model: nn.Module, tokenizer: tiktoken.Encoding, bundle: Bundle, *
     batches = EvalBatches(batch_size, "CORE")  # shrinks if a batch does not fit on the GPU
     device = device or next(model.parameters()).device
     precision = precision or select_precision(device)
-    context_len = context_len or model.config.sequence_len
-    if context_len < 2:
-        raise ValueError(f"context_len must be >= 2 (a token, then one to predict), got {context_len}")
+    context_len = model.config.sequence_len
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     start = time.perf_counter()
     tasks: dict[str, dict[str, Any]] = {}
@@ -309,6 +305,3 @@ def core_log_metrics(result: dict[str, Any]) -> dict[str, float]:
     """The numbers to log (W&B, metrics.jsonl): core_metric and each task's centered accuracy."""
     return {"core_metric": result["core_metric"],
             **{f"core/{label}": task["centered"] for label, task in result["tasks"].items()}}
-
-
-# ----------------------------------------------------------------------------- CLI

@@ -6,12 +6,12 @@ network, a bad key or a service error at init or at log time never fails trainin
 an offline run (under out_dir/wandb, `wandb sync`-able later) or, if that fails too, to no W&B at all, with a
 single warning line.
 
-Run id: inside a Flyte execution the W&B run id is the execution name (FLYTE_INTERNAL_EXECUTION_ID; the Flyte 2 front
-sets it to the run's name), the same convention as flytekitplugins-wandb, so a console link can point at the run and
-every retry of the task resumes the same run; a fine-tuning run in the same execution is "<execution>-chat", an RL
-run "<execution>-rl". Elsewhere a resumed run
-reuses the id stored in out_dir/wandb_run_id. Evaluations after training (CORE, chat evaluation) add their numbers
-to the run of the checkpoint they evaluated (log_evaluation).
+Run id: inside a Flyte execution the W&B run id is the execution name (FLYTE_INTERNAL_EXECUTION_ID; Flyte 2's
+training tasks set it to the run's name), the same convention as flytekitplugins-wandb, so a console link can point
+at the run and every retry of the task resumes the same run; a fine-tuning run in the same execution is
+"<execution>-chat", an RL run "<execution>-rl". Elsewhere a resumed run reuses the id stored in out_dir/wandb_run_id.
+Evaluations after training (CORE, chat evaluation) add their numbers to the online run of the checkpoint they
+evaluated (log_evaluation).
 """
 
 import json
