@@ -23,6 +23,7 @@ from nanochat_flyte.data.prepare import (
 )
 from nanochat_flyte.data.tokenizer import gpt2_tokenizer, load_tokenizer
 from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.pipeline.prepare import data_config
 from tests.helpers import NANOCHAT
 from tests.shard_server import fineweb_texts, write_fineweb_shard, write_fineweb_shards
 
@@ -91,18 +92,31 @@ def test_prepare_data_writes_the_data_directory(shard_server, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "download: 3/3 shards" in out and f"data will repeat ({manifest['epochs']:.2f} epochs)" in out
 
-    # The cluster path (one prepare_shard per pod, then merge) builds the same data directory.
+    # The cluster path (one prepare_shard per pod, then merge) builds the same data directory, from the config the
+    # workflows give their data tasks: the run's data fields alone (their cache key)
     tokenizer_dir = build_tokenizer(config, tmp_path / "tokenizer")
     parts = []
-    for job in plan_shards(config, "gpt2"):
+    for job in plan_shards(data_config(config), "gpt2"):
         part = tmp_path / "parts" / f"{job.split}_{job.index}"
         stats = prepare_shard(job, tokenizer_dir, part, cache_dir=tmp_path / "cache")
         assert json.loads((part / "stats.json").read_text()) == stats
         parts.append(part)
-    cluster = merge_prepared(config, parts, tokenizer_dir, tmp_path / "cluster_data")
+    cluster = merge_prepared(data_config(config), parts, tokenizer_dir, tmp_path / "cluster_data")
     for split in ("train", "val"):
         assert [s["sha256"] for s in cluster[split]] == [s["sha256"] for s in manifest[split]]
-    assert cluster["train_tokens"] == manifest["train_tokens"] and cluster["tokenizer"] == manifest["tokenizer"]
+    for key in ("train_tokens", "val_tokens", "tokenizer", "tokens_needed", "epochs"):
+        assert cluster[key] == manifest[key], key
+
+
+def test_the_data_tasks_config_changes_with_the_data_only():
+    """A relaunch (a new run name), other rates or another W&B project keep the data tasks' inputs, and so their
+    cache; the data's source and the run's length change them."""
+    config = RunConfig(num_shards=4).resolved()
+    relaunch = dataclasses.replace(config.resolved(), run_name="other", matrix_lr=0.05, wandb_project="p", depth=12)
+    assert data_config(relaunch) == data_config(config) != config
+    for change in (dict(num_shards=5), dict(data_url="s3://b/fineweb"), dict(num_iterations=2000),
+                   dict(tokenizer="bpe"), dict(eval_tokens=1024)):
+        assert data_config(dataclasses.replace(config, **change)) != data_config(config), change
 
 
 def test_only_needed_shards(shard_server, tmp_path):
@@ -119,7 +133,7 @@ def test_only_needed_shards(shard_server, tmp_path):
     assert [job.index for job in plan_shards(config, "gpt2", first_shard_tokens=shard_0_tokens)] == [0, 1, 5]
     assert [job.index for job in plan_shards(config, "gpt2")] == [0, 1, 2, 3, 5]  # shard 0's size not known yet
     # The cluster plan counts shard 0 itself, before any shard pod runs.
-    jobs = plan_jobs(config, build_tokenizer(config, tmp_path / "tokenizer"), cache_dir=tmp_path / "cache")
+    jobs = plan_jobs(data_config(config), build_tokenizer(config, tmp_path / "tokenizer"), cache_dir=tmp_path / "cache")
     assert [(job.index, job.tokenizer) for job in jobs] == [(0, "gpt2"), (1, "gpt2"), (5, "gpt2")]
 
 

@@ -39,13 +39,14 @@ DATA_CACHE_VERSION = prepare.DATA_VERSION  # cached data from an older version o
 @task(container_image=IMAGE, secret_requests=[WANDB_SECRET, HF_SECRET], interruptible=True, enable_deck=True,
       **TRAINING_RESOURCES)
 @one_line_user_errors
-def setup_environment(config: RunConfig, resume_from: str) -> tuple[RunConfig, dict, bool]:
+def setup_environment(config: RunConfig, resume_from: str) -> tuple[RunConfig, dict, bool, RunConfig]:
     """Validate the config (and the checkpoint to resume), probe the data and the CORE bundle, and report the machine,
-    before any download or GPU time. Also says whether the final checkpoint gets a CORE score."""
+    before any download or GPU time. Also says whether the final checkpoint gets a CORE score, and gives the data
+    tasks' config (their cache key: prepare.data_config)."""
     export_secret(HF_SECRET, "HF_TOKEN")
     export_secret(WANDB_SECRET, "WANDB_API_KEY")  # the report says whether W&B can log in
     config = setup.base_run(config, resume_from)
-    return config, setup.describe_machine(deck), config.core_enabled
+    return config, setup.describe_machine(deck), config.core_enabled, prepare.data_config(config)
 
 
 @task(container_image=IMAGE, requests=DATA_RESOURCES, secret_requests=[HF_SECRET],
@@ -162,11 +163,11 @@ def pretrain(config: RunConfig, resume_from: str, train_task=train_base_model, g
     """The stages, chained. `gpu_node` overrides where setup, training and CORE run (workflows/scale_up.py).
     `checked_first`: an output of a task that must succeed before anything starts (a pipeline's later configs)."""
     gpu_node = gpu_node or {}
-    resolved, environment, core_on = setup_environment(config=config, resume_from=resume_from
-                                                       ).with_overrides(**gpu_node)
+    resolved, environment, core_on, data_config = setup_environment(config=config, resume_from=resume_from
+                                                                    ).with_overrides(**gpu_node)
     if checked_first is not None:
         checked_first >> resolved
-    data, manifest = download_and_prepare_data(config=resolved)
+    data, manifest = download_and_prepare_data(config=data_config)
     checkpoint, training = train_task(config=resolved, data=data, environment=environment,
                                       resume_from=resume_from).with_overrides(**gpu_node)
     core = (conditional("core").if_(core_on.is_true())

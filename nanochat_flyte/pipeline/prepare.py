@@ -16,6 +16,16 @@ DATA_VERSION = "2"  # 2: tokenizer directories carry their ranks and the chat to
 # Bump when the prepared conversations or evaluation items change format.
 CHAT_DATA_VERSION = "2"  # 2: GSM8K solutions keep their calculations, as tool calls
 SHARD_CONCURRENCY = 8  # shard tasks at once: enough to saturate the hub, few enough not to be rate-limited
+# What the pretraining data tasks read: the data's source and tokenizer, and the run's length (it sets the shards
+# only_needed_shards prepares, and the epochs the manifest reports). Not the run's name, rates or W&B settings.
+DATA_FIELDS = ("data_url", "num_shards", "val_shard", "only_needed_shards", "tokenizer", "bpe_vocab_size",
+               "bpe_train_chars", "num_iterations", "total_batch_size", "eval_tokens")
+
+
+def data_config(config: RunConfig) -> RunConfig:
+    """The run's config with every field but DATA_FIELDS at its default: the data tasks' input, so that a relaunch
+    (a new run name) or a run with other rates finds their outputs in the cache."""
+    return RunConfig(**{field: getattr(config, field) for field in DATA_FIELDS})
 
 
 def tokenizer(tokenizer: str, data_url: str, num_shards: int, bpe_vocab_size: int, bpe_train_chars: int,

@@ -97,7 +97,7 @@ def pretrain(config: RunConfig, resume_from: str, train_task=train_base_model, g
     gpu = gpu or {}
     config = setup.base_run(config, resume_from)  # here, before any task starts: a bad input costs no pod
     environment = describe_training_node.override(**gpu)()
-    data, manifest = prepare_data(config)
+    data, manifest = prepare_data(prepare.data_config(config))  # keyed on the data's fields: a relaunch reuses it
     checkpoint, training = train_task.override(**gpu)(config, data, environment, resume_from)
     core = {}
     if config.core_enabled:
