@@ -27,6 +27,7 @@ from tests.test_workflow import (  # noqa: F401 - served_shards and private_shar
 from workflows.flyte2.chat import chat_sft, nanochat_chat
 from workflows.flyte2.nanochat import main
 from workflows.flyte2.pretraining import train_base_model
+from workflows.flyte2.scale_up import nanochat_d12_8xa100
 
 
 LOCAL_METADATA = Path("/tmp/flyte/metadata")  # where local mode keeps each run's metadata and task reports
@@ -121,6 +122,14 @@ def test_a_bad_config_fails_main_in_one_line_before_any_download(served_shards, 
     with pytest.raises(Exception, match=rf"RunConfig\.{field}: ") as failure:
         run_locally(main, config=tiny_config(served_shards.url, **changes))
     assert "\n" not in str(failure.value)
+    assert served_shards.requests == []
+
+
+def test_the_eight_gpu_run_checks_its_batch_for_eight_gpus_before_any_download(served_shards,  # noqa: F811
+                                                                                run_locally):
+    served_shards.requests.clear()
+    with pytest.raises(Exception, match=r"RunConfig\.total_batch_size: 512 is not divisible by .* x 8 = 2048"):
+        run_locally(nanochat_d12_8xa100, config=tiny_config(served_shards.url))
     assert served_shards.requests == []
 
 

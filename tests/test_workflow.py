@@ -10,6 +10,7 @@ from nanochat_flyte.config import RunConfig
 from tests.core_bundle import write_core_bundle, zip_directory
 from tests.shard_server import serve_shards, write_fineweb_shards
 from workflows.nanochat import main
+from workflows.scale_up import nanochat_d12_8xa100
 
 VAL_SHARD = 1822
 
@@ -107,6 +108,14 @@ def test_bad_config_fails_before_any_download(served_shards, changes, field):
     served_shards.requests.clear()
     with pytest.raises(Exception, match=rf"RunConfig\.{field}: "):
         main(config=tiny_config(served_shards.url, **changes))
+    assert served_shards.requests == []
+
+
+def test_the_eight_gpu_run_checks_its_batch_for_eight_gpus_before_any_download(served_shards):
+    """512 tokens a step are 2 micro-batches of 4 x 64 on one GPU, and less than one over eight."""
+    served_shards.requests.clear()
+    with pytest.raises(Exception, match=r"RunConfig\.total_batch_size: 512 is not divisible by .* x 8 = 2048"):
+        nanochat_d12_8xa100(config=tiny_config(served_shards.url))
     assert served_shards.requests == []
 
 

@@ -39,13 +39,14 @@ DATA_CACHE_VERSION = prepare.DATA_VERSION  # cached data from an older version o
 @task(container_image=IMAGE, secret_requests=[WANDB_SECRET, HF_SECRET], interruptible=True, enable_deck=True,
       **TRAINING_RESOURCES)
 @one_line_user_errors
-def setup_environment(config: RunConfig, resume_from: str) -> tuple[RunConfig, dict, bool, RunConfig]:
-    """Validate the config (and the checkpoint to resume), probe the data and the CORE bundle, and report the machine,
-    before any download or GPU time. Also says whether the final checkpoint gets a CORE score, and gives the data
-    tasks' config (their cache key: prepare.data_config)."""
+def setup_environment(config: RunConfig, resume_from: str, world_size: int = 1
+                      ) -> tuple[RunConfig, dict, bool, RunConfig]:
+    """Validate the config for world_size GPUs (and the checkpoint to resume), probe the data and the CORE bundle,
+    and report the machine, before any download or GPU time. Also says whether the final checkpoint gets a CORE
+    score, and gives the data tasks' config (their cache key: prepare.data_config)."""
     export_secret(HF_SECRET, "HF_TOKEN")
     export_secret(WANDB_SECRET, "WANDB_API_KEY")  # the report says whether W&B can log in
-    config = setup.base_run(config, resume_from)
+    config = setup.base_run(config, resume_from, world_size)
     return config, setup.describe_machine(deck), config.core_enabled, prepare.data_config(config)
 
 
@@ -159,11 +160,13 @@ class RunOutputs(NamedTuple):
 
 
 def pretrain(config: RunConfig, resume_from: str, train_task=train_base_model, gpu_node: dict | None = None,
-             checked_first=None) -> RunOutputs:
-    """The stages, chained. `gpu_node` overrides where setup, training and CORE run (workflows/scale_up.py).
-    `checked_first`: an output of a task that must succeed before anything starts (a pipeline's later configs)."""
+             checked_first=None, world_size: int = 1) -> RunOutputs:
+    """The stages, chained. `gpu_node` overrides where setup, training and CORE run, and `world_size` is the GPUs
+    train_task runs on (workflows/scale_up.py). `checked_first`: an output of a task that must succeed before
+    anything starts (a pipeline's later configs)."""
     gpu_node = gpu_node or {}
-    resolved, environment, core_on, data_config = setup_environment(config=config, resume_from=resume_from
+    resolved, environment, core_on, data_config = setup_environment(config=config, resume_from=resume_from,
+                                                                    world_size=world_size
                                                                     ).with_overrides(**gpu_node)
     if checked_first is not None:
         checked_first >> resolved

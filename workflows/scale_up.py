@@ -52,4 +52,5 @@ def nanochat_d12_a100(config: RunConfig = D12_CONFIG, resume_from: str = "") -> 
 
 @workflow
 def nanochat_d12_8xa100(config: RunConfig = D12_CONFIG, resume_from: str = "") -> RunOutputs:
-    return pretrain(config, resume_from, train_base_model_multi_gpu, dict(MULTI_A100_RESOURCES, interruptible=False))
+    return pretrain(config, resume_from, train_base_model_multi_gpu, dict(MULTI_A100_RESOURCES, interruptible=False),
+                    world_size=GPUS)

@@ -17,10 +17,11 @@ from nanochat_flyte.training.rl import check_sft_checkpoint, rl_run_config
 from nanochat_flyte.training.sft import checkpoint_run_config, sft_run_config
 
 
-def base_run(config: RunConfig, resume_from: str) -> RunConfig:
-    """Pretraining's config, named and validated; the checkpoint to resume (a directory or URI) and save_to checked;
-    the data and the CORE bundle probed. Returns the config the run uses."""
-    config = config.resolved().validate()
+def base_run(config: RunConfig, resume_from: str, world_size: int = 1) -> RunConfig:
+    """Pretraining's config, named and validated for `world_size` GPUs (the batch splits over them); the checkpoint
+    to resume (a directory or URI) and save_to checked; the data and the CORE bundle probed. Returns the config the
+    run uses."""
+    config = config.resolved().validate(world_size)
     if resume_from:
         check_resume(config, resume_from)
     check_save_to(config.save_to, "RunConfig")

@@ -48,4 +48,4 @@ def nanochat_d12_a100(config: RunConfig = D12_CONFIG, resume_from: str = "") -> 
 @one_line_user_errors
 def nanochat_d12_8xa100(config: RunConfig = D12_CONFIG, resume_from: str = "") -> RunOutputs:
     return pretrain(config, resume_from, train_base_model_multi_gpu,
-                    dict(resources=MULTI_A100_NODE, interruptible=False))
+                    dict(resources=MULTI_A100_NODE, interruptible=False), world_size=GPUS)
