@@ -89,6 +89,13 @@ def test_the_sft_cli_reads_the_hub_and_resumes_nothing_twice(base_checkpoint, hu
     assert bad.returncode == 2
     assert bad.stderr.strip() == "error: ChatConfig.mmlu_epoch: unknown field; did you mean mmlu_epochs?"
 
+    # a batch that does not split into the base run's rows: named before the data is prepared (seed 8: new data)
+    split = subprocess.run([sys.executable, "-m", "nanochat_flyte", "sft", "--base-checkpoint", str(base_checkpoint),
+                            "--out-dir", str(tmp_path / "y"), "seed=8", "total_batch_size=1000"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert split.returncode == 2 and split.stderr.startswith("error: ChatConfig.total_batch_size: 1000 is not")
+    assert split.stdout == ""  # no data prepared
+
 
 def test_a_remote_start_checkpoint_is_fetched_by_one_rank_per_node_and_the_others_wait(tmp_path):
     memory = fsspec.filesystem("memory")

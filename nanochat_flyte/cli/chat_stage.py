@@ -14,7 +14,7 @@ from nanochat_flyte.cli.usage import ArgumentParser
 from nanochat_flyte.config import ChatConfig, RLConfig, load_config
 from nanochat_flyte.data.chat_data import prepared_manifest
 from nanochat_flyte.data.download import default_cache_dir
-from nanochat_flyte.model.checkpoint import fetch_checkpoint, is_uri
+from nanochat_flyte.model.checkpoint import check_save_to, fetch_checkpoint, is_uri
 from nanochat_flyte.reporting.environment import environment_report
 from nanochat_flyte.schema import parse_override
 from nanochat_flyte.training.loop import check_resumed_stage, distributed_env
@@ -86,10 +86,12 @@ def fetched_once_per_node(source: str, local_dir: Path) -> Path:
 
 
 def run_stage(config: ChatConfig | RLConfig, start_checkpoint: str, args, default_data_dir: Path,
+              check: Callable[[ChatConfig | RLConfig, Path], object],
               prepare: Callable[[ChatConfig | RLConfig, Path], object], train: Callable[..., dict]) -> dict:
     """What the SFT and RL CLIs do once their arguments are checked: check --data-dir and --resume-dir, fetch the
-    checkpoint they start from, prepare the hub data into a cache folder (one rank per node) unless --data-dir names
-    prepared data, train, print the summary."""
+    checkpoint they start from and check(config, it) (the stage's batch against its model and context) and save_to,
+    prepare the hub data into a cache folder (one rank per node) unless --data-dir names prepared data, train, print
+    the summary."""
     rank = distributed_env()[0]
     stage = "chat_sft" if isinstance(config, ChatConfig) else "chat_rl"
     if args.data_dir:  # data named by the user is used as it is, never prepared into
@@ -97,6 +99,8 @@ def run_stage(config: ChatConfig | RLConfig, start_checkpoint: str, args, defaul
     if args.resume_dir:
         check_resumed_stage(args.resume_dir, "chat" if stage == "chat_sft" else "rl")
     start_dir = fetched_once_per_node(start_checkpoint, args.out_dir.with_name(args.out_dir.name + "_start"))
+    check(config, start_dir)  # before the hub data's download: a batch that does not fit fails in seconds
+    check_save_to(config.save_to, type(config).__name__)
     data_dir = args.data_dir or default_data_dir
     once_per_node((data_dir / "manifest.json").exists, lambda: prepare(config, data_dir), f"the data in {data_dir}")
     summary = train(config, start_dir, data_dir, args.out_dir, resume_dir=args.resume_dir,
