@@ -6,7 +6,10 @@ from pathlib import Path
 import pytest
 from flytekit.types.directory import FlyteDirectory
 
-from nanochat_flyte.config import ChatConfig, RLConfig
+from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
+from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.evaluation import chat_eval
+from nanochat_flyte.pipeline import setup
 from tests.shard_server import serve_shards, write_fineweb_shards
 from tests.test_workflow import VAL_SHARD, tiny_config
 from workflows.chat import chat_rl, chat_sft, nanochat_chat, nanochat_chat_rl
@@ -84,12 +87,27 @@ def test_the_whole_pipeline_with_rl_trains_the_rl_model_from_the_sft_one(served_
      "ChatConfig.total_batch_size"),  # 1000 tokens are not a whole number of micro-batches of 4 rows x 128 tokens
     (lambda url: nanochat_chat_rl(config=tiny_config(url), chat_config=tiny_chat_config(),
                                   rl_config=tiny_rl_config(device_batch_size=3)), "RLConfig.device_batch_size"),
+    (lambda url: nanochat_chat(config=tiny_config(url), chat_config=tiny_chat_config(hf_endpoint="http://127.0.0.1:9")),
+     "ChatConfig.hf_endpoint"),  # SFT's hub, probed before pretraining, not hours later in SFT's own setup
 ])
 def test_a_pipelines_bad_chat_or_rl_config_fails_before_any_download(served_shards, hub_server, run, field):
     # built directly, as a console relaunch builds them: pyflyte run's own check of each config is not involved
     with pytest.raises(Exception, match=rf"{field}: "):
         run(served_shards.url)
-    assert served_shards.requests == [] and hub_server.requests == []
+    assert served_shards.requests == []
+    assert all(request.path.startswith("/api/datasets/") for request in hub_server.requests)  # listings: probes
+
+
+def test_humaneval_on_where_no_sandbox_works_fails_before_pretraining(monkeypatch):
+    """A pipeline's checks (and each chat stage's setup) find it before the hub is probed, hours before the chat
+    evaluation would."""
+    monkeypatch.setattr(chat_eval, "sandbox_available", lambda: (False, "no user namespaces"))
+    with pytest.raises(ConfigError, match=r"^ChatConfig\.humaneval: on, but the sandbox .*: no user namespaces"):
+        setup.later_stages(RunConfig(), ChatConfig(humaneval="on"))
+    with pytest.raises(ConfigError, match=r"^RLConfig\.humaneval: on"):
+        setup.probe_stage(RLConfig(humaneval="on"))
+    with pytest.raises(ConfigError, match=r"^RLConfig\.hf_endpoint: "):  # no HumanEval asked for: on to the hub
+        setup.probe_stage(RLConfig(humaneval="on", eval_tasks="gsm8k", hf_endpoint="http://127.0.0.1:9"))
 
 
 def test_chat_sft_from_a_checkpoint_directory_reuses_its_downloads(served_shards, hub_server):

@@ -170,10 +170,11 @@ def fixed_subset(items: list[dict], max_items: int, seed: int) -> list[dict]:
     return [items[index] for index in sorted(random.Random(seed).sample(range(len(items)), max_items))]
 
 
-def humaneval_skip_reason(mode: str) -> str | None:
-    """Why HumanEval will not run (None: it runs). `on` where the sandbox does not work is an error."""
+def humaneval_skip_reason(mode: str, owner: str = "ChatConfig") -> str | None:
+    """Why HumanEval will not run (None: it runs). `on` where the sandbox does not work is an error, of the
+    humaneval field of `owner` (the config class that set it)."""
     if mode not in ("auto", "on", "off"):
-        raise ConfigError("humaneval", f"must be auto, on or off, got {mode!r}", "ChatConfig")
+        raise ConfigError("humaneval", f"must be auto, on or off, got {mode!r}", owner)
     if mode == "off":
         return "humaneval is off"
     available, why = sandbox_available()
@@ -181,7 +182,7 @@ def humaneval_skip_reason(mode: str) -> str | None:
         return None
     if mode == "on":
         raise ConfigError("humaneval", f"on, but the sandbox for model-written code does not work here: {why}",
-                          "ChatConfig")
+                          owner)
     return f"no sandbox for model-written code here: {why}"
 
 

@@ -8,6 +8,7 @@ from nanochat_flyte.data.download import check_data_url
 from nanochat_flyte.data.hub import hub_endpoint
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.evaluation.bundle import check_bundle_url
+from nanochat_flyte.evaluation.chat_eval import humaneval_skip_reason
 from nanochat_flyte.model.checkpoint import TRAINING_STATE_FILE, check_save_to, read_checkpoint_json
 from nanochat_flyte.pipeline import Show
 from nanochat_flyte.reporting.environment import environment_report, format_report
@@ -37,9 +38,11 @@ def later_stages(config: RunConfig, chat_config: ChatConfig, rl_config: RLConfig
     checks run hours later, and a relaunch from the console with edited inputs checks nothing."""
     chat_config = chat_config.validate()
     sft = sft_run_config(chat_config, config.validate())
+    probe_stage(chat_config)
     if rl_config is not None:
         rl_config = rl_config.validate()
         rl_run_config(rl_config, sft)
+        probe_stage(rl_config)
     return chat_config, rl_config
 
 
@@ -51,7 +54,7 @@ def chat_stage(config: ChatConfig, base_checkpoint: str) -> tuple[ChatConfig, st
         raise ConfigError("base_checkpoint", f"{base_checkpoint} is not a checkpoint directory (no "
                                              f"{TRAINING_STATE_FILE})", "chat_sft")
     sft_run_config(config, checkpoint_run_config(base_checkpoint))  # the batch fits the base run's model and context
-    return config, probe_hub(config)
+    return config, probe_stage(config)
 
 
 def rl_stage(config: RLConfig, sft_checkpoint: str) -> tuple[RLConfig, str]:
@@ -60,11 +63,15 @@ def rl_stage(config: RLConfig, sft_checkpoint: str) -> tuple[RLConfig, str]:
     config = config.validate()
     check_sft_checkpoint(sft_checkpoint)
     rl_run_config(config, checkpoint_run_config(sft_checkpoint))  # a step's answers split into SFT's micro-batches
-    return config, probe_hub(config)
+    return config, probe_stage(config)
 
 
-def probe_hub(config: ChatConfig | RLConfig) -> str:
+def probe_stage(config: ChatConfig | RLConfig) -> str:
+    """What a chat stage needs of the world: save_to writable, the hub answering, and with humaneval on, a sandbox
+    for model-written code on this machine (the kind of node that evaluates). Returns the hub endpoint."""
     check_save_to(config.save_to, type(config).__name__)
+    if config.humaneval == "on" and "humaneval" in config.eval_task_list:
+        humaneval_skip_reason("on", type(config).__name__)  # raises, naming the field, where no sandbox works
     check_hub_endpoint(config)
     return hub_endpoint(config.hf_endpoint)
 
