@@ -160,6 +160,16 @@ def test_a_malformed_bundle_names_the_file_and_the_field(bundle_dir, case):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+def test_a_run_with_core_during_training_checks_its_bundle_before_the_first_step(bundle_dir, tmp_path, monkeypatch):
+    MALFORMED["missing gold"][0](bundle_dir)
+    monkeypatch.setenv("NANOCHAT_FLYTE_CACHE", str(tmp_path / "cache"))
+    config = tiny_config(core_metric_every=3, eval_bundle_url=str(bundle_dir))
+    with pytest.raises(BundleError, match="missing field 'gold'"):
+        train(config, make_data_dir(tmp_path / "data"), tmp_path / "run")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert not metrics.exists() or "train/loss" not in metrics.read_text()  # not at step 3: before step 1
+
+
 def test_a_file_that_is_not_a_zip_fails_as_a_download(tmp_path):
     (tmp_path / "eval_bundle.zip").write_text("<html>Access denied</html>")
     with pytest.raises(DownloadError, match="the CORE eval bundle .* not a readable zip"):

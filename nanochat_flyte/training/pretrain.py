@@ -49,7 +49,7 @@ class Pretraining(Phase):
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         self.val_tokens = validation_tokens(self.data_dir, config.eval_tokens)
         self.token_bytes = token_byte_lengths(self.tokenizer)
-        self.core_bundle = None  # loaded at the first CORE evaluation during training
+        self.core_bundle = None  # loaded by attach(), where CORE runs during training
 
     def batches(self, batch_size, device, rank, world_size, state):
         loader = TokenLoader(shard_files(self.data_dir, "train"), batch_size, self.config.max_seq_len,
@@ -63,18 +63,22 @@ class Pretraining(Phase):
                             seq_len=self.config.max_seq_len, eval_tokens=self.config.eval_tokens, device=device,
                             precision=precision)
 
+    def attach(self, model, precision):
+        """With CORE during training, its bundle is loaded (and checked whole) now, before the first step: a bad one
+        would otherwise end the run at step core_metric_every."""
+        if self.config.core_enabled and 0 < self.config.core_metric_every < self.config.num_iterations:
+            if dist.is_initialized() and dist.get_rank() > 0:  # rank 0 downloads it; the others find it cached
+                dist.barrier()
+            self.core_bundle = load_bundle(self.config.eval_bundle_url)
+            if dist.is_initialized() and dist.get_rank() == 0:
+                dist.barrier()
+
     def periodic_metrics(self, model, step, batch_size, precision):
         """CORE every core_metric_every steps (not at the end: evaluate_base_model scores the final checkpoint)."""
         config = self.config
         every = config.core_metric_every if config.core_enabled else 0
         if not every or step == 0 or step % every or step == config.num_iterations:
             return {}
-        if self.core_bundle is None:  # rank 0 downloads the bundle; the others then find it in the cache
-            if dist.is_initialized() and dist.get_rank() > 0:
-                dist.barrier()
-            self.core_bundle = load_bundle(config.eval_bundle_url)
-            if dist.is_initialized() and dist.get_rank() == 0:
-                dist.barrier()
         result = score_core(model, self.tokenizer, self.core_bundle, max_per_task=config.core_max_per_task or None,
                                batch_size=batch_size, precision=precision)
         return core_log_metrics(result)
