@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 
+from nanochat_flyte.config import RunConfig
 from tests.shard_server import serve_shards, write_fineweb_shards
 from tests.test_workflow import VAL_SHARD, tiny_config
 
@@ -61,6 +63,22 @@ def test_an_unreachable_data_url_is_one_message_not_a_traceback(env):
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
     assert result.returncode == 2 and len(error_lines) == 1 and "http://127.0.0.1:9/no-mirror/shard_00000.parquet" \
         in error_lines[0] and "│" not in result.stderr
+
+
+def test_a_partial_config_changes_the_workflows_own_default_as_flyte_run_does(tmp_path):
+    """nanochat_d12_a100 --config '{"num_iterations": 100}' is the depth-12 preset for 100 steps, not a depth-8 run
+    (pyflyte hands the type the workflow's default input as JSON, as click's parameter default)."""
+    from workflows.presets import D12_CONFIG
+    from workflows.support import JsonParamType
+
+    d12_default = click.Option(["--config"], default=json.dumps(D12_CONFIG.to_dict()))
+    config = JsonParamType(RunConfig).convert('{"num_iterations": 100}', d12_default, None)
+    assert (config.depth, config.max_seq_len, config.num_iterations) == (12, 1024, 100)
+    (tmp_path / "short.yaml").write_text("num_iterations: 100\n")
+    assert JsonParamType(RunConfig).convert(str(tmp_path / "short.yaml"), d12_default, None) == config
+    main_default = click.Option(["--config"], default=json.dumps(RunConfig().to_dict()))
+    assert JsonParamType(RunConfig).convert('{"num_iterations": 100}', main_default, None) == RunConfig(
+        num_iterations=100)
 
 
 def test_a_misspelt_preset_path_says_the_file_is_missing(env):

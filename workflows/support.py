@@ -3,6 +3,7 @@ intra-task checkpoints that let a retried attempt resume, the cards (Decks) and 
 """
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from nanochat_flyte.errors import is_user_error, reraise_user_errors
 from nanochat_flyte.pipeline import secrets
 from nanochat_flyte.pipeline.secrets import SecretName
 from nanochat_flyte.reporting.tracking import console_link_settings
+from nanochat_flyte.schema import StrictConfig
 from workflows.image import IMAGE
 
 
@@ -92,7 +94,29 @@ def name_missing_preset_files() -> None:
     JsonParamType._parse = parse_naming_missing_files
 
 
+def merge_configs_onto_the_default() -> None:
+    """`--config '{"num_iterations": 100}'` on a workflow whose default input is a preset (nanochat_d12_a100's
+    depth-12 run) changes that preset's num_iterations, as `flyte run` does on the Flyte 2 front. pyflyte filled the
+    other fields from the class's defaults instead: a depth-8 run on the A100."""
+    parse = JsonParamType._parse
+
+    def parse_onto_the_default(self, value, param):
+        parsed = parse(self, value, param)
+        default = getattr(param, "default", None)  # the workflow's default input, as pyflyte's JSON
+        if not (isinstance(parsed, dict) and isinstance(default, str) and isinstance(self._python_type, type)
+                and issubclass(self._python_type, StrictConfig)):
+            return parsed
+        try:
+            base = json.loads(default)
+        except json.JSONDecodeError:
+            return parsed
+        return {**base, **parsed} if isinstance(base, dict) else parsed
+
+    JsonParamType._parse = parse_onto_the_default
+
+
 name_missing_preset_files()
+merge_configs_onto_the_default()
 
 
 def deck(title: str, html: str) -> None:
