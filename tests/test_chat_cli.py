@@ -41,6 +41,9 @@ def test_prompt_answers_once_for_scripts(chat_checkpoint, chat_engine):
 
 def test_interactive_chat_keeps_the_conversation_until_clear(chat_checkpoint, chat_engine, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\nTell me more\n/clear\nTell me more\n/quit\n"))
+    sent, render = [], Engine.chat_prompt
+    monkeypatch.setattr(Engine, "chat_prompt", lambda engine, messages: sent.append(list(messages)) or render(
+        engine, messages))  # what the CLI hands the engine: this tiny model may answer alike with or without history
     main(["--checkpoint", str(chat_checkpoint), *GREEDY])
     out = capsys.readouterr().out
     first = answer_to(chat_engine, [user("Hello there")])
@@ -49,7 +52,29 @@ def test_interactive_chat_keeps_the_conversation_until_clear(chat_checkpoint, ch
     fresh = answer_to(chat_engine, [user("Tell me more")])  # after /clear, without the earlier turns
     assert out.splitlines()[0] == "nanochat: chat checkpoint, context 256 tokens. /clear starts over, /quit leaves."
     assert re.findall(r"Assistant: (.*)", out) == [first, second, fresh]  # (input() prints "You: " unechoed)
+    assert sent[:3] == [[user("Hello there")], [user("Hello there"), {"role": "assistant", "content": first},
+                                                user("Tell me more")], [user("Tell me more")]]
     assert "(new conversation)" in out and "BASE checkpoint" not in out
+
+
+def test_ctrl_c_stops_the_answer_and_the_chat_goes_on_without_it(chat_checkpoint, chat_engine, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\nTell me more\n/quit\n"))
+    sent, render, decode = [], Engine.chat_prompt, Engine.decode
+    monkeypatch.setattr(Engine, "chat_prompt", lambda engine, messages: sent.append(list(messages)) or render(
+        engine, messages))
+
+    def interrupted_once(engine, sequence):  # Ctrl-C after the first answer's first piece of text
+        for number, delta in enumerate(decode(engine, sequence)):
+            yield delta
+            if number == 1 and len(sent) == 1:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(Engine, "decode", interrupted_once)
+    main(["--checkpoint", str(chat_checkpoint), *GREEDY])
+    out = capsys.readouterr().out
+    assert "\n(stopped)\n" in out
+    assert sent[:2] == [[user("Hello there")], [user("Tell me more")]]  # the stopped turn left the conversation
+    assert re.findall(r"Assistant: (.*)", out)[1] == answer_to(chat_engine, [user("Tell me more")])
 
 
 def test_end_of_input_leaves_the_chat(chat_checkpoint, monkeypatch, capsys):

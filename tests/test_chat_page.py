@@ -84,9 +84,12 @@ def test_the_page_streams_answers_keeps_the_conversation_and_shows_errors(page, 
     assert (tmp_path / "chat_page.png").stat().st_size > 10_000
 
     # the page sends the whole conversation: the second answer follows the first
+    sent = []
+    page.on("request", lambda request: sent.append(request.post_data_json) if request.method == "POST" else None)
     second = ask(page, "Tell me more")
     history = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": first},
                {"role": "user", "content": "Tell me more"}]
+    assert [body["messages"] for body in sent] == [history]  # (this tiny model may answer alike without it)
     assert second == expected(engine, history, 60)
 
     page.click("#new-chat")

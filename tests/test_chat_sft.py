@@ -73,7 +73,8 @@ def test_sft_inherits_the_base_runs_batch_and_scaled_learning_rates():
         sft_run_config(ChatConfig(total_batch_size=1000), base)
 
 
-def test_the_sft_cli_reads_the_hub_and_resumes_nothing_twice(base_checkpoint, hub_server, tmp_path):
+def test_the_sft_cli_trains_from_the_hub_and_refuses_a_bad_field_or_batch_before_any_data(base_checkpoint,
+                                                                                        hub_server, tmp_path):
     preset = tmp_path / "chat.json"
     preset.write_text(json.dumps(chat_config(num_iterations=4, eval_every=4, sample_every=4, save_every=4).to_dict()))
     result = subprocess.run([sys.executable, "-m", "nanochat_flyte", "sft", "--base-checkpoint",

@@ -445,23 +445,35 @@ def test_our_bpe_tokenizer_evaluates_too(bundle_dir, bpe):
     assert model.training  # handed back in the mode it came in
 
 
+def counting_rows(model: nn.Module) -> list[int]:
+    """The rows of every forward pass the model makes from now on."""
+    rows: list[int] = []
+    model.register_forward_hook(lambda module, inputs, output: rows.append(inputs[0].size(0)))
+    return rows
+
+
 def evaluate_on_rank(rank: int, world_size: int, init_file: str, bundle_dir: str, tokenizer_dir: str,
-                     expected: dict) -> None:
+                     expected: dict, single_rows: int) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         tokenizer = load_tokenizer(Path(tokenizer_dir))
-        result = score_core(random_gpt(tokenizer.n_vocab), tokenizer, load_bundle(bundle_dir), batch_size=8)
-        assert {label: task["accuracy"] for label, task in result["tasks"].items()} == expected
+        model = random_gpt(tokenizer.n_vocab)
+        rows = counting_rows(model)
+        result = score_core(model, tokenizer, load_bundle(bundle_dir), batch_size=8)
+        assert {label: (task["accuracy"], task["examples"]) for label, task in result["tasks"].items()} == expected
+        assert sum(rows) < 0.75 * single_rows  # about half the items each: shared, not each scoring all
     finally:
         dist.destroy_process_group()
 
 
 def test_ranks_share_the_items_and_sum_the_counts(bundle_dir, bpe, tmp_path):
-    single = score_core(random_gpt(bpe.n_vocab), bpe, load_bundle(bundle_dir), batch_size=8)
-    expected = {label: task["accuracy"] for label, task in single["tasks"].items()}
+    model = random_gpt(bpe.n_vocab)
+    rows = counting_rows(model)
+    single = score_core(model, bpe, load_bundle(bundle_dir), batch_size=8)
+    expected = {label: (task["accuracy"], task["examples"]) for label, task in single["tasks"].items()}
     tokenizer_dir = save_tokenizer(bpe, tmp_path / "tokenizer")
-    mp.spawn(evaluate_on_rank, args=(2, str(tmp_path / "rendezvous"), str(bundle_dir), str(tokenizer_dir), expected),
-             nprocs=2)
+    mp.spawn(evaluate_on_rank, args=(2, str(tmp_path / "rendezvous"), str(bundle_dir), str(tokenizer_dir), expected,
+                                     sum(rows)), nprocs=2)
 
 
 # ----------------------------------------------------------------------------- report tables

@@ -21,6 +21,7 @@ from flytekit.core.type_engine import TypeEngine
 from flytekit.models.literals import Literal
 
 from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
+from nanochat_flyte.pipeline import secrets
 from workflows.chat import CHAT_DATA_CACHE_VERSION
 from workflows.nanochat import DATA_CACHE_VERSION
 
@@ -258,10 +259,13 @@ def wandb_key_after_loading() -> str:
     return os.environ.get("WANDB_API_KEY", "")
 
 
-@pytest.mark.parametrize("group, key", [("wandb", "api_key"), ("", "wandb_api_key")], ids=["flyte", "union"])
-def test_a_local_run_reads_the_wandb_secret_from_wandb_api_key(monkeypatch, group, key):
+@pytest.mark.parametrize("needs_group", [True, False], ids=["flyte", "union"])
+def test_a_local_run_reads_the_wandb_secret_from_wandb_api_key(monkeypatch, needs_group):
+    """The project's W&B secret, named as each platform names it (wandb/api_key; wandb_api_key)."""
+    group, key = secrets.WANDB.group_and_key(needs_group)
+    assert (group, key) == (("wandb", "api_key") if needs_group else (None, "wandb_api_key"))
     monkeypatch.setenv("WANDB_API_KEY", "key-from-env")
-    assert read_secret(group=group, key=key) == "key-from-env"
+    assert read_secret(group=group or "", key=key) == "key-from-env"
 
 
 def test_a_cluster_pod_passes_the_injected_secret_to_wandb(monkeypatch):

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 import requests
+import torch
 from chat_server import API_KEY, CONTEXT, start_server, stop_server
 
 from nanochat_flyte.cli.serve import main
@@ -229,6 +230,44 @@ def test_json_nested_too_deeply_is_invalid_json_not_a_crash(chat_server):
 # ---------------------------------------------------------------------------- base model, limits, disconnects, key
 
 
+def test_a_generation_that_fails_is_a_500_or_an_error_event_and_the_server_goes_on(chat_engine, monkeypatch):
+    """A forward pass that raises (a GPU out of memory) mid-answer: the non-streamed request gets a 500 in OpenAI's
+    shape; a stream, whose 200 is sent already, an `error` event and [DONE]; the next request is answered. In
+    process (FastAPI's TestClient), to inject the failure at the engine's forward pass."""
+    from fastapi.testclient import TestClient
+
+    from nanochat_flyte.inference import engine as engine_module
+    from nanochat_flyte.inference.serve import create_app
+
+    next_token_logits, failures = engine_module.next_token_logits, []
+
+    def logits_or_fail(model, ids, **kwargs):  # once per request marked to fail, at its third token
+        if failures and kwargs["cache"].lengths[0] >= failures[0] + 2:
+            failures.pop()
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return next_token_logits(model, ids, **kwargs)
+
+    monkeypatch.setattr(engine_module, "next_token_logits", logits_or_fail)
+    body = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 8, "temperature": 0}
+    prompt_tokens = len(chat_engine.chat_prompt(body["messages"]))
+    with TestClient(create_app(chat_engine, model_name="unit")) as client:
+        failures.append(prompt_tokens)
+        failed = client.post("/v1/chat/completions", json=body)
+        assert failed.status_code == 500
+        assert failed.json()["error"] == {"message": "generation failed: OutOfMemoryError", "type": "server_error",
+                                          "param": None, "code": None}
+        failures.append(prompt_tokens)
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as stream:
+            assert stream.status_code == 200
+            events = [line.removeprefix("data: ") for line in stream.iter_lines() if line.startswith("data: ")]
+        assert json.loads(events[-2])["error"]["message"] == "generation failed: OutOfMemoryError"
+        assert events[-1] == "[DONE]"
+        answered = client.post("/v1/chat/completions", json=body)
+        assert answered.status_code == 200
+        assert answered.json()["choices"][0]["message"]["content"] == expected(chat_engine, body["messages"],
+                                                                               max_tokens=8)
+
+
 def test_a_base_checkpoint_is_served_as_plain_completion_and_says_so(base_server, base_engine):
     health = base_server.health()
     assert (health["phase"], health["mode"], health["auth"]) == ("base", "completion", True)
@@ -346,7 +385,7 @@ def test_a_connection_that_does_not_send_its_request_in_time_is_closed(strict_se
     head, _, body = read_until_closed(half_body).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower()
     assert json.loads(body)["error"]["code"] == "request_timeout"
-    assert 1.0 <= time.monotonic() - start < 5.0
+    assert 1.0 <= time.monotonic() - start < 30  # after the 1 s timeout; the bound is slack for a loaded machine
     for sock in (silent, half_headers, half_body):
         sock.close()
     assert strict_server.health()["status"] == "ok"
