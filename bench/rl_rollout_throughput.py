@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            rollouts.roll_out(args.problems)
+            answered = rollouts.roll_out(args.problems)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
             first_rate = first_rate or rate
             results[decode_batch_size] = {"seconds": seconds, "answers_per_s": rate,
                                           "tokens_per_s": sum(rollouts.answer_lengths) / seconds,
-                                          "speedup": rate / first_rate}
+                                          "speedup": rate / first_rate,
+                                          "rollouts": [rollout.tokens for rollout in answered]}  # prompt + answer
             label = "the whole step" if decode_batch_size == 0 else f"{decode_batch_size} answers"
             print(f"decode {label} at a time: {answers} answers ({sum(rollouts.answer_lengths):,} tokens) in "
                   f"{seconds:.2f} s: {rate:.2f} answers/s, {results[decode_batch_size]['tokens_per_s']:.1f} tokens/s, "

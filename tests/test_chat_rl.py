@@ -306,3 +306,4 @@ def test_the_rollout_bench_decodes_the_same_answers_in_either_batching(capsys):
     assert all(result["answers_per_s"] > 0 for result in results.values())
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("decode")]
     assert [line.split(" in ")[0].split(": ")[1] for line in lines] == ["4 answers (16 tokens)"] * 2
+    assert results[2]["rollouts"] == results[0]["rollouts"]  # each answer its own seed's, in any batch
