@@ -298,6 +298,20 @@ def test_servers_listen_on_localhost_by_default(base_server, chat_server):
         assert re.search(r"Uvicorn running on http://127\.0\.0\.1:\d+", server.log.read_text())
 
 
+def test_a_server_open_beyond_localhost_without_a_key_warns_and_answers_as_its_model_name(base_checkpoint,
+                                                                                           tmp_path):
+    server = start_server(base_checkpoint, tmp_path / "open.log", "--host", "0.0.0.0", "--model-name", "my-model",
+                          env={"NANOCHAT_API_KEY": ""})
+    try:
+        assert [model["id"] for model in requests.get(f"{server.url}/v1/models", timeout=10).json()["data"]] == [
+            "my-model"]
+        answer = post(server, {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2})
+        assert answer.status_code == 200 and answer.json()["model"] == "my-model"
+    finally:
+        stop_server(server)
+    assert "WARNING:     listening on 0.0.0.0 without an API key" in server.log.read_text()
+
+
 def wait_until_idle(server, seconds: float = 10, accounted: int = 0) -> dict:
     """The server's health once nothing is active and at least `accounted` requests have ended (a request the
     client gave up on may still be parsed or queued, not yet active, when the client's timeout fires)."""

@@ -150,8 +150,11 @@ def test_resume_truncates_later_steps_and_keeps_the_run_id(tmp_path):
 
 
 def test_flyte_execution_id_is_the_run_id(tmp_path, monkeypatch):
+    """Pretraining's run is the execution's name; its fine-tuning and RL, in the same execution, runs of their own
+    (the console links of docs/observability.md point at these names)."""
     monkeypatch.setenv("FLYTE_INTERNAL_EXECUTION_ID", "a8f3kq2xv9")
-    assert Tracker(RunConfig(wandb_mode="disabled"), tmp_path).run_id == "a8f3kq2xv9"
+    assert [Tracker(RunConfig(wandb_mode="disabled"), tmp_path / phase, phase=phase).run_id
+            for phase in ("base", "chat", "rl")] == ["a8f3kq2xv9", "a8f3kq2xv9-chat", "a8f3kq2xv9-rl"]
 
 
 def test_other_ranks_write_nothing(tmp_path):
