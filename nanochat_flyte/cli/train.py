@@ -17,8 +17,8 @@ from pathlib import Path
 from nanochat_flyte.cli.usage import ArgumentParser
 from nanochat_flyte.config import load_config
 from nanochat_flyte.model.checkpoint import CONFIG_FILE
-from nanochat_flyte.schema import parse_override
 from nanochat_flyte.reporting.environment import environment_report
+from nanochat_flyte.schema import parse_override
 from nanochat_flyte.training.loop import distributed_env
 from nanochat_flyte.training.pretrain import check_resume, train
 

@@ -201,7 +201,7 @@ def read_bundle(source: str, cache_dir: Path | None) -> Bundle:
         if not isinstance(uri, str) or not uri:
             raise BundleError(f"{where}: needs a 'dataset_uri' (a path under {DATA_DIR}/)")
         data_file = root / DATA_DIR / uri
-        if Path(uri).is_absolute() or not data_file.resolve().is_relative_to((root / DATA_DIR).resolve()):
+        if not data_file.resolve().is_relative_to((root / DATA_DIR).resolve()):  # an absolute uri or one with ..
             raise BundleError(f"{where}: dataset_uri '{uri}' must be a path under {DATA_DIR}/")
         if not data_file.is_file():
             raise BundleError(f"{where}: dataset_uri '{uri}': no such file {name(data_file)}")

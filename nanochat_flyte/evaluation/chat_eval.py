@@ -142,7 +142,7 @@ def score_humaneval(replies: list[str | None], items: list[dict], workers: int =
     def passes(reply: str | None, item: dict) -> bool | None:
         if reply is None:
             return None
-        sentinel = secrets.token_hex(16)  # fresh per program: not in any reply it trained on
+        sentinel = secrets.token_hex(16)  # fresh per program: no reply writes it by chance
         result = execute(humaneval_program(item, reply, sentinel), HUMANEVAL_LIMITS, require=layers)
         return result.passed and sentinel in result.stdout
 

@@ -404,9 +404,9 @@ class Engine:
         self.compiled = compile
         self.decode_model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode
                                           ) if compile else model
-        self.cuda_graphs = compile and compile_mode in CUDA_GRAPH_COMPILE_MODES and self.device.type == "cuda"
-        # on a CPU such a mode replays no graphs, but its engine keeps the same storage (and so tests it there)
         replays = compile and compile_mode in CUDA_GRAPH_COMPILE_MODES
+        self.cuda_graphs = replays and self.device.type == "cuda"
+        # on a CPU such a mode replays no graphs, but its engine keeps the same storage (and so tests it there)
         self.resident_cache = ResidentCache(static_addresses=self.cuda_graphs) if replays else None
         self.context = model.config.sequence_len  # the longest sequence the model was trained on
         self.stop_ids = frozenset(tokenizer.encode_single_token(token) for token in STOP_TOKENS
