@@ -35,9 +35,15 @@ def orthogonalize(matrix: torch.Tensor, steps: int = 5) -> torch.Tensor:
         x = x.mT
     # spectral norm <= Frobenius norm <= 1: inside the iteration's basin
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    stacked = x.reshape(-1, *x.shape[-2:])  # (matrices, rows, cols), as baddbmm takes them; one matrix: (1, ...)
     for _ in range(steps):
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        # X <- a X + (b G + c G G) X with G = X X^T. baddbmm(input, m1, m2, beta, alpha) = beta input + alpha m1 m2
+        # folds each scaling and sum into its product: 3 kernels an iteration instead of 8 (a d8 model's Muon
+        # launches about 1,200 fewer a step), with one rounding per product where bf16 rounded each term.
+        gram = stacked @ stacked.mT
+        polynomial = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        stacked = torch.baddbmm(stacked, polynomial, stacked, beta=a)
+    x = stacked.view(x.shape)
     return (x.mT if tall else x).to(matrix.dtype)
 
 
@@ -47,7 +53,7 @@ class Muon(torch.optim.Optimizer):
     (all-reduced) gradient, so under DDP the replicas stay identical.
 
     batched: the matrices of one shape are updated together, their Newton-Schulz iterations as batched products
-    (a d8 model has 48 matrices of 3 shapes): the same update in about 1/16 of the kernel launches. Otherwise one
+    (a d8 model has 48 matrices of 3 shapes): the same update in about 1/15 of the kernel launches. Otherwise one
     matrix at a time."""
 
     def __init__(self, params, lr: float, momentum: float = MUON_MOMENTUM_END, weight_decay: float = 0.0,
