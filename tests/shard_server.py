@@ -4,13 +4,15 @@ Tests and the benchmark use this instead of the internet:
 - `fineweb_texts(n, seed)`: deterministic English-like documents (with some unicode), FineWeb-Edu-sized.
 - `write_fineweb_shard(path, texts)`: parquet in the dataset's exact format: one `text` string column,
   zstd, row groups of 1024 documents.
-- `serve_shards(directory)`: a ThreadingHTTPServer on 127.0.0.1 (a free port) with Range requests,
-  Content-Length, HEAD, and per-path faults: 503, 429 + Retry-After, connection reset mid-body, truncated
-  body, 302 redirect, 404. It records every request (method, path, headers) for assertions.
+- `serve_shards(directory)`: a ThreadingHTTPServer on 127.0.0.1 (a free port) with Range requests (and
+  If-Range against each file's ETag, a hash of its bytes), Content-Length, HEAD, and per-path faults: 503,
+  429 + Retry-After, connection reset mid-body, truncated body, 302 redirect, 404. It records every request
+  (method, path, headers) for assertions.
 - `shard_server`: a pytest fixture around `serve_shards(tmp_path / "shards")`.
 """
 
 import contextlib
+import hashlib
 import http.server
 import itertools
 import random
@@ -201,8 +203,11 @@ class ShardRequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         start = 0
+        etag = f'"{hashlib.sha256(data).hexdigest()[:16]}"'
         range_match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
-        if range_match and server.supports_range:
+        # If-Range: the range only if the file is still the one the client's bytes came from, else the whole file
+        if_range_holds = self.headers.get("If-Range", etag) == etag
+        if range_match and server.supports_range and if_range_holds:
             start = int(range_match.group(1))
             if start >= len(data):
                 self.send_response(416)
@@ -216,6 +221,7 @@ class ShardRequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
         if server.supports_range:
             self.send_header("Accept-Ranges", "bytes")
+            self.send_header("ETag", etag)
         body = data[start:]
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

@@ -14,10 +14,12 @@ from nanochat_flyte.data.download import (
     check_data_url,
     download_shard,
     download_shards,
+    retry_after_seconds,
+    source_key,
     verify_shard,
 )
 from nanochat_flyte.errors import ConfigError
-from tests.shard_server import fineweb_texts, write_fineweb_shard, write_fineweb_shards
+from tests.shard_server import fineweb_texts, serve_shards, write_fineweb_shard, write_fineweb_shards
 
 FAST_RETRY = Retry(attempts=4, backoff_base_s=0.01, backoff_max_s=0.05)
 SHARD_0 = "/shard_00000.parquet"
@@ -43,8 +45,8 @@ def test_recovers_from_each_recoverable_fault(shard_server, shard_0, tmp_path, f
     download = download_shard(shard_server.url, 0, tmp_path / "cache", FAST_RETRY)
 
     assert download.path.read_bytes() == shard_0
-    assert download.path == tmp_path / "cache" / "shard_00000.parquet"
-    assert not list((tmp_path / "cache").glob("*.part"))
+    assert download.path == tmp_path / "cache" / source_key(shard_server.url) / "shard_00000.parquet"
+    assert not list((tmp_path / "cache").glob("*/*.part*"))
     requests = shard_server.requests_for(SHARD_0)
     if fault == "redirect":
         assert len(requests) == 1 and len(shard_server.requests_for("/cdn" + SHARD_0)) == 1
@@ -55,6 +57,42 @@ def test_recovers_from_each_recoverable_fault(shard_server, shard_0, tmp_path, f
     if fault in ("reset", "truncate"):  # the second request resumes after the bytes already received
         assert requests[1].headers["Range"].startswith("bytes=")
         assert int(requests[1].headers["Range"][len("bytes="):-1]) > 0
+        assert requests[1].headers["If-Range"].startswith('"')  # the ETag of the first answer
+
+
+def test_a_file_changed_since_the_partial_download_is_fetched_whole_not_spliced(shard_server, shard_0, tmp_path):
+    shard_server.fail(SHARD_0, "truncate")
+    with pytest.raises(DownloadError):  # one attempt: half of the first version stays as the .part
+        download_shard(shard_server.url, 0, tmp_path / "cache", Retry(attempts=1))
+    (partial,) = (tmp_path / "cache").glob("*/*.parquet.part")
+    partial_bytes = partial.stat().st_size
+    assert 0 < partial_bytes < len(shard_0)
+    new_version = write_fineweb_shard(shard_server.directory / SHARD_0.lstrip("/"), fineweb_texts(200, seed=1),
+                                      row_group_size=64).read_bytes()
+    assert len(new_version) > partial_bytes and new_version != shard_0
+
+    download = download_shard(shard_server.url, 0, tmp_path / "cache", FAST_RETRY)
+
+    assert download.path.read_bytes() == new_version  # not the first version's bytes with the second's tail
+    assert shard_server.requests_for(SHARD_0)[-1].headers["Range"] == f"bytes={partial_bytes}-"  # with If-Range
+    assert not list((tmp_path / "cache").glob("*/*.part*"))
+
+
+def test_each_source_has_its_own_cache_folder(shard_server, shard_0, tmp_path):
+    with serve_shards(tmp_path / "other") as other:  # another source with its own shard 0
+        other_0 = write_fineweb_shard(other.directory / SHARD_0.lstrip("/"), fineweb_texts(50, seed=2)).read_bytes()
+        first = download_shard(shard_server.url, 0, tmp_path / "cache", FAST_RETRY)
+        second = download_shard(other.url, 0, tmp_path / "cache", FAST_RETRY)
+        assert len(other.requests_for(SHARD_0)) == 1  # not the first source's cached shard 0
+    assert first.path.read_bytes() == shard_0 and second.path.read_bytes() == other_0
+    assert first.path.parent != second.path.parent
+
+
+@pytest.mark.parametrize("header, seconds", [("3", 3.0), ("1.5", 1.5), ("-1", 0.0), ("soon", None), ("", None),
+                                             ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
+                                             ("Wed, 21 Oct 2015 07:28:00 -0000", 0.0)])
+def test_retry_after_is_seconds_or_a_date_and_anything_else_means_the_usual_backoff(header, seconds):
+    assert retry_after_seconds(header) == seconds
 
 
 def test_a_retry_after_longer_than_the_cap_waits_the_cap(shard_server, shard_0, tmp_path):
@@ -88,7 +126,7 @@ def test_cache_is_reused_and_a_corrupt_cached_file_downloaded_again(shard_server
     again = download_shard(shard_server.url, 0, cache, FAST_RETRY)
     assert again.bytes == 0 and len(shard_server.requests_for(SHARD_0)) == 1
 
-    (cache / "shard_00000.parquet").write_bytes(shard_0[: len(shard_0) // 2])  # e.g. a disk-full copy
+    again.path.write_bytes(shard_0[: len(shard_0) // 2])  # e.g. a disk-full copy
     repaired = download_shard(shard_server.url, 0, cache, FAST_RETRY)
     assert repaired.path.read_bytes() == shard_0
     assert len(shard_server.requests_for(SHARD_0)) == 2
@@ -99,8 +137,8 @@ def test_cache_is_reused_and_a_corrupt_cached_file_downloaded_again(shard_server
 def test_resumes_a_partial_download_with_range(shard_server, shard_0, tmp_path, supports_range):
     shard_server.supports_range = supports_range
     cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "shard_00000.parquet.part").write_bytes(shard_0[:1000])  # left by an interrupted run
+    (cache / source_key(shard_server.url)).mkdir(parents=True)
+    (cache / source_key(shard_server.url) / "shard_00000.parquet.part").write_bytes(shard_0[:1000])  # left by a run
 
     download = download_shard(shard_server.url, 0, cache, FAST_RETRY)
 
@@ -119,7 +157,7 @@ def test_local_path_file_url_and_fsspec_url(tmp_path):
     fs.pipe("/bucket/shard_00003.parquet", source.read_bytes())
     try:
         download = download_shard("memory://bucket", 3, tmp_path / "cache")
-        assert download.path == tmp_path / "cache" / "shard_00003.parquet"
+        assert download.path == tmp_path / "cache" / source_key("memory://bucket") / "shard_00003.parquet"
         assert download.path.read_bytes() == source.read_bytes()
         with pytest.raises(DownloadError, match="shard 4 .*memory://bucket/shard_00004.parquet.*not found"):
             download_shard("memory://bucket", 4, tmp_path / "cache")

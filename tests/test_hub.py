@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat_flyte.data.download import DownloadError, Retry
+from nanochat_flyte.data.download import DownloadError, Retry, source_key
 from nanochat_flyte.data.hub import download_split, file_records, hub_endpoint, iter_rows, parquet_urls, split_cache_dir
 from tests.hub_server import HUB_SPLITS, MMLU_SCHEMA, split_path, write_split
 
@@ -31,7 +31,7 @@ def test_the_listing_names_the_parquet_files_and_they_download_in_the_exact_sche
 
     paths = download_split(*key, cache_dir=tmp_path / "cache", columns=("messages",))
 
-    directory = tmp_path / "cache" / "HuggingFaceTB--smol-smoltalk" / "default" / "train"
+    directory = tmp_path / "cache" / source_key(hub_server.url) / "HuggingFaceTB--smol-smoltalk" / "default" / "train"
     assert paths == [directory / "00000.parquet", directory / "00001.parquet"] == \
            [split_cache_dir(*key, tmp_path / "cache") / name for name in ("00000.parquet", "00001.parquet")]
     schema, rows, _ = HUB_SPLITS[key]
@@ -101,11 +101,12 @@ def test_a_second_call_asks_the_network_nothing_and_a_corrupt_file_is_fetched_ag
     assert [r.path for r in hub_server.requests[asked:]] == [FILE_0]  # the file again; the listing is kept
 
 
-def test_another_endpoint_lists_again(hub_server, tmp_path):
-    download_split(*MMLU_TEST, cache_dir=tmp_path / "cache")
-    # the same server under another name: a different listing URL, so the recorded listing does not apply
-    download_split(*MMLU_TEST, hub_server.url.replace("127.0.0.1", "localhost"), tmp_path / "cache")
-    assert len(hub_server.requests_for(LISTING)) == 2
+def test_another_endpoint_lists_and_downloads_again_into_a_folder_of_its_own(hub_server, tmp_path):
+    (first,) = download_split(*MMLU_TEST, cache_dir=tmp_path / "cache")
+    # the same server under another name: another endpoint, whose files may differ (a mirror, the hub)
+    (second,) = download_split(*MMLU_TEST, hub_server.url.replace("127.0.0.1", "localhost"), tmp_path / "cache")
+    assert len(hub_server.requests_for(LISTING)) == 2 and len(hub_server.requests_for(FILE_0)) == 2
+    assert first.parent != second.parent and first.read_bytes() == second.read_bytes()
 
 
 def test_hf_token_is_sent_to_the_hub_never_printed_and_not_forwarded_to_another_host(hub_server, tmp_path,

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from nanochat_flyte.config import RunConfig
+from nanochat_flyte.data.dataloader import shard_files
 from nanochat_flyte.data.prepare import (
     ShardJob,
     build_tokenizer,
@@ -168,6 +169,63 @@ def test_merge_leaves_the_parts_for_a_second_merge(tmp_path):
     assert first == second
     for entry in first["train"] + first["val"]:
         assert (tmp_path / "run1" / entry["file"]).read_bytes() == (tmp_path / "run2" / entry["file"]).read_bytes()
+
+
+def test_merging_again_into_the_same_directory_replaces_its_files_and_leaves_the_earlier_parts(tmp_path):
+    write_fineweb_shards(tmp_path / "shards", [0, 5], DOCS_PER_SHARD)
+    write_fineweb_shards(tmp_path / "other", [0, 5], DOCS_PER_SHARD, seed=1)
+    config = small_config(str(tmp_path / "shards"), num_shards=1)
+    tokenizer_dir = build_tokenizer(config, tmp_path / "tokenizer")
+
+    def parts_of(data_url: str, folder: str) -> list[Path]:
+        jobs = plan_shards(dataclasses.replace(config, data_url=data_url), "gpt2")
+        return [prepare_shard(job, tokenizer_dir, tmp_path / folder / job.split) and tmp_path / folder / job.split
+                for job in jobs]
+
+    first, second = parts_of(str(tmp_path / "shards"), "first"), parts_of(str(tmp_path / "other"), "second")
+    first_train = (first[0] / "train" / "shard_00000.bin").read_bytes()
+    merge_prepared(config, first, tokenizer_dir, tmp_path / "data")
+    merge_prepared(config, first, tokenizer_dir, tmp_path / "data")  # the same parts again: a relaunch
+    manifest = merge_prepared(config, second, tokenizer_dir, tmp_path / "data")  # other parts: hard links replaced
+
+    assert (tmp_path / "data" / "train" / "shard_00000.bin").read_bytes() == \
+           (second[0] / "train" / "shard_00000.bin").read_bytes() != first_train
+    assert (first[0] / "train" / "shard_00000.bin").read_bytes() == first_train  # the earlier part is untouched
+    assert manifest["train"][0]["sha256"] == hashlib.sha256((second[0] / "train" / "shard_00000.bin")
+                                                            .read_bytes()).hexdigest()
+
+
+def test_a_prepare_that_fails_over_a_data_directory_leaves_it_without_a_manifest(tmp_path):
+    write_fineweb_shards(tmp_path / "shards", [0, 5], DOCS_PER_SHARD)
+    config = small_config(str(tmp_path / "shards"), num_shards=1)
+    prepare_data(config, tmp_path / "data")
+    assert (tmp_path / "data" / "manifest.json").exists()
+    # again with a BPE tokenizer, failing after the tokenizer is written (the validation shard is too small)
+    with pytest.raises(ConfigError, match="eval_tokens"):
+        prepare_data(dataclasses.replace(config, tokenizer="bpe", bpe_vocab_size=512, bpe_train_chars=50_000,
+                                         eval_tokens=10**9), tmp_path / "data")
+    # the gpt2 token files are now beside a BPE tokenizer: no manifest, so no run takes the directory
+    assert json.loads((tmp_path / "data" / "tokenizer" / "tokenizer.json").read_text())["name"] == "bpe"
+    assert not (tmp_path / "data" / "manifest.json").exists()
+    with pytest.raises(FileNotFoundError, match="data is not a prepared data directory: it has no manifest.json"):
+        shard_files(tmp_path / "data", "train")
+
+
+def test_a_row_group_without_documents_has_no_tokens_and_a_null_document_is_named(tmp_path):
+    enc = gpt2_tokenizer()
+    empty = write_fineweb_shard(tmp_path / "shard_00000.parquet", [])
+    assert tokenize_shard(empty, enc, tmp_path / "shard_00000.bin")["tokens"] == 0
+    shard = write_fineweb_shard(tmp_path / "shard_00001.parquet", ["a document", None, "another"])
+    with pytest.raises(ConfigError, match=r"data_url: shard_00001.parquet: row group 0 has 1 documents without"):
+        tokenize_shard(shard, enc, tmp_path / "shard_00001.bin")
+
+
+def test_a_shard_without_documents_is_refused_at_the_merge(tmp_path):
+    write_fineweb_shards(tmp_path / "shards", [5], DOCS_PER_SHARD)
+    write_fineweb_shard(tmp_path / "shards" / "shard_00000.parquet", [])
+    config = small_config(str(tmp_path / "shards"), num_shards=1)
+    with pytest.raises(ConfigError, match=r"RunConfig.data_url: shard 0 \(.*shard_00000.parquet\) has no documents"):
+        prepare_data(config, tmp_path / "data")
 
 
 def test_merge_checks_its_inputs_before_writing_anything(tmp_path):

@@ -145,6 +145,9 @@ class TokenLoader:
 
 def shard_files(data_dir: Path, split: str) -> list[Path]:
     """The shards of one split ("train" or "val") listed in data_dir/manifest.json, in manifest order."""
+    if not (data_dir / "manifest.json").exists():  # written last: without it the directory is partial, or not one
+        raise FileNotFoundError(f"{data_dir} is not a prepared data directory: it has no manifest.json, which "
+                                "`nanochat prepare` writes when it is done")
     manifest = json.loads((data_dir / "manifest.json").read_text())
     files = [data_dir / entry["file"] for entry in manifest[split]]
     if not files:

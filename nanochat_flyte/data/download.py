@@ -2,19 +2,22 @@
 
 - http(s) with requests: redirects followed (the hub redirects resolve/ URLs to its CDN), retries with
   exponential backoff and jitter on connection errors, timeouts, 429 and 5xx (honouring Retry-After), and on
-  a body shorter than its Content-Length; an interrupted download resumes with a Range request. A 4xx such
-  as 404 fails at once. A gated mirror gets `Authorization: Bearer $HF_TOKEN` (the token is never printed).
+  a body shorter than its Content-Length; an interrupted download resumes with a Range request, and If-Range
+  with the file's ETag (or Last-Modified) where the server gave one: a file changed since is sent whole, never
+  spliced onto the old one's first bytes. A 4xx such as 404 fails at once. A gated mirror gets
+  `Authorization: Bearer $HF_TOKEN` (the token is never printed).
 - Any other URL goes through fsspec (s3://, gs://, memory://, ...); local paths and file:// are read in place.
 - A download streams into `<file>.part` and is renamed into place only after it verifies (for a shard: a
   readable parquet footer with a `text` string column): readers never see a partial or corrupt file, and a
   corrupt file already in the cache is downloaded again.
 - A file that still fails after its retries raises ONE DownloadError naming what it is, the URL and the cause:
   a run never goes on with fewer files than it asked for. A file the source does not have is "not found".
-The cache (NANOCHAT_FLYTE_CACHE, default ~/.cache/nanochat_flyte; one folder per kind of file) assumes one
-downloader at a time.
+The cache (NANOCHAT_FLYTE_CACHE, default ~/.cache/nanochat_flyte; one folder per kind of file, and in it one
+per source: source_key) assumes one downloader at a time.
 """
 
 import email.utils
+import hashlib
 import os
 import random
 import re
@@ -53,6 +56,12 @@ def default_cache_dir(kind: str = "shards") -> Path:
     """Where downloads of one kind ("shards", "eval_bundle", "hub", ...) are cached."""
     root = os.environ.get("NANOCHAT_FLYTE_CACHE") or Path.home() / ".cache" / "nanochat_flyte"
     return Path(root) / kind
+
+
+def source_key(url: str) -> str:
+    """A short name for a source (a data_url, a hub endpoint, a bundle's URL): each gets a cache folder of its own,
+    so that the same file name from two sources (a test server's shard 0 and the hub's) never shares a cached file."""
+    return hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:12]
 
 
 def is_http(url: str) -> bool:
@@ -150,12 +159,20 @@ def auth_headers() -> dict[str, str]:
 
 
 def retry_after_seconds(header: str | None) -> float | None:
-    """Retry-After is either delta-seconds or an HTTP date."""
+    """Retry-After is either delta-seconds or an HTTP date. A value that is neither (a fraction, a date without
+    its zone is read as UTC; "soon") is None: the usual backoff, never a failed download."""
     if not header:
         return None
-    if header.strip().isdigit():
-        return float(header)
-    when = email.utils.parsedate_to_datetime(header)
+    try:
+        return max(0.0, float(header))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(header)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
     return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
@@ -172,18 +189,39 @@ def raise_for_status(response: requests.Response) -> None:
         raise PermanentError(f"HTTP {status} {response.reason}{hint}")
 
 
+def validator_path(partial: Path) -> Path:
+    """Beside a partial download: the ETag or Last-Modified of the file its bytes came from."""
+    return partial.with_name(partial.name + ".validator")
+
+
+def discard_partial(partial: Path) -> None:
+    partial.unlink(missing_ok=True)
+    validator_path(partial).unlink(missing_ok=True)
+
+
 def fetch_http(url: str, partial: Path) -> None:
-    """Append the rest of `url` to `partial`, resuming with a Range request from the bytes already there."""
+    """Append the rest of `url` to `partial`, resuming with a Range request from the bytes already there. The
+    Range carries If-Range with the validator the first response gave (a strong ETag, else Last-Modified): a
+    server whose file has changed since answers with the whole new file, which replaces the partial one."""
     offset = partial.stat().st_size if partial.exists() else 0
-    headers = auth_headers() | ({"Range": f"bytes={offset}-"} if offset else {})
+    headers = auth_headers()
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+        if validator_path(partial).exists():
+            headers["If-Range"] = validator_path(partial).read_text()
     with requests.get(url, headers=headers, stream=True, timeout=HTTP_TIMEOUT_S) as response:
         if response.status_code == 416:  # our partial file is not a prefix the server can continue: start over
-            partial.unlink()
+            discard_partial(partial)
             raise TransientError(f"HTTP 416: cannot resume at byte {offset}")
         raise_for_status(response)
         resumed = response.status_code == 206
-        if not resumed:
-            offset = 0  # the server ignored Range and sends the whole file
+        if not resumed:  # the whole file: Range ignored, or If-Range found the file changed
+            offset = 0
+            etag = response.headers.get("ETag", "")
+            validator = etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified")
+            validator_path(partial).unlink(missing_ok=True)
+            if validator:  # a weak ETag cannot resume a byte range
+                write_bytes_atomically(validator_path(partial), [validator.encode()])
         length = response.headers.get("Content-Length")
         with open(partial, "ab" if resumed else "wb") as f:
             for chunk in response.iter_content(CHUNK_BYTES):
@@ -264,9 +302,10 @@ def download_file(url: str, cached: Path, verify: Callable[[Path], None], what: 
         size = partial.stat().st_size
         verify(partial)
         os.replace(partial, cached)  # atomic: the cache holds whole, verified files only
+        validator_path(partial).unlink(missing_ok=True)
         return Download(url, cached, time.time() - start, size)
 
-    return with_retries(attempt, what, url, retry, on_corrupt=lambda: partial.unlink(missing_ok=True))
+    return with_retries(attempt, what, url, retry, on_corrupt=lambda: discard_partial(partial))
 
 
 def get_json(url: str, what: str, retry: Retry = DEFAULT_RETRY):
@@ -287,8 +326,9 @@ def get_json(url: str, what: str, retry: Retry = DEFAULT_RETRY):
 
 def download_shard(data_url: str, index: int, cache_dir: Path | None = None,
                    retry: Retry = DEFAULT_RETRY) -> Download:
-    """Return shard `index` verified on local disk: cached, read in place (local data), or downloaded."""
-    cached = Path(cache_dir or default_cache_dir("shards")) / shard_name(index)
+    """Return shard `index` verified on local disk: cached (in cache_dir's folder for data_url), read in place
+    (local data), or downloaded."""
+    cached = Path(cache_dir or default_cache_dir("shards")) / source_key(data_url) / shard_name(index)
     return download_file(shard_url(data_url, index), cached, verify_shard, f"shard {index}", retry)
 
 

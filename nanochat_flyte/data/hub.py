@@ -5,12 +5,13 @@ answers a JSON list of its parquet files' URLs (on the hub: `.../parquet/{subset
 redirect to a CDN). We download each with `download.download_file` (retries, resume, a parquet footer check,
 the cache) into
 
-    default_cache_dir("hub") / <repo with / -> --> / <subset> / <split> / 00000.parquet, 00001.parquet, ...
+    default_cache_dir("hub") / <source_key(endpoint)> / <repo with / -> --> / <subset> / <split> / 00000.parquet, ...
 
 and keep the listing beside them (`listing.json`), so that a second call, or a relaunch on the same disk, asks
-the network nothing. The endpoint is the one every hub client honours: an explicit value, else $HF_ENDPOINT,
-else https://huggingface.co. A gated mirror gets $HF_TOKEN (download.auth_headers); requests drops that header
-when a redirect leaves the host, so the CDN never sees it.
+the network nothing. Each endpoint has a folder of its own: a mirror's files never stand in for the hub's. The
+endpoint is the one every hub client honours: an explicit value, else $HF_ENDPOINT, else https://huggingface.co. A
+gated mirror gets $HF_TOKEN (download.auth_headers); requests drops that header when a redirect leaves the host, so
+the CDN never sees it.
 """
 
 import hashlib
@@ -31,6 +32,7 @@ from nanochat_flyte.data.download import (
     default_cache_dir,
     download_file,
     get_json,
+    source_key,
     write_bytes_atomically,
 )
 
@@ -66,8 +68,9 @@ def parquet_urls(repo: str, subset: str, split: str, endpoint: str = "", retry: 
     return urls
 
 
-def split_cache_dir(repo: str, subset: str, split: str, cache_dir: Path | None = None) -> Path:
-    return Path(cache_dir or default_cache_dir("hub")) / repo.replace("/", "--") / subset / split
+def split_cache_dir(repo: str, subset: str, split: str, cache_dir: Path | None = None, endpoint: str = "") -> Path:
+    root = Path(cache_dir or default_cache_dir("hub")) / source_key(hub_endpoint(endpoint))
+    return root / repo.replace("/", "--") / subset / split
 
 
 def parquet_verifier(columns: tuple[str, ...] = ()) -> Callable[[Path], None]:
@@ -98,7 +101,7 @@ def download_split(repo: str, subset: str, split: str, endpoint: str = "", cache
                    columns: tuple[str, ...] = (), retry: Retry = DEFAULT_RETRY) -> list[Path]:
     """The split's parquet files, verified, on local disk (in listing order). A file that cannot be had raises
     one DownloadError naming it: "<repo> <subset>/<split> file N"."""
-    directory = split_cache_dir(repo, subset, split, cache_dir)
+    directory = split_cache_dir(repo, subset, split, cache_dir, endpoint)
     url = listing_url(repo, subset, split, endpoint)
     urls = cached_listing(directory, url)
     if urls is None:

@@ -73,7 +73,11 @@ def iter_row_groups(parquet_path: Path) -> Iterator[pa.ChunkedArray]:
     """The `text` column one row group (~1024 documents) at a time: memory stays bounded whatever the shard size."""
     shard = pq.ParquetFile(parquet_path)
     for group in range(shard.num_row_groups):
-        yield shard.read_row_group(group, columns=["text"]).column("text")
+        texts = shard.read_row_group(group, columns=["text"]).column("text")
+        if texts.null_count:
+            raise ConfigError("data_url", f"{parquet_path.name}: row group {group} has {texts.null_count} documents "
+                                          "without text (null): every row of a shard must be a string")
+        yield texts
 
 
 def iter_train_texts(config, cache_dir: Path | None) -> Iterator[str]:
@@ -115,7 +119,8 @@ def encode_row_groups(parquet_path: Path, enc: tiktoken.Encoding,
     eot = np.array([enc.eot_token], dtype=np.uint32)
 
     def join(texts, token_arrays):
-        return texts, np.concatenate([part for tokens in token_arrays for part in (eot, tokens)]).astype("<u2")
+        parts = [part for tokens in token_arrays for part in (eot, tokens)]
+        return texts, (np.concatenate(parts) if parts else np.empty(0, np.uint32)).astype("<u2")  # (a 0-row group)
 
     with ThreadPoolExecutor(num_threads or os.cpu_count()) as pool:
         queued = deque()
@@ -140,8 +145,8 @@ def tokenize_shard(parquet_path: Path, enc: tiktoken.Encoding, bin_path: Path, n
             sha256.update(tokens)
             stats["tokens"] += len(tokens)
             stats["documents"] += len(texts)
-            stats["characters"] += pc.sum(pc.utf8_length(texts)).as_py()
-            stats["utf8_bytes"] += pc.sum(pc.binary_length(texts)).as_py()
+            stats["characters"] += pc.sum(pc.utf8_length(texts), min_count=0).as_py()  # 0 for a 0-row group
+            stats["utf8_bytes"] += pc.sum(pc.binary_length(texts), min_count=0).as_py()
     os.replace(partial, bin_path)
     return stats | {"sha256": sha256.hexdigest()}
 
@@ -180,11 +185,16 @@ def prepare_shard(job: ShardJob, tokenizer_dir: Path, out_dir: Path, cache_dir: 
 # ----------------------------------------------------------------------------- manifest
 
 def link_or_copy(source: Path, target: Path) -> None:
-    """A hard link where source and target share a filesystem (instant, no extra disk), else a copy."""
+    """A hard link where source and target share a filesystem (instant, no extra disk), else a copy. Made beside
+    target, then renamed onto it: a target that exists (an earlier merge's link to another part) is replaced, never
+    written through, which would change that part too."""
+    temp = target.with_name(f".{target.name}.tmp")
+    temp.unlink(missing_ok=True)
     try:
-        os.link(source, target)
+        os.link(source, temp)
     except OSError:
-        shutil.copyfile(source, target)
+        shutil.copyfile(source, temp)
+    os.replace(temp, target)
 
 
 def merge_prepared(config, parts: list[Path], tokenizer_dir: Path, out_dir: Path) -> dict:
@@ -200,6 +210,8 @@ def merge_prepared(config, parts: list[Path], tokenizer_dir: Path, out_dir: Path
         if source.stat().st_size != 2 * stats["tokens"]:
             raise ValueError(f"{source} holds {source.stat().st_size} bytes, but {part / STATS_FILE} says "
                              f"{stats['tokens']} uint16 tokens")
+        if not stats["documents"]:
+            raise ConfigError("data_url", f"shard {stats['shard']} ({stats['source']}) has no documents")
         sources[stats["file"]] = source
         splits[stats.pop("split")].append(stats)
     for split, shards in splits.items():
@@ -211,6 +223,9 @@ def merge_prepared(config, parts: list[Path], tokenizer_dir: Path, out_dir: Path
         raise ConfigError("eval_tokens", f"{config.eval_tokens:,} is more than the {val['tokens']:,} tokens of "
                                          f"validation shard {val['shard']}")
 
+    # A data directory is whole once its manifest is written, last: one being merged again has none meanwhile, so
+    # a merge that fails halfway leaves a directory that training refuses, not old shards under a new tokenizer.
+    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
     for file, source in sources.items():
         (out_dir / file).parent.mkdir(parents=True, exist_ok=True)
         link_or_copy(source, out_dir / file)
@@ -269,6 +284,7 @@ def plan_jobs(config, tokenizer_dir: Path, cache_dir: Path | None = None) -> lis
 def prepare_data(config, out_dir: Path, cache_dir: Path | None = None) -> dict:
     """The whole data stage in this process: tokenizer, parallel downloads, tokenization, merge -> manifest."""
     out_dir = Path(out_dir)
+    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # until merge_prepared writes the new one (it says why)
     tokenizer_dir = build_tokenizer(config, out_dir / "tokenizer", cache_dir)
     enc = load_tokenizer(tokenizer_dir)
     parts_dir = out_dir / "parts"

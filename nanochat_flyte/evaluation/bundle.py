@@ -6,7 +6,6 @@ The bundle holds `core.yaml` (the tasks), `eval_data/` (one JSONL file per datas
 """
 
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from nanochat_flyte.data.download import (
     is_http,
     is_local,
     probe,
+    source_key,
 )
 from nanochat_flyte.errors import ConfigError, UserError
 
@@ -71,7 +71,7 @@ class Bundle:
 def cache_name(source: str) -> str:
     """eval_bundle-<hash of the URL>: two sources with the same file name never share a cache entry."""
     stem = PurePosixPath(source.rstrip("/")).name.removesuffix(".zip") or "bundle"
-    return f"{stem}-{hashlib.sha256(source.encode()).hexdigest()[:12]}"
+    return f"{stem}-{source_key(source)}"
 
 
 def verify_zip(path: Path) -> None:
