@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from nanochat_flyte.model.gpt import GPT, GPTConfig
 from nanochat_flyte.training.pretrain import train
 from nanochat_flyte.training.rl import (
     Rollout,
+    Rollouts,
     gsm8k_reward,
     policy_gradient_loss,
     rl_run_config,
@@ -231,6 +233,19 @@ def test_an_interrupted_rl_run_resumes_on_the_same_answers_and_weights(sft_check
                                                                                 "rl/answer_tokens")
     for name, weight in load_checkpoint(tmp_path / "straight")["model"].items():
         assert torch.equal(weight, load_checkpoint(tmp_path / "resumed")["model"][name]), name
+
+
+@pytest.mark.parametrize("saved, world_size, taken", [({"problems_taken": 6, "world_size": 2}, 1, 12),
+                                                       ({"problems_taken": 6, "world_size": 1}, 2, 3),
+                                                       ({"problems_taken": 5, "world_size": 2}, 4, 3),
+                                                       ({"problems_taken": 6}, 2, 6)])  # saved before world_size
+def test_rl_goes_on_after_the_problems_taken_on_another_number_of_ranks(saved, world_size, taken):
+    """Rank r takes stream positions taken x world_size + r: after a resume, none that the saved run's ranks took."""
+    phase = SimpleNamespace(rl=rl_config(examples_per_step=4))
+    rollouts = Rollouts(phase, 4, torch.device("cpu"), 0, world_size, saved)
+    assert rollouts.problems_taken == taken
+    assert taken * world_size >= saved["problems_taken"] * saved.get("world_size", world_size)
+    assert rollouts.state_dict() == {"problems_taken": taken, "world_size": world_size}
 
 
 def test_rl_data_comes_from_the_hub_and_the_cli_trains(sft_checkpoint, hub_server, tmp_path):

@@ -12,8 +12,8 @@ from nanochat_flyte.inference.engine import Engine, SamplingParams
 from nanochat_flyte.model.device import select_precision
 from nanochat_flyte.model.gpt import GPT
 from nanochat_flyte.model.optim import build_optimizers
-from nanochat_flyte.training.loop import build_model, halved_batch_size, make_grad_scaler, train_step
-from nanochat_flyte.training.pretrain import SAMPLE_PROMPTS, train
+from nanochat_flyte.training.loop import Trainer, build_model, halved_batch_size, make_grad_scaler, train_step
+from nanochat_flyte.training.pretrain import SAMPLE_PROMPTS, Pretraining, train
 
 SUMMARY_KEYS = {"status", "depth", "num_iterations", "steps_completed", "min_validation_bpb", "final_validation_bpb",
                 "tokens_seen", "total_time_s", "avg_tok_per_sec", "avg_mfu", "num_params", "flops_per_token",
@@ -269,3 +269,46 @@ def test_a_checkpoint_saved_before_the_best_metric_was_renamed_resumes(tmp_path)
                     tmp_path / "new", resume_dir=tmp_path / "old")
     assert resumed["steps_completed"] == 6
     assert resumed["min_validation_bpb"] == min(first["min_validation_bpb"], resumed["final_validation_bpb"])
+
+
+def test_a_resume_takes_the_precision_and_the_device_batch_it_is_given(data_dir, tmp_path):
+    train(tiny_config(num_iterations=3), data_dir, tmp_path / "first")  # float32: the checkpoint has no grad scaler
+    # on a T4 (fp16 and its GradScaler), with a smaller device batch, as an out-of-memory error under DDP advises
+    resumed = train(tiny_config(dtype="float16", device_batch_size=2), data_dir, tmp_path / "resumed",
+                    resume_dir=tmp_path / "first")
+    assert resumed["steps_completed"] == 6 and resumed["dtype"] == "float16" and resumed["device_batch_size"] == 2
+
+
+def test_a_resume_with_fewer_iterations_than_done_is_refused_before_training(data_dir, tmp_path):
+    train(tiny_config(num_iterations=3), data_dir, tmp_path / "first")
+    config = tiny_config(num_iterations=2)
+    with pytest.raises(ConfigError, match=r"^RunConfig.num_iterations: 2 is fewer than the 3 steps the checkpoint"):
+        Trainer(config, Pretraining(config, data_dir), tmp_path / "resumed", resume_dir=tmp_path / "first")
+
+
+def test_a_run_resumed_to_end_at_a_running_save_evaluates_and_samples_its_last_step(data_dir, tmp_path):
+    class Stopped(Exception):
+        pass
+
+    def stop(_):
+        raise Stopped
+
+    with pytest.raises(Stopped):  # eval and samples every 3 steps, saved at step 4, then stopped
+        train(tiny_config(num_iterations=8, save_every=4), data_dir, tmp_path / "run", on_save=stop)
+    summary = train(tiny_config(num_iterations=4, save_every=4), data_dir, tmp_path / "run",
+                    resume_dir=tmp_path / "run")
+    evaluated = [row for row in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "val/bpb" in row]
+    assert [row["step"] for row in evaluated] == [0, 3, 4]
+    assert summary["final_validation_bpb"] == evaluated[-1]["val/bpb"]
+    assert sorted({row["step"] for row in read_jsonl(tmp_path / "run" / "samples.jsonl")}) == [3, 4]
+    # a finished run resumed at its own length evaluates nothing again
+    train(tiny_config(num_iterations=4, save_every=4), data_dir, tmp_path / "run", resume_dir=tmp_path / "run")
+    assert [row["step"] for row in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "val/bpb" in row] == [0, 3, 4]
+
+
+def test_save_to_takes_a_file_uri(data_dir, tmp_path):
+    copy = tmp_path / "copies" / "deep"  # does not exist yet
+    train(tiny_config(num_iterations=3, save_to=copy.as_uri()), data_dir, tmp_path / "run")
+    saved = {path.relative_to(copy).as_posix() for path in copy.rglob("*") if path.is_file()}
+    assert {"checkpoint.pt", "config.json", "tokenizer/tokenizer.json", "metrics.jsonl"} <= saved
+    assert (copy / "checkpoint.pt").read_bytes() == (tmp_path / "run" / "checkpoint.pt").read_bytes()

@@ -14,7 +14,7 @@ from nanochat_flyte.cli.usage import ArgumentParser
 from nanochat_flyte.config import ChatConfig, RLConfig, load_config
 from nanochat_flyte.data.chat_data import prepared_manifest
 from nanochat_flyte.data.download import default_cache_dir
-from nanochat_flyte.model.checkpoint import check_save_to, fetch_checkpoint, is_uri
+from nanochat_flyte.model.checkpoint import check_save_to, fetch_checkpoint, local_path
 from nanochat_flyte.reporting.environment import environment_report
 from nanochat_flyte.schema import parse_override
 from nanochat_flyte.training.loop import check_resumed_stage, distributed_env
@@ -69,7 +69,7 @@ def fetched_once_per_node(source: str, local_dir: Path) -> Path:
     """The checkpoint to start from as a local directory: a local path in place; a URI downloaded into local_dir by
     one rank per node (ranks fetching into one folder together would overwrite each other's half-written files).
     A folder that holds the same URI's complete download already is reused."""
-    if not is_uri(source) or source.startswith("file://"):
+    if local_path(source) is not None:
         return fetch_checkpoint(source, local_dir)
     marker = local_dir / FETCHED_FILE  # written last: the download is complete
 

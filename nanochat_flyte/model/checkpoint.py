@@ -103,14 +103,22 @@ def is_uri(location: str | Path) -> bool:
     return "://" in str(location)
 
 
+def local_path(location: str | Path) -> Path | None:
+    """The local path of a plain path (~ expanded) or a file:// URI; None for a remote URI (s3://, gs://, ...)."""
+    if is_uri(location) and not str(location).startswith("file://"):
+        return None
+    return Path(fsspec.core.url_to_fs(str(location))[1])
+
+
 def check_save_to(target: str, owner: str) -> None:
     """Fail in one line, before any training, when a local save_to cannot be written (a URI's store is known only at
     the first copy): the first copy comes save_every steps into the run."""
-    if not target or is_uri(target):
+    directory = local_path(target) if target else None
+    if directory is None:
         return
     try:
-        Path(target).mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=target).close()
+        directory.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
     except OSError as error:
         raise ConfigError("save_to", f"cannot write to {target!r}: {error.strerror or error}", owner) from None
 
@@ -121,9 +129,9 @@ def publish_checkpoint(checkpoint_dir: Path, target: str) -> None:
     goes last, so a copy that holds it holds the files that describe it."""
     files = sorted((path for path in Path(checkpoint_dir).rglob("*") if path.is_file()),
                    key=lambda path: path.name == CHECKPOINT_FILE)
-    if not is_uri(target):
+    if (directory := local_path(target)) is not None:
         for path in files:
-            destination = Path(target) / path.relative_to(checkpoint_dir)
+            destination = directory / path.relative_to(checkpoint_dir)
             destination.parent.mkdir(parents=True, exist_ok=True)
             write_atomically(destination, lambda temp, source=path: shutil.copyfile(source, temp))
         return
@@ -145,8 +153,8 @@ def fetch_checkpoint(source: str | Path, local_dir: Path, names: tuple[str, ...]
     """A checkpoint directory (local path or fsspec URI) as a local directory: local paths are used in place,
     remote ones are downloaded into local_dir: all of it, or only the files and folders in `names` that it has."""
     require_checkpoint(source)
-    if not is_uri(source) or str(source).startswith("file://"):
-        return Path(fsspec.core.url_to_fs(str(source))[1])
+    if (directory := local_path(source)) is not None:
+        return directory
     filesystem, root = fsspec.core.url_to_fs(str(source))
     root = root.rstrip("/")
     if names is None:

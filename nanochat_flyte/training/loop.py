@@ -349,6 +349,10 @@ class Trainer:
         (with the resumed run's name where it had none) and the data loader's saved position."""
         check_resumed_stage(resume_dir, self.phase.stage)
         checkpoint = load_checkpoint(resume_dir)
+        if config.num_iterations < checkpoint["step"]:  # the loop would never reach its last step
+            raise ConfigError("num_iterations", f"{config.num_iterations} is fewer than the {checkpoint['step']} "
+                                                f"steps the checkpoint being resumed has done ({resume_dir})",
+                              STAGE_CONFIGS[self.phase.stage])
         self.model.load_state_dict(checkpoint["model"])
         for optimizer, state in zip(self.optimizers, checkpoint["optimizers"], strict=True):
             configured = [{key: value for key, value in group.items() if key != "params"}
@@ -356,13 +360,16 @@ class Trainer:
             optimizer.load_state_dict(state)  # its moments, and the settings the run had: this config's win
             for group, settings in zip(optimizer.param_groups, configured, strict=True):
                 group.update(settings)
-        if self.grad_scaler:
+        if self.grad_scaler and checkpoint["grad_scaler"]:  # (none in a bf16 or fp32 run's: a fresh scale)
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler"])
         loop = dict(checkpoint["loop"])
         if "min_val_metric" in loop:  # its name in checkpoints saved before RL's higher-is-better metric
             loop["best_val_metric"] = loop.pop("min_val_metric")
+        if config.device_batch_size != checkpoint["config"]["device_batch_size"]:
+            loop["device_batch_size"] = config.device_batch_size  # asked for anew; else the saved one (OOM-halved)
         self.loop = LoopState(**loop)
         self.start_step = checkpoint["step"]
+        self.resumed_finished = checkpoint["step"] == checkpoint["config"]["num_iterations"]
         restore_rng_states(checkpoint["rng"])
         if not config.run_name:  # keep the name (and with it the W&B run) of the run being resumed
             config = dataclasses.replace(config, run_name=checkpoint["config"]["run_name"])
@@ -556,17 +563,24 @@ class Trainer:
         time_before_session = loop.total_time_s
         while True:
             last_step = step == config.num_iterations
-            # a resumed run starts where its checkpoint was saved: that step's eval, samples and save are done
-            done_before_resume = self.resumed and step == self.start_step
-            if not done_before_resume and (last_step or step % config.eval_every == 0):
+            if self.resumed and step == self.start_step:
+                # The checkpoint was saved after this step's evaluation and samples as they were due then. A run
+                # resumed to end here, at a save of a run that went on, still owes the last step's.
+                owed = last_step and not self.resumed_finished
+                evaluate, sample = owed and step % config.eval_every != 0, owed and step % config.sample_every != 0
+                periodic = save = False
+            else:
+                evaluate = last_step or step % config.eval_every == 0
+                sample = last_step or (step > 0 and step % config.sample_every == 0)
+                periodic, save = True, not last_step and step > 0 and step % config.save_every == 0
+            if evaluate:
                 self.evaluate(step)
-            if not done_before_resume:
+            if periodic:
                 self.periodic(step)
-            if self.master and not done_before_resume:
-                if last_step or (step > 0 and step % config.sample_every == 0):
-                    self.sample(step)
-                if not last_step and step > 0 and step % config.save_every == 0:
-                    self.save(step, "running")
+            if self.master and sample:
+                self.sample(step)
+            if self.master and save:
+                self.save(step, "running")
             if last_step:
                 break
             result, dt = self.optimizer_step(step)
@@ -599,6 +613,9 @@ class Trainer:
             return (f"interrupted at step {self.step}, before the first checkpoint (saved every "
                     f"{self.config.save_every} steps): nothing to resume from")
         return f"interrupted at step {self.step}; the last checkpoint (step {self.saved_step}) is in {where}"
+
+
+STAGE_CONFIGS = {"base": "RunConfig", "chat": "ChatConfig", "rl": "RLConfig"}  # where a user sets a stage's fields
 
 
 def check_resumed_stage(checkpoint_dir: str | Path, stage: str) -> None:

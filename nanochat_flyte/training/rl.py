@@ -101,15 +101,18 @@ class Rollouts:
     Rank r takes problems r, r + world_size, ... of a stream that visits every problem once per epoch, in a seeded
     order. When nothing is pending it rolls out a whole step's problems for this rank at once: all their answers
     decode together (decode_batch_size at a time), so a step costs about max_new_tokens decoding passes, not that
-    many per problem. Its state is the number of problems it has taken: at a step boundary nothing is pending and
-    the state says everything.
+    many per problem. Its state is the number of problems each rank has taken, and the number of ranks: at a step
+    boundary nothing is pending and the state says everything.
     """
 
     def __init__(self, phase: "ReinforcementLearning", batch_size: int, device: torch.device, rank: int,
                  world_size: int, state: dict | None):
         self.phase, self.batch_size, self.device = phase, batch_size, device
         self.rank, self.world_size = rank, world_size
-        self.problems_taken = state["problems_taken"] if state else 0
+        self.problems_taken = 0
+        if state:  # saved on as many ranks, or on others: go on after the stream positions they took
+            stream_taken = state["problems_taken"] * state.get("world_size", world_size)
+            self.problems_taken = -(-stream_taken // world_size)  # ceil: no position taken twice
         self.problems_per_step = phase.rl.examples_per_step // world_size
         answers = self.problems_per_step * phase.rl.num_samples
         # halves on a CUDA out-of-memory error
@@ -123,7 +126,7 @@ class Rollouts:
         return self.problems_taken * self.world_size / len(self.phase.problems)
 
     def state_dict(self) -> dict:
-        return {"problems_taken": self.problems_taken}
+        return {"problems_taken": self.problems_taken, "world_size": self.world_size}
 
     def close(self) -> None:
         self.pending = []
