@@ -4,6 +4,7 @@ saved in the test's tmp dir (chat_page.png), as an artifact to look at.
 
 Without Debian's chromium or the playwright package these tests skip, saying so; .ci/run installs both."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -108,6 +109,51 @@ def test_the_page_streams_answers_keeps_the_conversation_and_shows_errors(page, 
     error = page.locator(".error")
     error.wait_for()
     assert error.text_content() == "400: max_tokens: must be an integer from 1 to 256, got 0"
+
+
+def stream_of(*chunks: dict) -> str:
+    """A chat completion stream as OpenAI (and our server) sends it: one server-sent event per chunk, then [DONE]."""
+    return "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
+
+
+def test_an_empty_answer_keeps_the_turns_alternating(page, chat_server):
+    page.goto(chat_server.url)
+    page.wait_for_function("document.getElementById('model').textContent.includes('chat checkpoint')")
+    # the model's first token ends its turn: a stream with a role and a finish, no text
+    chunk = {"object": "chat.completion.chunk"}
+    empty = stream_of(chunk | {"choices": [{"index": 0, "delta": {"role": "assistant"}}]},
+                      chunk | {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, headers={"Content-Type": "text/event-stream"}, body=empty))
+    page.fill("#input", "Hello there")
+    page.press("#input", "Enter")
+    page.locator(".note").wait_for()
+    assert page.locator(".note").text_content() == "(the model answered nothing)"
+    page.unroute("**/v1/chat/completions")
+
+    sent = []
+    page.on("request", lambda request: sent.append(request.post_data_json) if request.method == "POST" else None)
+    assert ask(page, "Are you there?")  # the server's answer: the conversation goes on
+    assert [body["messages"] for body in sent] == [[{"role": "user", "content": "Hello there"},
+                                                    {"role": "assistant", "content": ""},
+                                                    {"role": "user", "content": "Are you there?"}]]
+    assert page.locator(".error").count() == 0
+
+
+def test_new_chat_during_an_answer_starts_empty(page, chat_server):
+    page.goto(chat_server.url)
+    page.wait_for_function("document.getElementById('model').textContent.includes('chat checkpoint')")
+    network = page.context.new_cdp_session(page)  # 1 KB/s: the answer is still streaming when New chat is clicked
+    network.send("Network.enable")
+    network.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0,
+                                                       "downloadThroughput": 1_000, "uploadThroughput": -1})
+    page.fill("#max-tokens", "256")
+    page.fill("#input", "Hello there")
+    page.press("#input", "Enter")
+    page.locator(".assistant.streaming").wait_for()
+    page.click("#new-chat")
+    page.wait_for_function("controller === null")  # the stopped request has run its error handling
+    assert page.locator("#messages").inner_text() == "New chat. Ask something."
 
 
 def test_a_base_model_page_says_so_and_asks_for_the_api_key(page, base_server, base_checkpoint):

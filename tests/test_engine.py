@@ -251,6 +251,9 @@ def test_sampling_follows_the_softmax_of_the_logits_over_temperature_and_top_k()
         kept = logits[0] if top_k is None else logits[0].masked_fill(logits[0] < 1.0, float("-inf"))
         torch.testing.assert_close(frequencies, torch.softmax(kept / temperature, dim=0), atol=0.02, rtol=0)
     assert (sample_next_token(logits[:5], generators[:5], 0.0, None).view(-1) == 2).all()  # temperature 0: argmax
+    # a temperature too small to divide by (logits / 1e-40 overflow to inf: every probability NaN) is greedy too
+    for top_k in (None, 2):
+        assert (sample_next_token(logits[:5], generators[:5], 1e-40, top_k).view(-1) == 2).all()
 
 
 def test_seeded_sampling_is_reproducible():

@@ -225,6 +225,10 @@ def test_json_nested_too_deeply_is_invalid_json_not_a_crash(chat_server):
     assert response.json()["error"] == {"message": "the request body is not valid JSON: nested too deeply",
                                         "type": "invalid_request_error", "param": None, "code": "invalid_json"}
     assert "RecursionError" not in chat_server.log.read_text()
+    response = requests.post(f"{chat_server.url}/v1/chat/completions", timeout=10,  # beyond Python's 4,300 digits
+                             data=b'{"messages": [{"role": "user", "content": "hi"}], "seed": ' + b"9" * 5000 + b"}")
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json", response.text
+    assert "Traceback" not in chat_server.log.read_text()
 
 
 # ---------------------------------------------------------------------------- base model, limits, disconnects, key

@@ -7,7 +7,8 @@ expression, the calculator's answer is fed to it as the next tokens (engine.py),
 arithmetic in its head.
 
 Only arithmetic is evaluated: numbers, + - * / // % ** and parentheses, parsed with `ast` (never `eval`), with
-bounds on the expression's length and on powers, so a model cannot make it run for long or allocate much.
+bounds on the expression's length, on exponents and on the size of every whole number along the way, so a model
+cannot make it run for long or allocate much.
 """
 
 import ast
@@ -17,6 +18,9 @@ import re
 
 MAX_EXPRESSION_CHARS = 200  # GSM8K's longest calculation is under 100 characters
 MAX_EXPONENT = 64  # 10 ** 64 already dwarfs any grade-school quantity; 9 ** 9 ** 9 would hang the decoder
+# Every whole number along the way stays under 2 ** 512 (155 digits): then no one operation makes more than
+# 512 x 64 bits, where nested powers ((9 ** 64) ** 64) ** 64 ... multiply the bits 64-fold at each level.
+MAX_INTEGER_BITS = 512
 DIGIT_GROUPS = re.compile(r"(?<=\d),(?=\d{3}\b)")  # "1,200" -> "1200"; a comma elsewhere is not arithmetic
 
 BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -26,15 +30,21 @@ UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 
 def evaluate(node: ast.AST) -> int | float:
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return node.value
+        return bounded(node.value)
     if isinstance(node, ast.UnaryOp) and type(node.op) in UNARY:
         return UNARY[type(node.op)](evaluate(node.operand))
     if isinstance(node, ast.BinOp) and type(node.op) in BINARY:
         left, right = evaluate(node.left), evaluate(node.right)
         if isinstance(node.op, ast.Pow) and abs(right) > MAX_EXPONENT:
             raise ValueError("exponent too large")
-        return BINARY[type(node.op)](left, right)
+        return bounded(BINARY[type(node.op)](left, right))
     raise ValueError(f"not arithmetic: {type(node).__name__}")
+
+
+def bounded(value: int | float) -> int | float:
+    if isinstance(value, int) and value.bit_length() > MAX_INTEGER_BITS:
+        raise ValueError("number too large")
+    return value
 
 
 def format_number(value: int | float) -> str:

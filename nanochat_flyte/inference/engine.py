@@ -45,6 +45,9 @@ from nanochat_flyte.model.device import Precision, select_device, select_precisi
 from nanochat_flyte.model.gpt import GPT, KVCache
 
 STOP_TOKENS = ("<|assistant_end|>", EOT)  # the end of the assistant's turn; the end of the text
+# Below this temperature sampling is greedy: the most likely token already has all the probability, and logits divided
+# by a temperature under about 1e-37 overflow float32, which would make every probability NaN.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -84,7 +87,7 @@ def sample_next_token(logits: torch.Tensor, generators: list[torch.Generator], t
     does not depend on the other rows. Samples by inverting the cumulative distribution: torch.multinomial costs
     ~7 ms for a 50k vocabulary on a CPU, this ~0.3 ms; and the whole batch shares one top-k, softmax and search,
     where a GPU pays a kernel launch for each."""
-    if temperature == 0:
+    if temperature < GREEDY_BELOW_TEMPERATURE:
         return logits.argmax(dim=-1, keepdim=True)
     ids = None
     if top_k and top_k < logits.size(-1):

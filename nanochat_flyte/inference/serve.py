@@ -152,6 +152,9 @@ def parse_chat_request(state: ServerState, raw: bytes) -> ChatRequest:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ApiError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
+    except ValueError as error:  # a number of more than 4,300 digits: Python will not read it
+        raise ApiError(400, f"the request body has a number this server cannot read: {error}",
+                       code="invalid_json") from None
     except RecursionError:  # [[[[... far deeper than any request: the parser's stack runs out
         raise ApiError(400, "the request body is not valid JSON: nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
