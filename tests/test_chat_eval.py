@@ -182,6 +182,9 @@ def test_humaneval_keeps_the_prompts_helper_functions():
     program = humaneval_program(item, "```python\ndef quadruple(x):\n    return double(double(x))\n```", "f00d")
     assert program.startswith("def double(x):") and program.endswith("check(quadruple)\nprint('f00d')\n")
     assert score_humaneval(["```python\ndef quadruple(x):\n    return double(double(x))\n```"], [item], 1) == [True]
+    # a right answer that prints more than the sandbox keeps (64 KB) before its sentinel still passes
+    loud = "```python\ndef quadruple(x):\n    print('x' * 100_000)\n    return double(double(x))\n```"
+    assert score_humaneval([loud], [item], 1) == [True]
 
 
 @pytest.mark.parametrize("exit_early", ["import os; os._exit(0)", "import sys; sys.exit(0)", "raise SystemExit",

@@ -88,6 +88,15 @@ def test_bundle_loads_from_a_directory_a_zip_and_http_alike(bundle_dir, tmp_path
         assert (unpacked[0] / "marker").exists()  # unpacked once, not again
 
 
+def test_a_local_zip_written_again_is_unpacked_again(bundle_dir, tmp_path):
+    local_zip = zip_directory(bundle_dir, tmp_path / "eval_bundle.zip")
+    assert len(load_bundle(str(local_zip), cache_dir=tmp_path / "cache").tasks) == len(TEST_TASKS)
+    edit_yaml(bundle_dir, lambda tasks: tasks.pop())  # e.g. write_test_core_bundle.py run again with other options
+    zip_directory(bundle_dir, local_zip)
+    assert [task.label for task in load_bundle(str(local_zip), cache_dir=tmp_path / "cache").tasks] == \
+           [spec.label for spec in TEST_TASKS[:-1]]  # not the first zip's unpacked copy
+
+
 def test_an_fsspec_directory_is_copied_into_the_cache(bundle_dir, tmp_path):
     filesystem = fsspec.filesystem("memory")
     filesystem.put(str(bundle_dir), "/core-test/eval_bundle", recursive=True)
@@ -146,6 +155,12 @@ MALFORMED = {
                          (root / "eval_meta_data.csv").read_text().replace("50.0", "fifty")),
                      "eval_meta_data.csv line 4: 'Random baseline' of 'schema_fewshot' must be a number in [0, 100)"),
     "no csv": (lambda root: (root / "eval_meta_data.csv").unlink(), "eval_meta_data.csv: missing"),
+    "csv not utf-8": (lambda root: (root / "eval_meta_data.csv").write_bytes(
+                          (root / "eval_meta_data.csv").read_bytes() + "caf\u00e9,25.0\n".encode("cp1252")),
+                      "eval_meta_data.csv: not UTF-8 text (invalid continuation byte at line 7)"),
+    "data not utf-8": (lambda root: (root / "eval_data" / "knowledge" / "qa.jsonl").write_bytes(
+                           (root / "eval_data" / "knowledge" / "qa.jsonl").read_bytes() + b'{"context": "caf\xe9"}\n'),
+                       "eval_data/knowledge/qa.jsonl line 13: not UTF-8 text (invalid continuation byte)"),
     "no core.yaml": (lambda root: (root / "core.yaml").unlink(), "no single core.yaml in the bundle"),
     "not yaml": (lambda root: (root / "core.yaml").write_text("icl_tasks: [\n"), "core.yaml: not valid YAML"),
 }
@@ -378,13 +393,22 @@ def test_answer_spans_with_gpt2_and_bpe(bundle_dir, bpe):
                     if task.task_type == "multiple_choice":  # what precedes the span is the same in every row
                         assert continuation.endswith(tokenizer.decode(row.tokens[row.start:]))
                         assert {tuple(other.tokens[:row.start]) for other in rows} == {tuple(row.tokens[:row.start])}
-                    else:  # the span holds the whole continuation
+                    elif task.task_type == "schema":  # the span holds the whole continuation
                         assert tokenizer.decode(row.tokens[row.start:]).endswith(continuation.strip())
+                    else:  # the item's continuation, not the delimiter's words before it
+                        span = tokenizer.decode(row.tokens[row.start:])
+                        assert span.endswith(task.examples[index]["continuation"].strip())
+                        assert not task.delimiter.strip() or task.delimiter.strip() not in span
     tokenizer = gpt2_tokenizer()
     task = CoreTask("mc", "multiple_choice", 0, " ", 25.0,
                     ({"query": "Q:", "choices": ["the cat", "the dog"], "gold": 0},))
     rows = item_rows(tokenizer, task, [0], 100)[0]
     assert [tokenizer.decode(row.tokens[row.start:]) for row in rows] == [" cat", " dog"]
+    # language modeling with a delimiter of words (jeopardy's): the answer is scored, not "\nAnswer:" before it
+    task = CoreTask("jeopardy", "language_modeling", 0, "\nAnswer: ", 0.0,
+                    ({"context": "The capital of France", "continuation": "Paris"},))
+    (row,) = item_rows(tokenizer, task, [0], 100)[0]
+    assert tokenizer.decode(row.tokens[row.start:]) == " Paris"
 
 
 def test_max_per_task_takes_the_same_seeded_subset_every_time(bundle_dir):

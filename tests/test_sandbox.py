@@ -104,11 +104,14 @@ def test_resource_limits_cannot_be_raised_again():
     assert not result.passed and "ValueError" in result.stderr
 
 
-def test_output_is_truncated():
-    result = execute("import sys\nprint('x' * 100_000)\nprint('y' * 100_000, file=sys.stderr)",
+def test_output_is_truncated_in_the_middle():
+    result = execute("import sys\nprint('x' * 100_000)\nprint('y' * 100_000, file=sys.stderr)\nprint('the end')",
                      Limits(output_bytes=1000))
     assert result.passed and result.truncated
-    assert result.stdout == "x" * 1000 and result.stderr == "y" * 1000
+    assert result.stdout == "x" * (500 + 491) + "\nthe end\n"  # the first 500 bytes, and the last 500
+    assert result.stderr == "y" * 999 + "\n"
+    result = execute("print('x' * 999)", Limits(output_bytes=1000))  # 1,000 bytes with its line break: all kept
+    assert not result.truncated and result.stdout == "x" * 999 + "\n"
 
 
 def test_working_directory_is_empty_and_removed_and_stdin_and_environment_are_clean(monkeypatch):
@@ -171,6 +174,7 @@ PROBES = {  # each escape found against the sandbox: an action that must fail wi
     "kill a bystander": "c(libc.kill({bystander}, signal.SIGKILL))",
     "signal the evaluator": "c(libc.kill(os.getppid(), 0))",  # 0: the permission check alone, should it pass
     "signal pid 1": "c(libc.kill(1, 0))",
+    "make a pipe signal a bystander": "c(libc.fcntl(os.pipe()[0], 8, {bystander}))",  # F_SETOWN: SIGIO at each write
     "take the evaluator's socket": "c(libc.syscall({pidfd_getfd}, c(libc.syscall({pidfd_open}, os.getppid(), 0)), "
                                    "{connection}, 0))",
     "open /proc/sys for writing": "os.close(os.open('/proc/sys/kernel/core_pattern', os.O_WRONLY))",

@@ -6,6 +6,7 @@ The bundle holds `core.yaml` (the tasks), `eval_data/` (one JSONL file per datas
 """
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ META_CSV = "eval_meta_data.csv"
 TASK_COLUMN, BASELINE_COLUMN = "Eval Task", "Random baseline"
 
 DEFAULT_DELIMITER = " "
+UNPACKED_FROM = ".unpacked_from"  # in an unpacked zip's folder: the size and time of the zip it came from
 
 FIELDS = {  # the fields each task type's examples need, and their JSON types
     "multiple_choice": {"query": str, "choices": list, "gold": int},
@@ -99,9 +101,12 @@ def publish_directory(fill, target: Path) -> Path:
     return target
 
 
-def unpack(zip_path: Path, target: Path, fresh: bool) -> Path:
-    """The zip unpacked at target, once: reused unless the zip was just downloaded (`fresh`)."""
-    if target.is_dir() and not fresh:
+def unpack(zip_path: Path, target: Path) -> Path:
+    """The zip unpacked at target, once: reused while the zip is the one unpacked there (its size and modification
+    time, recorded beside what it holds), unpacked anew when it changed (downloaded again, or a local zip
+    rewritten)."""
+    stamp = f"{zip_path.stat().st_size} {zip_path.stat().st_mtime_ns}"
+    if (target / UNPACKED_FROM).is_file() and (target / UNPACKED_FROM).read_text() == stamp:
         return target
 
     def extract(temp: Path) -> None:
@@ -110,6 +115,7 @@ def unpack(zip_path: Path, target: Path, fresh: bool) -> Path:
                 archive.extractall(temp)  # zipfile drops absolute paths and ".." from member names
         except (zipfile.BadZipFile, OSError) as e:
             raise BundleError(f"{zip_path}: cannot be unpacked: {e}") from e
+        (temp / UNPACKED_FROM).write_text(stamp)
 
     return publish_directory(extract, target)
 
@@ -136,7 +142,7 @@ def fetch_bundle(source: str, cache_dir: Path | None = None) -> Path:
             return publish_directory(lambda temp: filesystem.get(path.rstrip("/") + "/", str(temp), recursive=True),
                                      target)
     download = download_file(source, cache_dir / f"{cache_name(source)}.zip", verify_zip, what)
-    return unpack(download.path, cache_dir / cache_name(source), fresh=download.bytes > 0)
+    return unpack(download.path, cache_dir / cache_name(source))
 
 
 def bundle_root(directory: Path) -> Path:
@@ -227,12 +233,17 @@ def read_baselines(path: Path, name) -> dict[str, tuple[int, str]]:
     the rows of the tasks in core.yaml are checked (the file lists more tasks than CORE uses)."""
     if not path.is_file():
         raise BundleError(f"{name(path)}: missing (it holds every task's '{BASELINE_COLUMN}')")
-    with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: a spreadsheet's byte-order mark
-        reader = csv.DictReader(f)
-        missing = [column for column in (TASK_COLUMN, BASELINE_COLUMN) if column not in (reader.fieldnames or [])]
-        if missing:
-            raise BundleError(f"{name(path)}: no column '{missing[0]}' (columns: {reader.fieldnames})")
-        return {row[TASK_COLUMN]: (reader.line_num, row[BASELINE_COLUMN]) for row in reader}
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # utf-8-sig: a spreadsheet's byte-order mark
+    except UnicodeDecodeError as e:  # e.g. saved by a spreadsheet as cp1252
+        line = data[:e.start].count(b"\n") + 1
+        raise BundleError(f"{name(path)}: not UTF-8 text ({e.reason} at line {line})") from e
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = [column for column in (TASK_COLUMN, BASELINE_COLUMN) if column not in (reader.fieldnames or [])]
+    if missing:
+        raise BundleError(f"{name(path)}: no column '{missing[0]}' (columns: {reader.fieldnames})")
+    return {row[TASK_COLUMN]: (reader.line_num, row[BASELINE_COLUMN]) for row in reader}
 
 
 def parse_baseline(label: str, line: int, value: str, where: str) -> float:
@@ -249,13 +260,15 @@ def parse_baseline(label: str, line: int, value: str, where: str) -> float:
 def read_examples(path: Path, name: str, task_type: str) -> tuple[dict, ...]:
     """Every example of a JSONL file, each checked for the fields its task type needs."""
     examples = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             where = f"{name} line {line_number}"
             try:
-                example = json.loads(line)
+                example = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise BundleError(f"{where}: not UTF-8 text ({e.reason})") from e
             except json.JSONDecodeError as e:
                 raise BundleError(f"{where}: not valid JSON: {e}") from e
             if not isinstance(example, dict):

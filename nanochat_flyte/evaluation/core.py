@@ -25,8 +25,9 @@ own; the spans come from the whole prompts' tokens:
   leading words that all choices share);
 - schema: the tokens that all the item's prompts share from the right (the continuation, and any ending that all
   contexts share);
-- language modeling: every token of the prompt after its longest common prefix with the prompt without the
-  continuation: exactly the tokens whose text depends on the continuation.
+- language modeling: every token of the prompt after its longest common prefix with the prompt up to the
+  delimiter, less the delimiter's trailing whitespace: the continuation's tokens with the space before them, not
+  the delimiter's words (jeopardy's "\nAnswer: " scores " Paris" of "...\nAnswer: Paris").
 A span keeps at least its last token (a choice that is a prefix of another would otherwise have none).
 
 A task's accuracy is centered against its random baseline b (percent): (acc - b/100) / (1 - b/100), so 0 is
@@ -186,12 +187,17 @@ def item_rows(tokenizer: tiktoken.Encoding, task: CoreTask, indices: list[int], 
     """The rows of each item (one per answer option), tokenized in one batch."""
     options = [render(task, index) for index in indices]
     language_modeling = task.task_type == "language_modeling"
+
+    def without_continuation(context: str) -> str:  # for language modeling (the module docstring says why)
+        return (context + task.delimiter).rstrip()
+
     tokens = encode(tokenizer, [text for item in options for context, continuation in item
-                                for text in ([context] if language_modeling else []) + [context + continuation]])
+                                for text in ([without_continuation(context)] if language_modeling else [])
+                                + [context + continuation]])
     rows = []
     for item in options:
         prompts = [tokens[context + continuation] for context, continuation in item]
-        contexts = [tokens[context] for context, _ in item] if language_modeling else []
+        contexts = [tokens[without_continuation(context)] for context, _ in item] if language_modeling else []
         starts = answer_starts(task.task_type, prompts, contexts)
         rows.append([cropped(prompt, start, context_len) for prompt, start in zip(prompts, starts)])
     return rows

@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass
 class Limits:
     timeout: float = 10.0  # wall-clock seconds, interpreter start included; HumanEval's tests take well under one
     memory_bytes: int = 512 * 2**20  # address space: Python itself needs ~30 MB of it
-    output_bytes: int = 64 * 2**10  # of stdout and of stderr, each: enough for any traceback
+    output_bytes: int = 64 * 2**10  # of stdout and of stderr, each (the first and last halves): any traceback
     file_bytes: int = 16 * 2**20  # the largest file the code may write
     disk_bytes: int = 64 * 2**20  # all its files together: the work directory is a tmpfs, so this is memory
     processes: int = 64  # RLIMIT_NPROC: this user's processes and threads (all of nobody's, run by root)
@@ -69,7 +69,7 @@ class ExecutionResult:
     stdout: str
     stderr: str
     timed_out: bool
-    truncated: bool  # stdout or stderr was longer than Limits.output_bytes
+    truncated: bool  # stdout or stderr was longer than Limits.output_bytes: its middle is left out
     seconds: float
     isolation: tuple[str, ...]  # the layers that held, e.g. ("private root", ..., "seccomp")
     missing: dict[str, str]  # the layers that did not, and why
@@ -129,33 +129,50 @@ def execute(code: str, limits: Limits = Limits(), require: tuple[str, ...] = ())
                            isolation=tuple(report["isolation"]), missing=report["missing"])
 
 
+class Captured:
+    """A stream's first cap/2 bytes and its last cap/2: what a program printed last (HumanEval's pass sentinel, a
+    traceback) survives any amount of output before it."""
+
+    def __init__(self, cap: int):
+        self.head, self.tail, self.half, self.truncated = bytearray(), bytearray(), cap // 2, False
+
+    def add(self, data: bytes) -> None:
+        taken = min(len(data), max(0, self.half - len(self.head)))
+        self.head += data[:taken]
+        self.tail += data[taken:]
+        if len(self.tail) > self.half:
+            del self.tail[:len(self.tail) - self.half]
+            self.truncated = True
+
+    def bytes(self) -> bytes:
+        return bytes(self.head + self.tail)
+
+
 def collect_output(process: subprocess.Popen, deadline: float, cap: int) -> tuple[bytes, bytes, bool, bool]:
     """(stdout, stderr, truncated, timed_out): read both pipes until they close and the process exits, or until
-    the deadline. Output past `cap` bytes is read and dropped, so the child never blocks on a full pipe."""
-    buffers = {process.stdout: bytearray(), process.stderr: bytearray()}
-    truncated = False
+    the deadline. Of more than `cap` bytes the middle is read and dropped (Captured), so the child never blocks on a
+    full pipe."""
+    captured = {process.stdout: Captured(cap), process.stderr: Captured(cap)}
+    timed_out = False
     with selectors.DefaultSelector() as selector:
-        for stream in buffers:
+        for stream in captured:
             selector.register(stream, selectors.EVENT_READ)
-        while selector.get_map():
+        while selector.get_map() and not timed_out:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return bytes(buffers[process.stdout]), bytes(buffers[process.stderr]), truncated, True
-            for key, _ in selector.select(remaining):
+            timed_out = remaining <= 0
+            for key, _ in [] if timed_out else selector.select(remaining):
                 data = os.read(key.fd, 65536)
-                if not data:
+                if data:
+                    captured[key.fileobj].add(data)
+                else:
                     selector.unregister(key.fileobj)
-                    continue
-                buffer = buffers[key.fileobj]
-                keep = max(0, cap - len(buffer))
-                truncated |= len(data) > keep
-                buffer += data[:keep]
-    try:
-        process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        timed_out = False
-    except subprocess.TimeoutExpired:  # it closed its pipes but went on running
-        timed_out = True
-    return bytes(buffers[process.stdout]), bytes(buffers[process.stderr]), truncated, timed_out
+    if not timed_out:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:  # it closed its pipes but went on running
+            timed_out = True
+    stdout, stderr = captured[process.stdout], captured[process.stderr]
+    return stdout.bytes(), stderr.bytes(), stdout.truncated or stderr.truncated, timed_out
 
 
 def kill_group(process: subprocess.Popen) -> None:
@@ -221,6 +238,7 @@ AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}  # the machines the f
 NUMBERS = {  # the system calls used here, (x86_64, aarch64) from asm/unistd*.h; aarch64 has no fork or vfork
     "shmget": (29, 194), "socket": (41, 198), "socketpair": (53, 199), "clone": (56, 220), "fork": (57, None),
     "vfork": (58, None), "execve": (59, 221), "kill": (62, 129), "semget": (64, 190), "msgget": (68, 186),
+    "fcntl": (72, 25),
     "ptrace": (101, 117), "rt_sigqueueinfo": (129, 138), "setpriority": (141, 140), "sched_setparam": (142, 118),
     "sched_setscheduler": (144, 119), "pivot_root": (155, 41), "prctl": (157, 167), "chroot": (161, 51),
     "mount": (165, 40), "umount2": (166, 39), "tkill": (200, 130), "sched_setaffinity": (203, 122),
@@ -442,6 +460,7 @@ NR_OFFSET, ARCH_OFFSET, ARGS_OFFSET = 0, 4, 16  # an argument's low 32 bits (bot
 ALLOW, KILL_PROCESS, ERRNO = 0x7FFF0000, 0x80000000, 0x00050000  # ERRNO | errno: fail the call with errno
 X32_SYSCALL_BIT = 0x40000000  # x86_64's x32 ABI: the same calls under other numbers
 CLONE_THREAD = 0x00010000
+F_SETOWN, F_SETSIG, F_SETOWN_EX = 8, 10, 15  # fcntl(2): who gets a file's SIGIO and SIGURG, and as which signal
 CLONE_NEW_ANY = 0x7E020000  # every CLONE_NEW* flag: a thread may not make a namespace either
 
 
@@ -479,6 +498,8 @@ def sandbox_rules(pid: int) -> list[Rule]:
             *(Rule(name, arg=0, unless=(0, pid)) for name in ("prlimit64", "sched_setaffinity", "sched_setparam",
                                                               "sched_setscheduler", "sched_setattr")),
             *(Rule(name, arg=1, unless=(0, pid)) for name in ("setpriority", "ioprio_set")),
+            # a pipe whose owner is another process signals it (SIGIO, deadly by default) at every write
+            Rule("fcntl", arg=1, when=(F_SETOWN, F_SETSIG, F_SETOWN_EX)),
             Rule("prctl", arg=0, when=(PR_SET_PDEATHSIG,))]  # it must die with the evaluator
 
 
