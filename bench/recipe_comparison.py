@@ -40,7 +40,7 @@ DATA_FIELDS = ("data_url", "num_shards", "val_shard", "only_needed_shards", "tok
 def parse_variant(text: str) -> tuple[str, dict]:
     """'name field=value ...' -> (name, overrides)."""
     name, *assignments = text.split()
-    return name, dict(parse_override(assignment) for assignment in assignments)
+    return name, dict(parse_override(assignment, RunConfig) for assignment in assignments)
 
 
 def variant_config(corpus: str, seed: int, overrides: dict, common: dict) -> RunConfig:
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     variants = [parse_variant(text) for text in args.variant]
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    common = dict(parse_override(assignment) for assignment in args.set)
+    common = dict(parse_override(assignment, RunConfig) for assignment in args.set)
     results = compare(args.corpus, args.out, variants, seeds, common)
     print(table(results, seeds))
     print(json.dumps(results))

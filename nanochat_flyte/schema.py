@@ -16,15 +16,27 @@ from nanochat_flyte.errors import ConfigError
 
 
 class YamlLoader(yaml.SafeLoader):
-    """YAML as YAML 1.2 reads booleans: only true/false. YAML 1.1's yes/no/on/off would turn `humaneval: off` into
-    False, and the user's `off` into a confusing `must be a str, got False`."""
+    """YAML as YAML 1.2 reads booleans, numbers and dates. YAML 1.1 (PyYAML's) would turn `humaneval: off` into False
+    (and the user's `off` into a confusing `must be a str, got False`), leave 1e-3 a string (its floats need a dot and
+    a signed exponent), read 010 as octal 8, 1:30 as 90 (base 60) and `run_name: 2024-06-01` as a date. Underscores
+    in numbers stay allowed: 65_536."""
 
 
+YAML_1_1_TAGS = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+                 "tag:yaml.org,2002:timestamp")
 YamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in YAML_1_1_TAGS]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                                  list("tTfF"))
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9][0-9_]*$"), list("-+0123456789"))
+YamlLoader.add_implicit_resolver(  # PyYAML's float constructor reads these (and .inf, .nan, which validation refuses)
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9][0-9_]*|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+YamlLoader.add_constructor("tag:yaml.org,2002:int",  # base 10 always: YAML 1.1's 0-prefixed octal is gone in 1.2
+                           lambda loader, node: int(loader.construct_scalar(node).replace("_", ""), 10))
 
 
 # Fields whose words are YAML 1.1 booleans. `pyflyte run --chat_config preset.yaml` reads the file with PyYAML's
@@ -54,6 +66,8 @@ def coerce(owner: str, field: dataclasses.Field, value: Any) -> Any:
             return float(value)
     elif isinstance(value, bool) and field.name in ON_OFF_FIELDS:
         return "on" if value else "off"
+    elif value is None:  # `save_to:` with nothing after it: empty text, as the docs' "empty: ..." mean
+        return ""
     elif isinstance(value, kind):
         return value
     raise ConfigError(field.name, f"must be {'an' if kind is int else 'a'} {kind.__name__}, got {value!r}", owner)
@@ -71,6 +85,9 @@ class StrictConfig:
     @classmethod
     def check_fields(cls, values: dict[str, Any]) -> None:
         known = [f.name for f in dataclasses.fields(cls)]
+        for name in values:
+            if not isinstance(name, str):  # YAML reads `12: 3` with a number as its key
+                raise ConfigError(str(name), "unknown field; field names are text", cls.__name__)
         for name in sorted(set(values) - set(known)):
             close = difflib.get_close_matches(name, known, n=1)
             hint = f"did you mean {close[0]}?" if close else f"{cls.__name__} has {', '.join(known)}"
@@ -155,13 +172,17 @@ def non_negative(config, field: str) -> None:
         raise ConfigError(field, f"must be >= 0, got {getattr(config, field)}", type(config).__name__)
 
 
-def parse_override(assignment: str, owner: str = "RunConfig") -> tuple[str, Any]:
-    """'field=value' with value typed as YAML reads it (4 -> int, true -> bool, text -> str); a value YAML cannot
-    read (`run_name=@me`, `eval_tasks=,,`) is taken as the text it is."""
+def parse_override(assignment: str, kind: type) -> tuple[str, Any]:
+    """'field=value' for a field of config class `kind`: a text field takes the text as written (`run_name=2024-06-01`,
+    `save_to=runs/a #b`, `eval_bundle_url=` for empty); any other the value as YAML reads it (4 -> int, true -> bool,
+    1e-3 -> float), or the text where YAML cannot read it, which the field's check then names."""
     field, sep, value = assignment.partition("=")
-    if not sep or not field.strip():
-        raise ConfigError(field.strip() or "*", f"override {assignment!r} is not of the form field=value", owner)
+    field = field.strip()
+    if not sep or not field:
+        raise ConfigError(field or "*", f"override {assignment!r} is not of the form field=value", kind.__name__)
+    if {f.name: f.type for f in dataclasses.fields(kind)}.get(field) in (str, "str"):
+        return field, value
     try:
-        return field.strip(), yaml.load(value, YamlLoader)
+        return field, yaml.load(value, YamlLoader)
     except yaml.YAMLError:
-        return field.strip(), value
+        return field, value

@@ -10,7 +10,8 @@ import fsspec
 import pytest
 from helpers import make_data_dir, tiny_config
 
-from nanochat_flyte.cli.chat_stage import FETCHED_FILE, fetched_once_per_node
+from nanochat_flyte.cli import chat_stage
+from nanochat_flyte.cli.chat_stage import FETCHED_FILE, data_cache_dir, fetched_once_per_node
 from nanochat_flyte.config import ChatConfig, RunConfig
 from nanochat_flyte.data.chat_data import prepare_sft_data
 from nanochat_flyte.errors import ConfigError
@@ -96,6 +97,11 @@ def test_the_sft_cli_trains_from_the_hub_and_refuses_a_bad_field_or_batch_before
                            capture_output=True, text=True, timeout=120)
     assert split.returncode == 2 and split.stderr.startswith("error: ChatConfig.total_batch_size: 1000 is not")
     assert split.stdout == ""  # no data prepared
+    (tmp_path / "here").mkdir()  # the same from `--out-dir .`: its start checkpoint goes beside the folder
+    here = subprocess.run([sys.executable, "-m", "nanochat_flyte", "sft", "--base-checkpoint", str(base_checkpoint),
+                           "--out-dir", ".", "seed=8", "total_batch_size=1000"], cwd=tmp_path / "here",
+                          capture_output=True, text=True, timeout=120)
+    assert here.returncode == 2 and here.stderr.startswith("error: ChatConfig.total_batch_size: 1000 is not")
 
 
 def test_a_remote_start_checkpoint_is_fetched_by_one_rank_per_node_and_the_others_wait(tmp_path):
@@ -133,3 +139,12 @@ def test_an_object_store_without_credentials_is_one_line(tmp_path):
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("error: Unable to locate credentials for an object store URI (s3://, gs://)")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_clis_data_cache_is_keyed_by_the_data_format_too(monkeypatch):
+    keys = ("seed", "max_conversations")
+    first = data_cache_dir("sft_data", ChatConfig(), keys)
+    assert data_cache_dir("sft_data", ChatConfig(), keys) == first
+    assert data_cache_dir("sft_data", ChatConfig(seed=7), keys) != first
+    monkeypatch.setattr(chat_stage, "CHAT_DATA_VERSION", "next")  # conversations of a newer format: prepared anew
+    assert data_cache_dir("sft_data", ChatConfig(), keys) != first

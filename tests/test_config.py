@@ -158,6 +158,26 @@ def test_on_and_off_are_words_not_yaml_booleans(tmp_path, capsys):
     assert (written["humaneval"], written["run_name"]) == ("on", "@me")
 
 
+def test_numbers_and_text_are_read_as_yaml_12_and_as_written(tmp_path, capsys):
+    preset = tmp_path / "run.yaml"
+    preset.write_text("matrix_lr: 1e-3\nseed: 010\nbpe_train_chars: 2e9\nrun_name: 2024-06-01\neval_bundle_url:\n"
+                      "total_batch_size: 65_536\n")
+    config = RunConfig.from_file(preset)
+    assert (config.matrix_lr, config.seed, config.bpe_train_chars, config.run_name, config.eval_bundle_url,
+            config.total_batch_size) == (0.001, 10, 2_000_000_000, "2024-06-01", "", 65_536)
+    # a text field takes the override as written: no date, no number, no comment cut, empty for nothing
+    config_main([str(CONFIGS / "smoke.yaml"), "run_name=2024_06_01", "save_to=runs/a #b", "eval_bundle_url=",
+                 "wandb_entity=123", "embedding_lr=2E-4", "seed=010"])
+    written = json.loads(capsys.readouterr().out)
+    assert (written["run_name"], written["save_to"], written["eval_bundle_url"], written["wandb_entity"],
+            written["embedding_lr"], written["seed"]) == ("2024_06_01", "runs/a #b", "", "123", 0.0002, 10)
+    with pytest.raises(ConfigError, match=r"^RunConfig\.seed: must be an int, got '1:30'"):  # not 90 (base 60)
+        config_main([str(CONFIGS / "smoke.yaml"), "seed=1:30"])
+    preset.write_text("depth: 4\n12: 3\n")
+    with pytest.raises(ConfigError, match=r"^RunConfig\.12: unknown field; field names are text"):
+        RunConfig.from_file(preset)
+
+
 def test_a_yaml_11_reader_s_boolean_is_the_word_it_was_read_from_for_humaneval_only():
     # pyflyte reads a preset file with PyYAML's safe_load (YAML 1.1): `humaneval: off` arrives as False
     assert ChatConfig.from_mapping({"humaneval": False}).humaneval == "off"

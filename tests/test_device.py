@@ -94,6 +94,7 @@ def test_peak_flops_table():
     assert peak_flops("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989e12
     assert peak_flops("NVIDIA H100 PCIe", torch.bfloat16) == 756e12
     assert peak_flops("NVIDIA H200", torch.bfloat16) == 989e12
+    assert peak_flops("NVIDIA H200 NVL", torch.bfloat16) == 835e12  # not the SXM part's
     assert peak_flops("cpu", torch.float32) is None
 
 

@@ -42,7 +42,8 @@ def test_a_misspelt_field_stops_pyflyte_run_with_one_message(tmp_path, env, form
 
 
 def test_a_chat_preset_file_may_say_humaneval_off(tmp_path, env):
-    # pyflyte reads the file itself, as YAML 1.1 (`off` is False); the next bad field shows `off` got through
+    # `off` is the word, as YAML 1.2 reads it (and as ChatConfig takes a YAML 1.1 reader's False); the next bad field
+    # shows `off` got through
     (tmp_path / "chat.yaml").write_text("humaneval: off\neval_tasks: ''\n")
     result = subprocess.run([*PYFLYTE[:-2], "workflows/chat.py", "nanochat_chat", "--chat_config",
                              str(tmp_path / "chat.yaml")], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -79,6 +80,18 @@ def test_a_partial_config_changes_the_workflows_own_default_as_flyte_run_does(tm
     main_default = click.Option(["--config"], default=json.dumps(RunConfig().to_dict()))
     assert JsonParamType(RunConfig).convert('{"num_iterations": 100}', main_default, None) == RunConfig(
         num_iterations=100)
+
+
+def test_pyflyte_reads_a_preset_file_as_the_library_does(tmp_path):
+    from workflows.support import JsonParamType
+
+    option = click.Option(["--config"], default=json.dumps(RunConfig().to_dict()))
+    (tmp_path / "run.yaml").write_text("run_name: 2024-06-01\nmatrix_lr: 1e-3\nseed: 010\n")  # YAML 1.2's values
+    config = JsonParamType(RunConfig).convert(str(tmp_path / "run.yaml"), option, None)
+    assert (config.run_name, config.matrix_lr, config.seed) == ("2024-06-01", 0.001, 10)
+    (tmp_path / "bad.yaml").write_text("num_iterations: [40\n")
+    with pytest.raises(click.BadParameter, match=r"^RunConfig\.\*: '.*bad.yaml' is not a YAML document: while parsing"):
+        JsonParamType(RunConfig).convert(str(tmp_path / "bad.yaml"), option, None)
 
 
 def test_a_misspelt_preset_path_says_the_file_is_missing(env):

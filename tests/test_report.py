@@ -108,6 +108,8 @@ def test_a_completion_is_never_read_as_markdown_or_html(tmp_path):
     assert f"**Say \\*it\\*:**\n\n`````\n{hostile}\n`````\n" in text
     assert markdown_grid(["reason"], [["the probe failed:\nTraceback | line 2"]]).splitlines()[-1] == (
         "| the probe failed: Traceback \\| line 2 |")
+    # a carriage return ends a Markdown line too (a Windows line break, or a bare one)
+    assert markdown_grid(["a", "b"], [["one\r\ntwo", "three\rfour"]]).split("\n")[-1] == "| one two | three four |"
 
 
 def test_samples_that_start_with_newlines_are_not_blank(tmp_path):

@@ -52,9 +52,10 @@ def test_a_finished_run_is_extended_and_its_learning_rate_warms_down_again(finis
     config, _, _, save_to = finished
     results, checkpoint, _ = main(config=tiny_config(config.data_url, num_iterations=10, eval_every=3,
                                                      sample_every=10, save_every=3, warmdown_ratio=0.3,
-                                                     matrix_lr=2 * config.matrix_lr),
+                                                     matrix_lr=2 * config.matrix_lr, run_name=""),
                                   resume_from=str(save_to))
     assert results["training"]["steps_completed"] == 10
+    assert results["training"]["run_name"] == config.run_name  # no name given: the resumed run's (its W&B run)
     train_rows = [row for row in rows(Path(checkpoint.path)) if "train/loss" in row]
     assert [row["step"] for row in train_rows] == list(range(1, 11))  # steps 1-6 came with the checkpoint
     lrm = {row["step"]: row["train/lrm"] for row in train_rows}

@@ -110,3 +110,8 @@ def test_user_errors_of_the_sample_and_train_clis_are_one_line(tmp_path):
                             "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
     assert (train.returncode, train.stderr) == (2, "error: RunConfig.depht: unknown field; did you mean depth?\n")
+    resume = subprocess.run([sys.executable, "-m", "nanochat_flyte", "train", "--data-dir", str(tmp_path),
+                             "--out-dir", str(tmp_path / "out"), "--resume-dir", str(tmp_path / "none")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert (resume.returncode, resume.stderr) == (2, f"error: train.resume_dir: {tmp_path / 'none'} is not a "
+                                                     "checkpoint directory (no training_state.json and config.json)\n")

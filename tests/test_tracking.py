@@ -4,7 +4,7 @@ import json
 import logging
 import socket
 
-from wandb_offline import read_offline_history, read_offline_summary
+from wandb_offline import read_offline_history, read_offline_summary, run_records
 
 from nanochat_flyte.config import RunConfig
 from nanochat_flyte.reporting.tracking import (
@@ -113,6 +113,28 @@ def test_online_without_network_falls_back_offline_and_never_shows_the_key(tmp_p
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_an_evaluation_without_network_is_not_written_offline_to_a_folder_that_is_deleted(tmp_path, monkeypatch,
+                                                                                             caplog):
+    monkeypatch.setenv("WANDB_API_KEY", "feedfacecafebeef" * 2 + "deadbeef")
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
+    with caplog.at_level(logging.WARNING, logger="nanochat_flyte.reporting.tracking"):
+        assert log_evaluation(RunConfig(wandb_mode="online"), str(tmp_path), 6, {"core_metric": 0.1}, {}) is None
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "nanochat_flyte.reporting.tracking"]
+    assert "online init failed" in warning and "logging offline" not in warning
+    assert warning.endswith("W&B disabled (the results JSON has every number either way)")
+
+
+def test_every_metric_plots_against_the_training_step(tmp_path):
+    tracker = Tracker(RunConfig(run_name="axes", wandb_mode="offline"), tmp_path)
+    tracker.log(3, {"rl/reward": 0.5, "core_metric": 0.2})  # prefixes a list of patterns would have to foresee
+    tracker.finish()
+    metrics = [record.metric for record in run_records(tracker.offline_dir)
+               if record.WhichOneof("record_type") == "metric"]
+    assert {(metric.name or metric.glob_name, metric.step_metric) for metric in metrics} == {("step", ""),
+                                                                                           ("*", "step")}
 
 
 def test_failing_wandb_log_never_fails_training(tmp_path, caplog):

@@ -312,3 +312,10 @@ def test_save_to_takes_a_file_uri(data_dir, tmp_path):
     saved = {path.relative_to(copy).as_posix() for path in copy.rglob("*") if path.is_file()}
     assert {"checkpoint.pt", "config.json", "tokenizer/tokenizer.json", "metrics.jsonl"} <= saved
     assert (copy / "checkpoint.pt").read_bytes() == (tmp_path / "run" / "checkpoint.pt").read_bytes()
+
+
+def test_a_diverged_evaluation_is_no_best(data_dir, tmp_path, monkeypatch):
+    values = iter([2.0, float("nan"), 3.0])  # the evaluations of steps 0, 3 and 6
+    monkeypatch.setattr(Pretraining, "evaluate", lambda self, *args: next(values))
+    summary = train(tiny_config(), data_dir, tmp_path / "run")
+    assert summary["min_validation_bpb"] == 2.0 and summary["final_validation_bpb"] == 3.0

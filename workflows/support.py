@@ -17,7 +17,7 @@ from flytekit.extras.accelerators import T4
 from flytekit.interaction.click_types import JsonParamType
 from flytekit.types.directory import FlyteDirectory
 
-from nanochat_flyte.errors import is_user_error, reraise_user_errors
+from nanochat_flyte.errors import ConfigError, is_user_error, reraise_user_errors
 from nanochat_flyte.pipeline import secrets
 from nanochat_flyte.pipeline.secrets import SecretName
 from nanochat_flyte.reporting.tracking import console_link_settings
@@ -80,18 +80,26 @@ def task_input_error(error: BaseException, message: str) -> Exception:
 one_line_user_errors = reraise_user_errors(task_input_error)
 
 
-def name_missing_preset_files() -> None:
-    """`pyflyte run ... --config PATH` reads PATH when it exists and parses anything else as inline JSON, so a
-    misspelt preset path was reported as invalid JSON. A value that names a .yaml/.yml/.json file that is not there
-    now says so, before anything runs."""
+def read_preset_files_as_the_library_does() -> None:
+    """`pyflyte run ... --config PATH` reads PATH when it exists, with PyYAML's YAML 1.1 reader (`run_name: yes` is
+    True, 1e-3 a string, a malformed file a traceback), and parses anything else as inline JSON (a misspelt preset
+    path was reported as invalid JSON). A value that names a .yaml/.yml/.json file is now read as `nanochat config`
+    and `flyte run` read it (StrictConfig.read_preset), and a file that is missing or not YAML is one line."""
     parse = JsonParamType._parse
 
-    def parse_naming_missing_files(self, value, param):
-        if isinstance(value, str) and value.strip().endswith((".yaml", ".yml", ".json")) and not os.path.exists(value):
+    def parse_preset_files(self, value, param):
+        if not (isinstance(value, str) and value.strip().endswith((".yaml", ".yml", ".json"))):
+            return parse(self, value, param)
+        if not os.path.exists(value):
             raise click.BadParameter(f"no preset file {value!r} (give a YAML or JSON file that exists, or inline JSON)")
-        return parse(self, value, param)
+        if not (isinstance(self._python_type, type) and issubclass(self._python_type, StrictConfig)):
+            return parse(self, value, param)
+        try:
+            return self._python_type.read_preset(value)
+        except ConfigError as error:
+            raise click.BadParameter(str(error)) from error
 
-    JsonParamType._parse = parse_naming_missing_files
+    JsonParamType._parse = parse_preset_files
 
 
 def merge_configs_onto_the_default() -> None:
@@ -115,7 +123,7 @@ def merge_configs_onto_the_default() -> None:
     JsonParamType._parse = parse_onto_the_default
 
 
-name_missing_preset_files()
+read_preset_files_as_the_library_does()
 merge_configs_onto_the_default()
 
 

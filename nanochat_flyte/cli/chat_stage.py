@@ -15,6 +15,7 @@ from nanochat_flyte.config import ChatConfig, RLConfig, load_config
 from nanochat_flyte.data.chat_data import prepared_manifest
 from nanochat_flyte.data.download import default_cache_dir
 from nanochat_flyte.model.checkpoint import check_save_to, fetch_checkpoint, local_path
+from nanochat_flyte.pipeline.prepare import CHAT_DATA_VERSION
 from nanochat_flyte.reporting.environment import environment_report
 from nanochat_flyte.schema import parse_override
 from nanochat_flyte.training.loop import check_resumed_stage, distributed_env
@@ -39,13 +40,15 @@ def stage_arguments(command: str, doc: str, kind: type[ChatConfig] | type[RLConf
     parser.add_argument("--resume-dir", type=Path, help="a checkpoint directory of this stage to continue from")
     parser.add_argument("overrides", nargs="*", metavar="field=value")
     args = parser.parse_args(argv)
-    overrides = dict(parse_override(item, kind.__name__) for item in args.overrides)
+    overrides = dict(parse_override(item, kind) for item in args.overrides)
     return load_config(args.config, kind, **overrides).validate(), args
 
 
 def data_cache_dir(name: str, config: ChatConfig | RLConfig, keys: tuple[str, ...]) -> Path:
-    """Where a CLI prepares its hub data: a cache folder keyed by everything that decides its contents."""
-    fingerprint = json.dumps({key: getattr(config, key) for key in keys} | {"env": os.environ.get("HF_ENDPOINT", "")},
+    """Where a CLI prepares its hub data: a cache folder keyed by everything that decides its contents, the format's
+    version included (the workflows' caches have it too)."""
+    fingerprint = json.dumps({key: getattr(config, key) for key in keys} | {"env": os.environ.get("HF_ENDPOINT", ""),
+                                                                             "version": CHAT_DATA_VERSION},
                              sort_keys=True)
     return default_cache_dir(name) / hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
 
@@ -98,7 +101,8 @@ def run_stage(config: ChatConfig | RLConfig, start_checkpoint: str, args, defaul
         prepared_manifest(args.data_dir, stage)
     if args.resume_dir:
         check_resumed_stage(args.resume_dir, "chat" if stage == "chat_sft" else "rl")
-    start_dir = fetched_once_per_node(start_checkpoint, args.out_dir.with_name(args.out_dir.name + "_start"))
+    out_dir = args.out_dir.resolve()  # (`--out-dir .` has no name to derive a sibling's from)
+    start_dir = fetched_once_per_node(start_checkpoint, out_dir.with_name(out_dir.name + "_start"))
     check(config, start_dir)  # before the hub data's download: a batch that does not fit fails in seconds
     check_save_to(config.save_to, type(config).__name__)
     data_dir = args.data_dir or default_data_dir

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-o", "--output", type=Path, help="write the JSON to this file instead of stdout")
     args = parser.parse_intermixed_args(argv)  # field=value overrides may come before or after the options
     kind = ChatConfig if args.chat else RLConfig if args.rl else RunConfig
-    overrides = dict(parse_override(assignment, kind.__name__) for assignment in args.overrides)
+    overrides = dict(parse_override(assignment, kind) for assignment in args.overrides)
     config = load_config(args.preset, kind, **overrides).validate()
     text = json.dumps(config.to_dict())
     if args.output:

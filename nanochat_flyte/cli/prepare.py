@@ -11,7 +11,7 @@ them. Every shard is checked to answer before any download.
 from pathlib import Path
 
 from nanochat_flyte.cli.usage import ArgumentParser
-from nanochat_flyte.config import load_config
+from nanochat_flyte.config import RunConfig, load_config
 from nanochat_flyte.data.download import check_data_url
 from nanochat_flyte.data.prepare import prepare_data
 from nanochat_flyte.schema import parse_override
@@ -24,6 +24,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out-dir", type=Path, required=True, help="the data directory to write")
     parser.add_argument("overrides", nargs="*", metavar="field=value")
     args = parser.parse_args(argv)
-    config = load_config(args.config, **dict(parse_override(item) for item in args.overrides)).validate()
+    config = load_config(args.config, **dict(parse_override(item, RunConfig) for item in args.overrides)).validate()
     check_data_url(config)  # every shard answers, before any download
     return prepare_data(config, args.out_dir)  # prints what it downloads and tokenizes, then the data's totals

@@ -15,7 +15,7 @@ import shlex
 from pathlib import Path
 
 from nanochat_flyte.cli.usage import ArgumentParser
-from nanochat_flyte.config import load_config
+from nanochat_flyte.config import RunConfig, load_config
 from nanochat_flyte.model.checkpoint import CONFIG_FILE
 from nanochat_flyte.reporting.environment import environment_report
 from nanochat_flyte.schema import parse_override
@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", metavar="field=value")
     args = parser.parse_args(argv)
     rank = distributed_env()[0]
-    config = load_config(args.config, **dict(parse_override(item) for item in args.overrides)).validate()
+    config = load_config(args.config, **dict(parse_override(item, RunConfig) for item in args.overrides)).validate()
     if args.resume_dir:
-        check_resume(config, args.resume_dir)
+        check_resume(config, args.resume_dir, "resume_dir", "train")
     try:
         summary = train(config, args.data_dir, args.out_dir, resume_dir=args.resume_dir,
                         env_report=environment_report() if rank == 0 else None)

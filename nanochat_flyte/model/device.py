@@ -33,6 +33,7 @@ PEAK_FLOPS: dict[str, dict[str, float]] = {
     "H100 PCIe": {"float16": 756e12, "bfloat16": 756e12, "tf32": 378e12, "float32": 51e12},
     "H100 NVL": {"float16": 835e12, "bfloat16": 835e12, "tf32": 417.5e12, "float32": 60e12},
     "H200": {"float16": 989e12, "bfloat16": 989e12, "tf32": 494.7e12, "float32": 67e12},  # H100 SXM compute
+    "H200 NVL": {"float16": 835e12, "bfloat16": 835e12, "tf32": 417.5e12, "float32": 60e12},  # H100 NVL compute
 }
 
 

@@ -169,8 +169,8 @@ def headline_numbers(out_dir: Path, summary: dict) -> dict[str, str]:
 
 def markdown_grid(header: list[str], rows: list[list[Any]]) -> str:
     """A Markdown table of any number of columns; cells formatted as format_value does."""
-    def line(cells: list[Any]) -> str:  # a bare | would end a cell, a line break the row
-        return "| " + " | ".join(" ".join(format_value(cell).replace("|", r"\|").split("\n")) for cell in cells) + " |"
+    def line(cells: list[Any]) -> str:  # a bare | would end a cell, a line break (\n, \r, ...) the row
+        return "| " + " | ".join(" ".join(format_value(cell).replace("|", r"\|").splitlines()) for cell in cells) + " |"
 
     return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
 

@@ -88,11 +88,16 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 class Tracker:
-    """Logs one training run. On ranks other than 0 every method does nothing (one writer per run)."""
+    """Logs one training run. On ranks other than 0 every method does nothing (one writer per run).
+
+    modes: the W&B modes to try in turn, at the start and when logging fails (default: the config's mode and its
+    fallbacks); kept_in: where the numbers are whatever W&B does, as its warnings say."""
 
     def __init__(self, config: RunConfig, out_dir: Path, env_report: dict | None = None, rank: int = 0,
-                 resume_step: int | None = None, phase: str = "base"):
-        self.config, self.phase = config, phase
+                 resume_step: int | None = None, phase: str = "base", modes: tuple[str, ...] | None = None,
+                 kept_in: str = METRICS_FILE):
+        self.config, self.phase, self.kept_in = config, phase, kept_in
+        self.modes = FALLBACKS[resolve_mode(config.wandb_mode)] if modes is None else modes
         self.out_dir = Path(out_dir)
         self.is_writer = rank == 0
         self.run = None
@@ -115,7 +120,7 @@ class Tracker:
         self.run_id = self._choose_run_id(resuming=resume_step is not None)
         self.run_info: dict[str, Any] = {"config": config.to_dict(), "environment": env_report}
         self._write_run_info()
-        self._start_wandb(FALLBACKS[resolve_mode(config.wandb_mode)])
+        self._start_wandb(self.modes)
 
     # ------------------------------------------------------------------ W&B lifecycle
 
@@ -146,11 +151,11 @@ class Tracker:
             settings=wandb.Settings(init_timeout=init_timeout, finish_timeout=FINISH_TIMEOUT_S, symlink=False,
                                     quiet=True),
         )
-        # A custom x-axis: "step" is in every row, so val/bpb and the samples plot against the training step,
-        # and a resumed run may re-log steps W&B has seen (its own _step must only grow).
+        # A custom x-axis: "step" is in every row, so every metric (val/bpb, rl/reward, core_metric, the samples)
+        # plots against the training step, and a resumed run may re-log steps W&B has seen (its own _step, which
+        # counts log calls, must only grow).
         run.define_metric("step")
-        for pattern in ("train/*", "val/*", "core/*", "chat/*", "samples"):
-            run.define_metric(pattern, step_metric="step")
+        run.define_metric("*", step_metric="step")
         return run
 
     def _start_wandb(self, modes: tuple[str, ...], trouble: str = "") -> None:
@@ -171,7 +176,8 @@ class Tracker:
             self.offline_dir = Path(self.run.settings.sync_dir)
         if problems:
             fallback = f"logging offline to {self.offline_dir}" if self.mode == "offline" else "W&B disabled"
-            logger.warning("W&B: %s; %s (metrics.jsonl is complete either way)", "; ".join(problems), fallback)
+            logger.warning("W&B: %s; %s (%s has every number either way)", "; ".join(problems), fallback,
+                           self.kept_in)
 
     def _wandb_call(self, action) -> None:
         """Run a W&B call; if it fails, switch to offline (or to nothing if offline itself failed)."""
@@ -182,8 +188,8 @@ class Tracker:
         except Exception as error:  # W&B must never fail training
             failed_mode = self.mode
             wandb.teardown()
-            self._start_wandb(FALLBACKS[failed_mode][1:], trouble=f"{failed_mode} logging failed: "
-                                                                  f"{self._redact(error)}")
+            self._start_wandb(self.modes[self.modes.index(failed_mode) + 1:],
+                              trouble=f"{failed_mode} logging failed: {self._redact(error)}")
 
     @staticmethod
     def _redact(error: Exception) -> str:
@@ -272,7 +278,9 @@ def log_evaluation(config: RunConfig, checkpoint: str, step: int, metrics: dict[
         id_file = f"{root.rstrip('/')}/{RUN_ID_FILE}"
         if filesystem.exists(id_file):
             Path(scratch, RUN_ID_FILE).write_text(filesystem.cat_file(id_file).decode())
-        tracker = Tracker(config, Path(scratch), resume_step=step, phase=phase)
+        # online only: an offline run written here would be deleted with `scratch`
+        tracker = Tracker(config, Path(scratch), resume_step=step, phase=phase, modes=("online",),
+                          kept_in="the results JSON")
         tracker.log(step, metrics)
         tracker.set_summary(summary)
         return tracker.finish()

@@ -451,8 +451,9 @@ class Trainer:
         # every rank evaluates its share of the validation set
         loop.val_metric = self.phase.evaluate(self.compiled, loop.device_batch_size, self.device, self.precision)
         better = max if self.phase.higher_is_better else min
-        loop.best_val_metric = loop.val_metric if loop.best_val_metric is None else better(loop.val_metric,
-                                                                                          loop.best_val_metric)
+        if math.isfinite(loop.val_metric):  # a diverged run's NaN is no best (and min(nan, 2.0) would be nan)
+            loop.best_val_metric = loop.val_metric if loop.best_val_metric is None else better(loop.val_metric,
+                                                                                              loop.best_val_metric)
         self.tracker.log(step, {f"val/{metric}": loop.val_metric})
         if self.master:
             print(f"step {step:05d} | validation {metric}: {loop.val_metric:.4f} (best {loop.best_val_metric:.4f})",

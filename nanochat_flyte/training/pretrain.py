@@ -100,17 +100,18 @@ RESUME_KEEPS = ("depth", "residual_scalars", "max_seq_len", "tokenizer", "bpe_vo
                 "num_shards", "val_shard", "only_needed_shards")
 
 
-def check_resume(config: RunConfig, checkpoint: str | Path) -> None:
+def check_resume(config: RunConfig, checkpoint: str | Path, field: str = "resume_from", owner: str = "main") -> None:
     """Fail early, in one line, when `checkpoint` (a directory or URI) cannot be continued under `config`: no
-    checkpoint there, a different model shape or data, or fewer iterations than it has already done."""
+    checkpoint there, a different model shape or data, or fewer iterations than it has already done. `owner.field`
+    names where the checkpoint was given (the workflows' main.resume_from)."""
     state = read_checkpoint_json(checkpoint, TRAINING_STATE_FILE)
     saved = read_checkpoint_json(checkpoint, CONFIG_FILE)
     if state is None or saved is None or read_checkpoint_json(checkpoint, MODEL_CONFIG_FILE) is None:
-        raise ConfigError("resume_from", f"{checkpoint} is not a checkpoint directory (no {TRAINING_STATE_FILE} "
-                                         f"and {CONFIG_FILE})", "main")
+        raise ConfigError(field, f"{checkpoint} is not a checkpoint directory (no {TRAINING_STATE_FILE} "
+                                 f"and {CONFIG_FILE})", owner)
     if state.get("phase", "base") != "base":
-        raise ConfigError("resume_from", f"{checkpoint} is a {state['phase']} checkpoint; pretraining continues a "
-                                         "base checkpoint (a chat one goes on with chat_sft or chat_rl)", "main")
+        raise ConfigError(field, f"{checkpoint} is a {state['phase']} checkpoint; pretraining continues a base "
+                                 "checkpoint (a chat one goes on with chat_sft or chat_rl)", owner)
     saved = RunConfig().to_dict() | saved  # a field newer than the checkpoint has its default there
     for field in RESUME_KEEPS:
         if getattr(config, field) != saved[field]:
