@@ -131,6 +131,9 @@ def test_image_spec_builds_the_same_image(tmp_path):
     assert 'tiktoken.get_encoding("r50k_base")' in dockerfile
     assert "WORKDIR /root" in dockerfile
     assert "torch==2.10.0" in requirements and "flytekitplugins-kfpytorch>=1.16,<1.17" in requirements
+    # the presets beside the fast-registered code, which holds Python modules only (workflows/presets.py reads them)
+    assert "COPY --chown=flytekit configs /root/configs/" in dockerfile
+    assert (tmp_path / "configs" / "d8_t4.yaml").read_bytes() == (ROOT / "configs" / "d8_t4.yaml").read_bytes()
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ def environment() -> dict:
 @pytest.mark.parametrize("file, entities", [
     ("nanochat.py", ["nanochat.main", "nanochat_data.prepare_data_shard", "nanochat_gpu.train_base_model"]),
     ("chat.py", ["nanochat.nanochat_chat_rl", "nanochat_gpu.train_rl_model", "nanochat_data.prepare_rl_problems"]),
-    ("scale_up.py", ["nanochat.nanochat_d12_8xa100", "nanochat_8xa100.train_base_model_multi_gpu"]),
+    ("scale_up.py", ["nanochat_scale_up.nanochat_d12_8xa100", "nanochat_8xa100.train_base_model_multi_gpu"]),
     ("serve.py", ["nanochat-chat"]),
 ])
 def test_flyte_deploy_dry_run_serializes_each_entry_file(file, entities):
@@ -64,7 +64,7 @@ def serialize(out: str) -> None:
 
     flyte.init(endpoint=NO_CONTROL_PLANE[1], insecure=True, root_dir=ROOT)
     compiled = {"tasks": {}, "triggers": {}, "links": {}, "apps": {}}
-    for deployment in flyte.deploy(nanochat.driver_env, scale_up.multi_gpu_env, serve.chat_app, dry_run=True):
+    for deployment in flyte.deploy(nanochat.driver_env, scale_up.scale_up_env, serve.chat_app, dry_run=True):
         for env in deployment.envs.values():
             for entity in getattr(env, "deployed_entities", ()):
                 compiled["tasks"][entity.deployed_task.task_template.id.name] = MessageToDict(
@@ -211,3 +211,46 @@ def test_the_chat_app_serves_a_checkpoint_on_a_t4_behind_its_api_key_and_scales_
     assert spec["autoscaling"]["replicas"] == {"max": 1}  # min 0: scaled to zero
     assert spec["autoscaling"]["scaledownPeriod"] == "900s"
     assert spec["inputs"]["items"] == [{"name": "checkpoint", "stringValue": SETTINGS["NANOCHAT_CHAT_CHECKPOINT"]}]
+
+
+def bundle(out: str) -> None:
+    """In a process of its own: the code bundle `flyte run` and `flyte deploy` would upload for every entry file (the
+    modules they load, and each environment's include), unpacked into `out`."""
+    import tarfile
+
+    import flyte
+    from flyte._code_bundle._includes import collect_env_include_files
+    from flyte._code_bundle.bundle import build_code_bundle
+    from flyte._deploy import plan_deploy
+
+    from workflows.flyte2 import chat, nanochat, scale_up, serve  # noqa: F401 - loaded, so bundled
+
+    flyte.init(endpoint=NO_CONTROL_PLANE[1], insecure=True, root_dir=ROOT)
+    envs = [env for driver in (nanochat.driver_env, scale_up.scale_up_env)
+            for env in plan_deploy(driver)[0].envs.values()]
+    built = asyncio.run(build_code_bundle(ROOT, dryrun=True, copy_style="loaded_modules", copy_bundle_to=Path(out),
+                                          additional_files=collect_env_include_files(envs)))
+    with tarfile.open(built.tgz) as archive:
+        archive.extractall(out, filter="data")
+    # the environments whose images `flyte run` readies for the scale-up drivers
+    Path(out, "scale_up_envs.json").write_text(json.dumps(sorted(plan_deploy(scale_up.scale_up_env)[0].envs)))
+
+
+def test_a_task_container_imports_every_entry_file_from_the_code_bundle_alone_and_finds_its_images(tmp_path):
+    """A task's container has the image and the code bundle, not the checkout: every entry file must import from the
+    bundle, the presets it reads at import (workflows/presets.py) included."""
+    result = subprocess.run([sys.executable, "-c", f"from tests.test_flyte2_deploy import bundle; "
+                                                   f"bundle({str(tmp_path)!r})"],
+                            cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "configs" / "d8_t4.yaml").is_file()
+    container = {**environment(), "PYTHONPATH": str(tmp_path)}  # the bundle where the checkout was
+    imported = subprocess.run([sys.executable, "-c", "import workflows.flyte2.chat, workflows.flyte2.nanochat, "
+                                                     "workflows.flyte2.scale_up, workflows.presets as p; "
+                                                     "print(p.__file__)"],
+                              cwd=tmp_path, env=container, capture_output=True, text=True, timeout=300)
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    assert imported.stdout.strip() == str(tmp_path / "workflows" / "presets.py")
+    # and a scale-up driver can start the 8-GPU task: its environment is among those readied with the driver's
+    assert json.loads((tmp_path / "scale_up_envs.json").read_text()) == ["nanochat_8xa100", "nanochat_data",
+                                                                        "nanochat_gpu", "nanochat_scale_up"]

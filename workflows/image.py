@@ -34,6 +34,10 @@ IMAGE_SPEC = ImageSpec(
     packages=[f"torch=={TORCH_VERSION}", *PROJECT_DEPENDENCIES],
     env={"TIKTOKEN_CACHE_DIR": TIKTOKEN_CACHE_DIR},
     commands=["python -c 'import tiktoken; tiktoken.get_encoding(\"r50k_base\")'"],
+    # The presets, at /root/configs beside the code fast registration unpacks into /root: `--copy auto` ships the
+    # Python modules only, and workflows/presets.py reads these when a task's container imports scale_up.py.
+    # (A path from where pyflyte runs: the repository root.)
+    copy=["configs"],
 )
 
 IMAGE = os.environ.get("NANOCHAT_IMAGE") or IMAGE_SPEC

@@ -77,11 +77,16 @@ CHAT_DATA_CACHE = flyte.Cache(behavior="auto", version_override=prepare.CHAT_DAT
 EVALUATION_CACHE = flyte.Cache(behavior="auto", version_override=evaluate.EVALUATION_VERSION,
                                ignored_inputs=("config",))
 
-data_env = flyte.TaskEnvironment(name="nanochat_data", image=IMAGE, secrets=[HF_SECRET], resources=DATA_NODE)
+# The code bundle holds the Python modules the entry file loads; the presets they read at import (workflows/presets.py)
+# come along too, or a task's container could not import its module.
+PRESETS = (str(ROOT / "configs"),)
+
+data_env = flyte.TaskEnvironment(name="nanochat_data", image=IMAGE, secrets=[HF_SECRET], resources=DATA_NODE,
+                                 include=PRESETS)
 
 # Interruptible: a spot T4 is a third of the price, and a preempted training attempt resumes from its last save.
 gpu_env = flyte.TaskEnvironment(name="nanochat_gpu", image=IMAGE, secrets=[WANDB_SECRET, HF_SECRET],
-                                resources=T4_NODE, interruptible=True)
+                                resources=T4_NODE, interruptible=True, include=PRESETS)
 
 driver_env = flyte.TaskEnvironment(name="nanochat", image=IMAGE, secrets=[HF_SECRET], resources=DRIVER_NODE,
-                                   depends_on=[data_env, gpu_env])
+                                   depends_on=[data_env, gpu_env], include=PRESETS)

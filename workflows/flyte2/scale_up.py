@@ -14,7 +14,7 @@ from flyte.io import Dir
 from flyteplugins.pytorch import Elastic
 
 from nanochat_flyte.config import RunConfig
-from workflows.flyte2.environments import IMAGE, WANDB_SECRET, driver_env
+from workflows.flyte2.environments import IMAGE, PRESETS, WANDB_SECRET, data_env, driver_env, gpu_env
 from workflows.flyte2.pretraining import RunOutputs, pretrain, train_base_model
 from workflows.flyte2.support import one_line_user_errors, wandb_links
 from workflows.presets import D12_CONFIG
@@ -29,7 +29,11 @@ MULTI_A100_NODE = flyte.Resources(cpu=(48, 48), memory=("256Gi", "256Gi"), gpu=f
 
 # Not interruptible: a preempted 8-GPU node is slow to come back, and every rank restarts from the last checkpoint.
 multi_gpu_env = flyte.TaskEnvironment(name="nanochat_8xa100", image=IMAGE, secrets=[WANDB_SECRET],
-                                      resources=MULTI_A100_NODE, plugin_config=Elastic(nnodes=1, nproc_per_node=GPUS))
+                                      resources=MULTI_A100_NODE, plugin_config=Elastic(nnodes=1, nproc_per_node=GPUS),
+                                      include=PRESETS)
+# The drivers of these runs start the 8-GPU task too: flyte run readies the images of the driver's environment and
+# of those it depends on, and a task whose environment is not among them cannot start.
+scale_up_env = driver_env.clone_with(name="nanochat_scale_up", depends_on=[data_env, gpu_env, multi_gpu_env])
 
 
 @multi_gpu_env.task(retries=3, report=True, links=wandb_links())
@@ -38,13 +42,13 @@ def train_base_model_multi_gpu(config: RunConfig, data: Dir, environment: dict, 
     return train_base_model.forward(config, data, environment, resume_from)
 
 
-@driver_env.task
+@scale_up_env.task
 @one_line_user_errors
 def nanochat_d12_a100(config: RunConfig = D12_CONFIG, resume_from: str = "") -> RunOutputs:
     return pretrain(config, resume_from, gpu=dict(resources=A100_NODE))
 
 
-@driver_env.task
+@scale_up_env.task
 @one_line_user_errors
 def nanochat_d12_8xa100(config: RunConfig = D12_CONFIG, resume_from: str = "") -> RunOutputs:
     return pretrain(config, resume_from, train_base_model_multi_gpu,
