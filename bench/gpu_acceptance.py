@@ -64,6 +64,7 @@ from nanochat_flyte.reporting.tracking import METRICS_FILE, read_jsonl  # noqa: 
 # Seconds each section may take at least (H100 estimates with compilation, rounded up); a section that ends
 # early leaves its time to the later ones. Together they fit the default limit.
 SECTION_BUDGETS_S = {"tests": 140, "throughput": 170, "t4": 100, "vs_nanochat": 200, "decode": 50}
+NANOCHAT_TIMEOUT_S = 110  # of vs_nanochat's 200 s: its compile, data and 20 steps (its H100 d12 step is ~0.3 s)
 DEFAULT_SECTIONS = ("tests", "throughput", "t4")  # vs_nanochat needs a nanochat checkout
 DEFAULT_TIME_LIMIT_S = 420  # the default sections' budgets, and a little to start, write and stop
 MIN_SECTION_S = 20  # less than this left: the section is not started (no GPU work fits)
@@ -303,7 +304,11 @@ def vs_nanochat_section(work_dir: Path, record: Callable[[dict], None], args: ar
     import vs_nanochat  # bench/, this script's folder
 
     steps = {"nanochat_steps": 8, "our_steps": 3, "our_warmup_steps": 2} if args.quick else {}
-    vs_nanochat.compare(args.nanochat, work_dir, record, log=lambda line: print(line, flush=True), **steps)
+    # nanochat runs first: a slow or stuck start of it must leave time for ours (2 compiles of ~30 s and their
+    # steps). The T4 path is the throughput section's first variant when that section runs too.
+    vs_nanochat.compare(args.nanochat, work_dir, record, log=lambda line: print(line, flush=True),
+                        timeout_s=NANOCHAT_TIMEOUT_S, t4_path="throughput" not in args.sections.split(","),
+                        **steps)
 
 
 # ---------------------------------------------------------------------- section: one prompt's decode
@@ -626,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
             result_file = work_dir / f"{name}.json"
             section_start = time.monotonic()
             return_code = run_process([sys.executable, str(Path(__file__).resolve()), "--section", name,
+                                       "--sections", ",".join(sections),  # what the other processes measure
                                        "--result", str(result_file), "--work-dir", str(work_dir),
                                        *(["--quick"] if args.quick else []),
                                        *(["--nanochat", str(args.nanochat.resolve())] if args.nanochat else [])],

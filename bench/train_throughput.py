@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch._dynamo.utils import counters
 
 from nanochat_flyte.config import COMPILE_MODES, RunConfig
 from nanochat_flyte.model.device import mfu, peak_flops, select_precision
@@ -215,8 +216,12 @@ def measure(config: RunConfig, steps: int, warmup_steps: int, profile: int = 0,
 
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)
+    skips_before = counters["inductor"]["cudagraph_skips"]
     warmup_seconds = timed(warmup_steps)
     seconds = timed(steps)
+    # Inductor falls back to running a graph's kernels one by one, with a log line only, when it cannot record it:
+    # counted, so that a reduce-overhead figure that is really the default compile's says so
+    cudagraph_skips = counters["inductor"]["cudagraph_skips"] - skips_before
     tok_per_sec = steps * config.total_batch_size / seconds
     utilisation = mfu(model.estimate_flops(), tok_per_sec, peak_flops(device_name, precision.dtype))
     result = {"device_name": device_name, "dtype": precision.name, "compile": compiled is not model,
@@ -229,10 +234,12 @@ def measure(config: RunConfig, steps: int, warmup_steps: int, profile: int = 0,
               "warmup_steps": warmup_steps, "warmup_s": warmup_seconds, "steps": steps,
               "ms_per_step": 1000 * seconds / steps, "tok_per_sec": tok_per_sec, "mfu": utilisation,
               "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else None,
-              "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if on_cuda else None}
+              "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if on_cuda else None,
+              "cudagraph_skips": cudagraph_skips if cuda_graphs else None}
     log(f"step time: {result['ms_per_step']:.1f} ms | tokens/s: {tok_per_sec:,.0f} | "
         f"MFU: {'n/a' if utilisation is None else f'{100 * utilisation:.2f}%'}"
-        + (f" | peak memory {result['peak_memory_gib']:.2f} GiB | warm-up {warmup_seconds:.1f} s" if on_cuda else ""))
+        + (f" | peak memory {result['peak_memory_gib']:.2f} GiB | warm-up {warmup_seconds:.1f} s" if on_cuda else "")
+        + (f" | CUDA graphs skipped {cudagraph_skips} times: not replayed" if cudagraph_skips and cuda_graphs else ""))
     if profile and on_cuda:
         result["profile"] = profile_steps(run_step, profile, result["ms_per_step"], model.config.padded_vocab_size)
         result["profile"]["mfu_if_never_idle"] = mfu_if_never_idle(utilisation, result["profile"])

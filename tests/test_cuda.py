@@ -130,7 +130,12 @@ def test_cuda_graphs_with_gradient_accumulation_train_as_the_default_compile_doe
         torch.compiler.reset()
         return losses, scaler.get_scale()
 
-    default, replayed = losses_and_scale(config), losses_and_scale(graphs)
+    default = losses_and_scale(config)
+    counters.clear()
+    replayed = losses_and_scale(graphs)
+    # replayed as graphs, not silently run as the default compile (which would pass the comparison trivially)
+    assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] > 0
+    assert counters["inductor"]["cudagraph_skips"] == 0
     assert replayed[0] == pytest.approx(default[0], rel=1e-2) and replayed[1] == default[1]
     assert replayed[0][-1] < replayed[0][0] - 0.5
 
@@ -206,9 +211,10 @@ def test_pinned_prefetched_batches_equal_unprefetched_ones(data_dir):
         return TokenLoader(files, 16, 64, seed=3, device=CUDA, prefetch=prefetch)
 
     direct, prefetched = loader(False), loader(True)
+    assert direct._read_batch(0).is_pinned()  # pinned whole, so that its copy to the GPU is a pinned one
     for _ in range(70):  # 60,000 tokens are ~930 windows: 70 batches of 16 cross into the second epoch
         (x1, y1), (x2, y2) = next(direct), next(prefetched)
-        assert x2.is_cuda and torch.equal(x1, x2) and torch.equal(y1, y2)
+        assert x2.is_cuda and x2.is_contiguous() and torch.equal(x1, x2) and torch.equal(y1, y2)
     assert prefetched.epoch > 1
     resumed = loader(True)
     resumed.load_state_dict(prefetched.state_dict())
@@ -378,6 +384,7 @@ def test_the_compiled_decode_step_gives_the_eager_tokens(mode):
     prompts = [eager.completion_prompt(text) for text in ("The capital of France is", "My favorite color is")]
     params = [SamplingParams(max_tokens=24), SamplingParams(max_tokens=12)]
     expected = eager.generate_batch(prompts, params)
+    counters.clear()  # (process-wide, and torch.compiler.reset() leaves them: earlier tests recorded graphs too)
     assert [c.tokens for c in compiled.generate_batch(prompts, params)] == [c.tokens for c in expected]
     recordings = []  # each CUDA graph recorded counts its inputs that are copied in at a replay (ids, positions, mask)
     for _ in range(2):
@@ -385,6 +392,7 @@ def test_the_compiled_decode_step_gives_the_eager_tokens(mode):
         recordings.append(counters["inductor"]["cudagraph_recorded_non_static_inputs"])
     if compiled.cuda_graphs:  # the second request replays the graphs (its cache lies where the first one's did)
         assert recordings[0] > 0 and recordings[1] == recordings[0]
+        assert counters["inductor"]["cudagraph_skips"] == 0  # no step fell back to running without graphs
     torch.compiler.reset()
 
 

@@ -154,7 +154,8 @@ def test_a_nanochat_that_fails_leaves_its_last_words_and_no_ratio(tmp_path, tiny
     checkout = stand_in_checkout(tmp_path / "nanochat", "raise SystemExit('no CUDA device here')\n")
     report = vs_nanochat.compare(checkout, tmp_path / "work", lambda report: None, device="cpu",
                                  config=tiny_reference, nanochat_steps=7, our_steps=1, our_warmup_steps=1,
-                                 log=lambda line: None)
+                                 t4_path=False, log=lambda line: None)
     assert report["nanochat"]["return_code"] == 1 and report["nanochat"]["error"] == "no CUDA device here"
     assert report["nanochat"]["tok_per_sec"] is None and report["ratio"] is None
     assert report["ours"]["tok_per_sec"] > 0  # our side is measured all the same
+    assert "ours_t4_path" not in report  # (the acceptance's throughput section measures it when it runs too)

@@ -74,8 +74,9 @@ class TokenLoader:
             self._order_epoch = epoch
         return self._order
 
-    def _read_batch(self, first_window: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's slice of the micro-batch that starts at stream position first_window, on the host."""
+    def _read_batch(self, first_window: int) -> torch.Tensor:
+        """This rank's slice of the micro-batch that starts at stream position first_window, on the host: its
+        windows of seq_len + 1 tokens (pinned where the device is a GPU)."""
         first = first_window + self.rank * self.batch_size
         rows = []
         for position in range(first, first + self.batch_size):
@@ -84,14 +85,15 @@ class TokenLoader:
             start = self.start_of[window]
             rows.append(self.shards[self.shard_of[window]][start:start + self.seq_len + 1])
         batch = torch.from_numpy(np.stack(rows).astype(np.int64))
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        if self.device.type == "cuda":
-            inputs, targets = inputs.pin_memory(), targets.pin_memory()
-        return inputs, targets
+        # pinned whole: a pinned [:, :-1] view would keep its strides, and the copy of a non-contiguous pinned
+        # tensor goes through a pageable temporary, which is no faster than not pinning
+        return batch.pin_memory() if self.device.type == "cuda" else batch
 
-    def _to_device(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        non_blocking = self.device.type == "cuda"  # pinned source: the copy overlaps the running step
-        return inputs.to(self.device, non_blocking=non_blocking), targets.to(self.device, non_blocking=non_blocking)
+    def _to_device(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) on the device, each contiguous: one copy of the windows (overlapping the running step,
+        from pinned memory), sliced there."""
+        batch = batch.to(self.device, non_blocking=self.device.type == "cuda")
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
     def __iter__(self):
         return self
@@ -107,7 +109,7 @@ class TokenLoader:
             if isinstance(batch, BaseException):
                 raise batch
         self.windows_consumed += stride
-        return self._to_device(*batch)
+        return self._to_device(batch)
 
     # ------------------------------------------------------------------ background prefetch
 
