@@ -3,7 +3,10 @@
 workflows/'s, and the same one-line refusal of a bad input, before any download."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -28,6 +31,8 @@ from workflows.flyte2.chat import chat_sft, nanochat_chat
 from workflows.flyte2.nanochat import main
 from workflows.flyte2.pretraining import train_base_model
 from workflows.flyte2.scale_up import nanochat_d12_8xa100
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 LOCAL_METADATA = Path("/tmp/flyte/metadata")  # where local mode keeps each run's metadata and task reports
@@ -152,3 +157,53 @@ def test_a_base_checkpoint_that_is_not_one_fails_chat_sft_before_any_gpu_time(tm
     with pytest.raises(Exception, match=r"chat_sft\.base_checkpoint: .* is not a checkpoint directory"):
         run_locally(chat_sft, base_checkpoint=Dir(path=str(tmp_path / "empty")), config=tiny_chat_config())
     assert hub_server.requests == []
+
+
+ELASTIC_SCRIPT = '''
+import asyncio, json, sys
+import flyte, flyte.errors, flyte.report
+from flyte._context import internal_ctx
+from flyte._internal.runtime.convert import convert_from_native_to_error
+from flyte.models import ActionID, RawDataPath, TaskContext
+from workflows.flyte2.support import ElasticUserErrors, one_line_user_errors
+from nanochat_flyte.errors import ConfigError
+
+env = flyte.TaskEnvironment(name="elastic_errors", plugin_config=ElasticUserErrors(nnodes=1, nproc_per_node=2))
+
+@env.task(retries=3)
+@one_line_user_errors
+def user_error() -> int:
+    raise ConfigError("depth", "must be >= 1, got 0")
+
+@env.task(retries=3)
+def crash() -> int:
+    raise ZeroDivisionError("a bug")
+
+async def run(task):
+    work = sys.argv[1]
+    context = TaskContext(action=ActionID(name="a0", run_name="r0", project="p", domain="d", org="o"),
+                          output_path=work + "/out", run_base_dir=work, raw_data_path=RawDataPath(path=work + "/raw"),
+                          version="v", mode="remote", report=flyte.report.Report(name="a0"))
+    with internal_ctx().replace_task_context(context):
+        try:
+            await task.execute()
+        except Exception as error:
+            failure = convert_from_native_to_error(error)
+            return {"type": type(error).__name__, "recoverable": failure.recoverable, "message": str(error)}
+
+if __name__ == "__main__":  # the workers are spawned: they import this file again
+    print(json.dumps([asyncio.run(run(user_error)), asyncio.run(run(crash))]))
+'''
+
+
+def test_a_user_error_in_an_elastic_worker_fails_the_task_in_one_line_and_is_not_retried(tmp_path):
+    """The 8-GPU task runs its body in torch elastic's workers (flyteplugins-pytorch's execute, here 2 CPU workers as
+    on a cluster): a worker's user error is the task's one line, not retried; a bug stays a retried failure."""
+    (tmp_path / "elastic.py").write_text(ELASTIC_SCRIPT)
+    result = subprocess.run([sys.executable, str(tmp_path / "elastic.py"), str(tmp_path)], cwd=ROOT, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    user_error, crash = json.loads(result.stdout.splitlines()[-1])
+    assert user_error == {"type": "NonRecoverableError", "recoverable": False,
+                          "message": "RunConfig.depth: must be >= 1, got 0"}
+    assert crash["type"] == "RuntimeError" and crash["recoverable"] and "ZeroDivisionError: a bug" in crash["message"]

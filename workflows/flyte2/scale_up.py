@@ -11,12 +11,11 @@ with nnodes=1 it is a plain pod, no Kubeflow operator needed.
 
 import flyte
 from flyte.io import Dir
-from flyteplugins.pytorch import Elastic
 
 from nanochat_flyte.config import RunConfig
 from workflows.flyte2.environments import IMAGE, PRESETS, WANDB_SECRET, data_env, driver_env, gpu_env
 from workflows.flyte2.pretraining import RunOutputs, pretrain, train_base_model
-from workflows.flyte2.support import one_line_user_errors, wandb_links
+from workflows.flyte2.support import ElasticUserErrors, one_line_user_errors, wandb_links
 from workflows.presets import D12_CONFIG
 
 GPUS = 8  # one full A100 node (a2-highgpu-8g on GCP, p4d.24xlarge on AWS)
@@ -29,7 +28,8 @@ MULTI_A100_NODE = flyte.Resources(cpu=(48, 48), memory=("256Gi", "256Gi"), gpu=f
 
 # Not interruptible: a preempted 8-GPU node is slow to come back, and every rank restarts from the last checkpoint.
 multi_gpu_env = flyte.TaskEnvironment(name="nanochat_8xa100", image=IMAGE, secrets=[WANDB_SECRET],
-                                      resources=MULTI_A100_NODE, plugin_config=Elastic(nnodes=1, nproc_per_node=GPUS),
+                                      resources=MULTI_A100_NODE,
+                                      plugin_config=ElasticUserErrors(nnodes=1, nproc_per_node=GPUS),
                                       include=PRESETS)
 # The drivers of these runs start the 8-GPU task too: flyte run readies the images of the driver's environment and
 # of those it depends on, and a task whose environment is not among them cannot start.

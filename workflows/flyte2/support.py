@@ -14,7 +14,10 @@ from pathlib import Path
 import flyte
 import flyte.errors
 import flyte.report
+from flyte.extend import TaskPluginRegistry
 from flyte.io import Dir
+from flyteplugins.pytorch.task import Elastic, TorchFunctionTask
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from nanochat_flyte.errors import is_user_error, reraise_user_errors, user_error_names
 from nanochat_flyte.reporting.tracking import RUN_ID_ENV, console_link_settings
@@ -58,6 +61,43 @@ def not_retried(error: BaseException, message: str) -> Exception:
 
 
 one_line_user_errors = reraise_user_errors(not_retried)
+
+
+# ---------------------------------------------------------------------- torch elastic
+
+
+@dataclass
+class ElasticUserErrors(Elastic):
+    """flyteplugins-pytorch's Elastic config, whose task fails in one line, without retries, when a worker failed
+    with a user error: the plugin reports any worker's failure as a RuntimeError, which Flyte retries (on eight
+    A100s), where v1's plugin fails with the user's error."""
+
+
+class ElasticUserErrorsTask(TorchFunctionTask):
+    async def execute(self, *args, **kwargs):
+        try:
+            return await super().execute(*args, **kwargs)
+        except RuntimeError as error:
+            message = worker_user_error(error.__cause__)
+            if message is None:
+                raise
+            raise flyte.errors.NonRecoverableError(message) from error
+
+
+def worker_user_error(failure: BaseException | None) -> str | None:
+    """The one line of the first worker that failed with a user error (one_line_user_errors' NonRecoverableError),
+    from torch elastic's record of its failure; None for any other failure."""
+    if not isinstance(failure, ChildFailedError):
+        return None
+    for process in failure.failures.values():
+        recorded = process.message  # the worker's error file: {"message": "Type: text", "extraInfo": ...}
+        text = recorded.get("message", "") if isinstance(recorded, dict) else str(recorded or "")
+        if text.startswith(f"{flyte.errors.NonRecoverableError.__name__}: "):
+            return text.split(": ", 1)[1]
+    return None
+
+
+TaskPluginRegistry.register(config_type=ElasticUserErrors, plugin=ElasticUserErrorsTask)
 
 
 def is_user_error_raised(error: BaseException | None) -> bool:
