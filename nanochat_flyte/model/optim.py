@@ -25,7 +25,7 @@ NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 def orthogonalize(matrix: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """Approximately U V^T of matrix = U S V^T: the same directions with every singular value near 1. A stack of
-    matrices (..., rows, cols) is orthogonalized matrix by matrix, in batched products."""
+    matrices (n, rows, cols) is orthogonalized matrix by matrix, in batched products."""
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
     # bf16 where the tensor cores run it (Ampere+), float32 elsewhere (CPU, T4: no fast bf16 there).
     fast_bf16 = matrix.is_cuda and torch.cuda.get_device_capability(matrix.device) >= (8, 0)
@@ -35,15 +35,13 @@ def orthogonalize(matrix: torch.Tensor, steps: int = 5) -> torch.Tensor:
         x = x.mT
     # spectral norm <= Frobenius norm <= 1: inside the iteration's basin
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    stacked = x.reshape(-1, *x.shape[-2:])  # (matrices, rows, cols), as baddbmm takes them; one matrix: (1, ...)
-    for _ in range(steps):
-        # X <- a X + (b G + c G G) X with G = X X^T. baddbmm(input, m1, m2, beta, alpha) = beta input + alpha m1 m2
-        # folds each scaling and sum into its product: 3 kernels an iteration instead of 8 (a d8 model's Muon
-        # launches about 1,200 fewer a step), with one rounding per product where bf16 rounded each term.
-        gram = stacked @ stacked.mT
-        polynomial = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-        stacked = torch.baddbmm(stacked, polynomial, stacked, beta=a)
-    x = stacked.view(x.shape)
+    for _ in range(steps):  # X <- a X + (b G + c G G) X with G = X X^T
+        gram = x @ x.mT
+        if x.dim() == 2:  # one matrix, Muon's default: the terms as written, the rounding runs have always had
+            x = a * x + (b * gram + c * gram @ gram) @ x
+        else:  # a stack (muon_batched): baddbmm(input, m1, m2, beta, alpha) = beta input + alpha m1 m2 folds each
+            # scaling and sum into its product, 3 kernels an iteration instead of 8
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return (x.mT if tall else x).to(matrix.dtype)
 
 
@@ -53,7 +51,7 @@ class Muon(torch.optim.Optimizer):
     (all-reduced) gradient, so under DDP the replicas stay identical.
 
     batched: the matrices of one shape are updated together, their Newton-Schulz iterations as batched products
-    (a d8 model has 48 matrices of 3 shapes): the same update in about 1/15 of the kernel launches. Otherwise one
+    (a d8 model has 48 matrices of 3 shapes): the same update in about 1/30 of the kernel launches. Otherwise one
     matrix at a time."""
 
     def __init__(self, params, lr: float, momentum: float = MUON_MOMENTUM_END, weight_decay: float = 0.0,
