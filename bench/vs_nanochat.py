@@ -50,8 +50,12 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT / ".cache" / "tiktoken"))  
 
 from bench import train_throughput  # noqa: E402
 from nanochat_flyte.config import RunConfig  # noqa: E402
-from nanochat_flyte.data.tokenizer import (gpt2_tokenizer, mergeable_ranks, token_byte_lengths,  # noqa: E402
-                                           with_special_tokens)
+from nanochat_flyte.data.tokenizer import (  # noqa: E402
+    gpt2_tokenizer,
+    mergeable_ranks,
+    token_byte_lengths,
+    with_special_tokens,
+)
 from nanochat_flyte.model.checkpoint import write_json  # noqa: E402
 from nanochat_flyte.model.device import mfu, peak_flops  # noqa: E402
 from tests.helpers import generated_documents  # noqa: E402

@@ -5,12 +5,12 @@ from helpers import load_bench
 from nanochat_flyte.config import RunConfig
 from nanochat_flyte.model.gpt import GPT, GPTConfig
 from nanochat_flyte.model.optim import (
+    NEWTON_SCHULZ_COEFFICIENTS,
     Muon,
     apply_schedules,
     build_optimizers,
     lr_multiplier,
     muon_momentum,
-    NEWTON_SCHULZ_COEFFICIENTS,
     orthogonalize,
 )
 

@@ -23,9 +23,20 @@ from nanochat_flyte.pipeline import evaluate, prepare, setup, train
 from nanochat_flyte.pipeline.finish import finish_chat_run
 from workflows.image import IMAGE
 from workflows.nanochat import RunOutputs, pretrain
-from workflows.support import (HF_SECRET, TRAINING_RESOURCES, TRAINING_TASK, WANDB_SECRET, FlytekitAttempts,
-                               checkpoint_location, deck, export_secret, is_local_run, one_line_user_errors,
-                               retried_on_storage_errors, wandb_console_link)
+from workflows.support import (
+    HF_SECRET,
+    TRAINING_RESOURCES,
+    TRAINING_TASK,
+    WANDB_SECRET,
+    FlytekitAttempts,
+    checkpoint_location,
+    deck,
+    export_secret,
+    is_local_run,
+    one_line_user_errors,
+    retried_on_storage_errors,
+    wandb_console_link,
+)
 
 CHAT_DATA_CACHE_VERSION = prepare.CHAT_DATA_VERSION  # cached conversations of an older format are ignored
 # Converting the whole SmolTalk split (460K rows) peaked at 2.9 GB of memory on a CPU; the parquet files and the

@@ -27,9 +27,21 @@ from nanochat_flyte.model.checkpoint import CHECKPOINT_FILE, CONFIG_FILE
 from nanochat_flyte.pipeline import evaluate, prepare, setup, train
 from nanochat_flyte.pipeline.finish import finish_base_run
 from workflows.image import IMAGE
-from workflows.support import (DATA_RESOURCES, HF_SECRET, TRAINING_RESOURCES, TRAINING_TASK, WANDB_SECRET,
-                               FlytekitAttempts, checkpoint_location, deck, export_secret, is_local_run,
-                               one_line_user_errors, retried_on_storage_errors, wandb_console_link)
+from workflows.support import (
+    DATA_RESOURCES,
+    HF_SECRET,
+    TRAINING_RESOURCES,
+    TRAINING_TASK,
+    WANDB_SECRET,
+    FlytekitAttempts,
+    checkpoint_location,
+    deck,
+    export_secret,
+    is_local_run,
+    one_line_user_errors,
+    retried_on_storage_errors,
+    wandb_console_link,
+)
 
 DATA_CACHE_VERSION = prepare.DATA_VERSION  # cached data from an older version of the format is ignored
 

@@ -24,7 +24,6 @@ from nanochat_flyte.reporting.tracking import console_link_settings
 from nanochat_flyte.schema import StrictConfig
 from workflows.image import IMAGE
 
-
 # The secrets, named as nanochat_flyte.pipeline.secrets says: by group and key on open-source Flyte (the Kubernetes
 # secret `wandb` with the key `api_key`), by key alone on Union (`union create secret wandb_api_key`). Locally,
 # flytekit reads either default from the environment as GROUP_KEY in upper case: $WANDB_API_KEY, $HF_TOKEN.

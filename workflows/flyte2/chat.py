@@ -21,8 +21,17 @@ from nanochat_flyte.pipeline import evaluate, prepare, setup, train
 from nanochat_flyte.pipeline.finish import finish_chat_run
 from workflows.flyte2.environments import CHAT_DATA_CACHE, EVALUATION_CACHE, data_env, driver_env, gpu_env
 from workflows.flyte2.pretraining import describe_training_node, pretrain
-from workflows.flyte2.support import (FlyteAttempts, is_local_run, local_dir, name_wandb_run, one_line_user_errors,
-                                      show_report, upload, wandb_links, work_dir)
+from workflows.flyte2.support import (
+    FlyteAttempts,
+    is_local_run,
+    local_dir,
+    name_wandb_run,
+    one_line_user_errors,
+    show_report,
+    upload,
+    wandb_links,
+    work_dir,
+)
 from workflows.presets import REFERENCE_CHAT_CONFIG, REFERENCE_CONFIG, REFERENCE_RL_CONFIG
 
 

@@ -14,8 +14,17 @@ from nanochat_flyte.data.prepare import ShardJob, plan_jobs, prepare_shard
 from nanochat_flyte.pipeline import evaluate, prepare, setup, train
 from nanochat_flyte.pipeline.finish import finish_base_run
 from workflows.flyte2.environments import DATA_CACHE, EVALUATION_CACHE, SHARD_CACHE, data_env, gpu_env
-from workflows.flyte2.support import (FlyteAttempts, is_local_run, local_dir, name_wandb_run, one_line_user_errors,
-                                      show_report, upload, wandb_links, work_dir)
+from workflows.flyte2.support import (
+    FlyteAttempts,
+    is_local_run,
+    local_dir,
+    name_wandb_run,
+    one_line_user_errors,
+    show_report,
+    upload,
+    wandb_links,
+    work_dir,
+)
 
 
 class RunOutputs(NamedTuple):
