@@ -2,17 +2,19 @@
 `flyte run --local` runs), against the shards and hub the flytekit tests serve from 127.0.0.1: the same outputs as
 workflows/'s, and the same one-line refusal of a bad input, before any download."""
 
+import asyncio
 import json
 import os
 import shutil
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import flyte
+import flyte.errors
 import pytest
 from flyte.io import Dir
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+from torch.distributed.elastic.multiprocessing.errors.error_handler import ErrorHandler
 
 import workflows.flyte2.support as support
 from tests.helpers import make_data_dir
@@ -31,9 +33,6 @@ from workflows.flyte2.chat import chat_sft, nanochat_chat
 from workflows.flyte2.nanochat import main
 from workflows.flyte2.pretraining import train_base_model
 from workflows.flyte2.scale_up import nanochat_d12_8xa100
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 LOCAL_METADATA = Path("/tmp/flyte/metadata")  # where local mode keeps each run's metadata and task reports
 
@@ -159,51 +158,38 @@ def test_a_base_checkpoint_that_is_not_one_fails_chat_sft_before_any_gpu_time(tm
     assert hub_server.requests == []
 
 
-ELASTIC_SCRIPT = '''
-import asyncio, json, sys
-import flyte, flyte.errors, flyte.report
-from flyte._context import internal_ctx
-from flyte._internal.runtime.convert import convert_from_native_to_error
-from flyte.models import ActionID, RawDataPath, TaskContext
-from workflows.flyte2.support import ElasticUserErrors, one_line_user_errors
-from nanochat_flyte.errors import ConfigError
 
-env = flyte.TaskEnvironment(name="elastic_errors", plugin_config=ElasticUserErrors(nnodes=1, nproc_per_node=2))
-
-@env.task(retries=3)
-@one_line_user_errors
-def user_error() -> int:
-    raise ConfigError("depth", "must be >= 1, got 0")
-
-@env.task(retries=3)
-def crash() -> int:
-    raise ZeroDivisionError("a bug")
-
-async def run(task):
-    work = sys.argv[1]
-    context = TaskContext(action=ActionID(name="a0", run_name="r0", project="p", domain="d", org="o"),
-                          output_path=work + "/out", run_base_dir=work, raw_data_path=RawDataPath(path=work + "/raw"),
-                          version="v", mode="remote", report=flyte.report.Report(name="a0"))
-    with internal_ctx().replace_task_context(context):
+def worker_failure(tmp_path: Path, error: BaseException) -> ChildFailedError:
+    """What torch elastic reports when a worker raised `error`: its error file, as the worker's @record writes it."""
+    error_file = tmp_path / f"error_{uuid.uuid4().hex}.json"
+    os.environ["TORCHELASTIC_ERROR_FILE"] = str(error_file)
+    try:
         try:
-            await task.execute()
-        except Exception as error:
-            failure = convert_from_native_to_error(error)
-            return {"type": type(error).__name__, "recoverable": failure.recoverable, "message": str(error)}
-
-if __name__ == "__main__":  # the workers are spawned: they import this file again
-    print(json.dumps([asyncio.run(run(user_error)), asyncio.run(run(crash))]))
-'''
+            raise error
+        except BaseException as raised:
+            ErrorHandler().record_exception(raised)
+    finally:
+        del os.environ["TORCHELASTIC_ERROR_FILE"]
+    return ChildFailedError("train", {0: ProcessFailure(local_rank=0, pid=1, exitcode=1, error_file=str(error_file))})
 
 
-def test_a_user_error_in_an_elastic_worker_fails_the_task_in_one_line_and_is_not_retried(tmp_path):
-    """The 8-GPU task runs its body in torch elastic's workers (flyteplugins-pytorch's execute, here 2 CPU workers as
-    on a cluster): a worker's user error is the task's one line, not retried; a bug stays a retried failure."""
-    (tmp_path / "elastic.py").write_text(ELASTIC_SCRIPT)
-    result = subprocess.run([sys.executable, str(tmp_path / "elastic.py"), str(tmp_path)], cwd=ROOT, timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    user_error, crash = json.loads(result.stdout.splitlines()[-1])
-    assert user_error == {"type": "NonRecoverableError", "recoverable": False,
-                          "message": "RunConfig.depth: must be >= 1, got 0"}
-    assert crash["type"] == "RuntimeError" and crash["recoverable"] and "ZeroDivisionError: a bug" in crash["message"]
+def test_a_user_error_in_an_elastic_worker_fails_the_task_in_one_line_and_is_not_retried(tmp_path, monkeypatch):
+    """The 8-GPU task runs its body in torch elastic's workers; flyteplugins-pytorch reports any worker's failure as
+    a RuntimeError, which Flyte retries. A worker's user error (one_line_user_errors' NonRecoverableError) is the
+    task's one line instead, not retried, as under v1's plugin; a bug stays the plugin's retried failure."""
+    def plugin_reporting(failure: ChildFailedError):
+        async def execute(self, *args, **kwargs):  # as flyteplugins-pytorch's execute ends when a worker failed
+            raise RuntimeError("PyTorch worker(s) failed: ...") from failure
+        return execute
+
+    task = flyte.TaskEnvironment(name="elastic_errors", plugin_config=support.ElasticUserErrors(
+        nnodes=1, nproc_per_node=2)).task(retries=3)(lambda: 0)
+    assert isinstance(task, support.ElasticUserErrorsTask)
+    user_error = flyte.errors.NonRecoverableError("RunConfig.depth: must be >= 1, got 0", code="ConfigError")
+    monkeypatch.setattr(support.TorchFunctionTask, "execute", plugin_reporting(worker_failure(tmp_path, user_error)))
+    with pytest.raises(flyte.errors.NonRecoverableError, match=r"^RunConfig\.depth: must be >= 1, got 0$"):
+        asyncio.run(task.execute())
+    monkeypatch.setattr(support.TorchFunctionTask, "execute",
+                        plugin_reporting(worker_failure(tmp_path, ZeroDivisionError("a bug"))))
+    with pytest.raises(RuntimeError, match="PyTorch worker"):
+        asyncio.run(task.execute())
