@@ -13,8 +13,8 @@ from pathlib import Path
 from nanochat_flyte.cli.usage import ArgumentParser
 from nanochat_flyte.config import ChatConfig, RLConfig, load_config
 from nanochat_flyte.data.chat_data import prepared_manifest
-from nanochat_flyte.data.download import default_cache_dir
-from nanochat_flyte.model.checkpoint import check_save_to, fetch_checkpoint, local_path
+from nanochat_flyte.data.download import default_cache_dir, local_path
+from nanochat_flyte.model.checkpoint import check_save_to, fetch_checkpoint
 from nanochat_flyte.pipeline.prepare import CHAT_DATA_VERSION
 from nanochat_flyte.reporting.environment import environment_report
 from nanochat_flyte.schema import parse_override

@@ -33,7 +33,6 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import requests
-from fsspec.implementations.local import LocalFileSystem
 
 from nanochat_flyte.errors import ConfigError, UserError
 
@@ -68,9 +67,12 @@ def is_http(url: str) -> bool:
     return url.startswith(("http://", "https://"))
 
 
-def is_local(url: str) -> bool:
-    """A local path or file:// URL: read in place, never copied into the cache."""
-    return not is_http(url) and isinstance(fsspec.core.url_to_fs(url)[0], LocalFileSystem)
+def local_path(url: str | Path) -> Path | None:
+    """The local file or folder a plain path (~ expanded) or a file:// URL names: read in place, never copied into
+    a cache. None for any other URL (http, s3://, ...), whose fsspec backend is not even imported here."""
+    if fsspec.core.split_protocol(str(url))[0] not in (None, "file", "local"):
+        return None
+    return Path(fsspec.core.url_to_fs(str(url))[1])
 
 
 @dataclass(frozen=True)
@@ -275,15 +277,14 @@ def download_file(url: str, cached: Path, verify: Callable[[Path], None], what: 
     """The file at `url`, verified, on local disk: read in place (local data), from the cache at `cached`, or
     downloaded there. `verify(path)` raises CorruptFile for bytes that are not the expected file."""
     start = time.time()
-    if is_local(url):
-        local_path = Path(fsspec.core.url_to_fs(url)[1])
-        if not local_path.exists():
+    if (path := local_path(url)) is not None:
+        if not path.exists():
             raise DownloadError(what, url, "not found")
         try:
-            verify(local_path)
+            verify(path)
         except CorruptFile as e:
             raise DownloadError(what, url, str(e)) from e
-        return Download(url, local_path, time.time() - start, 0)
+        return Download(url, path, time.time() - start, 0)
 
     cached.parent.mkdir(parents=True, exist_ok=True)
     if cached.exists():

@@ -24,7 +24,7 @@ from nanochat_flyte.data.download import (
     default_cache_dir,
     download_file,
     is_http,
-    is_local,
+    local_path,
     probe,
     source_key,
 )
@@ -105,7 +105,8 @@ def unpack(zip_path: Path, target: Path) -> Path:
     """The zip unpacked at target, once: reused while the zip is the one unpacked there (its size and modification
     time, recorded beside what it holds), unpacked anew when it changed (downloaded again, or a local zip
     rewritten)."""
-    stamp = f"{zip_path.stat().st_size} {zip_path.stat().st_mtime_ns}"
+    stat = zip_path.stat()
+    stamp = f"{stat.st_size} {stat.st_mtime_ns}"
     if (target / UNPACKED_FROM).is_file() and (target / UNPACKED_FROM).read_text() == stamp:
         return target
 
@@ -125,8 +126,7 @@ def fetch_bundle(source: str, cache_dir: Path | None = None) -> Path:
     a zip (local, http(s) or any fsspec URL, downloaded with retries) or from a remote directory (fsspec)."""
     cache_dir = Path(cache_dir or default_cache_dir("eval_bundle"))
     what = "the CORE eval bundle"
-    if is_local(source):
-        path = Path(fsspec.core.url_to_fs(source)[1])
+    if (path := local_path(source)) is not None:
         if path.is_dir():
             return path
     elif not is_http(source):
@@ -311,8 +311,7 @@ def check_bundle_url(url: str) -> None:
     existing local zip or directory (with core.yaml), or a URL that answers. Raises one ConfigError."""
     if not url:
         raise ConfigError("eval_bundle_url", "must not be empty")
-    if is_local(url):
-        path = Path(fsspec.core.url_to_fs(url)[1])
+    if (path := local_path(url)) is not None:
         if path.is_dir():
             try:
                 bundle_root(path)

@@ -18,7 +18,7 @@ import numpy as np
 import tiktoken
 import torch
 
-from nanochat_flyte.data.download import write_atomically
+from nanochat_flyte.data.download import local_path, write_atomically
 from nanochat_flyte.data.tokenizer import load_tokenizer
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.model.gpt import GPT, GPTConfig
@@ -97,17 +97,6 @@ def load_checkpoint(checkpoint_dir: Path) -> dict:
 
 
 # ---------------------------------------------------------------------- copies elsewhere
-
-
-def is_uri(location: str | Path) -> bool:
-    return "://" in str(location)
-
-
-def local_path(location: str | Path) -> Path | None:
-    """The local path of a plain path (~ expanded) or a file:// URI; None for a remote URI (s3://, gs://, ...)."""
-    if is_uri(location) and not str(location).startswith("file://"):
-        return None
-    return Path(fsspec.core.url_to_fs(str(location))[1])
 
 
 def check_save_to(target: str, owner: str) -> None:

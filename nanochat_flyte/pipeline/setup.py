@@ -11,7 +11,7 @@ from nanochat_flyte.data.hub import hub_endpoint
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.evaluation.bundle import check_bundle_url
 from nanochat_flyte.evaluation.chat_eval import humaneval_skip_reason
-from nanochat_flyte.model.checkpoint import CONFIG_FILE, TRAINING_STATE_FILE, check_save_to, read_checkpoint_json
+from nanochat_flyte.model.checkpoint import TRAINING_STATE_FILE, check_save_to, read_checkpoint_json
 from nanochat_flyte.pipeline import Show
 from nanochat_flyte.reporting.environment import environment_report, format_report
 from nanochat_flyte.reporting.report import environment_deck_html
@@ -26,9 +26,9 @@ def base_run(config: RunConfig, resume_from: str, world_size: int = 1) -> RunCon
     run uses."""
     config.validate(world_size)
     if resume_from:
-        check_resume(config, resume_from)
+        saved = check_resume(config, resume_from)
         if not config.run_name:  # the resumed run's name: its W&B run, and the names the later stages take from it
-            config = dataclasses.replace(config, run_name=read_checkpoint_json(resume_from, CONFIG_FILE)["run_name"])
+            config = dataclasses.replace(config, run_name=saved["run_name"])
     config = config.resolved()
     check_save_to(config.save_to, "RunConfig")
     check_data_url(config)

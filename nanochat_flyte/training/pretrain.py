@@ -100,10 +100,11 @@ RESUME_KEEPS = ("depth", "residual_scalars", "max_seq_len", "tokenizer", "bpe_vo
                 "num_shards", "val_shard", "only_needed_shards")
 
 
-def check_resume(config: RunConfig, checkpoint: str | Path, field: str = "resume_from", owner: str = "main") -> None:
+def check_resume(config: RunConfig, checkpoint: str | Path, field: str = "resume_from", owner: str = "main") -> dict:
     """Fail early, in one line, when `checkpoint` (a directory or URI) cannot be continued under `config`: no
     checkpoint there, a different model shape or data, or fewer iterations than it has already done. `owner.field`
-    names where the checkpoint was given (the workflows' main.resume_from)."""
+    names where the checkpoint was given (the workflows' main.resume_from). Returns the config the checkpoint saved
+    (fields newer than it at their defaults)."""
     state = read_checkpoint_json(checkpoint, TRAINING_STATE_FILE)
     saved = read_checkpoint_json(checkpoint, CONFIG_FILE)
     if state is None or saved is None or read_checkpoint_json(checkpoint, MODEL_CONFIG_FILE) is None:
@@ -124,6 +125,7 @@ def check_resume(config: RunConfig, checkpoint: str | Path, field: str = "resume
     if config.only_needed_shards and config.num_iterations != saved["num_iterations"]:
         raise ConfigError("num_iterations", "with only_needed_shards, a new num_iterations changes the shards "
                                             "prepared and so the data stream; extend with only_needed_shards: false")
+    return saved
 
 
 def train(config: RunConfig, data_dir: Path, out_dir: Path, *, resume_dir: Path | None = None,
