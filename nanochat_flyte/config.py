@@ -213,7 +213,7 @@ class ChatStageConfig(StrictConfig):
     eval_tasks: str = ",".join(CHAT_EVAL_TASKS)
     eval_max_per_task: int = 0  # 0: every example; N: a fixed, seeded subset of N per task
     eval_batch_size: int = 8  # prompts decoded (or scored) together
-    eval_max_tokens: int = 256  # generation budget per GSM8K / HumanEval answer
+    eval_max_tokens: int = 512  # generation budget per GSM8K / HumanEval answer (nanochat chat_eval's)
     humaneval: str = "auto"  # runs model-written code in a sandbox; auto: only where the sandbox works here
 
     # --- tracking, and where the stage's checkpoint is kept ---

@@ -241,11 +241,25 @@ def test_an_interrupted_rl_run_resumes_on_the_same_answers_and_weights(sft_check
                                                        ({"problems_taken": 6}, 2, 6)])  # saved before world_size
 def test_rl_goes_on_after_the_problems_taken_on_another_number_of_ranks(saved, world_size, taken):
     """Rank r takes stream positions taken x world_size + r: after a resume, none that the saved run's ranks took."""
-    phase = SimpleNamespace(rl=rl_config(examples_per_step=4))
+    phase = SimpleNamespace(rl=rl_config(examples_per_step=4), problems=[{}] * 30)
     rollouts = Rollouts(phase, 4, torch.device("cpu"), 0, world_size, saved)
     assert rollouts.problems_taken == taken
     assert taken * world_size >= saved["problems_taken"] * saved.get("world_size", world_size)
-    assert rollouts.state_dict() == {"problems_taken": taken, "world_size": world_size}
+    assert rollouts.state_dict() == {"problems_taken": taken, "world_size": world_size, "seed": 42,
+                                     "num_problems": 30}
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(seed=7), r"RLConfig\.seed: 7 differs from 42 in the checkpoint being resumed"),
+    (dict(problems=20), r"RLConfig\.max_problems: the checkpoint being resumed took its problems from 30, this run "
+                        r"has 20"),
+])
+def test_rl_refuses_to_resume_on_another_stream_of_problems(changes, message):
+    """Saved positions name the same problems only in the same seeded order of as many problems."""
+    saved = {"problems_taken": 6, "world_size": 1, "seed": 42, "num_problems": 30}
+    phase = SimpleNamespace(rl=rl_config(seed=changes.get("seed", 42)), problems=[{}] * changes.get("problems", 30))
+    with pytest.raises(ConfigError, match=message):
+        Rollouts(phase, 4, torch.device("cpu"), 0, 1, saved)
 
 
 def test_rl_data_comes_from_the_hub_and_the_cli_trains(sft_checkpoint, hub_server, tmp_path):
@@ -271,11 +285,16 @@ def test_rl_data_comes_from_the_hub_and_the_cli_trains(sft_checkpoint, hub_serve
     (["--data-dir", "EMPTY"], "error: chat_rl.data_dir: EMPTY holds no prepared RL problems (prepare_rl_data)"),
     (["--data-dir", "SFT"], "error: chat_rl.data_dir: SFT holds no prepared RL problems (prepare_rl_data)"),
     (["--resume-dir", "SFT"], "Trainer.resume_dir: SFT is a checkpoint of the chat stage; this rl run continues"),
+    (["--resume-dir", "RL_RUN", "max_problems=100"], "error: RLConfig.max_problems: 100 differs from 0 in the "
+                                                     "checkpoint being resumed"),
 ])
-def test_the_rl_cli_refuses_bad_input_in_one_line_before_any_download(base_checkpoint, sft_checkpoint, tmp_path,
-                                                                       argv, message):
+def test_the_rl_cli_refuses_bad_input_in_one_line_before_any_download(base_checkpoint, sft_checkpoint, rl_data,
+                                                                       tmp_path, argv, message):
     (tmp_path / "empty").mkdir()
-    paths = {"BASE": str(base_checkpoint), "SFT": str(sft_checkpoint), "EMPTY": str(tmp_path / "empty")}
+    paths = {"BASE": str(base_checkpoint), "SFT": str(sft_checkpoint), "EMPTY": str(tmp_path / "empty"),
+             "RL_RUN": str(tmp_path / "rl_run")}
+    if "RL_RUN" in argv:
+        train_rl(rl_config(num_iterations=2), sft_checkpoint, rl_data, tmp_path / "rl_run")
     message = " ".join(paths.get(word, word) for word in message.split(" "))
     argv = [paths.get(arg, arg) for arg in argv]
     if "--sft-checkpoint" not in argv:

@@ -2,6 +2,7 @@
 
 import json
 import math
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -411,13 +412,24 @@ def test_answer_spans_with_gpt2_and_bpe(bundle_dir, bpe):
     assert tokenizer.decode(row.tokens[row.start:]) == " Paris"
 
 
-def test_max_per_task_takes_the_same_seeded_subset_every_time(bundle_dir):
-    task = load_bundle(bundle_dir).tasks[0]
-    five = task_subset(task, 5)
-    assert five == task_subset(task, 5) and len(set(five)) == 5 and five == sorted(five)
-    assert five != list(range(5))  # shuffled, not the first five
-    assert set(five) <= set(task_subset(task, 8))  # a larger subset extends a smaller one
-    assert task_subset(task, None) == task_subset(task, 100) == list(range(12))
+def test_the_evaluated_items_and_their_shots_are_nanochats(bundle_dir):
+    """nanochat's base_eval shuffles each task with Random(1337) and keeps the first max_per_task; core_eval draws
+    item i's shots with Random(1234 + i).sample from the other items of that set. The same rule, written out here
+    from its description, gives the same items and the same prompts."""
+    task = load_bundle(bundle_dir).tasks[0]  # mc_fewshot: 3 shots from 12 items
+    for max_per_task in (None, 8, 5):
+        shuffled = list(task.examples)
+        random.Random(1337).shuffle(shuffled)
+        evaluated = shuffled[:max_per_task]
+        subset = task_subset(task, max_per_task)
+        assert list(subset.examples) == evaluated and subset.examples == task_subset(task, max_per_task).examples
+        for position, item in enumerate(evaluated):
+            others = [i for i in range(len(evaluated)) if i != position]
+            shots = [evaluated[i] for i in random.Random(1234 + position).sample(others, task.num_fewshot)]
+            prefix = "".join(f"{shot['query']} {shot['choices'][shot['gold']]}\n\n" for shot in shots)
+            assert render(subset, position)[0] == (prefix + item["query"], " " + item["choices"][0])
+    assert task_subset(task, 5).examples == task_subset(task, 8).examples[:5]  # a larger N extends a smaller one
+    assert list(task_subset(task, 5).examples) != list(task.examples[:5])  # shuffled, not the first five
 
 
 # ----------------------------------------------------------------------------- batching, a real GPT, both tokenizers

@@ -12,6 +12,7 @@ from nanochat_flyte.data.packing import (
     steps_per_epoch,
 )
 from nanochat_flyte.data.tokenizer import gpt2_tokenizer
+from nanochat_flyte.errors import ConfigError
 
 CPU = torch.device("cpu")
 
@@ -72,8 +73,12 @@ def test_the_stream_resumes_exactly_and_ranks_take_their_slices(gpt2):
         assert torch.equal(torch.cat([h[0] for h in halves]), expected[0])
         assert torch.equal(torch.cat([h[1] for h in halves]), expected[1])
 
-    with pytest.raises(ValueError, match="seed=3"):
+    with pytest.raises(ConfigError, match=r"ChatConfig\.seed: the checkpoint being resumed was trained with seed 3, "
+                                          "this run has 4"):
         ConversationLoader(conversations, 4, 63, seed=4, device=CPU).load_state_dict(state)
+    with pytest.raises(ConfigError, match=r"ChatConfig\.max_conversations: .* num_conversations \d+, this run has 5"):
+        ConversationLoader(RenderedConversations(gpt2, texts[:5], 64), 4, 63, seed=3,
+                           device=CPU).load_state_dict(state)
 
 
 def test_one_epoch_of_steps(gpt2):

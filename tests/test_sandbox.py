@@ -182,6 +182,9 @@ PROBES = {  # each escape found against the sandbox: an action that must fail wi
     "mount a tmpfs": "c(libc.mount(b'none', b'.', b'tmpfs', 0, None))",
     "fork": "c(libc.fork())",
     "reset the parent-death signal": "c(libc.prctl(1, 0, 0, 0, 0))",  # PR_SET_PDEATHSIG
+    "lower the priority of the uid's processes": "c(libc.setpriority(2, 0, 19))",  # PRIO_USER, who=0: all of them
+    # each pipe's buffer is kernel memory outside the address-space limit: 200 of them (400 fds) must not open
+    "hold kernel memory in pipes": "[os.pipe() for _ in range(200)]",
     "read the session keyring": "c(libc.syscall({keyctl}, 0, -3, 0))",  # KEYCTL_GET_KEYRING_ID, the session's
 }
 PROBE_LIMITS = Limits(file_bytes=2**20, disk_bytes=4 * 2**20)

@@ -13,6 +13,13 @@ def test_control_characters_are_spelled_out_and_text_is_kept():
     assert shown("tab\tand\nnewline, ünïcödé, 中文") == "tab\tand\nnewline, ünïcödé, 中文"
 
 
+def test_invisible_marks_that_reorder_or_hide_text_are_spelled_out_and_joiners_kept():
+    """A right-to-left override would show "efas # / fr- mr" as "rm -rf / # safe" on a bidi terminal."""
+    assert shown("\u202eefas # / fr- mr\u202c") == "\\u202eefas # / fr- mr\\u202c"
+    assert shown("a\u200bb\u2028c\u2067d\u2069\ufeff") == "a\\u200bb\\u2028c\\u2067d\\u2069\\ufeff"
+    assert shown("\U0001F468\u200d\U0001F469 \u0645\u200c\u06cc") == "\U0001F468\u200d\U0001F469 \u0645\u200c\u06cc"
+
+
 def test_a_chat_reply_that_writes_an_escape_sequence_reaches_the_terminal_spelled_out(capsys):
     hello, escape = tokens_of(" Hello")[0], TOKENIZER.encode_single_token(b"\x1b")
     colour = tokens_of("[31m")

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-per-task", type=int, default=0, help="a fixed, seeded subset of N items per task; "
                                                                     "0 = all")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts scored or decoded together")
-    parser.add_argument("--max-tokens", type=int, default=256, help="generation budget per GSM8K/HumanEval answer")
+    parser.add_argument("--max-tokens", type=int, default=ChatConfig.eval_max_tokens,
+                        help="generation budget per GSM8K/HumanEval answer")
     parser.add_argument("--humaneval", default="auto", choices=("auto", "on", "off"),
                         help="runs model-written code in a sandbox; auto: only where the sandbox works here")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))

@@ -14,9 +14,11 @@ from nanochat_flyte.cli.usage import ArgumentParser
 from nanochat_flyte.config import ChatConfig, RLConfig, load_config
 from nanochat_flyte.data.chat_data import prepared_manifest
 from nanochat_flyte.data.download import default_cache_dir, local_path
-from nanochat_flyte.model.checkpoint import check_save_to, fetch_checkpoint
+from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.model.checkpoint import check_save_to, fetch_checkpoint, read_checkpoint_json
 from nanochat_flyte.pipeline.prepare import CHAT_DATA_VERSION
 from nanochat_flyte.reporting.environment import environment_report
+from nanochat_flyte.reporting.tracking import RUN_INFO_FILE
 from nanochat_flyte.schema import parse_override
 from nanochat_flyte.training.loop import check_resumed_stage, distributed_env
 
@@ -88,7 +90,18 @@ def fetched_once_per_node(source: str, local_dir: Path) -> Path:
     return local_dir
 
 
-def run_stage(config: ChatConfig | RLConfig, start_checkpoint: str, args, default_data_dir: Path,
+def check_resumed_data(resume_dir: Path, config: ChatConfig | RLConfig, keys: tuple[str, ...]) -> None:
+    """Fail before any download when the checkpoint to continue was trained on other data: its saved position in
+    the stream would name other examples. The data settings are read from its run_info.json (where it has one)."""
+    info = read_checkpoint_json(resume_dir, RUN_INFO_FILE) or {}
+    saved = info.get("chat_config" if isinstance(config, ChatConfig) else "rl_config") or {}
+    for key in keys:
+        if key in saved and key != "hf_endpoint" and saved[key] != getattr(config, key):  # (a mirror is the same data)
+            raise ConfigError(key, f"{getattr(config, key)!r} differs from {saved[key]!r} in the checkpoint being "
+                                   f"resumed ({resume_dir}); a resumed run keeps its data", type(config).__name__)
+
+
+def run_stage(config: ChatConfig | RLConfig, start_checkpoint: str, args,
               check: Callable[[ChatConfig | RLConfig, Path], object],
               prepare: Callable[[ChatConfig | RLConfig, Path], object], train: Callable[..., dict]) -> dict:
     """What the SFT and RL CLIs do once their arguments are checked: check --data-dir and --resume-dir, fetch the
@@ -96,16 +109,18 @@ def run_stage(config: ChatConfig | RLConfig, start_checkpoint: str, args, defaul
     prepare the hub data into a cache folder (one rank per node) unless --data-dir names prepared data, train, print
     the summary."""
     rank = distributed_env()[0]
-    stage = "chat_sft" if isinstance(config, ChatConfig) else "chat_rl"
+    sft = isinstance(config, ChatConfig)
+    stage, data_keys = ("chat_sft", SFT_DATA_KEYS) if sft else ("chat_rl", RL_DATA_KEYS)
     if args.data_dir:  # data named by the user is used as it is, never prepared into
         prepared_manifest(args.data_dir, stage)
     if args.resume_dir:
-        check_resumed_stage(args.resume_dir, "chat" if stage == "chat_sft" else "rl")
+        check_resumed_stage(args.resume_dir, "chat" if sft else "rl")
+        check_resumed_data(args.resume_dir, config, data_keys)
     out_dir = args.out_dir.resolve()  # (`--out-dir .` has no name to derive a sibling's from)
     start_dir = fetched_once_per_node(start_checkpoint, out_dir.with_name(out_dir.name + "_start"))
     check(config, start_dir)  # before the hub data's download: a batch that does not fit fails in seconds
     check_save_to(config.save_to, type(config).__name__)
-    data_dir = args.data_dir or default_data_dir
+    data_dir = args.data_dir or data_cache_dir("sft_data" if sft else "rl_data", config, data_keys)
     once_per_node((data_dir / "manifest.json").exists, lambda: prepare(config, data_dir), f"the data in {data_dir}")
     summary = train(config, start_dir, data_dir, args.out_dir, resume_dir=args.resume_dir,
                     env_report=environment_report() if rank == 0 else None)

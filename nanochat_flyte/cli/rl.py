@@ -8,7 +8,7 @@ The problems come from $HF_ENDPOINT (default: the Hugging Face hub), prepared on
 unless --data-dir names prepared problems.
 """
 
-from nanochat_flyte.cli.chat_stage import RL_DATA_KEYS, data_cache_dir, run_stage, stage_arguments
+from nanochat_flyte.cli.chat_stage import run_stage, stage_arguments
 from nanochat_flyte.config import RLConfig
 from nanochat_flyte.data.chat_data import prepare_rl_data
 from nanochat_flyte.training.rl import check_sft_checkpoint, rl_run_config, train_rl
@@ -18,5 +18,5 @@ from nanochat_flyte.training.sft import checkpoint_run_config
 def main(argv: list[str] | None = None) -> dict:
     rl, args = stage_arguments("rl", __doc__, RLConfig, "--sft-checkpoint", "a chat (SFT) checkpoint", argv)
     check_sft_checkpoint(args.sft_checkpoint)  # before any download
-    return run_stage(rl, args.sft_checkpoint, args, data_cache_dir("rl_data", rl, RL_DATA_KEYS),
+    return run_stage(rl, args.sft_checkpoint, args,
                      lambda rl, sft_dir: rl_run_config(rl, checkpoint_run_config(sft_dir)), prepare_rl_data, train_rl)

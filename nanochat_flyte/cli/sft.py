@@ -8,7 +8,7 @@ The datasets come from $HF_ENDPOINT (default: the Hugging Face hub), prepared on
 unless --data-dir names prepared data.
 """
 
-from nanochat_flyte.cli.chat_stage import SFT_DATA_KEYS, data_cache_dir, run_stage, stage_arguments
+from nanochat_flyte.cli.chat_stage import run_stage, stage_arguments
 from nanochat_flyte.config import ChatConfig
 from nanochat_flyte.data.chat_data import prepare_sft_data
 from nanochat_flyte.training.sft import checkpoint_run_config, sft_run_config, train_chat
@@ -16,6 +16,6 @@ from nanochat_flyte.training.sft import checkpoint_run_config, sft_run_config, t
 
 def main(argv: list[str] | None = None) -> dict:
     chat, args = stage_arguments("sft", __doc__, ChatConfig, "--base-checkpoint", "a base checkpoint", argv)
-    return run_stage(chat, args.base_checkpoint, args, data_cache_dir("sft_data", chat, SFT_DATA_KEYS),
+    return run_stage(chat, args.base_checkpoint, args,
                      lambda chat, base_dir: sft_run_config(chat, checkpoint_run_config(base_dir)),
                      prepare_sft_data, train_chat)

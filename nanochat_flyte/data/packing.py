@@ -20,6 +20,7 @@ import tiktoken
 import torch
 
 from nanochat_flyte.data.conversation import ChatTokens, render_conversation
+from nanochat_flyte.errors import ConfigError
 
 
 class RenderedConversations:
@@ -128,11 +129,14 @@ class ConversationLoader:
                 "seq_len": self.capacity - 1}
 
     def load_state_dict(self, state: dict) -> None:
-        for key, value in (("seed", self.seed), ("num_conversations", len(self.conversations)),
-                           ("seq_len", self.capacity - 1)):
+        # each saved fact, and the ChatConfig field that decides it
+        for key, value, field in (("seed", self.seed, "seed"),
+                                  ("num_conversations", len(self.conversations), "max_conversations"),
+                                  ("seq_len", self.capacity - 1, "max_seq_len")):
             if state[key] != value:
-                raise ValueError(f"loader state was saved with {key}={state[key]}, this loader has {value}: the "
-                                 "conversations would not continue where they stopped")
+                raise ConfigError(field, f"the checkpoint being resumed was trained with {key} {state[key]}, this run "
+                                         f"has {value}: the conversations would not continue where they stopped",
+                                  "ChatConfig")
         self.position = state["conversations_consumed"]
 
     def __iter__(self):

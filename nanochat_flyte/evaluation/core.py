@@ -15,8 +15,9 @@ Each prompt is `num_fewshot` solved examples of the same task (never the item it
 item), each followed by a blank line, then the item; context and answer are joined by the task's
 `continuation_delimiter` (default one space). Like the training documents, every prompt starts with
 <|endoftext|>. A prompt longer than the model's context loses tokens from the left (the oldest few-shot text).
---max-per-task N scores the first N items of a seeded shuffle of each task; their few-shot examples still come from
-the whole task, so every item gets the same prompt as in a full run.
+The items are nanochat's: each task shuffled with a fixed seed, then cut to --max-per-task N; an item's few-shot
+examples are drawn from that set by a generator seeded with its position in it. So every prompt is the one nanochat
+builds for that item, and a subset's prompts are its own (a smaller N has other shots than a larger one).
 
 Which tokens are the answer's: nanochat's rules, so that our scores compare with its published ones. BPE may merge
 the first characters of the continuation with the end of the context, so the continuation is never tokenized on its
@@ -37,6 +38,7 @@ through the model batch_size at a time, padded on the right (attention is causal
 scores of the tokens before it).
 """
 
+import dataclasses
 import os
 import random
 import time
@@ -54,8 +56,8 @@ from nanochat_flyte.evaluation.bundle import Bundle, CoreTask
 from nanochat_flyte.model.device import EvalBatches, Precision, select_precision
 from nanochat_flyte.reporting.report import html_table, markdown_grid
 
-FEWSHOT_SEED = 1234  # + the item's index: an item's prompt is the same in every run and in every subset
-SUBSET_SEED = 1337  # the shuffle --max-per-task takes its first N from: the same subset every time
+FEWSHOT_SEED = 1234  # + the item's position in the evaluated set: its shots, as nanochat draws them
+SUBSET_SEED = 1337  # the shuffle of each task's items that --max-per-task takes its first N from, as nanochat's
 CHUNK_ITEMS = 512  # items tokenized at a time: bounds memory; the next chunk is tokenized while this one runs
 
 
@@ -223,14 +225,12 @@ def score_task(model: nn.Module, tokenizer: tiktoken.Encoding, task: CoreTask, i
     return results
 
 
-def task_subset(task: CoreTask, max_per_task: int | None) -> list[int]:
-    """The items to evaluate: all, or the first max_per_task of a seeded shuffle (so a larger N extends a smaller
-    one), in file order."""
-    indices = list(range(len(task.examples)))
-    if max_per_task is None or max_per_task >= len(indices):
-        return indices
-    random.Random(SUBSET_SEED).shuffle(indices)
-    return sorted(indices[:max_per_task])
+def task_subset(task: CoreTask, max_per_task: int | None) -> CoreTask:
+    """The task as it is evaluated: its items in a seeded shuffle, the first max_per_task of them (all with None),
+    as nanochat's base_eval takes them. Few-shot examples come from this set, by position (render)."""
+    examples = list(task.examples)
+    random.Random(SUBSET_SEED).shuffle(examples)
+    return dataclasses.replace(task, examples=tuple(examples[:max_per_task]))
 
 
 def centered_accuracy(accuracy: float, random_baseline: float) -> float:
@@ -265,7 +265,8 @@ def score_core(model: nn.Module, tokenizer: tiktoken.Encoding, bundle: Bundle, *
     try:
         for task in bundle.tasks:
             task_start = time.perf_counter()
-            indices = task_subset(task, max_per_task)
+            task = task_subset(task, max_per_task)
+            indices = list(range(len(task.examples)))
             correct = sum(score_task(model, tokenizer, task, indices[rank::world_size], batches=batches,
                                      context_len=context_len, device=device, precision=precision))
             if world_size > 1:

@@ -56,6 +56,8 @@ class Limits:
     file_bytes: int = 16 * 2**20  # the largest file the code may write
     disk_bytes: int = 64 * 2**20  # all its files together: the work directory is a tmpfs, so this is memory
     processes: int = 64  # RLIMIT_NPROC: this user's processes and threads (all of nobody's, run by root)
+    open_files: int = 64  # RLIMIT_NOFILE: a pipe's buffer or an epoll is kernel memory, which the address space
+    #                       limit does not count (10,000 pipes hold 134 MB); Python itself keeps under 10 open
 
 
 # The layers, as ExecutionResult.isolation and .missing name them.
@@ -382,7 +384,7 @@ def set_limits(limits: Limits) -> None:
     cpu_seconds = int(limits.timeout) + 1  # a backstop to the wall clock: a busy loop dies even if we did not
     for limit, value in ((resource.RLIMIT_CPU, cpu_seconds), (resource.RLIMIT_AS, limits.memory_bytes),
                          (resource.RLIMIT_FSIZE, limits.file_bytes), (resource.RLIMIT_NPROC, limits.processes),
-                         (resource.RLIMIT_CORE, 0)):
+                         (resource.RLIMIT_NOFILE, limits.open_files), (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(limit, (value, value))
 
 
@@ -486,6 +488,9 @@ REFUSED_CALLS = (
     "add_key", "request_key", "keyctl",  # the keyrings are shared with the host
     "io_uring_setup", "io_uring_enter", "io_uring_register", "bpf", "userfaultfd", "perf_event_open",
     "memfd_create", "shmget", "semget", "msgget", "mq_open",  # memory outside the limits; IPC that outlives us
+    # priorities: who=0 with PRIO_USER (or IOPRIO_WHO_USER) is every process of the uid, the evaluator's included,
+    # and an unprivileged process cannot raise a priority back
+    "setpriority", "ioprio_set",
 )
 
 
@@ -497,7 +502,6 @@ def sandbox_rules(pid: int) -> list[Rule]:
             *(Rule(name, arg=0, unless=(pid,)) for name in ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")),
             *(Rule(name, arg=0, unless=(0, pid)) for name in ("prlimit64", "sched_setaffinity", "sched_setparam",
                                                               "sched_setscheduler", "sched_setattr")),
-            *(Rule(name, arg=1, unless=(0, pid)) for name in ("setpriority", "ioprio_set")),
             # a pipe whose owner is another process signals it (SIGIO, deadly by default) at every write
             Rule("fcntl", arg=1, when=(F_SETOWN, F_SETSIG, F_SETOWN_EX)),
             Rule("prctl", arg=0, when=(PR_SET_PDEATHSIG,))]  # it must die with the evaluator

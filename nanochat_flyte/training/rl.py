@@ -95,6 +95,18 @@ def policy_gradient_loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
     return (nll * advantages[:, None]).sum() / sampled
 
 
+def check_same_stream(state: dict, seed: int, num_problems: int) -> None:
+    """A resumed run's positions name the same problems only in the same stream: the same seed's permutations of
+    as many problems. (States saved before they were recorded are taken as the same.)"""
+    if state.get("seed", seed) != seed:
+        raise ConfigError("seed", f"{seed} differs from {state['seed']} in the checkpoint being resumed: its problems "
+                                  "would come in another order, some trained twice and some never", "RLConfig")
+    if state.get("num_problems", num_problems) != num_problems:
+        raise ConfigError("max_problems", f"the checkpoint being resumed took its problems from "
+                                          f"{state['num_problems']:,}, this run has {num_problems:,}: give it the "
+                                          "data it had (max_problems, the data directory)", "RLConfig")
+
+
 class Rollouts:
     """RL's data loader: micro-batches of (inputs, targets, advantages), sampled from the model when asked for.
 
@@ -111,6 +123,7 @@ class Rollouts:
         self.rank, self.world_size = rank, world_size
         self.problems_taken = 0
         if state:  # saved on as many ranks, or on others: go on after the stream positions they took
+            check_same_stream(state, phase.rl.seed, len(phase.problems))
             stream_taken = state["problems_taken"] * state.get("world_size", world_size)
             self.problems_taken = -(-stream_taken // world_size)  # ceil: no position taken twice
         self.problems_per_step = phase.rl.examples_per_step // world_size
@@ -126,7 +139,8 @@ class Rollouts:
         return self.problems_taken * self.world_size / len(self.phase.problems)
 
     def state_dict(self) -> dict:
-        return {"problems_taken": self.problems_taken, "world_size": self.world_size}
+        return {"problems_taken": self.problems_taken, "world_size": self.world_size, "seed": self.phase.rl.seed,
+                "num_problems": len(self.phase.problems)}
 
     def close(self) -> None:
         self.pending = []
