@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.core_bundle, when run as a script
 
+from nanochat_flyte.config import DEVICES  # noqa: E402
 from nanochat_flyte.evaluation.bundle import load_bundle
 from nanochat_flyte.evaluation.core import item_rows, score_core  # noqa: E402
 from nanochat_flyte.model.checkpoint import load_model  # noqa: E402
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seq-len", type=int, default=512, help="context of the random model")
     parser.add_argument("--examples-per-task", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16, help="rows (choices) per forward pass")
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
     args = parser.parse_args(argv)
     if args.examples_per_task <= SHOTS:

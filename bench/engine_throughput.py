@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package from a bare checkout (the GPU machine)
 
-from nanochat_flyte.config import COMPILE_MODES  # noqa: E402
+from nanochat_flyte.config import COMPILE_MODES, DEVICES  # noqa: E402
 from nanochat_flyte.inference.engine import Engine, SamplingParams  # noqa: E402
 from nanochat_flyte.model.device import select_device, select_precision  # noqa: E402
 from tests.helpers import random_gpt  # noqa: E402
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-sizes", default="1,8,32", help="comma-separated")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (Engine(compile=True))")
     parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                         help="with --compile: torch.compile's mode (reduce-overhead: CUDA graphs)")

@@ -17,6 +17,7 @@ run is only settled by a run at the reference shape. What the proxy can show is 
 
 import argparse
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -47,8 +48,8 @@ def variant_config(corpus: str, seed: int, overrides: dict, common: dict) -> Run
     return RunConfig.from_mapping(PROXY | {"data_url": corpus, "seed": seed} | common | overrides).validate()
 
 
-def finished_run(out_dir: Path, config: RunConfig) -> dict | None:
-    """The summary of a finished run of this very config in out_dir, if there is one."""
+def saved_run(out_dir: Path, config: RunConfig) -> dict | None:
+    """The summary of the run of this very config saved in out_dir (finished or not), if there is one."""
     try:
         summary = json.loads((out_dir / "training_state.json").read_text())
         saved = RunConfig().to_dict() | json.loads((out_dir / "config.json").read_text())  # older: defaults
@@ -56,7 +57,18 @@ def finished_run(out_dir: Path, config: RunConfig) -> dict | None:
         return None
     # run_name is filled in per run, so it differs between otherwise identical runs
     same = all(saved.get(key) == value for key, value in config.to_dict().items() if key != "run_name")
-    return summary if same and summary.get("status") == "completed" else None
+    return summary if same else None
+
+
+def run(config: RunConfig, data_dir: Path, run_dir: Path) -> dict:
+    """The summary of this config's run in run_dir: read back when it finished, continued when it was stopped,
+    trained anew (the folder is this benchmark's own) when it holds another config's run or none."""
+    saved = saved_run(run_dir, config)
+    if saved and saved.get("status") == "completed":
+        return saved
+    if saved is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return train(config, data_dir, run_dir, resume_dir=run_dir if saved else None)
 
 
 def compare(corpus: str, out: Path, variants: list[tuple[str, dict]], seeds: list[int], common: dict) -> dict:
@@ -72,7 +84,7 @@ def compare(corpus: str, out: Path, variants: list[tuple[str, dict]], seeds: lis
     results = {}
     for (name, seed), config in configs.items():
         run_dir = out / f"{name}_s{seed}"
-        summary = finished_run(run_dir, config) or train(config, data_dir, run_dir)
+        summary = run(config, data_dir, run_dir)
         results.setdefault(name, {"bpb": {}})["bpb"][seed] = summary["final_validation_bpb"]
         print(f"recipe: {name} seed {seed}: final validation bpb {summary['final_validation_bpb']:.4f}", flush=True)
     baseline = None

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.hub_server, when run as a script
 
-from nanochat_flyte.config import RLConfig, RunConfig  # noqa: E402
+from nanochat_flyte.config import DEVICES, RLConfig, RunConfig  # noqa: E402
 from nanochat_flyte.data.chat_data import gsm8k_item  # noqa: E402
 from nanochat_flyte.data.tokenizer import save_tokenizer  # noqa: E402
 from nanochat_flyte.model.checkpoint import TOKENIZER_DIR, load_model  # noqa: E402
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-samples", type=int, default=16, help="answers per problem")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--decode-batch-sizes", default="16,0", help="comma-separated; 0: the whole step at once")
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     args = parser.parse_args(argv)
 
     device = select_device(args.device)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch._dynamo.utils import counters
 
-from nanochat_flyte.config import COMPILE_MODES, RunConfig
+from nanochat_flyte.config import COMPILE_MODES, DEVICES, RunConfig
 from nanochat_flyte.model.device import mfu, peak_flops, select_precision
 from nanochat_flyte.model.gpt import GPT, GPTConfig
 from nanochat_flyte.model.optim import build_optimizers
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--total-batch-size", type=int, default=reference.total_batch_size,
                         help="tokens per optimizer step (sets the gradient accumulation)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     parser.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=reference.compile,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from nanochat_flyte.errors import ConfigError
-from nanochat_flyte.schema import StrictConfig, at_least, fraction, non_negative, one_of
+from nanochat_flyte.schema import StrictConfig, at_least, fraction, non_negative, one_of, schedule_fits
 
 HF_FINEWEB_EDU_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"  # nanochat's copy of DCLM's
@@ -138,9 +138,9 @@ class RunConfig(StrictConfig):
         """Raise ConfigError naming the first bad field. Cheap, offline: run it before any download."""
         for field in ("depth", "num_shards", "max_seq_len", "device_batch_size", "total_batch_size",
                       "num_iterations", "eval_every", "eval_tokens", "sample_every", "save_every",
-                      "download_workers", "sample_max_tokens"):
+                      "download_workers", "sample_max_tokens", "bpe_train_chars"):
             at_least(self, field, 1)
-        for field in ("val_shard", "seed", "sample_top_k", "bpe_train_chars", "core_max_per_task",
+        for field in ("val_shard", "seed", "sample_top_k", "core_max_per_task",
                       "core_metric_every", "loss_chunk_tokens"):
             at_least(self, field, 0)
         one_of(self, "tokenizer", TOKENIZERS)
@@ -164,9 +164,7 @@ class RunConfig(StrictConfig):
             non_negative(self, field)
         for field in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
             fraction(self, field)
-        if self.warmup_ratio + self.warmdown_ratio > 1.0:
-            raise ConfigError("warmdown_ratio", f"warmup_ratio + warmdown_ratio must be <= 1, got "
-                                                f"{self.warmup_ratio} + {self.warmdown_ratio}")
+        schedule_fits(self)
         if self.eval_tokens < self.max_seq_len + 1:
             raise ConfigError("eval_tokens", f"must hold at least one sequence of max_seq_len + 1 = "
                                              f"{self.max_seq_len + 1} tokens, got {self.eval_tokens}")
@@ -176,6 +174,11 @@ class RunConfig(StrictConfig):
 
 CHAT_EVAL_TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval")
 HUMANEVAL_MODES = ("auto", "on", "off")
+
+
+def task_list(tasks: str) -> list[str]:
+    """The tasks of a comma-separated eval_tasks string, in its order."""
+    return [task.strip() for task in tasks.split(",") if task.strip()]
 
 
 @dataclass
@@ -224,7 +227,23 @@ class ChatStageConfig(StrictConfig):
 
     @property
     def eval_task_list(self) -> list[str]:
-        return [task.strip() for task in self.eval_tasks.split(",") if task.strip()]
+        return task_list(self.eval_tasks)
+
+    def loop_config(self, previous: RunConfig, suffix: str, **stage_fields: Any) -> RunConfig:
+        """The training loop's RunConfig for this stage, on top of the run before it: its model, context and batch,
+        its learning rates where this config leaves them at 0, every rate (the residual scalars' too) scaled by
+        init_lr_frac; this config's schedule length, evaluation, samples (greedy), saves, hardware and tracking;
+        no CORE (it scores base models). stage_fields: what the stage sets besides (batch, schedule shape)."""
+        rates = {field: (getattr(self, field) or getattr(previous, field)) * self.init_lr_frac
+                 for field in ("embedding_lr", "unembedding_lr", "matrix_lr")}
+        return dataclasses.replace(
+            previous, run_name=self.run_name or f"{previous.run_name}_{suffix}", seed=self.seed, **rates,
+            scalar_lr=previous.scalar_lr * self.init_lr_frac, num_iterations=self.num_iterations or 1,
+            weight_decay=self.weight_decay, grad_clip=self.grad_clip, eval_every=self.eval_every,
+            sample_every=self.sample_every, sample_max_tokens=self.sample_max_tokens, sample_temperature=0.0,
+            save_every=self.save_every, device=self.device, dtype=self.dtype, compile=self.compile,
+            wandb_project=self.wandb_project, wandb_entity=self.wandb_entity, wandb_mode=self.wandb_mode,
+            save_to=self.save_to, evaluate_core=False, core_metric_every=0, **stage_fields)
 
     def validate_shared(self) -> None:
         """The checks of the fields above; each stage's validate() adds its own."""
@@ -283,9 +302,7 @@ class ChatConfig(ChatStageConfig):
                               "ChatConfig")
         for field in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
             fraction(self, field)
-        if self.warmup_ratio + self.warmdown_ratio > 1.0:
-            raise ConfigError("warmdown_ratio", f"warmup_ratio + warmdown_ratio must be <= 1, got "
-                                                f"{self.warmup_ratio} + {self.warmdown_ratio}", "ChatConfig")
+        schedule_fits(self)
         return self
 
 

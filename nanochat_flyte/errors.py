@@ -19,7 +19,7 @@ class ConfigError(UserError, ValueError):
     """A config field holds a value the run cannot use. The message names the field: `RunConfig.depth: ...`."""
 
     def __init__(self, field: str, problem: str, owner: str = "RunConfig"):
-        self.field = field
+        self.field, self.problem = field, problem
         super().__init__(f"{owner}.{field}: {problem}")
 
 

@@ -2,6 +2,7 @@
 and the field checks the configs' validate() methods share. Imports only errors.py.
 """
 
+import collections.abc
 import dataclasses
 import difflib
 import json
@@ -37,6 +38,22 @@ YamlLoader.add_implicit_resolver(  # PyYAML's float constructor reads these (and
     list("-+0123456789."))
 YamlLoader.add_constructor("tag:yaml.org,2002:int",  # base 10 always: YAML 1.1's 0-prefixed octal is gone in 1.2
                            lambda loader, node: int(loader.construct_scalar(node).replace("_", ""), 10))
+
+
+def mapping_without_repeats(loader: YamlLoader, node: yaml.MappingNode) -> dict:
+    """A mapping, refused where a key repeats (YAML forbids it; PyYAML would keep the last value without a word)."""
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if not isinstance(key, collections.abc.Hashable):
+            break  # construct_mapping names that error
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+YamlLoader.add_constructor("tag:yaml.org,2002:map", mapping_without_repeats)
 
 
 # Fields whose words are YAML 1.1 booleans. `pyflyte run --chat_config preset.yaml` reads the file with PyYAML's
@@ -165,6 +182,13 @@ def one_of(config, field: str, allowed: tuple[str, ...]) -> None:
 def fraction(config, field: str) -> None:
     if not 0.0 <= getattr(config, field) <= 1.0:
         raise ConfigError(field, f"must be in [0, 1], got {getattr(config, field)}", type(config).__name__)
+
+
+def schedule_fits(config) -> None:
+    """The warmup and the warmdown of a learning-rate schedule fit in the run together."""
+    if config.warmup_ratio + config.warmdown_ratio > 1.0:
+        raise ConfigError("warmdown_ratio", f"warmup_ratio + warmdown_ratio must be <= 1, got {config.warmup_ratio} "
+                                            f"+ {config.warmdown_ratio}", type(config).__name__)
 
 
 def non_negative(config, field: str) -> None:

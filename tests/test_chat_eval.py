@@ -278,8 +278,10 @@ def test_cli_prints_a_table_then_the_result_as_its_last_line(hub_server, checkpo
 
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "arc_easy,trivia"], "ChatConfig.eval_tasks: unknown task 'trivia'"),
-    (["--max-per-task", "-1"], "ChatConfig.eval_max_per_task: must be >= 0"),
-    (["--max-per-task", "many"], "argument --max-per-task: invalid int value: 'many'"),
+    (["--max-per-task", "-1"], "argument --max-per-task: must be an integer >= 0, got -1"),
+    (["--max-per-task", "many"], "argument --max-per-task: must be an integer >= 0, got 'many'"),
+    (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
+    (["--device", "tpu"], "argument --device: unknown device 'tpu'; choose auto, cuda, mps or cpu"),
     (["--humaneval", "sometimes"], "argument --humaneval: invalid choice: 'sometimes'"),
     (["--checkpoint", "/nonexistent/run"], "no checkpoint.pt in /nonexistent/run"),
     (["--checkpoint"], "argument --checkpoint: expected one argument"),

@@ -11,7 +11,7 @@ import pytest
 from helpers import make_data_dir, tiny_config
 
 from nanochat_flyte.cli import chat_stage
-from nanochat_flyte.cli.chat_stage import FETCHED_FILE, data_cache_dir, fetched_once_per_node
+from nanochat_flyte.cli.chat_stage import FETCHED_FILE, check_resumed_run, data_cache_dir, fetched_once_per_node
 from nanochat_flyte.config import ChatConfig, RunConfig
 from nanochat_flyte.data.chat_data import prepare_sft_data
 from nanochat_flyte.errors import ConfigError
@@ -109,14 +109,21 @@ def test_a_remote_start_checkpoint_is_fetched_by_one_rank_per_node_and_the_other
     memory.pipe({"/ckpt/checkpoint.pt": b"weights", "/ckpt/tokenizer/ranks.txt": b"ranks"})
     local_dir = tmp_path / "chat_start"
     local_dir.mkdir()
-    (local_dir / "stale.pt").write_text("another source's file")
+    (local_dir / "notes.txt").write_text("a user's file")
+    with pytest.raises(ConfigError, match=r"chat_sft\.out_dir: .*chat_start, where the start checkpoint is downloaded "
+                                          "to, holds files this command did not put there"):
+        fetched_once_per_node("memory://ckpt", local_dir, "chat_sft")
+    assert (local_dir / "notes.txt").read_text() == "a user's file"  # never deleted
+    (local_dir / "notes.txt").unlink()
+    (local_dir / "stale.pt").write_text("another source's file")  # fetched here before, from elsewhere
+    (local_dir / FETCHED_FILE).write_text(json.dumps({"source": "memory://older", "complete": True}))
     # local rank 1 of the node, in its own process: its memory:// is empty, so it can only wait for rank 0's download
     rank_one = ("import sys, pathlib; from nanochat_flyte.cli.chat_stage import fetched_once_per_node as f; "
-                "print(f('memory://ckpt', pathlib.Path(sys.argv[1])))")
+                "print(f('memory://ckpt', pathlib.Path(sys.argv[1]), 'chat_sft'))")
     waiter = subprocess.Popen([sys.executable, "-c", rank_one, str(local_dir)],
                               env={**os.environ, "LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "2"},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert fetched_once_per_node("memory://ckpt", local_dir) == local_dir  # this process is local rank 0
+    assert fetched_once_per_node("memory://ckpt", local_dir, "chat_sft") == local_dir  # this is local rank 0
     out, err = waiter.communicate(timeout=60)
     assert waiter.returncode == 0, err[-2000:]
     assert out.strip() == str(local_dir)
@@ -124,9 +131,9 @@ def test_a_remote_start_checkpoint_is_fetched_by_one_rank_per_node_and_the_other
         "checkpoint.pt", FETCHED_FILE, "tokenizer/ranks.txt"]  # the stale file of another source is gone
 
     memory.rm("/ckpt", recursive=True)  # the same URI again: its complete download is reused, not fetched again
-    assert fetched_once_per_node("memory://ckpt", local_dir) == local_dir
+    assert fetched_once_per_node("memory://ckpt", local_dir, "chat_sft") == local_dir
     with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
-        fetched_once_per_node("memory://other", local_dir)  # another URI is fetched (and here, found missing)
+        fetched_once_per_node("memory://other", local_dir, "chat_sft")  # another URI is fetched (here: missing)
 
 
 def test_an_object_store_without_credentials_is_one_line(tmp_path):
@@ -148,3 +155,24 @@ def test_the_clis_data_cache_is_keyed_by_the_data_format_too(monkeypatch):
     assert data_cache_dir("sft_data", ChatConfig(seed=7), keys) != first
     monkeypatch.setattr(chat_stage, "CHAT_DATA_VERSION", "next")  # conversations of a newer format: prepared anew
     assert data_cache_dir("sft_data", ChatConfig(), keys) != first
+
+
+def test_a_resume_is_refused_in_one_line_when_its_start_or_its_data_differ(tmp_path):
+    """Before any download: the start checkpoint must hold the resumed run's model (its weights would not load),
+    and the data settings must be the ones it trained on (its stream position would name other conversations)."""
+    shape = {"sequence_len": 128, "vocab_size": 50265, "n_layer": 2, "n_head": 1, "n_kv_head": 1, "n_embd": 128}
+    for name, config in (("base", shape), ("other", {**shape, "n_layer": 4, "sequence_len": 256}),
+                         ("resumed", {**shape, "sequence_len": 256})):  # another context alone is the data's to name
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_config.json").write_text(json.dumps(config))
+    (tmp_path / "resumed" / "run_info.json").write_text(json.dumps({"chat_config": ChatConfig(seed=7).to_dict()}))
+    keys = ("hf_endpoint", "seed")
+    check_resumed_run(tmp_path / "resumed", ChatConfig(seed=7, hf_endpoint="http://mirror"), keys,
+                      str(tmp_path / "base"), "base_checkpoint", "chat_sft")
+    with pytest.raises(ConfigError, match=r"^chat_sft\.base_checkpoint: .*other holds another model than the "
+                                          r"checkpoint being resumed, .*resumed: n_layer 4 against 2$"):
+        check_resumed_run(tmp_path / "resumed", ChatConfig(seed=7), keys, str(tmp_path / "other"), "base_checkpoint",
+                          "chat_sft")
+    with pytest.raises(ConfigError, match=r"^ChatConfig\.seed: 42 differs from 7 in the checkpoint being resumed"):
+        check_resumed_run(tmp_path / "resumed", ChatConfig(), keys, str(tmp_path / "base"), "base_checkpoint",
+                          "chat_sft")

@@ -64,6 +64,7 @@ def test_empty_run_name_is_derived_from_depth_and_time():
     (dict(eval_tokens=100), "eval_tokens"),
     (dict(tokenizer="bpe", bpe_vocab_size=70000), "bpe_vocab_size"),
     (dict(warmup_ratio=0.9, warmdown_ratio=0.2), "warmdown_ratio"),
+    (dict(tokenizer="bpe", bpe_train_chars=0), "bpe_train_chars"),
 ])
 def test_bad_values_name_their_field(changes, field):
     with pytest.raises(ConfigError) as error:
@@ -190,6 +191,7 @@ def test_a_yaml_11_reader_s_boolean_is_the_word_it_was_read_from_for_humaneval_o
     ("bad.yaml", "depth: [4\n", "is not a YAML document: while parsing"),
     ("bad.json", '{"depth": 4,}', "is not a JSON document: Expecting property name"),
     ("binary.yaml", b"\xff\xfe\x00depth", "is not a YAML document: 'utf-8' codec can't decode"),
+    ("twice.yaml", "depth: 2\nnum_iterations: 9\ndepth: 4\n", "is not a YAML document: key 'depth' appears twice"),
 ])
 def test_a_preset_that_is_not_yaml_or_json_is_one_line(tmp_path, name, text, problem):
     path = tmp_path / name

@@ -573,7 +573,7 @@ def test_a_wrong_checkpoint_fails_before_the_bundle_is_downloaded(bundle_dir, tm
 @pytest.mark.parametrize("arguments, message", [
     (["--max-per-task", "0"], "argument --max-per-task: must be an integer >= 1, got 0"),
     (["--batch-size", "many"], "argument --batch-size: must be an integer >= 1, got 'many'"),
-    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["--device", "tpu"], "argument --device: unknown device 'tpu'; choose auto, cuda, mps or cpu"),
 ])
 def test_bad_arguments_get_one_line(checkpoint, bundle_dir, arguments, message, capsys):
     with pytest.raises(SystemExit) as exit_:

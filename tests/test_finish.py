@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from nanochat_flyte.config import RunConfig
 from nanochat_flyte.pipeline.finish import print_summary
 
 TRAINING = {"run_name": "smoke", "status": "completed", "steps_completed": 40, "total_time_s": 90.0,
@@ -25,7 +26,7 @@ def test_the_next_commands_use_the_save_to_copy(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(finish, "publish", lambda *args: None)
     monkeypatch.setattr(finish, "write_run_report", lambda *args, **kwargs: None)
     monkeypatch.setattr(finish, "chat_results", lambda *args: {})
-    monkeypatch.setattr(finish, "read_checkpoint_json", lambda *args: {})
+    monkeypatch.setattr(finish, "checkpoint_run_config", lambda *args: RunConfig())
     monkeypatch.setattr(finish, "chat_table_markdown", lambda evaluation: "")  # the files are not under test
     from nanochat_flyte.config import ChatConfig
 

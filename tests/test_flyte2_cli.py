@@ -47,6 +47,14 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     return line
 
 
+@pytest.mark.parametrize("value, problem", [
+    ('{"depth": 2', "RunConfig: not valid JSON: Expecting ',' delimiter: line 1 column 12 (char 11)"),
+    ("[1]", "RunConfig.*: a config is a mapping"),
+])
+def test_malformed_inline_json_says_so_in_one_line(flyte_run, value, problem):
+    assert one_error_line(flyte_run("--config", value)).startswith(f"Error: Invalid value for '--config': {problem}")
+
+
 @pytest.mark.parametrize("form", ["inline JSON", "YAML file"])
 def test_a_misspelt_field_stops_flyte_run_with_one_line(tmp_path, flyte_run, form):
     value = '{"num_iteration": 40}'

@@ -8,6 +8,7 @@ import pytest
 
 from nanochat_flyte.data.download import DownloadError, Retry, source_key
 from nanochat_flyte.data.hub import download_split, file_records, hub_endpoint, iter_rows, parquet_urls, split_cache_dir
+from nanochat_flyte.errors import ConfigError
 from tests.hub_server import HUB_SPLITS, MMLU_SCHEMA, split_path, write_split
 
 FAST_RETRY = Retry(attempts=3, backoff_base_s=0.01, backoff_max_s=0.05)
@@ -22,6 +23,9 @@ def test_the_endpoint_is_explicit_else_hf_endpoint_else_the_hub(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.example.com/")
     assert hub_endpoint() == "https://hf-mirror.example.com"
     assert hub_endpoint("http://127.0.0.1:8766/") == "http://127.0.0.1:8766"
+    monkeypatch.setenv("HF_ENDPOINT", "ftp://mirror")  # one line, not six attempts without a connection adapter
+    with pytest.raises(ConfigError, match=r"^environment\.HF_ENDPOINT: must be an http\(s\) URL, got 'ftp://mirror'"):
+        hub_endpoint()
 
 
 def test_the_listing_names_the_parquet_files_and_they_download_in_the_exact_schema(hub_server, tmp_path):

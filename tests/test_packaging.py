@@ -253,9 +253,9 @@ def read_secret(group: str, key: str) -> str:
 
 @task
 def wandb_key_after_loading() -> str:
-    from workflows.support import WANDB_SECRET, export_secret
+    from workflows.support import export_secret
 
-    export_secret(WANDB_SECRET, "WANDB_API_KEY")
+    export_secret(secrets.WANDB)
     return os.environ.get("WANDB_API_KEY", "")
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from nanochat_flyte.config import RunConfig
+from nanochat_flyte.data import prepare
 from nanochat_flyte.data.dataloader import shard_files
 from nanochat_flyte.data.prepare import (
     ShardJob,
@@ -19,6 +20,7 @@ from nanochat_flyte.data.prepare import (
     plan_jobs,
     plan_shards,
     prepare_data,
+    prepare_jobs,
     prepare_shard,
     tokenize_shard,
 )
@@ -91,7 +93,8 @@ def test_prepare_data_writes_the_data_directory(shard_server, tmp_path, capsys):
     assert manifest["tokens_needed"] == 2000 * 64
     assert manifest["epochs"] == pytest.approx(128_000 / manifest["train_tokens"], rel=1e-3) and manifest["epochs"] > 1
     out = capsys.readouterr().out
-    assert "download: 3/3 shards" in out and f"data will repeat ({manifest['epochs']:.2f} epochs)" in out
+    assert "download: 1/1 shards" in out and "download: 2/2 shards" in out  # the validation shard first
+    assert f"data will repeat ({manifest['epochs']:.2f} epochs)" in out
 
     # The cluster path (one prepare_shard per pod, then merge) builds the same data directory, from the config the
     # workflows give their data tasks: the run's data fields alone (their cache key)
@@ -136,6 +139,18 @@ def test_only_needed_shards(shard_server, tmp_path):
     # The cluster plan counts shard 0 itself, before any shard pod runs.
     jobs = plan_jobs(data_config(config), build_tokenizer(config, tmp_path / "tokenizer"), cache_dir=tmp_path / "cache")
     assert [(job.index, job.tokenizer) for job in jobs] == [(0, "gpt2"), (1, "gpt2"), (5, "gpt2")]
+
+
+def test_a_bpe_that_learns_fewer_tokens_than_asked_for_is_refused_and_an_out_dir_under_a_file_is_one_line(tmp_path):
+    write_fineweb_shards(tmp_path / "shards", [0, 5], DOCS_PER_SHARD)
+    config = small_config(str(tmp_path / "shards"), num_shards=1, tokenizer="bpe", bpe_vocab_size=4096,
+                          bpe_train_chars=2_000)
+    with pytest.raises(ConfigError, match=r"^RunConfig\.bpe_train_chars: 2,000 characters of train text taught \d+ "
+                                          r"of the 4,096 tokens asked for"):
+        build_tokenizer(config, tmp_path / "tokenizer")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"^prepare\.out_dir: cannot create .*file/data': Not a directory"):
+        prepare_data(small_config(str(tmp_path / "shards"), num_shards=1), tmp_path / "file" / "data")
 
 
 def test_bpe_data_directory(tmp_path):
@@ -195,20 +210,30 @@ def test_merging_again_into_the_same_directory_replaces_its_files_and_leaves_the
                                                             .read_bytes()).hexdigest()
 
 
-def test_a_prepare_that_fails_over_a_data_directory_leaves_it_without_a_manifest(tmp_path):
+def test_a_prepare_that_fails_over_a_data_directory_leaves_it_whole(tmp_path, monkeypatch):
     write_fineweb_shards(tmp_path / "shards", [0, 5], DOCS_PER_SHARD)
     config = small_config(str(tmp_path / "shards"), num_shards=1)
     prepare_data(config, tmp_path / "data")
-    assert (tmp_path / "data" / "manifest.json").exists()
-    # again with a BPE tokenizer, failing after the tokenizer is written (the validation shard is too small)
+    before = {path: path.read_bytes() for path in (tmp_path / "data").rglob("*") if path.is_file()}
+    # again with a BPE tokenizer, failing after the tokenizer is trained: the validation shard is too small, which
+    # is found before any train shard is downloaded
+    downloaded = []
+    monkeypatch.setattr(prepare, "prepare_jobs", lambda config, jobs, *args: downloaded.extend(jobs) or
+                        prepare_jobs(config, jobs, *args))
     with pytest.raises(ConfigError, match="eval_tokens"):
         prepare_data(dataclasses.replace(config, tokenizer="bpe", bpe_vocab_size=512, bpe_train_chars=50_000,
                                          eval_tokens=10**9), tmp_path / "data")
-    # the gpt2 token files are now beside a BPE tokenizer: no manifest, so no run takes the directory
+    assert [job.split for job in downloaded] == ["val"]
+    # the earlier directory is as it was: its manifest, gpt2 tokenizer and token files
+    assert {path: path.read_bytes() for path in (tmp_path / "data").rglob("*")
+            if path.is_file() and "parts" not in path.parts} == before
+    assert json.loads((tmp_path / "data" / "tokenizer" / "tokenizer.json").read_text())["name"] == "gpt2"
+    assert shard_files(tmp_path / "data", "train")
+    # and a prepare that succeeds replaces it whole, its tokenizer folder too
+    prepare_data(dataclasses.replace(config, tokenizer="bpe", bpe_vocab_size=512, bpe_train_chars=50_000),
+                 tmp_path / "data")
     assert json.loads((tmp_path / "data" / "tokenizer" / "tokenizer.json").read_text())["name"] == "bpe"
-    assert not (tmp_path / "data" / "manifest.json").exists()
-    with pytest.raises(FileNotFoundError, match="data is not a prepared data directory: it has no manifest.json"):
-        shard_files(tmp_path / "data", "train")
+    assert not (tmp_path / "data" / "parts").exists()
 
 
 def test_a_row_group_without_documents_has_no_tokens_and_a_null_document_is_named(tmp_path):

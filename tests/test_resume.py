@@ -1,6 +1,7 @@
 """main(resume_from=...): continue or extend a run from its checkpoint, checked before any GPU time; save_to keeps a
 copy where the user chose; a CORE failure after training loses nothing."""
 
+import dataclasses
 import json
 import shutil
 import zipfile
@@ -9,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.model.checkpoint import CHECKPOINT_FILE
+from nanochat_flyte.pipeline.train import last_save
 from nanochat_flyte.training.pretrain import check_resume
 from tests.shard_server import serve_shards, write_fineweb_shards
 from tests.test_workflow import VAL_SHARD, tiny_config
@@ -114,3 +117,21 @@ def test_a_bundle_that_fails_after_training_keeps_the_checkpoint(served, tmp_pat
         main(config=config)
     assert json.loads((save_to / "training_state.json").read_text())["status"] == "completed"
     assert (save_to / "checkpoint.pt").is_file()
+
+
+def test_an_interrupted_run_resumes_from_its_local_copy_or_its_own_folder(tmp_path):
+    """The Ctrl-C resume line names the save_to copy where it is on this machine (the task's folder may go with the
+    task), else the checkpoint folder; nothing before the first save."""
+    folder, copy = tmp_path / "task" / "checkpoint", tmp_path / "copy"
+    config = tiny_config("http://127.0.0.1:9")
+    assert last_save(config, folder) is None
+    (folder / CHECKPOINT_FILE).parent.mkdir(parents=True)
+    (folder / CHECKPOINT_FILE).touch()
+    assert last_save(config, folder) == folder
+    for save_to in (str(copy), copy.as_uri()):
+        assert last_save(dataclasses.replace(config, save_to=save_to), folder) is None  # the copy has no save yet
+    copy.mkdir()
+    (copy / CHECKPOINT_FILE).touch()
+    for save_to in (str(copy), copy.as_uri()):
+        assert last_save(dataclasses.replace(config, save_to=save_to), folder) == copy
+    assert last_save(dataclasses.replace(config, save_to="s3://bucket/run"), folder) == folder

@@ -57,7 +57,7 @@ def test_temperature_sampling_is_reproducible_from_the_seed(checkpoint):
 
 @pytest.mark.parametrize("flags, problem", [
     (["--max-tokens", "0"], "--max-tokens: must be an integer >= 1, got 0"),
-    (["--top-k", "-1"], "--top-k: must be None or an integer >= 0, got -1"),
+    (["--top-k", "-1"], "--top-k: must be an integer >= 0 (0: the whole vocabulary), got -1"),
     (["--seed", "99999999999999999999"], "argument --seed: must be an integer from 0 to 2**63 - 1, got "
                                          "'99999999999999999999'"),
     (["--seed", "-1"], "argument --seed: must be an integer from 0 to 2**63 - 1, got '-1'"),

@@ -185,9 +185,11 @@ LONG = [{"role": "user", "content": "The cat sees a small boat. " * (CONTEXT // 
     ({"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "up to 4"),
     ({"messages": HELLO, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
     ([HELLO], 400, None, "must be a JSON object"),
+    ({"messages": HELLO, "stream": True, "stream_options": {"include_usage": "no"}}, 400, "stream_options",
+     "include_usage: must be true or false"),
 ], ids=["no-messages", "missing-messages", "assistant-first", "two-users", "content-not-text", "unknown-role",
         "longer-than-context", "max-tokens-0", "max-tokens-over-context", "max-tokens-not-int", "temperature",
-        "n", "top-p", "five-stops", "tools", "not-an-object"])
+        "n", "top-p", "five-stops", "tools", "not-an-object", "include-usage-not-bool"])
 def test_bad_requests_get_a_clear_4xx_in_openai_shape(chat_server, body, status, param, fragment):
     response = post(chat_server, body)
     assert response.status_code == status, response.text

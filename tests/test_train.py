@@ -66,12 +66,38 @@ def test_a_run_writes_the_checkpoint_directory_and_its_records(straight_run, cap
     assert "The capital of France is" in {s["prompt"] for s in samples}
 
 
-def test_a_new_run_in_a_used_directory_starts_its_records_anew(straight_run, data_dir, tmp_path):
+def test_a_new_run_never_overwrites_a_checkpoint_and_starts_the_records_of_one_that_saved_none_anew(
+        straight_run, data_dir, tmp_path):
     _, straight, _ = straight_run
     shutil.copytree(straight, tmp_path / "used")
-    train(tiny_config(num_iterations=2, eval_every=2, sample_every=2), data_dir, tmp_path / "used")
-    assert [r["step"] for r in read_jsonl(tmp_path / "used" / "metrics.jsonl")] == [0, 1, 2, 2]
-    assert {s["step"] for s in read_jsonl(tmp_path / "used" / "samples.jsonl")} == {2}
+    before = {path: path.read_bytes() for path in (tmp_path / "used").rglob("*") if path.is_file()}
+    with pytest.raises(ConfigError, match=r"^Trainer\.out_dir: .*used already holds a checkpoint \(step 6\); continue "
+                                          r"it with resume_dir"):
+        train(tiny_config(depth=2, num_iterations=2), data_dir, tmp_path / "used")
+    assert {path: path.read_bytes() for path in (tmp_path / "used").rglob("*") if path.is_file()} == before
+    # the records of a run stopped before its first save: nothing to continue, so a new run starts them anew
+    (tmp_path / "unsaved").mkdir()
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        shutil.copy(straight / name, tmp_path / "unsaved" / name)
+    train(tiny_config(num_iterations=2, eval_every=2, sample_every=2), data_dir, tmp_path / "unsaved")
+    assert [r["step"] for r in read_jsonl(tmp_path / "unsaved" / "metrics.jsonl")] == [0, 1, 2, 2]
+    assert {s["step"] for s in read_jsonl(tmp_path / "unsaved" / "samples.jsonl")} == {2}
+
+
+def test_data_prepared_for_another_config_is_refused_before_the_model_is_built(data_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"^RunConfig\.tokenizer: bpe of 65,536 tokens, but the data in .* was "
+                                          r"tokenized by gpt2 of 50,265 tokens: prepare it for this config"):
+        train(tiny_config(tokenizer="bpe"), data_dir, tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"^RunConfig\.eval_tokens: 4,096 is more than the 2,000 validation tokens"):
+        train(tiny_config(eval_tokens=4096), data_dir, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_of_another_model_is_one_line(straight_run, data_dir, tmp_path):
+    _, straight, _ = straight_run
+    with pytest.raises(ConfigError, match=r"^Trainer\.resume_dir: .* holds another model: n_layer 1 \(this run: 2\), "
+                                          r"n_embd 64 \(this run: 128\)$"):
+        train(tiny_config(depth=2, num_iterations=8), data_dir, tmp_path / "run", resume_dir=straight)
 
 
 def test_the_loss_falls(data_dir, tmp_path):

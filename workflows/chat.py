@@ -19,7 +19,7 @@ from flytekit import Cache, Resources, current_context, task, workflow
 from flytekit.types.directory import FlyteDirectory
 
 from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
-from nanochat_flyte.pipeline import evaluate, prepare, setup, train
+from nanochat_flyte.pipeline import evaluate, prepare, secrets, setup, train
 from nanochat_flyte.pipeline.finish import finish_chat_run
 from workflows.image import IMAGE
 from workflows.nanochat import RunOutputs, pretrain
@@ -62,7 +62,7 @@ def check_chat_and_rl_configs(config: RunConfig, chat_config: ChatConfig, rl_con
 def describe_training_node() -> dict:
     """What both chat setups end with: the environment report of the training node kind (locally, the pretraining
     setup printed it to the same terminal, and the deck has it)."""
-    export_secret(WANDB_SECRET, "WANDB_API_KEY")
+    export_secret(secrets.WANDB)
     return setup.describe_machine(deck, printed=not is_local_run())
 
 
@@ -72,7 +72,7 @@ def describe_training_node() -> dict:
 def setup_chat(config: ChatConfig, base_checkpoint: FlyteDirectory) -> tuple[ChatConfig, str, dict]:
     """Validate the chat config, check the base checkpoint and probe the hub endpoint, before any GPU time is spent.
     Returns the config, the endpoint the data tasks use, and the environment report (of the training node kind)."""
-    export_secret(HF_SECRET, "HF_TOKEN")
+    export_secret(secrets.HF)
     config, endpoint = setup.chat_stage(config, checkpoint_location(base_checkpoint))
     return config, endpoint, describe_training_node()
 
@@ -84,7 +84,7 @@ def setup_rl(config: RLConfig, sft_checkpoint: FlyteDirectory) -> tuple[RLConfig
     """Validate the RL config, check that the checkpoint is a chat (SFT) one and probe the hub endpoint, before any
     GPU time is spent. Returns the config, the ChatConfig of the evaluation after RL, the endpoint and the
     environment report."""
-    export_secret(HF_SECRET, "HF_TOKEN")
+    export_secret(secrets.HF)
     config, endpoint = setup.rl_stage(config, checkpoint_location(sft_checkpoint))
     return config, config.chat_eval_config(), endpoint, describe_training_node()
 
@@ -96,10 +96,11 @@ def setup_rl(config: RLConfig, sft_checkpoint: FlyteDirectory) -> tuple[RLConfig
 def prepare_chat_sft_data(endpoint: str, smoltalk_epochs: float, mmlu_epochs: float, gsm8k_epochs: float,
                           max_conversations: int, val_conversations: int, seed: int) -> FlyteDirectory:
     """The SFT mixture (train.jsonl) and the held-out validation conversations (val.jsonl), from the hub."""
-    export_secret(HF_SECRET, "HF_TOKEN")
+    export_secret(secrets.HF)
     out_dir = Path(current_context().working_directory) / "sft_data"
-    return FlyteDirectory(str(prepare.chat_sft_data(endpoint, smoltalk_epochs, mmlu_epochs, gsm8k_epochs,
-                                                    max_conversations, val_conversations, seed, out_dir)))
+    return FlyteDirectory(str(prepare.chat_sft_data(
+        endpoint, out_dir, smoltalk_epochs=smoltalk_epochs, mmlu_epochs=mmlu_epochs, gsm8k_epochs=gsm8k_epochs,
+        max_conversations=max_conversations, val_conversations=val_conversations, seed=seed)))
 
 
 @task(container_image=IMAGE, secret_requests=[HF_SECRET], cache=Cache(version=CHAT_DATA_CACHE_VERSION),
@@ -107,9 +108,10 @@ def prepare_chat_sft_data(endpoint: str, smoltalk_epochs: float, mmlu_epochs: fl
 @one_line_user_errors
 def prepare_rl_problems(endpoint: str, max_problems: int, eval_problems: int, seed: int) -> FlyteDirectory:
     """RL's GSM8K problems: train.jsonl (to learn from) and val.jsonl (the validation pass@1), from the hub."""
-    export_secret(HF_SECRET, "HF_TOKEN")
+    export_secret(secrets.HF)
     out_dir = Path(current_context().working_directory) / "rl_data"
-    return FlyteDirectory(str(prepare.rl_problems(endpoint, max_problems, eval_problems, seed, out_dir)))
+    return FlyteDirectory(str(prepare.rl_problems(endpoint, out_dir, max_problems=max_problems,
+                                                  eval_problems=eval_problems, seed=seed)))
 
 
 @task(container_image=IMAGE, secret_requests=[HF_SECRET], cache=Cache(version=CHAT_DATA_CACHE_VERSION),
@@ -117,7 +119,7 @@ def prepare_rl_problems(endpoint: str, max_problems: int, eval_problems: int, se
 @one_line_user_errors
 def prepare_chat_eval_data(endpoint: str, tasks: str) -> FlyteDirectory:
     """The evaluation sets (<task>.jsonl), so that the GPU pod downloads nothing."""
-    export_secret(HF_SECRET, "HF_TOKEN")
+    export_secret(secrets.HF)
     out_dir = Path(current_context().working_directory) / "eval_data"
     return FlyteDirectory(str(prepare.chat_eval_data(endpoint, tasks, out_dir)))
 
@@ -126,7 +128,7 @@ def train_in_task(config: ChatConfig | RLConfig, start: FlyteDirectory, data: Fl
                   directory: str) -> tuple[FlyteDirectory, dict]:
     """A chat stage's training task: SFT or RL into the task's working directory; a preempted attempt resumes from
     the intra-task checkpoint."""
-    export_secret(WANDB_SECRET, "WANDB_API_KEY")
+    export_secret(secrets.WANDB)
     checkpoint_dir = Path(current_context().working_directory) / directory
     with retried_on_storage_errors():
         summary = train.chat_stage(config, Path(start.download()), Path(data.download()), checkpoint_dir, environment,
@@ -161,7 +163,7 @@ def evaluate_chat_model(config: ChatConfig, checkpoint: FlyteDirectory, eval_dat
                         max_per_task: int, max_tokens: int, seed: int, humaneval: str) -> dict:
     """ARC-Easy, ARC-Challenge, MMLU, GSM8K and HumanEval (in the sandbox, where it works), and ChatCORE. Every
     setting that changes the scores is an input of its own (the cache key); `config` brings the rest."""
-    export_secret(WANDB_SECRET, "WANDB_API_KEY")
+    export_secret(secrets.WANDB)
     return evaluate.chat_model(config, checkpoint_location(checkpoint), Path(eval_data.download()), tasks,
                                max_per_task, max_tokens, seed, humaneval, deck)
 
@@ -204,10 +206,7 @@ class RLOutputs(NamedTuple):
 def fine_tune(config: ChatConfig, base_checkpoint: FlyteDirectory) -> ChatOutputs:
     """setup -> data (CPU, cached) -> SFT -> chat evaluation -> results."""
     checked, endpoint, environment = setup_chat(config=config, base_checkpoint=base_checkpoint)
-    data = prepare_chat_sft_data(endpoint=endpoint, smoltalk_epochs=checked.smoltalk_epochs,
-                                 mmlu_epochs=checked.mmlu_epochs, gsm8k_epochs=checked.gsm8k_epochs,
-                                 max_conversations=checked.max_conversations,
-                                 val_conversations=checked.val_conversations, seed=checked.seed)
+    data = prepare_chat_sft_data(endpoint=endpoint, **prepare.sft_data_settings(checked))
     eval_data = prepare_chat_eval_data(endpoint=endpoint, tasks=checked.eval_tasks)
     chat_checkpoint, training = train_chat_model(config=checked, base_checkpoint=base_checkpoint, data=data,
                                                  environment=environment)
@@ -228,8 +227,7 @@ def chat_sft(base_checkpoint: FlyteDirectory, config: ChatConfig = ChatConfig())
 def reinforce(config: RLConfig, sft_checkpoint: FlyteDirectory) -> RLOutputs:
     """setup -> GSM8K problems and evaluation data (CPU, cached) -> RL -> chat evaluation -> results."""
     checked, eval_config, endpoint, environment = setup_rl(config=config, sft_checkpoint=sft_checkpoint)
-    data = prepare_rl_problems(endpoint=endpoint, max_problems=checked.max_problems,
-                               eval_problems=checked.eval_problems, seed=checked.seed)
+    data = prepare_rl_problems(endpoint=endpoint, **prepare.rl_data_settings(checked))
     eval_data = prepare_chat_eval_data(endpoint=endpoint, tasks=checked.eval_tasks)
     rl_checkpoint, training = train_rl_model(config=checked, sft_checkpoint=sft_checkpoint, data=data,
                                              environment=environment)

@@ -23,8 +23,8 @@ from flytekit.types.directory import FlyteDirectory
 
 from nanochat_flyte.config import RunConfig
 from nanochat_flyte.data.prepare import ShardJob, plan_jobs, prepare_shard
-from nanochat_flyte.model.checkpoint import CHECKPOINT_FILE, CONFIG_FILE
-from nanochat_flyte.pipeline import evaluate, prepare, setup, train
+from nanochat_flyte.model.checkpoint import CONFIG_FILE
+from nanochat_flyte.pipeline import evaluate, prepare, secrets, setup, train
 from nanochat_flyte.pipeline.finish import finish_base_run
 from workflows.image import IMAGE
 from workflows.support import (
@@ -56,8 +56,8 @@ def setup_environment(config: RunConfig, resume_from: str, world_size: int = 1
     """Validate the config for world_size GPUs (and the checkpoint to resume), probe the data and the CORE bundle,
     and report the machine, before any download or GPU time. Also says whether the final checkpoint gets a CORE
     score, and gives the data tasks' config (their cache key: prepare.data_config)."""
-    export_secret(HF_SECRET, "HF_TOKEN")
-    export_secret(WANDB_SECRET, "WANDB_API_KEY")  # the report says whether W&B can log in
+    export_secret(secrets.HF)
+    export_secret(secrets.WANDB)  # the report says whether W&B can log in
     config = setup.base_run(config, resume_from, world_size)
     return config, setup.describe_machine(deck), config.core_enabled, prepare.data_config(config)
 
@@ -68,7 +68,7 @@ def setup_environment(config: RunConfig, resume_from: str, world_size: int = 1
 def prepare_tokenizer(tokenizer: str, data_url: str, num_shards: int, bpe_vocab_size: int,
                       bpe_train_chars: int) -> FlyteDirectory:
     """GPT-2's identity, or our own BPE trained on the train shards. Cached: training a BPE takes a while."""
-    export_secret(HF_SECRET, "HF_TOKEN")
+    export_secret(secrets.HF)
     out_dir = Path(current_context().working_directory) / "tokenizer"
     return FlyteDirectory(str(prepare.tokenizer(tokenizer, data_url, num_shards, bpe_vocab_size, bpe_train_chars,
                                                 out_dir)))
@@ -78,7 +78,7 @@ def prepare_tokenizer(tokenizer: str, data_url: str, num_shards: int, bpe_vocab_
       cache=Cache(version=DATA_CACHE_VERSION))
 @one_line_user_errors
 def plan_data_shards(config: RunConfig, tokenizer_dir: FlyteDirectory) -> list[ShardJob]:
-    export_secret(HF_SECRET, "HF_TOKEN")  # with only_needed_shards, shard 0 is downloaded here
+    export_secret(secrets.HF)  # with only_needed_shards, shard 0 is downloaded here
     return plan_jobs(config, Path(tokenizer_dir.download()))
 
 
@@ -89,7 +89,7 @@ def plan_data_shards(config: RunConfig, tokenizer_dir: FlyteDirectory) -> list[S
       cache=Cache(version=DATA_CACHE_VERSION, ignored_inputs=("tokenizer_dir",)))
 @one_line_user_errors
 def prepare_data_shard(job: ShardJob, tokenizer_dir: FlyteDirectory) -> FlyteDirectory:
-    export_secret(HF_SECRET, "HF_TOKEN")
+    export_secret(secrets.HF)
     out_dir = Path(current_context().working_directory) / job.name
     prepare_shard(job, Path(tokenizer_dir.download()), out_dir)
     return FlyteDirectory(str(out_dir))
@@ -123,15 +123,14 @@ def download_and_prepare_data(config: RunConfig) -> tuple[FlyteDirectory, dict]:
 def train_base_model(config: RunConfig, data: FlyteDirectory, environment: dict, resume_from: str
                      ) -> tuple[FlyteDirectory, dict]:
     """Train, continuing (in this order) a previous attempt of this task, the checkpoint `resume_from`, or nothing."""
-    export_secret(WANDB_SECRET, "WANDB_API_KEY")
+    export_secret(secrets.WANDB)
     checkpoint_dir = Path(current_context().working_directory) / "checkpoint"
     try:
         with retried_on_storage_errors():
             summary = train.base_model(config, Path(data.download()), checkpoint_dir, environment, resume_from,
                                        FlytekitAttempts(), deck)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C in a local run (flytekit raises SystemExit): say how to go on
-        saved = Path(config.save_to) if config.save_to and "://" not in config.save_to else checkpoint_dir
-        if (saved / CHECKPOINT_FILE).exists():
+        if saved := train.last_save(config, checkpoint_dir):
             config_file, resume_from = shlex.quote(str(saved / CONFIG_FILE)), shlex.quote(str(saved))
             print(f"resume with: pyflyte run workflows/nanochat.py main --config {config_file} "
                   f"--resume_from {resume_from}", flush=True)
@@ -145,7 +144,7 @@ def train_base_model(config: RunConfig, data: FlyteDirectory, environment: dict,
 @one_line_user_errors
 def evaluate_base_model(config: RunConfig, checkpoint: FlyteDirectory, bundle_url: str, max_per_task: int) -> dict:
     """The CORE score of the trained base model (core_eval.py), with its per-task table."""
-    export_secret(WANDB_SECRET, "WANDB_API_KEY")
+    export_secret(secrets.WANDB)
     return evaluate.base_model(config, checkpoint_location(checkpoint), bundle_url, max_per_task, deck)
 
 

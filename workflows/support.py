@@ -135,13 +135,14 @@ def is_local_run() -> bool:
     return FlyteContextManager.current_context().execution_state.is_local_execution()
 
 
-def export_secret(secret: Secret, env_var: str) -> None:
+def export_secret(secret: SecretName) -> None:
     """Put a Flyte secret into the environment variable the library reads; a missing secret is no error."""
+    declared = declared_secret(secret)
     try:
-        value = current_context().secrets.get(secret.group, secret.key)
+        value = current_context().secrets.get(declared.group, declared.key)
     except ValueError:
         return
-    os.environ[env_var] = value
+    os.environ[secret.env_var] = value
 
 
 # What the reference run used: one T4 with 8 CPUs and 32 GiB. Disk: ~6 GB of tokens for 50 shards, ~1 GB per
@@ -186,7 +187,7 @@ def retried_on_storage_errors():
         raise FlyteRecoverableException(f"{type(error).__name__}: {error}") from error
 
 
-# How every training task (pretraining, SFT) is declared. Interruptible: a spot T4 is a third of the price; a
+# How every training task (pretraining, SFT, RL) is declared. Interruptible: a spot T4 is a third of the price; a
 # preempted attempt resumes from the intra-task checkpoint.
 TRAINING_TASK = dict(container_image=IMAGE, secret_requests=[WANDB_SECRET], interruptible=True, retries=3,
                      enable_deck=True, **TRAINING_RESOURCES)

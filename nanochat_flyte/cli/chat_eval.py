@@ -10,15 +10,15 @@ JSON object on its last line. HumanEval runs model-written code, only in the san
 
 import json
 
-from nanochat_flyte.cli.usage import ArgumentParser
-from nanochat_flyte.config import CHAT_EVAL_TASKS, ChatConfig
+from nanochat_flyte.cli.usage import ArgumentParser, add_checkpoint_flag, add_device_flag, int_at_least
+from nanochat_flyte.config import CHAT_EVAL_TASKS, HUMANEVAL_MODES, ChatConfig
 from nanochat_flyte.data.chat_data import load_eval_items
 from nanochat_flyte.evaluation.chat_eval import (
     TABLE_HEADER,
     chat_notes,
     chat_table_rows,
     evaluate_chat,
-    humaneval_skip_reason,
+    require_sandbox,
 )
 from nanochat_flyte.inference.engine import Engine
 from nanochat_flyte.reporting.report import markdown_grid
@@ -26,24 +26,24 @@ from nanochat_flyte.reporting.report import markdown_grid
 
 def main(argv: list[str] | None = None) -> dict:
     parser = ArgumentParser("chat-eval", __doc__)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or fsspec URI (s3://, gs://, ...)")
+    add_checkpoint_flag(parser)
     parser.add_argument("--tasks", default=",".join(CHAT_EVAL_TASKS), help="comma-separated, from: %(default)s")
-    parser.add_argument("--max-per-task", type=int, default=0, help="a fixed, seeded subset of N items per task; "
-                                                                    "0 = all")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts scored or decoded together")
-    parser.add_argument("--max-tokens", type=int, default=ChatConfig.eval_max_tokens,
+    parser.add_argument("--max-per-task", type=int_at_least(0), default=0,
+                        help="a fixed, seeded subset of N items per task; 0 = all")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=8, help="prompts scored or decoded together")
+    parser.add_argument("--max-tokens", type=int_at_least(1), default=ChatConfig.eval_max_tokens,
                         help="generation budget per GSM8K/HumanEval answer")
-    parser.add_argument("--humaneval", default="auto", choices=("auto", "on", "off"),
+    parser.add_argument("--humaneval", default="auto", choices=HUMANEVAL_MODES,
                         help="runs model-written code in a sandbox; auto: only where the sandbox works here")
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
-    parser.add_argument("--seed", type=int, default=42)
+    add_device_flag(parser)
+    parser.add_argument("--seed", type=int_at_least(0), default=42)
     args = parser.parse_args(argv)
     config = ChatConfig(eval_tasks=args.tasks, eval_max_per_task=args.max_per_task, eval_batch_size=args.batch_size,
                         eval_max_tokens=args.max_tokens, humaneval=args.humaneval, device=args.device,
                         seed=args.seed).validate()  # one line naming the field, before anything is loaded
     tasks = config.eval_task_list
-    if "humaneval" in tasks:
-        humaneval_skip_reason(args.humaneval)  # `on` without a sandbox fails here, not after the other tasks
+    if "humaneval" in tasks and args.humaneval == "on":
+        require_sandbox()  # without a sandbox: fails here, not after the other tasks
 
     engine = Engine.from_checkpoint(args.checkpoint, device=args.device)
     print(f"chat eval: {args.checkpoint}: a {engine.phase} checkpoint on {engine.device}, {engine.precision.name}",

@@ -12,21 +12,26 @@ from pathlib import Path
 
 from nanochat_flyte.cli.usage import ArgumentParser
 from nanochat_flyte.config import ChatConfig, RLConfig, load_config
-from nanochat_flyte.data.chat_data import prepared_manifest
+from nanochat_flyte.data.chat_data import check_hub_endpoint, prepared_manifest
 from nanochat_flyte.data.download import default_cache_dir, local_path
 from nanochat_flyte.errors import ConfigError
-from nanochat_flyte.model.checkpoint import check_save_to, fetch_checkpoint, read_checkpoint_json
-from nanochat_flyte.pipeline.prepare import CHAT_DATA_VERSION
+from nanochat_flyte.model.checkpoint import (
+    MODEL_CONFIG_FILE,
+    check_save_to,
+    fetch_checkpoint,
+    read_checkpoint_json,
+    require_checkpoint,
+)
+from nanochat_flyte.pipeline.prepare import CHAT_DATA_VERSION, RL_DATA_FIELDS, SFT_DATA_FIELDS
 from nanochat_flyte.reporting.environment import environment_report
 from nanochat_flyte.reporting.tracking import RUN_INFO_FILE
 from nanochat_flyte.schema import parse_override
-from nanochat_flyte.training.loop import check_resumed_stage, distributed_env
+from nanochat_flyte.training.loop import check_out_dir, check_resumed_stage, distributed_env
 
 DATA_WAIT_S = 3600  # other ranks wait this long for local rank 0 to prepare the data (a full SmolTalk download)
 FETCHED_FILE = "fetched_from.json"  # in a downloaded start checkpoint: its URI, written once the download is complete
-SFT_DATA_KEYS = ("hf_endpoint", "smoltalk_epochs", "mmlu_epochs", "gsm8k_epochs", "max_conversations",
-                 "val_conversations", "seed")
-RL_DATA_KEYS = ("hf_endpoint", "max_problems", "eval_problems", "seed")
+SFT_DATA_KEYS = ("hf_endpoint", *SFT_DATA_FIELDS)  # what decides a stage's data: its cache folder's key
+RL_DATA_KEYS = ("hf_endpoint", *RL_DATA_FIELDS)
 
 
 def stage_arguments(command: str, doc: str, kind: type[ChatConfig] | type[RLConfig], start_flag: str,
@@ -70,57 +75,76 @@ def once_per_node(is_done: Callable[[], bool], work: Callable[[], object], what:
         time.sleep(5)
 
 
-def fetched_once_per_node(source: str, local_dir: Path) -> Path:
+def fetched_once_per_node(source: str, local_dir: Path, owner: str) -> Path:
     """The checkpoint to start from as a local directory: a local path in place; a URI downloaded into local_dir by
     one rank per node (ranks fetching into one folder together would overwrite each other's half-written files).
     A folder that holds the same URI's complete download already is reused."""
     if local_path(source) is not None:
         return fetch_checkpoint(source, local_dir)
-    marker = local_dir / FETCHED_FILE  # written last: the download is complete
+    marker = local_dir / FETCHED_FILE  # written first, and again with "complete" once the download is
+    if local_dir.is_dir() and any(local_dir.iterdir()) and not marker.is_file():
+        raise ConfigError("out_dir", f"{local_dir}, where the start checkpoint is downloaded to, holds files this "
+                                     "command did not put there: move them, or choose another out_dir", owner)
 
     def fetched() -> bool:
-        return marker.is_file() and json.loads(marker.read_text()).get("source") == source
+        return marker.is_file() and json.loads(marker.read_text()) == {"source": source, "complete": True}
 
     def fetch() -> None:
+        require_checkpoint(source)  # before the folder's earlier download goes
         shutil.rmtree(local_dir, ignore_errors=True)  # another source's files must not mix with this one's
+        local_dir.mkdir(parents=True)
+        marker.write_text(json.dumps({"source": source, "complete": False}))
         fetch_checkpoint(source, local_dir)
-        marker.write_text(json.dumps({"source": source}))
+        marker.write_text(json.dumps({"source": source, "complete": True}))
 
     once_per_node(fetched, fetch, f"{local_dir} from {source}")
     return local_dir
 
 
-def check_resumed_data(resume_dir: Path, config: ChatConfig | RLConfig, keys: tuple[str, ...]) -> None:
-    """Fail before any download when the checkpoint to continue was trained on other data: its saved position in
-    the stream would name other examples. The data settings are read from its run_info.json (where it has one)."""
+def check_resumed_run(resume_dir: Path, config: ChatConfig | RLConfig, data_keys: tuple[str, ...],
+                      start_checkpoint: str, start_field: str, stage: str) -> None:
+    """Fail before any download when the checkpoint to continue holds another model than the start checkpoint (its
+    weights would not load), or was trained on other data (its saved position in the stream would name other
+    examples). Its data settings are read from its run_info.json, where it has one."""
+    resumed, start = (read_checkpoint_json(path, MODEL_CONFIG_FILE) or {} for path in (resume_dir, start_checkpoint))
+    differ = [f"{key} {start[key]} against {resumed[key]}" for key in sorted(resumed.keys() & start.keys())
+              if key != "sequence_len" and resumed[key] != start[key]]  # (the context is a data setting's to name)
+    if differ:
+        raise ConfigError(start_field, f"{start_checkpoint} holds another model than the checkpoint being resumed, "
+                                       f"{resume_dir}: {', '.join(differ)}", stage)
     info = read_checkpoint_json(resume_dir, RUN_INFO_FILE) or {}
     saved = info.get("chat_config" if isinstance(config, ChatConfig) else "rl_config") or {}
-    for key in keys:
+    for key in data_keys:
         if key in saved and key != "hf_endpoint" and saved[key] != getattr(config, key):  # (a mirror is the same data)
             raise ConfigError(key, f"{getattr(config, key)!r} differs from {saved[key]!r} in the checkpoint being "
                                    f"resumed ({resume_dir}); a resumed run keeps its data", type(config).__name__)
 
 
 def run_stage(config: ChatConfig | RLConfig, start_checkpoint: str, args,
-              check: Callable[[ChatConfig | RLConfig, Path], object],
+              check: Callable[[ChatConfig | RLConfig, str], object],
               prepare: Callable[[ChatConfig | RLConfig, Path], object], train: Callable[..., dict]) -> dict:
-    """What the SFT and RL CLIs do once their arguments are checked: check --data-dir and --resume-dir, fetch the
-    checkpoint they start from and check(config, it) (the stage's batch against its model and context) and save_to,
-    prepare the hub data into a cache folder (one rank per node) unless --data-dir names prepared data, train, print
-    the summary."""
+    """What the SFT and RL CLIs do once their arguments are checked. First what can fail in one line: --data-dir,
+    --out-dir (a folder with a checkpoint in it is continued, never overwritten), --resume-dir, check(config, the
+    start checkpoint) (the stage's batch against its model and context), save_to, and the hub where data is to be
+    prepared. Then fetch the start checkpoint and prepare the hub data into a cache folder (one rank per node)
+    unless --data-dir names prepared data; train; print the summary."""
     rank = distributed_env()[0]
     sft = isinstance(config, ChatConfig)
     stage, data_keys = ("chat_sft", SFT_DATA_KEYS) if sft else ("chat_rl", RL_DATA_KEYS)
     if args.data_dir:  # data named by the user is used as it is, never prepared into
         prepared_manifest(args.data_dir, stage)
+    check_out_dir(args.out_dir, args.resume_dir, stage)
     if args.resume_dir:
         check_resumed_stage(args.resume_dir, "chat" if sft else "rl")
-        check_resumed_data(args.resume_dir, config, data_keys)
-    out_dir = args.out_dir.resolve()  # (`--out-dir .` has no name to derive a sibling's from)
-    start_dir = fetched_once_per_node(start_checkpoint, out_dir.with_name(out_dir.name + "_start"))
-    check(config, start_dir)  # before the hub data's download: a batch that does not fit fails in seconds
+        check_resumed_run(args.resume_dir, config, data_keys, start_checkpoint,
+                          "base_checkpoint" if sft else "sft_checkpoint", stage)
+    check(config, start_checkpoint)  # before any download: a batch that does not fit fails in seconds
     check_save_to(config.save_to, type(config).__name__)
     data_dir = args.data_dir or data_cache_dir("sft_data" if sft else "rl_data", config, data_keys)
+    if not (data_dir / "manifest.json").exists():
+        check_hub_endpoint(config)
+    out_dir = args.out_dir.resolve()  # (`--out-dir .` has no name to derive a sibling's from)
+    start_dir = fetched_once_per_node(start_checkpoint, out_dir.with_name(out_dir.name + "_start"), stage)
     once_per_node((data_dir / "manifest.json").exists, lambda: prepare(config, data_dir), f"the data in {data_dir}")
     summary = train(config, start_dir, data_dir, args.out_dir, resume_dir=args.resume_dir,
                     env_report=environment_report() if rank == 0 else None)

@@ -11,8 +11,8 @@ unless --data-dir names prepared problems.
 from nanochat_flyte.cli.chat_stage import run_stage, stage_arguments
 from nanochat_flyte.config import RLConfig
 from nanochat_flyte.data.chat_data import prepare_rl_data
+from nanochat_flyte.model.checkpoint import checkpoint_run_config
 from nanochat_flyte.training.rl import check_sft_checkpoint, rl_run_config, train_rl
-from nanochat_flyte.training.sft import checkpoint_run_config
 
 
 def main(argv: list[str] | None = None) -> dict:

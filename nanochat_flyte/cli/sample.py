@@ -11,7 +11,7 @@ import argparse
 import math
 
 from nanochat_flyte.cli.terminal import shown
-from nanochat_flyte.cli.usage import ArgumentParser, add_compile_flag
+from nanochat_flyte.cli.usage import ArgumentParser, add_checkpoint_flag, add_compile_flag, add_device_flag
 from nanochat_flyte.errors import UserError
 from nanochat_flyte.inference.engine import Engine, SamplingParams
 
@@ -43,12 +43,12 @@ def temperature_flag(text: str) -> float:
 def add_sampling_flags(parser: argparse.ArgumentParser, max_tokens: int, temperature: float, temperature_help: str
                        ) -> None:
     """The flags every sampling front end takes (sample, chat), each checked before the model loads."""
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or fsspec URI (s3://, gs://, ...)")
+    add_checkpoint_flag(parser)
     parser.add_argument("--max-tokens", type=int, default=max_tokens)
     parser.add_argument("--temperature", type=temperature_flag, default=temperature, help=temperature_help)
     parser.add_argument("--top-k", type=int, default=50, help="0 = the whole vocabulary")
     parser.add_argument("--seed", type=seed_flag, default=42)
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
+    add_device_flag(parser)
     add_compile_flag(parser)
 
 

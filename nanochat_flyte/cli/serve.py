@@ -21,7 +21,7 @@ import os
 
 import uvicorn
 
-from nanochat_flyte.cli.usage import ArgumentParser, add_compile_flag
+from nanochat_flyte.cli.usage import ArgumentParser, add_checkpoint_flag, add_compile_flag, add_device_flag
 from nanochat_flyte.inference.engine import Engine
 from nanochat_flyte.inference.serve import (
     API_KEY_ENV,
@@ -37,7 +37,7 @@ from nanochat_flyte.inference.serve import (
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser("serve", __doc__)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or fsspec URI (s3://, gs://, ...)")
+    add_checkpoint_flag(parser)
     parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (the default) is reachable from this "
                                                             "machine only; 0.0.0.0 exposes the server")
     parser.add_argument("--port", type=int, default=8000)
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds a connection has to send a request's headers, and again its body "
                              "(default: %(default)s)")
     parser.add_argument("--model-name", help="the model id in responses (default: from the checkpoint path)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
+    add_device_flag(parser)
     add_compile_flag(parser)
     args = parser.parse_args(argv)
     for flag, value in (("--max-concurrent", args.max_concurrent), ("--max-connections", args.max_connections),

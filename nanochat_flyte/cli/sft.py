@@ -11,7 +11,8 @@ unless --data-dir names prepared data.
 from nanochat_flyte.cli.chat_stage import run_stage, stage_arguments
 from nanochat_flyte.config import ChatConfig
 from nanochat_flyte.data.chat_data import prepare_sft_data
-from nanochat_flyte.training.sft import checkpoint_run_config, sft_run_config, train_chat
+from nanochat_flyte.model.checkpoint import checkpoint_run_config
+from nanochat_flyte.training.sft import sft_run_config, train_chat
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from nanochat_flyte.cli.usage import ArgumentParser
 from nanochat_flyte.config import RunConfig, load_config
-from nanochat_flyte.model.checkpoint import CONFIG_FILE
+from nanochat_flyte.model.checkpoint import CHECKPOINT_FILE, CONFIG_FILE
 from nanochat_flyte.reporting.environment import environment_report
 from nanochat_flyte.schema import parse_override
-from nanochat_flyte.training.loop import distributed_env
+from nanochat_flyte.training.loop import check_out_dir, distributed_env
 from nanochat_flyte.training.pretrain import check_resume, train
 
 
@@ -33,13 +33,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     rank = distributed_env()[0]
     config = load_config(args.config, **dict(parse_override(item, RunConfig) for item in args.overrides)).validate()
+    check_out_dir(args.out_dir, args.resume_dir, "train")
     if args.resume_dir:
         check_resume(config, args.resume_dir, "resume_dir", "train")
     try:
         summary = train(config, args.data_dir, args.out_dir, resume_dir=args.resume_dir,
                         env_report=environment_report() if rank == 0 else None)
     except (KeyboardInterrupt, SystemExit):
-        if rank == 0 and (args.out_dir / "checkpoint.pt").exists():
+        if rank == 0 and (args.out_dir / CHECKPOINT_FILE).exists():
             out_dir = shlex.quote(str(args.out_dir))
             print(f"resume with: nanochat train --config {shlex.quote(str(args.out_dir / CONFIG_FILE))} "
                   f"--data-dir {shlex.quote(str(args.data_dir))} --out-dir {out_dir} --resume-dir {out_dir}",

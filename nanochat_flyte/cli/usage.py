@@ -9,7 +9,9 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from nanochat_flyte.errors import is_user_error, user_message
+from nanochat_flyte.config import DEVICES
+from nanochat_flyte.errors import ConfigError, is_user_error, user_message
+from nanochat_flyte.model.device import select_device
 
 USAGE_ERROR_EXIT = 2  # argparse's status for a usage error
 
@@ -25,6 +27,37 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(USAGE_ERROR_EXIT, f"error: {message} (see {self.prog} --help)\n")
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= minimum, else argparse's one line naming the flag."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def add_checkpoint_flag(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint for the commands that load a trained model."""
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or fsspec URI (s3://, gs://, ...)")
+
+
+def available_device(name: str) -> str:
+    """An argparse type: a device torch sees here (auto: the best one), else one line naming --device."""
+    try:
+        select_device(name)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(error.problem) from None
+    return name
+
+
+def add_device_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", type=available_device, help=f"one of {', '.join(DEVICES)}")
 
 
 def add_compile_flag(parser: argparse.ArgumentParser) -> None:

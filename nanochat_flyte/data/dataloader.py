@@ -57,10 +57,13 @@ class TokenLoader:
                 "num_windows": self.num_windows}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "seq_len", "num_windows"):
+        # each saved fact, and where the user sets it
+        for key, (field, owner) in (("seed", ("seed", "RunConfig")), ("seq_len", ("max_seq_len", "RunConfig")),
+                                    ("num_windows", ("data_dir", "train"))):
             if state[key] != getattr(self, key):
-                raise ValueError(f"loader state was saved with {key}={state[key]}, this loader has "
-                                 f"{getattr(self, key)}: the data order would not continue where it stopped")
+                raise ConfigError(field, f"the checkpoint being resumed was trained with {key} {state[key]}, this run "
+                                         f"has {getattr(self, key)}: the data would not continue where it stopped",
+                                  owner)
         self._stop_prefetch()
         self.windows_consumed = state["windows_consumed"]
 
@@ -145,13 +148,17 @@ class TokenLoader:
         self._stop_prefetch()
 
 
-def shard_files(data_dir: Path, split: str) -> list[Path]:
-    """The shards of one split ("train" or "val") listed in data_dir/manifest.json, in manifest order."""
+def data_manifest(data_dir: Path) -> dict:
+    """data_dir/manifest.json: what a prepared data directory holds (data/prepare.py writes it)."""
     if not (data_dir / "manifest.json").exists():  # written last: without it the directory is partial, or not one
         raise FileNotFoundError(f"{data_dir} is not a prepared data directory: it has no manifest.json, which "
                                 "`nanochat prepare` writes when it is done")
-    manifest = json.loads((data_dir / "manifest.json").read_text())
-    files = [data_dir / entry["file"] for entry in manifest[split]]
+    return json.loads((data_dir / "manifest.json").read_text())
+
+
+def shard_files(data_dir: Path, split: str) -> list[Path]:
+    """The shards of one split ("train" or "val") listed in data_dir/manifest.json, in manifest order."""
+    files = [data_dir / entry["file"] for entry in data_manifest(data_dir)[split]]
     if not files:
         raise ValueError(f"{data_dir / 'manifest.json'} lists no {split} shards")
     return files

@@ -35,6 +35,7 @@ from nanochat_flyte.data.download import (
     source_key,
     write_bytes_atomically,
 )
+from nanochat_flyte.errors import ConfigError
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DOWNLOAD_WORKERS = 4  # parquet files of one split fetched at once (SmolTalk's train split has a few)
@@ -44,7 +45,10 @@ ROWS_PER_BATCH = 1024  # rows turned into Python objects at once: a few MB, wher
 
 def hub_endpoint(explicit: str = "") -> str:
     """The hub to ask: `explicit`, else $HF_ENDPOINT, else https://huggingface.co; without a trailing slash."""
-    return (explicit or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    endpoint = explicit or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
+    if not endpoint.startswith(("http://", "https://")):  # (the config field is checked with the config)
+        raise ConfigError("HF_ENDPOINT", f"must be an http(s) URL, got {endpoint!r}", "environment")
+    return endpoint.rstrip("/")
 
 
 def listing_url(repo: str, subset: str, split: str, endpoint: str = "") -> str:

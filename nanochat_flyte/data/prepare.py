@@ -101,6 +101,10 @@ def build_tokenizer(config, out_dir: Path, cache_dir: Path | None = None) -> Pat
     print(f"bpe: training a {config.bpe_vocab_size}-token tokenizer on up to {config.bpe_train_chars:,} "
           f"characters of train text", flush=True)
     enc = train_bpe(iter_train_texts(config, cache_dir), config.bpe_vocab_size)
+    if enc.n_vocab < config.bpe_vocab_size:  # the text ran out of pairs to merge first
+        raise ConfigError("bpe_train_chars", f"{config.bpe_train_chars:,} characters of train text taught "
+                                             f"{enc.n_vocab:,} of the {config.bpe_vocab_size:,} tokens asked for: give "
+                                             "more text, or a smaller bpe_vocab_size")
     print(f"bpe: trained in {time.time() - start:.0f}s", flush=True)
     return save_tokenizer(enc, out_dir)
 
@@ -197,6 +201,13 @@ def link_or_copy(source: Path, target: Path) -> None:
     os.replace(temp, target)
 
 
+def check_eval_tokens(config, val: dict) -> None:
+    """val: the validation shard's stats. Every evaluation reads eval_tokens of it."""
+    if val["tokens"] < config.eval_tokens:
+        raise ConfigError("eval_tokens", f"{config.eval_tokens:,} is more than the {val['tokens']:,} tokens of "
+                                         f"validation shard {val['shard']}")
+
+
 def merge_prepared(config, parts: list[Path], tokenizer_dir: Path, out_dir: Path) -> dict:
     """Gather the per-shard outputs of prepare_shard into one data directory and write manifest.json.
     Every input is checked before anything is written. The parts are left as they are: in a local Flyte run they
@@ -219,9 +230,7 @@ def merge_prepared(config, parts: list[Path], tokenizer_dir: Path, out_dir: Path
             raise ValueError(f"no {split} shard among the {len(parts)} prepared parts")
         shards.sort(key=lambda stats: stats["shard"])
     (val,) = splits["val"]
-    if val["tokens"] < config.eval_tokens:
-        raise ConfigError("eval_tokens", f"{config.eval_tokens:,} is more than the {val['tokens']:,} tokens of "
-                                         f"validation shard {val['shard']}")
+    check_eval_tokens(config, val)
 
     # A data directory is whole once its manifest is written, last: one being merged again has none meanwhile, so
     # a merge that fails halfway leaves a directory that training refuses, not old shards under a new tokenizer.
@@ -230,7 +239,8 @@ def merge_prepared(config, parts: list[Path], tokenizer_dir: Path, out_dir: Path
         (out_dir / file).parent.mkdir(parents=True, exist_ok=True)
         link_or_copy(source, out_dir / file)
     if Path(tokenizer_dir).resolve() != (out_dir / "tokenizer").resolve():
-        shutil.copytree(tokenizer_dir, out_dir / "tokenizer", dirs_exist_ok=True)
+        shutil.rmtree(out_dir / "tokenizer", ignore_errors=True)  # no file of another tokenizer stays beside it
+        shutil.copytree(tokenizer_dir, out_dir / "tokenizer")
     info = json.loads((out_dir / "tokenizer" / "tokenizer.json").read_text())
     # Compression: text bytes per token, not counting the one <|endoftext|> per document.
     tokenizer = {"name": info["name"], "vocab_size": info["vocab_size"], "eot_id": info["eot_id"],
@@ -282,19 +292,25 @@ def plan_jobs(config, tokenizer_dir: Path, cache_dir: Path | None = None) -> lis
 
 
 def prepare_data(config, out_dir: Path, cache_dir: Path | None = None) -> dict:
-    """The whole data stage in this process: tokenizer, parallel downloads, tokenization, merge -> manifest."""
+    """The whole data stage in this process: tokenizer, the validation shard (checked against eval_tokens before any
+    train shard), the train shards' parallel downloads and tokenization, merge -> manifest. Until the merge all of
+    it goes under out_dir/parts: a prepare that fails leaves the data directory that was there whole."""
     out_dir = Path(out_dir)
-    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # until merge_prepared writes the new one (it says why)
-    tokenizer_dir = build_tokenizer(config, out_dir / "tokenizer", cache_dir)
-    enc = load_tokenizer(tokenizer_dir)
     parts_dir = out_dir / "parts"
-    jobs = plan_shards(config, tokenizer_id(enc))
-    parts = []
+    try:
+        parts_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError("out_dir", f"cannot create {str(out_dir)!r}: {error.strerror}", "prepare") from None
+    tokenizer_dir = build_tokenizer(config, parts_dir / "tokenizer", cache_dir)
+    enc = load_tokenizer(tokenizer_dir)
+    *train_jobs, val_job = plan_shards(config, tokenizer_id(enc))
+    parts = prepare_jobs(config, [val_job], enc, parts_dir, cache_dir)
+    check_eval_tokens(config, json.loads((parts[0] / STATS_FILE).read_text()))
     if config.only_needed_shards:  # shard 0's size tells how many shards the run needs
-        parts = prepare_jobs(config, jobs[:1], enc, parts_dir, cache_dir)
-        first_shard_tokens = json.loads((parts[0] / STATS_FILE).read_text())["tokens"]
-        jobs = plan_shards(config, tokenizer_id(enc), first_shard_tokens)[1:]
-    parts += prepare_jobs(config, jobs, enc, parts_dir, cache_dir)
+        parts += prepare_jobs(config, train_jobs[:1], enc, parts_dir, cache_dir)
+        first_shard_tokens = json.loads((parts[-1] / STATS_FILE).read_text())["tokens"]
+        train_jobs = plan_shards(config, tokenizer_id(enc), first_shard_tokens)[1:-1]
+    parts += prepare_jobs(config, train_jobs, enc, parts_dir, cache_dir)
     manifest = merge_prepared(config, parts, tokenizer_dir, out_dir)
     shutil.rmtree(parts_dir)
     return manifest

@@ -28,7 +28,7 @@ from pathlib import Path
 import tiktoken
 import torch
 
-from nanochat_flyte.config import CHAT_EVAL_TASKS
+from nanochat_flyte.config import CHAT_EVAL_TASKS, HUMANEVAL_MODES
 from nanochat_flyte.data.chat_data import read_jsonl
 from nanochat_flyte.data.conversation import render_prompt
 from nanochat_flyte.errors import ConfigError
@@ -170,20 +170,25 @@ def fixed_subset(items: list[dict], max_items: int, seed: int) -> list[dict]:
     return [items[index] for index in sorted(random.Random(seed).sample(range(len(items)), max_items))]
 
 
+def require_sandbox(owner: str = "ChatConfig") -> None:
+    """For `humaneval: on`: one line, naming the humaneval field of `owner` (the config class that set it), where
+    the sandbox for model-written code does not work."""
+    available, why = sandbox_available()
+    if not available:
+        raise ConfigError("humaneval", f"on, but the sandbox for model-written code does not work here: {why}",
+                          owner)
+
+
 def humaneval_skip_reason(mode: str, owner: str = "ChatConfig") -> str | None:
-    """Why HumanEval will not run (None: it runs). `on` where the sandbox does not work is an error, of the
-    humaneval field of `owner` (the config class that set it)."""
-    if mode not in ("auto", "on", "off"):
-        raise ConfigError("humaneval", f"must be auto, on or off, got {mode!r}", owner)
+    """Why HumanEval will not run (None: it runs); `on` without a sandbox is an error (require_sandbox)."""
+    if mode not in HUMANEVAL_MODES:
+        raise ConfigError("humaneval", f"must be one of {', '.join(HUMANEVAL_MODES)}, got {mode!r}", owner)
+    if mode == "on":
+        require_sandbox(owner)
     if mode == "off":
         return "humaneval is off"
     available, why = sandbox_available()
-    if available:
-        return None
-    if mode == "on":
-        raise ConfigError("humaneval", f"on, but the sandbox for model-written code does not work here: {why}",
-                          owner)
-    return f"no sandbox for model-written code here: {why}"
+    return None if available else f"no sandbox for model-written code here: {why}"
 
 
 def evaluate_chat(engine: Engine, items_by_task: dict[str, list[dict]], *, max_per_task: int = 0,

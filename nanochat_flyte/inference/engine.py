@@ -65,7 +65,7 @@ class SamplingParams:
         if not isinstance(self.temperature, int | float) or not 0 <= self.temperature < math.inf:
             raise ValueError(f"temperature: must be a finite number >= 0, got {self.temperature!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
-            raise ValueError(f"top_k: must be None or an integer >= 0, got {self.top_k!r}")
+            raise ValueError(f"top_k: must be an integer >= 0 (0: the whole vocabulary), got {self.top_k!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed: must be an integer, got {self.seed!r}")
         if not all(isinstance(stop, str) and stop for stop in self.stop):

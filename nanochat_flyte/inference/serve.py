@@ -190,13 +190,16 @@ def parse_chat_request(state: ServerState, raw: bytes) -> ChatRequest:
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise ApiError(400, "stream_options: must be an object", "stream_options")
+    include_usage = stream_options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise ApiError(400, "stream_options.include_usage: must be true or false", "stream_options")
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", DEFAULT_TEMPERATURE, 0, 2, integer=False),
         top_k=_number(body, "top_k", DEFAULT_TOP_K, 0, engine.tokenizer.n_vocab, integer=True) or None,
         seed=_number(body, "seed", secrets.randbelow(2**31), -2**63, 2**63 - 1, integer=True),
         stop=tuple(stop))
-    return ChatRequest(prompt, params, bool(stream), bool(stream_options.get("include_usage")))
+    return ChatRequest(prompt, params, bool(stream), include_usage)
 
 
 async def read_body(state: ServerState, http: HttpRequest) -> bytes:

@@ -18,6 +18,7 @@ import numpy as np
 import tiktoken
 import torch
 
+from nanochat_flyte.config import RunConfig
 from nanochat_flyte.data.download import local_path, write_atomically
 from nanochat_flyte.data.tokenizer import load_tokenizer
 from nanochat_flyte.errors import ConfigError
@@ -174,6 +175,20 @@ class LoadedModel:
     tokenizer: tiktoken.Encoding
     config: GPTConfig
     phase: str  # "base" (continues text) or "chat" (fine-tuned on conversations)
+
+
+def checkpoint_run_config(checkpoint: str | Path) -> RunConfig:
+    """The RunConfig the training loop of a checkpoint (a directory or URI) ran with."""
+    saved = read_checkpoint_json(checkpoint, CONFIG_FILE) or load_checkpoint(checkpoint)["config"]
+    return RunConfig.from_mapping(saved)
+
+
+def read_training_state(checkpoint: str | Path, field: str, owner: str) -> dict:
+    """training_state.json of the checkpoint (a directory or URI) given as owner.field; one line if it has none."""
+    state = read_checkpoint_json(checkpoint, TRAINING_STATE_FILE)
+    if state is None:
+        raise ConfigError(field, f"{checkpoint} is not a checkpoint directory (no {TRAINING_STATE_FILE})", owner)
+    return state
 
 
 def checkpoint_phase(checkpoint_dir: Path) -> str:

@@ -5,14 +5,14 @@ that trained it, and shows its table on a card.
 
 from pathlib import Path
 
-from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
+from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig, task_list
 from nanochat_flyte.data.download import DownloadError
 from nanochat_flyte.errors import UserError
 from nanochat_flyte.evaluation.bundle import BundleError, load_bundle
 from nanochat_flyte.evaluation.chat_eval import chat_metrics, chat_table_html, evaluate_chat, read_eval_items
 from nanochat_flyte.evaluation.core import core_log_metrics, core_table_html, score_core
 from nanochat_flyte.inference.engine import Engine
-from nanochat_flyte.model.checkpoint import CONFIG_FILE, TRAINING_STATE_FILE, load_model, read_checkpoint_json
+from nanochat_flyte.model.checkpoint import TRAINING_STATE_FILE, checkpoint_run_config, load_model, read_checkpoint_json
 from nanochat_flyte.model.device import select_device, select_precision
 from nanochat_flyte.pipeline import Show
 from nanochat_flyte.reporting.tracking import log_evaluation
@@ -52,11 +52,11 @@ def chat_model(config: ChatConfig, checkpoint: str, eval_data: Path, tasks: str,
     """ARC-Easy, ARC-Challenge, MMLU, GSM8K and HumanEval (in the sandbox, where it works), and ChatCORE. Every
     setting that changes the scores is an argument of its own (chat_settings); `config` brings the rest."""
     engine = Engine.from_checkpoint(checkpoint, device=config.device)
-    items = read_eval_items(eval_data, ChatConfig(eval_tasks=tasks).eval_task_list)
+    items = read_eval_items(eval_data, task_list(tasks))
     result = evaluate_chat(engine, items, max_per_task=max_per_task, batch_size=config.eval_batch_size,
                            max_tokens=max_tokens, humaneval=humaneval, seed=seed)
     state = read_checkpoint_json(checkpoint, TRAINING_STATE_FILE)
-    run_config = RunConfig.from_mapping(read_checkpoint_json(checkpoint, CONFIG_FILE))
+    run_config = checkpoint_run_config(checkpoint)
     # into the W&B run of the training that made the checkpoint (SFT's or RL's)
     result["wandb_url"] = log_evaluation(run_config, checkpoint, state["steps_completed"], chat_metrics(result),
                                          {"chatcore": result["chatcore"]}, phase=state.get("stage", engine.phase))

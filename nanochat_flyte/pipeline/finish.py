@@ -12,7 +12,7 @@ from pathlib import Path
 from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
 from nanochat_flyte.evaluation.chat_eval import chat_table_markdown
 from nanochat_flyte.evaluation.core import core_table_markdown
-from nanochat_flyte.model.checkpoint import CONFIG_FILE, publish_checkpoint, read_checkpoint_json
+from nanochat_flyte.model.checkpoint import checkpoint_run_config, publish_checkpoint
 from nanochat_flyte.reporting.report import write_run_report
 from nanochat_flyte.reporting.results import aggregate_results, chat_results, write_results
 
@@ -40,7 +40,7 @@ def finish_chat_run(config: ChatConfig | RLConfig, start_checkpoint: str, traini
                     environment: dict, checkpoint: str, report_dir: Path, *, local: bool) -> dict:
     """The results JSON and report card (with the chat evaluation table) of SFT or RL; returns the results."""
     results = chat_results(config.to_dict(), start_checkpoint, training, evaluation, checkpoint)
-    run_config = RunConfig.from_mapping(read_checkpoint_json(checkpoint, CONFIG_FILE))
+    run_config = checkpoint_run_config(checkpoint)
     write_run_report(checkpoint, report_dir, run_config, environment, training,
                      evaluations=(chat_table_markdown(evaluation),))
     publish(results, report_dir, config.save_to, local)

@@ -5,7 +5,7 @@ into the directory its front gives it, and takes as inputs exactly what decides 
 
 from pathlib import Path
 
-from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
+from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig, task_list
 from nanochat_flyte.data.chat_data import prepare_eval_data, prepare_rl_data, prepare_sft_data
 from nanochat_flyte.data.prepare import build_tokenizer, merge_prepared
 from nanochat_flyte.pipeline import Show
@@ -15,6 +15,8 @@ from nanochat_flyte.reporting.report import data_deck_html
 DATA_VERSION = "2"  # 2: tokenizer directories carry their ranks and the chat tokens
 # Bump when the prepared conversations or evaluation items change format.
 CHAT_DATA_VERSION = "2"  # 2: GSM8K solutions keep their calculations, as tool calls
+SFT_DATA_FIELDS = ("smoltalk_epochs", "mmlu_epochs", "gsm8k_epochs", "max_conversations", "val_conversations", "seed")
+RL_DATA_FIELDS = ("max_problems", "eval_problems", "seed")
 SHARD_CONCURRENCY = 8  # shard tasks at once: enough to saturate the hub, few enough not to be rate-limited
 # What the pretraining data tasks read: the data's source and tokenizer, and the run's length (it sets the shards
 # only_needed_shards prepares, and the epochs the manifest reports). Not the run's name, rates or W&B settings.
@@ -43,23 +45,32 @@ def collect_data(config: RunConfig, parts: list[Path], tokenizer_dir: Path, out_
     return manifest
 
 
-def chat_sft_data(endpoint: str, smoltalk_epochs: float, mmlu_epochs: float, gsm8k_epochs: float,
-                  max_conversations: int, val_conversations: int, seed: int, out_dir: Path) -> Path:
-    """The SFT mixture (train.jsonl) and the held-out validation conversations (val.jsonl), from the hub."""
-    prepare_sft_data(ChatConfig(hf_endpoint=endpoint, smoltalk_epochs=smoltalk_epochs, mmlu_epochs=mmlu_epochs,
-                                gsm8k_epochs=gsm8k_epochs, max_conversations=max_conversations,
-                                val_conversations=val_conversations, seed=seed), out_dir)
+def sft_data_settings(config: ChatConfig) -> dict:
+    """What decides the SFT data besides the hub endpoint: the data task's inputs (and so its cache key), and what
+    a resumed run must keep."""
+    return {field: getattr(config, field) for field in SFT_DATA_FIELDS}
+
+
+def rl_data_settings(config: RLConfig) -> dict:
+    """What decides RL's problems besides the hub endpoint."""
+    return {field: getattr(config, field) for field in RL_DATA_FIELDS}
+
+
+def chat_sft_data(endpoint: str, out_dir: Path, **settings) -> Path:
+    """The SFT mixture (train.jsonl) and the held-out validation conversations (val.jsonl), from the hub; settings:
+    sft_data_settings."""
+    prepare_sft_data(ChatConfig(hf_endpoint=endpoint, **settings), out_dir)
     return out_dir
 
 
-def rl_problems(endpoint: str, max_problems: int, eval_problems: int, seed: int, out_dir: Path) -> Path:
-    """RL's GSM8K problems: train.jsonl (to learn from) and val.jsonl (the validation pass@1), from the hub."""
-    prepare_rl_data(RLConfig(hf_endpoint=endpoint, max_problems=max_problems, eval_problems=eval_problems, seed=seed),
-                    out_dir)
+def rl_problems(endpoint: str, out_dir: Path, **settings) -> Path:
+    """RL's GSM8K problems: train.jsonl (to learn from) and val.jsonl (the validation pass@1), from the hub;
+    settings: rl_data_settings."""
+    prepare_rl_data(RLConfig(hf_endpoint=endpoint, **settings), out_dir)
     return out_dir
 
 
 def chat_eval_data(endpoint: str, tasks: str, out_dir: Path) -> Path:
     """The evaluation sets (<task>.jsonl), so that the GPU task downloads nothing."""
-    prepare_eval_data(ChatConfig(eval_tasks=tasks).eval_task_list, out_dir, endpoint)
+    prepare_eval_data(task_list(tasks), out_dir, endpoint)
     return out_dir

@@ -8,16 +8,15 @@ from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
 from nanochat_flyte.data.chat_data import check_hub_endpoint
 from nanochat_flyte.data.download import check_data_url
 from nanochat_flyte.data.hub import hub_endpoint
-from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.evaluation.bundle import check_bundle_url
-from nanochat_flyte.evaluation.chat_eval import humaneval_skip_reason
-from nanochat_flyte.model.checkpoint import TRAINING_STATE_FILE, check_save_to, read_checkpoint_json
+from nanochat_flyte.evaluation.chat_eval import require_sandbox
+from nanochat_flyte.model.checkpoint import check_save_to, checkpoint_run_config, read_training_state
 from nanochat_flyte.pipeline import Show
 from nanochat_flyte.reporting.environment import environment_report, format_report
 from nanochat_flyte.reporting.report import environment_deck_html
 from nanochat_flyte.training.pretrain import check_resume
 from nanochat_flyte.training.rl import check_sft_checkpoint, rl_run_config
-from nanochat_flyte.training.sft import checkpoint_run_config, sft_run_config
+from nanochat_flyte.training.sft import sft_run_config
 
 
 def base_run(config: RunConfig, resume_from: str, world_size: int = 1) -> RunConfig:
@@ -55,9 +54,7 @@ def chat_stage(config: ChatConfig, base_checkpoint: str) -> tuple[ChatConfig, st
     """SFT's config, checked against the base checkpoint (a directory or URI) it starts from; the hub probed.
     Returns the config and the hub endpoint the data tasks use."""
     config = config.validate()
-    if read_checkpoint_json(base_checkpoint, TRAINING_STATE_FILE) is None:
-        raise ConfigError("base_checkpoint", f"{base_checkpoint} is not a checkpoint directory (no "
-                                             f"{TRAINING_STATE_FILE})", "chat_sft")
+    read_training_state(base_checkpoint, "base_checkpoint", "chat_sft")
     sft_run_config(config, checkpoint_run_config(base_checkpoint))  # the batch fits the base run's model and context
     return config, probe_stage(config)
 
@@ -76,7 +73,7 @@ def probe_stage(config: ChatConfig | RLConfig) -> str:
     for model-written code on this machine (the kind of node that evaluates). Returns the hub endpoint."""
     check_save_to(config.save_to, type(config).__name__)
     if config.humaneval == "on" and "humaneval" in config.eval_task_list:
-        humaneval_skip_reason("on", type(config).__name__)  # raises, naming the field, where no sandbox works
+        require_sandbox(type(config).__name__)
     check_hub_endpoint(config)
     return hub_endpoint(config.hf_endpoint)
 

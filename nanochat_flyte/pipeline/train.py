@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Protocol
 
 from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
-from nanochat_flyte.model.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, fetch_checkpoint, read_checkpoint_json
+from nanochat_flyte.data.download import local_path
+from nanochat_flyte.model.checkpoint import CHECKPOINT_FILE, checkpoint_run_config, fetch_checkpoint
 from nanochat_flyte.pipeline import Show
 from nanochat_flyte.reporting.report import training_deck_html
 from nanochat_flyte.training.loop import distributed_env
@@ -43,6 +44,13 @@ def resume_previous_attempt(attempts: AttemptCheckpoint, checkpoint_dir: Path) -
     return checkpoint_dir
 
 
+def last_save(config: RunConfig, checkpoint_dir: Path) -> Path | None:
+    """Where an interrupted pretraining run's last checkpoint is on this machine, to resume from: a local save_to
+    copy (the task's own folder may go with it), else checkpoint_dir; None before the first save."""
+    saved = (local_path(config.save_to) if config.save_to else None) or checkpoint_dir
+    return saved if (saved / CHECKPOINT_FILE).exists() else None
+
+
 def base_model(config: RunConfig, data_dir: Path, checkpoint_dir: Path, environment: dict, resume_from: str,
                attempts: AttemptCheckpoint, show: Show) -> dict:
     """Pretrain into checkpoint_dir, continuing (in this order) the previous attempt, the checkpoint `resume_from`
@@ -65,7 +73,7 @@ def chat_stage(config: ChatConfig | RLConfig, start_dir: Path, data_dir: Path, c
     summary = (train_rl if rl else train_chat)(config, start_dir, data_dir, checkpoint_dir,
                                                resume_dir=resume_previous_attempt(attempts, checkpoint_dir),
                                                on_save=attempts.save, env_report=environment)
-    run_config = RunConfig.from_mapping(read_checkpoint_json(checkpoint_dir, CONFIG_FILE))
+    run_config = checkpoint_run_config(checkpoint_dir)
     show("Reinforcement learning" if rl else "Fine-tuning",
          training_deck_html(checkpoint_dir, run_config, environment, summary))
     return summary

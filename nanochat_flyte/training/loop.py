@@ -37,9 +37,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from nanochat_flyte.config import CUDA_GRAPH_COMPILE_MODES, RunConfig
+from nanochat_flyte.data.tokenizer import load_tokenizer, tokenizer_id
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.model.checkpoint import (
     CONFIG_FILE,
+    MODEL_CONFIG_FILE,
     TOKENIZER_DIR,
     TRAINING_STATE_FILE,
     check_save_to,
@@ -251,7 +253,8 @@ class Phase:
     tokenizer_dir: Path  # copied into the checkpoint: a checkpoint carries its tokenizer
 
     def batches(self, batch_size: int, device: torch.device, rank: int, world_size: int, state: dict | None):
-        """An iterator of (inputs, targets) micro-batches with state_dict(), close() and .epoch, resumed at state."""
+        """An iterator of the micro-batches loss() takes ((inputs, targets); RL adds advantages), with state_dict(),
+        close() and .epoch, resumed at state."""
         raise NotImplementedError
 
     def evaluate(self, model: torch.nn.Module, batch_size: int, device: torch.device, precision: Precision) -> float:
@@ -299,6 +302,7 @@ class Trainer:
     def __init__(self, config: RunConfig, phase: Phase, out_dir: Path, *, resume_dir: Path | None = None,
                  on_save: Callable[[Path], None] | None = None, env_report: dict | None = None):
         self.phase, self.out_dir, self.on_save, self.env_report = phase, Path(out_dir), on_save, env_report
+        check_out_dir(self.out_dir, resume_dir)
         local_rank = self.join_ranks(config)
         self.build_model(config)
         self.make_out_dir(config)
@@ -348,6 +352,7 @@ class Trainer:
         """Load the weights, optimizers, scaler, loop state and RNG states saved in resume_dir. Returns the config
         (with the resumed run's name where it had none) and the data loader's saved position."""
         check_resumed_stage(resume_dir, self.phase.stage)
+        self.check_same_model(resume_dir)
         checkpoint = load_checkpoint(resume_dir)
         if config.num_iterations < checkpoint["step"]:  # the loop would never reach its last step
             raise ConfigError("num_iterations", f"{config.num_iterations} is fewer than the {checkpoint['step']} "
@@ -377,6 +382,21 @@ class Trainer:
             # continue in out_dir from the saved directory: metrics, samples and the W&B run id come along
             shutil.copytree(resume_dir, self.out_dir, dirs_exist_ok=True)
         return config, checkpoint["loader"]
+
+    def check_same_model(self, resume_dir: Path) -> None:
+        """The checkpoint to continue holds this run's model (shape and vocabulary) and was trained with its
+        tokenizer: another's weights would fail to load, or load and read other token ids."""
+        saved = read_checkpoint_json(resume_dir, MODEL_CONFIG_FILE) or {}
+        # (the context is the data loader's to check: it names the field that sets it)
+        differ = [f"{key} {saved[key]} (this run: {value})" for key, value in self.model.config.to_dict().items()
+                  if key in saved and key != "sequence_len" and saved[key] != value]
+        if differ:
+            raise ConfigError("resume_dir", f"{resume_dir} holds another model: {', '.join(differ)}", "Trainer")
+        if (resume_dir / TOKENIZER_DIR).is_dir() and (tokenizer_id(load_tokenizer(resume_dir / TOKENIZER_DIR))
+                                                      != tokenizer_id(self.phase.tokenizer)):
+            raise ConfigError("resume_dir", f"{resume_dir} was trained with another tokenizer than this run's "
+                                            f"({self.phase.tokenizer_dir}): its token ids would mean other text",
+                              "Trainer")
 
     def wrap_model(self, local_rank: int) -> None:
         """torch.compile where it applies, then DDP over the ranks: `trained` is what the steps run."""
@@ -617,6 +637,18 @@ class Trainer:
 
 
 STAGE_CONFIGS = {"base": "RunConfig", "chat": "ChatConfig", "rl": "RLConfig"}  # where a user sets a stage's fields
+
+
+def check_out_dir(out_dir: Path, resume_dir: Path | None, owner: str = "Trainer") -> None:
+    """A run writes its checkpoint into a folder that holds none, or continues the one there: a new run would
+    overwrite another's weights, config and records (and a resume command would then mix the two)."""
+    out_dir = Path(out_dir)
+    state = read_checkpoint_json(out_dir, TRAINING_STATE_FILE) if out_dir.is_dir() else None
+    continued = resume_dir is not None and Path(resume_dir).resolve() == out_dir.resolve()
+    if state is not None and not continued:
+        raise ConfigError("out_dir", f"{out_dir} already holds a checkpoint (step {state.get('steps_completed')}); "
+                                     "continue it with resume_dir (--resume-dir) set to it, or choose another folder",
+                          owner)
 
 
 def check_resumed_stage(checkpoint_dir: str | Path, stage: str) -> None:

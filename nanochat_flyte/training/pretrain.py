@@ -8,7 +8,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from nanochat_flyte.config import RunConfig
-from nanochat_flyte.data.dataloader import TokenLoader, shard_files, validation_tokens
+from nanochat_flyte.data.dataloader import TokenLoader, data_manifest, shard_files, validation_tokens
 from nanochat_flyte.data.tokenizer import load_tokenizer, token_byte_lengths
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.evaluation.bpb import evaluate_bpb
@@ -35,6 +35,21 @@ SAMPLE_PROMPTS = (
 )
 
 
+def check_data_fits(config: RunConfig, manifest: dict, data_dir: Path) -> None:
+    """The prepared data is what the config asks for: its tokenizer (data prepared for another run would train
+    silently on other token ids) and enough validation tokens for eval_tokens."""
+    tokenizer = manifest["tokenizer"]
+    kind = "gpt2" if tokenizer["name"] == "gpt2" else "bpe"
+    if kind != config.tokenizer or (kind == "bpe" and tokenizer["vocab_size"] != config.bpe_vocab_size):
+        raise ConfigError("tokenizer", f"{config.tokenizer}"
+                                       f"{f' of {config.bpe_vocab_size:,} tokens' if config.tokenizer == 'bpe' else ''}"
+                                       f", but the data in {data_dir} was tokenized by {kind} of "
+                                       f"{tokenizer['vocab_size']:,} tokens: prepare it for this config")
+    if manifest["val_tokens"] < config.eval_tokens:
+        raise ConfigError("eval_tokens", f"{config.eval_tokens:,} is more than the {manifest['val_tokens']:,} "
+                                         f"validation tokens in {data_dir}")
+
+
 class Pretraining(Phase):
     """Next-token prediction on the data directory's train shards; validation bits per byte on its val shard."""
 
@@ -45,6 +60,7 @@ class Pretraining(Phase):
         if not self.data_dir.is_dir():
             raise ConfigError("data_dir", f"no such folder {str(self.data_dir)!r} (a prepared data directory: "
                                           "nanochat prepare)", "train")
+        check_data_fits(config, data_manifest(self.data_dir), self.data_dir)
         self.tokenizer_dir = self.data_dir / TOKENIZER_DIR
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         self.val_tokens = validation_tokens(self.data_dir, config.eval_tokens)
@@ -96,8 +112,8 @@ class Pretraining(Phase):
 
 
 # What a resumed run must share with the run it continues: the model's shape and the data stream's order.
-RESUME_KEEPS = ("depth", "residual_scalars", "max_seq_len", "tokenizer", "bpe_vocab_size", "seed", "data_url",
-                "num_shards", "val_shard", "only_needed_shards")
+RESUME_KEEPS = ("depth", "residual_scalars", "max_seq_len", "tokenizer", "bpe_vocab_size", "bpe_train_chars", "seed",
+                "data_url", "num_shards", "val_shard", "only_needed_shards")
 
 
 def check_resume(config: RunConfig, checkpoint: str | Path, field: str = "resume_from", owner: str = "main") -> dict:

@@ -38,11 +38,11 @@ from nanochat_flyte.data.tokenizer import load_tokenizer
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.evaluation.chat_eval import generate, score_gsm8k
 from nanochat_flyte.inference.engine import Completion, Engine, SamplingParams
-from nanochat_flyte.model.checkpoint import TOKENIZER_DIR, TRAINING_STATE_FILE, load_checkpoint, read_checkpoint_json
+from nanochat_flyte.model.checkpoint import TOKENIZER_DIR, checkpoint_run_config, load_checkpoint, read_training_state
 from nanochat_flyte.model.device import EvalBatches, Precision
 from nanochat_flyte.model.gpt import GPT
 from nanochat_flyte.training.loop import Phase, Trainer, distributed_env
-from nanochat_flyte.training.sft import chat_samples, checkpoint_run_config
+from nanochat_flyte.training.sft import chat_samples
 
 
 def gsm8k_reward(item: dict, answer: str) -> float:
@@ -50,10 +50,15 @@ def gsm8k_reward(item: dict, answer: str) -> float:
     return float(score_gsm8k([answer], [item])[0] is True)
 
 
+SEED_STRIDE = 1_000_003  # a prime past 8 epochs of GSM8K's answers (7,473 x 16 each): runs of neighbouring seeds
+#                          sample their answers from seeds of their own
+SEED_RANGE = 2**62  # within what torch.Generator.manual_seed takes
+
+
 def sampling_seed(seed: int, problem: int, sample: int, num_samples: int) -> int:
     """Each answer's own seed, from the run's seed and its place in the problem stream: the same answers on a
     resume, in any batch, and on every rank count."""
-    return (seed * 1_000_003 + problem * num_samples + sample) % 2**62
+    return (seed * SEED_STRIDE + problem * num_samples + sample) % SEED_RANGE
 
 
 @dataclass
@@ -276,25 +281,13 @@ def rl_run_config(rl: RLConfig, sft: RunConfig) -> RunConfig:
         raise ConfigError("device_batch_size", f"the {answers} answers of a step (examples_per_step x num_samples) "
                                                f"are not a whole number of micro-batches of {device_batch_size} on "
                                                f"each of {world_size} ranks", "RLConfig")
-    rates = {field: (getattr(rl, field) or getattr(sft, field)) * rl.init_lr_frac
-             for field in ("embedding_lr", "unembedding_lr", "matrix_lr")}
-    return dataclasses.replace(
-        sft, run_name=rl.run_name or f"{sft.run_name}_rl", seed=rl.seed, device_batch_size=device_batch_size,
-        total_batch_size=answers * sft.max_seq_len, **rates, scalar_lr=sft.scalar_lr * rl.init_lr_frac,
-        num_iterations=rl.num_iterations or 1, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0,
-        weight_decay=rl.weight_decay, grad_clip=rl.grad_clip, eval_every=rl.eval_every,
-        sample_every=rl.sample_every, sample_max_tokens=rl.sample_max_tokens, sample_temperature=0.0,
-        save_every=rl.save_every, device=rl.device, dtype=rl.dtype, compile=rl.compile,
-        wandb_project=rl.wandb_project, wandb_entity=rl.wandb_entity, wandb_mode=rl.wandb_mode, save_to=rl.save_to,
-        evaluate_core=False, core_metric_every=0)
+    return rl.loop_config(sft, "rl", device_batch_size=device_batch_size, total_batch_size=answers * sft.max_seq_len,
+                          warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
 
 
 def check_sft_checkpoint(checkpoint: str | Path) -> None:
     """Fail in one line unless `checkpoint` (a directory or URI) is a chat checkpoint: RL needs the chat format."""
-    state = read_checkpoint_json(checkpoint, TRAINING_STATE_FILE)
-    if state is None:
-        raise ConfigError("sft_checkpoint", f"{checkpoint} is not a checkpoint directory (no {TRAINING_STATE_FILE})",
-                          "chat_rl")
+    state = read_training_state(checkpoint, "sft_checkpoint", "chat_rl")
     if state.get("phase") != "chat":
         raise ConfigError("sft_checkpoint", f"{checkpoint} is a {state.get('phase')} checkpoint; RL starts from a "
                                             "chat (SFT) checkpoint, which knows the chat format", "chat_rl")

@@ -35,7 +35,7 @@ from nanochat_flyte.data.packing import (
 from nanochat_flyte.data.tokenizer import load_tokenizer
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.inference.engine import Engine, SamplingParams
-from nanochat_flyte.model.checkpoint import CONFIG_FILE, TOKENIZER_DIR, load_checkpoint, read_checkpoint_json
+from nanochat_flyte.model.checkpoint import TOKENIZER_DIR, checkpoint_run_config, load_checkpoint
 from nanochat_flyte.training.loop import Phase, Trainer, distributed_env
 
 CHAT_SAMPLE_PROMPTS = (
@@ -116,31 +116,15 @@ def chat_samples(engine: Engine, config: RunConfig) -> list[dict[str, str]]:
             for text, completion in zip(CHAT_SAMPLE_PROMPTS, engine.generate_batch(prompts, params))]
 
 
-def checkpoint_run_config(checkpoint_dir: Path) -> RunConfig:
-    """The RunConfig the training loop of a checkpoint ran with."""
-    return RunConfig.from_mapping(read_checkpoint_json(checkpoint_dir, CONFIG_FILE)
-                                  or load_checkpoint(checkpoint_dir)["config"])
-
-
 def sft_run_config(chat: ChatConfig, base: RunConfig) -> RunConfig:
     """The training loop's config for SFT: the base run's context, batch and learning rates where `chat` leaves
     them at 0, the rates scaled by init_lr_frac. With chat.num_iterations 0, num_iterations is 1 until train_chat
     knows how many steps one epoch of the rendered conversations takes."""
-    inherit = {field: getattr(chat, field) or getattr(base, field)
-               for field in ("max_seq_len", "device_batch_size", "total_batch_size", "embedding_lr", "unembedding_lr",
-                             "matrix_lr")}
-    inherit["scalar_lr"] = base.scalar_lr  # the residual scalars (if the model has them) follow the base run too
-    for rate in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr"):
-        inherit[rate] *= chat.init_lr_frac
-    config = dataclasses.replace(
-        base, run_name=chat.run_name or f"{base.run_name}_sft", seed=chat.seed, **inherit,
-        num_iterations=chat.num_iterations or 1, warmup_ratio=chat.warmup_ratio, warmdown_ratio=chat.warmdown_ratio,
-        final_lr_frac=chat.final_lr_frac, weight_decay=chat.weight_decay, grad_clip=chat.grad_clip,
-        eval_every=chat.eval_every, eval_tokens=max(base.eval_tokens, inherit["max_seq_len"] + 1),
-        sample_every=chat.sample_every, sample_max_tokens=chat.sample_max_tokens, sample_temperature=0.0,
-        save_every=chat.save_every, device=chat.device, dtype=chat.dtype, compile=chat.compile,
-        wandb_project=chat.wandb_project, wandb_entity=chat.wandb_entity, wandb_mode=chat.wandb_mode,
-        save_to=chat.save_to, evaluate_core=False, core_metric_every=0)  # CORE scores base models
+    batch = {field: getattr(chat, field) or getattr(base, field)
+             for field in ("max_seq_len", "device_batch_size", "total_batch_size")}
+    config = chat.loop_config(base, "sft", **batch, warmup_ratio=chat.warmup_ratio,
+                              warmdown_ratio=chat.warmdown_ratio, final_lr_frac=chat.final_lr_frac,
+                              eval_tokens=max(base.eval_tokens, batch["max_seq_len"] + 1))
     try:
         config.grad_accum_steps(distributed_env()[2])
     except ConfigError as error:  # name the ChatConfig field the user can change

@@ -41,15 +41,17 @@ from workflows.presets import REFERENCE_CHAT_CONFIG, REFERENCE_CONFIG, REFERENCE
 def prepare_chat_sft_data(endpoint: str, smoltalk_epochs: float, mmlu_epochs: float, gsm8k_epochs: float,
                           max_conversations: int, val_conversations: int, seed: int) -> Dir:
     """The SFT mixture (train.jsonl) and the held-out validation conversations (val.jsonl), from the hub."""
-    return upload(prepare.chat_sft_data(endpoint, smoltalk_epochs, mmlu_epochs, gsm8k_epochs, max_conversations,
-                                        val_conversations, seed, work_dir("sft_data")))
+    return upload(prepare.chat_sft_data(
+        endpoint, work_dir("sft_data"), smoltalk_epochs=smoltalk_epochs, mmlu_epochs=mmlu_epochs,
+        gsm8k_epochs=gsm8k_epochs, max_conversations=max_conversations, val_conversations=val_conversations, seed=seed))
 
 
 @data_env.task(cache=CHAT_DATA_CACHE)
 @one_line_user_errors
 def prepare_rl_problems(endpoint: str, max_problems: int, eval_problems: int, seed: int) -> Dir:
     """RL's GSM8K problems: train.jsonl (to learn from) and val.jsonl (the validation pass@1), from the hub."""
-    return upload(prepare.rl_problems(endpoint, max_problems, eval_problems, seed, work_dir("rl_data")))
+    return upload(prepare.rl_problems(endpoint, work_dir("rl_data"), max_problems=max_problems,
+                                      eval_problems=eval_problems, seed=seed))
 
 
 @data_env.task(cache=CHAT_DATA_CACHE)
@@ -118,8 +120,7 @@ def fine_tune(config: ChatConfig, base_checkpoint: Dir) -> ChatOutputs:
     """checks (in the driver) -> data (CPU, cached) -> SFT -> chat evaluation -> results."""
     config, endpoint = setup.chat_stage(config, base_checkpoint.path)
     environment = describe_training_node(printed=not is_local_run())  # locally, pretraining printed it
-    data = prepare_chat_sft_data(endpoint, config.smoltalk_epochs, config.mmlu_epochs, config.gsm8k_epochs,
-                                 config.max_conversations, config.val_conversations, config.seed)
+    data = prepare_chat_sft_data(endpoint, **prepare.sft_data_settings(config))
     eval_data = prepare_chat_eval_data(endpoint, config.eval_tasks)
     chat_checkpoint, training = train_chat_model(config, base_checkpoint, data, environment)
     evaluation = evaluate_chat_model(config, chat_checkpoint, eval_data, **evaluate.chat_settings(config))
@@ -132,7 +133,7 @@ def reinforce(config: RLConfig, sft_checkpoint: Dir) -> RLOutputs:
     results."""
     config, endpoint = setup.rl_stage(config, sft_checkpoint.path)
     environment = describe_training_node(printed=not is_local_run())
-    data = prepare_rl_problems(endpoint, config.max_problems, config.eval_problems, config.seed)
+    data = prepare_rl_problems(endpoint, **prepare.rl_data_settings(config))
     eval_data = prepare_chat_eval_data(endpoint, config.eval_tasks)
     rl_checkpoint, training = train_rl_model(config, sft_checkpoint, data, environment)
     evaluation = evaluate_chat_model(config.chat_eval_config(), rl_checkpoint, eval_data,

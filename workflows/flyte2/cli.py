@@ -33,11 +33,13 @@ def read_configs_strictly(convert):
         if not (isinstance(value, str) and isinstance(kind, type) and issubclass(kind, StrictConfig)):
             return convert(self, value, param, ctx)
         try:
-            values = json.loads(value) if value.lstrip().startswith("{") else kind.read_preset(value)
+            values = json.loads(value) if value.lstrip().startswith(("{", "[")) else kind.read_preset(value)
             if isinstance(values, dict):
                 values = {**(self._default_dict() or {}), **values}
             return kind.from_mapping(values).validate()
-        except (ConfigError, json.JSONDecodeError) as error:
+        except json.JSONDecodeError as error:
+            fail(f"Invalid value for '--{param.name}': {kind.__name__}: not valid JSON: {error}")
+        except ConfigError as error:
             fail(f"Invalid value for '--{param.name}': {error}")
 
     return convert_strictly
