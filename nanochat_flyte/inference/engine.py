@@ -41,7 +41,7 @@ from nanochat_flyte.data.conversation import ChatTokens, normalize, render_promp
 from nanochat_flyte.data.tokenizer import EOT
 from nanochat_flyte.inference.calculator import calculate
 from nanochat_flyte.model.checkpoint import load_model
-from nanochat_flyte.model.device import Precision, select_device, select_precision
+from nanochat_flyte.model.device import Precision, compiled, select_device, select_precision
 from nanochat_flyte.model.gpt import GPT, KVCache
 
 STOP_TOKENS = ("<|assistant_end|>", EOT)  # the end of the assistant's turn; the end of the text
@@ -405,8 +405,7 @@ class Engine:
         self.model, self.tokenizer, self.precision, self.phase = model, tokenizer, precision, phase
         self.device = model.lm_head.weight.device
         self.compiled = compile
-        self.decode_model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode
-                                          ) if compile else model
+        self.decode_model = compiled(model, compile_mode) if compile else model
         replays = compile and compile_mode in CUDA_GRAPH_COMPILE_MODES
         self.cuda_graphs = replays and self.device.type == "cuda"
         # on a CPU such a mode replays no graphs, but its engine keeps the same storage (and so tests it there)

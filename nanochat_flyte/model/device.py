@@ -37,6 +37,11 @@ PEAK_FLOPS: dict[str, dict[str, float]] = {
 }
 
 
+def compiled(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """torch.compile in one of config.COMPILE_MODES; "default" is torch's own default mode."""
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
 def select_device(name: str = "auto") -> torch.device:
     """auto: cuda, else mps, else cpu. Asking for a device that is not there is an error, not a fallback."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}

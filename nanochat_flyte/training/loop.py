@@ -52,7 +52,7 @@ from nanochat_flyte.model.checkpoint import (
     save_checkpoint,
     write_json,
 )
-from nanochat_flyte.model.device import Precision, mfu, peak_flops, select_device, select_precision
+from nanochat_flyte.model.device import Precision, compiled, mfu, peak_flops, select_device, select_precision
 from nanochat_flyte.model.gpt import GPT, GPTConfig
 from nanochat_flyte.model.optim import apply_schedules, build_optimizers, lr_multiplier
 from nanochat_flyte.reporting.report import write_report
@@ -84,7 +84,8 @@ def train_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], 
                cuda_graphs: bool = False) -> StepResult:
     """Forward/backward over grad_accum_steps micro-batches (accumulate_gradients), then one step of every optimizer
     (apply_gradients). loss_of(model, batch) is a micro-batch's loss (next_token_loss, or RL's policy-gradient
-    loss).
+    loss). The Trainer calls the two halves itself: after an out-of-memory error it re-runs the first alone, at half
+    the device batch. The throughput benchmarks time the whole step through this function.
 
     The host waits for the GPU once per step: for the loss and the gradient norm together (with fp16, before the
     optimizers, which run only if the norm is finite). Every other wait leaves the GPU idle while the host catches up.
@@ -170,7 +171,7 @@ def compile_model(model: GPT, config: RunConfig, device: torch.device) -> torch.
     # compile pays off only on CUDA; on CPU its start-up time exceeds any gain in a run that fits a CPU
     if not (config.compile and device.type == "cuda"):
         return model
-    return torch.compile(model, mode=None if config.compile_mode == "default" else config.compile_mode)
+    return compiled(model, config.compile_mode)
 
 
 def uses_cuda_graphs(config: RunConfig, device: torch.device) -> bool:

@@ -32,17 +32,16 @@ import torch
 import torch.distributed as dist
 
 from nanochat_flyte.config import RLConfig, RunConfig
-from nanochat_flyte.data.chat_data import prepared_manifest, read_jsonl
-from nanochat_flyte.data.conversation import ChatTokens, render_prompt
-from nanochat_flyte.data.tokenizer import load_tokenizer
+from nanochat_flyte.data.chat_data import read_jsonl
+from nanochat_flyte.data.conversation import render_prompt
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.evaluation.chat_eval import generate, score_gsm8k
 from nanochat_flyte.inference.engine import Completion, Engine, SamplingParams
-from nanochat_flyte.model.checkpoint import TOKENIZER_DIR, checkpoint_run_config, load_checkpoint, read_training_state
+from nanochat_flyte.model.checkpoint import checkpoint_run_config, read_training_state
 from nanochat_flyte.model.device import EvalBatches, Precision
 from nanochat_flyte.model.gpt import GPT
-from nanochat_flyte.training.loop import Phase, Trainer, distributed_env
-from nanochat_flyte.training.sft import chat_samples
+from nanochat_flyte.training.loop import Trainer, distributed_env
+from nanochat_flyte.training.sft import ChatPhase, chat_samples
 
 
 def gsm8k_reward(item: dict, answer: str) -> float:
@@ -192,19 +191,16 @@ class Rollouts:
         return rollouts
 
 
-class ReinforcementLearning(Phase):
+class ReinforcementLearning(ChatPhase):
     """RL on GSM8K's training problems from an SFT checkpoint; validation pass@1 on GSM8K test problems."""
 
-    model_kind, stage, metric = "chat", "rl", "pass@1"
+    stage, metric = "rl", "pass@1"
     higher_is_better = True
 
     def __init__(self, config: RunConfig, rl: RLConfig, sft_dir: Path, data_dir: Path,
                  reward: Callable[[dict, str], float] = gsm8k_reward):
-        self.config, self.rl, self.sft_dir, self.reward = config, rl, Path(sft_dir), reward
-        self.tokenizer_dir = self.sft_dir / TOKENIZER_DIR
-        self.tokenizer = load_tokenizer(self.tokenizer_dir)
-        ChatTokens.of(self.tokenizer)  # a tokenizer without chat tokens fails here
-        self.manifest = prepared_manifest(data_dir, "chat_rl")
+        super().__init__(sft_dir, data_dir, "chat_rl")
+        self.config, self.rl, self.reward = config, rl, reward
         self.problems = read_jsonl(Path(data_dir) / "train.jsonl")
         self.val = read_jsonl(Path(data_dir) / "val.jsonl")
         self.epoch_order: dict[int, list[int]] = {}  # the current epoch's permutation, by its epoch
@@ -257,11 +253,8 @@ class ReinforcementLearning(Phase):
     def samples(self, model, precision):
         return chat_samples(self.engine, self.config)
 
-    def load_weights(self, model):
-        model.load_state_dict(load_checkpoint(self.sft_dir)["model"])
-
     def info(self):
-        return {"sft_checkpoint": str(self.sft_dir), "rl_config": self.rl.to_dict(),
+        return {"sft_checkpoint": str(self.start_dir), "rl_config": self.rl.to_dict(),
                 "rl_data": {key: self.manifest[key] for key in ("endpoint", "seed", "max_problems", "eval_problems")},
                 "training_problems": len(self.problems), "validation_problems": len(self.val)}
 

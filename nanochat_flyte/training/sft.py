@@ -46,17 +46,31 @@ CHAT_SAMPLE_PROMPTS = (
 )
 
 
-class FineTuning(Phase):
+class ChatPhase(Phase):
+    """A phase that starts from a checkpoint's weights and tokenizer and trains in the chat format, on data prepared
+    for it (chat_data): SFT from a base checkpoint, RL from a chat one."""
+
+    model_kind = "chat"
+
+    def __init__(self, start_dir: Path, data_dir: Path, data_kind: str):
+        self.start_dir = Path(start_dir)
+        self.tokenizer_dir = self.start_dir / TOKENIZER_DIR
+        self.tokenizer = load_tokenizer(self.tokenizer_dir)
+        ChatTokens.of(self.tokenizer)  # a tokenizer without chat tokens fails here, before any data is read
+        self.manifest = prepared_manifest(data_dir, data_kind)
+
+    def load_weights(self, model):
+        model.load_state_dict(load_checkpoint(self.start_dir)["model"])
+
+
+class FineTuning(ChatPhase):
     """Next-token prediction on the assistant's turns of the SFT mixture; validation loss on held-out ones."""
 
-    model_kind, stage, metric = "chat", "chat", "loss"
+    stage, metric = "chat", "loss"
 
     def __init__(self, config: RunConfig, chat_config: ChatConfig, base_dir: Path, data_dir: Path):
-        self.config, self.chat_config, self.base_dir = config, chat_config, Path(base_dir)
-        self.tokenizer_dir = self.base_dir / TOKENIZER_DIR
-        self.tokenizer = load_tokenizer(self.tokenizer_dir)
-        ChatTokens.of(self.tokenizer)  # a tokenizer without chat tokens fails here, before any data is rendered
-        self.manifest = prepared_manifest(data_dir, "chat_sft")
+        super().__init__(base_dir, data_dir, "chat_sft")
+        self.config, self.chat_config = config, chat_config
         row = config.max_seq_len + 1
         start = time.time()
         self.train = RenderedConversations(self.tokenizer, read_jsonl(Path(data_dir) / "train.jsonl"), row)
@@ -99,11 +113,8 @@ class FineTuning(Phase):
     def samples(self, model, precision):
         return chat_samples(Engine(model, self.tokenizer, precision, phase="chat"), self.config)
 
-    def load_weights(self, model):
-        model.load_state_dict(load_checkpoint(self.base_dir)["model"])
-
     def info(self):
-        return {"base_checkpoint": str(self.base_dir), "chat_config": self.chat_config.to_dict(),
+        return {"base_checkpoint": str(self.start_dir), "chat_config": self.chat_config.to_dict(),
                 "sft_data": {key: value for key, value in self.manifest.items() if key != "sources"},
                 "train_conversations": len(self.train), "trained_tokens": self.train.trained_tokens}
 
