@@ -19,6 +19,7 @@ from nanochat_flyte.schema import StrictConfig, at_least, fraction, non_negative
 
 HF_FINEWEB_EDU_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"  # nanochat's copy of DCLM's
+EVAL_BUNDLE_MAX_SHOTS = 10  # its tasks show up to 10 solved examples, drawn from the other items evaluated
 LAST_FINEWEB_EDU_SHARD = 1822  # shards are numbered 0..1822; the last one is held out for validation
 TOKENIZERS = ("gpt2", "bpe")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -156,6 +157,11 @@ class RunConfig(StrictConfig):
                 f"shard {self.val_shard} is also a train shard (train shards are 0..{self.num_shards - 1}); "
                 "validation must not overlap training",
             )
+        if (self.core_enabled and self.eval_bundle_url == EVAL_BUNDLE_URL
+                and 0 < self.core_max_per_task <= EVAL_BUNDLE_MAX_SHOTS):  # (another bundle is checked once read)
+            raise ConfigError("core_max_per_task", f"{self.core_max_per_task} items per task leave the CORE bundle's "
+                                                   f"{EVAL_BUNDLE_MAX_SHOTS}-shot prompts too few others to draw their "
+                                                   f"examples from: give at least {EVAL_BUNDLE_MAX_SHOTS + 1}, or 0")
         if self.tokenizer == "bpe" and not 265 <= self.bpe_vocab_size <= 65536:
             raise ConfigError("bpe_vocab_size", f"must be in 265..65536 (256 bytes + 9 special tokens, uint16 token "
                                                 f"files), got {self.bpe_vocab_size}")

@@ -44,6 +44,8 @@ def mapping_without_repeats(loader: YamlLoader, node: yaml.MappingNode) -> dict:
     """A mapping, refused where a key repeats (YAML forbids it; PyYAML would keep the last value without a word)."""
     seen = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *defaults`: construct_mapping merges it, and its keys may be overridden here
         key = loader.construct_object(key_node)
         if not isinstance(key, collections.abc.Hashable):
             break  # construct_mapping names that error

@@ -97,6 +97,11 @@ def test_the_sft_cli_trains_from_the_hub_and_refuses_a_bad_field_or_batch_before
                            capture_output=True, text=True, timeout=120)
     assert split.returncode == 2 and split.stderr.startswith("error: ChatConfig.total_batch_size: 1000 is not")
     assert split.stdout == ""  # no data prepared
+    missing = subprocess.run([sys.executable, "-m", "nanochat_flyte", "sft", "--base-checkpoint", str(tmp_path / "no"),
+                              "--out-dir", str(tmp_path / "z")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2
+    assert missing.stderr == (f"error: chat_sft.base_checkpoint: {tmp_path / 'no'} is not a checkpoint directory (no "
+                              "training_state.json)\n")
     (tmp_path / "here").mkdir()  # the same from `--out-dir .`: its start checkpoint goes beside the folder
     here = subprocess.run([sys.executable, "-m", "nanochat_flyte", "sft", "--base-checkpoint", str(base_checkpoint),
                            "--out-dir", ".", "seed=8", "total_batch_size=1000"], cwd=tmp_path / "here",

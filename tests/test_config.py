@@ -5,10 +5,12 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import yaml
 
 from nanochat_flyte.cli.config import main as config_main
 from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig, load_config
 from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.schema import YamlLoader
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -65,6 +67,7 @@ def test_empty_run_name_is_derived_from_depth_and_time():
     (dict(tokenizer="bpe", bpe_vocab_size=70000), "bpe_vocab_size"),
     (dict(warmup_ratio=0.9, warmdown_ratio=0.2), "warmdown_ratio"),
     (dict(tokenizer="bpe", bpe_train_chars=0), "bpe_train_chars"),
+    (dict(core_max_per_task=10), "core_max_per_task"),  # nanochat's bundle has 10-shot tasks
 ])
 def test_bad_values_name_their_field(changes, field):
     with pytest.raises(ConfigError) as error:
@@ -174,6 +177,7 @@ def test_numbers_and_text_are_read_as_yaml_12_and_as_written(tmp_path, capsys):
             written["embedding_lr"], written["seed"]) == ("2024_06_01", "runs/a #b", "", "123", 0.0002, 10)
     with pytest.raises(ConfigError, match=r"^RunConfig\.seed: must be an int, got '1:30'"):  # not 90 (base 60)
         config_main([str(CONFIGS / "smoke.yaml"), "seed=1:30"])
+    assert yaml.load("a: &x {b: 1}\nc:\n  <<: *x\n  b: 2\n", YamlLoader) == {"a": {"b": 1}, "c": {"b": 2}}  # merges
     preset.write_text("depth: 4\n12: 3\n")
     with pytest.raises(ConfigError, match=r"^RunConfig\.12: unknown field; field names are text"):
         RunConfig.from_file(preset)

@@ -19,6 +19,7 @@ import yaml
 from helpers import make_data_dir, tiny_config
 
 from nanochat_flyte.cli.core_eval import main
+from nanochat_flyte.cli.usage import run
 from nanochat_flyte.data.download import DownloadError
 from nanochat_flyte.data.tokenizer import gpt2_tokenizer, load_tokenizer, save_tokenizer, train_bpe
 from nanochat_flyte.errors import ConfigError
@@ -574,10 +575,12 @@ def test_a_wrong_checkpoint_fails_before_the_bundle_is_downloaded(bundle_dir, tm
     (["--max-per-task", "0"], "argument --max-per-task: must be an integer >= 1, got 0"),
     (["--batch-size", "many"], "argument --batch-size: must be an integer >= 1, got 'many'"),
     (["--device", "tpu"], "argument --device: unknown device 'tpu'; choose auto, cuda, mps or cpu"),
+    (["--max-per-task", "3"], "core-eval.max_per_task: 3 items per task leave mc_fewshot's 3-shot prompts too few "
+                              "others to draw their examples from: give at least 4, or 0 for every item"),
 ])
 def test_bad_arguments_get_one_line(checkpoint, bundle_dir, arguments, message, capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(["--checkpoint", str(checkpoint), "--bundle", str(bundle_dir), *arguments])
+        run(lambda: main(["--checkpoint", str(checkpoint), "--bundle", str(bundle_dir), *arguments]))
     error = capsys.readouterr().err
     assert exit_.value.code == 2 and message in error and error.count("\n") == 1
 

@@ -15,6 +15,7 @@ import msgpack
 import pytest
 
 from nanochat_flyte.config import RLConfig, RunConfig
+from nanochat_flyte.pipeline.evaluate import EVALUATION_VERSION
 from nanochat_flyte.pipeline.prepare import CHAT_DATA_VERSION, DATA_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +136,8 @@ def test_training_is_retried_and_never_cached_the_evaluations_are_cached_on_thei
     for name in ("evaluate_base_model", "evaluate_chat_model"):
         metadata = template_of(compiled, name)["metadata"]
         assert metadata["retries"]["retries"] == 2 and metadata["discoverable"], name
-        assert metadata["discoveryVersion"] == "1" and metadata["cacheIgnoreInputVars"] == ["config"], name
+        assert metadata["discoveryVersion"] == EVALUATION_VERSION, name
+        assert metadata["cacheIgnoreInputVars"] == ["config"], name
     assert not template_of(compiled, "main")["metadata"]["retries"]  # a user error in the driver is never retried
 
 

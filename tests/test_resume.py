@@ -74,11 +74,18 @@ def test_a_finished_run_is_extended_and_its_learning_rate_warms_down_again(finis
     (dict(num_iterations=4), r"RunConfig\.num_iterations: 4 is fewer than the 6 steps"),
     (dict(seed=7), r"RunConfig\.seed: 7 differs from 42"),
     (dict(residual_scalars=True), r"RunConfig\.residual_scalars: True differs from False"),
+    (dict(tokenizer="bpe", bpe_train_chars=10**6), r"RunConfig\.tokenizer: 'bpe' differs from 'gpt2'"),
 ])
 def test_an_incompatible_resume_is_refused_before_anything_runs(finished, changes, message):
     config, _, _, save_to = finished
     with pytest.raises(ConfigError, match=message):
         check_resume(tiny_config(config.data_url, **changes), str(save_to))
+
+
+def test_a_gpt2_run_resumes_whatever_its_bpe_fields_say(finished):
+    config, _, _, save_to = finished
+    check_resume(tiny_config(config.data_url, num_iterations=8, bpe_train_chars=10**6, bpe_vocab_size=512),
+                 str(save_to))
 
 
 def test_pretraining_does_not_continue_a_chat_checkpoint(finished, tmp_path):

@@ -20,6 +20,7 @@ from nanochat_flyte.model.checkpoint import (
     check_save_to,
     fetch_checkpoint,
     read_checkpoint_json,
+    read_training_state,
     require_checkpoint,
 )
 from nanochat_flyte.pipeline.prepare import CHAT_DATA_VERSION, RL_DATA_FIELDS, SFT_DATA_FIELDS
@@ -91,9 +92,15 @@ def fetched_once_per_node(source: str, local_dir: Path, owner: str) -> Path:
 
     def fetch() -> None:
         require_checkpoint(source)  # before the folder's earlier download goes
-        shutil.rmtree(local_dir, ignore_errors=True)  # another source's files must not mix with this one's
-        local_dir.mkdir(parents=True)
+        local_dir.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"source": source, "complete": False}))
+        # another source's files must not mix with this one's; the marker stays, so that the other ranks never
+        # find the folder without it
+        for path in local_dir.iterdir():
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path != marker:
+                path.unlink()
         fetch_checkpoint(source, local_dir)
         marker.write_text(json.dumps({"source": source, "complete": True}))
 
@@ -138,10 +145,11 @@ def run_stage(config: ChatConfig | RLConfig, start_checkpoint: str, args,
         check_resumed_stage(args.resume_dir, "chat" if sft else "rl")
         check_resumed_run(args.resume_dir, config, data_keys, start_checkpoint,
                           "base_checkpoint" if sft else "sft_checkpoint", stage)
+    read_training_state(start_checkpoint, "base_checkpoint" if sft else "sft_checkpoint", stage)
     check(config, start_checkpoint)  # before any download: a batch that does not fit fails in seconds
     check_save_to(config.save_to, type(config).__name__)
     data_dir = args.data_dir or data_cache_dir("sft_data" if sft else "rl_data", config, data_keys)
-    if not (data_dir / "manifest.json").exists():
+    if not (data_dir / "manifest.json").exists() and distributed_env()[1] == 0:  # the rank that will download
         check_hub_endpoint(config)
     out_dir = args.out_dir.resolve()  # (`--out-dir .` has no name to derive a sibling's from)
     start_dir = fetched_once_per_node(start_checkpoint, out_dir.with_name(out_dir.name + "_start"), stage)

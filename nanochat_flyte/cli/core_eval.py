@@ -13,7 +13,7 @@ from typing import Any
 from nanochat_flyte.cli.usage import ArgumentParser, add_checkpoint_flag, add_device_flag, int_at_least
 from nanochat_flyte.config import DTYPES, EVAL_BUNDLE_URL
 from nanochat_flyte.evaluation.bundle import load_bundle
-from nanochat_flyte.evaluation.core import core_table_markdown, score_core
+from nanochat_flyte.evaluation.core import check_max_per_task, core_table_markdown, score_core
 from nanochat_flyte.model.checkpoint import load_model, require_checkpoint
 from nanochat_flyte.model.device import select_device, select_precision
 
@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     precision = select_precision(device, args.dtype)
     require_checkpoint(args.checkpoint)  # a wrong path fails before the bundle's download
     bundle = load_bundle(args.bundle)  # a bad bundle fails before a large checkpoint is loaded
+    check_max_per_task(bundle, args.max_per_task, "max_per_task", "core-eval")
     loaded = load_model(args.checkpoint, device)
     result = score_core(loaded.model, loaded.tokenizer, bundle, max_per_task=args.max_per_task,
                            batch_size=args.batch_size, device=device, precision=precision)

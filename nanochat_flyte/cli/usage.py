@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 from nanochat_flyte.config import DEVICES
 from nanochat_flyte.errors import ConfigError, is_user_error, user_message
-from nanochat_flyte.model.device import select_device
 
 USAGE_ERROR_EXIT = 2  # argparse's status for a usage error
 
@@ -49,6 +48,8 @@ def add_checkpoint_flag(parser: argparse.ArgumentParser) -> None:
 
 def available_device(name: str) -> str:
     """An argparse type: a device torch sees here (auto: the best one), else one line naming --device."""
+    from nanochat_flyte.model.device import select_device  # torch: not for `nanochat --help`
+
     try:
         select_device(name)
     except ConfigError as error:

@@ -165,7 +165,8 @@ def shard_files(data_dir: Path, split: str) -> list[Path]:
 
 
 def validation_tokens(data_dir: Path, num_tokens: int) -> np.ndarray:
-    """The first num_tokens validation tokens (fewer if the split is shorter): the fixed slice bpb is measured on."""
+    """The first num_tokens validation tokens (all of them if the split is shorter; training refuses that before
+    it starts): the fixed slice bpb is measured on."""
     pieces, remaining = [], num_tokens
     for path in shard_files(data_dir, "val"):
         piece = np.memmap(path, dtype=np.uint16, mode="r")[:remaining]

@@ -192,7 +192,7 @@ def humaneval_skip_reason(mode: str, owner: str = "ChatConfig") -> str | None:
 
 
 def evaluate_chat(engine: Engine, items_by_task: dict[str, list[dict]], *, max_per_task: int = 0,
-                  batch_size: int = 8, max_tokens: int = 256, humaneval: str = "auto", seed: int = 42) -> dict:
+                  batch_size: int = 8, max_tokens: int = 512, humaneval: str = "auto", seed: int = 42) -> dict:
     """Score the engine's model on each task's items (in CHAT_EVAL_TASKS order). Returns
     {"chatcore", "phase", "tasks": {task: {"accuracy", "correct", "examples", "centered", "chance", "too_long",
     "seconds"}}, "skipped": {task: reason}, "sandbox": HumanEval's isolation layers or None}."""

@@ -52,6 +52,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.evaluation.bundle import Bundle, CoreTask
 from nanochat_flyte.model.device import EvalBatches, Precision, select_precision
 from nanochat_flyte.reporting.report import html_table, markdown_grid
@@ -233,6 +234,19 @@ def task_subset(task: CoreTask, max_per_task: int | None) -> CoreTask:
     return dataclasses.replace(task, examples=tuple(examples[:max_per_task]))
 
 
+def check_max_per_task(bundle: Bundle, max_per_task: int | None, field: str = "core_max_per_task",
+                       owner: str = "RunConfig") -> None:
+    """Each item's few-shot examples come from the other items evaluated (task_subset): every task needs more of
+    them than it shows. One line naming owner.field, before anything is scored."""
+    if not max_per_task:
+        return
+    task = max(bundle.tasks, key=lambda task: task.num_fewshot)
+    if max_per_task <= task.num_fewshot:
+        raise ConfigError(field, f"{max_per_task} items per task leave {task.label}'s {task.num_fewshot}-shot prompts "
+                                 f"too few others to draw their examples from: give at least {task.num_fewshot + 1}, "
+                                 "or 0 for every item", owner)
+
+
 def centered_accuracy(accuracy: float, random_baseline: float) -> float:
     """0 at chance, 1 when perfect; random_baseline is in percent, as eval_meta_data.csv gives it."""
     chance = random_baseline / 100
@@ -253,6 +267,7 @@ def score_core(model: nn.Module, tokenizer: tiktoken.Encoding, bundle: Bundle, *
     """
     if max_per_task is not None and max_per_task < 1:
         raise ValueError(f"max_per_task must be >= 1 (or None for every example), got {max_per_task}")
+    check_max_per_task(bundle, max_per_task)
     batches = EvalBatches(batch_size, "CORE")  # shrinks if a batch does not fit on the GPU
     device = device or next(model.parameters()).device
     precision = precision or select_precision(device)

@@ -179,7 +179,9 @@ class LoadedModel:
 
 def checkpoint_run_config(checkpoint: str | Path) -> RunConfig:
     """The RunConfig the training loop of a checkpoint (a directory or URI) ran with."""
-    saved = read_checkpoint_json(checkpoint, CONFIG_FILE) or load_checkpoint(checkpoint)["config"]
+    saved = read_checkpoint_json(checkpoint, CONFIG_FILE)
+    if saved is None:
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {checkpoint}: not a checkpoint directory")
     return RunConfig.from_mapping(saved)
 
 

@@ -18,7 +18,7 @@ from nanochat_flyte.pipeline import Show
 from nanochat_flyte.reporting.tracking import log_evaluation
 
 # Bump when a checkpoint's scores would change (a new task, a fixed metric): cached evaluations are then ignored.
-EVALUATION_VERSION = "1"
+EVALUATION_VERSION = "2"  # 2: CORE's items and few-shot examples drawn as nanochat draws them
 
 
 def base_model(config: RunConfig, checkpoint: str, bundle_url: str, max_per_task: int, show: Show) -> dict:

@@ -329,6 +329,8 @@ class Trainer:
         self.own_process_group = self.world_size > 1 and not dist.is_initialized()
         if self.own_process_group:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if self.world_size > 1:  # every rank has checked out_dir (check_out_dir) before rank 0 writes into it
+            dist.barrier()
         self.master = self.rank == 0
         self.precision = select_precision(self.device, config.dtype)
         return local_rank

@@ -13,7 +13,7 @@ from nanochat_flyte.data.tokenizer import load_tokenizer, token_byte_lengths
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.evaluation.bpb import evaluate_bpb
 from nanochat_flyte.evaluation.bundle import load_bundle
-from nanochat_flyte.evaluation.core import core_log_metrics, score_core
+from nanochat_flyte.evaluation.core import check_max_per_task, core_log_metrics, score_core
 from nanochat_flyte.inference.engine import Engine, SamplingParams
 from nanochat_flyte.model.checkpoint import (
     CONFIG_FILE,
@@ -86,6 +86,7 @@ class Pretraining(Phase):
             if dist.is_initialized() and dist.get_rank() > 0:  # rank 0 downloads it; the others find it cached
                 dist.barrier()
             self.core_bundle = load_bundle(self.config.eval_bundle_url)
+            check_max_per_task(self.core_bundle, self.config.core_max_per_task)
             if dist.is_initialized() and dist.get_rank() == 0:
                 dist.barrier()
 
@@ -131,6 +132,8 @@ def check_resume(config: RunConfig, checkpoint: str | Path, field: str = "resume
                                  "checkpoint (a chat one goes on with chat_sft or chat_rl)", owner)
     saved = RunConfig().to_dict() | saved  # a field newer than the checkpoint has its default there
     for field in RESUME_KEEPS:
+        if field.startswith("bpe_") and config.tokenizer != "bpe":
+            continue  # a GPT-2 run never reads them
         if getattr(config, field) != saved[field]:
             raise ConfigError(field, f"{getattr(config, field)!r} differs from {saved[field]!r} in the checkpoint "
                                      f"being resumed ({checkpoint}); a resumed run keeps the model and the data")
