@@ -17,6 +17,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, P
 from torch.distributed.elastic.multiprocessing.errors.error_handler import ErrorHandler
 
 import workflows.flyte2.support as support
+from nanochat_flyte.errors import ConfigError
 from tests.helpers import make_data_dir
 from tests.helpers import tiny_config as tiny_training_config
 from tests.shard_server import serve_shards, write_fineweb_shards
@@ -91,16 +92,17 @@ def test_nanochat_chat_runs_end_to_end_on_the_local_hub(tmp_path, hub_server, ru
     assert ">Chat evaluation<" in run_locally.report_cards()
 
 
-def test_a_preempted_training_attempt_resumes_from_its_last_save(tmp_path, monkeypatch, run_locally, capfd):
-    """The first attempt is lost right after its first save (step 3 of 6); Flyte retries the task, and the retry
-    goes on from that save through Flyte 2's intra-task checkpoint."""
+def test_a_lost_training_attempt_resumes_from_its_last_save(tmp_path, monkeypatch, run_locally, capfd):
+    """The first attempt is lost right after its first save (step 3 of 6), to a storage hiccup (a preempted node
+    is the platform's to retry, which a local run cannot show); Flyte retries the task, and the retry goes on from
+    that save through Flyte 2's intra-task checkpoint."""
     save, preempted = support.FlyteAttempts.save, []
 
     def save_then_preempt(self, checkpoint_dir):
         save(self, checkpoint_dir)
         if not preempted:
             preempted.append(checkpoint_dir)
-            raise RuntimeError("the spot node is gone")
+            raise ConnectionResetError("the storage connection dropped")
 
     monkeypatch.setattr(support.FlyteAttempts, "save", save_then_preempt)
     data = make_data_dir(tmp_path / "data")
@@ -113,6 +115,22 @@ def test_a_preempted_training_attempt_resumes_from_its_last_save(tmp_path, monke
     assert steps == [1, 2, 3, 4, 5, 6]  # 1-3 from the lost attempt, none twice
     assert Path(checkpoint.path) != preempted[0]
     assert not (Path(checkpoint.path) / support.OWNER_FILE).exists()  # the attempts' bookkeeping stays theirs
+
+
+def test_a_bug_is_not_retried_and_a_storage_hiccup_is():
+    """Flyte 2 would retry any error; as under flytekit, only what another attempt can mend is."""
+    calls = []
+
+    @support.retried_only_on_storage_errors
+    def task(error):
+        calls.append(error)
+        raise error
+
+    with pytest.raises(flyte.errors.NonRecoverableError, match="^KeyError: 'step'"):
+        task(KeyError("step"))
+    for passed_on in (ConnectionResetError("reset"), ConfigError("depth", "must be >= 1")):
+        with pytest.raises(type(passed_on)):
+            task(passed_on)
 
 
 @pytest.mark.parametrize("changes, field", [

@@ -196,7 +196,7 @@ def test_out_of_memory_at_device_batch_1_stops_with_a_clear_error(data_dir, tmp_
 
     monkeypatch.setattr(GPT, "forward", forward_without_memory)
     monkeypatch.setattr("nanochat_flyte.training.pretrain.evaluate_bpb", lambda *args, **kwargs: 1.0)
-    with pytest.raises(RuntimeError, match="out of memory at device_batch_size 1"):
+    with pytest.raises(ConfigError, match=r"^RunConfig\.depth: CUDA out of memory at device_batch_size 1"):
         train(tiny_config(device_batch_size=2, total_batch_size=128), data_dir, tmp_path)
 
 
@@ -211,7 +211,7 @@ def test_out_of_memory_in_the_optimizer_step_stops_with_a_clear_error_and_no_ret
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step_without_memory)
-    with pytest.raises(RuntimeError, match=r"out of memory in the optimizer step \(depth 1\).*lower depth"):
+    with pytest.raises(ConfigError, match=r"^RunConfig\.depth: CUDA out of memory in the optimizer step \(depth 1\)"):
         train(tiny_config(), data_dir, tmp_path)
     assert steps == ["AdamW"] and "retrying" not in capsys.readouterr().out
 

@@ -46,16 +46,19 @@ CHAT_DATA_RESOURCES = dict(requests=Resources(cpu="4", mem="8Gi", ephemeral_stor
 
 # A pipeline's chat and RL configs are checked against the base run before it starts: `pyflyte run` checks each config
 # alone, a relaunch from the console with edited inputs checks nothing, and the stage's own setup runs hours later.
-@task(container_image=IMAGE)
+# With the HF token: they probe the hub, which a gated or private mirror answers only with it.
+@task(container_image=IMAGE, secret_requests=[HF_SECRET])
 @one_line_user_errors
 def check_chat_config(config: RunConfig, chat_config: ChatConfig) -> ChatConfig:
+    export_secret(secrets.HF)
     return setup.later_stages(config, chat_config)[0]
 
 
-@task(container_image=IMAGE)
+@task(container_image=IMAGE, secret_requests=[HF_SECRET])
 @one_line_user_errors
 def check_chat_and_rl_configs(config: RunConfig, chat_config: ChatConfig, rl_config: RLConfig
                               ) -> tuple[ChatConfig, RLConfig]:
+    export_secret(secrets.HF)
     return setup.later_stages(config, chat_config, rl_config)
 
 
@@ -164,8 +167,9 @@ def evaluate_chat_model(config: ChatConfig, checkpoint: FlyteDirectory, eval_dat
     """ARC-Easy, ARC-Challenge, MMLU, GSM8K and HumanEval (in the sandbox, where it works), and ChatCORE. Every
     setting that changes the scores is an input of its own (the cache key); `config` brings the rest."""
     export_secret(secrets.WANDB)
-    return evaluate.chat_model(config, checkpoint_location(checkpoint), Path(eval_data.download()), tasks,
-                               max_per_task, max_tokens, seed, humaneval, deck)
+    with retried_on_storage_errors():
+        return evaluate.chat_model(config, checkpoint_location(checkpoint), Path(eval_data.download()), tasks,
+                                   max_per_task, max_tokens, seed, humaneval, deck)
 
 
 def write_chat_results(config: ChatConfig | RLConfig, start_checkpoint: FlyteDirectory, training: dict,

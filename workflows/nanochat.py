@@ -145,7 +145,8 @@ def train_base_model(config: RunConfig, data: FlyteDirectory, environment: dict,
 def evaluate_base_model(config: RunConfig, checkpoint: FlyteDirectory, bundle_url: str, max_per_task: int) -> dict:
     """The CORE score of the trained base model (core_eval.py), with its per-task table."""
     export_secret(secrets.WANDB)
-    return evaluate.base_model(config, checkpoint_location(checkpoint), bundle_url, max_per_task, deck)
+    with retried_on_storage_errors():
+        return evaluate.base_model(config, checkpoint_location(checkpoint), bundle_url, max_per_task, deck)
 
 
 @task(container_image=IMAGE)

@@ -515,13 +515,14 @@ class Trainer:
                 break
             except torch.cuda.OutOfMemoryError as error:
                 if self.world_size > 1:  # the ranks would have to agree on the new batch; they cannot, mid-step
-                    raise RuntimeError(f"CUDA out of memory on rank {self.rank} at device_batch_size "
-                                       f"{loop.device_batch_size}: under DDP, lower device_batch_size (the "
-                                       "automatic fallback works in single-process runs)") from error
+                    raise ConfigError("device_batch_size", f"CUDA out of memory on rank {self.rank} at "
+                                                           f"{loop.device_batch_size}: under DDP, lower it (the "
+                                                           "automatic fallback works in single-process runs)",
+                                      STAGE_CONFIGS[self.phase.stage]) from error
                 if loop.device_batch_size == 1:
-                    raise RuntimeError(f"CUDA out of memory at device_batch_size 1 (depth {config.depth}, "
-                                       f"max_seq_len {config.max_seq_len}): the model does not fit on "
-                                       f"{self.device_name}; lower depth or max_seq_len") from error
+                    raise ConfigError("depth", f"CUDA out of memory at device_batch_size 1 (depth {config.depth}, "
+                                               f"max_seq_len {config.max_seq_len}): the model does not fit on "
+                                               f"{self.device_name}; lower depth or max_seq_len") from error
                 self.model.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -535,9 +536,9 @@ class Trainer:
             result = apply_gradients(self.trained, self.optimizers, loss, self.grad_scaler, config.grad_clip,
                                      cuda_graphs)
         except torch.cuda.OutOfMemoryError as error:  # the optimizers' state, allocated at their first step
-            raise RuntimeError(f"CUDA out of memory in the optimizer step (depth {config.depth}): the weights, "
-                               f"gradients and optimizer state do not fit on {self.device_name}, whatever the "
-                               "device batch; lower depth") from error
+            raise ConfigError("depth", f"CUDA out of memory in the optimizer step (depth {config.depth}): the "
+                                       f"weights, gradients and optimizer state do not fit on {self.device_name}, "
+                                       "whatever the device batch; lower depth") from error
         return result, time.perf_counter() - start
 
     def log_step(self, step: int, result: StepResult, dt: float, phase_metrics: dict[str, float]) -> None:

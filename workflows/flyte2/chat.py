@@ -27,6 +27,7 @@ from workflows.flyte2.support import (
     local_dir,
     name_wandb_run,
     one_line_user_errors,
+    retried_only_on_storage_errors,
     show_report,
     upload,
     wandb_links,
@@ -73,6 +74,7 @@ def train_in_task(config: ChatConfig | RLConfig, start: Dir, data: Dir, environm
 
 @gpu_env.task(retries=3, report=True, links=wandb_links("-chat"))
 @one_line_user_errors
+@retried_only_on_storage_errors
 def train_chat_model(config: ChatConfig, base_checkpoint: Dir, data: Dir, environment: dict) -> tuple[Dir, dict]:
     """SFT on the shared training loop."""
     return train_in_task(config, base_checkpoint, data, environment, "chat_checkpoint")
@@ -80,6 +82,7 @@ def train_chat_model(config: ChatConfig, base_checkpoint: Dir, data: Dir, enviro
 
 @gpu_env.task(retries=3, report=True, links=wandb_links("-rl"))
 @one_line_user_errors
+@retried_only_on_storage_errors
 def train_rl_model(config: RLConfig, sft_checkpoint: Dir, data: Dir, environment: dict) -> tuple[Dir, dict]:
     """RL on the shared training loop."""
     return train_in_task(config, sft_checkpoint, data, environment, "rl_checkpoint")
@@ -87,6 +90,7 @@ def train_rl_model(config: RLConfig, sft_checkpoint: Dir, data: Dir, environment
 
 @gpu_env.task(retries=2, report=True, cache=EVALUATION_CACHE)
 @one_line_user_errors
+@retried_only_on_storage_errors
 def evaluate_chat_model(config: ChatConfig, checkpoint: Dir, eval_data: Dir, tasks: str, max_per_task: int,
                         max_tokens: int, seed: int, humaneval: str) -> dict:
     """The chat evaluation and ChatCORE. Every setting that changes the scores is an input of its own

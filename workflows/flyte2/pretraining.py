@@ -20,6 +20,7 @@ from workflows.flyte2.support import (
     local_dir,
     name_wandb_run,
     one_line_user_errors,
+    retried_only_on_storage_errors,
     show_report,
     upload,
     wandb_links,
@@ -75,6 +76,7 @@ def collect_data(config: RunConfig, parts: list[Dir], tokenizer_dir: Dir) -> tup
 
 @gpu_env.task(retries=3, report=True, links=wandb_links())
 @one_line_user_errors
+@retried_only_on_storage_errors
 def train_base_model(config: RunConfig, data: Dir, environment: dict, resume_from: str) -> tuple[Dir, dict]:
     """Train, continuing (in this order) a previous attempt of this task, the checkpoint `resume_from`, or nothing."""
     name_wandb_run()
@@ -86,6 +88,7 @@ def train_base_model(config: RunConfig, data: Dir, environment: dict, resume_fro
 
 @gpu_env.task(retries=2, report=True, cache=EVALUATION_CACHE)
 @one_line_user_errors
+@retried_only_on_storage_errors
 def evaluate_base_model(config: RunConfig, checkpoint: Dir, bundle_url: str, max_per_task: int) -> dict:
     """The CORE score of the trained base model, with its per-task table."""
     return evaluate.base_model(config, checkpoint.path, bundle_url, max_per_task, show_report)

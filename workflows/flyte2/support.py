@@ -3,6 +3,7 @@ returns, its report tabs (the cards), the one-line user errors, the intra-task c
 from, and the W&B console link.
 """
 
+import functools
 import io
 import logging
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 import flyte
 import flyte.errors
 import flyte.report
+import requests
 from flyte.extend import TaskPluginRegistry
 from flyte.io import Dir
 from flyteplugins.pytorch.task import Elastic, TorchFunctionTask
@@ -61,6 +63,27 @@ def not_retried(error: BaseException, message: str) -> Exception:
 
 
 one_line_user_errors = reraise_user_errors(not_retried)
+
+
+def retried_only_on_storage_errors(task_function):
+    """Flyte 2 retries a task after any error but NonRecoverableError; flytekit only after one raised as recoverable.
+    Both fronts retry what another attempt can mend, a storage or network hiccup (and, the platform's own, a
+    preempted node), and never a bug, which would fail every attempt alike (workflows/support.py,
+    retried_on_storage_errors). User errors pass on to one_line_user_errors."""
+
+    @functools.wraps(task_function)
+    def attempt(*args, **kwargs):
+        try:
+            return task_function(*args, **kwargs)
+        except (OSError, requests.RequestException, flyte.errors.NonRecoverableError):
+            raise
+        except Exception as error:
+            if is_user_error_raised(error):
+                raise
+            raise flyte.errors.NonRecoverableError(f"{type(error).__name__}: {error}",
+                                                   code=type(error).__name__) from error
+
+    return attempt
 
 
 # ---------------------------------------------------------------------- torch elastic
@@ -126,11 +149,17 @@ logging.getLogger("flyte").addFilter(QuietUserErrors())  # a logger's filters ou
 OWNER_FILE = ".nanochat_attempt_owner"
 
 
+def attempt_owner() -> str:
+    """The run and the action of this attempt: a local run gives all its tasks one checkpoint file, under its raw
+    data path, which another run given the same --raw-data-path finds too. A task resumes only its own."""
+    action = flyte.ctx().action
+    return f"{action.run_name}/{action.name}"
+
+
 class FlyteAttempts:
     """Flyte 2's intra-task checkpoint (flyte.ctx().checkpoint), where a retried attempt finds the previous attempt's
     last save (nanochat_flyte.pipeline.train.AttemptCheckpoint). A save is one uncompressed tar (weights do not
-    compress; load_sync unpacks any tar) naming the action that made it: a local run gives all its tasks one
-    checkpoint, and a task must not resume another's."""
+    compress; load_sync unpacks any tar) naming the run and action that made it (attempt_owner)."""
 
     def restore(self) -> Path | None:
         context = flyte.ctx()
@@ -138,7 +167,7 @@ class FlyteAttempts:
         if restored is None or not (restored / OWNER_FILE).is_file():
             return None
         owner = restored / OWNER_FILE
-        if owner.read_text() != context.action.name:
+        if owner.read_text() != attempt_owner():
             return None
         owner.unlink()  # the checkpoint directory made from it holds the run's files only
         return restored
@@ -147,7 +176,7 @@ class FlyteAttempts:
         context = flyte.ctx()
         if not context.checkpoint:
             return
-        owner = context.action.name.encode()
+        owner = attempt_owner().encode()
         with tempfile.TemporaryDirectory(prefix="nanochat-attempt-") as scratch:
             archive = Path(scratch) / "checkpoint.tar"
             with tarfile.open(archive, "w") as tar:
