@@ -209,6 +209,37 @@ def test_a_decode_error_fails_the_requests_in_flight_and_frees_the_cache_for_the
     assert after.sequence.completion() == eager.generate_batch([tokens_of("The river")], params)[0]
 
 
+def test_a_prompt_that_fails_to_load_fails_alone_and_the_answers_in_flight_go_on(monkeypatch):
+    """A prompt too long for the memory left (a GPU out of memory in its prefill) fails its own request; the batch
+    it was to join decodes on, token for token as it would have."""
+    engine = randomized_engine(context=64)
+    long_prompt = tokens_of("The cat sees a small boat near the sea with great care today")
+    next_token_logits = engine_module.next_token_logits
+
+    def logits_or_fail(model, ids, **kwargs):
+        if any(len(row) >= len(long_prompt) for row in ids):  # the long prompt's prefill
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return next_token_logits(model, ids, **kwargs)
+
+    monkeypatch.setattr(engine_module, "next_token_logits", logits_or_fail)
+    scheduler = Scheduler(engine)
+    params = SamplingParams(max_tokens=20)
+    progress = threading.Event()
+    running = scheduler.submit(tokens_of("The river"), params, progress.set)
+    while len(running.sequence.tokens) < 3:  # decoding
+        assert progress.wait(60), "no progress from the decode thread"
+        progress.clear()
+    doomed = scheduler.submit(long_prompt, params, progress.set)
+    for request in (doomed, running):
+        while not request.take()[1]:
+            assert progress.wait(60), "no progress from the decode thread"
+            progress.clear()
+    assert isinstance(doomed.error, torch.OutOfMemoryError) and not doomed.sequence.tokens[1:]
+    assert running.error is None
+    monkeypatch.setattr(engine_module, "next_token_logits", next_token_logits)
+    assert running.sequence.completion() == engine.generate_batch([tokens_of("The river")], params)[0]
+
+
 def test_a_one_token_prompt_is_prefilled_by_the_model_not_the_compiled_decode_step():
     eager = randomized_engine(context=32)
     engine = Engine(eager.model, TOKENIZER, CPU, "base", compile=True)

@@ -228,7 +228,8 @@ def test_json_nested_too_deeply_is_invalid_json_not_a_crash(chat_server):
                                         "type": "invalid_request_error", "param": None, "code": "invalid_json"}
     assert "RecursionError" not in chat_server.log.read_text()
     response = requests.post(f"{chat_server.url}/v1/chat/completions", timeout=10,  # beyond Python's 4,300 digits
-                             data=b'{"messages": [{"role": "user", "content": "hi"}], "seed": ' + b"9" * 5000 + b"}")
+                             data=b'{"messages": [{"role": "user", "content": "hi"}], "seed": ' + b"9" * 5000 + b"}",
+                             headers={"Content-Type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json", response.text
     assert "Traceback" not in chat_server.log.read_text()
 
@@ -289,6 +290,31 @@ def test_a_base_checkpoint_is_served_as_plain_completion_and_says_so(base_server
     assert "BASE checkpoint" in base_server.log.read_text()
 
 
+def test_a_local_server_answers_its_own_names_and_json_only(chat_server):
+    """A page of another site can make a browser send a form or text to 127.0.0.1 without asking, or, with its
+    name pointed at 127.0.0.1 (DNS rebinding), read the answers: neither gets one."""
+    body = json.dumps({"messages": HELLO, "max_tokens": 1}).encode()
+    as_text = requests.post(f"{chat_server.url}/v1/chat/completions", data=body, timeout=10,
+                            headers={"Content-Type": "text/plain"})
+    assert as_text.status_code == 415 and as_text.json()["error"]["code"] == "unsupported_media_type"
+    rebound = requests.post(f"{chat_server.url}/v1/chat/completions", data=body, timeout=10,
+                            headers={"Content-Type": "application/json", "Host": "attacker.example"})
+    assert rebound.status_code == 400
+    for host in ("localhost", "127.0.0.1"):
+        answered = requests.post(f"{chat_server.url}/v1/chat/completions", data=body, timeout=10,
+                                 headers={"Content-Type": "application/json; charset=utf-8", "Host": host})
+        assert answered.status_code == 200, answered.text
+        assert answered.json()["model"] in {model["id"] for model in
+                                            requests.get(f"{chat_server.url}/v1/models", timeout=10).json()["data"]}
+    name = requests.get(f"{chat_server.url}/v1/models", timeout=10).json()["data"][0]["id"]
+    assert requests.get(f"{chat_server.url}/v1/models/{name}", timeout=10).json()["id"] == name
+    missing = requests.get(f"{chat_server.url}/v1/models/gpt-4", timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    with post(chat_server, {"messages": HELLO, "max_tokens": 2, "stream": True}, stream=True) as stream:
+        assert stream.headers["X-Accel-Buffering"] == "no"  # a reverse proxy passes each event on at once
+        list(stream.iter_lines())
+
+
 def test_the_api_key_protects_the_api(base_server):
     assert post(base_server, {"messages": HELLO, "max_tokens": 1}).status_code == 401
     wrong = post(base_server, {"messages": HELLO, "max_tokens": 1}, {"Authorization": "Bearer nope"})
@@ -318,6 +344,17 @@ def test_a_server_open_beyond_localhost_without_a_key_warns_and_answers_as_its_m
     assert "WARNING:     listening on 0.0.0.0 without an API key" in server.log.read_text()
 
 
+def test_a_key_from_a_file_ending_in_a_newline_is_the_key_without_it(base_checkpoint, tmp_path):
+    server = start_server(base_checkpoint, tmp_path / "key.log", env={"NANOCHAT_API_KEY": "s3cret\n"})
+    try:
+        for token in ("s3cret", "s3cret "):
+            assert requests.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {token}"},
+                                timeout=10).status_code == 200
+        assert requests.get(f"{server.url}/v1/models", timeout=10).status_code == 401
+    finally:
+        stop_server(server)
+
+
 def wait_until_idle(server, seconds: float = 10, accounted: int = 0) -> dict:
     """The server's health once nothing is active and at least `accounted` requests have ended (a request the
     client gave up on may still be parsed or queued, not yet active, when the client's timeout fires)."""
@@ -336,7 +373,7 @@ def test_beyond_the_concurrency_limit_the_answer_is_429(base_server):
         lines = streaming.iter_lines()  # (kept: a dropped iterator closes the connection, which cancels the answer)
         next(lines)  # the first event: the answer is being generated
         busy = post(base_server, {"messages": HELLO, "max_tokens": 1}, AUTH)
-        assert busy.status_code == 429
+        assert busy.status_code == 429 and busy.headers["Retry-After"] == "2"  # OpenAI's clients wait as long
         assert busy.json()["error"]["type"] == "rate_limit_error"
         assert busy.json()["error"]["code"] == "rate_limit_exceeded"
     wait_until_idle(base_server)
@@ -398,8 +435,8 @@ def read_until_closed(sock: socket.socket) -> bytes:
 def test_a_connection_that_does_not_send_its_request_in_time_is_closed(strict_server):
     start = time.monotonic()
     silent = raw_connection(strict_server)
-    half_headers = raw_connection(strict_server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
-    half_body = raw_connection(strict_server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+    half_headers = raw_connection(strict_server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    half_body = raw_connection(strict_server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                                               b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
     assert read_until_closed(silent) == read_until_closed(half_headers) == b""  # closed, without an answer
     head, _, body = read_until_closed(half_body).partition(b"\r\n\r\n")
@@ -429,7 +466,7 @@ def test_broken_framing_gets_uvicorns_plain_text_400_and_a_client_gone_mid_body_
     garbled = raw_connection(strict_server, b"NOT HTTP AT ALL\r\n\r\n")
     assert read_until_closed(garbled).endswith(b"\r\n\r\nInvalid HTTP request received.")
     logged = len(strict_server.log.read_text())
-    gone = raw_connection(strict_server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+    gone = raw_connection(strict_server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                                          b"Content-Length: 100\r\n\r\n{\"messages\"")
     time.sleep(0.2)
     gone.close()

@@ -25,6 +25,7 @@ from nanochat_flyte.cli.usage import ArgumentParser, add_checkpoint_flag, add_co
 from nanochat_flyte.inference.engine import Engine
 from nanochat_flyte.inference.serve import (
     API_KEY_ENV,
+    LOOPBACK_HOSTS,
     MAX_CONNECTIONS,
     REQUEST_TIMEOUT,
     BoundedHttp,
@@ -33,6 +34,8 @@ from nanochat_flyte.inference.serve import (
     log,
     model_name_of,
 )
+
+SHUTDOWN_GRACE_S = 10  # within `docker stop`'s 10 s and Kubernetes' 30 s before they kill the process
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,8 +62,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--port must be 0..65535, got {args.port}")
     check_can_listen(args.host, args.port)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
-    api_key = os.environ.get(API_KEY_ENV) or None
-    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+    api_key = os.environ.get(API_KEY_ENV, "").strip() or None  # (a secret file written by `echo` ends in a newline)
+    loopback = args.host in ("127.0.0.1", "localhost", "::1")
+    if not loopback and api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model "
                     "(set %s to require one)", args.host, API_KEY_ENV)
     engine = Engine.from_checkpoint(args.checkpoint, args.device, compile=args.compile)
@@ -71,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         log.info("serving %s: a BASE checkpoint (no chat fine-tuning): plain completion mode, each request "
                  "continues its last user message as plain text", name)
     app = create_app(engine, model_name=name, max_concurrent=args.max_concurrent, api_key=api_key,
-                     request_timeout=args.request_timeout)
+                     request_timeout=args.request_timeout, allowed_hosts=LOOPBACK_HOSTS if loopback else None)
     http = functools.partial(BoundedHttp, request_timeout=args.request_timeout, max_connections=args.max_connections)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=http)
+    # On Ctrl-C or SIGTERM no new request is taken; answers in flight get SHUTDOWN_GRACE_S to finish
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=http,
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)

@@ -344,16 +344,14 @@ class Batch:
         cache = KVCache(self.engine.model.config, batch_size=len(sequences), max_len=self.max_len)
         tokens = self._sample(self._logits([sequence.prompt for sequence in sequences], cache, decoding=False),
                               sequences)
-        events, going = [], []
-        for row, (sequence, token) in enumerate(zip(sequences, tokens)):
-            events.append((sequence, sequence.accept(token)))
-            if not sequence.done:
-                going.append(row)
-                self.sequences.append(sequence)
-                self.next_ids.append(token)
+        events = [(sequence, sequence.accept(token)) for sequence, token in zip(sequences, tokens)]
+        going = [row for row, sequence in enumerate(sequences) if not sequence.done]
         if going:
             cache.keep(going)
             self._settle([part for part in (self.cache, cache) if part is not None])
+            # only now: a prefill that fails (out of memory) leaves the batch as it was, its sequences going on
+            self.sequences += [sequences[row] for row in going]
+            self.next_ids += [tokens[row] for row in going]
         return events
 
     @torch.inference_mode()

@@ -70,10 +70,16 @@ class Scheduler:
                 while not self._waiting and not batch.sequences:
                     self._wake.wait()
                 joining, self._waiting = self._waiting, []
+            joining = [request for request in joining if not request.sequence.cancelled]
             try:
-                joining = [request for request in joining if not request.sequence.cancelled]
+                joined = batch.add([request.sequence for request in joining])
+            except Exception as error:  # e.g. a prompt too long for the memory left: these fail, the batch goes on
+                for request in joining:
+                    request.deliver("", finished=True, error=error)
+            else:
                 requests.update((id(request.sequence), request) for request in joining)
-                self._deliver(batch.add([request.sequence for request in joining]), requests)
+                self._deliver(joined, requests)
+            try:
                 self._deliver(batch.step(), requests)
             except Exception as error:  # e.g. out of memory: fail the requests in flight, keep serving
                 for request in requests.values():

@@ -44,6 +44,7 @@ from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -59,6 +60,8 @@ MAX_STOP_STRINGS = 4  # OpenAI's limit
 DISCONNECT_POLL_S = 0.05  # is_disconnected() only looks at the connection's queue: cheap
 MAX_BODY_BYTES = 1_000_000  # a conversation that fills even a long context is far below this
 REQUEST_TIMEOUT = 10.0  # seconds for a request's headers, and again for its body: a 1 MB body needs far less
+RETRY_AFTER_S = 2  # a busy server's 429 asks to wait this long: about a short answer's time on a GPU
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")  # what a browser on this machine names a local server by
 MAX_CONNECTIONS = 256  # open at once, idle ones included: each holds a file descriptor (often 1024 a process)
 PAGE = Path(__file__).parent / "static" / "chat.html"  # package data (pyproject.toml)
 REFUSED_FIELDS = ("tools", "functions", "tool_choice", "function_call", "response_format", "logprobs",
@@ -76,10 +79,13 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
     def response(self) -> JSONResponse:
-        # a body cut short (408) or not read (413) leaves the connection unfit for another request: close it
+        headers = {}
+        if self.status in (408, 413):  # a body cut short or not read leaves the connection unfit for another request
+            headers["Connection"] = "close"
+        if self.status == 429:  # OpenAI's clients wait this long before their next try
+            headers["Retry-After"] = str(RETRY_AFTER_S)
         return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status,
-                            headers={"Connection": "close"} if self.status in (408, 413) else None)
+                                       "code": self.code}}, status_code=self.status, headers=headers)
 
 
 @dataclass
@@ -285,10 +291,15 @@ class Answer:
 
 
 def create_app(engine: Engine, *, model_name: str, max_concurrent: int = 4, api_key: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, request_timeout: float = REQUEST_TIMEOUT) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, request_timeout: float = REQUEST_TIMEOUT,
+               allowed_hosts: tuple[str, ...] | None = None) -> FastAPI:
+    """allowed_hosts: the Host headers answered (others get 400), for a server on a loopback address: a page of
+    another site whose name has been pointed at 127.0.0.1 (DNS rebinding) would otherwise read its answers."""
     state = ServerState(engine, Scheduler(engine), model_name, max_concurrent, api_key or None, max_body_bytes,
                         request_timeout)
     app = FastAPI(title="nanochat-flyte", docs_url=None, redoc_url=None, openapi_url=None)
+    if allowed_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     app.state.server = state
     headers = {"X-Nanochat-Mode": _mode(engine)}
     fingerprint = f"nanochat-flyte-{_mode(engine)}"
@@ -321,26 +332,44 @@ def create_app(engine: Engine, *, model_name: str, max_concurrent: int = 4, api_
                 "context": engine.context, "auth": state.api_key is not None, "active": state.running(),
                 "max_concurrent": max_concurrent, "requests": dict(state.counts)}
 
+    model = {"id": model_name, "object": "model", "created": 0, "owned_by": "nanochat-flyte"}
+
     @app.get("/v1/models")
     async def models(http: HttpRequest):
         check_api_key(state, http)
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "nanochat-flyte"}]}
+        return {"object": "list", "data": [model]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def one_model(model_id: str, http: HttpRequest):
+        check_api_key(state, http)
+        if model_id != model_name:
+            raise ApiError(404, f"no model {model_id!r} here; this server serves {model_name!r}", "model",
+                           code="model_not_found")
+        return model
+
+    def check_capacity() -> None:
+        if state.running() >= max_concurrent:
+            raise ApiError(429, f"the server is busy: {max_concurrent} answers are being generated; retry shortly",
+                           code="rate_limit_exceeded", kind="rate_limit_error")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest):
         check_api_key(state, http)
+        check_capacity()  # before the body is read and tokenized: a busy server refuses at once
         body = await read_body(state, http)
+        # JSON only: a page of another site can send a form or text to a local server without asking the browser
+        if http.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            raise ApiError(415, "the body must be JSON, sent with `Content-Type: application/json`",
+                           code="unsupported_media_type")
         chat = await asyncio.get_running_loop().run_in_executor(state.parse_thread, parse_chat_request, state, body)
-        if state.running() >= max_concurrent:
-            raise ApiError(429, f"the server is busy: {max_concurrent} answers are being generated; retry shortly",
-                           code="rate_limit_exceeded", kind="rate_limit_error")
+        check_capacity()
         answer = Answer(state, chat)
         base = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": model_name,
                 "system_fingerprint": fingerprint}
         if chat.stream:
+            # X-Accel-Buffering: a reverse proxy (nginx) passes each event on at once instead of buffering them
             return StreamingResponse(stream_events(answer, chat, base), media_type="text/event-stream",
-                                     headers={**headers, "Cache-Control": "no-cache"})
+                                     headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         text = []
         collecting = asyncio.ensure_future(_collect(answer, text))
         try:
