@@ -165,6 +165,30 @@ def test_local_path_file_url_and_fsspec_url(tmp_path):
         fs.rm("/bucket", recursive=True)
 
 
+def test_an_fsspec_download_resumes_only_the_object_its_bytes_came_from(tmp_path):
+    """A partial download of an object that has changed since is fetched whole again, never spliced onto."""
+    (old,) = write_fineweb_shards(tmp_path / "old", [3], docs_per_shard=50)
+    (new,) = write_fineweb_shards(tmp_path / "new", [3], docs_per_shard=60)
+    fs = fsspec.filesystem("memory")
+    cached = tmp_path / "cache" / source_key("memory://bucket") / "shard_00003.parquet"
+    partial = cached.with_name(cached.name + ".part")
+    try:
+        fs.pipe("/bucket/shard_00003.parquet", old.read_bytes())
+        cached.parent.mkdir(parents=True)
+        partial.write_bytes(old.read_bytes()[:1000])  # an earlier attempt's first bytes, with their version
+        partial.with_name(partial.name + ".validator").write_text(fs.ukey("/bucket/shard_00003.parquet"))
+        assert download_shard("memory://bucket", 3, tmp_path / "cache").path.read_bytes() == old.read_bytes()
+
+        cached.unlink()
+        partial.write_bytes(old.read_bytes()[:1000])
+        partial.with_name(partial.name + ".validator").write_text(fs.ukey("/bucket/shard_00003.parquet"))
+        fs.pipe("/bucket/shard_00003.parquet", new.read_bytes())  # the object changes between two attempts
+        assert download_shard("memory://bucket", 3, tmp_path / "cache").path.read_bytes() == new.read_bytes()
+        assert not partial.exists() and not partial.with_name(partial.name + ".validator").exists()
+    finally:
+        fs.rm("/bucket", recursive=True)
+
+
 def test_local_corrupt_shard_fails_clearly(tmp_path):
     (tmp_path / "shard_00000.parquet").write_bytes(b"not parquet")
     with pytest.raises(DownloadError, match="shard 0 .*not a readable parquet file"):

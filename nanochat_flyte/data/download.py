@@ -192,7 +192,8 @@ def raise_for_status(response: requests.Response) -> None:
 
 
 def validator_path(partial: Path) -> Path:
-    """Beside a partial download: the ETag or Last-Modified of the file its bytes came from."""
+    """Beside a partial download: the version of the file its bytes came from (HTTP's ETag or Last-Modified, an
+    fsspec store's ukey)."""
     return partial.with_name(partial.name + ".validator")
 
 
@@ -234,10 +235,18 @@ def fetch_http(url: str, partial: Path) -> None:
 
 
 def fetch_fsspec(url: str, partial: Path) -> None:
-    """Append the rest of an fsspec URL to `partial`, seeking past the bytes already there."""
-    offset = partial.stat().st_size if partial.exists() else 0
+    """Append the rest of an fsspec URL to `partial`, seeking past the bytes already there, when the object is the
+    one those bytes came from: its store's key for this version (fsspec's ukey: an ETag, a generation, size and
+    time) is kept beside the partial file. A changed object is fetched whole again."""
+    filesystem, path = fsspec.core.url_to_fs(url)
     try:
-        with fsspec.open(url, "rb") as source, open(partial, "ab") as target:
+        version = filesystem.ukey(path)
+        if not (partial.exists() and validator_path(partial).exists()
+                and validator_path(partial).read_text() == version):
+            discard_partial(partial)
+            write_bytes_atomically(validator_path(partial), [version.encode()])
+        offset = partial.stat().st_size if partial.exists() else 0
+        with filesystem.open(path, "rb") as source, open(partial, "ab") as target:
             source.seek(offset)
             shutil.copyfileobj(source, target, CHUNK_BYTES)
     except FileNotFoundError as e:
