@@ -7,7 +7,8 @@ per row per forward pass. Every row has its own length and
 rotary positions (model.KVCache), so a batch of prompts of different lengths computes, row by row, what each
 prompt computes alone. A row stops on its own: at `<|assistant_end|>` or `<|endoftext|>` (the end of the text),
 at a stop string, at max_tokens, or where the model's context is full; the batch then shrinks to the rows that
-go on. Each row samples with its own seeded generator: a request gives the same tokens in any batch.
+go on. Each row samples with its own seeded generator: a request gives the same tokens in any batch, but for a
+batch's float round-off, which can at times tip a draw (or a greedy choice between near-equal logits).
 
 Text streams out as soon as it is certain: never half a UTF-8 character, never text that may turn out to be the
 start of a stop string (it is held back until the next tokens decide).
