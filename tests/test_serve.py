@@ -344,13 +344,18 @@ def test_a_server_open_beyond_localhost_without_a_key_warns_and_answers_as_its_m
     assert "WARNING:     listening on 0.0.0.0 without an API key" in server.log.read_text()
 
 
-def test_a_key_from_a_file_ending_in_a_newline_is_the_key_without_it(base_checkpoint, tmp_path):
-    server = start_server(base_checkpoint, tmp_path / "key.log", env={"NANOCHAT_API_KEY": "s3cret\n"})
+def test_a_key_from_a_file_ending_in_a_newline_is_the_key_and_a_proxys_name_can_be_allowed(base_checkpoint,
+                                                                                            tmp_path):
+    server = start_server(base_checkpoint, tmp_path / "key.log", "--allowed-host", "chat.example.org",
+                          env={"NANOCHAT_API_KEY": "s3cret\n"})
     try:
         for token in ("s3cret", "s3cret "):
             assert requests.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {token}"},
                                 timeout=10).status_code == 200
         assert requests.get(f"{server.url}/v1/models", timeout=10).status_code == 401
+        # a reverse proxy that forwards its public name is answered; other names are not
+        assert requests.get(f"{server.url}/health", headers={"Host": "chat.example.org"}, timeout=10).ok
+        assert requests.get(f"{server.url}/health", headers={"Host": "other.example"}, timeout=10).status_code == 400
     finally:
         stop_server(server)
 

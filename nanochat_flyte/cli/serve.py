@@ -35,7 +35,7 @@ from nanochat_flyte.inference.serve import (
     model_name_of,
 )
 
-SHUTDOWN_GRACE_S = 10  # within `docker stop`'s 10 s and Kubernetes' 30 s before they kill the process
+SHUTDOWN_GRACE_S = 10  # as long as `docker stop` waits, and within Kubernetes' 30 s, before they kill the process
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds a connection has to send a request's headers, and again its body "
                              "(default: %(default)s)")
     parser.add_argument("--model-name", help="the model id in responses (default: from the checkpoint path)")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="also answer requests addressed to NAME (a reverse proxy's public name); on a loopback "
+                             "--host, only 127.0.0.1, localhost and [::1] are answered otherwise. Given with another "
+                             "--host, it turns that check on there too")
     add_device_flag(parser)
     add_compile_flag(parser)
     args = parser.parse_args(argv)
@@ -74,8 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         log.info("serving %s: a BASE checkpoint (no chat fine-tuning): plain completion mode, each request "
                  "continues its last user message as plain text", name)
+    allowed_hosts = (*LOOPBACK_HOSTS, *args.allowed_host) if loopback or args.allowed_host else None
     app = create_app(engine, model_name=name, max_concurrent=args.max_concurrent, api_key=api_key,
-                     request_timeout=args.request_timeout, allowed_hosts=LOOPBACK_HOSTS if loopback else None)
+                     request_timeout=args.request_timeout, allowed_hosts=allowed_hosts)
     http = functools.partial(BoundedHttp, request_timeout=args.request_timeout, max_connections=args.max_connections)
     # On Ctrl-C or SIGTERM no new request is taken; answers in flight get SHUTDOWN_GRACE_S to finish
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=http,
