@@ -39,6 +39,12 @@ def is_user_error(error: BaseException) -> bool:
     return isinstance(error, USER_ERRORS) or is_credentials_error(error)
 
 
+def is_storage_error(error: BaseException) -> bool:
+    """A storage or network hiccup that another attempt may not meet (requests' errors are OSErrors too); not a
+    missing file the user named, which a retry would not find either."""
+    return isinstance(error, OSError) and not is_user_error(error)
+
+
 def user_message(error: BaseException) -> str:
     if is_credentials_error(error):
         return (f"{error} for an object store URI (s3://, gs://): give this machine its credentials (AWS_PROFILE or "

@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import click
-import requests
 from flytekit import Deck, FlyteContextManager, Resources, Secret, current_context
 from flytekit.configuration.plugin import get_plugin
 from flytekit.core.utils import ClassDecorator
@@ -17,7 +16,7 @@ from flytekit.extras.accelerators import T4
 from flytekit.interaction.click_types import JsonParamType
 from flytekit.types.directory import FlyteDirectory
 
-from nanochat_flyte.errors import ConfigError, is_user_error, reraise_user_errors
+from nanochat_flyte.errors import ConfigError, is_storage_error, reraise_user_errors
 from nanochat_flyte.pipeline import secrets
 from nanochat_flyte.pipeline.secrets import SecretName
 from nanochat_flyte.reporting.tracking import console_link_settings
@@ -181,8 +180,8 @@ def retried_on_storage_errors():
     from the intra-task checkpoint."""
     try:
         yield
-    except (OSError, requests.RequestException) as error:
-        if is_user_error(error):  # a missing file is the user's to fix: a retry would not find it either
+    except OSError as error:
+        if not is_storage_error(error):
             raise
         raise FlyteRecoverableException(f"{type(error).__name__}: {error}") from error
 

@@ -19,6 +19,7 @@ from nanochat_flyte.model.checkpoint import (
     MODEL_CONFIG_FILE,
     check_save_to,
     fetch_checkpoint,
+    model_differences,
     read_checkpoint_json,
     read_training_state,
     require_checkpoint,
@@ -114,8 +115,7 @@ def check_resumed_run(resume_dir: Path, config: ChatConfig | RLConfig, data_keys
     weights would not load), or was trained on other data (its saved position in the stream would name other
     examples). Its data settings are read from its run_info.json, where it has one."""
     resumed, start = (read_checkpoint_json(path, MODEL_CONFIG_FILE) or {} for path in (resume_dir, start_checkpoint))
-    differ = [f"{key} {start[key]} against {resumed[key]}" for key in sorted(resumed.keys() & start.keys())
-              if key != "sequence_len" and resumed[key] != start[key]]  # (the context is a data setting's to name)
+    differ = [f"{key} {start[key]} against {resumed[key]}" for key in sorted(model_differences(resumed, start))]
     if differ:
         raise ConfigError(start_field, f"{start_checkpoint} holds another model than the checkpoint being resumed, "
                                        f"{resume_dir}: {', '.join(differ)}", stage)

@@ -185,6 +185,12 @@ def checkpoint_run_config(checkpoint: str | Path) -> RunConfig:
     return RunConfig.from_mapping(saved)
 
 
+def model_differences(saved: dict, other: dict) -> list[str]:
+    """The fields in which two model_config.json mappings differ, where both have them: weights of one do not load
+    into the other. The context is left out: it changes no weight, and the data loader names the field that sets it."""
+    return [key for key in saved.keys() & other.keys() if key != "sequence_len" and saved[key] != other[key]]
+
+
 def read_training_state(checkpoint: str | Path, field: str, owner: str) -> dict:
     """training_state.json of the checkpoint (a directory or URI) given as owner.field; one line if it has none."""
     state = read_checkpoint_json(checkpoint, TRAINING_STATE_FILE)

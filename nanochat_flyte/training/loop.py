@@ -46,6 +46,7 @@ from nanochat_flyte.model.checkpoint import (
     TRAINING_STATE_FILE,
     check_save_to,
     load_checkpoint,
+    model_differences,
     publish_checkpoint,
     read_checkpoint_json,
     restore_rng_states,
@@ -389,10 +390,9 @@ class Trainer:
     def check_same_model(self, resume_dir: Path) -> None:
         """The checkpoint to continue holds this run's model (shape and vocabulary) and was trained with its
         tokenizer: another's weights would fail to load, or load and read other token ids."""
-        saved = read_checkpoint_json(resume_dir, MODEL_CONFIG_FILE) or {}
-        # (the context is the data loader's to check: it names the field that sets it)
-        differ = [f"{key} {saved[key]} (this run: {value})" for key, value in self.model.config.to_dict().items()
-                  if key in saved and key != "sequence_len" and saved[key] != value]
+        saved, current = read_checkpoint_json(resume_dir, MODEL_CONFIG_FILE) or {}, self.model.config.to_dict()
+        different = model_differences(saved, current)
+        differ = [f"{key} {saved[key]} (this run: {current[key]})" for key in current if key in different]
         if differ:
             raise ConfigError("resume_dir", f"{resume_dir} holds another model: {', '.join(differ)}", "Trainer")
         if (resume_dir / TOKENIZER_DIR).is_dir() and (tokenizer_id(load_tokenizer(resume_dir / TOKENIZER_DIR))

@@ -15,13 +15,12 @@ from pathlib import Path
 import flyte
 import flyte.errors
 import flyte.report
-import requests
 from flyte.extend import TaskPluginRegistry
 from flyte.io import Dir
 from flyteplugins.pytorch.task import Elastic, TorchFunctionTask
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from nanochat_flyte.errors import is_user_error, reraise_user_errors, user_error_names
+from nanochat_flyte.errors import is_storage_error, is_user_error, reraise_user_errors, user_error_names
 from nanochat_flyte.reporting.tracking import RUN_ID_ENV, console_link_settings
 
 
@@ -75,10 +74,9 @@ def retried_only_on_storage_errors(task_function):
     def attempt(*args, **kwargs):
         try:
             return task_function(*args, **kwargs)
-        except (OSError, requests.RequestException, flyte.errors.NonRecoverableError):
-            raise
         except Exception as error:
-            if is_user_error_raised(error):
+            already_final = isinstance(error, flyte.errors.NonRecoverableError)
+            if is_storage_error(error) or is_user_error_raised(error) or already_final:
                 raise
             raise flyte.errors.NonRecoverableError(f"{type(error).__name__}: {error}",
                                                    code=type(error).__name__) from error
