@@ -5,6 +5,7 @@ exit status 2, before anything is downloaded; a good config runs. workflows/flyt
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import uuid
@@ -27,12 +28,16 @@ def flyte_run(tmp_path):
            "NANOCHAT_FLYTE_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
     names = []
 
-    def run(*arguments: str, file: str = "workflows/flyte2/nanochat.py", task: str = "main"):
+    def command(*arguments: str, file: str = "workflows/flyte2/nanochat.py", task: str = "main") -> list[str]:
         names.append(f"test-{uuid.uuid4().hex[:12]}")
-        return subprocess.run([FLYTE, "run", "--local", "--name", names[-1], "--raw-data-path", str(tmp_path / "raw"),
-                               file, task, *arguments], cwd=ROOT, env=env, capture_output=True, text=True,
+        return [FLYTE, "run", "--local", "--name", names[-1], "--raw-data-path", str(tmp_path / "raw"), file, task,
+                *arguments]
+
+    def run(*arguments: str, **where: str) -> subprocess.CompletedProcess:
+        return subprocess.run(command(*arguments, **where), cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=600)
 
+    run.command, run.env = command, env
     yield run
     for name in names:  # the run's metadata and reports, which local mode keeps in /tmp/flyte/metadata
         shutil.rmtree(Path("/tmp/flyte/metadata") / name, ignore_errors=True)
@@ -96,3 +101,34 @@ def test_flyte_run_local_runs_main(tmp_path, flyte_run):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "== base model: e2e (completed, 2 steps" in result.stdout
     assert "Completed Local Run" in result.stdout + result.stderr
+
+
+def test_ctrl_c_prints_the_resume_command_and_that_command_resumes(tmp_path, flyte_run):
+    """flyte runs a local task on a worker thread, which sees no KeyboardInterrupt: the line comes at the exit."""
+    write_fineweb_shards(tmp_path / "shards", [0, 1, VAL_SHARD], docs_per_shard=150)
+    with serve_shards(tmp_path / "shards") as server:
+        # ~1 s a step on 2 cores: the interrupt lands long before the run could finish
+        config = tiny_config(server.url, depth=2, device_batch_size=8, total_batch_size=2048, num_iterations=8,
+                             eval_every=8, sample_every=8, save_every=2, wandb_mode="disabled")
+        (tmp_path / "run.json").write_text(json.dumps(config.to_dict()))
+        run = subprocess.Popen(flyte_run.command("--config", str(tmp_path / "run.json")), cwd=ROOT,
+                               env=flyte_run.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        lines = []
+        for line in run.stdout:
+            lines.append(line)
+            if line.startswith("step 00002 | saved checkpoint to "):
+                run.send_signal(signal.SIGINT)
+                break
+        lines += run.stdout.readlines()
+        run.wait(timeout=120)
+        output = "".join(lines)
+        assert run.returncode != 0 and "Completed" not in output, output[-3000:]
+        command = next(line for line in lines if line.startswith("resume with: ")).removeprefix("resume with: ")
+        assert command.startswith("flyte run --local workflows/flyte2/nanochat.py main --config "), command
+
+        arguments = command.split()[5:]  # after the task's name: --config ... --resume_from ...
+        resumed = flyte_run(*arguments)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    steps = [line.split()[1] for line in resumed.stdout.splitlines() if line.startswith("step ") and "/00008" in line]
+    assert steps[0] == "00003/00008" and steps[-1] == "00008/00008"  # continued after step 2, to the end
+    assert "resuming from " in resumed.stdout

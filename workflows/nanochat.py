@@ -7,7 +7,6 @@ This file only declares tasks, resources, images and caching; the work lives in 
 """
 
 import functools
-import shlex
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,7 +22,6 @@ from flytekit.types.directory import FlyteDirectory
 
 from nanochat_flyte.config import RunConfig
 from nanochat_flyte.data.prepare import ShardJob, plan_jobs, prepare_shard
-from nanochat_flyte.model.checkpoint import CONFIG_FILE
 from nanochat_flyte.pipeline import evaluate, prepare, secrets, setup, train
 from nanochat_flyte.pipeline.finish import finish_base_run
 from workflows.image import IMAGE
@@ -130,10 +128,8 @@ def train_base_model(config: RunConfig, data: FlyteDirectory, environment: dict,
             summary = train.base_model(config, Path(data.download()), checkpoint_dir, environment, resume_from,
                                        FlytekitAttempts(), deck)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C in a local run (flytekit raises SystemExit): say how to go on
-        if saved := train.last_save(config, checkpoint_dir):
-            config_file, resume_from = shlex.quote(str(saved / CONFIG_FILE)), shlex.quote(str(saved))
-            print(f"resume with: pyflyte run workflows/nanochat.py main --config {config_file} "
-                  f"--resume_from {resume_from}", flush=True)
+        if line := train.resume_command(config, checkpoint_dir, "pyflyte run workflows/nanochat.py main"):
+            print(line, flush=True)
         raise
     return FlyteDirectory(str(checkpoint_dir)), summary
 

@@ -5,13 +5,14 @@ A Flyte task attempt can be preempted (spot GPUs) and retried. Every save of the
 front's intra-task checkpoint, and a retried attempt starts from the last one: it loses at most save_every steps.
 """
 
+import shlex
 import shutil
 from pathlib import Path
 from typing import Protocol
 
 from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
 from nanochat_flyte.data.download import local_path
-from nanochat_flyte.model.checkpoint import CHECKPOINT_FILE, checkpoint_run_config, fetch_checkpoint
+from nanochat_flyte.model.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, checkpoint_run_config, fetch_checkpoint
 from nanochat_flyte.pipeline import Show
 from nanochat_flyte.reporting.report import training_deck_html
 from nanochat_flyte.training.loop import distributed_env
@@ -49,6 +50,16 @@ def last_save(config: RunConfig, checkpoint_dir: Path) -> Path | None:
     copy (the task's own folder may go with it), else checkpoint_dir; None before the first save."""
     saved = (local_path(config.save_to) if config.save_to else None) or checkpoint_dir
     return saved if (saved / CHECKPOINT_FILE).exists() else None
+
+
+def resume_command(config: RunConfig, checkpoint_dir: Path, run_command: str) -> str | None:
+    """The line that says how to continue an interrupted pretraining run from its last save (last_save), given the
+    front's command up to its inputs; None before the first save."""
+    saved = last_save(config, checkpoint_dir)
+    if saved is None:
+        return None
+    return (f"resume with: {run_command} --config {shlex.quote(str(saved / CONFIG_FILE))} "
+            f"--resume_from {shlex.quote(str(saved))}")
 
 
 def base_model(config: RunConfig, data_dir: Path, checkpoint_dir: Path, environment: dict, resume_from: str,

@@ -21,11 +21,15 @@ from workflows.flyte2.support import (
     name_wandb_run,
     one_line_user_errors,
     retried_only_on_storage_errors,
+    said_at_exit_while_running,
     show_report,
     upload,
     wandb_links,
     work_dir,
 )
+
+# What continues a local run stopped with Ctrl-C, up to its inputs (train.resume_command adds them)
+RESUME_COMMAND = "flyte run --local workflows/flyte2/nanochat.py main"
 
 
 class RunOutputs(NamedTuple):
@@ -81,8 +85,9 @@ def train_base_model(config: RunConfig, data: Dir, environment: dict, resume_fro
     """Train, continuing (in this order) a previous attempt of this task, the checkpoint `resume_from`, or nothing."""
     name_wandb_run()
     checkpoint_dir = work_dir("checkpoint")
-    summary = train.base_model(config, local_dir(data), checkpoint_dir, environment, resume_from, FlyteAttempts(),
-                               show_report)
+    with said_at_exit_while_running(lambda: train.resume_command(config, checkpoint_dir, RESUME_COMMAND)):
+        summary = train.base_model(config, local_dir(data), checkpoint_dir, environment, resume_from,
+                                   FlyteAttempts(), show_report)
     return upload(checkpoint_dir), summary
 
 

@@ -3,12 +3,15 @@ returns, its report tabs (the cards), the one-line user errors, the intra-task c
 from, and the W&B console link.
 """
 
+import atexit
+import contextlib
 import functools
 import io
 import logging
 import os
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,25 @@ from nanochat_flyte.reporting.tracking import RUN_ID_ENV, console_link_settings
 
 def is_local_run() -> bool:
     return flyte.ctx().mode == "local"
+
+
+@contextlib.contextmanager
+def said_at_exit_while_running(message: Callable[[], str | None]):
+    """Ctrl-C under `flyte run --local` ends the process from its main thread while the task runs on a worker thread,
+    which sees no KeyboardInterrupt: message(), unless None, is printed at the exit if the block is still running."""
+    if not is_local_run():
+        yield
+        return
+
+    def say() -> None:
+        if text := message():
+            print(text, flush=True)
+
+    atexit.register(say)
+    try:
+        yield
+    finally:
+        atexit.unregister(say)
 
 
 def work_dir(name: str) -> Path:
