@@ -58,8 +58,8 @@ def mapping_without_repeats(loader: YamlLoader, node: yaml.MappingNode) -> dict:
 YamlLoader.add_constructor("tag:yaml.org,2002:map", mapping_without_repeats)
 
 
-# Fields whose words are YAML 1.1 booleans. `pyflyte run --chat_config preset.yaml` reads the file with PyYAML's
-# safe_load, not YamlLoader, and hands us `humaneval: off` as False: a boolean means the word it was read from.
+# Fields whose words are YAML 1.1 booleans: a boolean given for one (`"humaneval": false` in JSON, or a preset read by
+# a YAML 1.1 reader such as PyYAML's safe_load, where `off` is False) means the word it was read from.
 ON_OFF_FIELDS = ("humaneval",)
 
 
@@ -95,10 +95,10 @@ def coerce(owner: str, field: dataclasses.Field, value: Any) -> Any:
 class StrictConfig:
     """What the workflow configs share: every way into them rejects an unknown field by name, before anything runs.
 
-    The ways in: our loaders (`from_file`, `from_mapping`, the config CLI); `pyflyte run --config` (flytekit calls
-    the class's `from_json` when it has one, instead of patching in dataclasses_json's lenient one); and Flyte's type
-    engine (the msgpack literal of a launch and the console's JSON on a relaunch), which decodes with mashumaro,
-    which calls `__pre_deserialize__` first.
+    The ways in: our loaders (`from_file`, `from_mapping`, the config CLI); `--config` on `pyflyte run` and `flyte
+    run` (`from_cli_value`, which workflows/support.py and workflows/flyte2/cli.py install in each CLI); and Flyte's
+    type engine (the msgpack literal of a launch and the console's JSON on a relaunch), which decodes with
+    mashumaro, which calls `__pre_deserialize__` first.
     """
 
     @classmethod
@@ -129,16 +129,20 @@ class StrictConfig:
         return {name: coerce(cls.__name__, fields[name], value) for name, value in values.items()}
 
     @classmethod
-    def from_json(cls, text: str):
-        """What `pyflyte run --config` builds the input with: inline JSON, or a YAML/JSON file flytekit has read.
-        Validated here too, so that a bad value stops the command before anything runs, as one line: click's
-        BadParameter (pyflyte's CLI toolkit) prints its message; any other exception prints a traceback."""
-        try:
-            return cls.from_mapping(json.loads(text)).validate()
-        except ConfigError as error:
-            import click
-
-            raise click.BadParameter(str(error)) from error
+    def from_cli_value(cls, text: str, default: dict | None = None):
+        """The config a `--config` value on either Flyte front's command line gives: inline JSON (text that starts
+        with `{` or `[`), else a preset file (YAML or JSON); the fields it sets over `default` (the workflow's own
+        default input), checked. Flyte's own readers would drop an unknown field and read YAML 1.1."""
+        if text.lstrip().startswith(("{", "[")):
+            try:
+                values = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ConfigError("*", f"not valid JSON: {error}", cls.__name__) from None
+        else:
+            values = cls.read_preset(text)
+        if isinstance(values, dict):
+            values = {**(default or {}), **values}
+        return cls.from_mapping(values).validate()
 
     @classmethod
     def from_file(cls, path: str | Path):

@@ -53,7 +53,7 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 
 
 @pytest.mark.parametrize("value, problem", [
-    ('{"depth": 2', "RunConfig: not valid JSON: Expecting ',' delimiter: line 1 column 12 (char 11)"),
+    ('{"depth": 2', "RunConfig.*: not valid JSON: Expecting ',' delimiter: line 1 column 12 (char 11)"),
     ("[1]", "RunConfig.*: a config is a mapping"),
 ])
 def test_malformed_inline_json_says_so_in_one_line(flyte_run, value, problem):

@@ -78,51 +78,26 @@ def task_input_error(error: BaseException, message: str) -> Exception:
 one_line_user_errors = reraise_user_errors(task_input_error)
 
 
-def read_preset_files_as_the_library_does() -> None:
-    """`pyflyte run ... --config PATH` reads PATH when it exists, with PyYAML's YAML 1.1 reader (`run_name: yes` is
-    True, 1e-3 a string, a malformed file a traceback), and parses anything else as inline JSON (a misspelt preset
-    path was reported as invalid JSON). A value that names a .yaml/.yml/.json file is now read as `nanochat config`
-    and `flyte run` read it (StrictConfig.read_preset), and a file that is missing or not YAML is one line."""
-    parse = JsonParamType._parse
+def read_configs_as_the_library_does(convert):
+    """`pyflyte run --config VALUE` for our configs: StrictConfig.from_cli_value, as `flyte run` reads it. flytekit
+    would read a preset file with PyYAML's YAML 1.1 reader (`run_name: yes` is True, a malformed file a traceback),
+    report a misspelt preset path as invalid JSON, and fill the fields a partial config leaves out from the class's
+    defaults instead of the workflow's default input (nanochat_d12_a100's depth-12 preset)."""
 
-    def parse_preset_files(self, value, param):
-        if not (isinstance(value, str) and value.strip().endswith((".yaml", ".yml", ".json"))):
-            return parse(self, value, param)
-        if not os.path.exists(value):
-            raise click.BadParameter(f"no preset file {value!r} (give a YAML or JSON file that exists, or inline JSON)")
-        if not (isinstance(self._python_type, type) and issubclass(self._python_type, StrictConfig)):
-            return parse(self, value, param)
+    def convert_config(self, value, param, ctx):
+        kind = self._python_type
+        if not (isinstance(value, str) and isinstance(kind, type) and issubclass(kind, StrictConfig)):
+            return convert(self, value, param, ctx)
+        default = getattr(param, "default", None)  # the workflow's default input, as pyflyte's JSON
         try:
-            return self._python_type.read_preset(value)
+            return kind.from_cli_value(value, json.loads(default) if isinstance(default, str) else None)
         except ConfigError as error:
             raise click.BadParameter(str(error)) from error
 
-    JsonParamType._parse = parse_preset_files
+    return convert_config
 
 
-def merge_configs_onto_the_default() -> None:
-    """`--config '{"num_iterations": 100}'` on a workflow whose default input is a preset (nanochat_d12_a100's
-    depth-12 run) changes that preset's num_iterations, as `flyte run` does on the Flyte 2 front. pyflyte filled the
-    other fields from the class's defaults instead: a depth-8 run on the A100."""
-    parse = JsonParamType._parse
-
-    def parse_onto_the_default(self, value, param):
-        parsed = parse(self, value, param)
-        default = getattr(param, "default", None)  # the workflow's default input, as pyflyte's JSON
-        if not (isinstance(parsed, dict) and isinstance(default, str) and isinstance(self._python_type, type)
-                and issubclass(self._python_type, StrictConfig)):
-            return parsed
-        try:
-            base = json.loads(default)
-        except json.JSONDecodeError:
-            return parsed
-        return {**base, **parsed} if isinstance(base, dict) else parsed
-
-    JsonParamType._parse = parse_onto_the_default
-
-
-read_preset_files_as_the_library_does()
-merge_configs_onto_the_default()
+JsonParamType.convert = read_configs_as_the_library_does(JsonParamType.convert)
 
 
 def deck(title: str, html: str) -> None:

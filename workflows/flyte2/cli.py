@@ -11,7 +11,6 @@ Both replace functions of flyte's CLI (flyte.cli._params, flyte.cli._common), a 
 below 3, and tests/test_flyte2_cli.py checks both. Installed by importing this module, which environments.py does.
 """
 
-import json
 import sys
 
 import click
@@ -33,12 +32,7 @@ def read_configs_strictly(convert):
         if not (isinstance(value, str) and isinstance(kind, type) and issubclass(kind, StrictConfig)):
             return convert(self, value, param, ctx)
         try:
-            values = json.loads(value) if value.lstrip().startswith(("{", "[")) else kind.read_preset(value)
-            if isinstance(values, dict):
-                values = {**(self._default_dict() or {}), **values}
-            return kind.from_mapping(values).validate()
-        except json.JSONDecodeError as error:
-            fail(f"Invalid value for '--{param.name}': {kind.__name__}: not valid JSON: {error}")
+            return kind.from_cli_value(value, self._default_dict())
         except ConfigError as error:
             fail(f"Invalid value for '--{param.name}': {error}")
 
