@@ -15,7 +15,7 @@ CPUs, cached, before any GPU starts: a relaunch downloads nothing again.
 from pathlib import Path
 from typing import NamedTuple
 
-from flytekit import Cache, Resources, current_context, task, workflow
+from flytekit import Cache, current_context, task, workflow
 from flytekit.types.directory import FlyteDirectory
 
 from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
@@ -24,6 +24,7 @@ from nanochat_flyte.pipeline.finish import finish_chat_run
 from workflows.image import IMAGE
 from workflows.nanochat import RunOutputs, pretrain
 from workflows.support import (
+    DATA_RESOURCES,
     HF_SECRET,
     TRAINING_RESOURCES,
     TRAINING_TASK,
@@ -39,9 +40,6 @@ from workflows.support import (
 )
 
 CHAT_DATA_CACHE_VERSION = prepare.CHAT_DATA_VERSION  # cached conversations of an older format are ignored
-# Converting the whole SmolTalk split (460K rows) peaked at 2.9 GB of memory on a CPU; the parquet files and the
-# conversations take ~3 GB of disk.
-CHAT_DATA_RESOURCES = dict(requests=Resources(cpu="4", mem="8Gi", ephemeral_storage="20Gi"))
 
 
 # A pipeline's chat and RL configs are checked against the base run before it starts: `pyflyte run` checks each config
@@ -94,7 +92,7 @@ def setup_rl(config: RLConfig, sft_checkpoint: FlyteDirectory) -> tuple[RLConfig
 
 # Keyed by exactly what decides the conversations: a new learning rate or a longer run reuses the prepared data.
 @task(container_image=IMAGE, secret_requests=[HF_SECRET], cache=Cache(version=CHAT_DATA_CACHE_VERSION),
-      **CHAT_DATA_RESOURCES)
+      **DATA_RESOURCES)
 @one_line_user_errors
 def prepare_chat_sft_data(endpoint: str, smoltalk_epochs: float, mmlu_epochs: float, gsm8k_epochs: float,
                           max_conversations: int, val_conversations: int, seed: int) -> FlyteDirectory:
@@ -107,7 +105,7 @@ def prepare_chat_sft_data(endpoint: str, smoltalk_epochs: float, mmlu_epochs: fl
 
 
 @task(container_image=IMAGE, secret_requests=[HF_SECRET], cache=Cache(version=CHAT_DATA_CACHE_VERSION),
-      **CHAT_DATA_RESOURCES)
+      **DATA_RESOURCES)
 @one_line_user_errors
 def prepare_rl_problems(endpoint: str, max_problems: int, eval_problems: int, seed: int) -> FlyteDirectory:
     """RL's GSM8K problems: train.jsonl (to learn from) and val.jsonl (the validation pass@1), from the hub."""
@@ -118,7 +116,7 @@ def prepare_rl_problems(endpoint: str, max_problems: int, eval_problems: int, se
 
 
 @task(container_image=IMAGE, secret_requests=[HF_SECRET], cache=Cache(version=CHAT_DATA_CACHE_VERSION),
-      **CHAT_DATA_RESOURCES)
+      **DATA_RESOURCES)
 @one_line_user_errors
 def prepare_chat_eval_data(endpoint: str, tasks: str) -> FlyteDirectory:
     """The evaluation sets (<task>.jsonl), so that the GPU pod downloads nothing."""

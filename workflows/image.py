@@ -16,6 +16,9 @@ from flytekit import ImageSpec
 CUDA_IMAGE = "nvidia/cuda:12.8.1-base-ubuntu22.04"  # the Dockerfile's CUDA_IMAGE
 TORCH_VERSION = "2.10.0"  # the Dockerfile's TORCH_VERSION: CUDA 12.8 wheel with T4 (sm_75) kernels
 TIKTOKEN_CACHE_DIR = "/opt/tiktoken"  # GPT-2's ranks, fetched at build time
+# git for W&B's code version; gcc + libc headers because torch.compile's Triton builds C at run time
+APT_PACKAGES = ["git", "gcc", "libc6-dev", "ca-certificates"]
+FETCH_GPT2_RANKS = "python -c 'import tiktoken; tiktoken.get_encoding(\"r50k_base\")'"  # into TIKTOKEN_CACHE_DIR
 
 # pyproject.toml's [project.dependencies]; tests/test_dockerfile.py fails when the two drift apart.
 PROJECT_DEPENDENCIES = [
@@ -29,11 +32,10 @@ IMAGE_SPEC = ImageSpec(
     registry=os.environ.get("NANOCHAT_IMAGE_REGISTRY") or None,
     base_image=CUDA_IMAGE,
     python_version="3.11",
-    # git for W&B's code version; gcc + libc headers because torch.compile's Triton builds C at run time
-    apt_packages=["git", "gcc", "libc6-dev", "ca-certificates"],
+    apt_packages=APT_PACKAGES,
     packages=[f"torch=={TORCH_VERSION}", *PROJECT_DEPENDENCIES],
     env={"TIKTOKEN_CACHE_DIR": TIKTOKEN_CACHE_DIR},
-    commands=["python -c 'import tiktoken; tiktoken.get_encoding(\"r50k_base\")'"],
+    commands=[FETCH_GPT2_RANKS],
     # The presets, at /root/configs beside the code fast registration unpacks into /root: `--copy auto` ships the
     # Python modules only, and workflows/presets.py reads these when a task's container imports scale_up.py.
     # (A path from where pyflyte runs: the repository root.)

@@ -60,8 +60,8 @@ def setup_environment(config: RunConfig, resume_from: str, world_size: int = 1
     return config, setup.describe_machine(deck), config.core_enabled, prepare.data_config(config)
 
 
-@task(container_image=IMAGE, requests=DATA_RESOURCES, secret_requests=[HF_SECRET],
-      cache=Cache(version=DATA_CACHE_VERSION))
+@task(container_image=IMAGE, secret_requests=[HF_SECRET], cache=Cache(version=DATA_CACHE_VERSION),
+      **DATA_RESOURCES)
 @one_line_user_errors
 def prepare_tokenizer(tokenizer: str, data_url: str, num_shards: int, bpe_vocab_size: int,
                       bpe_train_chars: int) -> FlyteDirectory:
@@ -72,8 +72,8 @@ def prepare_tokenizer(tokenizer: str, data_url: str, num_shards: int, bpe_vocab_
                                                 out_dir)))
 
 
-@task(container_image=IMAGE, requests=DATA_RESOURCES, secret_requests=[HF_SECRET],
-      cache=Cache(version=DATA_CACHE_VERSION))
+@task(container_image=IMAGE, secret_requests=[HF_SECRET], cache=Cache(version=DATA_CACHE_VERSION),
+      **DATA_RESOURCES)
 @one_line_user_errors
 def plan_data_shards(config: RunConfig, tokenizer_dir: FlyteDirectory) -> list[ShardJob]:
     export_secret(secrets.HF)  # with only_needed_shards, shard 0 is downloaded here
@@ -83,8 +83,8 @@ def plan_data_shards(config: RunConfig, tokenizer_dir: FlyteDirectory) -> list[S
 # Keyed by the job alone (data_url, shard index, split, tokenizer fingerprint): a relaunch or a scheduled run
 # reuses every shard it has prepared before, whatever else changed in the config.
 # No user retries: download_shard already retries with backoff, and a preempted spot pod is a system retry.
-@task(container_image=IMAGE, requests=DATA_RESOURCES, secret_requests=[HF_SECRET], interruptible=True,
-      cache=Cache(version=DATA_CACHE_VERSION, ignored_inputs=("tokenizer_dir",)))
+@task(container_image=IMAGE, secret_requests=[HF_SECRET], interruptible=True,
+      cache=Cache(version=DATA_CACHE_VERSION, ignored_inputs=("tokenizer_dir",)), **DATA_RESOURCES)
 @one_line_user_errors
 def prepare_data_shard(job: ShardJob, tokenizer_dir: FlyteDirectory) -> FlyteDirectory:
     export_secret(secrets.HF)
@@ -93,7 +93,7 @@ def prepare_data_shard(job: ShardJob, tokenizer_dir: FlyteDirectory) -> FlyteDir
     return FlyteDirectory(str(out_dir))
 
 
-@task(container_image=IMAGE, requests=DATA_RESOURCES, enable_deck=True, cache=Cache(version=DATA_CACHE_VERSION))
+@task(container_image=IMAGE, enable_deck=True, cache=Cache(version=DATA_CACHE_VERSION), **DATA_RESOURCES)
 @one_line_user_errors
 def collect_data(config: RunConfig, parts: list[FlyteDirectory], tokenizer_dir: FlyteDirectory
                  ) -> tuple[FlyteDirectory, dict]:

@@ -1,10 +1,12 @@
-"""The presets both Flyte fronts launch by name, and the nightly schedule: read at registration time.
+"""The presets both Flyte fronts launch by name, the machines their tasks ask for, and the nightly schedule: read at
+registration time.
 
 Settings: NANOCHAT_NIGHTLY_CRON (default "0 3 * * *", UTC) and NANOCHAT_ALERT_EMAILS (comma-separated; empty: no
 e-mail, failures show in the console only).
 """
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
@@ -20,3 +22,29 @@ D12_CONFIG = RunConfig.from_file(CONFIGS / "d12_a100.yaml")
 NIGHTLY_CRON = os.environ.get("NANOCHAT_NIGHTLY_CRON", "0 3 * * *")
 ALERT_EMAILS = [address.strip() for address in os.environ.get("NANOCHAT_ALERT_EMAILS", "").split(",")
                 if address.strip()]
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What a task asks for, as both fronts declare it (workflows/support.py's task_resources, workflows/flyte2/
+    environments.py's node). A GPU node's requests equal its limits (a Guaranteed pod is the last evicted) and it
+    gets a /dev/shm as large as allowed (a container's default is 64 MB; torch multiprocessing and NCCL use it)."""
+
+    cpu: int
+    memory: str
+    disk: str
+    gpu: str = ""  # the accelerator, as both SDKs name it
+    gpus: int = 0
+
+
+# The reference run's: one T4 with 8 CPUs and 32 GiB. Disk: ~6 GB of tokens for 50 shards, ~1 GB per checkpoint (kept
+# twice: ours and Flyte's copy) and torch.compile's cache; 50Gi fits a 100 GB node disk.
+T4_NODE = Machine(cpu=8, memory="32Gi", disk="50Gi", gpu="T4", gpus=1)
+# The data tasks: converting the whole SmolTalk split (460K rows) peaked at 2.9 GB of memory, and its parquet files and
+# conversations take ~3 GB of disk.
+DATA_NODE = Machine(cpu=4, memory="8Gi", disk="20Gi")
+# a2-highgpu-1g has 12 vCPUs and 85 GB: the kubelet keeps its share. Disk as the T4's, plus bigger checkpoints.
+A100_NODE = Machine(cpu=10, memory="64Gi", disk="60Gi", gpu="A100", gpus=1)
+# One full A100 node (a2-highgpu-8g on GCP, p4d.24xlarge on AWS). Each rank downloads its own copy of the data
+# directory (~7 GB), hence the disk.
+EIGHT_A100_NODE = Machine(cpu=48, memory="256Gi", disk="150Gi", gpu="A100", gpus=8)

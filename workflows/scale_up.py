@@ -8,36 +8,23 @@ Both reuse main's tasks: the data tasks unchanged (and their cache), the GPU tas
 (flytekitplugins-kfpytorch); with nnodes=1 it is a plain pod, no Kubeflow operator needed.
 """
 
-from flytekit import Resources, task, workflow
-from flytekit.extras.accelerators import A100
+from flytekit import task, workflow
 from flytekit.types.directory import FlyteDirectory
 from flytekitplugins.kfpytorch import Elastic
 
 from nanochat_flyte.config import RunConfig
 from workflows.image import IMAGE
 from workflows.nanochat import RunOutputs, pretrain, train_base_model
-from workflows.presets import D12_CONFIG
-from workflows.support import WANDB_SECRET, wandb_console_link
+from workflows.presets import A100_NODE, D12_CONFIG, EIGHT_A100_NODE
+from workflows.support import WANDB_SECRET, task_resources, wandb_console_link
 
-GPUS = 8  # one full A100 node (a2-highgpu-8g on GCP, p4d.24xlarge on AWS)
-
-# a2-highgpu-1g has 12 vCPUs and 85 GB; leave the kubelet its share. Disk as for the T4, plus bigger checkpoints.
-A100_NODE = dict(
-    accelerator=A100,
-    requests=Resources(cpu="10", mem="64Gi", gpu="1", ephemeral_storage="60Gi"),
-    limits=Resources(cpu="10", mem="64Gi", gpu="1", ephemeral_storage="60Gi"),
-)
-# Each rank downloads its own copy of the data directory (~7 GB), hence the disk. Not interruptible: a
-# preempted 8-GPU node is slow to come back, and every rank restarts from the last checkpoint.
-MULTI_A100_RESOURCES = dict(
-    accelerator=A100,
-    requests=Resources(cpu="48", mem="256Gi", gpu=str(GPUS), ephemeral_storage="150Gi"),
-    limits=Resources(cpu="48", mem="256Gi", gpu=str(GPUS), ephemeral_storage="150Gi"),
-)
+GPUS = EIGHT_A100_NODE.gpus
+# Not interruptible: a preempted 8-GPU node is slow to come back, and every rank restarts from the last checkpoint.
+EIGHT_A100_TASK = dict(task_resources(EIGHT_A100_NODE), interruptible=False)
 
 
 @task(task_config=Elastic(nnodes=1, nproc_per_node=GPUS), container_image=IMAGE, secret_requests=[WANDB_SECRET],
-      retries=3, enable_deck=True, shared_memory=True, **MULTI_A100_RESOURCES)
+      retries=3, enable_deck=True, **EIGHT_A100_TASK)
 @wandb_console_link
 def train_base_model_multi_gpu(config: RunConfig, data: FlyteDirectory, environment: dict, resume_from: str
                                ) -> tuple[FlyteDirectory, dict]:
@@ -47,10 +34,9 @@ def train_base_model_multi_gpu(config: RunConfig, data: FlyteDirectory, environm
 
 @workflow
 def nanochat_d12_a100(config: RunConfig = D12_CONFIG, resume_from: str = "") -> RunOutputs:
-    return pretrain(config, resume_from, train_base_model, A100_NODE)
+    return pretrain(config, resume_from, train_base_model, task_resources(A100_NODE))
 
 
 @workflow
 def nanochat_d12_8xa100(config: RunConfig = D12_CONFIG, resume_from: str = "") -> RunOutputs:
-    return pretrain(config, resume_from, train_base_model_multi_gpu, dict(MULTI_A100_RESOURCES, interruptible=False),
-                    world_size=GPUS)
+    return pretrain(config, resume_from, train_base_model_multi_gpu, EIGHT_A100_TASK, world_size=GPUS)

@@ -12,7 +12,7 @@ from flytekit import Deck, FlyteContextManager, Resources, Secret, current_conte
 from flytekit.configuration.plugin import get_plugin
 from flytekit.core.utils import ClassDecorator
 from flytekit.exceptions.user import FlyteRecoverableException
-from flytekit.extras.accelerators import T4
+from flytekit.extras.accelerators import A100, T4
 from flytekit.interaction.click_types import JsonParamType
 from flytekit.types.directory import FlyteDirectory
 
@@ -22,6 +22,7 @@ from nanochat_flyte.pipeline.secrets import SecretName
 from nanochat_flyte.reporting.tracking import console_link_settings
 from nanochat_flyte.schema import StrictConfig
 from workflows.image import IMAGE
+from workflows.presets import DATA_NODE, T4_NODE, Machine
 
 # The secrets, named as nanochat_flyte.pipeline.secrets says: by group and key on open-source Flyte (the Kubernetes
 # secret `wandb` with the key `api_key`), by key alone on Union (`union create secret wandb_api_key`). Locally,
@@ -119,18 +120,20 @@ def export_secret(secret: SecretName) -> None:
     os.environ[secret.env_var] = value
 
 
-# What the reference run used: one T4 with 8 CPUs and 32 GiB. Disk: ~6 GB of tokens for 50 shards, ~1 GB per
-# checkpoint (kept twice: ours and Flyte's copy) and torch.compile's cache; 50Gi fits a 100 GB node disk.
-# Limits equal requests: a Guaranteed pod is the last to be evicted. shared_memory=True mounts a /dev/shm as
-# large as the memory limit (a container's default is 64 MB): torch multiprocessing and NCCL under DDP use it.
-TRAINING_RESOURCES = dict(
-    requests=Resources(cpu="8", mem="32Gi", gpu="1", ephemeral_storage="50Gi"),
-    limits=Resources(cpu="8", mem="32Gi", gpu="1", ephemeral_storage="50Gi"),
-    accelerator=T4,
-    shared_memory=True,
-)
+ACCELERATORS = {"T4": T4, "A100": A100}  # presets.Machine.gpu as flytekit's accelerator
 
-DATA_RESOURCES = Resources(cpu="4", mem="8Gi", ephemeral_storage="20Gi")
+
+def task_resources(machine: Machine) -> dict:
+    """A machine as flytekit's @task (and with_overrides) arguments."""
+    resources = Resources(cpu=str(machine.cpu), mem=machine.memory, ephemeral_storage=machine.disk,
+                          gpu=str(machine.gpus) if machine.gpus else None)
+    if not machine.gpus:
+        return dict(requests=resources)
+    return dict(requests=resources, limits=resources, accelerator=ACCELERATORS[machine.gpu], shared_memory=True)
+
+
+TRAINING_RESOURCES = task_resources(T4_NODE)
+DATA_RESOURCES = task_resources(DATA_NODE)
 
 
 class FlytekitAttempts:

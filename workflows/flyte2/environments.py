@@ -19,7 +19,15 @@ import flyte
 from nanochat_flyte.pipeline import evaluate, prepare, secrets
 from nanochat_flyte.pipeline.secrets import SecretName
 from workflows.flyte2 import cli  # noqa: F401 - every entry file imports this module: flyte run reads our inputs
-from workflows.image import CUDA_IMAGE, PROJECT_DEPENDENCIES, TIKTOKEN_CACHE_DIR, TORCH_VERSION
+from workflows.image import (
+    APT_PACKAGES,
+    CUDA_IMAGE,
+    FETCH_GPT2_RANKS,
+    PROJECT_DEPENDENCIES,
+    TIKTOKEN_CACHE_DIR,
+    TORCH_VERSION,
+)
+from workflows.presets import DATA_NODE, T4_NODE, Machine
 
 ROOT = Path(__file__).resolve().parents[2]
 FLYTE2_DEPENDENCIES = ["flyte>=2.12,<3", "flyteplugins-pytorch>=2.12,<3"]  # pyproject.toml's flyte2 extra
@@ -33,8 +41,7 @@ def image() -> flyte.Image | str:
     return (flyte.Image.from_base(CUDA_IMAGE)
             .clone(name="nanochat-flyte2", registry=os.environ.get("NANOCHAT_IMAGE_REGISTRY") or None,
                    python_version=(3, 11), extendable=True)
-            # git for W&B's code version; gcc + libc headers because torch.compile's Triton builds C at run time
-            .with_apt_packages("git", "gcc", "libc6-dev", "ca-certificates")
+            .with_apt_packages(*APT_PACKAGES)
             .with_pip_packages(f"torch=={TORCH_VERSION}", *PROJECT_DEPENDENCIES, *FLYTE2_DEPENDENCIES)
             # The package itself (the chat app runs its `nanochat` command; tasks import the code bundle's copy).
             # flyte's builder copies sources as the user `flyte`, which a CUDA base image does not have.
@@ -44,7 +51,7 @@ def image() -> flyte.Image | str:
             .with_commands([f"uv pip install --python $UV_PYTHON --no-deps {PACKAGE_DIR}"])
             # GPT-2's ranks (tiktoken "r50k_base"), fetched once here so that tasks never download them
             .with_env_vars({"TIKTOKEN_CACHE_DIR": TIKTOKEN_CACHE_DIR})
-            .with_commands(["python -c 'import tiktoken; tiktoken.get_encoding(\"r50k_base\")'"]))
+            .with_commands([FETCH_GPT2_RANKS]))
 
 
 IMAGE = image()
@@ -61,11 +68,16 @@ WANDB_SECRET = declared_secret(secrets.WANDB)  # absent: W&B runs offline
 HF_SECRET = declared_secret(secrets.HF)  # only for a gated or private mirror of the datasets
 CHAT_API_KEY_SECRET = declared_secret(secrets.CHAT_API_KEY)
 
-# What the reference run used, as workflows/support.py's TRAINING_RESOURCES: one T4, 8 CPUs and 32 GiB, requests equal
-# to limits (a Guaranteed pod is the last evicted), /dev/shm as large as allowed (torch and NCCL use it), 50 GiB of
-# disk for the tokens, two copies of a checkpoint and torch.compile's cache.
-T4_NODE = flyte.Resources(cpu=(8, 8), memory=("32Gi", "32Gi"), gpu="T4:1", shm="auto", disk="50Gi")
-DATA_NODE = flyte.Resources(cpu=4, memory="8Gi", disk="20Gi")  # workflows/support.py's DATA_RESOURCES
+
+
+def node(machine: Machine) -> flyte.Resources:
+    """A machine as a Flyte 2 environment's resources: a GPU node's requests equal its limits, with a /dev/shm."""
+    if not machine.gpus:
+        return flyte.Resources(cpu=machine.cpu, memory=machine.memory, disk=machine.disk)
+    return flyte.Resources(cpu=(machine.cpu, machine.cpu), memory=(machine.memory, machine.memory),
+                           gpu=f"{machine.gpu}:{machine.gpus}", shm="auto", disk=machine.disk)
+
+
 DRIVER_NODE = flyte.Resources(cpu=1, memory="4Gi", disk="10Gi")  # imports torch; writes the report card
 
 # Keyed by what decides the data, with the library's format versions: a relaunch prepares nothing twice.
@@ -81,12 +93,12 @@ EVALUATION_CACHE = flyte.Cache(behavior="auto", version_override=evaluate.EVALUA
 # come along too, or a task's container could not import its module.
 PRESETS = (str(ROOT / "configs"),)
 
-data_env = flyte.TaskEnvironment(name="nanochat_data", image=IMAGE, secrets=[HF_SECRET], resources=DATA_NODE,
+data_env = flyte.TaskEnvironment(name="nanochat_data", image=IMAGE, secrets=[HF_SECRET], resources=node(DATA_NODE),
                                  include=PRESETS)
 
 # Interruptible: a spot T4 is a third of the price, and a preempted training attempt resumes from its last save.
 gpu_env = flyte.TaskEnvironment(name="nanochat_gpu", image=IMAGE, secrets=[WANDB_SECRET, HF_SECRET],
-                                resources=T4_NODE, interruptible=True, include=PRESETS)
+                                resources=node(T4_NODE), interruptible=True, include=PRESETS)
 
 driver_env = flyte.TaskEnvironment(name="nanochat", image=IMAGE, secrets=[HF_SECRET], resources=DRIVER_NODE,
                                    depends_on=[data_env, gpu_env], include=PRESETS)

@@ -13,22 +13,16 @@ import flyte
 from flyte.io import Dir
 
 from nanochat_flyte.config import RunConfig
-from workflows.flyte2.environments import IMAGE, PRESETS, WANDB_SECRET, data_env, driver_env, gpu_env
+from workflows.flyte2.environments import IMAGE, PRESETS, WANDB_SECRET, data_env, driver_env, gpu_env, node
 from workflows.flyte2.pretraining import RunOutputs, pretrain, train_base_model
 from workflows.flyte2.support import ElasticUserErrors, one_line_user_errors, wandb_links
-from workflows.presets import D12_CONFIG
+from workflows.presets import A100_NODE, D12_CONFIG, EIGHT_A100_NODE
 
-GPUS = 8  # one full A100 node (a2-highgpu-8g on GCP, p4d.24xlarge on AWS)
-
-# workflows/scale_up.py's nodes. a2-highgpu-1g has 12 vCPUs and 85 GB: the kubelet keeps its share.
-A100_NODE = flyte.Resources(cpu=(10, 10), memory=("64Gi", "64Gi"), gpu="A100:1", shm="auto", disk="60Gi")
-# Each rank downloads its own copy of the data directory (~7 GB), hence the disk.
-MULTI_A100_NODE = flyte.Resources(cpu=(48, 48), memory=("256Gi", "256Gi"), gpu=f"A100:{GPUS}", shm="auto",
-                                  disk="150Gi")
+GPUS = EIGHT_A100_NODE.gpus
 
 # Not interruptible: a preempted 8-GPU node is slow to come back, and every rank restarts from the last checkpoint.
 multi_gpu_env = flyte.TaskEnvironment(name="nanochat_8xa100", image=IMAGE, secrets=[WANDB_SECRET],
-                                      resources=MULTI_A100_NODE,
+                                      resources=node(EIGHT_A100_NODE),
                                       plugin_config=ElasticUserErrors(nnodes=1, nproc_per_node=GPUS),
                                       include=PRESETS)
 # The drivers of these runs start the 8-GPU task too: flyte run readies the images of the driver's environment and
@@ -45,11 +39,11 @@ def train_base_model_multi_gpu(config: RunConfig, data: Dir, environment: dict, 
 @scale_up_env.task
 @one_line_user_errors
 def nanochat_d12_a100(config: RunConfig = D12_CONFIG, resume_from: str = "") -> RunOutputs:
-    return pretrain(config, resume_from, gpu=dict(resources=A100_NODE))
+    return pretrain(config, resume_from, gpu=dict(resources=node(A100_NODE)))
 
 
 @scale_up_env.task
 @one_line_user_errors
 def nanochat_d12_8xa100(config: RunConfig = D12_CONFIG, resume_from: str = "") -> RunOutputs:
     return pretrain(config, resume_from, train_base_model_multi_gpu,
-                    dict(resources=MULTI_A100_NODE, interruptible=False), world_size=GPUS)
+                    dict(resources=node(EIGHT_A100_NODE), interruptible=False), world_size=GPUS)
