@@ -28,12 +28,14 @@ ours times random tokens (in training our loader prefetches pre-tokenized shards
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import gc
 import json
 import os
 import pickle
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -79,6 +81,7 @@ runpy.run_module("scripts.base_train", run_name="__main__", alter_sys=True)
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) .*\| dt: ([\d.]+)ms \| tok/sec: ([\d,]+)")
 FLOPS_LINE = re.compile(r"^Estimated FLOPs per token: ([\d.e+-]+)")
 PEAK_MEMORY_LINE = re.compile(r"^Peak memory usage: ([\d.]+)MiB")
+PARAMETERS_LINE = re.compile(r"^total\s*: ([\d,]+)$")  # the last of its "Parameter counts:"
 
 
 def shape(config: RunConfig) -> dict:
@@ -143,15 +146,22 @@ def nanochat_arguments(config: RunConfig, steps: int, device: str) -> list[str]:
 
 def parse_nanochat_log(lines: list[str], total_batch_size: int, warmup_steps: int) -> dict:
     """Tokens/s of nanochat's steps after the first warmup_steps (its own dt, each step synchronised), its
-    FLOPs/token estimate and peak memory, from its output."""
+    FLOPs/token estimate, parameter count and peak memory, from its output."""
     step_ms = [float(match[3]) for match in map(STEP_LINE.match, lines) if match]
     timed = step_ms[warmup_steps:]
     flops = next((float(match[1]) for match in map(FLOPS_LINE.match, lines) if match), None)
     peak = next((float(match[1]) for match in map(PEAK_MEMORY_LINE.match, lines) if match), None)
+    parameters = next((int(match[1].replace(",", "")) for match in map(PARAMETERS_LINE.match, lines) if match), None)
     return {"steps_logged": len(step_ms), "timed_steps": len(timed),
             "ms_per_step": sum(timed) / len(timed) if timed else None,
             "tok_per_sec": 1000 * len(timed) * total_batch_size / sum(timed) if timed else None,
-            "flops_per_token": flops, "peak_memory_gib": None if peak is None else peak / 1024}
+            "flops_per_token": flops, "num_params": parameters,
+            "peak_memory_gib": None if peak is None else peak / 1024}
+
+
+def kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it ended as the time ran out
+        os.killpg(pid, signal.SIGKILL)
 
 
 def run_nanochat(checkout: Path, home: Path, config: RunConfig, steps: int, device: str, timeout_s: float,
@@ -161,9 +171,11 @@ def run_nanochat(checkout: Path, home: Path, config: RunConfig, steps: int, devi
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(home), "NANOCHAT_DTYPE": "bfloat16", "HF_HUB_OFFLINE": "1",
            "PYTHONUNBUFFERED": "1"}
     start = time.monotonic()
+    # In a process group of its own, so that its compile workers go with it; a stray byte that is not UTF-8 in its
+    # output must not stop the reading
     process = subprocess.Popen(command, cwd=checkout, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, bufsize=1)
-    timer = threading.Timer(timeout_s, process.kill)
+                               text=True, errors="replace", bufsize=1, start_new_session=True)
+    timer = threading.Timer(timeout_s, kill_group, (process.pid,))
     timer.start()
     lines = []
     for line in process.stdout:

@@ -41,6 +41,7 @@ def test_nanochat_tokens_per_second_come_from_its_steps_after_the_warm_up():
     assert parsed["ms_per_step"] == pytest.approx((2038.23 + 1762.98) / 2)
     assert parsed["tok_per_sec"] == pytest.approx(2 * 256 / (2.03823 + 1.76298))  # its own dt, not its rounded tok/sec
     assert parsed["flops_per_token"] == 4.118959e07 and parsed["peak_memory_gib"] == 2.0
+    assert parsed["num_params"] == 19_709_994  # its model's own count: more than ours at the same depth
     crashed = vs_nanochat.parse_nanochat_log(CAPTURED_LOG.splitlines()[:6], total_batch_size=256, warmup_steps=5)
     assert crashed["timed_steps"] == 0 and crashed["tok_per_sec"] is None and crashed["peak_memory_gib"] is None
 
@@ -159,3 +160,21 @@ def test_a_nanochat_that_fails_leaves_its_last_words_and_no_ratio(tmp_path, tiny
     assert report["nanochat"]["tok_per_sec"] is None and report["ratio"] is None
     assert report["ours"]["tok_per_sec"] > 0  # our side is measured all the same
     assert "ours_t4_path" not in report  # (the acceptance's throughput section measures it when it runs too)
+
+
+def test_a_nanochat_past_its_time_is_stopped_with_the_processes_it_started(tmp_path, tiny_reference):
+    """Its compile workers hold its output pipe too: the reading ends only when they are gone as well."""
+    checkout = stand_in_checkout(tmp_path / "nanochat", """\
+        import subprocess, sys, time
+        worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        print("step 00000/00007 (0.00%) | loss: 10.8 | lrm: 0.03 | dt: 9.0ms | tok/sec: 1 | total time: 0.00m",
+              flush=True)
+        sys.stdout.buffer.write(b"a byte that is not UTF-8: \\xff\\n")
+        sys.stdout.flush()
+        time.sleep(600)
+        """)
+    (tmp_path / "home").mkdir()
+    result = vs_nanochat.run_nanochat(checkout, tmp_path / "home", tiny_reference, steps=7, device="cpu",
+                                      timeout_s=3, log=lambda line: None)
+    assert result["wall_s"] < 60 and result["return_code"] == -9
+    assert result["steps_logged"] == 1 and result["tok_per_sec"] is None
