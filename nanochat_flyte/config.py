@@ -76,7 +76,7 @@ class RunConfig(StrictConfig):
     sample_top_k: int = 50
     save_every: int = 100  # ~2 minutes of T4 time between saves: a preemption loses little
 
-    # --- CORE (the DCLM benchmark nanochat reports for base models; core_eval.py) ---
+    # --- CORE (the DCLM benchmark nanochat reports for base models; evaluation/core.py) ---
     evaluate_core: bool = True  # score the final checkpoint (evaluate_base_model), where eval_bundle_url is set
     eval_bundle_url: str = EVAL_BUNDLE_URL  # zip or directory, local or any URL; empty: no CORE
     core_max_per_task: int = 500  # a fixed, seeded subset per task (a T4 scores it in minutes); 0: every example

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 class UserError(Exception):
     """A mistake the user can fix (a field, a path, a URL, a file's contents). Our CLIs print its message as one
-    line (cli.py) and the workflows show it without a traceback; every module's user errors derive from it."""
+    line (cli/usage.py) and the workflows show it without a traceback; every module's user errors derive from it."""
 
 
 class ConfigError(UserError, ValueError):

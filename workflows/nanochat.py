@@ -139,7 +139,7 @@ def train_base_model(config: RunConfig, data: FlyteDirectory, environment: dict,
       cache=Cache(version=evaluate.EVALUATION_VERSION, ignored_inputs=("config",)), **TRAINING_RESOURCES)
 @one_line_user_errors
 def evaluate_base_model(config: RunConfig, checkpoint: FlyteDirectory, bundle_url: str, max_per_task: int) -> dict:
-    """The CORE score of the trained base model (core_eval.py), with its per-task table."""
+    """The CORE score of the trained base model (evaluation/core.py), with its per-task table."""
     export_secret(secrets.WANDB)
     with retried_on_storage_errors():
         return evaluate.base_model(config, checkpoint_location(checkpoint), bundle_url, max_per_task, deck)

@@ -16,7 +16,7 @@ from nanochat_flyte.cli.sample import add_sampling_flags, sampling_params
 from nanochat_flyte.cli.terminal import shown
 from nanochat_flyte.cli.usage import ArgumentParser
 from nanochat_flyte.errors import UserError
-from nanochat_flyte.inference.engine import Engine, SamplingParams
+from nanochat_flyte.inference.engine import CHAT_TEMPERATURE, Engine, SamplingParams
 
 BASE_MODEL_NOTE = ("note: this is a BASE checkpoint (no chat fine-tuning): each message is continued as plain "
                    "text, without the earlier turns")
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser("chat", __doc__)
     parser.add_argument("--prompt", help="answer this one message and exit (for scripts)")
     # answers of up to 512 tokens (the context may cut them), sampled at nanochat's chat temperature
-    add_sampling_flags(parser, max_tokens=512, temperature=0.6, temperature_help="0 = greedy")
+    add_sampling_flags(parser, max_tokens=512, temperature=CHAT_TEMPERATURE, temperature_help="0 = greedy")
     args = parser.parse_args(argv)
     params = sampling_params(parser, args)
     engine = Engine.from_checkpoint(args.checkpoint, args.device, compile=args.compile)

@@ -30,13 +30,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tasks", default=",".join(CHAT_EVAL_TASKS), help="comma-separated, from: %(default)s")
     parser.add_argument("--max-per-task", type=int_at_least(0), default=0,
                         help="a fixed, seeded subset of N items per task; 0 = all")
-    parser.add_argument("--batch-size", type=int_at_least(1), default=8, help="prompts scored or decoded together")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=ChatConfig.eval_batch_size,
+                        help="prompts scored or decoded together")
     parser.add_argument("--max-tokens", type=int_at_least(1), default=ChatConfig.eval_max_tokens,
                         help="generation budget per GSM8K/HumanEval answer")
     parser.add_argument("--humaneval", default="auto", choices=HUMANEVAL_MODES,
                         help="runs model-written code in a sandbox; auto: only where the sandbox works here")
     add_device_flag(parser)
-    parser.add_argument("--seed", type=int_at_least(0), default=42)
+    parser.add_argument("--seed", type=int_at_least(0), default=ChatConfig.seed)
     args = parser.parse_args(argv)
     config = ChatConfig(eval_tasks=args.tasks, eval_max_per_task=args.max_per_task, eval_batch_size=args.batch_size,
                         eval_max_tokens=args.max_tokens, humaneval=args.humaneval, device=args.device,

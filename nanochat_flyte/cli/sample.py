@@ -13,7 +13,7 @@ import math
 from nanochat_flyte.cli.terminal import shown
 from nanochat_flyte.cli.usage import ArgumentParser, add_checkpoint_flag, add_compile_flag, add_device_flag
 from nanochat_flyte.errors import UserError
-from nanochat_flyte.inference.engine import Engine, SamplingParams
+from nanochat_flyte.inference.engine import DEFAULT_TOP_K, Engine, SamplingParams
 
 MAX_SEED = 2**63 - 1  # a non-negative int64; the chat adds its turn count, still within torch's 2**64 - 1
 
@@ -46,7 +46,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser, max_tokens: int, tempera
     add_checkpoint_flag(parser)
     parser.add_argument("--max-tokens", type=int, default=max_tokens)
     parser.add_argument("--temperature", type=temperature_flag, default=temperature, help=temperature_help)
-    parser.add_argument("--top-k", type=int, default=50, help="0 = the whole vocabulary")
+    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="0 = the whole vocabulary")
     parser.add_argument("--seed", type=seed_flag, default=42)
     add_device_flag(parser)
     add_compile_flag(parser)

@@ -25,6 +25,7 @@ from nanochat_flyte.cli.usage import ArgumentParser, add_checkpoint_flag, add_co
 from nanochat_flyte.inference.engine import Engine
 from nanochat_flyte.inference.serve import (
     API_KEY_ENV,
+    LOOPBACK_ADDRESSES,
     LOOPBACK_HOSTS,
     MAX_CONNECTIONS,
     REQUEST_TIMEOUT,
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     check_can_listen(args.host, args.port)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     api_key = os.environ.get(API_KEY_ENV, "").strip() or None  # (a secret file written by `echo` ends in a newline)
-    loopback = args.host in ("127.0.0.1", "localhost", "::1")
+    loopback = args.host in LOOPBACK_ADDRESSES
     if not loopback and api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model "
                     "(set %s to require one)", args.host, API_KEY_ENV)

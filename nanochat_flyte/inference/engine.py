@@ -1,5 +1,5 @@
 """The inference engine: the one way every front end generates text (chat CLI, server, sample CLI, the samples
-taken during training, chat evaluation).
+taken during training, chat evaluation, RL's rollouts).
 
 A request is a prompt (token ids) and its SamplingParams. The engine prefills the prompts that arrive together in
 one forward pass (right-padded, each into its own row of a KV cache), then decodes the rows together, one token
@@ -49,6 +49,8 @@ STOP_TOKENS = ("<|assistant_end|>", EOT)  # the end of the assistant's turn; the
 # Below this temperature sampling is greedy: the most likely token already has all the probability, and logits divided
 # by a temperature under about 1e-37 overflow float32, which would make every probability NaN.
 GREEDY_BELOW_TEMPERATURE = 1e-5
+CHAT_TEMPERATURE = 0.6  # nanochat's chat default: less repetitive than greedy, still on topic
+DEFAULT_TOP_K = 50  # the chat's and the samples': the 50 likeliest tokens, no long tail of nonsense
 
 
 @dataclass

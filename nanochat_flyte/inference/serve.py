@@ -50,18 +50,17 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanochat_flyte.data.conversation import ConversationError
 from nanochat_flyte.errors import UserError
-from nanochat_flyte.inference.engine import Engine, SamplingParams
+from nanochat_flyte.inference.engine import CHAT_TEMPERATURE, DEFAULT_TOP_K, Engine, SamplingParams
 from nanochat_flyte.inference.scheduler import Request, Scheduler
 
 API_KEY_ENV = "NANOCHAT_API_KEY"
-DEFAULT_TEMPERATURE = 0.6  # nanochat's chat default: less repetitive than greedy, still on topic
-DEFAULT_TOP_K = 50
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 DISCONNECT_POLL_S = 0.05  # is_disconnected() only looks at the connection's queue: cheap
 MAX_BODY_BYTES = 1_000_000  # a conversation that fills even a long context is far below this
 REQUEST_TIMEOUT = 10.0  # seconds for a request's headers, and again for its body: a 1 MB body needs far less
 RETRY_AFTER_S = 2  # a busy server's 429 asks to wait this long: about a short answer's time on a GPU
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")  # what a browser on this machine names a local server by
+LOOPBACK_ADDRESSES = ("127.0.0.1", "localhost", "::1")  # the same as a listening address (a Host header brackets ::1)
 MAX_CONNECTIONS = 256  # open at once, idle ones included: each holds a file descriptor (often 1024 a process)
 PAGE = Path(__file__).parent / "static" / "chat.html"  # package data (pyproject.toml)
 REFUSED_FIELDS = ("tools", "functions", "tool_choice", "function_call", "response_format", "logprobs",
@@ -201,7 +200,7 @@ def parse_chat_request(state: ServerState, raw: bytes) -> ChatRequest:
         raise ApiError(400, "stream_options.include_usage: must be true or false", "stream_options")
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=_number(body, "temperature", DEFAULT_TEMPERATURE, 0, 2, integer=False),
+        temperature=_number(body, "temperature", CHAT_TEMPERATURE, 0, 2, integer=False),
         top_k=_number(body, "top_k", DEFAULT_TOP_K, 0, engine.tokenizer.n_vocab, integer=True) or None,
         seed=_number(body, "seed", secrets.randbelow(2**31), -2**63, 2**63 - 1, integer=True),
         stop=tuple(stop))

@@ -22,7 +22,7 @@ EVALUATION_VERSION = "2"  # 2: CORE's items and few-shot examples drawn as nanoc
 
 
 def base_model(config: RunConfig, checkpoint: str, bundle_url: str, max_per_task: int, show: Show) -> dict:
-    """The CORE score of the trained base model (core_eval.py), with its per-task table."""
+    """The CORE score of the trained base model (evaluation/core.py), with its per-task table."""
     try:
         bundle = load_bundle(bundle_url)
     except (BundleError, DownloadError) as error:  # training is done and kept: say how to score it later
