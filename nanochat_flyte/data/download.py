@@ -126,12 +126,17 @@ class PermanentError(Exception):
     """A failure that retrying cannot fix (404, 403, a missing file)."""
 
 
-def verify_shard(path: Path) -> None:
-    """Check the parquet footer (cheap: no data pages are read) and the `text` column."""
+def readable_parquet_schema(path: Path) -> pa.Schema:
+    """The parquet footer's schema (cheap: no data pages are read), or CorruptFile."""
     try:
-        schema = pq.read_schema(path)
+        return pq.read_schema(path)
     except (pa.ArrowException, OSError) as e:
         raise CorruptFile(f"{path.name} is not a readable parquet file: {e}") from e
+
+
+def verify_shard(path: Path) -> None:
+    """A FineWeb-Edu shard's check: a readable parquet footer with a `text` string column."""
+    schema = readable_parquet_schema(path)
     if "text" not in schema.names or schema.field("text").type not in (pa.string(), pa.large_string()):
         raise CorruptFile(f"{path.name} has no `text` string column (columns: {schema.names})")
 

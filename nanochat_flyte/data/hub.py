@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat_flyte.data.download import (
@@ -32,6 +31,7 @@ from nanochat_flyte.data.download import (
     default_cache_dir,
     download_file,
     get_json,
+    readable_parquet_schema,
     source_key,
     write_bytes_atomically,
 )
@@ -81,10 +81,7 @@ def parquet_verifier(columns: tuple[str, ...] = ()) -> Callable[[Path], None]:
     """A download check: a readable parquet footer (no data pages are read) with every column in `columns`."""
 
     def verify(path: Path) -> None:
-        try:
-            schema = pq.read_schema(path)
-        except (pa.ArrowException, OSError) as e:
-            raise CorruptFile(f"{path.name} is not a readable parquet file: {e}") from e
+        schema = readable_parquet_schema(path)
         missing = [column for column in columns if column not in schema.names]
         if missing:
             raise CorruptFile(f"{path.name} has no column {', '.join(missing)} (columns: {schema.names})")
