@@ -15,13 +15,17 @@ and its body within as many again; beyond --max-connections open connections, a 
 docs/serving.md has the details.
 """
 
+import errno
 import functools
 import logging
 import os
+import socket
+from pathlib import PurePosixPath
 
 import uvicorn
 
 from nanochat_flyte.cli.usage import ArgumentParser, add_checkpoint_flag, add_compile_flag, add_device_flag
+from nanochat_flyte.errors import UserError
 from nanochat_flyte.inference.engine import Engine
 from nanochat_flyte.inference.serve import (
     API_KEY_ENV,
@@ -30,10 +34,8 @@ from nanochat_flyte.inference.serve import (
     MAX_CONNECTIONS,
     REQUEST_TIMEOUT,
     BoundedHttp,
-    check_can_listen,
     create_app,
     log,
-    model_name_of,
 )
 
 SHUTDOWN_GRACE_S = 10  # as long as `docker stop` waits, and within Kubernetes' 30 s, before they kill the process
@@ -86,3 +88,36 @@ def main(argv: list[str] | None = None) -> None:
     # On Ctrl-C or SIGTERM no new request is taken; answers in flight get SHUTDOWN_GRACE_S to finish
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=http,
                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+
+
+def model_name_of(checkpoint: str) -> str:
+    """The checkpoint's directory name ("s3://bucket/runs/d20/checkpoint/" -> "d20-checkpoint")."""
+    parts = PurePosixPath(checkpoint.split("://", 1)[-1].rstrip("/")).parts
+    return "-".join(parts[-2:]) if len(parts) >= 2 else (parts[-1] if parts else "nanochat")
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Bind, and let go, what uvicorn will bind (asyncio's create_server: every address of the host): a host that
+    is no address here or a port in use then fails in one line naming the flag, before the model loads."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise UserError(f"--host: {host!r} is neither an IP address nor a known host name ({error.strerror})") from None
+    bound = 0
+    for family, _, _, _, address in set(infos):
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as create_server: TIME_WAIT is no obstacle
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as error:
+                if error.errno == errno.EADDRNOTAVAIL:  # create_server skips those; it fails if none is left
+                    continue
+                problems = {errno.EADDRINUSE: f"--port: {port} is already in use on {host}",
+                            errno.EACCES: f"--port: no permission to listen on port {port} (below 1024 needs root)"}
+                raise UserError(problems.get(error.errno, f"--host/--port: cannot listen on {host} port {port}: "
+                                                          f"{error.strerror}")) from None
+            bound += 1
+    if not bound:
+        raise UserError(f"--host: {host} is not an address of this machine")

@@ -273,8 +273,8 @@ class ResidentCache:
             cache = KVCache(caches[0].config, rows, caches[0].max_len)
             cache.keys, cache.values = self.keys[:, :rows], self.values[:, :rows]
             cache.lengths = [length for part in caches for length in part.lengths]
-        if self.static_addresses:
-            for tensor in (cache.keys, cache.values):
+        if self.static_addresses:  # CUDA graphs read the cache where it lies instead of copying it in each replay
+            for tensor in (cache.keys, cache.values):  # (torch exposes this hint only under torch._dynamo)
                 torch._dynamo.mark_static_address(tensor, guard=False)
         return cache
 

@@ -28,16 +28,14 @@ A base checkpoint is served in plain completion mode: the model continues the la
 """
 
 import asyncio
-import errno
 import hmac
 import json
 import logging
 import secrets
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import h11
 from fastapi import FastAPI
@@ -49,7 +47,6 @@ from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanochat_flyte.data.conversation import ConversationError
-from nanochat_flyte.errors import UserError
 from nanochat_flyte.inference.engine import CHAT_TEMPERATURE, DEFAULT_TOP_K, Engine, SamplingParams
 from nanochat_flyte.inference.scheduler import Request, Scheduler
 
@@ -468,39 +465,3 @@ class BoundedHttp(H11Protocol):
         if self.deadline is not None:
             self.deadline.cancel()
         super().connection_lost(exc)
-
-
-# ---------------------------------------------------------------------------- command line
-
-
-def model_name_of(checkpoint: str) -> str:
-    """The checkpoint's directory name ("s3://bucket/runs/d20/checkpoint/" -> "d20-checkpoint")."""
-    parts = PurePosixPath(checkpoint.split("://", 1)[-1].rstrip("/")).parts
-    return "-".join(parts[-2:]) if len(parts) >= 2 else (parts[-1] if parts else "nanochat")
-
-
-def check_can_listen(host: str, port: int) -> None:
-    """Bind, and let go, what uvicorn will bind (asyncio's create_server: every address of the host): a host that
-    is no address here or a port in use then fails in one line naming the flag, before the model loads."""
-    try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as error:
-        raise UserError(f"--host: {host!r} is neither an IP address nor a known host name ({error.strerror})") from None
-    bound = 0
-    for family, _, _, _, address in set(infos):
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as create_server: TIME_WAIT is no obstacle
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind(address)
-            except OSError as error:
-                if error.errno == errno.EADDRNOTAVAIL:  # create_server skips those; it fails if none is left
-                    continue
-                problems = {errno.EADDRINUSE: f"--port: {port} is already in use on {host}",
-                            errno.EACCES: f"--port: no permission to listen on port {port} (below 1024 needs root)"}
-                raise UserError(problems.get(error.errno, f"--host/--port: cannot listen on {host} port {port}: "
-                                                          f"{error.strerror}")) from None
-            bound += 1
-    if not bound:
-        raise UserError(f"--host: {host} is not an address of this machine")

@@ -55,6 +55,6 @@ def write_results(results: dict, directory: str | Path) -> None:
     """results.json in a directory or under any fsspec URI (s3://...)."""
     target = f"{str(directory).rstrip('/')}/{RESULTS_FILE}"
     filesystem, path = fsspec.core.url_to_fs(target)
-    filesystem.makedirs(filesystem._parent(path), exist_ok=True)
+    filesystem.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with filesystem.open(path, "w") as file:
         file.write(json.dumps(results, indent=2, default=str) + "\n")

@@ -141,7 +141,8 @@ def apply_gradients(model: torch.nn.Module, optimizers: list[torch.optim.Optimiz
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip if grad_clip > 0 else math.inf)
     grad_norm = grad_norm.to(loss.device)  # (on the CPU where no parameter had a gradient)
     if grad_scaler:
-        # the scale before update(), read in the same wait (get_scale() would wait again, for the optimizers)
+        # the scale before update(), read in the same wait (get_scale() would wait again, for the optimizers; its
+        # private twin _get_scale_async returns the scale tensor without that wait, and torch has no public one)
         loss_value, norm_value, scale_value = torch.stack([loss, grad_norm, grad_scaler._get_scale_async()]).tolist()
         # skip the whole step on inf/nan, not only the optimizers whose own gradients overflowed. The gradients are
         # unscaled already and the verdict is taken: optimizer.step() directly, where grad_scaler.step() would wait
