@@ -8,7 +8,7 @@
 Figures, each the median of --repeats runs (after one untimed run of each shape: allocator, compilation):
 - prefill: milliseconds to read a prompt of --prompt-tokens tokens and choose the first reply token (what a user
   waits for before the first word appears);
-- one prompt's decode: tokens per second after the prefill, one token at a time (the batch-1 time less the prefill);
+- one prompt's decode: tokens per second after the prefill, one token at a time (the decode steps timed alone);
 - batched decode: generated tokens per second for B prompts answered together in one batch, --new-tokens each, for
   each B of --batch-sizes, prefill included (greedy, and no stop token ends a row early: every row writes all its
   tokens).
@@ -26,7 +26,7 @@ from torch._dynamo.utils import counters
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package from a bare checkout (the GPU machine)
 
 from nanochat_flyte.config import COMPILE_MODES, DEVICES  # noqa: E402
-from nanochat_flyte.inference.engine import Engine, SamplingParams  # noqa: E402
+from nanochat_flyte.inference.engine import Batch, Engine, SamplingParams  # noqa: E402
 from nanochat_flyte.model.device import select_device, select_precision  # noqa: E402
 from tests.helpers import random_gpt  # noqa: E402
 
@@ -87,6 +87,18 @@ def main(argv: list[str] | None = None) -> dict:
         return statistics.median(timed(engine, lambda: engine.generate_batch(prompts[:size], sampling))
                                  for _ in range(args.repeats))
 
+    def decode_seconds() -> float:
+        """One prompt's decode steps after its prefill, timed alone: the tokens after the first, one step each."""
+        sequence = engine.sequence(prompts[0], params)
+        batch = Batch(engine, max_len=engine.cache_len(len(sequence.prompt) + sequence.max_new))
+        batch.add([sequence])
+
+        def steps() -> None:
+            while batch.sequences:
+                batch.step()
+
+        return timed(engine, steps) / (len(sequence.tokens) - 1)
+
     skips_before = counters["inductor"]["cudagraph_skips"]
     prefill_seconds = median_seconds(1, first)
     print(f"prefill: {1000 * prefill_seconds:.1f} ms for a {args.prompt_tokens}-token prompt", flush=True)
@@ -100,7 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"batch {size}: {rate:,.0f} tokens/s ({size} x {args.new_tokens} tokens in {seconds:.2f} s, prefill "
               "included)", flush=True)
         if size == 1 and args.new_tokens > 1:  # the first token comes with the prefill; the rest one step each
-            result["one_prompt_decode_tokens_per_sec"] = (args.new_tokens - 1) / (seconds - prefill_seconds)
+            decode_seconds()  # warm-up
+            result["one_prompt_decode_tokens_per_sec"] = 1 / statistics.median(decode_seconds()
+                                                                               for _ in range(args.repeats))
             print(f"one prompt's decode: {result['one_prompt_decode_tokens_per_sec']:,.0f} tokens/s after the "
                   "prefill", flush=True)
     # Inductor runs a graph it cannot record eagerly, with a log line only: counted, so that a reduce-overhead figure
