@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import fsspec
@@ -122,16 +124,26 @@ def test_a_remote_start_checkpoint_is_fetched_by_one_rank_per_node_and_the_other
     (local_dir / "notes.txt").unlink()
     (local_dir / "stale.pt").write_text("another source's file")  # fetched here before, from elsewhere
     (local_dir / FETCHED_FILE).write_text(json.dumps({"source": "memory://older", "complete": True}))
-    # local rank 1 of the node, in its own process: its memory:// is empty, so it can only wait for rank 0's download
-    rank_one = ("import sys, pathlib; from nanochat_flyte.cli.chat_stage import fetched_once_per_node as f; "
-                "print(f('memory://ckpt', pathlib.Path(sys.argv[1]), 'chat_sft'))")
+    # local rank 1 of the node, in its own process: its memory:// is empty, so it can only wait for rank 0's download.
+    # It says when it starts to wait, looks every 10 ms, and counts its looks.
+    rank_one = textwrap.dedent("""\
+        import pathlib, sys, time
+        import nanochat_flyte.cli.chat_stage as stage
+        looks, sleep = [], time.sleep
+        stage.DATA_POLL_S, time.sleep = 0.01, lambda seconds: (looks.append(seconds), sleep(seconds))
+        print("waiting", flush=True)
+        print(stage.fetched_once_per_node("memory://ckpt", pathlib.Path(sys.argv[1]), "chat_sft"), len(looks))
+        """)
     waiter = subprocess.Popen([sys.executable, "-c", rank_one, str(local_dir)],
                               env={**os.environ, "LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "2"},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert waiter.stdout.readline() == "waiting\n"
+    time.sleep(0.5)  # it looks (the stale marker names another source) while rank 0 has not begun
     assert fetched_once_per_node("memory://ckpt", local_dir, "chat_sft") == local_dir  # this is local rank 0
     out, err = waiter.communicate(timeout=60)
     assert waiter.returncode == 0, err[-2000:]
-    assert out.strip() == str(local_dir)
+    where, looks = out.split()
+    assert where == str(local_dir) and int(looks) >= 1  # it waited, and then took rank 0's download
     assert sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file()) == [
         "checkpoint.pt", FETCHED_FILE, "tokenizer/ranks.txt"]  # the stale file of another source is gone
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from nanochat_flyte.cli.usage import ArgumentParser
 from nanochat_flyte.config import ChatConfig, RLConfig, load_config
 from nanochat_flyte.data.chat_data import check_hub_endpoint, prepared_manifest
-from nanochat_flyte.data.download import default_cache_dir, local_path
+from nanochat_flyte.data.download import default_cache_dir, local_path, write_bytes_atomically
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.model.checkpoint import (
     MODEL_CONFIG_FILE,
@@ -31,6 +31,7 @@ from nanochat_flyte.schema import parse_override
 from nanochat_flyte.training.loop import check_out_dir, check_resumed_stage, distributed_env
 
 DATA_WAIT_S = 3600  # other ranks wait this long for local rank 0 to prepare the data (a full SmolTalk download)
+DATA_POLL_S = 5  # and look this often
 FETCHED_FILE = "fetched_from.json"  # in a downloaded start checkpoint: its URI, written once the download is complete
 SFT_DATA_KEYS = ("hf_endpoint", *SFT_DATA_FIELDS)  # what decides a stage's data: its cache folder's key
 RL_DATA_KEYS = ("hf_endpoint", *RL_DATA_FIELDS)
@@ -70,11 +71,11 @@ def once_per_node(is_done: Callable[[], bool], work: Callable[[], object], what:
     if distributed_env()[1] == 0:
         work()
         return
-    deadline = time.time() + DATA_WAIT_S
+    deadline = time.monotonic() + DATA_WAIT_S
     while not is_done():
-        if time.time() > deadline:
+        if time.monotonic() > deadline:
             raise TimeoutError(f"local rank 0 did not prepare {what} within {DATA_WAIT_S:.0f}s")
-        time.sleep(5)
+        time.sleep(DATA_POLL_S)
 
 
 def fetched_once_per_node(source: str, local_dir: Path, owner: str) -> Path:
@@ -84,6 +85,7 @@ def fetched_once_per_node(source: str, local_dir: Path, owner: str) -> Path:
     if local_path(source) is not None:
         return fetch_checkpoint(source, local_dir)
     marker = local_dir / FETCHED_FILE  # written first, and again with "complete" once the download is
+    # (atomically: a waiting rank reads it meanwhile)
     if local_dir.is_dir() and any(local_dir.iterdir()) and not marker.is_file():
         raise ConfigError("out_dir", f"{local_dir}, where the start checkpoint is downloaded to, holds files this "
                                      "command did not put there: move them, or choose another out_dir", owner)
@@ -94,7 +96,7 @@ def fetched_once_per_node(source: str, local_dir: Path, owner: str) -> Path:
     def fetch() -> None:
         require_checkpoint(source)  # before the folder's earlier download goes
         local_dir.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"source": source, "complete": False}))
+        write_bytes_atomically(marker, [json.dumps({"source": source, "complete": False}).encode()])
         # another source's files must not mix with this one's; the marker stays, so that the other ranks never
         # find the folder without it
         for path in local_dir.iterdir():
@@ -103,7 +105,7 @@ def fetched_once_per_node(source: str, local_dir: Path, owner: str) -> Path:
             elif path != marker:
                 path.unlink()
         fetch_checkpoint(source, local_dir)
-        marker.write_text(json.dumps({"source": source, "complete": True}))
+        write_bytes_atomically(marker, [json.dumps({"source": source, "complete": True}).encode()])
 
     once_per_node(fetched, fetch, f"{local_dir} from {source}")
     return local_dir
