@@ -87,7 +87,7 @@ def write_fineweb_shards(directory: Path, indices: list[int], docs_per_shard: in
 
 # ----------------------------------------------------------------------------- the server
 
-FAULTS = ("503", "429", "reset", "truncate", "redirect", "404")
+FAULTS = ("503", "429", "reset", "truncate", "redirect", "404", "401", "403")
 
 
 @dataclass
@@ -188,8 +188,8 @@ class ShardRequestHandler(http.server.BaseHTTPRequestHandler):
         with server.lock:
             server.requests.append(Request(self.command, self.path, dict(self.headers)))
         fault = server.next_fault(self.path)
-        if fault and fault.kind in ("503", "429", "404", "redirect"):
-            self.send_response({"503": 503, "429": 429, "404": 404, "redirect": 302}[fault.kind])
+        if fault and fault.kind in ("503", "429", "404", "401", "403", "redirect"):
+            self.send_response(302 if fault.kind == "redirect" else int(fault.kind))
             if fault.kind == "429":
                 self.send_header("Retry-After", str(fault.retry_after))
             if fault.kind == "redirect":

@@ -113,6 +113,25 @@ def test_404_fails_at_once_with_shard_url_and_cause(shard_server, shard_0, tmp_p
     assert len(shard_server.requests_for(SHARD_0)) == 1  # not retried
 
 
+@pytest.mark.parametrize("status", ["401", "403"])
+def test_a_refused_download_fails_at_once_and_names_the_token(shard_server, shard_0, tmp_path, status):
+    shard_server.fail(SHARD_0, status, times=None)
+    with pytest.raises(DownloadError, match=rf"shard 0 .*HTTP {status} .*\(a gated or private mirror needs HF_TOKEN\)"):
+        download_shard(shard_server.url, 0, tmp_path / "cache", FAST_RETRY)
+    assert len(shard_server.requests_for(SHARD_0)) == 1  # not retried
+
+
+def test_a_partial_file_the_server_cannot_continue_is_started_over(shard_server, shard_0, tmp_path):
+    """A .part as long as the file (say, the file was replaced by a shorter one): the server answers 416."""
+    partial = tmp_path / "cache" / source_key(shard_server.url) / (SHARD_0.lstrip("/") + ".part")
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"x" * (len(shard_0) + 10))
+    download = download_shard(shard_server.url, 0, tmp_path / "cache", FAST_RETRY)
+    assert download.path.read_bytes() == shard_0 and not partial.exists()
+    ranges = [request.headers.get("Range") for request in shard_server.requests_for(SHARD_0)]
+    assert ranges == [f"bytes={len(shard_0) + 10}-", None]  # refused (416), then the whole file
+
+
 def test_gives_up_after_the_retries_with_one_error(shard_server, shard_0, tmp_path):
     shard_server.fail(SHARD_0, "503", times=None)
     with pytest.raises(DownloadError, match=r"shard 0 .*HTTP 503.*after 4 attempts"):
