@@ -1,3 +1,4 @@
+import functools
 import json
 import math
 import re
@@ -345,3 +346,33 @@ def test_a_diverged_evaluation_is_no_best(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(Pretraining, "evaluate", lambda self, *args: next(values))
     summary = train(tiny_config(), data_dir, tmp_path / "run")
     assert summary["min_validation_bpb"] == 2.0 and summary["final_validation_bpb"] == 3.0
+
+
+def test_an_fp16_run_killed_and_resumed_repeats_its_losses_and_grad_scales(data_dir, tmp_path, monkeypatch):
+    """The T4 path's preemption: the GradScaler's state is saved and restored. Its first scale here is 2**24, so
+    that the early steps overflow and halve it; a resumed run with a fresh scale would skip steps again."""
+    monkeypatch.setattr(torch.amp.GradScaler, "__init__",
+                        functools.partialmethod(torch.amp.GradScaler.__init__, init_scale=2.0**24))
+    config = tiny_config(dtype="float16")
+    train(config, data_dir, tmp_path / "straight")
+    with pytest.raises(Killed):
+        train(config, data_dir, tmp_path / "first", on_save=kill_at_save)
+    train(config, data_dir, tmp_path / "resumed", resume_dir=tmp_path / "first")
+    assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "straight")
+
+    def scales(run: str) -> list:
+        return [r["train/grad_scale"] for r in read_jsonl(tmp_path / run / "metrics.jsonl") if "train/loss" in r]
+
+    assert scales("resumed") == scales("straight") and scales("straight")[-1] < 2.0**24  # it was halved
+
+
+def test_ctrl_c_before_the_first_save_says_there_is_nothing_to_resume_from(data_dir, tmp_path, monkeypatch, capsys):
+    def interrupted(self, step, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "log_step", interrupted)  # Ctrl-C during the first step's log line
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(save_every=100), data_dir, tmp_path)
+    assert ("interrupted at step 1, before the first checkpoint (saved every 100 steps): nothing to resume from"
+            in capsys.readouterr().out)
+    assert not (tmp_path / "checkpoint.pt").exists()
