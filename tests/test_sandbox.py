@@ -352,6 +352,23 @@ def test_each_layer_reports_whether_it_holds_and_code_never_runs_with_less_than_
     assert run_evaluator(setup, LAYER_REPORT, python).splitlines() == [str(report), required]
 
 
+def test_where_nobody_has_no_uid_the_report_names_that_layer():
+    """A rootless container: root in a user namespace that maps root alone, where the uid nobody does not exist."""
+    require_every_layer()
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("no unshare(1) here to make a user namespace with")
+    evaluator = "from nanochat_flyte.evaluation.sandbox import *\n" + textwrap.dedent(LAYER_REPORT)
+    result = subprocess.run([unshare, "--map-root-user", sys.executable, "-c", evaluator], capture_output=True,
+                            text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if result.returncode != 0 and result.stderr.startswith("unshare:"):
+        pytest.skip(f"no user namespace here: {result.stderr.strip()}")
+    no_uid = CANNOT + "unprivileged uid (Operation not permitted)"
+    report, refused = result.stdout.splitlines()
+    assert report == str((False, no_uid)), result.stderr[-2000:]
+    assert refused.startswith(no_uid)  # and every required layer it lacks besides (a tmpfs owned by nobody)
+
+
 def test_the_network_namespace_alone_cuts_the_network():
     require_every_layer()
     with socket.create_server(("127.0.0.1", 0)) as server:

@@ -30,6 +30,7 @@ and pyseccomp, which wraps the system's libseccomp with ctypes, has had no relea
 in a subprocess when imported. tests/test_sandbox.py checks the system call numbers below against libseccomp's.
 """
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -562,7 +563,10 @@ def isolate(workdir: str, evaluator: int, limits: Limits) -> tuple[list[str], di
     the uid, then what the code may not undo. Returns (the layers held, {missing layer: why})."""
     held, missing = [], {}
     if os.geteuid() == 0:
-        os.chown(workdir, NOBODY, NOBODY)  # nobody's, for when no private root covers it
+        # nobody's, for when no private root covers it; where nobody has no uid (a user namespace that maps root
+        # alone: EINVAL), becoming nobody fails below too, and the refusal names that layer
+        with contextlib.suppress(OSError):
+            os.chown(workdir, NOBODY, NOBODY)
     try:
         enter_namespaces()
         held.append(NETWORK_NAMESPACE)
