@@ -113,14 +113,17 @@ def test_ctrl_c_prints_the_resume_command_and_that_command_resumes(tmp_path, fly
         (tmp_path / "run.json").write_text(json.dumps(config.to_dict()))
         run = subprocess.Popen(flyte_run.command("--config", str(tmp_path / "run.json")), cwd=ROOT,
                                env=flyte_run.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        lines = []
-        for line in run.stdout:
-            lines.append(line)
-            if line.startswith("step 00002 | saved checkpoint to "):
-                run.send_signal(signal.SIGINT)
-                break
-        lines += run.stdout.readlines()
-        run.wait(timeout=120)
+        try:
+            lines = []
+            for line in run.stdout:
+                lines.append(line)
+                if line.startswith("step 00002 | saved checkpoint to "):
+                    run.send_signal(signal.SIGINT)
+                    break
+            lines += run.stdout.readlines()
+            run.wait(timeout=120)
+        finally:  # a failed wait leaves no run behind
+            run.kill()
         output = "".join(lines)
         assert run.returncode != 0 and "Completed" not in output, output[-3000:]
         command = next(line for line in lines if line.startswith("resume with: ")).removeprefix("resume with: ")

@@ -474,7 +474,10 @@ def test_the_sandbox_dies_with_its_evaluator(tmp_path):
     while not (sandboxes := [int(p.name) for p in Path("/proc").glob("[0-9]*") if is_child(p, evaluator.pid)]):
         assert time.monotonic() < deadline and evaluator.poll() is None
         time.sleep(0.05)
-    time.sleep(1.0)  # it has isolated itself and sleeps
+    # isolated, its seccomp filter (the last layer) in place, the code sleeping
+    while "Seccomp:\t2" not in Path(f"/proc/{sandboxes[0]}/status").read_text():
+        assert time.monotonic() < deadline and evaluator.poll() is None
+        time.sleep(0.05)
     evaluator.kill()  # from outside: nothing cleans up after it
     evaluator.wait()
     deadline = time.monotonic() + 5
