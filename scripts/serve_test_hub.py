@@ -23,8 +23,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8766)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
+        try:  # the port first: a busy one is one line, before the datasets are written
+            server = HubServer(Path(directory), port=args.port)
+        except OSError as error:
+            parser.error(f"--port: cannot listen on 127.0.0.1 port {args.port}: {error.strerror}")
         rows = write_hub_datasets(Path(directory))
-        server = HubServer(Path(directory), port=args.port)
         for (repo, subset, split), count in rows.items():
             print(f"{server.url}/api/datasets/{repo}/parquet/{subset}/{split}: {count} rows")
         server.serve_until_interrupted("the hub")

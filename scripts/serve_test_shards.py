@@ -24,8 +24,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8765)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
+        try:  # the port first: a busy one is one line, before the shards are written
+            server = ShardServer(Path(directory), port=args.port)
+        except OSError as error:
+            parser.error(f"--port: cannot listen on 127.0.0.1 port {args.port}: {error.strerror}")
         write_fineweb_shards(Path(directory), args.shards, args.docs)
-        ShardServer(Path(directory), port=args.port).serve_until_interrupted(f"shards {args.shards}")
+        server.serve_until_interrupted(f"shards {args.shards}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ import hashlib
 import importlib.util
 import json
 import random
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -100,3 +102,20 @@ def random_gpt(depth: int, seq_len: int, device: torch.device) -> tuple[GPT, tik
     with torch.no_grad():
         torch.nn.init.normal_(model.lm_head.weight, std=0.02)
     return model, tokenizer
+
+
+def interrupted_after_a_save(command: list[str], cwd: Path, env: dict, save_line: str) -> tuple[int, list[str]]:
+    """A workflow run stopped with Ctrl-C (SIGINT) as soon as it prints save_line: its exit status and output
+    lines. The run is killed if a wait fails, so that none is left behind."""
+    run = subprocess.Popen(command, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        lines = []
+        for line in run.stdout:
+            lines.append(line)
+            if line.startswith(save_line):
+                run.send_signal(signal.SIGINT)
+                break
+        lines += run.stdout.readlines()
+        return run.wait(timeout=120), lines
+    finally:
+        run.kill()

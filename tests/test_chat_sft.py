@@ -109,6 +109,17 @@ def test_the_sft_cli_trains_from_the_hub_and_refuses_a_bad_field_or_batch_before
                            "--out-dir", ".", "seed=8", "total_batch_size=1000"], cwd=tmp_path / "here",
                           capture_output=True, text=True, timeout=120)
     assert here.returncode == 2 and here.stderr.startswith("error: ChatConfig.total_batch_size: 1000 is not")
+    # the chat checkpoint just trained, as a base: SFT starts from a pretrained model (nothing prepared, nothing copied)
+    chat = subprocess.run([sys.executable, "-m", "nanochat_flyte", "sft", "--base-checkpoint", str(tmp_path / "chat"),
+                           "--out-dir", str(tmp_path / "w")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert chat.returncode == 2 and chat.stderr == (
+        f"error: chat_sft.base_checkpoint: {tmp_path / 'chat'} is a chat checkpoint; SFT starts from a base "
+        "(pretrained) checkpoint: give the one it was fine-tuned from\n")
+    onto = subprocess.run([sys.executable, "-m", "nanochat_flyte", "sft", "--base-checkpoint", str(base_checkpoint),
+                           "--out-dir", str(tmp_path / "v"), f"save_to={base_checkpoint}/"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert onto.returncode == 2 and onto.stderr.startswith(
+        f"error: ChatConfig.save_to: '{base_checkpoint}/' is the base_checkpoint this run starts from: its copies")
 
 
 def test_a_remote_start_checkpoint_is_fetched_by_one_rank_per_node_and_the_others_wait(tmp_path):

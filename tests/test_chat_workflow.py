@@ -1,6 +1,7 @@
 """The chat workflows run in-process by flytekit: shards and the hub's datasets served from 127.0.0.1."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,15 @@ def test_humaneval_on_where_no_sandbox_works_fails_before_pretraining(monkeypatc
         setup.probe_stage(RLConfig(humaneval="on", eval_tasks="gsm8k", hf_endpoint="http://127.0.0.1:9"))
 
 
+def test_a_pipeline_whose_stages_save_to_one_place_fails_before_pretraining(tmp_path):
+    """Each stage's copies would replace the model the next one starts from."""
+    base, chat = RunConfig(save_to=str(tmp_path / "base")), ChatConfig(save_to=str(tmp_path / "base") + "/")
+    with pytest.raises(ConfigError, match=r"^ChatConfig\.save_to: '.*base/' is the base model \(RunConfig\.save_to\)"):
+        setup.later_stages(base, chat)
+    with pytest.raises(ConfigError, match=r"^RLConfig\.save_to: .* is the chat model \(ChatConfig\.save_to\)"):
+        setup.later_stages(base, ChatConfig(save_to="s3://bucket/chat"), RLConfig(save_to="s3://bucket/chat/"))
+
+
 def test_chat_sft_from_a_checkpoint_directory_reuses_its_downloads(served_shards, hub_server):
     _, checkpoint, _ = main(config=tiny_config(served_shards.url, num_iterations=2, eval_every=2, sample_every=2,
                                                save_every=2))
@@ -141,13 +151,22 @@ def test_chat_sft_from_a_checkpoint_directory_reuses_its_downloads(served_shards
     assert hub_server.requests == []
 
 
-def test_rl_from_a_base_checkpoint_or_sft_with_a_bad_batch_fails_before_any_download(served_shards, hub_server):
+def test_a_stage_from_the_wrong_checkpoint_a_bad_batch_or_onto_its_start_fails_before_any_download(
+        served_shards, hub_server, tmp_path):
     _, checkpoint, _ = main(config=tiny_config(served_shards.url, num_iterations=1, eval_every=1, sample_every=1,
                                                save_every=1))
     with pytest.raises(Exception, match=r"chat_rl\.sft_checkpoint: .* is a base checkpoint; RL starts from a chat"):
         chat_rl(sft_checkpoint=FlyteDirectory(checkpoint.path), config=tiny_rl_config())
     with pytest.raises(Exception, match=r"ChatConfig\.total_batch_size: 1000 is not divisible"):
         chat_sft(base_checkpoint=FlyteDirectory(checkpoint.path), config=tiny_chat_config(total_batch_size=1000))
+    with pytest.raises(Exception, match=r"ChatConfig\.save_to: '.*' is the base_checkpoint this run starts from: its "
+                                        "copies would replace that checkpoint"):
+        chat_sft(base_checkpoint=FlyteDirectory(checkpoint.path), config=tiny_chat_config(save_to=checkpoint.path))
+    chat = shutil.copytree(checkpoint.path, tmp_path / "chat")  # a chat checkpoint, as SFT leaves one
+    state = json.loads((chat / "training_state.json").read_text())
+    (chat / "training_state.json").write_text(json.dumps({**state, "phase": "chat"}))
+    with pytest.raises(Exception, match=r"chat_sft\.base_checkpoint: .* is a chat checkpoint; SFT starts from a base"):
+        chat_sft(base_checkpoint=FlyteDirectory(str(chat)), config=tiny_chat_config())
     assert hub_server.requests == []
 
 

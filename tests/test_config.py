@@ -127,7 +127,11 @@ def test_the_config_cli_writes_a_file_and_fails_in_one_line(tmp_path):
                             (["configs/nope.yaml"], "error: RunConfig.*: no preset file 'configs/nope.yaml'"),
                             (["configs/smoke.yaml", "depth=0"], "error: RunConfig.depth: must be >= 1, got 0"),
                             (["configs/rl_smoke.yaml", "--rl", "num_samples=1"],
-                             "error: RLConfig.num_samples: must be >= 2, got 1")]:
+                             "error: RLConfig.num_samples: must be >= 2, got 1"),
+                            (["configs/chat_smoke.yaml"], "error: RunConfig.eval_max_per_task: unknown field; "
+                                                          "configs/chat_smoke.yaml is a ChatConfig preset: add --chat"),
+                            (["--rl", "configs/smoke.yaml"], "error: RLConfig.depth: unknown field; configs/smoke.yaml "
+                                                             "is a RunConfig preset: leave out --chat and --rl")]:
         bad = subprocess.run([sys.executable, "-m", "nanochat_flyte", "config", *arguments,
                               "-o", str(tmp_path / "x.json")],
                              cwd=root, capture_output=True, text=True, timeout=60)

@@ -5,7 +5,6 @@ exit status 2, before anything is downloaded; a good config runs. workflows/flyt
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import uuid
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import interrupted_after_a_save
 from tests.shard_server import serve_shards, write_fineweb_shards
 from tests.test_workflow import VAL_SHARD, tiny_config
 
@@ -111,21 +111,10 @@ def test_ctrl_c_prints_the_resume_command_and_that_command_resumes(tmp_path, fly
         config = tiny_config(server.url, depth=2, device_batch_size=8, total_batch_size=2048, num_iterations=8,
                              eval_every=8, sample_every=8, save_every=2, wandb_mode="disabled")
         (tmp_path / "run.json").write_text(json.dumps(config.to_dict()))
-        run = subprocess.Popen(flyte_run.command("--config", str(tmp_path / "run.json")), cwd=ROOT,
-                               env=flyte_run.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        try:
-            lines = []
-            for line in run.stdout:
-                lines.append(line)
-                if line.startswith("step 00002 | saved checkpoint to "):
-                    run.send_signal(signal.SIGINT)
-                    break
-            lines += run.stdout.readlines()
-            run.wait(timeout=120)
-        finally:  # a failed wait leaves no run behind
-            run.kill()
+        returncode, lines = interrupted_after_a_save(flyte_run.command("--config", str(tmp_path / "run.json")), ROOT,
+                                                     flyte_run.env, "step 00002 | saved checkpoint to ")
         output = "".join(lines)
-        assert run.returncode != 0 and "Completed" not in output, output[-3000:]
+        assert returncode != 0 and "Completed" not in output, output[-3000:]
         command = next(line for line in lines if line.startswith("resume with: ")).removeprefix("resume with: ")
         assert command.startswith("flyte run --local workflows/flyte2/nanochat.py main --config "), command
 

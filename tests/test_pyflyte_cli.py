@@ -3,7 +3,6 @@ a traceback, and Ctrl-C tells where the last checkpoint is and the exact command
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import click
 import pytest
 
 from nanochat_flyte.config import RunConfig
+from tests.helpers import interrupted_after_a_save
 from tests.shard_server import serve_shards, write_fineweb_shards
 from tests.test_workflow import VAL_SHARD, tiny_config
 
@@ -108,21 +108,10 @@ def test_ctrl_c_prints_the_resume_command_and_that_command_resumes(tmp_path, env
         config = tiny_config(server.url, depth=2, device_batch_size=8, total_batch_size=2048, num_iterations=8,
                              eval_every=8, sample_every=8, save_every=2, wandb_mode="disabled")
         (tmp_path / "run.json").write_text(json.dumps(config.to_dict()))
-        run = subprocess.Popen([*PYFLYTE, "--config", str(tmp_path / "run.json")], cwd=ROOT, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        try:
-            lines = []
-            for line in run.stdout:
-                lines.append(line)
-                if line.startswith("step 00002 | saved checkpoint to "):
-                    run.send_signal(signal.SIGINT)
-                    break
-            lines += run.stdout.readlines()
-            run.wait(timeout=120)
-        finally:  # a failed wait leaves no run behind
-            run.kill()
+        returncode, lines = interrupted_after_a_save([*PYFLYTE, "--config", str(tmp_path / "run.json")], ROOT, env,
+                                                     "step 00002 | saved checkpoint to ")
         output = "".join(lines)
-        assert run.returncode != 0, output[-3000:]
+        assert returncode != 0, output[-3000:]
         interrupted = next(line for line in lines if line.startswith("interrupted at step "))
         assert "the last checkpoint (step 2) is in " in interrupted, output[-3000:]
         command = next(line for line in lines if line.startswith("resume with: ")).removeprefix("resume with: ")

@@ -11,7 +11,7 @@ import pytest
 
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.model.checkpoint import CHECKPOINT_FILE
-from nanochat_flyte.pipeline.train import last_save
+from nanochat_flyte.pipeline.train import last_save, resume_command
 from nanochat_flyte.training.pretrain import check_resume
 from tests.shard_server import serve_shards, write_fineweb_shards
 from tests.test_workflow import VAL_SHARD, tiny_config
@@ -142,3 +142,19 @@ def test_an_interrupted_run_resumes_from_its_local_copy_or_its_own_folder(tmp_pa
     for save_to in (str(copy), copy.as_uri()):
         assert last_save(dataclasses.replace(config, save_to=save_to), folder) == copy
     assert last_save(dataclasses.replace(config, save_to="s3://bucket/run"), folder) == folder
+
+
+def test_the_resume_line_names_a_copy_under_the_working_directory_as_the_user_did(tmp_path, monkeypatch):
+    copy = tmp_path / "repo" / "runs" / "my base"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "repo")
+    (copy / CHECKPOINT_FILE).touch()
+    config = dataclasses.replace(tiny_config("http://127.0.0.1:9"), save_to="runs/my base")
+    assert resume_command(config, tmp_path / "task", "pyflyte run workflows/nanochat.py main") == (
+        "resume with: pyflyte run workflows/nanochat.py main --config 'runs/my base/config.json' "
+        "--resume_from 'runs/my base'")
+    elsewhere = tmp_path / "task"  # a task folder outside the working directory keeps its whole path
+    elsewhere.mkdir()
+    (elsewhere / CHECKPOINT_FILE).touch()
+    assert resume_command(tiny_config("http://127.0.0.1:9"), elsewhere, "nanochat-run").endswith(
+        f"--resume_from {elsewhere}")

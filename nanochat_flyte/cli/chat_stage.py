@@ -18,6 +18,7 @@ from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.model.checkpoint import (
     MODEL_CONFIG_FILE,
     check_save_to,
+    check_save_to_apart,
     fetch_checkpoint,
     model_differences,
     read_checkpoint_json,
@@ -147,8 +148,10 @@ def run_stage(config: ChatConfig | RLConfig, start_checkpoint: str, args,
         check_resumed_stage(args.resume_dir, "chat" if sft else "rl")
         check_resumed_run(args.resume_dir, config, data_keys, start_checkpoint,
                           "base_checkpoint" if sft else "sft_checkpoint", stage)
-    read_training_state(start_checkpoint, "base_checkpoint" if sft else "sft_checkpoint", stage)
+    start_field = "base_checkpoint" if sft else "sft_checkpoint"
+    read_training_state(start_checkpoint, start_field, stage)
     check(config, start_checkpoint)  # before any download: a batch that does not fit fails in seconds
+    check_save_to_apart(config.save_to, start_checkpoint, start_field, type(config).__name__)
     check_save_to(config.save_to, type(config).__name__)
     data_dir = args.data_dir or data_cache_dir("sft_data" if sft else "rl_data", config, data_keys)
     if not (data_dir / "manifest.json").exists() and distributed_env()[1] == 0:  # the rank that will download

@@ -8,6 +8,7 @@ examples:
 A bad field stops the `&&` chain with one line naming it; without -o the JSON goes to stdout.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,6 +16,21 @@ from nanochat_flyte.cli.usage import ArgumentParser
 from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig, load_config
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.schema import parse_override
+
+# Each kind of preset, and how this command is told it is one
+KIND_FLAGS = {RunConfig: "leave out --chat and --rl", ChatConfig: "add --chat", RLConfig: "add --rl"}
+
+
+def other_kind_hint(preset: str, kind: type) -> str | None:
+    """Which flag a preset of another kind needs (a chat preset given without --chat), or None."""
+    try:
+        fields = set(kind.read_preset(preset))
+    except (ConfigError, TypeError):
+        return None
+    for other, flag in KIND_FLAGS.items():
+        if other is not kind and fields <= {field.name for field in dataclasses.fields(other)}:
+            return f"{preset} is a {other.__name__} preset: {flag}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,7 +44,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_intermixed_args(argv)  # field=value overrides may come before or after the options
     kind = ChatConfig if args.chat else RLConfig if args.rl else RunConfig
     overrides = dict(parse_override(assignment, kind) for assignment in args.overrides)
-    config = load_config(args.preset, kind, **overrides).validate()
+    try:
+        config = load_config(args.preset, kind, **overrides).validate()
+    except ConfigError as error:
+        if error.problem.startswith("unknown field") and (hint := other_kind_hint(args.preset, kind)):
+            raise ConfigError(error.field, f"{error.problem.split(';')[0]}; {hint}", kind.__name__) from None
+        raise
     text = json.dumps(config.to_dict())
     if args.output:
         try:

@@ -100,6 +100,22 @@ def load_checkpoint(checkpoint_dir: Path) -> dict:
 # ---------------------------------------------------------------------- copies elsewhere
 
 
+def same_location(first: str, second: str) -> bool:
+    """Whether two checkpoint locations (directories or URIs) name the same place."""
+    local_first, local_second = local_path(first), local_path(second)
+    if local_first is not None and local_second is not None:
+        return local_first.resolve() == local_second.resolve()
+    return first.rstrip("/") == second.rstrip("/")
+
+
+def check_save_to_apart(target: str, start: str, start_field: str, owner: str) -> None:
+    """A stage's save_to must not be the checkpoint it starts from (`start`, named as start_field): its first copy
+    would replace that model."""
+    if target and start and same_location(target, start):
+        raise ConfigError("save_to", f"{target!r} is the {start_field} this run starts from: its copies would "
+                                     "replace that checkpoint; choose another save_to", owner)
+
+
 def check_save_to(target: str, owner: str) -> None:
     """Fail in one line, before any training, when a local save_to cannot be written (a URI's store is known only at
     the first copy): the first copy comes save_every steps into the run."""

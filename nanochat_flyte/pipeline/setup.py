@@ -10,13 +10,13 @@ from nanochat_flyte.data.download import check_data_url
 from nanochat_flyte.data.hub import hub_endpoint
 from nanochat_flyte.evaluation.bundle import check_bundle_url
 from nanochat_flyte.evaluation.chat_eval import require_sandbox
-from nanochat_flyte.model.checkpoint import check_save_to, checkpoint_run_config, read_training_state
+from nanochat_flyte.model.checkpoint import check_save_to, check_save_to_apart, checkpoint_run_config
 from nanochat_flyte.pipeline import Show
 from nanochat_flyte.reporting.environment import environment_report, format_report
 from nanochat_flyte.reporting.report import environment_deck_html
 from nanochat_flyte.training.pretrain import check_resume
 from nanochat_flyte.training.rl import check_sft_checkpoint, rl_run_config
-from nanochat_flyte.training.sft import sft_run_config
+from nanochat_flyte.training.sft import check_base_checkpoint, sft_run_config
 
 
 def base_run(config: RunConfig, resume_from: str, world_size: int = 1) -> RunConfig:
@@ -42,11 +42,13 @@ def later_stages(config: RunConfig, chat_config: ChatConfig, rl_config: RLConfig
     checks run hours later, and a relaunch from the console with edited inputs checks nothing."""
     chat_config = chat_config.validate()
     sft = sft_run_config(chat_config, config.validate())
-    probe_stage(chat_config)
+    check_save_to_apart(chat_config.save_to, config.save_to, "base model (RunConfig.save_to)", "ChatConfig")
     if rl_config is not None:
         rl_config = rl_config.validate()
         rl_run_config(rl_config, sft)
-        probe_stage(rl_config)
+        check_save_to_apart(rl_config.save_to, chat_config.save_to, "chat model (ChatConfig.save_to)", "RLConfig")
+    for stage in (chat_config, rl_config) if rl_config is not None else (chat_config,):  # then the world's checks
+        probe_stage(stage)
     return chat_config, rl_config
 
 
@@ -54,8 +56,9 @@ def chat_stage(config: ChatConfig, base_checkpoint: str) -> tuple[ChatConfig, st
     """SFT's config, checked against the base checkpoint (a directory or URI) it starts from; the hub probed.
     Returns the config and the hub endpoint the data tasks use."""
     config = config.validate()
-    read_training_state(base_checkpoint, "base_checkpoint", "chat_sft")
+    check_base_checkpoint(base_checkpoint)
     sft_run_config(config, checkpoint_run_config(base_checkpoint))  # the batch fits the base run's model and context
+    check_save_to_apart(config.save_to, base_checkpoint, "base_checkpoint", "ChatConfig")
     return config, probe_stage(config)
 
 
@@ -65,6 +68,7 @@ def rl_stage(config: RLConfig, sft_checkpoint: str) -> tuple[RLConfig, str]:
     config = config.validate()
     check_sft_checkpoint(sft_checkpoint)
     rl_run_config(config, checkpoint_run_config(sft_checkpoint))  # a step's answers split into SFT's micro-batches
+    check_save_to_apart(config.save_to, sft_checkpoint, "sft_checkpoint", "RLConfig")
     return config, probe_stage(config)
 
 

@@ -5,6 +5,7 @@ A Flyte task attempt can be preempted (spot GPUs) and retried. Every save of the
 front's intra-task checkpoint, and a retried attempt starts from the last one: it loses at most save_every steps.
 """
 
+import os
 import shlex
 import shutil
 from pathlib import Path
@@ -58,6 +59,8 @@ def resume_command(config: RunConfig, checkpoint_dir: Path, run_command: str) ->
     saved = last_save(config, checkpoint_dir)
     if saved is None:
         return None
+    if saved.is_relative_to(Path.cwd()):  # as the run's other lines name it (`runs/base`), not from the root
+        saved = Path(os.path.relpath(saved))
     return (f"resume with: {run_command} --config {shlex.quote(str(saved / CONFIG_FILE))} "
             f"--resume_from {shlex.quote(str(saved))}")
 

@@ -23,6 +23,7 @@ rate and warms down again over the last warmdown_ratio of the new length.
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import os
 import shutil
@@ -60,6 +61,7 @@ from nanochat_flyte.reporting.report import write_report
 from nanochat_flyte.reporting.tracking import Tracker
 
 LOSS_EMA_BETA = 0.9  # smoothing of the logged loss: roughly the mean of the last 10 steps
+DDP_PARAMETERS = inspect.signature(DistributedDataParallel).parameters  # which switches this torch's DDP takes
 
 
 # ---------------------------------------------------------------------- one optimizer step
@@ -408,8 +410,10 @@ class Trainer:
         self.trained = self.compiled
         if self.world_size > 1:
             # The model's only buffers, the rotary tables, are computed alike on every rank: nothing to broadcast
-            # before each forward.
-            self.trained = DistributedDataParallel(self.compiled, broadcast_buffers=False,
+            # before each forward (torch 2.13 renamed the switch and warns at the old name)
+            no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in DDP_PARAMETERS
+                              else {"broadcast_buffers": False})
+            self.trained = DistributedDataParallel(self.compiled, **no_buffer_sync,
                                                    device_ids=[local_rank] if self.device.type == "cuda" else None)
 
     def describe_run(self) -> None:

@@ -35,7 +35,12 @@ from nanochat_flyte.data.packing import (
 from nanochat_flyte.data.tokenizer import load_tokenizer
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.inference.engine import Engine, SamplingParams
-from nanochat_flyte.model.checkpoint import TOKENIZER_DIR, checkpoint_run_config, load_checkpoint
+from nanochat_flyte.model.checkpoint import (
+    TOKENIZER_DIR,
+    checkpoint_run_config,
+    load_checkpoint,
+    read_training_state,
+)
 from nanochat_flyte.training.loop import Phase, Trainer, distributed_env
 
 CHAT_SAMPLE_PROMPTS = (
@@ -143,11 +148,22 @@ def sft_run_config(chat: ChatConfig, base: RunConfig) -> RunConfig:
     return config
 
 
+def check_base_checkpoint(checkpoint: str | Path) -> None:
+    """Fail in one line unless `checkpoint` (a directory or URI) is a base (pretrained) checkpoint: SFT teaches a
+    base model the chat format, as nanochat's chat_sft starts from its base (or mid-trained) model."""
+    state = read_training_state(checkpoint, "base_checkpoint", "chat_sft")
+    if state.get("phase", "base") != "base":
+        raise ConfigError("base_checkpoint", f"{checkpoint} is a {state['phase']} checkpoint; SFT starts from a base "
+                                             "(pretrained) checkpoint: give the one it was fine-tuned from",
+                          "chat_sft")
+
+
 def train_chat(chat: ChatConfig, base_dir: Path, data_dir: Path, out_dir: Path, *, resume_dir: Path | None = None,
                on_save=None, env_report: dict | None = None) -> dict:
     """Fine-tune the base checkpoint in base_dir on the SFT data in data_dir (chat_data.prepare_sft_data); write
     the chat checkpoint directory to out_dir; return the summary."""
     chat.validate()
+    check_base_checkpoint(base_dir)
     config = sft_run_config(chat, checkpoint_run_config(base_dir))
     phase = FineTuning(config, chat, base_dir, data_dir)
     if not chat.num_iterations:  # one epoch of the mixture, rows_per_step rows of max_seq_len tokens a step
