@@ -14,7 +14,7 @@ Sections, each in a process of its own under a time budget, their results writte
 - t4: the reference configuration as a T4 would run it (fp16, compile) with the allocator capped at a T4's
   memory, for 300 steps on generated tokens: its peak memory, the device batch it ran at, and fp16 stability
   (no NaN/inf loss, skipped steps, final grad scale).
-- decode (only when asked for): one prompt's decode on a random d8, eager, compiled and as CUDA graphs
+- decode (only when asked for): one prompt's decode on a random d8, as CUDA graphs, eager and compiled
   (bench/engine_throughput.py).
 - vs_nanochat (only when asked for, with --nanochat): nanochat's own training and ours at the reference shape in
   bf16, each with its own compile, and our T4 path beside them: tokens/s and the ratio (bench/vs_nanochat.py).

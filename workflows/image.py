@@ -37,7 +37,8 @@ IMAGE_SPEC = ImageSpec(
     env={"TIKTOKEN_CACHE_DIR": TIKTOKEN_CACHE_DIR},
     commands=[FETCH_GPT2_RANKS],
     # The presets, at /root/configs beside the code fast registration unpacks into /root: `--copy auto` ships the
-    # Python modules only, and workflows/presets.py reads these when a task's container imports scale_up.py.
+    # Python modules only, and workflows/presets.py reads these when a task's container imports it (every task
+    # does, through support.py).
     # (A path from where pyflyte runs: the repository root.)
     copy=["configs"],
 )

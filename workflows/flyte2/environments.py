@@ -69,7 +69,6 @@ HF_SECRET = declared_secret(secrets.HF)  # only for a gated or private mirror of
 CHAT_API_KEY_SECRET = declared_secret(secrets.CHAT_API_KEY)
 
 
-
 def node(machine: Machine) -> flyte.Resources:
     """A machine as a Flyte 2 environment's resources: a GPU node's requests equal its limits, with a /dev/shm."""
     if not machine.gpus:
