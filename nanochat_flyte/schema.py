@@ -129,17 +129,22 @@ class StrictConfig:
         return {name: coerce(cls.__name__, fields[name], value) for name, value in values.items()}
 
     @classmethod
-    def from_cli_value(cls, text: str, default: dict | None = None):
+    def from_cli_value(cls, value: str | dict, default: dict | None = None):
         """The config a `--config` value on either Flyte front's command line gives: inline JSON (text that starts
-        with `{` or `[`), else a preset file (YAML or JSON); the fields it sets over `default` (the workflow's own
-        default input), checked. Flyte's own readers would drop an unknown field and read YAML 1.1."""
-        if text.lstrip().startswith(("{", "[")):
+        with `{` or `[` and is no file), else a preset file (YAML or JSON), or values already read (a dict from the
+        Python API); the fields it sets over `default` (the workflow's own default input), checked. Flyte's own
+        readers would drop an unknown field and read YAML 1.1."""
+        if isinstance(value, dict):
+            values = value
+        elif not value.strip():
+            raise ConfigError("*", "empty: give a preset file (YAML or JSON) or inline JSON", cls.__name__)
+        elif value.lstrip().startswith(("{", "[")) and not Path(value).is_file():
             try:
-                values = json.loads(text)
+                values = json.loads(value)
             except json.JSONDecodeError as error:
                 raise ConfigError("*", f"not valid JSON: {error}", cls.__name__) from None
         else:
-            values = cls.read_preset(text)
+            values = cls.read_preset(value)
         if isinstance(values, dict):
             values = {**(default or {}), **values}
         return cls.from_mapping(values).validate()

@@ -119,7 +119,7 @@ def test_the_sft_cli_trains_from_the_hub_and_refuses_a_bad_field_or_batch_before
                            "--out-dir", str(tmp_path / "v"), f"save_to={base_checkpoint}/"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert onto.returncode == 2 and onto.stderr.startswith(
-        f"error: ChatConfig.save_to: '{base_checkpoint}/' is the base_checkpoint this run starts from: its copies")
+        f"error: ChatConfig.save_to: '{base_checkpoint}/' holds the base_checkpoint: this run's copies would")
 
 
 def test_a_remote_start_checkpoint_is_fetched_by_one_rank_per_node_and_the_others_wait(tmp_path):

@@ -114,10 +114,12 @@ def test_humaneval_on_where_no_sandbox_works_fails_before_pretraining(monkeypatc
 def test_a_pipeline_whose_stages_save_to_one_place_fails_before_pretraining(tmp_path):
     """Each stage's copies would replace the model the next one starts from."""
     base, chat = RunConfig(save_to=str(tmp_path / "base")), ChatConfig(save_to=str(tmp_path / "base") + "/")
-    with pytest.raises(ConfigError, match=r"^ChatConfig\.save_to: '.*base/' is the base model \(RunConfig\.save_to\)"):
+    with pytest.raises(ConfigError, match=r"^ChatConfig\.save_to: '.*/' holds the base model \(RunConfig\.save_to\)"):
         setup.later_stages(base, chat)
-    with pytest.raises(ConfigError, match=r"^RLConfig\.save_to: .* is the chat model \(ChatConfig\.save_to\)"):
+    with pytest.raises(ConfigError, match=r"^RLConfig\.save_to: .* holds the chat model \(ChatConfig\.save_to\)"):
         setup.later_stages(base, ChatConfig(save_to="s3://bucket/chat"), RLConfig(save_to="s3://bucket/chat/"))
+    with pytest.raises(ConfigError, match=r"^RLConfig\.save_to: .* holds the base model \(RunConfig\.save_to\)"):
+        setup.later_stages(base, ChatConfig(), RLConfig(save_to=str(tmp_path / "base")))
 
 
 def test_chat_sft_from_a_checkpoint_directory_reuses_its_downloads(served_shards, hub_server):
@@ -159,8 +161,8 @@ def test_a_stage_from_the_wrong_checkpoint_a_bad_batch_or_onto_its_start_fails_b
         chat_rl(sft_checkpoint=FlyteDirectory(checkpoint.path), config=tiny_rl_config())
     with pytest.raises(Exception, match=r"ChatConfig\.total_batch_size: 1000 is not divisible"):
         chat_sft(base_checkpoint=FlyteDirectory(checkpoint.path), config=tiny_chat_config(total_batch_size=1000))
-    with pytest.raises(Exception, match=r"ChatConfig\.save_to: '.*' is the base_checkpoint this run starts from: its "
-                                        "copies would replace that checkpoint"):
+    with pytest.raises(Exception, match=r"ChatConfig\.save_to: '.*' holds the base_checkpoint: this run's copies "
+                                        "would replace it; choose another save_to"):
         chat_sft(base_checkpoint=FlyteDirectory(checkpoint.path), config=tiny_chat_config(save_to=checkpoint.path))
     chat = shutil.copytree(checkpoint.path, tmp_path / "chat")  # a chat checkpoint, as SFT leaves one
     state = json.loads((chat / "training_state.json").read_text())

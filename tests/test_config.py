@@ -214,3 +214,26 @@ def test_the_config_cli_names_an_output_it_cannot_write(tmp_path):
         config_main([str(CONFIGS / "smoke.yaml"), "-o", str(tmp_path)])  # a directory
     config_main([str(CONFIGS / "smoke.yaml"), "-o", str(tmp_path / "new" / "run.json")])  # a new folder is made
     assert RunConfig.from_file(tmp_path / "new" / "run.json") == RunConfig.from_file(CONFIGS / "smoke.yaml")
+
+
+def test_a_cli_config_value_is_inline_json_a_preset_file_or_values(tmp_path, monkeypatch):
+    """What both Flyte fronts' --config takes (StrictConfig.from_cli_value), over the workflow's default input."""
+    default = {"depth": 12}
+    assert RunConfig.from_cli_value(' {"num_iterations": 5}', default) == RunConfig(depth=12, num_iterations=5)
+    assert RunConfig.from_cli_value({"num_iterations": 5}, default) == RunConfig(depth=12, num_iterations=5)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "[x]").mkdir()
+    (tmp_path / "[x]" / "c.yaml").write_text("num_iterations: 5\n")
+    assert RunConfig.from_cli_value("[x]/c.yaml") == RunConfig(num_iterations=5)  # a file, though it starts with [
+    with pytest.raises(ConfigError, match=r"^RunConfig\.\*: not valid JSON"):
+        RunConfig.from_cli_value("[x]/d.yaml")
+    with pytest.raises(ConfigError, match=r"^RunConfig\.\*: empty: give a preset file"):
+        RunConfig.from_cli_value("  ")
+    with pytest.raises(ConfigError, match=r"^RunConfig\.bogus: unknown field"):
+        RunConfig.from_cli_value({"bogus": 1}, default)
+
+
+def test_the_config_cli_names_another_kinds_preset_only_for_the_presets_own_fields(tmp_path):
+    (tmp_path / "shared.yaml").write_text("num_iterations: 10\n")  # fields every kind has
+    with pytest.raises(ConfigError, match=r"^RunConfig\.dept: unknown field; did you mean depth\?$"):
+        config_main([str(tmp_path / "shared.yaml"), "dept=4"])

@@ -87,7 +87,7 @@ def read_configs_as_the_library_does(convert):
 
     def convert_config(self, value, param, ctx):
         kind = self._python_type
-        if not (isinstance(value, str) and isinstance(kind, type) and issubclass(kind, StrictConfig)):
+        if not (isinstance(value, str | dict) and isinstance(kind, type) and issubclass(kind, StrictConfig)):
             return convert(self, value, param, ctx)
         default = getattr(param, "default", None)  # the workflow's default input, as pyflyte's JSON
         try:

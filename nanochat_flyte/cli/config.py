@@ -21,14 +21,16 @@ from nanochat_flyte.schema import parse_override
 KIND_FLAGS = {RunConfig: "leave out --chat and --rl", ChatConfig: "add --chat", RLConfig: "add --rl"}
 
 
-def other_kind_hint(preset: str, kind: type) -> str | None:
-    """Which flag a preset of another kind needs (a chat preset given without --chat), or None."""
+def other_kind_hint(preset: str, kind: type, unknown: str) -> str | None:
+    """Which flag a preset of another kind needs (a chat preset given without --chat), or None: only where the
+    unknown field is the preset's own (not an override's) and the other kind has every field the preset sets."""
     try:
         fields = set(kind.read_preset(preset))
     except (ConfigError, TypeError):
         return None
     for other, flag in KIND_FLAGS.items():
-        if other is not kind and fields <= {field.name for field in dataclasses.fields(other)}:
+        names = {field.name for field in dataclasses.fields(other)}
+        if other is not kind and unknown in fields and fields <= names:
             return f"{preset} is a {other.__name__} preset: {flag}"
     return None
 
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = load_config(args.preset, kind, **overrides).validate()
     except ConfigError as error:
-        if error.problem.startswith("unknown field") and (hint := other_kind_hint(args.preset, kind)):
+        if error.problem.startswith("unknown field") and (hint := other_kind_hint(args.preset, kind, error.field)):
             raise ConfigError(error.field, f"{error.problem.split(';')[0]}; {hint}", kind.__name__) from None
         raise
     text = json.dumps(config.to_dict())

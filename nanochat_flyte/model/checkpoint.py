@@ -109,11 +109,11 @@ def same_location(first: str, second: str) -> bool:
 
 
 def check_save_to_apart(target: str, start: str, start_field: str, owner: str) -> None:
-    """A stage's save_to must not be the checkpoint it starts from (`start`, named as start_field): its first copy
+    """A stage's save_to must not hold a checkpoint it depends on (`start`, named as start_field): its first copy
     would replace that model."""
     if target and start and same_location(target, start):
-        raise ConfigError("save_to", f"{target!r} is the {start_field} this run starts from: its copies would "
-                                     "replace that checkpoint; choose another save_to", owner)
+        raise ConfigError("save_to", f"{target!r} holds the {start_field}: this run's copies would replace it; choose "
+                                     "another save_to", owner)
 
 
 def check_save_to(target: str, owner: str) -> None:

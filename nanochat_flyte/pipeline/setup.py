@@ -47,6 +47,7 @@ def later_stages(config: RunConfig, chat_config: ChatConfig, rl_config: RLConfig
         rl_config = rl_config.validate()
         rl_run_config(rl_config, sft)
         check_save_to_apart(rl_config.save_to, chat_config.save_to, "chat model (ChatConfig.save_to)", "RLConfig")
+        check_save_to_apart(rl_config.save_to, config.save_to, "base model (RunConfig.save_to)", "RLConfig")
     for stage in (chat_config, rl_config) if rl_config is not None else (chat_config,):  # then the world's checks
         probe_stage(stage)
     return chat_config, rl_config

@@ -29,7 +29,7 @@ def fail(message: str):
 def read_configs_strictly(convert):
     def convert_strictly(self, value, param, ctx):
         kind = self._python_type
-        if not (isinstance(value, str) and isinstance(kind, type) and issubclass(kind, StrictConfig)):
+        if not (isinstance(value, str | dict) and isinstance(kind, type) and issubclass(kind, StrictConfig)):
             return convert(self, value, param, ctx)
         try:
             return kind.from_cli_value(value, self._default_dict())
