@@ -22,7 +22,6 @@ from nanochat_flyte.model.checkpoint import (
     fetch_checkpoint,
     model_differences,
     read_checkpoint_json,
-    read_training_state,
     require_checkpoint,
 )
 from nanochat_flyte.pipeline.prepare import CHAT_DATA_VERSION, RL_DATA_FIELDS, SFT_DATA_FIELDS
@@ -141,15 +140,13 @@ def run_stage(config: ChatConfig | RLConfig, start_checkpoint: str, args,
     rank = distributed_env()[0]
     sft = isinstance(config, ChatConfig)
     stage, data_keys = ("chat_sft", SFT_DATA_KEYS) if sft else ("chat_rl", RL_DATA_KEYS)
+    start_field = "base_checkpoint" if sft else "sft_checkpoint"  # (its kind the CLI has checked already)
     if args.data_dir:  # data named by the user is used as it is, never prepared into
         prepared_manifest(args.data_dir, stage)
     check_out_dir(args.out_dir, args.resume_dir, stage)
     if args.resume_dir:
         check_resumed_stage(args.resume_dir, "chat" if sft else "rl")
-        check_resumed_run(args.resume_dir, config, data_keys, start_checkpoint,
-                          "base_checkpoint" if sft else "sft_checkpoint", stage)
-    start_field = "base_checkpoint" if sft else "sft_checkpoint"
-    read_training_state(start_checkpoint, start_field, stage)
+        check_resumed_run(args.resume_dir, config, data_keys, start_checkpoint, start_field, stage)
     check(config, start_checkpoint)  # before any download: a batch that does not fit fails in seconds
     check_save_to_apart(config.save_to, start_checkpoint, start_field, type(config).__name__)
     check_save_to(config.save_to, type(config).__name__)
