@@ -131,9 +131,15 @@ def test_an_empty_answer_keeps_the_turns_alternating(page, chat_server):
     assert page.locator(".note").text_content() == "(the model answered nothing)"
     page.unroute("**/v1/chat/completions")
 
+    # the real server takes the next turn: the conversation goes on. The model samples (the page's default
+    # temperature), and may itself answer nothing, so the test waits for the request's end, not for a bubble
     sent = []
     page.on("request", lambda request: sent.append(request.post_data_json) if request.method == "POST" else None)
-    assert ask(page, "Are you there?")  # the server's answer: the conversation goes on
+    with page.expect_response("**/v1/chat/completions") as response:
+        page.fill("#input", "Are you there?")
+        page.press("#input", "Enter")
+    assert response.value.status == 200
+    page.wait_for_function("controller === null")  # the answer has streamed in to its end
     assert [body["messages"] for body in sent] == [[{"role": "user", "content": "Hello there"},
                                                     {"role": "assistant", "content": ""},
                                                     {"role": "user", "content": "Are you there?"}]]
