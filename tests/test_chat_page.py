@@ -133,6 +133,7 @@ def test_an_empty_answer_keeps_the_turns_alternating(page, chat_server):
 
     # the real server takes the next turn: the conversation goes on. The model samples (the page's default
     # temperature), and may itself answer nothing, so the test waits for the request's end, not for a bubble
+    page.fill("#max-tokens", "16")
     sent = []
     page.on("request", lambda request: sent.append(request.post_data_json) if request.method == "POST" else None)
     with page.expect_response("**/v1/chat/completions") as response:
@@ -153,6 +154,7 @@ def test_new_chat_during_an_answer_starts_empty(page, chat_server):
     network.send("Network.enable")
     network.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0,
                                                        "downloadThroughput": 1_000, "uploadThroughput": -1})
+    page.fill("#temperature", "0")  # greedy: an answer of many tokens, still streaming when New chat is clicked
     page.fill("#max-tokens", "256")
     page.fill("#input", "Hello there")
     page.press("#input", "Enter")

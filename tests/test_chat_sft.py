@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import fsspec
@@ -136,20 +135,24 @@ def test_a_remote_start_checkpoint_is_fetched_by_one_rank_per_node_and_the_other
     (local_dir / "stale.pt").write_text("another source's file")  # fetched here before, from elsewhere
     (local_dir / FETCHED_FILE).write_text(json.dumps({"source": "memory://older", "complete": True}))
     # local rank 1 of the node, in its own process: its memory:// is empty, so it can only wait for rank 0's download.
-    # It says when it starts to wait, looks every 10 ms, and counts its looks.
+    # It looks every 10 ms, says when it has looked once, and counts its looks.
     rank_one = textwrap.dedent("""\
         import pathlib, sys, time
         import nanochat_flyte.cli.chat_stage as stage
         looks, sleep = [], time.sleep
-        stage.DATA_POLL_S, time.sleep = 0.01, lambda seconds: (looks.append(seconds), sleep(seconds))
-        print("waiting", flush=True)
+        def look_again(seconds):
+            looks.append(seconds)
+            if len(looks) == 1:
+                print("waiting", flush=True)
+            sleep(seconds)
+        stage.DATA_POLL_S, time.sleep = 0.01, look_again
         print(stage.fetched_once_per_node("memory://ckpt", pathlib.Path(sys.argv[1]), "chat_sft"), len(looks))
         """)
     waiter = subprocess.Popen([sys.executable, "-c", rank_one, str(local_dir)],
                               env={**os.environ, "LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "2"},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # it has looked (the stale marker names another source) while rank 0 has not begun
     assert waiter.stdout.readline() == "waiting\n"
-    time.sleep(0.5)  # it looks (the stale marker names another source) while rank 0 has not begun
     assert fetched_once_per_node("memory://ckpt", local_dir, "chat_sft") == local_dir  # this is local rank 0
     out, err = waiter.communicate(timeout=60)
     assert waiter.returncode == 0, err[-2000:]

