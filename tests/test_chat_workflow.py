@@ -65,11 +65,19 @@ def test_the_whole_pipeline_base_to_chat_eval(served_shards, hub_server):
     check_chat_pipeline_outputs(results, chat_results, Path(chat_checkpoint.path), Path(chat_report.path))
 
 
-def test_the_whole_pipeline_with_rl_trains_the_rl_model_from_the_sft_one(served_shards, hub_server):
+def test_the_whole_pipeline_with_rl_goes_on_from_a_base_checkpoint_to_the_rl_model(served_shards, hub_server, capfd):
+    """Pretraining continues the 2-step run given as resume_from (as a stopped pipeline is relaunched), to 4 steps;
+    SFT starts from that model, and RL from the SFT one."""
+    _, stopped, _ = main(config=tiny_config(served_shards.url, num_iterations=2, eval_every=2, sample_every=2,
+                                            save_every=2))
     outputs = nanochat_chat_rl(config=tiny_config(served_shards.url, num_iterations=4, eval_every=4, sample_every=4,
                                                   save_every=4),
                                chat_config=tiny_chat_config(num_iterations=2, eval_tasks="gsm8k"),
-                               rl_config=tiny_rl_config())
+                               rl_config=tiny_rl_config(), resume_from=stopped.path)
+    assert f"resuming from {stopped.path}" in capfd.readouterr().out
+    steps = [row["step"] for row in map(json.loads, (Path(outputs.checkpoint.path) / "metrics.jsonl").open())
+             if "train/loss" in row]
+    assert steps == [1, 2, 3, 4]  # 1-2 from the stopped run, none twice
     assert outputs.results["training"]["steps_completed"] == 4
     assert outputs.chat_results["sft"]["steps_completed"] == 2
     rl = outputs.rl_results["rl"]
@@ -120,6 +128,11 @@ def test_a_pipeline_whose_stages_save_to_one_place_fails_before_pretraining(tmp_
         setup.later_stages(base, ChatConfig(save_to="s3://bucket/chat"), RLConfig(save_to="s3://bucket/chat/"))
     with pytest.raises(ConfigError, match=r"^RLConfig\.save_to: .* holds the base model \(RunConfig\.save_to\)"):
         setup.later_stages(base, ChatConfig(), RLConfig(save_to=str(tmp_path / "base")))
+    resumed = str(tmp_path / "old_base")  # the checkpoint pretraining continues
+    with pytest.raises(ConfigError, match=r"^ChatConfig\.save_to: .* holds the pretraining's resume_from"):
+        setup.later_stages(RunConfig(), ChatConfig(save_to=resumed), resume_from=resumed)
+    with pytest.raises(ConfigError, match=r"^RLConfig\.save_to: .* holds the pretraining's resume_from"):
+        setup.later_stages(RunConfig(), ChatConfig(), RLConfig(save_to=resumed), resume_from=resumed)
 
 
 def test_chat_sft_from_a_checkpoint_directory_reuses_its_downloads(served_shards, hub_server):

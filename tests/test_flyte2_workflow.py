@@ -155,10 +155,14 @@ def test_the_eight_gpu_run_checks_its_batch_for_eight_gpus_before_any_download(s
     assert served_shards.requests == []
 
 
-def test_a_missing_checkpoint_or_bundle_fails_main_before_any_download(served_shards, run_locally):  # noqa: F811
+def test_a_missing_checkpoint_or_bundle_fails_main_before_any_download(served_shards, hub_server,  # noqa: F811
+                                                                     run_locally):
     served_shards.requests.clear()
     with pytest.raises(Exception, match=r"main\.resume_from: /no/such/checkpoint is not a checkpoint directory"):
         run_locally(main, config=tiny_config(served_shards.url), resume_from="/no/such/checkpoint")
+    with pytest.raises(Exception, match=r"main\.resume_from: /no/such/checkpoint is not a checkpoint directory"):
+        run_locally(nanochat_chat, config=tiny_config(served_shards.url), chat_config=tiny_chat_config(),
+                    resume_from="/no/such/checkpoint")  # a pipeline's pretraining continues it as main's does
     with pytest.raises(Exception, match=r"RunConfig\.eval_bundle_url: .*not found"):
         run_locally(main, config=tiny_config(served_shards.url, eval_bundle_url=served_shards.url + "/no_bundle.zip"))
     assert {request.method for request in served_shards.requests} == {"HEAD"}  # probes only

@@ -150,11 +150,14 @@ def test_the_resume_line_names_a_copy_under_the_working_directory_as_the_user_di
     monkeypatch.chdir(tmp_path / "repo")
     (copy / CHECKPOINT_FILE).touch()
     config = dataclasses.replace(tiny_config("http://127.0.0.1:9"), save_to="runs/my base")
-    assert resume_command(config, tmp_path / "task", "pyflyte run workflows/nanochat.py main") == (
+    assert resume_command(config, tmp_path / "task", "pyflyte run workflows/nanochat.py main",
+                          "workflows/chat.py").splitlines() == [
         "resume with: pyflyte run workflows/nanochat.py main --config 'runs/my base/config.json' "
-        "--resume_from 'runs/my base'")
+        "--resume_from 'runs/my base'",
+        "(a pipeline of workflows/chat.py: its command with --config 'runs/my base/config.json' "
+        "--resume_from 'runs/my base')"]
     elsewhere = tmp_path / "task"  # a task folder outside the working directory keeps its whole path
     elsewhere.mkdir()
     (elsewhere / CHECKPOINT_FILE).touch()
-    assert resume_command(tiny_config("http://127.0.0.1:9"), elsewhere, "nanochat-run").endswith(
-        f"--resume_from {elsewhere}")
+    assert resume_command(tiny_config("http://127.0.0.1:9"), elsewhere, "nanochat-run", "pipelines.py").endswith(
+        f"--resume_from {elsewhere})")

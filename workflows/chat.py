@@ -47,17 +47,17 @@ CHAT_DATA_CACHE_VERSION = prepare.CHAT_DATA_VERSION  # cached conversations of a
 # With the HF token: they probe the hub, which a gated or private mirror answers only with it.
 @task(container_image=IMAGE, secret_requests=[HF_SECRET])
 @one_line_user_errors
-def check_chat_config(config: RunConfig, chat_config: ChatConfig) -> ChatConfig:
+def check_chat_config(config: RunConfig, chat_config: ChatConfig, resume_from: str) -> ChatConfig:
     export_secret(secrets.HF)
-    return setup.later_stages(config, chat_config)[0]
+    return setup.later_stages(config, chat_config, resume_from=resume_from)[0]
 
 
 @task(container_image=IMAGE, secret_requests=[HF_SECRET])
 @one_line_user_errors
-def check_chat_and_rl_configs(config: RunConfig, chat_config: ChatConfig, rl_config: RLConfig
+def check_chat_and_rl_configs(config: RunConfig, chat_config: ChatConfig, rl_config: RLConfig, resume_from: str
                               ) -> tuple[ChatConfig, RLConfig]:
     export_secret(secrets.HF)
-    return setup.later_stages(config, chat_config, rl_config)
+    return setup.later_stages(config, chat_config, rl_config, resume_from)
 
 
 def describe_training_node() -> dict:
@@ -257,10 +257,12 @@ class PipelineOutputs(NamedTuple):
 
 
 @workflow
-def nanochat_chat(config: RunConfig = RunConfig(), chat_config: ChatConfig = ChatConfig()) -> PipelineOutputs:
-    """The whole pipeline: pretraining (with CORE when config.evaluate_core), then SFT, then the chat evaluation."""
-    checked_chat = check_chat_config(config=config, chat_config=chat_config)
-    base: RunOutputs = pretrain(config, "", checked_first=checked_chat)
+def nanochat_chat(config: RunConfig = RunConfig(), chat_config: ChatConfig = ChatConfig(), resume_from: str = ""
+                  ) -> PipelineOutputs:
+    """The whole pipeline: pretraining (with CORE when config.evaluate_core), then SFT, then the chat evaluation.
+    resume_from: as main's, the pretraining checkpoint to continue."""
+    checked_chat = check_chat_config(config=config, chat_config=chat_config, resume_from=resume_from)
+    base: RunOutputs = pretrain(config, resume_from, checked_first=checked_chat)
     chat = fine_tune(checked_chat, base.checkpoint)
     return PipelineOutputs(base.results, base.checkpoint, base.report, chat.results, chat.chat_checkpoint,
                            chat.report)
@@ -280,11 +282,13 @@ class RLPipelineOutputs(NamedTuple):
 
 @workflow
 def nanochat_chat_rl(config: RunConfig = RunConfig(), chat_config: ChatConfig = ChatConfig(),
-                     rl_config: RLConfig = RLConfig()) -> RLPipelineOutputs:
+                     rl_config: RLConfig = RLConfig(), resume_from: str = "") -> RLPipelineOutputs:
     """The whole pipeline of the reference run's next steps: pretraining (with CORE when config.evaluate_core), SFT
-    and its chat evaluation, then RL on GSM8K and the chat evaluation of the RL model."""
-    checked_chat, checked_rl = check_chat_and_rl_configs(config=config, chat_config=chat_config, rl_config=rl_config)
-    base: RunOutputs = pretrain(config, "", checked_first=checked_chat)  # one node checks both
+    and its chat evaluation, then RL on GSM8K and the chat evaluation of the RL model. resume_from: as main's, the
+    pretraining checkpoint to continue."""
+    checked_chat, checked_rl = check_chat_and_rl_configs(config=config, chat_config=chat_config, rl_config=rl_config,
+                                                         resume_from=resume_from)
+    base: RunOutputs = pretrain(config, resume_from, checked_first=checked_chat)  # one node checks both
     chat = fine_tune(checked_chat, base.checkpoint)
     rl = reinforce(checked_rl, chat.chat_checkpoint)
     return RLPipelineOutputs(base.results, base.checkpoint, base.report, chat.results, chat.chat_checkpoint,

@@ -128,7 +128,8 @@ def train_base_model(config: RunConfig, data: FlyteDirectory, environment: dict,
             summary = train.base_model(config, Path(data.download()), checkpoint_dir, environment, resume_from,
                                        FlytekitAttempts(), deck)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C in a local run (flytekit raises SystemExit): say how to go on
-        if line := train.resume_command(config, checkpoint_dir, "pyflyte run workflows/nanochat.py main"):
+        if line := train.resume_command(config, checkpoint_dir, "pyflyte run workflows/nanochat.py main",
+                                        "workflows/chat.py"):
             print(line, flush=True)
         raise
     return FlyteDirectory(str(checkpoint_dir)), summary

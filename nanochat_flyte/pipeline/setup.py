@@ -36,18 +36,22 @@ def base_run(config: RunConfig, resume_from: str, world_size: int = 1) -> RunCon
     return config
 
 
-def later_stages(config: RunConfig, chat_config: ChatConfig, rl_config: RLConfig | None = None
-                 ) -> tuple[ChatConfig, RLConfig | None]:
-    """A pipeline's chat (and RL) configs, checked against its base run before pretraining starts: the stages' own
-    checks run hours later, and a relaunch from the console with edited inputs checks nothing."""
+def later_stages(config: RunConfig, chat_config: ChatConfig, rl_config: RLConfig | None = None,
+                 resume_from: str = "") -> tuple[ChatConfig, RLConfig | None]:
+    """A pipeline's chat (and RL) configs, checked against its base run (continuing `resume_from`, when set) before
+    pretraining starts: the stages' own checks run hours later, and a relaunch from the console with edited inputs
+    checks nothing."""
     chat_config = chat_config.validate()
     sft = sft_run_config(chat_config, config.validate())
-    check_save_to_apart(chat_config.save_to, config.save_to, "base model (RunConfig.save_to)", "ChatConfig")
+    # no later stage may save over a model the pipeline starts from or makes
+    base_models = [(config.save_to, "base model (RunConfig.save_to)"), (resume_from, "pretraining's resume_from")]
+    for base_model, field in base_models:
+        check_save_to_apart(chat_config.save_to, base_model, field, "ChatConfig")
     if rl_config is not None:
         rl_config = rl_config.validate()
         rl_run_config(rl_config, sft)
-        check_save_to_apart(rl_config.save_to, chat_config.save_to, "chat model (ChatConfig.save_to)", "RLConfig")
-        check_save_to_apart(rl_config.save_to, config.save_to, "base model (RunConfig.save_to)", "RLConfig")
+        for start, field in [(chat_config.save_to, "chat model (ChatConfig.save_to)"), *base_models]:
+            check_save_to_apart(rl_config.save_to, start, field, "RLConfig")
     for stage in (chat_config, rl_config) if rl_config is not None else (chat_config,):  # then the world's checks
         probe_stage(stage)
     return chat_config, rl_config

@@ -53,16 +53,17 @@ def last_save(config: RunConfig, checkpoint_dir: Path) -> Path | None:
     return saved if (saved / CHECKPOINT_FILE).exists() else None
 
 
-def resume_command(config: RunConfig, checkpoint_dir: Path, run_command: str) -> str | None:
-    """The line that says how to continue an interrupted pretraining run from its last save (last_save), given the
-    front's command up to its inputs; None before the first save."""
+def resume_command(config: RunConfig, checkpoint_dir: Path, run_command: str, pipelines_file: str) -> str | None:
+    """The lines that say how to continue an interrupted pretraining run from its last save (last_save), given the
+    front's command up to its inputs and the file of its whole pipelines (which take the same inputs); None before
+    the first save."""
     saved = last_save(config, checkpoint_dir)
     if saved is None:
         return None
     if saved.is_relative_to(Path.cwd()):  # as the run's other lines name it (`runs/base`), not from the root
         saved = Path(os.path.relpath(saved))
-    return (f"resume with: {run_command} --config {shlex.quote(str(saved / CONFIG_FILE))} "
-            f"--resume_from {shlex.quote(str(saved))}")
+    inputs = f"--config {shlex.quote(str(saved / CONFIG_FILE))} --resume_from {shlex.quote(str(saved))}"
+    return f"resume with: {run_command} {inputs}\n(a pipeline of {pipelines_file}: its command with {inputs})"
 
 
 def base_model(config: RunConfig, data_dir: Path, checkpoint_dir: Path, environment: dict, resume_from: str,

@@ -197,10 +197,13 @@ def chat_rl(sft_checkpoint: Dir, config: RLConfig = RLConfig()) -> RLOutputs:
 
 @driver_env.task(triggers=CHAT_D8_T4)
 @one_line_user_errors
-def nanochat_chat(config: RunConfig = RunConfig(), chat_config: ChatConfig = ChatConfig()) -> PipelineOutputs:
-    """The whole pipeline: pretraining (with CORE when config.evaluate_core), then SFT, then the chat evaluation."""
-    chat_config, _ = setup.later_stages(config, chat_config)  # before pretraining: hours before SFT's own checks
-    base = pretrain(config, "")
+def nanochat_chat(config: RunConfig = RunConfig(), chat_config: ChatConfig = ChatConfig(), resume_from: str = ""
+                  ) -> PipelineOutputs:
+    """The whole pipeline: pretraining (with CORE when config.evaluate_core), then SFT, then the chat evaluation.
+    resume_from: as main's, the pretraining checkpoint to continue."""
+    # before pretraining: hours before SFT's own checks
+    chat_config, _ = setup.later_stages(config, chat_config, resume_from=resume_from)
+    base = pretrain(config, resume_from)
     chat = fine_tune(chat_config, base.checkpoint)
     return PipelineOutputs(base.results, base.checkpoint, base.report, chat.results, chat.chat_checkpoint,
                            chat.report)
@@ -209,11 +212,12 @@ def nanochat_chat(config: RunConfig = RunConfig(), chat_config: ChatConfig = Cha
 @driver_env.task(triggers=CHAT_RL_D8_T4)
 @one_line_user_errors
 def nanochat_chat_rl(config: RunConfig = RunConfig(), chat_config: ChatConfig = ChatConfig(),
-                     rl_config: RLConfig = RLConfig()) -> RLPipelineOutputs:
+                     rl_config: RLConfig = RLConfig(), resume_from: str = "") -> RLPipelineOutputs:
     """The whole pipeline of the reference run's next steps: pretraining (with CORE when config.evaluate_core), SFT
-    and its chat evaluation, then RL on GSM8K and the chat evaluation of the RL model."""
-    chat_config, rl_config = setup.later_stages(config, chat_config, rl_config)
-    base = pretrain(config, "")
+    and its chat evaluation, then RL on GSM8K and the chat evaluation of the RL model. resume_from: as main's, the
+    pretraining checkpoint to continue."""
+    chat_config, rl_config = setup.later_stages(config, chat_config, rl_config, resume_from)
+    base = pretrain(config, resume_from)
     chat = fine_tune(chat_config, base.checkpoint)
     rl = reinforce(rl_config, chat.chat_checkpoint)
     return RLPipelineOutputs(base.results, base.checkpoint, base.report, chat.results, chat.chat_checkpoint,

@@ -28,8 +28,10 @@ from workflows.flyte2.support import (
     work_dir,
 )
 
-# What continues a local run stopped with Ctrl-C, up to its inputs (train.resume_command adds them)
+# What continues a local run stopped with Ctrl-C, up to its inputs (train.resume_command adds them), and the file of
+# the pipelines that take the same inputs
 RESUME_COMMAND = "flyte run --local workflows/flyte2/nanochat.py main"
+PIPELINES_FILE = "workflows/flyte2/chat.py"
 
 
 class RunOutputs(NamedTuple):
@@ -85,7 +87,8 @@ def train_base_model(config: RunConfig, data: Dir, environment: dict, resume_fro
     """Train, continuing (in this order) a previous attempt of this task, the checkpoint `resume_from`, or nothing."""
     name_wandb_run()
     checkpoint_dir = work_dir("checkpoint")
-    with said_at_exit_while_running(lambda: train.resume_command(config, checkpoint_dir, RESUME_COMMAND)):
+    resume_line = functools.partial(train.resume_command, config, checkpoint_dir, RESUME_COMMAND, PIPELINES_FILE)
+    with said_at_exit_while_running(resume_line):
         summary = train.base_model(config, local_dir(data), checkpoint_dir, environment, resume_from,
                                    FlyteAttempts(), show_report)
     return upload(checkpoint_dir), summary
