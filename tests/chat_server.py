@@ -3,8 +3,8 @@ servers (`nanochat serve` in a subprocess on a free port of 127.0.0.1)."""
 
 import json
 import os
+import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -42,10 +42,8 @@ def chat_checkpoint(base_checkpoint) -> Path:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# uvicorn's line once it listens: with --port 0 it names the port the system chose
+LISTENING = re.compile(r"Uvicorn running on http://\S+:(\d+)")
 
 
 @dataclass
@@ -59,21 +57,24 @@ class Server:
 
 
 def start_server(checkpoint: Path, log: Path, *args: str, env: dict | None = None) -> Server:
-    port = free_port()
+    """`nanochat serve` on a port the system chooses (--port 0): no other process can take it between a choice here
+    and the server's bind."""
     with log.open("w") as out:
         process = subprocess.Popen([sys.executable, "-m", "nanochat_flyte", "serve", "--checkpoint", str(checkpoint),
-                                    "--port", str(port), "--device", "cpu", *args], cwd=ROOT, stdout=out,
+                                    "--port", "0", "--device", "cpu", *args], cwd=ROOT, stdout=out,
                                    stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    server = Server(f"http://127.0.0.1:{port}", process, log)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            server.health()
-            return server
-        except requests.ConnectionError:
-            time.sleep(0.2)
+        if listening := LISTENING.search(log.read_text()):
+            server = Server(f"http://127.0.0.1:{listening[1]}", process, log)
+            try:
+                server.health()
+                return server
+            except requests.ConnectionError:
+                pass
+        time.sleep(0.2)
     process.kill()
     raise RuntimeError(f"the server did not answer /health within 120 s:\n{log.read_text()[-3000:]}")
 

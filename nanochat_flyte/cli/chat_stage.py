@@ -12,6 +12,7 @@ from pathlib import Path
 
 from nanochat_flyte.cli.usage import ArgumentParser
 from nanochat_flyte.config import ChatConfig, RLConfig, load_config
+from nanochat_flyte.data import MANIFEST_FILE
 from nanochat_flyte.data.chat_data import check_hub_endpoint, prepared_manifest
 from nanochat_flyte.data.download import default_cache_dir, local_path, write_bytes_atomically
 from nanochat_flyte.errors import ConfigError
@@ -151,11 +152,11 @@ def run_stage(config: ChatConfig | RLConfig, start_checkpoint: str, args,
     check_save_to_apart(config.save_to, start_checkpoint, start_field, type(config).__name__)
     check_save_to(config.save_to, type(config).__name__)
     data_dir = args.data_dir or data_cache_dir("sft_data" if sft else "rl_data", config, data_keys)
-    if not (data_dir / "manifest.json").exists() and distributed_env()[1] == 0:  # the rank that will download
+    if not (data_dir / MANIFEST_FILE).exists() and distributed_env()[1] == 0:  # the rank that will download
         check_hub_endpoint(config)
     out_dir = args.out_dir.resolve()  # (`--out-dir .` has no name to derive a sibling's from)
     start_dir = fetched_once_per_node(start_checkpoint, out_dir.with_name(out_dir.name + "_start"), stage)
-    once_per_node((data_dir / "manifest.json").exists, lambda: prepare(config, data_dir), f"the data in {data_dir}")
+    once_per_node((data_dir / MANIFEST_FILE).exists, lambda: prepare(config, data_dir), f"the data in {data_dir}")
     summary = train(config, start_dir, data_dir, args.out_dir, resume_dir=args.resume_dir,
                     env_report=environment_report() if rank == 0 else None)
     if rank == 0:

@@ -33,6 +33,7 @@ from functools import partial
 from pathlib import Path
 
 from nanochat_flyte.config import CHAT_EVAL_TASKS, ChatConfig, RLConfig
+from nanochat_flyte.data import MANIFEST_FILE
 from nanochat_flyte.data.conversation import ConversationError, normalize
 from nanochat_flyte.data.download import DownloadError, Retry, write_bytes_atomically
 from nanochat_flyte.data.hub import download_split, file_records, hub_endpoint, iter_rows, parquet_urls
@@ -234,7 +235,7 @@ PREPARED_DATA = {"chat_sft": ("train_conversations", "SFT conversations (prepare
 def prepared_manifest(data_dir: Path, stage: str) -> dict:
     """The manifest of a folder of `stage`'s prepared data ("chat_sft" or "chat_rl"); one line when it is not one."""
     key, what = PREPARED_DATA[stage]
-    path = Path(data_dir) / "manifest.json"
+    path = Path(data_dir) / MANIFEST_FILE
     manifest = json.loads(path.read_text()) if path.is_file() else {}
     if key not in manifest:
         raise ConfigError("data_dir", f"{data_dir} holds no prepared {what}", stage)
@@ -293,7 +294,7 @@ def prepare_sft_data(config: ChatConfig, out_dir: Path, cache_dir: Path | None =
     manifest = {"endpoint": endpoint, "seed": config.seed, "max_conversations": config.max_conversations,
                 "sources": sources, "val": val, "train_conversations": len(mixture),
                 "val_conversations": len(val_lines)}
-    write_bytes_atomically(out_dir / "manifest.json", [json.dumps(manifest, indent=1).encode()])
+    write_bytes_atomically(out_dir / MANIFEST_FILE, [json.dumps(manifest, indent=1).encode()])
     print(f"chat data: {len(mixture):,} training and {len(val_lines):,} validation conversations in {out_dir}",
           flush=True)
     return manifest
@@ -312,7 +313,7 @@ def prepare_eval_data(tasks: list[str], out_dir: Path, endpoint: str = "", cache
         records[task] = record | {"items": len(lines), "file": f"{task}.jsonl"}
         print(f"chat data: {task}: {len(lines):,} items ({record['skipped']:,} rows skipped)", flush=True)
     manifest = {"endpoint": endpoint, "tasks": records}
-    write_bytes_atomically(out_dir / "manifest.json", [json.dumps(manifest, indent=1).encode()])
+    write_bytes_atomically(out_dir / MANIFEST_FILE, [json.dumps(manifest, indent=1).encode()])
     return manifest
 
 
@@ -334,7 +335,7 @@ def prepare_rl_data(config: RLConfig, out_dir: Path, cache_dir: Path | None = No
               f"skipped)", flush=True)
     manifest = {"endpoint": endpoint, "seed": config.seed, "max_problems": config.max_problems,
                 "eval_problems": config.eval_problems, **parts}
-    write_bytes_atomically(out_dir / "manifest.json", [json.dumps(manifest, indent=1).encode()])
+    write_bytes_atomically(out_dir / MANIFEST_FILE, [json.dumps(manifest, indent=1).encode()])
     return manifest
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanochat_flyte.data import MANIFEST_FILE
 from nanochat_flyte.errors import ConfigError
 
 PREFETCH_BATCHES = 2  # enough to hide one host->device copy behind a step; more only holds pinned memory
@@ -150,17 +151,17 @@ class TokenLoader:
 
 def data_manifest(data_dir: Path) -> dict:
     """data_dir/manifest.json: what a prepared data directory holds (data/prepare.py writes it)."""
-    if not (data_dir / "manifest.json").exists():  # written last: without it the directory is partial, or not one
+    if not (data_dir / MANIFEST_FILE).exists():
         raise FileNotFoundError(f"{data_dir} is not a prepared data directory: it has no manifest.json, which "
                                 "`nanochat prepare` writes when it is done")
-    return json.loads((data_dir / "manifest.json").read_text())
+    return json.loads((data_dir / MANIFEST_FILE).read_text())
 
 
 def shard_files(data_dir: Path, split: str) -> list[Path]:
     """The shards of one split ("train" or "val") listed in data_dir/manifest.json, in manifest order."""
     files = [data_dir / entry["file"] for entry in data_manifest(data_dir)[split]]
     if not files:
-        raise ValueError(f"{data_dir / 'manifest.json'} lists no {split} shards")
+        raise ValueError(f"{data_dir / MANIFEST_FILE} lists no {split} shards")
     return files
 
 

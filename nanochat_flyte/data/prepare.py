@@ -32,12 +32,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import tiktoken
 
+from nanochat_flyte.data import MANIFEST_FILE
 from nanochat_flyte.data.download import Download, download_shard, download_shards
 from nanochat_flyte.data.tokenizer import gpt2_tokenizer, load_tokenizer, save_tokenizer, tokenizer_id, train_bpe
 from nanochat_flyte.errors import ConfigError
 
 STATS_FILE = "stats.json"
-MANIFEST_FILE = "manifest.json"
 
 
 @dataclass
