@@ -70,23 +70,33 @@ def test_the_whole_pipeline_with_rl_goes_on_from_a_base_checkpoint_to_the_rl_mod
     SFT starts from that model, and RL from the SFT one."""
     _, stopped, _ = main(config=tiny_config(served_shards.url, num_iterations=2, eval_every=2, sample_every=2,
                                             save_every=2))
-    outputs = nanochat_chat_rl(config=tiny_config(served_shards.url, num_iterations=4, eval_every=4, sample_every=4,
-                                                  save_every=4),
-                               chat_config=tiny_chat_config(num_iterations=2, eval_tasks="gsm8k"),
-                               rl_config=tiny_rl_config(), resume_from=stopped.path)
+    outputs = nanochat_chat_rl(**rl_pipeline_inputs(served_shards.url), resume_from=stopped.path)
     assert f"resuming from {stopped.path}" in capfd.readouterr().out
     steps = [row["step"] for row in map(json.loads, (Path(outputs.checkpoint.path) / "metrics.jsonl").open())
              if "train/loss" in row]
     assert steps == [1, 2, 3, 4]  # 1-2 from the stopped run, none twice
-    assert outputs.results["training"]["steps_completed"] == 4
-    assert outputs.chat_results["sft"]["steps_completed"] == 2
-    rl = outputs.rl_results["rl"]
+    check_rl_pipeline_outputs(*outputs)
+
+
+def rl_pipeline_inputs(shards_url: str) -> dict:
+    """nanochat_chat_rl's inputs for a tiny run: 4 pretraining steps, 2 of SFT, 2 of RL, evaluated on GSM8K."""
+    return dict(config=tiny_config(shards_url, num_iterations=4, eval_every=4, sample_every=4, save_every=4),
+                chat_config=tiny_chat_config(num_iterations=2, eval_tasks="gsm8k"), rl_config=tiny_rl_config())
+
+
+def check_rl_pipeline_outputs(results: dict, checkpoint, report, chat_results: dict, chat_checkpoint, chat_report,
+                              rl_results: dict, rl_checkpoint, rl_report) -> None:
+    """What nanochat_chat_rl returns for rl_pipeline_inputs, under either Flyte front (whose directories both have
+    a .path)."""
+    assert results["training"]["steps_completed"] == 4
+    assert chat_results["sft"]["steps_completed"] == 2
+    rl = rl_results["rl"]
     assert (rl["stage"], rl["steps_completed"], rl["run_name"]) == ("rl", 2, "e2e_sft_rl")
-    assert outputs.rl_results["sft_checkpoint"] == outputs.chat_checkpoint.path
-    assert set(outputs.rl_results["chat_eval"]["tasks"]) == {"gsm8k"}
-    state = json.loads((Path(outputs.rl_checkpoint.path) / "training_state.json").read_text())
+    assert rl_results["sft_checkpoint"] == chat_checkpoint.path
+    assert set(rl_results["chat_eval"]["tasks"]) == {"gsm8k"}
+    state = json.loads((Path(rl_checkpoint.path) / "training_state.json").read_text())
     assert (state["phase"], state["stage"]) == ("chat", "rl")
-    assert "max validation pass@1" in (Path(outputs.rl_report.path) / "report.md").read_text()
+    assert "max validation pass@1" in (Path(rl_report.path) / "report.md").read_text()
 
 
 @pytest.mark.parametrize("run, field", [
@@ -117,6 +127,10 @@ def test_humaneval_on_where_no_sandbox_works_fails_before_pretraining(monkeypatc
         setup.probe_stage(RLConfig(humaneval="on"))
     with pytest.raises(ConfigError, match=r"^RLConfig\.hf_endpoint: "):  # no HumanEval asked for: on to the hub
         setup.probe_stage(RLConfig(humaneval="on", eval_tasks="gsm8k", hf_endpoint="http://127.0.0.1:9"))
+    # a front whose checks run elsewhere than where the model is evaluated checks there as well, before training
+    with pytest.raises(ConfigError, match=r"^RLConfig\.humaneval: on"):
+        setup.describe_machine(lambda *_: None, sandbox_for=setup.sandbox_required_by(RLConfig(humaneval="on")))
+    assert setup.sandbox_required_by(RLConfig(humaneval="on", eval_tasks="gsm8k")) == ""
 
 
 def test_a_pipeline_whose_stages_save_to_one_place_fails_before_pretraining(tmp_path):

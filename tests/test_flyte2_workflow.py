@@ -18,10 +18,16 @@ from torch.distributed.elastic.multiprocessing.errors.error_handler import Error
 
 import workflows.flyte2.support as support
 from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.evaluation import chat_eval
 from tests.helpers import make_data_dir
 from tests.helpers import tiny_config as tiny_training_config
 from tests.shard_server import serve_shards, write_fineweb_shards
-from tests.test_chat_workflow import check_chat_pipeline_outputs, tiny_chat_config
+from tests.test_chat_workflow import (
+    check_chat_pipeline_outputs,
+    check_rl_pipeline_outputs,
+    rl_pipeline_inputs,
+    tiny_chat_config,
+)
 from tests.test_workflow import (  # noqa: F401 - served_shards and private_shard_cache are fixtures
     VAL_SHARD,
     check_e2e_outputs,
@@ -30,9 +36,9 @@ from tests.test_workflow import (  # noqa: F401 - served_shards and private_shar
     served_shards,
     tiny_config,
 )
-from workflows.flyte2.chat import chat_sft, nanochat_chat
+from workflows.flyte2.chat import chat_sft, nanochat_chat, nanochat_chat_rl
 from workflows.flyte2.nanochat import main
-from workflows.flyte2.pretraining import train_base_model
+from workflows.flyte2.pretraining import describe_training_node, train_base_model
 from workflows.flyte2.scale_up import nanochat_d12_8xa100
 
 LOCAL_METADATA = Path("/tmp/flyte/metadata")  # where local mode keeps each run's metadata and task reports
@@ -90,6 +96,21 @@ def test_nanochat_chat_runs_end_to_end_on_the_local_hub(tmp_path, hub_server, ru
             nanochat_chat, config=tiny_config(server.url), chat_config=tiny_chat_config())
     check_chat_pipeline_outputs(results, chat_results, Path(chat_checkpoint.path), Path(chat_report.path))
     assert ">Chat evaluation<" in run_locally.report_cards()
+
+
+def test_nanochat_chat_rl_runs_end_to_end_on_the_local_hub(tmp_path, hub_server, run_locally):
+    write_fineweb_shards(tmp_path / "shards", [0, 1, VAL_SHARD], docs_per_shard=150)
+    with serve_shards(tmp_path / "shards") as server:
+        outputs = run_locally(nanochat_chat_rl, **rl_pipeline_inputs(server.url))
+    check_rl_pipeline_outputs(*outputs)
+
+
+def test_a_chat_stage_checks_its_sandbox_on_the_node_kind_that_evaluates(run_locally, monkeypatch):
+    """The driver checks a chat stage's inputs; the GPU node kind, where the evaluation will run, checks that it
+    can run model-written code in the sandbox, before any training."""
+    monkeypatch.setattr(chat_eval, "sandbox_available", lambda: (False, "no user namespaces"))
+    with pytest.raises(Exception, match=r"ChatConfig\.humaneval: on, but the sandbox .*: no user namespaces"):
+        run_locally(describe_training_node, printed=False, sandbox_for="ChatConfig")
 
 
 def test_a_lost_training_attempt_resumes_from_its_last_save(tmp_path, monkeypatch, run_locally, capfd):

@@ -136,12 +136,15 @@ def train_base_model(config: RunConfig, data: FlyteDirectory, environment: dict,
 
 
 # On the training node kind; cached on (checkpoint, bundle, max_per_task): scoring the same checkpoint again is free.
-@task(container_image=IMAGE, secret_requests=[WANDB_SECRET], interruptible=True, retries=2, enable_deck=True,
-      cache=Cache(version=evaluate.EVALUATION_VERSION, ignored_inputs=("config",)), **TRAINING_RESOURCES)
+# With the HF token: a bundle on a gated mirror is fetched with it, as the setup probed it.
+@task(container_image=IMAGE, secret_requests=[WANDB_SECRET, HF_SECRET], interruptible=True, retries=2,
+      enable_deck=True, cache=Cache(version=evaluate.EVALUATION_VERSION, ignored_inputs=("config",)),
+      **TRAINING_RESOURCES)
 @one_line_user_errors
 def evaluate_base_model(config: RunConfig, checkpoint: FlyteDirectory, bundle_url: str, max_per_task: int) -> dict:
     """The CORE score of the trained base model (evaluation/core.py), with its per-task table."""
     export_secret(secrets.WANDB)
+    export_secret(secrets.HF)
     with retried_on_storage_errors():
         return evaluate.base_model(config, checkpoint_location(checkpoint), bundle_url, max_per_task, deck)
 

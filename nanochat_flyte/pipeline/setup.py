@@ -79,17 +79,27 @@ def rl_stage(config: RLConfig, sft_checkpoint: str) -> tuple[RLConfig, str]:
 
 def probe_stage(config: ChatConfig | RLConfig) -> str:
     """What a chat stage needs of the world: save_to writable, the hub answering, and with humaneval on, a sandbox
-    for model-written code on this machine (the kind of node that evaluates). Returns the hub endpoint."""
+    for model-written code on this machine (a front that checks elsewhere than on the kind of node that evaluates
+    checks there too: describe_machine's sandbox_for). Returns the hub endpoint."""
     check_save_to(config.save_to, type(config).__name__)
-    if config.humaneval == "on" and "humaneval" in config.eval_task_list:
-        require_sandbox(type(config).__name__)
+    if owner := sandbox_required_by(config):
+        require_sandbox(owner)
     check_hub_endpoint(config)
     return hub_endpoint(config.hf_endpoint)
 
 
-def describe_machine(show: Show, *, printed: bool = True) -> dict:
+def sandbox_required_by(config: ChatConfig | RLConfig) -> str:
+    """The name of the config whose chat evaluation must run model-written code in the sandbox (humaneval "on", and
+    among its tasks), or "" where it need not."""
+    return type(config).__name__ if config.humaneval == "on" and "humaneval" in config.eval_task_list else ""
+
+
+def describe_machine(show: Show, *, printed: bool = True, sandbox_for: str = "") -> dict:
     """The environment report of this machine (the training node kind), on its card and, when `printed`, in the
-    log. A local run's later stages leave it out of the log: the terminal has it from pretraining."""
+    log. A local run's later stages leave it out of the log: the terminal has it from pretraining. With
+    sandbox_for (sandbox_required_by's name), this node kind must run the sandbox first: it evaluates, hours on."""
+    if sandbox_for:
+        require_sandbox(sandbox_for)
     report = environment_report()
     if printed:
         print(format_report(report), flush=True)

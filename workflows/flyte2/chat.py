@@ -121,9 +121,11 @@ def finish(config: ChatConfig | RLConfig, start_checkpoint: Dir, training: dict,
 
 
 def fine_tune(config: ChatConfig, base_checkpoint: Dir) -> ChatOutputs:
-    """checks (in the driver) -> data (CPU, cached) -> SFT -> chat evaluation -> results."""
+    """checks (in the driver; the sandbox on the GPU node kind) -> data (CPU, cached) -> SFT -> chat evaluation ->
+    results."""
     config, endpoint = setup.chat_stage(config, base_checkpoint.path)
-    environment = describe_training_node(printed=not is_local_run())  # locally, pretraining printed it
+    environment = describe_training_node(printed=not is_local_run(),  # locally, pretraining printed it
+                                         sandbox_for=setup.sandbox_required_by(config))
     data = prepare_chat_sft_data(endpoint, **prepare.sft_data_settings(config))
     eval_data = prepare_chat_eval_data(endpoint, config.eval_tasks)
     chat_checkpoint, training = train_chat_model(config, base_checkpoint, data, environment)
@@ -133,10 +135,10 @@ def fine_tune(config: ChatConfig, base_checkpoint: Dir) -> ChatOutputs:
 
 
 def reinforce(config: RLConfig, sft_checkpoint: Dir) -> RLOutputs:
-    """checks (in the driver) -> GSM8K problems and evaluation data (CPU, cached) -> RL -> chat evaluation ->
-    results."""
+    """checks (in the driver; the sandbox on the GPU node kind) -> GSM8K problems and evaluation data (CPU, cached)
+    -> RL -> chat evaluation -> results."""
     config, endpoint = setup.rl_stage(config, sft_checkpoint.path)
-    environment = describe_training_node(printed=not is_local_run())
+    environment = describe_training_node(printed=not is_local_run(), sandbox_for=setup.sandbox_required_by(config))
     data = prepare_rl_problems(endpoint, **prepare.rl_data_settings(config))
     eval_data = prepare_chat_eval_data(endpoint, config.eval_tasks)
     rl_checkpoint, training = train_rl_model(config, sft_checkpoint, data, environment)

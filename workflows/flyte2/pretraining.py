@@ -40,11 +40,12 @@ class RunOutputs(NamedTuple):
     report: Dir  # report.md with its plots and the CORE table, and results.json
 
 
-# On the training node kind, so that the report describes the GPU, driver and CPUs the training will get.
+# On the training node kind, so that the report describes the GPU, driver and CPUs the training will get, and a chat
+# stage's sandbox is checked where its evaluation runs (sandbox_for: setup.sandbox_required_by), before training.
 @gpu_env.task(report=True)
 @one_line_user_errors
-def describe_training_node(printed: bool = True) -> dict:
-    return setup.describe_machine(show_report, printed=printed)
+def describe_training_node(printed: bool = True, sandbox_for: str = "") -> dict:
+    return setup.describe_machine(show_report, printed=printed, sandbox_for=sandbox_for)
 
 
 @data_env.task(cache=DATA_CACHE)
