@@ -14,7 +14,7 @@ from nanochat_flyte.pipeline import setup
 from tests.shard_server import serve_shards, write_fineweb_shards
 from tests.test_workflow import VAL_SHARD, tiny_config
 from workflows.chat import chat_rl, chat_sft, nanochat_chat, nanochat_chat_rl
-from workflows.nanochat import main
+from workflows.nanochat import describe_training_node, main
 
 EVAL_TASKS = {"arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval"}
 
@@ -127,10 +127,11 @@ def test_humaneval_on_where_no_sandbox_works_fails_before_pretraining(monkeypatc
         setup.probe_stage(RLConfig(humaneval="on"))
     with pytest.raises(ConfigError, match=r"^RLConfig\.hf_endpoint: "):  # no HumanEval asked for: on to the hub
         setup.probe_stage(RLConfig(humaneval="on", eval_tasks="gsm8k", hf_endpoint="http://127.0.0.1:9"))
-    # a front whose checks run elsewhere than where the model is evaluated checks there as well, before training
-    with pytest.raises(ConfigError, match=r"^RLConfig\.humaneval: on"):
-        setup.describe_machine(lambda *_: None, sandbox_for=setup.sandbox_required_by(RLConfig(humaneval="on")))
+    # the inputs are checked on a CPU pod; the training node kind, where the evaluation will run, checks the sandbox
+    assert setup.sandbox_required_by(RLConfig(humaneval="on")) == "RLConfig"
     assert setup.sandbox_required_by(RLConfig(humaneval="on", eval_tasks="gsm8k")) == ""
+    with pytest.raises(Exception, match=r"RLConfig\.humaneval: on, but the sandbox .*: no user namespaces"):
+        describe_training_node(sandbox_for="RLConfig", later_stage=True)
 
 
 def test_a_pipeline_whose_stages_save_to_one_place_fails_before_pretraining(tmp_path):
@@ -173,7 +174,7 @@ def test_chat_sft_from_a_checkpoint_directory_reuses_its_downloads(served_shards
     card = (Path(rl_report.path) / "report.md").read_text()
     assert "## Chat evaluation" in card and "max validation pass@1" in card
 
-    # the 2 x 2 answers of a step are not micro-batches of 3: said by setup_rl, before any download or GPU time
+    # the 2 x 2 answers of a step are not micro-batches of 3: said by check_rl_stage, before any download or GPU node
     hub_server.requests.clear()
     with pytest.raises(Exception, match=r"RLConfig\.device_batch_size: the 4 answers of a step"):
         chat_rl(sft_checkpoint=FlyteDirectory(first.path), config=tiny_rl_config(device_batch_size=3))

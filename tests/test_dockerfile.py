@@ -72,7 +72,10 @@ def test_every_stage_starts_from_the_cuda_image_that_matches_the_torch_wheel():
 def test_python_311_and_the_package_with_its_dependencies():
     build = runs(STAGES[0])
     assert "uv venv --python 3.11 /opt/venv" in build
-    assert re.search(r'uv pip install "torch==\$\{TORCH_VERSION\}" \.$', build, re.MULTILINE)
+    assert re.search(r'uv pip install "torch==\$\{TORCH_VERSION\}" "\.\$\{EXTRAS\}"$', build, re.MULTILINE)
+    # the package alone by default; --build-arg EXTRAS="[flyte2]" adds an extra that pyproject.toml declares
+    assert ARGS["EXTRAS"] == '""' and ("ARG", "EXTRAS") in STAGES[0]
+    assert "flyte2" in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     copied = [rest for instruction, rest in STAGES[0] if instruction == "COPY"]
     assert any("pyproject.toml" in rest for rest in copied) and any("nanochat_flyte" in rest for rest in copied)
     assert "COPY --from=build /opt/venv /opt/venv" in [f"COPY {rest}" for _, rest in FINAL]

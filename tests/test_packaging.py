@@ -89,16 +89,34 @@ def test_train_base_model_is_interruptible_with_retries_and_the_wandb_secret(tas
     assert [(s.group, s.key) for s in train.security_context.secrets] == [("wandb", "api_key")]
 
 
-def test_setup_environment_runs_on_the_training_node(tasks):
-    setup, train = tasks["setup_environment"], tasks["train_base_model"]
-    assert resources(setup) == resources(train)
-    assert setup.extended_resources == train.extended_resources
-    assert setup.metadata.interruptible
-    assert [(s.group, s.key) for s in setup.security_context.secrets] == [("wandb", "api_key"), ("hf", "token")]
+def test_the_environment_report_comes_from_the_training_node(tasks):
+    describe, train = tasks["describe_training_node"], tasks["train_base_model"]
+    assert resources(describe) == resources(train)
+    assert describe.extended_resources == train.extended_resources
+    assert describe.metadata.interruptible
+    assert [(s.group, s.key) for s in describe.security_context.secrets] == [("wandb", "api_key")]
+
+
+@pytest.mark.parametrize("workflow, check", [("main", "check_run_config"), ("chat_sft", "check_chat_stage"),
+                                             ("chat_rl", "check_rl_stage")])
+def test_inputs_are_checked_on_a_cpu_before_a_gpu_node_is_asked_for(entities, tasks, workflow, check):
+    """A bad input fails in one line without waiting for a T4 node (the environment report's task waits for it)."""
+    nodes = {node.id: node for node in entities["workflow"][workflow].template.nodes}
+
+    def node_of(task: str) -> str:
+        (node_id,) = [node_id for node_id, node in nodes.items()
+                      if node.task_node.reference_id.name.endswith(f".{task}")]
+        return node_id
+
+    assert node_of(check) in nodes[node_of("describe_training_node")].upstream_node_ids
+    requests, limits = resources(tasks[check])
+    assert GPU not in requests and GPU not in limits
+    assert not tasks[check].extended_resources.HasField("gpu_accelerator")
+    assert ("hf", "token") in [(s.group, s.key) for s in tasks[check].security_context.secrets]
 
 
 def test_tasks_that_download_shards_can_read_the_hf_token(tasks):
-    for name in ("setup_environment", "prepare_tokenizer", "plan_data_shards", "prepare_data_shard"):
+    for name in ("check_run_config", "prepare_tokenizer", "plan_data_shards", "prepare_data_shard"):
         assert ("hf", "token") in [(s.group, s.key) for s in tasks[name].security_context.secrets], name
 
 
@@ -120,8 +138,7 @@ def test_chat_data_tasks_are_cpu_only_and_cached(tasks):
 
 
 def test_sft_and_the_evaluations_run_on_the_training_node(tasks):
-    for name in ("train_chat_model", "train_rl_model", "evaluate_base_model", "evaluate_chat_model", "setup_chat",
-                 "setup_rl"):
+    for name in ("train_chat_model", "train_rl_model", "evaluate_base_model", "evaluate_chat_model"):
         assert resources(tasks[name]) == resources(tasks["train_base_model"]), name
         assert tasks[name].extended_resources == tasks["train_base_model"].extended_resources, name
     for name in ("train_chat_model", "train_rl_model"):
@@ -157,7 +174,7 @@ def test_a_pipeline_checks_its_later_configs_on_a_cpu_before_pretraining_starts(
     nodes = {node.id: node for node in entities["workflow"][workflow].template.nodes}
     (check_id,) = [node_id for node_id, node in nodes.items() if node.task_node.reference_id.name.endswith(check)]
     (setup_id,) = [node_id for node_id, node in nodes.items()
-                   if node.task_node.reference_id.name.endswith(".setup_environment")]
+                   if node.task_node.reference_id.name.endswith(".check_run_config")]
     assert check_id in nodes[setup_id].upstream_node_ids
     requests, limits = resources(tasks[check])
     assert GPU not in requests and GPU not in limits
@@ -210,7 +227,7 @@ def test_scale_up_moves_the_gpu_tasks_to_a100s(entities, tasks):
     single = entities["workflow"]["nanochat_d12_a100"].template
     overridden = [node for node in single.nodes if node.task_node.overrides.HasField("extended_resources")]
     assert sorted(node.task_node.reference_id.name.rpartition(".")[2] for node in overridden) == [
-        "setup_environment", "train_base_model"]
+        "describe_training_node", "train_base_model"]
     for node in overridden:
         assert node.task_node.overrides.extended_resources.gpu_accelerator.device == "nvidia-tesla-a100"
         assert {r.name: r.value for r in node.task_node.overrides.resources.limits}[GPU] == "1"

@@ -22,7 +22,7 @@ from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
 from nanochat_flyte.pipeline import evaluate, prepare, secrets, setup, train
 from nanochat_flyte.pipeline.finish import finish_chat_run
 from workflows.image import IMAGE
-from workflows.nanochat import RunOutputs, pretrain
+from workflows.nanochat import RunOutputs, describe_training_node, pretrain
 from workflows.support import (
     DATA_RESOURCES,
     HF_SECRET,
@@ -60,34 +60,27 @@ def check_chat_and_rl_configs(config: RunConfig, chat_config: ChatConfig, rl_con
     return setup.later_stages(config, chat_config, rl_config, resume_from)
 
 
-def describe_training_node() -> dict:
-    """What both chat setups end with: the environment report of the training node kind (locally, the pretraining
-    setup printed it to the same terminal, and the deck has it)."""
-    export_secret(secrets.WANDB)
-    return setup.describe_machine(deck, printed=not is_local_run())
-
-
-@task(container_image=IMAGE, secret_requests=[WANDB_SECRET, HF_SECRET], interruptible=True, enable_deck=True,
-      **TRAINING_RESOURCES)
+# Each stage's inputs are checked on a CPU pod: a bad one fails in one line before any GPU node is asked for. The
+# training node kind then checks the sandbox where the evaluation will run (describe_training_node).
+@task(container_image=IMAGE, secret_requests=[HF_SECRET])
 @one_line_user_errors
-def setup_chat(config: ChatConfig, base_checkpoint: FlyteDirectory) -> tuple[ChatConfig, str, dict]:
-    """Validate the chat config, check the base checkpoint and probe the hub endpoint, before any GPU time is spent.
-    Returns the config, the endpoint the data tasks use, and the environment report (of the training node kind)."""
+def check_chat_stage(config: ChatConfig, base_checkpoint: FlyteDirectory) -> tuple[ChatConfig, str, str]:
+    """Validate the chat config, check the base checkpoint and probe the hub endpoint. Returns the config, the
+    endpoint the data tasks use, and the config name whose evaluation needs the sandbox (or "")."""
     export_secret(secrets.HF)
     config, endpoint = setup.chat_stage(config, checkpoint_location(base_checkpoint))
-    return config, endpoint, describe_training_node()
+    return config, endpoint, setup.sandbox_required_by(config)
 
 
-@task(container_image=IMAGE, secret_requests=[WANDB_SECRET, HF_SECRET], interruptible=True, enable_deck=True,
-      **TRAINING_RESOURCES)
+@task(container_image=IMAGE, secret_requests=[HF_SECRET])
 @one_line_user_errors
-def setup_rl(config: RLConfig, sft_checkpoint: FlyteDirectory) -> tuple[RLConfig, ChatConfig, str, dict]:
-    """Validate the RL config, check that the checkpoint is a chat (SFT) one and probe the hub endpoint, before any
-    GPU time is spent. Returns the config, the ChatConfig of the evaluation after RL, the endpoint and the
-    environment report."""
+def check_rl_stage(config: RLConfig, sft_checkpoint: FlyteDirectory) -> tuple[RLConfig, ChatConfig, str, str]:
+    """Validate the RL config, check that the checkpoint is a chat (SFT) one and probe the hub endpoint. Returns the
+    config, the ChatConfig of the evaluation after RL, the endpoint, and the config name whose evaluation needs the
+    sandbox (or "")."""
     export_secret(secrets.HF)
     config, endpoint = setup.rl_stage(config, checkpoint_location(sft_checkpoint))
-    return config, config.chat_eval_config(), endpoint, describe_training_node()
+    return config, config.chat_eval_config(), endpoint, setup.sandbox_required_by(config)
 
 
 # Keyed by exactly what decides the conversations: a new learning rate or a longer run reuses the prepared data.
@@ -206,8 +199,9 @@ class RLOutputs(NamedTuple):
 
 
 def fine_tune(config: ChatConfig, base_checkpoint: FlyteDirectory) -> ChatOutputs:
-    """setup -> data (CPU, cached) -> SFT -> chat evaluation -> results."""
-    checked, endpoint, environment = setup_chat(config=config, base_checkpoint=base_checkpoint)
+    """checks (CPU; the sandbox on the GPU node kind) -> data (CPU, cached) -> SFT -> chat evaluation -> results."""
+    checked, endpoint, sandbox_for = check_chat_stage(config=config, base_checkpoint=base_checkpoint)
+    environment = describe_training_node(sandbox_for=sandbox_for, later_stage=True)
     data = prepare_chat_sft_data(endpoint=endpoint, **prepare.sft_data_settings(checked))
     eval_data = prepare_chat_eval_data(endpoint=endpoint, tasks=checked.eval_tasks)
     chat_checkpoint, training = train_chat_model(config=checked, base_checkpoint=base_checkpoint, data=data,
@@ -227,8 +221,10 @@ def chat_sft(base_checkpoint: FlyteDirectory, config: ChatConfig = ChatConfig())
 
 
 def reinforce(config: RLConfig, sft_checkpoint: FlyteDirectory) -> RLOutputs:
-    """setup -> GSM8K problems and evaluation data (CPU, cached) -> RL -> chat evaluation -> results."""
-    checked, eval_config, endpoint, environment = setup_rl(config=config, sft_checkpoint=sft_checkpoint)
+    """checks (CPU; the sandbox on the GPU node kind) -> GSM8K problems and evaluation data (CPU, cached) -> RL ->
+    chat evaluation -> results."""
+    checked, eval_config, endpoint, sandbox_for = check_rl_stage(config=config, sft_checkpoint=sft_checkpoint)
+    environment = describe_training_node(sandbox_for=sandbox_for, later_stage=True)
     data = prepare_rl_problems(endpoint=endpoint, **prepare.rl_data_settings(checked))
     eval_data = prepare_chat_eval_data(endpoint=endpoint, tasks=checked.eval_tasks)
     rl_checkpoint, training = train_rl_model(config=checked, sft_checkpoint=sft_checkpoint, data=data,

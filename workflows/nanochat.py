@@ -44,20 +44,29 @@ from workflows.support import (
 DATA_CACHE_VERSION = prepare.DATA_VERSION  # cached data from an older version of the format is ignored
 
 
+# On a CPU pod: a bad input fails in one line before any GPU node is asked for, or any download starts.
+@task(container_image=IMAGE, secret_requests=[HF_SECRET])
+@one_line_user_errors
+def check_run_config(config: RunConfig, resume_from: str, world_size: int = 1) -> tuple[RunConfig, bool, RunConfig]:
+    """Validate the config for world_size GPUs (and the checkpoint to resume), and probe the data and the CORE
+    bundle. Returns the config the run uses, whether the final checkpoint gets a CORE score, and the data tasks'
+    config (their cache key: prepare.data_config)."""
+    export_secret(secrets.HF)
+    config = setup.base_run(config, resume_from, world_size)
+    return config, config.core_enabled, prepare.data_config(config)
+
+
 # The same node kind as training (interruptible too: spot pools are tainted for interruptible pods), so that the
-# report describes the GPU, driver and CPUs the training will get.
-@task(container_image=IMAGE, secret_requests=[WANDB_SECRET, HF_SECRET], interruptible=True, enable_deck=True,
+# report describes the GPU, driver and CPUs the training will get, and a chat stage's sandbox is checked where its
+# evaluation will run (sandbox_for: setup.sandbox_required_by), before training.
+@task(container_image=IMAGE, secret_requests=[WANDB_SECRET], interruptible=True, enable_deck=True,
       **TRAINING_RESOURCES)
 @one_line_user_errors
-def setup_environment(config: RunConfig, resume_from: str, world_size: int = 1
-                      ) -> tuple[RunConfig, dict, bool, RunConfig]:
-    """Validate the config for world_size GPUs (and the checkpoint to resume), probe the data and the CORE bundle,
-    and report the machine, before any download or GPU time. Also says whether the final checkpoint gets a CORE
-    score, and gives the data tasks' config (their cache key: prepare.data_config)."""
-    export_secret(secrets.HF)
+def describe_training_node(sandbox_for: str = "", later_stage: bool = False) -> dict:
+    """The environment report of the training node kind. A later stage's local run leaves it out of the log: the
+    terminal has it from pretraining."""
     export_secret(secrets.WANDB)  # the report says whether W&B can log in
-    config = setup.base_run(config, resume_from, world_size)
-    return config, setup.describe_machine(deck), config.core_enabled, prepare.data_config(config)
+    return setup.describe_machine(deck, printed=not (later_stage and is_local_run()), sandbox_for=sandbox_for)
 
 
 @task(container_image=IMAGE, secret_requests=[HF_SECRET], cache=Cache(version=DATA_CACHE_VERSION),
@@ -173,15 +182,15 @@ class RunOutputs(NamedTuple):
 
 def pretrain(config: RunConfig, resume_from: str, train_task=train_base_model, gpu_node: dict | None = None,
              checked_first=None, world_size: int = 1) -> RunOutputs:
-    """The stages, chained. `gpu_node` overrides where setup, training and CORE run, and `world_size` is the GPUs
-    train_task runs on (workflows/scale_up.py). `checked_first`: an output of a task that must succeed before
-    anything starts (a pipeline's later configs)."""
+    """The stages, chained. `gpu_node` overrides where the environment report, training and CORE run, and
+    `world_size` is the GPUs train_task runs on (workflows/scale_up.py). `checked_first`: an output of a task that
+    must succeed before anything starts (a pipeline's later configs)."""
     gpu_node = gpu_node or {}
-    resolved, environment, core_on, data_config = setup_environment(config=config, resume_from=resume_from,
-                                                                    world_size=world_size
-                                                                    ).with_overrides(**gpu_node)
+    resolved, core_on, data_config = check_run_config(config=config, resume_from=resume_from, world_size=world_size)
     if checked_first is not None:
         checked_first >> resolved
+    environment = describe_training_node().with_overrides(**gpu_node)
+    resolved >> environment  # no GPU node is asked for before the inputs are checked
     data, manifest = download_and_prepare_data(config=data_config)
     checkpoint, training = train_task(config=resolved, data=data, environment=environment,
                                       resume_from=resume_from).with_overrides(**gpu_node)

@@ -1,6 +1,7 @@
 """The environment report: what the machine that trains looks like, printed once and kept with the results.
 
-setup_environment runs on the same kind of node as training, so this is the GPU training will get.
+The workflows' describe_training_node runs on the same kind of node as training, so this is the GPU training will
+get.
 """
 
 import os

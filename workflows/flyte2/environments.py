@@ -8,7 +8,7 @@
 The image is the Dockerfile's and workflows/image.py's (the same CUDA base, torch, dependencies, git and GPT-2's
 ranks), built by `flyte run`/`flyte deploy` (Union builds it remotely; locally it needs Docker and
 NANOCHAT_IMAGE_REGISTRY to push to). NANOCHAT_FLYTE2_IMAGE names a prebuilt one instead: it must hold the flyte2
-extra, which the Dockerfile's image does not.
+extra (the Dockerfile built with --build-arg EXTRAS="[flyte2]").
 """
 
 import os
