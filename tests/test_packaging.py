@@ -74,6 +74,14 @@ def config_default(launch_plan: LaunchPlan) -> RunConfig:
     return TypeEngine.to_python_value(FlyteContextManager.current_context(), literal, RunConfig)
 
 
+def test_the_checks_and_the_results_ask_for_the_drivers_machine(tasks):
+    """The small CPU tasks get what Flyte 2's driver gets (presets.DRIVER_NODE), not a platform's default, which
+    may be too small for torch and the report card's plots."""
+    for name in ("check_run_config", "check_chat_config", "check_chat_and_rl_configs", "check_chat_stage",
+                 "check_rl_stage", "aggregate_results", "aggregate_chat_results", "aggregate_rl_results", "no_core"):
+        assert resources(tasks[name]) == ({CPU: "1", MEMORY: "4Gi", STORAGE: "10Gi"}, {}), name
+
+
 def test_train_base_model_gets_the_reference_machine(tasks):
     train = tasks["train_base_model"]
     requests, limits = resources(train)

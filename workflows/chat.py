@@ -25,6 +25,7 @@ from workflows.image import IMAGE
 from workflows.nanochat import RunOutputs, describe_training_node, pretrain
 from workflows.support import (
     DATA_RESOURCES,
+    DRIVER_RESOURCES,
     HF_SECRET,
     TRAINING_RESOURCES,
     TRAINING_TASK,
@@ -45,14 +46,14 @@ CHAT_DATA_CACHE_VERSION = prepare.CHAT_DATA_VERSION  # cached conversations of a
 # A pipeline's chat and RL configs are checked against the base run before it starts: `pyflyte run` checks each config
 # alone, a relaunch from the console with edited inputs checks nothing, and the stage's own setup runs hours later.
 # With the HF token: they probe the hub, which a gated or private mirror answers only with it.
-@task(container_image=IMAGE, secret_requests=[HF_SECRET])
+@task(container_image=IMAGE, secret_requests=[HF_SECRET], **DRIVER_RESOURCES)
 @one_line_user_errors
 def check_chat_config(config: RunConfig, chat_config: ChatConfig, resume_from: str) -> ChatConfig:
     export_secret(secrets.HF)
     return setup.later_stages(config, chat_config, resume_from=resume_from)[0]
 
 
-@task(container_image=IMAGE, secret_requests=[HF_SECRET])
+@task(container_image=IMAGE, secret_requests=[HF_SECRET], **DRIVER_RESOURCES)
 @one_line_user_errors
 def check_chat_and_rl_configs(config: RunConfig, chat_config: ChatConfig, rl_config: RLConfig, resume_from: str
                               ) -> tuple[ChatConfig, RLConfig]:
@@ -62,7 +63,7 @@ def check_chat_and_rl_configs(config: RunConfig, chat_config: ChatConfig, rl_con
 
 # Each stage's inputs are checked on a CPU pod: a bad one fails in one line before any GPU node is asked for. The
 # training node kind then checks the sandbox where the evaluation will run (describe_training_node).
-@task(container_image=IMAGE, secret_requests=[HF_SECRET])
+@task(container_image=IMAGE, secret_requests=[HF_SECRET], **DRIVER_RESOURCES)
 @one_line_user_errors
 def check_chat_stage(config: ChatConfig, base_checkpoint: FlyteDirectory) -> tuple[ChatConfig, str, str]:
     """Validate the chat config, check the base checkpoint and probe the hub endpoint. Returns the config, the
@@ -72,7 +73,7 @@ def check_chat_stage(config: ChatConfig, base_checkpoint: FlyteDirectory) -> tup
     return config, endpoint, setup.sandbox_required_by(config)
 
 
-@task(container_image=IMAGE, secret_requests=[HF_SECRET])
+@task(container_image=IMAGE, secret_requests=[HF_SECRET], **DRIVER_RESOURCES)
 @one_line_user_errors
 def check_rl_stage(config: RLConfig, sft_checkpoint: FlyteDirectory) -> tuple[RLConfig, ChatConfig, str, str]:
     """Validate the RL config, check that the checkpoint is a chat (SFT) one and probe the hub endpoint. Returns the
@@ -172,14 +173,14 @@ def write_chat_results(config: ChatConfig | RLConfig, start_checkpoint: FlyteDir
     return results, FlyteDirectory(str(report_dir))
 
 
-@task(container_image=IMAGE)
+@task(container_image=IMAGE, **DRIVER_RESOURCES)
 def aggregate_chat_results(config: ChatConfig, base_checkpoint: FlyteDirectory, training: dict, evaluation: dict,
                            checkpoint: FlyteDirectory, environment: dict) -> tuple[dict, FlyteDirectory]:
     """The chat results JSON (`sft`, `chat_eval`, `chatcore`), and the chat run's report card."""
     return write_chat_results(config, base_checkpoint, training, evaluation, checkpoint, environment)
 
 
-@task(container_image=IMAGE)
+@task(container_image=IMAGE, **DRIVER_RESOURCES)
 def aggregate_rl_results(config: RLConfig, sft_checkpoint: FlyteDirectory, training: dict, evaluation: dict,
                          checkpoint: FlyteDirectory, environment: dict) -> tuple[dict, FlyteDirectory]:
     """The RL results JSON (`rl`, `chat_eval`, `chatcore`), and the RL run's report card."""

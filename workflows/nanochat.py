@@ -27,6 +27,7 @@ from nanochat_flyte.pipeline.finish import finish_base_run
 from workflows.image import IMAGE
 from workflows.support import (
     DATA_RESOURCES,
+    DRIVER_RESOURCES,
     HF_SECRET,
     TRAINING_RESOURCES,
     TRAINING_TASK,
@@ -45,7 +46,7 @@ DATA_CACHE_VERSION = prepare.DATA_VERSION  # cached data from an older version o
 
 
 # On a CPU pod: a bad input fails in one line before any GPU node is asked for, or any download starts.
-@task(container_image=IMAGE, secret_requests=[HF_SECRET])
+@task(container_image=IMAGE, secret_requests=[HF_SECRET], **DRIVER_RESOURCES)
 @one_line_user_errors
 def check_run_config(config: RunConfig, resume_from: str, world_size: int = 1) -> tuple[RunConfig, bool, RunConfig]:
     """Validate the config for world_size GPUs (and the checkpoint to resume), and probe the data and the CORE
@@ -158,13 +159,13 @@ def evaluate_base_model(config: RunConfig, checkpoint: FlyteDirectory, bundle_ur
         return evaluate.base_model(config, checkpoint_location(checkpoint), bundle_url, max_per_task, deck)
 
 
-@task(container_image=IMAGE)
+@task(container_image=IMAGE, **DRIVER_RESOURCES)
 def no_core() -> dict:
     """The CORE branch when evaluate_core is off or no eval_bundle_url is set."""
     return {}
 
 
-@task(container_image=IMAGE)
+@task(container_image=IMAGE, **DRIVER_RESOURCES)
 def aggregate_results(config: RunConfig, environment: dict, manifest: dict, training: dict,
                       checkpoint: FlyteDirectory, core: dict) -> tuple[dict, FlyteDirectory]:
     """The results JSON, and the run's report card with every evaluation (report.md, plots, results.json)."""

@@ -40,6 +40,9 @@ class Machine:
 # The reference run's: one T4 with 8 CPUs and 32 GiB. Disk: ~6 GB of tokens for 50 shards, ~1 GB per checkpoint (kept
 # twice: ours and Flyte's copy) and torch.compile's cache; 50Gi fits a 100 GB node disk.
 T4_NODE = Machine(cpu=8, memory="32Gi", disk="50Gi", gpu="T4", gpus=1)
+# The small CPU tasks that check inputs, write the results and (Flyte 2) chain the stages: they import torch and draw
+# the report card's plots.
+DRIVER_NODE = Machine(cpu=1, memory="4Gi", disk="10Gi")
 # The data tasks: converting the whole SmolTalk split (460K rows) peaked at 2.9 GB of memory, and its parquet files and
 # conversations take ~3 GB of disk.
 DATA_NODE = Machine(cpu=4, memory="8Gi", disk="20Gi")

@@ -22,7 +22,7 @@ from nanochat_flyte.pipeline.secrets import SecretName
 from nanochat_flyte.reporting.tracking import console_link_settings
 from nanochat_flyte.schema import StrictConfig
 from workflows.image import IMAGE
-from workflows.presets import DATA_NODE, T4_NODE, Machine
+from workflows.presets import DATA_NODE, DRIVER_NODE, T4_NODE, Machine
 
 # The secrets, named as nanochat_flyte.pipeline.secrets says: by group and key on open-source Flyte (the Kubernetes
 # secret `wandb` with the key `api_key`), by key alone on Union (`union create secret wandb_api_key`). Locally,
@@ -134,6 +134,7 @@ def task_resources(machine: Machine) -> dict:
 
 TRAINING_RESOURCES = task_resources(T4_NODE)
 DATA_RESOURCES = task_resources(DATA_NODE)
+DRIVER_RESOURCES = task_resources(DRIVER_NODE)  # the checks and the results
 
 
 class FlytekitAttempts:

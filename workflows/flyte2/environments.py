@@ -3,7 +3,8 @@
     nanochat       the driver tasks (`main`, the chat pipelines): a small CPU pod that checks the inputs, chains the
                    stages and writes the results; v1's workflows and their check and aggregate tasks
     nanochat_data  CPU data preparation, cached: v1's prepare_* and collect_data tasks
-    nanochat_gpu   one T4 with 8 CPUs and 32 GiB, interruptible: v1's setup, training and evaluation tasks
+    nanochat_gpu   one T4 with 8 CPUs and 32 GiB, interruptible: v1's describe_training_node, training and
+                   evaluation tasks
 
 The image is the Dockerfile's and workflows/image.py's (the same CUDA base, torch, dependencies, git and GPT-2's
 ranks), built by `flyte run`/`flyte deploy` (Union builds it remotely; locally it needs Docker and
@@ -27,7 +28,7 @@ from workflows.image import (
     TIKTOKEN_CACHE_DIR,
     TORCH_VERSION,
 )
-from workflows.presets import DATA_NODE, T4_NODE, Machine
+from workflows.presets import DATA_NODE, DRIVER_NODE, T4_NODE, Machine
 
 ROOT = Path(__file__).resolve().parents[2]
 FLYTE2_DEPENDENCIES = ["flyte>=2.12,<3", "flyteplugins-pytorch>=2.12,<3"]  # pyproject.toml's flyte2 extra
@@ -77,8 +78,6 @@ def node(machine: Machine) -> flyte.Resources:
                            gpu=f"{machine.gpu}:{machine.gpus}", shm="auto", disk=machine.disk)
 
 
-DRIVER_NODE = flyte.Resources(cpu=1, memory="4Gi", disk="10Gi")  # imports torch; writes the report card
-
 # Keyed by what decides the data, with the library's format versions: a relaunch prepares nothing twice.
 DATA_CACHE = flyte.Cache(behavior="auto", version_override=prepare.DATA_VERSION)
 # A shard is keyed by its job alone (data_url, index, split, tokenizer fingerprint).
@@ -99,5 +98,5 @@ data_env = flyte.TaskEnvironment(name="nanochat_data", image=IMAGE, secrets=[HF_
 gpu_env = flyte.TaskEnvironment(name="nanochat_gpu", image=IMAGE, secrets=[WANDB_SECRET, HF_SECRET],
                                 resources=node(T4_NODE), interruptible=True, include=PRESETS)
 
-driver_env = flyte.TaskEnvironment(name="nanochat", image=IMAGE, secrets=[HF_SECRET], resources=DRIVER_NODE,
+driver_env = flyte.TaskEnvironment(name="nanochat", image=IMAGE, secrets=[HF_SECRET], resources=node(DRIVER_NODE),
                                    depends_on=[data_env, gpu_env], include=PRESETS)
