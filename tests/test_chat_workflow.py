@@ -108,6 +108,9 @@ def check_rl_pipeline_outputs(results: dict, checkpoint, report, chat_results: d
                                   rl_config=tiny_rl_config(device_batch_size=3)), "RLConfig.device_batch_size"),
     (lambda url: nanochat_chat(config=tiny_config(url), chat_config=tiny_chat_config(hf_endpoint="http://127.0.0.1:9")),
      "ChatConfig.hf_endpoint"),  # SFT's hub, probed before pretraining, not hours later in SFT's own setup
+    (lambda url: nanochat_chat_rl(config=tiny_config(url), chat_config=tiny_chat_config(),
+                                  rl_config=tiny_rl_config(), resume_from="/no/such/checkpoint"),
+     "nanochat_chat_rl.resume_from"),  # named as the pipeline's own input
 ])
 def test_a_pipelines_bad_chat_or_rl_config_fails_before_any_download(served_shards, hub_server, run, field):
     # built directly, as a console relaunch builds them: pyflyte run's own check of each config is not involved

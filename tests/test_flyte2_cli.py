@@ -114,7 +114,8 @@ def test_ctrl_c_prints_the_resume_command_and_that_command_resumes(tmp_path, fly
         returncode, lines = interrupted_after_a_save(flyte_run.command("--config", str(tmp_path / "run.json")), ROOT,
                                                      flyte_run.env, "step 00002 | saved checkpoint to ")
         output = "".join(lines)
-        assert returncode != 0 and "Completed" not in output, output[-3000:]
+        assert returncode == 130 and "Completed" not in output, output[-3000:]
+        assert "terminate called" not in output  # the interpreter is not finalized under the training thread
         command = next(line for line in lines if line.startswith("resume with: ")).removeprefix("resume with: ")
         assert command.startswith("flyte run --local workflows/flyte2/nanochat.py main --config "), command
 

@@ -181,7 +181,7 @@ def test_a_missing_checkpoint_or_bundle_fails_main_before_any_download(served_sh
     served_shards.requests.clear()
     with pytest.raises(Exception, match=r"main\.resume_from: /no/such/checkpoint is not a checkpoint directory"):
         run_locally(main, config=tiny_config(served_shards.url), resume_from="/no/such/checkpoint")
-    with pytest.raises(Exception, match=r"main\.resume_from: /no/such/checkpoint is not a checkpoint directory"):
+    with pytest.raises(Exception, match=r"nanochat_chat\.resume_from: /no/such/checkpoint is not a checkpoint"):
         run_locally(nanochat_chat, config=tiny_config(served_shards.url), chat_config=tiny_chat_config(),
                     resume_from="/no/such/checkpoint")  # a pipeline's pretraining continues it as main's does
     with pytest.raises(Exception, match=r"RunConfig\.eval_bundle_url: .*not found"):

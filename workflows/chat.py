@@ -259,7 +259,7 @@ def nanochat_chat(config: RunConfig = RunConfig(), chat_config: ChatConfig = Cha
     """The whole pipeline: pretraining (with CORE when config.evaluate_core), then SFT, then the chat evaluation.
     resume_from: as main's, the pretraining checkpoint to continue."""
     checked_chat = check_chat_config(config=config, chat_config=chat_config, resume_from=resume_from)
-    base: RunOutputs = pretrain(config, resume_from, checked_first=checked_chat)
+    base: RunOutputs = pretrain(config, resume_from, checked_first=checked_chat, entry="nanochat_chat")
     chat = fine_tune(checked_chat, base.checkpoint)
     return PipelineOutputs(base.results, base.checkpoint, base.report, chat.results, chat.chat_checkpoint,
                            chat.report)
@@ -285,7 +285,8 @@ def nanochat_chat_rl(config: RunConfig = RunConfig(), chat_config: ChatConfig = 
     pretraining checkpoint to continue."""
     checked_chat, checked_rl = check_chat_and_rl_configs(config=config, chat_config=chat_config, rl_config=rl_config,
                                                          resume_from=resume_from)
-    base: RunOutputs = pretrain(config, resume_from, checked_first=checked_chat)  # one node checks both
+    # one node checks both
+    base: RunOutputs = pretrain(config, resume_from, checked_first=checked_chat, entry="nanochat_chat_rl")
     chat = fine_tune(checked_chat, base.checkpoint)
     rl = reinforce(checked_rl, chat.chat_checkpoint)
     return RLPipelineOutputs(base.results, base.checkpoint, base.report, chat.results, chat.chat_checkpoint,

@@ -48,12 +48,13 @@ DATA_CACHE_VERSION = prepare.DATA_VERSION  # cached data from an older version o
 # On a CPU pod: a bad input fails in one line before any GPU node is asked for, or any download starts.
 @task(container_image=IMAGE, secret_requests=[HF_SECRET], **DRIVER_RESOURCES)
 @one_line_user_errors
-def check_run_config(config: RunConfig, resume_from: str, world_size: int = 1) -> tuple[RunConfig, bool, RunConfig]:
-    """Validate the config for world_size GPUs (and the checkpoint to resume), and probe the data and the CORE
-    bundle. Returns the config the run uses, whether the final checkpoint gets a CORE score, and the data tasks'
-    config (their cache key: prepare.data_config)."""
+def check_run_config(config: RunConfig, resume_from: str, world_size: int, entry: str
+                     ) -> tuple[RunConfig, bool, RunConfig]:
+    """Validate the config for world_size GPUs (and the checkpoint to resume, the input of the workflow `entry`), and
+    probe the data and the CORE bundle. Returns the config the run uses, whether the final checkpoint gets a CORE
+    score, and the data tasks' config (their cache key: prepare.data_config)."""
     export_secret(secrets.HF)
-    config = setup.base_run(config, resume_from, world_size)
+    config = setup.base_run(config, resume_from, world_size, entry)
     return config, config.core_enabled, prepare.data_config(config)
 
 
@@ -182,12 +183,14 @@ class RunOutputs(NamedTuple):
 
 
 def pretrain(config: RunConfig, resume_from: str, train_task=train_base_model, gpu_node: dict | None = None,
-             checked_first=None, world_size: int = 1) -> RunOutputs:
+             checked_first=None, world_size: int = 1, entry: str = "main") -> RunOutputs:
     """The stages, chained. `gpu_node` overrides where the environment report, training and CORE run, and
     `world_size` is the GPUs train_task runs on (workflows/scale_up.py). `checked_first`: an output of a task that
-    must succeed before anything starts (a pipeline's later configs)."""
+    must succeed before anything starts (a pipeline's later configs). `entry`: the workflow, whose inputs a bad value
+    is named by."""
     gpu_node = gpu_node or {}
-    resolved, core_on, data_config = check_run_config(config=config, resume_from=resume_from, world_size=world_size)
+    resolved, core_on, data_config = check_run_config(config=config, resume_from=resume_from, world_size=world_size,
+                                                      entry=entry)
     if checked_first is not None:
         checked_first >> resolved
     environment = describe_training_node().with_overrides(**gpu_node)

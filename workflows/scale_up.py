@@ -34,9 +34,10 @@ def train_base_model_multi_gpu(config: RunConfig, data: FlyteDirectory, environm
 
 @workflow
 def nanochat_d12_a100(config: RunConfig = D12_CONFIG, resume_from: str = "") -> RunOutputs:
-    return pretrain(config, resume_from, train_base_model, task_resources(A100_NODE))
+    return pretrain(config, resume_from, train_base_model, task_resources(A100_NODE), entry="nanochat_d12_a100")
 
 
 @workflow
 def nanochat_d12_8xa100(config: RunConfig = D12_CONFIG, resume_from: str = "") -> RunOutputs:
-    return pretrain(config, resume_from, train_base_model_multi_gpu, EIGHT_A100_TASK, world_size=GPUS)
+    return pretrain(config, resume_from, train_base_model_multi_gpu, EIGHT_A100_TASK, world_size=GPUS,
+                    entry="nanochat_d12_8xa100")

@@ -7,7 +7,6 @@ checkpoint from a remote URI never runs code from it.
 """
 
 import json
-import random
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -40,13 +39,15 @@ def write_json(path: Path, values: dict) -> None:
 # ---------------------------------------------------------------------- RNG states
 
 
+# Python's global `random` is neither saved nor restored: this code draws only from random.Random(seed) instances, and
+# a restored global state makes the "random" names other libraries draw from it repeat (Flyte 2's local mode names
+# output folders so: a checkpoint resumed twice drew the same folders, and the second run failed on them).
 def rng_states() -> dict:
     name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     states = {
         "torch": torch.get_rng_state(),
         "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
                   "has_gauss": has_gauss, "cached_gaussian": cached_gaussian},
-        "python": random.getstate(),
     }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
@@ -58,7 +59,6 @@ def restore_rng_states(states: dict) -> None:
     numpy = states["numpy"]
     np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
                          numpy["has_gauss"], numpy["cached_gaussian"]))
-    random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         # one state per GPU the saving process saw: a run resumed on fewer GPUs restores those it has
         torch.cuda.set_rng_state_all(states["cuda"][:torch.cuda.device_count()])

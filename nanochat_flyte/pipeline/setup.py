@@ -19,13 +19,13 @@ from nanochat_flyte.training.rl import check_sft_checkpoint, rl_run_config
 from nanochat_flyte.training.sft import check_base_checkpoint, sft_run_config
 
 
-def base_run(config: RunConfig, resume_from: str, world_size: int = 1) -> RunConfig:
+def base_run(config: RunConfig, resume_from: str, world_size: int = 1, entry: str = "main") -> RunConfig:
     """Pretraining's config, named and validated for `world_size` GPUs (the batch splits over them); the checkpoint
-    to resume (a directory or URI) and save_to checked; the data and the CORE bundle probed. Returns the config the
-    run uses."""
+    to resume (a directory or URI, the input `resume_from` of the workflow `entry`) and save_to checked; the data
+    and the CORE bundle probed. Returns the config the run uses."""
     config.validate(world_size)
     if resume_from:
-        saved = check_resume(config, resume_from)
+        saved = check_resume(config, resume_from, owner=entry)
         if not config.run_name:  # the resumed run's name: its W&B run, and the names the later stages take from it
             config = dataclasses.replace(config, run_name=saved["run_name"])
     config = config.resolved()

@@ -205,7 +205,7 @@ def nanochat_chat(config: RunConfig = RunConfig(), chat_config: ChatConfig = Cha
     resume_from: as main's, the pretraining checkpoint to continue."""
     # before pretraining: hours before SFT's own checks
     chat_config, _ = setup.later_stages(config, chat_config, resume_from=resume_from)
-    base = pretrain(config, resume_from)
+    base = pretrain(config, resume_from, entry="nanochat_chat")
     chat = fine_tune(chat_config, base.checkpoint)
     return PipelineOutputs(base.results, base.checkpoint, base.report, chat.results, chat.chat_checkpoint,
                            chat.report)
@@ -219,7 +219,7 @@ def nanochat_chat_rl(config: RunConfig = RunConfig(), chat_config: ChatConfig = 
     and its chat evaluation, then RL on GSM8K and the chat evaluation of the RL model. resume_from: as main's, the
     pretraining checkpoint to continue."""
     chat_config, rl_config = setup.later_stages(config, chat_config, rl_config, resume_from)
-    base = pretrain(config, resume_from)
+    base = pretrain(config, resume_from, entry="nanochat_chat_rl")
     chat = fine_tune(chat_config, base.checkpoint)
     rl = reinforce(rl_config, chat.chat_checkpoint)
     return RLPipelineOutputs(base.results, base.checkpoint, base.report, chat.results, chat.chat_checkpoint,

@@ -114,11 +114,12 @@ def prepare_data(config: RunConfig) -> tuple[Dir, dict]:
 
 
 def pretrain(config: RunConfig, resume_from: str, train_task=train_base_model, gpu: dict | None = None,
-             world_size: int = 1) -> RunOutputs:
-    """The stages, chained, in a driver task. `gpu` overrides where setup, training and CORE run, and `world_size`
-    is the GPUs train_task runs on (scale_up.py)."""
+             world_size: int = 1, entry: str = "main") -> RunOutputs:
+    """The stages, chained, in a driver task (`entry`, whose inputs a bad value is named by). `gpu` overrides where
+    the environment report, training and CORE run, and `world_size` is the GPUs train_task runs on (scale_up.py)."""
     gpu = gpu or {}
-    config = setup.base_run(config, resume_from, world_size)  # here, before any task starts: a bad input costs no pod
+    # here, before any task starts: a bad input costs no pod
+    config = setup.base_run(config, resume_from, world_size, entry)
     environment = describe_training_node.override(**gpu)()
     data, manifest = prepare_data(prepare.data_config(config))  # keyed on the data's fields: a relaunch reuses it
     checkpoint, training = train_task.override(**gpu)(config, data, environment, resume_from)

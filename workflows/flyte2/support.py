@@ -9,6 +9,7 @@ import functools
 import io
 import logging
 import os
+import sys
 import tarfile
 import tempfile
 from collections.abc import Callable
@@ -34,7 +35,9 @@ def is_local_run() -> bool:
 @contextlib.contextmanager
 def said_at_exit_while_running(message: Callable[[], str | None]):
     """Ctrl-C under `flyte run --local` ends the process from its main thread while the task runs on a worker thread,
-    which sees no KeyboardInterrupt: message(), unless None, is printed at the exit if the block is still running."""
+    which sees no KeyboardInterrupt: message(), unless None, is printed at the exit if the block is still running.
+    The process then ends at once with status 130 (a shell's for Ctrl-C): finalizing the interpreter under the
+    training thread aborts in C++ ("terminate called without an active exception", status 134)."""
     if not is_local_run():
         yield
         return
@@ -42,6 +45,8 @@ def said_at_exit_while_running(message: Callable[[], str | None]):
     def say() -> None:
         if text := message():
             print(text, flush=True)
+        sys.stderr.flush()
+        os._exit(130)  # after W&B's exit hook, which was registered later and so ran first
 
     atexit.register(say)
     try:
