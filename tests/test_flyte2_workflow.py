@@ -113,6 +113,14 @@ def test_a_chat_stage_checks_its_sandbox_on_the_node_kind_that_evaluates(run_loc
         run_locally(describe_training_node, printed=False, sandbox_for="ChatConfig")
 
 
+def test_a_cached_data_directory_whose_folder_is_gone_names_the_fix(tmp_path, run_locally):
+    """The local cache outlives the folders under /tmp it points into: a task handed such an output says so."""
+    gone = tmp_path / "data"
+    with pytest.raises(Exception, match=rf"{gone} is gone: a cached output .* run `flyte delete local-cache`"):
+        run_locally(train_base_model, config=tiny_training_config(), data=Dir(path=str(gone)), environment={},
+                    resume_from="")
+
+
 def test_a_lost_training_attempt_resumes_from_its_last_save(tmp_path, monkeypatch, run_locally, capfd):
     """The first attempt is lost right after its first save (step 3 of 6), to a storage hiccup (a preempted node
     is the platform's to retry, which a local run cannot show); Flyte retries the task, and the retry goes on from

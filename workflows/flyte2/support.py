@@ -24,7 +24,7 @@ from flyte.io import Dir
 from flyteplugins.pytorch.task import Elastic, TorchFunctionTask
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from nanochat_flyte.errors import is_storage_error, is_user_error, reraise_user_errors, user_error_names
+from nanochat_flyte.errors import UserError, is_storage_error, is_user_error, reraise_user_errors, user_error_names
 from nanochat_flyte.reporting.tracking import RUN_ID_ENV, console_link_settings
 
 
@@ -67,8 +67,13 @@ def work_dir(name: str) -> Path:
 
 
 def local_dir(directory: Dir) -> Path:
-    """A Dir input as a local directory: downloaded on a cluster, used in place locally."""
-    return Path(directory.download_sync())
+    """A Dir input as a local directory: downloaded on a cluster, used in place locally, where the local cache can
+    hand a task an earlier run's output whose folder has since been deleted: one line then names the fix."""
+    path = Path(directory.download_sync())
+    if is_local_run() and not path.exists():
+        raise UserError(f"{path} is gone: a cached output of an earlier local run, whose folder was deleted; run "
+                        "`flyte delete local-cache` and run again")
+    return path
 
 
 def upload(path: Path) -> Dir:
