@@ -283,9 +283,9 @@ def nanochat_chat_rl(config: RunConfig = RunConfig(), chat_config: ChatConfig = 
     """The whole pipeline of the reference run's next steps: pretraining (with CORE when config.evaluate_core), SFT
     and its chat evaluation, then RL on GSM8K and the chat evaluation of the RL model. resume_from: as main's, the
     pretraining checkpoint to continue."""
+    # one node checks both later configs; pretraining waits for it
     checked_chat, checked_rl = check_chat_and_rl_configs(config=config, chat_config=chat_config, rl_config=rl_config,
                                                          resume_from=resume_from)
-    # one node checks both
     base: RunOutputs = pretrain(config, resume_from, checked_first=checked_chat, entry="nanochat_chat_rl")
     chat = fine_tune(checked_chat, base.checkpoint)
     rl = reinforce(checked_rl, chat.chat_checkpoint)
