@@ -13,7 +13,7 @@ import pytest
 from nanochat_flyte.config import RunConfig
 from tests.helpers import interrupted_after_a_save
 from tests.shard_server import serve_shards, write_fineweb_shards
-from tests.test_workflow import VAL_SHARD, tiny_config
+from tests.test_workflow import VAL_SHARD, interruptible_run, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PYFLYTE = [sys.executable, "-m", "flytekit.clis.sdk_in_container.pyflyte", "run", "workflows/nanochat.py", "main"]
@@ -104,11 +104,8 @@ def test_a_misspelt_preset_path_says_the_file_is_missing(env):
 def test_ctrl_c_prints_the_resume_command_and_that_command_resumes(tmp_path, env):
     write_fineweb_shards(tmp_path / "shards", [0, 1, VAL_SHARD], docs_per_shard=150)
     with serve_shards(tmp_path / "shards") as server:
-        # ~1 s a step on 2 cores: the interrupt lands long before the run could finish
-        config = tiny_config(server.url, depth=2, device_batch_size=8, total_batch_size=2048, num_iterations=8,
-                             eval_every=8, sample_every=8, save_every=2, wandb_mode="disabled")
-        (tmp_path / "run.json").write_text(json.dumps(config.to_dict()))
-        returncode, lines = interrupted_after_a_save([*PYFLYTE, "--config", str(tmp_path / "run.json")], ROOT, env,
+        run_json = interruptible_run(tmp_path / "run.json", server.url)
+        returncode, lines = interrupted_after_a_save([*PYFLYTE, "--config", str(run_json)], ROOT, env,
                                                      "step 00002 | saved checkpoint to ")
         output = "".join(lines)
         assert returncode != 0, output[-3000:]

@@ -25,6 +25,15 @@ def tiny_config(data_url: str, **changes) -> RunConfig:
     return RunConfig(**values)
 
 
+def interruptible_run(path: Path, data_url: str) -> Path:
+    """A run config file for the Ctrl-C tests: 8 steps of ~1 s on 2 cores, saved every 2, so that an interrupt after
+    the first save lands long before the run could finish."""
+    config = tiny_config(data_url, depth=2, device_batch_size=8, total_batch_size=2048, num_iterations=8,
+                         eval_every=8, sample_every=8, save_every=2, wandb_mode="disabled")
+    path.write_text(json.dumps(config.to_dict()))
+    return path
+
+
 @pytest.fixture(scope="module")
 def served_shards(tmp_path_factory):
     """The shards, and the CORE bundle as /eval_bundle.zip in the official layout."""
