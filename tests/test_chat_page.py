@@ -9,9 +9,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from chat_server import API_KEY
+from chat_server import API_KEY, start_server, stop_server
+from helpers import make_data_dir, tiny_config
 
 from nanochat_flyte.inference.engine import Engine, SamplingParams
+from nanochat_flyte.training.pretrain import train
 
 CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
 if not CHROMIUM.is_file():
@@ -179,3 +181,22 @@ def test_a_base_model_page_says_so_and_asks_for_the_api_key(page, base_server, b
     answer = ask(page, "The river")
     base = Engine.from_checkpoint(base_checkpoint, "cpu")
     assert answer == base.complete("The river", SamplingParams(max_tokens=12)).text
+
+
+def test_max_tokens_stays_within_a_short_models_context(page, tmp_path):
+    """The page's default of 256 tokens is more than a 64-token model takes (the server refuses it with a 400, as it
+    did the smoke preset's 128-token model): the page lowers it to the model's context."""
+    checkpoint = tmp_path / "short"
+    train(tiny_config(max_seq_len=64, num_iterations=2, eval_every=2, sample_every=2, save_every=2, eval_tokens=128),
+          make_data_dir(tmp_path / "data", n_train_tokens=5_000, n_val_tokens=500), checkpoint)
+    server = start_server(checkpoint, tmp_path / "server.log")
+    try:
+        page.goto(server.url)
+        page.wait_for_function("document.getElementById('model').textContent.includes('context 64 tokens')")
+        assert page.input_value("#max-tokens") == "64" and page.get_attribute("#max-tokens", "max") == "64"
+        page.fill("#input", "The river")
+        page.press("#input", "Enter")
+        page.wait_for_function("controller === null")  # the answer has ended
+        assert page.locator(".error").count() == 0
+    finally:
+        stop_server(server)
