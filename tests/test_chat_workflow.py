@@ -48,6 +48,7 @@ def check_chat_pipeline_outputs(results: dict, chat_results: dict, chat_checkpoi
                                 ) -> None:
     """What nanochat_chat returns for tiny configs, under either Flyte front."""
     assert results["training"]["status"] == "completed" and results["core"] is None  # no bundle: CORE off
+    assert chat_results["workflow"] == "chat_sft"  # the stage's own workflow, whichever pipeline ran it
     sft = chat_results["sft"]
     assert sft["phase"] == "chat" and sft["steps_completed"] == 4 and sft["run_name"] == "e2e_sft"
     evaluation = chat_results["chat_eval"]

@@ -28,8 +28,9 @@ def aggregate_results(config_dict: dict, environment: dict, manifest: dict, trai
     }
 
 
-# by the checkpoint's stage: the workflow, the key of its training summary, the key of the checkpoint it started from
-CHAT_STAGES = {"chat": ("nanochat_chat", "sft", "base_checkpoint"), "rl": ("chat_rl", "rl", "sft_checkpoint")}
+# by the checkpoint's stage: the workflow that runs the stage on its own, the key of its training summary, the key of
+# the checkpoint it started from
+CHAT_STAGES = {"chat": ("chat_sft", "sft", "base_checkpoint"), "rl": ("chat_rl", "rl", "sft_checkpoint")}
 
 
 def chat_results(config: dict, start_checkpoint: str, training: dict, evaluation: dict, checkpoint_dir: str) -> dict:
