@@ -10,9 +10,19 @@ from helpers import NANOCHAT
 from nanochat_flyte.cli import COMMANDS
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nanochat_flyte"
-# The import order the package's docstring promises: a module imports only from its own level or those before it.
-LEVELS = ["errors", "schema", "config", "data", "model", "reporting", "inference", "evaluation", "training", "pipeline",
-          "cli"]
+CONFIG_MODULES = {"errors", "schema", "config"}  # the top-level modules every sub-package may import
+# What each sub-package's docstring says it may import (beside itself), and the top-level modules' own order.
+ALLOWED = {
+    "errors": set(), "schema": {"errors"}, "config": {"errors", "schema"},
+    "data": CONFIG_MODULES,
+    "model": CONFIG_MODULES | {"data"},
+    "reporting": CONFIG_MODULES | {"data"},
+    "inference": CONFIG_MODULES | {"data", "model"},
+    "evaluation": CONFIG_MODULES | {"data", "model", "reporting", "inference"},
+    "training": CONFIG_MODULES | {"data", "model", "reporting", "inference", "evaluation"},
+    "pipeline": CONFIG_MODULES | {"data", "model", "reporting", "inference", "evaluation", "training"},
+    "cli": CONFIG_MODULES | {"data", "model", "reporting", "inference", "evaluation", "training", "pipeline"},
+}
 
 
 def nanochat(*args: str) -> subprocess.CompletedProcess:
@@ -48,23 +58,35 @@ def test_python_m_runs_the_same_command():
 
 
 def imports_of(path: Path) -> set[str]:
+    """The package's modules `path` imports, in any form: `from nanochat_flyte.x import y`, `import
+    nanochat_flyte.x`, relative imports, at module level or inside a function."""
+    package = ".".join(("nanochat_flyte", *path.relative_to(PACKAGE).parent.parts))
     modules = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("nanochat_flyte."):
-            modules.add(node.module)
-    return modules
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            modules.add(f"{base}.{node.module}" if node.module else base)
+        elif isinstance(node, ast.ImportFrom):
+            modules.add(node.module or "")
+        elif isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+    return {module for module in modules if module.startswith("nanochat_flyte.")}
 
 
-def test_imports_go_one_way_down_the_pipeline():
-    upward = []
+def test_each_sub_package_imports_only_what_its_docstring_allows():
+    assert set(ALLOWED) == {path.stem if path.is_file() else path.name for path in PACKAGE.iterdir()
+                            if (path.suffix == ".py" or (path / "__init__.py").exists())
+                            and path.stem not in ("__init__", "__main__")}
+    forbidden = []
     for path in PACKAGE.rglob("*.py"):
         parts = path.relative_to(PACKAGE).with_suffix("").parts
         if parts[0] in ("__init__", "__main__"):
             continue
         for module in imports_of(path):
-            if LEVELS.index(module.split(".")[1]) > LEVELS.index(parts[0]):
-                upward.append(f"{path.relative_to(PACKAGE)} imports {module}")
-    assert upward == []
+            imported = module.split(".")[1]
+            if imported != parts[0] and imported not in ALLOWED[parts[0]]:
+                forbidden.append(f"{path.relative_to(PACKAGE)} imports {module}")
+    assert forbidden == []
 
 
 def test_no_module_imports_itself_back_through_others():
