@@ -1,5 +1,7 @@
 """The calculator tool: arithmetic only, bounded, and results written as GSM8K writes them."""
 
+import warnings
+
 import pytest
 
 from nanochat_flyte.inference.calculator import calculate
@@ -27,3 +29,12 @@ def test_anything_else_has_no_result(expression):
 def test_whole_numbers_stay_bounded_along_the_way():
     assert calculate("(10**64)**2") == "1" + "0" * 128  # 426 bits
     assert calculate("(10**64)**3") is None and calculate("(10**64)**3 // 10**64") is None  # 638 bits midway
+
+
+def test_a_string_with_a_control_character_never_reaches_the_parser():
+    """Python's parser warns on stderr about a bad escape in a string literal, and the warning carries the character
+    (ESC here) as the model wrote it."""
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        assert calculate("'\\\x1b'") is None and calculate("1+'\\\x07'") is None
+    assert warned == []

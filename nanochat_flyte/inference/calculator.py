@@ -22,6 +22,9 @@ MAX_EXPONENT = 64  # 10 ** 64 already dwarfs any grade-school quantity; 9 ** 9 *
 # 512 x 64 bits, where nested powers ((9 ** 64) ** 64) ** 64 ... multiply the bits 64-fold at each level.
 MAX_INTEGER_BITS = 512
 DIGIT_GROUPS = re.compile(r"(?<=\d),(?=\d{3}\b)")  # "1,200" -> "1200"; a comma elsewhere is not arithmetic
+# What arithmetic is written with. Anything else is refused before Python's parser sees it: the parser warns on
+# stderr about a string literal's bad escape, and would copy a model-written control character there.
+ARITHMETIC_CHARACTERS = re.compile(r"[0-9.eE_+\-*/%() ]*")
 
 BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
@@ -60,7 +63,7 @@ def calculate(expression: str) -> str | None:
     """The value of an arithmetic expression as text, or None when it is not one (or cannot be computed): the
     engine then lets the model go on without a result."""
     expression = DIGIT_GROUPS.sub("", expression.strip())
-    if not expression or len(expression) > MAX_EXPRESSION_CHARS:
+    if not expression or len(expression) > MAX_EXPRESSION_CHARS or not ARITHMETIC_CHARACTERS.fullmatch(expression):
         return None
     try:
         value = evaluate(ast.parse(expression, mode="eval").body)
