@@ -20,6 +20,14 @@ def test_invisible_marks_that_reorder_or_hide_text_are_spelled_out_and_joiners_k
     assert shown("\U0001F468\u200d\U0001F469 \u0645\u200c\u06cc") == "\U0001F468\u200d\U0001F469 \u0645\u200c\u06cc"
 
 
+def test_text_hidden_in_invisible_characters_is_spelled_out():
+    """Tag characters (U+E0000-E007F) carry a whole text that a terminal shows as nothing; a soft hyphen and a word
+    joiner are invisible too."""
+    tagged = "ok" + "".join(chr(0xE0000 + ord(letter)) for letter in "rm")
+    assert shown(tagged) == "ok\\U000e0072\\U000e006d"
+    assert shown("a\xadb\u2060c\u2064d") == "a\\xadb\\u2060c\\u2064d"
+
+
 def test_a_chat_reply_that_writes_an_escape_sequence_reaches_the_terminal_spelled_out(capsys):
     hello, escape = tokens_of(" Hello")[0], TOKENIZER.encode_single_token(b"\x1b")
     colour = tokens_of("[31m")

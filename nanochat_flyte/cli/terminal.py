@@ -7,21 +7,26 @@ right-to-left override shows "efas # / fr- mr" as "rm -rf / # safe". The chat an
 text through shown(), which spells all of those out.
 """
 
-import re
+import unicodedata
 
-# C0 controls but tab and newline, DEL, C1 controls (U+0080-U+009F: 8-bit forms of ESC's sequences); then the
-# invisible ones that reorder or hide text: the bidi marks, overrides and isolates, the zero-width space, the line
-# and paragraph separators, the byte-order mark. (Zero-width joiners stay: scripts and emoji need them.)
-CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u2028-\u202e"
-                                "\u2066-\u2069\ufeff]")
+# What a terminal acts on or lays out unseen, by Unicode category: the controls (Cc: C0 but tab and newline, DEL, C1,
+# the 8-bit forms of ESC's sequences), the format characters (Cf: the bidi marks, overrides and isolates, zero-width
+# spaces, the byte-order mark, the soft hyphen, the tag characters that carry invisible text), and the line and
+# paragraph separators (Zl, Zp). The zero-width joiners stay: scripts and emoji need them.
+HIDDEN_CATEGORIES = ("Cc", "Cf", "Zl", "Zp")
+KEPT = frozenset("\t\n\u200c\u200d")
 
 
 def shown(text: str) -> str:
     """text with each character a terminal would act on, or lay out unseen, written as its escape (ESC as \\x1b,
-    a right-to-left override as \\u202e)."""
-    return CONTROL_CHARACTERS.sub(lambda match: escape(match.group()), text)
+    a right-to-left override as \\u202e, a tag character as \\U000e0041)."""
+    return "".join(escape(character) if hidden(character) else character for character in text)
+
+
+def hidden(character: str) -> bool:
+    return character not in KEPT and unicodedata.category(character) in HIDDEN_CATEGORIES
 
 
 def escape(character: str) -> str:
     code = ord(character)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
