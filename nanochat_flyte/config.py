@@ -28,6 +28,8 @@ DEVICES = ("auto", "cuda", "cpu", "mps")
 # torch.compile's modes; "reduce-overhead" and "max-autotune" replay the step's kernels as CUDA graphs
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+WIDTH_PER_LAYER = 64  # nanochat's one knob: model_dim = depth * 64 (its aspect ratio)
+HEAD_DIM = 128  # nanochat keeps heads 128 wide and adds heads as the model widens
 
 
 @dataclass
@@ -105,7 +107,8 @@ class RunConfig(StrictConfig):
     # ------------------------------------------------------------------ derived values
 
     def resolved(self, now: datetime | None = None) -> "RunConfig":
-        """A copy with the run name filled in. Call once, at the start of a run."""
+        """A copy with the run name filled in (a timestamp, when none is set). Once a run has its name, calling it
+        again keeps that name."""
         if self.run_name:
             return dataclasses.replace(self)
         stamp = (now or datetime.now()).strftime("%Y%m%d_%H%M%S")
@@ -175,7 +178,20 @@ class RunConfig(StrictConfig):
             raise ConfigError("eval_tokens", f"must hold at least one sequence of max_seq_len + 1 = "
                                              f"{self.max_seq_len + 1} tokens, got {self.eval_tokens}")
         self.grad_accum_steps(world_size)
+        model_width(self.depth)
         return self
+
+
+def model_width(depth: int) -> tuple[int, int]:
+    """nanochat's one-knob model size: (model_dim, n_head) at `depth` (8 -> dim 512, 4 heads of 128). Raises
+    ConfigError when the width does not split into equal heads: an odd depth d does only where (d + 1) / 2 divides 64
+    (1, 3, 7, 15, 31, 63, 127)."""
+    model_dim = depth * WIDTH_PER_LAYER
+    n_head = max(1, -(-model_dim // HEAD_DIM))  # (ceil)
+    if model_dim % n_head:
+        raise ConfigError("depth", f"{depth} gives model_dim {model_dim}, which does not split into {n_head} equal "
+                                   f"heads; use an even depth ({depth - 1} or {depth + 1}), or 1, 3, 7, 15, 31, 63")
+    return model_dim, n_head
 
 
 CHAT_EVAL_TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval")

@@ -10,6 +10,7 @@ import yaml
 from nanochat_flyte.cli.config import main as config_main
 from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig, load_config
 from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.model.gpt import GPTConfig
 from nanochat_flyte.schema import YamlLoader
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -68,6 +69,7 @@ def test_empty_run_name_is_derived_from_depth_and_time():
     (dict(warmup_ratio=0.9, warmdown_ratio=0.2), "warmdown_ratio"),
     (dict(tokenizer="bpe", bpe_train_chars=0), "bpe_train_chars"),
     (dict(core_max_per_task=10), "core_max_per_task"),  # nanochat's bundle has 10-shot tasks
+    (dict(depth=5), "depth"),  # 320 wide does not split into 3 heads: refused before any download, not in training
 ])
 def test_bad_values_name_their_field(changes, field):
     with pytest.raises(ConfigError) as error:
@@ -75,6 +77,19 @@ def test_bad_values_name_their_field(changes, field):
     assert error.value.field == field
     assert str(error.value).startswith(f"RunConfig.{field}: ")
     assert "\n" not in str(error.value)
+
+
+def test_every_depth_that_validates_builds_its_model_and_no_other():
+    for depth in range(1, 40):
+        try:
+            RunConfig(depth=depth).validate()
+        except ConfigError:
+            with pytest.raises(ConfigError, match="depth"):
+                GPTConfig.from_depth(depth, 100, 16)
+        else:
+            assert GPTConfig.from_depth(depth, 100, 16).n_embd == 64 * depth
+    with pytest.raises(ConfigError, match=r"use an even depth \(4 or 6\)"):
+        RunConfig(depth=5).validate()
 
 
 def test_divisibility_error_shows_the_arithmetic():

@@ -15,10 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.config import model_width
 from nanochat_flyte.model.chunked_loss import IGNORE_INDEX, chunked_cross_entropy
 
-HEAD_DIM = 128  # nanochat keeps heads 128 wide and adds heads as the model widens
 LOGIT_SOFTCAP = 15.0  # logits = 15 * tanh(logits / 15): bounded logits keep early training stable
 ROTARY_BASE = 10_000
 VOCAB_MULTIPLE = 64  # GPT-2's 50257 is odd; tensor-core matmuls run faster on a padded, aligned vocabulary
@@ -48,12 +47,8 @@ class GPTConfig:
     @classmethod
     def from_depth(cls, depth: int, vocab_size: int, sequence_len: int,
                    residual_scalars: bool = False) -> "GPTConfig":
-        """nanochat's one-knob model size: width = depth * 64, heads of 128 (depth 8 -> dim 512, 4 heads)."""
-        model_dim = depth * 64
-        n_head = max(1, math.ceil(model_dim / HEAD_DIM))
-        if model_dim % n_head:
-            raise ConfigError("depth", f"depth {depth} gives model_dim {model_dim}, which does not split into "
-                                       f"{n_head} equal heads; use an even depth (or 1, 3, 7, 15)")
+        """nanochat's one-knob model size (config.model_width): width = depth * 64, heads of 128."""
+        model_dim, n_head = model_width(depth)
         return cls(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
                    n_kv_head=n_head, n_embd=model_dim, residual_scalars=residual_scalars)
 
