@@ -38,8 +38,8 @@ from nanochat_flyte.errors import ConfigError, UserError
 
 CHUNK_BYTES = 1 << 16  # 64 KiB per read: an interrupted read loses at most this much; syscalls stay few
 HTTP_TIMEOUT_S = (10, 60)  # (connect, between bytes): a stalled CDN connection fails and is retried
-PROBE_TIMEOUT_S = 10
-PROBE_ATTEMPTS = 2
+PROBE_TIMEOUT_S = 10  # a HEAD request that checks a URL before any download: a live server answers in far less
+PROBE_ATTEMPTS = 2  # one retry, so a dropped connection is not taken for a missing shard
 PROBE_WORKERS = 16  # HEAD requests at once when checking that every shard exists
 
 

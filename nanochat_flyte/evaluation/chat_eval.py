@@ -275,7 +275,7 @@ def chat_table_markdown(result: dict) -> str:
 
 
 def chat_table_html(result: dict) -> str:
-    """The Flyte Deck's table."""
+    """The table on a report card (a flytekit Deck, a Flyte 2 report tab)."""
     notes = "".join(f"<p>{note}</p>" for note in chat_notes(result))
     return "\n".join([DECK_STYLE, "<h2>Chat evaluation</h2>", html_table(TABLE_HEADER, chat_table_rows(result)),
                       notes])

@@ -13,8 +13,8 @@ from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
 from nanochat_flyte.evaluation.chat_eval import chat_table_markdown
 from nanochat_flyte.evaluation.core import core_table_markdown
 from nanochat_flyte.model.checkpoint import checkpoint_run_config, publish_checkpoint
-from nanochat_flyte.reporting.report import write_run_report
-from nanochat_flyte.reporting.results import aggregate_results, chat_results, write_results
+from nanochat_flyte.reporting.report import REPORT_FILE, write_run_report
+from nanochat_flyte.reporting.results import RESULTS_FILE, aggregate_results, chat_results, write_results
 
 
 def finish_base_run(config: RunConfig, environment: dict, manifest: dict, training: dict, checkpoint: str,
@@ -75,8 +75,8 @@ def print_summary(what: str, training: dict, metrics: list[str], checkpoint: str
     lines = [f"== {what}: {training.get('run_name')} ({training.get('status')}, {steps} steps, {minutes:.1f} min)",
              f"   {' | '.join(metrics)}",
              f"   checkpoint: {checkpoint}",
-             f"   report:     {report_dir / 'report.md'}",
-             f"   results:    {report_dir / 'results.json'}"]
+             f"   report:     {report_dir / REPORT_FILE}",
+             f"   results:    {report_dir / RESULTS_FILE}"]
     if save_to:
         lines.append(f"   copies in:  {save_to}")
     if training.get("wandb_url"):

@@ -131,11 +131,11 @@ def check_resume(config: RunConfig, checkpoint: str | Path, field: str = "resume
         raise ConfigError(field, f"{checkpoint} is a {state['phase']} checkpoint; pretraining continues a base "
                                  "checkpoint (a chat one goes on with chat_sft or chat_rl)", owner)
     saved = RunConfig().to_dict() | saved  # a field newer than the checkpoint has its default there
-    for field in RESUME_KEEPS:
-        if field.startswith("bpe_") and config.tokenizer != "bpe":
+    for kept in RESUME_KEEPS:
+        if kept.startswith("bpe_") and config.tokenizer != "bpe":
             continue  # a GPT-2 run never reads them
-        if getattr(config, field) != saved[field]:
-            raise ConfigError(field, f"{getattr(config, field)!r} differs from {saved[field]!r} in the checkpoint "
+        if getattr(config, kept) != saved[kept]:
+            raise ConfigError(kept, f"{getattr(config, kept)!r} differs from {saved[kept]!r} in the checkpoint "
                                      f"being resumed ({checkpoint}); a resumed run keeps the model and the data")
     done = state["steps_completed"]
     if config.num_iterations < done:
