@@ -57,7 +57,7 @@ if not (Path(os.environ.get("TIKTOKEN_CACHE_DIR", CARRIED_TIKTOKEN_CACHE)) / GPT
 from bench import train_throughput  # noqa: E402
 from bench.train_throughput import SPEED_LEVERS  # noqa: E402
 from nanochat_flyte.config import load_config  # noqa: E402
-from nanochat_flyte.model.checkpoint import write_json  # noqa: E402
+from nanochat_flyte.files import write_json  # noqa: E402
 from nanochat_flyte.reporting.environment import environment_report  # noqa: E402
 from nanochat_flyte.reporting.tracking import METRICS_FILE, read_jsonl  # noqa: E402
 

@@ -58,7 +58,7 @@ from nanochat_flyte.data.tokenizer import (  # noqa: E402
     token_byte_lengths,
     with_special_tokens,
 )
-from nanochat_flyte.model.checkpoint import write_json  # noqa: E402
+from nanochat_flyte.files import write_json  # noqa: E402
 from nanochat_flyte.model.device import mfu, peak_flops  # noqa: E402
 from tests.helpers import generated_documents  # noqa: E402
 

@@ -26,10 +26,10 @@ from nanochat_flyte.data.chat_data import (
     smoltalk_conversation,
 )
 from nanochat_flyte.data.conversation import render_conversation
-from nanochat_flyte.data.download import write_bytes_atomically
 from nanochat_flyte.data.hub import split_cache_dir
 from nanochat_flyte.data.tokenizer import BPE_SPLIT_PATTERN, gpt2_tokenizer
 from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.files import write_bytes_atomically
 from tests.hub_server import HUB_SPLITS, SMOLTALK_SCHEMA, serve_hub, split_path, write_split
 
 SMOLTALK_TRAIN = ("HuggingFaceTB/smol-smoltalk", "default", "train")

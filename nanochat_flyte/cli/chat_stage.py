@@ -14,8 +14,9 @@ from nanochat_flyte.cli.usage import ArgumentParser
 from nanochat_flyte.config import ChatConfig, RLConfig, load_config
 from nanochat_flyte.data import MANIFEST_FILE
 from nanochat_flyte.data.chat_data import check_hub_endpoint, prepared_manifest
-from nanochat_flyte.data.download import default_cache_dir, local_path, write_bytes_atomically
+from nanochat_flyte.data.download import default_cache_dir
 from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.files import local_path, write_bytes_atomically
 from nanochat_flyte.model.checkpoint import (
     MODEL_CONFIG_FILE,
     check_save_to,

@@ -35,9 +35,10 @@ from pathlib import Path
 from nanochat_flyte.config import CHAT_EVAL_TASKS, ChatConfig, RLConfig
 from nanochat_flyte.data import MANIFEST_FILE
 from nanochat_flyte.data.conversation import ConversationError, normalize
-from nanochat_flyte.data.download import DownloadError, Retry, write_bytes_atomically
+from nanochat_flyte.data.download import DownloadError, Retry
 from nanochat_flyte.data.hub import download_split, file_records, hub_endpoint, iter_rows, parquet_urls
 from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.files import write_bytes_atomically
 
 LETTERS = "ABCDEFGHIJ"
 PROBE_RETRY = Retry(attempts=2, backoff_base_s=1.0)  # the endpoint check fails within seconds, not minutes

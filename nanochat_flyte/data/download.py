@@ -23,7 +23,7 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 import requests
 
 from nanochat_flyte.errors import ConfigError, UserError
+from nanochat_flyte.files import local_path, write_bytes_atomically
 
 CHUNK_BYTES = 1 << 16  # 64 KiB per read: an interrupted read loses at most this much; syscalls stay few
 HTTP_TIMEOUT_S = (10, 60)  # (connect, between bytes): a stalled CDN connection fails and is retried
@@ -65,14 +66,6 @@ def source_key(url: str) -> str:
 
 def is_http(url: str) -> bool:
     return url.startswith(("http://", "https://"))
-
-
-def local_path(url: str | Path) -> Path | None:
-    """The local file or folder a plain path (~ expanded) or a file:// URL names: read in place, never copied into
-    a cache. None for any other URL (http, s3://, ...), whose fsspec backend is not even imported here."""
-    if fsspec.core.split_protocol(str(url))[0] not in (None, "file", "local"):
-        return None
-    return Path(fsspec.core.url_to_fs(str(url))[1])
 
 
 @dataclass(frozen=True)
@@ -139,23 +132,6 @@ def verify_shard(path: Path) -> None:
     schema = readable_parquet_schema(path)
     if "text" not in schema.names or schema.field("text").type not in (pa.string(), pa.large_string()):
         raise CorruptFile(f"{path.name} has no `text` string column (columns: {schema.names})")
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """write(temp) a temp file beside path, then rename it into place: a process killed mid-write leaves the
-    previous file (or none), never half of one that looks whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    write(temp)
-    os.replace(temp, path)
-
-
-def write_bytes_atomically(path: Path, chunks: Iterable[bytes]) -> None:
-    def write(temp: Path) -> None:
-        with open(temp, "wb") as file:
-            file.writelines(chunks)
-
-    write_atomically(path, write)
 
 
 # ----------------------------------------------------------------------------- one file, one attempt

@@ -33,9 +33,9 @@ from nanochat_flyte.data.download import (
     get_json,
     readable_parquet_schema,
     source_key,
-    write_bytes_atomically,
 )
 from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.files import write_bytes_atomically
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DOWNLOAD_WORKERS = 4  # parquet files of one split fetched at once (SmolTalk's train split has a few)

@@ -24,11 +24,11 @@ from nanochat_flyte.data.download import (
     default_cache_dir,
     download_file,
     is_http,
-    local_path,
     probe,
     source_key,
 )
 from nanochat_flyte.errors import ConfigError, UserError
+from nanochat_flyte.files import local_path
 
 CORE_YAML = "core.yaml"
 

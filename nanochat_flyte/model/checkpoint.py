@@ -18,9 +18,9 @@ import tiktoken
 import torch
 
 from nanochat_flyte.config import RunConfig
-from nanochat_flyte.data.download import local_path, write_atomically
 from nanochat_flyte.data.tokenizer import load_tokenizer
 from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.files import local_path, write_atomically, write_json
 from nanochat_flyte.model.gpt import GPT, GPTConfig
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -30,10 +30,6 @@ CONFIG_FILE = "config.json"  # the run's config as `pyflyte run ... --config` an
 TOKENIZER_DIR = "tokenizer"
 # What load_model fetches of a remote checkpoint (training_state.json, which holds the phase, where there is one)
 INFERENCE_FILES = (CHECKPOINT_FILE, MODEL_CONFIG_FILE, TOKENIZER_DIR, TRAINING_STATE_FILE)
-
-
-def write_json(path: Path, values: dict) -> None:
-    write_atomically(path, lambda temp: temp.write_text(json.dumps(values, indent=2) + "\n"))
 
 
 # ---------------------------------------------------------------------- RNG states

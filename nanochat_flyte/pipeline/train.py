@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
-from nanochat_flyte.data.download import local_path
+from nanochat_flyte.files import local_path
 from nanochat_flyte.model.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, checkpoint_run_config, fetch_checkpoint
 from nanochat_flyte.pipeline import Show
 from nanochat_flyte.reporting.report import training_deck_html

@@ -31,7 +31,7 @@ except ImportError:  # W&B is optional where it is off: the GPU acceptance machi
     wandb = None
 
 from nanochat_flyte.config import RunConfig
-from nanochat_flyte.data.download import write_atomically
+from nanochat_flyte.files import write_atomically
 from nanochat_flyte.reporting.environment import wandb_key_available
 
 logger = logging.getLogger(__name__)

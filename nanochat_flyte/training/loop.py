@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from nanochat_flyte.config import CUDA_GRAPH_COMPILE_MODES, RunConfig
 from nanochat_flyte.data.tokenizer import load_tokenizer, tokenizer_id
 from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.files import write_json
 from nanochat_flyte.model.checkpoint import (
     CONFIG_FILE,
     MODEL_CONFIG_FILE,
@@ -52,7 +53,6 @@ from nanochat_flyte.model.checkpoint import (
     read_checkpoint_json,
     restore_rng_states,
     save_checkpoint,
-    write_json,
 )
 from nanochat_flyte.model.device import Precision, compiled, mfu, peak_flops, select_device, select_precision
 from nanochat_flyte.model.gpt import GPT, GPTConfig

@@ -1,0 +1,38 @@
+"""Files, written so a reader never sees half of one, and the local paths behind URLs. Every stage writes files
+(shards, checkpoints, metrics, manifests, results): they share these. Imports nothing of the package."""
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import fsspec
+
+
+def local_path(url: str | Path) -> Path | None:
+    """The local file or folder a plain path (~ expanded) or a file:// URL names: read in place, never copied into
+    a cache. None for any other URL (http, s3://, ...), whose fsspec backend is not even imported here."""
+    if fsspec.core.split_protocol(str(url))[0] not in (None, "file", "local"):
+        return None
+    return Path(fsspec.core.url_to_fs(str(url))[1])
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """write(temp) a temp file beside path, then rename it into place: a process killed mid-write leaves the
+    previous file (or none), never half of one that looks whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    write(temp)
+    os.replace(temp, path)
+
+
+def write_bytes_atomically(path: Path, chunks: Iterable[bytes]) -> None:
+    def write(temp: Path) -> None:
+        with open(temp, "wb") as file:
+            file.writelines(chunks)
+
+    write_atomically(path, write)
+
+
+def write_json(path: Path, values: dict) -> None:
+    write_atomically(path, lambda temp: temp.write_text(json.dumps(values, indent=2) + "\n"))
