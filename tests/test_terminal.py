@@ -35,3 +35,10 @@ def test_a_chat_reply_that_writes_an_escape_sequence_reaches_the_terminal_spelle
     reply = answer(engine, [{"role": "user", "content": " Hello"}], SamplingParams(max_tokens=1 + len(colour)))
     assert reply == "\x1b[31m"  # the text itself is kept as the model wrote it
     assert capsys.readouterr().out == "\\x1b[31m\n"
+
+
+def test_on_a_terminal_an_escape_is_marked_apart_from_the_same_characters_written_by_the_model():
+    """Without marks, ESC and the four characters "\\x1b" would look the same."""
+    assert shown("\x1b", marked=True) == "\x1b[7m\\x1b\x1b[27m"
+    assert shown("\\x1b", marked=True) == "\\x1b"  # the model's own text, as it wrote it
+    assert shown("\x1b[7m", marked=True) == "\x1b[7m\\x1b\x1b[27m[7m"  # the model cannot mark its own text

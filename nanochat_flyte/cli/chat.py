@@ -27,7 +27,7 @@ def answer(engine: Engine, messages: list[dict], params: SamplingParams) -> str:
     sequence = engine.sequence(engine.chat_prompt(messages), params)
     reply = []
     for delta in engine.decode(sequence):
-        print(shown(delta), end="", flush=True)
+        print(shown(delta, marked=sys.stdout.isatty()), end="", flush=True)
         reply.append(delta)
     print(flush=True)
     if sequence.finish_reason == "length":  # on stderr: a script reading the answer gets the answer only

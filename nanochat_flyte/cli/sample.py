@@ -9,6 +9,7 @@ A checkpoint is a directory or any fsspec URI to one: s3://, gs://, file://. Gre
 
 import argparse
 import math
+import sys
 
 from nanochat_flyte.cli.terminal import shown
 from nanochat_flyte.cli.usage import ArgumentParser, add_checkpoint_flag, add_compile_flag, add_device_flag
@@ -76,6 +77,6 @@ def main(argv: list[str] | None = None) -> str:
         completion = engine.complete(args.prompt, params).text
     except ValueError as error:  # a prompt that fills the model's context
         raise UserError(f"--{error}") from None
-    print(shown(args.prompt + completion), flush=True)
+    print(shown(args.prompt + completion, marked=sys.stdout.isatty()), flush=True)
     return completion
 

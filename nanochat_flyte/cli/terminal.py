@@ -4,7 +4,8 @@ A byte-level tokenizer can write any character, and a terminal acts on control c
 that recolour, move the cursor, retitle the window or write the clipboard (OSC 52), a carriage return writes over
 the line. A terminal that lays out bidirectional text also obeys Unicode's invisible direction marks: a
 right-to-left override shows "efas # / fr- mr" as "rm -rf / # safe". The chat and sample commands print a model's
-text through shown(), which spells all of those out.
+text through shown(), which spells all of those out: on a terminal in reverse video, so that an escape is never
+taken for the same characters written by the model.
 """
 
 import unicodedata
@@ -15,12 +16,16 @@ import unicodedata
 # paragraph separators (Zl, Zp). The zero-width joiners stay: scripts and emoji need them.
 HIDDEN_CATEGORIES = ("Cc", "Cf", "Zl", "Zp")
 KEPT = frozenset("\t\n\u200c\u200d")
+REVERSE_VIDEO, NORMAL_VIDEO = "\x1b[7m", "\x1b[27m"  # SGR 7 and 27
 
 
-def shown(text: str) -> str:
+def shown(text: str, marked: bool = False) -> str:
     """text with each character a terminal would act on, or lay out unseen, written as its escape (ESC as \\x1b,
-    a right-to-left override as \\u202e, a tag character as \\U000e0041)."""
-    return "".join(escape(character) if hidden(character) else character for character in text)
+    a right-to-left override as \\u202e, a tag character as \\U000e0041). marked (for a terminal, not a pipe):
+    each escape in reverse video, so that a reader tells it from the same characters written by the model (whose
+    own ESC is always spelled out, so it cannot mark anything)."""
+    before, after = (REVERSE_VIDEO, NORMAL_VIDEO) if marked else ("", "")
+    return "".join(f"{before}{escape(character)}{after}" if hidden(character) else character for character in text)
 
 
 def hidden(character: str) -> bool:
