@@ -138,7 +138,7 @@ class StrictConfig:
             values = value
         elif not value.strip():
             raise ConfigError("*", "empty: give a preset file (YAML or JSON) or inline JSON", cls.__name__)
-        elif value.lstrip().startswith(("{", "[")) and not Path(value).is_file():
+        elif value.lstrip().startswith(("{", "[")) and not is_file(value):
             try:
                 values = json.loads(value)
             except json.JSONDecodeError as error:
@@ -158,7 +158,7 @@ class StrictConfig:
     def read_preset(cls, path: str | Path) -> Any:
         """The values a preset file (YAML or JSON) sets, as written: not yet checked against the fields."""
         path = Path(path)
-        if not path.is_file():
+        if not is_file(path):
             raise ConfigError("*", f"no preset file {str(path)!r}", cls.__name__)
         try:
             text = path.read_text()
@@ -167,13 +167,25 @@ class StrictConfig:
             problem = " ".join(str(error).split())  # YAML's messages span lines
             raise ConfigError("*", f"{str(path)!r} is not a {'JSON' if path.suffix == '.json' else 'YAML'} "
                                    f"document: {problem}", cls.__name__) from None
-        return values or {}
+        if values is None:  # an empty file, or a bare `null`: most likely not the preset meant
+            raise ConfigError("*", f"{str(path)!r} is empty: write the fields it sets ({{}} keeps every default)",
+                              cls.__name__)
+        return values
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def validate(self, world_size: int = 1):
         raise NotImplementedError
+
+
+def is_file(path: str | Path) -> bool:
+    """Whether a file is there; False for text that cannot be a path at all (inline JSON longer than a file name
+    may be: the system refuses to look it up)."""
+    try:
+        return Path(path).is_file()
+    except OSError:
+        return False
 
 
 def at_least(config, field: str, minimum: int) -> None:

@@ -246,6 +246,20 @@ def test_a_cli_config_value_is_inline_json_a_preset_file_or_values(tmp_path, mon
         RunConfig.from_cli_value("  ")
     with pytest.raises(ConfigError, match=r"^RunConfig\.bogus: unknown field"):
         RunConfig.from_cli_value({"bogus": 1}, default)
+    # what `nanochat config` writes is JSON longer than a file name may be (255 bytes): never looked up as a file
+    written = ChatConfig(run_name="a" * 300).to_dict()
+    assert ChatConfig.from_cli_value(json.dumps(written)) == ChatConfig(run_name="a" * 300)
+    with pytest.raises(ConfigError, match=r"^RunConfig\.\*: no preset file 'aaa"):
+        RunConfig.from_cli_value("a" * 300)
+
+
+@pytest.mark.parametrize("text", ["", "\n# nothing set\n", "null\n"])
+def test_an_empty_preset_is_refused_not_read_as_the_reference_run(tmp_path, text):
+    (tmp_path / "empty.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"^RunConfig\.\*: '.*empty.yaml' is empty: write the fields it sets"):
+        RunConfig.from_cli_value(str(tmp_path / "empty.yaml"))
+    (tmp_path / "defaults.yaml").write_text("{}\n")
+    assert RunConfig.from_cli_value(str(tmp_path / "defaults.yaml")) == RunConfig()
 
 
 def test_the_config_cli_names_another_kinds_preset_only_for_the_presets_own_fields(tmp_path):

@@ -17,6 +17,7 @@ from flytekit.models.literals import Binary, Literal, Scalar
 from google.protobuf.struct_pb2 import Struct
 
 from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
+from workflows import support  # noqa: F401 - reads pyflyte's --config as the library does: part of what is tested
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
