@@ -1,5 +1,5 @@
 """Files, written so a reader never sees half of one, and the local paths behind URLs. Every stage writes files
-(shards, checkpoints, metrics, manifests, results): they share these. Imports nothing of the package."""
+(shards, checkpoints, metrics, manifests, results): they share these. Imports errors only."""
 
 import json
 import os
@@ -7,6 +7,18 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import fsspec
+
+from nanochat_flyte.errors import UserError
+
+
+def filesystem(url: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec's filesystem and path for a path or URL. A scheme fsspec does not know (foo://), or whose package is not
+    installed (s3fs for s3://), is one line naming the URL."""
+    try:
+        return fsspec.core.url_to_fs(str(url))
+    except (ValueError, ImportError) as error:
+        raise UserError(f"{url}: {error}; a path or an fsspec URI (s3://, gs://, ...) with its package installed "
+                        "is needed") from None
 
 
 def local_path(url: str | Path) -> Path | None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import make_data_dir
 
+from nanochat_flyte.errors import UserError
 from nanochat_flyte.model.checkpoint import (
     CHECKPOINT_FILE,
     MODEL_CONFIG_FILE,
@@ -107,3 +108,5 @@ def test_load_model_names_a_missing_checkpoint(tmp_path):
         load_model(tmp_path, CPU)
     with pytest.raises(FileNotFoundError, match=CHECKPOINT_FILE):
         load_model(tmp_path.as_uri(), CPU)
+    with pytest.raises(UserError, match=r"^foo://bucket/run: Protocol not known: foo; a path or an fsspec URI"):
+        load_model("foo://bucket/run", CPU)  # a scheme fsspec does not know: one line, not a ValueError's traceback

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nanochat_flyte"
 CONFIG_MODULES = {"errors", "schema", "config", "files"}  # the top-level modules every sub-package may import
 # What each sub-package's docstring says it may import (beside itself), and the top-level modules' own order.
 ALLOWED = {
-    "errors": set(), "schema": {"errors"}, "config": {"errors", "schema"}, "files": set(),
+    "errors": set(), "schema": {"errors"}, "config": {"errors", "schema"}, "files": {"errors"},
     "data": CONFIG_MODULES,
     "model": CONFIG_MODULES | {"data"},
     "reporting": CONFIG_MODULES | {"data"},

@@ -4,12 +4,14 @@ import math
 import re
 import shutil
 
+import fsspec
 import pytest
 import torch
 from helpers import load_bench, make_data_dir, tiny_config
 
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.inference.engine import Engine, SamplingParams
+from nanochat_flyte.model.checkpoint import check_save_to
 from nanochat_flyte.model.device import select_precision
 from nanochat_flyte.model.gpt import GPT
 from nanochat_flyte.model.optim import build_optimizers
@@ -116,7 +118,19 @@ def test_an_out_dir_that_cannot_be_made_or_an_unwritable_save_to_fail_before_tra
         train(tiny_config(), data_dir, tmp_path / "file" / "run")
     with pytest.raises(ConfigError, match=r"^RunConfig\.save_to: cannot write to .*file/copy': Not a directory"):
         train(tiny_config(save_to=str(tmp_path / "file" / "copy")), data_dir, tmp_path / "run")
+    # a URI's store is tried with a probe object, not first at the first copy, save_every steps in
+    with pytest.raises(ConfigError, match=r"^RunConfig\.save_to: cannot write to 'ftp://127\.0\.0\.1:1/copy': "):
+        train(tiny_config(save_to="ftp://127.0.0.1:1/copy"), data_dir, tmp_path / "run")  # (nothing listens on 1)
+    with pytest.raises(ConfigError, match=r"^RunConfig\.save_to: foo://bucket/copy: Protocol not known: foo; "):
+        train(tiny_config(save_to="foo://bucket/copy"), data_dir, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_writable_uri_save_to_is_probed_and_left_as_it_was():
+    store = fsspec.filesystem("memory")
+    store.pipe_file("/probed/kept.txt", b"kept")
+    check_save_to("memory://probed", "RunConfig")
+    assert store.ls("/probed", detail=False) == ["/probed/kept.txt"]
 
 
 def test_log_lines_are_nanochat_style(data_dir, tmp_path, capsys):

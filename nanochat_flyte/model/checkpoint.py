@@ -9,18 +9,18 @@ checkpoint from a remote URI never runs code from it.
 import json
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import tiktoken
 import torch
 
 from nanochat_flyte.config import RunConfig
 from nanochat_flyte.data.tokenizer import load_tokenizer
-from nanochat_flyte.errors import ConfigError
-from nanochat_flyte.files import local_path, write_atomically, write_json
+from nanochat_flyte.errors import ConfigError, UserError, is_credentials_error, user_message
+from nanochat_flyte.files import filesystem, local_path, write_atomically, write_json
 from nanochat_flyte.model.gpt import GPT, GPTConfig
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -113,16 +113,27 @@ def check_save_to_apart(target: str, start: str, start_field: str, owner: str) -
 
 
 def check_save_to(target: str, owner: str) -> None:
-    """Fail in one line, before any training, when a local save_to cannot be written (a URI's store is known only at
-    the first copy): the first copy comes save_every steps into the run."""
-    directory = local_path(target) if target else None
-    if directory is None:
+    """Fail in one line, before any training, when save_to cannot be written: the first copy comes save_every steps
+    into the run. A folder is made and written in; a URI's store gets a probe object, written and deleted (each rank
+    its own)."""
+    if not target:
         return
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=directory).close()
-    except OSError as error:
-        raise ConfigError("save_to", f"cannot write to {target!r}: {error.strerror or error}", owner) from None
+        if (directory := local_path(target)) is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=directory).close()
+            return
+        store, root = filesystem(target)
+        probe = f"{root.rstrip('/')}/.nanochat_write_probe_{uuid.uuid4().hex}"
+        store.pipe_file(probe, b"")
+        store.rm_file(probe)
+    except UserError as error:  # (a scheme fsspec does not know: the message names the URI)
+        raise ConfigError("save_to", str(error), owner) from None
+    except Exception as error:  # a store's own errors (no credentials, no bucket, no such host) are not all OSErrors
+        if not isinstance(error, OSError) and not is_credentials_error(error):
+            raise
+        problem = error.strerror if isinstance(error, OSError) and error.strerror else user_message(error)
+        raise ConfigError("save_to", f"cannot write to {target!r}: {problem}", owner) from None
 
 
 def publish_checkpoint(checkpoint_dir: Path, target: str) -> None:
@@ -137,17 +148,17 @@ def publish_checkpoint(checkpoint_dir: Path, target: str) -> None:
             destination.parent.mkdir(parents=True, exist_ok=True)
             write_atomically(destination, lambda temp, source=path: shutil.copyfile(source, temp))
         return
-    filesystem, root = fsspec.core.url_to_fs(target)
+    store, root = filesystem(target)
     for path in files:
-        filesystem.put_file(str(path), f"{root.rstrip('/')}/{path.relative_to(checkpoint_dir).as_posix()}")
+        store.put_file(str(path), f"{root.rstrip('/')}/{path.relative_to(checkpoint_dir).as_posix()}")
 
 
 def require_checkpoint(source: str | Path) -> None:
     """FileNotFoundError in one line unless the directory (local path or fsspec URI) holds a checkpoint: a check
     that reads no weights, for commands that have other things to fetch first."""
-    filesystem, root = fsspec.core.url_to_fs(str(source))
+    store, root = filesystem(source)
     # exists(), not isfile(): an object store without credentials raises from exists() (one line), isfile() says no
-    if not filesystem.exists(f"{root.rstrip('/')}/{CHECKPOINT_FILE}"):
+    if not store.exists(f"{root.rstrip('/')}/{CHECKPOINT_FILE}"):
         raise FileNotFoundError(f"no {CHECKPOINT_FILE} in {source}: not a checkpoint directory")
 
 
@@ -157,24 +168,24 @@ def fetch_checkpoint(source: str | Path, local_dir: Path, names: tuple[str, ...]
     require_checkpoint(source)
     if (directory := local_path(source)) is not None:
         return directory
-    filesystem, root = fsspec.core.url_to_fs(str(source))
+    store, root = filesystem(source)
     root = root.rstrip("/")
     if names is None:
-        filesystem.get(f"{root}/", str(local_dir), recursive=True)
+        store.get(f"{root}/", str(local_dir), recursive=True)
     for name in names or ():
-        if filesystem.exists(f"{root}/{name}"):
-            filesystem.get(f"{root}/{name}", str(Path(local_dir) / name), recursive=True)
+        if store.exists(f"{root}/{name}"):
+            store.get(f"{root}/{name}", str(Path(local_dir) / name), recursive=True)
     return Path(local_dir)
 
 
 def read_checkpoint_json(source: str | Path, name: str) -> dict | None:
     """One small JSON file of a checkpoint directory (local or fsspec URI), without fetching the weights; None if
     the checkpoint has no such file."""
-    filesystem, root = fsspec.core.url_to_fs(str(source))
+    store, root = filesystem(source)
     path = f"{root.rstrip('/')}/{name}"
-    if not filesystem.exists(path):
+    if not store.exists(path):
         return None
-    with filesystem.open(path, "r") as file:
+    with store.open(path, "r") as file:
         return json.load(file)
 
 
