@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nanochat_flyte.cli.prepare import main as prepare_main
+from nanochat_flyte.cli.train import main as train_main
 from nanochat_flyte.config import RunConfig
 from nanochat_flyte.data import prepare
 from nanochat_flyte.data.dataloader import shard_files
@@ -31,6 +33,7 @@ from tests.helpers import NANOCHAT
 from tests.shard_server import fineweb_texts, write_fineweb_shard, write_fineweb_shards
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
 DOCS_PER_SHARD = 60  # ~30k GPT-2 tokens per shard
 SHARD_KEYS = ["shard", "file", "tokens", "documents", "characters", "utf8_bytes", "sha256", "source",
               "download_seconds", "tokenize_seconds"]
@@ -316,3 +319,18 @@ def test_the_prepare_cli_writes_the_data_directory_that_the_train_cli_takes(shar
     assert (missing.returncode, missing.stderr) == (2, f"error: train.data_dir: no such folder "
                                                        f"'{tmp_path / 'nodata'}' (a prepared data directory: nanochat "
                                                        "prepare)\n")
+
+
+def test_the_clis_keep_a_data_directory_apart_from_its_source_and_from_a_checkpoint(tmp_path):
+    """Output into the folder read from would mix the data with its shards, or a checkpoint's tokenizer folder with
+    the data's: one line, before anything is written."""
+    write_fineweb_shards(tmp_path / "corpus", [0, 1822], 5)
+    before = sorted(path.name for path in (tmp_path / "corpus").iterdir())
+    with pytest.raises(ConfigError, match=r"^prepare\.out_dir: .*corpus is data_url's folder"):
+        prepare_main(["--config", str(CONFIGS / "smoke.yaml"), "--out-dir", str(tmp_path / "corpus"),
+                      f"data_url={tmp_path / 'corpus'}"])
+    assert sorted(path.name for path in (tmp_path / "corpus").iterdir()) == before
+    with pytest.raises(ConfigError, match=r"^train\.out_dir: .*corpus is the data directory \(data_dir\)"):
+        train_main(["--config", str(CONFIGS / "smoke.yaml"), "--data-dir", str(tmp_path / "corpus"),
+                    "--out-dir", str(tmp_path / "corpus" / ".")])
+    assert sorted(path.name for path in (tmp_path / "corpus").iterdir()) == before

@@ -145,7 +145,7 @@ def run_stage(config: ChatConfig | RLConfig, start_checkpoint: str, args,
     start_field = "base_checkpoint" if sft else "sft_checkpoint"  # (its kind the CLI has checked already)
     if args.data_dir:  # data named by the user is used as it is, never prepared into
         prepared_manifest(args.data_dir, stage)
-    check_out_dir(args.out_dir, args.resume_dir, stage)
+    check_out_dir(args.out_dir, args.resume_dir, stage, args.data_dir)
     if args.resume_dir:
         check_resumed_stage(args.resume_dir, "chat" if sft else "rl")
         check_resumed_run(args.resume_dir, config, data_keys, start_checkpoint, start_field, stage)

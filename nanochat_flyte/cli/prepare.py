@@ -14,6 +14,8 @@ from nanochat_flyte.cli.usage import ArgumentParser
 from nanochat_flyte.config import RunConfig, load_config
 from nanochat_flyte.data.download import check_data_url
 from nanochat_flyte.data.prepare import prepare_data
+from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.files import local_path
 from nanochat_flyte.schema import parse_override
 
 
@@ -25,5 +27,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", metavar="field=value")
     args = parser.parse_args(argv)
     config = load_config(args.config, **dict(parse_override(item, RunConfig) for item in args.overrides)).validate()
+    source = local_path(config.data_url)
+    if source is not None and source.resolve() == args.out_dir.resolve():  # the data would be written among its shards
+        raise ConfigError("out_dir", f"{args.out_dir} is data_url's folder: the data directory needs one of its own",
+                          "prepare")
     check_data_url(config)  # every shard answers, before any download
     return prepare_data(config, args.out_dir)  # prints what it downloads and tokenizes, then the data's totals

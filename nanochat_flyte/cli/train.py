@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     rank = distributed_env()[0]
     config = load_config(args.config, **dict(parse_override(item, RunConfig) for item in args.overrides)).validate()
-    check_out_dir(args.out_dir, args.resume_dir, "train")
+    check_out_dir(args.out_dir, args.resume_dir, "train", args.data_dir)
     if args.resume_dir:
         check_resume(config, args.resume_dir, "resume_dir", "train")
     try:

@@ -648,10 +648,14 @@ class Trainer:
 STAGE_CONFIGS = {"base": "RunConfig", "chat": "ChatConfig", "rl": "RLConfig"}  # where a user sets a stage's fields
 
 
-def check_out_dir(out_dir: Path, resume_dir: Path | None, owner: str = "Trainer") -> None:
+def check_out_dir(out_dir: Path, resume_dir: Path | None, owner: str = "Trainer", data_dir: Path | None = None) -> None:
     """A run writes its checkpoint into a folder that holds none, or continues the one there: a new run would
-    overwrite another's weights, config and records (and a resume command would then mix the two)."""
+    overwrite another's weights, config and records (and a resume command would then mix the two). Nor is it the
+    data directory the run reads (data_dir): their tokenizer folders would be one."""
     out_dir = Path(out_dir)
+    if data_dir is not None and Path(data_dir).resolve() == out_dir.resolve():
+        raise ConfigError("out_dir", f"{out_dir} is the data directory (data_dir): the checkpoint needs a folder of "
+                                     "its own", owner)
     state = read_checkpoint_json(out_dir, TRAINING_STATE_FILE) if out_dir.is_dir() else None
     continued = resume_dir is not None and Path(resume_dir).resolve() == out_dir.resolve()
     if state is not None and not continued:
