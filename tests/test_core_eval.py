@@ -1,5 +1,6 @@
 """CORE evaluation: bundle loading (directory, zip, HTTP), validation, hand-checked scoring, batching, the CLI."""
 
+import dataclasses
 import json
 import math
 import random
@@ -20,6 +21,7 @@ from helpers import make_data_dir, tiny_config
 
 from nanochat_flyte.cli.core_eval import main
 from nanochat_flyte.cli.usage import run
+from nanochat_flyte.config import RunConfig
 from nanochat_flyte.data.download import DownloadError
 from nanochat_flyte.data.tokenizer import gpt2_tokenizer, load_tokenizer, save_tokenizer, train_bpe
 from nanochat_flyte.errors import ConfigError
@@ -41,9 +43,10 @@ from nanochat_flyte.evaluation.core import (
 )
 from nanochat_flyte.model.device import EvalBatches, Precision
 from nanochat_flyte.model.gpt import GPT, GPTConfig
+from nanochat_flyte.pipeline import setup
 from nanochat_flyte.training.pretrain import train
 from tests.core_bundle import TEST_TASKS, TaskSpec, write_bundle, write_core_bundle, zip_directory
-from tests.shard_server import fineweb_texts, serve_shards
+from tests.shard_server import fineweb_texts, serve_shards, write_fineweb_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -185,6 +188,17 @@ def test_a_run_with_core_during_training_checks_its_bundle_before_the_first_step
         train(config, make_data_dir(tmp_path / "data"), tmp_path / "run")
     metrics = tmp_path / "run" / "metrics.jsonl"
     assert not metrics.exists() or "train/loss" not in metrics.read_text()  # not at step 3: before step 1
+
+
+def test_a_local_bundle_too_big_for_core_max_per_task_fails_before_any_download(bundle_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_FLYTE_CACHE", str(tmp_path / "cache"))
+    write_fineweb_shards(tmp_path / "shards", [0, 1822], 5)
+    shots = max(task.num_fewshot for task in TEST_TASKS)
+    config = RunConfig(data_url=str(tmp_path / "shards"), num_shards=1, eval_bundle_url=str(bundle_dir),
+                       core_max_per_task=shots)
+    with pytest.raises(ConfigError, match=rf"^RunConfig\.core_max_per_task: {shots} items per task leave"):
+        setup.base_run(config, "")  # before pretraining, not after it, where CORE reads the bundle
+    assert setup.base_run(dataclasses.replace(config, core_max_per_task=shots + 1), "").core_max_per_task == shots + 1
 
 
 def test_a_file_that_is_not_a_zip_fails_as_a_download(tmp_path):

@@ -8,8 +8,10 @@ from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
 from nanochat_flyte.data.chat_data import check_hub_endpoint
 from nanochat_flyte.data.download import check_data_url
 from nanochat_flyte.data.hub import hub_endpoint
-from nanochat_flyte.evaluation.bundle import check_bundle_url
+from nanochat_flyte.evaluation.bundle import check_bundle_url, load_bundle
 from nanochat_flyte.evaluation.chat_eval import require_sandbox
+from nanochat_flyte.evaluation.core import check_max_per_task
+from nanochat_flyte.files import local_path
 from nanochat_flyte.model.checkpoint import check_save_to, check_save_to_apart, checkpoint_run_config
 from nanochat_flyte.pipeline import Show
 from nanochat_flyte.reporting.environment import environment_report, format_report
@@ -22,7 +24,8 @@ from nanochat_flyte.training.sft import check_base_checkpoint, sft_run_config
 def base_run(config: RunConfig, resume_from: str, world_size: int = 1, entry: str = "main") -> RunConfig:
     """Pretraining's config, named and validated for `world_size` GPUs (the batch splits over them); the checkpoint
     to resume (a directory or URI, the input `resume_from` of the workflow `entry`) and save_to checked; the data
-    and the CORE bundle probed. Returns the config the run uses."""
+    and the CORE bundle probed (a local one read: core_max_per_task must leave its few-shot prompts enough items).
+    Returns the config the run uses."""
     config.validate(world_size)
     if resume_from:
         saved = check_resume(config, resume_from, owner=entry)
@@ -33,6 +36,8 @@ def base_run(config: RunConfig, resume_from: str, world_size: int = 1, entry: st
     check_data_url(config)
     if config.core_enabled:
         check_bundle_url(config.eval_bundle_url)
+        if local_path(config.eval_bundle_url) is not None:  # read now (a remote one, only once CORE downloads it)
+            check_max_per_task(load_bundle(config.eval_bundle_url), config.core_max_per_task)
     return config
 
 
