@@ -110,7 +110,21 @@ class StrictConfig:
         for name in sorted(set(values) - set(known)):
             close = difflib.get_close_matches(name, known, n=1)
             hint = f"did you mean {close[0]}?" if close else f"{cls.__name__} has {', '.join(known)}"
+            if other := cls.other_kind(values):  # (a chat stage's preset given for pretraining: no typo to suggest)
+                hint = f"the fields given are {other.__name__}'s, not {cls.__name__}'s"
             raise ConfigError(name, f"unknown field; {hint}", cls.__name__)
+
+    @classmethod
+    def other_kind(cls, values: dict[str, Any]) -> type | None:
+        """The other kind of config (RunConfig, ChatConfig, RLConfig: the leaves of StrictConfig) that has every
+        field `values` sets, if one has."""
+        kinds, leaves = list(StrictConfig.__subclasses__()), []
+        while kinds:
+            kind = kinds.pop()
+            kinds += kind.__subclasses__()
+            leaves += [] if kind.__subclasses__() else [kind]
+        return next((kind for kind in leaves if kind is not cls
+                     and set(values) <= {field.name for field in dataclasses.fields(kind)}), None)
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]):

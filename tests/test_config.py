@@ -266,3 +266,17 @@ def test_the_config_cli_names_another_kinds_preset_only_for_the_presets_own_fiel
     (tmp_path / "shared.yaml").write_text("num_iterations: 10\n")  # fields every kind has
     with pytest.raises(ConfigError, match=r"^RunConfig\.dept: unknown field; did you mean depth\?$"):
         config_main([str(tmp_path / "shared.yaml"), "dept=4"])
+
+
+@pytest.mark.parametrize("kind, preset, other", [
+    (RunConfig, "chat_smoke.yaml", "ChatConfig"), (ChatConfig, "smoke.yaml", "RunConfig"),
+    (RLConfig, "chat_smoke.yaml", "ChatConfig"), (ChatConfig, "rl_smoke.yaml", "RLConfig"),
+])
+def test_every_front_names_a_preset_of_another_kind(kind, preset, other):
+    """What pyflyte's, flyte's and the stage commands' --config say (StrictConfig.from_cli_value): no "did you mean"
+    guessed from the wrong kind's fields."""
+    with pytest.raises(ConfigError, match=rf"^{kind.__name__}\.\w+: unknown field; the fields given are {other}'s, "
+                                          rf"not {kind.__name__}'s$"):
+        kind.from_cli_value(str(CONFIGS / preset))
+    with pytest.raises(ConfigError, match=r"unknown field; did you mean seed\?$"):  # a typo of its own field
+        kind.from_mapping({"sed": 1})
