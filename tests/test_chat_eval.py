@@ -42,6 +42,7 @@ from nanochat_flyte.model.device import EvalBatches, select_precision
 from nanochat_flyte.model.gpt import GPT, GPTConfig
 from nanochat_flyte.training.pretrain import train
 from tests.helpers import make_data_dir, tiny_config
+from tests.shard_server import serve_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -274,6 +275,18 @@ def test_cli_prints_a_table_then_the_result_as_its_last_line(hub_server, checkpo
     assert isinstance(result["chatcore"], float)
     assert "| task | type | examples | accuracy | centered | seconds |" in lines
     assert any(line.startswith("A base checkpoint") for line in lines)
+
+
+def test_cli_without_the_hub_names_its_mirror_setting(checkpoint, tmp_path, monkeypatch, capsys):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("NANOCHAT_FLYTE_CACHE", str(tmp_path / "cache"))
+    with serve_shards(tmp_path / "empty") as server:  # a server without the datasets: every listing is a 404
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        with pytest.raises(SystemExit) as exit_info:
+            run(lambda: main(["--checkpoint", str(checkpoint), "--tasks", "arc_easy", "--device", "cpu"]))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.endswith(": not found (HTTP 404); without the hub, point $HF_ENDPOINT at a mirror "
+                                            "(README: Offline and mirrors)\n")
 
 
 @pytest.mark.parametrize("args, message", [

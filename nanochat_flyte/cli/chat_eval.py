@@ -13,6 +13,7 @@ import json
 from nanochat_flyte.cli.usage import ArgumentParser, add_checkpoint_flag, add_device_flag, int_at_least
 from nanochat_flyte.config import CHAT_EVAL_TASKS, HUMANEVAL_MODES, ChatConfig
 from nanochat_flyte.data.chat_data import load_eval_items
+from nanochat_flyte.data.download import DownloadError
 from nanochat_flyte.evaluation.chat_eval import (
     TABLE_HEADER,
     chat_notes,
@@ -49,7 +50,11 @@ def main(argv: list[str] | None = None) -> dict:
     engine = Engine.from_checkpoint(args.checkpoint, device=args.device)
     print(f"chat eval: {args.checkpoint}: a {engine.phase} checkpoint on {engine.device}, {engine.precision.name}",
           flush=True)
-    items_by_task = {task: load_eval_items(task) for task in tasks}
+    try:
+        items_by_task = {task: load_eval_items(task) for task in tasks}
+    except DownloadError as error:  # (once downloaded, the items are read from the cache, with no hub)
+        raise DownloadError(error.what, error.url, f"{error.cause}; without the hub, point $HF_ENDPOINT at a mirror "
+                                                   "(README: Offline and mirrors)") from None
     result = evaluate_chat(engine, items_by_task, max_per_task=args.max_per_task, batch_size=args.batch_size,
                            max_tokens=args.max_tokens, humaneval=args.humaneval, seed=args.seed)
     print(markdown_grid(TABLE_HEADER, chat_table_rows(result)))
