@@ -282,9 +282,9 @@ def test_rl_data_comes_from_the_hub_and_the_cli_trains(sft_checkpoint, hub_serve
 @pytest.mark.parametrize("argv, message", [
     (["num_sample=4"], "error: RLConfig.num_sample: unknown field; did you mean num_samples?"),
     (["--sft-checkpoint", "BASE"], "is a base checkpoint; RL starts from a chat (SFT) checkpoint"),
-    (["--data-dir", "EMPTY"], "error: chat_rl.data_dir: EMPTY holds no prepared RL problems (prepare_rl_data)"),
-    (["--data-dir", "SFT"], "error: chat_rl.data_dir: SFT holds no prepared RL problems (prepare_rl_data)"),
-    (["--resume-dir", "SFT"], "Trainer.resume_dir: SFT is a checkpoint of the chat stage; this rl run continues"),
+    (["--data-dir", "EMPTY"], "error: chat_rl.data_dir: EMPTY holds no prepared RL problems (without data_dir,"),
+    (["--data-dir", "SFT"], "error: chat_rl.data_dir: SFT holds no prepared RL problems (without data_dir,"),
+    (["--resume-dir", "SFT"], "chat_rl.resume_dir: SFT is a checkpoint of the chat stage; this rl run continues"),
     (["--resume-dir", "RL_RUN", "max_problems=100"], "error: RLConfig.max_problems: 100 differs from 0 in the "
                                                      "checkpoint being resumed"),
 ])

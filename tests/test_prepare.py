@@ -333,4 +333,7 @@ def test_the_clis_keep_a_data_directory_apart_from_its_source_and_from_a_checkpo
     with pytest.raises(ConfigError, match=r"^train\.out_dir: .*corpus is the data directory \(data_dir\)"):
         train_main(["--config", str(CONFIGS / "smoke.yaml"), "--data-dir", str(tmp_path / "corpus"),
                     "--out-dir", str(tmp_path / "corpus" / ".")])
+    with pytest.raises(ConfigError, match=r"^train\.out_dir: .*shard_00000\.parquet is a file: the checkpoint goes in"):
+        train_main(["--config", str(CONFIGS / "smoke.yaml"), "--data-dir", str(tmp_path / "corpus"),
+                    "--out-dir", str(tmp_path / "corpus" / "shard_00000.parquet")])
     assert sorted(path.name for path in (tmp_path / "corpus").iterdir()) == before

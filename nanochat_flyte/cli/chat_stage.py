@@ -147,7 +147,7 @@ def run_stage(config: ChatConfig | RLConfig, start_checkpoint: str, args,
         prepared_manifest(args.data_dir, stage)
     check_out_dir(args.out_dir, args.resume_dir, stage, args.data_dir)
     if args.resume_dir:
-        check_resumed_stage(args.resume_dir, "chat" if sft else "rl")
+        check_resumed_stage(args.resume_dir, "chat" if sft else "rl", stage)
         check_resumed_run(args.resume_dir, config, data_keys, start_checkpoint, start_field, stage)
     check(config, start_checkpoint)  # before any download: a batch that does not fit fails in seconds
     check_save_to_apart(config.save_to, start_checkpoint, start_field, type(config).__name__)

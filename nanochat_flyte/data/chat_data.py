@@ -229,8 +229,7 @@ def load_eval_items(task: str, endpoint: str = "", cache_dir: Path | None = None
 
 
 # what tells each stage's prepared data apart: a key only its manifest has
-PREPARED_DATA = {"chat_sft": ("train_conversations", "SFT conversations (prepare_sft_data)"),
-                 "chat_rl": ("max_problems", "RL problems (prepare_rl_data)")}
+PREPARED_DATA = {"chat_sft": ("train_conversations", "SFT conversations"), "chat_rl": ("max_problems", "RL problems")}
 
 
 def prepared_manifest(data_dir: Path, stage: str) -> dict:
@@ -239,7 +238,8 @@ def prepared_manifest(data_dir: Path, stage: str) -> dict:
     path = Path(data_dir) / MANIFEST_FILE
     manifest = json.loads(path.read_text()) if path.is_file() else {}
     if key not in manifest:
-        raise ConfigError("data_dir", f"{data_dir} holds no prepared {what}", stage)
+        raise ConfigError("data_dir", f"{data_dir} holds no prepared {what} (without data_dir, the stage prepares "
+                                      "them from the hub)", stage)
     return manifest
 
 

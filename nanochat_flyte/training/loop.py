@@ -653,6 +653,8 @@ def check_out_dir(out_dir: Path, resume_dir: Path | None, owner: str = "Trainer"
     overwrite another's weights, config and records (and a resume command would then mix the two). Nor is it the
     data directory the run reads (data_dir): their tokenizer folders would be one."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError("out_dir", f"{out_dir} is a file: the checkpoint goes in a folder", owner)
     if data_dir is not None and Path(data_dir).resolve() == out_dir.resolve():
         raise ConfigError("out_dir", f"{out_dir} is the data directory (data_dir): the checkpoint needs a folder of "
                                      "its own", owner)
@@ -664,12 +666,12 @@ def check_out_dir(out_dir: Path, resume_dir: Path | None, owner: str = "Trainer"
                           owner)
 
 
-def check_resumed_stage(checkpoint_dir: str | Path, stage: str) -> None:
+def check_resumed_stage(checkpoint_dir: str | Path, stage: str, owner: str = "Trainer") -> None:
     """A run continues a checkpoint of its own stage (base, chat or rl): another's data stream cannot be resumed."""
     state = read_checkpoint_json(checkpoint_dir, TRAINING_STATE_FILE) or {}
     saved = state.get("stage", state.get("phase", "base"))  # saved before stages had names: the phase's
     if saved != stage:
         raise ConfigError("resume_dir", f"{checkpoint_dir} is a checkpoint of the {saved} stage; this {stage} run "
-                                         "continues only its own stage's checkpoints", "Trainer")
+                                         "continues only its own stage's checkpoints", owner)
 
 
