@@ -160,6 +160,7 @@ class StrictConfig:
         else:
             values = cls.read_preset(value)
         if isinstance(values, dict):
+            cls.check_fields(values)  # before the default's fields join them: a preset of another kind is named so
             values = {**(default or {}), **values}
         return cls.from_mapping(values).validate()
 
