@@ -118,6 +118,13 @@ def test_cli_merges_a_preset_with_overrides(capsys):
     assert merged == dataclasses.replace(smoke, data_url="http://127.0.0.1:8000/shards", depth=3, compile=True)
 
 
+def test_the_config_cli_without_a_preset_asks_for_the_preset_alone(capsys):
+    with pytest.raises(SystemExit):
+        config_main([])
+    assert capsys.readouterr().err == ("error: the following arguments are required: preset "
+                                       "(see nanochat config --help)\n")
+
+
 def test_cli_names_a_bad_override():
     with pytest.raises(ConfigError, match="RunConfig.detph: unknown field"):
         config_main([str(CONFIGS / "smoke.yaml"), "detph=3"])

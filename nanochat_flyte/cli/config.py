@@ -38,7 +38,8 @@ def other_kind_hint(preset: str, kind: type, unknown: str) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser("config", __doc__)
     parser.add_argument("preset", help="a preset file, e.g. configs/smoke.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="field=value")
+    # (a default, or argparse names the optional overrides among the missing arguments beside the preset)
+    parser.add_argument("overrides", nargs="*", default=[], metavar="field=value")
     kinds = parser.add_mutually_exclusive_group()
     kinds.add_argument("--chat", action="store_true", help="a ChatConfig preset (the chat stage), not a RunConfig")
     kinds.add_argument("--rl", action="store_true", help="an RLConfig preset (reinforcement learning on GSM8K)")
