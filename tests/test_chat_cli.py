@@ -114,8 +114,8 @@ def test_usage_errors_and_missing_checkpoints_give_one_line_and_status_2(tmp_pat
                               text=True, timeout=120)
 
     missing = front_end("--checkpoint", str(tmp_path), *(["--prompt", "Hi"] if module == "chat" else ["--port", "0"]))
-    assert (missing.returncode, missing.stderr) == (2, f"error: no checkpoint.pt in {tmp_path}: not a checkpoint "
-                                                       "directory\n")
+    assert (missing.returncode, missing.stderr) == (2, f"error: argument --checkpoint: no checkpoint.pt in {tmp_path}: "
+                                                       f"not a checkpoint directory (see nanochat {module} --help)\n")
     usage = front_end(*[str(tmp_path) if arg == "CKPT" else arg for arg in usage_args])
     assert (usage.returncode, usage.stderr) == (2, f"error: {usage_error} (see nanochat {module} --help)\n")
 

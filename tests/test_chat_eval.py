@@ -296,7 +296,7 @@ def test_cli_without_the_hub_names_its_mirror_setting(checkpoint, tmp_path, monk
     (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
     (["--device", "tpu"], "argument --device: unknown device 'tpu'; choose auto, cuda, mps or cpu"),
     (["--humaneval", "sometimes"], "argument --humaneval: invalid choice: 'sometimes'"),
-    (["--checkpoint", "/nonexistent/run"], "no checkpoint.pt in /nonexistent/run"),
+    (["--checkpoint", "/nonexistent/run"], "argument --checkpoint: no checkpoint.pt in /nonexistent/run"),
     (["--checkpoint"], "argument --checkpoint: expected one argument"),
 ])
 def test_cli_bad_arguments_fail_in_one_line(args, message, capsys):

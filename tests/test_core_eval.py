@@ -575,13 +575,14 @@ def test_the_cli_scores_a_trained_checkpoint_on_a_served_bundle(checkpoint, bund
     assert (tmp_path / "cache" / "eval_bundle").is_dir()  # the default cache: default_cache_dir("eval_bundle")
 
 
-def test_a_wrong_checkpoint_fails_before_the_bundle_is_downloaded(bundle_dir, tmp_path, monkeypatch):
+def test_a_wrong_checkpoint_fails_before_the_bundle_is_downloaded(bundle_dir, tmp_path, monkeypatch, capsys):
     zip_directory(bundle_dir, tmp_path / "served" / "eval_bundle.zip")
     monkeypatch.setenv("NANOCHAT_FLYTE_CACHE", str(tmp_path / "cache"))
     with serve_shards(tmp_path / "served") as server:
-        with pytest.raises(FileNotFoundError) as error:
+        with pytest.raises(SystemExit):
             main(["--checkpoint", str(tmp_path), "--bundle", f"{server.url}/eval_bundle.zip", "--device", "cpu"])
-    assert str(error.value) == f"no checkpoint.pt in {tmp_path}: not a checkpoint directory"
+    assert capsys.readouterr().err == (f"error: argument --checkpoint: no checkpoint.pt in {tmp_path}: not a "
+                                       "checkpoint directory (see nanochat core-eval --help)\n")
     assert server.requests == []
 
 
@@ -619,4 +620,5 @@ def test_the_cli_process_exits_non_zero_without_a_traceback(bundle_dir, tmp_path
                               "--bundle", str(bundle_dir), "--device", "cpu"],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert process.returncode == 2 and process.stdout == ""
-    assert process.stderr == f"error: no checkpoint.pt in {tmp_path / 'no'}: not a checkpoint directory\n"
+    assert process.stderr == (f"error: argument --checkpoint: no checkpoint.pt in {tmp_path / 'no'}: not a checkpoint "
+                              "directory (see nanochat core-eval --help)\n")

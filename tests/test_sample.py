@@ -103,8 +103,9 @@ def test_a_checkpoint_samples_without_the_network(checkpoint, tmp_path):
 def test_user_errors_of_the_sample_and_train_clis_are_one_line(tmp_path):
     sample = subprocess.run([sys.executable, "-m", "nanochat_flyte", "sample", "--checkpoint", str(tmp_path / "none"),
                              "--prompt", PROMPT], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert (sample.returncode, sample.stderr) == (2, f"error: no checkpoint.pt in {tmp_path / 'none'}: not a "
-                                                     "checkpoint directory\n")
+    assert (sample.returncode, sample.stderr) == (2, f"error: argument --checkpoint: no checkpoint.pt in "
+                                                     f"{tmp_path / 'none'}: not a checkpoint directory (see nanochat "
+                                                     "sample --help)\n")
     (tmp_path / "typo.yaml").write_text("depht: 2\n")
     train = subprocess.run([sys.executable, "-m", "nanochat_flyte", "train", "--config", str(tmp_path / "typo.yaml"),
                             "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")], cwd=ROOT,

@@ -14,7 +14,7 @@ import sys
 
 from nanochat_flyte.cli.sample import add_sampling_flags, sampling_params
 from nanochat_flyte.cli.terminal import shown
-from nanochat_flyte.cli.usage import ArgumentParser
+from nanochat_flyte.cli.usage import ArgumentParser, require_checkpoint_flag
 from nanochat_flyte.errors import UserError
 from nanochat_flyte.inference.engine import CHAT_TEMPERATURE, Engine, SamplingParams
 
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     add_sampling_flags(parser, max_tokens=512, temperature=CHAT_TEMPERATURE, temperature_help="0 = greedy")
     args = parser.parse_args(argv)
     params = sampling_params(parser, args)
+    require_checkpoint_flag(parser, args.checkpoint)
     engine = Engine.from_checkpoint(args.checkpoint, args.device, compile=args.compile)
     if args.prompt is None:
         chat(engine, params)

@@ -10,7 +10,13 @@ JSON object on its last line. HumanEval runs model-written code, only in the san
 
 import json
 
-from nanochat_flyte.cli.usage import ArgumentParser, add_checkpoint_flag, add_device_flag, int_at_least
+from nanochat_flyte.cli.usage import (
+    ArgumentParser,
+    add_checkpoint_flag,
+    add_device_flag,
+    int_at_least,
+    require_checkpoint_flag,
+)
 from nanochat_flyte.config import CHAT_EVAL_TASKS, HUMANEVAL_MODES, ChatConfig
 from nanochat_flyte.data.chat_data import load_eval_items
 from nanochat_flyte.data.download import DownloadError
@@ -46,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     tasks = config.eval_task_list
     if "humaneval" in tasks and args.humaneval == "on":
         require_sandbox()  # without a sandbox: fails here, not after the other tasks
-
+    require_checkpoint_flag(parser, args.checkpoint)
     engine = Engine.from_checkpoint(args.checkpoint, device=args.device)
     print(f"chat eval: {args.checkpoint}: a {engine.phase} checkpoint on {engine.device}, {engine.precision.name}",
           flush=True)

@@ -10,11 +10,17 @@ Prints a table of the tasks' accuracies, then the result as one JSON object on i
 import json
 from typing import Any
 
-from nanochat_flyte.cli.usage import ArgumentParser, add_checkpoint_flag, add_device_flag, int_at_least
+from nanochat_flyte.cli.usage import (
+    ArgumentParser,
+    add_checkpoint_flag,
+    add_device_flag,
+    int_at_least,
+    require_checkpoint_flag,
+)
 from nanochat_flyte.config import DTYPES, EVAL_BUNDLE_URL
 from nanochat_flyte.evaluation.bundle import load_bundle
 from nanochat_flyte.evaluation.core import check_max_per_task, core_table_markdown, score_core
-from nanochat_flyte.model.checkpoint import load_model, require_checkpoint
+from nanochat_flyte.model.checkpoint import load_model
 from nanochat_flyte.model.device import select_device, select_precision
 
 
@@ -29,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     device = select_device(args.device)
     precision = select_precision(device, args.dtype)
-    require_checkpoint(args.checkpoint)  # a wrong path fails before the bundle's download
+    require_checkpoint_flag(parser, args.checkpoint)  # a wrong path fails before the bundle's download
     bundle = load_bundle(args.bundle)  # a bad bundle fails before a large checkpoint is loaded
     check_max_per_task(bundle, args.max_per_task, "max_per_task", "core-eval")
     loaded = load_model(args.checkpoint, device)

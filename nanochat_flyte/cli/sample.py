@@ -12,7 +12,13 @@ import math
 import sys
 
 from nanochat_flyte.cli.terminal import shown
-from nanochat_flyte.cli.usage import ArgumentParser, add_checkpoint_flag, add_compile_flag, add_device_flag
+from nanochat_flyte.cli.usage import (
+    ArgumentParser,
+    add_checkpoint_flag,
+    add_compile_flag,
+    add_device_flag,
+    require_checkpoint_flag,
+)
 from nanochat_flyte.errors import UserError
 from nanochat_flyte.inference.engine import DEFAULT_TOP_K, Engine, SamplingParams
 
@@ -71,7 +77,7 @@ def main(argv: list[str] | None = None) -> str:
     add_sampling_flags(parser, max_tokens=64, temperature=0.0, temperature_help="0 = greedy (the default)")
     args = parser.parse_args(argv)
     params = sampling_params(parser, args)
-
+    require_checkpoint_flag(parser, args.checkpoint)
     engine = Engine.from_checkpoint(args.checkpoint, args.device, compile=args.compile)
     try:
         completion = engine.complete(args.prompt, params).text

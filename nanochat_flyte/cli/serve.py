@@ -24,7 +24,13 @@ from pathlib import PurePosixPath
 
 import uvicorn
 
-from nanochat_flyte.cli.usage import ArgumentParser, add_checkpoint_flag, add_compile_flag, add_device_flag
+from nanochat_flyte.cli.usage import (
+    ArgumentParser,
+    add_checkpoint_flag,
+    add_compile_flag,
+    add_device_flag,
+    require_checkpoint_flag,
+)
 from nanochat_flyte.errors import UserError
 from nanochat_flyte.inference.engine import Engine
 from nanochat_flyte.inference.serve import (
@@ -68,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be 0..65535, got {args.port}")
     check_can_listen(args.host, args.port)
+    require_checkpoint_flag(parser, args.checkpoint)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     api_key = os.environ.get(API_KEY_ENV, "").strip() or None  # (a secret file written by `echo` ends in a newline)
     loopback = args.host in LOOPBACK_ADDRESSES

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 
 from nanochat_flyte.config import DEVICES
-from nanochat_flyte.errors import ConfigError, is_user_error, user_message
+from nanochat_flyte.errors import ConfigError, UserError, is_user_error, user_message
 
 USAGE_ERROR_EXIT = 2  # argparse's status for a usage error
 
@@ -44,6 +44,17 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 def add_checkpoint_flag(parser: argparse.ArgumentParser) -> None:
     """--checkpoint for the commands that load a trained model."""
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory or fsspec URI (s3://, gs://, ...)")
+
+
+def require_checkpoint_flag(parser: argparse.ArgumentParser, location: str) -> None:
+    """The parser's one line naming --checkpoint unless `location` holds a checkpoint: called once the other flags
+    are checked (each names its own mistake first), before anything is downloaded or loaded."""
+    from nanochat_flyte.model.checkpoint import require_checkpoint  # torch: not for `nanochat --help`
+
+    try:
+        require_checkpoint(location)
+    except (UserError, FileNotFoundError) as error:  # (missing credentials: run()'s one line, as they are)
+        parser.error(f"argument --checkpoint: {error}")
 
 
 def available_device(name: str) -> str:
