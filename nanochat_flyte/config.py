@@ -9,6 +9,7 @@ errors.py only.
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -187,7 +188,7 @@ def model_width(depth: int) -> tuple[int, int]:
     ConfigError when the width does not split into equal heads: an odd depth d does only where (d + 1) / 2 divides 64
     (1, 3, 7, 15, 31, 63, 127)."""
     model_dim = depth * WIDTH_PER_LAYER
-    n_head = max(1, -(-model_dim // HEAD_DIM))  # (ceil)
+    n_head = max(1, math.ceil(model_dim / HEAD_DIM))
     if model_dim % n_head:
         raise ConfigError("depth", f"{depth} gives model_dim {model_dim}, which does not split into {n_head} equal "
                                    f"heads; use an even depth ({depth - 1} or {depth + 1}), or 1, 3, 7, 15, 31, 63")
