@@ -64,7 +64,7 @@ class RunConfig(StrictConfig):
     unembedding_lr: float = 0.004
     matrix_lr: float = 0.02
     scalar_lr: float = 0.5  # the x0 scalars' AdamW rate (the resid scalars get 1/100 of it); with residual_scalars
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # on the embeddings, the head and the Muon matrices alike
     grad_clip: float = 1.0  # 0 disables clipping
     warmup_ratio: float = 0.0
     warmdown_ratio: float = 0.2
@@ -379,6 +379,9 @@ class RLConfig(ChatStageConfig):
             raise ConfigError("max_problems", f"{self.max_problems} problems do not fill one step of "
                                               f"examples_per_step {self.examples_per_step}", "RLConfig")
         return self
+
+
+STAGE_CONFIGS = {"base": "RunConfig", "chat": "ChatConfig", "rl": "RLConfig"}  # where a user sets a stage's fields
 
 
 def load_config(path: str | Path | None = None, kind: type[StrictConfig] = RunConfig, **overrides: Any):

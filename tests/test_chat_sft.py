@@ -12,12 +12,13 @@ import pytest
 from helpers import make_data_dir, tiny_config
 
 from nanochat_flyte.cli import chat_stage
-from nanochat_flyte.cli.chat_stage import FETCHED_FILE, check_resumed_run, data_cache_dir, fetched_once_per_node
+from nanochat_flyte.cli.chat_stage import FETCHED_FILE, data_cache_dir, fetched_once_per_node
 from nanochat_flyte.config import ChatConfig, RunConfig
 from nanochat_flyte.data.chat_data import prepare_sft_data
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.inference.engine import Engine
 from nanochat_flyte.training.pretrain import train
+from nanochat_flyte.training.resume import check_chat_resume
 from nanochat_flyte.training.sft import sft_run_config, train_chat
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,12 +199,12 @@ def test_a_resume_is_refused_in_one_line_when_its_start_or_its_data_differ(tmp_p
         (tmp_path / name / "model_config.json").write_text(json.dumps(config))
     (tmp_path / "resumed" / "run_info.json").write_text(json.dumps({"chat_config": ChatConfig(seed=7).to_dict()}))
     keys = ("hf_endpoint", "seed")
-    check_resumed_run(tmp_path / "resumed", ChatConfig(seed=7, hf_endpoint="http://mirror"), keys,
+    check_chat_resume(tmp_path / "resumed", ChatConfig(seed=7, hf_endpoint="http://mirror"), keys,
                       str(tmp_path / "base"), "base_checkpoint", "chat_sft")
     with pytest.raises(ConfigError, match=r"^chat_sft\.base_checkpoint: .*other holds another model than the "
                                           r"checkpoint being resumed, .*resumed: n_layer 4 against 2$"):
-        check_resumed_run(tmp_path / "resumed", ChatConfig(seed=7), keys, str(tmp_path / "other"), "base_checkpoint",
+        check_chat_resume(tmp_path / "resumed", ChatConfig(seed=7), keys, str(tmp_path / "other"), "base_checkpoint",
                           "chat_sft")
     with pytest.raises(ConfigError, match=r"^ChatConfig\.seed: 42 differs from 7 in the checkpoint being resumed"):
-        check_resumed_run(tmp_path / "resumed", ChatConfig(), keys, str(tmp_path / "base"), "base_checkpoint",
+        check_chat_resume(tmp_path / "resumed", ChatConfig(), keys, str(tmp_path / "base"), "base_checkpoint",
                           "chat_sft")

@@ -12,7 +12,7 @@ import pytest
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.model.checkpoint import CHECKPOINT_FILE
 from nanochat_flyte.pipeline.train import last_save, resume_command
-from nanochat_flyte.training.pretrain import check_resume
+from nanochat_flyte.training.resume import check_base_resume
 from tests.shard_server import serve_shards, write_fineweb_shards
 from tests.test_workflow import VAL_SHARD, tiny_config
 from workflows.nanochat import main
@@ -79,12 +79,12 @@ def test_a_finished_run_is_extended_and_its_learning_rate_warms_down_again(finis
 def test_an_incompatible_resume_is_refused_before_anything_runs(finished, changes, message):
     config, _, _, save_to = finished
     with pytest.raises(ConfigError, match=message):
-        check_resume(tiny_config(config.data_url, **changes), str(save_to))
+        check_base_resume(tiny_config(config.data_url, **changes), str(save_to))
 
 
 def test_a_gpt2_run_resumes_whatever_its_bpe_fields_say(finished):
     config, _, _, save_to = finished
-    check_resume(tiny_config(config.data_url, num_iterations=8, bpe_train_chars=10**6, bpe_vocab_size=512),
+    check_base_resume(tiny_config(config.data_url, num_iterations=8, bpe_train_chars=10**6, bpe_vocab_size=512),
                  str(save_to))
 
 
@@ -94,7 +94,7 @@ def test_pretraining_does_not_continue_a_chat_checkpoint(finished, tmp_path):
     state = json.loads((tmp_path / "chat" / "training_state.json").read_text())
     (tmp_path / "chat" / "training_state.json").write_text(json.dumps(state | {"phase": "chat", "stage": "chat"}))
     with pytest.raises(ConfigError, match=r"main\.resume_from: .* is a chat checkpoint; pretraining continues a base"):
-        check_resume(tiny_config(config.data_url, num_iterations=8), str(tmp_path / "chat"))
+        check_base_resume(tiny_config(config.data_url, num_iterations=8), str(tmp_path / "chat"))
 
 
 def test_a_checkpoint_older_than_a_config_field_resumes_with_its_default(finished, tmp_path):
@@ -103,9 +103,9 @@ def test_a_checkpoint_older_than_a_config_field_resumes_with_its_default(finishe
     saved = json.loads((tmp_path / "old" / "config.json").read_text())
     del saved["residual_scalars"]  # written before the field existed: it had the original model
     (tmp_path / "old" / "config.json").write_text(json.dumps(saved))
-    check_resume(tiny_config(config.data_url, num_iterations=8), str(tmp_path / "old"))
+    check_base_resume(tiny_config(config.data_url, num_iterations=8), str(tmp_path / "old"))
     with pytest.raises(ConfigError, match=r"RunConfig\.residual_scalars: True differs from False"):
-        check_resume(tiny_config(config.data_url, num_iterations=8, residual_scalars=True), str(tmp_path / "old"))
+        check_base_resume(tiny_config(config.data_url, num_iterations=8, residual_scalars=True), str(tmp_path / "old"))
 
 
 def test_resume_from_a_folder_without_a_checkpoint_fails_in_setup(served, tmp_path):

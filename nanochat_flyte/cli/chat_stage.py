@@ -18,19 +18,16 @@ from nanochat_flyte.data.download import default_cache_dir
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.files import local_path, write_bytes_atomically
 from nanochat_flyte.model.checkpoint import (
-    MODEL_CONFIG_FILE,
     check_save_to,
     check_save_to_apart,
     fetch_checkpoint,
-    model_differences,
-    read_checkpoint_json,
     require_checkpoint,
 )
 from nanochat_flyte.pipeline.prepare import CHAT_DATA_VERSION, RL_DATA_FIELDS, SFT_DATA_FIELDS
 from nanochat_flyte.reporting.environment import environment_report
-from nanochat_flyte.reporting.tracking import RUN_INFO_FILE
 from nanochat_flyte.schema import parse_override
-from nanochat_flyte.training.loop import check_out_dir, check_resumed_stage, distributed_env
+from nanochat_flyte.training.loop import distributed_env
+from nanochat_flyte.training.resume import check_chat_resume, check_out_dir, check_resumed_stage
 
 DATA_WAIT_S = 3600  # other ranks wait this long for local rank 0 to prepare the data (a full SmolTalk download)
 DATA_POLL_S = 5  # and look this often
@@ -113,24 +110,6 @@ def fetched_once_per_node(source: str, local_dir: Path, owner: str) -> Path:
     return local_dir
 
 
-def check_resumed_run(resume_dir: Path, config: ChatConfig | RLConfig, data_keys: tuple[str, ...],
-                      start_checkpoint: str, start_field: str, stage: str) -> None:
-    """Fail before any download when the checkpoint to continue holds another model than the start checkpoint (its
-    weights would not load), or was trained on other data (its saved position in the stream would name other
-    examples). Its data settings are read from its run_info.json, where it has one."""
-    resumed, start = (read_checkpoint_json(path, MODEL_CONFIG_FILE) or {} for path in (resume_dir, start_checkpoint))
-    differ = [f"{key} {start[key]} against {resumed[key]}" for key in sorted(model_differences(resumed, start))]
-    if differ:
-        raise ConfigError(start_field, f"{start_checkpoint} holds another model than the checkpoint being resumed, "
-                                       f"{resume_dir}: {', '.join(differ)}", stage)
-    info = read_checkpoint_json(resume_dir, RUN_INFO_FILE) or {}
-    saved = info.get("chat_config" if isinstance(config, ChatConfig) else "rl_config") or {}
-    for key in data_keys:
-        if key in saved and key != "hf_endpoint" and saved[key] != getattr(config, key):  # (a mirror is the same data)
-            raise ConfigError(key, f"{getattr(config, key)!r} differs from {saved[key]!r} in the checkpoint being "
-                                   f"resumed ({resume_dir}); a resumed run keeps its data", type(config).__name__)
-
-
 def run_stage(config: ChatConfig | RLConfig, start_checkpoint: str, args,
               check: Callable[[ChatConfig | RLConfig, str], object],
               prepare: Callable[[ChatConfig | RLConfig, Path], object], train: Callable[..., dict]) -> dict:
@@ -148,7 +127,7 @@ def run_stage(config: ChatConfig | RLConfig, start_checkpoint: str, args,
     check_out_dir(args.out_dir, args.resume_dir, stage, args.data_dir)
     if args.resume_dir:
         check_resumed_stage(args.resume_dir, "chat" if sft else "rl", stage)
-        check_resumed_run(args.resume_dir, config, data_keys, start_checkpoint, start_field, stage)
+        check_chat_resume(args.resume_dir, config, data_keys, start_checkpoint, start_field, stage)
     check(config, start_checkpoint)  # before any download: a batch that does not fit fails in seconds
     check_save_to_apart(config.save_to, start_checkpoint, start_field, type(config).__name__)
     check_save_to(config.save_to, type(config).__name__)

@@ -19,8 +19,9 @@ from nanochat_flyte.config import RunConfig, load_config
 from nanochat_flyte.model.checkpoint import CHECKPOINT_FILE, CONFIG_FILE
 from nanochat_flyte.reporting.environment import environment_report
 from nanochat_flyte.schema import parse_override
-from nanochat_flyte.training.loop import check_out_dir, distributed_env
-from nanochat_flyte.training.pretrain import check_resume, train
+from nanochat_flyte.training.loop import distributed_env
+from nanochat_flyte.training.pretrain import train
+from nanochat_flyte.training.resume import check_base_resume, check_out_dir
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = load_config(args.config, **dict(parse_override(item, RunConfig) for item in args.overrides)).validate()
     check_out_dir(args.out_dir, args.resume_dir, "train", args.data_dir)
     if args.resume_dir:
-        check_resume(config, args.resume_dir, "resume_dir", "train")
+        check_base_resume(config, args.resume_dir, "resume_dir", "train")
     try:
         summary = train(config, args.data_dir, args.out_dir, resume_dir=args.resume_dir,
                         env_report=environment_report() if rank == 0 else None)

@@ -227,7 +227,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Build anywhere (also under torch.device("meta")), move to the device, then call init_weights().
+    """Build on the CPU or the device, move it there, then call init_weights(). Not under torch.device("meta"):
+    init_weights() sets the parameters but not the rotary tables, which __init__ computes.
 
     Parameters stay float32: torch.autocast runs the matmuls in bf16/fp16, and fp16 training needs float32
     weights for its GradScaler.
@@ -252,7 +253,7 @@ class GPT(nn.Module):
         cos, sin = rotary_table(config.sequence_len, config.head_dim)
         self.register_buffer("rotary_cos", cos, persistent=False)
         self.register_buffer("rotary_sin", sin, persistent=False)
-        if config.residual_scalars:  # values set in init_weights: under torch.device("meta") these are fake
+        if config.residual_scalars:  # values set in init_weights
             self.resid_lambdas = nn.Parameter(torch.empty(config.n_layer))
             self.x0_lambdas = nn.Parameter(torch.empty(config.n_layer))
 

@@ -113,6 +113,7 @@ def build_optimizers(model: GPT, config: RunConfig) -> list[torch.optim.Optimize
                    dict(params=[x0_lambdas], lr=config.scalar_lr, weight_decay=0.0)]
     adamw = torch.optim.AdamW(groups, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=config.weight_decay,
                               fused=on_cuda)
+    # weight_decay on Muon's matrices too (nanochat's first release decays the AdamW groups only): one knob for all
     muon = Muon(matrices, lr=config.matrix_lr, weight_decay=config.weight_decay, batched=config.muon_batched)
     optimizers = [adamw, muon]
     for optimizer in optimizers:

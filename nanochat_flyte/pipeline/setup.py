@@ -16,7 +16,7 @@ from nanochat_flyte.model.checkpoint import check_save_to, check_save_to_apart, 
 from nanochat_flyte.pipeline import Show
 from nanochat_flyte.reporting.environment import environment_report, format_report
 from nanochat_flyte.reporting.report import environment_deck_html
-from nanochat_flyte.training.pretrain import check_resume
+from nanochat_flyte.training.resume import check_base_resume
 from nanochat_flyte.training.rl import check_sft_checkpoint, rl_run_config
 from nanochat_flyte.training.sft import check_base_checkpoint, sft_run_config
 
@@ -28,7 +28,7 @@ def base_run(config: RunConfig, resume_from: str, world_size: int = 1, entry: st
     Returns the config the run uses."""
     config.validate(world_size)
     if resume_from:
-        saved = check_resume(config, resume_from, owner=entry)
+        saved = check_base_resume(config, resume_from, owner=entry)
         if not config.run_name:  # the resumed run's name: its W&B run, and the names the later stages take from it
             config = dataclasses.replace(config, run_name=saved["run_name"])
     config = config.resolved()

@@ -37,20 +37,16 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from nanochat_flyte.config import CUDA_GRAPH_COMPILE_MODES, RunConfig
-from nanochat_flyte.data.tokenizer import load_tokenizer, tokenizer_id
+from nanochat_flyte.config import CUDA_GRAPH_COMPILE_MODES, STAGE_CONFIGS, RunConfig
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.files import write_json
 from nanochat_flyte.model.checkpoint import (
     CONFIG_FILE,
-    MODEL_CONFIG_FILE,
     TOKENIZER_DIR,
     TRAINING_STATE_FILE,
     check_save_to,
     load_checkpoint,
-    model_differences,
     publish_checkpoint,
-    read_checkpoint_json,
     restore_rng_states,
     save_checkpoint,
 )
@@ -59,6 +55,12 @@ from nanochat_flyte.model.gpt import GPT, GPTConfig
 from nanochat_flyte.model.optim import apply_schedules, build_optimizers, lr_multiplier
 from nanochat_flyte.reporting.report import write_report
 from nanochat_flyte.reporting.tracking import Tracker
+from nanochat_flyte.training.resume import (
+    check_not_past,
+    check_out_dir,
+    check_resumed_stage,
+    check_same_model,
+)
 
 LOSS_EMA_BETA = 0.9  # smoothing of the logged loss: roughly the mean of the last 10 steps
 DDP_PARAMETERS = inspect.signature(DistributedDataParallel).parameters  # which switches this torch's DDP takes
@@ -359,12 +361,9 @@ class Trainer:
         """Load the weights, optimizers, scaler, loop state and RNG states saved in resume_dir. Returns the config
         (with the resumed run's name where it had none) and the data loader's saved position."""
         check_resumed_stage(resume_dir, self.phase.stage)
-        self.check_same_model(resume_dir)
+        check_same_model(resume_dir, self.model.config.to_dict(), self.phase.tokenizer, self.phase.tokenizer_dir)
         checkpoint = load_checkpoint(resume_dir)
-        if config.num_iterations < checkpoint["step"]:  # the loop would never reach its last step
-            raise ConfigError("num_iterations", f"{config.num_iterations} is fewer than the {checkpoint['step']} "
-                                                f"steps the checkpoint being resumed has done ({resume_dir})",
-                              STAGE_CONFIGS[self.phase.stage])
+        check_not_past(config.num_iterations, checkpoint["step"], resume_dir, STAGE_CONFIGS[self.phase.stage])
         self.model.load_state_dict(checkpoint["model"])
         for optimizer, state in zip(self.optimizers, checkpoint["optimizers"], strict=True):
             configured = [{key: value for key, value in group.items() if key != "params"}
@@ -389,20 +388,6 @@ class Trainer:
             # continue in out_dir from the saved directory: metrics, samples and the W&B run id come along
             shutil.copytree(resume_dir, self.out_dir, dirs_exist_ok=True)
         return config, checkpoint["loader"]
-
-    def check_same_model(self, resume_dir: Path) -> None:
-        """The checkpoint to continue holds this run's model (shape and vocabulary) and was trained with its
-        tokenizer: another's weights would fail to load, or load and read other token ids."""
-        saved, current = read_checkpoint_json(resume_dir, MODEL_CONFIG_FILE) or {}, self.model.config.to_dict()
-        different = model_differences(saved, current)
-        differ = [f"{key} {saved[key]} (this run: {current[key]})" for key in current if key in different]
-        if differ:
-            raise ConfigError("resume_dir", f"{resume_dir} holds another model: {', '.join(differ)}", "Trainer")
-        if (resume_dir / TOKENIZER_DIR).is_dir() and (tokenizer_id(load_tokenizer(resume_dir / TOKENIZER_DIR))
-                                                      != tokenizer_id(self.phase.tokenizer)):
-            raise ConfigError("resume_dir", f"{resume_dir} was trained with another tokenizer than this run's "
-                                            f"({self.phase.tokenizer_dir}): its token ids would mean other text",
-                              "Trainer")
 
     def wrap_model(self, local_rank: int) -> None:
         """torch.compile where it applies, then DDP over the ranks: `trained` is what the steps run."""
@@ -643,35 +628,3 @@ class Trainer:
             return (f"interrupted at step {self.step}, before the first checkpoint (saved every "
                     f"{self.config.save_every} steps): nothing to resume from")
         return f"interrupted at step {self.step}; the last checkpoint (step {self.saved_step}) is in {where}"
-
-
-STAGE_CONFIGS = {"base": "RunConfig", "chat": "ChatConfig", "rl": "RLConfig"}  # where a user sets a stage's fields
-
-
-def check_out_dir(out_dir: Path, resume_dir: Path | None, owner: str = "Trainer", data_dir: Path | None = None) -> None:
-    """A run writes its checkpoint into a folder that holds none, or continues the one there: a new run would
-    overwrite another's weights, config and records (and a resume command would then mix the two). Nor is it the
-    data directory the run reads (data_dir): their tokenizer folders would be one."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError("out_dir", f"{out_dir} is a file: the checkpoint goes in a folder", owner)
-    if data_dir is not None and Path(data_dir).resolve() == out_dir.resolve():
-        raise ConfigError("out_dir", f"{out_dir} is the data directory (data_dir): the checkpoint needs a folder of "
-                                     "its own", owner)
-    state = read_checkpoint_json(out_dir, TRAINING_STATE_FILE) if out_dir.is_dir() else None
-    continued = resume_dir is not None and Path(resume_dir).resolve() == out_dir.resolve()
-    if state is not None and not continued:
-        raise ConfigError("out_dir", f"{out_dir} already holds a checkpoint (step {state.get('steps_completed')}); "
-                                     "continue it with resume_dir (--resume-dir) set to it, or choose another folder",
-                          owner)
-
-
-def check_resumed_stage(checkpoint_dir: str | Path, stage: str, owner: str = "Trainer") -> None:
-    """A run continues a checkpoint of its own stage (base, chat or rl): another's data stream cannot be resumed."""
-    state = read_checkpoint_json(checkpoint_dir, TRAINING_STATE_FILE) or {}
-    saved = state.get("stage", state.get("phase", "base"))  # saved before stages had names: the phase's
-    if saved != stage:
-        raise ConfigError("resume_dir", f"{checkpoint_dir} is a checkpoint of the {saved} stage; this {stage} run "
-                                         "continues only its own stage's checkpoints", owner)
-
-

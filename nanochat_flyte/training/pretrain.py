@@ -16,11 +16,7 @@ from nanochat_flyte.evaluation.bundle import load_bundle
 from nanochat_flyte.evaluation.core import check_max_per_task, core_log_metrics, score_core
 from nanochat_flyte.inference.engine import Engine, SamplingParams
 from nanochat_flyte.model.checkpoint import (
-    CONFIG_FILE,
-    MODEL_CONFIG_FILE,
     TOKENIZER_DIR,
-    TRAINING_STATE_FILE,
-    read_checkpoint_json,
 )
 from nanochat_flyte.training.loop import Phase, Trainer
 
@@ -110,41 +106,6 @@ class Pretraining(Phase):
         prompts = [engine.completion_prompt(prompt)[-room:] for prompt in SAMPLE_PROMPTS]
         return [{"prompt": prompt, "completion": completion.text}
                 for prompt, completion in zip(SAMPLE_PROMPTS, engine.generate_batch(prompts, params))]
-
-
-# What a resumed run must share with the run it continues: the model's shape and the data stream's order.
-RESUME_KEEPS = ("depth", "residual_scalars", "max_seq_len", "tokenizer", "bpe_vocab_size", "bpe_train_chars", "seed",
-                "data_url", "num_shards", "val_shard", "only_needed_shards")
-
-
-def check_resume(config: RunConfig, checkpoint: str | Path, field: str = "resume_from", owner: str = "main") -> dict:
-    """Fail early, in one line, when `checkpoint` (a directory or URI) cannot be continued under `config`: no
-    checkpoint there, a different model shape or data, or fewer iterations than it has already done. `owner.field`
-    names where the checkpoint was given (the workflows' main.resume_from). Returns the config the checkpoint saved
-    (fields newer than it at their defaults)."""
-    state = read_checkpoint_json(checkpoint, TRAINING_STATE_FILE)
-    saved = read_checkpoint_json(checkpoint, CONFIG_FILE)
-    if state is None or saved is None or read_checkpoint_json(checkpoint, MODEL_CONFIG_FILE) is None:
-        raise ConfigError(field, f"{checkpoint} is not a checkpoint directory (no {TRAINING_STATE_FILE} "
-                                 f"and {CONFIG_FILE})", owner)
-    if state.get("phase", "base") != "base":
-        raise ConfigError(field, f"{checkpoint} is a {state['phase']} checkpoint; pretraining continues a base "
-                                 "checkpoint (a chat one goes on with chat_sft or chat_rl)", owner)
-    saved = RunConfig().to_dict() | saved  # a field newer than the checkpoint has its default there
-    for kept in RESUME_KEEPS:
-        if kept.startswith("bpe_") and config.tokenizer != "bpe":
-            continue  # a GPT-2 run never reads them
-        if getattr(config, kept) != saved[kept]:
-            raise ConfigError(kept, f"{getattr(config, kept)!r} differs from {saved[kept]!r} in the checkpoint "
-                                     f"being resumed ({checkpoint}); a resumed run keeps the model and the data")
-    done = state["steps_completed"]
-    if config.num_iterations < done:
-        raise ConfigError("num_iterations", f"{config.num_iterations} is fewer than the {done} steps the checkpoint "
-                                            f"being resumed has done ({checkpoint})")
-    if config.only_needed_shards and config.num_iterations != saved["num_iterations"]:
-        raise ConfigError("num_iterations", "with only_needed_shards, a new num_iterations changes the shards "
-                                            "prepared and so the data stream; extend with only_needed_shards: false")
-    return saved
 
 
 def train(config: RunConfig, data_dir: Path, out_dir: Path, *, resume_dir: Path | None = None,

@@ -41,6 +41,7 @@ from nanochat_flyte.model.checkpoint import checkpoint_run_config, read_training
 from nanochat_flyte.model.device import EvalBatches, Precision
 from nanochat_flyte.model.gpt import GPT
 from nanochat_flyte.training.loop import Trainer, distributed_env
+from nanochat_flyte.training.resume import check_same_stream
 from nanochat_flyte.training.sft import ChatPhase, chat_samples
 
 
@@ -97,18 +98,6 @@ def policy_gradient_loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
     nll = model(inputs, targets, loss_reduction="none")  # -log p of each target; 0 where the target is -1
     sampled = (targets != -1).sum().clamp(min=1)
     return (nll * advantages[:, None]).sum() / sampled
-
-
-def check_same_stream(state: dict, seed: int, num_problems: int) -> None:
-    """A resumed run's positions name the same problems only in the same stream: the same seed's permutations of
-    as many problems. (States saved before they were recorded are taken as the same.)"""
-    if state.get("seed", seed) != seed:
-        raise ConfigError("seed", f"{seed} differs from {state['seed']} in the checkpoint being resumed: its problems "
-                                  "would come in another order, some trained twice and some never", "RLConfig")
-    if state.get("num_problems", num_problems) != num_problems:
-        raise ConfigError("max_problems", f"the checkpoint being resumed took its problems from "
-                                          f"{state['num_problems']:,}, this run has {num_problems:,}: give it the "
-                                          "data it had (max_problems, the data directory)", "RLConfig")
 
 
 class Rollouts:
