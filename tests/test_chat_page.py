@@ -105,12 +105,16 @@ def test_the_page_streams_answers_keeps_the_conversation_and_shows_errors(page, 
     assert page.locator(".message").count() == 0
     assert ask(page, "Tell me more") == expected(engine, [{"role": "user", "content": "Tell me more"}], 60)
 
-    page.fill("#max-tokens", "0")
-    page.fill("#input", "Hello again")
+    # a server's refusal: the error says why, and the question goes back into the box, unsent and unshown
+    page.fill("#input", "word " * 300)  # more tokens than the model's context of 256
     page.press("#input", "Enter")
     error = page.locator(".error")
     error.wait_for()
-    assert error.text_content() == "400: max_tokens: must be an integer from 1 to 256, got 0"
+    assert error.text_content().startswith("400: messages: the conversation is ")
+    assert error.text_content().endswith("Start a New chat, or send a shorter message. Your message is back in the "
+                                         "box.")
+    assert page.input_value("#input") == ("word " * 300).strip()
+    assert page.locator(".user").count() == 1  # the refused question is not shown as asked
 
 
 def stream_of(*chunks: dict) -> str:
@@ -200,3 +204,93 @@ def test_max_tokens_stays_within_a_short_models_context(page, tmp_path):
         assert page.locator(".error").count() == 0
     finally:
         stop_server(server)
+
+
+def test_settings_out_of_range_are_named_before_anything_is_sent_and_kept_across_reloads(page, chat_server):
+    page.goto(chat_server.url)
+    page.wait_for_function("document.getElementById('top-k').max !== ''")  # /health has given the vocabulary size
+    vocab_size = chat_server.health()["vocab_size"]
+    sent = []
+    page.on("request", lambda request: sent.append(request.url) if request.method == "POST" else None)
+    for field, value, problem in (("#max-tokens", "0", "max tokens: must be a whole number from 1 to 256, got 0"),
+                                  ("#max-tokens", "12.5", "max tokens: must be a whole number from 1 to 256, got 12.5"),
+                                  ("#temperature", "-5", "temperature: must be a number from 0 to 2, got -5"),
+                                  ("#top-k", "99999", f"top-k: must be a whole number from 0 to {vocab_size}, got "
+                                                      "99999")):
+        page.fill(field, value)
+        page.fill("#input", "Hello")
+        page.press("#input", "Enter")
+        assert page.locator(".error").last.text_content() == problem
+        assert page.evaluate("document.activeElement.id") == field[1:]  # the field to mend has the focus
+        assert page.input_value("#input") == "Hello"  # the question waits in the box
+        page.fill(field, page.get_attribute(field, "value"))  # back to its default
+    assert sent == [] and page.locator(".user").count() == 0
+
+    # an emptied field is its default (0.6), not Number("") = 0; the settings outlive a reload
+    page.fill("#temperature", "")
+    page.fill("#top-k", "5")
+    page.press("#top-k", "Tab")  # a change event: the settings are saved
+    with page.expect_request("**/v1/chat/completions") as request:
+        page.fill("#input", "Hello")
+        page.click("#send")
+    assert request.value.post_data_json["temperature"] == 0.6 and request.value.post_data_json["top_k"] == 5
+    assert page.evaluate("document.activeElement.id") == "input"  # a click on Send leaves the typing in the box
+    page.wait_for_function("controller === null")
+    page.reload()
+    page.wait_for_function("document.getElementById('model').textContent.includes('chat checkpoint')")
+    assert page.input_value("#top-k") == "5"
+
+
+def test_an_unreachable_server_gives_the_question_back(page, chat_server):
+    page.goto(chat_server.url)
+    page.wait_for_function("document.getElementById('model').textContent.includes('chat checkpoint')")
+    page.route("**/v1/chat/completions", lambda route: route.abort("connectionrefused"))
+    page.fill("#input", "Are you there?")
+    page.press("#input", "Enter")
+    page.locator(".error").wait_for()
+    assert page.locator(".error").text_content() == ("cannot reach the server: is it still running? Your message is "
+                                                     "back in the box.")
+    assert page.input_value("#input") == "Are you there?" and page.locator(".user").count() == 0
+    page.unroute("**/v1/chat/completions")
+    page.fill("#max-tokens", "4")
+    page.press("#input", "Enter")  # sent again, as it was
+    page.locator(".user").wait_for()
+    page.wait_for_function("controller === null")
+    assert page.locator(".user").text_content() == "Are you there?"
+
+
+def test_enter_that_ends_an_input_method_composition_sends_nothing(page, chat_server):
+    page.goto(chat_server.url)
+    page.wait_for_function("controller === null")
+    page.fill("#input", "にほん")
+    page.evaluate("""() => document.getElementById("input").dispatchEvent(new KeyboardEvent("keydown",
+        {key: "Enter", keyCode: 229, isComposing: true, bubbles: true, cancelable: true}))""")
+    assert page.locator(".user").count() == 0 and page.input_value("#input") == "にほん"
+
+
+def test_on_a_phone_a_long_url_wraps_and_the_view_stays_where_the_reader_scrolled(browser, chat_server):
+    page = browser.new_page(viewport={"width": 390, "height": 500})
+    try:
+        page.goto(chat_server.url)
+        page.wait_for_function("document.getElementById('model').textContent.includes('chat checkpoint')")
+        url = "https://example.com/" + "a" * 280
+        page.fill("#max-tokens", "1")
+        ask(page, f"Please open {url}")
+        bubble = page.locator(".user").bounding_box()
+        assert bubble["x"] >= 0 and bubble["x"] + bubble["width"] <= 390  # inside the screen, the text wrapped
+
+        # a slow stream (1 KB/s): the reader scrolls up while it comes in, and the page leaves them there
+        network = page.context.new_cdp_session(page)
+        network.send("Network.enable")
+        network.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0,
+                                                           "downloadThroughput": 1_000, "uploadThroughput": -1})
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", "64")
+        page.fill("#input", "Tell me more")
+        page.press("#input", "Enter")
+        page.wait_for_function("document.querySelector('.assistant.streaming')?.textContent.length > 0")
+        page.evaluate("document.getElementById('messages').scrollTop = 0")
+        page.wait_for_selector(".assistant.streaming", state="detached", timeout=60_000)
+        assert page.evaluate("document.getElementById('messages').scrollTop") == 0
+    finally:
+        page.close()

@@ -325,8 +325,8 @@ def create_app(engine: Engine, *, model_name: str, max_concurrent: int = 4, api_
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "phase": engine.phase, "mode": _mode(engine),
-                "context": engine.context, "auth": state.api_key is not None, "active": state.running(),
-                "max_concurrent": max_concurrent, "requests": dict(state.counts)}
+                "context": engine.context, "vocab_size": engine.tokenizer.n_vocab, "auth": state.api_key is not None,
+                "active": state.running(), "max_concurrent": max_concurrent, "requests": dict(state.counts)}
 
     model = {"id": model_name, "object": "model", "created": 0, "owned_by": "nanochat-flyte"}
 
