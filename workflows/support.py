@@ -42,8 +42,8 @@ HF_SECRET = declared_secret(secrets.HF)  # only for a gated or private mirror of
 
 class wandb_console_link(ClassDecorator):  # noqa: N801 - used as a decorator, like flytekit's own
     """Gives the task a "Weights & Biases" link in the Flyte/Union console, to the run named after the execution
-    (the Tracker's run id). Needs the cluster's dynamic log links (docs/observability.md) and, at registration,
-    NANOCHAT_WANDB_ENTITY (tracking.console_link_settings).
+    (tracking.stage_run_id, the Tracker's run id). Needs the cluster's dynamic log links (docs/observability.md)
+    and, at registration, NANOCHAT_WANDB_ENTITY (tracking.console_link_settings).
 
     @wandb_console_link: pretraining's run, <execution> (the `wandb-execution-id` link).
     @wandb_console_link(stage="chat"): a later stage's run, <execution>-<stage> (the `wandb-execution-id-stage`

@@ -127,8 +127,8 @@ class Tracker:
     def _choose_run_id(self, resuming: bool) -> str:
         id_file = self.out_dir / RUN_ID_FILE
         run_id = os.environ.get(RUN_ID_ENV)
-        if run_id and self.phase != "base":  # base training and fine-tuning of one execution: two runs
-            run_id = f"{run_id}-{self.phase}"
+        if run_id:
+            run_id = stage_run_id(run_id, self.phase)
         if not run_id and resuming and id_file.exists():
             run_id = id_file.read_text().strip()
         run_id = run_id or secrets.token_hex(6)  # W&B ids: lowercase letters and digits
@@ -252,6 +252,13 @@ class Tracker:
 
     def _write_run_info(self) -> None:
         (self.out_dir / RUN_INFO_FILE).write_text(json.dumps(self.run_info, indent=2, default=str))
+
+
+def stage_run_id(execution: str, stage: str) -> str:
+    """The W&B run id of a stage of the Flyte execution (or run) `execution`: pretraining's is the execution's name,
+    a later stage's has the stage after it (`<execution>-chat`, `<execution>-rl`), so that one execution's stages are
+    runs of their own. The consoles' W&B links spell the same ids."""
+    return execution if stage == "base" else f"{execution}-{stage}"
 
 
 def console_link_settings() -> dict[str, str] | None:

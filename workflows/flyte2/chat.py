@@ -72,7 +72,7 @@ def train_in_task(config: ChatConfig | RLConfig, start: Dir, data: Dir, environm
     return upload(checkpoint_dir), summary
 
 
-@gpu_env.task(retries=3, report=True, links=wandb_links("-chat"))
+@gpu_env.task(retries=3, report=True, links=wandb_links("chat"))
 @one_line_user_errors
 @retried_only_on_storage_errors
 def train_chat_model(config: ChatConfig, base_checkpoint: Dir, data: Dir, environment: dict) -> tuple[Dir, dict]:
@@ -80,7 +80,7 @@ def train_chat_model(config: ChatConfig, base_checkpoint: Dir, data: Dir, enviro
     return train_in_task(config, base_checkpoint, data, environment, "chat_checkpoint")
 
 
-@gpu_env.task(retries=3, report=True, links=wandb_links("-rl"))
+@gpu_env.task(retries=3, report=True, links=wandb_links("rl"))
 @one_line_user_errors
 @retried_only_on_storage_errors
 def train_rl_model(config: RLConfig, sft_checkpoint: Dir, data: Dir, environment: dict) -> tuple[Dir, dict]:

@@ -25,7 +25,7 @@ from flyteplugins.pytorch.task import Elastic, TorchFunctionTask
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from nanochat_flyte.errors import UserError, is_storage_error, is_user_error, reraise_user_errors, user_error_names
-from nanochat_flyte.reporting.tracking import RUN_ID_ENV, console_link_settings
+from nanochat_flyte.reporting.tracking import RUN_ID_ENV, console_link_settings, stage_run_id
 
 
 def is_local_run() -> bool:
@@ -224,26 +224,26 @@ class FlyteAttempts:
 
 @dataclass(frozen=True)
 class WandbRunLink:
-    """The console's "Weights & Biases" link (flyte.Link): to the run a training task logs to, whose id is the Flyte
-    run's name (name_wandb_run), plus the stage's suffix ("-chat", "-rl") for the chat stages. get_link is called at
-    registration, with the run's name as a template the platform fills in."""
+    """The console's "Weights & Biases" link (flyte.Link): to the run a training task of `stage` logs to, whose id is
+    the Flyte run's name (name_wandb_run) as tracking.stage_run_id spells it. get_link is called at registration,
+    with the run's name as a template the platform fills in."""
 
     host: str
     entity: str
     project: str
-    suffix: str = ""
+    stage: str = "base"
     name: str = "Weights & Biases"
     icon_uri: str = "https://wandb.ai/favicon.ico"
 
     def get_link(self, run_name: str, project: str, domain: str, context: dict, parent_action_name: str,
                  action_name: str, pod_name: str, **kwargs) -> str:
-        return f"{self.host}/{self.entity}/{self.project}/runs/{run_name}{self.suffix}"
+        return f"{self.host}/{self.entity}/{self.project}/runs/{stage_run_id(run_name, self.stage)}"
 
 
-def wandb_links(suffix: str = "") -> tuple[WandbRunLink, ...]:
+def wandb_links(stage: str = "base") -> tuple[WandbRunLink, ...]:
     """The link, where NANOCHAT_WANDB_ENTITY was set at registration (tracking.console_link_settings)."""
     settings = console_link_settings()
-    return (WandbRunLink(**settings, suffix=suffix),) if settings else ()
+    return (WandbRunLink(**settings, stage=stage),) if settings else ()
 
 
 def name_wandb_run() -> None:
