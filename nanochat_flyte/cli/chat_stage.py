@@ -19,7 +19,6 @@ from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.files import local_path, write_bytes_atomically
 from nanochat_flyte.model.checkpoint import (
     check_save_to,
-    check_save_to_apart,
     fetch_checkpoint,
     require_checkpoint,
 )
@@ -111,25 +110,25 @@ def fetched_once_per_node(source: str, local_dir: Path, owner: str) -> Path:
 
 
 def run_stage(config: ChatConfig | RLConfig, start_checkpoint: str, args,
-              check: Callable[[ChatConfig | RLConfig, str], object],
+              check_start: Callable[[ChatConfig | RLConfig, str], ChatConfig | RLConfig],
               prepare: Callable[[ChatConfig | RLConfig, Path], object], train: Callable[..., dict]) -> dict:
-    """What the SFT and RL CLIs do once their arguments are checked. First what can fail in one line: --data-dir,
-    --out-dir (a folder with a checkpoint in it is continued, never overwritten), --resume-dir, check(config, the
-    start checkpoint) (the stage's batch against its model and context), save_to, and the hub where data is to be
-    prepared. Then fetch the start checkpoint and prepare the hub data into a cache folder (one rank per node)
-    unless --data-dir names prepared data; train; print the summary."""
+    """What the SFT and RL CLIs do once their arguments are parsed. First what can fail in one line: the config
+    against the start checkpoint (check_start: pipeline.setup's sft_start or rl_start, as the workflows check),
+    --data-dir, --out-dir (a folder with a checkpoint in it is continued, never overwritten), --resume-dir, save_to,
+    and the hub where data is to be prepared. Then fetch the start checkpoint and prepare the hub data into a cache
+    folder (one rank per node) unless --data-dir names prepared data; train; print the summary. (No sandbox check:
+    the CLIs train, and chat-eval evaluates.)"""
     rank = distributed_env()[0]
     sft = isinstance(config, ChatConfig)
     stage, data_keys = ("chat_sft", SFT_DATA_KEYS) if sft else ("chat_rl", RL_DATA_KEYS)
-    start_field = "base_checkpoint" if sft else "sft_checkpoint"  # (its kind the CLI has checked already)
+    start_field = "base_checkpoint" if sft else "sft_checkpoint"
+    config = check_start(config, start_checkpoint)  # before any download: a batch that does not fit fails in seconds
     if args.data_dir:  # data named by the user is used as it is, never prepared into
         prepared_manifest(args.data_dir, stage)
     check_out_dir(args.out_dir, args.resume_dir, stage, args.data_dir)
     if args.resume_dir:
         check_resumed_stage(args.resume_dir, "chat" if sft else "rl", stage)
         check_chat_resume(args.resume_dir, config, data_keys, start_checkpoint, start_field, stage)
-    check(config, start_checkpoint)  # before any download: a batch that does not fit fails in seconds
-    check_save_to_apart(config.save_to, start_checkpoint, start_field, type(config).__name__)
     check_save_to(config.save_to, type(config).__name__)
     data_dir = args.data_dir or data_cache_dir("sft_data" if sft else "rl_data", config, data_keys)
     if not (data_dir / MANIFEST_FILE).exists() and distributed_env()[1] == 0:  # the rank that will download

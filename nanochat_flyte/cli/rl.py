@@ -11,12 +11,10 @@ unless --data-dir names prepared problems.
 from nanochat_flyte.cli.chat_stage import run_stage, stage_arguments
 from nanochat_flyte.config import RLConfig
 from nanochat_flyte.data.chat_data import prepare_rl_data
-from nanochat_flyte.model.checkpoint import checkpoint_run_config
-from nanochat_flyte.training.rl import check_sft_checkpoint, rl_run_config, train_rl
+from nanochat_flyte.pipeline.setup import rl_start
+from nanochat_flyte.training.rl import train_rl
 
 
 def main(argv: list[str] | None = None) -> dict:
     rl, args = stage_arguments("rl", __doc__, RLConfig, "--sft-checkpoint", "a chat (SFT) checkpoint", argv)
-    check_sft_checkpoint(args.sft_checkpoint)  # before any download
-    return run_stage(rl, args.sft_checkpoint, args,
-                     lambda rl, sft_dir: rl_run_config(rl, checkpoint_run_config(sft_dir)), prepare_rl_data, train_rl)
+    return run_stage(rl, args.sft_checkpoint, args, rl_start, prepare_rl_data, train_rl)

@@ -11,13 +11,10 @@ unless --data-dir names prepared data.
 from nanochat_flyte.cli.chat_stage import run_stage, stage_arguments
 from nanochat_flyte.config import ChatConfig
 from nanochat_flyte.data.chat_data import prepare_sft_data
-from nanochat_flyte.model.checkpoint import checkpoint_run_config
-from nanochat_flyte.training.sft import check_base_checkpoint, sft_run_config, train_chat
+from nanochat_flyte.pipeline.setup import sft_start
+from nanochat_flyte.training.sft import train_chat
 
 
 def main(argv: list[str] | None = None) -> dict:
     chat, args = stage_arguments("sft", __doc__, ChatConfig, "--base-checkpoint", "a base checkpoint", argv)
-    check_base_checkpoint(args.base_checkpoint)  # before any download
-    return run_stage(chat, args.base_checkpoint, args,
-                     lambda chat, base_dir: sft_run_config(chat, checkpoint_run_config(base_dir)),
-                     prepare_sft_data, train_chat)
+    return run_stage(chat, args.base_checkpoint, args, sft_start, prepare_sft_data, train_chat)

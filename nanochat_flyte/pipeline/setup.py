@@ -62,23 +62,37 @@ def later_stages(config: RunConfig, chat_config: ChatConfig, rl_config: RLConfig
     return chat_config, rl_config
 
 
-def chat_stage(config: ChatConfig, base_checkpoint: str) -> tuple[ChatConfig, str]:
-    """SFT's config, checked against the base checkpoint (a directory or URI) it starts from; the hub probed.
-    Returns the config and the hub endpoint the data tasks use."""
+def sft_start(config: ChatConfig, base_checkpoint: str) -> ChatConfig:
+    """SFT's config, validated and checked against the base checkpoint (a directory or URI) it starts from, from its
+    small files alone: a base checkpoint, a batch that fits its model and context, save_to elsewhere. The
+    workflows and `nanochat sft` check alike."""
     config = config.validate()
     check_base_checkpoint(base_checkpoint)
-    sft_run_config(config, checkpoint_run_config(base_checkpoint))  # the batch fits the base run's model and context
+    sft_run_config(config, checkpoint_run_config(base_checkpoint))
     check_save_to_apart(config.save_to, base_checkpoint, "base_checkpoint", "ChatConfig")
+    return config
+
+
+def rl_start(config: RLConfig, sft_checkpoint: str) -> RLConfig:
+    """RL's config, validated and checked against the chat checkpoint it starts from: a chat checkpoint, a step's
+    answers that split into SFT's micro-batches, save_to elsewhere. The workflows and `nanochat rl` check alike."""
+    config = config.validate()
+    check_sft_checkpoint(sft_checkpoint)
+    rl_run_config(config, checkpoint_run_config(sft_checkpoint))
+    check_save_to_apart(config.save_to, sft_checkpoint, "sft_checkpoint", "RLConfig")
+    return config
+
+
+def chat_stage(config: ChatConfig, base_checkpoint: str) -> tuple[ChatConfig, str]:
+    """The SFT workflow's inputs (sft_start), then the world (probe_stage). Returns the config and the hub endpoint
+    the data tasks use."""
+    config = sft_start(config, base_checkpoint)
     return config, probe_stage(config)
 
 
 def rl_stage(config: RLConfig, sft_checkpoint: str) -> tuple[RLConfig, str]:
-    """RL's config, checked against the chat checkpoint it starts from; the hub probed. Returns the config and the
-    hub endpoint."""
-    config = config.validate()
-    check_sft_checkpoint(sft_checkpoint)
-    rl_run_config(config, checkpoint_run_config(sft_checkpoint))  # a step's answers split into SFT's micro-batches
-    check_save_to_apart(config.save_to, sft_checkpoint, "sft_checkpoint", "RLConfig")
+    """The RL workflow's inputs (rl_start), then the world (probe_stage). Returns the config and the hub endpoint."""
+    config = rl_start(config, sft_checkpoint)
     return config, probe_stage(config)
 
 
