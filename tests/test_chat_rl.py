@@ -185,13 +185,22 @@ def test_bad_rl_configs_name_the_field(changes, message):
 # ---------------------------------------------------------------------------- the loop
 
 
-def test_rl_trains_a_chat_checkpoint_and_logs_its_rewards(sft_checkpoint, rl_data, tmp_path):
+def test_rl_trains_a_chat_checkpoint_and_logs_its_rewards(sft_checkpoint, rl_data, tmp_path, monkeypatch):
+    right_answers = iter([2, 4, 1])  # of the 6 validation problems, at the evaluations of steps 0, 2 and 4
+
+    def generate_some_right(engine, items, **kwargs):
+        """Validation's greedy replies, the first few right and the rest a digit off (the tiny model's own are never
+        right: pass@1 would be 0 however it were counted)."""
+        right = next(right_answers)
+        return [f"#### {item['answer']}" if index < right else f"#### {item['answer']}1"
+                for index, item in enumerate(items)]
+
+    monkeypatch.setattr("nanochat_flyte.training.rl.generate", generate_some_right)  # validation's replies only
     summary = train_rl(rl_config(), sft_checkpoint, rl_data, tmp_path / "rl")
     assert (summary["phase"], summary["stage"], summary["status"], summary["steps_completed"]) == (
         "chat", "rl", "completed", 4)
-    passes = metric_rows(tmp_path / "rl", "val/pass@1")
-    assert len(passes) == 3 and all(0.0 <= value <= 1.0 for value in passes)  # steps 0, 2 and 4
-    assert summary["final_validation_pass@1"] == passes[-1] and summary["max_validation_pass@1"] == max(passes)
+    assert metric_rows(tmp_path / "rl", "val/pass@1") == [2 / 6, 4 / 6, 1 / 6]
+    assert (summary["max_validation_pass@1"], summary["final_validation_pass@1"]) == (4 / 6, 1 / 6)
     rewards = metric_rows(tmp_path / "rl", "rl/reward")
     lengths = metric_rows(tmp_path / "rl", "rl/answer_tokens")
     assert len(rewards) == len(lengths) == 4 and all(0 < length <= 12 for length in lengths)
@@ -223,16 +232,32 @@ def test_rl_learns_what_its_reward_asks_for(sft_checkpoint, rl_data, tmp_path):
     assert last < first - 2, lengths
 
 
+class Killed(Exception):
+    pass
+
+
+def kill_at_save(path):
+    raise Killed
+
+
 def test_an_interrupted_rl_run_resumes_on_the_same_answers_and_weights(sft_checkpoint, rl_data, tmp_path):
-    straight = train_rl(rl_config(), sft_checkpoint, rl_data, tmp_path / "straight")
-    train_rl(rl_config(num_iterations=2), sft_checkpoint, rl_data, tmp_path / "first_half")
-    resumed = train_rl(rl_config(), sft_checkpoint, rl_data, tmp_path / "resumed", resume_dir=tmp_path / "first_half")
+    """A 4-step run killed at its step-2 save and resumed repeats the straight run. The reward is one the tiny model
+    earns (it never earns GSM8K's), so the weights move: a resume that lost them would answer differently."""
+    straight = train_rl(rl_config(), sft_checkpoint, rl_data, tmp_path / "straight", reward=shortness)
+    with pytest.raises(Killed):
+        train_rl(rl_config(), sft_checkpoint, rl_data, tmp_path / "first", on_save=kill_at_save, reward=shortness)
+    assert json.loads((tmp_path / "first" / "training_state.json").read_text())["steps_completed"] == 2
+    resumed = train_rl(rl_config(), sft_checkpoint, rl_data, tmp_path / "resumed", resume_dir=tmp_path / "first",
+                       reward=shortness)
     assert resumed["steps_completed"] == straight["steps_completed"] == 4
-    assert metric_rows(tmp_path / "resumed", "rl/reward") == metric_rows(tmp_path / "straight", "rl/reward")
-    assert metric_rows(tmp_path / "resumed", "rl/answer_tokens") == metric_rows(tmp_path / "straight",
-                                                                                "rl/answer_tokens")
-    for name, weight in load_checkpoint(tmp_path / "straight")["model"].items():
-        assert torch.equal(weight, load_checkpoint(tmp_path / "resumed")["model"][name]), name
+    for key in ("rl/reward", "rl/answer_tokens", "train/loss"):
+        assert metric_rows(tmp_path / "resumed", key) == metric_rows(tmp_path / "straight", key), key
+    sft_weights = load_checkpoint(sft_checkpoint)["model"]
+    straight_weights = load_checkpoint(tmp_path / "straight")["model"]
+    resumed_weights = load_checkpoint(tmp_path / "resumed")["model"]
+    assert any(not torch.equal(weight, sft_weights[name]) for name, weight in straight_weights.items())
+    for name, weight in straight_weights.items():
+        assert torch.equal(weight, resumed_weights[name]), name
 
 
 @pytest.mark.parametrize("saved, world_size, taken", [({"problems_taken": 6, "world_size": 2}, 1, 12),

@@ -160,12 +160,16 @@ def test_logits_at_selects_positions_in_row_major_order():
         model(idx, idx, logits_at=mask)
 
 
-def test_fp16_and_bf16_autocast_keep_loss_in_float32():
+def test_fp16_and_bf16_autocast_keep_logits_and_loss_in_float32():
     model = build()
+    randomize(model)  # a fresh model's head is zero: its logits are 0 in any dtype
     idx = torch.randint(0, TINY.vocab_size, (2, 8))
     for dtype in (torch.float16, torch.bfloat16):
         with torch.autocast("cpu", dtype=dtype):
+            logits = model(idx)
             loss = model(idx, idx)
+        # softcapped in float32: not the autocast dtype's, nor its values merely cast up afterwards
+        assert logits.dtype == torch.float32 and not torch.equal(logits, logits.to(dtype).float())
         assert loss.dtype == torch.float32
         loss.backward()
         assert all(p.grad.dtype == torch.float32 for p in model.parameters())

@@ -4,10 +4,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers import make_data_dir, tiny_config
 
 from nanochat_flyte.cli.sample import main
 from nanochat_flyte.errors import UserError
+from nanochat_flyte.inference.engine import Engine
 from nanochat_flyte.training.pretrain import train
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -34,10 +36,19 @@ def test_greedy_sampling_repeats_the_sample_taken_in_training(checkpoint, capsys
     assert capsys.readouterr().out == PROMPT + completion + "\n"
 
 
-def test_the_compiled_decode_step_writes_the_same_sample(checkpoint, capsys):
+def test_the_compiled_decode_step_writes_the_same_sample(checkpoint, monkeypatch):
+    engines = []  # the engine the CLI builds: the same sample alone would not tell --compile was heeded
+    from_checkpoint = Engine.from_checkpoint
+
+    def from_checkpoint_kept(*args, **kwargs):
+        engines.append(from_checkpoint(*args, **kwargs))
+        return engines[-1]
+
+    monkeypatch.setattr(Engine, "from_checkpoint", from_checkpoint_kept)
     completion = main(["--checkpoint", str(checkpoint), "--prompt", PROMPT, "--max-tokens", "6",
                        "--temperature", "0", "--device", "cpu", "--compile"])
     assert completion == last_training_sample(checkpoint, PROMPT)
+    assert isinstance(engines[0].decode_model, torch._dynamo.eval_frame.OptimizedModule)
 
 
 def test_the_cli_loads_a_checkpoint_from_a_file_uri(checkpoint):
