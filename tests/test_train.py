@@ -15,7 +15,16 @@ from nanochat_flyte.model.checkpoint import check_save_to
 from nanochat_flyte.model.device import select_precision
 from nanochat_flyte.model.gpt import GPT
 from nanochat_flyte.model.optim import build_optimizers
-from nanochat_flyte.training.loop import Trainer, build_model, halved_batch_size, make_grad_scaler, train_step
+from nanochat_flyte.training import loop
+from nanochat_flyte.training.loop import (
+    LoopState,
+    Trainer,
+    TrainingDiverged,
+    build_model,
+    halved_batch_size,
+    make_grad_scaler,
+    train_step,
+)
 from nanochat_flyte.training.pretrain import SAMPLE_PROMPTS, Pretraining, train
 
 SUMMARY_KEYS = {"status", "depth", "num_iterations", "steps_completed", "min_validation_bpb", "final_validation_bpb",
@@ -390,3 +399,38 @@ def test_ctrl_c_before_the_first_save_says_there_is_nothing_to_resume_from(data_
     assert ("interrupted at step 1, before the first checkpoint (saved every 100 steps): nothing to resume from"
             in capsys.readouterr().out)
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_an_fp16_run_whose_forward_overflows_for_good_stops_in_one_line_keeping_its_last_save(data_dir, tmp_path,
+                                                                                             monkeypatch):
+    """The T4 path's divergence: matrix_lr 1000 grows the MLP's inputs until relu(x)^2 passes fp16's 65504. The forward
+    pass then gives inf/NaN whatever the loss scale, the GradScaler skips every step, and the run would go on to its
+    end doing nothing. It stops instead, and no save lands while the loss is NaN."""
+    monkeypatch.setattr(loop, "DIVERGED_AFTER_STEPS", 2)  # (20 in a run; fp16 is slow on a CPU)
+    out = tmp_path / "run"
+    config = tiny_config(dtype="float16", matrix_lr=1000.0, device_batch_size=8, num_iterations=30, eval_every=30,
+                         sample_every=30, save_every=3)
+    with pytest.raises(TrainingDiverged) as diverged:
+        train(config, data_dir, out)
+    first = int(re.search(r"since step (\d+)", str(diverged.value))[1])
+    saved = json.loads((out / "training_state.json").read_text())["steps_completed"]
+    assert str(diverged.value) == (
+        f"training diverged: the loss has been nan since step {first} (2 steps in a row); its last checkpoint before "
+        f"that (step {saved}) is in {out}. Lower the learning rates (embedding_lr, unembedding_lr, matrix_lr) or raise "
+        "warmup_ratio, and train again")
+    assert 0 < saved < first
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "train/loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, first + 2))
+    assert all(math.isnan(r["train/loss"]) and r["train/skipped_steps"] > 0 for r in rows[first - 1:])
+    # the smoothed loss holds its last value through the NaN steps, rather than NaN for the rest of the run
+    assert all(r["train/loss_smooth"] == rows[first - 2]["train/loss_smooth"] for r in rows[first - 1:])
+
+
+def test_the_smoothed_loss_leaves_out_inf_and_nan():
+    state, reference = LoopState(device_batch_size=1), LoopState(device_batch_size=1)
+    for loss in (4.0, float("nan"), 3.0, float("inf"), 2.0):
+        state.fold_loss(loss)
+    for loss in (4.0, 3.0, 2.0):
+        reference.fold_loss(loss)
+    assert state.smoothed_loss() == reference.smoothed_loss() and state.loss_ema_steps == 3
+    assert math.isnan(LoopState(device_batch_size=1).smoothed_loss())  # nothing folded yet

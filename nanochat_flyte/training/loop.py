@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from nanochat_flyte.config import CUDA_GRAPH_COMPILE_MODES, STAGE_CONFIGS, RunConfig
-from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.errors import ConfigError, UserError
 from nanochat_flyte.files import write_json
 from nanochat_flyte.model.checkpoint import (
     CONFIG_FILE,
@@ -63,7 +63,15 @@ from nanochat_flyte.training.resume import (
 )
 
 LOSS_EMA_BETA = 0.9  # smoothing of the logged loss: roughly the mean of the last 10 steps
+# Steps in a row whose loss is inf/NaN before the run stops as diverged. An fp16 forward overflow now and then skips a
+# step and training goes on; 20 in a row is a run whose weights have gone (in bf16 or fp32 they are NaN after one).
+DIVERGED_AFTER_STEPS = 20
 DDP_PARAMETERS = inspect.signature(DistributedDataParallel).parameters  # which switches this torch's DDP takes
+
+
+class TrainingDiverged(UserError):
+    """The loss stayed inf/NaN: more steps would spend the GPU for nothing, and a retry would replay the same data
+    from the same weights. A user error: the run stops in one line, not retried, naming the checkpoint to go back to."""
 
 
 # ---------------------------------------------------------------------- one optimizer step
@@ -198,6 +206,7 @@ class LoopState:
 
     device_batch_size: int  # can shrink after an out-of-memory error
     loss_ema: float = 0.0
+    loss_ema_steps: int = 0  # the losses folded into loss_ema: the finite ones (an fp16 overflow's NaN is left out)
     val_metric: float | None = None  # last evaluation (bpb when pretraining, loss in SFT, pass@1 in RL)
     best_val_metric: float | None = None  # the lowest (the highest where the phase's metric is higher_is_better)
     skipped_steps: int = 0
@@ -205,8 +214,15 @@ class LoopState:
     timed_seconds: float = 0.0
     total_time_s: float = 0.0  # wall-clock time inside the loop, summed over sessions
 
-    def smoothed_loss(self, steps: int) -> float:
-        return self.loss_ema / (1 - LOSS_EMA_BETA ** steps)  # bias correction: the EMA starts at 0
+    def fold_loss(self, loss: float) -> None:
+        if math.isfinite(loss):  # one overflowed step would leave the smoothed loss NaN for good
+            self.loss_ema = LOSS_EMA_BETA * self.loss_ema + (1 - LOSS_EMA_BETA) * loss
+            self.loss_ema_steps += 1
+
+    def smoothed_loss(self) -> float:
+        if not self.loss_ema_steps:
+            return math.nan
+        return self.loss_ema / (1 - LOSS_EMA_BETA ** self.loss_ema_steps)  # bias correction: the EMA starts at 0
 
 
 def halved_batch_size(batch_size: int) -> int:
@@ -376,6 +392,7 @@ class Trainer:
         loop = dict(checkpoint["loop"])
         if "min_val_metric" in loop:  # its name in checkpoints saved before RL's higher-is-better metric
             loop["best_val_metric"] = loop.pop("min_val_metric")
+        loop.setdefault("loss_ema_steps", checkpoint["step"])  # saved before it was counted: every step was folded
         if config.device_batch_size != checkpoint["config"]["device_batch_size"]:
             loop["device_batch_size"] = config.device_batch_size  # asked for anew; else the saved one (OOM-halved)
         self.loop = LoopState(**loop)
@@ -537,7 +554,8 @@ class Trainer:
         tok_per_sec = config.total_batch_size / dt
         step_mfu = self.mfu_percent(tok_per_sec)
         lrm = lr_multiplier(step - 1, config)
-        smoothed = loop.smoothed_loss(step)
+        smoothed = loop.smoothed_loss()
+        shown_loss = smoothed if math.isfinite(result.loss) else result.loss  # an inf/NaN step says so
         metrics = {"train/loss": result.loss, "train/loss_smooth": smoothed, "train/lrm": lrm,
                    **learning_rates(self.optimizers), "train/dt": dt, "train/tok_per_sec": tok_per_sec,
                    "train/mfu": step_mfu, "train/grad_norm": result.grad_norm,
@@ -550,7 +568,7 @@ class Trainer:
         mean_dt = loop.timed_seconds / loop.timed_steps if loop.timed_steps else dt
         eta = (config.num_iterations - step) * mean_dt
         print(f"step {step:05d}/{config.num_iterations:05d} ({100 * step / config.num_iterations:.2f}%) | "
-              f"loss: {smoothed:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,.0f} | "
+              f"loss: {shown_loss:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,.0f} | "
               f"mfu: {'n/a' if step_mfu is None else f'{step_mfu:.2f}'} | "
               f"total time: {format_minutes(loop.total_time_s)} | eta: {eta / 60:.1f}m"
               + "".join(f" | {key.split('/')[-1]}: {value:.4f}" for key, value in phase_metrics.items())
@@ -573,6 +591,7 @@ class Trainer:
 
     def train_until_done(self) -> int:
         config, loop = self.config, self.loop
+        self.nonfinite_since = None  # the first step of the current run of inf/NaN losses
         step = self.step = self.start_step
         session_start, session_steps = time.perf_counter(), 0
         time_before_session = loop.total_time_s
@@ -594,7 +613,7 @@ class Trainer:
                 self.periodic(step)
             if self.master and sample:
                 self.sample(step)
-            if self.master and save:
+            if self.master and save and self.nonfinite_since is None:  # never over the last save with NaN weights
                 self.save(step, "running")
             if last_step:
                 break
@@ -606,10 +625,16 @@ class Trainer:
                 loop.timed_steps += 1
                 loop.timed_seconds += dt
             loop.skipped_steps += result.skipped
-            loop.loss_ema = LOSS_EMA_BETA * loop.loss_ema + (1 - LOSS_EMA_BETA) * result.loss
+            loop.fold_loss(result.loss)
+            if math.isfinite(result.loss):
+                self.nonfinite_since = None
+            elif self.nonfinite_since is None:
+                self.nonfinite_since = step
             loop.total_time_s = time_before_session + time.perf_counter() - session_start
             if self.master:
                 self.log_step(step, result, dt, phase_metrics)
+            if self.nonfinite_since is not None and step - self.nonfinite_since + 1 >= DIVERGED_AFTER_STEPS:
+                raise TrainingDiverged(self.diverged_message(step, result.loss))
         return step
 
     def finish(self, step: int) -> dict:
@@ -621,6 +646,18 @@ class Trainer:
             write_json(self.out_dir / TRAINING_STATE_FILE, result)
             write_report(self.out_dir, self.config, self.env_report, result)
         return result
+
+    def diverged_message(self, step: int, loss: float) -> str:
+        """Step k's loss comes from the weights of step k - 1: a checkpoint of an earlier step holds weights from
+        before the divergence (later ones may hold NaN)."""
+        first, where = self.nonfinite_since, self.config.save_to or self.out_dir
+        if self.saved_step is not None and self.saved_step < first:
+            kept = f"its last checkpoint before that (step {self.saved_step}) is in {where}"
+        else:
+            kept = "no checkpoint from before that was saved"
+        return (f"training diverged: the loss has been {loss} since step {first} ({step - first + 1} steps in a row); "
+                f"{kept}. Lower the learning rates (embedding_lr, unembedding_lr, matrix_lr) or raise warmup_ratio, "
+                "and train again")
 
     def interrupted_message(self) -> str:
         where = self.config.save_to or self.out_dir
