@@ -7,6 +7,7 @@ from UserError. Imports nothing of the package.
 """
 
 import functools
+import inspect
 from collections.abc import Callable
 
 
@@ -67,15 +68,29 @@ def reraise_user_errors(failure: Callable[[BaseException, str], BaseException]):
     """A decorator for a Flyte task's body: a user error leaving it is raised again as failure(error, its one line),
     the front's way of failing a task with that line, not retried. Other errors pass unchanged."""
 
+    def raise_one_line(error: Exception) -> None:
+        if is_user_error(error):
+            raise failure(error, user_message(error)) from error
+
     def decorate(function):
+        if inspect.iscoroutinefunction(function):  # a Flyte 2 driver that awaits its tasks (workflows/flyte2)
+            @functools.wraps(function)
+            async def run_async(*args, **kwargs):
+                try:
+                    return await function(*args, **kwargs)
+                except Exception as error:
+                    raise_one_line(error)
+                    raise
+
+            return run_async
+
         @functools.wraps(function)
         def run(*args, **kwargs):
             try:
                 return function(*args, **kwargs)
             except Exception as error:
-                if not is_user_error(error):
-                    raise
-                raise failure(error, user_message(error)) from error
+                raise_one_line(error)
+                raise
 
         return run
 

@@ -72,13 +72,13 @@ def run_locally(tmp_path):
 
 def test_main_runs_end_to_end_with_the_flytekit_fronts_outputs(served_shards, run_locally,  # noqa: F811
                                                                 monkeypatch):
-    mapped, map_tasks = [], flyte.map
+    mapped, map_tasks = [], flyte.map.aio
 
     def recorded_map(task, items, **options):
         mapped.append((task.func.name, len(items), options["concurrency"]))
         return map_tasks(task, items, **options)
 
-    monkeypatch.setattr(flyte, "map", recorded_map)
+    monkeypatch.setattr(flyte.map, "aio", recorded_map)
     results, checkpoint, report = run_locally(main, config=e2e_config(served_shards))
     check_e2e_outputs(results, Path(checkpoint.path), Path(report.path))
     assert mapped == [("nanochat_data.prepare_data_shard", 3, 8)]  # one action per shard, 8 at once
@@ -144,6 +144,36 @@ def test_a_lost_training_attempt_resumes_from_its_last_save(tmp_path, monkeypatc
     assert steps == [1, 2, 3, 4, 5, 6]  # 1-3 from the lost attempt, none twice
     assert Path(checkpoint.path) != preempted[0]
     assert not (Path(checkpoint.path) / support.OWNER_FILE).exists()  # the attempts' bookkeeping stays theirs
+
+
+def test_a_drivers_independent_steps_overlap_on_a_cluster_and_run_in_order_locally(monkeypatch, recwarn):
+    """support.concurrently: each step here waits for the other to have started, which only overlapping steps
+    survive; locally the same steps run one after another, and after a failure the unstarted ones are closed."""
+    started = {"sft": asyncio.Event(), "core": asyncio.Event()}
+
+    async def waiting_step(name, other):
+        started[name].set()
+        await asyncio.wait_for(started[other].wait(), timeout=5)
+        return name
+
+    monkeypatch.setattr(support, "is_local_run", lambda: False)
+    overlapping = support.concurrently(waiting_step("sft", "core"), waiting_step("core", "sft"))
+    assert asyncio.run(overlapping) == ["sft", "core"]
+
+    monkeypatch.setattr(support, "is_local_run", lambda: True)
+    order = []
+
+    async def step(name, fail=False):
+        order.append(name)
+        if fail:
+            raise ConfigError("depth", "must be >= 1")
+        return name
+
+    assert asyncio.run(support.concurrently(step("data"), step("node"))) == ["data", "node"]
+    with pytest.raises(ConfigError):
+        asyncio.run(support.concurrently(step("a"), step("b", fail=True), step("never")))
+    assert order == ["data", "node", "a", "b"]
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
 
 
 def test_a_bug_is_not_retried_and_a_storage_hiccup_is():

@@ -8,7 +8,9 @@ with or without RL.
         --chat_config configs/chat_smoke.yaml
     flyte run workflows/flyte2/chat.py nanochat_chat_rl --config ... --chat_config ... --rl_config configs/rl_smoke.yaml
 
-The data tasks run on CPUs, cached, before any GPU starts: a relaunch downloads nothing again.
+The data tasks run on CPUs, cached, while the GPU node starts: a relaunch downloads nothing again. As in a flytekit
+workflow, what need not wait runs at once on a cluster (support.concurrently): a pipeline's SFT starts as soon as
+pretraining has trained, beside CORE, and its RL beside the SFT model's chat evaluation.
 """
 
 from typing import NamedTuple
@@ -20,9 +22,10 @@ from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
 from nanochat_flyte.pipeline import evaluate, prepare, setup, train
 from nanochat_flyte.pipeline.finish import finish_chat_run
 from workflows.flyte2.environments import CHAT_DATA_CACHE, EVALUATION_CACHE, data_env, driver_env, gpu_env
-from workflows.flyte2.pretraining import describe_training_node, pretrain
+from workflows.flyte2.pretraining import describe_training_node, score_and_report, train_base
 from workflows.flyte2.support import (
     FlyteAttempts,
+    concurrently,
     is_local_run,
     local_dir,
     name_wandb_run,
@@ -111,41 +114,62 @@ class RLOutputs(NamedTuple):
     report: Dir  # report.md with its plots and the chat evaluation table, and results.json
 
 
-def finish(config: ChatConfig | RLConfig, start_checkpoint: Dir, training: dict, evaluation: dict, checkpoint: Dir,
-           environment: dict) -> tuple[dict, Dir]:
-    """The results JSON of SFT or RL, and the run's report card with the chat evaluation table."""
+class TrainedChat(NamedTuple):
+    """What a chat stage's first half (train_sft, train_rl) hands to its second (evaluate_and_report)."""
+
+    config: ChatConfig | RLConfig  # as the stage's checks returned it
+    start_checkpoint: Dir
+    environment: dict
+    eval_data: Dir
+    checkpoint: Dir
+    training: dict
+
+
+async def train_sft(config: ChatConfig, base_checkpoint: Dir) -> TrainedChat:
+    """checks (in the driver; the sandbox on the GPU node kind) -> the training node described and the data (CPU,
+    cached), at once -> SFT."""
+    config, endpoint = setup.chat_stage(config, base_checkpoint.path)
+    environment, data, eval_data = await concurrently(
+        describe_training_node.aio(printed=not is_local_run(),  # locally, pretraining printed it
+                                   sandbox_for=setup.sandbox_required_by(config)),
+        prepare_chat_sft_data.aio(endpoint, **prepare.sft_data_settings(config)),
+        prepare_chat_eval_data.aio(endpoint, config.eval_tasks))
+    chat_checkpoint, training = await train_chat_model.aio(config, base_checkpoint, data, environment)
+    return TrainedChat(config, base_checkpoint, environment, eval_data, chat_checkpoint, training)
+
+
+async def train_rl(config: RLConfig, sft_checkpoint: Dir) -> TrainedChat:
+    """checks (in the driver; the sandbox on the GPU node kind) -> the training node described, GSM8K problems and
+    evaluation data (CPU, cached), at once -> RL."""
+    config, endpoint = setup.rl_stage(config, sft_checkpoint.path)
+    environment, data, eval_data = await concurrently(
+        describe_training_node.aio(printed=not is_local_run(), sandbox_for=setup.sandbox_required_by(config)),
+        prepare_rl_problems.aio(endpoint, **prepare.rl_data_settings(config)),
+        prepare_chat_eval_data.aio(endpoint, config.eval_tasks))
+    rl_checkpoint, training = await train_rl_model.aio(config, sft_checkpoint, data, environment)
+    return TrainedChat(config, sft_checkpoint, environment, eval_data, rl_checkpoint, training)
+
+
+async def evaluate_and_report(trained: TrainedChat) -> tuple[dict, Dir]:
+    """The chat evaluation, then the results JSON of SFT or RL and the run's report card with its table."""
+    config = trained.config
+    eval_config = config.chat_eval_config() if isinstance(config, RLConfig) else config
+    evaluation = await evaluate_chat_model.aio(eval_config, trained.checkpoint, trained.eval_data,
+                                               **evaluate.chat_settings(config))
     report_dir = work_dir("chat_report")
-    results = finish_chat_run(config, start_checkpoint.path, training, evaluation, environment, checkpoint.path,
-                              report_dir, local=is_local_run())
+    results = finish_chat_run(config, trained.start_checkpoint.path, trained.training, evaluation,
+                              trained.environment, trained.checkpoint.path, report_dir, local=is_local_run())
     return results, upload(report_dir)
 
 
-def fine_tune(config: ChatConfig, base_checkpoint: Dir) -> ChatOutputs:
-    """checks (in the driver; the sandbox on the GPU node kind) -> data (CPU, cached) -> SFT -> chat evaluation ->
-    results."""
-    config, endpoint = setup.chat_stage(config, base_checkpoint.path)
-    environment = describe_training_node(printed=not is_local_run(),  # locally, pretraining printed it
-                                         sandbox_for=setup.sandbox_required_by(config))
-    data = prepare_chat_sft_data(endpoint, **prepare.sft_data_settings(config))
-    eval_data = prepare_chat_eval_data(endpoint, config.eval_tasks)
-    chat_checkpoint, training = train_chat_model(config, base_checkpoint, data, environment)
-    evaluation = evaluate_chat_model(config, chat_checkpoint, eval_data, **evaluate.chat_settings(config))
-    results, report = finish(config, base_checkpoint, training, evaluation, chat_checkpoint, environment)
-    return ChatOutputs(chat_checkpoint, results, report)
+async def fine_tune(config: ChatConfig, base_checkpoint: Dir) -> ChatOutputs:
+    trained = await train_sft(config, base_checkpoint)
+    return ChatOutputs(trained.checkpoint, *await evaluate_and_report(trained))
 
 
-def reinforce(config: RLConfig, sft_checkpoint: Dir) -> RLOutputs:
-    """checks (in the driver; the sandbox on the GPU node kind) -> GSM8K problems and evaluation data (CPU, cached)
-    -> RL -> chat evaluation -> results."""
-    config, endpoint = setup.rl_stage(config, sft_checkpoint.path)
-    environment = describe_training_node(printed=not is_local_run(), sandbox_for=setup.sandbox_required_by(config))
-    data = prepare_rl_problems(endpoint, **prepare.rl_data_settings(config))
-    eval_data = prepare_chat_eval_data(endpoint, config.eval_tasks)
-    rl_checkpoint, training = train_rl_model(config, sft_checkpoint, data, environment)
-    evaluation = evaluate_chat_model(config.chat_eval_config(), rl_checkpoint, eval_data,
-                                     **evaluate.chat_settings(config))
-    results, report = finish(config, sft_checkpoint, training, evaluation, rl_checkpoint, environment)
-    return RLOutputs(rl_checkpoint, results, report)
+async def reinforce(config: RLConfig, sft_checkpoint: Dir) -> RLOutputs:
+    trained = await train_rl(config, sft_checkpoint)
+    return RLOutputs(trained.checkpoint, *await evaluate_and_report(trained))
 
 
 class PipelineOutputs(NamedTuple):
@@ -183,44 +207,50 @@ RL_D8_T4 = flyte.Trigger("nanochat-rl-d8-t4", inputs={"config": REFERENCE_RL_CON
 
 @driver_env.task
 @one_line_user_errors
-def chat_sft(base_checkpoint: Dir, config: ChatConfig = ChatConfig()) -> ChatOutputs:
+async def chat_sft(base_checkpoint: Dir, config: ChatConfig = ChatConfig()) -> ChatOutputs:
     """A base checkpoint (a previous run's `checkpoint` output, or any directory or URI holding one) to an
     evaluated chat checkpoint."""
-    return fine_tune(config, base_checkpoint)
+    return await fine_tune(config, base_checkpoint)
 
 
 @driver_env.task(triggers=RL_D8_T4)
 @one_line_user_errors
-def chat_rl(sft_checkpoint: Dir, config: RLConfig = RLConfig()) -> RLOutputs:
+async def chat_rl(sft_checkpoint: Dir, config: RLConfig = RLConfig()) -> RLOutputs:
     """A chat (SFT) checkpoint (a chat run's `chat_checkpoint` output, or any directory or URI holding one) to an
     evaluated RL checkpoint."""
-    return reinforce(config, sft_checkpoint)
+    return await reinforce(config, sft_checkpoint)
 
 
 @driver_env.task(triggers=CHAT_D8_T4)
 @one_line_user_errors
-def nanochat_chat(config: RunConfig = RunConfig(), chat_config: ChatConfig = ChatConfig(), resume_from: str = ""
-                  ) -> PipelineOutputs:
+async def nanochat_chat(config: RunConfig = RunConfig(), chat_config: ChatConfig = ChatConfig(),
+                        resume_from: str = "") -> PipelineOutputs:
     """The whole pipeline: pretraining (with CORE when config.evaluate_core), then SFT, then the chat evaluation.
     resume_from: as main's, the pretraining checkpoint to continue."""
     # before pretraining: hours before SFT's own checks
     chat_config, _ = setup.later_stages(config, chat_config, resume_from=resume_from)
-    base = pretrain(config, resume_from, entry="nanochat_chat")
-    chat = fine_tune(chat_config, base.checkpoint)
+    trained = await train_base(config, resume_from, entry="nanochat_chat")
+    base, chat = await concurrently(score_and_report(trained), fine_tune(chat_config, trained.checkpoint))
     return PipelineOutputs(base.results, base.checkpoint, base.report, chat.results, chat.chat_checkpoint,
                            chat.report)
 
 
 @driver_env.task(triggers=CHAT_RL_D8_T4)
 @one_line_user_errors
-def nanochat_chat_rl(config: RunConfig = RunConfig(), chat_config: ChatConfig = ChatConfig(),
-                     rl_config: RLConfig = RLConfig(), resume_from: str = "") -> RLPipelineOutputs:
+async def nanochat_chat_rl(config: RunConfig = RunConfig(), chat_config: ChatConfig = ChatConfig(),
+                           rl_config: RLConfig = RLConfig(), resume_from: str = "") -> RLPipelineOutputs:
     """The whole pipeline of the reference run's next steps: pretraining (with CORE when config.evaluate_core), SFT
     and its chat evaluation, then RL on GSM8K and the chat evaluation of the RL model. resume_from: as main's, the
     pretraining checkpoint to continue."""
     chat_config, rl_config = setup.later_stages(config, chat_config, rl_config, resume_from)
-    base = pretrain(config, resume_from, entry="nanochat_chat_rl")
-    chat = fine_tune(chat_config, base.checkpoint)
-    rl = reinforce(rl_config, chat.chat_checkpoint)
+    trained = await train_base(config, resume_from, entry="nanochat_chat_rl")
+
+    async def chat_then_rl() -> tuple[ChatOutputs, RLOutputs]:
+        sft = await train_sft(chat_config, trained.checkpoint)
+        (chat_results, chat_report), rl = await concurrently(evaluate_and_report(sft),
+                                                             reinforce(rl_config, sft.checkpoint))
+        return ChatOutputs(sft.checkpoint, chat_results, chat_report), rl
+
+    base, (chat, rl) = await concurrently(score_and_report(trained), chat_then_rl())
     return RLPipelineOutputs(base.results, base.checkpoint, base.report, chat.results, chat.chat_checkpoint,
                              chat.report, rl.results, rl.rl_checkpoint, rl.report)

@@ -1,6 +1,7 @@
 """Pretraining's tasks, which nanochat.py, chat.py and scale_up.py share, and `pretrain`, the stages chained: checks
-(in the driver) -> the training node described -> data (CPU, cached, one action per shard) -> training -> CORE ->
-results. Like workflows/nanochat.py, only declarations: the work is in nanochat_flyte.pipeline.
+(in the driver) -> the training node described, and the data (CPU, cached, one action per shard), at once ->
+training -> CORE -> results. `train_base` and `score_and_report` are its halves: a pipeline starts SFT as soon as the
+first ends. Like workflows/nanochat.py, only declarations: the work is in nanochat_flyte.pipeline.
 """
 
 import functools
@@ -16,6 +17,7 @@ from nanochat_flyte.pipeline.finish import finish_base_run
 from workflows.flyte2.environments import DATA_CACHE, EVALUATION_CACHE, SHARD_CACHE, data_env, gpu_env
 from workflows.flyte2.support import (
     FlyteAttempts,
+    concurrently,
     is_local_run,
     local_dir,
     name_wandb_run,
@@ -103,31 +105,57 @@ def evaluate_base_model(config: RunConfig, checkpoint: Dir, bundle_url: str, max
     return evaluate.base_model(config, checkpoint.path, bundle_url, max_per_task, show_report)
 
 
-def prepare_data(config: RunConfig) -> tuple[Dir, dict]:
+async def prepare_data(config: RunConfig) -> tuple[Dir, dict]:
     """Tokenizer first, then one action per shard (download + tokenize), then one data directory."""
-    tokenizer_dir = prepare_tokenizer(config.tokenizer, config.data_url, config.num_shards, config.bpe_vocab_size,
-                                      config.bpe_train_chars)
-    jobs = plan_data_shards(config, tokenizer_dir)
-    parts = flyte.map(functools.partial(prepare_data_shard, tokenizer_dir=tokenizer_dir), jobs,
-                      concurrency=prepare.SHARD_CONCURRENCY, return_exceptions=False)
-    return collect_data(config, list(parts), tokenizer_dir)
+    tokenizer_dir = await prepare_tokenizer.aio(config.tokenizer, config.data_url, config.num_shards,
+                                                config.bpe_vocab_size, config.bpe_train_chars)
+    jobs = await plan_data_shards.aio(config, tokenizer_dir)
+    parts = [part async for part in flyte.map.aio(functools.partial(prepare_data_shard, tokenizer_dir=tokenizer_dir),
+                                                  jobs, concurrency=prepare.SHARD_CONCURRENCY,
+                                                  return_exceptions=False)]
+    return await collect_data.aio(config, parts, tokenizer_dir)
 
 
-def pretrain(config: RunConfig, resume_from: str, train_task=train_base_model, gpu: dict | None = None,
-             world_size: int = 1, entry: str = "main") -> RunOutputs:
-    """The stages, chained, in a driver task (`entry`, whose inputs a bad value is named by). `gpu` overrides where
-    the environment report, training and CORE run, and `world_size` is the GPUs train_task runs on (scale_up.py)."""
+class TrainedBase(NamedTuple):
+    """What pretraining's first half hands to its second."""
+
+    config: RunConfig  # as setup.base_run resolved it
+    environment: dict
+    manifest: dict
+    checkpoint: Dir
+    training: dict
+    gpu: dict  # where the GPU tasks run (scale_up.py's overrides)
+
+
+async def train_base(config: RunConfig, resume_from: str, train_task=train_base_model, gpu: dict | None = None,
+                     world_size: int = 1, entry: str = "main") -> TrainedBase:
+    """Checks, the training node described and the data prepared (at once), training. In a driver task (`entry`,
+    whose inputs a bad value is named by). `gpu` overrides where the environment report, training and CORE run, and
+    `world_size` is the GPUs train_task runs on (scale_up.py)."""
     gpu = gpu or {}
     # here, before any task starts: a bad input costs no pod
     config = setup.base_run(config, resume_from, world_size, entry)
-    environment = describe_training_node.override(**gpu)()
-    data, manifest = prepare_data(prepare.data_config(config))  # keyed on the data's fields: a relaunch reuses it
-    checkpoint, training = train_task.override(**gpu)(config, data, environment, resume_from)
+    environment, (data, manifest) = await concurrently(
+        describe_training_node.override(**gpu).aio(),
+        prepare_data(prepare.data_config(config)))  # keyed on the data's fields: a relaunch reuses it
+    checkpoint, training = await train_task.override(**gpu).aio(config, data, environment, resume_from)
+    return TrainedBase(config, environment, manifest, checkpoint, training, gpu)
+
+
+async def score_and_report(trained: TrainedBase) -> RunOutputs:
+    """CORE (when on), then the results JSON and the report card."""
+    config, checkpoint = trained.config, trained.checkpoint
     core = {}
     if config.core_enabled:
-        core = evaluate_base_model.override(**gpu)(config, checkpoint, config.eval_bundle_url,
-                                                   config.core_max_per_task)
+        core = await evaluate_base_model.override(**trained.gpu).aio(config, checkpoint, config.eval_bundle_url,
+                                                                     config.core_max_per_task)
     report_dir = work_dir("report")
-    results = finish_base_run(config, environment, manifest, training, checkpoint.path, core, report_dir,
-                              local=is_local_run())
+    results = finish_base_run(config, trained.environment, trained.manifest, trained.training, checkpoint.path, core,
+                              report_dir, local=is_local_run())
     return RunOutputs(results, checkpoint, upload(report_dir))
+
+
+async def pretrain(config: RunConfig, resume_from: str, train_task=train_base_model, gpu: dict | None = None,
+                   world_size: int = 1, entry: str = "main") -> RunOutputs:
+    """The stages, chained (train_base's arguments)."""
+    return await score_and_report(await train_base(config, resume_from, train_task, gpu, world_size, entry))

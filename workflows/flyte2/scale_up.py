@@ -38,13 +38,13 @@ def train_base_model_multi_gpu(config: RunConfig, data: Dir, environment: dict, 
 
 @scale_up_env.task
 @one_line_user_errors
-def nanochat_d12_a100(config: RunConfig = D12_CONFIG, resume_from: str = "") -> RunOutputs:
-    return pretrain(config, resume_from, gpu=dict(resources=node(A100_NODE)), entry="nanochat_d12_a100")
+async def nanochat_d12_a100(config: RunConfig = D12_CONFIG, resume_from: str = "") -> RunOutputs:
+    return await pretrain(config, resume_from, gpu=dict(resources=node(A100_NODE)), entry="nanochat_d12_a100")
 
 
 @scale_up_env.task
 @one_line_user_errors
-def nanochat_d12_8xa100(config: RunConfig = D12_CONFIG, resume_from: str = "") -> RunOutputs:
-    return pretrain(config, resume_from, train_base_model_multi_gpu,
-                    dict(resources=node(EIGHT_A100_NODE), interruptible=False), world_size=GPUS,
-                    entry="nanochat_d12_8xa100")
+async def nanochat_d12_8xa100(config: RunConfig = D12_CONFIG, resume_from: str = "") -> RunOutputs:
+    return await pretrain(config, resume_from, train_base_model_multi_gpu,
+                          dict(resources=node(EIGHT_A100_NODE), interruptible=False), world_size=GPUS,
+                          entry="nanochat_d12_8xa100")

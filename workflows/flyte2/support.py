@@ -1,8 +1,9 @@
 """What the Flyte 2 tasks do for Flyte, around the nanochat_flyte functions they call: where a task writes what it
-returns, its report tabs (the cards), the one-line user errors, the intra-task checkpoint a retried attempt resumes
-from, and the W&B console link.
+returns, its report tabs (the cards), which steps of a driver run at once, the one-line user errors, the intra-task
+checkpoint a retried attempt resumes from, and the W&B console link.
 """
 
+import asyncio
 import atexit
 import contextlib
 import functools
@@ -12,7 +13,7 @@ import os
 import sys
 import tarfile
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,22 @@ def local_dir(directory: Dir) -> Path:
 
 def upload(path: Path) -> Dir:
     return Dir.from_local_sync(path)
+
+
+async def concurrently(*steps: Coroutine) -> list:
+    """A driver's steps that need not wait for each other, each a task or a chain of them: at once on a cluster,
+    where each task is a pod of its own (asyncio.gather, as flytekit runs a workflow's independent nodes); one after
+    another, in the order given, in a local run, where they would share the laptop's CPUs and its terminal."""
+    if not is_local_run():
+        return list(await asyncio.gather(*steps))
+    done = []
+    try:
+        for step in steps:
+            done.append(await step)
+    finally:
+        for step in steps[len(done) + 1:]:  # after a failure: never started, closed unawaited without a warning
+            step.close()
+    return done
 
 
 def show_report(title: str, html: str) -> None:
