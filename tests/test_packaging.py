@@ -242,6 +242,27 @@ def test_scale_up_moves_the_gpu_tasks_to_a100s(entities, tasks):
     assert config_default(entities["launch_plan"]["nanochat_d12_a100"]).depth == 12
 
 
+def overridden_gpus(workflow) -> dict[str, str]:
+    """Each task node's GPU count where the workflow overrides its resources, branches (CORE's) included."""
+    gpus, nodes = {}, list(workflow.nodes)
+    while nodes:
+        node = nodes.pop()
+        if node.HasField("branch_node"):
+            branches = node.branch_node.if_else
+            nodes += [branches.case.then_node, *(case.then_node for case in branches.other), branches.else_node]
+        elif node.task_node.overrides.HasField("resources"):
+            limits = {r.name: r.value for r in node.task_node.overrides.resources.limits}
+            gpus[node.task_node.reference_id.name.rpartition(".")[2]] = limits[GPU]
+    return gpus
+
+
+def test_the_eight_gpu_run_scores_core_on_one_a100(entities):
+    assert overridden_gpus(entities["workflow"]["nanochat_d12_8xa100"].template) == {
+        "describe_training_node": "8", "train_base_model_multi_gpu": "8", "evaluate_base_model": "1"}
+    assert overridden_gpus(entities["workflow"]["nanochat_d12_a100"].template) == {
+        "describe_training_node": "1", "train_base_model": "1", "evaluate_base_model": "1"}
+
+
 def test_multi_gpu_training_is_one_elastic_pod_with_eight_a100s(tasks):
     ddp = tasks["train_base_model_multi_gpu"]
     assert ddp.type == "python-task"  # nnodes=1: torch elastic inside one pod, no PyTorchJob operator

@@ -183,12 +183,14 @@ class RunOutputs(NamedTuple):
 
 
 def pretrain(config: RunConfig, resume_from: str, train_task=train_base_model, gpu_node: dict | None = None,
-             checked_first=None, world_size: int = 1, entry: str = "main") -> RunOutputs:
-    """The stages, chained. `gpu_node` overrides where the environment report, training and CORE run, and
-    `world_size` is the GPUs train_task runs on (workflows/scale_up.py). `checked_first`: an output of a task that
-    must succeed before anything starts (a pipeline's later configs). `entry`: the workflow, whose inputs a bad value
-    is named by."""
+             checked_first=None, world_size: int = 1, entry: str = "main", core_node: dict | None = None
+             ) -> RunOutputs:
+    """The stages, chained. `gpu_node` overrides where the environment report, training and CORE run (CORE on
+    `core_node` where given), and `world_size` is the GPUs train_task runs on (workflows/scale_up.py).
+    `checked_first`: an output of a task that must succeed before anything starts (a pipeline's later configs).
+    `entry`: the workflow, whose inputs a bad value is named by."""
     gpu_node = gpu_node or {}
+    core_node = core_node or gpu_node
     resolved, core_on, data_config = check_run_config(config=config, resume_from=resume_from, world_size=world_size,
                                                       entry=entry)
     if checked_first is not None:
@@ -200,7 +202,7 @@ def pretrain(config: RunConfig, resume_from: str, train_task=train_base_model, g
                                       resume_from=resume_from).with_overrides(**gpu_node)
     core = (conditional("core").if_(core_on.is_true())
             .then(evaluate_base_model(config=resolved, checkpoint=checkpoint, bundle_url=resolved.eval_bundle_url,
-                                      max_per_task=resolved.core_max_per_task).with_overrides(**gpu_node))
+                                      max_per_task=resolved.core_max_per_task).with_overrides(**core_node))
             .else_().then(no_core()))
     results, report = aggregate_results(config=resolved, environment=environment, manifest=manifest,
                                         training=training, checkpoint=checkpoint, core=core)

@@ -39,5 +39,6 @@ def nanochat_d12_a100(config: RunConfig = D12_CONFIG, resume_from: str = "") -> 
 
 @workflow
 def nanochat_d12_8xa100(config: RunConfig = D12_CONFIG, resume_from: str = "") -> RunOutputs:
+    # CORE runs in one process: on one A100, not on seven idle ones beside it
     return pretrain(config, resume_from, train_base_model_multi_gpu, EIGHT_A100_TASK, world_size=GPUS,
-                    entry="nanochat_d12_8xa100")
+                    entry="nanochat_d12_8xa100", core_node=task_resources(A100_NODE))

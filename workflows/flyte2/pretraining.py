@@ -124,14 +124,14 @@ class TrainedBase(NamedTuple):
     manifest: dict
     checkpoint: Dir
     training: dict
-    gpu: dict  # where the GPU tasks run (scale_up.py's overrides)
+    core_gpu: dict  # where CORE runs (scale_up.py's overrides)
 
 
 async def train_base(config: RunConfig, resume_from: str, train_task=train_base_model, gpu: dict | None = None,
-                     world_size: int = 1, entry: str = "main") -> TrainedBase:
+                     world_size: int = 1, entry: str = "main", core_gpu: dict | None = None) -> TrainedBase:
     """Checks, the training node described and the data prepared (at once), training. In a driver task (`entry`,
-    whose inputs a bad value is named by). `gpu` overrides where the environment report, training and CORE run, and
-    `world_size` is the GPUs train_task runs on (scale_up.py)."""
+    whose inputs a bad value is named by). `gpu` overrides where the environment report, training and CORE run (CORE
+    on `core_gpu` where given), and `world_size` is the GPUs train_task runs on (scale_up.py)."""
     gpu = gpu or {}
     # here, before any task starts: a bad input costs no pod
     config = setup.base_run(config, resume_from, world_size, entry)
@@ -139,7 +139,7 @@ async def train_base(config: RunConfig, resume_from: str, train_task=train_base_
         describe_training_node.override(**gpu).aio(),
         prepare_data(prepare.data_config(config)))  # keyed on the data's fields: a relaunch reuses it
     checkpoint, training = await train_task.override(**gpu).aio(config, data, environment, resume_from)
-    return TrainedBase(config, environment, manifest, checkpoint, training, gpu)
+    return TrainedBase(config, environment, manifest, checkpoint, training, core_gpu or gpu)
 
 
 async def score_and_report(trained: TrainedBase) -> RunOutputs:
@@ -147,8 +147,8 @@ async def score_and_report(trained: TrainedBase) -> RunOutputs:
     config, checkpoint = trained.config, trained.checkpoint
     core = {}
     if config.core_enabled:
-        core = await evaluate_base_model.override(**trained.gpu).aio(config, checkpoint, config.eval_bundle_url,
-                                                                     config.core_max_per_task)
+        core = await evaluate_base_model.override(**trained.core_gpu).aio(config, checkpoint, config.eval_bundle_url,
+                                                                          config.core_max_per_task)
     report_dir = work_dir("report")
     results = finish_base_run(config, trained.environment, trained.manifest, trained.training, checkpoint.path, core,
                               report_dir, local=is_local_run())
@@ -156,6 +156,6 @@ async def score_and_report(trained: TrainedBase) -> RunOutputs:
 
 
 async def pretrain(config: RunConfig, resume_from: str, train_task=train_base_model, gpu: dict | None = None,
-                   world_size: int = 1, entry: str = "main") -> RunOutputs:
+                   world_size: int = 1, entry: str = "main", core_gpu: dict | None = None) -> RunOutputs:
     """The stages, chained (train_base's arguments)."""
-    return await score_and_report(await train_base(config, resume_from, train_task, gpu, world_size, entry))
+    return await score_and_report(await train_base(config, resume_from, train_task, gpu, world_size, entry, core_gpu))

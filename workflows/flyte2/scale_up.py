@@ -45,6 +45,7 @@ async def nanochat_d12_a100(config: RunConfig = D12_CONFIG, resume_from: str = "
 @scale_up_env.task
 @one_line_user_errors
 async def nanochat_d12_8xa100(config: RunConfig = D12_CONFIG, resume_from: str = "") -> RunOutputs:
+    # CORE runs in one process: on one A100, not on seven idle ones beside it
     return await pretrain(config, resume_from, train_base_model_multi_gpu,
                           dict(resources=node(EIGHT_A100_NODE), interruptible=False), world_size=GPUS,
-                          entry="nanochat_d12_8xa100")
+                          entry="nanochat_d12_8xa100", core_gpu=dict(resources=node(A100_NODE)))
