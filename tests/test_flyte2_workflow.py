@@ -148,7 +148,8 @@ def test_a_lost_training_attempt_resumes_from_its_last_save(tmp_path, monkeypatc
 
 def test_a_drivers_independent_steps_overlap_on_a_cluster_and_run_in_order_locally(monkeypatch, recwarn):
     """support.concurrently: each step here waits for the other to have started, which only overlapping steps
-    survive; locally the same steps run one after another, and after a failure the unstarted ones are closed."""
+    survive, and a failure cancels the steps still running; locally the same steps run one after another, and after a
+    failure the unstarted ones are closed."""
     started = {"sft": asyncio.Event(), "core": asyncio.Event()}
 
     async def waiting_step(name, other):
@@ -159,6 +160,25 @@ def test_a_drivers_independent_steps_overlap_on_a_cluster_and_run_in_order_local
     monkeypatch.setattr(support, "is_local_run", lambda: False)
     overlapping = support.concurrently(waiting_step("sft", "core"), waiting_step("core", "sft"))
     assert asyncio.run(overlapping) == ["sft", "core"]
+    cancelled = []
+
+    async def long_step():
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.append("sft")
+            raise
+
+    async def failing_step():
+        await asyncio.sleep(0)
+        raise ConfigError("core_max_per_task", "must be >= 1")
+
+    async def first_failure_stops_the_rest():  # as a flytekit workflow fails, before the driver goes on
+        with pytest.raises(ConfigError):
+            await support.concurrently(long_step(), failing_step())
+        return list(cancelled)
+
+    assert asyncio.run(first_failure_stops_the_rest()) == ["sft"]
 
     monkeypatch.setattr(support, "is_local_run", lambda: True)
     order = []

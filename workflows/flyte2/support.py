@@ -83,10 +83,18 @@ def upload(path: Path) -> Dir:
 
 async def concurrently(*steps: Coroutine) -> list:
     """A driver's steps that need not wait for each other, each a task or a chain of them: at once on a cluster,
-    where each task is a pod of its own (asyncio.gather, as flytekit runs a workflow's independent nodes); one after
-    another, in the order given, in a local run, where they would share the laptop's CPUs and its terminal."""
+    where each task is a pod of its own, as flytekit runs a workflow's independent nodes, and as there the first
+    failure stops the others (a cancelled task's action is aborted on the server, once awaited); one after another,
+    in the order given, in a local run, where they would share the laptop's CPUs and its terminal."""
     if not is_local_run():
-        return list(await asyncio.gather(*steps))
+        running = [asyncio.ensure_future(step) for step in steps]
+        try:
+            return list(await asyncio.gather(*running))
+        except BaseException:
+            for step in running:
+                step.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            raise
     done = []
     try:
         for step in steps:
