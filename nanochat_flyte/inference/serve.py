@@ -345,7 +345,8 @@ def create_app(engine: Engine, *, model_name: str, max_concurrent: int = 4, api_
 
     def check_capacity() -> None:
         if state.running() >= max_concurrent:
-            raise ApiError(429, f"the server is busy: {max_concurrent} answers are being generated; retry shortly",
+            answers = "1 answer is" if max_concurrent == 1 else f"{max_concurrent} answers are"
+            raise ApiError(429, f"the server is busy: {answers} being generated; retry shortly",
                            code="rate_limit_exceeded", kind="rate_limit_error")
 
     @app.post("/v1/chat/completions")
