@@ -15,9 +15,7 @@ from nanochat_flyte.evaluation.bpb import evaluate_bpb
 from nanochat_flyte.evaluation.bundle import load_bundle
 from nanochat_flyte.evaluation.core import check_max_per_task, core_log_metrics, score_core
 from nanochat_flyte.inference.engine import Engine, SamplingParams
-from nanochat_flyte.model.checkpoint import (
-    TOKENIZER_DIR,
-)
+from nanochat_flyte.model.checkpoint import TOKENIZER_DIR
 from nanochat_flyte.training.loop import Phase, Trainer
 
 SAMPLE_PROMPTS = (
