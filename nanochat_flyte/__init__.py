@@ -3,6 +3,7 @@
 The pipeline, one sub-package a stage, in import order (a package imports only those above it):
 
     errors, schema, config   the user's mistakes, how configs are read and checked, the three run configs
+    hostile_text             a model's text made safe to show: control and bidi characters spelled out
     files                    atomic writes and the local paths behind URLs, which every stage uses
     data/                    shards, tokenizers, token files, conversations and the hub's datasets
     model/                   the GPT, its optimizers, checkpoints, devices and precision

@@ -248,6 +248,7 @@ def test_evaluate_chat_on_every_task(hub_server, tokenizer, tmp_path):
     assert "| arc_easy | categorical | 4 |" in markdown and "ChatCORE" in markdown and "<td>humaneval</td>" in html
     assert chat_metrics(result)["chat/chatcore"] == result["chatcore"]
     assert result["sandbox"] and f"ran in the sandbox: {result['sandbox']}" in markdown
+    assert "sandbox: &lt;b&gt; &amp; x.</p>" in chat_table_html({**result, "sandbox": "<b> & x"})  # a note is text
 
 # ------------------------------------------------------------------------------------------- the CLI
 

@@ -2,6 +2,7 @@
 
 import base64
 import re
+import unicodedata
 
 from nanochat_flyte.config import RunConfig
 from nanochat_flyte.reporting.report import (
@@ -110,6 +111,22 @@ def test_a_completion_is_never_read_as_markdown_or_html(tmp_path):
         "| the probe failed: Traceback \\| line 2 |")
     # a carriage return ends a Markdown line too (a Windows line break, or a bare one)
     assert markdown_grid(["a", "b"], [["one\r\ntwo", "three\rfour"]]).split("\n")[-1] == "| one two | three four |"
+
+
+def test_a_completions_control_and_bidi_characters_are_shown_never_obeyed(tmp_path):
+    """`cat report.md` must not write the clipboard (OSC 52), clear the screen or overwrite a line with a forged one,
+    and a right-to-left override must not reorder a sample on the card: each is spelled out, on both."""
+    hostile = "\x1b]52;c;cm0gLXJmIH4K\x07\rstep 00999 | val bpb 0.1\n\x1b[2K\x9b2Kforged\u202e"
+    tracker = Tracker(CONFIG, tmp_path)
+    tracker.log_samples(5, [{"prompt": "Say\x1b[8m", "completion": hostile}])
+    tracker.finish()
+    spelled = "\\x1b]52;c;cm0gLXJmIH4K\\x07\\x0dstep 00999 | val bpb 0.1\n\\x1b[2K\\x9b2Kforged\\u202e"
+    report = write_report(tmp_path, CONFIG, None, {"min_validation_loss": 2.5}).read_text()
+    deck = training_deck_html(tmp_path, CONFIG, None, {})
+    assert f"```\n{spelled}\n```" in report and "**Say\\\\x1b\\[8m**" in report
+    assert f"<td>{spelled}</td>" in deck
+    for text in (report, deck):
+        assert not [c for c in text if c not in "\t\n" and unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")]
 
 
 def test_samples_that_start_with_newlines_are_not_blank(tmp_path):

@@ -13,9 +13,9 @@ import itertools
 import sys
 
 from nanochat_flyte.cli.sample import add_sampling_flags, sampling_params
-from nanochat_flyte.cli.terminal import shown
 from nanochat_flyte.cli.usage import ArgumentParser, require_checkpoint_flag
 from nanochat_flyte.errors import UserError
+from nanochat_flyte.hostile_text import shown
 from nanochat_flyte.inference.engine import CHAT_TEMPERATURE, Engine, SamplingParams
 
 BASE_MODEL_NOTE = ("note: this is a BASE checkpoint (no chat fine-tuning): each message is continued as plain "

@@ -11,7 +11,6 @@ import argparse
 import math
 import sys
 
-from nanochat_flyte.cli.terminal import shown
 from nanochat_flyte.cli.usage import (
     ArgumentParser,
     add_checkpoint_flag,
@@ -20,6 +19,7 @@ from nanochat_flyte.cli.usage import (
     require_checkpoint_flag,
 )
 from nanochat_flyte.errors import UserError
+from nanochat_flyte.hostile_text import shown
 from nanochat_flyte.inference.engine import DEFAULT_TOP_K, Engine, SamplingParams
 
 MAX_SEED = 2**63 - 1  # a non-negative int64; the chat adds its turn count, still within torch's 2**64 - 1

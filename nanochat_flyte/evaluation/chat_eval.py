@@ -18,6 +18,7 @@ The CLI reads the datasets from the Hugging Face hub or the mirror in HF_ENDPOIN
 as one JSON object on its last line.
 """
 
+import html
 import random
 import re
 import secrets
@@ -276,7 +277,7 @@ def chat_table_markdown(result: dict) -> str:
 
 def chat_table_html(result: dict) -> str:
     """The table on a report card (a flytekit Deck, a Flyte 2 report tab)."""
-    notes = "".join(f"<p>{note}</p>" for note in chat_notes(result))
+    notes = "".join(f"<p>{html.escape(note)}</p>" for note in chat_notes(result))
     return "\n".join([DECK_STYLE, "<h2>Chat evaluation</h2>", html_table(TABLE_HEADER, chat_table_rows(result)),
                       notes])
 

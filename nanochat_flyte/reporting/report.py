@@ -17,6 +17,7 @@ from typing import Any
 import fsspec
 from matplotlib.figure import Figure
 
+from nanochat_flyte.hostile_text import shown
 from nanochat_flyte.reporting.tracking import METRICS_FILE, RUN_INFO_FILE, SAMPLES_FILE, read_jsonl
 
 REPORT_FILE = "report.md"
@@ -61,9 +62,11 @@ def markdown_text(text: str) -> str:
 def markdown_sample(prompt: str, completion: str) -> str:
     """A sample: the prompt in bold, then the completion in a fenced block, as the model wrote it, line breaks and
     leading newlines included. Nothing a model writes is read as Markdown or HTML there (a link, an image that
-    loads from a server of its choosing): the fence is longer than any run of backticks in the completion."""
+    loads from a server of its choosing): the fence is longer than any run of backticks in the completion. Its
+    control and bidi characters are spelled out (hostile_text.shown), so `cat report.md` obeys none of them."""
+    completion = shown(completion)
     fence = "`" * max(3, 1 + max(map(len, re.findall("`+", completion)), default=0))
-    return f"**{markdown_text(prompt.strip())}**\n\n{fence}\n{completion}\n{fence}"
+    return f"**{markdown_text(shown(prompt.strip()))}**\n\n{fence}\n{completion}\n{fence}"
 
 
 def as_written(values: dict[str, Any]) -> dict[str, str]:
@@ -248,7 +251,8 @@ def training_deck_html(out_dir: Path, config, env_report: dict | None, summary: 
     parts += [html_image(figure, Path(name).stem) for name, figure in run_figures(metrics).items()]
     parts += ["<h3>Samples</h3>",
               html_table(["step", "prompt", "completion"],
-                         [[sample["step"], sample["prompt"], sample["completion"]] for sample in samples])]
+                         [[sample["step"], shown(sample["prompt"]), shown(sample["completion"])]
+                          for sample in samples])]
     parts += ["<h3>Configuration</h3>", html_table(["field", "value"], list(as_written(settings).items()))]
     if env_report:
         parts += ["<h3>Environment</h3>", html_table(["", "value"], list(as_written(env_report).items()))]

@@ -32,6 +32,7 @@ except ImportError:  # W&B is optional where it is off: the GPU acceptance machi
 
 from nanochat_flyte.config import RunConfig
 from nanochat_flyte.files import write_atomically
+from nanochat_flyte.hostile_text import shown
 from nanochat_flyte.reporting.environment import wandb_key_available
 
 logger = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ class Tracker:
             return
         for sample in samples:
             append_jsonl(self.out_dir / SAMPLES_FILE, {"step": step, **sample})
-            self.sample_rows.append([step, sample["prompt"], sample["completion"]])
+            self.sample_rows.append([step, shown(sample["prompt"]), shown(sample["completion"])])
         # a fresh table with every row so far: the newest version in the W&B UI shows all sampling points
         self._wandb_call(lambda: self.run.log({"samples": wandb.Table(columns=SAMPLE_COLUMNS,
                                                                       data=self.sample_rows), "step": step}))

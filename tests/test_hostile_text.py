@@ -4,7 +4,7 @@ obeys them."""
 from test_engine import TOKENIZER, chain, scripted_engine, tokens_of
 
 from nanochat_flyte.cli.chat import answer
-from nanochat_flyte.cli.terminal import shown
+from nanochat_flyte.hostile_text import shown
 from nanochat_flyte.inference.engine import SamplingParams
 
 

@@ -1,11 +1,12 @@
-"""Model-written text on a terminal: shown, never obeyed.
+"""Model-written text for people to read: shown, never obeyed.
 
 A byte-level tokenizer can write any character, and a terminal acts on control characters: ESC starts sequences
 that recolour, move the cursor, retitle the window or write the clipboard (OSC 52), a carriage return writes over
-the line. A terminal that lays out bidirectional text also obeys Unicode's invisible direction marks: a
-right-to-left override shows "efas # / fr- mr" as "rm -rf / # safe". The chat and sample commands print a model's
-text through shown(), which spells all of those out: on a terminal in reverse video, so that an escape is never
-taken for the same characters written by the model.
+the line. A terminal, or a page, that lays out bidirectional text also obeys Unicode's invisible direction marks: a
+right-to-left override shows "efas # / fr- mr" as "rm -rf / # safe". Every place that shows a model's text to a
+person (the chat and sample commands, the report card, the training card, the W&B samples table) passes it through
+shown(), which spells all of those out: on a terminal in reverse video, so that an escape is never taken for the
+same characters written by the model. A top-level module: every stage may import it, and it imports nothing of ours.
 """
 
 import unicodedata
