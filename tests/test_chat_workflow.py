@@ -13,8 +13,16 @@ from nanochat_flyte.evaluation import chat_eval
 from nanochat_flyte.pipeline import setup
 from tests.shard_server import serve_shards, write_fineweb_shards
 from tests.test_workflow import VAL_SHARD, tiny_config
-from workflows.chat import chat_rl, chat_sft, nanochat_chat, nanochat_chat_rl
-from workflows.nanochat import describe_training_node, main
+from workflows.chat import (
+    aggregate_chat_results,
+    aggregate_rl_results,
+    chat_rl,
+    chat_sft,
+    nanochat_chat,
+    nanochat_chat_rl,
+)
+from workflows.nanochat import aggregate_results, describe_training_node, main
+from workflows.support import TaskInputError
 
 EVAL_TASKS = {"arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval"}
 
@@ -209,3 +217,27 @@ def test_a_base_checkpoint_that_is_not_one_fails_before_any_gpu_time(tmp_path, h
     with pytest.raises(Exception, match=r"chat_sft\.base_checkpoint: .* is not a checkpoint directory"):
         chat_sft(base_checkpoint=FlyteDirectory(str(tmp_path / "empty")), config=tiny_chat_config())
     assert hub_server.requests == []
+
+
+@pytest.mark.parametrize("results_task", [aggregate_results, aggregate_chat_results, aggregate_rl_results])
+def test_a_user_error_writing_the_results_is_one_line(results_task, tmp_path, monkeypatch):
+    """The last task of every pipeline fails in one line on a user's mistake, as every task before it: here a
+    save_to on an object store without credentials (a chat stage's checkpoint, deleted, fails first)."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    gone = FlyteDirectory(str(tmp_path / "deleted_checkpoint"))
+    if results_task is aggregate_results:
+        inputs = dict(config=RunConfig(save_to="s3://no-such-bucket/run"), manifest={}, core={},
+                      training={"final_validation_bpb": 2.0}, checkpoint=gone)
+        line = "Unable to locate credentials"
+    else:
+        config = ChatConfig() if results_task is aggregate_chat_results else RLConfig()
+        start = "base_checkpoint" if results_task is aggregate_chat_results else "sft_checkpoint"
+        inputs = {"config": config, start: gone, "training": {}, "evaluation": {}, "checkpoint": gone}
+        line = "deleted_checkpoint"
+    with pytest.raises(TaskInputError, match=line) as failure:
+        results_task.task_function(environment={}, **inputs)
+    assert "\n" not in str(failure.value)

@@ -174,6 +174,7 @@ def write_chat_results(config: ChatConfig | RLConfig, start_checkpoint: FlyteDir
 
 
 @task(container_image=IMAGE, **DRIVER_RESOURCES)
+@one_line_user_errors
 def aggregate_chat_results(config: ChatConfig, base_checkpoint: FlyteDirectory, training: dict, evaluation: dict,
                            checkpoint: FlyteDirectory, environment: dict) -> tuple[dict, FlyteDirectory]:
     """The chat results JSON (`sft`, `chat_eval`, `chatcore`), and the chat run's report card."""
@@ -181,6 +182,7 @@ def aggregate_chat_results(config: ChatConfig, base_checkpoint: FlyteDirectory, 
 
 
 @task(container_image=IMAGE, **DRIVER_RESOURCES)
+@one_line_user_errors
 def aggregate_rl_results(config: RLConfig, sft_checkpoint: FlyteDirectory, training: dict, evaluation: dict,
                          checkpoint: FlyteDirectory, environment: dict) -> tuple[dict, FlyteDirectory]:
     """The RL results JSON (`rl`, `chat_eval`, `chatcore`), and the RL run's report card."""

@@ -167,6 +167,7 @@ def no_core() -> dict:
 
 
 @task(container_image=IMAGE, **DRIVER_RESOURCES)
+@one_line_user_errors
 def aggregate_results(config: RunConfig, environment: dict, manifest: dict, training: dict,
                       checkpoint: FlyteDirectory, core: dict) -> tuple[dict, FlyteDirectory]:
     """The results JSON, and the run's report card with every evaluation (report.md, plots, results.json)."""
