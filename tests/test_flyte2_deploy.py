@@ -205,7 +205,7 @@ def test_the_chat_app_serves_a_checkpoint_on_a_t4_behind_its_api_key_and_scales_
     spec = compiled["apps"]["nanochat-chat"]["spec"]
     container = spec["container"]
     assert container["args"] == ["nanochat", "serve", "--checkpoint", "/mnt/checkpoint", "--host", "0.0.0.0",
-                                 "--port", "8000"]
+                                 "--port", "8000", "--require-api-key", "--model-name", "run-chat_checkpoint"]
     assert container["ports"] == [{"containerPort": 8000}]
     assert spec["extendedResources"]["gpuAccelerator"]["device"] == "nvidia-tesla-t4"
     assert spec["securityContext"]["secrets"] == [{"key": "nanochat_api_key", "mountRequirement": "ENV_VAR",

@@ -491,6 +491,19 @@ def test_broken_framing_gets_uvicorns_plain_text_400_and_a_client_gone_mid_body_
 # ---------------------------------------------------------------------------- the command line
 
 
+def test_a_server_that_requires_a_key_refuses_to_start_without_one_before_the_model_loads(tmp_path, monkeypatch,
+                                                                                          capsys):
+    missing = ["--checkpoint", str(tmp_path), "--require-api-key"]  # no checkpoint: this refusal comes first
+    for unset in ("", " \n"):
+        monkeypatch.setenv("NANOCHAT_API_KEY", unset)
+        with pytest.raises(UserError, match=r"^--require-api-key: NANOCHAT_API_KEY is not set \(or empty\)"):
+            main(missing)
+    monkeypatch.setenv("NANOCHAT_API_KEY", "s3cret")
+    with pytest.raises(SystemExit):  # with a key, past the check to the checkpoint's
+        main(missing)
+    assert "not a checkpoint directory" in capsys.readouterr().err
+
+
 def test_a_host_or_port_that_cannot_be_listened_on_is_refused_before_the_model_loads(tmp_path):
     missing = ["--checkpoint", str(tmp_path)]  # no checkpoint there: a refusal after loading would not get this far
     with pytest.raises(UserError, match=r"^--host: '256\.1\.1\.1' is neither an IP address nor a known host name"):

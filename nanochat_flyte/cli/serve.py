@@ -10,8 +10,9 @@ examples:
   GET  /health               liveness, the mode (chat or plain completion) and the load
 
 It listens on 127.0.0.1 unless told otherwise; with NANOCHAT_API_KEY set, every /v1 request needs
-`Authorization: Bearer <that key>`. A connection must send a request's headers within --request-timeout seconds,
-and its body within as many again; beyond --max-connections open connections, a new one gets a plain-text 503.
+`Authorization: Bearer <that key>` (with --require-api-key it does not start without one). A connection must send
+a request's headers within --request-timeout seconds, and its body within as many again; beyond --max-connections
+open connections, a new one gets a plain-text 503.
 docs/serving.md has the details.
 """
 
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds a connection has to send a request's headers, and again its body "
                              "(default: %(default)s)")
     parser.add_argument("--model-name", help="the model id in responses (default: from the checkpoint path)")
+    parser.add_argument("--require-api-key", action="store_true",
+                        help=f"refuse to start without {API_KEY_ENV} (a deployment whose key must never be missing)")
     parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                         help="also answer requests addressed to NAME (a reverse proxy's public name); on a loopback "
                              "--host, only 127.0.0.1, localhost and [::1] are answered otherwise. Given with another "
@@ -73,10 +76,12 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{flag} must be > 0, got {value}")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be 0..65535, got {args.port}")
+    api_key = os.environ.get(API_KEY_ENV, "").strip() or None  # (a secret file written by `echo` ends in a newline)
+    if args.require_api_key and api_key is None:
+        raise UserError(f"--require-api-key: {API_KEY_ENV} is not set (or empty): refusing to serve without a key")
     check_can_listen(args.host, args.port)
     require_checkpoint_flag(parser, args.checkpoint)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
-    api_key = os.environ.get(API_KEY_ENV, "").strip() or None  # (a secret file written by `echo` ends in a newline)
     loopback = args.host in LOOPBACK_ADDRESSES
     if not loopback and api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model "

@@ -14,6 +14,7 @@ import flyte
 import flyte.app
 from flyte.io import Dir
 
+from nanochat_flyte.cli.serve import model_name_of
 from workflows.flyte2.environments import CHAT_API_KEY_SECRET, IMAGE
 
 CHAT_CHECKPOINT = os.environ.get("NANOCHAT_CHAT_CHECKPOINT", "")  # none: `flyte deploy` says the app needs one
@@ -28,7 +29,9 @@ chat_app = flyte.app.AppEnvironment(
     image=IMAGE,
     resources=SERVING_NODE,
     port=PORT,
-    args=["nanochat", "serve", "--checkpoint", CHECKPOINT_MOUNT, "--host", "0.0.0.0", "--port", str(PORT)],
+    # --require-api-key: the platform's own authentication is off, so a missing key must stop the server, not open it
+    args=["nanochat", "serve", "--checkpoint", CHECKPOINT_MOUNT, "--host", "0.0.0.0", "--port", str(PORT),
+          "--require-api-key", "--model-name", model_name_of(CHAT_CHECKPOINT)],
     parameters=[flyte.app.Parameter(name="checkpoint", value=Dir(path=CHAT_CHECKPOINT) if CHAT_CHECKPOINT else None,
                                     mount=CHECKPOINT_MOUNT)],
     secrets=[CHAT_API_KEY_SECRET],  # NANOCHAT_API_KEY: every /v1 request needs it as a bearer token
