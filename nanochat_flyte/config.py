@@ -328,6 +328,10 @@ class ChatConfig(ChatStageConfig):
         schedule_fits(self)
         return self
 
+    def chat_eval_config(self) -> "ChatConfig":
+        """The ChatConfig that the chat evaluation of this stage's checkpoint runs with: this one."""
+        return self
+
 
 @dataclass
 class RLConfig(ChatStageConfig):
@@ -358,7 +362,7 @@ class RLConfig(ChatStageConfig):
     save_every: int = 60
 
     def chat_eval_config(self) -> "ChatConfig":
-        """The ChatConfig that the chat evaluation of the RL checkpoint runs with."""
+        """The ChatConfig that the chat evaluation of the RL checkpoint runs with: its eval settings."""
         return ChatConfig(seed=self.seed, hf_endpoint=self.hf_endpoint, device=self.device,
                           **{field: getattr(self, field) for field in ("eval_tasks", "eval_max_per_task",
                                                                        "eval_batch_size", "eval_max_tokens",

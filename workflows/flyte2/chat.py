@@ -153,8 +153,7 @@ async def train_rl(config: RLConfig, sft_checkpoint: Dir) -> TrainedChat:
 async def evaluate_and_report(trained: TrainedChat) -> tuple[dict, Dir]:
     """The chat evaluation, then the results JSON of SFT or RL and the run's report card with its table."""
     config = trained.config
-    eval_config = config.chat_eval_config() if isinstance(config, RLConfig) else config
-    evaluation = await evaluate_chat_model.aio(eval_config, trained.checkpoint, trained.eval_data,
+    evaluation = await evaluate_chat_model.aio(config.chat_eval_config(), trained.checkpoint, trained.eval_data,
                                                **evaluate.chat_settings(config))
     report_dir = work_dir("chat_report")
     results = finish_chat_run(config, trained.start_checkpoint.path, trained.training, evaluation,
