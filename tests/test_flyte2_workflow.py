@@ -19,6 +19,7 @@ from torch.distributed.elastic.multiprocessing.errors.error_handler import Error
 import workflows.flyte2.support as support
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.evaluation import chat_eval
+from nanochat_flyte.pipeline.train import OWNER_FILE
 from tests.helpers import make_data_dir
 from tests.helpers import tiny_config as tiny_training_config
 from tests.shard_server import serve_shards, write_fineweb_shards
@@ -143,7 +144,7 @@ def test_a_lost_training_attempt_resumes_from_its_last_save(tmp_path, monkeypatc
              if "train/loss" in row]
     assert steps == [1, 2, 3, 4, 5, 6]  # 1-3 from the lost attempt, none twice
     assert Path(checkpoint.path) != preempted[0]
-    assert not (Path(checkpoint.path) / support.OWNER_FILE).exists()  # the attempts' bookkeeping stays theirs
+    assert not (Path(checkpoint.path) / OWNER_FILE).exists()  # the attempts' bookkeeping stays theirs
 
 
 def test_a_drivers_independent_steps_overlap_on_a_cluster_and_run_in_order_locally(monkeypatch, recwarn):

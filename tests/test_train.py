@@ -3,6 +3,7 @@ import json
 import math
 import re
 import shutil
+import tarfile
 
 import fsspec
 import pytest
@@ -15,6 +16,7 @@ from nanochat_flyte.model.checkpoint import check_save_to
 from nanochat_flyte.model.device import select_precision
 from nanochat_flyte.model.gpt import GPT
 from nanochat_flyte.model.optim import build_optimizers
+from nanochat_flyte.pipeline.train import OWNER_FILE, packed_attempt, unpacked_attempt
 from nanochat_flyte.training import loop
 from nanochat_flyte.training.loop import (
     LoopState,
@@ -434,3 +436,24 @@ def test_the_smoothed_loss_leaves_out_inf_and_nan():
         reference.fold_loss(loss)
     assert state.smoothed_loss() == reference.smoothed_loss() and state.loss_ema_steps == 3
     assert math.isnan(LoopState(device_batch_size=1).smoothed_loss())  # nothing folded yet
+
+
+def test_an_attempts_packed_save_is_resumed_by_its_owner_only(tmp_path):
+    """Flyte 2's local intra-task checkpoint is one file for every task of a run, and of any run given the same raw
+    data path: a task resumes only the save it made, and the save's bookkeeping never reaches the checkpoint."""
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "checkpoint.pt").write_bytes(b"weights")
+    (checkpoint / OWNER_FILE).write_text("a stale owner")  # from a restored save: not packed twice
+    with packed_attempt(checkpoint, "run-1/train_base_model") as archive:
+        with tarfile.open(archive) as tar:
+            assert sorted(tar.getnames()) == sorted([OWNER_FILE, "checkpoint.pt"])
+            for restored in ("restored_by_run_1", "restored_by_run_2"):
+                tar.extractall(tmp_path / restored, filter="data")
+    assert not archive.exists()
+    mine = unpacked_attempt(tmp_path / "restored_by_run_1", "run-1/train_base_model")
+    assert sorted(path.name for path in mine.iterdir()) == ["checkpoint.pt"]
+    assert unpacked_attempt(tmp_path / "restored_by_run_2", "run-2/train_base_model") is None
+    assert unpacked_attempt(tmp_path / "restored_by_run_2", "run-1/train_chat_model") is None
+    assert unpacked_attempt(checkpoint.parent / "missing", "run-1/train_base_model") is None
+    assert unpacked_attempt(None, "run-1/train_base_model") is None

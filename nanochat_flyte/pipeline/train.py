@@ -5,9 +5,13 @@ A Flyte task attempt can be preempted (spot GPUs) and retried. Every save of the
 front's intra-task checkpoint, and a retried attempt starts from the last one: it loses at most save_every steps.
 """
 
+import contextlib
+import io
 import os
 import shlex
 import shutil
+import tarfile
+import tempfile
 from pathlib import Path
 from typing import Protocol
 
@@ -31,6 +35,37 @@ class AttemptCheckpoint(Protocol):
 
     def save(self, checkpoint_dir: Path) -> None:
         """Keep checkpoint_dir for the next attempt."""
+
+
+# A front whose intra-task checkpoint is one file for every task of a run (Flyte 2's, locally) keeps a save as one
+# tar that names the task attempt's owner: another task, or another run given the same storage, never resumes it.
+OWNER_FILE = ".nanochat_attempt_owner"
+
+
+@contextlib.contextmanager
+def packed_attempt(checkpoint_dir: Path, owner: str):
+    """checkpoint_dir as one uncompressed tar (weights do not compress) holding OWNER_FILE with `owner`: yields its
+    path, deleted afterwards."""
+    with tempfile.TemporaryDirectory(prefix="nanochat-attempt-") as scratch:
+        archive = Path(scratch) / "checkpoint.tar"
+        with tarfile.open(archive, "w") as tar:
+            for child in sorted(checkpoint_dir.iterdir()):
+                if child.name != OWNER_FILE:
+                    tar.add(child, arcname=child.name)
+            info = tarfile.TarInfo(OWNER_FILE)
+            info.size = len(owner.encode())
+            tar.addfile(info, io.BytesIO(owner.encode()))
+        yield archive
+
+
+def unpacked_attempt(restored: Path | None, owner: str) -> Path | None:
+    """A save that packed_attempt made, unpacked into `restored`: the directory (OWNER_FILE removed, so that it holds
+    the run's files only) when `owner` made it; None when there is none, or someone else's."""
+    owner_file = restored / OWNER_FILE if restored is not None else None
+    if owner_file is None or not owner_file.is_file() or owner_file.read_text() != owner:
+        return None
+    owner_file.unlink()
+    return restored
 
 
 def resume_previous_attempt(attempts: AttemptCheckpoint, checkpoint_dir: Path) -> Path | None:

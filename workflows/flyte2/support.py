@@ -7,11 +7,9 @@ import asyncio
 import atexit
 import contextlib
 import functools
-import io
 import logging
 import os
 import sys
-import tarfile
 import tempfile
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from flyteplugins.pytorch.task import Elastic, TorchFunctionTask
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from nanochat_flyte.errors import UserError, is_storage_error, is_user_error, reraise_user_errors, user_error_names
+from nanochat_flyte.pipeline.train import packed_attempt, unpacked_attempt
 from nanochat_flyte.reporting.tracking import RUN_ID_ENV, console_link_settings, stage_run_id
 
 
@@ -201,9 +200,6 @@ logging.getLogger("flyte").addFilter(QuietUserErrors())  # a logger's filters ou
 
 # ---------------------------------------------------------------------- intra-task checkpoints
 
-OWNER_FILE = ".nanochat_attempt_owner"
-
-
 def attempt_owner() -> str:
     """The run and the action of this attempt: a local run gives all its tasks one checkpoint file, under its raw
     data path, which another run given the same --raw-data-path finds too. A task resumes only its own."""
@@ -213,35 +209,18 @@ def attempt_owner() -> str:
 
 class FlyteAttempts:
     """Flyte 2's intra-task checkpoint (flyte.ctx().checkpoint), where a retried attempt finds the previous attempt's
-    last save (nanochat_flyte.pipeline.train.AttemptCheckpoint). A save is one uncompressed tar (weights do not
-    compress; load_sync unpacks any tar) naming the run and action that made it (attempt_owner)."""
+    last save (nanochat_flyte.pipeline.train.AttemptCheckpoint): one tar naming the run and action that made it
+    (train.packed_attempt; load_sync unpacks any tar)."""
 
     def restore(self) -> Path | None:
         context = flyte.ctx()
-        restored = context.checkpoint.load_sync() if context.checkpoint else None
-        if restored is None or not (restored / OWNER_FILE).is_file():
-            return None
-        owner = restored / OWNER_FILE
-        if owner.read_text() != attempt_owner():
-            return None
-        owner.unlink()  # the checkpoint directory made from it holds the run's files only
-        return restored
+        return unpacked_attempt(context.checkpoint.load_sync() if context.checkpoint else None, attempt_owner())
 
     def save(self, checkpoint_dir: Path) -> None:
         context = flyte.ctx()
-        if not context.checkpoint:
-            return
-        owner = attempt_owner().encode()
-        with tempfile.TemporaryDirectory(prefix="nanochat-attempt-") as scratch:
-            archive = Path(scratch) / "checkpoint.tar"
-            with tarfile.open(archive, "w") as tar:
-                for child in sorted(checkpoint_dir.iterdir()):
-                    if child.name != OWNER_FILE:
-                        tar.add(child, arcname=child.name)
-                info = tarfile.TarInfo(OWNER_FILE)
-                info.size = len(owner)
-                tar.addfile(info, io.BytesIO(owner))
-            context.checkpoint.save_sync(archive)
+        if context.checkpoint:
+            with packed_attempt(checkpoint_dir, attempt_owner()) as archive:
+                context.checkpoint.save_sync(archive)
 
 
 # ---------------------------------------------------------------------- the W&B console link
