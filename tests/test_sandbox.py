@@ -3,6 +3,7 @@ held, by all its layers and with one missing; each layer reports truly whether i
 without the essential ones. The probes attack only what the tests make: a scratch directory anyone may write, a
 bystander process, a unix socket and a TCP connection."""
 
+import concurrent.futures
 import ctypes.util
 import errno
 import os
@@ -25,6 +26,7 @@ from nanochat_flyte.evaluation.sandbox import (
     LAYERS,
     PR_SET_SECCOMP,
     PRIVATE_ROOT,
+    SANDBOX_UIDS,
     SYSCALLS,
     Limits,
     Rule,
@@ -182,6 +184,8 @@ PROBES = {  # each escape found against the sandbox: an action that must fail wi
     "mount a tmpfs": "c(libc.mount(b'none', b'.', b'tmpfs', 0, None))",
     "fork": "c(libc.fork())",
     "reset the parent-death signal": "c(libc.prctl(1, 0, 0, 0, 0))",  # PR_SET_PDEATHSIG
+    # PR_SET_DUMPABLE: a crash would then dump its memory, through a core_pattern helper that runs as root
+    "make itself dumpable again": "c(libc.prctl(4, 1, 0, 0, 0))",
     "lower the priority of the uid's processes": "c(libc.setpriority(2, 0, 19))",  # PRIO_USER, who=0: all of them
     # each pipe's buffer is kernel memory outside the address-space limit: 200 of them (400 fds) must not open
     "hold kernel memory in pipes": "[os.pipe() for _ in range(200)]",
@@ -271,22 +275,22 @@ def refusing(*rules: Rule) -> str:
 
 NO_LANDLOCK = refusing(Rule("landlock_create_ruleset", errno.ENOSYS))  # a kernel before 5.13, or without it
 NO_NAMESPACES = refusing(Rule("unshare"))  # a container whose seccomp profile refuses unshare(2)
-# root without CAP_SYS_ADMIN, as a pod runs by default: it becomes nobody, then makes a user namespace
+# root without CAP_SYS_ADMIN, as a pod runs by default: it becomes the code's uid, then makes a user namespace
 USER_NAMESPACE = refusing(Rule("unshare", arg=0, mask=CLONE_NEWUSER, unless=(CLONE_NEWUSER,)))
-AS_NOBODY = (USER_NAMESPACE, NO_NAMESPACES, NO_NAMESPACES + NO_LANDLOCK)  # root is nobody before it builds
+AS_ANOTHER_USER = (USER_NAMESPACE, NO_NAMESPACES, NO_NAMESPACES + NO_LANDLOCK)  # root changes uid before it builds
 # a root without CAP_SETGID (6) and CAP_SETUID (7), as some containers run: PR_CAPBSET_DROP (24) takes them from
 # every program it starts
 NO_SETUID = "libc.prctl(24, 6, 0, 0, 0)\nlibc.prctl(24, 7, 0, 0, 0)\n"
-NOBODY_CAN_RUN = ("import os, sys, tempfile; os.setresuid(65534, 65534, 65534); os.stat(os.__file__); "
+OTHERS_CAN_RUN = (f"import os, sys, tempfile; os.setresuid(*[{SANDBOX_UIDS[0]}] * 3); os.stat(os.__file__); "
                   "os.stat(tempfile.gettempdir()); print(sys.version_info >= (3, 10))")
 
 
-def python_for_nobody(monkeypatch) -> str:
-    """An interpreter, and a temp directory, that nobody can reach, as the sandbox needs where root must become
-    nobody before it builds (or without) a private root: this Python, else the system's; the pinned temp dir."""
+def python_for_other_users(monkeypatch) -> str:
+    """An interpreter, and a temp directory, that other users can reach, as the sandbox needs where root must change
+    its uid before it builds (or without) a private root: this Python, else the system's; the pinned temp dir."""
     monkeypatch.setenv("TMPDIR", tempfile.gettempdir())
     for python in (sys.executable, "/usr/bin/python3"):
-        if os.path.exists(python) and subprocess.run([python, "-c", NOBODY_CAN_RUN], capture_output=True,
+        if os.path.exists(python) and subprocess.run([python, "-c", OTHERS_CAN_RUN], capture_output=True,
                                                      text=True).stdout == "True\n":
             return python
     pytest.skip("no Python and temp directory here that other users can reach, as root's fallbacks need")
@@ -300,7 +304,7 @@ root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the fallbacks are chec
                          ids=["without-landlock", "without-namespaces"])
 def test_with_a_layer_missing_the_escapes_are_still_held(setup, got_through, host, monkeypatch):
     require_every_layer()
-    python = python_for_nobody(monkeypatch) if setup in AS_NOBODY else sys.executable
+    python = python_for_other_users(monkeypatch) if setup in AS_ANOTHER_USER else sys.executable
     program = probe_program(PROBES, host.where | {"connection": "CONNECTION"})
     output = run_evaluator(setup, f"""
         import socket
@@ -348,12 +352,12 @@ NO_LANDLOCK_WHY = "landlock (landlock_create_ruleset: Function not implemented)"
 def test_each_layer_reports_whether_it_holds_and_code_never_runs_with_less_than_required(setup, report, required,
                                                                                         monkeypatch):
     require_every_layer()
-    python = python_for_nobody(monkeypatch) if setup in AS_NOBODY else sys.executable
+    python = python_for_other_users(monkeypatch) if setup in AS_ANOTHER_USER else sys.executable
     assert run_evaluator(setup, LAYER_REPORT, python).splitlines() == [str(report), required]
 
 
-def test_where_nobody_has_no_uid_the_report_names_that_layer():
-    """A rootless container: root in a user namespace that maps root alone, where the uid nobody does not exist."""
+def test_where_the_codes_uid_does_not_exist_the_report_names_that_layer():
+    """A rootless container: root in a user namespace that maps root alone, where no other uid exists."""
     require_every_layer()
     unshare = shutil.which("unshare")
     if unshare is None:
@@ -366,7 +370,7 @@ def test_where_nobody_has_no_uid_the_report_names_that_layer():
     no_uid = CANNOT + "unprivileged uid (Operation not permitted)"
     report, refused = result.stdout.splitlines()
     assert report == str((False, no_uid)), result.stderr[-2000:]
-    assert refused.startswith(no_uid)  # and every required layer it lacks besides (a tmpfs owned by nobody)
+    assert refused.startswith(no_uid)  # and every required layer it lacks besides (a tmpfs owned by the code's uid)
 
 
 def test_the_network_namespace_alone_cuts_the_network():
@@ -374,7 +378,7 @@ def test_the_network_namespace_alone_cuts_the_network():
     with socket.create_server(("127.0.0.1", 0)) as server:
         lines = run_evaluator("", f"""
             import socket
-            enter_namespaces()
+            enter_namespaces(SANDBOX_UIDS[0])
             print(open("/proc/self/net/dev").read().count(":"), "interfaces")
             try:
                 socket.create_connection(("127.0.0.1", {server.getsockname()[1]}), timeout=3)
@@ -464,6 +468,55 @@ def test_the_code_cannot_stop_or_kill_its_evaluator_and_nothing_outlives_execute
     pid, workdir, stopped, killed, timed_out = output.split()
     assert (stopped, killed, timed_out) == ("-1", "-1", "True")  # both refused; the sleep ran into the timeout
     assert not alive(int(pid)) and not Path(workdir).exists()
+
+
+# Threads cheap enough in address space to fill RLIMIT_NPROC within Limits.memory_bytes: one malloc arena, small stacks
+THREAD_HOG = """
+import ctypes, threading, time
+ctypes.CDLL(None).mallopt(-8, 1)  # M_ARENA_MAX
+threading.stack_size(65536)
+held = 0
+try:
+    while True:
+        threading.Thread(target=time.sleep, args=(4,), daemon=True).start()
+        held += 1
+except RuntimeError:
+    print(held, flush=True)
+time.sleep(4)
+"""
+
+
+def test_a_program_holding_every_thread_it_may_leaves_the_others_theirs():
+    """Each program has a uid of its own, so RLIMIT_NPROC, which counts a uid's threads, is its own too: one that
+    takes all it may cannot starve another that runs at the same time (as all of nobody's once could)."""
+    require_every_layer()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        hog = pool.submit(execute, THREAD_HOG)
+        time.sleep(1.5)  # the hog holds its threads by now
+        other = execute("import os, threading\nthreads = [threading.Thread(target=print) for _ in range(8)]\n"
+                        "[thread.start() for thread in threads]\nprint(os.getuid())")
+        hog = hog.result()
+    assert int(hog.stdout) >= Limits().processes - 4, hog.stdout  # all but a few, whatever Python holds itself
+    assert other.passed, other.stderr
+    assert int(other.stdout.splitlines()[-1]) in SANDBOX_UIDS or os.geteuid() != 0
+
+
+def test_the_process_group_is_killed_before_the_child_is_reaped(monkeypatch):
+    """Reaped first, the child's pid (its group's id) could go to another process, which killpg would then kill."""
+    states = []
+
+    def killpg(group: int, signal_number: int) -> None:
+        try:  # None: still running; a result: exited, a zombie; ChildProcessError: reaped already
+            states.append("running" if os.waitid(os.P_PID, group, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+                          else "exited")
+        except ChildProcessError:
+            states.append("reaped")
+        real_killpg(group, signal_number)
+
+    real_killpg = os.killpg
+    monkeypatch.setattr(os, "killpg", killpg)
+    assert execute("print('done')").passed and execute("import time\ntime.sleep(5)", Limits(timeout=1)).timed_out
+    assert states == ["exited", "running"]
 
 
 def test_the_sandbox_dies_with_its_evaluator(tmp_path):

@@ -10,14 +10,16 @@ stops, and what is left when one is missing):
   of what Python needs (readable_paths()) and the work directory: a tmpfs of Limits.disk_bytes, gone with the
   process. The network namespace has one interface, a loopback that is down. Root makes the namespaces itself;
   anyone else inside a new user namespace that maps only its own uid.
-- unprivileged uid: root becomes nobody, and every capability is dropped: /proc/sys, the host's files and other
-  users' processes are out of reach by plain permissions.
+- unprivileged uid: root becomes a uid of its own, which no account and no other program has, and every
+  capability is dropped: /proc/sys, the host's files and other users' processes are out of reach by plain
+  permissions.
 - landlock: the kernel lets it read only readable_paths() and write only its work directory; no TCP; no signals
   or abstract unix sockets beyond its own process.
 - seccomp: no sockets at all, no new processes or programs (threads are fine), signals only to itself, no ptrace,
   pidfd, process_vm_*, namespaces, mounts, keyrings, io_uring, memfd or SysV IPC.
-- resources: RLIMIT_CPU, _AS, _FSIZE and _NPROC, no core dumps, and a wall-clock timeout after which the parent
-  kills the process group. It dies with the evaluator (PR_SET_PDEATHSIG, which the code may not reset).
+- resources: RLIMIT_CPU, _AS, _FSIZE and _NPROC, no core dumps (not dumpable, which the code may not undo), and a
+  wall-clock timeout after which the parent kills the process group. It dies with the evaluator
+  (PR_SET_PDEATHSIG, which the code may not reset).
 - I/O: stdin is /dev/null, stdout and stderr are captured and truncated, the environment is scrubbed.
 - a last layer in Python disables destructive functions (os.system, os.remove, ...), against accidents only.
 
@@ -37,6 +39,7 @@ import functools
 import json
 import os
 import platform
+import random
 import resource
 import selectors
 import signal
@@ -56,7 +59,7 @@ class Limits:
     output_bytes: int = 64 * 2**10  # of stdout and of stderr, each (the first and last halves): any traceback
     file_bytes: int = 16 * 2**20  # the largest file the code may write
     disk_bytes: int = 64 * 2**20  # all its files together: the work directory is a tmpfs, so this is memory
-    processes: int = 64  # RLIMIT_NPROC: this user's processes and threads (all of nobody's, run by root)
+    processes: int = 64  # RLIMIT_NPROC: its uid's processes and threads (run by root, a uid of its own)
     open_files: int = 64  # RLIMIT_NOFILE: a pipe's buffer or an epoll is kernel memory, which the address space
     #                       limit does not count (10,000 pipes hold 134 MB); Python itself keeps under 10 open
 
@@ -90,18 +93,24 @@ class SandboxError(RuntimeError):
 
 
 SAFE_PATH = "/usr/bin:/bin"
+# The uids root runs programs as, one drawn for each: a range no account has (useradd's stop below 60000, and
+# container runtimes' subordinate ranges start at 100000, 65536 each). Were they one uid (nobody, shared with every
+# other sandbox running at once and the host's own nobody processes), RLIMIT_NPROC, which counts all of a uid's
+# threads, would let one program keep the others from starting a thread.
+SANDBOX_UIDS = range(0x60000000, 0x70000000)
 
 
 def execute(code: str, limits: Limits = Limits(), require: tuple[str, ...] = ()) -> ExecutionResult:
     """Run code in the sandbox. Any string gives a result; raises SandboxError only when this machine cannot hold
     the essential layers or one in `require` (the code then did not run)."""
     start = time.monotonic()
+    uid = random.SystemRandom().choice(SANDBOX_UIDS)  # 2**28 of them: two programs at once share none
     ack_read, ack_write = os.pipe()  # the child reports on it which layers hold
     with tempfile.TemporaryDirectory(prefix="nanochat-sandbox-") as workdir, open(ack_read, "rb") as ack_file:
         try:
             process = subprocess.Popen(
                 [sys.executable, "-I", "-B", os.path.abspath(__file__), str(os.getpid()), str(ack_write),
-                 json.dumps(asdict(limits)), json.dumps(list(require))],
+                 json.dumps(asdict(limits)), json.dumps(list(require)), str(uid)],
                 cwd=workdir, env={"PATH": SAFE_PATH, "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
                                   "OMP_NUM_THREADS": "1"},
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(ack_write,),
@@ -170,16 +179,23 @@ def collect_output(process: subprocess.Popen, deadline: float, cap: int) -> tupl
                 else:
                     selector.unregister(key.fileobj)
     if not timed_out:
-        try:
-            process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:  # it closed its pipes but went on running
-            timed_out = True
+        timed_out = not exited_unreaped(process.pid, deadline)  # else it closed its pipes but went on running
     stdout, stderr = captured[process.stdout], captured[process.stderr]
     return stdout.bytes(), stderr.bytes(), stdout.truncated or stderr.truncated, timed_out
 
 
+def exited_unreaped(pid: int, deadline: float) -> bool:
+    """Whether child `pid` exited by the deadline. It is left unreaped (a zombie), so that its pid, which is its
+    process group's id, cannot be given to another process before kill_group has signalled the group."""
+    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def kill_group(process: subprocess.Popen) -> None:
-    """SIGKILL the child's process group (before reaping the child, so its id cannot be reused meanwhile)."""
+    """SIGKILL the child's process group, then reap the child (not before: its id could be reused meanwhile)."""
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -236,7 +252,6 @@ def sandbox_available() -> tuple[bool, str]:
 
 
 libc = ctypes.CDLL(None, use_errno=True)
-NOBODY = 65534  # the overflow uid and gid: owns no file, no process and no privilege
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}  # the machines the filter is written for
 NUMBERS = {  # the system calls used here, (x86_64, aarch64) from asm/unistd*.h; aarch64 has no fork or vfork
     "shmget": (29, 194), "socket": (41, 198), "socketpair": (53, 199), "clone": (56, 220), "fork": (57, None),
@@ -284,15 +299,15 @@ KEPT_FLAGS = os.ST_NOSUID | os.ST_NODEV | os.ST_NOEXEC | os.ST_NOATIME | os.ST_N
 WORK_INODES = 4096  # files and directories the code may make: each costs kernel memory beyond disk_bytes
 
 
-def enter_namespaces() -> None:
+def enter_namespaces(sandbox_uid: int) -> None:
     """New mount, network and IPC namespaces. Root makes them itself: they then belong to the host's user
     namespace, and no new one is needed. Anyone else, or root without CAP_SYS_ADMIN, makes them inside a new user
-    namespace that maps only its own uid and gid (root becomes nobody first: 65534 could not be mapped later)."""
+    namespace that maps only its own uid and gid (root becomes sandbox_uid first: it could not be mapped later)."""
     if os.geteuid() == 0 and libc.unshare(NAMESPACES) == 0:
         return
     if os.geteuid() == 0:
-        become_nobody()
-        # the uid change gave /proc/self to root: dumpable again, nobody may write the maps below
+        become(sandbox_uid)
+        # the uid change gave /proc/self to root: dumpable again (until undumpable()), it may write the maps below
         check(libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
     uid, gid = os.geteuid(), os.getegid()
     check(libc.unshare(CLONE_NEWUSER | NAMESPACES), "unshare")
@@ -364,29 +379,32 @@ class CapData(ctypes.Structure):
 CAPABILITY_VERSION_3 = 0x20080522  # 64-bit capability sets, as two CapData
 
 
-def become_nobody() -> None:
-    """Root gives up its uid and gids, and with them every capability."""
+def become(uid: int) -> None:
+    """Root gives up its uid and gids for `uid` (as uid and gid), and with them every capability."""
     os.setgroups([])
-    os.setresgid(NOBODY, NOBODY, NOBODY)
-    os.setresuid(NOBODY, NOBODY, NOBODY)
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
 
 
-def drop_privileges() -> None:
-    """Become nobody if root, and drop every capability (a new user namespace gives all of them, within it)."""
+def drop_privileges(sandbox_uid: int) -> None:
+    """Become sandbox_uid if root, and drop every capability (a new user namespace gives all of them, within it)."""
     if os.geteuid() == 0:
-        become_nobody()
+        become(sandbox_uid)
     check(libc.capset(ctypes.byref(CapHeader(CAPABILITY_VERSION_3, 0)), ctypes.byref((CapData * 2)())), "capset")
 
 # --------------------------------------------------------------- limits and lifetime
 
 
 def set_limits(limits: Limits) -> None:
-    """Hard limits equal to the soft ones: the code cannot raise them (without CAP_SYS_RESOURCE on the host)."""
+    """Hard limits equal to the soft ones: the code cannot raise them (without CAP_SYS_RESOURCE on the host). No
+    core dumps: RLIMIT_CORE 0, and not dumpable, which also holds where core_pattern pipes a dump to a helper
+    (systemd-coredump, apport) that the kernel runs as root whatever RLIMIT_CORE says; seccomp keeps it so."""
     cpu_seconds = int(limits.timeout) + 1  # a backstop to the wall clock: a busy loop dies even if we did not
     for limit, value in ((resource.RLIMIT_CPU, cpu_seconds), (resource.RLIMIT_AS, limits.memory_bytes),
                          (resource.RLIMIT_FSIZE, limits.file_bytes), (resource.RLIMIT_NPROC, limits.processes),
                          (resource.RLIMIT_NOFILE, limits.open_files), (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(limit, (value, value))
+    check(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
 
 
 def die_with(evaluator: int) -> None:
@@ -427,7 +445,7 @@ def restrict_filesystem() -> None:
     """Landlock: read readable_paths(), write /dev/null and the work directory, nothing else. Every file right this
     kernel knows is handled (denied but where granted); from ABI 4, TCP bind and connect too; from ABI 6, signals
     and abstract unix sockets to processes outside this one. The work directory is granted as the current one:
-    without a private root, the path to it may be closed to nobody."""
+    without a private root, the path to it may be closed to other users."""
     abi = syscall("landlock_create_ruleset", None, 0, CREATE_RULESET_VERSION)
     handled = (1 << {1: 13, 2: 14, 3: 15, 4: 15}.get(abi, 16)) - 1  # ABI 2 added REFER, 3 TRUNCATE, 5 IOCTL_DEV
     attr = RulesetAttr(handled, TCP_BIND_AND_CONNECT if abi >= 4 else 0,
@@ -505,7 +523,8 @@ def sandbox_rules(pid: int) -> list[Rule]:
                                                               "sched_setscheduler", "sched_setattr")),
             # a pipe whose owner is another process signals it (SIGIO, deadly by default) at every write
             Rule("fcntl", arg=1, when=(F_SETOWN, F_SETSIG, F_SETOWN_EX)),
-            Rule("prctl", arg=0, when=(PR_SET_PDEATHSIG,))]  # it must die with the evaluator
+            # it must die with the evaluator, and leave no core dump
+            Rule("prctl", arg=0, when=(PR_SET_PDEATHSIG, PR_SET_DUMPABLE))]
 
 
 def seccomp_program(machine: str, rules: list[Rule]) -> list[tuple[int, int, int, int]]:
@@ -558,31 +577,31 @@ def install_seccomp_filter() -> None:
 # --------------------------------------------------------------- the child, in order
 
 
-def isolate(workdir: str, evaluator: int, limits: Limits) -> tuple[list[str], dict[str, str]]:
+def isolate(workdir: str, evaluator: int, limits: Limits, sandbox_uid: int) -> tuple[list[str], dict[str, str]]:
     """Build every layer this machine allows, in the order they need: namespaces and mounts while privileged, then
     the uid, then what the code may not undo. Returns (the layers held, {missing layer: why})."""
     held, missing = [], {}
     if os.geteuid() == 0:
-        # nobody's, for when no private root covers it; where nobody has no uid (a user namespace that maps root
-        # alone: EINVAL), becoming nobody fails below too, and the refusal names that layer
+        # the code's, for when no private root covers it; where its uid does not exist (a user namespace that maps
+        # root alone: EINVAL), becoming it fails below too, and the refusal names that layer
         with contextlib.suppress(OSError):
-            os.chown(workdir, NOBODY, NOBODY)
+            os.chown(workdir, sandbox_uid, sandbox_uid)
     try:
-        enter_namespaces()
+        enter_namespaces(sandbox_uid)
         held.append(NETWORK_NAMESPACE)
-        enter_private_root(workdir, (NOBODY, NOBODY) if os.geteuid() == 0 else (os.geteuid(), os.getegid()),
+        enter_private_root(workdir, (sandbox_uid,) * 2 if os.geteuid() == 0 else (os.geteuid(), os.getegid()),
                            limits.disk_bytes)
         held.append(PRIVATE_ROOT)
     except OSError as error:
         missing.update(dict.fromkeys({PRIVATE_ROOT, NETWORK_NAMESPACE} - set(held), why(error)))
     try:
-        drop_privileges()
+        drop_privileges(sandbox_uid)
         os.stat(os.__file__)  # without a private root, the host's path to the standard library may be closed to it
         held.append(UNPRIVILEGED)
     except OSError as error:
         missing[UNPRIVILEGED] = why(error)
     die_with(evaluator)
-    set_limits(limits)  # after the uid change: nobody cannot raise them again
+    set_limits(limits)  # after the uid change: the code's uid cannot raise them again
     for name, build in ((LANDLOCK, restrict_filesystem), (SECCOMP, install_seccomp_filter)):
         try:
             build()
@@ -623,13 +642,13 @@ def disable_destructive_functions() -> None:
     builtins.help = None  # it starts a pager
 
 
-def child_main(evaluator: int, ack_fd: int, limits: Limits, require: list[str]) -> None:
+def child_main(evaluator: int, ack_fd: int, limits: Limits, require: list[str], sandbox_uid: int) -> None:
     """Read the code from stdin, isolate, report on ack_fd, run the code."""
     code = sys.stdin.buffer.read().decode("utf-8", errors="surrogatepass")
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)  # the code gets no input
     os.close(devnull)
-    held, missing = isolate(os.getcwd(), evaluator, limits)
+    held, missing = isolate(os.getcwd(), evaluator, limits, sandbox_uid)
     if reason := refusal(held, missing, require):
         os.write(ack_fd, json.dumps({"refused": reason}).encode())
         sys.exit(1)
@@ -640,4 +659,5 @@ def child_main(evaluator: int, ack_fd: int, limits: Limits, require: list[str]) 
 
 
 if __name__ == "__main__":
-    child_main(int(sys.argv[1]), int(sys.argv[2]), Limits(**json.loads(sys.argv[3])), json.loads(sys.argv[4]))
+    child_main(int(sys.argv[1]), int(sys.argv[2]), Limits(**json.loads(sys.argv[3])), json.loads(sys.argv[4]),
+               int(sys.argv[5]))
