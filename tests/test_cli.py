@@ -10,10 +10,10 @@ from helpers import NANOCHAT
 from nanochat_flyte.cli import COMMANDS
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nanochat_flyte"
-CONFIG_MODULES = {"errors", "schema", "config", "files"}  # the top-level modules every sub-package may import
+CONFIG_MODULES = {"errors", "schema", "config", "files", "hostile_text"}  # the top-level modules, for every sub-package
 # What each sub-package's docstring says it may import (beside itself), and the top-level modules' own order.
 ALLOWED = {
-    "errors": set(), "schema": {"errors"}, "config": {"errors", "schema"}, "files": {"errors"},
+    "errors": set(), "schema": {"errors"}, "config": {"errors", "schema"}, "files": {"errors"}, "hostile_text": set(),
     "data": CONFIG_MODULES,
     "model": CONFIG_MODULES | {"data"},
     "reporting": CONFIG_MODULES | {"data"},

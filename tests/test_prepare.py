@@ -99,6 +99,27 @@ def test_prepare_data_writes_the_data_directory(shard_server, tmp_path, capsys):
     assert "download: 1/1 shards" in out and "download: 2/2 shards" in out  # the validation shard first
     assert f"data will repeat ({manifest['epochs']:.2f} epochs)" in out
 
+
+def test_a_run_on_a_data_directory_names_the_source_it_was_prepared_from(shard_server, tmp_path):
+    """The checkpoint's config.json, which a resume is checked against before any download, must name the data the
+    run trained on: a config that names another source is refused before training, with the value to give."""
+    write_fineweb_shards(shard_server.directory, [0, 1, 5], DOCS_PER_SHARD)
+    config = small_config(shard_server.url)
+    manifest = prepare_data(config, tmp_path / "data", cache_dir=tmp_path / "cache")
+    assert manifest["source"] == {"data_url": shard_server.url, "num_shards": 2, "val_shard": 5,
+                                  "only_needed_shards": False}
+    run = ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"), "depth=1", "num_iterations=1",
+           "max_seq_len=64", "device_batch_size=1", "total_batch_size=64", "eval_tokens=1024", "eval_every=1",
+           "sample_every=1", "sample_max_tokens=1", "wandb_mode=disabled"]
+    for override, problem in ((f"data_url={shard_server.url}/other", "data_url"), ("val_shard=7", "val_shard")):
+        values = [f"data_url={shard_server.url}", "num_shards=2", "val_shard=5", override]
+        with pytest.raises(ConfigError, match=rf"^RunConfig\.{problem}: .* but the data in .*data was prepared with "
+                                              rf"{problem}=.*: give {problem}="):
+            train_main([*run, *values])
+        assert not (tmp_path / "run").exists()
+    train_main([*run, f"data_url={shard_server.url}", "num_shards=2", "val_shard=5"])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data_url"] == shard_server.url
+
     # The cluster path (one prepare_shard per pod, then merge) builds the same data directory, from the config the
     # workflows give their data tasks: the run's data fields alone (their cache key)
     tokenizer_dir = build_tokenizer(config, tmp_path / "tokenizer")

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import tiktoken
 
-from nanochat_flyte.data import MANIFEST_FILE
+from nanochat_flyte.data import MANIFEST_FILE, SOURCE_FIELDS
 from nanochat_flyte.data.download import Download, download_shard, download_shards
 from nanochat_flyte.data.tokenizer import gpt2_tokenizer, load_tokenizer, save_tokenizer, tokenizer_id, train_bpe
 from nanochat_flyte.errors import ConfigError
@@ -250,7 +250,8 @@ def merge_prepared(config, parts: list[Path], tokenizer_dir: Path, out_dir: Path
 
     train_tokens = sum(shard["tokens"] for shard in splits["train"])
     val_tokens = val["tokens"]
-    manifest = {"tokenizer": tokenizer, "train": splits["train"], "val": splits["val"],
+    manifest = {"source": {field: getattr(config, field) for field in SOURCE_FIELDS},
+                "tokenizer": tokenizer, "train": splits["train"], "val": splits["val"],
                 "train_tokens": train_tokens, "val_tokens": val_tokens, "tokens_needed": config.tokens_needed,
                 "epochs": round(config.tokens_needed / train_tokens, 4)}
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")

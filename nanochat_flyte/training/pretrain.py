@@ -30,8 +30,13 @@ SAMPLE_PROMPTS = (
 
 
 def check_data_fits(config: RunConfig, manifest: dict, data_dir: Path) -> None:
-    """The prepared data is what the config asks for: its tokenizer (data prepared for another run would train
+    """The prepared data is what the config asks for: its source (the checkpoint's config.json must name the data
+    it trained on, which a resume is checked against), its tokenizer (data prepared for another run would train
     silently on other token ids) and enough validation tokens for eval_tokens."""
+    for field, prepared in manifest.get("source", {}).items():  # (older data directories record none)
+        if getattr(config, field) != prepared:
+            raise ConfigError(field, f"{getattr(config, field)!r}, but the data in {data_dir} was prepared with "
+                                     f"{field}={prepared}: give {field}={prepared}, or prepare data for this config")
     tokenizer = manifest["tokenizer"]
     kind = "gpt2" if tokenizer["name"] == "gpt2" else "bpe"
     if kind != config.tokenizer or (kind == "bpe" and tokenizer["vocab_size"] != config.bpe_vocab_size):
