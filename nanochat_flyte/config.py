@@ -382,6 +382,11 @@ class RLConfig(ChatStageConfig):
         if 0 < self.max_problems < self.examples_per_step:
             raise ConfigError("max_problems", f"{self.max_problems} problems do not fill one step of "
                                               f"examples_per_step {self.examples_per_step}", "RLConfig")
+        answers = self.examples_per_step * self.num_samples
+        if self.device_batch_size and answers % self.device_batch_size:  # 0: the SFT run's, checked with it
+            raise ConfigError("device_batch_size", f"the {answers} answers of a step (examples_per_step x num_samples)"
+                                                   f" are not a whole number of micro-batches of "
+                                                   f"{self.device_batch_size}", "RLConfig")
         return self
 
 

@@ -150,6 +150,9 @@ def test_the_config_cli_writes_a_file_and_fails_in_one_line(tmp_path):
                             (["configs/smoke.yaml", "depth=0"], "error: RunConfig.depth: must be >= 1, got 0"),
                             (["configs/rl_smoke.yaml", "--rl", "num_samples=1"],
                              "error: RLConfig.num_samples: must be >= 2, got 1"),
+                            (["configs/rl_smoke.yaml", "--rl", "examples_per_step=3"],
+                             "error: RLConfig.device_batch_size: the 12 answers of a step (examples_per_step x "
+                             "num_samples) are not a whole number of micro-batches of 8"),
                             (["configs/chat_smoke.yaml"], "error: RunConfig.eval_max_per_task: unknown field; "
                                                           "configs/chat_smoke.yaml is a ChatConfig preset: add --chat"),
                             (["--rl", "configs/smoke.yaml"], "error: RLConfig.depth: unknown field; configs/smoke.yaml "
