@@ -587,7 +587,7 @@ def test_a_wrong_checkpoint_fails_before_the_bundle_is_downloaded(bundle_dir, tm
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["--max-per-task", "0"], "argument --max-per-task: must be an integer >= 1, got 0"),
+    (["--max-per-task", "-1"], "argument --max-per-task: must be an integer >= 0, got -1"),
     (["--batch-size", "many"], "argument --batch-size: must be an integer >= 1, got 'many'"),
     (["--device", "tpu"], "argument --device: unknown device 'tpu'; choose auto, cuda, mps or cpu"),
     (["--max-per-task", "3"], "core-eval.max_per_task: 3 items per task leave mc_fewshot's 3-shot prompts too few "

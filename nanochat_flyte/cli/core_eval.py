@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = ArgumentParser("core-eval", __doc__)
     add_checkpoint_flag(parser)
     parser.add_argument("--bundle", default=EVAL_BUNDLE_URL, help="eval bundle: zip or directory, path or URL")
-    parser.add_argument("--max-per-task", type=int_at_least(1), help="evaluate a fixed, seeded subset of each task")
+    parser.add_argument("--max-per-task", type=int_at_least(0), default=0,
+                        help="evaluate a fixed, seeded subset of N items of each task (0, the default: every item)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=16, help="rows (choices) per forward pass")
     add_device_flag(parser)
     parser.add_argument("--dtype", default="auto", choices=DTYPES)
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bundle = load_bundle(args.bundle)  # a bad bundle fails before a large checkpoint is loaded
     check_max_per_task(bundle, args.max_per_task, "max_per_task", "core-eval")
     loaded = load_model(args.checkpoint, device)
-    result = score_core(loaded.model, loaded.tokenizer, bundle, max_per_task=args.max_per_task,
+    result = score_core(loaded.model, loaded.tokenizer, bundle, max_per_task=args.max_per_task or None,
                            batch_size=args.batch_size, device=device, precision=precision)
     print(core_table_markdown(result))
     print(json.dumps(result), flush=True)
