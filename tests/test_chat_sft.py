@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from helpers import make_data_dir, tiny_config
+from helpers import interrupted_after_a_save, make_data_dir, tiny_config
 
 from nanochat_flyte.cli import chat_stage
 from nanochat_flyte.cli.chat_stage import FETCHED_FILE, data_cache_dir, fetched_once_per_node
@@ -120,6 +121,26 @@ def test_the_sft_cli_trains_from_the_hub_and_refuses_a_bad_field_or_batch_before
                           capture_output=True, text=True, timeout=120)
     assert onto.returncode == 2 and onto.stderr.startswith(
         f"error: ChatConfig.save_to: '{base_checkpoint}/' holds the base_checkpoint: this run's copies would")
+
+
+def test_ctrl_c_prints_the_command_that_resumes_the_sft_run_and_that_command_does(base_checkpoint, hub_server,
+                                                                                   tmp_path):
+    preset = tmp_path / "chat preset.json"  # a space: the printed command quotes it
+    preset.write_text(json.dumps(chat_config(num_iterations=4, eval_every=4, sample_every=4, save_every=1).to_dict()))
+    out = tmp_path / "chat"
+    command = ["sft", "--base-checkpoint", str(base_checkpoint), "--out-dir", str(out), "--config", str(preset),
+               "seed=7"]
+    _, lines = interrupted_after_a_save([sys.executable, "-m", "nanochat_flyte", *command], ROOT, dict(os.environ),
+                                        "step 00001 | saved checkpoint to ")
+    resume = next(line for line in lines if line.startswith("resume with: ")).removeprefix("resume with: ")
+    words = shlex.split(resume)
+    assert words == ["nanochat", *command[:-1], "--resume-dir", str(out), "seed=7"], "".join(lines)[-3000:]
+    resumed = subprocess.run([sys.executable, "-m", "nanochat_flyte", *words[1:]], cwd=ROOT, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = [row["step"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if "train/loss" in row]
+    assert steps == sorted(set(steps)) and steps[-1] == 4  # went on from its last save to the end, no step twice
 
 
 def test_a_remote_start_checkpoint_is_fetched_by_one_rank_per_node_and_the_others_wait(tmp_path):

@@ -5,6 +5,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from nanochat_flyte.data.download import default_cache_dir
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.files import local_path, write_bytes_atomically
 from nanochat_flyte.model.checkpoint import (
+    CHECKPOINT_FILE,
     check_save_to,
     fetch_checkpoint,
     require_checkpoint,
@@ -136,8 +138,23 @@ def run_stage(config: ChatConfig | RLConfig, start_checkpoint: str, args,
     out_dir = args.out_dir.resolve()  # (`--out-dir .` has no name to derive a sibling's from)
     start_dir = fetched_once_per_node(start_checkpoint, out_dir.with_name(out_dir.name + "_start"), stage)
     once_per_node((data_dir / MANIFEST_FILE).exists, lambda: prepare(config, data_dir), f"the data in {data_dir}")
-    summary = train(config, start_dir, data_dir, args.out_dir, resume_dir=args.resume_dir,
-                    env_report=environment_report() if rank == 0 else None)
+    try:
+        summary = train(config, start_dir, data_dir, args.out_dir, resume_dir=args.resume_dir,
+                        env_report=environment_report() if rank == 0 else None)
+    except (KeyboardInterrupt, SystemExit):
+        if rank == 0 and (args.out_dir / CHECKPOINT_FILE).exists():
+            print(f"resume with: {resume_command(args, 'sft' if sft else 'rl', start_checkpoint)}", flush=True)
+        raise
     if rank == 0:
         print(json.dumps(summary, indent=2), flush=True)
     return summary
+
+
+def resume_command(args: argparse.Namespace, command: str, start_checkpoint: str) -> str:
+    """The command line that continues this run from its last save in --out-dir: the same start checkpoint, preset,
+    overrides and data, and --resume-dir set to --out-dir."""
+    start_flag = "--base-checkpoint" if command == "sft" else "--sft-checkpoint"
+    words = ["nanochat", command, start_flag, start_checkpoint, "--out-dir", str(args.out_dir)]
+    words += ["--config", args.config] if args.config else []
+    words += ["--data-dir", str(args.data_dir)] if args.data_dir else []
+    return shlex.join([*words, "--resume-dir", str(args.out_dir), *args.overrides])
