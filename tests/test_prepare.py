@@ -108,7 +108,8 @@ def test_a_run_on_a_data_directory_names_the_source_it_was_prepared_from(shard_s
     manifest = prepare_data(config, tmp_path / "data", cache_dir=tmp_path / "cache")
     assert manifest["source"] == {"data_url": shard_server.url, "num_shards": 2, "val_shard": 5,
                                   "only_needed_shards": False}
-    run = ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"), "depth=1", "num_iterations=1",
+    # overrides before and after the flags, as a user may write them
+    run = ["depth=1", "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"), "num_iterations=1",
            "max_seq_len=64", "device_batch_size=1", "total_batch_size=64", "eval_tokens=1024", "eval_every=1",
            "sample_every=1", "sample_max_tokens=1", "wandb_mode=disabled"]
     for override, problem in ((f"data_url={shard_server.url}/other", "data_url"), ("val_shard=7", "val_shard")):

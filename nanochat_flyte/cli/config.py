@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     kinds.add_argument("--chat", action="store_true", help="a ChatConfig preset (the chat stage), not a RunConfig")
     kinds.add_argument("--rl", action="store_true", help="an RLConfig preset (reinforcement learning on GSM8K)")
     parser.add_argument("-o", "--output", type=Path, help="write the JSON to this file instead of stdout")
-    args = parser.parse_intermixed_args(argv)  # field=value overrides may come before or after the options
+    args = parser.parse_args(argv)
     kind = ChatConfig if args.chat else RLConfig if args.rl else RunConfig
     overrides = dict(parse_override(assignment, kind) for assignment in args.overrides)
     try:

@@ -27,6 +27,11 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(USAGE_ERROR_EXIT, f"error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """field=value overrides may come before, between and after the flags (argparse alone takes a command's
+        positional arguments in one run only: `train depth=2 --data-dir D num_iterations=1` would be refused)."""
+        return self.parse_intermixed_args(args, namespace)
+
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: an integer >= minimum, else argparse's one line naming the flag."""
