@@ -27,6 +27,8 @@ def main() -> None:
             server = HubServer(Path(directory), port=args.port)
         except OSError as error:
             parser.error(f"--port: cannot listen on 127.0.0.1 port {args.port}: {error.strerror}")
+        except OverflowError:
+            parser.error(f"--port: must be 0..65535, got {args.port}")
         rows = write_hub_datasets(Path(directory))
         for (repo, subset, split), count in rows.items():
             print(f"{server.url}/api/datasets/{repo}/parquet/{subset}/{split}: {count} rows")

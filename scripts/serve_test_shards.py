@@ -28,6 +28,8 @@ def main() -> None:
             server = ShardServer(Path(directory), port=args.port)
         except OSError as error:
             parser.error(f"--port: cannot listen on 127.0.0.1 port {args.port}: {error.strerror}")
+        except OverflowError:
+            parser.error(f"--port: must be 0..65535, got {args.port}")
         write_fineweb_shards(Path(directory), args.shards, args.docs)
         server.serve_until_interrupted(f"shards {args.shards}")
 
