@@ -53,14 +53,14 @@ def main(argv: list[str] | None = None) -> dict:
     if "humaneval" in tasks and args.humaneval == "on":
         require_sandbox()  # without a sandbox: fails here, not after the other tasks
     require_checkpoint_flag(parser, args.checkpoint)
-    engine = Engine.from_checkpoint(args.checkpoint, device=args.device)
-    print(f"chat eval: {args.checkpoint}: a {engine.phase} checkpoint on {engine.device}, {engine.precision.name}",
-          flush=True)
-    try:
+    try:  # before the model loads: an unreachable hub is named before a large checkpoint is read
         items_by_task = {task: load_eval_items(task) for task in tasks}
     except DownloadError as error:  # (once downloaded, the items are read from the cache, with no hub)
         raise DownloadError(error.what, error.url, f"{error.cause}; without the hub, point $HF_ENDPOINT at a mirror "
                                                    "(README: Offline and mirrors)") from None
+    engine = Engine.from_checkpoint(args.checkpoint, device=args.device)
+    print(f"chat eval: {args.checkpoint}: a {engine.phase} checkpoint on {engine.device}, {engine.precision.name}",
+          flush=True)
     result = evaluate_chat(engine, items_by_task, max_per_task=args.max_per_task, batch_size=args.batch_size,
                            max_tokens=args.max_tokens, humaneval=args.humaneval, seed=args.seed)
     print(markdown_grid(TABLE_HEADER, chat_table_rows(result)))
