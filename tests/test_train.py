@@ -366,11 +366,37 @@ def test_save_to_takes_a_file_uri(data_dir, tmp_path):
     assert (copy / "checkpoint.pt").read_bytes() == (tmp_path / "run" / "checkpoint.pt").read_bytes()
 
 
-def test_a_diverged_evaluation_is_no_best(data_dir, tmp_path, monkeypatch):
-    values = iter([2.0, float("nan"), 3.0])  # the evaluations of steps 0, 3 and 6
+def test_a_diverged_evaluation_is_no_best(data_dir, tmp_path, monkeypatch, capsys):
+    values = iter([2.0, float("nan"), 3.0, float("nan"), 2.5, 3.5])  # the evaluations of steps 0, 3 and 6, twice
     monkeypatch.setattr(Pretraining, "evaluate", lambda self, *args: next(values))
     summary = train(tiny_config(), data_dir, tmp_path / "run")
     assert summary["min_validation_bpb"] == 2.0 and summary["final_validation_bpb"] == 3.0
+    summary = train(tiny_config(), data_dir, tmp_path / "nan_first")  # a first evaluation of NaN has no best yet
+    assert summary["min_validation_bpb"] == 2.5 and "validation bpb: nan (best n/a)" in capsys.readouterr().out
+
+
+def test_weights_gone_nan_never_land_on_a_save_and_stop_the_run(data_dir, tmp_path, monkeypatch):
+    """A NaN gradient after a finite loss, or a loss that goes NaN within the last DIVERGED_AFTER_STEPS steps, leaves
+    NaN weights in bf16 or fp32: the run stops in one line at its next save or at its end, and the last checkpoint
+    stays the last good one."""
+    step_once = Trainer.optimizer_step
+
+    def nan_after_step(self, step):
+        result = step_once(self, step)
+        if step + 1 == self.poisoned_at:  # the weights the next step (a save here) would keep
+            next(self.model.parameters()).data.fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(Trainer, "optimizer_step", nan_after_step)
+    for poisoned_at, saved, out in ((6, 3, tmp_path / "at_a_save"), (8, 6, tmp_path / "at_the_end")):
+        monkeypatch.setattr(Trainer, "poisoned_at", poisoned_at, raising=False)
+        with pytest.raises(TrainingDiverged) as diverged:
+            train(tiny_config(num_iterations=8, save_every=3, eval_every=8, sample_every=8), data_dir, out)
+        assert str(diverged.value).startswith(f"training diverged: the weights hold inf/NaN at step {poisoned_at}; its "
+                                              f"last checkpoint before that (step {saved}) is in {out}")
+        assert json.loads((out / "training_state.json").read_text())["steps_completed"] == saved
+        weights = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+        assert all(tensor.isfinite().all() for tensor in weights.values())
 
 
 def test_an_fp16_run_killed_and_resumed_repeats_its_losses_and_grad_scales(data_dir, tmp_path, monkeypatch):

@@ -486,8 +486,8 @@ class Trainer:
                                                                                               loop.best_val_metric)
         self.tracker.log(step, {f"val/{metric}": loop.val_metric})
         if self.master:
-            print(f"step {step:05d} | validation {metric}: {loop.val_metric:.4f} (best {loop.best_val_metric:.4f})",
-                  flush=True)
+            best = "n/a" if loop.best_val_metric is None else f"{loop.best_val_metric:.4f}"  # (only NaN so far)
+            print(f"step {step:05d} | validation {metric}: {loop.val_metric:.4f} (best {best})", flush=True)
 
     def periodic(self, step: int) -> None:
         metrics = self.phase.periodic_metrics(self.model, step, self.loop.device_batch_size, self.precision)
@@ -613,8 +613,10 @@ class Trainer:
                 self.periodic(step)
             if self.master and sample:
                 self.sample(step)
-            if self.master and save and self.nonfinite_since is None:  # never over the last save with NaN weights
-                self.save(step, "running")
+            if save and self.nonfinite_since is None:  # never over the last save with NaN weights
+                self.stop_if_weights_diverged(step)  # (a NaN gradient after a finite loss)
+                if self.master:
+                    self.save(step, "running")
             if last_step:
                 break
             result, dt = self.optimizer_step(step)
@@ -634,10 +636,20 @@ class Trainer:
             if self.master:
                 self.log_step(step, result, dt, phase_metrics)
             if self.nonfinite_since is not None and step - self.nonfinite_since + 1 >= DIVERGED_AFTER_STEPS:
-                raise TrainingDiverged(self.diverged_message(step, result.loss))
+                raise TrainingDiverged(self.diverged_message(
+                    step, f"the loss has been {result.loss} since step {self.nonfinite_since} "
+                          f"({step - self.nonfinite_since + 1} steps in a row)", self.nonfinite_since))
         return step
 
+    def stop_if_weights_diverged(self, step: int) -> None:
+        """Before a save: weights that hold inf/NaN end the run here (every rank holds the same), never over the last
+        good checkpoint. A loss that went NaN in the last steps, too few to stop the run, leaves them so in bf16 or
+        fp32; a NaN gradient after a finite loss too."""
+        if not torch.stack([parameter.isfinite().all() for parameter in self.model.parameters()]).all():
+            raise TrainingDiverged(self.diverged_message(step, f"the weights hold inf/NaN at step {step}", step))
+
     def finish(self, step: int) -> dict:
+        self.stop_if_weights_diverged(step)
         result = self.summary("completed", step)
         if self.master:
             self.save(step, "completed")
@@ -647,17 +659,16 @@ class Trainer:
             write_report(self.out_dir, self.config, self.env_report, result)
         return result
 
-    def diverged_message(self, step: int, loss: float) -> str:
-        """Step k's loss comes from the weights of step k - 1: a checkpoint of an earlier step holds weights from
-        before the divergence (later ones may hold NaN)."""
-        first, where = self.nonfinite_since, self.config.save_to or self.out_dir
+    def diverged_message(self, step: int, what: str, first: int) -> str:
+        """what went wrong since step `first`. Step k's loss comes from the weights of step k - 1: a checkpoint of an
+        earlier step holds weights from before the divergence (later ones may hold NaN)."""
+        where = self.config.save_to or self.out_dir
         if self.saved_step is not None and self.saved_step < first:
             kept = f"its last checkpoint before that (step {self.saved_step}) is in {where}"
         else:
             kept = "no checkpoint from before that was saved"
-        return (f"training diverged: the loss has been {loss} since step {first} ({step - first + 1} steps in a row); "
-                f"{kept}. Lower the learning rates (embedding_lr, unembedding_lr, matrix_lr) or raise warmup_ratio, "
-                "and train again")
+        return (f"training diverged: {what}; {kept}. Lower the learning rates (embedding_lr, unembedding_lr, "
+                "matrix_lr) or raise warmup_ratio, and train again")
 
     def interrupted_message(self) -> str:
         where = self.config.save_to or self.out_dir
