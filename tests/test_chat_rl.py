@@ -16,6 +16,7 @@ from hub_server import GSM8K
 
 from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
 from nanochat_flyte.data.chat_data import gsm8k_conversation, gsm8k_item, prepare_rl_data
+from nanochat_flyte.data.tokenizer import gpt2_tokenizer
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.inference.engine import Completion, Engine
 from nanochat_flyte.model.checkpoint import load_checkpoint
@@ -272,6 +273,25 @@ def test_rl_goes_on_after_the_problems_taken_on_another_number_of_ranks(saved, w
     assert taken * world_size >= saved["problems_taken"] * saved.get("world_size", world_size)
     assert rollouts.state_dict() == {"problems_taken": taken, "world_size": world_size, "seed": 42,
                                      "num_problems": 30}
+
+
+def test_ranks_that_pass_over_long_prompts_keep_taking_problems_in_step():
+    """Rank 1's first problem does not fit the context and rank 0's do: both still count the same problems taken,
+    so the count rank 0 saves resumes every rank after the positions it took, none twice and none skipped."""
+    questions = ["What is 1 + 1?", "word " * 80, "What is 2 + 2?", "What is 3 + 3?", "What is 4 + 4?",
+                 "What is 5 + 5?", "What is 6 + 6?", "What is 7 + 7?"]
+    items = [{"messages": [{"role": "user", "content": question}]} for question in questions]
+    phase = SimpleNamespace(rl=rl_config(examples_per_step=4), problems=items, tokenizer=gpt2_tokenizer(),
+                            engine=SimpleNamespace(context=40), problem_at=lambda position: items[position % 8])
+    ranks = [Rollouts(phase, 4, torch.device("cpu"), rank, 2, None) for rank in (0, 1)]
+    taken = [[position for _, _, position in rollouts.next_problems(2)] for rollouts in ranks]
+    assert taken == [[0, 2], [3, 5]]  # position 1, rank 1's first, is too long: rank 1 takes a third round
+    assert [rollouts.problems_taken for rollouts in ranks] == [3, 3]
+    resumed = Rollouts(phase, 4, torch.device("cpu"), 1, 2, ranks[0].state_dict())
+    assert [position for _, _, position in resumed.next_problems(1)] == [7]  # after every position taken, rank 1's
+    phase.engine.context = 5  # no prompt fits
+    with pytest.raises(ConfigError, match=r"^RunConfig\.max_seq_len: no problem's prompt leaves room to answer"):
+        Rollouts(phase, 4, torch.device("cpu"), 0, 2, None).next_problems(2)
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -148,21 +148,36 @@ class Rollouts:
         phase = self.phase
         return rows_tensors(rows, phase.config.max_seq_len + 1, phase.tokenizer.eot_token, self.device)
 
-    def roll_out(self, num_problems: int) -> list[Rollout]:
-        """The answers to the next num_problems problems, rewarded, each against its own group's mean. A problem
-        whose prompt leaves no room to answer in the context is passed over for the next one."""
-        phase, rl = self.phase, self.phase.rl
-        problems, passed_over = [], 0  # (item, prompt, its place in the stream of all ranks)
-        while len(problems) < num_problems:
-            position = self.problems_taken * self.world_size + self.rank
+    def next_problems(self, num_problems: int) -> list[tuple[dict, list[int], int]]:
+        """This rank's next num_problems problems whose prompt leaves room to answer in the context, as (item,
+        prompt, place in the stream of all ranks). A problem whose prompt is too long is passed over. Every rank walks
+        the same rounds of world_size positions (rank r may take the r-th of each) until each rank has its
+        num_problems: it renders the other ranks' prompts too, so that their problems_taken stay equal and the count
+        that rank 0 saves is every rank's."""
+        phase = self.phase
+        mine, filled, stalled = [], [0] * self.world_size, 0
+        while min(filled) < num_problems:
+            first = self.problems_taken * self.world_size
             self.problems_taken += 1
-            item = phase.problem_at(position)
-            prompt = render_prompt(phase.tokenizer, item["messages"])
-            if len(prompt) < phase.engine.context:
-                problems.append((item, prompt, position))
-            elif (passed_over := passed_over + 1) >= len(phase.problems):
+            progressed = False
+            for rank in (rank for rank in range(self.world_size) if filled[rank] < num_problems):
+                item = phase.problem_at(first + rank)
+                prompt = render_prompt(phase.tokenizer, item["messages"])
+                if len(prompt) < phase.engine.context:
+                    filled[rank], progressed = filled[rank] + 1, True
+                    if rank == self.rank:
+                        mine.append((item, prompt, first + rank))
+            stalled = 0 if progressed else stalled + 1
+            if stalled >= len(phase.problems):
                 raise ConfigError("max_seq_len", f"no problem's prompt leaves room to answer in the model's context "
                                                  f"of {phase.engine.context} tokens", "RunConfig")
+        return mine
+
+    def roll_out(self, num_problems: int) -> list[Rollout]:
+        """The answers to this rank's next num_problems problems (next_problems), rewarded, each against its own
+        group's mean."""
+        phase, rl = self.phase, self.phase.rl
+        problems = self.next_problems(num_problems)
         requests = [(prompt, SamplingParams(max_tokens=rl.max_new_tokens, temperature=rl.temperature,
                                             top_k=rl.top_k or None,
                                             seed=sampling_seed(rl.seed, position, sample, rl.num_samples)))
