@@ -457,6 +457,26 @@ def test_a_connection_that_does_not_send_its_request_in_time_is_closed(strict_se
     assert strict_server.health()["status"] == "ok"
 
 
+def test_a_request_answered_before_its_body_is_in_closes_its_connection(strict_server):
+    """A 404 (or a 401, a 429) answers before the body is read: the connection closes after it, rather than wait
+    for the rest of a body that would hold it open beyond every timeout."""
+    unread = raw_connection(strict_server, b"POST /v1/nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                           b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+    answer = b""
+    while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < int(
+            re.search(rb"content-length: (\d+)", answer.lower())[1]):
+        answer += unread.recv(65536)  # the whole answer: its head and body may come in two writes
+    assert answer.startswith(b"HTTP/1.1 404 ")
+    unread.settimeout(4)  # beyond the 1 s request timeout
+    try:
+        unread.sendall(b"[")  # more of the body, after the answer: it stopped uvicorn's keep-alive timer
+        assert unread.recv(65536) == b""  # closed
+    except ConnectionResetError:
+        pass  # closed, and the byte sent after it refused
+    finally:
+        unread.close()
+
+
 def test_beyond_the_connection_limit_a_new_connection_gets_503(strict_server):
     idle = [raw_connection(strict_server) for _ in range(4)]
     refused = raw_connection(strict_server)

@@ -459,8 +459,12 @@ class BoundedHttp(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
-            self.await_request()  # the next request on this connection
+        if self.transport.is_closing():
+            return
+        if self.conn.their_state is h11.SEND_BODY:  # answered before its body was in (401, 429, 404): the rest of
+            self.transport.close()  # it, unread, would hold the connection past every timeout, for good
+            return
+        self.await_request()  # the next request on this connection
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.deadline is not None:
