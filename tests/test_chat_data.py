@@ -12,7 +12,6 @@ from nanochat_flyte.data.chat_data import (
     EVAL_SOURCES,
     BadRow,
     arc_question,
-    calculator_parts,
     check_hub_endpoint,
     gsm8k_conversation,
     gsm8k_final_answer,
@@ -25,7 +24,7 @@ from nanochat_flyte.data.chat_data import (
     render_multiple_choice,
     smoltalk_conversation,
 )
-from nanochat_flyte.data.conversation import render_conversation
+from nanochat_flyte.data.conversation import calculator_parts, render_conversation
 from nanochat_flyte.data.hub import split_cache_dir
 from nanochat_flyte.data.tokenizer import BPE_SPLIT_PATTERN, gpt2_tokenizer
 from nanochat_flyte.errors import ConfigError

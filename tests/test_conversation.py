@@ -63,6 +63,21 @@ def test_the_prompt_is_the_rendered_history_then_the_new_turn_and_assistant_star
                                                                           ASSISTANT_START]
 
 
+def test_a_reply_sent_back_as_history_gives_the_model_its_calculator_calls_as_tool_calls(gpt2):
+    """The engine shows a call as "<<48/2=24>>" (the chat command keeps that text as history; API clients send it
+    back): the next prompt renders it as the tool tokens the model wrote, as SFT trained it, not as plain text."""
+    shown = "Half is <<48/2=24>>24."
+    prompt = render_prompt(gpt2, [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": shown},
+                                  {"role": "user", "content": "Hello"}])
+    half, expression, result, answer = (gpt2.encode_ordinary(text) for text in ("Half is ", "48/2", "24", "24."))
+    assert prompt == [BOS, USER_START, HELLO, USER_END, ASSISTANT_START, *half, PYTHON_START, *expression,
+                      PYTHON_END, OUTPUT_START, *result, OUTPUT_END, *answer, ASSISTANT_END,
+                      USER_START, HELLO, USER_END, ASSISTANT_START]
+    # a user's own "<<...>>" stays text
+    user = render_prompt(gpt2, [{"role": "user", "content": shown}])
+    assert PYTHON_START not in user and user[2:-2] == gpt2.encode_ordinary(shown)
+
+
 @pytest.mark.parametrize("messages, problem", [
     ([], r"messages: must be a non-empty list"),
     ([{"role": "assistant", "content": "hi"}], r"messages\[0\]\.role: expected user"),

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from nanochat_flyte.config import CHAT_EVAL_TASKS, ChatConfig, RLConfig
 from nanochat_flyte.data import MANIFEST_FILE
-from nanochat_flyte.data.conversation import ConversationError, normalize
+from nanochat_flyte.data.conversation import ConversationError, calculator_parts, normalize
 from nanochat_flyte.data.download import DownloadError, Retry
 from nanochat_flyte.data.hub import download_split, file_records, hub_endpoint, iter_rows, parquet_urls
 from nanochat_flyte.errors import ConfigError
@@ -83,21 +83,7 @@ def arc_question(row: dict) -> tuple[str, list[str], str]:
 
 # ----------------------------------------------------------------------------- GSM8K
 
-# "48/2 = <<48/2=24>>24 clips": a calculation for the calculator, its result; the visible text repeats the result
-CALCULATOR_ANNOTATION = re.compile(r"<<([^\n<>]*)=([^\n<>=]*)>>")
 FINAL_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
-
-
-def calculator_parts(solution: str) -> list[dict]:
-    """A GSM8K solution as assistant content parts (conversation.py): its calculator annotations become tool calls,
-    the expression for the model to write and the result for the tool to give back, as nanochat trains them."""
-    parts, position = [], 0
-    for match in CALCULATOR_ANNOTATION.finditer(solution):
-        parts += [{"type": "text", "text": solution[position:match.start()]},
-                  {"type": "python", "text": match.group(1)}, {"type": "python_output", "text": match.group(2)}]
-        position = match.end()
-    parts.append({"type": "text", "text": solution[position:]})
-    return [part for part in parts if part["text"] or part["type"] != "text"]
 
 
 def gsm8k_final_answer(solution: str) -> str:

@@ -14,9 +14,12 @@ user's turn, nor `<|assistant_start|>`, which the prompt supplies.
 An assistant message's content may also be a list of parts, nanochat's way of writing tool use (calculator.py):
 {"type": "text", "text"}, {"type": "python", "text": "48/2"} (a calculation the model writes, rendered as
 <|python_start|> 48/2 <|python_end|>, learned) and {"type": "python_output", "text": "24"} (the tool's answer,
-<|output_start|> 24 <|output_end|>: in the context, never in the loss, since the engine supplies it).
+<|output_start|> 24 <|output_end|>: in the context, never in the loss, since the engine supplies it). The engine
+shows such a call as GSM8K writes it, "<<48/2=24>>": a reply sent back as history (the chat command, the API, the
+page) is read back into those parts (calculator_parts), so that the model sees its calls as it wrote them.
 """
 
+import re
 from dataclasses import dataclass
 
 import tiktoken
@@ -25,6 +28,8 @@ from nanochat_flyte.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 PART_TYPES = ("text", "python", "python_output")  # of an assistant message's content, when it is a list
+# "48/2 = <<48/2=24>>24 clips": a calculation for the calculator, its result; the visible text repeats the result
+CALCULATOR_ANNOTATION = re.compile(r"<<([^\n<>]*)=([^\n<>=]*)>>")
 
 
 class ConversationError(UserError, ValueError):
@@ -131,12 +136,28 @@ def assistant_parts(tokenizer: tiktoken.Encoding, tokens: ChatTokens, content: s
     return parts
 
 
+def calculator_parts(text: str) -> list[dict]:
+    """Text with calculator annotations (a GSM8K solution, a reply as the engine shows it) as assistant content
+    parts: each annotation becomes a tool call, the expression for the model to write and the result for the tool to
+    give back, as nanochat trains them."""
+    parts, position = [], 0
+    for match in CALCULATOR_ANNOTATION.finditer(text):
+        parts += [{"type": "text", "text": text[position:match.start()]},
+                  {"type": "python", "text": match.group(1)}, {"type": "python_output", "text": match.group(2)}]
+        position = match.end()
+    parts.append({"type": "text", "text": text[position:]})
+    return [part for part in parts if part["text"] or part["type"] != "text"]
+
+
 def render_prompt(tokenizer: tiktoken.Encoding, messages: list[dict]) -> list[int]:
     """The ids of a conversation that ends with the user, followed by <|assistant_start|>: what the model
     continues to write its reply (until it emits <|assistant_end|>)."""
     tokens = ChatTokens.of(tokenizer)
     turns = normalize(messages, ends_with="user")
-    # the history renders exactly as in training; the new user turn and the reply's opening token follow
-    history = render_conversation(tokenizer, turns[:-1])[0] if len(turns) > 1 else [tokens.bos]
+    # the history renders as in training, the replies' calculator calls as tool calls; the new user turn and the
+    # reply's opening token follow
+    history = [dict(turn, content=calculator_parts(turn["content"])) if turn["role"] == "assistant"
+               and isinstance(turn["content"], str) else turn for turn in turns[:-1]]
+    history = render_conversation(tokenizer, history)[0] if history else [tokens.bos]
     return [*history, tokens.user_start, *tokenizer.encode_ordinary(turns[-1]["content"]), tokens.user_end,
             tokens.assistant_start]
