@@ -192,7 +192,8 @@ def parse_chat_request(state: ServerState, raw: bytes) -> ChatRequest:
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise ApiError(400, "stream_options: must be an object", "stream_options")
-    include_usage = stream_options.get("include_usage", False)
+    include_usage = stream_options.get("include_usage")
+    include_usage = False if include_usage is None else include_usage  # null, as for stream: false
     if not isinstance(include_usage, bool):
         raise ApiError(400, "stream_options.include_usage: must be true or false", "stream_options")
     params = SamplingParams(
