@@ -170,9 +170,16 @@ def test_chat_sft_from_a_checkpoint_directory_reuses_its_downloads(served_shards
     assert first_results["sft"]["steps_completed"] == 2
     assert set(first_results["chat_eval"]["tasks"]) == {"arc_easy", "gsm8k"}
 
+    # the same run again, continuing the first (finished at step 2) to 4 steps: its data is cached
     hub_server.requests.clear()
-    chat_sft(base_checkpoint=FlyteDirectory(checkpoint.path), config=config)
+    longer = tiny_chat_config(num_iterations=4, eval_tasks="arc_easy,gsm8k")
+    resumed, resumed_results, _ = chat_sft(base_checkpoint=FlyteDirectory(checkpoint.path), config=longer,
+                                           resume_from=first.path)
     assert not [r for r in hub_server.requests if r.path.endswith(".parquet")]  # cached: no dataset downloaded again
+    assert resumed_results["sft"]["steps_completed"] == 4
+    steps = [row["step"] for row in map(json.loads, (Path(resumed.path) / "metrics.jsonl").read_text().splitlines())
+             if "train/loss" in row]
+    assert steps == [1, 2, 3, 4]  # 1 and 2 from the first run, carried over; 3 and 4 trained now
 
     # RL of that chat checkpoint, then its chat evaluation
     rl_checkpoint, rl_results, rl_report = chat_rl(sft_checkpoint=FlyteDirectory(first.path), config=tiny_rl_config())
@@ -209,6 +216,13 @@ def test_a_stage_from_the_wrong_checkpoint_a_bad_batch_or_onto_its_start_fails_b
     (chat / "training_state.json").write_text(json.dumps({**state, "phase": "chat"}))
     with pytest.raises(Exception, match=r"chat_sft\.base_checkpoint: .* is a chat checkpoint; SFT starts from a base"):
         chat_sft(base_checkpoint=FlyteDirectory(str(chat)), config=tiny_chat_config())
+    with pytest.raises(Exception, match=r"chat_sft\.resume_from: .* is a checkpoint of the base stage; this chat run "
+                                        r"continues only its own stage's checkpoints"):
+        chat_sft(base_checkpoint=FlyteDirectory(checkpoint.path), config=tiny_chat_config(),
+                 resume_from=checkpoint.path)
+    with pytest.raises(Exception, match=r"chat_rl\.resume_from: .*nowhere is not a checkpoint directory"):
+        chat_rl(sft_checkpoint=FlyteDirectory(str(chat)), config=tiny_rl_config(),
+                resume_from=str(tmp_path / "nowhere"))
     assert hub_server.requests == []
 
 

@@ -93,10 +93,21 @@ def test_main_runs_end_to_end_with_the_flytekit_fronts_outputs(served_shards, ru
 def test_nanochat_chat_runs_end_to_end_on_the_local_hub(tmp_path, hub_server, run_locally):
     write_fineweb_shards(tmp_path / "shards", [0, 1, VAL_SHARD], docs_per_shard=150)
     with serve_shards(tmp_path / "shards") as server:
-        results, _, _, chat_results, chat_checkpoint, chat_report = run_locally(
+        results, base_checkpoint, _, chat_results, chat_checkpoint, chat_report = run_locally(
             nanochat_chat, config=tiny_config(server.url), chat_config=tiny_chat_config())
     check_chat_pipeline_outputs(results, chat_results, Path(chat_checkpoint.path), Path(chat_report.path))
     assert ">Chat evaluation<" in run_locally.report_cards()
+    # chat_sft continues that SFT run (4 steps) to 6; a base checkpoint is no SFT run to continue
+    resumed, resumed_results, _ = run_locally(chat_sft, base_checkpoint=base_checkpoint,
+                                              config=tiny_chat_config(num_iterations=6),
+                                              resume_from=chat_checkpoint.path)
+    assert resumed_results["sft"]["steps_completed"] == 6
+    steps = [row["step"] for row in map(json.loads, (Path(resumed.path) / "metrics.jsonl").read_text().splitlines())
+             if "train/loss" in row]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(Exception, match=r"chat_sft\.resume_from: .* is a checkpoint of the base stage"):
+        run_locally(chat_sft, base_checkpoint=base_checkpoint, config=tiny_chat_config(),
+                    resume_from=base_checkpoint.path)
 
 
 def test_nanochat_chat_rl_runs_end_to_end_on_the_local_hub(tmp_path, hub_server, run_locally):

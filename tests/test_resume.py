@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from nanochat_flyte.config import ChatConfig, RLConfig
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.model.checkpoint import CHECKPOINT_FILE
-from nanochat_flyte.pipeline.train import last_save, resume_command
+from nanochat_flyte.pipeline.train import last_save, resume_command, stage_resume_command
 from nanochat_flyte.training.resume import check_base_resume
 from tests.shard_server import serve_shards, write_fineweb_shards
 from tests.test_workflow import VAL_SHARD, tiny_config
@@ -161,3 +162,13 @@ def test_the_resume_line_names_a_copy_under_the_working_directory_as_the_user_di
     (elsewhere / CHECKPOINT_FILE).touch()
     assert resume_command(tiny_config("http://127.0.0.1:9"), elsewhere, "nanochat-run", "pipelines.py").endswith(
         f"--resume_from {elsewhere})")
+    # a chat stage's: its workflow from the same start checkpoint, continuing its last save
+    assert stage_resume_command(ChatConfig(save_to="runs/my base"), tmp_path / "task",
+                                "pyflyte run workflows/chat.py chat_sft", "/data/base run") == (
+        "resume with: pyflyte run workflows/chat.py chat_sft --base_checkpoint '/data/base run' --resume_from "
+        "'runs/my base', and the same --config")
+    assert stage_resume_command(RLConfig(), elsewhere, "flyte run --local workflows/flyte2/chat.py chat_rl",
+                                "s3://b/sft") == ("resume with: flyte run --local workflows/flyte2/chat.py chat_rl "
+                                                  f"--sft_checkpoint s3://b/sft --resume_from {elsewhere}, and the "
+                                                  "same --config")
+    assert stage_resume_command(RLConfig(), tmp_path / "unsaved", "x", "y") is None

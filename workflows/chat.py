@@ -65,22 +65,25 @@ def check_chat_and_rl_configs(config: RunConfig, chat_config: ChatConfig, rl_con
 # training node kind then checks the sandbox where the evaluation will run (describe_training_node).
 @task(container_image=IMAGE, secret_requests=[HF_SECRET], **DRIVER_RESOURCES)
 @one_line_user_errors
-def check_chat_stage(config: ChatConfig, base_checkpoint: FlyteDirectory) -> tuple[ChatConfig, str, str]:
-    """Validate the chat config, check the base checkpoint and probe the hub endpoint. Returns the config, the
-    endpoint the data tasks use, and the config name whose evaluation needs the sandbox (or "")."""
+def check_chat_stage(config: ChatConfig, base_checkpoint: FlyteDirectory, resume_from: str
+                     ) -> tuple[ChatConfig, str, str]:
+    """Validate the chat config, check the base checkpoint (and the chat checkpoint to continue) and probe the hub
+    endpoint. Returns the config, the endpoint the data tasks use, and the config name whose evaluation needs the
+    sandbox (or "")."""
     export_secret(secrets.HF)
-    config, endpoint = setup.chat_stage(config, checkpoint_location(base_checkpoint))
+    config, endpoint = setup.chat_stage(config, checkpoint_location(base_checkpoint), resume_from)
     return config, endpoint, setup.sandbox_required_by(config)
 
 
 @task(container_image=IMAGE, secret_requests=[HF_SECRET], **DRIVER_RESOURCES)
 @one_line_user_errors
-def check_rl_stage(config: RLConfig, sft_checkpoint: FlyteDirectory) -> tuple[RLConfig, ChatConfig, str, str]:
-    """Validate the RL config, check that the checkpoint is a chat (SFT) one and probe the hub endpoint. Returns the
-    config, the ChatConfig of the evaluation after RL, the endpoint, and the config name whose evaluation needs the
-    sandbox (or "")."""
+def check_rl_stage(config: RLConfig, sft_checkpoint: FlyteDirectory, resume_from: str
+                   ) -> tuple[RLConfig, ChatConfig, str, str]:
+    """Validate the RL config, check that the checkpoint is a chat (SFT) one (and the RL checkpoint to continue) and
+    probe the hub endpoint. Returns the config, the ChatConfig of the evaluation after RL, the endpoint, and the
+    config name whose evaluation needs the sandbox (or "")."""
     export_secret(secrets.HF)
-    config, endpoint = setup.rl_stage(config, checkpoint_location(sft_checkpoint))
+    config, endpoint = setup.rl_stage(config, checkpoint_location(sft_checkpoint), resume_from)
     return config, config.chat_eval_config(), endpoint, setup.sandbox_required_by(config)
 
 
@@ -120,33 +123,40 @@ def prepare_chat_eval_data(endpoint: str, tasks: str) -> FlyteDirectory:
 
 
 def train_in_task(config: ChatConfig | RLConfig, start: FlyteDirectory, data: FlyteDirectory, environment: dict,
-                  directory: str) -> tuple[FlyteDirectory, dict]:
-    """A chat stage's training task: SFT or RL into the task's working directory; a preempted attempt resumes from
-    the intra-task checkpoint."""
+                  resume_from: str, directory: str) -> tuple[FlyteDirectory, dict]:
+    """A chat stage's training task: SFT or RL into the task's working directory, continuing a preempted attempt's
+    intra-task checkpoint, or the stage's checkpoint resume_from."""
     export_secret(secrets.WANDB)
     checkpoint_dir = Path(current_context().working_directory) / directory
-    with retried_on_storage_errors():
-        summary = train.chat_stage(config, Path(start.download()), Path(data.download()), checkpoint_dir, environment,
-                                   FlytekitAttempts(), deck)
+    try:
+        with retried_on_storage_errors():
+            summary = train.chat_stage(config, Path(start.download()), Path(data.download()), checkpoint_dir,
+                                       environment, resume_from, FlytekitAttempts(), deck)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C in a local run (flytekit raises SystemExit): say how to go on
+        workflow = "chat_rl" if isinstance(config, RLConfig) else "chat_sft"
+        if line := train.stage_resume_command(config, checkpoint_dir, f"pyflyte run workflows/chat.py {workflow}",
+                                              checkpoint_location(start)):
+            print(line, flush=True)
+        raise
     return FlyteDirectory(str(checkpoint_dir)), summary
 
 
 @task(**TRAINING_TASK)
 @wandb_console_link(stage="chat")  # the Tracker's run id for SFT: <execution>-chat
 @one_line_user_errors
-def train_chat_model(config: ChatConfig, base_checkpoint: FlyteDirectory, data: FlyteDirectory, environment: dict
-                     ) -> tuple[FlyteDirectory, dict]:
+def train_chat_model(config: ChatConfig, base_checkpoint: FlyteDirectory, data: FlyteDirectory, environment: dict,
+                     resume_from: str) -> tuple[FlyteDirectory, dict]:
     """SFT on the shared training loop."""
-    return train_in_task(config, base_checkpoint, data, environment, "chat_checkpoint")
+    return train_in_task(config, base_checkpoint, data, environment, resume_from, "chat_checkpoint")
 
 
 @task(**TRAINING_TASK)
 @wandb_console_link(stage="rl")
 @one_line_user_errors
-def train_rl_model(config: RLConfig, sft_checkpoint: FlyteDirectory, data: FlyteDirectory, environment: dict
-                   ) -> tuple[FlyteDirectory, dict]:
+def train_rl_model(config: RLConfig, sft_checkpoint: FlyteDirectory, data: FlyteDirectory, environment: dict,
+                   resume_from: str) -> tuple[FlyteDirectory, dict]:
     """RL on the shared training loop."""
-    return train_in_task(config, sft_checkpoint, data, environment, "rl_checkpoint")
+    return train_in_task(config, sft_checkpoint, data, environment, resume_from, "rl_checkpoint")
 
 
 # Cached on (checkpoint, evaluation data, the settings that change the scores): evaluating the same checkpoint again
@@ -201,14 +211,15 @@ class RLOutputs(NamedTuple):
     report: FlyteDirectory  # report.md with its plots and the chat evaluation table, and results.json
 
 
-def fine_tune(config: ChatConfig, base_checkpoint: FlyteDirectory) -> ChatOutputs:
+def fine_tune(config: ChatConfig, base_checkpoint: FlyteDirectory, resume_from: str = "") -> ChatOutputs:
     """checks (CPU; the sandbox on the GPU node kind) -> data (CPU, cached) -> SFT -> chat evaluation -> results."""
-    checked, endpoint, sandbox_for = check_chat_stage(config=config, base_checkpoint=base_checkpoint)
+    checked, endpoint, sandbox_for = check_chat_stage(config=config, base_checkpoint=base_checkpoint,
+                                                      resume_from=resume_from)
     environment = describe_training_node(sandbox_for=sandbox_for, later_stage=True)
     data = prepare_chat_sft_data(endpoint=endpoint, **prepare.sft_data_settings(checked))
     eval_data = prepare_chat_eval_data(endpoint=endpoint, tasks=checked.eval_tasks)
     chat_checkpoint, training = train_chat_model(config=checked, base_checkpoint=base_checkpoint, data=data,
-                                                 environment=environment)
+                                                 environment=environment, resume_from=resume_from)
     evaluation = evaluate_chat_model(config=checked, checkpoint=chat_checkpoint, eval_data=eval_data,
                                      **evaluate.chat_settings(checked))
     results, report = aggregate_chat_results(config=checked, base_checkpoint=base_checkpoint, training=training,
@@ -217,21 +228,24 @@ def fine_tune(config: ChatConfig, base_checkpoint: FlyteDirectory) -> ChatOutput
 
 
 @workflow
-def chat_sft(base_checkpoint: FlyteDirectory, config: ChatConfig = ChatConfig()) -> ChatOutputs:
+def chat_sft(base_checkpoint: FlyteDirectory, config: ChatConfig = ChatConfig(), resume_from: str = ""
+             ) -> ChatOutputs:
     """A base checkpoint (a previous run's `checkpoint` output, or any directory or URI holding one) to an
-    evaluated chat checkpoint."""
-    return fine_tune(config, base_checkpoint)
+    evaluated chat checkpoint. resume_from: a chat checkpoint of an SFT run of the same base checkpoint and data to
+    continue (a stopped run goes on from its last save)."""
+    return fine_tune(config, base_checkpoint, resume_from)
 
 
-def reinforce(config: RLConfig, sft_checkpoint: FlyteDirectory) -> RLOutputs:
+def reinforce(config: RLConfig, sft_checkpoint: FlyteDirectory, resume_from: str = "") -> RLOutputs:
     """checks (CPU; the sandbox on the GPU node kind) -> GSM8K problems and evaluation data (CPU, cached) -> RL ->
     chat evaluation -> results."""
-    checked, eval_config, endpoint, sandbox_for = check_rl_stage(config=config, sft_checkpoint=sft_checkpoint)
+    checked, eval_config, endpoint, sandbox_for = check_rl_stage(config=config, sft_checkpoint=sft_checkpoint,
+                                                                 resume_from=resume_from)
     environment = describe_training_node(sandbox_for=sandbox_for, later_stage=True)
     data = prepare_rl_problems(endpoint=endpoint, **prepare.rl_data_settings(checked))
     eval_data = prepare_chat_eval_data(endpoint=endpoint, tasks=checked.eval_tasks)
     rl_checkpoint, training = train_rl_model(config=checked, sft_checkpoint=sft_checkpoint, data=data,
-                                             environment=environment)
+                                             environment=environment, resume_from=resume_from)
     evaluation = evaluate_chat_model(config=eval_config, checkpoint=rl_checkpoint, eval_data=eval_data,
                                      **evaluate.chat_settings(checked))
     results, report = aggregate_rl_results(config=checked, sft_checkpoint=sft_checkpoint, training=training,
@@ -240,10 +254,11 @@ def reinforce(config: RLConfig, sft_checkpoint: FlyteDirectory) -> RLOutputs:
 
 
 @workflow
-def chat_rl(sft_checkpoint: FlyteDirectory, config: RLConfig = RLConfig()) -> RLOutputs:
+def chat_rl(sft_checkpoint: FlyteDirectory, config: RLConfig = RLConfig(), resume_from: str = "") -> RLOutputs:
     """A chat (SFT) checkpoint (a chat run's `chat_checkpoint` output, or any directory or URI holding one) to an
-    evaluated RL checkpoint."""
-    return reinforce(config, sft_checkpoint)
+    evaluated RL checkpoint. resume_from: an RL checkpoint of a run from the same SFT checkpoint and problems to
+    continue."""
+    return reinforce(config, sft_checkpoint, resume_from)
 
 
 class PipelineOutputs(NamedTuple):

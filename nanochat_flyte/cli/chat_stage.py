@@ -25,10 +25,11 @@ from nanochat_flyte.model.checkpoint import (
     require_checkpoint,
 )
 from nanochat_flyte.pipeline.prepare import CHAT_DATA_VERSION, RL_DATA_FIELDS, SFT_DATA_FIELDS
+from nanochat_flyte.pipeline.setup import stage_resume
 from nanochat_flyte.reporting.environment import environment_report
 from nanochat_flyte.schema import parse_override
 from nanochat_flyte.training.loop import distributed_env
-from nanochat_flyte.training.resume import check_chat_resume, check_out_dir, check_resumed_stage
+from nanochat_flyte.training.resume import check_out_dir
 
 DATA_WAIT_S = 3600  # other ranks wait this long for local rank 0 to prepare the data (a full SmolTalk download)
 DATA_POLL_S = 5  # and look this often
@@ -123,14 +124,11 @@ def run_stage(config: ChatConfig | RLConfig, start_checkpoint: str, args,
     rank = distributed_env()[0]
     sft = isinstance(config, ChatConfig)
     stage, data_keys = ("chat_sft", SFT_DATA_KEYS) if sft else ("chat_rl", RL_DATA_KEYS)
-    start_field = "base_checkpoint" if sft else "sft_checkpoint"
     config = check_start(config, start_checkpoint)  # before any download: a batch that does not fit fails in seconds
     if args.data_dir:  # data named by the user is used as it is, never prepared into
         prepared_manifest(args.data_dir, stage)
     check_out_dir(args.out_dir, args.resume_dir, stage, args.data_dir)
-    if args.resume_dir:
-        check_resumed_stage(args.resume_dir, "chat" if sft else "rl", stage)
-        check_chat_resume(args.resume_dir, config, data_keys, start_checkpoint, start_field, stage)
+    stage_resume(config, start_checkpoint, str(args.resume_dir or ""), "resume_dir")
     check_save_to(config.save_to, type(config).__name__)
     data_dir = args.data_dir or data_cache_dir("sft_data" if sft else "rl_data", config, data_keys)
     if not (data_dir / MANIFEST_FILE).exists() and distributed_env()[1] == 0:  # the rank that will download

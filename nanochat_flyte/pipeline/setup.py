@@ -12,11 +12,20 @@ from nanochat_flyte.evaluation.bundle import check_bundle_url, load_bundle
 from nanochat_flyte.evaluation.chat_eval import require_sandbox
 from nanochat_flyte.evaluation.core import check_max_per_task
 from nanochat_flyte.files import local_path
-from nanochat_flyte.model.checkpoint import check_save_to, check_save_to_apart, checkpoint_run_config
+from nanochat_flyte.model.checkpoint import (
+    check_save_to,
+    check_save_to_apart,
+    checkpoint_run_config,
+)
 from nanochat_flyte.pipeline import Show
+from nanochat_flyte.pipeline.prepare import RL_DATA_FIELDS, SFT_DATA_FIELDS
 from nanochat_flyte.reporting.environment import environment_report, format_report
 from nanochat_flyte.reporting.report import environment_deck_html
-from nanochat_flyte.training.resume import check_base_resume
+from nanochat_flyte.training.resume import (
+    check_base_resume,
+    check_chat_resume,
+    check_resumed_stage,
+)
 from nanochat_flyte.training.rl import check_sft_checkpoint, rl_run_config
 from nanochat_flyte.training.sft import check_base_checkpoint, sft_run_config
 
@@ -83,17 +92,33 @@ def rl_start(config: RLConfig, sft_checkpoint: str) -> RLConfig:
     return config
 
 
-def chat_stage(config: ChatConfig, base_checkpoint: str) -> tuple[ChatConfig, str]:
-    """The SFT workflow's inputs (sft_start), then the world (probe_stage). Returns the config and the hub endpoint
-    the data tasks use."""
+def chat_stage(config: ChatConfig, base_checkpoint: str, resume_from: str = "") -> tuple[ChatConfig, str]:
+    """The SFT workflow's inputs (sft_start, stage_resume), then the world (probe_stage). Returns the config and the
+    hub endpoint the data tasks use."""
     config = sft_start(config, base_checkpoint)
+    stage_resume(config, base_checkpoint, resume_from)
     return config, probe_stage(config)
 
 
-def rl_stage(config: RLConfig, sft_checkpoint: str) -> tuple[RLConfig, str]:
-    """The RL workflow's inputs (rl_start), then the world (probe_stage). Returns the config and the hub endpoint."""
+def rl_stage(config: RLConfig, sft_checkpoint: str, resume_from: str = "") -> tuple[RLConfig, str]:
+    """The RL workflow's inputs (rl_start, stage_resume), then the world (probe_stage). Returns the config and the
+    hub endpoint."""
     config = rl_start(config, sft_checkpoint)
+    stage_resume(config, sft_checkpoint, resume_from)
     return config, probe_stage(config)
+
+
+def stage_resume(config: ChatConfig | RLConfig, start_checkpoint: str, resume_from: str,
+                 field: str = "resume_from") -> None:
+    """A chat stage's checkpoint to continue (`resume_from`, "" for none; `field` names it): one of the same stage,
+    of the start checkpoint's model, trained on the same data. Read from its small files, before any download."""
+    if not resume_from:
+        return
+    sft = isinstance(config, ChatConfig)
+    stage = "chat_sft" if sft else "chat_rl"
+    check_resumed_stage(resume_from, "chat" if sft else "rl", stage, field)
+    check_chat_resume(resume_from, config, SFT_DATA_FIELDS if sft else RL_DATA_FIELDS, start_checkpoint,
+                      "base_checkpoint" if sft else "sft_checkpoint", stage)
 
 
 def probe_stage(config: ChatConfig | RLConfig) -> str:

@@ -81,11 +81,24 @@ def resume_previous_attempt(attempts: AttemptCheckpoint, checkpoint_dir: Path) -
     return checkpoint_dir
 
 
-def last_save(config: RunConfig, checkpoint_dir: Path) -> Path | None:
-    """Where an interrupted pretraining run's last checkpoint is on this machine, to resume from: a local save_to
-    copy (the task's own folder may go with it), else checkpoint_dir; None before the first save."""
+def resumed_dir(attempts: AttemptCheckpoint, checkpoint_dir: Path, resume_from: str) -> Path | None:
+    """What a training task continues: the previous attempt's save, else the checkpoint `resume_from` (a directory
+    or URI, fetched beside checkpoint_dir), else nothing."""
+    resume_dir = resume_previous_attempt(attempts, checkpoint_dir)
+    if resume_dir is None and resume_from:
+        resume_dir = fetch_checkpoint(resume_from, checkpoint_dir.with_name("resume_from"))
+        print(f"resuming from {resume_from}", flush=True)
+    return resume_dir
+
+
+def last_save(config: RunConfig | ChatConfig | RLConfig, checkpoint_dir: Path) -> Path | None:
+    """Where an interrupted run's last checkpoint is on this machine, to resume from: a local save_to copy (the
+    task's own folder may go with it), else checkpoint_dir; None before the first save. Named from the working
+    directory where it is below it (`runs/base`, as the run's other lines name it)."""
     saved = (local_path(config.save_to) if config.save_to else None) or checkpoint_dir
-    return saved if (saved / CHECKPOINT_FILE).exists() else None
+    if not (saved / CHECKPOINT_FILE).exists():
+        return None
+    return Path(os.path.relpath(saved)) if saved.is_relative_to(Path.cwd()) else saved
 
 
 def resume_command(config: RunConfig, checkpoint_dir: Path, run_command: str, pipelines_file: str) -> str | None:
@@ -95,33 +108,41 @@ def resume_command(config: RunConfig, checkpoint_dir: Path, run_command: str, pi
     saved = last_save(config, checkpoint_dir)
     if saved is None:
         return None
-    if saved.is_relative_to(Path.cwd()):  # as the run's other lines name it (`runs/base`), not from the root
-        saved = Path(os.path.relpath(saved))
     inputs = f"--config {shlex.quote(str(saved / CONFIG_FILE))} --resume_from {shlex.quote(str(saved))}"
     return f"resume with: {run_command} {inputs}\n(a pipeline of {pipelines_file}: its command with {inputs})"
+
+
+def stage_resume_command(config: ChatConfig | RLConfig, checkpoint_dir: Path, run_command: str,
+                         start_checkpoint: str) -> str | None:
+    """The line that says how to continue an interrupted SFT or RL run from its last save: the front's command of
+    the stage's workflow (chat_sft, chat_rl) up to its inputs, from the same start checkpoint; None before the first
+    save."""
+    saved = last_save(config, checkpoint_dir)
+    if saved is None:
+        return None
+    start_flag = "--sft_checkpoint" if isinstance(config, RLConfig) else "--base_checkpoint"
+    return (f"resume with: {run_command} {start_flag} {shlex.quote(start_checkpoint)} --resume_from "
+            f"{shlex.quote(str(saved))}, and the same --config")
 
 
 def base_model(config: RunConfig, data_dir: Path, checkpoint_dir: Path, environment: dict, resume_from: str,
                attempts: AttemptCheckpoint, show: Show) -> dict:
     """Pretrain into checkpoint_dir, continuing (in this order) the previous attempt, the checkpoint `resume_from`
     (a directory or URI), or nothing. Returns the training summary."""
-    resume_dir = resume_previous_attempt(attempts, checkpoint_dir)
-    if resume_dir is None and resume_from:
-        resume_dir = fetch_checkpoint(resume_from, checkpoint_dir.with_name("resume_from"))
-        print(f"resuming from {resume_from}", flush=True)
-    summary = train(config, data_dir, checkpoint_dir, resume_dir=resume_dir, on_save=attempts.save,
-                    env_report=environment)
+    summary = train(config, data_dir, checkpoint_dir, resume_dir=resumed_dir(attempts, checkpoint_dir, resume_from),
+                    on_save=attempts.save, env_report=environment)
     show("Training", training_deck_html(checkpoint_dir, config, environment, summary))
     return summary
 
 
 def chat_stage(config: ChatConfig | RLConfig, start_dir: Path, data_dir: Path, checkpoint_dir: Path,
-               environment: dict, attempts: AttemptCheckpoint, show: Show) -> dict:
+               environment: dict, resume_from: str, attempts: AttemptCheckpoint, show: Show) -> dict:
     """SFT of the base checkpoint in start_dir (a ChatConfig) or RL of the chat one (an RLConfig), on the data
-    prepared for it in data_dir, into checkpoint_dir. Its card shows the run config its training loop ran with."""
+    prepared for it in data_dir, into checkpoint_dir, continuing (in this order) the previous attempt, the stage's
+    checkpoint `resume_from`, or nothing. Its card shows the run config its training loop ran with."""
     rl = isinstance(config, RLConfig)
     summary = (train_rl if rl else train_chat)(config, start_dir, data_dir, checkpoint_dir,
-                                               resume_dir=resume_previous_attempt(attempts, checkpoint_dir),
+                                               resume_dir=resumed_dir(attempts, checkpoint_dir, resume_from),
                                                on_save=attempts.save, env_report=environment)
     run_config = checkpoint_run_config(checkpoint_dir)
     show("Reinforcement learning" if rl else "Fine-tuning",

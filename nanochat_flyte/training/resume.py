@@ -45,13 +45,16 @@ def check_out_dir(out_dir: Path, resume_dir: Path | None, owner: str = "Trainer"
                           owner)
 
 
-def check_resumed_stage(checkpoint_dir: str | Path, stage: str, owner: str = "Trainer") -> None:
+def check_resumed_stage(checkpoint_dir: str | Path, stage: str, owner: str = "Trainer", field: str = "resume_dir"
+                        ) -> None:
     """A run continues a checkpoint of its own stage (base, chat or rl): another's data stream cannot be resumed."""
-    state = read_checkpoint_json(checkpoint_dir, TRAINING_STATE_FILE) or {}
+    state = read_checkpoint_json(checkpoint_dir, TRAINING_STATE_FILE)
+    if state is None:
+        raise ConfigError(field, f"{checkpoint_dir} is not a checkpoint directory (no {TRAINING_STATE_FILE})", owner)
     saved = state.get("stage", state.get("phase", "base"))  # saved before stages had names: the phase's
     if saved != stage:
-        raise ConfigError("resume_dir", f"{checkpoint_dir} is a checkpoint of the {saved} stage; this {stage} run "
-                                         "continues only its own stage's checkpoints", owner)
+        raise ConfigError(field, f"{checkpoint_dir} is a checkpoint of the {saved} stage; this {stage} run "
+                                 "continues only its own stage's checkpoints", owner)
 
 
 def check_not_past(num_iterations: int, steps_done: int, checkpoint: str | Path, owner: str = "RunConfig"

@@ -13,6 +13,7 @@ workflow, what need not wait runs at once on a cluster (support.concurrently): a
 pretraining has trained, beside CORE, and its RL beside the SFT model's chat evaluation.
 """
 
+import functools
 from typing import NamedTuple
 
 import flyte
@@ -31,6 +32,7 @@ from workflows.flyte2.support import (
     name_wandb_run,
     one_line_user_errors,
     retried_only_on_storage_errors,
+    said_at_exit_while_running,
     show_report,
     upload,
     wandb_links,
@@ -65,30 +67,37 @@ def prepare_chat_eval_data(endpoint: str, tasks: str) -> Dir:
     return upload(prepare.chat_eval_data(endpoint, tasks, work_dir("eval_data")))
 
 
-def train_in_task(config: ChatConfig | RLConfig, start: Dir, data: Dir, environment: dict, directory: str
-                  ) -> tuple[Dir, dict]:
-    """A chat stage's training task: SFT or RL; a preempted attempt resumes from its last save."""
+def train_in_task(config: ChatConfig | RLConfig, start: Dir, data: Dir, environment: dict, resume_from: str,
+                  directory: str) -> tuple[Dir, dict]:
+    """A chat stage's training task: SFT or RL, continuing a preempted attempt's last save, or the stage's checkpoint
+    resume_from."""
     name_wandb_run()
     checkpoint_dir = work_dir(directory)
-    summary = train.chat_stage(config, local_dir(start), local_dir(data), checkpoint_dir, environment,
-                               FlyteAttempts(), show_report)
+    workflow = "chat_rl" if isinstance(config, RLConfig) else "chat_sft"
+    resume_line = functools.partial(train.stage_resume_command, config, checkpoint_dir,
+                                    f"flyte run --local workflows/flyte2/chat.py {workflow}", start.path)
+    with said_at_exit_while_running(resume_line):
+        summary = train.chat_stage(config, local_dir(start), local_dir(data), checkpoint_dir, environment,
+                                   resume_from, FlyteAttempts(), show_report)
     return upload(checkpoint_dir), summary
 
 
 @gpu_env.task(retries=3, report=True, links=wandb_links("chat"))
 @one_line_user_errors
 @retried_only_on_storage_errors
-def train_chat_model(config: ChatConfig, base_checkpoint: Dir, data: Dir, environment: dict) -> tuple[Dir, dict]:
+def train_chat_model(config: ChatConfig, base_checkpoint: Dir, data: Dir, environment: dict, resume_from: str
+                     ) -> tuple[Dir, dict]:
     """SFT on the shared training loop."""
-    return train_in_task(config, base_checkpoint, data, environment, "chat_checkpoint")
+    return train_in_task(config, base_checkpoint, data, environment, resume_from, "chat_checkpoint")
 
 
 @gpu_env.task(retries=3, report=True, links=wandb_links("rl"))
 @one_line_user_errors
 @retried_only_on_storage_errors
-def train_rl_model(config: RLConfig, sft_checkpoint: Dir, data: Dir, environment: dict) -> tuple[Dir, dict]:
+def train_rl_model(config: RLConfig, sft_checkpoint: Dir, data: Dir, environment: dict, resume_from: str
+                   ) -> tuple[Dir, dict]:
     """RL on the shared training loop."""
-    return train_in_task(config, sft_checkpoint, data, environment, "rl_checkpoint")
+    return train_in_task(config, sft_checkpoint, data, environment, resume_from, "rl_checkpoint")
 
 
 @gpu_env.task(retries=2, report=True, cache=EVALUATION_CACHE)
@@ -125,28 +134,28 @@ class TrainedChat(NamedTuple):
     training: dict
 
 
-async def train_sft(config: ChatConfig, base_checkpoint: Dir) -> TrainedChat:
+async def train_sft(config: ChatConfig, base_checkpoint: Dir, resume_from: str = "") -> TrainedChat:
     """checks (in the driver; the sandbox on the GPU node kind) -> the training node described and the data (CPU,
     cached), at once -> SFT."""
-    config, endpoint = setup.chat_stage(config, base_checkpoint.path)
+    config, endpoint = setup.chat_stage(config, base_checkpoint.path, resume_from)
     environment, data, eval_data = await concurrently(
         describe_training_node.aio(printed=not is_local_run(),  # locally, pretraining printed it
                                    sandbox_for=setup.sandbox_required_by(config)),
         prepare_chat_sft_data.aio(endpoint, **prepare.sft_data_settings(config)),
         prepare_chat_eval_data.aio(endpoint, config.eval_tasks))
-    chat_checkpoint, training = await train_chat_model.aio(config, base_checkpoint, data, environment)
+    chat_checkpoint, training = await train_chat_model.aio(config, base_checkpoint, data, environment, resume_from)
     return TrainedChat(config, base_checkpoint, environment, eval_data, chat_checkpoint, training)
 
 
-async def train_rl(config: RLConfig, sft_checkpoint: Dir) -> TrainedChat:
+async def train_rl(config: RLConfig, sft_checkpoint: Dir, resume_from: str = "") -> TrainedChat:
     """checks (in the driver; the sandbox on the GPU node kind) -> the training node described, GSM8K problems and
     evaluation data (CPU, cached), at once -> RL."""
-    config, endpoint = setup.rl_stage(config, sft_checkpoint.path)
+    config, endpoint = setup.rl_stage(config, sft_checkpoint.path, resume_from)
     environment, data, eval_data = await concurrently(
         describe_training_node.aio(printed=not is_local_run(), sandbox_for=setup.sandbox_required_by(config)),
         prepare_rl_problems.aio(endpoint, **prepare.rl_data_settings(config)),
         prepare_chat_eval_data.aio(endpoint, config.eval_tasks))
-    rl_checkpoint, training = await train_rl_model.aio(config, sft_checkpoint, data, environment)
+    rl_checkpoint, training = await train_rl_model.aio(config, sft_checkpoint, data, environment, resume_from)
     return TrainedChat(config, sft_checkpoint, environment, eval_data, rl_checkpoint, training)
 
 
@@ -161,13 +170,13 @@ async def evaluate_and_report(trained: TrainedChat) -> tuple[dict, Dir]:
     return results, upload(report_dir)
 
 
-async def fine_tune(config: ChatConfig, base_checkpoint: Dir) -> ChatOutputs:
-    trained = await train_sft(config, base_checkpoint)
+async def fine_tune(config: ChatConfig, base_checkpoint: Dir, resume_from: str = "") -> ChatOutputs:
+    trained = await train_sft(config, base_checkpoint, resume_from)
     return ChatOutputs(trained.checkpoint, *await evaluate_and_report(trained))
 
 
-async def reinforce(config: RLConfig, sft_checkpoint: Dir) -> RLOutputs:
-    trained = await train_rl(config, sft_checkpoint)
+async def reinforce(config: RLConfig, sft_checkpoint: Dir, resume_from: str = "") -> RLOutputs:
+    trained = await train_rl(config, sft_checkpoint, resume_from)
     return RLOutputs(trained.checkpoint, *await evaluate_and_report(trained))
 
 
@@ -206,18 +215,20 @@ RL_D8_T4 = flyte.Trigger("nanochat-rl-d8-t4", inputs={"config": REFERENCE_RL_CON
 
 @driver_env.task
 @one_line_user_errors
-async def chat_sft(base_checkpoint: Dir, config: ChatConfig = ChatConfig()) -> ChatOutputs:
+async def chat_sft(base_checkpoint: Dir, config: ChatConfig = ChatConfig(), resume_from: str = "") -> ChatOutputs:
     """A base checkpoint (a previous run's `checkpoint` output, or any directory or URI holding one) to an
-    evaluated chat checkpoint."""
-    return await fine_tune(config, base_checkpoint)
+    evaluated chat checkpoint. resume_from: a chat checkpoint of an SFT run of the same base checkpoint and data to
+    continue (a stopped run goes on from its last save)."""
+    return await fine_tune(config, base_checkpoint, resume_from)
 
 
 @driver_env.task(triggers=RL_D8_T4)
 @one_line_user_errors
-async def chat_rl(sft_checkpoint: Dir, config: RLConfig = RLConfig()) -> RLOutputs:
+async def chat_rl(sft_checkpoint: Dir, config: RLConfig = RLConfig(), resume_from: str = "") -> RLOutputs:
     """A chat (SFT) checkpoint (a chat run's `chat_checkpoint` output, or any directory or URI holding one) to an
-    evaluated RL checkpoint."""
-    return await reinforce(config, sft_checkpoint)
+    evaluated RL checkpoint. resume_from: an RL checkpoint of a run from the same SFT checkpoint and problems to
+    continue."""
+    return await reinforce(config, sft_checkpoint, resume_from)
 
 
 @driver_env.task(triggers=CHAT_D8_T4)
