@@ -180,7 +180,8 @@ def test_each_preset_is_a_trigger_fired_on_demand_with_its_inputs(compiled, trig
 
 def test_the_rl_preset_asks_for_the_chat_checkpoint(compiled):
     spec = compiled["triggers"]["nanochat-rl-d8-t4"]
-    assert [item["name"] for item in spec["spec"]["inputs"]["literals"]] == ["config"]
+    # sft_checkpoint has no value: the console asks for it at each firing
+    assert [item["name"] for item in spec["spec"]["inputs"]["literals"]] == ["config", "resume_from"]
     assert RLConfig.from_mapping(config_input(spec)) == RLConfig.from_file(ROOT / "configs" / "rl_d8_t4.yaml")
 
 

@@ -209,7 +209,7 @@ CHAT_RL_D8_T4 = flyte.Trigger("nanochat-chat-rl-d8-t4", inputs={"config": REFERE
                                                                 "chat_config": REFERENCE_CHAT_CONFIG,
                                                                 "rl_config": REFERENCE_RL_CONFIG},
                               description="the whole pipeline, then RL: the three reference presets")
-RL_D8_T4 = flyte.Trigger("nanochat-rl-d8-t4", inputs={"config": REFERENCE_RL_CONFIG},
+RL_D8_T4 = flyte.Trigger("nanochat-rl-d8-t4", inputs={"config": REFERENCE_RL_CONFIG, "resume_from": ""},
                          description="RL on GSM8K of a chat checkpoint on a T4: sft_checkpoint is asked for")
 
 
