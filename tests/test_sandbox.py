@@ -31,9 +31,11 @@ from nanochat_flyte.evaluation.sandbox import (
     Limits,
     Rule,
     execute,
+    is_mapped,
     probe_sandbox,
     sandbox_available,
     sandbox_rules,
+    sandbox_uid,
     seccomp_program,
 )
 
@@ -499,6 +501,16 @@ def test_a_program_holding_every_thread_it_may_leaves_the_others_theirs():
     assert int(hog.stdout) >= Limits().processes - 4, hog.stdout  # all but a few, whatever Python holds itself
     assert other.passed, other.stderr
     assert int(other.stdout.splitlines()[-1]) in SANDBOX_UIDS or os.geteuid() != 0
+
+
+def test_a_program_runs_as_a_uid_of_its_own_where_the_user_namespace_maps_one_else_as_nobody(tmp_path):
+    """A rootless container maps 65,536 uids: none of SANDBOX_UIDS, which root could not become there."""
+    everything, rootless = tmp_path / "everything", tmp_path / "rootless"
+    everything.write_text("         0          0 4294967295\n")
+    rootless.write_text("         0     100000      65536\n")
+    assert sandbox_uid((str(everything), str(everything))) in SANDBOX_UIDS
+    assert sandbox_uid((str(everything), str(rootless))) == sandbox_uid((str(tmp_path / "none"),)) == 65534
+    assert is_mapped(65534, str(rootless)) and not is_mapped(65536, str(rootless))
 
 
 def test_the_process_group_is_killed_before_the_child_is_reaped(monkeypatch):

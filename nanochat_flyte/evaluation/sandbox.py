@@ -50,6 +50,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -98,13 +99,33 @@ SAFE_PATH = "/usr/bin:/bin"
 # other sandbox running at once and the host's own nobody processes), RLIMIT_NPROC, which counts all of a uid's
 # threads, would let one program keep the others from starting a thread.
 SANDBOX_UIDS = range(0x60000000, 0x70000000)
+# Where this user namespace does not map them (a rootless container maps 65,536 uids), programs run as nobody, the
+# overflow uid and gid, which owns no file, no process and no privilege, and share its RLIMIT_NPROC.
+NOBODY = 65534
+ID_MAPS = ("/proc/self/uid_map", "/proc/self/gid_map")
+
+
+def sandbox_uid(id_maps: tuple[str, ...] = ID_MAPS) -> int:
+    """The uid (and gid) a program runs as under root: one of its own from SANDBOX_UIDS (2**28 of them: two
+    programs at once share none), where this user namespace maps it; else nobody."""
+    uid = random.SystemRandom().choice(SANDBOX_UIDS)
+    return uid if all(is_mapped(uid, id_map) for id_map in id_maps) else NOBODY
+
+
+def is_mapped(id_: int, id_map: str) -> bool:
+    """Whether a user namespace's uid_map or gid_map (lines "first-inside first-outside count") maps id_."""
+    try:
+        ranges = [line.split() for line in Path(id_map).read_text().splitlines()]
+    except OSError:
+        return False
+    return any(int(first) <= id_ < int(first) + int(count) for first, _, count in ranges)
 
 
 def execute(code: str, limits: Limits = Limits(), require: tuple[str, ...] = ()) -> ExecutionResult:
     """Run code in the sandbox. Any string gives a result; raises SandboxError only when this machine cannot hold
     the essential layers or one in `require` (the code then did not run)."""
     start = time.monotonic()
-    uid = random.SystemRandom().choice(SANDBOX_UIDS)  # 2**28 of them: two programs at once share none
+    uid = sandbox_uid()
     ack_read, ack_write = os.pipe()  # the child reports on it which layers hold
     with tempfile.TemporaryDirectory(prefix="nanochat-sandbox-") as workdir, open(ack_read, "rb") as ack_file:
         try:
