@@ -382,12 +382,19 @@ class RLConfig(ChatStageConfig):
         if 0 < self.max_problems < self.examples_per_step:
             raise ConfigError("max_problems", f"{self.max_problems} problems do not fill one step of "
                                               f"examples_per_step {self.examples_per_step}", "RLConfig")
-        answers = self.examples_per_step * self.num_samples
-        if self.device_batch_size and answers % self.device_batch_size:  # 0: the SFT run's, checked with it
-            raise ConfigError("device_batch_size", f"the {answers} answers of a step (examples_per_step x num_samples)"
-                                                   f" are not a whole number of micro-batches of "
-                                                   f"{self.device_batch_size}", "RLConfig")
+        if self.device_batch_size:  # 0: the SFT run's, checked with it (training/rl.py)
+            self.check_micro_batches(self.device_batch_size)
         return self
+
+    def check_micro_batches(self, device_batch_size: int, world_size: int = 1) -> None:
+        """A step's answers (examples_per_step x num_samples) fill whole micro-batches of device_batch_size rows on
+        each of world_size ranks."""
+        answers = self.examples_per_step * self.num_samples
+        if answers % (device_batch_size * world_size):
+            ranks = f" on each of {world_size} ranks" if world_size > 1 else ""
+            raise ConfigError("device_batch_size", f"the {answers} answers of a step (examples_per_step x num_samples)"
+                                                   f" are not a whole number of micro-batches of {device_batch_size}"
+                                                   f"{ranks}", "RLConfig")
 
 
 STAGE_CONFIGS = {"base": "RunConfig", "chat": "ChatConfig", "rl": "RLConfig"}  # where a user sets a stage's fields

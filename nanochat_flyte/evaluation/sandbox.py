@@ -328,7 +328,7 @@ def enter_namespaces(sandbox_uid: int) -> None:
         return
     if os.geteuid() == 0:
         become(sandbox_uid)
-        # the uid change gave /proc/self to root: dumpable again (until undumpable()), it may write the maps below
+        # the uid change gave /proc/self to root: dumpable again (until set_limits), it may write the maps below
         check(libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
     uid, gid = os.geteuid(), os.getegid()
     check(libc.unshare(CLONE_NEWUSER | NAMESPACES), "unshare")

@@ -12,20 +12,12 @@ from nanochat_flyte.evaluation.bundle import check_bundle_url, load_bundle
 from nanochat_flyte.evaluation.chat_eval import require_sandbox
 from nanochat_flyte.evaluation.core import check_max_per_task
 from nanochat_flyte.files import local_path
-from nanochat_flyte.model.checkpoint import (
-    check_save_to,
-    check_save_to_apart,
-    checkpoint_run_config,
-)
+from nanochat_flyte.model.checkpoint import check_save_to, check_save_to_apart, checkpoint_run_config
 from nanochat_flyte.pipeline import Show
 from nanochat_flyte.pipeline.prepare import RL_DATA_FIELDS, SFT_DATA_FIELDS
 from nanochat_flyte.reporting.environment import environment_report, format_report
 from nanochat_flyte.reporting.report import environment_deck_html
-from nanochat_flyte.training.resume import (
-    check_base_resume,
-    check_chat_resume,
-    check_resumed_stage,
-)
+from nanochat_flyte.training.resume import check_base_resume, check_chat_resume, check_resumed_stage
 from nanochat_flyte.training.rl import check_sft_checkpoint, rl_run_config
 from nanochat_flyte.training.sft import check_base_checkpoint, sft_run_config
 

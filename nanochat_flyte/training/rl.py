@@ -274,10 +274,7 @@ def rl_run_config(rl: RLConfig, sft: RunConfig) -> RunConfig:
     if rl.examples_per_step % world_size:
         raise ConfigError("examples_per_step", f"{rl.examples_per_step} problems per step do not split evenly over "
                                                f"{world_size} ranks", "RLConfig")
-    if answers % (device_batch_size * world_size):
-        raise ConfigError("device_batch_size", f"the {answers} answers of a step (examples_per_step x num_samples) "
-                                               f"are not a whole number of micro-batches of {device_batch_size} on "
-                                               f"each of {world_size} ranks", "RLConfig")
+    rl.check_micro_batches(device_batch_size, world_size)
     return rl.loop_config(sft, "rl", device_batch_size=device_batch_size, total_batch_size=answers * sft.max_seq_len,
                           warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
 
