@@ -491,6 +491,35 @@ def test_beyond_the_connection_limit_a_new_connection_gets_503(strict_server):
         time.sleep(0.05)
 
 
+def test_clients_that_stop_reading_are_cut_off_and_keep_nobody_out(strict_server):
+    """Four connections (the limit) pipeline requests for the page and read none of the answers: once the buffers
+    between them and the server are full and the request timeout (1 s) passes, the server cuts them off, and a new
+    client is answered again. Before, they held their connections, and so the server, for good."""
+    port = int(strict_server.url.rsplit(":", 1)[1])
+    pipelined = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 1000  # 13 MB of answers: far beyond any buffer
+    stalled = []
+    for _ in range(4):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, set before connecting
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(pipelined)
+        stalled.append(sock)
+    deadline = time.monotonic() + 30  # the 1 s timeout, with slack for a loaded machine
+    while requests.get(f"{strict_server.url}/health", timeout=10).status_code != 200:  # 503 while they are open
+        assert time.monotonic() < deadline, "connections that read nothing still hold the server"
+        time.sleep(0.1)
+    for sock in stalled:
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            pass
+        assert received.count(b"HTTP/1.1 200 OK") < 1000  # cut off, not answered in full
+        sock.close()
+
+
 def test_broken_framing_gets_uvicorns_plain_text_400_and_a_client_gone_mid_body_one_log_line(strict_server):
     garbled = raw_connection(strict_server, b"NOT HTTP AT ALL\r\n\r\n")
     assert read_until_closed(garbled).endswith(b"\r\n\r\nInvalid HTTP request received.")

@@ -11,8 +11,9 @@ examples:
 
 It listens on 127.0.0.1 unless told otherwise; with NANOCHAT_API_KEY set, every /v1 request needs
 `Authorization: Bearer <that key>` (with --require-api-key it does not start without one). A connection must send
-a request's headers within --request-timeout seconds, and its body within as many again; beyond --max-connections
-open connections, a new one gets a plain-text 503.
+a request's headers within --request-timeout seconds, and its body within as many again; a client that reads
+nothing of a full buffer for as long is cut off; beyond --max-connections open connections, a new one gets a
+plain-text 503.
 docs/serving.md has the details.
 """
 
@@ -58,8 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
                         help="open connections at once; more get 503 (default: %(default)s)")
     parser.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT,
-                        help="seconds a connection has to send a request's headers, and again its body "
-                             "(default: %(default)s)")
+                        help="seconds a connection has to send a request's headers, again its body, and again to "
+                             "read from a full buffer (default: %(default)s)")
     parser.add_argument("--model-name", help="the model id in responses (default: from the checkpoint path)")
     parser.add_argument("--require-api-key", action="store_true",
                         help=f"refuse to start without {API_KEY_ENV} (a deployment whose key must never be missing)")

@@ -11,8 +11,9 @@ Built on FastAPI + uvicorn. Torch runs on the engine's decode thread (scheduler.
 together in one batch, and the event loop stays free to stream (a request's JSON and its prompt's tokens are
 worked out on another thread). A client that disconnects mid-answer frees its slot at once; beyond
 --max-concurrent requests the answer is 429. A connection must send a request's headers within --request-timeout
-seconds, and its body within as many again; beyond --max-connections open connections, a new one gets a plain-text
-503. The server listens on 127.0.0.1 unless told otherwise; with NANOCHAT_API_KEY set, every /v1 request needs
+seconds, and its body within as many again; a client that reads nothing of a full buffer for as long is cut off;
+beyond --max-connections open connections, a new one gets a plain-text 503. The server listens on 127.0.0.1
+unless told otherwise; with NANOCHAT_API_KEY set, every /v1 request needs
 `Authorization: Bearer <that key>`.
 
 OpenAI request fields: messages, model (any name is accepted: one model is served), stream, stream_options
@@ -429,14 +430,16 @@ TOO_MANY_CONNECTIONS = b"too many open connections: retry shortly\n"
 
 
 class BoundedHttp(H11Protocol):
-    """uvicorn's HTTP/1.1 connection with two limits it lacks: the request's headers must arrive within
-    request_timeout seconds of the connection opening (or of its last answer), else it is closed; and beyond
+    """uvicorn's HTTP/1.1 connection with the limits it lacks: the request's headers must arrive within
+    request_timeout seconds of the connection opening (or of its last answer), else it is closed; a client that
+    takes nothing of what is written to it for as long, once the buffers are full, is cut off; and beyond
     max_connections open connections, a new one gets a plain-text 503 and is closed."""
 
     def __init__(self, *args, request_timeout: float, max_connections: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.request_timeout, self.max_connections = request_timeout, max_connections
         self.deadline: asyncio.TimerHandle | None = None
+        self.stalled: asyncio.TimerHandle | None = None  # set while the client reads nothing of a full buffer
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)
@@ -467,7 +470,19 @@ class BoundedHttp(H11Protocol):
             return
         self.await_request()  # the next request on this connection
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        # a stream, or answers to pipelined requests, that the client stopped reading: without a limit the
+        # connection waits for it for good. abort(): close() would wait for the buffer to be sent first
+        self.stalled = self.loop.call_later(self.request_timeout, self.transport.abort)
+
+    def resume_writing(self) -> None:
+        if self.stalled is not None:
+            self.stalled.cancel()
+        super().resume_writing()
+
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.deadline is not None:
-            self.deadline.cancel()
+        for timer in (self.deadline, self.stalled):
+            if timer is not None:
+                timer.cancel()
         super().connection_lost(exc)
