@@ -164,10 +164,10 @@ def test_the_resume_line_names_a_copy_under_the_working_directory_as_the_user_di
         f"--resume_from {elsewhere})")
     # a chat stage's: its workflow from the same start checkpoint, continuing its last save
     assert stage_resume_command(ChatConfig(save_to="runs/my base"), tmp_path / "task",
-                                "pyflyte run workflows/chat.py chat_sft", "/data/base run") == (
+                                "pyflyte run workflows/chat.py", "/data/base run") == (
         "resume with: pyflyte run workflows/chat.py chat_sft --base_checkpoint '/data/base run' --resume_from "
         "'runs/my base', and the same --config")
-    assert stage_resume_command(RLConfig(), elsewhere, "flyte run --local workflows/flyte2/chat.py chat_rl",
+    assert stage_resume_command(RLConfig(), elsewhere, "flyte run --local workflows/flyte2/chat.py",
                                 "s3://b/sft") == ("resume with: flyte run --local workflows/flyte2/chat.py chat_rl "
                                                   f"--sft_checkpoint s3://b/sft --resume_from {elsewhere}, and the "
                                                   "same --config")

@@ -133,8 +133,7 @@ def train_in_task(config: ChatConfig | RLConfig, start: FlyteDirectory, data: Fl
             summary = train.chat_stage(config, Path(start.download()), Path(data.download()), checkpoint_dir,
                                        environment, resume_from, FlytekitAttempts(), deck)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C in a local run (flytekit raises SystemExit): say how to go on
-        workflow = "chat_rl" if isinstance(config, RLConfig) else "chat_sft"
-        if line := train.stage_resume_command(config, checkpoint_dir, f"pyflyte run workflows/chat.py {workflow}",
+        if line := train.stage_resume_command(config, checkpoint_dir, "pyflyte run workflows/chat.py",
                                               checkpoint_location(start)):
             print(line, flush=True)
         raise

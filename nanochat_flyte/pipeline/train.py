@@ -114,14 +114,15 @@ def resume_command(config: RunConfig, checkpoint_dir: Path, run_command: str, pi
 
 def stage_resume_command(config: ChatConfig | RLConfig, checkpoint_dir: Path, run_command: str,
                          start_checkpoint: str) -> str | None:
-    """The line that says how to continue an interrupted SFT or RL run from its last save: the front's command of
-    the stage's workflow (chat_sft, chat_rl) up to its inputs, from the same start checkpoint; None before the first
-    save."""
+    """The line that says how to continue an interrupted SFT or RL run from its last save: the front's command
+    (`pyflyte run workflows/chat.py`) with the stage's workflow (chat_sft, chat_rl), from the same start checkpoint;
+    None before the first save."""
     saved = last_save(config, checkpoint_dir)
     if saved is None:
         return None
-    start_flag = "--sft_checkpoint" if isinstance(config, RLConfig) else "--base_checkpoint"
-    return (f"resume with: {run_command} {start_flag} {shlex.quote(start_checkpoint)} --resume_from "
+    workflow, start_flag = ("chat_rl", "--sft_checkpoint") if isinstance(config, RLConfig) else (
+        "chat_sft", "--base_checkpoint")
+    return (f"resume with: {run_command} {workflow} {start_flag} {shlex.quote(start_checkpoint)} --resume_from "
             f"{shlex.quote(str(saved))}, and the same --config")
 
 

@@ -73,9 +73,8 @@ def train_in_task(config: ChatConfig | RLConfig, start: Dir, data: Dir, environm
     resume_from."""
     name_wandb_run()
     checkpoint_dir = work_dir(directory)
-    workflow = "chat_rl" if isinstance(config, RLConfig) else "chat_sft"
     resume_line = functools.partial(train.stage_resume_command, config, checkpoint_dir,
-                                    f"flyte run --local workflows/flyte2/chat.py {workflow}", start.path)
+                                    "flyte run --local workflows/flyte2/chat.py", start.path)
     with said_at_exit_while_running(resume_line):
         summary = train.chat_stage(config, local_dir(start), local_dir(data), checkpoint_dir, environment,
                                    resume_from, FlyteAttempts(), show_report)
