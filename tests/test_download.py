@@ -14,7 +14,9 @@ from nanochat_flyte.data.download import (
     check_data_url,
     download_shard,
     download_shards,
+    probe,
     retry_after_seconds,
+    shard_url,
     source_key,
     verify_shard,
 )
@@ -230,6 +232,7 @@ def test_shard_without_text_column_is_rejected(tmp_path):
 def test_hf_token_is_sent_but_never_printed(shard_server, shard_0, tmp_path, monkeypatch, capsys, caplog):
     token = "hf_secretTOKEN123"
     monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setenv("HF_ENDPOINT", shard_server.url)  # the shards are on the hub's host (a gated mirror)
     shard_server.fail(SHARD_0, "503")  # a retry line gets printed
     download_shard(shard_server.url, 0, tmp_path / "cache", FAST_RETRY)
     shard_server.fail("/shard_00001.parquet", "404")
@@ -240,6 +243,16 @@ def test_hf_token_is_sent_but_never_printed(shard_server, shard_0, tmp_path, mon
     output = capsys.readouterr()
     assert "attempt 1/4 failed" in output.out
     assert token not in output.out + output.err + caplog.text + str(error.value)
+
+
+def test_hf_token_goes_to_the_hubs_host_only(shard_server, shard_0, tmp_path, monkeypatch):
+    """A data_url on another server than the hub (here huggingface.co), or the CORE bundle's host, never sees the
+    token: only the hub's own host does."""
+    monkeypatch.setenv("HF_TOKEN", "hf_secretTOKEN123")
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    download_shard(shard_server.url, 0, tmp_path / "cache", FAST_RETRY)
+    assert probe(shard_url(shard_server.url, 0)) is None
+    assert len(shard_server.requests) == 2 and all("Authorization" not in r.headers for r in shard_server.requests)
 
 
 def test_parallel_downloads_report_progress_and_fail_loudly(shard_server, tmp_path, capsys):

@@ -113,6 +113,16 @@ def test_another_endpoint_lists_and_downloads_again_into_a_folder_of_its_own(hub
     assert first.parent != second.parent and first.read_bytes() == second.read_bytes()
 
 
+def test_hf_token_never_goes_to_a_host_that_the_hubs_listing_names(hub_server, tmp_path, monkeypatch):
+    token = "hf_sEcReT0123456789"
+    monkeypatch.setenv("HF_TOKEN", token)
+    endpoint = hub_server.url.replace("127.0.0.1", "localhost")  # the hub: its listing names files on 127.0.0.1
+    download_split(*MMLU_TEST, endpoint=endpoint, cache_dir=tmp_path / "cache", retry=FAST_RETRY)
+    (listing,) = hub_server.requests_for(LISTING)
+    (file,) = hub_server.requests_for(FILE_0)
+    assert listing.headers["Authorization"] == f"Bearer {token}" and "Authorization" not in file.headers
+
+
 def test_hf_token_is_sent_to_the_hub_never_printed_and_not_forwarded_to_another_host(hub_server, tmp_path,
                                                                                      monkeypatch, capsys):
     token = "hf_sEcReT0123456789"

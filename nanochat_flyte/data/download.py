@@ -4,8 +4,8 @@
   exponential backoff and jitter on connection errors, timeouts, 429 and 5xx (honouring Retry-After), and on
   a body shorter than its Content-Length; an interrupted download resumes with a Range request, and If-Range
   with the file's ETag (or Last-Modified) where the server gave one: a file changed since is sent whole, never
-  spliced onto the old one's first bytes. A 4xx such as 404 fails at once. A gated mirror gets
-  `Authorization: Bearer $HF_TOKEN` (the token is never printed).
+  spliced onto the old one's first bytes. A 4xx such as 404 fails at once. The hub's own host (a gated mirror's)
+  gets `Authorization: Bearer $HF_TOKEN`, and no other host does (the token is never printed).
 - Any other URL goes through fsspec (s3://, gs://, memory://, ...); local paths and file:// are read in place.
 - A download streams into `<file>.part` and is renamed into place only after it verifies (for a shard: a
   readable parquet footer with a `text` string column): readers never see a partial or corrupt file, and a
@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import fsspec
 import pyarrow as pa
@@ -42,6 +43,7 @@ HTTP_TIMEOUT_S = (10, 60)  # (connect, between bytes): a stalled CDN connection 
 PROBE_TIMEOUT_S = 10  # a HEAD request that checks a URL before any download: a live server answers in far less
 PROBE_ATTEMPTS = 2  # one retry, so a dropped connection is not taken for a missing shard
 PROBE_WORKERS = 16  # HEAD requests at once when checking that every shard exists
+DEFAULT_ENDPOINT = "https://huggingface.co"
 
 
 def shard_name(index: int) -> str:
@@ -136,9 +138,21 @@ def verify_shard(path: Path) -> None:
 
 # ----------------------------------------------------------------------------- one file, one attempt
 
-def auth_headers() -> dict[str, str]:
+def hub_endpoint(explicit: str = "") -> str:
+    """The hub to ask: `explicit`, else $HF_ENDPOINT, else https://huggingface.co; without a trailing slash."""
+    endpoint = explicit or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
+    if not endpoint.startswith(("http://", "https://")):  # (the config field is checked with the config)
+        raise ConfigError("HF_ENDPOINT", f"must be an http(s) URL, got {endpoint!r}", "environment")
+    return endpoint.rstrip("/")
+
+
+def auth_headers(url: str, hub: str = "") -> dict[str, str]:
+    """$HF_TOKEN for a URL on the host of the hub (`hub`, else hub_endpoint()'s), and for no other: a data_url
+    on another server, the CORE bundle's host or a file that a listing names elsewhere never sees the token."""
     token = os.environ.get("HF_TOKEN")
-    return {"Authorization": f"Bearer {token}"} if token else {}
+    if not token or urlsplit(url).netloc != urlsplit(hub_endpoint(hub)).netloc:
+        return {}
+    return {"Authorization": f"Bearer {token}"}
 
 
 def retry_after_seconds(header: str | None) -> float | None:
@@ -183,12 +197,12 @@ def discard_partial(partial: Path) -> None:
     validator_path(partial).unlink(missing_ok=True)
 
 
-def fetch_http(url: str, partial: Path) -> None:
+def fetch_http(url: str, partial: Path, hub: str = "") -> None:
     """Append the rest of `url` to `partial`, resuming with a Range request from the bytes already there. The
     Range carries If-Range with the validator the first response gave (a strong ETag, else Last-Modified): a
     server whose file has changed since answers with the whole new file, which replaces the partial one."""
     offset = partial.stat().st_size if partial.exists() else 0
-    headers = auth_headers()
+    headers = auth_headers(url, hub)
     if offset:
         headers["Range"] = f"bytes={offset}-"
         if validator_path(partial).exists():
@@ -263,9 +277,10 @@ def with_retries(action: Callable[[], object], what: str, url: str, retry: Retry
 
 
 def download_file(url: str, cached: Path, verify: Callable[[Path], None], what: str,
-                  retry: Retry = DEFAULT_RETRY) -> Download:
+                  retry: Retry = DEFAULT_RETRY, hub: str = "") -> Download:
     """The file at `url`, verified, on local disk: read in place (local data), from the cache at `cached`, or
-    downloaded there. `verify(path)` raises CorruptFile for bytes that are not the expected file."""
+    downloaded there. `verify(path)` raises CorruptFile for bytes that are not the expected file. hub: the
+    endpoint whose host may see $HF_TOKEN (auth_headers)."""
     start = time.time()
     if (path := local_path(url)) is not None:
         if not path.exists():
@@ -285,11 +300,10 @@ def download_file(url: str, cached: Path, verify: Callable[[Path], None], what: 
             print(f"{what}: cached file is corrupt ({e}); downloading it again", flush=True)
             cached.unlink()
 
-    fetch = fetch_http if is_http(url) else fetch_fsspec
     partial = cached.with_name(cached.name + ".part")
 
     def attempt() -> Download:
-        fetch(url, partial)
+        fetch_http(url, partial, hub) if is_http(url) else fetch_fsspec(url, partial)
         size = partial.stat().st_size
         verify(partial)
         os.replace(partial, cached)  # atomic: the cache holds whole, verified files only
@@ -299,11 +313,11 @@ def download_file(url: str, cached: Path, verify: Callable[[Path], None], what: 
     return with_retries(attempt, what, url, retry, on_corrupt=lambda: discard_partial(partial))
 
 
-def get_json(url: str, what: str, retry: Retry = DEFAULT_RETRY):
+def get_json(url: str, what: str, retry: Retry = DEFAULT_RETRY, hub: str = ""):
     """A small JSON document over http(s) (an API listing), with the same retries as a download."""
 
     def attempt():
-        response = requests.get(url, headers=auth_headers(), timeout=HTTP_TIMEOUT_S)
+        response = requests.get(url, headers=auth_headers(url, hub), timeout=HTTP_TIMEOUT_S)
         raise_for_status(response)
         try:
             return response.json()
@@ -360,7 +374,8 @@ def probe(url: str) -> str | None:
     for attempt in range(PROBE_ATTEMPTS):
         try:
             if is_http(url):
-                response = requests.head(url, headers=auth_headers(), allow_redirects=True, timeout=PROBE_TIMEOUT_S)
+                response = requests.head(url, headers=auth_headers(url), allow_redirects=True,
+                                         timeout=PROBE_TIMEOUT_S)
                 if response.status_code == 404:
                     return "not found"
                 cause = None if response.ok else f"HTTP {response.status_code} {response.reason}"

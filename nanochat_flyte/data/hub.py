@@ -10,13 +10,13 @@ the cache) into
 and keep the listing beside them (`listing.json`), so that a second call, or a relaunch on the same disk, asks
 the network nothing. Each endpoint has a folder of its own: a mirror's files never stand in for the hub's. The
 endpoint is the one every hub client honours: an explicit value, else $HF_ENDPOINT, else https://huggingface.co. A
-gated mirror gets $HF_TOKEN (download.auth_headers); requests drops that header when a redirect leaves the host, so
-the CDN never sees it.
+gated mirror gets $HF_TOKEN (download.auth_headers), on its own host only: a file that a listing names on another
+host is fetched without it, and requests drops the header when a redirect leaves the host, so the CDN never sees
+it.
 """
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,24 +31,15 @@ from nanochat_flyte.data.download import (
     default_cache_dir,
     download_file,
     get_json,
+    hub_endpoint,
     readable_parquet_schema,
     source_key,
 )
-from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.files import write_bytes_atomically
 
-DEFAULT_ENDPOINT = "https://huggingface.co"
 DOWNLOAD_WORKERS = 4  # parquet files of one split fetched at once (SmolTalk's train split has a few)
 LISTING_FILE = "listing.json"
 ROWS_PER_BATCH = 1024  # rows turned into Python objects at once: a few MB, where a whole file would be GBs
-
-
-def hub_endpoint(explicit: str = "") -> str:
-    """The hub to ask: `explicit`, else $HF_ENDPOINT, else https://huggingface.co; without a trailing slash."""
-    endpoint = explicit or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
-    if not endpoint.startswith(("http://", "https://")):  # (the config field is checked with the config)
-        raise ConfigError("HF_ENDPOINT", f"must be an http(s) URL, got {endpoint!r}", "environment")
-    return endpoint.rstrip("/")
 
 
 def listing_url(repo: str, subset: str, split: str, endpoint: str = "") -> str:
@@ -65,7 +56,7 @@ def parquet_urls(repo: str, subset: str, split: str, endpoint: str = "", retry: 
     answer that is not a non-empty list of URLs, raises one DownloadError naming the split and the URL."""
     url = listing_url(repo, subset, split, endpoint)
     what = f"the parquet listing of {split_name(repo, subset, split)}"
-    urls = get_json(url, what, retry)
+    urls = get_json(url, what, retry, endpoint)
     if not isinstance(urls, list) or not urls or not all(isinstance(u, str) and u.startswith(("http://", "https://"))
                                                          for u in urls):
         raise DownloadError(what, url, f"expected a non-empty JSON list of parquet URLs, got {str(urls)[:200]!r}")
@@ -114,7 +105,7 @@ def download_split(repo: str, subset: str, split: str, endpoint: str = "", cache
 
     def fetch(index: int) -> Path:
         what = f"{split_name(repo, subset, split)} file {index}"
-        return download_file(urls[index], directory / f"{index:05d}.parquet", verify, what, retry).path
+        return download_file(urls[index], directory / f"{index:05d}.parquet", verify, what, retry, endpoint).path
 
     with ThreadPoolExecutor(min(DOWNLOAD_WORKERS, len(urls))) as pool:
         return list(pool.map(fetch, range(len(urls))))
