@@ -153,6 +153,12 @@ def test_cache_is_reused_and_a_corrupt_cached_file_downloaded_again(shard_server
     assert len(shard_server.requests_for(SHARD_0)) == 2
     assert "cached file is corrupt" in capsys.readouterr().out
 
+    damaged = bytearray(shard_0)  # a whole footer on a damaged data page (a bad disk): the footer alone looks fine
+    damaged[len(damaged) // 3:len(damaged) // 3 + 64] = bytes(64)
+    repaired.path.write_bytes(bytes(damaged))
+    assert download_shard(shard_server.url, 0, cache, FAST_RETRY).path.read_bytes() == shard_0
+    assert len(shard_server.requests_for(SHARD_0)) == 3 and "damaged data page" in capsys.readouterr().out
+
 
 @pytest.mark.parametrize("supports_range", [True, False])
 def test_resumes_a_partial_download_with_range(shard_server, shard_0, tmp_path, supports_range):

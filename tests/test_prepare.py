@@ -166,6 +166,19 @@ def test_only_needed_shards(shard_server, tmp_path):
     assert [(job.index, job.tokenizer) for job in jobs] == [(0, "gpt2"), (1, "gpt2"), (5, "gpt2")]
 
 
+def test_a_second_prepare_into_the_same_directory_fails_in_one_line_and_leaves_the_first_alone(shard_server, tmp_path):
+    write_fineweb_shards(shard_server.directory, [0, 1, 5], DOCS_PER_SHARD)
+    out = tmp_path / "data"
+    (out / "parts").mkdir(parents=True)
+    with open(out / "parts" / ".lock", "w") as first:  # a prepare into out, running in another process
+        prepare.fcntl.flock(first, prepare.fcntl.LOCK_EX | prepare.fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match=r"prepare.out_dir: another prepare is writing into .*data' now"):
+            prepare_data(small_config(shard_server.url), out, cache_dir=tmp_path / "cache")
+        assert shard_server.requests == []  # before any download
+    prepare_data(small_config(shard_server.url), out, cache_dir=tmp_path / "cache")  # once the other has ended
+    assert (out / "manifest.json").exists() and not (out / "parts").exists()
+
+
 def test_a_bpe_that_learns_fewer_tokens_than_asked_for_is_refused_and_an_out_dir_under_a_file_is_one_line(tmp_path):
     write_fineweb_shards(tmp_path / "shards", [0, 5], DOCS_PER_SHARD)
     config = small_config(str(tmp_path / "shards"), num_shards=1, tokenizer="bpe", bpe_vocab_size=4096,

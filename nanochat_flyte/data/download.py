@@ -8,8 +8,8 @@
   gets `Authorization: Bearer $HF_TOKEN`, and no other host does (the token is never printed).
 - Any other URL goes through fsspec (s3://, gs://, memory://, ...); local paths and file:// are read in place.
 - A download streams into `<file>.part` and is renamed into place only after it verifies (for a shard: a
-  readable parquet footer with a `text` string column): readers never see a partial or corrupt file, and a
-  corrupt file already in the cache is downloaded again.
+  parquet file with a `text` string column whose every page decodes): readers never see a partial or corrupt
+  file, and a corrupt file already in the cache is downloaded again.
 - A file that still fails after its retries raises ONE DownloadError naming what it is, the URL and the cause:
   a run never goes on with fewer files than it asked for. A file the source does not have is "not found".
 The cache (NANOCHAT_FLYTE_CACHE, default ~/.cache/nanochat_flyte; one folder per kind of file, and in it one
@@ -129,11 +129,24 @@ def readable_parquet_schema(path: Path) -> pa.Schema:
         raise CorruptFile(f"{path.name} is not a readable parquet file: {e}") from e
 
 
+def check_pages(path: Path, columns: list[str] | None = None) -> None:
+    """Decode every data page of `columns` (None: all), a row group at a time, or CorruptFile. A whole footer can
+    sit on damaged pages (a bad disk, a resumed download spliced wrongly): kept in the cache, such a file would
+    fail every run later, while tokenizing, without naming itself."""
+    try:
+        file = pq.ParquetFile(path)
+        for group in range(file.num_row_groups):
+            file.read_row_group(group, columns=columns)
+    except (pa.ArrowException, OSError) as e:
+        raise CorruptFile(f"{path.name} has a damaged data page: {e}") from e
+
+
 def verify_shard(path: Path) -> None:
-    """A FineWeb-Edu shard's check: a readable parquet footer with a `text` string column."""
+    """A FineWeb-Edu shard's check: a parquet file with a `text` string column, whose pages all decode."""
     schema = readable_parquet_schema(path)
     if "text" not in schema.names or schema.field("text").type not in (pa.string(), pa.large_string()):
         raise CorruptFile(f"{path.name} has no `text` string column (columns: {schema.names})")
+    check_pages(path, ["text"])
 
 
 # ----------------------------------------------------------------------------- one file, one attempt

@@ -2,7 +2,7 @@
 
 Every dataset on the hub has an automatic parquet export. `GET {endpoint}/api/datasets/{repo}/parquet/{subset}/{split}`
 answers a JSON list of its parquet files' URLs (on the hub: `.../parquet/{subset}/{split}/0.parquet`, which
-redirect to a CDN). We download each with `download.download_file` (retries, resume, a parquet footer check,
+redirect to a CDN). We download each with `download.download_file` (retries, resume, a parquet check,
 the cache) into
 
     default_cache_dir("hub") / <source_key(endpoint)> / <repo with / -> --> / <subset> / <split> / 00000.parquet, ...
@@ -28,6 +28,7 @@ from nanochat_flyte.data.download import (
     CorruptFile,
     DownloadError,
     Retry,
+    check_pages,
     default_cache_dir,
     download_file,
     get_json,
@@ -69,13 +70,15 @@ def split_cache_dir(repo: str, subset: str, split: str, cache_dir: Path | None =
 
 
 def parquet_verifier(columns: tuple[str, ...] = ()) -> Callable[[Path], None]:
-    """A download check: a readable parquet footer (no data pages are read) with every column in `columns`."""
+    """A download check: a parquet file with every column in `columns`, whose pages of them (of every column for
+    none) all decode."""
 
     def verify(path: Path) -> None:
         schema = readable_parquet_schema(path)
         missing = [column for column in columns if column not in schema.names]
         if missing:
             raise CorruptFile(f"{path.name} has no column {', '.join(missing)} (columns: {schema.names})")
+        check_pages(path, list(columns) or None)
 
     return verify
 

@@ -13,6 +13,8 @@ Two ways to run it:
   `merge_prepared` over the per-shard outputs.
 """
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -302,6 +304,24 @@ def prepare_data(config, out_dir: Path, cache_dir: Path | None = None) -> dict:
         parts_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ConfigError("out_dir", f"cannot create {str(out_dir)!r}: {error.strerror}", "prepare") from None
+    with sole_writer(parts_dir, out_dir):
+        return prepare_parts(config, parts_dir, out_dir, cache_dir)
+
+
+@contextlib.contextmanager
+def sole_writer(parts_dir: Path, out_dir: Path) -> Iterator[None]:
+    """Hold parts_dir for this prepare alone: a second prepare into the same out_dir (the same command in another
+    terminal) fails in one line, where it would write the same part files, and delete them under the first."""
+    with open(parts_dir / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes, or the process ends
+        except BlockingIOError:
+            raise ConfigError("out_dir", f"another prepare is writing into {str(out_dir)!r} now: wait for it to end, "
+                                         "or choose another out_dir", "prepare") from None
+        yield
+
+
+def prepare_parts(config, parts_dir: Path, out_dir: Path, cache_dir: Path | None) -> dict:
     tokenizer_dir = build_tokenizer(config, parts_dir / "tokenizer", cache_dir)
     enc = load_tokenizer(tokenizer_dir)
     *train_jobs, val_job = plan_shards(config, tokenizer_id(enc))
