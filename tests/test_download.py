@@ -160,6 +160,16 @@ def test_cache_is_reused_and_a_corrupt_cached_file_downloaded_again(shard_server
     assert len(shard_server.requests_for(SHARD_0)) == 3 and "damaged data page" in capsys.readouterr().out
 
 
+def test_a_partial_download_that_is_whole_already_is_kept_not_fetched_again(shard_server, shard_0, tmp_path):
+    cache = tmp_path / "cache"
+    (cache / source_key(shard_server.url)).mkdir(parents=True)
+    # a run stopped between the last byte and the rename: the server answers the Range with 416
+    (cache / source_key(shard_server.url) / "shard_00000.parquet.part").write_bytes(shard_0)
+    assert download_shard(shard_server.url, 0, cache, FAST_RETRY).path.read_bytes() == shard_0
+    (request,) = shard_server.requests_for(SHARD_0)
+    assert request.headers["Range"] == f"bytes={len(shard_0)}-"
+
+
 @pytest.mark.parametrize("supports_range", [True, False])
 def test_resumes_a_partial_download_with_range(shard_server, shard_0, tmp_path, supports_range):
     shard_server.supports_range = supports_range

@@ -221,8 +221,10 @@ def fetch_http(url: str, partial: Path, hub: str = "") -> None:
         if validator_path(partial).exists():
             headers["If-Range"] = validator_path(partial).read_text()
     with requests.get(url, headers=headers, stream=True, timeout=HTTP_TIMEOUT_S) as response:
-        if response.status_code == 416:  # our partial file is not a prefix the server can continue: start over
-            discard_partial(partial)
+        if response.status_code == 416:
+            if response.headers.get("Content-Range") == f"bytes */{offset}":  # the partial file is whole already
+                return  # (stopped between its last byte and the rename): it is verified as any download
+            discard_partial(partial)  # not a prefix the server can continue: start over
             raise TransientError(f"HTTP 416: cannot resume at byte {offset}")
         raise_for_status(response)
         resumed = response.status_code == 206
