@@ -23,6 +23,23 @@ from nanochat_flyte.errors import ConfigError
 PREFETCH_BATCHES = 2  # enough to hide one host->device copy behind a step; more only holds pinned memory
 
 
+class Order:
+    """A stream's item at any position: epoch e visits all n items in a permutation drawn from (seed, e). The
+    pretraining windows' order here, SFT's conversations' in packing."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self._permutation = -1, None  # the epoch whose permutation is held
+
+    def __getitem__(self, position: int) -> int:
+        epoch, index = divmod(position, self.n)
+        if not self.shuffle:
+            return index
+        if epoch != self.epoch:
+            self.epoch, self._permutation = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return int(self._permutation[index])
+
+
 class TokenLoader:
     """Yields (inputs, targets) int64 tensors of shape (batch_size, seq_len) on `device`."""
 
@@ -44,7 +61,7 @@ class TokenLoader:
         self.prefetch = device.type == "cuda" if prefetch is None else prefetch
         self.verbose = rank == 0  # one rank announces a new epoch
         self.windows_consumed = 0
-        self._order_epoch, self._order = -1, None
+        self.order = Order(self.num_windows, seed)
         self._thread = None
 
     # ------------------------------------------------------------------ position
@@ -70,22 +87,16 @@ class TokenLoader:
 
     # ------------------------------------------------------------------ batches
 
-    def _window_order(self, epoch: int) -> np.ndarray:
-        if epoch != self._order_epoch:
-            if self.verbose and epoch > 0:
-                print(f"data: train tokens exhausted, starting epoch {epoch + 1}", flush=True)
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-            self._order_epoch = epoch
-        return self._order
-
     def _read_batch(self, first_window: int) -> torch.Tensor:
         """This rank's slice of the micro-batch that starts at stream position first_window, on the host: its
         windows of seq_len + 1 tokens (pinned where the device is a GPU)."""
         first = first_window + self.rank * self.batch_size
         rows = []
         for position in range(first, first + self.batch_size):
-            epoch, index = divmod(position, self.num_windows)
-            window = self._window_order(epoch)[index]
+            epoch = position // self.num_windows
+            if self.verbose and epoch > max(self.order.epoch, 0):
+                print(f"data: train tokens exhausted, starting epoch {epoch + 1}", flush=True)
+            window = self.order[position]
             start = self.start_of[window]
             rows.append(self.shards[self.shard_of[window]][start:start + self.seq_len + 1])
         batch = torch.from_numpy(np.stack(rows).astype(np.int64))

@@ -20,6 +20,7 @@ import tiktoken
 import torch
 
 from nanochat_flyte.data.conversation import ChatTokens, render_conversation
+from nanochat_flyte.data.dataloader import Order
 from nanochat_flyte.errors import ConfigError
 
 
@@ -75,22 +76,6 @@ def pack(lengths: np.ndarray, order: "Order", position: int, capacity: int, num_
             position += 1
         rows.append(row)
     return rows, position
-
-
-class Order:
-    """The stream's conversation at any position: epoch e visits all n in a permutation drawn from (seed, e)."""
-
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
-        self.n, self.seed, self.shuffle = n, seed, shuffle
-        self._epoch, self._permutation = -1, None
-
-    def __getitem__(self, position: int) -> int:
-        epoch, index = divmod(position, self.n)
-        if not self.shuffle:
-            return index
-        if epoch != self._epoch:
-            self._epoch, self._permutation = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return int(self._permutation[index])
 
 
 def rows_tensor(conversations: RenderedConversations, rows: list[list[int]], capacity: int
