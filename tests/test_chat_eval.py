@@ -60,7 +60,7 @@ def tokenizer():
     ("She pays 3 * 6 = 18 dollars.\n#### 18", "18"),
     ("#### 1,234", "1234"),
     ("The total is negative.\n#### -7", "-7"),
-    ("#### 18.", "18"),  # a sentence's period is not part of the number
+    ("#### 18.", "18."),  # as GSM8K's grader and nanochat read it: then no match for 18
     ("#### 2.5", "2.5"),
     ("#### 3\nor maybe\n#### 4", "3"),  # the first answer counts
     ("The answer is 18.", None),  # no marker, no answer
@@ -214,14 +214,16 @@ def test_centered_accuracy_and_chatcore():
     assert centered(0.1, 0.0) == 0.1 and centered(0.0, 0.25) == pytest.approx(-1 / 3)  # below chance is negative
     tasks = {"arc_easy": {"centered": centered(0.5, CHANCE["arc_easy"])},
              "gsm8k": {"centered": centered(0.1, CHANCE["gsm8k"])}}
-    assert chatcore(tasks) == pytest.approx((1 / 3 + 0.1) / 2)
-    assert chatcore({}) is None
+    assert chatcore(tasks, {}) == pytest.approx((1 / 3 + 0.1) / 2)
+    assert chatcore({}, {}) is None
+    # a task asked for and skipped: no ChatCORE, as nanochat's (a mean over the others is another figure)
+    assert chatcore(tasks, {"humaneval": "no sandbox for model-written code here: ..."}) is None
     assert CHANCE == {"arc_easy": 0.25, "arc_challenge": 0.25, "mmlu": 0.25, "gsm8k": 0.0, "humaneval": 0.0}
 
 
 def test_fixed_subset_is_seeded_and_in_dataset_order():
     items = [{"id": index} for index in range(100)]
-    subset = fixed_subset(items, 10, seed=42)
+    subset = fixed_subset(items, 10)  # the same items for every run, whatever its training seed
     assert subset == fixed_subset(items, 10, seed=42) and len(subset) == 10
     assert [item["id"] for item in subset] == sorted(item["id"] for item in subset)
     assert subset != fixed_subset(items, 10, seed=43)
@@ -244,6 +246,8 @@ def test_evaluate_chat_on_every_task(hub_server, tokenizer, tmp_path):
     off = evaluate_chat(engine, {"humaneval": items_by_task["humaneval"], "gsm8k": items_by_task["gsm8k"][:2]},
                         humaneval="off", max_tokens=2)
     assert list(off["tasks"]) == ["gsm8k"] and off["skipped"] == {"humaneval": "humaneval is off"}
+    assert off["chatcore"] is None and "chat/chatcore" not in chat_metrics(off)
+    assert "| ChatCORE | not computed |  |  | needs every task; 1 skipped |" in chat_table_markdown(off)
     markdown, html = chat_table_markdown(result), chat_table_html(result)
     assert "| arc_easy | categorical | 4 |" in markdown and "ChatCORE" in markdown and "<td>humaneval</td>" in html
     assert chat_metrics(result)["chat/chatcore"] == result["chatcore"]

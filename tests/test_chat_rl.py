@@ -98,7 +98,7 @@ def metric_rows(checkpoint: Path, key: str) -> list[float]:
 def test_the_reward_is_one_for_the_right_final_number_only():
     item = {"messages": [], "answer": "1200"}
     assert gsm8k_reward(item, "48 * 25 = <<48*25=1200>>1200 clips.\n#### 1,200") == 1.0
-    assert gsm8k_reward(item, "#### 1200.") == 1.0
+    assert gsm8k_reward(item, "#### 1200.") == 0.0  # as GSM8K's grader and nanochat's reward read it
     assert gsm8k_reward(item, "#### 120") == 0.0
     assert gsm8k_reward(item, "The answer is 1200") == 0.0  # no `####`: GSM8K's grading, as chat_eval's
 

@@ -24,11 +24,11 @@ from nanochat_flyte.cli.usage import run
 from nanochat_flyte.config import RunConfig
 from nanochat_flyte.data.download import DownloadError
 from nanochat_flyte.data.tokenizer import gpt2_tokenizer, load_tokenizer, save_tokenizer, train_bpe
-from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.errors import ConfigError, UserError
 from nanochat_flyte.evaluation.bundle import BundleError, CoreTask, check_bundle_url, load_bundle
 from nanochat_flyte.evaluation.core import (
     answer_starts,
-    centered_accuracy,
+    centered,
     core_log_metrics,
     core_table,
     core_table_html,
@@ -43,7 +43,7 @@ from nanochat_flyte.evaluation.core import (
 )
 from nanochat_flyte.model.device import EvalBatches, Precision
 from nanochat_flyte.model.gpt import GPT, GPTConfig
-from nanochat_flyte.pipeline import setup
+from nanochat_flyte.pipeline import evaluate, setup
 from nanochat_flyte.training.pretrain import train
 from tests.core_bundle import TEST_TASKS, TaskSpec, write_bundle, write_core_bundle, zip_directory
 from tests.shard_server import fineweb_texts, serve_shards, write_fineweb_shards
@@ -339,8 +339,8 @@ def test_language_modeling_needs_every_continuation_token(hand_model, hand_bundl
 
 
 def test_centered_accuracy_and_core_arithmetic(hand_model, hand_bundle):
-    assert centered_accuracy(0.5, 25) == pytest.approx(1 / 3)
-    assert centered_accuracy(0.25, 25) == 0 and centered_accuracy(1.0, 60) == 1
+    assert centered(0.5, 0.25) == pytest.approx(1 / 3)
+    assert centered(0.25, 0.25) == 0 and centered(1.0, 0.6) == 1
     result = score_core(hand_model, byte_tokenizer(), hand_bundle, batch_size=2)
     tasks = result["tasks"]
     assert [tasks[label]["accuracy"] for label in ("mc", "schema", "lm")] == [1 / 2, 1 / 2, 2 / 3]
@@ -606,6 +606,14 @@ def test_a_malformed_bundle_is_named(checkpoint, bundle_dir):
         main(["--checkpoint", str(checkpoint), "--bundle", str(bundle_dir), "--device", "cpu"])
     assert str(error.value) == (f"eval bundle {bundle_dir}: eval_data/reasoning/choices.jsonl line 12: "
                                 "missing field 'gold'")
+
+
+def test_the_pipelines_core_task_checks_a_bundles_shots_before_it_loads_the_model(bundle_dir, tmp_path):
+    """A bundle of the user's own is read only once training is done: too few items for its shots is one line that
+    keeps the checkpoint, before the model is read (here there is none to read)."""
+    gone = tmp_path / "checkpoint"
+    with pytest.raises(UserError, match=rf"RunConfig.core_max_per_task: 3 items per task .* kept at {gone}"):
+        evaluate.base_model(tiny_config(), str(gone), str(bundle_dir), 3, lambda *_: None)
 
 
 def test_a_missing_bundle_is_named(checkpoint, tmp_path):

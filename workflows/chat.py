@@ -164,13 +164,13 @@ def train_rl_model(config: RLConfig, sft_checkpoint: FlyteDirectory, data: Flyte
       cache=Cache(version=evaluate.EVALUATION_VERSION, ignored_inputs=("config",)), **TRAINING_RESOURCES)
 @one_line_user_errors
 def evaluate_chat_model(config: ChatConfig, checkpoint: FlyteDirectory, eval_data: FlyteDirectory, tasks: str,
-                        max_per_task: int, max_tokens: int, seed: int, humaneval: str) -> dict:
+                        max_per_task: int, max_tokens: int, humaneval: str) -> dict:
     """ARC-Easy, ARC-Challenge, MMLU, GSM8K and HumanEval (in the sandbox, where it works), and ChatCORE. Every
     setting that changes the scores is an input of its own (the cache key); `config` brings the rest."""
     export_secret(secrets.WANDB)
     with retried_on_storage_errors():
         return evaluate.chat_model(config, checkpoint_location(checkpoint), Path(eval_data.download()), tasks,
-                                   max_per_task, max_tokens, seed, humaneval, deck)
+                                   max_per_task, max_tokens, humaneval, deck)
 
 
 def write_chat_results(config: ChatConfig | RLConfig, start_checkpoint: FlyteDirectory, training: dict,

@@ -44,11 +44,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--humaneval", default="auto", choices=HUMANEVAL_MODES,
                         help="runs model-written code in a sandbox; auto: only where the sandbox works here")
     add_device_flag(parser)
-    parser.add_argument("--seed", type=int_at_least(0), default=ChatConfig.seed)
     args = parser.parse_args(argv)
+    # one line naming the field, before anything is loaded
     config = ChatConfig(eval_tasks=args.tasks, eval_max_per_task=args.max_per_task, eval_batch_size=args.batch_size,
-                        eval_max_tokens=args.max_tokens, humaneval=args.humaneval, device=args.device,
-                        seed=args.seed).validate()  # one line naming the field, before anything is loaded
+                        eval_max_tokens=args.max_tokens, humaneval=args.humaneval, device=args.device).validate()
     tasks = config.eval_task_list
     if "humaneval" in tasks and args.humaneval == "on":
         require_sandbox()  # without a sandbox: fails here, not after the other tasks
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"chat eval: {args.checkpoint}: a {engine.phase} checkpoint on {engine.device}, {engine.precision.name}",
           flush=True)
     result = evaluate_chat(engine, items_by_task, max_per_task=args.max_per_task, batch_size=args.batch_size,
-                           max_tokens=args.max_tokens, humaneval=args.humaneval, seed=args.seed)
+                           max_tokens=args.max_tokens, humaneval=args.humaneval)
     print(markdown_grid(TABLE_HEADER, chat_table_rows(result)))
     for note in chat_notes(result):
         print(note)

@@ -10,9 +10,11 @@ base checkpoint too: it never learned the chat format, so expect about chance th
 - GSM8K: greedy decoding through the engine's KV cache; the number after `####` must equal the reference.
 - HumanEval: greedy decoding; the program (the completion with the prompt's code, the test and
   `check(entry_point)`) must run check() to its end in the sandbox (sandbox.py): pass@1.
-ChatCORE (nanochat's definition): the mean over the evaluated tasks of (accuracy - chance) / (1 - chance), with
+ChatCORE (nanochat's definition): the mean over the tasks asked for of (accuracy - chance) / (1 - chance), with
 chance 0.25 for the multiple choice tasks (as nanochat, whatever the number of choices) and 0 for the open ones:
-0 at chance, 1 for a perfect model.
+0 at chance, 1 for a perfect model. Only when every task asked for was scored: with one skipped (HumanEval without
+a sandbox) a mean over the others would be another figure under the same name. (nanochat reports it only when all
+five were asked for; a run here that asks for fewer gets their mean, and its table says over how many.)
 
 The CLI reads the datasets from the Hugging Face hub or the mirror in HF_ENDPOINT, prints a table, then the result
 as one JSON object on its last line.
@@ -33,6 +35,7 @@ from nanochat_flyte.config import CHAT_EVAL_TASKS, HUMANEVAL_MODES
 from nanochat_flyte.data.chat_data import read_jsonl
 from nanochat_flyte.data.conversation import render_prompt
 from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.evaluation.core import centered
 from nanochat_flyte.evaluation.sandbox import Limits, execute, probe_sandbox, sandbox_available
 from nanochat_flyte.inference.engine import Engine, SamplingParams, next_token_logits
 from nanochat_flyte.model.device import EvalBatches, Precision
@@ -87,12 +90,11 @@ def score_categorical(engine: Engine, items: list[dict], batches: EvalBatches) -
 # ------------------------------------------------------------------------------------------- generative
 
 
-def generate(engine: Engine, items: list[dict], *, batches: EvalBatches, max_tokens: int,
-             seed: int) -> list[str | None]:
+def generate(engine: Engine, items: list[dict], *, batches: EvalBatches, max_tokens: int) -> list[str | None]:
     """Each item's greedy reply; None where the prompt leaves no room in the model's context."""
     prompts = [render_prompt(engine.tokenizer, item["messages"]) for item in items]
     fits = [index for index, prompt in enumerate(prompts) if len(prompt) < engine.context]
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=seed)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     completions = batches.map(fits, lambda batch: engine.generate_batch([prompts[index] for index in batch], params))
     replies: list[str | None] = [None] * len(items)
     for index, completion in zip(fits, completions):
@@ -104,9 +106,10 @@ GSM8K_ANSWER = re.compile(r"#### (-?[0-9.,]+)")  # GSM8K's own marker and number
 
 
 def gsm8k_answer(text: str) -> str | None:
-    """The number after the first `####`, without thousands separators or a sentence's final period."""
+    """The number after the first `####`, without thousands separators. As in GSM8K's grader and nanochat's, a
+    period after it stays: `#### 18.` is not `18`."""
     match = GSM8K_ANSWER.search(text)
-    return match.group(1).replace(",", "").rstrip(".") if match else None
+    return match.group(1).replace(",", "") if match else None
 
 
 def score_gsm8k(replies: list[str | None], items: list[dict]) -> list[bool | None]:
@@ -152,18 +155,15 @@ def score_humaneval(replies: list[str | None], items: list[dict], workers: int =
 
 # ------------------------------------------------------------------------------------------- the whole evaluation
 
-
-def centered(accuracy: float, chance: float) -> float:
-    """0 at chance, 1 at perfect: CORE's and ChatCORE's scale."""
-    return (accuracy - chance) / (1.0 - chance)
+SUBSET_SEED = 42  # the items a subset takes: fixed, so that every run and checkpoint is scored on the same ones
 
 
-def chatcore(tasks: dict[str, dict]) -> float | None:
-    """The mean centered accuracy over the tasks evaluated (None if none was)."""
-    return sum(result["centered"] for result in tasks.values()) / len(tasks) if tasks else None
+def chatcore(tasks: dict[str, dict], skipped: dict[str, str]) -> float | None:
+    """The mean centered accuracy over the tasks asked for; None unless every one of them was scored."""
+    return sum(result["centered"] for result in tasks.values()) / len(tasks) if tasks and not skipped else None
 
 
-def fixed_subset(items: list[dict], max_items: int, seed: int) -> list[dict]:
+def fixed_subset(items: list[dict], max_items: int, seed: int = SUBSET_SEED) -> list[dict]:
     """max_items of the items (all for 0), chosen by the seed alone and kept in dataset order: the same subset on
     every run and with every batch size."""
     if not max_items or max_items >= len(items):
@@ -193,7 +193,7 @@ def humaneval_skip_reason(mode: str, owner: str = "ChatConfig") -> str | None:
 
 
 def evaluate_chat(engine: Engine, items_by_task: dict[str, list[dict]], *, max_per_task: int = 0,
-                  batch_size: int = 8, max_tokens: int = 512, humaneval: str = "auto", seed: int = 42) -> dict:
+                  batch_size: int = 8, max_tokens: int = 512, humaneval: str = "auto") -> dict:
     """Score the engine's model on each task's items (in CHAT_EVAL_TASKS order). Returns
     {"chatcore", "phase", "tasks": {task: {"accuracy", "correct", "examples", "centered", "chance", "too_long",
     "seconds"}}, "skipped": {task: reason}, "sandbox": HumanEval's isolation layers or None}."""
@@ -214,7 +214,7 @@ def evaluate_chat(engine: Engine, items_by_task: dict[str, list[dict]], *, max_p
             sandbox = sandbox_available()[1]  # the isolation layers HumanEval's programs run under
     tasks = {}
     for task in (task for task in CHAT_EVAL_TASKS if task in items_by_task and task not in skipped):
-        items = fixed_subset(items_by_task[task], max_per_task, seed)
+        items = fixed_subset(items_by_task[task], max_per_task)
         if not items:
             skipped[task] = "no items"
             continue
@@ -222,7 +222,7 @@ def evaluate_chat(engine: Engine, items_by_task: dict[str, list[dict]], *, max_p
         if TASK_TYPES[task] == CATEGORICAL:
             outcomes = score_categorical(engine, items, batches)
         else:
-            replies = generate(engine, items, batches=batches, max_tokens=max_tokens, seed=seed)
+            replies = generate(engine, items, batches=batches, max_tokens=max_tokens)
             outcomes = (score_gsm8k(replies, items) if task == "gsm8k" else
                         score_humaneval(replies, items))
         correct = sum(outcome is True for outcome in outcomes)
@@ -233,7 +233,7 @@ def evaluate_chat(engine: Engine, items_by_task: dict[str, list[dict]], *, max_p
                        "seconds": time.perf_counter() - start}
         print(f"chat eval: {task}: {correct}/{len(items)} = {accuracy:.4f} ({tasks[task]['seconds']:.1f} s)",
               flush=True)
-    return {"chatcore": chatcore(tasks), "phase": engine.phase, "tasks": tasks, "skipped": skipped,
+    return {"chatcore": chatcore(tasks, skipped), "phase": engine.phase, "tasks": tasks, "skipped": skipped,
             "sandbox": sandbox}
 
 
@@ -251,6 +251,8 @@ def chat_table_rows(result: dict) -> list[list]:
     rows = [[task, TASK_TYPES[task], scores["examples"], scores["accuracy"], scores["centered"], scores["seconds"]]
             for task, scores in result["tasks"].items()]
     rows += [[task, TASK_TYPES[task], 0, "skipped", reason, ""] for task, reason in result["skipped"].items()]
+    if result["chatcore"] is None:  # nanochat's figure is over every task asked for
+        return rows + [["ChatCORE", "not computed", "", "", f"needs every task; {len(result['skipped'])} skipped", ""]]
     return rows + [["ChatCORE", f"mean of {len(result['tasks'])} centered", "", "", result["chatcore"], ""]]
 
 
@@ -283,8 +285,8 @@ def chat_table_html(result: dict) -> str:
 
 
 def chat_metrics(result: dict) -> dict[str, float]:
-    """Flat metrics for W&B: chat/chatcore, chat/<task>/accuracy, chat/<task>/centered."""
-    metrics = {"chat/chatcore": result["chatcore"]}
+    """Flat metrics for W&B: chat/chatcore (when computed), chat/<task>/accuracy, chat/<task>/centered."""
+    metrics = {} if result["chatcore"] is None else {"chat/chatcore": result["chatcore"]}
     for task, scores in result["tasks"].items():
         metrics |= {f"chat/{task}/accuracy": scores["accuracy"], f"chat/{task}/centered": scores["centered"]}
     return metrics

@@ -247,9 +247,8 @@ def check_max_per_task(bundle: Bundle, max_per_task: int | None, field: str = "c
                                  "or 0 for every item", owner)
 
 
-def centered_accuracy(accuracy: float, random_baseline: float) -> float:
-    """0 at chance, 1 when perfect; random_baseline is in percent, as eval_meta_data.csv gives it."""
-    chance = random_baseline / 100
+def centered(accuracy: float, chance: float) -> float:
+    """0 at chance, 1 when perfect: CORE's and ChatCORE's scale."""
     return (accuracy - chance) / (1 - chance)
 
 
@@ -290,7 +289,7 @@ def score_core(model: nn.Module, tokenizer: tiktoken.Encoding, bundle: Bundle, *
                 correct = counts.item()
             accuracy = correct / len(indices)
             tasks[task.label] = {"type": task.task_type, "shots": task.num_fewshot, "examples": len(indices),
-                                 "accuracy": accuracy, "centered": centered_accuracy(accuracy, task.random_baseline),
+                                 "accuracy": accuracy, "centered": centered(accuracy, task.random_baseline / 100),
                                  "seconds": time.perf_counter() - task_start}
             if rank == 0:
                 print(f"core: {task.label} ({task.num_fewshot}-shot {task.task_type}, {len(indices)} examples): "

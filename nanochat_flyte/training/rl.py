@@ -247,7 +247,7 @@ class ReinforcementLearning(ChatPhase):
         rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         items = self.val[rank::world_size]
         replies = generate(self.engine, items, batches=EvalBatches(batch_size, "validation"),
-                           max_tokens=self.rl.max_new_tokens, seed=self.rl.seed)
+                           max_tokens=self.rl.max_new_tokens)
         correct = torch.tensor(sum(score is True for score in score_gsm8k(replies, items)), dtype=torch.float64,
                                device=device)
         if dist.is_initialized():

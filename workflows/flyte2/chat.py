@@ -103,10 +103,10 @@ def train_rl_model(config: RLConfig, sft_checkpoint: Dir, data: Dir, environment
 @one_line_user_errors
 @retried_only_on_storage_errors
 def evaluate_chat_model(config: ChatConfig, checkpoint: Dir, eval_data: Dir, tasks: str, max_per_task: int,
-                        max_tokens: int, seed: int, humaneval: str) -> dict:
+                        max_tokens: int, humaneval: str) -> dict:
     """The chat evaluation and ChatCORE. Every setting that changes the scores is an input of its own
     (evaluate.chat_settings: the cache key); `config` brings the rest."""
-    return evaluate.chat_model(config, checkpoint.path, local_dir(eval_data), tasks, max_per_task, max_tokens, seed,
+    return evaluate.chat_model(config, checkpoint.path, local_dir(eval_data), tasks, max_per_task, max_tokens,
                                humaneval, show_report)
 
 
