@@ -35,7 +35,17 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.tmp")
     write(temp)
+    fsync(temp)  # the data on disk before the name points at it: a power loss leaves the old file, not an empty one
     os.replace(temp, path)
+    fsync(path.parent)  # and the rename itself
+
+
+def fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def write_bytes_atomically(path: Path, chunks: Iterable[bytes]) -> None:

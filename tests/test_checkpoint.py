@@ -1,6 +1,10 @@
+import errno
 import json
+import os
 import random
+import re
 import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -8,11 +12,14 @@ import torch
 from helpers import make_data_dir
 
 from nanochat_flyte.errors import UserError
+from nanochat_flyte.files import write_json
 from nanochat_flyte.model.checkpoint import (
     CHECKPOINT_FILE,
     MODEL_CONFIG_FILE,
+    TRAINING_STATE_FILE,
     load_checkpoint,
     load_model,
+    publish_checkpoint,
     restore_rng_states,
     rng_states,
     save_checkpoint,
@@ -91,6 +98,70 @@ def test_a_torn_write_keeps_the_previous_checkpoint(saved, monkeypatch):
         save_checkpoint(out, step=8, model=model, optimizers=[optimizer], grad_scaler=None, loader_state={},
                         loop_state={}, config={}, model_config=TINY)
     assert load_checkpoint(out)["step"] == 7
+
+
+def test_a_saved_checkpoint_is_on_disk_before_its_name_points_at_it(saved, monkeypatch):
+    """The temp file is fsynced before the rename and the folder after it: after a power loss the name holds the
+    previous checkpoint or the new one, never a file the disk had not yet written."""
+    out, model, optimizer = saved
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(descriptor):
+        status = os.fstat(descriptor)
+        events.append(("fsync", "folder" if stat.S_ISDIR(status.st_mode) else "file", status.st_ino))
+        fsync(descriptor)
+
+    def recorded_replace(source, destination):
+        events.append(("replace", os.fspath(destination)))
+        replace(source, destination)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    save_checkpoint(out, step=8, model=model, optimizers=[optimizer], grad_scaler=None, loader_state={},
+                    loop_state={}, config={}, model_config=TINY)
+    # the temp file synced is the inode the name now points at
+    expected = [("fsync", "file", (out / CHECKPOINT_FILE).stat().st_ino), ("replace", os.fspath(out / CHECKPOINT_FILE)),
+                ("fsync", "folder", out.stat().st_ino)]
+    assert expected in [events[start:start + 3] for start in range(len(events))], events
+
+
+@pytest.mark.parametrize("load", [load_checkpoint, lambda directory: load_model(directory, CPU)],
+                         ids=["load_checkpoint", "load_model"])
+@pytest.mark.parametrize("kept", [1 / 3, 0], ids=["a_third", "empty"])
+def test_a_checkpoint_cut_short_is_one_line_naming_it(saved, kept, load):
+    """A crash or a full disk mid-copy leaves a checkpoint.pt cut short: loading it to resume or to serve says so in
+    one line, not in a traceback of torch's zip reader."""
+    out, _, _ = saved
+    path = out / CHECKPOINT_FILE
+    path.write_bytes(path.read_bytes()[:int(path.stat().st_size * kept)])
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))} is cut short or damaged ") as error:
+        load(out)
+    assert type(error.value).__name__ == "CheckpointError" and "\n" not in str(error.value)
+
+
+def test_a_copy_that_dies_on_the_weights_never_names_a_newer_step_than_its_weights(saved, tmp_path, monkeypatch):
+    """publish_checkpoint copies checkpoint.pt, then training_state.json: a copy cut off in the weights keeps the
+    previous step's pair, never a state naming a step whose weights it does not hold."""
+    out, model, optimizer = saved
+    copy = tmp_path / "copy"
+    write_json(out / TRAINING_STATE_FILE, {"steps_completed": 7})
+    publish_checkpoint(out, str(copy))
+    save_checkpoint(out, step=8, model=model, optimizers=[optimizer], grad_scaler=None, loader_state={},
+                    loop_state={}, config={"depth": 1}, model_config=TINY)
+    write_json(out / TRAINING_STATE_FILE, {"steps_completed": 8})
+    copyfile = shutil.copyfile
+
+    def disk_full_in_the_weights(source, destination):
+        if os.path.basename(source) == CHECKPOINT_FILE:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return copyfile(source, destination)
+
+    monkeypatch.setattr(shutil, "copyfile", disk_full_in_the_weights)
+    with pytest.raises(OSError, match="No space left on device"):
+        publish_checkpoint(out, str(copy))
+    assert json.loads((copy / TRAINING_STATE_FILE).read_text())["steps_completed"] == 7
+    assert load_checkpoint(copy)["step"] == 7
 
 
 @pytest.mark.parametrize("as_uri", [False, True])

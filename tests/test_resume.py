@@ -89,6 +89,19 @@ def test_a_gpt2_run_resumes_whatever_its_bpe_fields_say(finished):
                  str(save_to))
 
 
+def test_with_only_needed_shards_a_resume_keeps_its_total_batch_size(tmp_path):
+    """only_needed_shards prepares the shards of num_iterations * total_batch_size tokens: another total_batch_size
+    would prepare other shards, and so another data stream than the one the checkpoint's position is in."""
+    config = tiny_config("http://127.0.0.1:9", only_needed_shards=True, num_iterations=6)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    (tmp_path / "training_state.json").write_text(json.dumps({"phase": "base", "steps_completed": 3}))
+    (tmp_path / "model_config.json").write_text("{}")
+    check_base_resume(config, str(tmp_path))
+    with pytest.raises(ConfigError, match=r"^RunConfig\.total_batch_size: a run prepared with only_needed_shards "
+                                          rf"keeps its total_batch_size \({config.total_batch_size}\): its data"):
+        check_base_resume(dataclasses.replace(config, total_batch_size=2 * config.total_batch_size), str(tmp_path))
+
+
 def test_pretraining_does_not_continue_a_chat_checkpoint(finished, tmp_path):
     config, _, _, save_to = finished
     shutil.copytree(save_to, tmp_path / "chat")

@@ -137,6 +137,25 @@ def test_every_metric_plots_against_the_training_step(tmp_path):
                                                                                            ("*", "step")}
 
 
+def test_wandbs_own_step_is_the_training_step(tmp_path):
+    """W&B's _step is the training step, not a count of log calls: the train, validation and samples rows of a step
+    are one row at that step."""
+    tracker = Tracker(RunConfig(run_name="steps", wandb_mode="offline"), tmp_path)
+    tracker.log(0, {"val/bpb": 3.0})  # as training does: an evaluation before the first step
+    for step in range(1, 7):
+        tracker.log(step, {"train/loss": 10.0 - step})
+        if step % 3 == 0:
+            tracker.log(step, {"val/bpb": 3.0 - step / 10})
+            tracker.log_samples(step, [{"prompt": "The capital of France is", "completion": f" Paris {step}"}])
+    tracker.finish()
+    history = read_offline_history(tracker.offline_dir)
+    assert [row["_step"] for row in history] == list(range(7))  # one row per step
+    assert all(row["_step"] == row["step"] for row in history)
+    assert [row["_step"] for row in history if "train/loss" in row] == list(range(1, 7))
+    assert [row["_step"] for row in history if "val/bpb" in row] == [0, 3, 6]
+    assert [row["_step"] for row in history if "samples" in row] == [3, 6]
+
+
 def test_failing_wandb_log_never_fails_training(tmp_path, caplog):
     tracker = Tracker(RunConfig(wandb_mode="offline"), tmp_path)
 
@@ -169,6 +188,19 @@ def test_resume_truncates_later_steps_and_keeps_the_run_id(tmp_path):
 
     fresh = Tracker(config, tmp_path)
     assert fresh.run_id != first.run_id  # not resuming: a new W&B run
+
+
+def test_a_resumed_runs_samples_table_shows_hostile_text_escaped(tmp_path):
+    """The cumulative W&B samples table that a resumed run rebuilds from samples.jsonl shows the model's text as the
+    first session did: control characters (an OSC 52 clipboard write, a right-to-left override) escaped, not raw."""
+    config = RunConfig(wandb_mode="disabled")
+    first = Tracker(config, tmp_path)
+    first.log_samples(3, [{"prompt": "The capital of France is", "completion": " \x1b]52;c;aGk=\x07 \u202eParis"}])
+    first.finish()
+    resumed = Tracker(config, tmp_path, resume_step=3)
+    shown_row = [3, "The capital of France is", " \\x1b]52;c;aGk=\\x07 \\u202eParis"]
+    assert resumed.sample_rows == first.sample_rows == [shown_row]
+    assert [s["completion"] for s in read_jsonl(tmp_path / "samples.jsonl")] == [" \x1b]52;c;aGk=\x07 \u202eParis"]
 
 
 def test_flyte_execution_id_is_the_run_id(tmp_path, monkeypatch):

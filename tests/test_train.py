@@ -3,12 +3,14 @@ import json
 import math
 import re
 import shutil
+import subprocess
 import tarfile
+from pathlib import Path
 
 import fsspec
 import pytest
 import torch
-from helpers import load_bench, make_data_dir, tiny_config
+from helpers import NANOCHAT, load_bench, make_data_dir, tiny_config
 
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.inference.engine import Engine, SamplingParams
@@ -321,6 +323,37 @@ def test_a_checkpoint_saved_before_the_best_metric_was_renamed_resumes(tmp_path)
                     tmp_path / "new", resume_dir=tmp_path / "old")
     assert resumed["steps_completed"] == 6
     assert resumed["min_validation_bpb"] == min(first["min_validation_bpb"], resumed["final_validation_bpb"])
+
+
+def test_tokens_seen_and_throughput_count_each_steps_own_batch_across_a_resume(straight_run, data_dir, tmp_path):
+    """A run resumed with another total_batch_size has seen the old batch's tokens before it and the new one's
+    after: not every step at the new size."""
+    _, straight, _ = straight_run  # 6 steps of 256 tokens
+    shutil.copytree(straight, tmp_path / "run")
+    summary = train(tiny_config(num_iterations=8, total_batch_size=512, eval_every=8, sample_every=8, save_every=8),
+                    data_dir, tmp_path / "run", resume_dir=tmp_path / "run")
+    assert summary["tokens_seen"] == 6 * 256 + 2 * 512
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["loop"]
+    assert saved["timed_tokens"] == 5 * 256 + 1 * 512  # each session's first step is not timed (warm-up)
+    assert summary["avg_tok_per_sec"] == pytest.approx(saved["timed_tokens"] / saved["timed_seconds"])
+
+
+def test_resuming_a_checkpoint_cut_short_is_one_error_line(straight_run, data_dir, tmp_path):
+    """`nanochat train --resume-dir` of a checkpoint.pt cut short (a crash mid-copy) fails in one line naming the
+    file, with a usage error's status, not a traceback of torch's zip reader."""
+    _, straight, _ = straight_run
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    checkpoint = run / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:checkpoint.stat().st_size // 3])
+    command = [str(Path(NANOCHAT).with_name("python3")), "-m", "nanochat_flyte", "train", "--config",
+               str(run / "config.json"), "--data-dir", str(data_dir), "--out-dir", str(run), "--resume-dir", str(run),
+               "num_iterations=8"]
+    result = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert re.fullmatch(rf"error: {re.escape(str(checkpoint))} is cut short or damaged \([\d,]+ bytes\): [^\n]*\n",
+                        result.stderr), result.stderr[-2000:]
 
 
 def test_a_resume_takes_the_precision_and_the_device_batch_it_is_given(data_dir, tmp_path):

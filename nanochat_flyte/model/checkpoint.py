@@ -10,6 +10,7 @@ import json
 import shutil
 import tempfile
 import uuid
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,10 @@ CONFIG_FILE = "config.json"  # the run's config as `pyflyte run ... --config` an
 TOKENIZER_DIR = "tokenizer"
 # What load_model fetches of a remote checkpoint (training_state.json, which holds the phase, where there is one)
 INFERENCE_FILES = (CHECKPOINT_FILE, MODEL_CONFIG_FILE, TOKENIZER_DIR, TRAINING_STATE_FILE)
+
+
+class CheckpointError(UserError):
+    """A checkpoint file that cannot be read whole."""
 
 
 # ---------------------------------------------------------------------- RNG states
@@ -90,7 +95,15 @@ def load_checkpoint(checkpoint_dir: Path) -> dict:
     path = Path(checkpoint_dir) / CHECKPOINT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {CHECKPOINT_FILE} in {checkpoint_dir}: nothing to resume from")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_checkpoint_file(path)
+
+
+def read_checkpoint_file(path: Path, **options) -> dict:
+    """torch.load of a checkpoint.pt; a file cut short (a crash or a full disk mid-copy) is one line naming it."""
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip, whose directory is at its end: gone when cut short
+        raise CheckpointError(f"{path} is cut short or damaged ({path.stat().st_size:,} bytes): not a whole "
+                              "checkpoint; use another copy of the run (its save_to)")
+    return torch.load(path, map_location="cpu", weights_only=True, **options)
 
 
 # ---------------------------------------------------------------------- copies elsewhere
@@ -139,9 +152,11 @@ def check_save_to(target: str, owner: str) -> None:
 def publish_checkpoint(checkpoint_dir: Path, target: str) -> None:
     """Copy the checkpoint directory to `target`, a local directory or any fsspec URI (s3://, gs://, ...). Every
     file lands whole: locally through a temp file and a rename; object stores write an object at once. checkpoint.pt
-    goes last, so a copy that holds it holds the files that describe it."""
+    comes after the files that describe it, and training_state.json, which says which step it is of, last: a copy
+    stopped midway never claims a step its weights have not reached."""
+    last = {CHECKPOINT_FILE: 1, TRAINING_STATE_FILE: 2}  # the weights, then what says which step they are of
     files = sorted((path for path in Path(checkpoint_dir).rglob("*") if path.is_file()),
-                   key=lambda path: path.name == CHECKPOINT_FILE)
+                   key=lambda path: last.get(path.name, 0) if path.parent == Path(checkpoint_dir) else 0)
     if (directory := local_path(target)) is not None:
         for path in files:
             destination = directory / path.relative_to(checkpoint_dir)
@@ -232,7 +247,7 @@ def _load_local(checkpoint_dir: Path, device: torch.device) -> LoadedModel:
     model_config = GPTConfig.from_dict(json.loads((checkpoint_dir / MODEL_CONFIG_FILE).read_text()))
     # memory-mapped on the CPU: of a file that also holds the optimizers' states (twice the weights), only the
     # weights are read, and only the model's copy of them reaches the device
-    weights = torch.load(checkpoint_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=True, mmap=True)["model"]
+    weights = read_checkpoint_file(checkpoint_dir / CHECKPOINT_FILE, mmap=True)["model"]
     model = GPT(model_config)
     model.load_state_dict(weights)
     model.to(device).eval()

@@ -116,8 +116,7 @@ class Tracker:
             else:  # a new run in a used directory: the old run's records would mix with this one's
                 (self.out_dir / name).unlink(missing_ok=True)
         # the W&B samples table is cumulative: a resumed run starts with the samples already taken
-        self.sample_rows = [[row["step"], row["prompt"], row["completion"]]
-                            for row in read_jsonl(self.out_dir / SAMPLES_FILE)]
+        self.sample_rows = [table_row(row["step"], row) for row in read_jsonl(self.out_dir / SAMPLES_FILE)]
         self.run_id = self._choose_run_id(resuming=resume_step is not None)
         self.run_info: dict[str, Any] = {"config": config.to_dict(), "environment": env_report}
         self._write_run_info()
@@ -133,7 +132,7 @@ class Tracker:
         if not run_id and resuming and id_file.exists():
             run_id = id_file.read_text().strip()
         run_id = run_id or secrets.token_hex(6)  # W&B ids: lowercase letters and digits
-        id_file.write_text(run_id)
+        write_atomically(id_file, lambda temp: temp.write_text(run_id))  # a torn, empty id would start a new run
         return run_id
 
     def _init_run(self, mode: str):
@@ -153,8 +152,8 @@ class Tracker:
                                     quiet=True),
         )
         # A custom x-axis: "step" is in every row, so every metric (val/bpb, rl/reward, core_metric, the samples)
-        # plots against the training step, and a resumed run may re-log steps W&B has seen (its own _step, which
-        # counts log calls, must only grow).
+        # plots against the training step, also the evaluations added to a finished run at its next _step (W&B's
+        # own step, which log() otherwise sets to the training step).
         run.define_metric("step")
         run.define_metric("*", step_metric="step")
         return run
@@ -201,13 +200,21 @@ class Tracker:
 
     # ------------------------------------------------------------------ logging
 
-    def log(self, step: int, metrics: dict[str, float | int | None]) -> None:
-        """One row of metrics at a training step; None values (not measured this step) are dropped."""
+    def log(self, step: int, metrics: dict[str, float | int | None], as_wandb_step: bool = True) -> None:
+        """One row of metrics at a training step; None values (not measured this step) are dropped.
+        as_wandb_step: W&B's own _step is the training step, so that a resumed run never appends a step W&B has
+        (a step below the run's current one is left to metrics.jsonl); False for numbers added to a finished run."""
         if not self.is_writer:
             return
         values = {key: value for key, value in metrics.items() if value is not None}
         append_jsonl(self.out_dir / METRICS_FILE, {"step": step, "time": time.time(), **values})
-        self._wandb_call(lambda: self.run.log({**values, "step": step}))
+        self._wandb_call(lambda: self._wandb_log({**values, "step": step}, step if as_wandb_step else None))
+
+    def _wandb_log(self, row: dict[str, Any], step: int | None) -> None:
+        if step is None:
+            self.run.log(row)
+        elif step >= self.run.step:  # (W&B itself drops a lower step, with a warning per row)
+            self.run.log(row, step=step)
 
     def log_config(self, extra: dict[str, Any]) -> None:
         """Facts known once the model exists: parameter count, FLOPs per token, and the like."""
@@ -223,10 +230,10 @@ class Tracker:
             return
         for sample in samples:
             append_jsonl(self.out_dir / SAMPLES_FILE, {"step": step, **sample})
-            self.sample_rows.append([step, shown(sample["prompt"]), shown(sample["completion"])])
+            self.sample_rows.append(table_row(step, sample))
         # a fresh table with every row so far: the newest version in the W&B UI shows all sampling points
-        self._wandb_call(lambda: self.run.log({"samples": wandb.Table(columns=SAMPLE_COLUMNS,
-                                                                      data=self.sample_rows), "step": step}))
+        self._wandb_call(lambda: self._wandb_log({"samples": wandb.Table(columns=SAMPLE_COLUMNS,
+                                                                         data=self.sample_rows), "step": step}, step))
 
     def set_summary(self, summary: dict[str, Any]) -> None:
         """Final numbers (min/final validation bpb, total time, tokens seen): W&B run summary and the report."""
@@ -252,7 +259,13 @@ class Tracker:
         return self.url
 
     def _write_run_info(self) -> None:
-        (self.out_dir / RUN_INFO_FILE).write_text(json.dumps(self.run_info, indent=2, default=str))
+        text = json.dumps(self.run_info, indent=2, default=str)
+        write_atomically(self.out_dir / RUN_INFO_FILE, lambda temp: temp.write_text(text))
+
+
+def table_row(step: int, sample: dict[str, str]) -> list[Any]:
+    """A sample as a row of the W&B samples table: the model's text shown, never obeyed (hostile_text)."""
+    return [step, shown(sample["prompt"]), shown(sample["completion"])]
 
 
 def stage_run_id(execution: str, stage: str) -> str:
@@ -289,6 +302,6 @@ def log_evaluation(config: RunConfig, checkpoint: str, step: int, metrics: dict[
         # online only: an offline run written here would be deleted with `scratch`
         tracker = Tracker(config, Path(scratch), resume_step=step, phase=phase, modes=("online",),
                           kept_in="the results JSON")
-        tracker.log(step, metrics)
+        tracker.log(step, metrics, as_wandb_step=False)
         tracker.set_summary(summary)
         return tracker.finish()

@@ -213,6 +213,8 @@ class LoopState:
     timed_steps: int = 0  # steps in the throughput averages: all but the first of each session (warm-up, compile)
     timed_seconds: float = 0.0
     total_time_s: float = 0.0  # wall-clock time inside the loop, summed over sessions
+    tokens_seen: int = 0  # summed step by step: a resumed run may have another total_batch_size
+    timed_tokens: int = 0  # the tokens of the timed steps
 
     def fold_loss(self, loss: float) -> None:
         if math.isfinite(loss):  # one overflowed step would leave the smoothed loss NaN for good
@@ -393,6 +395,9 @@ class Trainer:
         if "min_val_metric" in loop:  # its name in checkpoints saved before RL's higher-is-better metric
             loop["best_val_metric"] = loop.pop("min_val_metric")
         loop.setdefault("loss_ema_steps", checkpoint["step"])  # saved before it was counted: every step was folded
+        saved_batch = checkpoint["config"]["total_batch_size"]  # saved before tokens were counted: at the saved batch
+        loop.setdefault("tokens_seen", checkpoint["step"] * saved_batch)
+        loop.setdefault("timed_tokens", loop.get("timed_steps", 0) * saved_batch)
         if config.device_batch_size != checkpoint["config"]["device_batch_size"]:
             loop["device_batch_size"] = config.device_batch_size  # asked for anew; else the saved one (OOM-halved)
         self.loop = LoopState(**loop)
@@ -447,13 +452,13 @@ class Trainer:
 
     def summary(self, status: str, step: int) -> dict:
         config, loop, metric = self.config, self.loop, self.phase.metric
-        tok_per_sec = loop.timed_steps * config.total_batch_size / loop.timed_seconds if loop.timed_steps else None
+        tok_per_sec = loop.timed_tokens / loop.timed_seconds if loop.timed_steps else None
         best = "max" if self.phase.higher_is_better else "min"
         return {"status": status, "phase": self.phase.model_kind, "stage": self.phase.stage,
                 "run_name": config.run_name,
                 "depth": config.depth, "num_iterations": config.num_iterations, "steps_completed": step,
                 f"{best}_validation_{metric}": loop.best_val_metric, f"final_validation_{metric}": loop.val_metric,
-                "tokens_seen": step * config.total_batch_size, "total_time_s": loop.total_time_s,
+                "tokens_seen": loop.tokens_seen, "total_time_s": loop.total_time_s,
                 "avg_tok_per_sec": tok_per_sec, "avg_mfu": self.mfu_percent(tok_per_sec) if tok_per_sec else None,
                 **{key: self.facts[key] for key in ("num_params", "flops_per_token", "device", "device_name", "dtype")},
                 "skipped_steps": loop.skipped_steps, "device_batch_size": loop.device_batch_size,
@@ -623,9 +628,11 @@ class Trainer:
             phase_metrics = self.phase.step_metrics()
             step = self.step = step + 1
             session_steps += 1
+            loop.tokens_seen += config.total_batch_size
             if session_steps > 1:  # the first step of a session pays for warm-up and compilation
                 loop.timed_steps += 1
                 loop.timed_seconds += dt
+                loop.timed_tokens += config.total_batch_size
             loop.skipped_steps += result.skipped
             loop.fold_loss(result.loss)
             if math.isfinite(result.loss):

@@ -101,9 +101,12 @@ def check_base_resume(config: RunConfig, checkpoint: str | Path, field: str = "r
             raise ConfigError(kept, f"{getattr(config, kept)!r} differs from {saved[kept]!r} in the checkpoint "
                                      f"being resumed ({checkpoint}); a resumed run keeps the model and the data")
     check_not_past(config.num_iterations, state["steps_completed"], checkpoint)
-    if config.only_needed_shards and config.num_iterations != saved["num_iterations"]:
-        raise ConfigError("num_iterations", "with only_needed_shards, a new num_iterations changes the shards "
-                                            "prepared and so the data stream; extend with only_needed_shards: false")
+    for sizes in ("num_iterations", "total_batch_size"):  # their product sets the shards prepared
+        if config.only_needed_shards and getattr(config, sizes) != saved[sizes]:
+            raise ConfigError(sizes, f"a run prepared with only_needed_shards keeps its {sizes} ({saved[sizes]}): "
+                                     "its data holds only the shards that many tokens need, and another value would "
+                                     "change the data stream; a longer run is a new one with only_needed_shards: "
+                                     "false")
     return saved
 
 
