@@ -14,9 +14,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import fsspec
 from matplotlib.figure import Figure
 
+from nanochat_flyte.files import filesystem
 from nanochat_flyte.hostile_text import shown
 from nanochat_flyte.reporting.tracking import METRICS_FILE, RUN_INFO_FILE, SAMPLES_FILE, read_jsonl
 
@@ -215,10 +215,10 @@ def write_run_report(checkpoint: str, report_dir: Path, config, env_report: dict
     checkpoint (a directory or fsspec URI), fetched without the weights."""
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    filesystem, root = fsspec.core.url_to_fs(str(checkpoint))
+    store, root = filesystem(str(checkpoint))
     for name in (METRICS_FILE, SAMPLES_FILE, RUN_INFO_FILE):
-        if filesystem.exists(f"{root.rstrip('/')}/{name}"):
-            filesystem.get_file(f"{root.rstrip('/')}/{name}", str(report_dir / name))
+        if store.exists(f"{root.rstrip('/')}/{name}"):
+            store.get_file(f"{root.rstrip('/')}/{name}", str(report_dir / name))
     return write_report(report_dir, config, env_report, summary, evaluations)
 
 

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-import fsspec
+from nanochat_flyte.files import filesystem
 
 WORKFLOW_NAME = "nanochat_full_training"
 
@@ -55,7 +55,7 @@ RESULTS_FILE = "results.json"
 def write_results(results: dict, directory: str | Path) -> None:
     """results.json in a directory or under any fsspec URI (s3://...)."""
     target = f"{str(directory).rstrip('/')}/{RESULTS_FILE}"
-    filesystem, path = fsspec.core.url_to_fs(target)
-    filesystem.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with filesystem.open(path, "w") as file:
+    store, path = filesystem(target)
+    store.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with store.open(path, "w") as file:
         file.write(json.dumps(results, indent=2, default=str) + "\n")

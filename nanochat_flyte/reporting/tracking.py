@@ -23,15 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import fsspec
-
 try:
     import wandb
 except ImportError:  # W&B is optional where it is off: the GPU acceptance machine has no wandb package
     wandb = None
 
 from nanochat_flyte.config import RunConfig
-from nanochat_flyte.files import write_atomically
+from nanochat_flyte.files import filesystem, write_atomically
 from nanochat_flyte.hostile_text import shown
 from nanochat_flyte.reporting.environment import wandb_key_available
 
@@ -295,10 +293,10 @@ def log_evaluation(config: RunConfig, checkpoint: str, step: int, metrics: dict[
     if resolve_mode(config.wandb_mode) != "online":
         return None
     with tempfile.TemporaryDirectory(prefix="nanochat-eval-wandb-") as scratch:
-        filesystem, root = fsspec.core.url_to_fs(str(checkpoint))
+        store, root = filesystem(str(checkpoint))
         id_file = f"{root.rstrip('/')}/{RUN_ID_FILE}"
-        if filesystem.exists(id_file):
-            Path(scratch, RUN_ID_FILE).write_text(filesystem.cat_file(id_file).decode())
+        if store.exists(id_file):
+            Path(scratch, RUN_ID_FILE).write_text(store.cat_file(id_file).decode())
         # online only: an offline run written here would be deleted with `scratch`
         tracker = Tracker(config, Path(scratch), resume_step=step, phase=phase, modes=("online",),
                           kept_in="the results JSON")

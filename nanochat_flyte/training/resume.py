@@ -19,6 +19,7 @@ from nanochat_flyte.model.checkpoint import (
     TRAINING_STATE_FILE,
     model_differences,
     read_checkpoint_json,
+    read_training_state,
 )
 from nanochat_flyte.reporting.tracking import RUN_INFO_FILE
 
@@ -48,9 +49,7 @@ def check_out_dir(out_dir: Path, resume_dir: Path | None, owner: str = "Trainer"
 def check_resumed_stage(checkpoint_dir: str | Path, stage: str, owner: str = "Trainer", field: str = "resume_dir"
                         ) -> None:
     """A run continues a checkpoint of its own stage (base, chat or rl): another's data stream cannot be resumed."""
-    state = read_checkpoint_json(checkpoint_dir, TRAINING_STATE_FILE)
-    if state is None:
-        raise ConfigError(field, f"{checkpoint_dir} is not a checkpoint directory (no {TRAINING_STATE_FILE})", owner)
+    state = read_training_state(checkpoint_dir, field, owner)
     saved = state.get("stage", state.get("phase", "base"))  # saved before stages had names: the phase's
     if saved != stage:
         raise ConfigError(field, f"{checkpoint_dir} is a checkpoint of the {saved} stage; this {stage} run "
