@@ -4,13 +4,14 @@ import math
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import fsspec
 import pytest
 import torch
-from helpers import NANOCHAT, load_bench, make_data_dir, tiny_config
+from helpers import load_bench, make_data_dir, tiny_config
 
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.inference.engine import Engine, SamplingParams
@@ -346,7 +347,7 @@ def test_resuming_a_checkpoint_cut_short_is_one_error_line(straight_run, data_di
     shutil.copytree(straight, run)
     checkpoint = run / "checkpoint.pt"
     checkpoint.write_bytes(checkpoint.read_bytes()[:checkpoint.stat().st_size // 3])
-    command = [str(Path(NANOCHAT).with_name("python3")), "-m", "nanochat_flyte", "train", "--config",
+    command = [sys.executable, "-m", "nanochat_flyte", "train", "--config",
                str(run / "config.json"), "--data-dir", str(data_dir), "--out-dir", str(run), "--resume-dir", str(run),
                "num_iterations=8"]
     result = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
