@@ -29,7 +29,15 @@ from nanochat_flyte.data.hub import split_cache_dir
 from nanochat_flyte.data.tokenizer import BPE_SPLIT_PATTERN, gpt2_tokenizer
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.files import write_bytes_atomically
-from tests.hub_server import HUB_SPLITS, SMOLTALK_SCHEMA, serve_hub, split_path, write_split
+from tests.hub_server import (
+    GSM8K_SCHEMA,
+    HUB_SPLITS,
+    MMLU_SCHEMA,
+    SMOLTALK_SCHEMA,
+    serve_hub,
+    split_path,
+    write_split,
+)
 
 SMOLTALK_TRAIN = ("HuggingFaceTB/smol-smoltalk", "default", "train")
 SMOLTALK_TEST = ("HuggingFaceTB/smol-smoltalk", "default", "test")
@@ -294,6 +302,20 @@ def test_rows_that_break_the_chat_rules_are_skipped_and_counted(hub_server, tmp_
                                       "messages[1].role: expected assistant (turns alternate, user first, a system "
                                       "message only at the start), got user": 1}
     assert len(lines_of(tmp_path / "sft" / "train.jsonl")) == len(rows) - 2
+
+
+def test_rows_with_a_null_field_are_skipped_and_counted_not_a_crash(hub_server, tmp_path):
+    """The parquet schemas allow nulls: a mirror's row with a null field is one skipped row, not a failed stage."""
+    mmlu = HUB_SPLITS[MMLU_AUX][1] + [{"question": "Q?", "subject": "", "choices": None, "answer": 0}]
+    gsm8k = HUB_SPLITS[GSM8K_TRAIN][1] + [{"question": "Q?", "answer": None}]
+    write_split(hub_server.directory, *MMLU_AUX, mmlu, MMLU_SCHEMA)
+    write_split(hub_server.directory, *GSM8K_TRAIN, gsm8k, GSM8K_SCHEMA)
+    manifest = prepare_sft_data(ChatConfig(smoltalk_epochs=0), tmp_path / "sft")
+    for source in ("mmlu", "gsm8k"):
+        record = manifest["sources"][source]
+        assert record["skipped"] == 1, record
+        (reason,) = record["skip_reasons"]
+        assert reason.startswith("a field is missing or of the wrong type (TypeError: ")
 
 
 def test_bad_config_fails_before_any_download(hub_server, tmp_path):

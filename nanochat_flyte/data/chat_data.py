@@ -194,6 +194,8 @@ def convert_split(source: Source, endpoint: str = "", cache_dir: Path | None = N
             lines.append(json.dumps(source.convert(row, index), ensure_ascii=False).encode() + b"\n")
         except BadRow as e:
             skipped[str(e)] += 1
+        except (TypeError, KeyError, AttributeError) as e:  # a field null or of another type (a mirror's row)
+            skipped[f"a field is missing or of the wrong type ({type(e).__name__}: {e})"] += 1
     record = {"repo": source.repo, "subset": source.subset, "split": source.split, "rows": rows,
               "skipped": sum(skipped.values()), "skip_reasons": dict(skipped.most_common(5)),
               "files": file_records(paths)}
