@@ -216,6 +216,8 @@ def test_rl_trains_a_chat_checkpoint_and_logs_its_rewards(sft_checkpoint, rl_dat
     weights_before = load_checkpoint(sft_checkpoint)["model"]
     weights_after = load_checkpoint(tmp_path / "rl")["model"]
     assert all(torch.equal(weights_before[name], weights_after[name]) for name in weights_before)
+    _, muon = load_checkpoint(tmp_path / "rl")["optimizers"]  # (AdamW, Muon)
+    assert {group["momentum"] for group in muon["param_groups"]} == {0.95}  # nanochat's RL: no warm-up from 0.85
 
 
 def shortness(item: dict, answer: str) -> float:

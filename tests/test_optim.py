@@ -104,6 +104,7 @@ def test_muon_momentum_warmup_and_apply_schedules():
     assert muon_momentum(0) == 0.85
     assert muon_momentum(150) == pytest.approx(0.90)
     assert muon_momentum(300) == muon_momentum(5000) == pytest.approx(0.95)
+    assert muon_momentum(0, warmup=False) == muon_momentum(150, warmup=False) == pytest.approx(0.95)  # RL's
     model = tiny_model()
     config = RunConfig(num_iterations=100, warmdown_ratio=0.5)
     adamw, muon = build_optimizers(model, config)

@@ -274,6 +274,7 @@ class Phase:
     stage: str  # "base", "chat" (SFT) or "rl": which stage trained it; names the W&B run within an execution
     metric: str  # the validation metric: "bpb", "loss" or "pass@1" (logged as val/<metric>)
     higher_is_better = False  # summarised as min_validation_<metric>, or as max_validation_<metric>
+    muon_momentum_warmup = True  # Muon's momentum rises from 0.85 to 0.95 over the first steps, else is 0.95
     tokenizer: tiktoken.Encoding
     tokenizer_dir: Path  # copied into the checkpoint: a checkpoint carries its tokenizer
 
@@ -517,7 +518,7 @@ class Trainer:
         starts the next step, whose time then includes them; over the steps the times add up to the GPU's."""
         config, loop, device = self.config, self.loop, self.device
         cuda_graphs = uses_cuda_graphs(config, device)
-        apply_schedules(self.optimizers, step, config)
+        apply_schedules(self.optimizers, step, config, self.phase.muon_momentum_warmup)
         loader_at_step_start = self.loader.state_dict()
         start = time.perf_counter()
         while True:  # only the forward and backward passes are re-run: no optimizer has seen this step yet

@@ -200,6 +200,7 @@ class ReinforcementLearning(ChatPhase):
 
     stage, metric = "rl", "pass@1"
     higher_is_better = True
+    muon_momentum_warmup = False  # as nanochat's RL: a model already trained, at 0.95 from its first step
 
     def __init__(self, config: RunConfig, rl: RLConfig, sft_dir: Path, data_dir: Path,
                  reward: Callable[[dict, str], float] = gsm8k_reward):
