@@ -65,6 +65,16 @@ def test_a_preempted_attempt_resumes_from_the_previous_attempts_checkpoint(tmp_p
     assert (saved[2] / "checkpoint.pt").exists()  # the final save reached Flyte's checkpoint too
 
 
+def test_an_attempt_after_one_that_never_saved_starts_fresh(tmp_path, monkeypatch):
+    """Flyte gives a retry the previous attempt's checkpoint prefix whether or not that attempt saved anything (a
+    preemption during the data download, or before the first save_every steps): the retry starts over."""
+    make_data_dir(tmp_path / "data")
+    never_saved = tmp_path / "flyte-checkpoint-0"
+    _, summary = run_attempt(tmp_path, monkeypatch, 1, SyncCheckpoint(str(tmp_path / "flyte-checkpoint-1"),
+                                                                      str(never_saved)))
+    assert summary["steps_completed"] == 6 and summary["status"] == "completed"
+
+
 def test_a_first_attempt_starts_fresh(tmp_path, monkeypatch):
     make_data_dir(tmp_path / "data")
     checkpoint, summary = run_attempt(tmp_path, monkeypatch, 0, SyncCheckpoint(str(tmp_path / "flyte-checkpoint")))

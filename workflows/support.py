@@ -11,7 +11,7 @@ import click
 from flytekit import Deck, FlyteContextManager, Resources, Secret, current_context
 from flytekit.configuration.plugin import get_plugin
 from flytekit.core.utils import ClassDecorator
-from flytekit.exceptions.user import FlyteRecoverableException
+from flytekit.exceptions.user import FlyteDataNotFoundException, FlyteRecoverableException
 from flytekit.extras.accelerators import A100, T4
 from flytekit.interaction.click_types import JsonParamType
 from flytekit.types.directory import FlyteDirectory
@@ -143,7 +143,12 @@ class FlytekitAttempts:
 
     def restore(self) -> Path | None:
         flyte_checkpoint = current_context().checkpoint
-        restored = flyte_checkpoint.restore() if flyte_checkpoint else None
+        if not flyte_checkpoint:
+            return None
+        try:
+            restored = flyte_checkpoint.restore()
+        except FlyteDataNotFoundException:  # the previous attempt ended before its first save: Flyte names its
+            return None  # checkpoint prefix all the same, and there is nothing under it
         return Path(restored) if restored else None
 
     def save(self, checkpoint_dir: Path) -> None:
