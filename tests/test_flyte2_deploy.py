@@ -192,6 +192,7 @@ def test_multi_gpu_training_is_one_elastic_pod_with_eight_a100s(compiled):
     requests, _ = resources(template)
     assert requests["GPU"] == "8" and template["extendedResources"]["gpuAccelerator"]["device"] == "nvidia-tesla-a100"
     assert not template["metadata"]["interruptible"]
+    assert secrets(template) == [("wandb_api_key", "WANDB_API_KEY"), ("hf_token", "HF_TOKEN")]
 
 
 def test_training_tasks_link_to_their_wandb_run(compiled):

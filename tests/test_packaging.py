@@ -90,11 +90,12 @@ def test_train_base_model_gets_the_reference_machine(tasks):
     assert train.extended_resources.shared_memory.mount_path == "/dev/shm"
 
 
-def test_train_base_model_is_interruptible_with_retries_and_the_wandb_secret(tasks):
+def test_train_base_model_is_interruptible_with_retries_and_the_wandb_and_hf_secrets(tasks):
     train = tasks["train_base_model"]
     assert train.metadata.interruptible and train.metadata.retries.retries == 3
     assert not train.metadata.discoverable  # a training run is never served from cache
-    assert [(s.group, s.key) for s in train.security_context.secrets] == [("wandb", "api_key")]
+    # the HF token: CORE during training (core_metric_every) reads a bundle that may be on a gated mirror
+    assert [(s.group, s.key) for s in train.security_context.secrets] == [("wandb", "api_key"), ("hf", "token")]
 
 
 def test_the_environment_report_comes_from_the_training_node(tasks):
@@ -269,7 +270,7 @@ def test_multi_gpu_training_is_one_elastic_pod_with_eight_a100s(tasks):
     requests, limits = resources(ddp)
     assert requests[GPU] == limits[GPU] == "8"
     assert ddp.extended_resources.gpu_accelerator.device == "nvidia-tesla-a100"
-    assert [(s.group, s.key) for s in ddp.security_context.secrets] == [("wandb", "api_key")]
+    assert [(s.group, s.key) for s in ddp.security_context.secrets] == [("wandb", "api_key"), ("hf", "token")]
     assert "link_type" not in ddp.config  # no NANOCHAT_WANDB_ENTITY: no W&B console link
 
 
@@ -277,7 +278,7 @@ def test_secret_names_schedule_and_alerts_are_set_without_editing_code(tmp_path)
     entities = package(tmp_path, NANOCHAT_WANDB_SECRET_GROUP="ml-team", NANOCHAT_WANDB_SECRET_KEY="wandb-key",
                        NANOCHAT_NIGHTLY_CRON="30 1 * * 1-5", NANOCHAT_WANDB_ENTITY="ml-team")
     train = entities["task"]["train_base_model"].template
-    assert [(s.group, s.key) for s in train.security_context.secrets] == [("ml-team", "wandb-key")]
+    assert [(s.group, s.key) for s in train.security_context.secrets] == [("ml-team", "wandb-key"), ("hf", "token")]
     # the console's W&B link: the cluster's wandb-execution-id template filled from the task's config
     link = {"link_type": "wandb-execution-id", "host": "https://wandb.ai", "entity": "ml-team", "project": "nanochat"}
     for name in ("train_base_model", "train_base_model_multi_gpu"):

@@ -133,6 +133,7 @@ def train_base_model(config: RunConfig, data: FlyteDirectory, environment: dict,
                      ) -> tuple[FlyteDirectory, dict]:
     """Train, continuing (in this order) a previous attempt of this task, the checkpoint `resume_from`, or nothing."""
     export_secret(secrets.WANDB)
+    export_secret(secrets.HF)  # CORE during training (core_metric_every) reads its bundle
     checkpoint_dir = Path(current_context().working_directory) / "checkpoint"
     try:
         with retried_on_storage_errors():

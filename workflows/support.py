@@ -172,7 +172,8 @@ def retried_on_storage_errors():
 
 # How every training task (pretraining, SFT, RL) is declared. Interruptible: a spot T4 is a third of the price; a
 # preempted attempt resumes from the intra-task checkpoint.
-TRAINING_TASK = dict(container_image=IMAGE, secret_requests=[WANDB_SECRET], interruptible=True, retries=3,
+# the HF token too: with core_metric_every, pretraining reads the CORE bundle, which may be on a gated mirror
+TRAINING_TASK = dict(container_image=IMAGE, secret_requests=[WANDB_SECRET, HF_SECRET], interruptible=True, retries=3,
                      enable_deck=True, **TRAINING_RESOURCES)
 
 

@@ -13,7 +13,16 @@ import flyte
 from flyte.io import Dir
 
 from nanochat_flyte.config import RunConfig
-from workflows.flyte2.environments import IMAGE, PRESETS, WANDB_SECRET, data_env, driver_env, gpu_env, node
+from workflows.flyte2.environments import (
+    HF_SECRET,
+    IMAGE,
+    PRESETS,
+    WANDB_SECRET,
+    data_env,
+    driver_env,
+    gpu_env,
+    node,
+)
 from workflows.flyte2.pretraining import RunOutputs, pretrain, train_base_model
 from workflows.flyte2.support import ElasticUserErrors, one_line_user_errors, wandb_links
 from workflows.presets import A100_NODE, D12_CONFIG, EIGHT_A100_NODE
@@ -21,7 +30,7 @@ from workflows.presets import A100_NODE, D12_CONFIG, EIGHT_A100_NODE
 GPUS = EIGHT_A100_NODE.gpus
 
 # Not interruptible: a preempted 8-GPU node is slow to come back, and every rank restarts from the last checkpoint.
-multi_gpu_env = flyte.TaskEnvironment(name="nanochat_8xa100", image=IMAGE, secrets=[WANDB_SECRET],
+multi_gpu_env = flyte.TaskEnvironment(name="nanochat_8xa100", image=IMAGE, secrets=[WANDB_SECRET, HF_SECRET],
                                       resources=node(EIGHT_A100_NODE),
                                       plugin_config=ElasticUserErrors(nnodes=1, nproc_per_node=GPUS),
                                       include=PRESETS)
