@@ -13,6 +13,7 @@ import flyte
 import flyte.errors
 import pytest
 from flyte.io import Dir
+from obstore.exceptions import GenericError, NotFoundError
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.distributed.elastic.multiprocessing.errors.error_handler import ErrorHandler
 
@@ -219,9 +220,13 @@ def test_a_bug_is_not_retried_and_a_storage_hiccup_is():
 
     with pytest.raises(flyte.errors.NonRecoverableError, match="^KeyError: 'step'"):
         task(KeyError("step"))
-    for passed_on in (ConnectionResetError("reset"), ConfigError("depth", "must be >= 1")):
+    # a reset connection: requests' OSError, or obstore's GenericError as Flyte 2 moves files on s3:// and gs://
+    for passed_on in (ConnectionResetError("reset"), GenericError("connection reset by peer"),
+                      ConfigError("depth", "must be >= 1")):
         with pytest.raises(type(passed_on)):
             task(passed_on)
+    with pytest.raises(flyte.errors.NonRecoverableError):  # a missing object is not found by a retry either
+        task(NotFoundError("no such key"))
 
 
 @pytest.mark.parametrize("changes, field", [

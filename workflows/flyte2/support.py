@@ -21,6 +21,7 @@ import flyte.report
 from flyte.extend import TaskPluginRegistry
 from flyte.io import Dir
 from flyteplugins.pytorch.task import Elastic, TorchFunctionTask
+from obstore.exceptions import GenericError
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from nanochat_flyte.errors import UserError, is_storage_error, is_user_error, reraise_user_errors, user_error_names
@@ -124,7 +125,9 @@ def retried_only_on_storage_errors(task_function):
     """Flyte 2 retries a task after any error but NonRecoverableError; flytekit only after one raised as recoverable.
     Both fronts retry what another attempt can mend, a storage or network hiccup (and, the platform's own, a
     preempted node), and never a bug, which would fail every attempt alike (workflows/support.py,
-    retried_on_storage_errors). User errors pass on to one_line_user_errors."""
+    retried_on_storage_errors). User errors pass on to one_line_user_errors. On s3:// and gs:// Flyte 2 moves
+    files with obstore, whose network and server errors (a reset connection, a timeout, a 5xx) are its
+    GenericError, no OSError; its missing object or credentials are errors of their own, not retried."""
 
     @functools.wraps(task_function)
     def attempt(*args, **kwargs):
@@ -132,7 +135,8 @@ def retried_only_on_storage_errors(task_function):
             return task_function(*args, **kwargs)
         except Exception as error:
             already_final = isinstance(error, flyte.errors.NonRecoverableError)
-            if is_storage_error(error) or is_user_error_raised(error) or already_final:
+            storage_hiccup = is_storage_error(error) or isinstance(error, GenericError)
+            if storage_hiccup or is_user_error_raised(error) or already_final:
                 raise
             raise flyte.errors.NonRecoverableError(f"{type(error).__name__}: {error}",
                                                    code=type(error).__name__) from error
