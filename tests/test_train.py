@@ -13,12 +13,14 @@ import pytest
 import torch
 from helpers import load_bench, make_data_dir, tiny_config
 
+from nanochat_flyte.config import ChatConfig, RunConfig
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.inference.engine import Engine, SamplingParams
 from nanochat_flyte.model.checkpoint import check_save_to
 from nanochat_flyte.model.device import select_precision
 from nanochat_flyte.model.gpt import GPT
 from nanochat_flyte.model.optim import build_optimizers
+from nanochat_flyte.pipeline import setup
 from nanochat_flyte.pipeline.train import OWNER_FILE, packed_attempt, unpacked_attempt
 from nanochat_flyte.training import loop
 from nanochat_flyte.training.loop import (
@@ -145,6 +147,20 @@ def test_a_writable_uri_save_to_is_probed_and_left_as_it_was():
     store.pipe_file("/probed/kept.txt", b"kept")
     check_save_to("memory://probed", "RunConfig")
     assert store.ls("/probed", detail=False) == ["/probed/kept.txt"]
+
+
+def test_on_a_cluster_a_local_save_to_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    """A run's tasks are pods on a cluster: a folder there is a pod's own disk, and its copies would go with it while
+    the summary named them. The checks refuse it in one line (a URI passes); a local run takes a folder."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^RunConfig\.save_to: 'runs/base' is a folder on the task's own disk"):
+        setup.base_run(RunConfig(save_to="runs/base"), "", remote=True)
+    with pytest.raises(ConfigError, match=r"^ChatConfig\.save_to: 'file:///tmp/chat' is a folder on the task's"):
+        setup.probe_stage(ChatConfig(save_to="file:///tmp/chat"), remote=True)
+    assert not (tmp_path / "runs").exists()  # refused before it was made
+    check_save_to("memory://on-a-cluster", "RunConfig", remote=True)
+    check_save_to("runs/base", "RunConfig")  # locally
+    assert (tmp_path / "runs" / "base").is_dir()
 
 
 def test_log_lines_are_nanochat_style(data_dir, tmp_path, capsys):

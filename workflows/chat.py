@@ -50,7 +50,7 @@ CHAT_DATA_CACHE_VERSION = prepare.CHAT_DATA_VERSION  # cached conversations of a
 @one_line_user_errors
 def check_chat_config(config: RunConfig, chat_config: ChatConfig, resume_from: str) -> ChatConfig:
     export_secret(secrets.HF)
-    return setup.later_stages(config, chat_config, resume_from=resume_from)[0]
+    return setup.later_stages(config, chat_config, resume_from=resume_from, remote=not is_local_run())[0]
 
 
 @task(container_image=IMAGE, secret_requests=[HF_SECRET], **DRIVER_RESOURCES)
@@ -58,7 +58,7 @@ def check_chat_config(config: RunConfig, chat_config: ChatConfig, resume_from: s
 def check_chat_and_rl_configs(config: RunConfig, chat_config: ChatConfig, rl_config: RLConfig, resume_from: str
                               ) -> tuple[ChatConfig, RLConfig]:
     export_secret(secrets.HF)
-    return setup.later_stages(config, chat_config, rl_config, resume_from)
+    return setup.later_stages(config, chat_config, rl_config, resume_from, remote=not is_local_run())
 
 
 # Each stage's inputs are checked on a CPU pod: a bad one fails in one line before any GPU node is asked for. The
@@ -71,7 +71,8 @@ def check_chat_stage(config: ChatConfig, base_checkpoint: FlyteDirectory, resume
     endpoint. Returns the config, the endpoint the data tasks use, and the config name whose evaluation needs the
     sandbox (or "")."""
     export_secret(secrets.HF)
-    config, endpoint = setup.chat_stage(config, checkpoint_location(base_checkpoint), resume_from)
+    config, endpoint = setup.chat_stage(config, checkpoint_location(base_checkpoint), resume_from,
+                                        remote=not is_local_run())
     return config, endpoint, setup.sandbox_required_by(config)
 
 
@@ -83,7 +84,8 @@ def check_rl_stage(config: RLConfig, sft_checkpoint: FlyteDirectory, resume_from
     probe the hub endpoint. Returns the config, the ChatConfig of the evaluation after RL, the endpoint, and the
     config name whose evaluation needs the sandbox (or "")."""
     export_secret(secrets.HF)
-    config, endpoint = setup.rl_stage(config, checkpoint_location(sft_checkpoint), resume_from)
+    config, endpoint = setup.rl_stage(config, checkpoint_location(sft_checkpoint), resume_from,
+                                      remote=not is_local_run())
     return config, config.chat_eval_config(), endpoint, setup.sandbox_required_by(config)
 
 

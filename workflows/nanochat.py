@@ -54,7 +54,7 @@ def check_run_config(config: RunConfig, resume_from: str, world_size: int, entry
     probe the data and the CORE bundle. Returns the config the run uses, whether the final checkpoint gets a CORE
     score, and the data tasks' config (their cache key: prepare.data_config)."""
     export_secret(secrets.HF)
-    config = setup.base_run(config, resume_from, world_size, entry)
+    config = setup.base_run(config, resume_from, world_size, entry, remote=not is_local_run())
     return config, config.core_enabled, prepare.data_config(config)
 
 

@@ -125,12 +125,15 @@ def check_save_to_apart(target: str, start: str, start_field: str, owner: str) -
                                      "another save_to", owner)
 
 
-def check_save_to(target: str, owner: str) -> None:
+def check_save_to(target: str, owner: str, remote: bool = False) -> None:
     """Fail in one line, before any training, when save_to cannot be written: the first copy comes save_every steps
     into the run. A folder is made and written in; a URI's store gets a probe object, written and deleted (each rank
-    its own)."""
+    its own). remote: the run's tasks are pods on a cluster, where a local folder is a pod's own disk, gone with it."""
     if not target:
         return
+    if remote and local_path(target) is not None:
+        raise ConfigError("save_to", f"{target!r} is a folder on the task's own disk, which goes with its pod on a "
+                                     "cluster: give an object store URI (s3://, gs://, ...)", owner)
     try:
         if (directory := local_path(target)) is not None:
             directory.mkdir(parents=True, exist_ok=True)

@@ -22,18 +22,19 @@ from nanochat_flyte.training.rl import check_sft_checkpoint, rl_run_config
 from nanochat_flyte.training.sft import check_base_checkpoint, sft_run_config
 
 
-def base_run(config: RunConfig, resume_from: str, world_size: int = 1, entry: str = "main") -> RunConfig:
+def base_run(config: RunConfig, resume_from: str, world_size: int = 1, entry: str = "main",
+             remote: bool = False) -> RunConfig:
     """Pretraining's config, named and validated for `world_size` GPUs (the batch splits over them); the checkpoint
-    to resume (a directory or URI, the input `resume_from` of the workflow `entry`) and save_to checked; the data
-    and the CORE bundle probed (a local one read: core_max_per_task must leave its few-shot prompts enough items).
-    Returns the config the run uses."""
+    to resume (a directory or URI, the input `resume_from` of the workflow `entry`) and save_to checked (remote: a
+    run on a cluster, where it must be an object store URI); the data and the CORE bundle probed (a local one read:
+    core_max_per_task must leave its few-shot prompts enough items). Returns the config the run uses."""
     config.validate(world_size)
     if resume_from:
         saved = check_base_resume(config, resume_from, owner=entry)
         if not config.run_name:  # the resumed run's name: its W&B run, and the names the later stages take from it
             config = dataclasses.replace(config, run_name=saved["run_name"])
     config = config.resolved()
-    check_save_to(config.save_to, "RunConfig")
+    check_save_to(config.save_to, "RunConfig", remote)
     check_data_url(config)
     if config.core_enabled:
         check_bundle_url(config.eval_bundle_url)
@@ -43,7 +44,7 @@ def base_run(config: RunConfig, resume_from: str, world_size: int = 1, entry: st
 
 
 def later_stages(config: RunConfig, chat_config: ChatConfig, rl_config: RLConfig | None = None,
-                 resume_from: str = "") -> tuple[ChatConfig, RLConfig | None]:
+                 resume_from: str = "", remote: bool = False) -> tuple[ChatConfig, RLConfig | None]:
     """A pipeline's chat (and RL) configs, checked against its base run (continuing `resume_from`, when set) before
     pretraining starts: the stages' own checks run hours later, and a relaunch from the console with edited inputs
     checks nothing."""
@@ -59,7 +60,7 @@ def later_stages(config: RunConfig, chat_config: ChatConfig, rl_config: RLConfig
         for start, field in [(chat_config.save_to, "chat model (ChatConfig.save_to)"), *base_models]:
             check_save_to_apart(rl_config.save_to, start, field, "RLConfig")
     for stage in (chat_config, rl_config) if rl_config is not None else (chat_config,):  # then the world's checks
-        probe_stage(stage)
+        probe_stage(stage, remote)
     return chat_config, rl_config
 
 
@@ -84,20 +85,22 @@ def rl_start(config: RLConfig, sft_checkpoint: str) -> RLConfig:
     return config
 
 
-def chat_stage(config: ChatConfig, base_checkpoint: str, resume_from: str = "") -> tuple[ChatConfig, str]:
+def chat_stage(config: ChatConfig, base_checkpoint: str, resume_from: str = "", remote: bool = False
+               ) -> tuple[ChatConfig, str]:
     """The SFT workflow's inputs (sft_start, stage_resume), then the world (probe_stage). Returns the config and the
     hub endpoint the data tasks use."""
     config = sft_start(config, base_checkpoint)
     stage_resume(config, base_checkpoint, resume_from)
-    return config, probe_stage(config)
+    return config, probe_stage(config, remote)
 
 
-def rl_stage(config: RLConfig, sft_checkpoint: str, resume_from: str = "") -> tuple[RLConfig, str]:
+def rl_stage(config: RLConfig, sft_checkpoint: str, resume_from: str = "", remote: bool = False
+             ) -> tuple[RLConfig, str]:
     """The RL workflow's inputs (rl_start, stage_resume), then the world (probe_stage). Returns the config and the
     hub endpoint."""
     config = rl_start(config, sft_checkpoint)
     stage_resume(config, sft_checkpoint, resume_from)
-    return config, probe_stage(config)
+    return config, probe_stage(config, remote)
 
 
 def stage_resume(config: ChatConfig | RLConfig, start_checkpoint: str, resume_from: str,
@@ -113,11 +116,11 @@ def stage_resume(config: ChatConfig | RLConfig, start_checkpoint: str, resume_fr
                       "base_checkpoint" if sft else "sft_checkpoint", stage)
 
 
-def probe_stage(config: ChatConfig | RLConfig) -> str:
+def probe_stage(config: ChatConfig | RLConfig, remote: bool = False) -> str:
     """What a chat stage needs of the world: save_to writable, the hub answering, and with humaneval on, a sandbox
     for model-written code on this machine (a front that checks elsewhere than on the kind of node that evaluates
     checks there too: describe_machine's sandbox_for). Returns the hub endpoint."""
-    check_save_to(config.save_to, type(config).__name__)
+    check_save_to(config.save_to, type(config).__name__, remote)
     if owner := sandbox_required_by(config):
         require_sandbox(owner)
     check_hub_endpoint(config)

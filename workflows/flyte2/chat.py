@@ -136,7 +136,7 @@ class TrainedChat(NamedTuple):
 async def train_sft(config: ChatConfig, base_checkpoint: Dir, resume_from: str = "") -> TrainedChat:
     """checks (in the driver; the sandbox on the GPU node kind) -> the training node described and the data (CPU,
     cached), at once -> SFT."""
-    config, endpoint = setup.chat_stage(config, base_checkpoint.path, resume_from)
+    config, endpoint = setup.chat_stage(config, base_checkpoint.path, resume_from, remote=not is_local_run())
     environment, data, eval_data = await concurrently(
         describe_training_node.aio(printed=not is_local_run(),  # locally, pretraining printed it
                                    sandbox_for=setup.sandbox_required_by(config)),
@@ -149,7 +149,7 @@ async def train_sft(config: ChatConfig, base_checkpoint: Dir, resume_from: str =
 async def train_rl(config: RLConfig, sft_checkpoint: Dir, resume_from: str = "") -> TrainedChat:
     """checks (in the driver; the sandbox on the GPU node kind) -> the training node described, GSM8K problems and
     evaluation data (CPU, cached), at once -> RL."""
-    config, endpoint = setup.rl_stage(config, sft_checkpoint.path, resume_from)
+    config, endpoint = setup.rl_stage(config, sft_checkpoint.path, resume_from, remote=not is_local_run())
     environment, data, eval_data = await concurrently(
         describe_training_node.aio(printed=not is_local_run(), sandbox_for=setup.sandbox_required_by(config)),
         prepare_rl_problems.aio(endpoint, **prepare.rl_data_settings(config)),
@@ -237,7 +237,7 @@ async def nanochat_chat(config: RunConfig = RunConfig(), chat_config: ChatConfig
     """The whole pipeline: pretraining (with CORE when config.evaluate_core), then SFT, then the chat evaluation.
     resume_from: as main's, the pretraining checkpoint to continue."""
     # before pretraining: hours before SFT's own checks
-    chat_config, _ = setup.later_stages(config, chat_config, resume_from=resume_from)
+    chat_config, _ = setup.later_stages(config, chat_config, resume_from=resume_from, remote=not is_local_run())
     trained = await train_base(config, resume_from, entry="nanochat_chat")
     base, chat = await concurrently(score_and_report(trained), fine_tune(chat_config, trained.checkpoint))
     return PipelineOutputs(base.results, base.checkpoint, base.report, chat.results, chat.chat_checkpoint,
@@ -251,7 +251,8 @@ async def nanochat_chat_rl(config: RunConfig = RunConfig(), chat_config: ChatCon
     """The whole pipeline of the reference run's next steps: pretraining (with CORE when config.evaluate_core), SFT
     and its chat evaluation, then RL on GSM8K and the chat evaluation of the RL model. resume_from: as main's, the
     pretraining checkpoint to continue."""
-    chat_config, rl_config = setup.later_stages(config, chat_config, rl_config, resume_from)
+    chat_config, rl_config = setup.later_stages(config, chat_config, rl_config, resume_from,
+                                                remote=not is_local_run())
     trained = await train_base(config, resume_from, entry="nanochat_chat_rl")
 
     async def chat_then_rl() -> tuple[ChatOutputs, RLOutputs]:

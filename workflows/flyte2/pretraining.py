@@ -134,7 +134,7 @@ async def train_base(config: RunConfig, resume_from: str, train_task=train_base_
     on `core_gpu` where given), and `world_size` is the GPUs train_task runs on (scale_up.py)."""
     gpu = gpu or {}
     # here, before any task starts: a bad input costs no pod
-    config = setup.base_run(config, resume_from, world_size, entry)
+    config = setup.base_run(config, resume_from, world_size, entry, remote=not is_local_run())
     environment, (data, manifest) = await concurrently(
         describe_training_node.override(**gpu).aio(),
         prepare_data(prepare.data_config(config)))  # keyed on the data's fields: a relaunch reuses it
