@@ -80,7 +80,7 @@ def test_data_deck_tolerates_missing_fields():
                 "val": [{"shard": 1822, "file": "val/shard_01822.bin", "tokens": 600, "documents": 50}],
                 "train_tokens": 1100}
     deck = data_deck_html(manifest)
-    assert deck.count("<tr>") == 1 + 3 + 8  # overview (header + 7 rows) is 8, shards header + 3 shards is 4
+    assert deck.count("<tr>") == 1 + 3 + 6  # overview (header + 5 rows) is 6, shards header + 3 shards is 4
     assert "4.6" in deck and "1.5" in deck and "2.25" in deck and "shard_01822" in deck
     assert deck.count("n/a") >= 6  # shard 1 has no statistics; the val shard no bytes or timings
 

@@ -66,6 +66,10 @@ def check_e2e_outputs(results: dict, checkpoint_dir: Path, report_dir: Path) -> 
     assert math.isfinite(training["min_validation_bpb"]) and math.isfinite(training["final_validation_bpb"])
     assert training["min_validation_bpb"] <= training["final_validation_bpb"]
     assert results["data"]["train_shards"] == [0, 1] and results["data"]["val_shards"] == [VAL_SHARD]
+    # the run's share of the data, from its own length (the cached data directory serves runs of any length)
+    data = results["data"]
+    assert data["tokens_needed"] == results["config"]["num_iterations"] * results["config"]["total_batch_size"]
+    assert data["epochs"] == pytest.approx(data["tokens_needed"] / data["train_tokens"], rel=1e-3)
     assert results["environment"]["torch"]
     json.dumps(results)  # the results are one JSON document
 

@@ -23,6 +23,17 @@ from nanochat_flyte.errors import ConfigError
 PREFETCH_BATCHES = 2  # enough to hide one host->device copy behind a step; more only holds pinned memory
 
 
+def epochs(config, train_tokens: int) -> float:
+    """How many times a run of config's length reads the prepared train tokens."""
+    return round(config.tokens_needed / train_tokens, 4)
+
+
+def warn_if_repeated(config, train_tokens: int) -> None:
+    if (times := epochs(config, train_tokens)) > 1:
+        print(f"WARNING: training needs {config.tokens_needed:,} tokens but only {train_tokens:,} train tokens are "
+              f"prepared: the data will repeat ({times:.2f} epochs). Raise num_shards to avoid it.", flush=True)
+
+
 class Order:
     """A stream's item at any position: epoch e visits all n items in a permutation drawn from (seed, e). The
     pretraining windows' order here, SFT's conversations' in packing."""

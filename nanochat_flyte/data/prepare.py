@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 import tiktoken
 
 from nanochat_flyte.data import MANIFEST_FILE, SOURCE_FIELDS
+from nanochat_flyte.data.dataloader import warn_if_repeated
 from nanochat_flyte.data.download import Download, download_shard, download_shards
 from nanochat_flyte.data.tokenizer import gpt2_tokenizer, load_tokenizer, save_tokenizer, tokenizer_id, train_bpe
 from nanochat_flyte.errors import ConfigError
@@ -252,20 +253,17 @@ def merge_prepared(config, parts: list[Path], tokenizer_dir: Path, out_dir: Path
 
     train_tokens = sum(shard["tokens"] for shard in splits["train"])
     val_tokens = val["tokens"]
+    # No run length here: one data directory serves runs of any num_iterations (epochs() tells each its share)
     manifest = {"source": {field: getattr(config, field) for field in SOURCE_FIELDS},
                 "tokenizer": tokenizer, "train": splits["train"], "val": splits["val"],
-                "train_tokens": train_tokens, "val_tokens": val_tokens, "tokens_needed": config.tokens_needed,
-                "epochs": round(config.tokens_needed / train_tokens, 4)}
+                "train_tokens": train_tokens, "val_tokens": val_tokens}
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
 
     compared = f" (GPT-2: {tokenizer['gpt2_val_bytes_per_token']})" if "gpt2_tokens" in val else ""
     print(f"data: {len(splits['train'])} train shards, {train_tokens:,} train tokens, {val_tokens:,} val tokens; "
           f"tokenizer {info['name']}: {tokenizer['val_bytes_per_token']} bytes/token on val{compared}", flush=True)
-    if manifest["epochs"] > 1:
-        print(f"WARNING: training needs {config.tokens_needed:,} tokens but only {train_tokens:,} train tokens are "
-              f"prepared: the data will repeat ({manifest['epochs']:.2f} epochs). Raise num_shards to avoid it.",
-              flush=True)
     return manifest
+
 
 
 # ----------------------------------------------------------------------------- the whole stage
@@ -334,4 +332,5 @@ def prepare_parts(config, parts_dir: Path, out_dir: Path, cache_dir: Path | None
     parts += prepare_jobs(config, train_jobs, enc, parts_dir, cache_dir)
     manifest = merge_prepared(config, parts, tokenizer_dir, out_dir)
     shutil.rmtree(parts_dir)
+    warn_if_repeated(config, manifest["train_tokens"])
     return manifest

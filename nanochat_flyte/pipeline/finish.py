@@ -21,7 +21,7 @@ def finish_base_run(config: RunConfig, environment: dict, manifest: dict, traini
                     core: dict, report_dir: Path, *, local: bool) -> dict:
     """Pretraining's results JSON and report card (with the CORE table) in report_dir; returns the results.
     `checkpoint`: where the checkpoint lives (a URI on a cluster, a path locally)."""
-    results = aggregate_results(config.to_dict(), environment, manifest, training, checkpoint_dir=checkpoint,
+    results = aggregate_results(config, environment, manifest, training, checkpoint_dir=checkpoint,
                                 core=core)
     write_run_report(checkpoint, report_dir, config, environment, training,
                      evaluations=(core_table_markdown(core),) if core else ())

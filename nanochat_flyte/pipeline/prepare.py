@@ -18,16 +18,19 @@ CHAT_DATA_VERSION = "2"  # 2: GSM8K solutions keep their calculations, as tool c
 SFT_DATA_FIELDS = ("smoltalk_epochs", "mmlu_epochs", "gsm8k_epochs", "max_conversations", "val_conversations", "seed")
 RL_DATA_FIELDS = ("max_problems", "eval_problems", "seed")
 SHARD_CONCURRENCY = 8  # shard tasks at once: enough to saturate the hub, few enough not to be rate-limited
-# What the pretraining data tasks read: the data's source and tokenizer, and the run's length (it sets the shards
-# only_needed_shards prepares, and the epochs the manifest reports). Not the run's name, rates or W&B settings.
+# What the pretraining data tasks read: the data's source and tokenizer. Not the run's name, rates or W&B settings,
+# nor its length, but with only_needed_shards, which prepares the shards of num_iterations x total_batch_size tokens.
 DATA_FIELDS = ("data_url", "num_shards", "val_shard", "only_needed_shards", "tokenizer", "bpe_vocab_size",
-               "bpe_train_chars", "num_iterations", "total_batch_size", "eval_tokens")
+               "bpe_train_chars", "eval_tokens")
+RUN_LENGTH_FIELDS = ("num_iterations", "total_batch_size")
 
 
 def data_config(config: RunConfig) -> RunConfig:
-    """The run's config with every field but DATA_FIELDS at its default: the data tasks' input, so that a relaunch
-    (a new run name) or a run with other rates finds their outputs in the cache."""
-    return RunConfig(**{field: getattr(config, field) for field in DATA_FIELDS})
+    """The run's config with every field but DATA_FIELDS (and, with only_needed_shards, RUN_LENGTH_FIELDS) at its
+    default: the data tasks' input, so that a relaunch (a new run name, other rates, a longer run) finds their
+    outputs in the cache."""
+    fields = DATA_FIELDS + (RUN_LENGTH_FIELDS if config.only_needed_shards else ())
+    return RunConfig(**{field: getattr(config, field) for field in fields})
 
 
 def tokenizer(tokenizer: str, data_url: str, num_shards: int, bpe_vocab_size: int, bpe_train_chars: int,

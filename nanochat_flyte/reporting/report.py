@@ -275,8 +275,7 @@ def data_deck_html(manifest: dict) -> str:
                          bytes_per_token, shard.get("download_seconds"), shard.get("tokenize_seconds")])
     overview = {"tokenizer": tokenizer.get("name"), "vocabulary size": tokenizer.get("vocab_size"),
                 "validation bytes / token": tokenizer.get("val_bytes_per_token"),
-                "train tokens": manifest.get("train_tokens"), "validation tokens": manifest.get("val_tokens"),
-                "tokens training needs": manifest.get("tokens_needed"), "epochs": manifest.get("epochs")}
+                "train tokens": manifest.get("train_tokens"), "validation tokens": manifest.get("val_tokens")}
     return "\n".join([DECK_STYLE, "<h2>Data</h2>", html_table(["", "value"], list(overview.items())),
                       "<h3>Shards</h3>", html_table(header, rows)])
 

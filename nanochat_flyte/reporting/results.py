@@ -3,26 +3,30 @@
 import json
 from pathlib import Path
 
+from nanochat_flyte.config import RunConfig
+from nanochat_flyte.data.dataloader import epochs
 from nanochat_flyte.files import filesystem
 
 WORKFLOW_NAME = "nanochat_full_training"
 
 
-def aggregate_results(config_dict: dict, environment: dict, manifest: dict, training: dict,
+def aggregate_results(config: RunConfig, environment: dict, manifest: dict, training: dict,
                       checkpoint_dir: str, core: dict | None = None) -> dict:
     """Combine what the stages reported. `training` is the summary train() returns; `core` the CORE evaluation
     (evaluation.core.score_core; empty or None when it did not run)."""
-    data = {key: manifest.get(key) for key in ("train_tokens", "val_tokens", "tokens_needed", "epochs")}
+    data = {key: manifest.get(key) for key in ("train_tokens", "val_tokens")}
+    data["tokens_needed"] = config.tokens_needed  # (the data directory serves runs of any length)
+    data["epochs"] = epochs(config, data["train_tokens"]) if data["train_tokens"] else None
     data["tokenizer"] = manifest.get("tokenizer", {}).get("name")
     data["train_shards"] = [entry["shard"] for entry in manifest.get("train", [])]
     data["val_shards"] = [entry["shard"] for entry in manifest.get("val", [])]
     return {
         "workflow": WORKFLOW_NAME,
-        "run_name": config_dict["run_name"],
+        "run_name": config.run_name,
         "training": {**training, "checkpoint_dir": checkpoint_dir},
         "data": data,
         "environment": environment,
-        "config": config_dict,
+        "config": config.to_dict(),
         "wandb_url": training.get("wandb_url"),
         "core": core or None,
     }

@@ -8,7 +8,13 @@ from pathlib import Path
 import torch.distributed as dist
 
 from nanochat_flyte.config import RunConfig
-from nanochat_flyte.data.dataloader import TokenLoader, data_manifest, shard_files, validation_tokens
+from nanochat_flyte.data.dataloader import (
+    TokenLoader,
+    data_manifest,
+    shard_files,
+    validation_tokens,
+    warn_if_repeated,
+)
 from nanochat_flyte.data.tokenizer import load_tokenizer, token_byte_lengths
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.evaluation.bpb import evaluate_bpb
@@ -59,7 +65,9 @@ class Pretraining(Phase):
         if not self.data_dir.is_dir():
             raise ConfigError("data_dir", f"no such folder {str(self.data_dir)!r} (a prepared data directory: "
                                           "nanochat prepare)", "train")
-        check_data_fits(config, data_manifest(self.data_dir), self.data_dir)
+        manifest = data_manifest(self.data_dir)
+        check_data_fits(config, manifest, self.data_dir)
+        warn_if_repeated(config, manifest["train_tokens"])
         self.tokenizer_dir = self.data_dir / TOKENIZER_DIR
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         self.val_tokens = validation_tokens(self.data_dir, config.eval_tokens)
