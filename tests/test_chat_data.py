@@ -127,6 +127,8 @@ def test_gsm8k_calculations_become_calculator_calls_and_the_final_line_is_kept()
     assert calculator_parts("<<2*3=6>>6\n#### 6") == [  # no empty text part before a leading call
         {"type": "python", "text": "2*3"}, {"type": "python_output", "text": "6"},
         {"type": "text", "text": "6\n#### 6"}]
+    shift = "In C, `x <<= 1; y >>= 1` doubles x and halves y."  # code in a reply (as history): no calculation
+    assert calculator_parts(shift) == [{"type": "text", "text": shift}]
     row = {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in "
                        "May. How many clips did Natalia sell altogether in April and May?", "answer": solution}
     assert gsm8k_conversation(row, 0) == {"messages": [user(row["question"]), assistant(calculator_parts(solution))],

@@ -28,8 +28,9 @@ from nanochat_flyte.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 PART_TYPES = ("text", "python", "python_output")  # of an assistant message's content, when it is a list
-# "48/2 = <<48/2=24>>24 clips": a calculation for the calculator, its result; the visible text repeats the result
-CALCULATOR_ANNOTATION = re.compile(r"<<([^\n<>]*)=([^\n<>=]*)>>")
+# "48/2 = <<48/2=24>>24 clips": a calculation for the calculator, its result; the visible text repeats the result.
+# The calculation is never empty: code in a reply (`x <<= 1; y >>= 1`) stays text.
+CALCULATOR_ANNOTATION = re.compile(r"<<([^\n<>=][^\n<>]*)=([^\n<>=]*)>>")
 
 
 class ConversationError(UserError, ValueError):
