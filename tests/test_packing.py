@@ -4,9 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from nanochat_flyte.data.dataloader import Order
 from nanochat_flyte.data.packing import (
+    BLOCK,
     ConversationLoader,
     RenderedConversations,
+    block_rows,
     epoch_rows,
     rows_tensor,
     steps_per_epoch,
@@ -41,6 +44,21 @@ def test_a_row_holds_whole_conversations_and_trains_only_on_the_assistant(gpt2):
     assert targets[0].tolist() == [-1, -1, -1, -1, hello, assistant_end, -1, -1, -1, -1, -1, hello, assistant_end,
                                    -1, -1]
     assert targets[1].tolist() == [-1, -1, -1, -1, hello, assistant_end] + [-1] * 9
+
+
+def test_rows_are_filled_best_fit_a_block_at_a_time():
+    """The longest conversation first, each into the row it fills best: 4 rows where filling in stream order (the
+    next one that does not fit ending a row: [9] [9, 7] [7] [20] [3]) takes 5."""
+    lengths = np.array([9, 9, 7, 7, 20, 3])
+    rows, after = block_rows(lengths, Order(len(lengths), 0, shuffle=False), 0, capacity=16)
+    assert rows == [[4], [0, 2], [1, 3], [5]] and after == 6  # 20 is cut to a row of its own
+    many = np.arange(BLOCK * 3) % 13 + 1
+    order = Order(len(many), seed=1)
+    first, after = block_rows(many, order, 0, capacity=16)
+    assert after == BLOCK and sorted(i for row in first for i in row) == sorted(order[p] for p in range(BLOCK))
+    assert all(sum(many[i] for i in row) <= 16 for row in first)
+    # a block never spans two epochs, so an epoch's rows are those steps_per_epoch counted
+    assert block_rows(many, order, 2 * BLOCK + 50, capacity=16)[1] == 3 * BLOCK
 
 
 def test_a_long_conversation_is_cut_to_a_row_and_one_with_nothing_to_learn_is_dropped(gpt2):
