@@ -265,7 +265,6 @@ def merge_prepared(config, parts: list[Path], tokenizer_dir: Path, out_dir: Path
     return manifest
 
 
-
 # ----------------------------------------------------------------------------- the whole stage
 
 def prepare_jobs(config, jobs: list[ShardJob], enc: tiktoken.Encoding, parts_dir: Path,
