@@ -312,6 +312,8 @@ class ChatConfig(ChatStageConfig):
     warmup_ratio: float = 0.0
     warmdown_ratio: float = 0.5
     final_lr_frac: float = 0.0
+    load_optimizer: bool = True  # start from the base run's optimizer states (Adam's moments, Muon's momentum), as
+    #                              nanochat's SFT does (it found fresh ones slightly worse); false: fresh states
 
     def validate(self) -> "ChatConfig":
         self.validate_shared()

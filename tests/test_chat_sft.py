@@ -10,17 +10,25 @@ from pathlib import Path
 
 import fsspec
 import pytest
+import torch
 from helpers import interrupted_after_a_save, make_data_dir, tiny_config
 
 from nanochat_flyte.cli import chat_stage
-from nanochat_flyte.cli.chat_stage import FETCHED_FILE, data_cache_dir, fetched_once_per_node
+from nanochat_flyte.cli.chat_stage import (
+    FETCHED_FILE,
+    data_cache_dir,
+    fetched_once_per_node,
+)
 from nanochat_flyte.config import ChatConfig, RunConfig
 from nanochat_flyte.data.chat_data import prepare_sft_data
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.inference.engine import Engine
+from nanochat_flyte.model.checkpoint import checkpoint_run_config, load_checkpoint
+from nanochat_flyte.model.optim import build_optimizers
+from nanochat_flyte.training.loop import build_model
 from nanochat_flyte.training.pretrain import train
 from nanochat_flyte.training.resume import check_chat_resume
-from nanochat_flyte.training.sft import sft_run_config, train_chat
+from nanochat_flyte.training.sft import FineTuning, sft_run_config, train_chat
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +72,30 @@ def test_sft_lowers_the_loss_on_held_out_assistant_tokens(base_checkpoint, hub_s
     assert engine.phase == "chat" and engine.chat_mode
     samples = [json.loads(line) for line in (tmp_path / "chat" / "samples.jsonl").read_text().splitlines()]
     assert {s["prompt"] for s in samples} >= {"What is the capital of France?"}
+
+
+@pytest.mark.parametrize("load_optimizer", [True, False])
+def test_sft_starts_from_the_base_runs_optimizer_moments_at_its_own_rates(base_checkpoint, hub_server, tmp_path,
+                                                                         load_optimizer):
+    """As nanochat's SFT: Adam's moments and Muon's momentum carried over from pretraining, under SFT's own learning
+    rates (the base run's x init_lr_frac); with load_optimizer false, fresh states."""
+    config = chat_config(load_optimizer=load_optimizer)
+    prepare_sft_data(config, tmp_path / "sft_data")
+    run_config = sft_run_config(config, checkpoint_run_config(base_checkpoint))
+    phase = FineTuning(run_config, config, base_checkpoint, tmp_path / "sft_data")
+    model = build_model(run_config, phase.tokenizer.n_vocab, torch.device("cpu"))
+    phase.load_weights(model)
+    optimizers = build_optimizers(model, run_config)
+    rates = [[group["lr"] for group in optimizer.param_groups] for optimizer in optimizers]
+    phase.load_optimizer_states(optimizers)
+    base = load_checkpoint(base_checkpoint)["optimizers"]
+    for optimizer, saved in zip(optimizers, base, strict=True):
+        moments = [state for state in optimizer.state_dict()["state"].values()]
+        assert bool(moments) == load_optimizer
+        if load_optimizer:
+            assert all(torch.equal(mine[key], theirs[key]) for mine, theirs in zip(moments, saved["state"].values())
+                       for key in mine if torch.is_tensor(mine[key]) and mine[key].dim())
+    assert [[group["lr"] for group in optimizer.param_groups] for optimizer in optimizers] == rates  # SFT's own
 
 
 def test_sft_inherits_the_base_runs_batch_and_scaled_learning_rates():

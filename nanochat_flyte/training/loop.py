@@ -262,6 +262,17 @@ def training_device(config: RunConfig, local_rank: int = 0) -> torch.device:
     return device
 
 
+def load_optimizer_states(optimizers: list[torch.optim.Optimizer], states: list[dict]) -> None:
+    """The saved states' moments into `optimizers`, which keep their own settings (learning rates, momentum,
+    weight decay): the run's config wins over the one that saved them."""
+    for optimizer, state in zip(optimizers, states, strict=True):
+        configured = [{key: value for key, value in group.items() if key != "params"}
+                      for group in optimizer.param_groups]
+        optimizer.load_state_dict(state)
+        for group, settings in zip(optimizer.param_groups, configured, strict=True):
+            group.update(settings)
+
+
 # ---------------------------------------------------------------------- phases
 
 
@@ -294,6 +305,9 @@ class Phase:
 
     def load_weights(self, model: GPT) -> None:
         """Starting weights on top of the fresh initialisation (fine-tuning loads the base model's)."""
+
+    def load_optimizer_states(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        """Starting optimizer states, under this run's settings (SFT takes the base run's moments)."""
 
     def attach(self, model: GPT, precision: Precision) -> None:
         """The model being trained, with its weights loaded or resumed (RL samples its rollouts from it)."""
@@ -365,6 +379,7 @@ class Trainer:
         self.model = build_model(config, self.phase.tokenizer.n_vocab, self.device)
         self.phase.load_weights(self.model)
         self.optimizers = build_optimizers(self.model, config)
+        self.phase.load_optimizer_states(self.optimizers)
         self.grad_scaler = make_grad_scaler(self.precision, self.device)
         self.loop = LoopState(device_batch_size=config.device_batch_size)
 
@@ -384,12 +399,7 @@ class Trainer:
         checkpoint = load_checkpoint(resume_dir)
         check_not_past(config.num_iterations, checkpoint["step"], resume_dir, STAGE_CONFIGS[self.phase.stage])
         self.model.load_state_dict(checkpoint["model"])
-        for optimizer, state in zip(self.optimizers, checkpoint["optimizers"], strict=True):
-            configured = [{key: value for key, value in group.items() if key != "params"}
-                          for group in optimizer.param_groups]
-            optimizer.load_state_dict(state)  # its moments, and the settings the run had: this config's win
-            for group, settings in zip(optimizer.param_groups, configured, strict=True):
-                group.update(settings)
+        load_optimizer_states(self.optimizers, checkpoint["optimizers"])
         if self.grad_scaler and checkpoint["grad_scaler"]:  # (none in a bf16 or fp32 run's: a fresh scale)
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler"])
         loop = dict(checkpoint["loop"])

@@ -41,7 +41,7 @@ from nanochat_flyte.model.checkpoint import (
     load_checkpoint,
     read_training_state,
 )
-from nanochat_flyte.training.loop import Phase, Trainer, distributed_env
+from nanochat_flyte.training.loop import Phase, Trainer, distributed_env, load_optimizer_states
 
 CHAT_SAMPLE_PROMPTS = (
     "Hello! Who are you?",
@@ -85,6 +85,10 @@ class FineTuning(ChatPhase):
               f"{self.train.dropped} without an assistant token in the first {row} tokens, dropped), "
               f"{len(self.val):,} validation conversations in {len(self.val_rows)} rows; rendered in "
               f"{time.time() - start:.1f}s", flush=True)
+
+    def load_optimizer_states(self, optimizers):
+        if self.chat_config.load_optimizer:
+            load_optimizer_states(optimizers, load_checkpoint(self.start_dir)["optimizers"])
 
     def batches(self, batch_size, device, rank, world_size, state):
         loader = ConversationLoader(self.train, batch_size, self.config.max_seq_len, seed=self.config.seed,
