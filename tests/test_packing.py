@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers import load_bench
 
 from nanochat_flyte.data.dataloader import Order
 from nanochat_flyte.data.packing import (
@@ -104,3 +105,9 @@ def test_one_epoch_of_steps(gpt2):
     assert len(epoch_rows(conversations, 15, seed=1)) == 5
     assert steps_per_epoch(conversations, 15, seed=1, rows_per_step=2) == 3
     assert np.all(conversations.masks.sum() == 10 * 2)
+
+
+def test_the_packing_bench_finds_best_fit_rows_fuller_than_stream_order():
+    (result,) = load_bench("sft_packing").main(["--conversations", "2000", "--medians", "200"])
+    assert result["best_fit_fill"] > 0.9 > result["stream_order_fill"]
+    assert result["best_fit_rows"] < result["stream_order_rows"]
