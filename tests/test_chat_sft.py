@@ -84,10 +84,9 @@ def test_sft_starts_from_the_base_runs_optimizer_moments_at_its_own_rates(base_c
     run_config = sft_run_config(config, checkpoint_run_config(base_checkpoint))
     phase = FineTuning(run_config, config, base_checkpoint, tmp_path / "sft_data")
     model = build_model(run_config, phase.tokenizer.n_vocab, torch.device("cpu"))
-    phase.load_weights(model)
     optimizers = build_optimizers(model, run_config)
     rates = [[group["lr"] for group in optimizer.param_groups] for optimizer in optimizers]
-    phase.load_optimizer_states(optimizers)
+    phase.load_start(model, optimizers)
     base = load_checkpoint(base_checkpoint)["optimizers"]
     for optimizer, saved in zip(optimizers, base, strict=True):
         moments = [state for state in optimizer.state_dict()["state"].values()]

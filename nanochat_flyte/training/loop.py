@@ -303,11 +303,9 @@ class Phase:
         """[{"prompt", "completion"}] to log: what the model writes at this point of training."""
         raise NotImplementedError
 
-    def load_weights(self, model: GPT) -> None:
-        """Starting weights on top of the fresh initialisation (fine-tuning loads the base model's)."""
-
-    def load_optimizer_states(self, optimizers: list[torch.optim.Optimizer]) -> None:
-        """Starting optimizer states, under this run's settings (SFT takes the base run's moments)."""
+    def load_start(self, model: GPT, optimizers: list[torch.optim.Optimizer]) -> None:
+        """Starting weights on top of the fresh initialisation, and optimizer states under this run's settings
+        (the chat stages load their start checkpoint's weights, SFT its moments too)."""
 
     def attach(self, model: GPT, precision: Precision) -> None:
         """The model being trained, with its weights loaded or resumed (RL samples its rollouts from it)."""
@@ -377,9 +375,8 @@ class Trainer:
     def build_model(self, config: RunConfig) -> None:
         """The model with the phase's starting weights, its optimizers, the fp16 grad scaler and a fresh loop state."""
         self.model = build_model(config, self.phase.tokenizer.n_vocab, self.device)
-        self.phase.load_weights(self.model)
         self.optimizers = build_optimizers(self.model, config)
-        self.phase.load_optimizer_states(self.optimizers)
+        self.phase.load_start(self.model, self.optimizers)
         self.grad_scaler = make_grad_scaler(self.precision, self.device)
         self.loop = LoopState(device_batch_size=config.device_batch_size)
 

@@ -56,6 +56,7 @@ class ChatPhase(Phase):
     for it (chat_data): SFT from a base checkpoint, RL from a chat one."""
 
     model_kind = "chat"
+    load_optimizer = False  # the start checkpoint's optimizer states too (SFT, as nanochat's)
 
     def __init__(self, start_dir: Path, data_dir: Path, data_kind: str):
         self.start_dir = Path(start_dir)
@@ -64,8 +65,11 @@ class ChatPhase(Phase):
         ChatTokens.of(self.tokenizer)  # a tokenizer without chat tokens fails here, before any data is read
         self.manifest = prepared_manifest(data_dir, data_kind)
 
-    def load_weights(self, model):
-        model.load_state_dict(load_checkpoint(self.start_dir)["model"])
+    def load_start(self, model, optimizers):
+        start = load_checkpoint(self.start_dir)  # read once: the weights, and the optimizer states beside them
+        model.load_state_dict(start["model"])
+        if self.load_optimizer:
+            load_optimizer_states(optimizers, start["optimizers"])
 
 
 class FineTuning(ChatPhase):
@@ -76,6 +80,7 @@ class FineTuning(ChatPhase):
     def __init__(self, config: RunConfig, chat_config: ChatConfig, base_dir: Path, data_dir: Path):
         super().__init__(base_dir, data_dir, "chat_sft")
         self.config, self.chat_config = config, chat_config
+        self.load_optimizer = chat_config.load_optimizer
         row = config.max_seq_len + 1
         start = time.time()
         self.train = RenderedConversations(self.tokenizer, read_jsonl(Path(data_dir) / "train.jsonl"), row)
@@ -85,10 +90,6 @@ class FineTuning(ChatPhase):
               f"{self.train.dropped} without an assistant token in the first {row} tokens, dropped), "
               f"{len(self.val):,} validation conversations in {len(self.val_rows)} rows; rendered in "
               f"{time.time() - start:.1f}s", flush=True)
-
-    def load_optimizer_states(self, optimizers):
-        if self.chat_config.load_optimizer:
-            load_optimizer_states(optimizers, load_checkpoint(self.start_dir)["optimizers"])
 
     def batches(self, batch_size, device, rank, world_size, state):
         loader = ConversationLoader(self.train, batch_size, self.config.max_seq_len, seed=self.config.seed,
