@@ -251,7 +251,7 @@ def chat_table_rows(result: dict) -> list[list]:
     rows = [[task, TASK_TYPES[task], scores["examples"], scores["accuracy"], scores["centered"], scores["seconds"]]
             for task, scores in result["tasks"].items()]
     rows += [[task, TASK_TYPES[task], 0, "skipped", reason, ""] for task, reason in result["skipped"].items()]
-    if result["chatcore"] is None:  # nanochat's figure is over every task asked for
+    if result["chatcore"] is None:  # a mean over fewer than the tasks asked for would be another figure
         return rows + [["ChatCORE", "not computed", "", "", f"needs every task; {len(result['skipped'])} skipped", ""]]
     return rows + [["ChatCORE", f"mean of {len(result['tasks'])} centered", "", "", result["chatcore"], ""]]
 
