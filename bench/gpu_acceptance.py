@@ -59,7 +59,7 @@ from bench.train_throughput import SPEED_LEVERS  # noqa: E402
 from nanochat_flyte.config import load_config  # noqa: E402
 from nanochat_flyte.files import write_json  # noqa: E402
 from nanochat_flyte.reporting.environment import environment_report  # noqa: E402
-from nanochat_flyte.reporting.tracking import METRICS_FILE, read_jsonl  # noqa: E402
+from nanochat_flyte.reporting.tracking import METRICS_FILE, read_logged_records  # noqa: E402
 
 # Seconds each section may take at least (H100 estimates with compilation, rounded up); a section that ends
 # early leaves its time to the later ones. Together they fit the default limit.
@@ -265,7 +265,7 @@ def t4_section(work_dir: Path, record: Callable[[dict], None], args: argparse.Na
 def t4_results(run_dir: Path, steps: int, summary: dict | None) -> dict:
     """The T4 fit and fp16 stability from the run's metrics.jsonl, and from its summary once it has finished
     (summary None: stopped by the time limit, so the device batch and the verdicts may be unknown)."""
-    rows = [row for row in read_jsonl(run_dir / METRICS_FILE) if "train/loss" in row]
+    rows = [row for row in read_logged_records(run_dir / METRICS_FILE) if "train/loss" in row]
     losses = [row["train/loss"] for row in rows]
     nonfinite = sum(not math.isfinite(loss) for loss in losses)
     peak = max((row["train/peak_mem_gib"] for row in rows if "train/peak_mem_gib" in row), default=None)

@@ -248,3 +248,11 @@ def parse_override(assignment: str, kind: type) -> tuple[str, Any]:
         return field, yaml.load(value, YamlLoader)
     except yaml.YAMLError:
         return field, value
+
+
+def cli_config_class(python_type, value) -> type[StrictConfig] | None:
+    """The StrictConfig class that reads a `--config` value on either Flyte front's command line (a preset path,
+    inline JSON or values already read), or None where the input is not ours: the front's own reading applies."""
+    if isinstance(value, str | dict) and isinstance(python_type, type) and issubclass(python_type, StrictConfig):
+        return python_type
+    return None

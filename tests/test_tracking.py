@@ -10,7 +10,7 @@ from nanochat_flyte.config import RunConfig
 from nanochat_flyte.reporting.tracking import (
     Tracker,
     log_evaluation,
-    read_jsonl,
+    read_logged_records,
     resolve_mode,
 )
 
@@ -77,10 +77,10 @@ def test_offline_run_reads_back_complete(tmp_path, monkeypatch):
     summary = read_offline_summary(tracker.offline_dir)
     assert summary["min_validation_bpb"] == 2.1 and summary["tokens_seen"] == 655360
 
-    metrics = read_jsonl(tmp_path / "metrics.jsonl")
+    metrics = read_logged_records(tmp_path / "metrics.jsonl")
     assert [m["step"] for m in metrics if "train/loss" in m] == list(range(STEPS))
     assert all("time" in m and "train/mfu" not in m for m in metrics)
-    assert [s["step"] for s in read_jsonl(tmp_path / "samples.jsonl")] == sorted(SAMPLE_STEPS)
+    assert [s["step"] for s in read_logged_records(tmp_path / "samples.jsonl")] == sorted(SAMPLE_STEPS)
     run_info = json.loads((tmp_path / "run_info.json").read_text())
     assert run_info["parameters"] == 1234 and run_info["config"]["run_name"] == "unit"
 
@@ -168,7 +168,7 @@ def test_failing_wandb_log_never_fails_training(tmp_path, caplog):
         tracker.log(1, {"train/loss": 0.9})
     assert tracker.mode == "disabled"  # offline failed, nothing left to fall back to
     assert len([r for r in caplog.records if r.name == "nanochat_flyte.reporting.tracking"]) == 1
-    assert [m["step"] for m in read_jsonl(tmp_path / "metrics.jsonl")] == [0, 1]
+    assert [m["step"] for m in read_logged_records(tmp_path / "metrics.jsonl")] == [0, 1]
     assert tracker.finish() is None
 
 
@@ -182,8 +182,8 @@ def test_resume_truncates_later_steps_and_keeps_the_run_id(tmp_path):
 
     resumed = Tracker(config, tmp_path, resume_step=60)
     assert resumed.run_id == first.run_id
-    assert max(m["step"] for m in read_jsonl(tmp_path / "metrics.jsonl")) == 60
-    assert [s["step"] for s in read_jsonl(tmp_path / "samples.jsonl")] == [50]
+    assert max(m["step"] for m in read_logged_records(tmp_path / "metrics.jsonl")) == 60
+    assert [s["step"] for s in read_logged_records(tmp_path / "samples.jsonl")] == [50]
     assert [row[0] for row in resumed.sample_rows] == [50]  # the cumulative W&B table starts where it left off
 
     fresh = Tracker(config, tmp_path)
@@ -200,7 +200,8 @@ def test_a_resumed_runs_samples_table_shows_hostile_text_escaped(tmp_path):
     resumed = Tracker(config, tmp_path, resume_step=3)
     shown_row = [3, "The capital of France is", " \\x1b]52;c;aGk=\\x07 \\u202eParis"]
     assert resumed.sample_rows == first.sample_rows == [shown_row]
-    assert [s["completion"] for s in read_jsonl(tmp_path / "samples.jsonl")] == [" \x1b]52;c;aGk=\x07 \u202eParis"]
+    completions = [s["completion"] for s in read_logged_records(tmp_path / "samples.jsonl")]
+    assert completions == [" \x1b]52;c;aGk=\x07 \u202eParis"]
 
 
 def test_flyte_execution_id_is_the_run_id(tmp_path, monkeypatch):

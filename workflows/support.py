@@ -20,7 +20,7 @@ from nanochat_flyte.errors import ConfigError, is_storage_error, reraise_user_er
 from nanochat_flyte.pipeline import secrets
 from nanochat_flyte.pipeline.secrets import SecretName
 from nanochat_flyte.reporting.tracking import console_link_settings
-from nanochat_flyte.schema import StrictConfig
+from nanochat_flyte.schema import cli_config_class
 from workflows.image import IMAGE
 from workflows.presets import DATA_NODE, DRIVER_NODE, T4_NODE, Machine
 
@@ -86,8 +86,8 @@ def read_configs_as_the_library_does(convert):
     defaults instead of the workflow's default input (nanochat_d12_a100's depth-12 preset)."""
 
     def convert_config(self, value, param, ctx):
-        kind = self._python_type
-        if not (isinstance(value, str | dict) and isinstance(kind, type) and issubclass(kind, StrictConfig)):
+        kind = cli_config_class(self._python_type, value)
+        if kind is None:
             return convert(self, value, param, ctx)
         default = getattr(param, "default", None)  # the workflow's default input, as pyflyte's JSON
         try:

@@ -22,7 +22,6 @@ import functools
 import logging
 import os
 import socket
-from pathlib import PurePosixPath
 
 import uvicorn
 
@@ -44,6 +43,7 @@ from nanochat_flyte.inference.serve import (
     BoundedHttp,
     create_app,
     log,
+    model_name_of,
 )
 
 SHUTDOWN_GRACE_S = 10  # as long as `docker stop` waits, and within Kubernetes' 30 s, before they kill the process
@@ -101,12 +101,6 @@ def main(argv: list[str] | None = None) -> None:
     # On Ctrl-C or SIGTERM no new request is taken; answers in flight get SHUTDOWN_GRACE_S to finish
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=http,
                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
-
-
-def model_name_of(checkpoint: str) -> str:
-    """The checkpoint's directory name ("s3://bucket/runs/d20/checkpoint/" -> "d20-checkpoint")."""
-    parts = PurePosixPath(checkpoint.split("://", 1)[-1].rstrip("/")).parts
-    return "-".join(parts[-2:]) if len(parts) >= 2 else (parts[-1] if parts else "nanochat")
 
 
 def check_can_listen(host: str, port: int) -> None:

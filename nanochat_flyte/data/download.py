@@ -169,8 +169,8 @@ def auth_headers(url: str, hub: str = "") -> dict[str, str]:
 
 
 def retry_after_seconds(header: str | None) -> float | None:
-    """Retry-After is either delta-seconds or an HTTP date. A value that is neither (a fraction, a date without
-    its zone is read as UTC; "soon") is None: the usual backoff, never a failed download."""
+    """Retry-After is delta-seconds (a fraction is taken too) or an HTTP date (read as UTC when it has no zone).
+    Anything else ("soon") is None: the usual backoff, never a failed download."""
     if not header:
         return None
     try:

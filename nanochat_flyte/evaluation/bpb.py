@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from nanochat_flyte.errors import ConfigError
-from nanochat_flyte.model.device import Precision
+from nanochat_flyte.model.device import Precision, rank_and_world_size
 
 
 def evaluate_bpb(model: nn.Module, val_tokens: np.ndarray, token_bytes: np.ndarray | torch.Tensor, *,
@@ -29,7 +29,7 @@ def evaluate_bpb(model: nn.Module, val_tokens: np.ndarray, token_bytes: np.ndarr
                                          f"{len(val_tokens)}")
     window = seq_len + 1
     num_windows = eval_tokens // window
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world_size = rank_and_world_size()
     token_bytes = torch.as_tensor(token_bytes, device=device)
     # float32 sums are exact to ~1e-7 relative at a few million target tokens: far below run-to-run noise
     total_nats = torch.zeros((), dtype=torch.float32, device=device)

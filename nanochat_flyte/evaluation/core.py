@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.evaluation.bundle import Bundle, CoreTask
-from nanochat_flyte.model.device import EvalBatches, Precision, select_precision
+from nanochat_flyte.model.device import EvalBatches, Precision, rank_and_world_size, select_precision
 from nanochat_flyte.reporting.report import html_table, markdown_grid
 
 FEWSHOT_SEED = 1234  # + the item's position in the evaluated set: its shots, as nanochat draws them
@@ -271,7 +271,7 @@ def score_core(model: nn.Module, tokenizer: tiktoken.Encoding, bundle: Bundle, *
     device = device or next(model.parameters()).device
     precision = precision or select_precision(device)
     context_len = model.config.sequence_len
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world_size = rank_and_world_size()
     start = time.perf_counter()
     tasks: dict[str, dict[str, Any]] = {}
     was_training = model.training

@@ -17,8 +17,8 @@ stops, and what is left when one is missing):
   or abstract unix sockets beyond its own process.
 - seccomp: no sockets at all, no new processes or programs (threads are fine), signals only to itself, no ptrace,
   pidfd, process_vm_*, namespaces, mounts, keyrings, io_uring, memfd or SysV IPC.
-- resources: RLIMIT_CPU, _AS, _FSIZE and _NPROC, no core dumps (not dumpable, which the code may not undo), and a
-  wall-clock timeout after which the parent kills the process group. It dies with the evaluator
+- resources: RLIMIT_CPU, _AS, _FSIZE, _NPROC and _NOFILE, no core dumps (not dumpable, which the code may not
+  undo), and a wall-clock timeout after which the parent kills the process group. It dies with the evaluator
   (PR_SET_PDEATHSIG, which the code may not reset).
 - I/O: stdin is /dev/null, stdout and stderr are captured and truncated, the environment is scrubbed.
 - a last layer in Python disables destructive functions (os.system, os.remove, ...), against accidents only.
@@ -123,7 +123,8 @@ def is_mapped(id_: int, id_map: str) -> bool:
 
 def execute(code: str, limits: Limits = Limits(), require: tuple[str, ...] = ()) -> ExecutionResult:
     """Run code in the sandbox. Any string gives a result; raises SandboxError only when this machine cannot hold
-    the essential layers or one in `require` (the code then did not run)."""
+    the essential layers or one in `require`, or when the sandbox process died before it isolated itself (the code
+    then did not run)."""
     start = time.monotonic()
     uid = sandbox_uid()
     ack_read, ack_write = os.pipe()  # the child reports on it which layers hold

@@ -324,7 +324,7 @@ class Batch:
 
     @staticmethod
     def _sample(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
-        if all(sequence.params.temperature == 0 for sequence in sequences):
+        if all(sequence.params.temperature < GREEDY_BELOW_TEMPERATURE for sequence in sequences):
             sampled = logits.argmax(dim=-1).tolist()
         else:  # rows with the same settings sample together, each with its own generator
             settings: dict[tuple, list[int]] = {}

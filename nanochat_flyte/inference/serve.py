@@ -1,20 +1,18 @@
-"""Serve a checkpoint: a chat page in the browser and an OpenAI-compatible chat-completions API.
-
-    nanochat serve --checkpoint DIR_OR_URI [--host 127.0.0.1 --port 8000 --max-concurrent 4]
+"""Serve a checkpoint: a chat page in the browser and an OpenAI-compatible chat-completions API (the `nanochat
+serve` command, cli/serve.py, and Flyte 2's chat app run it).
 
     GET  /                     the chat page (one self-contained HTML file: no CDN)
     POST /v1/chat/completions  OpenAI's chat completions, streamed (server-sent events) or not
     GET  /v1/models            the one model served
     GET  /health               liveness, the mode (chat or plain completion) and the load
 
-Built on FastAPI + uvicorn. Torch runs on the engine's decode thread (scheduler.Scheduler): concurrent requests decode
-together in one batch, and the event loop stays free to stream (a request's JSON and its prompt's tokens are
-worked out on another thread). A client that disconnects mid-answer frees its slot at once; beyond
---max-concurrent requests the answer is 429. A connection must send a request's headers within --request-timeout
-seconds, and its body within as many again; a client that reads nothing of a full buffer for as long is cut off;
-beyond --max-connections open connections, a new one gets a plain-text 503. The server listens on 127.0.0.1
-unless told otherwise; with NANOCHAT_API_KEY set, every /v1 request needs
-`Authorization: Bearer <that key>`.
+create_app builds the FastAPI app; uvicorn runs it with BoundedHttp as its protocol. Torch runs on the engine's
+decode thread (scheduler.Scheduler): concurrent requests decode together in one batch, and the event loop stays free
+to stream (a request's JSON and its prompt's tokens are worked out on another thread). A client that disconnects
+mid-answer frees its slot at once; beyond max_concurrent requests the answer is 429; with an api_key, every /v1
+request needs `Authorization: Bearer <that key>`. BoundedHttp gives a connection request_timeout seconds for a
+request's headers, and as many again for its body, cuts off a client that reads nothing of a full buffer for as
+long, and answers a plain-text 503 beyond max_connections open connections.
 
 OpenAI request fields: messages, model (any name is accepted: one model is served), stream, stream_options
 (include_usage), max_completion_tokens or max_tokens (1 .. the model's context; default: until the answer ends or
@@ -36,7 +34,7 @@ import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import h11
 from fastapi import FastAPI
@@ -98,8 +96,6 @@ class ChatRequest:
 class ServerState:
     engine: Engine
     scheduler: Scheduler
-    model_name: str
-    max_concurrent: int
     api_key: str | None
     max_body_bytes: int
     request_timeout: float
@@ -151,17 +147,7 @@ def _messages(body: dict) -> list[dict]:
 def parse_chat_request(state: ServerState, raw: bytes) -> ChatRequest:
     """A request body checked and its prompt tokenized: work that takes a while for a long prompt, so it runs off
     the event loop."""
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ApiError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
-    except ValueError as error:  # a number of more than 4,300 digits: Python will not read it
-        raise ApiError(400, f"the request body has a number this server cannot read: {error}",
-                       code="invalid_json") from None
-    except RecursionError:  # [[[[... far deeper than any request: the parser's stack runs out
-        raise ApiError(400, "the request body is not valid JSON: nested too deeply", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
+    body = _json_object(raw)
     for name in REFUSED_FIELDS:
         if body.get(name) not in (None, False, []):
             raise ApiError(400, f"{name}: not supported by this server", name, "unsupported_parameter")
@@ -181,15 +167,43 @@ def parse_chat_request(state: ServerState, raw: bytes) -> ChatRequest:
                             f"{engine.context} tokens, and the answer needs at least one more",
                        "messages", "context_length_exceeded")
     length_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _number(body, length_field, engine.context, 1, engine.context, integer=True)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise ApiError(400, "stream: must be true or false", "stream")
+    params = SamplingParams(
+        max_tokens=_number(body, length_field, engine.context, 1, engine.context, integer=True),
+        temperature=_number(body, "temperature", CHAT_TEMPERATURE, 0, 2, integer=False),
+        top_k=_number(body, "top_k", DEFAULT_TOP_K, 0, engine.tokenizer.n_vocab, integer=True) or None,
+        seed=_number(body, "seed", secrets.randbelow(2**31), -2**63, 2**63 - 1, integer=True),
+        stop=_stop_strings(body))
+    return ChatRequest(prompt, params, bool(stream), _include_usage(body))
+
+
+def _json_object(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ApiError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
+    except ValueError as error:  # a number of more than 4,300 digits: Python will not read it
+        raise ApiError(400, f"the request body has a number this server cannot read: {error}",
+                       code="invalid_json") from None
+    except RecursionError:  # [[[[... far deeper than any request: the parser's stack runs out
+        raise ApiError(400, "the request body is not valid JSON: nested too deeply", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
+
+
+def _stop_strings(body: dict) -> tuple[str, ...]:
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if (not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS
             or not all(isinstance(s, str) and s for s in stop)):
         raise ApiError(400, f"stop: must be a non-empty string or a list of up to {MAX_STOP_STRINGS}", "stop")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool) and stream is not None:
-        raise ApiError(400, "stream: must be true or false", "stream")
+    return tuple(stop)
+
+
+def _include_usage(body: dict) -> bool:
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise ApiError(400, "stream_options: must be an object", "stream_options")
@@ -197,13 +211,7 @@ def parse_chat_request(state: ServerState, raw: bytes) -> ChatRequest:
     include_usage = False if include_usage is None else include_usage  # null, as for stream: false
     if not isinstance(include_usage, bool):
         raise ApiError(400, "stream_options.include_usage: must be true or false", "stream_options")
-    params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", CHAT_TEMPERATURE, 0, 2, integer=False),
-        top_k=_number(body, "top_k", DEFAULT_TOP_K, 0, engine.tokenizer.n_vocab, integer=True) or None,
-        seed=_number(body, "seed", secrets.randbelow(2**31), -2**63, 2**63 - 1, integer=True),
-        stop=tuple(stop))
-    return ChatRequest(prompt, params, bool(stream), include_usage)
+    return include_usage
 
 
 async def read_body(state: ServerState, http: HttpRequest) -> bytes:
@@ -288,17 +296,21 @@ class Answer:
             log.info("client went away: generation cancelled after %d tokens", len(self.request.sequence.tokens))
 
 
+def model_name_of(checkpoint: str) -> str:
+    """The checkpoint's directory name ("s3://bucket/runs/d20/checkpoint/" -> "d20-checkpoint")."""
+    parts = PurePosixPath(checkpoint.split("://", 1)[-1].rstrip("/")).parts
+    return "-".join(parts[-2:]) if len(parts) >= 2 else (parts[-1] if parts else "nanochat")
+
+
 def create_app(engine: Engine, *, model_name: str, max_concurrent: int = 4, api_key: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, request_timeout: float = REQUEST_TIMEOUT,
                allowed_hosts: tuple[str, ...] | None = None) -> FastAPI:
     """allowed_hosts: the Host headers answered (others get 400), for a server on a loopback address: a page of
     another site whose name has been pointed at 127.0.0.1 (DNS rebinding) would otherwise read its answers."""
-    state = ServerState(engine, Scheduler(engine), model_name, max_concurrent, api_key or None, max_body_bytes,
-                        request_timeout)
+    state = ServerState(engine, Scheduler(engine), api_key or None, max_body_bytes, request_timeout)
     app = FastAPI(title="nanochat-flyte", docs_url=None, redoc_url=None, openapi_url=None)
     if allowed_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
-    app.state.server = state
     headers = {"X-Nanochat-Mode": _mode(engine)}
     fingerprint = f"nanochat-flyte-{_mode(engine)}"
 

@@ -1,5 +1,5 @@
-"""Which device to train on, in which precision, how close to the hardware's peak it runs (MFU), and evaluation
-batches that shrink to fit the device's memory.
+"""Which device to train on, in which precision, how close to the hardware's peak it runs (MFU), evaluation
+batches that shrink to fit the device's memory, and this process's place among the ranks.
 
 Precision follows the hardware: bf16 autocast from Ampere (compute capability 8.0) on; fp16 autocast with
 a GradScaler below it (T4, V100: no bf16 tensor cores); plain float32 on CPU and Apple MPS.
@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from nanochat_flyte.errors import ConfigError
 
@@ -40,6 +41,11 @@ PEAK_FLOPS: dict[str, dict[str, float]] = {
 def compiled(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     """torch.compile in one of config.COMPILE_MODES; "default" is torch's own default mode."""
     return torch.compile(model, mode=None if mode == "default" else mode)
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """(rank, world size) in the process group that training made, else (0, 1): a process of its own."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def select_device(name: str = "auto") -> torch.device:

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 
 from nanochat_flyte.files import filesystem
 from nanochat_flyte.hostile_text import shown
-from nanochat_flyte.reporting.tracking import METRICS_FILE, RUN_INFO_FILE, SAMPLES_FILE, read_jsonl
+from nanochat_flyte.reporting.tracking import METRICS_FILE, RUN_INFO_FILE, SAMPLES_FILE, read_logged_records
 
 REPORT_FILE = "report.md"
 LOSS_PLOT = "loss.png"
@@ -187,8 +187,8 @@ def write_report(out_dir: Path, config, env_report: dict | None, summary: dict,
     """out_dir/report.md: the run's report card, with its plots next to it as PNG files. `evaluations` are
     Markdown sections (the CORE table, the chat evaluation table) placed after the results."""
     out_dir = Path(out_dir)
-    metrics = read_jsonl(out_dir / METRICS_FILE)
-    samples = read_jsonl(out_dir / SAMPLES_FILE)
+    metrics = read_logged_records(out_dir / METRICS_FILE)
+    samples = read_logged_records(out_dir / SAMPLES_FILE)
     settings = config_dict(config)
     sections = [f"# nanochat-flyte report: {settings.get('run_name') or 'unnamed run'}",
                 f"Generated {datetime.now():%Y-%m-%d %H:%M:%S} from `{METRICS_FILE}` and `{SAMPLES_FILE}`.",
@@ -243,8 +243,8 @@ def html_image(figure: Figure, alt: str) -> str:
 def training_deck_html(out_dir: Path, config, env_report: dict | None, summary: dict) -> str:
     """Self-contained HTML (plots inlined as base64 PNG): curves, samples, config and environment."""
     out_dir = Path(out_dir)
-    metrics = read_jsonl(out_dir / METRICS_FILE)
-    samples = read_jsonl(out_dir / SAMPLES_FILE)
+    metrics = read_logged_records(out_dir / METRICS_FILE)
+    samples = read_logged_records(out_dir / SAMPLES_FILE)
     settings = config_dict(config)
     parts = [DECK_STYLE, f"<h2>Training: {html.escape(str(settings.get('run_name') or 'unnamed run'))}</h2>",
              html_table(["", "value"], list(headline_numbers(out_dir, summary).items()))]

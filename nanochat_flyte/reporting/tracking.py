@@ -57,8 +57,9 @@ def resolve_mode(requested: str) -> str:
     return requested
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The complete JSON lines of a file; a line torn by a crash mid-write is skipped."""
+def read_logged_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a log this module appends to (metrics.jsonl, samples.jsonl); a line torn by a crash
+    mid-write is skipped."""
     if not path.exists():
         return []
     records = []
@@ -72,7 +73,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def truncate_jsonl(path: Path, last_step: int) -> list[dict[str, Any]]:
     """Keep the lines with step <= last_step, so a run resumed at last_step does not log steps twice."""
-    kept = [record for record in read_jsonl(path) if record.get("step", 0) <= last_step]
+    kept = [record for record in read_logged_records(path) if record.get("step", 0) <= last_step]
     if path.exists():
         text = "".join(json.dumps(record) + "\n" for record in kept)
         write_atomically(path, lambda temp: temp.write_text(text))  # a crash leaves the old file or the new one
@@ -103,7 +104,6 @@ class Tracker:
         self.mode = "disabled"
         self.url: str | None = None
         self.offline_dir: Path | None = None
-        self.summary: dict[str, Any] = {}
         self.sample_rows: list[list[Any]] = []
         if not self.is_writer:
             return
@@ -114,7 +114,7 @@ class Tracker:
             else:  # a new run in a used directory: the old run's records would mix with this one's
                 (self.out_dir / name).unlink(missing_ok=True)
         # the W&B samples table is cumulative: a resumed run starts with the samples already taken
-        self.sample_rows = [table_row(row["step"], row) for row in read_jsonl(self.out_dir / SAMPLES_FILE)]
+        self.sample_rows = [table_row(row["step"], row) for row in read_logged_records(self.out_dir / SAMPLES_FILE)]
         self.run_id = self._choose_run_id(resuming=resume_step is not None)
         self.run_info: dict[str, Any] = {"config": config.to_dict(), "environment": env_report}
         self._write_run_info()
@@ -234,10 +234,9 @@ class Tracker:
                                                                          data=self.sample_rows), "step": step}, step))
 
     def set_summary(self, summary: dict[str, Any]) -> None:
-        """Final numbers (min/final validation bpb, total time, tokens seen): W&B run summary and the report."""
+        """Final numbers (min/final validation bpb, total time, tokens seen) into the W&B run's summary."""
         if not self.is_writer:
             return
-        self.summary.update(summary)
         self._wandb_call(lambda: self.run.summary.update(summary))
 
     def finish(self) -> str | None:

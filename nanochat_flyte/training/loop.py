@@ -346,6 +346,7 @@ class Trainer:
         self.make_out_dir(config)
         self.resumed = resume_dir is not None
         self.start_step, loader_state = 0, None
+        self.resumed_finished = False  # resumed from the last step of its num_iterations (set by resume)
         if resume_dir is not None:
             config, loader_state = self.resume(config, Path(resume_dir))
         self.config = config = config.resolved()
@@ -523,8 +524,8 @@ class Trainer:
         Returns its result and its wall time in seconds: until apply_gradients has read the loss. No synchronisation
         around it: the GPU works on the step's last kernels (the optimizers', with fp16) while the host logs and
         starts the next step, whose time then includes them; over the steps the times add up to the GPU's."""
-        config, loop, device = self.config, self.loop, self.device
-        cuda_graphs = uses_cuda_graphs(config, device)
+        config = self.config
+        cuda_graphs = uses_cuda_graphs(config, self.device)
         apply_schedules(self.optimizers, step, config, self.phase.muon_momentum_warmup)
         loader_at_step_start = self.loader.state_dict()
         start = time.perf_counter()
@@ -534,24 +535,7 @@ class Trainer:
                                             self.grad_scaler, self.phase.loss, cuda_graphs)
                 break
             except torch.cuda.OutOfMemoryError as error:
-                if self.world_size > 1:  # the ranks would have to agree on the new batch; they cannot, mid-step
-                    raise ConfigError("device_batch_size", f"CUDA out of memory on rank {self.rank} at "
-                                                           f"{loop.device_batch_size}: under DDP, lower it (the "
-                                                           "automatic fallback works in single-process runs)",
-                                      STAGE_CONFIGS[self.phase.stage]) from error
-                if loop.device_batch_size == 1:
-                    raise ConfigError("depth", f"CUDA out of memory at device_batch_size 1 (depth {config.depth}, "
-                                               f"max_seq_len {config.max_seq_len}): the model does not fit on "
-                                               f"{self.device_name}; lower depth or max_seq_len") from error
-                self.model.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                loop.device_batch_size = halved_batch_size(loop.device_batch_size)
-                print(f"step {step + 1:05d} | CUDA out of memory: retrying with device_batch_size "
-                      f"{loop.device_batch_size}, {self.grad_accum_steps()} accumulation steps", flush=True)
-                self.loader.close()
-                self.loader = self.phase.batches(loop.device_batch_size, device, self.rank, self.world_size,
-                                                 loader_at_step_start)
+                self.halve_device_batch(step, error, loader_at_step_start)
         try:
             result = apply_gradients(self.trained, self.optimizers, loss, self.grad_scaler, config.grad_clip,
                                      cuda_graphs)
@@ -560,6 +544,29 @@ class Trainer:
                                        f"weights, gradients and optimizer state do not fit on {self.device_name}, "
                                        "whatever the device batch; lower depth") from error
         return result, time.perf_counter() - start
+
+    def halve_device_batch(self, step: int, error: torch.cuda.OutOfMemoryError, loader_at_step_start: dict) -> None:
+        """After a CUDA out-of-memory error in the forward or backward pass: the step is re-run from its start with
+        half the device batch (and twice the accumulation steps), or the run stops in one line when it cannot be."""
+        config, loop = self.config, self.loop
+        if self.world_size > 1:  # the ranks would have to agree on the new batch; they cannot, mid-step
+            raise ConfigError("device_batch_size", f"CUDA out of memory on rank {self.rank} at "
+                                                   f"{loop.device_batch_size}: under DDP, lower it (the automatic "
+                                                   "fallback works in single-process runs)",
+                              STAGE_CONFIGS[self.phase.stage]) from error
+        if loop.device_batch_size == 1:
+            raise ConfigError("depth", f"CUDA out of memory at device_batch_size 1 (depth {config.depth}, "
+                                       f"max_seq_len {config.max_seq_len}): the model does not fit on "
+                                       f"{self.device_name}; lower depth or max_seq_len") from error
+        self.model.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        loop.device_batch_size = halved_batch_size(loop.device_batch_size)
+        print(f"step {step + 1:05d} | CUDA out of memory: retrying with device_batch_size "
+              f"{loop.device_batch_size}, {self.grad_accum_steps()} accumulation steps", flush=True)
+        self.loader.close()
+        self.loader = self.phase.batches(loop.device_batch_size, self.device, self.rank, self.world_size,
+                                         loader_at_step_start)
 
     def log_step(self, step: int, result: StepResult, dt: float, phase_metrics: dict[str, float]) -> None:
         """Metrics of the step that just finished (step counts finished steps) to W&B, metrics.jsonl and stdout."""
@@ -604,29 +611,20 @@ class Trainer:
 
     def train_until_done(self) -> int:
         config, loop = self.config, self.loop
-        self.nonfinite_since = None  # the first step of the current run of inf/NaN losses
+        nonfinite_since = None  # the first step of the current run of inf/NaN losses
         step = self.step = self.start_step
         session_start, session_steps = time.perf_counter(), 0
         time_before_session = loop.total_time_s
         while True:
             last_step = step == config.num_iterations
-            if self.resumed and step == self.start_step:
-                # The checkpoint was saved after this step's evaluation and samples as they were due then. A run
-                # resumed to end here, at a save of a run that went on, still owes the last step's.
-                owed = last_step and not self.resumed_finished
-                evaluate, sample = owed and step % config.eval_every != 0, owed and step % config.sample_every != 0
-                periodic = save = False
-            else:
-                evaluate = last_step or step % config.eval_every == 0
-                sample = last_step or (step > 0 and step % config.sample_every == 0)
-                periodic, save = True, not last_step and step > 0 and step % config.save_every == 0
+            evaluate, sample, periodic, save = self.due_at(step, last_step)
             if evaluate:
                 self.evaluate(step)
             if periodic:
                 self.periodic(step)
             if self.master and sample:
                 self.sample(step)
-            if save and self.nonfinite_since is None:  # never over the last save with NaN weights
+            if save and nonfinite_since is None:  # never over the last save with NaN weights
                 self.stop_if_weights_diverged(step)  # (a NaN gradient after a finite loss)
                 if self.master:
                     self.save(step, "running")
@@ -636,32 +634,49 @@ class Trainer:
             phase_metrics = self.phase.step_metrics()
             step = self.step = step + 1
             session_steps += 1
-            loop.tokens_seen += config.total_batch_size
-            if session_steps > 1:  # the first step of a session pays for warm-up and compilation
-                loop.timed_steps += 1
-                loop.timed_seconds += dt
-                loop.timed_tokens += config.total_batch_size
-            loop.skipped_steps += result.skipped
-            loop.fold_loss(result.loss)
-            if math.isfinite(result.loss):
-                self.nonfinite_since = None
-            elif self.nonfinite_since is None:
-                self.nonfinite_since = step
+            self.count_step(result, dt, timed=session_steps > 1)  # the first pays for warm-up and compilation
             loop.total_time_s = time_before_session + time.perf_counter() - session_start
+            if math.isfinite(result.loss):
+                nonfinite_since = None
+            elif nonfinite_since is None:
+                nonfinite_since = step
             if self.master:
                 self.log_step(step, result, dt, phase_metrics)
-            if self.nonfinite_since is not None and step - self.nonfinite_since + 1 >= DIVERGED_AFTER_STEPS:
+            if nonfinite_since is not None and step - nonfinite_since + 1 >= DIVERGED_AFTER_STEPS:
                 raise TrainingDiverged(self.diverged_message(
-                    step, f"the loss has been {result.loss} since step {self.nonfinite_since} "
-                          f"({step - self.nonfinite_since + 1} steps in a row)", self.nonfinite_since))
+                    f"the loss has been {result.loss} since step {nonfinite_since} "
+                    f"({step - nonfinite_since + 1} steps in a row)", nonfinite_since))
         return step
+
+    def due_at(self, step: int, last_step: bool) -> tuple[bool, bool, bool, bool]:
+        """What runs at `step` before its optimizer step: (evaluate, sample, periodic metrics, save)."""
+        config = self.config
+        if self.resumed and step == self.start_step:
+            # The checkpoint was saved after this step's evaluation and samples as they were due then. A run
+            # resumed to end here, at a save of a run that went on, still owes the last step's.
+            owed = last_step and not self.resumed_finished
+            return owed and step % config.eval_every != 0, owed and step % config.sample_every != 0, False, False
+        evaluate = last_step or step % config.eval_every == 0
+        sample = last_step or (step > 0 and step % config.sample_every == 0)
+        return evaluate, sample, True, not last_step and step > 0 and step % config.save_every == 0
+
+    def count_step(self, result: StepResult, dt: float, timed: bool) -> None:
+        """A finished step's tokens, time (timed: it counts towards tok/s and the ETA), skip and loss."""
+        config, loop = self.config, self.loop
+        loop.tokens_seen += config.total_batch_size
+        if timed:
+            loop.timed_steps += 1
+            loop.timed_seconds += dt
+            loop.timed_tokens += config.total_batch_size
+        loop.skipped_steps += result.skipped
+        loop.fold_loss(result.loss)
 
     def stop_if_weights_diverged(self, step: int) -> None:
         """Before a save: weights that hold inf/NaN end the run here (every rank holds the same), never over the last
         good checkpoint. A loss that went NaN in the last steps, too few to stop the run, leaves them so in bf16 or
         fp32; a NaN gradient after a finite loss too."""
         if not torch.stack([parameter.isfinite().all() for parameter in self.model.parameters()]).all():
-            raise TrainingDiverged(self.diverged_message(step, f"the weights hold inf/NaN at step {step}", step))
+            raise TrainingDiverged(self.diverged_message(f"the weights hold inf/NaN at step {step}", step))
 
     def finish(self, step: int) -> dict:
         self.stop_if_weights_diverged(step)
@@ -674,7 +689,7 @@ class Trainer:
             write_report(self.out_dir, self.config, self.env_report, result)
         return result
 
-    def diverged_message(self, step: int, what: str, first: int) -> str:
+    def diverged_message(self, what: str, first: int) -> str:
         """what went wrong since step `first`. Step k's loss comes from the weights of step k - 1: a checkpoint of an
         earlier step holds weights from before the divergence (later ones may hold NaN)."""
         where = self.config.save_to or self.out_dir

@@ -38,7 +38,7 @@ from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.evaluation.chat_eval import generate, score_gsm8k
 from nanochat_flyte.inference.engine import Completion, Engine, SamplingParams
 from nanochat_flyte.model.checkpoint import checkpoint_run_config, read_training_state
-from nanochat_flyte.model.device import EvalBatches, Precision
+from nanochat_flyte.model.device import EvalBatches, Precision, rank_and_world_size
 from nanochat_flyte.model.gpt import GPT
 from nanochat_flyte.training.loop import Trainer, distributed_env
 from nanochat_flyte.training.resume import check_same_stream
@@ -160,13 +160,17 @@ class Rollouts:
             first = self.problems_taken * self.world_size
             self.problems_taken += 1
             progressed = False
-            for rank in (rank for rank in range(self.world_size) if filled[rank] < num_problems):
+            for rank in range(self.world_size):
+                if filled[rank] == num_problems:
+                    continue
                 item = phase.problem_at(first + rank)
                 prompt = render_prompt(phase.tokenizer, item["messages"])
-                if len(prompt) < phase.engine.context:
-                    filled[rank], progressed = filled[rank] + 1, True
-                    if rank == self.rank:
-                        mine.append((item, prompt, first + rank))
+                if len(prompt) >= phase.engine.context:
+                    continue  # passed over: no room to answer
+                filled[rank] += 1
+                progressed = True
+                if rank == self.rank:
+                    mine.append((item, prompt, first + rank))
             stalled = 0 if progressed else stalled + 1
             if stalled >= len(phase.problems):
                 raise ConfigError("max_seq_len", f"no problem's prompt leaves room to answer in the model's context "
@@ -245,7 +249,7 @@ class ReinforcementLearning(ChatPhase):
     def evaluate(self, model, batch_size, device, precision):
         """pass@1: the share of validation problems whose greedy answer is right. Decoded with the engine on the
         model being trained (`model` may be its compiled form, which would recompile for every new length)."""
-        rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        rank, world_size = rank_and_world_size()
         items = self.val[rank::world_size]
         replies = generate(self.engine, items, batches=EvalBatches(batch_size, "validation"),
                            max_tokens=self.rl.max_new_tokens)

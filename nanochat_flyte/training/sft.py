@@ -41,6 +41,7 @@ from nanochat_flyte.model.checkpoint import (
     load_checkpoint,
     read_training_state,
 )
+from nanochat_flyte.model.device import rank_and_world_size
 from nanochat_flyte.training.loop import Phase, Trainer, distributed_env, load_optimizer_states
 
 CHAT_SAMPLE_PROMPTS = (
@@ -101,7 +102,7 @@ class FineTuning(ChatPhase):
     @torch.no_grad()
     def evaluate(self, model, batch_size, device, precision):
         """Mean cross-entropy (nats) of the held-out assistant tokens. Under DDP the ranks share the rows."""
-        rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        rank, world_size = rank_and_world_size()
         total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, number of tokens]
         was_training = model.training
         model.eval()

@@ -18,7 +18,7 @@ import flyte.cli._common as flyte_cli
 import flyte.cli._params as flyte_params
 
 from nanochat_flyte.errors import ConfigError, user_error_names
-from nanochat_flyte.schema import StrictConfig
+from nanochat_flyte.schema import cli_config_class
 
 
 def fail(message: str):
@@ -28,8 +28,8 @@ def fail(message: str):
 
 def read_configs_strictly(convert):
     def convert_strictly(self, value, param, ctx):
-        kind = self._python_type
-        if not (isinstance(value, str | dict) and isinstance(kind, type) and issubclass(kind, StrictConfig)):
+        kind = cli_config_class(self._python_type, value)
+        if kind is None:
             return convert(self, value, param, ctx)
         try:
             return kind.from_cli_value(value, self._default_dict())

@@ -14,7 +14,7 @@ import flyte
 import flyte.app
 from flyte.io import Dir
 
-from nanochat_flyte.cli.serve import model_name_of
+from nanochat_flyte.inference.serve import model_name_of
 from workflows.flyte2.environments import CHAT_API_KEY_SECRET, IMAGE
 
 CHAT_CHECKPOINT = os.environ.get("NANOCHAT_CHAT_CHECKPOINT", "")  # none: `flyte deploy` says the app needs one

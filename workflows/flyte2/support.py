@@ -121,6 +121,27 @@ def not_retried(error: BaseException, message: str) -> Exception:
 one_line_user_errors = reraise_user_errors(not_retried)
 
 
+def is_user_error_raised(error: BaseException | None) -> bool:
+    while error is not None:
+        if is_user_error(error) or getattr(error, "code", None) in user_error_names():
+            return True
+        error = error.__cause__
+    return False
+
+
+class QuietUserErrors(logging.Filter):
+    """Flyte logs a failed task's traceback, then that a non-recoverable error is not retried: for a user error, the
+    one line that names it (the run's error) is all there is to say."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and is_user_error_raised(record.exc_info[1]):
+            return False
+        return "raised a non-recoverable error" not in record.getMessage()
+
+
+logging.getLogger("flyte").addFilter(QuietUserErrors())  # a logger's filters outlive the CLI's handler setup
+
+
 def retried_only_on_storage_errors(task_function):
     """Flyte 2 retries a task after any error but NonRecoverableError; flytekit only after one raised as recoverable.
     Both fronts retry what another attempt can mend, a storage or network hiccup (and, the platform's own, a
@@ -179,27 +200,6 @@ def worker_user_error(failure: BaseException | None) -> str | None:
 
 
 TaskPluginRegistry.register(config_type=ElasticUserErrors, plugin=ElasticUserErrorsTask)
-
-
-def is_user_error_raised(error: BaseException | None) -> bool:
-    while error is not None:
-        if is_user_error(error) or getattr(error, "code", None) in user_error_names():
-            return True
-        error = error.__cause__
-    return False
-
-
-class QuietUserErrors(logging.Filter):
-    """Flyte logs a failed task's traceback, then that a non-recoverable error is not retried: for a user error, the
-    one line that names it (the run's error) is all there is to say."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and is_user_error_raised(record.exc_info[1]):
-            return False
-        return "raised a non-recoverable error" not in record.getMessage()
-
-
-logging.getLogger("flyte").addFilter(QuietUserErrors())  # a logger's filters outlive the CLI's handler setup
 
 
 # ---------------------------------------------------------------------- intra-task checkpoints
