@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.schema import StrictConfig, at_least, fraction, non_negative, one_of, schedule_fits
@@ -22,6 +23,9 @@ HF_FINEWEB_EDU_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"  # nanochat's copy of DCLM's
 EVAL_BUNDLE_MAX_SHOTS = 10  # its tasks show up to 10 solved examples, drawn from the other items evaluated
 LAST_FINEWEB_EDU_SHARD = 1822  # shards are numbered 0..1822; the last one is held out for validation
+# Shards are named with 5 digits (shard_00000.parquet .. shard_99999.parquet, download.shard_name): another source
+# may hold more than FineWeb-Edu's 1823, but not more than its names count
+MAX_SHARDS = 100_000
 TOKENIZERS = ("gpt2", "bpe")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -31,6 +35,15 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 WIDTH_PER_LAYER = 64  # nanochat's one knob: model_dim = depth * 64 (its aspect ratio)
 HEAD_DIM = 128  # nanochat keeps heads 128 wide and adds heads as the model widens
+# The nanochat family goes to depth ~32-34 (d32: 1.9B parameters). As width grows with depth, the blocks' parameters
+# grow as depth cubed (12 x depth x width^2): depth 64 is ~13B of them. A larger depth is a slip that would otherwise
+# be found only when the model is built, after the data is prepared.
+MAX_DEPTH = 64
+# W&B refuses project names with these characters, or longer than 128 (wandb.sdk.wandb_settings.validate_project):
+# a URL's separators. The entity is the segment before the project in every W&B path (entity/project/run), and
+# cannot hold them either.
+WANDB_NAME_FORBIDDEN = "/\\#?%:"
+WANDB_PROJECT_MAX = 128
 
 
 @dataclass
@@ -155,6 +168,7 @@ class RunConfig(StrictConfig):
         one_of(self, "compile_mode", COMPILE_MODES)
         if not self.data_url.strip():
             raise ConfigError("data_url", "must not be empty")
+        self.check_shard_bounds()
         if self.val_shard < self.num_shards:
             raise ConfigError(
                 "val_shard",
@@ -180,14 +194,31 @@ class RunConfig(StrictConfig):
                                              f"{self.max_seq_len + 1} tokens, got {self.eval_tokens}")
         self.grad_accum_steps(world_size)
         model_width(self.depth)
+        check_wandb_names(self)
         return self
+
+    def check_shard_bounds(self) -> None:
+        """Shard numbers a source can have: FineWeb-Edu's at the default data_url, else what the names count. Checked
+        before the overlap of val_shard with the train shards, which a too-large num_shards would be named as."""
+        if self.data_url.rstrip("/") == HF_FINEWEB_EDU_URL:
+            for field, last in (("num_shards", LAST_FINEWEB_EDU_SHARD + 1), ("val_shard", LAST_FINEWEB_EDU_SHARD)):
+                if getattr(self, field) > last:
+                    raise ConfigError(field, f"must be <= {last} at the default data_url: FineWeb-Edu has shards "
+                                             f"0..{LAST_FINEWEB_EDU_SHARD}, got {getattr(self, field)}")
+        for field, last in (("num_shards", MAX_SHARDS), ("val_shard", MAX_SHARDS - 1)):
+            if getattr(self, field) > last:
+                raise ConfigError(field, f"must be <= {last} (shard names have 5 digits: shard_00000..shard_99999), "
+                                         f"got {getattr(self, field)}")
 
 
 def model_width(depth: int) -> tuple[int, int]:
     """nanochat's one-knob model size: (model_dim, n_head) at `depth` (8 -> dim 512, 4 heads of 128). Raises
-    ConfigError when the width does not split into equal heads: an odd depth d does only where (d + 1) / 2 divides 64
-    (1, 3, 7, 15, 31, 63, 127)."""
+    ConfigError when depth is beyond MAX_DEPTH, or when the width does not split into equal heads: an odd depth d does
+    only where (d + 1) / 2 divides 64 (1, 3, 7, 15, 31, 63)."""
     model_dim = depth * WIDTH_PER_LAYER
+    if depth > MAX_DEPTH:
+        raise ConfigError("depth", f"must be <= {MAX_DEPTH} (nanochat's largest runs are ~32), got {depth}: width "
+                                   f"{model_dim:,} and ~{12 * depth * model_dim**2:.2g} parameters in its blocks")
     n_head = max(1, math.ceil(model_dim / HEAD_DIM))
     if model_dim % n_head:
         raise ConfigError("depth", f"{depth} gives model_dim {model_dim}, which does not split into {n_head} equal "
@@ -197,6 +228,32 @@ def model_width(depth: int) -> tuple[int, int]:
 
 CHAT_EVAL_TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval")
 HUMANEVAL_MODES = ("auto", "on", "off")
+
+
+def check_wandb_names(config) -> None:
+    """wandb_project and wandb_entity are names W&B takes: a refused one would fail W&B's start at training time,
+    and the run would go on without tracking."""
+    owner = type(config).__name__
+    for field in ("wandb_project", "wandb_entity"):
+        name = getattr(config, field)
+        if bad := sorted(set(name) & set(WANDB_NAME_FORBIDDEN)):
+            raise ConfigError(field, f"{name!r} contains {' '.join(bad)}, which W&B refuses in its names (any of "
+                                     f"{' '.join(WANDB_NAME_FORBIDDEN)})", owner)
+    if len(config.wandb_project) > WANDB_PROJECT_MAX:
+        raise ConfigError("wandb_project", f"W&B takes at most {WANDB_PROJECT_MAX} characters, got "
+                                           f"{len(config.wandb_project)}", owner)
+
+
+def http_url_problem(url: str) -> str | None:
+    """Why `url` is no http(s) URL of a server (a scheme and a host), or None when it is one."""
+    try:
+        parts = urlsplit(url)
+        host, _ = parts.hostname, parts.port  # (.port raises for one that is no number)
+    except ValueError as error:  # an unclosed IPv6 bracket, a port that is no number
+        return str(error)
+    if parts.scheme not in ("http", "https"):
+        return "not http(s)"
+    return None if host else "no host"
 
 
 def task_list(tasks: str) -> list[str]:
@@ -289,8 +346,10 @@ class ChatStageConfig(StrictConfig):
             if task not in CHAT_EVAL_TASKS:
                 raise ConfigError("eval_tasks", f"unknown task {task!r}; choose from {', '.join(CHAT_EVAL_TASKS)}",
                                   owner)
-        if self.hf_endpoint and not self.hf_endpoint.startswith(("http://", "https://")):
-            raise ConfigError("hf_endpoint", f"must be an http(s) URL, got {self.hf_endpoint!r}", owner)
+        if self.hf_endpoint and (problem := http_url_problem(self.hf_endpoint)):
+            raise ConfigError("hf_endpoint", f"must be an http(s) URL with a host (https://huggingface.co or a "
+                                             f"mirror's), got {self.hf_endpoint!r} ({problem})", owner)
+        check_wandb_names(self)
 
 
 @dataclass

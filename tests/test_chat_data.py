@@ -10,6 +10,7 @@ import regex
 from nanochat_flyte.config import ChatConfig
 from nanochat_flyte.data.chat_data import (
     EVAL_SOURCES,
+    MAX_MIXTURE,
     BadRow,
     arc_question,
     check_hub_endpoint,
@@ -270,6 +271,22 @@ def test_max_conversations_keeps_the_same_seeded_subset(hub_server, tmp_path):
     assert subset != lines_of(tmp_path / "c" / "train.jsonl")
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert sum(s["conversations"] for s in manifest["sources"].values()) == manifest["train_conversations"] == 50
+
+
+def test_a_mixture_too_large_to_hold_fails_in_one_line_before_its_download(hub_server, tmp_path):
+    """Its copies are listed in memory: a billion epochs were a MemoryError after the checks had passed."""
+    with pytest.raises(ConfigError, match=r"^ChatConfig.smoltalk_epochs: 1e\+09 epochs make a mixture of at least "
+                                          r"1,000,000,000 conversations, more than the 10,000,000 it may hold; give "
+                                          r"fewer epochs$"):
+        prepare_sft_data(ChatConfig(smoltalk_epochs=1e9, max_conversations=200), tmp_path / "sft")
+    assert hub_server.requests == [] and not (tmp_path / "sft").exists()
+    # one whose size only its rows tell: after that source's download, before the next one's
+    epochs = MAX_MIXTURE // hub_server.rows[MMLU_AUX] + 1
+    size = hub_server.rows[SMOLTALK_TRAIN] + epochs * hub_server.rows[MMLU_AUX]
+    with pytest.raises(ConfigError, match=rf"^ChatConfig.mmlu_epochs: {epochs} epochs make a mixture of at least "
+                                          rf"{size:,} conversations, more than"):
+        prepare_sft_data(ChatConfig(mmlu_epochs=epochs), tmp_path / "sft")
+    assert not hub_server.requests_for(split_path(*GSM8K_TRAIN)) and not (tmp_path / "sft").exists()
 
 
 def test_validation_conversations_come_from_the_smoltalk_test_split(hub_server, tmp_path):

@@ -331,6 +331,8 @@ def test_rl_data_comes_from_the_hub_and_the_cli_trains(sft_checkpoint, hub_serve
     (["--sft-checkpoint", "BASE"], "is a base checkpoint; RL starts from a chat (SFT) checkpoint"),
     (["--data-dir", "EMPTY"], "error: chat_rl.data_dir: EMPTY holds no prepared RL problems (without data_dir,"),
     (["--data-dir", "SFT"], "error: chat_rl.data_dir: SFT holds no prepared RL problems (without data_dir,"),
+    (["--data-dir", "RL_DATA", "seed=7"], "error: RLConfig.seed: 7 differs from the 42 that the data in RL_DATA was "
+                                          "prepared with: give that value, or leave out --data-dir"),
     (["--resume-dir", "SFT"], "chat_rl.resume_dir: SFT is a checkpoint of the chat stage; this rl run continues"),
     (["--resume-dir", "RL_RUN", "max_problems=100"], "error: RLConfig.max_problems: 100 differs from 0 in the "
                                                      "checkpoint being resumed"),
@@ -339,7 +341,7 @@ def test_the_rl_cli_refuses_bad_input_in_one_line_before_any_download(base_check
                                                                        tmp_path, argv, message):
     (tmp_path / "empty").mkdir()
     paths = {"BASE": str(base_checkpoint), "SFT": str(sft_checkpoint), "EMPTY": str(tmp_path / "empty"),
-             "RL_RUN": str(tmp_path / "rl_run")}
+             "RL_RUN": str(tmp_path / "rl_run"), "RL_DATA": str(rl_data)}
     if "RL_RUN" in argv:
         train_rl(rl_config(num_iterations=2), sft_checkpoint, rl_data, tmp_path / "rl_run")
     message = " ".join(paths.get(word, word) for word in message.split(" "))

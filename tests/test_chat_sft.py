@@ -28,7 +28,7 @@ from nanochat_flyte.model.optim import build_optimizers
 from nanochat_flyte.training.loop import build_model
 from nanochat_flyte.training.pretrain import train
 from nanochat_flyte.training.resume import check_chat_resume
-from nanochat_flyte.training.sft import FineTuning, sft_run_config, train_chat
+from nanochat_flyte.training.sft import CHAT_SAMPLE_PROMPTS, FineTuning, sft_run_config, train_chat
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,6 +73,17 @@ def test_sft_lowers_the_loss_on_held_out_assistant_tokens(base_checkpoint, hub_s
     samples = [json.loads(line) for line in (tmp_path / "chat" / "samples.jsonl").read_text().splitlines()]
     assert {s["prompt"] for s in samples} >= {"What is the capital of France?"}
 
+
+def test_a_sample_prompt_longer_than_the_context_is_skipped_and_the_run_saves(base_checkpoint, hub_server, tmp_path):
+    """A context of 16 tokens: "If 5*x + 3 = 13, what is x?" renders to 17, leaving no room to answer. Sampling it
+    crashed the last step, before the final save."""
+    config = chat_config(max_seq_len=16, total_batch_size=128, num_iterations=2, eval_every=2, sample_every=2,
+                         save_every=2)
+    prepare_sft_data(config, tmp_path / "sft_data")
+    summary = train_chat(config, base_checkpoint, tmp_path / "sft_data", tmp_path / "chat")
+    assert summary["status"] == "completed" and (tmp_path / "chat" / "checkpoint.pt").exists()
+    samples = [json.loads(line) for line in (tmp_path / "chat" / "samples.jsonl").read_text().splitlines()]
+    assert {s["prompt"] for s in samples} == set(CHAT_SAMPLE_PROMPTS) - {"If 5*x + 3 = 13, what is x?"}
 
 @pytest.mark.parametrize("load_optimizer", [True, False])
 def test_sft_starts_from_the_base_runs_optimizer_moments_at_its_own_rates(base_checkpoint, hub_server, tmp_path,
@@ -152,6 +163,14 @@ def test_the_sft_cli_trains_from_the_hub_and_refuses_a_bad_field_or_batch_before
                           capture_output=True, text=True, timeout=120)
     assert onto.returncode == 2 and onto.stderr.startswith(
         f"error: ChatConfig.save_to: '{base_checkpoint}/' holds the base_checkpoint: this run's copies would")
+    # data prepared with other settings than the config's: the run would train on it and record the config's
+    prepare_sft_data(chat_config(), tmp_path / "prepared")
+    other = subprocess.run([sys.executable, "-m", "nanochat_flyte", "sft", "--base-checkpoint", str(base_checkpoint),
+                            "--out-dir", str(tmp_path / "u"), "--data-dir", str(tmp_path / "prepared"), "--config",
+                            str(preset), "smoltalk_epochs=2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert other.returncode == 2 and other.stderr == (
+        f"error: ChatConfig.smoltalk_epochs: 2.0 differs from the 1.0 that the data in {tmp_path / 'prepared'} was "
+        "prepared with: give that value, or leave out --data-dir to prepare the data this config asks for\n")
 
 
 def test_ctrl_c_prints_the_command_that_resumes_the_sft_run_and_that_command_does(base_checkpoint, hub_server,

@@ -6,25 +6,31 @@ import re
 import shutil
 import stat
 
+import fsspec
 import numpy as np
 import pytest
 import torch
 from helpers import make_data_dir
 
-from nanochat_flyte.errors import UserError
+from nanochat_flyte.config import ChatConfig
+from nanochat_flyte.errors import ConfigError, UserError
 from nanochat_flyte.files import write_json
 from nanochat_flyte.model.checkpoint import (
     CHECKPOINT_FILE,
     MODEL_CONFIG_FILE,
     TRAINING_STATE_FILE,
+    CheckpointError,
+    check_weights_whole,
     load_checkpoint,
     load_model,
     publish_checkpoint,
+    read_checkpoint_json,
     restore_rng_states,
     rng_states,
     save_checkpoint,
 )
 from nanochat_flyte.model.gpt import GPT, GPTConfig
+from nanochat_flyte.pipeline import setup
 
 CPU = torch.device("cpu")
 TINY = GPTConfig(sequence_len=16, vocab_size=50257, n_layer=1, n_head=1, n_kv_head=1, n_embd=32)
@@ -181,3 +187,28 @@ def test_load_model_names_a_missing_checkpoint(tmp_path):
         load_model(tmp_path.as_uri(), CPU)
     with pytest.raises(UserError, match=r"^foo://bucket/run: Protocol not known: foo; a path or an fsspec URI"):
         load_model("foo://bucket/run", CPU)  # a scheme fsspec does not know: one line, not a ValueError's traceback
+
+
+def test_a_damaged_small_file_of_a_checkpoint_is_one_line(tmp_path):
+    (tmp_path / "training_state.json").write_text('{"status": "comp')  # cut short mid-copy
+    with pytest.raises(CheckpointError, match=r"training_state\.json is damaged \(.*\): not a whole checkpoint"):
+        read_checkpoint_json(tmp_path, "training_state.json")
+
+
+def test_a_stage_refuses_a_start_checkpoint_cut_short_before_it_prepares_anything(tmp_path):
+    """SFT and RL read the zip directory at the end of checkpoint.pt (locally or in a store) in their checks, not
+    first when they load the weights, after the chat data is prepared."""
+    torch.save({"weights": torch.zeros(1000)}, tmp_path / CHECKPOINT_FILE)
+    write_json(tmp_path / TRAINING_STATE_FILE, {"phase": "base"})
+    check_weights_whole(tmp_path, "base_checkpoint", "chat_sft")
+    whole = (tmp_path / CHECKPOINT_FILE).read_bytes()
+    (tmp_path / CHECKPOINT_FILE).write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ConfigError, match=r"^chat_sft\.base_checkpoint: .*checkpoint\.pt is cut short or damaged"):
+        setup.sft_start(ChatConfig(), str(tmp_path))
+    store = fsspec.filesystem("memory")
+    store.pipe_file("/cut/checkpoint.pt", whole[:100])
+    with pytest.raises(ConfigError, match=r"^chat_rl\.sft_checkpoint: memory://cut/checkpoint\.pt is cut short"):
+        check_weights_whole("memory://cut", "sft_checkpoint", "chat_rl")
+    (tmp_path / CHECKPOINT_FILE).unlink()
+    with pytest.raises(ConfigError, match=r"holds no checkpoint\.pt: not a whole checkpoint"):
+        check_weights_whole(tmp_path, "base_checkpoint", "chat_sft")

@@ -51,6 +51,18 @@ def test_an_unknown_command_is_one_line_with_a_suggestion():
     assert nanochat().returncode == 2  # no command: the usage, and the status of a usage error
 
 
+@pytest.mark.parametrize("argv", [["train", "--config", "configs/smoke.yaml", "--data-dir", "d", "--out-dir", "o",
+                                   "--resume-dir", "s3://bucket/run"],
+                                  ["sft", "--base-checkpoint", "b", "--out-dir", "gs://bucket/chat"],
+                                  ["prepare", "--config", "configs/smoke.yaml", "--out-dir", "s3://bucket/data"]])
+def test_a_uri_where_a_command_writes_or_reads_a_local_folder_is_one_line(argv):
+    """Path would make a relative folder of it ("s3:/bucket/run") and the command would go on there."""
+    result = nanochat(*argv)
+    flag = argv[argv.index(next(arg for arg in argv if "://" in arg)) - 1]
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith(f"error: argument {flag}: a local directory, got the URI ")
+
+
 def test_python_m_runs_the_same_command():
     result = subprocess.run([str(Path(NANOCHAT).with_name("python3")), "-m", "nanochat_flyte", "config", "--help"],
                             capture_output=True, text=True, timeout=120)

@@ -92,6 +92,62 @@ def test_every_depth_that_validates_builds_its_model_and_no_other():
         RunConfig(depth=5).validate()
 
 
+@pytest.mark.parametrize("overrides, line", [
+    # depth: width = 64 x depth, so parameters grow as depth cubed; such a depth died allocating, after data prep
+    (["depth=1000000"], "RunConfig.depth: must be <= 64 (nanochat's largest runs are ~32), got 1000000: width "
+                        "64,000,000 and ~4.9e+22 parameters in its blocks"),
+    (["depth=1e3"], "RunConfig.depth: must be <= 64 (nanochat's largest runs are ~32), got 1000: width 64,000 and "
+                    "~4.9e+13 parameters in its blocks"),
+    # shards: FineWeb-Edu's at the default data_url; what 5-digit names count elsewhere
+    (["num_shards=1900"], "RunConfig.num_shards: must be <= 1823 at the default data_url: FineWeb-Edu has shards "
+                          "0..1822, got 1900"),
+    (["val_shard=5000"], "RunConfig.val_shard: must be <= 1822 at the default data_url: FineWeb-Edu has shards "
+                         "0..1822, got 5000"),
+    (["data_url=/tmp/doc_corpus", "num_shards=100000000", "val_shard=100000000"],
+     "RunConfig.num_shards: must be <= 100000 (shard names have 5 digits: shard_00000..shard_99999), got 100000000"),
+    (["data_url=/tmp/doc_corpus", "val_shard=100000"],
+     "RunConfig.val_shard: must be <= 99999 (shard names have 5 digits: shard_00000..shard_99999), got 100000"),
+    # W&B names: refused by W&B at training start, which then went on without tracking
+    (["wandb_project=my/project"], "RunConfig.wandb_project: 'my/project' contains /, which W&B refuses in its "
+                                   "names (any of / \\ # ? % :)"),
+    (["wandb_project=a:b?c"], "RunConfig.wandb_project: 'a:b?c' contains : ?, which W&B refuses in its names "
+                              "(any of / \\ # ? % :)"),
+    (["wandb_entity=team#1"], "RunConfig.wandb_entity: 'team#1' contains #, which W&B refuses in its names "
+                              "(any of / \\ # ? % :)"),
+    ([f"wandb_project={'p' * 129}"], "RunConfig.wandb_project: W&B takes at most 128 characters, got 129"),
+])
+def test_sizes_and_names_beyond_what_can_run_are_one_line_before_anything_runs(overrides, line):
+    with pytest.raises(ConfigError) as error:
+        config_main([str(CONFIGS / "smoke.yaml"), *overrides])
+    assert str(error.value) == line
+
+
+def test_the_largest_values_that_can_run_still_validate():
+    RunConfig(depth=64).validate()
+    RunConfig(num_shards=1822).validate()  # every FineWeb-Edu shard but the validation one
+    RunConfig(data_url="/data/mine", num_shards=99_999, val_shard=99_999).validate()  # another source's
+    RLConfig(hf_endpoint="http://127.0.0.1:8766", wandb_project="nanochat-rl_2", wandb_entity="my-team").validate()
+
+
+@pytest.mark.parametrize("kind", [ChatConfig, RLConfig])
+@pytest.mark.parametrize("endpoint, problem", [("http://", "no host"), ("https:///datasets", "no host"),
+                                               ("http://:8080", "no host"), ("huggingface.co", "not http(s)")])
+def test_a_chat_stage_s_hf_endpoint_needs_a_scheme_and_a_host(kind, endpoint, problem):
+    """(http:// alone passed, and failed later naming environment.HF_ENDPOINT, which the user had not set.)"""
+    with pytest.raises(ConfigError) as error:
+        kind(hf_endpoint=endpoint).validate()
+    assert str(error.value) == (f"{kind.__name__}.hf_endpoint: must be an http(s) URL with a host "
+                                f"(https://huggingface.co or a mirror's), got {endpoint!r} ({problem})")
+
+
+@pytest.mark.parametrize("kind", [ChatConfig, RLConfig])
+def test_a_chat_stage_s_wandb_names_are_checked_with_its_config(kind):
+    with pytest.raises(ConfigError, match=rf"^{kind.__name__}\.wandb_project: 'sft%' contains %, which W&B refuses"):
+        kind(wandb_project="sft%").validate()
+    with pytest.raises(ConfigError, match=rf"^{kind.__name__}\.wandb_entity: 'a\\\\b' contains \\, which W&B"):
+        kind(wandb_entity="a\\b").validate()
+
+
 def test_divisibility_error_shows_the_arithmetic():
     with pytest.raises(ConfigError, match=r"16 x 512 x 1 = 8192"):
         RunConfig(total_batch_size=10000).validate()

@@ -1,12 +1,18 @@
+import json
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from helpers import make_data_dir
 
-from nanochat_flyte.data.dataloader import TokenLoader, shard_files, validation_tokens
+from nanochat_flyte.cli.train import main as train_main
+from nanochat_flyte.data.dataloader import TokenLoader, data_manifest, shard_files, validation_tokens
 from nanochat_flyte.errors import ConfigError
 
 CPU = torch.device("cpu")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +89,28 @@ def test_validation_tokens_are_the_first_tokens_of_the_val_split(data_dir):
 def test_data_too_small_for_one_micro_batch_names_the_context(data_dir):
     with pytest.raises(ConfigError, match=r"^RunConfig\.max_seq_len: the train data holds \d+ windows of 1000001"):
         TokenLoader(shard_files(data_dir, "train"), 4, 1_000_000, seed=0, device=CPU)
+
+
+@pytest.mark.parametrize("manifest, problem", [
+    ('{"tokenizer": {"name": "gpt2"', r"manifest\.json is not a JSON document \(Expecting"),  # cut short
+    (json.dumps({"endpoint": "http://hub", "seed": 42, "val": {}, "train_conversations": 9, "val_conversations": 2}),
+     r"holds no pretraining data: its manifest\.json has no tokenizer, train, train_tokens, val_tokens \(a chat "
+     r"stage's data\? `nanochat prepare` writes pretraining's\)$"),  # an SFT data directory's
+    ("[1, 2]", "holds no pretraining data: its manifest.json has no tokenizer, train, val, train_tokens"),
+])
+def test_a_manifest_that_is_not_pretraining_s_is_one_line_on_data_dir(tmp_path, manifest, problem):
+    (tmp_path / "manifest.json").write_text(manifest)  # (a KeyError or a JSONDecodeError traceback, before)
+    with pytest.raises(ConfigError, match=rf"^train\.data_dir: {re.escape(str(tmp_path))}.*{problem}") as error:
+        data_manifest(tmp_path)
+    assert "\n" not in str(error.value)
+
+
+def test_training_on_a_chat_stage_s_data_directory_is_one_line_before_anything_is_written(tmp_path):
+    sft_data = tmp_path / "sft_data"
+    sft_data.mkdir()
+    (sft_data / "manifest.json").write_text(json.dumps({"endpoint": "http://hub", "sources": [], "val": {},
+                                                        "train_conversations": 9, "val_conversations": 2}))
+    with pytest.raises(ConfigError, match=r"^train\.data_dir: .*sft_data holds no pretraining data"):
+        train_main(["--config", str(CONFIGS / "smoke.yaml"), "--data-dir", str(sft_data),
+                    "--out-dir", str(tmp_path / "run"), "device=cpu"])
+    assert not (tmp_path / "run").exists()

@@ -8,12 +8,14 @@ import fsspec
 import pytest
 
 from nanochat_flyte.config import RunConfig
+from nanochat_flyte.data import download
 from nanochat_flyte.data.download import (
     DownloadError,
     Retry,
     check_data_url,
     download_shard,
     download_shards,
+    hub_endpoint,
     probe,
     retry_after_seconds,
     shard_url,
@@ -311,6 +313,36 @@ def test_every_requested_shard_is_probed_before_any_download(shard_server, serve
     (shard_server.directory / "shard_01822.parquet").unlink()
     with pytest.raises(ConfigError, match=r"^RunConfig\.val_shard: data_url has no shard 1822 \(not found"):
         check_data_url(RunConfig(data_url=data_url, num_shards=8))
+
+
+def test_a_num_shards_far_beyond_the_source_stops_probing_after_the_first_batch_that_misses_one(monkeypatch):
+    """(Every shard named was probed, from a list of them all: num_shards=100000000 ran ~90 s into a MemoryError.)"""
+    probed, has = [], {0, 1, 99_999}
+
+    def fake_probe(url: str) -> str | None:
+        probed.append(url)
+        return None if int(url.rsplit("_", 1)[1].split(".")[0]) in has else "not found"
+
+    monkeypatch.setattr(download, "probe", fake_probe)
+    with pytest.raises(ConfigError) as error:
+        check_data_url(RunConfig(data_url="/data/mine", num_shards=99_999, val_shard=99_999))
+    assert str(error.value) == ("RunConfig.num_shards: data_url has shards 0..1; num_shards=99999 needs 0..99998 "
+                                "(not found: 2..1023; 1024..99998 not probed)")
+    assert len(probed) == download.PROBE_BATCH + 1  # one batch, and the validation shard
+
+    probed.clear()
+    has = set(range(2_500)) | {99_999}  # every shard there: all of them probed, batch after batch
+    check_data_url(RunConfig(data_url="/data/mine", num_shards=2_500, val_shard=99_999))
+    assert sorted(probed) == sorted(shard_url("/data/mine", index) for index in has)
+
+
+def test_an_hf_endpoint_without_a_host_is_named_where_it_was_set(monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://")  # (was taken as the hub at "http:")
+    with pytest.raises(ConfigError, match=r"^environment\.HF_ENDPOINT: must be an http\(s\) URL, got 'http://' "
+                                          r"\(no host\)$"):
+        hub_endpoint()
+    with pytest.raises(ConfigError, match=r"^config\.hf_endpoint: must be an http\(s\) URL, got 'https://' "):
+        hub_endpoint("https://")  # (a config's is checked with it: ChatStageConfig.validate_shared)
 
 
 def test_a_server_error_while_probing_is_unreachable_not_missing(shard_server):

@@ -374,3 +374,23 @@ def test_the_clis_keep_a_data_directory_apart_from_its_source_and_from_a_checkpo
         train_main(["--config", str(CONFIGS / "smoke.yaml"), "--data-dir", str(tmp_path / "corpus"),
                     "--out-dir", str(tmp_path / "corpus" / "shard_00000.parquet")])
     assert sorted(path.name for path in (tmp_path / "corpus").iterdir()) == before
+
+
+@pytest.mark.parametrize("files", [("checkpoint.pt", "training_state.json"), ("training_state.json",)])
+def test_prepare_refuses_an_out_dir_that_holds_a_checkpoint_before_anything_is_written(tmp_path, files):
+    """(It wrote train/, val/ and manifest.json among the checkpoint's files and replaced its tokenizer folder.)"""
+    write_fineweb_shards(tmp_path / "corpus", [0, 1822], 5)
+    checkpoint = tmp_path / "base"
+    (checkpoint / "tokenizer").mkdir(parents=True)
+    (checkpoint / "tokenizer" / "tokenizer.json").write_text('{"name": "bpe"}')
+    for name in files:
+        (checkpoint / name).write_text("{}")
+    before = {path: path.read_bytes() for path in checkpoint.rglob("*") if path.is_file()}
+    with pytest.raises(ConfigError) as error:
+        prepare_main(["--config", str(CONFIGS / "smoke.yaml"), "--out-dir", str(checkpoint),
+                      f"data_url={tmp_path / 'corpus'}"])
+    assert str(error.value) == (f"prepare.out_dir: {checkpoint} holds a checkpoint ({', '.join(files)}): the data "
+                                "directory (--out-dir) needs a folder of its own, or it would replace the "
+                                "checkpoint's tokenizer")
+    assert {path: path.read_bytes() for path in checkpoint.rglob("*") if path.is_file()} == before
+    assert sorted(path.name for path in checkpoint.iterdir()) == sorted([*files, "tokenizer"])

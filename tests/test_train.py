@@ -163,6 +163,26 @@ def test_on_a_cluster_a_local_save_to_is_refused_before_anything_runs(tmp_path, 
     assert (tmp_path / "runs" / "base").is_dir()
 
 
+def test_a_save_to_that_holds_another_runs_checkpoint_is_refused_before_training(data_dir, tmp_path):
+    """Its first copy would replace that model. The run that made it may go on writing there (resumed, or a retried
+    attempt of the same run)."""
+    copy = tmp_path / "copy"
+    train(tiny_config(num_iterations=3, save_to=str(copy)), data_dir, tmp_path / "first")
+    before = (copy / "checkpoint.pt").read_bytes()
+    refused = r"save_to: '.*copy' holds the checkpoint of another run 'test', completed at step 3: this run's copies"
+    with pytest.raises(ConfigError, match=r"^RunConfig\." + refused):
+        train(tiny_config(run_name="other", save_to=str(copy)), data_dir, tmp_path / "second")
+    with pytest.raises(ConfigError, match=r"^RunConfig\." + refused):  # the workflows' check, before any download
+        setup.base_run(tiny_config(run_name="", save_to=str(copy)), "")
+    with pytest.raises(ConfigError, match=r"^ChatConfig\." + refused):
+        setup.probe_stage(ChatConfig(save_to=str(copy)))
+    assert (copy / "checkpoint.pt").read_bytes() == before
+    assert not (tmp_path / "second" / "checkpoint.pt").exists()
+    summary = train(tiny_config(num_iterations=4, save_to=str(copy)), data_dir, tmp_path / "first",
+                    resume_dir=tmp_path / "first")
+    assert json.loads((copy / "training_state.json").read_text())["steps_completed"] == summary["steps_completed"] == 4
+
+
 def test_log_lines_are_nanochat_style(data_dir, tmp_path, capsys):
     train(tiny_config(num_iterations=2), data_dir, tmp_path)
     out = capsys.readouterr().out

@@ -11,10 +11,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from nanochat_flyte.cli.usage import ArgumentParser
+from nanochat_flyte.cli.usage import ArgumentParser, local_dir
 from nanochat_flyte.config import ChatConfig, RLConfig, load_config
 from nanochat_flyte.data import MANIFEST_FILE
-from nanochat_flyte.data.chat_data import check_hub_endpoint, prepared_manifest
+from nanochat_flyte.data.chat_data import check_hub_endpoint, check_prepared_for, prepared_manifest
 from nanochat_flyte.data.download import default_cache_dir
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.files import local_path, write_bytes_atomically
@@ -44,11 +44,12 @@ def stage_arguments(command: str, doc: str, kind: type[ChatConfig] | type[RLConf
     --data-dir and --resume-dir. Returns the validated config and the arguments."""
     parser = ArgumentParser(command, doc)
     parser.add_argument(start_flag, required=True, help=f"{start_help} directory or fsspec URI")
-    parser.add_argument("--out-dir", type=Path, required=True, help="where the stage's checkpoint directory is written")
+    parser.add_argument("--out-dir", type=local_dir, required=True,
+                        help="where the stage's checkpoint directory is written")
     parser.add_argument("--config", help=f"a {kind.__name__} preset (YAML or JSON)")
-    parser.add_argument("--data-dir", type=Path, help="the stage's prepared data (default: prepared from $HF_ENDPOINT "
-                                                      "into a cache folder)")
-    parser.add_argument("--resume-dir", type=Path, help="a checkpoint directory of this stage to continue from")
+    parser.add_argument("--data-dir", type=local_dir,
+                        help="the stage's prepared data (default: prepared from $HF_ENDPOINT into a cache folder)")
+    parser.add_argument("--resume-dir", type=local_dir, help="a checkpoint directory of this stage to continue from")
     parser.add_argument("overrides", nargs="*", metavar="field=value")
     args = parser.parse_args(argv)
     overrides = dict(parse_override(item, kind) for item in args.overrides)
@@ -126,10 +127,10 @@ def run_stage(config: ChatConfig | RLConfig, start_checkpoint: str, args,
     stage, data_keys = ("chat_sft", SFT_DATA_KEYS) if sft else ("chat_rl", RL_DATA_KEYS)
     config = check_start(config, start_checkpoint)  # before any download: a batch that does not fit fails in seconds
     if args.data_dir:  # data named by the user is used as it is, never prepared into
-        prepared_manifest(args.data_dir, stage)
+        check_prepared_for(config, prepared_manifest(args.data_dir, stage), args.data_dir)
     check_out_dir(args.out_dir, args.resume_dir, stage, args.data_dir)
-    stage_resume(config, start_checkpoint, str(args.resume_dir or ""), "resume_dir")
-    check_save_to(config.save_to, type(config).__name__)
+    continues = stage_resume(config, start_checkpoint, str(args.resume_dir or ""), "resume_dir")
+    check_save_to(config.save_to, type(config).__name__, continues=continues)
     data_dir = args.data_dir or data_cache_dir("sft_data" if sft else "rl_data", config, data_keys)
     if not (data_dir / MANIFEST_FILE).exists() and distributed_env()[1] == 0:  # the rank that will download
         check_hub_endpoint(config)

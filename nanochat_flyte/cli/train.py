@@ -12,9 +12,8 @@ data position and RNG states it saved; with a larger num_iterations it extends a
 
 import json
 import shlex
-from pathlib import Path
 
-from nanochat_flyte.cli.usage import ArgumentParser
+from nanochat_flyte.cli.usage import ArgumentParser, local_dir
 from nanochat_flyte.config import RunConfig, load_config
 from nanochat_flyte.model.checkpoint import CHECKPOINT_FILE, CONFIG_FILE
 from nanochat_flyte.reporting.environment import environment_report
@@ -27,9 +26,9 @@ from nanochat_flyte.training.resume import check_base_resume, check_out_dir
 def main(argv: list[str] | None = None) -> dict:
     parser = ArgumentParser("train", __doc__)
     parser.add_argument("--config", help="a RunConfig preset (YAML or JSON); defaults to the reference run")
-    parser.add_argument("--data-dir", type=Path, required=True, help="a prepared data directory")
-    parser.add_argument("--out-dir", type=Path, required=True, help="where the checkpoint directory is written")
-    parser.add_argument("--resume-dir", type=Path, help="a checkpoint directory to continue from")
+    parser.add_argument("--data-dir", type=local_dir, required=True, help="a prepared data directory")
+    parser.add_argument("--out-dir", type=local_dir, required=True, help="where the checkpoint directory is written")
+    parser.add_argument("--resume-dir", type=local_dir, help="a checkpoint directory to continue from")
     parser.add_argument("overrides", nargs="*", metavar="field=value")
     args = parser.parse_args(argv)
     rank = distributed_env()[0]

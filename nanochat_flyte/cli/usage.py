@@ -8,6 +8,7 @@ the user's to fix, and the one line that says what to fix must not drown in fort
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from nanochat_flyte.config import DEVICES
 from nanochat_flyte.errors import ConfigError, UserError, is_user_error, user_message
@@ -46,6 +47,14 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def local_dir(text: str) -> Path:
+    """An argparse type: a local directory's path. A URI (s3://...) is refused in argparse's one line naming the
+    flag, where Path would make a relative folder of it ("s3:/bucket/run")."""
+    if "://" in text:
+        raise argparse.ArgumentTypeError(f"a local directory, got the URI {text!r} (copy it to this machine first)")
+    return Path(text)
+
+
 def add_checkpoint_flag(parser: argparse.ArgumentParser) -> None:
     """--checkpoint for the commands that load a trained model."""
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory or fsspec URI (s3://, gs://, ...)")
@@ -54,7 +63,9 @@ def add_checkpoint_flag(parser: argparse.ArgumentParser) -> None:
 def require_checkpoint_flag(parser: argparse.ArgumentParser, location: str) -> None:
     """The parser's one line naming --checkpoint unless `location` holds a checkpoint: called once the other flags
     are checked (each names its own mistake first), before anything is downloaded or loaded."""
-    from nanochat_flyte.model.checkpoint import require_checkpoint  # torch: not for `nanochat --help`
+    from nanochat_flyte.model.checkpoint import (
+        require_checkpoint,  # torch: not for `nanochat --help`
+    )
 
     try:
         require_checkpoint(location)
@@ -64,7 +75,9 @@ def require_checkpoint_flag(parser: argparse.ArgumentParser, location: str) -> N
 
 def available_device(name: str) -> str:
     """An argparse type: a device torch sees here (auto: the best one), else one line naming --device."""
-    from nanochat_flyte.model.device import select_device  # torch: not for `nanochat --help`
+    from nanochat_flyte.model.device import (
+        select_device,  # torch: not for `nanochat --help`
+    )
 
     try:
         select_device(name)

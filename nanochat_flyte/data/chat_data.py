@@ -231,6 +231,23 @@ def prepared_manifest(data_dir: Path, stage: str) -> dict:
     return manifest
 
 
+def check_prepared_for(config: ChatConfig | RLConfig, manifest: dict, data_dir: Path) -> None:
+    """Data prepared before (a --data-dir) is what `config` asks for: the run trains on that data, and its records
+    name the config's settings. The settings a manifest records: the seed, the SFT sources' epochs and
+    max_conversations, RL's max_problems and eval_problems."""
+    if isinstance(config, RLConfig):
+        saved = {field: manifest.get(field) for field in ("seed", "max_problems", "eval_problems")}
+    else:
+        sources = manifest.get("sources", {})
+        saved = {"seed": manifest.get("seed"), "max_conversations": manifest.get("max_conversations"),
+                 **{field: sources.get(name, {}).get("epochs") for name, (_, field) in SFT_SOURCES.items()}}
+    for field, value in saved.items():
+        if value is not None and value != getattr(config, field):
+            raise ConfigError(field, f"{getattr(config, field)!r} differs from the {value!r} that the data in "
+                                     f"{data_dir} was prepared with: give that value, or leave out --data-dir to "
+                                     "prepare the data this config asks for", type(config).__name__)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """The conversations or items of a file this module wrote."""
     with open(path, encoding="utf-8") as f:
@@ -238,6 +255,18 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- preparing the data
+
+
+# The most conversations a mixture may hold before max_conversations cuts it (~12x nanochat's ~0.8M): it is listed
+# and shuffled whole, in memory
+MAX_MIXTURE = 10_000_000
+
+
+def check_mixture_size(size: int, config: ChatConfig, epochs_field: str) -> None:
+    if size > MAX_MIXTURE:
+        raise ConfigError(epochs_field, f"{getattr(config, epochs_field):g} epochs make a mixture of at least {size:,} "
+                                        f"conversations, more than the {MAX_MIXTURE:,} it may hold; give fewer epochs",
+                          "ChatConfig")
 
 
 def expand_epochs(lines: list, epochs: float, rng: random.Random) -> list:
@@ -260,7 +289,11 @@ def prepare_sft_data(config: ChatConfig, out_dir: Path, cache_dir: Path | None =
         sources[name] = {"repo": source.repo, "subset": source.subset, "split": source.split, "epochs": epochs}
         if epochs == 0:
             continue  # not in the mixture: nothing to download
+        check_mixture_size(len(mixture) + int(epochs), config, epochs_field)  # a source has a line or more
         lines, record = convert_split(source, endpoint, cache_dir)
+        whole = int(epochs)
+        check_mixture_size(len(mixture) + whole * len(lines) + round((epochs - whole) * len(lines)), config,
+                           epochs_field)
         # a fractional epoch takes its own seeded subset, the same whatever the other sources hold
         expanded = expand_epochs(lines, epochs, random.Random(f"{config.seed}/{name}"))
         mixture += [(name, line) for line in expanded]

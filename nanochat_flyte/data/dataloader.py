@@ -171,12 +171,28 @@ class TokenLoader:
         self._stop_prefetch()
 
 
+# What every pretraining data directory's manifest has (data/prepare.py's merge_prepared); a chat stage's has others
+MANIFEST_KEYS = ("tokenizer", "train", "val", "train_tokens", "val_tokens")
+
+
 def data_manifest(data_dir: Path) -> dict:
-    """data_dir/manifest.json: what a prepared data directory holds (data/prepare.py writes it)."""
-    if not (data_dir / MANIFEST_FILE).exists():
+    """data_dir/manifest.json: what a prepared data directory holds (data/prepare.py writes it). One line (on
+    data_dir) for a manifest that is not JSON, or not pretraining's (a chat stage's data directory)."""
+    path = data_dir / MANIFEST_FILE
+    if not path.is_file():
         raise FileNotFoundError(f"{data_dir} is not a prepared data directory: it has no manifest.json, which "
                                 "`nanochat prepare` writes when it is done")
-    return json.loads((data_dir / MANIFEST_FILE).read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as error:  # not JSON, or not UTF-8
+        raise ConfigError("data_dir", f"{path} is not a JSON document ({error}): prepare the data directory again "
+                                      "(nanochat prepare)", "train") from None
+    missing = [key for key in MANIFEST_KEYS if key not in manifest] if isinstance(manifest, dict) else MANIFEST_KEYS
+    if missing:
+        raise ConfigError("data_dir", f"{data_dir} holds no pretraining data: its manifest.json has no "
+                                      f"{', '.join(missing)} (a chat stage's data? `nanochat prepare` writes "
+                                      "pretraining's)", "train")
+    return manifest
 
 
 def shard_files(data_dir: Path, split: str) -> list[Path]:

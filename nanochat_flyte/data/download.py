@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import requests
 
+from nanochat_flyte.config import http_url_problem
 from nanochat_flyte.errors import ConfigError, UserError
 from nanochat_flyte.files import local_path, write_bytes_atomically
 
@@ -43,6 +44,7 @@ HTTP_TIMEOUT_S = (10, 60)  # (connect, between bytes): a stalled CDN connection 
 PROBE_TIMEOUT_S = 10  # a HEAD request that checks a URL before any download: a live server answers in far less
 PROBE_ATTEMPTS = 2  # one retry, so a dropped connection is not taken for a missing shard
 PROBE_WORKERS = 16  # HEAD requests at once when checking that every shard exists
+PROBE_BATCH = 1024  # train shards probed at a time; the probing ends with the first batch that misses one
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
 
@@ -154,8 +156,9 @@ def verify_shard(path: Path) -> None:
 def hub_endpoint(explicit: str = "") -> str:
     """The hub to ask: `explicit`, else $HF_ENDPOINT, else https://huggingface.co; without a trailing slash."""
     endpoint = explicit or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
-    if not endpoint.startswith(("http://", "https://")):  # (the config field is checked with the config)
-        raise ConfigError("HF_ENDPOINT", f"must be an http(s) URL, got {endpoint!r}", "environment")
+    if problem := http_url_problem(endpoint):  # (a config's hf_endpoint is checked with the config)
+        field, owner = ("hf_endpoint", "config") if explicit else ("HF_ENDPOINT", "environment")
+        raise ConfigError(field, f"must be an http(s) URL, got {endpoint!r} ({problem})", owner)
     return endpoint.rstrip("/")
 
 
@@ -419,25 +422,40 @@ def index_ranges(indices: list[int]) -> str:
 
 def check_data_url(config) -> None:
     """Fail fast, before any download, unless config.data_url serves every shard the run asks for: train shards
-    0..num_shards-1 and the validation shard, all probed in parallel. Raises one ConfigError naming the field."""
-    train = list(range(config.num_shards))
-    indices = train + [config.val_shard]
-    with ThreadPoolExecutor(min(PROBE_WORKERS, len(indices))) as pool:
-        answers = dict(zip(indices, pool.map(lambda index: probe(shard_url(config.data_url, index)), indices)))
-    for index, answer in answers.items():
-        if answer not in (None, "not found"):
+    0..num_shards-1 and the validation shard, probed in parallel. The train shards go PROBE_BATCH at a time, in order,
+    and the probing stops after the first batch with a missing shard: a num_shards far beyond what the source has
+    costs one batch, not a probe of every shard named. Raises one ConfigError naming the field."""
+    def answer(index: int) -> str | None:
+        return probe(shard_url(config.data_url, index))
+
+    def raise_if_unreachable(index: int, result: str | None) -> None:
+        if result not in (None, "not found"):
             raise ConfigError("data_url", f"{config.data_url!r} is unreachable (probed "
-                                          f"{shard_url(config.data_url, index)}): {answer}")
-    if all(answer == "not found" for answer in answers.values()):
+                                          f"{shard_url(config.data_url, index)}): {result}")
+
+    present, missing, probed = [], [], 0
+    with ThreadPoolExecutor(PROBE_WORKERS) as pool:
+        try:
+            val_probe = pool.submit(answer, config.val_shard)
+            while probed < config.num_shards and not missing:
+                batch = range(probed, min(probed + PROBE_BATCH, config.num_shards))
+                for index, result in zip(batch, pool.map(answer, batch)):
+                    raise_if_unreachable(index, result)
+                    (present if result is None else missing).append(index)
+                probed = batch.stop
+            val_answer = val_probe.result()
+        finally:  # an unreachable source: the probes still queued would each wait out their timeouts
+            pool.shutdown(cancel_futures=True)
+    raise_if_unreachable(config.val_shard, val_answer)
+    if not present and val_answer == "not found":
         raise ConfigError("data_url", f"{config.data_url!r} is unreachable or empty: it serves none of the "
                                       f"requested shards ({shard_url(config.data_url, config.val_shard)}: not found)")
-    missing = [index for index in train if answers[index] == "not found"]
     if missing:
-        present = [index for index in train if answers[index] is None]
         has = f"has shards {index_ranges(present)}" if present else "has none of them"
+        unprobed = f"; {probed}..{config.num_shards - 1} not probed" if probed < config.num_shards else ""
         raise ConfigError("num_shards", f"data_url {has}; num_shards="
                                         f"{config.num_shards} needs 0..{config.num_shards - 1} (not found: "
-                                        f"{index_ranges(missing)})")
-    if answers[config.val_shard] == "not found":
+                                        f"{index_ranges(missing)}{unprobed})")
+    if val_answer == "not found":
         raise ConfigError("val_shard", f"data_url has no shard {config.val_shard} (not found: "
                                        f"{shard_url(config.data_url, config.val_shard)})")

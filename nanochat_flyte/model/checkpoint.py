@@ -125,12 +125,24 @@ def check_save_to_apart(target: str, start: str, start_field: str, owner: str) -
                                      "another save_to", owner)
 
 
-def check_save_to(target: str, owner: str, remote: bool = False) -> None:
+def check_save_to(target: str, owner: str, remote: bool = False, continues: str = "") -> None:
     """Fail in one line, before any training, when save_to cannot be written: the first copy comes save_every steps
     into the run. A folder is made and written in; a URI's store gets a probe object, written and deleted (each rank
-    its own). remote: the run's tasks are pods on a cluster, where a local folder is a pod's own disk, gone with it."""
+    its own). remote: the run's tasks are pods on a cluster, where a local folder is a pod's own disk, gone with it.
+    A save_to that holds a checkpoint must hold the run this one continues (continues: its run_name; "" for a new
+    run): the first copy would replace any other model there."""
     if not target:
         return
+    check_writable(target, owner, remote)
+    saved = read_checkpoint_json(target, TRAINING_STATE_FILE)
+    if saved is not None and (not continues or saved.get("run_name") != continues):
+        run = f"run {saved.get('run_name')!r}, {saved.get('status')} at step {saved.get('steps_completed')}"
+        raise ConfigError("save_to", f"{target!r} holds the checkpoint of another {run}: this run's copies would "
+                                     "replace it; choose another save_to, or resume that run from it", owner)
+
+
+def check_writable(target: str, owner: str, remote: bool) -> None:
+    """save_to can be written: a local folder (not on a cluster), or a URI's store."""
     if remote and local_path(target) is not None:
         raise ConfigError("save_to", f"{target!r} is a folder on the task's own disk, which goes with its pod on a "
                                      "cluster: give an object store URI (s3://, gs://, ...)", owner)
@@ -180,6 +192,21 @@ def require_checkpoint(source: str | Path) -> None:
         raise FileNotFoundError(f"no {CHECKPOINT_FILE} in {source}: not a checkpoint directory")
 
 
+def check_weights_whole(source: str | Path, field: str, owner: str) -> None:
+    """checkpoint.pt of a checkpoint (a directory or URI) is there and whole, read from the zip directory at its end
+    (a few KB, not the weights): a stage that starts from it fails in one line before it downloads or prepares
+    anything, not when it loads the weights."""
+    store, root = filesystem(source)
+    path = f"{root.rstrip('/')}/{CHECKPOINT_FILE}"
+    if not store.exists(path):
+        raise ConfigError(field, f"{source} holds no {CHECKPOINT_FILE}: not a whole checkpoint", owner)
+    with store.open(path, "rb") as file:
+        whole = zipfile.is_zipfile(file)
+    if not whole:
+        raise ConfigError(field, f"{str(source).rstrip('/')}/{CHECKPOINT_FILE} is cut short or damaged: not a whole "
+                                 "checkpoint; use another copy of the run (its save_to)", owner)
+
+
 def fetch_checkpoint(source: str | Path, local_dir: Path, names: tuple[str, ...] | None = None) -> Path:
     """A checkpoint directory (local path or fsspec URI) as a local directory: local paths are used in place,
     remote ones are downloaded into local_dir: all of it, or only the files and folders in `names` that it has."""
@@ -204,7 +231,11 @@ def read_checkpoint_json(source: str | Path, name: str) -> dict | None:
     if not store.exists(path):
         return None
     with store.open(path, "r") as file:
-        return json.load(file)
+        try:
+            return json.load(file)
+        except json.JSONDecodeError as error:  # cut short by a crash mid-copy, or not ours
+            raise CheckpointError(f"{path} is damaged ({error}): not a whole checkpoint; use another copy of "
+                                  "the run (its save_to)") from None
 
 
 # ---------------------------------------------------------------------- inference

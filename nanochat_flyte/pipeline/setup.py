@@ -12,7 +12,12 @@ from nanochat_flyte.evaluation.bundle import check_bundle_url, load_bundle
 from nanochat_flyte.evaluation.chat_eval import require_sandbox
 from nanochat_flyte.evaluation.core import check_max_per_task
 from nanochat_flyte.files import local_path
-from nanochat_flyte.model.checkpoint import check_save_to, check_save_to_apart, checkpoint_run_config
+from nanochat_flyte.model.checkpoint import (
+    check_save_to,
+    check_save_to_apart,
+    check_weights_whole,
+    checkpoint_run_config,
+)
 from nanochat_flyte.pipeline import Show
 from nanochat_flyte.pipeline.prepare import RL_DATA_FIELDS, SFT_DATA_FIELDS
 from nanochat_flyte.reporting.environment import environment_report, format_report
@@ -29,12 +34,14 @@ def base_run(config: RunConfig, resume_from: str, world_size: int = 1, entry: st
     run on a cluster, where it must be an object store URI); the data and the CORE bundle probed (a local one read:
     core_max_per_task must leave its few-shot prompts enough items). Returns the config the run uses."""
     config.validate(world_size)
+    continues = ""
     if resume_from:
         saved = check_base_resume(config, resume_from, owner=entry)
+        continues = saved["run_name"]
         if not config.run_name:  # the resumed run's name: its W&B run, and the names the later stages take from it
-            config = dataclasses.replace(config, run_name=saved["run_name"])
+            config = dataclasses.replace(config, run_name=continues)
     config = config.resolved()
-    check_save_to(config.save_to, "RunConfig", remote)
+    check_save_to(config.save_to, "RunConfig", remote, continues)
     check_data_url(config)
     if config.core_enabled:
         check_bundle_url(config.eval_bundle_url)
@@ -70,6 +77,7 @@ def sft_start(config: ChatConfig, base_checkpoint: str) -> ChatConfig:
     workflows and `nanochat sft` check alike."""
     config = config.validate()
     check_base_checkpoint(base_checkpoint)
+    check_weights_whole(base_checkpoint, "base_checkpoint", "chat_sft")
     sft_run_config(config, checkpoint_run_config(base_checkpoint))
     check_save_to_apart(config.save_to, base_checkpoint, "base_checkpoint", "ChatConfig")
     return config
@@ -80,6 +88,7 @@ def rl_start(config: RLConfig, sft_checkpoint: str) -> RLConfig:
     answers that split into SFT's micro-batches, save_to elsewhere. The workflows and `nanochat rl` check alike."""
     config = config.validate()
     check_sft_checkpoint(sft_checkpoint)
+    check_weights_whole(sft_checkpoint, "sft_checkpoint", "chat_rl")
     rl_run_config(config, checkpoint_run_config(sft_checkpoint))
     check_save_to_apart(config.save_to, sft_checkpoint, "sft_checkpoint", "RLConfig")
     return config
@@ -90,8 +99,8 @@ def chat_stage(config: ChatConfig, base_checkpoint: str, resume_from: str = "", 
     """The SFT workflow's inputs (sft_start, stage_resume), then the world (probe_stage). Returns the config and the
     hub endpoint the data tasks use."""
     config = sft_start(config, base_checkpoint)
-    stage_resume(config, base_checkpoint, resume_from)
-    return config, probe_stage(config, remote)
+    continues = stage_resume(config, base_checkpoint, resume_from)
+    return config, probe_stage(config, remote, continues)
 
 
 def rl_stage(config: RLConfig, sft_checkpoint: str, resume_from: str = "", remote: bool = False
@@ -99,28 +108,31 @@ def rl_stage(config: RLConfig, sft_checkpoint: str, resume_from: str = "", remot
     """The RL workflow's inputs (rl_start, stage_resume), then the world (probe_stage). Returns the config and the
     hub endpoint."""
     config = rl_start(config, sft_checkpoint)
-    stage_resume(config, sft_checkpoint, resume_from)
-    return config, probe_stage(config, remote)
+    continues = stage_resume(config, sft_checkpoint, resume_from)
+    return config, probe_stage(config, remote, continues)
 
 
 def stage_resume(config: ChatConfig | RLConfig, start_checkpoint: str, resume_from: str,
-                 field: str = "resume_from") -> None:
+                 field: str = "resume_from") -> str:
     """A chat stage's checkpoint to continue (`resume_from`, "" for none; `field` names it): one of the same stage,
-    of the start checkpoint's model, trained on the same data. Read from its small files, before any download."""
+    of the start checkpoint's model, trained on the same data. Read from its small files, before any download.
+    Returns the name of the run it continues ("" for none)."""
     if not resume_from:
-        return
+        return ""
     sft = isinstance(config, ChatConfig)
     stage = "chat_sft" if sft else "chat_rl"
-    check_resumed_stage(resume_from, "chat" if sft else "rl", stage, field)
+    state = check_resumed_stage(resume_from, "chat" if sft else "rl", stage, field)
     check_chat_resume(resume_from, config, SFT_DATA_FIELDS if sft else RL_DATA_FIELDS, start_checkpoint,
                       "base_checkpoint" if sft else "sft_checkpoint", stage)
+    return state["run_name"]
 
 
-def probe_stage(config: ChatConfig | RLConfig, remote: bool = False) -> str:
-    """What a chat stage needs of the world: save_to writable, the hub answering, and with humaneval on, a sandbox
-    for model-written code on this machine (a front that checks elsewhere than on the kind of node that evaluates
-    checks there too: describe_machine's sandbox_for). Returns the hub endpoint."""
-    check_save_to(config.save_to, type(config).__name__, remote)
+def probe_stage(config: ChatConfig | RLConfig, remote: bool = False, continues: str = "") -> str:
+    """What a chat stage needs of the world: save_to writable (and free of other runs' checkpoints: continues names
+    the run it resumes), the hub answering, and with humaneval on, a sandbox for model-written code on this machine
+    (a front that checks elsewhere than on the kind of node that evaluates checks there too: describe_machine's
+    sandbox_for). Returns the hub endpoint."""
+    check_save_to(config.save_to, type(config).__name__, remote, continues)
     if owner := sandbox_required_by(config):
         require_sandbox(owner)
     check_hub_endpoint(config)

@@ -47,6 +47,7 @@ from nanochat_flyte.model.checkpoint import (
     check_save_to,
     load_checkpoint,
     publish_checkpoint,
+    read_training_state,
     restore_rng_states,
     save_checkpoint,
 )
@@ -343,7 +344,7 @@ class Trainer:
         check_out_dir(self.out_dir, resume_dir)
         local_rank = self.join_ranks(config)
         self.build_model(config)
-        self.make_out_dir(config)
+        self.make_out_dir(config, resume_dir)
         self.resumed = resume_dir is not None
         self.start_step, loader_state = 0, None
         self.resumed_finished = False  # resumed from the last step of its num_iterations (set by resume)
@@ -381,9 +382,11 @@ class Trainer:
         self.grad_scaler = make_grad_scaler(self.precision, self.device)
         self.loop = LoopState(device_batch_size=config.device_batch_size)
 
-    def make_out_dir(self, config: RunConfig) -> None:
-        """out_dir and the save_to copy are checked writable before any training."""
-        check_save_to(config.save_to, "RunConfig")
+    def make_out_dir(self, config: RunConfig, resume_dir: Path | None) -> None:
+        """out_dir and the save_to copy are checked writable before any training. save_to may hold this run's own
+        copies (a resumed run's, a retried attempt's), no other run's."""
+        resumed = read_training_state(resume_dir, "resume_dir", "Trainer") if resume_dir else {}
+        check_save_to(config.save_to, "RunConfig", continues=config.run_name or resumed.get("run_name", ""))
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:

@@ -47,13 +47,15 @@ def check_out_dir(out_dir: Path, resume_dir: Path | None, owner: str = "Trainer"
 
 
 def check_resumed_stage(checkpoint_dir: str | Path, stage: str, owner: str = "Trainer", field: str = "resume_dir"
-                        ) -> None:
-    """A run continues a checkpoint of its own stage (base, chat or rl): another's data stream cannot be resumed."""
+                        ) -> dict:
+    """A run continues a checkpoint of its own stage (base, chat or rl): another's data stream cannot be resumed.
+    Returns the checkpoint's training state."""
     state = read_training_state(checkpoint_dir, field, owner)
     saved = state.get("stage", state.get("phase", "base"))  # saved before stages had names: the phase's
     if saved != stage:
         raise ConfigError(field, f"{checkpoint_dir} is a checkpoint of the {saved} stage; this {stage} run "
                                  "continues only its own stage's checkpoints", owner)
+    return state
 
 
 def check_not_past(num_iterations: int, steps_done: int, checkpoint: str | Path, owner: str = "RunConfig"

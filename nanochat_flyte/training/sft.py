@@ -131,11 +131,14 @@ class FineTuning(ChatPhase):
 
 
 def chat_samples(engine: Engine, config: RunConfig) -> list[dict[str, str]]:
-    """Greedy replies of a chat model to CHAT_SAMPLE_PROMPTS (what SFT and RL log as samples)."""
-    prompts = [engine.chat_prompt([{"role": "user", "content": text}]) for text in CHAT_SAMPLE_PROMPTS]
+    """Greedy replies of a chat model to CHAT_SAMPLE_PROMPTS (what SFT and RL log as samples). A prompt that leaves
+    no room for a reply in the model's context is skipped: samples must never end a run before its final save."""
+    # Not cropped as pretraining's text prompts are: a chat prompt without its start is no conversation
+    prompts = {text: engine.chat_prompt([{"role": "user", "content": text}]) for text in CHAT_SAMPLE_PROMPTS}
+    prompts = {text: prompt for text, prompt in prompts.items() if len(prompt) < engine.context}
     params = SamplingParams(max_tokens=config.sample_max_tokens, seed=config.seed)
     return [{"prompt": text, "completion": completion.text}
-            for text, completion in zip(CHAT_SAMPLE_PROMPTS, engine.generate_batch(prompts, params))]
+            for text, completion in zip(prompts, engine.generate_batch(list(prompts.values()), params))]
 
 
 def sft_run_config(chat: ChatConfig, base: RunConfig) -> RunConfig:
