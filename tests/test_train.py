@@ -183,6 +183,15 @@ def test_a_save_to_that_holds_another_runs_checkpoint_is_refused_before_training
     assert json.loads((copy / "training_state.json").read_text())["steps_completed"] == summary["steps_completed"] == 4
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
+def test_a_local_run_names_a_device_this_machine_lacks_before_any_download(tmp_path):
+    with pytest.raises(ConfigError, match=r"^RunConfig\.device: 'cuda' was asked for but torch .* sees no cuda "):
+        setup.base_run(tiny_config(device="cuda", data_url=str(tmp_path / "no data")), "")
+    with pytest.raises(ConfigError, match=r"^ChatConfig\.device: 'cuda' was asked for but torch "):
+        setup.probe_stage(ChatConfig(device="cuda"))
+    setup.check_device_here(tiny_config(device="cuda"), remote=True)  # a cluster's training node checks its own
+
+
 def test_log_lines_are_nanochat_style(data_dir, tmp_path, capsys):
     train(tiny_config(num_iterations=2), data_dir, tmp_path)
     out = capsys.readouterr().out

@@ -8,6 +8,7 @@ from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
 from nanochat_flyte.data.chat_data import check_hub_endpoint
 from nanochat_flyte.data.download import check_data_url
 from nanochat_flyte.data.hub import hub_endpoint
+from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.evaluation.bundle import check_bundle_url, load_bundle
 from nanochat_flyte.evaluation.chat_eval import require_sandbox
 from nanochat_flyte.evaluation.core import check_max_per_task
@@ -18,6 +19,7 @@ from nanochat_flyte.model.checkpoint import (
     check_weights_whole,
     checkpoint_run_config,
 )
+from nanochat_flyte.model.device import select_device
 from nanochat_flyte.pipeline import Show
 from nanochat_flyte.pipeline.prepare import RL_DATA_FIELDS, SFT_DATA_FIELDS
 from nanochat_flyte.reporting.environment import environment_report, format_report
@@ -34,6 +36,7 @@ def base_run(config: RunConfig, resume_from: str, world_size: int = 1, entry: st
     run on a cluster, where it must be an object store URI); the data and the CORE bundle probed (a local one read:
     core_max_per_task must leave its few-shot prompts enough items). Returns the config the run uses."""
     config.validate(world_size)
+    check_device_here(config, remote)
     continues = ""
     if resume_from:
         saved = check_base_resume(config, resume_from, owner=entry)
@@ -132,11 +135,23 @@ def probe_stage(config: ChatConfig | RLConfig, remote: bool = False, continues: 
     the run it resumes), the hub answering, and with humaneval on, a sandbox for model-written code on this machine
     (a front that checks elsewhere than on the kind of node that evaluates checks there too: describe_machine's
     sandbox_for). Returns the hub endpoint."""
+    check_device_here(config, remote)
     check_save_to(config.save_to, type(config).__name__, remote, continues)
     if owner := sandbox_required_by(config):
         require_sandbox(owner)
     check_hub_endpoint(config)
     return hub_endpoint(config.hf_endpoint)
+
+
+def check_device_here(config: RunConfig | ChatConfig | RLConfig, remote: bool) -> None:
+    """A local run trains on this machine: a device it lacks (device: cuda on a laptop) is named now, before any
+    download. (On a cluster the training node is another machine, whose task checks its own.)"""
+    if remote:
+        return
+    try:
+        select_device(config.device)
+    except ConfigError as error:
+        raise ConfigError("device", error.problem, type(config).__name__) from None
 
 
 def sandbox_required_by(config: ChatConfig | RLConfig) -> str:
