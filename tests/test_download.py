@@ -345,6 +345,26 @@ def test_an_hf_endpoint_without_a_host_is_named_where_it_was_set(monkeypatch):
         hub_endpoint("https://")  # (a config's is checked with it: ChatStageConfig.validate_shared)
 
 
+def test_an_object_store_without_credentials_is_named_as_data_url_at_once(monkeypatch):
+    """(botocore's NoCredentialsError is no OSError: it left the probe as a line that named no field.)"""
+    class NoCredentialsError(Exception):  # botocore's, by name: is_credentials_error knows it so
+        pass
+
+    class StoreWithoutCredentials:
+        calls = 0
+
+        def exists(self, path):
+            StoreWithoutCredentials.calls += 1
+            raise NoCredentialsError("Unable to locate credentials")
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", lambda url: (StoreWithoutCredentials(), url))
+    with pytest.raises(ConfigError, match=r"^RunConfig\.data_url: 's3://bucket/data' is unreachable \(probed "
+                                          r"s3://bucket/data/shard_00000\.parquet\): Unable to locate credentials for "
+                                          r"an object store URI"):
+        check_data_url(RunConfig(data_url="s3://bucket/data", num_shards=1))
+    assert StoreWithoutCredentials.calls <= 2  # each shard asked once at most: no other attempt finds credentials
+
+
 def test_a_server_error_while_probing_is_unreachable_not_missing(shard_server):
     write_fineweb_shards(shard_server.directory, [0, 1822], docs_per_shard=2)
     shard_server.fail("/shard_00000.parquet", "503", times=None)
