@@ -24,7 +24,7 @@ EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundl
 EVAL_BUNDLE_MAX_SHOTS = 10  # its tasks show up to 10 solved examples, drawn from the other items evaluated
 LAST_FINEWEB_EDU_SHARD = 1822  # shards are numbered 0..1822; the last one is held out for validation
 # Shards are named with 5 digits (shard_00000.parquet .. shard_99999.parquet, download.shard_name): another source
-# may hold more than FineWeb-Edu's 1823, but not more than its names count
+# may hold more than FineWeb-Edu's 1823 (0..1822), but not more than its names count
 MAX_SHARDS = 100_000
 TOKENIZERS = ("gpt2", "bpe")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -198,17 +198,17 @@ class RunConfig(StrictConfig):
         return self
 
     def check_shard_bounds(self) -> None:
-        """Shard numbers a source can have: FineWeb-Edu's at the default data_url, else what the names count. Checked
-        before the overlap of val_shard with the train shards, which a too-large num_shards would be named as."""
-        if self.data_url.rstrip("/") == HF_FINEWEB_EDU_URL:
-            for field, last in (("num_shards", LAST_FINEWEB_EDU_SHARD + 1), ("val_shard", LAST_FINEWEB_EDU_SHARD)):
-                if getattr(self, field) > last:
-                    raise ConfigError(field, f"must be <= {last} at the default data_url: FineWeb-Edu has shards "
-                                             f"0..{LAST_FINEWEB_EDU_SHARD}, got {getattr(self, field)}")
-        for field, last in (("num_shards", MAX_SHARDS), ("val_shard", MAX_SHARDS - 1)):
-            if getattr(self, field) > last:
-                raise ConfigError(field, f"must be <= {last} (shard names have 5 digits: shard_00000..shard_99999), "
-                                         f"got {getattr(self, field)}")
+        """Shard numbers a source can have: FineWeb-Edu's at the default data_url, else what 5-digit names count. The
+        train shards come before val_shard, so num_shards is at most the last shard's number. Checked before their
+        overlap, which a too-large num_shards would be named as."""
+        last = LAST_FINEWEB_EDU_SHARD if self.data_url.rstrip("/") == HF_FINEWEB_EDU_URL else MAX_SHARDS - 1
+        source = (f"FineWeb-Edu has shards 0..{last}" if last == LAST_FINEWEB_EDU_SHARD
+                  else f"shard names have 5 digits: shard_00000..shard_{last}")
+        if self.num_shards > last:
+            raise ConfigError("num_shards", f"must be <= {last} ({source}, and val_shard is apart), got "
+                                            f"{self.num_shards}")
+        if self.val_shard > last:
+            raise ConfigError("val_shard", f"must be <= {last} ({source}), got {self.val_shard}")
 
 
 def model_width(depth: int) -> tuple[int, int]:

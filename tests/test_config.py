@@ -99,12 +99,12 @@ def test_every_depth_that_validates_builds_its_model_and_no_other():
     (["depth=1e3"], "RunConfig.depth: must be <= 64 (nanochat's largest runs are ~32), got 1000: width 64,000 and "
                     "~4.9e+13 parameters in its blocks"),
     # shards: FineWeb-Edu's at the default data_url; what 5-digit names count elsewhere
-    (["num_shards=1900"], "RunConfig.num_shards: must be <= 1823 at the default data_url: FineWeb-Edu has shards "
-                          "0..1822, got 1900"),
-    (["val_shard=5000"], "RunConfig.val_shard: must be <= 1822 at the default data_url: FineWeb-Edu has shards "
-                         "0..1822, got 5000"),
+    (["num_shards=1823"], "RunConfig.num_shards: must be <= 1822 (FineWeb-Edu has shards 0..1822, and val_shard is "
+                          "apart), got 1823"),  # (named val_shard before: "shard 1822 is also a train shard")
+    (["val_shard=5000"], "RunConfig.val_shard: must be <= 1822 (FineWeb-Edu has shards 0..1822), got 5000"),
     (["data_url=/tmp/doc_corpus", "num_shards=100000000", "val_shard=100000000"],
-     "RunConfig.num_shards: must be <= 100000 (shard names have 5 digits: shard_00000..shard_99999), got 100000000"),
+     "RunConfig.num_shards: must be <= 99999 (shard names have 5 digits: shard_00000..shard_99999, and val_shard is "
+     "apart), got 100000000"),
     (["data_url=/tmp/doc_corpus", "val_shard=100000"],
      "RunConfig.val_shard: must be <= 99999 (shard names have 5 digits: shard_00000..shard_99999), got 100000"),
     # W&B names: refused by W&B at training start, which then went on without tracking

@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import load_bench, make_data_dir, tiny_config
 
+from nanochat_flyte.cli.train import main as train_main
 from nanochat_flyte.config import ChatConfig, RunConfig
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.inference.engine import Engine, SamplingParams
@@ -176,11 +177,25 @@ def test_a_save_to_that_holds_another_runs_checkpoint_is_refused_before_training
         setup.base_run(tiny_config(run_name="", save_to=str(copy)), "")
     with pytest.raises(ConfigError, match=r"^ChatConfig\." + refused):
         setup.probe_stage(ChatConfig(save_to=str(copy)))
+    # a new run named as that run (its config.json, say) is refused as well: only a resume continues it
+    (tmp_path / "same_name.json").write_text(json.dumps(tiny_config(save_to=str(copy)).to_dict()))
+    with pytest.raises(ConfigError, match=r"^RunConfig\." + refused):
+        train_main(["--config", str(tmp_path / "same_name.json"), "--data-dir", str(data_dir), "--out-dir",
+                    str(tmp_path / "third")])
     assert (copy / "checkpoint.pt").read_bytes() == before
     assert not (tmp_path / "second" / "checkpoint.pt").exists()
     summary = train(tiny_config(num_iterations=4, save_to=str(copy)), data_dir, tmp_path / "first",
                     resume_dir=tmp_path / "first")
     assert json.loads((copy / "training_state.json").read_text())["steps_completed"] == summary["steps_completed"] == 4
+    # resumed under another name, it goes on writing there
+    train(tiny_config(run_name="renamed", num_iterations=5, save_to=str(copy)), data_dir, tmp_path / "first",
+          resume_dir=tmp_path / "first")
+    assert json.loads((copy / "training_state.json").read_text())["run_name"] == "renamed"
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "training_state.json").write_text('{"status": "comp')
+    with pytest.raises(ConfigError, match=r"^RunConfig\.save_to: '.*damaged' holds a damaged training_state\.json: "
+                                          r"choose another save_to$"):
+        setup.base_run(tiny_config(save_to=str(tmp_path / "damaged")), "")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")

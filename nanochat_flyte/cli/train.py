@@ -15,7 +15,7 @@ import shlex
 
 from nanochat_flyte.cli.usage import ArgumentParser, local_dir
 from nanochat_flyte.config import RunConfig, load_config
-from nanochat_flyte.model.checkpoint import CHECKPOINT_FILE, CONFIG_FILE
+from nanochat_flyte.model.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, check_save_to
 from nanochat_flyte.reporting.environment import environment_report
 from nanochat_flyte.schema import parse_override
 from nanochat_flyte.training.loop import distributed_env
@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
     rank = distributed_env()[0]
     config = load_config(args.config, **dict(parse_override(item, RunConfig) for item in args.overrides)).validate()
     check_out_dir(args.out_dir, args.resume_dir, "train", args.data_dir)
-    if args.resume_dir:
-        check_base_resume(config, args.resume_dir, "resume_dir", "train")
+    continues = check_base_resume(config, args.resume_dir, "resume_dir", "train")["run_name"] if args.resume_dir else ""
+    check_save_to(config.save_to, "RunConfig", continues=continues)  # a new run writes over no other run's copy
     try:
         summary = train(config, args.data_dir, args.out_dir, resume_dir=args.resume_dir,
                         env_report=environment_report() if rank == 0 else None)

@@ -51,7 +51,8 @@ def local_dir(text: str) -> Path:
     """An argparse type: a local directory's path. A URI (s3://...) is refused in argparse's one line naming the
     flag, where Path would make a relative folder of it ("s3:/bucket/run")."""
     if "://" in text:
-        raise argparse.ArgumentTypeError(f"a local directory, got the URI {text!r} (copy it to this machine first)")
+        raise argparse.ArgumentTypeError(f"a local directory, got the URI {text!r} (a run's copy in an object store "
+                                         "goes to its save_to; one to read, copy to this machine first)")
     return Path(text)
 
 
@@ -63,9 +64,7 @@ def add_checkpoint_flag(parser: argparse.ArgumentParser) -> None:
 def require_checkpoint_flag(parser: argparse.ArgumentParser, location: str) -> None:
     """The parser's one line naming --checkpoint unless `location` holds a checkpoint: called once the other flags
     are checked (each names its own mistake first), before anything is downloaded or loaded."""
-    from nanochat_flyte.model.checkpoint import (
-        require_checkpoint,  # torch: not for `nanochat --help`
-    )
+    from nanochat_flyte.model.checkpoint import require_checkpoint  # torch: not for `nanochat --help`
 
     try:
         require_checkpoint(location)
@@ -75,9 +74,7 @@ def require_checkpoint_flag(parser: argparse.ArgumentParser, location: str) -> N
 
 def available_device(name: str) -> str:
     """An argparse type: a device torch sees here (auto: the best one), else one line naming --device."""
-    from nanochat_flyte.model.device import (
-        select_device,  # torch: not for `nanochat --help`
-    )
+    from nanochat_flyte.model.device import select_device  # torch: not for `nanochat --help`
 
     try:
         select_device(name)

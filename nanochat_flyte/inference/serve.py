@@ -167,16 +167,19 @@ def parse_chat_request(state: ServerState, raw: bytes) -> ChatRequest:
                             f"{engine.context} tokens, and the answer needs at least one more",
                        "messages", "context_length_exceeded")
     length_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, length_field, engine.context, 1, engine.context, integer=True)
+    stop = _stop_strings(body)
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise ApiError(400, "stream: must be true or false", "stream")
+    include_usage = _include_usage(body)
     params = SamplingParams(
-        max_tokens=_number(body, length_field, engine.context, 1, engine.context, integer=True),
+        max_tokens=max_tokens,
         temperature=_number(body, "temperature", CHAT_TEMPERATURE, 0, 2, integer=False),
         top_k=_number(body, "top_k", DEFAULT_TOP_K, 0, engine.tokenizer.n_vocab, integer=True) or None,
         seed=_number(body, "seed", secrets.randbelow(2**31), -2**63, 2**63 - 1, integer=True),
-        stop=_stop_strings(body))
-    return ChatRequest(prompt, params, bool(stream), _include_usage(body))
+        stop=stop)
+    return ChatRequest(prompt, params, bool(stream), include_usage)
 
 
 def _json_object(raw: bytes) -> dict:

@@ -134,11 +134,16 @@ def check_save_to(target: str, owner: str, remote: bool = False, continues: str 
     if not target:
         return
     check_writable(target, owner, remote)
-    saved = read_checkpoint_json(target, TRAINING_STATE_FILE)
+    try:
+        saved = read_checkpoint_json(target, TRAINING_STATE_FILE)
+    except CheckpointError:  # a copy cut short, or a file not ours: nothing to continue, and not to be replaced
+        raise ConfigError("save_to", f"{target!r} holds a damaged {TRAINING_STATE_FILE}: choose another save_to",
+                          owner) from None
     if saved is not None and (not continues or saved.get("run_name") != continues):
         run = f"run {saved.get('run_name')!r}, {saved.get('status')} at step {saved.get('steps_completed')}"
         raise ConfigError("save_to", f"{target!r} holds the checkpoint of another {run}: this run's copies would "
-                                     "replace it; choose another save_to, or resume that run from it", owner)
+                                     "replace it; choose another save_to (only a run resumed from that checkpoint "
+                                     "writes there)", owner)
 
 
 def check_writable(target: str, owner: str, remote: bool) -> None:

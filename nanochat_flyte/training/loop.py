@@ -383,10 +383,11 @@ class Trainer:
         self.loop = LoopState(device_batch_size=config.device_batch_size)
 
     def make_out_dir(self, config: RunConfig, resume_dir: Path | None) -> None:
-        """out_dir and the save_to copy are checked writable before any training. save_to may hold this run's own
-        copies (a resumed run's, a retried attempt's), no other run's."""
-        resumed = read_training_state(resume_dir, "resume_dir", "Trainer") if resume_dir else {}
-        check_save_to(config.save_to, "RunConfig", continues=config.run_name or resumed.get("run_name", ""))
+        """out_dir and the save_to copy are checked writable before any training. save_to may hold the copies of the
+        run resumed, or of this run (an attempt retried without a copy to resume): the callers' checks, before any
+        download, refuse any other run's there, whatever the new run is named."""
+        continues = read_training_state(resume_dir, "resume_dir", "Trainer")["run_name"] if resume_dir else ""
+        check_save_to(config.save_to, STAGE_CONFIGS[self.phase.stage], continues=continues or config.run_name)
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
