@@ -289,9 +289,9 @@ def prepare_sft_data(config: ChatConfig, out_dir: Path, cache_dir: Path | None =
         sources[name] = {"repo": source.repo, "subset": source.subset, "split": source.split, "epochs": epochs}
         if epochs == 0:
             continue  # not in the mixture: nothing to download
-        check_mixture_size(len(mixture) + int(epochs), config, epochs_field)  # a source has a line or more
-        lines, record = convert_split(source, endpoint, cache_dir)
         whole = int(epochs)
+        check_mixture_size(len(mixture) + whole, config, epochs_field)  # a source has a line or more
+        lines, record = convert_split(source, endpoint, cache_dir)
         check_mixture_size(len(mixture) + whole * len(lines) + round((epochs - whole) * len(lines)), config,
                            epochs_field)
         # a fractional epoch takes its own seeded subset, the same whatever the other sources hold

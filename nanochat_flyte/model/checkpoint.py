@@ -37,6 +37,11 @@ class CheckpointError(UserError):
     """A checkpoint file that cannot be read whole."""
 
 
+def cut_short(path: str | Path, size: str = "") -> str:
+    """What is wrong with a checkpoint.pt that is no whole zip (size: " (N bytes)", where known), and what to do."""
+    return f"{path} is cut short or damaged{size}: not a whole checkpoint; use another copy of the run (its save_to)"
+
+
 # ---------------------------------------------------------------------- RNG states
 
 
@@ -101,8 +106,7 @@ def load_checkpoint(checkpoint_dir: Path) -> dict:
 def read_checkpoint_file(path: Path, **options) -> dict:
     """torch.load of a checkpoint.pt; a file cut short (a crash or a full disk mid-copy) is one line naming it."""
     if not zipfile.is_zipfile(path):  # torch.save writes a zip, whose directory is at its end: gone when cut short
-        raise CheckpointError(f"{path} is cut short or damaged ({path.stat().st_size:,} bytes): not a whole "
-                              "checkpoint; use another copy of the run (its save_to)")
+        raise CheckpointError(cut_short(path, f" ({path.stat().st_size:,} bytes)"))
     return torch.load(path, map_location="cpu", weights_only=True, **options)
 
 
@@ -208,8 +212,7 @@ def check_weights_whole(source: str | Path, field: str, owner: str) -> None:
     with store.open(path, "rb") as file:
         whole = zipfile.is_zipfile(file)
     if not whole:
-        raise ConfigError(field, f"{str(source).rstrip('/')}/{CHECKPOINT_FILE} is cut short or damaged: not a whole "
-                                 "checkpoint; use another copy of the run (its save_to)", owner)
+        raise ConfigError(field, cut_short(f"{str(source).rstrip('/')}/{CHECKPOINT_FILE}"), owner)
 
 
 def fetch_checkpoint(source: str | Path, local_dir: Path, names: tuple[str, ...] | None = None) -> Path:

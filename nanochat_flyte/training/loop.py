@@ -47,7 +47,6 @@ from nanochat_flyte.model.checkpoint import (
     check_save_to,
     load_checkpoint,
     publish_checkpoint,
-    read_training_state,
     restore_rng_states,
     save_checkpoint,
 )
@@ -344,7 +343,9 @@ class Trainer:
         check_out_dir(self.out_dir, resume_dir)
         local_rank = self.join_ranks(config)
         self.build_model(config)
-        self.make_out_dir(config, resume_dir)
+        # a checkpoint of this stage to continue, whose run's copies save_to may hold
+        resumed_run = check_resumed_stage(resume_dir, phase.stage)["run_name"] if resume_dir is not None else ""
+        self.make_out_dir(config, resumed_run)
         self.resumed = resume_dir is not None
         self.start_step, loader_state = 0, None
         self.resumed_finished = False  # resumed from the last step of its num_iterations (set by resume)
@@ -382,12 +383,11 @@ class Trainer:
         self.grad_scaler = make_grad_scaler(self.precision, self.device)
         self.loop = LoopState(device_batch_size=config.device_batch_size)
 
-    def make_out_dir(self, config: RunConfig, resume_dir: Path | None) -> None:
+    def make_out_dir(self, config: RunConfig, resumed_run: str) -> None:
         """out_dir and the save_to copy are checked writable before any training. save_to may hold the copies of the
-        run resumed, or of this run (an attempt retried without a copy to resume): the callers' checks, before any
-        download, refuse any other run's there, whatever the new run is named."""
-        continues = read_training_state(resume_dir, "resume_dir", "Trainer")["run_name"] if resume_dir else ""
-        check_save_to(config.save_to, STAGE_CONFIGS[self.phase.stage], continues=continues or config.run_name)
+        run resumed (resumed_run), or of this run (an attempt retried without a copy to resume): the callers' checks,
+        before any download, refuse any other run's there, whatever the new run is named."""
+        check_save_to(config.save_to, STAGE_CONFIGS[self.phase.stage], continues=resumed_run or config.run_name)
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -395,8 +395,8 @@ class Trainer:
 
     def resume(self, config: RunConfig, resume_dir: Path) -> tuple[RunConfig, dict]:
         """Load the weights, optimizers, scaler, loop state and RNG states saved in resume_dir. Returns the config
-        (with the resumed run's name where it had none) and the data loader's saved position."""
-        check_resumed_stage(resume_dir, self.phase.stage)
+        (with the resumed run's name where it had none) and the data loader's saved position. (Its stage was checked
+        by __init__.)"""
         check_same_model(resume_dir, self.model.config.to_dict(), self.phase.tokenizer, self.phase.tokenizer_dir)
         checkpoint = load_checkpoint(resume_dir)
         check_not_past(config.num_iterations, checkpoint["step"], resume_dir, STAGE_CONFIGS[self.phase.stage])
