@@ -24,7 +24,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from nanochat_flyte.config import COMPILE_MODES, DEVICES, RunConfig
-from nanochat_flyte.model.device import mfu, peak_flops, select_precision
+from nanochat_flyte.model.device import mfu, peak_flops, replays_cuda_graphs, select_precision
 from nanochat_flyte.model.gpt import GPT, GPTConfig
 from nanochat_flyte.model.optim import build_optimizers
 from nanochat_flyte.training.loop import (
@@ -33,7 +33,6 @@ from nanochat_flyte.training.loop import (
     make_grad_scaler,
     train_step,
     training_device,
-    uses_cuda_graphs,
 )
 
 GPT2_VOCAB_SIZE = 50257
@@ -192,7 +191,7 @@ def measure(config: RunConfig, steps: int, warmup_steps: int, profile: int = 0,
     on_cuda = device.type == "cuda"
     device_name = torch.cuda.get_device_name(device) if on_cuda else device.type
     loss = f"loss in chunks of {config.loss_chunk_tokens} tokens" if config.loss_chunk_tokens else "plain loss"
-    cuda_graphs = uses_cuda_graphs(config, device)
+    cuda_graphs = replays_cuda_graphs(config.compile, config.compile_mode, device)
     compiled_as = f"compile {config.compile_mode}" if compiled is not model else "eager"
     log(f"device: {device_name} ({precision.name}, {compiled_as}, {loss}, muon batched {config.muon_batched}) | "
         f"depth {config.depth}, "

@@ -17,7 +17,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from nanochat_flyte.errors import ConfigError
-from nanochat_flyte.schema import StrictConfig, at_least, fraction, non_negative, one_of, schedule_fits
+from nanochat_flyte.schema import (
+    StrictConfig,
+    at_least,
+    fraction,
+    no_surrounding_space,
+    non_negative,
+    one_of,
+    schedule_fits,
+)
 
 HF_FINEWEB_EDU_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"  # nanochat's copy of DCLM's
@@ -186,9 +194,13 @@ class RunConfig(StrictConfig):
         for field in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "weight_decay", "grad_clip",
                       "sample_temperature"):
             non_negative(self, field)
+        if not (self.embedding_lr or self.unembedding_lr or self.matrix_lr or self.residual_scalars and self.scalar_lr):
+            raise ConfigError("matrix_lr", "embedding_lr, unembedding_lr and matrix_lr are all 0 (and scalar_lr, or "
+                                           "no residual_scalars): training would not change the model")
         for field in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
             fraction(self, field)
         schedule_fits(self)
+        no_surrounding_space(self, "save_to")
         if self.eval_tokens < self.max_seq_len + 1:
             raise ConfigError("eval_tokens", f"must hold at least one sequence of max_seq_len + 1 = "
                                              f"{self.max_seq_len + 1} tokens, got {self.eval_tokens}")
@@ -336,6 +348,10 @@ class ChatStageConfig(StrictConfig):
         for field in ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip"):
             non_negative(self, field)
         fraction(self, "init_lr_frac")
+        if self.init_lr_frac == 0:
+            raise ConfigError("init_lr_frac", "must be > 0: it scales every learning rate of the stage, so 0 would "
+                                              "leave the model as it starts", owner)
+        no_surrounding_space(self, "save_to")
         one_of(self, "dtype", DTYPES)
         one_of(self, "device", DEVICES)
         one_of(self, "wandb_mode", WANDB_MODES)

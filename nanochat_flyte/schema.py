@@ -229,6 +229,13 @@ def schedule_fits(config) -> None:
                                             f"+ {config.warmdown_ratio}", type(config).__name__)
 
 
+def no_surrounding_space(config, field: str) -> None:
+    """A location typed or pasted with a space at either end would name another folder than the one meant."""
+    value = getattr(config, field)
+    if value != value.strip():
+        raise ConfigError(field, f"{value!r} starts or ends with white space", type(config).__name__)
+
+
 def non_negative(config, field: str) -> None:
     if getattr(config, field) < 0:
         raise ConfigError(field, f"must be >= 0, got {getattr(config, field)}", type(config).__name__)

@@ -70,6 +70,9 @@ def test_empty_run_name_is_derived_from_depth_and_time():
     (dict(tokenizer="bpe", bpe_train_chars=0), "bpe_train_chars"),
     (dict(core_max_per_task=10), "core_max_per_task"),  # nanochat's bundle has 10-shot tasks
     (dict(depth=5), "depth"),  # 320 wide does not split into 3 heads: refused before any download, not in training
+    (dict(save_to="runs/base "), "save_to"),  # a folder "base " beside the "base" meant
+    (dict(embedding_lr=0, unembedding_lr=0, matrix_lr=0), "matrix_lr"),  # nothing would train
+    (dict(embedding_lr=0, unembedding_lr=0, matrix_lr=0, scalar_lr=0, residual_scalars=True), "matrix_lr"),
 ])
 def test_bad_values_name_their_field(changes, field):
     with pytest.raises(ConfigError) as error:
@@ -146,6 +149,23 @@ def test_a_chat_stage_s_wandb_names_are_checked_with_its_config(kind):
         kind(wandb_project="sft%").validate()
     with pytest.raises(ConfigError, match=rf"^{kind.__name__}\.wandb_entity: 'a\\\\b' contains \\, which W&B"):
         kind(wandb_entity="a\\b").validate()
+
+
+def test_a_run_that_trains_only_its_residual_scalars_still_trains():
+    RunConfig(embedding_lr=0, unembedding_lr=0, matrix_lr=0, residual_scalars=True).validate()
+
+
+@pytest.mark.parametrize("kind", [ChatConfig, RLConfig])
+@pytest.mark.parametrize("changes, line", [
+    (dict(init_lr_frac=0), "init_lr_frac: must be > 0: it scales every learning rate of the stage, so 0 would leave "
+                           "the model as it starts"),
+    (dict(save_to=" "), "save_to: ' ' starts or ends with white space"),
+    (dict(save_to="\truns/sft"), "save_to: '\\truns/sft' starts or ends with white space"),
+])
+def test_a_chat_stage_that_would_train_nothing_or_save_elsewhere_is_refused(kind, changes, line):
+    with pytest.raises(ConfigError) as error:
+        kind(**changes).validate()
+    assert str(error.value) == f"{kind.__name__}.{line}"
 
 
 def test_divisibility_error_shows_the_arithmetic():

@@ -190,15 +190,34 @@ def test_a_run_with_core_during_training_checks_its_bundle_before_the_first_step
     assert not metrics.exists() or "train/loss" not in metrics.read_text()  # not at step 3: before step 1
 
 
-def test_a_local_bundle_too_big_for_core_max_per_task_fails_before_any_download(bundle_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("served", [False, True], ids=["local", "http"])
+def test_a_bundle_of_ones_own_is_checked_before_pretraining(served, bundle_dir, tmp_path, monkeypatch):
+    """Too few items for its shots, or a malformed file, fails in the checks: not after training, where CORE reads it.
+    A served bundle is downloaded once, into the cache CORE then reads."""
     monkeypatch.setenv("NANOCHAT_FLYTE_CACHE", str(tmp_path / "cache"))
     write_fineweb_shards(tmp_path / "shards", [0, 1822], 5)
     shots = max(task.num_fewshot for task in TEST_TASKS)
-    config = RunConfig(data_url=str(tmp_path / "shards"), num_shards=1, eval_bundle_url=str(bundle_dir),
-                       core_max_per_task=shots)
-    with pytest.raises(ConfigError, match=rf"^RunConfig\.core_max_per_task: {shots} items per task leave"):
-        setup.base_run(config, "")  # before pretraining, not after it, where CORE reads the bundle
-    assert setup.base_run(dataclasses.replace(config, core_max_per_task=shots + 1), "").core_max_per_task == shots + 1
+    config = RunConfig(data_url=str(tmp_path / "shards"), num_shards=1, core_max_per_task=shots)
+    with serve_shards(tmp_path / "served") as server:
+        def check(**fields):
+            if served:  # the bundle as it is now, at a URL of its own (the cache is per URL)
+                name = f"eval_bundle_{len(list((tmp_path / 'served').glob('*.zip')))}.zip"
+                url = f"{server.url}/{zip_directory(bundle_dir, tmp_path / 'served' / name).name}"
+            return setup.base_run(dataclasses.replace(config, eval_bundle_url=url if served else str(bundle_dir),
+                                                      **fields), "")
+
+        with pytest.raises(ConfigError, match=rf"^RunConfig\.core_max_per_task: {shots} items per task leave"):
+            check()
+        assert check(core_max_per_task=shots + 1).core_max_per_task == shots + 1
+        if served:
+            def downloads():
+                return [r for r in server.requests_for("/eval_bundle_1.zip") if r.method == "GET"]
+            assert len(downloads()) == 1
+            load_bundle(f"{server.url}/eval_bundle_1.zip")  # CORE, after training
+            assert len(downloads()) == 1
+        MALFORMED["missing gold"][0](bundle_dir)
+        with pytest.raises(BundleError, match="missing field 'gold'"):
+            check(core_max_per_task=shots + 1)
 
 
 def test_a_file_that_is_not_a_zip_fails_as_a_download(tmp_path):
@@ -609,7 +628,7 @@ def test_a_malformed_bundle_is_named(checkpoint, bundle_dir):
 
 
 def test_the_pipelines_core_task_checks_a_bundles_shots_before_it_loads_the_model(bundle_dir, tmp_path):
-    """A bundle of the user's own is read only once training is done: too few items for its shots is one line that
+    """The bundle at a URL may have changed since the checks read it: too few items for its shots is one line that
     keeps the checkpoint, before the model is read (here there is none to read)."""
     gone = tmp_path / "checkpoint"
     with pytest.raises(UserError, match=rf"RunConfig.core_max_per_task: 3 items per task .* kept at {gone}"):

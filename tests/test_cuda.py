@@ -16,10 +16,10 @@ from nanochat_flyte.data.dataloader import TokenLoader, shard_files
 from nanochat_flyte.data.tokenizer import gpt2_tokenizer
 from nanochat_flyte.evaluation.core import Row, score_rows
 from nanochat_flyte.inference.engine import Engine, SamplingParams
-from nanochat_flyte.model.device import EvalBatches, select_precision
+from nanochat_flyte.model.device import EvalBatches, replays_cuda_graphs, select_precision
 from nanochat_flyte.model.gpt import GPT, GPTConfig
 from nanochat_flyte.model.optim import build_optimizers
-from nanochat_flyte.training.loop import build_model, compile_model, make_grad_scaler, train_step, uses_cuda_graphs
+from nanochat_flyte.training.loop import build_model, compile_model, make_grad_scaler, train_step
 from nanochat_flyte.training.pretrain import train
 from nanochat_flyte.training.rl import train_rl
 
@@ -117,7 +117,8 @@ def test_cuda_graphs_with_gradient_accumulation_train_as_the_default_compile_doe
     overwrite the gradients or losses of the micro-batches before it (pytorch/pytorch#169545)."""
     config = cuda_config(dtype="float16", compile=True, device_batch_size=2)
     graphs = dataclasses.replace(config, compile_mode="reduce-overhead")
-    assert config.grad_accum_steps() == 4 and uses_cuda_graphs(graphs, CUDA) and not uses_cuda_graphs(config, CUDA)
+    assert config.grad_accum_steps() == 4 and replays_cuda_graphs(graphs.compile, graphs.compile_mode, CUDA)
+    assert not replays_cuda_graphs(config.compile, config.compile_mode, CUDA)
     precision = select_precision(CUDA, "float16")
     batches = fixed_batches(data_dir, config, 4 * 5)
 
@@ -125,8 +126,9 @@ def test_cuda_graphs_with_gradient_accumulation_train_as_the_default_compile_doe
         model = compile_model(build_model(run_config, VOCAB_SIZE, CUDA), run_config, CUDA)
         optimizers, scaler = build_optimizers(model, run_config), make_grad_scaler(precision, CUDA)
         stream = iter(batches)
+        replays = replays_cuda_graphs(run_config.compile, run_config.compile_mode, CUDA)
         losses = [train_step(model, optimizers, stream, 4, precision, scaler, run_config.grad_clip,
-                             cuda_graphs=uses_cuda_graphs(run_config, CUDA)).loss for _ in range(5)]
+                             cuda_graphs=replays).loss for _ in range(5)]
         torch.compiler.reset()
         return losses, scaler.get_scale()
 

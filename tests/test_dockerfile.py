@@ -20,6 +20,7 @@ import pytest
 from flytekit.image_spec.default_builder import create_docker_context
 
 import workflows.image
+import workflows.presets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +67,8 @@ def test_every_stage_starts_from_the_cuda_image_that_matches_the_torch_wheel():
     assert ARGS["TORCH_VERSION"] == "2.10.0"
     for stage in STAGES:
         assert stage[0][1].split()[0] == "${CUDA_IMAGE}"
-    assert (ARGS["CUDA_IMAGE"], ARGS["TORCH_VERSION"]) == (workflows.image.CUDA_IMAGE, workflows.image.TORCH_VERSION)
+    assert ARGS["CUDA_IMAGE"] == workflows.presets.CUDA_IMAGE
+    assert ARGS["TORCH_VERSION"] == workflows.presets.TORCH_VERSION
 
 
 def test_python_311_and_the_package_with_its_dependencies():
@@ -95,7 +97,7 @@ def test_gpt2_tokenizer_is_cached_at_build_time_where_tasks_look():
     cache_dir = build_env["TIKTOKEN_CACHE_DIR"]
     assert 'tiktoken.get_encoding("r50k_base")' in runs(STAGES[0])
     assert f"COPY --from=build {cache_dir} {cache_dir}" in [f"COPY {rest}" for _, rest in FINAL]
-    assert stage_env(FINAL)["TIKTOKEN_CACHE_DIR"] == cache_dir == workflows.image.TIKTOKEN_CACHE_DIR
+    assert stage_env(FINAL)["TIKTOKEN_CACHE_DIR"] == cache_dir == workflows.presets.TIKTOKEN_CACHE_DIR
 
 
 def test_fast_registration_layout():
@@ -118,8 +120,8 @@ def test_copied_paths_exist_and_pass_the_dockerignore():
 
 def test_image_spec_dependencies_are_pyprojects():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert workflows.image.PROJECT_DEPENDENCIES == pyproject["project"]["dependencies"], (
-        "copy pyproject.toml's dependencies into workflows/image.py PROJECT_DEPENDENCIES")
+    assert workflows.presets.PROJECT_DEPENDENCIES == pyproject["project"]["dependencies"], (
+        "copy pyproject.toml's dependencies into workflows/presets.py PROJECT_DEPENDENCIES")
     assert pyproject["project"]["requires-python"] == ">=3.11"
 
 
@@ -127,7 +129,7 @@ def test_image_spec_builds_the_same_image(tmp_path):
     create_docker_context(workflows.image.IMAGE_SPEC, tmp_path)  # what flytekit's builder would build
     dockerfile = (tmp_path / "Dockerfile").read_text()
     requirements = (tmp_path / "requirements_uv.txt").read_text().split()
-    assert f"FROM {workflows.image.CUDA_IMAGE}" in dockerfile
+    assert f"FROM {workflows.presets.CUDA_IMAGE}" in dockerfile
     assert "python=3.11" in dockerfile
     assert re.search(r"apt-get install -y --no-install-recommends\s+git gcc libc6-dev", dockerfile)
     assert "PYTHONPATH=/root" in dockerfile and "TIKTOKEN_CACHE_DIR=/opt/tiktoken" in dockerfile
@@ -184,15 +186,15 @@ def test_flyte2_image_is_the_same_image(tmp_path):
     from workflows.flyte2.environments import FLYTE2_DEPENDENCIES, PACKAGE_DIR
 
     dockerfile = flyte2_dockerfile(tmp_path)
-    assert f"FROM {workflows.image.CUDA_IMAGE}" in dockerfile
+    assert f"FROM {workflows.presets.CUDA_IMAGE}" in dockerfile
     assert "--python=3.11" in dockerfile
     assert re.search(r"apt-get install -y --no-install-recommends\s+git gcc libc6-dev ca-certificates", dockerfile)
     (pip,) = [line for line in dockerfile.splitlines() if "uv pip install" in line and "torch==" in line]
     installed = [shlex.split(argument)[0] for argument in pip.split("$UV_PYTHON", 1)[1].split()]
-    assert installed == [f"torch=={workflows.image.TORCH_VERSION}", *workflows.image.PROJECT_DEPENDENCIES,
+    assert installed == [f"torch=={workflows.presets.TORCH_VERSION}", *workflows.presets.PROJECT_DEPENDENCIES,
                          *FLYTE2_DEPENDENCIES]
     assert f"uv pip install --python $UV_PYTHON --no-deps {PACKAGE_DIR}" in dockerfile  # the package itself
-    assert f"TIKTOKEN_CACHE_DIR={workflows.image.TIKTOKEN_CACHE_DIR}" in dockerfile
+    assert f"TIKTOKEN_CACHE_DIR={workflows.presets.TIKTOKEN_CACHE_DIR}" in dockerfile
     assert 'tiktoken.get_encoding("r50k_base")' in dockerfile
 
 

@@ -1,4 +1,5 @@
-"""The container image every task runs in: the Dockerfile's image, described as an ImageSpec.
+"""The container image every v1 task runs in: the Dockerfile's image, described as an ImageSpec (its contents, which
+Flyte 2's image shares, in workflows/presets.py).
 
 `pyflyte run --remote` / `union run --remote` build IMAGE_SPEC themselves: Union's builder builds it remotely;
 flytekit's default builder needs a local Docker and pushes to $NANOCHAT_IMAGE_REGISTRY (e.g. ghcr.io/you).
@@ -13,19 +14,14 @@ import os
 
 from flytekit import ImageSpec
 
-CUDA_IMAGE = "nvidia/cuda:12.8.1-base-ubuntu22.04"  # the Dockerfile's CUDA_IMAGE
-TORCH_VERSION = "2.10.0"  # the Dockerfile's TORCH_VERSION: CUDA 12.8 wheel with T4 (sm_75) kernels
-TIKTOKEN_CACHE_DIR = "/opt/tiktoken"  # GPT-2's ranks, fetched at build time
-# git for W&B's code version; gcc + libc headers because torch.compile's Triton builds C at run time
-APT_PACKAGES = ["git", "gcc", "libc6-dev", "ca-certificates"]
-FETCH_GPT2_RANKS = "python -c 'import tiktoken; tiktoken.get_encoding(\"r50k_base\")'"  # into TIKTOKEN_CACHE_DIR
-
-# pyproject.toml's [project.dependencies]; tests/test_dockerfile.py fails when the two drift apart.
-PROJECT_DEPENDENCIES = [
-    "torch>=2.5", "numpy>=1.26", "tiktoken>=0.7", "pyarrow>=15", "requests>=2.31", "fsspec>=2024.3", "pyyaml>=6",
-    "wandb>=0.31", "matplotlib>=3.8", "rustbpe>=0.1", "flytekit>=1.16,<1.17",
-    "flytekitplugins-kfpytorch>=1.16,<1.17", "fastapi>=0.110", "uvicorn>=0.29",
-]
+from workflows.presets import (
+    APT_PACKAGES,
+    CUDA_IMAGE,
+    FETCH_GPT2_RANKS,
+    PROJECT_DEPENDENCIES,
+    TIKTOKEN_CACHE_DIR,
+    TORCH_VERSION,
+)
 
 IMAGE_SPEC = ImageSpec(
     name="nanochat-flyte",

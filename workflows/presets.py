@@ -1,5 +1,5 @@
-"""The presets both Flyte fronts launch by name, the machines their tasks ask for, and the nightly schedule: read at
-registration time.
+"""What both Flyte fronts declare alike, read at registration time: the presets they launch by name, the machines
+their tasks ask for, what their image holds, and the nightly schedule.
 
 Settings: NANOCHAT_NIGHTLY_CRON (default "0 3 * * *", UTC) and NANOCHAT_ALERT_EMAILS (comma-separated; empty: no
 e-mail, failures show in the console only).
@@ -51,3 +51,19 @@ A100_NODE = Machine(cpu=10, memory="64Gi", disk="60Gi", gpu="A100", gpus=1)
 # One full A100 node (a2-highgpu-8g on GCP, p4d.24xlarge on AWS). Each rank downloads its own copy of the data
 # directory (~7 GB), hence the disk.
 EIGHT_A100_NODE = Machine(cpu=48, memory="256Gi", disk="150Gi", gpu="A100", gpus=8)
+
+# ----------------------------------------------------------------------------- the image (the Dockerfile's)
+
+CUDA_IMAGE = "nvidia/cuda:12.8.1-base-ubuntu22.04"  # the Dockerfile's CUDA_IMAGE
+TORCH_VERSION = "2.10.0"  # the Dockerfile's TORCH_VERSION: CUDA 12.8 wheel with T4 (sm_75) kernels
+TIKTOKEN_CACHE_DIR = "/opt/tiktoken"  # GPT-2's ranks, fetched at build time
+# git for W&B's code version; gcc + libc headers because torch.compile's Triton builds C at run time
+APT_PACKAGES = ["git", "gcc", "libc6-dev", "ca-certificates"]
+FETCH_GPT2_RANKS = "python -c 'import tiktoken; tiktoken.get_encoding(\"r50k_base\")'"  # into TIKTOKEN_CACHE_DIR
+
+# pyproject.toml's [project.dependencies]; tests/test_dockerfile.py fails when the two drift apart.
+PROJECT_DEPENDENCIES = [
+    "torch>=2.5", "numpy>=1.26", "tiktoken>=0.7", "pyarrow>=15", "requests>=2.31", "fsspec>=2024.3", "pyyaml>=6",
+    "wandb>=0.31", "matplotlib>=3.8", "rustbpe>=0.1", "flytekit>=1.16,<1.17",
+    "flytekitplugins-kfpytorch>=1.16,<1.17", "fastapi>=0.110", "uvicorn>=0.29",
+]

@@ -42,7 +42,7 @@ from nanochat_flyte.data.conversation import ChatTokens, normalize, render_promp
 from nanochat_flyte.data.tokenizer import EOT
 from nanochat_flyte.inference.calculator import calculate
 from nanochat_flyte.model.checkpoint import load_model
-from nanochat_flyte.model.device import Precision, compiled, select_device, select_precision
+from nanochat_flyte.model.device import Precision, compiled, replays_cuda_graphs, select_device, select_precision
 from nanochat_flyte.model.gpt import GPT, KVCache
 
 STOP_TOKENS = ("<|assistant_end|>", EOT)  # the end of the assistant's turn; the end of the text
@@ -407,10 +407,10 @@ class Engine:
         self.device = model.lm_head.weight.device
         self.compiled = compile
         self.decode_model = compiled(model, compile_mode) if compile else model
-        replays = compile and compile_mode in CUDA_GRAPH_COMPILE_MODES
-        self.cuda_graphs = replays and self.device.type == "cuda"
+        self.cuda_graphs = replays_cuda_graphs(compile, compile_mode, self.device)
         # on a CPU such a mode replays no graphs, but its engine keeps the same storage (and so tests it there)
-        self.resident_cache = ResidentCache(static_addresses=self.cuda_graphs) if replays else None
+        keeps_storage = compile and compile_mode in CUDA_GRAPH_COMPILE_MODES
+        self.resident_cache = ResidentCache(static_addresses=self.cuda_graphs) if keeps_storage else None
         self.context = model.config.sequence_len  # the longest sequence the model was trained on
         self.stop_ids = frozenset(tokenizer.encode_single_token(token) for token in STOP_TOKENS
                                   if token in tokenizer.special_tokens_set)

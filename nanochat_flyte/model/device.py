@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from nanochat_flyte.config import CUDA_GRAPH_COMPILE_MODES
 from nanochat_flyte.errors import ConfigError
 
 BF16_MIN_CAPABILITY = (8, 0)
@@ -41,6 +42,12 @@ PEAK_FLOPS: dict[str, dict[str, float]] = {
 def compiled(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     """torch.compile in one of config.COMPILE_MODES; "default" is torch's own default mode."""
     return torch.compile(model, mode=None if mode == "default" else mode)
+
+
+def replays_cuda_graphs(compile: bool, mode: str, device: torch.device) -> bool:
+    """Whether a model compiled (compile: torch.compile is asked for) in `mode` replays CUDA graphs: on a CUDA
+    device, in one of config.CUDA_GRAPH_COMPILE_MODES. Their outputs live in memory the next replay writes over."""
+    return compile and mode in CUDA_GRAPH_COMPILE_MODES and device.type == "cuda"
 
 
 def rank_and_world_size() -> tuple[int, int]:

@@ -27,7 +27,7 @@ def base_model(config: RunConfig, checkpoint: str, bundle_url: str, max_per_task
     """The CORE score of the trained base model (evaluation/core.py), with its per-task table."""
     try:
         bundle = load_bundle(bundle_url)
-        check_max_per_task(bundle, max_per_task)  # a bundle of the user's own is only checked once read
+        check_max_per_task(bundle, max_per_task)  # again: a URL's bundle may have changed since the checks
     except (BundleError, DownloadError, ConfigError) as error:  # training is done and kept: say how to score it later
         raise UserError(f"{error}. The trained checkpoint is kept at {checkpoint}; score it later with "
                         f"nanochat core-eval --checkpoint {checkpoint} --bundle BUNDLE") from error

@@ -4,7 +4,7 @@ URL is one line naming it), and the machine the training gets described.
 
 import dataclasses
 
-from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
+from nanochat_flyte.config import EVAL_BUNDLE_URL, ChatConfig, RLConfig, RunConfig
 from nanochat_flyte.data.chat_data import check_hub_endpoint
 from nanochat_flyte.data.download import check_data_url
 from nanochat_flyte.data.hub import hub_endpoint
@@ -12,7 +12,6 @@ from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.evaluation.bundle import check_bundle_url, load_bundle
 from nanochat_flyte.evaluation.chat_eval import require_sandbox
 from nanochat_flyte.evaluation.core import check_max_per_task
-from nanochat_flyte.files import local_path
 from nanochat_flyte.model.checkpoint import (
     check_save_to,
     check_save_to_apart,
@@ -33,8 +32,9 @@ def base_run(config: RunConfig, resume_from: str, world_size: int = 1, entry: st
              remote: bool = False) -> RunConfig:
     """Pretraining's config, named and validated for `world_size` GPUs (the batch splits over them); the checkpoint
     to resume (a directory or URI, the input `resume_from` of the workflow `entry`) and save_to checked (remote: a
-    run on a cluster, where it must be an object store URI); the data and the CORE bundle probed (a local one read:
-    core_max_per_task must leave its few-shot prompts enough items). Returns the config the run uses."""
+    run on a cluster, where it must be an object store URI); the data probed; a CORE bundle other than nanochat's
+    read whole (a URL's downloaded into the cache), before training rather than after it: it is well formed, and
+    core_max_per_task leaves its few-shot prompts enough items. Returns the config the run uses."""
     config.validate(world_size)
     check_device_here(config, remote)
     continues = ""
@@ -48,7 +48,7 @@ def base_run(config: RunConfig, resume_from: str, world_size: int = 1, entry: st
     check_data_url(config)
     if config.core_enabled:
         check_bundle_url(config.eval_bundle_url)
-        if local_path(config.eval_bundle_url) is not None:  # read now (a remote one, only once CORE downloads it)
+        if config.eval_bundle_url != EVAL_BUNDLE_URL:  # (validate() knows nanochat's shots) read, downloaded if need be
             check_max_per_task(load_bundle(config.eval_bundle_url), config.core_max_per_task)
     return config
 

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from nanochat_flyte.config import CUDA_GRAPH_COMPILE_MODES, STAGE_CONFIGS, RunConfig
+from nanochat_flyte.config import STAGE_CONFIGS, RunConfig
 from nanochat_flyte.errors import ConfigError, UserError
 from nanochat_flyte.files import write_json
 from nanochat_flyte.model.checkpoint import (
@@ -50,7 +50,15 @@ from nanochat_flyte.model.checkpoint import (
     restore_rng_states,
     save_checkpoint,
 )
-from nanochat_flyte.model.device import Precision, compiled, mfu, peak_flops, select_device, select_precision
+from nanochat_flyte.model.device import (
+    Precision,
+    compiled,
+    mfu,
+    peak_flops,
+    replays_cuda_graphs,
+    select_device,
+    select_precision,
+)
 from nanochat_flyte.model.gpt import GPT, GPTConfig
 from nanochat_flyte.model.optim import apply_schedules, build_optimizers, lr_multiplier
 from nanochat_flyte.reporting.report import write_report
@@ -186,11 +194,6 @@ def compile_model(model: GPT, config: RunConfig, device: torch.device) -> torch.
     if not (config.compile and device.type == "cuda"):
         return model
     return compiled(model, config.compile_mode)
-
-
-def uses_cuda_graphs(config: RunConfig, device: torch.device) -> bool:
-    """Whether compile_model's model replays CUDA graphs (train_step then keeps the gradients allocated)."""
-    return config.compile and device.type == "cuda" and config.compile_mode in CUDA_GRAPH_COMPILE_MODES
 
 
 def make_grad_scaler(precision: Precision, device: torch.device) -> torch.amp.GradScaler | None:
@@ -529,7 +532,7 @@ class Trainer:
         around it: the GPU works on the step's last kernels (the optimizers', with fp16) while the host logs and
         starts the next step, whose time then includes them; over the steps the times add up to the GPU's."""
         config = self.config
-        cuda_graphs = uses_cuda_graphs(config, self.device)
+        cuda_graphs = replays_cuda_graphs(config.compile, config.compile_mode, self.device)  # compile_model's
         apply_schedules(self.optimizers, step, config, self.phase.muon_momentum_warmup)
         loader_at_step_start = self.loader.state_dict()
         start = time.perf_counter()

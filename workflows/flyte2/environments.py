@@ -6,7 +6,7 @@
     nanochat_gpu   one T4 with 8 CPUs and 32 GiB, interruptible: v1's describe_training_node, training and
                    evaluation tasks
 
-The image is the Dockerfile's and workflows/image.py's (the same CUDA base, torch, dependencies, git and GPT-2's
+The image is the Dockerfile's and v1's (workflows/presets.py: the same CUDA base, torch, dependencies, git and GPT-2's
 ranks), built by `flyte run`/`flyte deploy` (Union builds it remotely; locally it needs Docker and
 NANOCHAT_IMAGE_REGISTRY to push to). NANOCHAT_FLYTE2_IMAGE names a prebuilt one instead: it must hold the flyte2
 extra (the Dockerfile built with --build-arg EXTRAS="[flyte2]").
@@ -20,15 +20,18 @@ import flyte
 from nanochat_flyte.pipeline import evaluate, prepare, secrets
 from nanochat_flyte.pipeline.secrets import SecretName
 from workflows.flyte2 import cli  # noqa: F401 - every entry file imports this module: flyte run reads our inputs
-from workflows.image import (
+from workflows.presets import (
     APT_PACKAGES,
     CUDA_IMAGE,
+    DATA_NODE,
+    DRIVER_NODE,
     FETCH_GPT2_RANKS,
     PROJECT_DEPENDENCIES,
+    T4_NODE,
     TIKTOKEN_CACHE_DIR,
     TORCH_VERSION,
+    Machine,
 )
-from workflows.presets import DATA_NODE, DRIVER_NODE, T4_NODE, Machine
 
 ROOT = Path(__file__).resolve().parents[2]
 FLYTE2_DEPENDENCIES = ["flyte>=2.12,<3", "flyteplugins-pytorch>=2.12,<3"]  # pyproject.toml's flyte2 extra
