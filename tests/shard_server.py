@@ -19,6 +19,7 @@ import random
 import re
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -120,6 +121,10 @@ class ShardServer(http.server.ThreadingHTTPServer):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # not a client that hung up, as clients may
+            super().handle_error(request, client_address)
+
     def fail(self, path: str, kind: str, times: int | None = 1, **options) -> None:
         """Answer the next `times` requests for `path` (e.g. "/shard_00000.parquet") with fault `kind`."""
         assert kind in FAULTS, kind
@@ -204,11 +209,15 @@ class ShardRequestHandler(http.server.BaseHTTPRequestHandler):
             return
         start = 0
         etag = f'"{hashlib.sha256(data).hexdigest()[:16]}"'
-        range_match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+        # bytes=N- (from byte N) or bytes=-N (the last N bytes, or the whole of a shorter file)
+        range_match = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", ""))
+        if range_match and (bool(range_match.group(1)) == bool(range_match.group(2))):
+            range_match = None  # a range with both ends (or neither): not one our clients ask for
         # If-Range: the range only if the file is still the one the client's bytes came from, else the whole file
         if_range_holds = self.headers.get("If-Range", etag) == etag
         if range_match and server.supports_range and if_range_holds:
-            start = int(range_match.group(1))
+            first, last = range_match.groups()
+            start = int(first) if first else max(0, len(data) - int(last))
             if start >= len(data):
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{len(data)}")

@@ -8,9 +8,11 @@ import pytest
 from flytekit.types.directory import FlyteDirectory
 
 from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
+from nanochat_flyte.data.chat_data import MAX_MIXTURE
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.evaluation import chat_eval
 from nanochat_flyte.pipeline import setup
+from tests.hub_server import split_path
 from tests.shard_server import serve_shards, write_fineweb_shards
 from tests.test_workflow import VAL_SHARD, tiny_config
 from workflows.chat import (
@@ -126,7 +128,10 @@ def test_a_pipelines_bad_chat_or_rl_config_fails_before_any_download(served_shar
     with pytest.raises(Exception, match=rf"{field}: "):
         run(served_shards.url)
     assert served_shards.requests == []
-    assert all(request.path.startswith("/api/datasets/") for request in hub_server.requests)  # listings: probes
+    # probes: listings, and the SFT sources' footers (the last bytes of their files)
+    assert all(request.path.startswith("/api/datasets/") for request in hub_server.requests)
+    assert all("Range" in request.headers for request in hub_server.requests if request.path.endswith(".parquet")
+               and request.method == "GET")
 
 
 def test_humaneval_on_where_no_sandbox_works_fails_before_pretraining(monkeypatch):
@@ -144,6 +149,26 @@ def test_humaneval_on_where_no_sandbox_works_fails_before_pretraining(monkeypatc
     assert setup.sandbox_required_by(RLConfig(humaneval="on", eval_tasks="gsm8k")) == ""
     with pytest.raises(Exception, match=r"RLConfig\.humaneval: on, but the sandbox .*: no user namespaces"):
         describe_training_node(sandbox_for="RLConfig", later_stage=True)
+
+
+def test_sft_epochs_that_make_too_large_a_mixture_fail_before_pretraining(hub_server):
+    """The mixture is prepared after pretraining: the checks count its sources' rows from their parquet footers."""
+    smoltalk, mmlu = (hub_server.rows[key] for key in [("HuggingFaceTB/smol-smoltalk", "default", "train"),
+                                                        ("cais/mmlu", "all", "auxiliary_train")])
+    epochs = MAX_MIXTURE // mmlu + 1
+    with pytest.raises(ConfigError, match=rf"^ChatConfig\.mmlu_epochs: {epochs} epochs make a mixture of up to "
+                                          rf"{smoltalk + epochs * mmlu:,} conversations, more than the 10,000,000"):
+        setup.later_stages(RunConfig(), ChatConfig(mmlu_epochs=epochs))
+    assert not [request for request in hub_server.requests if request.method == "GET" and request.path.endswith(
+        ".parquet") and "Range" not in request.headers]  # no file downloaded: their last bytes read
+    fits = ChatConfig(mmlu_epochs=epochs - 1, smoltalk_epochs=0, gsm8k_epochs=0)
+    assert setup.later_stages(RunConfig(), fits)[0] == fits
+    # a count that cannot be had never stops a run: the data's preparation checks the mixture as it did before
+    hub_server.supports_range = False
+    assert setup.later_stages(RunConfig(), ChatConfig(mmlu_epochs=epochs))[0].mmlu_epochs == epochs
+    hub_server.supports_range = True
+    hub_server.fail(split_path("cais/mmlu", "all", "auxiliary_train") + "/0.parquet", "503", times=None)
+    assert setup.later_stages(RunConfig(), ChatConfig(mmlu_epochs=epochs))[0].mmlu_epochs == epochs
 
 
 def test_a_pipeline_whose_stages_save_to_one_place_fails_before_pretraining(tmp_path):

@@ -6,8 +6,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from nanochat_flyte.data import hub
 from nanochat_flyte.data.download import DownloadError, Retry, source_key
-from nanochat_flyte.data.hub import download_split, file_records, hub_endpoint, iter_rows, parquet_urls, split_cache_dir
+from nanochat_flyte.data.hub import (
+    download_split,
+    file_records,
+    hub_endpoint,
+    iter_rows,
+    parquet_urls,
+    split_cache_dir,
+    split_rows,
+)
 from nanochat_flyte.errors import ConfigError
 from tests.hub_server import HUB_SPLITS, MMLU_SCHEMA, split_path, write_split
 
@@ -47,6 +56,44 @@ def test_the_listing_names_the_parquet_files_and_they_download_in_the_exact_sche
 def test_every_split_reads_back_as_written(hub_server, tmp_path):
     for key, (schema, rows, _) in HUB_SPLITS.items():
         assert list(iter_rows(download_split(*key, cache_dir=tmp_path / "cache"), tuple(schema.names))) == rows, key
+
+
+def test_a_split_s_rows_are_counted_from_its_files_footers_without_downloading_them(hub_server, tmp_path):
+    for key, (_, rows, _) in HUB_SPLITS.items():
+        assert split_rows(*key, cache_dir=tmp_path / "cache") == len(rows), key
+    files = [request for request in hub_server.requests if request.path.endswith(".parquet")]
+    # each file's last 64 KiB (these files are smaller: each comes whole, once), as a suffix range, GET alone: a
+    # signed CDN URL may answer only the method it was signed for
+    assert {(request.method, request.headers.get("Range")) for request in files} == {("GET", "bytes=-65536")}
+    assert len(files) == sum(num_files for *_, num_files in HUB_SPLITS.values())
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_footer_longer_than_the_first_tail_is_asked_for_again(hub_server, tmp_path, monkeypatch):
+    monkeypatch.setattr(hub, "FOOTER_PROBE_BYTES", 16)  # the footer's length and "PAR1", and a few bytes of it
+    assert split_rows(*MMLU_TEST) == len(HUB_SPLITS[MMLU_TEST][1])
+    footer = pq.ParquetFile(hub_server.directory / FILE_0.lstrip("/")).metadata.serialized_size
+    assert [request.headers["Range"] for request in hub_server.requests_for(FILE_0)] == ["bytes=-16",
+                                                                                       f"bytes=-{footer + 8}"]
+
+
+def test_rows_already_in_the_cache_are_counted_there(hub_server, tmp_path):
+    download_split(*MMLU_TEST, cache_dir=tmp_path / "cache")
+    asked = len(hub_server.requests)
+    assert split_rows(*MMLU_TEST, cache_dir=tmp_path / "cache") == len(HUB_SPLITS[MMLU_TEST][1])
+    assert len(hub_server.requests) == asked
+
+
+def test_a_server_without_ranges_cannot_count_rows_and_says_so(hub_server):
+    hub_server.supports_range = False
+    assert split_rows(*MMLU_TEST) is None
+
+
+def test_a_listed_file_that_is_no_parquet_fails_its_count_naming_it(hub_server, tmp_path):
+    (hub_server.directory / FILE_0.lstrip("/")).write_bytes(b"<html>" + b" " * 100 + b"</html>")
+    with pytest.raises(DownloadError, match=r"^cais/mmlu all/test file 0 could not be downloaded from .*: no parquet "
+                                            r"footer in its last 113 of 113 bytes \(gave up after 3 attempts\)$"):
+        split_rows(*MMLU_TEST, retry=FAST_RETRY)
 
 
 def test_503_on_the_listing_and_on_a_file_is_retried(hub_server, tmp_path):

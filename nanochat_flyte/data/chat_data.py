@@ -36,7 +36,7 @@ from nanochat_flyte.config import CHAT_EVAL_TASKS, ChatConfig, RLConfig
 from nanochat_flyte.data import MANIFEST_FILE
 from nanochat_flyte.data.conversation import ConversationError, calculator_parts, normalize
 from nanochat_flyte.data.download import DownloadError, Retry
-from nanochat_flyte.data.hub import download_split, file_records, hub_endpoint, iter_rows, parquet_urls
+from nanochat_flyte.data.hub import download_split, file_records, hub_endpoint, iter_rows, parquet_urls, split_rows
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.files import write_bytes_atomically
 
@@ -262,11 +262,38 @@ def read_jsonl(path: Path) -> list[dict]:
 MAX_MIXTURE = 10_000_000
 
 
-def check_mixture_size(size: int, config: ChatConfig, epochs_field: str) -> None:
+def check_mixture_size(size: int, config: ChatConfig, epochs_field: str, bound: str = "at least") -> None:
     if size > MAX_MIXTURE:
-        raise ConfigError(epochs_field, f"{getattr(config, epochs_field):g} epochs make a mixture of at least {size:,} "
+        raise ConfigError(epochs_field, f"{getattr(config, epochs_field):g} epochs make a mixture of {bound} {size:,} "
                                         f"conversations, more than the {MAX_MIXTURE:,} it may hold; give fewer epochs",
                           "ChatConfig")
+
+
+def check_mixture_fits(config: ChatConfig, cache_dir: Path | None = None) -> None:
+    """The mixture's size from its sources' row counts (their parquet footers; nothing is downloaded), in the checks:
+    in a pipeline, prepare_sft_data runs after pretraining. Rows that the conversion skips are counted, so the
+    mixture holds up to this many. A source that cannot be counted (a server without ranges, a file that fails)
+    leaves the check to prepare_sft_data, whose download names any problem: a count never stops a run that would
+    work."""
+    endpoint = hub_endpoint(config.hf_endpoint)
+    size = 0
+    for source, epochs_field in SFT_SOURCES.values():
+        epochs = getattr(config, epochs_field)
+        if epochs == 0:
+            continue
+        try:
+            rows = split_rows(source.repo, source.subset, source.split, endpoint, cache_dir, PROBE_RETRY)
+        except DownloadError:
+            rows = None
+        if rows is None:
+            return
+        size += epochs_size(epochs, rows)
+        check_mixture_size(size, config, epochs_field, "up to")
+
+
+def epochs_size(epochs: float, count: int) -> int:
+    """How many of `count` lines `epochs` epochs of them make (expand_epochs)."""
+    return int(epochs) * count + round((epochs - int(epochs)) * count)
 
 
 def expand_epochs(lines: list, epochs: float, rng: random.Random) -> list:
@@ -289,11 +316,9 @@ def prepare_sft_data(config: ChatConfig, out_dir: Path, cache_dir: Path | None =
         sources[name] = {"repo": source.repo, "subset": source.subset, "split": source.split, "epochs": epochs}
         if epochs == 0:
             continue  # not in the mixture: nothing to download
-        whole = int(epochs)
-        check_mixture_size(len(mixture) + whole, config, epochs_field)  # a source has a line or more
+        check_mixture_size(len(mixture) + int(epochs), config, epochs_field)  # a source has a line or more
         lines, record = convert_split(source, endpoint, cache_dir)
-        check_mixture_size(len(mixture) + whole * len(lines) + round((epochs - whole) * len(lines)), config,
-                           epochs_field)
+        check_mixture_size(len(mixture) + epochs_size(epochs, len(lines)), config, epochs_field)
         # a fractional epoch takes its own seeded subset, the same whatever the other sources hold
         expanded = expand_epochs(lines, epochs, random.Random(f"{config.seed}/{name}"))
         mixture += [(name, line) for line in expanded]

@@ -17,30 +17,40 @@ it.
 
 import hashlib
 import json
+import struct
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
+import requests
 
 from nanochat_flyte.data.download import (
     DEFAULT_RETRY,
+    HTTP_TIMEOUT_S,
     CorruptFile,
     DownloadError,
     Retry,
+    auth_headers,
     check_pages,
     default_cache_dir,
     download_file,
     get_json,
     hub_endpoint,
+    raise_for_status,
     readable_parquet_schema,
     source_key,
+    with_retries,
 )
 from nanochat_flyte.files import write_bytes_atomically
 
 DOWNLOAD_WORKERS = 4  # parquet files of one split fetched at once (SmolTalk's train split has a few)
 LISTING_FILE = "listing.json"
 ROWS_PER_BATCH = 1024  # rows turned into Python objects at once: a few MB, where a whole file would be GBs
+# A parquet file ends with its metadata (the footer: row groups, row counts), then the footer's length and "PAR1". The
+# tail asked for first holds a whole footer of these datasets' files (a few KB each); a longer one is asked for again.
+FOOTER_PROBE_BYTES = 64 * 1024
 
 
 def listing_url(repo: str, subset: str, split: str, endpoint: str = "") -> str:
@@ -112,6 +122,60 @@ def download_split(repo: str, subset: str, split: str, endpoint: str = "", cache
 
     with ThreadPoolExecutor(min(DOWNLOAD_WORKERS, len(urls))) as pool:
         return list(pool.map(fetch, range(len(urls))))
+
+
+def parquet_rows(url: str, what: str, retry: Retry = DEFAULT_RETRY, hub: str = "") -> int | None:
+    """The rows of the parquet file at `url`, as its footer records them, read from the file's last bytes (suffix
+    Range requests) without downloading it. None where the server sends no such range."""
+
+    def tail(length: int) -> tuple[bytes, int] | None:
+        """The last `length` bytes and the file's size (Content-Range: bytes FIRST-LAST/SIZE)."""
+        headers = {**auth_headers(url, hub), "Range": f"bytes=-{length}"}
+        with requests.get(url, headers=headers, stream=True, timeout=HTTP_TIMEOUT_S) as response:
+            raise_for_status(response)
+            size = response.headers.get("Content-Range", "").rpartition("/")[2]
+            if response.status_code != 206 or not size.isdigit():  # 200: the whole file was coming
+                return None
+            return response.content, int(size)
+
+    def attempt() -> int | None:
+        if (answer := tail(FOOTER_PROBE_BYTES)) is None:
+            return None
+        data, size = answer
+        footer_length = struct.unpack("<I", data[-8:-4])[0] if len(data) >= 12 and data[-4:] == b"PAR1" else -1
+        if not 0 < footer_length <= size - 12:
+            raise CorruptFile(f"no parquet footer in its last {len(data):,} of {size:,} bytes")
+        if footer_length + 8 > len(data):
+            if (answer := tail(footer_length + 8)) is None:
+                return None
+            data = answer[0]
+        try:  # the footer alone, behind the leading "PAR1" a file starts with: all that read_metadata reads
+            return pq.read_metadata(pa.BufferReader(b"PAR1" + data[-(footer_length + 8):])).num_rows
+        except (pa.ArrowException, OSError) as e:
+            raise CorruptFile(f"unreadable parquet footer: {e}") from e
+
+    return with_retries(attempt, what, url, retry)
+
+
+def split_rows(repo: str, subset: str, split: str, endpoint: str = "", cache_dir: Path | None = None,
+               retry: Retry = DEFAULT_RETRY) -> int | None:
+    """The rows of a split, counted without downloading it: from the files already in the cache (download_split's),
+    else from the footers of the files its listing names. None where a server cannot say (parquet_rows)."""
+    directory = split_cache_dir(repo, subset, split, cache_dir, endpoint)
+    urls = cached_listing(directory, listing_url(repo, subset, split, endpoint))
+    if urls is None:
+        urls = parquet_urls(repo, subset, split, endpoint, retry)
+    rows = 0
+    for index, url in enumerate(urls):
+        cached = directory / f"{index:05d}.parquet"
+        if cached.is_file():  # (download_split renames a file into place once it is whole and checked)
+            rows += pq.ParquetFile(cached).metadata.num_rows
+        elif (counted := parquet_rows(url, f"{split_name(repo, subset, split)} file {index}", retry,
+                                      endpoint)) is None:
+            return None
+        else:
+            rows += counted
+    return rows
 
 
 def file_records(paths: list[Path]) -> list[dict]:

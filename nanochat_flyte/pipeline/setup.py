@@ -5,7 +5,7 @@ URL is one line naming it), and the machine the training gets described.
 import dataclasses
 
 from nanochat_flyte.config import EVAL_BUNDLE_URL, ChatConfig, RLConfig, RunConfig
-from nanochat_flyte.data.chat_data import check_hub_endpoint
+from nanochat_flyte.data.chat_data import check_hub_endpoint, check_mixture_fits
 from nanochat_flyte.data.download import check_data_url
 from nanochat_flyte.data.hub import hub_endpoint
 from nanochat_flyte.errors import ConfigError
@@ -132,14 +132,16 @@ def stage_resume(config: ChatConfig | RLConfig, start_checkpoint: str, resume_fr
 
 def probe_stage(config: ChatConfig | RLConfig, remote: bool = False, continues: str = "") -> str:
     """What a chat stage needs of the world: save_to writable (and free of other runs' checkpoints: continues names
-    the run it resumes), the hub answering, and with humaneval on, a sandbox for model-written code on this machine
-    (a front that checks elsewhere than on the kind of node that evaluates checks there too: describe_machine's
-    sandbox_for). Returns the hub endpoint."""
+    the run it resumes), the hub answering (and SFT's sources not too large for its epochs), and with humaneval on,
+    a sandbox for model-written code on this machine (a front that checks elsewhere than on the kind of node that
+    evaluates checks there too: describe_machine's sandbox_for). Returns the hub endpoint."""
     check_device_here(config, remote)
     check_save_to(config.save_to, type(config).__name__, remote, continues)
     if owner := sandbox_required_by(config):
         require_sandbox(owner)
     check_hub_endpoint(config)
+    if isinstance(config, ChatConfig):
+        check_mixture_fits(config)
     return hub_endpoint(config.hf_endpoint)
 
 
