@@ -635,6 +635,14 @@ def test_the_pipelines_core_task_checks_a_bundles_shots_before_it_loads_the_mode
         evaluate.base_model(tiny_config(), str(gone), str(bundle_dir), 3, lambda *_: None)
 
 
+def test_the_pipelines_core_task_names_the_kept_checkpoint_when_the_bundle_is_gone(tmp_path):
+    gone = tmp_path / "checkpoint"
+    with pytest.raises(UserError, match=rf"^the CORE eval bundle could not be downloaded from .*missing\.zip: not "
+                                        rf"found\. The trained checkpoint is kept at {gone}; score it later with "
+                                        rf"nanochat core-eval --checkpoint {gone} --bundle BUNDLE$"):
+        evaluate.base_model(tiny_config(), str(gone), str(tmp_path / "missing.zip"), 3, lambda *_: None)
+
+
 def test_a_missing_bundle_is_named(checkpoint, tmp_path):
     with pytest.raises(DownloadError) as error:
         main(["--checkpoint", str(checkpoint), "--bundle", str(tmp_path / "missing.zip"), "--device", "cpu"])
