@@ -184,7 +184,7 @@ class RunConfig(StrictConfig):
                 "validation must not overlap training",
             )
         if (self.core_enabled and self.eval_bundle_url == EVAL_BUNDLE_URL
-                and 0 < self.core_max_per_task <= EVAL_BUNDLE_MAX_SHOTS):  # (another bundle is checked once read)
+                and 0 < self.core_max_per_task <= EVAL_BUNDLE_MAX_SHOTS):  # (another: once read, setup.base_run)
             raise ConfigError("core_max_per_task", f"{self.core_max_per_task} items per task leave the CORE bundle's "
                                                    f"{EVAL_BUNDLE_MAX_SHOTS}-shot prompts too few others to draw their "
                                                    f"examples from: give at least {EVAL_BUNDLE_MAX_SHOTS + 1}, or 0")

@@ -4,10 +4,10 @@ Tests and the benchmark use this instead of the internet:
 - `fineweb_texts(n, seed)`: deterministic English-like documents (with some unicode), FineWeb-Edu-sized.
 - `write_fineweb_shard(path, texts)`: parquet in the dataset's exact format: one `text` string column,
   zstd, row groups of 1024 documents.
-- `serve_shards(directory)`: a ThreadingHTTPServer on 127.0.0.1 (a free port) with Range requests (and
-  If-Range against each file's ETag, a hash of its bytes), Content-Length, HEAD, and per-path faults: 503,
-  429 + Retry-After, connection reset mid-body, truncated body, 302 redirect, 404. It records every request
-  (method, path, headers) for assertions.
+- `serve_shards(directory)`: a ThreadingHTTPServer on 127.0.0.1 (a free port) with Range requests (from a byte,
+  or the last N bytes; with If-Range against each file's ETag, a hash of its bytes), Content-Length, HEAD, and
+  per-path faults: 503, 429 + Retry-After, connection reset mid-body, truncated body, 302 redirect, 404, 416. It
+  records every request (method, path, headers) for assertions.
 - `shard_server`: a pytest fixture around `serve_shards(tmp_path / "shards")`.
 """
 
@@ -88,7 +88,7 @@ def write_fineweb_shards(directory: Path, indices: list[int], docs_per_shard: in
 
 # ----------------------------------------------------------------------------- the server
 
-FAULTS = ("503", "429", "reset", "truncate", "redirect", "404", "401", "403")
+FAULTS = ("503", "429", "reset", "truncate", "redirect", "404", "401", "403", "416")
 
 
 @dataclass
@@ -193,7 +193,7 @@ class ShardRequestHandler(http.server.BaseHTTPRequestHandler):
         with server.lock:
             server.requests.append(Request(self.command, self.path, dict(self.headers)))
         fault = server.next_fault(self.path)
-        if fault and fault.kind in ("503", "429", "404", "401", "403", "redirect"):
+        if fault and fault.kind in ("503", "429", "404", "401", "403", "416", "redirect"):
             self.send_response(302 if fault.kind == "redirect" else int(fault.kind))
             if fault.kind == "429":
                 self.send_header("Retry-After", str(fault.retry_after))

@@ -193,7 +193,7 @@ def test_a_run_with_core_during_training_checks_its_bundle_before_the_first_step
 @pytest.mark.parametrize("served", [False, True], ids=["local", "http"])
 def test_a_bundle_of_ones_own_is_checked_before_pretraining(served, bundle_dir, tmp_path, monkeypatch):
     """Too few items for its shots, or a malformed file, fails in the checks: not after training, where CORE reads it.
-    A served bundle is downloaded once, into the cache CORE then reads."""
+    A served bundle is downloaded once, into the cache that CORE then reads on the same machine."""
     monkeypatch.setenv("NANOCHAT_FLYTE_CACHE", str(tmp_path / "cache"))
     write_fineweb_shards(tmp_path / "shards", [0, 1822], 5)
     shots = max(task.num_fewshot for task in TEST_TASKS)

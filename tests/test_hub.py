@@ -84,9 +84,26 @@ def test_rows_already_in_the_cache_are_counted_there(hub_server, tmp_path):
     assert len(hub_server.requests) == asked
 
 
-def test_a_server_without_ranges_cannot_count_rows_and_says_so(hub_server):
-    hub_server.supports_range = False
+def test_a_damaged_file_in_the_cache_is_counted_from_the_hub(hub_server, tmp_path):
+    (path,) = download_split(*MMLU_TEST, cache_dir=tmp_path / "cache")
+    path.write_bytes(path.read_bytes()[:-20])  # its download will fetch it again
+    assert split_rows(*MMLU_TEST, cache_dir=tmp_path / "cache") == len(HUB_SPLITS[MMLU_TEST][1])
+
+
+def test_a_server_without_such_ranges_cannot_count_rows_and_says_so(hub_server):
+    hub_server.supports_range = False  # the whole file: 200
     assert split_rows(*MMLU_TEST) is None
+    hub_server.supports_range = True
+    hub_server.fail(FILE_0, "416")  # as the hub has answered some ranges
+    assert split_rows(*MMLU_TEST) is None
+    assert len(hub_server.requests_for(FILE_0)) == 2  # neither is retried
+
+
+def test_a_footer_too_long_to_be_one_is_not_fetched(hub_server, monkeypatch):
+    monkeypatch.setattr(hub, "FOOTER_PROBE_BYTES", 16)
+    monkeypatch.setattr(hub, "MAX_FOOTER_BYTES", 100)  # less than the footer's length in the first tail
+    assert split_rows(*MMLU_TEST) is None
+    assert len(hub_server.requests_for(FILE_0)) == 1
 
 
 def test_a_listed_file_that_is_no_parquet_fails_its_count_naming_it(hub_server, tmp_path):

@@ -271,10 +271,10 @@ def check_mixture_size(size: int, config: ChatConfig, epochs_field: str, bound: 
 
 def check_mixture_fits(config: ChatConfig, cache_dir: Path | None = None) -> None:
     """The mixture's size from its sources' row counts (their parquet footers; nothing is downloaded), in the checks:
-    in a pipeline, prepare_sft_data runs after pretraining. Rows that the conversion skips are counted, so the
-    mixture holds up to this many. A source that cannot be counted (a server without ranges, a file that fails)
-    leaves the check to prepare_sft_data, whose download names any problem: a count never stops a run that would
-    work."""
+    in a pipeline, prepare_sft_data runs after pretraining. Rows that the conversion will skip (a few) are counted, so
+    the mixture holds up to this many, and epochs within those few rows of MAX_MIXTURE are refused here. A source that
+    cannot be counted (a server without ranges, a file that fails) leaves the check to prepare_sft_data, whose
+    download names any problem: a failed count never stops a run."""
     endpoint = hub_endpoint(config.hf_endpoint)
     size = 0
     for source, epochs_field in SFT_SOURCES.values():

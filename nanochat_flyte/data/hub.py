@@ -8,7 +8,8 @@ the cache) into
     default_cache_dir("hub") / <source_key(endpoint)> / <repo with / -> --> / <subset> / <split> / 00000.parquet, ...
 
 and keep the listing beside them (`listing.json`), so that a second call, or a relaunch on the same disk, asks
-the network nothing. Each endpoint has a folder of its own: a mirror's files never stand in for the hub's. The
+the network nothing (split_rows counts a split's rows from the files' footers, their last bytes, without downloading
+them). Each endpoint has a folder of its own: a mirror's files never stand in for the hub's. The
 endpoint is the one every hub client honours: an explicit value, else $HF_ENDPOINT, else https://huggingface.co. A
 gated mirror gets $HF_TOKEN (download.auth_headers), on its own host only: a file that a listing names on another
 host is fetched without it, and requests drops the header when a redirect leaves the host, so the CDN never sees
@@ -17,6 +18,7 @@ it.
 
 import hashlib
 import json
+import re
 import struct
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -49,8 +51,11 @@ DOWNLOAD_WORKERS = 4  # parquet files of one split fetched at once (SmolTalk's t
 LISTING_FILE = "listing.json"
 ROWS_PER_BATCH = 1024  # rows turned into Python objects at once: a few MB, where a whole file would be GBs
 # A parquet file ends with its metadata (the footer: row groups, row counts), then the footer's length and "PAR1". The
-# tail asked for first holds a whole footer of these datasets' files (a few KB each); a longer one is asked for again.
+# tail asked for first holds a whole footer of these datasets' files (a few KB each); a longer one is asked for again,
+# up to a length no footer of theirs comes near (a larger one is a file that its download will check).
 FOOTER_PROBE_BYTES = 64 * 1024
+MAX_FOOTER_BYTES = 16 * 2**20
+CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)", re.ASCII)
 
 
 def listing_url(repo: str, subset: str, split: str, endpoint: str = "") -> str:
@@ -129,14 +134,17 @@ def parquet_rows(url: str, what: str, retry: Retry = DEFAULT_RETRY, hub: str = "
     Range requests) without downloading it. None where the server sends no such range."""
 
     def tail(length: int) -> tuple[bytes, int] | None:
-        """The last `length` bytes and the file's size (Content-Range: bytes FIRST-LAST/SIZE)."""
+        """The last `length` bytes (or fewer: the whole of a shorter file) and the file's size."""
         headers = {**auth_headers(url, hub), "Range": f"bytes=-{length}"}
         with requests.get(url, headers=headers, stream=True, timeout=HTTP_TIMEOUT_S) as response:
-            raise_for_status(response)
-            size = response.headers.get("Content-Range", "").rpartition("/")[2]
-            if response.status_code != 206 or not size.isdigit():  # 200: the whole file was coming
+            if response.status_code == 416:  # (the hub has answered some ranges so): not a range it serves
                 return None
-            return response.content, int(size)
+            raise_for_status(response)
+            answered = CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
+            # 200: the whole file was coming; a range that does not end the file is not the one asked for
+            if response.status_code != 206 or not answered or int(answered[2]) != int(answered[3]) - 1:
+                return None
+            return response.content, int(answered[3])
 
     def attempt() -> int | None:
         if (answer := tail(FOOTER_PROBE_BYTES)) is None:
@@ -146,7 +154,7 @@ def parquet_rows(url: str, what: str, retry: Retry = DEFAULT_RETRY, hub: str = "
         if not 0 < footer_length <= size - 12:
             raise CorruptFile(f"no parquet footer in its last {len(data):,} of {size:,} bytes")
         if footer_length + 8 > len(data):
-            if (answer := tail(footer_length + 8)) is None:
+            if footer_length > MAX_FOOTER_BYTES or (answer := tail(footer_length + 8)) is None:
                 return None
             data = answer[0]
         try:  # the footer alone, behind the leading "PAR1" a file starts with: all that read_metadata reads
@@ -167,15 +175,21 @@ def split_rows(repo: str, subset: str, split: str, endpoint: str = "", cache_dir
         urls = parquet_urls(repo, subset, split, endpoint, retry)
     rows = 0
     for index, url in enumerate(urls):
-        cached = directory / f"{index:05d}.parquet"
-        if cached.is_file():  # (download_split renames a file into place once it is whole and checked)
-            rows += pq.ParquetFile(cached).metadata.num_rows
-        elif (counted := parquet_rows(url, f"{split_name(repo, subset, split)} file {index}", retry,
-                                      endpoint)) is None:
+        if (counted := cached_rows(directory / f"{index:05d}.parquet")) is None:
+            counted = parquet_rows(url, f"{split_name(repo, subset, split)} file {index}", retry, endpoint)
+        if counted is None:
             return None
-        else:
-            rows += counted
+        rows += counted
     return rows
+
+
+def cached_rows(path: Path) -> int | None:
+    """The rows of a file download_split has cached, or None: not there, or damaged since (its next download checks
+    it and fetches it again)."""
+    try:
+        return pq.read_metadata(path).num_rows
+    except (OSError, pa.ArrowException):  # (a missing file is an OSError too)
+        return None
 
 
 def file_records(paths: list[Path]) -> list[dict]:

@@ -532,7 +532,8 @@ class Trainer:
         around it: the GPU works on the step's last kernels (the optimizers', with fp16) while the host logs and
         starts the next step, whose time then includes them; over the steps the times add up to the GPU's."""
         config = self.config
-        cuda_graphs = replays_cuda_graphs(config.compile, config.compile_mode, self.device)  # compile_model's
+        # as compile_model compiled the model (only on CUDA)
+        cuda_graphs = replays_cuda_graphs(config.compile, config.compile_mode, self.device)
         apply_schedules(self.optimizers, step, config, self.phase.muon_momentum_warmup)
         loader_at_step_start = self.loader.state_dict()
         start = time.perf_counter()
