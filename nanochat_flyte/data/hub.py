@@ -137,7 +137,7 @@ def parquet_rows(url: str, what: str, retry: Retry = DEFAULT_RETRY, hub: str = "
         """The last `length` bytes (or fewer: the whole of a shorter file) and the file's size."""
         headers = {**auth_headers(url, hub), "Range": f"bytes=-{length}"}
         with requests.get(url, headers=headers, stream=True, timeout=HTTP_TIMEOUT_S) as response:
-            if response.status_code == 416:  # (the hub has answered some ranges so): not a range it serves
+            if response.status_code == 416:  # as the hub has answered some files' ranges: no count from here
                 return None
             raise_for_status(response)
             answered = CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
