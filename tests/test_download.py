@@ -247,6 +247,17 @@ def test_shard_without_text_column_is_rejected(tmp_path):
         verify_shard(tmp_path / "bad.parquet")
 
 
+def test_a_served_shard_without_text_column_is_refused_after_one_download(shard_server, tmp_path):
+    # Another download brings the same file: no retries, and nothing of it is left in the cache.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"content": ["a", "b"]}), shard_server.directory / SHARD_0.lstrip("/"))
+    with pytest.raises(DownloadError, match="^shard 0 could not be downloaded from .*no `text` string column"):
+        download_shard(shard_server.url, 0, tmp_path / "cache", FAST_RETRY)
+    assert len(shard_server.requests_for(SHARD_0)) == 1
+    assert not list((tmp_path / "cache").glob("*/*"))
+
+
 def test_hf_token_is_sent_but_never_printed(shard_server, shard_0, tmp_path, monkeypatch, capsys, caplog):
     token = "hf_secretTOKEN123"
     monkeypatch.setenv("HF_TOKEN", token)

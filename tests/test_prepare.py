@@ -210,6 +210,31 @@ def test_bpe_data_directory(tmp_path):
     assert [enc.decode(doc[1:].tolist()) for doc in split_documents(tokens, 503)] == fineweb_texts(DOCS_PER_SHARD, 5)
 
 
+def test_an_offline_bpe_run_keeps_its_tokenizer_without_gpt2s_comparison(tmp_path, monkeypatch, capsys):
+    # GPT-2's ranks only give the compression a comparison: without them (no cache, no network) the BPE, trained
+    # first, is not thrown away at the validation shard.
+    import socket
+
+    import tiktoken
+
+    write_fineweb_shards(tmp_path / "shards", [0, 1, 5], DOCS_PER_SHARD)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.delitem(tiktoken.registry.ENCODINGS, "r50k_base", raising=False)  # tiktoken's in-process cache
+
+    def no_network(*args, **kwargs):
+        raise OSError("network is off in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    config = small_config(str(tmp_path / "shards"), tokenizer="bpe", bpe_vocab_size=512, bpe_train_chars=100_000)
+
+    tokenizer = prepare_data(config, tmp_path / "data")["tokenizer"]
+
+    assert tokenizer["name"] == "bpe" and 1 < tokenizer["val_bytes_per_token"]
+    assert "gpt2_val_bytes_per_token" not in tokenizer
+    assert "note: no GPT-2 compression to compare with: GPT-2's ranks" in capsys.readouterr().out
+
+
 def test_merge_leaves_the_parts_for_a_second_merge(tmp_path):
     # In a local Flyte run the parts are cached outputs of prepare_data_shard: the next run merges them again.
     write_fineweb_shards(tmp_path / "shards", [0, 5], DOCS_PER_SHARD)

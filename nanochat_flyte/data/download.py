@@ -111,6 +111,10 @@ class CorruptFile(ValueError):
     """The bytes are not the file they should be (for a shard: no readable parquet footer or no `text` column)."""
 
 
+class WrongColumns(CorruptFile):
+    """A whole, readable parquet file without the columns asked for: a download again brings the same file."""
+
+
 class TransientError(Exception):
     """A failure worth retrying (429, 5xx, short body, ...), with the server's Retry-After if any."""
 
@@ -147,7 +151,7 @@ def verify_shard(path: Path) -> None:
     """A FineWeb-Edu shard's check: a parquet file with a `text` string column, whose pages all decode."""
     schema = readable_parquet_schema(path)
     if "text" not in schema.names or schema.field("text").type not in (pa.string(), pa.large_string()):
-        raise CorruptFile(f"{path.name} has no `text` string column (columns: {schema.names})")
+        raise WrongColumns(f"{path.name} has no `text` string column (columns: {schema.names})")
     check_pages(path, ["text"])
 
 
@@ -281,6 +285,8 @@ def with_retries(action: Callable[[], object], what: str, url: str, retry: Retry
         except CorruptFile as e:
             if on_corrupt:
                 on_corrupt()
+            if isinstance(e, WrongColumns):
+                raise DownloadError(what, url, str(e)) from e
             cause = e
         except TransientError as e:
             cause, retry_after = e, e.retry_after

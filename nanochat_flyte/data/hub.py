@@ -34,6 +34,7 @@ from nanochat_flyte.data.download import (
     CorruptFile,
     DownloadError,
     Retry,
+    WrongColumns,
     auth_headers,
     check_pages,
     default_cache_dir,
@@ -92,7 +93,7 @@ def parquet_verifier(columns: tuple[str, ...] = ()) -> Callable[[Path], None]:
         schema = readable_parquet_schema(path)
         missing = [column for column in columns if column not in schema.names]
         if missing:
-            raise CorruptFile(f"{path.name} has no column {', '.join(missing)} (columns: {schema.names})")
+            raise WrongColumns(f"{path.name} has no column {', '.join(missing)} (columns: {schema.names})")
         check_pages(path, list(columns) or None)
 
     return verify
