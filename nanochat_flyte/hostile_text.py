@@ -16,6 +16,12 @@ import unicodedata
 # spaces, the byte-order mark, the soft hyphen, the tag characters that carry invisible text), and the line and
 # paragraph separators (Zl, Zp). The zero-width joiners stay: scripts and emoji need them.
 HIDDEN_CATEGORIES = ("Cc", "Cf", "Zl", "Zp")
+# Unicode's other default-ignorable characters, which a terminal shows as nothing too and which can carry a text as
+# the tag characters do, one character a byte: the combining grapheme joiner, the Hangul fillers, two Khmer vowels,
+# the Mongolian variation selectors, the variation selectors (all but VS15 and VS16, which choose an emoji's text or
+# picture form) and the unassigned ones. U+E0000-E0FFF holds the tag characters and the 240 supplementary selectors.
+HIDDEN_RANGES = ((0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F), (0x2065, 0x2065),
+                 (0x3164, 0x3164), (0xFE00, 0xFE0D), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0xE0000, 0xE0FFF))
 KEPT = frozenset("\t\n\u200c\u200d")
 REVERSE_VIDEO, NORMAL_VIDEO = "\x1b[7m", "\x1b[27m"  # SGR 7 and 27
 
@@ -30,7 +36,11 @@ def shown(text: str, marked: bool = False) -> str:
 
 
 def hidden(character: str) -> bool:
-    return character not in KEPT and unicodedata.category(character) in HIDDEN_CATEGORIES
+    if character in KEPT:
+        return False
+    code = ord(character)
+    return unicodedata.category(character) in HIDDEN_CATEGORIES or any(low <= code <= high
+                                                                        for low, high in HIDDEN_RANGES)
 
 
 def escape(character: str) -> str:

@@ -12,6 +12,7 @@ import pytest
 from chat_server import API_KEY, start_server, stop_server
 from helpers import make_data_dir, tiny_config
 
+from nanochat_flyte.hostile_text import hidden, shown
 from nanochat_flyte.inference.engine import Engine, SamplingParams
 from nanochat_flyte.training.pretrain import train
 
@@ -120,6 +121,22 @@ def test_the_page_streams_answers_keeps_the_conversation_and_shows_errors(page, 
 def stream_of(*chunks: dict) -> str:
     """A chat completion stream as OpenAI (and our server) sends it: one server-sent event per chunk, then [DONE]."""
     return "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
+
+
+def test_the_page_spells_out_what_a_model_hides_in_its_text_as_the_terminal_does(page, chat_server):
+    """A right-to-left override would show "efas # / fr- mr" as "rm -rf / # safe". The page's list is the terminal's
+    (hostile_text.py): every character up to U+3400 and the other invisible ones, compared one by one."""
+    page.goto(chat_server.url)
+    codes = [*range(0xD800), *range(0xFE00, 0x10000), *range(0xE0000, 0xE0200)]
+    text = "".join(map(chr, codes))
+    on_page, marks = page.evaluate("""text => {
+        const div = document.createElement("div");
+        showModelText(div, text);
+        return [div.textContent, [...div.querySelectorAll(".escape")].map(mark => mark.textContent)];
+    }""", text)
+    assert on_page == shown(text)
+    assert marks == [shown(chr(code)) for code in codes if hidden(chr(code))]
+    assert "\\u202e" in marks and "\\U000e0041" in marks and "\\ufe00" in marks and "\\x1b" in marks
 
 
 def test_an_empty_answer_keeps_the_turns_alternating(page, chat_server):

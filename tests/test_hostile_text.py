@@ -26,6 +26,10 @@ def test_text_hidden_in_invisible_characters_is_spelled_out():
     tagged = "ok" + "".join(chr(0xE0000 + ord(letter)) for letter in "rm")
     assert shown(tagged) == "ok\\U000e0072\\U000e006d"
     assert shown("a\xadb\u2060c\u2064d") == "a\\xadb\\u2060c\\u2064d"
+    # variation selectors carry a byte each after any character (VS1-16, VS17-256); an emoji's own VS16 stays
+    smuggled = "ok\ufe00\U000e0100\U000e01ef\u034f\u3164\u180b"
+    assert shown(smuggled) == "ok\\ufe00\\U000e0100\\U000e01ef\\u034f\\u3164\\u180b"
+    assert shown("\u2764\ufe0f \u2764\ufe0e") == "\u2764\ufe0f \u2764\ufe0e"
 
 
 def test_a_chat_reply_that_writes_an_escape_sequence_reaches_the_terminal_spelled_out(capsys):

@@ -191,6 +191,7 @@ PROBES = {  # each escape found against the sandbox: an action that must fail wi
     "lower the priority of the uid's processes": "c(libc.setpriority(2, 0, 19))",  # PRIO_USER, who=0: all of them
     # each pipe's buffer is kernel memory outside the address-space limit: 200 of them (400 fds) must not open
     "hold kernel memory in pipes": "[os.pipe() for _ in range(200)]",
+    "grow a pipe's buffer to 1 MiB": "c(libc.fcntl(os.pipe()[1], 1031, 1 << 20))",  # F_SETPIPE_SZ
     "read the session keyring": "c(libc.syscall({keyctl}, 0, -3, 0))",  # KEYCTL_GET_KEYRING_ID, the session's
 }
 PROBE_LIMITS = Limits(file_bytes=2**20, disk_bytes=4 * 2**20)
@@ -260,12 +261,12 @@ def test_each_escape_is_held(probe, host):
 # ------------------------------------------------------------------------------------------ missing layers
 
 
-def run_evaluator(setup: str, code: str, python: str = sys.executable) -> str:
+def run_evaluator(setup: str, code: str, python: str = sys.executable, launcher: tuple[str, ...] = ()) -> str:
     """code run by a fresh Python (the evaluator) after `setup`, which takes away what a kernel or container without
-    some layer would not give. Returns its stdout."""
+    some layer would not give; launcher: a command that starts it. Returns its stdout."""
     prelude = "import platform\nfrom nanochat_flyte.evaluation.sandbox import *\n"
-    result = subprocess.run([python, "-c", prelude + setup + textwrap.dedent(code)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run([*launcher, python, "-c", prelude + setup + textwrap.dedent(code)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -318,6 +319,36 @@ def test_with_a_layer_missing_the_escapes_are_still_held(setup, got_through, hos
     assert sorted(outcomes) == sorted(PROBES), output
     assert [name for name in PROBES if outcomes[name] == "GOT THROUGH"] == got_through, output
     host.assert_untouched()
+
+
+@root_only
+def test_without_landlock_a_mount_below_a_readable_tree_is_read_only_too():
+    # The private root binds /usr (say) with every mount below it; each of them must be read-only, not just /usr.
+    require_every_layer()
+    below_usr, unshare = "/usr/local/src", shutil.which("unshare")
+    if unshare is None or not os.path.isdir(below_usr):
+        pytest.skip(f"no unshare(1), or no {below_usr} to mount on in a mount namespace of the test's own")
+    output = run_evaluator(NO_LANDLOCK, f"""
+        mount("tmpfs", {below_usr!r}, "tmpfs", 0, "size=1m,mode=777")  # this evaluator's namespace only
+        token = {below_usr!r} + "/token"
+        Path(token).write_text({SECRET!r})
+        os.chmod(token, 0o666)  # writable by everyone: only the mount's read-only flag stands in the way
+        result = execute(f"open({{token!r}}, 'a').write('overwritten')")
+        print(Path(token).read_text(), result.returncode, "Read-only file system" in result.stderr)
+    """, launcher=(unshare, "--mount", "--propagation", "private"))
+    assert output == f"{SECRET} 1 True\n"
+
+
+@root_only
+def test_without_a_private_root_the_deepest_tree_the_code_leaves_is_removed(monkeypatch):
+    # Its files are then on the host's disk; 3,000 nested directories are past shutil.rmtree's recursion and PATH_MAX.
+    require_every_layer()
+    program = "import os\nprint(os.getcwd())\nfor _ in range(3000):\n    os.mkdir('a')\n    os.chdir('a')\n"
+    output = run_evaluator(NO_NAMESPACES, f"""
+        result = execute({program!r})
+        print(result.passed, os.path.exists(result.stdout.strip()), result.stdout.strip().startswith("/"))
+    """, python_for_other_users(monkeypatch))
+    assert output == "True False True\n"
 
 
 LAYER_REPORT = """

@@ -40,6 +40,7 @@ import json
 import os
 import platform
 import random
+import re
 import resource
 import selectors
 import signal
@@ -62,7 +63,7 @@ class Limits:
     disk_bytes: int = 64 * 2**20  # all its files together: the work directory is a tmpfs, so this is memory
     processes: int = 64  # RLIMIT_NPROC: its uid's processes and threads (run by root, a uid of its own)
     open_files: int = 64  # RLIMIT_NOFILE: a pipe's buffer or an epoll is kernel memory, which the address space
-    #                       limit does not count (10,000 pipes hold 134 MB); Python itself keeps under 10 open
+    #                       limit does not count (a full pipe holds 64 KiB: 32 pipes, 2 MiB); Python keeps under 10
 
 
 # The layers, as ExecutionResult.isolation and .missing name them.
@@ -128,7 +129,9 @@ def execute(code: str, limits: Limits = Limits(), require: tuple[str, ...] = ())
     start = time.monotonic()
     uid = sandbox_uid()
     ack_read, ack_write = os.pipe()  # the child reports on it which layers hold
-    with tempfile.TemporaryDirectory(prefix="nanochat-sandbox-") as workdir, open(ack_read, "rb") as ack_file:
+    workdir = tempfile.mkdtemp(prefix="nanochat-sandbox-")
+    with contextlib.ExitStack() as cleanup, open(ack_read, "rb") as ack_file:
+        cleanup.callback(remove_tree, workdir)
         try:
             process = subprocess.Popen(
                 [sys.executable, "-I", "-B", os.path.abspath(__file__), str(os.getpid()), str(ack_write),
@@ -161,6 +164,18 @@ def execute(code: str, limits: Limits = Limits(), require: tuple[str, ...] = ())
                            stdout=stdout.decode("utf-8", errors="replace"), stderr=stderr_text, timed_out=timed_out,
                            truncated=truncated, seconds=time.monotonic() - start,
                            isolation=tuple(report["isolation"]), missing=report["missing"])
+
+
+def remove_tree(path: str) -> None:
+    """Remove the work directory and whatever the code left in it (without a private root, the code's files are on
+    the host's disk). Not shutil.rmtree, which recurses once per level: a program that nests 1,000 directories makes
+    it raise RecursionError on Python 3.11, and their full paths outgrow PATH_MAX. coreutils walk any depth; chmod
+    first, because the code may have closed its own directories to their owner."""
+    for command in (["chmod", "-R", "u+rwx", "--", path], ["rm", "-rf", "--", path]):
+        subprocess.run(command, env={"PATH": SAFE_PATH}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)  # what they say names the code's files: model-written text
+    if os.path.lexists(path):
+        print(f"sandbox: could not remove {path}", file=sys.stderr, flush=True)
 
 
 class Captured:
@@ -353,6 +368,17 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int, optio
     check(libc.mount(encoded[0], encoded[1], encoded[2], flags, encoded[3]), f"mount {target}")
 
 
+def mount_points(top: str) -> list[str]:
+    """The mount points at top and below it, in the order they were mounted (a parent before its children): the
+    fifth field of /proc/self/mountinfo, where a space, tab, newline or backslash is written as an octal escape."""
+    points = []
+    for line in Path("/proc/self/mountinfo").read_bytes().splitlines():
+        point = os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda match: bytes([int(match[1], 8)]), line.split()[4]))
+        if point == top or point.startswith(top + "/"):
+            points.append(point)
+    return points
+
+
 def enter_private_root(workdir: str, owner: tuple[int, int], disk_bytes: int) -> None:
     """Make an empty tmpfs this process's root, holding read-only binds of readable_paths() and, at its own path,
     the work directory: a tmpfs of disk_bytes owned by `owner` (uid, gid). Nothing else of the host is there, and
@@ -372,7 +398,8 @@ def enter_private_root(workdir: str, owner: tuple[int, int], disk_bytes: int) ->
             else:
                 open(target, "x").close()  # a file's bind needs a file to cover
             mount(path, target, None, MS_BIND | MS_REC)
-            mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | (os.statvfs(target).f_flag & KEPT_FLAGS))
+            for point in mount_points(target):  # a remount covers one mount: each below it keeps its own flags
+                mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | (os.statvfs(point).f_flag & KEPT_FLAGS))
         os.makedirs(workdir + workdir)
         mount("tmpfs", workdir + workdir, "tmpfs", MS_NOSUID | MS_NODEV,
               f"size={disk_bytes},nr_inodes={WORK_INODES},mode=700,uid={owner[0]},gid={owner[1]}")
@@ -504,6 +531,7 @@ ALLOW, KILL_PROCESS, ERRNO = 0x7FFF0000, 0x80000000, 0x00050000  # ERRNO | errno
 X32_SYSCALL_BIT = 0x40000000  # x86_64's x32 ABI: the same calls under other numbers
 CLONE_THREAD = 0x00010000
 F_SETOWN, F_SETSIG, F_SETOWN_EX = 8, 10, 15  # fcntl(2): who gets a file's SIGIO and SIGURG, and as which signal
+F_SETPIPE_SZ = 1031  # fcntl(2): a pipe's buffer, 64 KiB by default, up to /proc/sys/fs/pipe-max-size (1 MiB)
 CLONE_NEW_ANY = 0x7E020000  # every CLONE_NEW* flag: a thread may not make a namespace either
 
 
@@ -543,8 +571,9 @@ def sandbox_rules(pid: int) -> list[Rule]:
             *(Rule(name, arg=0, unless=(pid,)) for name in ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")),
             *(Rule(name, arg=0, unless=(0, pid)) for name in ("prlimit64", "sched_setaffinity", "sched_setparam",
                                                               "sched_setscheduler", "sched_setattr")),
-            # a pipe whose owner is another process signals it (SIGIO, deadly by default) at every write
-            Rule("fcntl", arg=1, when=(F_SETOWN, F_SETSIG, F_SETOWN_EX)),
+            # a pipe whose owner is another process signals it (SIGIO, deadly by default) at every write; a pipe's
+            # buffer is kernel memory, which Limits.open_files bounds only while each keeps its default size
+            Rule("fcntl", arg=1, when=(F_SETOWN, F_SETSIG, F_SETOWN_EX, F_SETPIPE_SZ)),
             # it must die with the evaluator, and leave no core dump
             Rule("prctl", arg=0, when=(PR_SET_PDEATHSIG, PR_SET_DUMPABLE))]
 
