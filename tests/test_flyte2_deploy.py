@@ -240,6 +240,45 @@ def bundle(out: str) -> None:
     Path(out, "scale_up_envs.json").write_text(json.dumps(sorted(plan_deploy(scale_up.scale_up_env)[0].envs)))
 
 
+DECLARE_TASKS = """
+import json
+from flyte._internal.image_cache import ImageCache
+from flyte._internal.runtime.task_serde import translate_task_to_wire
+from flyte.models import SerializationContext
+import workflows.flyte2.pretraining as pretraining
+# a prebuilt image is built by nobody: the image cache a driver's pod is handed holds nothing for it
+context = SerializationContext(project="p", domain="d", org="o", version="v1", image_cache=ImageCache(image_lookup={}),
+                               root_dir=".")
+declared = {}
+for task in (pretraining.describe_training_node, pretraining.train_base_model):
+    template = translate_task_to_wire(task, context).task_template
+    declared[task.name] = {"image": template.container.image, "env": {e.key: e.value for e in template.container.env},
+                           "secrets": [[s.key, s.env_var] for s in template.security_context.secrets],
+                           "links": [repr(link) for link in task.links]}
+print(json.dumps(declared))
+"""
+
+
+def declared_tasks(env: dict) -> dict:
+    result = subprocess.run([sys.executable, "-c", DECLARE_TASKS], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_a_driver_pod_declares_the_tasks_it_starts_as_they_were_registered():
+    """On a cluster a driver task declares each task it starts, in its own pod, which has the environment's env_vars
+    and not the registering shell's: the prebuilt image, renamed secrets and the W&B link must come out the same."""
+    registering = {**environment(), "NANOCHAT_WANDB_SECRET_KEY": "team_wandb", "NANOCHAT_HF_SECRET_KEY": "team_hf"}
+    registered = declared_tasks(registering)
+    train = registered["nanochat_gpu.train_base_model"]
+    assert train["image"] == SETTINGS["NANOCHAT_FLYTE2_IMAGE"]
+    assert train["secrets"] == [["team_wandb", "WANDB_API_KEY"], ["team_hf", "HF_TOKEN"]]
+    assert "entity='ml-team'" in train["links"][0]
+    driver_pod = {name: value for name, value in registering.items() if not name.startswith("NANOCHAT_")}
+    assert declared_tasks({**driver_pod, **train["env"]}) == registered
+
+
 def test_a_task_container_imports_every_entry_file_from_the_code_bundle_alone_and_finds_its_images(tmp_path):
     """A task's container has the image and the code bundle, not the checkout: every entry file must import from the
     bundle, the presets it reads at import (workflows/presets.py) included."""

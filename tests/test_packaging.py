@@ -290,6 +290,14 @@ def test_secret_names_schedule_and_alerts_are_set_without_editing_code(tmp_path)
     nightly = entities["launch_plan"]["nanochat_nightly"]
     assert nightly.spec.entity_metadata.schedule.cron_schedule.schedule == "30 1 * * 1-5"
     assert not nightly.spec.entity_metadata.notifications  # no NANOCHAT_ALERT_EMAILS: no e-mail
+    # The task's pod imports the workflows without the registering shell's settings but with the task's own
+    # environment, which carries them: it looks the secret up under the name it was registered with.
+    pod = {name: value for name, value in os.environ.items() if not name.startswith(("NANOCHAT_", "WANDB_"))}
+    pod.update({pair.key: pair.value for pair in train.container.env}, **{"_FSEC_ML-TEAM_WANDB-KEY": "key-from-secret"})
+    found = subprocess.run([sys.executable, "-c", "from tests.test_packaging import wandb_key_after_loading; "
+                                                  "print(wandb_key_after_loading())"],
+                           cwd=ROOT, env=pod, capture_output=True, text=True, timeout=120)
+    assert found.stdout.splitlines()[-1:] == ["key-from-secret"], found.stdout + found.stderr
 
 
 @task

@@ -38,6 +38,7 @@ from workflows.support import (
     one_line_user_errors,
     retried_on_storage_errors,
     wandb_console_link,
+    with_secrets,
 )
 
 CHAT_DATA_CACHE_VERSION = prepare.CHAT_DATA_VERSION  # cached conversations of an older format are ignored
@@ -46,14 +47,14 @@ CHAT_DATA_CACHE_VERSION = prepare.CHAT_DATA_VERSION  # cached conversations of a
 # A pipeline's chat and RL configs are checked against the base run before it starts: `pyflyte run` checks each config
 # alone, a relaunch from the console with edited inputs checks nothing, and the stage's own setup runs hours later.
 # With the HF token: they probe the hub, which a gated or private mirror answers only with it.
-@task(container_image=IMAGE, secret_requests=[HF_SECRET], **DRIVER_RESOURCES)
+@task(container_image=IMAGE, **with_secrets(HF_SECRET), **DRIVER_RESOURCES)
 @one_line_user_errors
 def check_chat_config(config: RunConfig, chat_config: ChatConfig, resume_from: str) -> ChatConfig:
     export_secret(secrets.HF)
     return setup.later_stages(config, chat_config, resume_from=resume_from, remote=not is_local_run())[0]
 
 
-@task(container_image=IMAGE, secret_requests=[HF_SECRET], **DRIVER_RESOURCES)
+@task(container_image=IMAGE, **with_secrets(HF_SECRET), **DRIVER_RESOURCES)
 @one_line_user_errors
 def check_chat_and_rl_configs(config: RunConfig, chat_config: ChatConfig, rl_config: RLConfig, resume_from: str
                               ) -> tuple[ChatConfig, RLConfig]:
@@ -63,7 +64,7 @@ def check_chat_and_rl_configs(config: RunConfig, chat_config: ChatConfig, rl_con
 
 # Each stage's inputs are checked on a CPU pod: a bad one fails in one line before any GPU node is asked for. The
 # training node kind then checks the sandbox where the evaluation will run (describe_training_node).
-@task(container_image=IMAGE, secret_requests=[HF_SECRET], **DRIVER_RESOURCES)
+@task(container_image=IMAGE, **with_secrets(HF_SECRET), **DRIVER_RESOURCES)
 @one_line_user_errors
 def check_chat_stage(config: ChatConfig, base_checkpoint: FlyteDirectory, resume_from: str
                      ) -> tuple[ChatConfig, str, str]:
@@ -76,7 +77,7 @@ def check_chat_stage(config: ChatConfig, base_checkpoint: FlyteDirectory, resume
     return config, endpoint, setup.sandbox_required_by(config)
 
 
-@task(container_image=IMAGE, secret_requests=[HF_SECRET], **DRIVER_RESOURCES)
+@task(container_image=IMAGE, **with_secrets(HF_SECRET), **DRIVER_RESOURCES)
 @one_line_user_errors
 def check_rl_stage(config: RLConfig, sft_checkpoint: FlyteDirectory, resume_from: str
                    ) -> tuple[RLConfig, ChatConfig, str, str]:
@@ -90,7 +91,7 @@ def check_rl_stage(config: RLConfig, sft_checkpoint: FlyteDirectory, resume_from
 
 
 # Keyed by exactly what decides the conversations: a new learning rate or a longer run reuses the prepared data.
-@task(container_image=IMAGE, secret_requests=[HF_SECRET], cache=Cache(version=CHAT_DATA_CACHE_VERSION),
+@task(container_image=IMAGE, **with_secrets(HF_SECRET), cache=Cache(version=CHAT_DATA_CACHE_VERSION),
       **DATA_RESOURCES)
 @one_line_user_errors
 def prepare_chat_sft_data(endpoint: str, smoltalk_epochs: float, mmlu_epochs: float, gsm8k_epochs: float,
@@ -103,7 +104,7 @@ def prepare_chat_sft_data(endpoint: str, smoltalk_epochs: float, mmlu_epochs: fl
         max_conversations=max_conversations, val_conversations=val_conversations, seed=seed)))
 
 
-@task(container_image=IMAGE, secret_requests=[HF_SECRET], cache=Cache(version=CHAT_DATA_CACHE_VERSION),
+@task(container_image=IMAGE, **with_secrets(HF_SECRET), cache=Cache(version=CHAT_DATA_CACHE_VERSION),
       **DATA_RESOURCES)
 @one_line_user_errors
 def prepare_rl_problems(endpoint: str, max_problems: int, eval_problems: int, seed: int) -> FlyteDirectory:
@@ -114,7 +115,7 @@ def prepare_rl_problems(endpoint: str, max_problems: int, eval_problems: int, se
                                                   eval_problems=eval_problems, seed=seed)))
 
 
-@task(container_image=IMAGE, secret_requests=[HF_SECRET], cache=Cache(version=CHAT_DATA_CACHE_VERSION),
+@task(container_image=IMAGE, **with_secrets(HF_SECRET), cache=Cache(version=CHAT_DATA_CACHE_VERSION),
       **DATA_RESOURCES)
 @one_line_user_errors
 def prepare_chat_eval_data(endpoint: str, tasks: str) -> FlyteDirectory:
@@ -162,7 +163,7 @@ def train_rl_model(config: RLConfig, sft_checkpoint: FlyteDirectory, data: Flyte
 
 # Cached on (checkpoint, evaluation data, the settings that change the scores): evaluating the same checkpoint again
 # costs nothing.
-@task(container_image=IMAGE, secret_requests=[WANDB_SECRET], interruptible=True, retries=2, enable_deck=True,
+@task(container_image=IMAGE, **with_secrets(WANDB_SECRET), interruptible=True, retries=2, enable_deck=True,
       cache=Cache(version=evaluate.EVALUATION_VERSION, ignored_inputs=("config",)), **TRAINING_RESOURCES)
 @one_line_user_errors
 def evaluate_chat_model(config: ChatConfig, checkpoint: FlyteDirectory, eval_data: FlyteDirectory, tasks: str,

@@ -40,13 +40,14 @@ from workflows.support import (
     one_line_user_errors,
     retried_on_storage_errors,
     wandb_console_link,
+    with_secrets,
 )
 
 DATA_CACHE_VERSION = prepare.DATA_VERSION  # cached data from an older version of the format is ignored
 
 
 # On a CPU pod: a bad input fails in one line before any GPU node is asked for, or any download starts.
-@task(container_image=IMAGE, secret_requests=[HF_SECRET], **DRIVER_RESOURCES)
+@task(container_image=IMAGE, **with_secrets(HF_SECRET), **DRIVER_RESOURCES)
 @one_line_user_errors
 def check_run_config(config: RunConfig, resume_from: str, world_size: int, entry: str
                      ) -> tuple[RunConfig, bool, RunConfig]:
@@ -61,7 +62,7 @@ def check_run_config(config: RunConfig, resume_from: str, world_size: int, entry
 # The same node kind as training (interruptible too: spot pools are tainted for interruptible pods), so that the
 # report describes the GPU, driver and CPUs the training will get, and a chat stage's sandbox is checked where its
 # evaluation will run (sandbox_for: setup.sandbox_required_by), before training.
-@task(container_image=IMAGE, secret_requests=[WANDB_SECRET], interruptible=True, enable_deck=True,
+@task(container_image=IMAGE, **with_secrets(WANDB_SECRET), interruptible=True, enable_deck=True,
       **TRAINING_RESOURCES)
 @one_line_user_errors
 def describe_training_node(sandbox_for: str = "", later_stage: bool = False) -> dict:
@@ -71,7 +72,7 @@ def describe_training_node(sandbox_for: str = "", later_stage: bool = False) -> 
     return setup.describe_machine(deck, printed=not (later_stage and is_local_run()), sandbox_for=sandbox_for)
 
 
-@task(container_image=IMAGE, secret_requests=[HF_SECRET], cache=Cache(version=DATA_CACHE_VERSION),
+@task(container_image=IMAGE, **with_secrets(HF_SECRET), cache=Cache(version=DATA_CACHE_VERSION),
       **DATA_RESOURCES)
 @one_line_user_errors
 def prepare_tokenizer(tokenizer: str, data_url: str, num_shards: int, bpe_vocab_size: int,
@@ -83,7 +84,7 @@ def prepare_tokenizer(tokenizer: str, data_url: str, num_shards: int, bpe_vocab_
                                                 out_dir)))
 
 
-@task(container_image=IMAGE, secret_requests=[HF_SECRET], cache=Cache(version=DATA_CACHE_VERSION),
+@task(container_image=IMAGE, **with_secrets(HF_SECRET), cache=Cache(version=DATA_CACHE_VERSION),
       **DATA_RESOURCES)
 @one_line_user_errors
 def plan_data_shards(config: RunConfig, tokenizer_dir: FlyteDirectory) -> list[ShardJob]:
@@ -94,7 +95,7 @@ def plan_data_shards(config: RunConfig, tokenizer_dir: FlyteDirectory) -> list[S
 # Keyed by the job alone (data_url, shard index, split, tokenizer fingerprint): a relaunch or a scheduled run
 # reuses every shard it has prepared before, whatever else changed in the config.
 # No user retries: download_shard already retries with backoff, and a preempted spot pod is a system retry.
-@task(container_image=IMAGE, secret_requests=[HF_SECRET], interruptible=True,
+@task(container_image=IMAGE, **with_secrets(HF_SECRET), interruptible=True,
       cache=Cache(version=DATA_CACHE_VERSION, ignored_inputs=("tokenizer_dir",)), **DATA_RESOURCES)
 @one_line_user_errors
 def prepare_data_shard(job: ShardJob, tokenizer_dir: FlyteDirectory) -> FlyteDirectory:
@@ -149,7 +150,7 @@ def train_base_model(config: RunConfig, data: FlyteDirectory, environment: dict,
 
 # On the training node kind; cached on (checkpoint, bundle, max_per_task): scoring the same checkpoint again is free.
 # With the HF token: a bundle on a gated mirror is fetched with it, as the setup probed it.
-@task(container_image=IMAGE, secret_requests=[WANDB_SECRET, HF_SECRET], interruptible=True, retries=2,
+@task(container_image=IMAGE, **with_secrets(WANDB_SECRET, HF_SECRET), interruptible=True, retries=2,
       enable_deck=True, cache=Cache(version=evaluate.EVALUATION_VERSION, ignored_inputs=("config",)),
       **TRAINING_RESOURCES)
 @one_line_user_errors

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
+from nanochat_flyte.pipeline import secrets
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 REFERENCE_CONFIG = RunConfig.from_file(CONFIGS / "d8_t4.yaml")  # the reference run
@@ -18,6 +19,15 @@ REFERENCE_CHAT_CONFIG = ChatConfig.from_file(CONFIGS / "chat_d8_t4.yaml")
 REFERENCE_RL_CONFIG = RLConfig.from_file(CONFIGS / "rl_d8_t4.yaml")
 # Depth 12 for ~3.2B tokens (20 per parameter, Chinchilla), bf16 on an A100: see the preset's comments.
 D12_CONFIG = RunConfig.from_file(CONFIGS / "d12_a100.yaml")
+
+# What the workflow files read from the environment to declare a task: its image, its secrets' names and its W&B
+# console link. A task's pod imports its file again, to run the task and, in a Flyte 2 driver, to declare the tasks
+# it starts, without the environment of the shell that registered it; so every task carries the values set there
+# (v1's `environment=`, Flyte 2's `env_vars=`), and its pod declares, and looks up, what was registered.
+REGISTERED_SETTINGS = {name: os.environ[name] for name in (
+    "NANOCHAT_IMAGE", "NANOCHAT_FLYTE2_IMAGE", "NANOCHAT_IMAGE_REGISTRY", "NANOCHAT_WANDB_ENTITY",
+    "NANOCHAT_WANDB_PROJECT", "NANOCHAT_WANDB_HOST", *(name for secret in secrets.ALL for name in secret.settings))
+    if os.environ.get(name)}
 
 NIGHTLY_CRON = os.environ.get("NANOCHAT_NIGHTLY_CRON", "0 3 * * *")
 ALERT_EMAILS = [address.strip() for address in os.environ.get("NANOCHAT_ALERT_EMAILS", "").split(",")

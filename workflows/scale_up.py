@@ -16,7 +16,7 @@ from nanochat_flyte.config import RunConfig
 from workflows.image import IMAGE
 from workflows.nanochat import RunOutputs, pretrain, train_base_model
 from workflows.presets import A100_NODE, D12_CONFIG, EIGHT_A100_NODE
-from workflows.support import HF_SECRET, WANDB_SECRET, task_resources, wandb_console_link
+from workflows.support import HF_SECRET, WANDB_SECRET, task_resources, wandb_console_link, with_secrets
 
 GPUS = EIGHT_A100_NODE.gpus
 # Not interruptible: a preempted 8-GPU node is slow to come back, and every rank restarts from the last checkpoint.
@@ -24,7 +24,7 @@ EIGHT_A100_TASK = dict(task_resources(EIGHT_A100_NODE), interruptible=False)
 
 
 @task(task_config=Elastic(nnodes=1, nproc_per_node=GPUS), container_image=IMAGE,
-      secret_requests=[WANDB_SECRET, HF_SECRET], retries=3, enable_deck=True, **EIGHT_A100_TASK)
+      **with_secrets(WANDB_SECRET, HF_SECRET), retries=3, enable_deck=True, **EIGHT_A100_TASK)
 @wandb_console_link
 def train_base_model_multi_gpu(config: RunConfig, data: FlyteDirectory, environment: dict, resume_from: str
                                ) -> tuple[FlyteDirectory, dict]:

@@ -22,7 +22,7 @@ from nanochat_flyte.pipeline.secrets import SecretName
 from nanochat_flyte.reporting.tracking import console_link_settings
 from nanochat_flyte.schema import cli_config_class
 from workflows.image import IMAGE
-from workflows.presets import DATA_NODE, DRIVER_NODE, T4_NODE, Machine
+from workflows.presets import DATA_NODE, DRIVER_NODE, REGISTERED_SETTINGS, T4_NODE, Machine
 
 # The secrets, named as nanochat_flyte.pipeline.secrets says: by group and key on open-source Flyte (the Kubernetes
 # secret `wandb` with the key `api_key`), by key alone on Union (`union create secret wandb_api_key`). Locally,
@@ -33,6 +33,12 @@ SECRET_NEEDS_GROUP = get_plugin().secret_requires_group()  # False when the `uni
 def declared_secret(secret: SecretName) -> Secret:
     group, key = secret.group_and_key(SECRET_NEEDS_GROUP)
     return Secret(group=group, key=key)
+
+
+def with_secrets(*requested: Secret) -> dict:
+    """@task arguments that request these secrets, with the names they were given at registration (a task's pod
+    declares them again, to look them up: export_secret)."""
+    return dict(secret_requests=list(requested), environment=REGISTERED_SETTINGS)
 
 
 WANDB_SECRET = declared_secret(secrets.WANDB)  # absent: W&B runs offline
@@ -173,7 +179,7 @@ def retried_on_storage_errors():
 # How every training task (pretraining, SFT, RL) is declared. Interruptible: a spot T4 is a third of the price; a
 # preempted attempt resumes from the intra-task checkpoint.
 # the HF token too: with core_metric_every, pretraining reads the CORE bundle, which may be on a gated mirror
-TRAINING_TASK = dict(container_image=IMAGE, secret_requests=[WANDB_SECRET, HF_SECRET], interruptible=True, retries=3,
+TRAINING_TASK = dict(container_image=IMAGE, **with_secrets(WANDB_SECRET, HF_SECRET), interruptible=True, retries=3,
                      enable_deck=True, **TRAINING_RESOURCES)
 
 

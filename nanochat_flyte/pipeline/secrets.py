@@ -19,13 +19,20 @@ class SecretName:
     key: str
     env_var: str  # where the library (or the chat server) reads it
 
+    @property
+    def settings(self) -> tuple[str, str]:
+        """The environment variables that rename it: NANOCHAT_<name>_SECRET_GROUP and _KEY."""
+        return f"NANOCHAT_{self.name}_SECRET_GROUP", f"NANOCHAT_{self.name}_SECRET_KEY"
+
     def group_and_key(self, grouped: bool) -> tuple[str | None, str]:
         """The secret's (group, key) on a cluster that names secrets by group and key (grouped) or by key alone."""
-        group = os.environ.get(f"NANOCHAT_{self.name}_SECRET_GROUP", self.group if grouped else "") or None
-        key = os.environ.get(f"NANOCHAT_{self.name}_SECRET_KEY", self.key if grouped else f"{self.group}_{self.key}")
+        group_setting, key_setting = self.settings
+        group = os.environ.get(group_setting, self.group if grouped else "") or None
+        key = os.environ.get(key_setting, self.key if grouped else f"{self.group}_{self.key}")
         return group, key
 
 
 WANDB = SecretName("WANDB", "wandb", "api_key", "WANDB_API_KEY")  # absent: W&B runs offline
 HF = SecretName("HF", "hf", "token", "HF_TOKEN")  # only for a gated or private mirror of the datasets
 CHAT_API_KEY = SecretName("API", "nanochat", "api_key", API_KEY_ENV)  # the chat server's bearer token
+ALL = (WANDB, HF, CHAT_API_KEY)

@@ -27,6 +27,7 @@ from workflows.presets import (
     DRIVER_NODE,
     FETCH_GPT2_RANKS,
     PROJECT_DEPENDENCIES,
+    REGISTERED_SETTINGS,
     T4_NODE,
     TIKTOKEN_CACHE_DIR,
     TORCH_VERSION,
@@ -96,12 +97,13 @@ EVALUATION_CACHE = flyte.Cache(behavior="override", version_override=evaluate.EV
 # come along too, or a task's container could not import its module.
 PRESETS = (str(ROOT / "configs"),)
 
-data_env = flyte.TaskEnvironment(name="nanochat_data", image=IMAGE, secrets=[HF_SECRET], resources=node(DATA_NODE),
-                                 include=PRESETS)
+data_env = flyte.TaskEnvironment(name="nanochat_data", image=IMAGE, env_vars=REGISTERED_SETTINGS, secrets=[HF_SECRET],
+                                 resources=node(DATA_NODE), include=PRESETS)
 
 # Interruptible: a spot T4 is a third of the price, and a preempted training attempt resumes from its last save.
-gpu_env = flyte.TaskEnvironment(name="nanochat_gpu", image=IMAGE, secrets=[WANDB_SECRET, HF_SECRET],
-                                resources=node(T4_NODE), interruptible=True, include=PRESETS)
+gpu_env = flyte.TaskEnvironment(name="nanochat_gpu", image=IMAGE, env_vars=REGISTERED_SETTINGS,
+                                secrets=[WANDB_SECRET, HF_SECRET], resources=node(T4_NODE), interruptible=True,
+                                include=PRESETS)
 
-driver_env = flyte.TaskEnvironment(name="nanochat", image=IMAGE, secrets=[HF_SECRET], resources=node(DRIVER_NODE),
-                                   depends_on=[data_env, gpu_env], include=PRESETS)
+driver_env = flyte.TaskEnvironment(name="nanochat", image=IMAGE, env_vars=REGISTERED_SETTINGS, secrets=[HF_SECRET],
+                                   resources=node(DRIVER_NODE), depends_on=[data_env, gpu_env], include=PRESETS)

@@ -25,13 +25,13 @@ from workflows.flyte2.environments import (
 )
 from workflows.flyte2.pretraining import RunOutputs, pretrain, train_base_model
 from workflows.flyte2.support import ElasticUserErrors, one_line_user_errors, wandb_links
-from workflows.presets import A100_NODE, D12_CONFIG, EIGHT_A100_NODE
+from workflows.presets import A100_NODE, D12_CONFIG, EIGHT_A100_NODE, REGISTERED_SETTINGS
 
 GPUS = EIGHT_A100_NODE.gpus
 
 # Not interruptible: a preempted 8-GPU node is slow to come back, and every rank restarts from the last checkpoint.
-multi_gpu_env = flyte.TaskEnvironment(name="nanochat_8xa100", image=IMAGE, secrets=[WANDB_SECRET, HF_SECRET],
-                                      resources=node(EIGHT_A100_NODE),
+multi_gpu_env = flyte.TaskEnvironment(name="nanochat_8xa100", image=IMAGE, env_vars=REGISTERED_SETTINGS,
+                                      secrets=[WANDB_SECRET, HF_SECRET], resources=node(EIGHT_A100_NODE),
                                       plugin_config=ElasticUserErrors(nnodes=1, nproc_per_node=GPUS),
                                       include=PRESETS)
 # The drivers of these runs start the 8-GPU task too: flyte run readies the images of the driver's environment and
