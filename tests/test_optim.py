@@ -13,6 +13,7 @@ from nanochat_flyte.model.optim import (
     muon_momentum,
     orthogonalize,
 )
+from nanochat_flyte.training.loop import load_optimizer_states
 
 
 def tiny_model(residual_scalars: bool = False) -> GPT:
@@ -179,3 +180,20 @@ def test_orthogonalize_treats_a_stack_matrix_by_matrix():
 def test_the_config_chooses_batched_muon():
     assert not build_optimizers(tiny_model(), RunConfig())[1].batched  # one matrix at a time stays the default
     assert build_optimizers(tiny_model(), RunConfig(muon_batched=True))[1].batched
+
+
+def test_a_state_saved_without_fused_adamw_loads_into_a_fused_one_with_its_steps_beside_the_parameters():
+    # A base model pretrained on a CPU, fine-tuned on a GPU: the GPU's fused AdamW needs each `step` on the
+    # parameters' device (torch: "Expected all tensors to be on the same device" otherwise). The meta device
+    # stands in for the GPU; the run's settings win over the saved ones.
+    saved = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=0.1, fused=False)
+    saved.param_groups[0]["params"][0].grad = torch.ones(3)
+    saved.step()
+    on_gpu = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3, device="meta"))], lr=0.5)
+    on_gpu.param_groups[0]["fused"] = True  # as build_optimizers makes it on CUDA
+
+    load_optimizer_states([on_gpu], [saved.state_dict()])
+
+    state = next(iter(on_gpu.state.values()))
+    assert state["step"].device.type == state["exp_avg"].device.type == "meta"
+    assert on_gpu.param_groups[0]["lr"] == 0.5 and on_gpu.param_groups[0]["fused"] is True

@@ -432,7 +432,7 @@ def test_a_resume_with_fewer_iterations_than_done_is_refused_before_training(dat
         Trainer(config, Pretraining(config, data_dir), tmp_path / "resumed", resume_dir=tmp_path / "first")
 
 
-def test_a_run_resumed_to_end_at_a_running_save_evaluates_and_samples_its_last_step(data_dir, tmp_path):
+def test_a_run_resumed_to_end_at_a_running_save_evaluates_and_samples_its_last_step_whatever_its_schedule(data_dir, tmp_path):
     class Stopped(Exception):
         pass
 
@@ -450,6 +450,15 @@ def test_a_run_resumed_to_end_at_a_running_save_evaluates_and_samples_its_last_s
     # a finished run resumed at its own length evaluates nothing again
     train(tiny_config(num_iterations=4, save_every=4), data_dir, tmp_path / "run", resume_dir=tmp_path / "run")
     assert [row["step"] for row in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "val/bpb" in row] == [0, 3, 4]
+    # what was done at the saved step is the saving run's schedule: every 2 steps now would have had step 4 done
+    with pytest.raises(Stopped):
+        train(tiny_config(num_iterations=8, save_every=4), data_dir, tmp_path / "again", on_save=stop)
+    summary = train(tiny_config(num_iterations=4, save_every=4, eval_every=2, sample_every=2), data_dir,
+                    tmp_path / "again", resume_dir=tmp_path / "again")
+    evaluated = [row for row in read_jsonl(tmp_path / "again" / "metrics.jsonl") if "val/bpb" in row]
+    assert [row["step"] for row in evaluated] == [0, 3, 4]
+    assert summary["final_validation_bpb"] == evaluated[-1]["val/bpb"]
+    assert sorted({row["step"] for row in read_jsonl(tmp_path / "again" / "samples.jsonl")}) == [3, 4]
 
 
 def test_save_to_takes_a_file_uri(data_dir, tmp_path):

@@ -3,7 +3,9 @@
 One loop for every setting: CPU, MPS, one GPU, or N GPUs under DDP (rank 0 alone writes and logs). Per step:
 grad_accum_steps micro-batches forward/backward, one optimizer step. At step boundaries: validation, samples and
 checkpoints. In a single-process run a CUDA out-of-memory error halves the device batch (and doubles the
-accumulation, so the optimizer sees the same batch) and re-runs the step.
+accumulation, so the optimizer sees the same batch) and re-runs the step. The same gradient in pretraining, whose
+rows all count the same number of tokens; SFT and RL average their loss over each micro-batch's trained tokens, as
+nanochat does, so other micro-batches weight the step's tokens a little differently.
 
 A `Phase` brings what differs between the stages: the batches, their loss (next-token cross-entropy unless it
 says otherwise), the validation metric, the samples and the starting weights (`Pretraining` in pretrain.py, with
@@ -267,13 +269,13 @@ def training_device(config: RunConfig, local_rank: int = 0) -> torch.device:
 
 def load_optimizer_states(optimizers: list[torch.optim.Optimizer], states: list[dict]) -> None:
     """The saved states' moments into `optimizers`, which keep their own settings (learning rates, momentum,
-    weight decay): the run's config wins over the one that saved them."""
+    weight decay, fused): the run's config wins over the one that saved them. The settings go in before the moments,
+    because torch places each AdamW `step` by them: a state saved on a CPU (not fused) would leave its steps on the
+    CPU, where a GPU's fused AdamW cannot use them."""
     for optimizer, state in zip(optimizers, states, strict=True):
-        configured = [{key: value for key, value in group.items() if key != "params"}
-                      for group in optimizer.param_groups]
-        optimizer.load_state_dict(state)
-        for group, settings in zip(optimizer.param_groups, configured, strict=True):
-            group.update(settings)
+        groups = [{**saved, **{key: value for key, value in group.items() if key != "params"}}
+                  for saved, group in zip(state["param_groups"], optimizer.param_groups, strict=True)]
+        optimizer.load_state_dict({**state, "param_groups": groups})
 
 
 # ---------------------------------------------------------------------- phases
@@ -352,6 +354,7 @@ class Trainer:
         self.resumed = resume_dir is not None
         self.start_step, loader_state = 0, None
         self.resumed_finished = False  # resumed from the last step of its num_iterations (set by resume)
+        self.resumed_done = (False, False)  # whether that run evaluated and sampled at the saved step (set by resume)
         if resume_dir is not None:
             config, loader_state = self.resume(config, Path(resume_dir))
         self.config = config = config.resolved()
@@ -418,7 +421,10 @@ class Trainer:
             loop["device_batch_size"] = config.device_batch_size  # asked for anew; else the saved one (OOM-halved)
         self.loop = LoopState(**loop)
         self.start_step = checkpoint["step"]
-        self.resumed_finished = checkpoint["step"] == checkpoint["config"]["num_iterations"]
+        saved = checkpoint["config"]
+        self.resumed_finished = self.start_step == saved["num_iterations"]
+        # by its own schedule, which this run may have changed
+        self.resumed_done = (self.start_step % saved["eval_every"] == 0, self.start_step % saved["sample_every"] == 0)
         restore_rng_states(checkpoint["rng"])
         if not config.run_name:  # keep the name (and with it the W&B run) of the run being resumed
             config = dataclasses.replace(config, run_name=checkpoint["config"]["run_name"])
@@ -663,7 +669,8 @@ class Trainer:
             # The checkpoint was saved after this step's evaluation and samples as they were due then. A run
             # resumed to end here, at a save of a run that went on, still owes the last step's.
             owed = last_step and not self.resumed_finished
-            return owed and step % config.eval_every != 0, owed and step % config.sample_every != 0, False, False
+            evaluated, sampled = self.resumed_done
+            return owed and not evaluated, owed and not sampled, False, False
         evaluate = last_step or step % config.eval_every == 0
         sample = last_step or (step > 0 and step % config.sample_every == 0)
         return evaluate, sample, True, not last_step and step > 0 and step % config.save_every == 0
