@@ -43,7 +43,7 @@ def chat_checkpoint(base_checkpoint) -> Path:
 
 
 # uvicorn's line once it listens: with --port 0 it names the port the system chose
-LISTENING = re.compile(r"Uvicorn running on http://\S+:(\d+)")
+LISTENING = re.compile(r"Uvicorn running on http://(\S+):(\d+)")
 
 
 @dataclass
@@ -68,7 +68,8 @@ def start_server(checkpoint: Path, log: Path, *args: str, env: dict | None = Non
         if process.poll() is not None:
             raise RuntimeError(f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         if listening := LISTENING.search(log.read_text()):
-            server = Server(f"http://127.0.0.1:{listening[1]}", process, log)
+            host = "127.0.0.1" if listening[1] == "0.0.0.0" else listening[1]  # (all addresses: loopback's too)
+            server = Server(f"http://{host}:{listening[2]}", process, log)
             try:
                 server.health()
                 return server

@@ -11,6 +11,8 @@ from nanochat_flyte.inference.calculator import calculate
     ("48/2", "24"), ("48+24", "72"), ("12/60", "0.2"), ("0.2*50", "10"), ("5*.2", "1"), ("(3+4)*2", "14"),
     ("-3+1", "-2"), ("2**10", "1024"), ("7//2", "3"), ("7%3", "1"), ("1,200*2", "2400"), (" 10/3 ", "3.333333"),
     ("2/3", "0.666667"), ("1e3/4", "250"), ("10**64*10**64", "1" + "0" * 128),
+    # a float too small or too large for 6 decimals' exact digits: never 0 or -0, nor 309 digits of round-off
+    ("3/1000000000", "3e-09"), ("-1/3000000", "-3.3333333333333335e-07"), ("1e300*1e8", "1e+308"), ("-0.0", "0"),
 ])
 def test_arithmetic(expression, result):
     assert calculate(expression) == result

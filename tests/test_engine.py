@@ -470,12 +470,28 @@ def test_chat_prompt_renders_the_conversation_for_a_chat_model():
     assert engine.chat_mode and engine.chat_prompt(messages) == render_prompt(TOKENIZER, messages)
 
 
+def test_a_reply_sent_back_is_read_back_into_the_calls_the_engine_made_and_nothing_else():
+    # "<<48/2=24>>" is the calculator's own answer: a tool call; a reply's C++ `<< x = y >>` is not arithmetic, and
+    # "<<2+2=5>>" not the calculator's answer: text, as the model wrote it
+    engine = randomized_engine(phase="chat")
+    reply = "Half is <<48/2=24>>24. cout << x = y >> z; <<2+2=5>>"
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": reply},
+                {"role": "user", "content": "Go on"}]
+    parts = [{"type": "text", "text": "Half is "}, {"type": "python", "text": "48/2"},
+             {"type": "python_output", "text": "24"}, {"type": "text", "text": "24. cout << x = y >> z; <<2+2=5>>"}]
+    assert engine.chat_prompt(messages) == render_prompt(TOKENIZER, [messages[0], {"role": "assistant",
+                                                                                   "content": parts}, messages[2]])
+
+
 def test_a_base_model_continues_the_last_user_message_as_plain_text():
     engine = randomized_engine(phase="base")
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                 {"role": "user", "content": "The capital of France is"}]
     assert not engine.chat_mode
     assert engine.chat_prompt(messages) == [EOT, *tokens_of("The capital of France is")]
+    system = {"role": "system", "content": "You are a helpful assistant."}  # what OpenAI clients often send
+    assert engine.chat_prompt([system, messages[-1]]) == engine.chat_prompt([system, *messages]) == engine.chat_prompt(
+        messages)
     with pytest.raises(ConversationError, match=r"messages\[1\].role"):  # the rules hold in both modes
         engine.chat_prompt([messages[0], messages[0]])
 

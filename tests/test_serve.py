@@ -3,8 +3,11 @@ equal what the engine computes for the same request, in OpenAI's shapes, through
 bad requests get 4xx in OpenAI's error shape; concurrency, the 429 limit, disconnects and the API key."""
 
 import json
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +21,7 @@ from chat_server import API_KEY, CONTEXT, start_server, stop_server
 from nanochat_flyte.cli.serve import main
 from nanochat_flyte.errors import UserError
 from nanochat_flyte.inference.engine import Engine, SamplingParams
+from nanochat_flyte.inference.serve import model_name_of
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -182,6 +186,8 @@ LONG = [{"role": "user", "content": "The cat sees a small boat. " * (CONTEXT // 
     ({"messages": HELLO, "temperature": 3}, 400, "temperature", "from 0 to 2"),
     ({"messages": HELLO, "n": 2}, 400, "n", "only 1 is supported"),
     ({"messages": HELLO, "top_p": 0.5}, 400, "top_p", "only 1 is supported"),
+    ({"messages": HELLO, "n": True}, 400, "n", "only 1 is supported (one answer per request), got true"),
+    ({"messages": HELLO, "top_p": True}, 400, "top_p", "got true"),
     ({"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "up to 4"),
     ({"messages": HELLO, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
     ([HELLO], 400, None, "must be a JSON object"),
@@ -189,7 +195,7 @@ LONG = [{"role": "user", "content": "The cat sees a small boat. " * (CONTEXT // 
      "include_usage: must be true or false"),
 ], ids=["no-messages", "missing-messages", "assistant-first", "two-users", "content-not-text", "unknown-role",
         "longer-than-context", "max-tokens-0", "max-tokens-over-context", "max-tokens-not-int", "temperature",
-        "n", "top-p", "five-stops", "tools", "not-an-object", "include-usage-not-bool"])
+        "n", "top-p", "n-true", "top-p-true", "five-stops", "tools", "not-an-object", "include-usage-not-bool"])
 def test_bad_requests_get_a_clear_4xx_in_openai_shape(chat_server, body, status, param, fragment):
     response = post(chat_server, body)
     assert response.status_code == status, response.text
@@ -342,6 +348,24 @@ def test_a_server_open_beyond_localhost_without_a_key_warns_and_answers_as_its_m
     finally:
         stop_server(server)
     assert "WARNING:     listening on 0.0.0.0 without an API key" in server.log.read_text()
+
+
+def test_any_loopback_address_keeps_the_host_check_and_a_key_no_client_can_send_is_refused(base_checkpoint,
+                                                                                             tmp_path):
+    # 127.0.0.2 is this machine's too: a page of a name pointed at it (DNS rebinding) reads no answer either
+    server = start_server(base_checkpoint, tmp_path / "alias.log", "--host", "127.0.0.2", env={"NANOCHAT_API_KEY": ""})
+    try:
+        assert server.url.startswith("http://127.0.0.2:") and requests.get(f"{server.url}/health", timeout=10).ok
+        assert requests.get(f"{server.url}/health", headers={"Host": "attacker.example"}, timeout=10).status_code == 400
+    finally:
+        stop_server(server)
+    assert "without an API key" not in server.log.read_text()
+    # HTTP clients send headers in ASCII (httpx refuses others; a server reads them as latin-1): no match, ever
+    refused = subprocess.run([sys.executable, "-m", "nanochat_flyte", "serve", "--checkpoint", str(base_checkpoint)],
+                             env={**os.environ, "NANOCHAT_API_KEY": "clé"}, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and refused.stderr.strip().splitlines() == [
+        "error: NANOCHAT_API_KEY: a client can send only printable ASCII in its Authorization header; choose a key of "
+        "those characters"]
 
 
 def test_a_key_from_a_file_ending_in_a_newline_is_the_key_and_a_proxys_name_can_be_allowed(base_checkpoint,
@@ -566,3 +590,11 @@ def test_a_host_or_port_that_cannot_be_listened_on_is_refused_before_the_model_l
         for host in ("127.0.0.1", "localhost", "0.0.0.0"):
             with pytest.raises(UserError, match=f"^--port: {port} is already in use on {host}$"):
                 main([*missing, "--host", host, "--port", str(port)])
+
+
+@pytest.mark.parametrize("checkpoint, name", [
+    ("s3://bucket/runs/d20/checkpoint/", "d20-checkpoint"), ("runs/chat", "runs-chat"), ("/checkpoint", "checkpoint"),
+    ("file:///checkpoint", "checkpoint"), ("ckpt", "ckpt"), ("/", "nanochat"),
+])
+def test_the_model_is_named_after_the_checkpoints_last_two_folders(checkpoint, name):
+    assert model_name_of(checkpoint) == name

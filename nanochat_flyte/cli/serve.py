@@ -19,6 +19,7 @@ docs/serving.md has the details.
 
 import errno
 import functools
+import ipaddress
 import logging
 import os
 import socket
@@ -36,7 +37,6 @@ from nanochat_flyte.errors import UserError
 from nanochat_flyte.inference.engine import Engine
 from nanochat_flyte.inference.serve import (
     API_KEY_ENV,
-    LOOPBACK_ADDRESSES,
     LOOPBACK_HOSTS,
     MAX_CONNECTIONS,
     REQUEST_TIMEOUT,
@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"refuse to start without {API_KEY_ENV} (a deployment whose key must never be missing)")
     parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                         help="also answer requests addressed to NAME (a reverse proxy's public name); on a loopback "
-                             "--host, only 127.0.0.1, localhost and [::1] are answered otherwise. Given with another "
-                             "--host, it turns that check on there too")
+                             "--host, only 127.0.0.1, localhost, [::1] and --host are answered otherwise. Given with "
+                             "another --host, it turns that check on there too")
     add_device_flag(parser)
     add_compile_flag(parser)
     args = parser.parse_args(argv)
@@ -80,10 +80,13 @@ def main(argv: list[str] | None = None) -> None:
     api_key = os.environ.get(API_KEY_ENV, "").strip() or None  # (a secret file written by `echo` ends in a newline)
     if args.require_api_key and api_key is None:
         raise UserError(f"--require-api-key: {API_KEY_ENV} is not set (or empty): refusing to serve without a key")
+    if api_key is not None and not (api_key.isascii() and api_key.isprintable()):  # (the key is never printed)
+        raise UserError(f"{API_KEY_ENV}: a client can send only printable ASCII in its Authorization header; "
+                        "choose a key of those characters")
     check_can_listen(args.host, args.port)
     require_checkpoint_flag(parser, args.checkpoint)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
-    loopback = args.host in LOOPBACK_ADDRESSES
+    loopback = is_loopback(args.host)
     if not loopback and api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model "
                     "(set %s to require one)", args.host, API_KEY_ENV)
@@ -94,13 +97,24 @@ def main(argv: list[str] | None = None) -> None:
     else:
         log.info("serving %s: a BASE checkpoint (no chat fine-tuning): plain completion mode, each request "
                  "continues its last user message as plain text", name)
-    allowed_hosts = (*LOOPBACK_HOSTS, *args.allowed_host) if loopback or args.allowed_host else None
+    allowed_hosts = (*LOOPBACK_HOSTS, args.host, *args.allowed_host) if loopback or args.allowed_host else None
     app = create_app(engine, model_name=name, max_concurrent=args.max_concurrent, api_key=api_key,
                      request_timeout=args.request_timeout, allowed_hosts=allowed_hosts)
     http = functools.partial(BoundedHttp, request_timeout=args.request_timeout, max_connections=args.max_connections)
     # On Ctrl-C or SIGTERM no new request is taken; answers in flight get SHUTDOWN_GRACE_S to finish
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=http,
                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address the host stands for is one of this machine's loopback ones (all of 127.0.0.0/8 and ::1;
+    127.0.0.2 and 127.1 are too), which no other machine reaches."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except (socket.gaierror, UnicodeError):
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(address.partition("%")[0]).is_loopback
+                                   for address in addresses)
 
 
 def check_can_listen(host: str, port: int) -> None:

@@ -20,6 +20,7 @@ page) is read back into those parts (calculator_parts), so that the model sees i
 """
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import tiktoken
@@ -137,12 +138,15 @@ def assistant_parts(tokenizer: tiktoken.Encoding, tokens: ChatTokens, content: s
     return parts
 
 
-def calculator_parts(text: str) -> list[dict]:
+def calculator_parts(text: str, is_call: Callable[[str, str], bool] | None = None) -> list[dict]:
     """Text with calculator annotations (a GSM8K solution, a reply as the engine shows it) as assistant content
     parts: each annotation becomes a tool call, the expression for the model to write and the result for the tool to
-    give back, as nanochat trains them."""
+    give back, as nanochat trains them. is_call(expression, result), where given: which annotations are calls; the
+    others (a reply's own `cout << x = y >> z`) stay text."""
     parts, position = [], 0
     for match in CALCULATOR_ANNOTATION.finditer(text):
+        if is_call and not is_call(match.group(1), match.group(2)):
+            continue
         parts += [{"type": "text", "text": text[position:match.start()]},
                   {"type": "python", "text": match.group(1)}, {"type": "python_output", "text": match.group(2)}]
         position = match.end()
@@ -150,14 +154,16 @@ def calculator_parts(text: str) -> list[dict]:
     return [part for part in parts if part["text"] or part["type"] != "text"]
 
 
-def render_prompt(tokenizer: tiktoken.Encoding, messages: list[dict]) -> list[int]:
+def render_prompt(tokenizer: tiktoken.Encoding, messages: list[dict],
+                  is_call: Callable[[str, str], bool] | None = None) -> list[int]:
     """The ids of a conversation that ends with the user, followed by <|assistant_start|>: what the model
-    continues to write its reply (until it emits <|assistant_end|>)."""
+    continues to write its reply (until it emits <|assistant_end|>). is_call: which annotations in the replies are
+    calculator calls (calculator_parts)."""
     tokens = ChatTokens.of(tokenizer)
     turns = normalize(messages, ends_with="user")
     # the history renders as in training, the replies' calculator calls as tool calls; the new user turn and the
     # reply's opening token follow
-    history = [dict(turn, content=calculator_parts(turn["content"])) if turn["role"] == "assistant"
+    history = [dict(turn, content=calculator_parts(turn["content"], is_call)) if turn["role"] == "assistant"
                and isinstance(turn["content"], str) else turn for turn in turns[:-1]]
     history = render_conversation(tokenizer, history)[0] if history else [tokens.bos]
     return [*history, tokens.user_start, *tokenizer.encode_ordinary(turns[-1]["content"]), tokens.user_end,

@@ -51,9 +51,13 @@ def bounded(value: int | float) -> int | float:
 
 
 def format_number(value: int | float) -> str:
-    """As GSM8K writes results: whole numbers without a decimal point, others to at most 6 decimals."""
+    """As GSM8K writes results: whole numbers without a decimal point, others to at most 6 decimals. A float beyond
+    what those show exactly, below a millionth (not 0) or from 2**53 up (1e300 * 1e8), is written as Python writes
+    it (3e-09, 1e+308): its digits stay few, and never say 0 for a number that is not."""
+    if isinstance(value, float) and (abs(value) >= 2**53 or 0 < abs(value) < 1e-6):
+        return repr(value)
     if isinstance(value, float) and value.is_integer():
-        value = int(value)
+        value = int(value)  # (-0.0 too)
     if isinstance(value, int):
         return str(value)
     return f"{value:.6f}".rstrip("0").rstrip(".")

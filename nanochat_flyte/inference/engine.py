@@ -447,9 +447,11 @@ class Engine:
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """The prompt for the assistant's next reply. Raises ConversationError for messages that break the rules
         (also in plain completion mode)."""
-        if self.chat_mode:
-            return render_prompt(self.tokenizer, messages)
-        return self.completion_prompt(normalize(messages, ends_with="user")[-1]["content"])
+        if self.chat_mode:  # the replies' calls are those whose result is the calculator's, as the engine wrote them
+            return render_prompt(self.tokenizer, messages, is_call=lambda expression, result: calculate(expression)
+                                 == result)
+        normalize(messages, ends_with="user")  # the same rules in both modes
+        return self.completion_prompt(messages[-1]["content"])  # alone: no system message folded into it
 
     # ------------------------------------------------------------------ generation
 

@@ -56,7 +56,6 @@ MAX_BODY_BYTES = 1_000_000  # a conversation that fills even a long context is f
 REQUEST_TIMEOUT = 10.0  # seconds for a request's headers, and again for its body: a 1 MB body needs far less
 RETRY_AFTER_S = 2  # a busy server's 429 asks to wait this long: about a short answer's time on a GPU
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")  # what a browser on this machine names a local server by
-LOOPBACK_ADDRESSES = ("127.0.0.1", "localhost", "::1")  # the same as a listening address (a Host header brackets ::1)
 MAX_CONNECTIONS = 256  # open at once, idle ones included: each holds a file descriptor (often 1024 a process)
 PAGE = Path(__file__).parent / "static" / "chat.html"  # package data (pyproject.toml)
 REFUSED_FIELDS = ("tools", "functions", "tool_choice", "function_call", "response_format", "logprobs",
@@ -151,12 +150,12 @@ def parse_chat_request(state: ServerState, raw: bytes) -> ChatRequest:
     for name in REFUSED_FIELDS:
         if body.get(name) not in (None, False, []):
             raise ApiError(400, f"{name}: not supported by this server", name, "unsupported_parameter")
-    if body.get("n") not in (None, 1):
-        raise ApiError(400, f"n: only 1 is supported (one answer per request), got {body['n']!r}", "n",
+    if body.get("n") not in (None, 1) or body.get("n") is True:  # (True == 1 in Python, not in JSON)
+        raise ApiError(400, f"n: only 1 is supported (one answer per request), got {json.dumps(body['n'])}", "n",
                        "unsupported_value")
-    if body.get("top_p") not in (None, 1, 1.0):
+    if body.get("top_p") not in (None, 1, 1.0) or body.get("top_p") is True:
         raise ApiError(400, f"top_p: only 1 is supported (nucleus sampling is not implemented; use top_k), "
-                            f"got {body['top_p']!r}", "top_p", "unsupported_value")
+                            f"got {json.dumps(body['top_p'])}", "top_p", "unsupported_value")
     engine = state.engine
     try:
         prompt = engine.chat_prompt(_messages(body))
@@ -301,8 +300,8 @@ class Answer:
 
 def model_name_of(checkpoint: str) -> str:
     """The checkpoint's directory name ("s3://bucket/runs/d20/checkpoint/" -> "d20-checkpoint")."""
-    parts = PurePosixPath(checkpoint.split("://", 1)[-1].rstrip("/")).parts
-    return "-".join(parts[-2:]) if len(parts) >= 2 else (parts[-1] if parts else "nanochat")
+    parts = [part for part in PurePosixPath(checkpoint.split("://", 1)[-1].rstrip("/")).parts if part != "/"]
+    return "-".join(parts[-2:]) or "nanochat"
 
 
 def create_app(engine: Engine, *, model_name: str, max_concurrent: int = 4, api_key: str | None = None,
