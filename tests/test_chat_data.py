@@ -289,6 +289,15 @@ def test_a_mixture_too_large_to_hold_fails_in_one_line_before_its_download(hub_s
     assert not hub_server.requests_for(split_path(*GSM8K_TRAIN)) and not (tmp_path / "sft").exists()
 
 
+def test_a_source_whose_epochs_make_no_conversation_fails_after_its_download_and_writes_nothing(hub_server,
+                                                                                               tmp_path):
+    gsm8k = hub_server.rows[GSM8K_TRAIN]
+    with pytest.raises(ConfigError, match=rf"^ChatConfig\.gsm8k_epochs: {0.4 / gsm8k:g} epochs of gsm8k's "
+                                          rf"{gsm8k:,} conversations make none"):
+        prepare_sft_data(ChatConfig(smoltalk_epochs=0, mmlu_epochs=0, gsm8k_epochs=0.4 / gsm8k), tmp_path / "sft")
+    assert not (tmp_path / "sft").exists()
+
+
 def test_validation_conversations_come_from_the_smoltalk_test_split(hub_server, tmp_path):
     prepare_sft_data(ChatConfig(val_conversations=10), tmp_path / "sft")
     val = read_jsonl(tmp_path / "sft" / "val.jsonl")

@@ -171,6 +171,16 @@ def test_sft_epochs_that_make_too_large_a_mixture_fail_before_pretraining(hub_se
     assert setup.later_stages(RunConfig(), ChatConfig(mmlu_epochs=epochs))[0].mmlu_epochs == epochs
 
 
+def test_an_sft_source_whose_epochs_make_no_conversation_fails_before_pretraining(hub_server):
+    """A fraction of an epoch that rounds to nothing would leave that source out, or the mixture empty, which SFT
+    found out only when it started."""
+    gsm8k = hub_server.rows[("openai/gsm8k", "main", "train")]
+    too_few = 0.4 / gsm8k  # rounds to 0 of its rows
+    with pytest.raises(ConfigError, match=rf"^ChatConfig\.gsm8k_epochs: {too_few:g} epochs of gsm8k's {gsm8k:,} "
+                                          r"conversations make none; give more, or 0 to leave it out$"):
+        setup.later_stages(RunConfig(), ChatConfig(gsm8k_epochs=too_few))
+
+
 def test_a_pipeline_whose_stages_save_to_one_place_fails_before_pretraining(tmp_path):
     """Each stage's copies would replace the model the next one starts from."""
     base, chat = RunConfig(save_to=str(tmp_path / "base")), ChatConfig(save_to=str(tmp_path / "base") + "/")

@@ -432,7 +432,8 @@ def test_a_resume_with_fewer_iterations_than_done_is_refused_before_training(dat
         Trainer(config, Pretraining(config, data_dir), tmp_path / "resumed", resume_dir=tmp_path / "first")
 
 
-def test_a_run_resumed_to_end_at_a_running_save_evaluates_and_samples_its_last_step_whatever_its_schedule(data_dir, tmp_path):
+def test_a_run_resumed_to_end_at_a_running_save_evaluates_and_samples_its_last_step_whatever_its_schedule(data_dir,
+                                                                                                           tmp_path):
     class Stopped(Exception):
         pass
 

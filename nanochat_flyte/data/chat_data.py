@@ -269,6 +269,15 @@ def check_mixture_size(size: int, config: ChatConfig, epochs_field: str, bound: 
                           "ChatConfig")
 
 
+def check_source_contributes(config: ChatConfig, epochs_field: str, name: str, conversations: int) -> None:
+    """A source asked for (epochs > 0) that would add no conversation: a fraction of an epoch that rounds to none,
+    or a split without one; SFT would find out only when it starts."""
+    epochs = getattr(config, epochs_field)
+    if epochs_size(epochs, conversations) == 0:
+        raise ConfigError(epochs_field, f"{epochs:g} epochs of {name}'s {conversations:,} conversations make none; "
+                                        "give more, or 0 to leave it out", "ChatConfig")
+
+
 def check_mixture_fits(config: ChatConfig, cache_dir: Path | None = None) -> None:
     """The mixture's size from its sources' row counts (their parquet footers; nothing is downloaded), in the checks:
     in a pipeline, prepare_sft_data runs after pretraining. Rows that the conversion will skip (a few) are counted, so
@@ -277,7 +286,7 @@ def check_mixture_fits(config: ChatConfig, cache_dir: Path | None = None) -> Non
     download names any problem: a failed count never stops a run."""
     endpoint = hub_endpoint(config.hf_endpoint)
     size = 0
-    for source, epochs_field in SFT_SOURCES.values():
+    for name, (source, epochs_field) in SFT_SOURCES.items():
         epochs = getattr(config, epochs_field)
         if epochs == 0:
             continue
@@ -287,6 +296,7 @@ def check_mixture_fits(config: ChatConfig, cache_dir: Path | None = None) -> Non
             rows = None
         if rows is None:
             return
+        check_source_contributes(config, epochs_field, name, rows)  # (its rows, skipped ones included: at least)
         size += epochs_size(epochs, rows)
         check_mixture_size(size, config, epochs_field, "up to")
 
@@ -318,6 +328,7 @@ def prepare_sft_data(config: ChatConfig, out_dir: Path, cache_dir: Path | None =
             continue  # not in the mixture: nothing to download
         check_mixture_size(len(mixture) + int(epochs), config, epochs_field)  # a source has a line or more
         lines, record = convert_split(source, endpoint, cache_dir)
+        check_source_contributes(config, epochs_field, name, len(lines))
         check_mixture_size(len(mixture) + epochs_size(epochs, len(lines)), config, epochs_field)
         # a fractional epoch takes its own seeded subset, the same whatever the other sources hold
         expanded = expand_epochs(lines, epochs, random.Random(f"{config.seed}/{name}"))

@@ -72,6 +72,7 @@ class TokenLoader:
         self.prefetch = device.type == "cuda" if prefetch is None else prefetch
         self.verbose = rank == 0  # one rank announces a new epoch
         self.windows_consumed = 0
+        self.announced_epoch = 0  # the epoch whose start was said (a resumed run's is said by the run it resumes)
         self.order = Order(self.num_windows, seed)
         self._thread = None
 
@@ -95,6 +96,7 @@ class TokenLoader:
                                   owner)
         self._stop_prefetch()
         self.windows_consumed = state["windows_consumed"]
+        self.announced_epoch = self.windows_consumed // self.num_windows
 
     # ------------------------------------------------------------------ batches
 
@@ -105,8 +107,9 @@ class TokenLoader:
         rows = []
         for position in range(first, first + self.batch_size):
             epoch = position // self.num_windows
-            if self.verbose and epoch > max(self.order.epoch, 0):
+            if self.verbose and epoch > self.announced_epoch:
                 print(f"data: train tokens exhausted, starting epoch {epoch + 1}", flush=True)
+                self.announced_epoch = epoch
             window = self.order[position]
             start = self.start_of[window]
             rows.append(self.shards[self.shard_of[window]][start:start + self.seq_len + 1])

@@ -9,7 +9,10 @@ base checkpoint too: it never learned the chat format, so expect about chance th
   as the assistant's first token. Only the item's own letters compete (ARC has 3 to 5 choices).
 - GSM8K: greedy decoding through the engine's KV cache; the number after `####` must equal the reference.
 - HumanEval: greedy decoding; the program (the completion with the prompt's code, the test and
-  `check(entry_point)`) must run check() to its end in the sandbox (sandbox.py): pass@1.
+  `check(entry_point)`) must run check() to its end in the sandbox (sandbox.py): pass@1. Where nanochat puts only
+  the prompt's imports before a reply that defines the function, the program keeps all the prompt's code before
+  the signature (helpers such as HumanEval/38's encode_cyclic, which its test calls), and a reply without the
+  definition continues the prompt: the same replies can pass more often here than in nanochat.
 ChatCORE (nanochat's definition): the mean over the tasks asked for of (accuracy - chance) / (1 - chance), with
 chance 0.25 for the multiple choice tasks (as nanochat, whatever the number of choices) and 0 for the open ones:
 0 at chance, 1 for a perfect model. Only when every task asked for was scored: with one skipped (HumanEval without
