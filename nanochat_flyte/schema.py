@@ -257,6 +257,18 @@ def parse_override(assignment: str, kind: type) -> tuple[str, Any]:
         return field, value
 
 
+def parse_overrides(assignments: list[str], kind: type) -> dict[str, Any]:
+    """'field=value' arguments, each field once: a second value would silently replace the first (a preset file's
+    repeated key is refused as well)."""
+    overrides = {}
+    for assignment in assignments:
+        field, value = parse_override(assignment, kind)
+        if field in overrides:
+            raise ConfigError(field, "given twice on the command line; give it once", kind.__name__)
+        overrides[field] = value
+    return overrides
+
+
 def cli_config_class(python_type, value) -> type[StrictConfig] | None:
     """The StrictConfig class that reads a `--config` value on either Flyte front's command line (a preset path,
     inline JSON or values already read), or None where the input is not ours: the front's own reading applies."""

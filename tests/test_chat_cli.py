@@ -127,7 +127,8 @@ def test_usage_errors_and_missing_checkpoints_give_one_line_and_status_2(tmp_pat
     (["--seed", "-1"], "argument --seed: must be an integer from 0 to 2**63 - 1, got '-1'"),
     (["--temperature", "inf"], "argument --temperature: must be a finite number >= 0, got 'inf'"),
     (["--temperature", "nan"], "argument --temperature: must be a finite number >= 0, got 'nan'"),
-], ids=["max-tokens-0", "seed-too-large", "seed-negative", "temperature-inf", "temperature-nan"])
+    (["--prompt", " \n"], "--prompt: give a message to answer; it is empty"),
+], ids=["max-tokens-0", "seed-too-large", "seed-negative", "temperature-inf", "temperature-nan", "empty-prompt"])
 def test_bad_flags_are_refused_in_one_line_before_loading(tmp_path, capsys, flags, problem):
     with pytest.raises(SystemExit) as exit_:  # no checkpoint there: a refusal after loading would not get this far
         main(["--checkpoint", str(tmp_path), *flags])

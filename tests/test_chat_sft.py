@@ -279,3 +279,21 @@ def test_a_resume_is_refused_in_one_line_when_its_start_or_its_data_differ(tmp_p
     with pytest.raises(ConfigError, match=r"^ChatConfig\.seed: 42 differs from 7 in the checkpoint being resumed"):
         check_chat_resume(tmp_path / "resumed", ChatConfig(), keys, str(tmp_path / "base"), "base_checkpoint",
                           "chat_sft")
+
+
+def test_the_chat_commands_refuse_a_device_this_machine_lacks_and_a_save_to_in_their_folders_first(tmp_path,
+                                                                                                      base_checkpoint):
+    """Before the start checkpoint is fetched and the hub data prepared, as the workflows check."""
+    from nanochat_flyte.cli.rl import main as rl_main
+    from nanochat_flyte.cli.sft import main as sft_main
+
+    for main, start, owner in ((sft_main, "--base-checkpoint", "ChatConfig"),
+                               (rl_main, "--sft-checkpoint", "RLConfig")):
+        with pytest.raises(ConfigError, match=rf"^{owner}\.device: 'cuda' was asked for but torch .* sees no cuda "):
+            main([start, str(tmp_path / "nothing"), "--out-dir", str(tmp_path / "out"), "device=cuda"])
+    # a copy inside the checkpoint folder would take the copies before it along, one folder deeper at each save
+    with pytest.raises(ConfigError, match=r"^ChatConfig\.save_to: '.*out/copy' is in the checkpoint folder \(out_dir\) "
+                                          r".*out: copies of the checkpoint go outside it; choose another folder$"):
+        sft_main(["--base-checkpoint", str(base_checkpoint), "--out-dir", str(tmp_path / "out"),
+                  f"save_to={tmp_path / 'out' / 'copy'}"])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out_start").exists()

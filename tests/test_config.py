@@ -206,6 +206,9 @@ def test_cli_names_a_bad_override():
         config_main([str(CONFIGS / "smoke.yaml"), "detph=3"])
     with pytest.raises(ConfigError, match="RunConfig.depth: must be >= 1"):
         config_main([str(CONFIGS / "smoke.yaml"), "depth=0"])
+    # the second would silently win, as a preset's repeated key cannot
+    with pytest.raises(ConfigError, match=r"^RunConfig\.depth: given twice on the command line; give it once$"):
+        config_main([str(CONFIGS / "smoke.yaml"), "depth=2", " depth=4"])
 
 
 def test_the_config_cli_writes_a_file_and_fails_in_one_line(tmp_path):

@@ -111,14 +111,15 @@ def test_a_run_on_a_data_directory_names_the_source_it_was_prepared_from(shard_s
     run = ["depth=1", "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"), "num_iterations=1",
            "max_seq_len=64", "device_batch_size=1", "total_batch_size=64", "eval_tokens=1024", "eval_every=1",
            "sample_every=1", "sample_max_tokens=1", "wandb_mode=disabled"]
-    for override, problem in ((f"data_url={shard_server.url}/other", "data_url"), ("val_shard=7", "val_shard")):
-        values = [f"data_url={shard_server.url}", "num_shards=2", "val_shard=5", override]
+    for data_url, val_shard, problem in ((f"{shard_server.url}/other", 5, "data_url"),
+                                         (shard_server.url, 7, "val_shard")):
+        values = [f"data_url={data_url}", "num_shards=2", f"val_shard={val_shard}"]
         with pytest.raises(ConfigError, match=rf"^RunConfig\.{problem}: .* but the data in .*data was prepared with "
                                               rf"{problem}=.*: give {problem}="):
             train_main([*run, *values])
         assert not (tmp_path / "run").exists()
-    train_main([*run, f"data_url={shard_server.url}", "num_shards=2", "val_shard=5"])
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["data_url"] == shard_server.url
+    train_main([*run, f"data_url={shard_server.url}/", "num_shards=2", "val_shard=5"])  # the same URL, written so
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data_url"] == shard_server.url + "/"
 
     # The cluster path (one prepare_shard per pod, then merge) builds the same data directory, from the config the
     # workflows give their data tasks: the run's data fields alone (their cache key)

@@ -143,6 +143,18 @@ def test_an_out_dir_that_cannot_be_made_or_an_unwritable_save_to_fail_before_tra
     assert not (tmp_path / "run").exists()
 
 
+def test_the_train_command_refuses_a_save_to_in_its_checkpoint_folder_or_its_data(data_dir, tmp_path):
+    # each copy of the folder would take the copies before it along; a checkpoint does not belong among the data
+    run = ["--config", str(tmp_path / "config.json"), "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "run")]
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_dict()))
+    for save_to, what in ((tmp_path / "run", r"the checkpoint folder \(out_dir\)"),
+                          (tmp_path / "run" / "copy", r"the checkpoint folder \(out_dir\)"),
+                          (data_dir / "copy", r"the data directory \(data_dir\)")):
+        with pytest.raises(ConfigError, match=rf"^RunConfig\.save_to: '.*' is in {what} "):
+            train_main([*run, f"save_to={save_to}"])
+    assert not (tmp_path / "run").exists() and not (data_dir / "copy").exists()
+
+
 def test_a_writable_uri_save_to_is_probed_and_left_as_it_was():
     store = fsspec.filesystem("memory")
     store.pipe_file("/probed/kept.txt", b"kept")

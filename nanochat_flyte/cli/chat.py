@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     add_sampling_flags(parser, max_tokens=512, temperature=CHAT_TEMPERATURE, temperature_help="0 = greedy")
     args = parser.parse_args(argv)
     params = sampling_params(parser, args)
+    if args.prompt is not None and not args.prompt.strip():  # (the interactive chat skips an empty line)
+        parser.error("--prompt: give a message to answer; it is empty")
     require_checkpoint_flag(parser, args.checkpoint)
     engine = Engine.from_checkpoint(args.checkpoint, args.device, compile=args.compile)
     if args.prompt is None:

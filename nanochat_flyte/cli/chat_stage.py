@@ -25,11 +25,11 @@ from nanochat_flyte.model.checkpoint import (
     require_checkpoint,
 )
 from nanochat_flyte.pipeline.prepare import CHAT_DATA_VERSION, RL_DATA_FIELDS, SFT_DATA_FIELDS
-from nanochat_flyte.pipeline.setup import stage_resume
+from nanochat_flyte.pipeline.setup import check_device_here, stage_resume
 from nanochat_flyte.reporting.environment import environment_report
-from nanochat_flyte.schema import parse_override
+from nanochat_flyte.schema import parse_overrides
 from nanochat_flyte.training.loop import distributed_env
-from nanochat_flyte.training.resume import check_out_dir
+from nanochat_flyte.training.resume import check_out_dir, check_save_to_outside
 
 DATA_WAIT_S = 3600  # other ranks wait this long for local rank 0 to prepare the data (a full SmolTalk download)
 DATA_POLL_S = 5  # and look this often
@@ -52,7 +52,7 @@ def stage_arguments(command: str, doc: str, kind: type[ChatConfig] | type[RLConf
     parser.add_argument("--resume-dir", type=local_dir, help="a checkpoint directory of this stage to continue from")
     parser.add_argument("overrides", nargs="*", metavar="field=value")
     args = parser.parse_args(argv)
-    overrides = dict(parse_override(item, kind) for item in args.overrides)
+    overrides = parse_overrides(args.overrides, kind)
     return load_config(args.config, kind, **overrides).validate(), args
 
 
@@ -116,8 +116,8 @@ def fetched_once_per_node(source: str, local_dir: Path, owner: str) -> Path:
 def run_stage(config: ChatConfig | RLConfig, start_checkpoint: str, args,
               check_start: Callable[[ChatConfig | RLConfig, str], ChatConfig | RLConfig],
               prepare: Callable[[ChatConfig | RLConfig, Path], object], train: Callable[..., dict]) -> dict:
-    """What the SFT and RL CLIs do once their arguments are parsed. First what can fail in one line: the config
-    against the start checkpoint (check_start: pipeline.setup's sft_start or rl_start, as the workflows check),
+    """What the SFT and RL CLIs do once their arguments are parsed. First what can fail in one line: the device, the
+    config against the start checkpoint (check_start: pipeline.setup's sft_start or rl_start, as the workflows check),
     --data-dir, --out-dir (a folder with a checkpoint in it is continued, never overwritten), --resume-dir, save_to,
     and the hub where data is to be prepared. Then fetch the start checkpoint and prepare the hub data into a cache
     folder (one rank per node) unless --data-dir names prepared data; train; print the summary. (No sandbox check:
@@ -125,10 +125,12 @@ def run_stage(config: ChatConfig | RLConfig, start_checkpoint: str, args,
     rank = distributed_env()[0]
     sft = isinstance(config, ChatConfig)
     stage, data_keys = ("chat_sft", SFT_DATA_KEYS) if sft else ("chat_rl", RL_DATA_KEYS)
+    check_device_here(config, remote=False)
     config = check_start(config, start_checkpoint)  # before any download: a batch that does not fit fails in seconds
     if args.data_dir:  # data named by the user is used as it is, never prepared into
         check_prepared_for(config, prepared_manifest(args.data_dir, stage), args.data_dir)
     check_out_dir(args.out_dir, args.resume_dir, stage, args.data_dir)
+    check_save_to_outside(config.save_to, args.out_dir, args.data_dir, type(config).__name__)
     continues = stage_resume(config, start_checkpoint, str(args.resume_dir or ""), "resume_dir")
     check_save_to(config.save_to, type(config).__name__, continues=continues)
     data_dir = args.data_dir or data_cache_dir("sft_data" if sft else "rl_data", config, data_keys)

@@ -15,7 +15,7 @@ from pathlib import Path
 from nanochat_flyte.cli.usage import ArgumentParser
 from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig, load_config
 from nanochat_flyte.errors import ConfigError
-from nanochat_flyte.schema import parse_override
+from nanochat_flyte.schema import parse_overrides
 
 # Each kind of preset, and how this command is told it is one
 KIND_FLAGS = {RunConfig: "leave out --chat and --rl", ChatConfig: "add --chat", RLConfig: "add --rl"}
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-o", "--output", type=Path, help="write the JSON to this file instead of stdout")
     args = parser.parse_args(argv)
     kind = ChatConfig if args.chat else RLConfig if args.rl else RunConfig
-    overrides = dict(parse_override(assignment, kind) for assignment in args.overrides)
+    overrides = parse_overrides(args.overrides, kind)
     try:
         config = load_config(args.preset, kind, **overrides).validate()
     except ConfigError as error:

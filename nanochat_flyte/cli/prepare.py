@@ -17,7 +17,7 @@ from nanochat_flyte.data.prepare import prepare_data
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.files import local_path
 from nanochat_flyte.model.checkpoint import CHECKPOINT_FILE, TRAINING_STATE_FILE
-from nanochat_flyte.schema import parse_override
+from nanochat_flyte.schema import parse_overrides
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out-dir", type=local_dir, required=True, help="the data directory to write")
     parser.add_argument("overrides", nargs="*", metavar="field=value")
     args = parser.parse_args(argv)
-    config = load_config(args.config, **dict(parse_override(item, RunConfig) for item in args.overrides)).validate()
+    config = load_config(args.config, **parse_overrides(args.overrides, RunConfig)).validate()
     source = local_path(config.data_url)
     if source is not None and source.resolve() == args.out_dir.resolve():  # the data would be written among its shards
         raise ConfigError("out_dir", f"{args.out_dir} is data_url's folder: the data directory needs one of its own",

@@ -17,10 +17,10 @@ from nanochat_flyte.cli.usage import ArgumentParser, local_dir
 from nanochat_flyte.config import RunConfig, load_config
 from nanochat_flyte.model.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, check_save_to
 from nanochat_flyte.reporting.environment import environment_report
-from nanochat_flyte.schema import parse_override
+from nanochat_flyte.schema import parse_overrides
 from nanochat_flyte.training.loop import distributed_env
 from nanochat_flyte.training.pretrain import train
-from nanochat_flyte.training.resume import check_base_resume, check_out_dir
+from nanochat_flyte.training.resume import check_base_resume, check_out_dir, check_save_to_outside
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -32,8 +32,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", metavar="field=value")
     args = parser.parse_args(argv)
     rank = distributed_env()[0]
-    config = load_config(args.config, **dict(parse_override(item, RunConfig) for item in args.overrides)).validate()
+    config = load_config(args.config, **parse_overrides(args.overrides, RunConfig)).validate()
     check_out_dir(args.out_dir, args.resume_dir, "train", args.data_dir)
+    check_save_to_outside(config.save_to, args.out_dir, args.data_dir, "RunConfig")
     continues = check_base_resume(config, args.resume_dir, "resume_dir", "train")["run_name"] if args.resume_dir else ""
     check_save_to(config.save_to, "RunConfig", continues=continues)  # a new run writes over no other run's copy
     try:

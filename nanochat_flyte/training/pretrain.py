@@ -21,7 +21,7 @@ from nanochat_flyte.evaluation.bpb import evaluate_bpb
 from nanochat_flyte.evaluation.bundle import load_bundle
 from nanochat_flyte.evaluation.core import check_max_per_task, core_log_metrics, score_core
 from nanochat_flyte.inference.engine import Engine, SamplingParams
-from nanochat_flyte.model.checkpoint import TOKENIZER_DIR
+from nanochat_flyte.model.checkpoint import TOKENIZER_DIR, same_location
 from nanochat_flyte.training.loop import Phase, Trainer
 
 SAMPLE_PROMPTS = (
@@ -40,7 +40,9 @@ def check_data_fits(config: RunConfig, manifest: dict, data_dir: Path) -> None:
     it trained on, which a resume is checked against), its tokenizer (data prepared for another run would train
     silently on other token ids) and enough validation tokens for eval_tokens."""
     for field, prepared in manifest.get("source", {}).items():  # (older data directories record none)
-        if getattr(config, field) != prepared:
+        configured = getattr(config, field)
+        # a folder or URL written another way (a trailing slash, file://, ../) is the same source
+        if not (same_location(configured, prepared) if field == "data_url" else configured == prepared):
             raise ConfigError(field, f"{getattr(config, field)!r}, but the data in {data_dir} was prepared with "
                                      f"{field}={prepared}: give {field}={prepared}, or prepare data for this config")
     tokenizer = manifest["tokenizer"]

@@ -12,6 +12,7 @@ from pathlib import Path
 from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
 from nanochat_flyte.data.tokenizer import load_tokenizer, tokenizer_id
 from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.files import local_path
 from nanochat_flyte.model.checkpoint import (
     CONFIG_FILE,
     MODEL_CONFIG_FILE,
@@ -44,6 +45,19 @@ def check_out_dir(out_dir: Path, resume_dir: Path | None, owner: str = "Trainer"
         raise ConfigError("out_dir", f"{out_dir} already holds a checkpoint (step {state.get('steps_completed')}); "
                                      "continue it with resume_dir (--resume-dir) set to it, or choose another folder",
                           owner)
+
+
+def check_save_to_outside(save_to: str, out_dir: Path, data_dir: Path | None, owner: str) -> None:
+    """save_to receives copies of the checkpoint folder: inside it, each copy would take the copies before it along
+    (a checkpoint one folder deeper at every save); inside the data directory, a checkpoint among the data."""
+    target = local_path(save_to) if save_to else None
+    if target is None:
+        return
+    target = target.resolve()
+    for folder, what in ((out_dir, "the checkpoint folder (out_dir)"), (data_dir, "the data directory (data_dir)")):
+        if folder is not None and (target == Path(folder).resolve() or Path(folder).resolve() in target.parents):
+            raise ConfigError("save_to", f"{save_to!r} is in {what} {folder}: copies of the checkpoint go "
+                                         "outside it; choose another folder", owner)
 
 
 def check_resumed_stage(checkpoint_dir: str | Path, stage: str, owner: str = "Trainer", field: str = "resume_dir"
