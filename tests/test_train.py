@@ -1,6 +1,7 @@
 import functools
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -289,6 +290,30 @@ def test_out_of_memory_halves_the_device_batch_and_keeps_the_effective_batch(str
     assert "CUDA out of memory: retrying with device_batch_size 2, 4 accumulation steps" in capsys.readouterr().out
     straight = [loss for _, loss in train_losses(straight_run[1])]
     assert [loss for _, loss in train_losses(tmp_path)] == pytest.approx(straight, rel=1e-4)
+
+
+CPU_MEMORY_CAP = """
+import resource, sys
+from pathlib import Path
+from helpers import tiny_config
+from nanochat_flyte.training.pretrain import train
+limit = 3 * 2**30  # the address space: Python and torch take ~1 GB of it, a batch of 512 rows' logits 3.3 GB
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+summary = train(tiny_config(device_batch_size=512, total_batch_size=512 * 32, num_iterations=1, eval_every=100,
+                            sample_every=100), Path(sys.argv[1]), Path(sys.argv[2]))
+print(summary["device_batch_size"], summary["grad_accum_steps"], summary["status"])
+"""
+
+
+def test_a_cpu_out_of_memory_halves_the_device_batch_too(data_dir, tmp_path):
+    # a real allocation failure: the CPU allocator's, under a cap on the process's memory (a laptop's RAM)
+    result = subprocess.run([sys.executable, "-c", CPU_MEMORY_CAP, str(data_dir), str(tmp_path / "run")],
+                            cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "CPU out of memory: retrying with device_batch_size 256, 2 accumulation steps" in result.stdout
+    size, accumulation, status = result.stdout.splitlines()[-1].split()
+    assert int(size) * int(accumulation) == 512 and int(size) <= 256 and status == "completed"
 
 
 def test_out_of_memory_at_device_batch_1_stops_with_a_clear_error(data_dir, tmp_path, monkeypatch):

@@ -2,10 +2,10 @@
 
 One loop for every setting: CPU, MPS, one GPU, or N GPUs under DDP (rank 0 alone writes and logs). Per step:
 grad_accum_steps micro-batches forward/backward, one optimizer step. At step boundaries: validation, samples and
-checkpoints. In a single-process run a CUDA out-of-memory error halves the device batch (and doubles the
-accumulation, so the optimizer sees the same batch) and re-runs the step. The same gradient in pretraining, whose
-rows all count the same number of tokens; SFT and RL average their loss over each micro-batch's trained tokens, as
-nanochat does, so other micro-batches weight the step's tokens a little differently.
+checkpoints. In a single-process run an out-of-memory error (CUDA's or the CPU allocator's) halves the device batch
+(and doubles the accumulation, so the optimizer sees the same batch) and re-runs the step. The same gradient in
+pretraining, whose rows all count the same number of tokens; SFT and RL average their loss over each micro-batch's
+trained tokens, as nanochat does, so other micro-batches weight the step's tokens a little differently.
 
 A `Phase` brings what differs between the stages: the batches, their loss (next-token cross-entropy unless it
 says otherwise), the validation metric, the samples and the starting weights (`Pretraining` in pretrain.py, with
@@ -230,6 +230,9 @@ class LoopState:
         if not self.loss_ema_steps:
             return math.nan
         return self.loss_ema / (1 - LOSS_EMA_BETA ** self.loss_ema_steps)  # bias correction: the EMA starts at 0
+
+
+CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"  # what torch's CPU allocator raises, as text
 
 
 def halved_batch_size(batch_size: int) -> int:
@@ -550,6 +553,10 @@ class Trainer:
                 break
             except torch.cuda.OutOfMemoryError as error:
                 self.halve_device_batch(step, error, loader_at_step_start)
+            except RuntimeError as error:  # a laptop's memory: the CPU allocator's failure is no OutOfMemoryError
+                if CPU_OUT_OF_MEMORY not in str(error):
+                    raise
+                self.halve_device_batch(step, error, loader_at_step_start)
         try:
             result = apply_gradients(self.trained, self.optimizers, loss, self.grad_scaler, config.grad_clip,
                                      cuda_graphs)
@@ -559,24 +566,26 @@ class Trainer:
                                        "whatever the device batch; lower depth") from error
         return result, time.perf_counter() - start
 
-    def halve_device_batch(self, step: int, error: torch.cuda.OutOfMemoryError, loader_at_step_start: dict) -> None:
-        """After a CUDA out-of-memory error in the forward or backward pass: the step is re-run from its start with
-        half the device batch (and twice the accumulation steps), or the run stops in one line when it cannot be."""
+    def halve_device_batch(self, step: int, error: RuntimeError, loader_at_step_start: dict) -> None:
+        """After an out-of-memory error (CUDA's, or the CPU allocator's) in the forward or backward pass: the step is
+        re-run from its start with half the device batch (and twice the accumulation steps), or the run stops in one
+        line when it cannot be."""
         config, loop = self.config, self.loop
+        memory = "CPU" if CPU_OUT_OF_MEMORY in str(error) else "CUDA"
         if self.world_size > 1:  # the ranks would have to agree on the new batch; they cannot, mid-step
-            raise ConfigError("device_batch_size", f"CUDA out of memory on rank {self.rank} at "
+            raise ConfigError("device_batch_size", f"{memory} out of memory on rank {self.rank} at "
                                                    f"{loop.device_batch_size}: under DDP, lower it (the automatic "
                                                    "fallback works in single-process runs)",
                               STAGE_CONFIGS[self.phase.stage]) from error
         if loop.device_batch_size == 1:
-            raise ConfigError("depth", f"CUDA out of memory at device_batch_size 1 (depth {config.depth}, "
+            raise ConfigError("depth", f"{memory} out of memory at device_batch_size 1 (depth {config.depth}, "
                                        f"max_seq_len {config.max_seq_len}): the model does not fit on "
                                        f"{self.device_name}; lower depth or max_seq_len") from error
         self.model.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         loop.device_batch_size = halved_batch_size(loop.device_batch_size)
-        print(f"step {step + 1:05d} | CUDA out of memory: retrying with device_batch_size "
+        print(f"step {step + 1:05d} | {memory} out of memory: retrying with device_batch_size "
               f"{loop.device_batch_size}, {self.grad_accum_steps()} accumulation steps", flush=True)
         self.loader.close()
         self.loader = self.phase.batches(loop.device_batch_size, self.device, self.rank, self.world_size,
