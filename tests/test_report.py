@@ -56,9 +56,8 @@ def test_report_card_has_numbers_plots_and_last_samples(tmp_path):
     assert "blue</b> 10" not in text  # only the last sampling point
     assert "| val_shard | 1822 |" in text  # settings as written
     assert "| W&B run | none |" in text  # W&B disabled: no run anywhere
-    (tmp_path / "wandb").mkdir()  # an offline one
-    assert "| W&B run | offline, under wandb/ (`wandb sync` uploads it) |" in write_report(
-        tmp_path, CONFIG, ENVIRONMENT, SUMMARY).read_text()
+    offline = write_report(tmp_path, CONFIG, ENVIRONMENT, {**SUMMARY, "wandb_mode": "offline"}).read_text()
+    assert "| W&B run | offline, in the checkpoint's wandb/ (`wandb sync` uploads it) |" in offline
 
 
 def test_training_deck_is_self_contained_and_escaped(tmp_path):

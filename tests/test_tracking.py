@@ -217,3 +217,23 @@ def test_other_ranks_write_nothing(tmp_path):
     log_synthetic_run(tracker)
     assert tracker.mode == "disabled" and tracker.finish() is None
     assert not (tmp_path / "out").exists()
+
+
+def test_an_evaluation_joins_the_run_that_trained_the_checkpoint_and_leaves_its_environment(tmp_path, monkeypatch):
+    """A recovered Flyte execution has another name than the one that trained the checkpoint; and the evaluation's
+    process has no environment report, which must not replace the training run's (W&B merges a resumed run's config
+    with what init gives). What W&B is asked for is read at its door: the network is not reached here."""
+    from nanochat_flyte.reporting import tracking
+
+    (tmp_path / "wandb_run_id").write_text("trained1\n")
+    monkeypatch.setenv("FLYTE_INTERNAL_EXECUTION_ID", "recovered2")
+    monkeypatch.setenv("WANDB_API_KEY", "feedfacecafebeef" * 2 + "deadbeef")
+    asked = {}
+
+    def init(**settings):
+        asked.update(settings)
+        raise RuntimeError("not reached: this test reads the request only")
+
+    monkeypatch.setattr(tracking.wandb, "init", init)
+    assert log_evaluation(RunConfig(wandb_mode="online"), str(tmp_path), 6, {"core_metric": 0.1}, {}) is None
+    assert asked["id"] == "trained1" and asked["resume"] == "allow" and set(asked["config"]) == {"config"}

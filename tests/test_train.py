@@ -507,6 +507,22 @@ def test_save_to_takes_a_file_uri(data_dir, tmp_path):
     assert (copy / "checkpoint.pt").read_bytes() == (tmp_path / "run" / "checkpoint.pt").read_bytes()
 
 
+def test_the_save_to_copy_ends_as_the_run_does_and_a_resume_from_it_leaves_its_results_behind(data_dir, tmp_path):
+    """The last copy comes after the W&B run has closed and the report is written: it holds the whole offline run,
+    the final state and the report card. The workflows then write results.json there, which is not the results of a
+    run resumed from that copy."""
+    copy, run = tmp_path / "copy", tmp_path / "run"
+    summary = train(tiny_config(num_iterations=3, save_to=str(copy), wandb_mode="offline"), data_dir, run)
+    assert summary["wandb_mode"] == "offline"
+    for name in ("training_state.json", "report.md", "loss.png"):
+        assert (copy / name).read_bytes() == (run / name).read_bytes(), name
+    logs = {path.relative_to(run): path.stat().st_size for path in (run / "wandb").rglob("*.wandb")}
+    assert logs and {path: (copy / path).stat().st_size for path in logs} == logs
+    (copy / "results.json").write_text("{}")
+    train(tiny_config(num_iterations=4), data_dir, tmp_path / "resumed", resume_dir=copy)
+    assert not (tmp_path / "resumed" / "results.json").exists()
+
+
 def test_a_diverged_evaluation_is_no_best(data_dir, tmp_path, monkeypatch, capsys):
     values = iter([2.0, float("nan"), 3.0, float("nan"), 2.5, 3.5])  # the evaluations of steps 0, 3 and 6, twice
     monkeypatch.setattr(Pretraining, "evaluate", lambda self, *args: next(values))

@@ -32,7 +32,7 @@ own; the spans come from the whole prompts' tokens:
 A span keeps at least its last token (a choice that is a prefix of another would otherwise have none).
 
 A task's accuracy is centered against its random baseline b (percent): (acc - b/100) / (1 - b/100), so 0 is
-chance and 1 is perfect; CORE is the mean of the centered accuracies. GPT-2 (124M) scores about 0.2565.
+chance and 1 is perfect; CORE is the mean of the centered accuracies. GPT-2 XL (1.6B) scores about 0.2565.
 Scoring is batched: the rows (one per choice or context option) of many items are sorted by length and run
 through the model batch_size at a time, padded on the right (attention is causal: padding never changes the
 scores of the tokens before it).

@@ -173,13 +173,15 @@ def check_writable(target: str, owner: str, remote: bool) -> None:
         raise ConfigError("save_to", f"cannot write to {target!r}: {problem}", owner) from None
 
 
-def publish_checkpoint(checkpoint_dir: Path, target: str) -> None:
+def publish_checkpoint(checkpoint_dir: Path, target: str, weights: bool = True) -> None:
     """Copy the checkpoint directory to `target`, a local directory or any fsspec URI (s3://, gs://, ...). Every
     file lands whole: locally through a temp file and a rename; object stores write an object at once. checkpoint.pt
     comes after the files that describe it, and training_state.json, which says which step it is of, last: a copy
-    stopped midway never claims a step its weights have not reached."""
+    stopped midway never claims a step its weights have not reached. weights=False: all but checkpoint.pt (copied
+    already; what describes the run has changed since)."""
     last = {CHECKPOINT_FILE: 1, TRAINING_STATE_FILE: 2}  # the weights, then what says which step they are of
-    files = sorted((path for path in Path(checkpoint_dir).rglob("*") if path.is_file()),
+    files = sorted((path for path in Path(checkpoint_dir).rglob("*") if path.is_file()
+                    and (weights or path != Path(checkpoint_dir) / CHECKPOINT_FILE)),
                    key=lambda path: last.get(path.name, 0) if path.parent == Path(checkpoint_dir) else 0)
     if (directory := local_path(target)) is not None:
         for path in files:

@@ -163,8 +163,8 @@ def headline_numbers(out_dir: Path, summary: dict) -> dict[str, str]:
         **{f"{kind} validation {metric}": format_value(summary[f"{kind}_validation_{metric}"])
            for metric in ("bpb", "loss", "pass@1") for kind in ("min", "max", "final")
            if f"{kind}_validation_{metric}" in summary},
-        "W&B run": summary.get("wandb_url") or ("offline, under wandb/ (`wandb sync` uploads it)"
-                                                if (Path(out_dir) / "wandb").is_dir() else "none"),
+        "W&B run": summary.get("wandb_url") or ("offline, in the checkpoint's wandb/ (`wandb sync` uploads it)"
+                                                if summary.get("wandb_mode") == "offline" else "none"),
     }
 
 

@@ -95,7 +95,7 @@ class Tracker:
 
     def __init__(self, config: RunConfig, out_dir: Path, env_report: dict | None = None, rank: int = 0,
                  resume_step: int | None = None, phase: str = "base", modes: tuple[str, ...] | None = None,
-                 kept_in: str = METRICS_FILE):
+                 kept_in: str = METRICS_FILE, run_id: str = ""):
         self.config, self.phase, self.kept_in = config, phase, kept_in
         self.modes = FALLBACKS[resolve_mode(config.wandb_mode)] if modes is None else modes
         self.out_dir = Path(out_dir)
@@ -115,7 +115,7 @@ class Tracker:
                 (self.out_dir / name).unlink(missing_ok=True)
         # the W&B samples table is cumulative: a resumed run starts with the samples already taken
         self.sample_rows = [table_row(row["step"], row) for row in read_logged_records(self.out_dir / SAMPLES_FILE)]
-        self.run_id = self._choose_run_id(resuming=resume_step is not None)
+        self.run_id = run_id or self._choose_run_id(resuming=resume_step is not None)
         self.run_info: dict[str, Any] = {"config": config.to_dict(), "environment": env_report}
         self._write_run_info()
         self._start_wandb(self.modes)
@@ -142,7 +142,8 @@ class Tracker:
             id=self.run_id,
             resume="allow",  # a retry or a resume continues the same run
             dir=self.out_dir,  # the run lands in out_dir/wandb and travels with the checkpoint directory
-            config=self.run_info,
+            # what this process does not know (an evaluation's has no environment report) leaves a resumed run's
+            config={key: value for key, value in self.run_info.items() if value is not None},
             mode=mode,
             # no 'latest-run' symlink in the uploaded directory; quiet: no W&B run summary at the end of each stage
             # (the stage's own summary names the run's URL)
@@ -286,7 +287,7 @@ def console_link_settings() -> dict[str, str] | None:
 def log_evaluation(config: RunConfig, checkpoint: str, step: int, metrics: dict[str, float], summary: dict[str, Any],
                    phase: str = "base") -> str | None:
     """Add an evaluation's numbers to the W&B run that trained `checkpoint` (a directory or fsspec URI), at the
-    training step it ended on. The run id comes from the Flyte execution, or from the checkpoint's wandb_run_id.
+    training step it ended on. The run id comes from the checkpoint's wandb_run_id, or from the Flyte execution.
     Returns the run's URL when online. The numbers are in the results JSON whatever W&B does; W&B offline, they
     stay there only (an offline run written here would be thrown away with its temporary folder)."""
     if resolve_mode(config.wandb_mode) != "online":
@@ -294,11 +295,11 @@ def log_evaluation(config: RunConfig, checkpoint: str, step: int, metrics: dict[
     with tempfile.TemporaryDirectory(prefix="nanochat-eval-wandb-") as scratch:
         store, root = filesystem(str(checkpoint))
         id_file = f"{root.rstrip('/')}/{RUN_ID_FILE}"
-        if store.exists(id_file):
-            Path(scratch, RUN_ID_FILE).write_text(store.cat_file(id_file).decode())
+        # the checkpoint's own run first: a recovered Flyte execution has another name than the one that trained it
+        run_id = store.cat_file(id_file).decode().strip() if store.exists(id_file) else ""
         # online only: an offline run written here would be deleted with `scratch`
         tracker = Tracker(config, Path(scratch), resume_step=step, phase=phase, modes=("online",),
-                          kept_in="the results JSON")
+                          kept_in="the results JSON", run_id=run_id)
         tracker.log(step, metrics, as_wandb_step=False)
         tracker.set_summary(summary)
         return tracker.finish()

@@ -64,6 +64,7 @@ from nanochat_flyte.model.device import (
 from nanochat_flyte.model.gpt import GPT, GPTConfig
 from nanochat_flyte.model.optim import apply_schedules, build_optimizers, lr_multiplier
 from nanochat_flyte.reporting.report import write_report
+from nanochat_flyte.reporting.results import RESULTS_FILE
 from nanochat_flyte.reporting.tracking import Tracker
 from nanochat_flyte.training.resume import (
     check_not_past,
@@ -432,8 +433,9 @@ class Trainer:
         if not config.run_name:  # keep the name (and with it the W&B run) of the run being resumed
             config = dataclasses.replace(config, run_name=checkpoint["config"]["run_name"])
         if self.master and resume_dir.resolve() != self.out_dir.resolve():
-            # continue in out_dir from the saved directory: metrics, samples and the W&B run id come along
-            shutil.copytree(resume_dir, self.out_dir, dirs_exist_ok=True)
+            # continue in out_dir from the saved directory: metrics, samples and the W&B run id come along; not
+            # the results of the run that saved it (a save_to copy has them), which are not this run's
+            shutil.copytree(resume_dir, self.out_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(RESULTS_FILE))
         return config, checkpoint["loader"]
 
     def wrap_model(self, local_rank: int) -> None:
@@ -488,7 +490,7 @@ class Trainer:
                 **{key: self.facts[key] for key in ("num_params", "flops_per_token", "device", "device_name", "dtype")},
                 "skipped_steps": loop.skipped_steps, "device_batch_size": loop.device_batch_size,
                 "grad_accum_steps": self.grad_accum_steps(), "data_epochs": self.loader.epoch,
-                "wandb_url": self.tracker.url}
+                "wandb_url": self.tracker.url, "wandb_mode": self.tracker.mode}
 
     # ------------------------------------------------------------------ step-boundary work
 
@@ -711,6 +713,8 @@ class Trainer:
             result["wandb_url"] = self.tracker.finish()
             write_json(self.out_dir / TRAINING_STATE_FILE, result)
             write_report(self.out_dir, self.config, self.env_report, result)
+            if self.config.save_to:  # the closed W&B run, the final state and the report, beside the weights
+                publish_checkpoint(self.out_dir, self.config.save_to, weights=False)
         return result
 
     def diverged_message(self, what: str, first: int) -> str:
