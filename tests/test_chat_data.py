@@ -14,6 +14,7 @@ from nanochat_flyte.data.chat_data import (
     BadRow,
     arc_question,
     check_hub_endpoint,
+    check_prepared_for,
     gsm8k_conversation,
     gsm8k_final_answer,
     gsm8k_item,
@@ -296,6 +297,16 @@ def test_a_source_whose_epochs_make_no_conversation_fails_after_its_download_and
                                           rf"{gsm8k:,} conversations make none"):
         prepare_sft_data(ChatConfig(smoltalk_epochs=0, mmlu_epochs=0, gsm8k_epochs=0.4 / gsm8k), tmp_path / "sft")
     assert not (tmp_path / "sft").exists()
+
+
+def test_prepared_data_must_hold_the_validation_conversations_asked_for(hub_server, tmp_path):
+    """--data-dir: SFT validates on the conversations the folder holds, and records the config's number."""
+    manifest = prepare_sft_data(ChatConfig(max_conversations=20), tmp_path / "sft")  # asks 1,000: gets all there are
+    held = manifest["val_conversations"]
+    assert held == manifest["val"]["rows"] - manifest["val"]["skipped"] < 1000
+    check_prepared_for(ChatConfig(max_conversations=20, val_conversations=held + 7), manifest, tmp_path / "sft")
+    with pytest.raises(ConfigError, match=rf"^ChatConfig\.val_conversations: 2 differs from the {held} that the data "):
+        check_prepared_for(ChatConfig(max_conversations=20, val_conversations=2), manifest, tmp_path / "sft")
 
 
 def test_validation_conversations_come_from_the_smoltalk_test_split(hub_server, tmp_path):

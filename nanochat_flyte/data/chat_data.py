@@ -233,16 +233,22 @@ def prepared_manifest(data_dir: Path, stage: str) -> dict:
 
 def check_prepared_for(config: ChatConfig | RLConfig, manifest: dict, data_dir: Path) -> None:
     """Data prepared before (a --data-dir) is what `config` asks for: the run trains on that data, and its records
-    name the config's settings. The settings a manifest records: the seed, the SFT sources' epochs and
-    max_conversations, RL's max_problems and eval_problems."""
+    name the config's settings. The settings a manifest records: the seed, the SFT sources' epochs,
+    max_conversations and val_conversations (as many as the split held, at most), RL's max_problems and
+    eval_problems."""
     if isinstance(config, RLConfig):
         saved = {field: manifest.get(field) for field in ("seed", "max_problems", "eval_problems")}
     else:
         sources = manifest.get("sources", {})
         saved = {"seed": manifest.get("seed"), "max_conversations": manifest.get("max_conversations"),
-                 **{field: sources.get(name, {}).get("epochs") for name, (_, field) in SFT_SOURCES.items()}}
+                 **{field: sources.get(name, {}).get("epochs") for name, (_, field) in SFT_SOURCES.items()},
+                 "val_conversations": manifest.get("val_conversations")}
+    asked = {field: getattr(config, field) for field in saved}
+    if "val_conversations" in asked and "rows" in manifest.get("val", {}):  # a split of fewer gives all it has
+        val = manifest["val"]
+        asked["val_conversations"] = min(config.val_conversations, val["rows"] - val.get("skipped", 0))
     for field, value in saved.items():
-        if value is not None and value != getattr(config, field):
+        if value is not None and value != asked[field]:
             raise ConfigError(field, f"{getattr(config, field)!r} differs from the {value!r} that the data in "
                                      f"{data_dir} was prepared with: give that value, or leave out --data-dir to "
                                      "prepare the data this config asks for", type(config).__name__)

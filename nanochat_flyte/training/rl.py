@@ -5,7 +5,7 @@
 
 The algorithm is nanochat's simplified GRPO, which is REINFORCE with a group baseline:
 - for each problem the model samples num_samples answers (through the inference engine, calculator included);
-- an answer whose final `#### N` is the reference number earns reward 1, any other 0;
+- an answer whose first `#### N` is the reference number earns reward 1, any other 0 (GSM8K's grading, nanochat's);
 - an answer's advantage is its reward minus the mean reward of its group (no division by the spread);
 - the loss is minus the advantage times the log-probability of each token the model sampled, summed and divided by
   the number of such tokens (token-level normalisation). The prompt, the calculator's outputs and the padding are
@@ -46,7 +46,7 @@ from nanochat_flyte.training.sft import ChatPhase, chat_samples
 
 
 def gsm8k_reward(item: dict, answer: str) -> float:
-    """1 for an answer whose final number is the reference (chat_eval's GSM8K grading), else 0."""
+    """1 for an answer whose first `#### N` is the reference (chat_eval's GSM8K grading), else 0."""
     return float(score_gsm8k([answer], [item])[0] is True)
 
 
