@@ -11,13 +11,17 @@ TRAINING = {"run_name": "smoke", "status": "completed", "steps_completed": 40, "
 
 def test_the_summary_names_the_outputs_and_the_numbers(capsys):
     print_summary("base model", TRAINING, ["val bpb 2.1007"], "/tmp/flyte1/checkpoint", Path("/tmp/flyte2/report"), "",
-                  ["nanochat sample --checkpoint /tmp/flyte1/checkpoint --prompt 'Hi'"])
+                  ["nanochat sample --checkpoint /tmp/flyte1/checkpoint --prompt 'Hi'"], local=True)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "== base model: smoke (completed, 40 steps, 1.5 min)"
     assert lines[1].strip() == "val bpb 2.1007"
     assert "   report:     /tmp/flyte2/report/report.md" in lines
     assert "   results:    /tmp/flyte2/report/results.json" in lines
     assert len(lines) < 15  # a few lines a person reads, not the results JSON
+    # on a cluster that folder is the pod's own, gone with it: the console has the task's outputs
+    print_summary("base model", TRAINING, ["val bpb 2.1007"], "s3://b/checkpoint", Path("/tmp/flyte2/report"), "",
+                  [], local=False)
+    assert "/tmp/flyte2" not in capsys.readouterr().out
 
 
 def test_the_next_commands_use_the_save_to_copy(tmp_path, monkeypatch, capsys):

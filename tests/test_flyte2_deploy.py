@@ -217,9 +217,10 @@ def test_the_chat_app_serves_a_checkpoint_on_a_t4_behind_its_api_key_and_scales_
     assert spec["inputs"]["items"] == [{"name": "checkpoint", "stringValue": SETTINGS["NANOCHAT_CHAT_CHECKPOINT"]}]
 
 
-def bundle(out: str) -> None:
+def bundle(out: str, app: bool = False) -> None:
     """In a process of its own: the code bundle `flyte run` and `flyte deploy` would upload for every entry file (the
-    modules they load, and each environment's include), unpacked into `out`."""
+    modules they load, and each environment's include), unpacked into `out`; app: the chat app's, whose server
+    process imports its entry file again to find the app."""
     import tarfile
 
     import flyte
@@ -230,8 +231,8 @@ def bundle(out: str) -> None:
     from workflows.flyte2 import chat, nanochat, scale_up, serve  # noqa: F401 - loaded, so bundled
 
     flyte.init(endpoint=NO_CONTROL_PLANE[1], insecure=True, root_dir=ROOT)
-    envs = [env for driver in (nanochat.driver_env, scale_up.scale_up_env)
-            for env in plan_deploy(driver)[0].envs.values()]
+    deployed = (serve.chat_app,) if app else (nanochat.driver_env, scale_up.scale_up_env)
+    envs = [env for driver in deployed for env in plan_deploy(driver)[0].envs.values()]
     built = asyncio.run(build_code_bundle(ROOT, dryrun=True, copy_style="loaded_modules", copy_bundle_to=Path(out),
                                           additional_files=collect_env_include_files(envs)))
     with tarfile.open(built.tgz) as archive:
@@ -297,3 +298,17 @@ def test_a_task_container_imports_every_entry_file_from_the_code_bundle_alone_an
     # and a scale-up driver can start the 8-GPU task: its environment is among those readied with the driver's
     assert json.loads((tmp_path / "scale_up_envs.json").read_text()) == ["nanochat_8xa100", "nanochat_data",
                                                                         "nanochat_gpu", "nanochat_scale_up"]
+
+
+def test_the_chat_apps_server_imports_its_entry_file_from_the_apps_own_code_bundle(tmp_path):
+    """`fserve` finds the app by importing workflows/flyte2/serve.py from the bundle `flyte deploy` uploads for it
+    alone; that import reads the presets, which must come along."""
+    result = subprocess.run([sys.executable, "-c", f"from tests.test_flyte2_deploy import bundle; "
+                                                   f"bundle({str(tmp_path)!r}, app=True)"],
+                            cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    server = {**environment(), "PYTHONPATH": str(tmp_path)}  # the app's bundle where the checkout was
+    imported = subprocess.run([sys.executable, "-c", "from workflows.flyte2.serve import chat_app; "
+                                                     "print(chat_app.name)"],
+                              cwd=tmp_path, env=server, capture_output=True, text=True, timeout=300)
+    assert (imported.returncode, imported.stdout.strip()) == (0, "nanochat-chat"), imported.stderr[-3000:]

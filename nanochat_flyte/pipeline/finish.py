@@ -32,7 +32,7 @@ def finish_base_run(config: RunConfig, environment: dict, manifest: dict, traini
     kept = shlex.quote(str(config.save_to or checkpoint))  # pasted into a shell
     print_summary("base model", training, metrics, checkpoint, report_dir, config.save_to, [
         f"nanochat sample --checkpoint {kept} --prompt 'The capital of France is'",
-        f"nanochat sft --base-checkpoint {kept} --out-dir runs/chat --config configs/chat_smoke.yaml"])
+        f"nanochat sft --base-checkpoint {kept} --out-dir runs/chat --config configs/chat_smoke.yaml"], local)
     return results
 
 
@@ -56,7 +56,8 @@ def finish_chat_run(config: ChatConfig | RLConfig, start_checkpoint: str, traini
     next_steps = [f"nanochat chat --checkpoint {kept}", f"nanochat serve --checkpoint {kept}"]
     if stage == "SFT":
         next_steps.append(f"nanochat rl --sft-checkpoint {kept} --out-dir runs/rl --config configs/rl_smoke.yaml")
-    print_summary(f"{stage} chat model", training, metrics, checkpoint, report_dir, config.save_to, next_steps)
+    print_summary(f"{stage} chat model", training, metrics, checkpoint, report_dir, config.save_to, next_steps,
+                  local)
     return results
 
 
@@ -70,13 +71,15 @@ def publish(results: dict, report_dir: Path, save_to: str, local: bool) -> None:
 
 
 def print_summary(what: str, training: dict, metrics: list[str], checkpoint: str, report_dir: Path, save_to: str,
-                  next_steps: list[str]) -> None:
+                  next_steps: list[str], local: bool) -> None:
+    """The run in a few lines. On a cluster report_dir is the pod's own folder, gone with it: the report and the
+    results are the task's outputs, which the console shows."""
     steps, minutes = training.get("steps_completed"), (training.get("total_time_s") or 0) / 60
     lines = [f"== {what}: {training.get('run_name')} ({training.get('status')}, {steps} steps, {minutes:.1f} min)",
              f"   {' | '.join(metrics)}",
-             f"   checkpoint: {checkpoint}",
-             f"   report:     {report_dir / REPORT_FILE}",
-             f"   results:    {report_dir / RESULTS_FILE}"]
+             f"   checkpoint: {checkpoint}"]
+    if local:
+        lines += [f"   report:     {report_dir / REPORT_FILE}", f"   results:    {report_dir / RESULTS_FILE}"]
     if save_to:
         lines.append(f"   copies in:  {save_to}")
     if training.get("wandb_url"):

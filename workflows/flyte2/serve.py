@@ -15,7 +15,7 @@ import flyte.app
 from flyte.io import Dir
 
 from nanochat_flyte.inference.serve import model_name_of
-from workflows.flyte2.environments import CHAT_API_KEY_SECRET, IMAGE
+from workflows.flyte2.environments import CHAT_API_KEY_SECRET, IMAGE, PRESETS
 
 CHAT_CHECKPOINT = os.environ.get("NANOCHAT_CHAT_CHECKPOINT", "")  # none: `flyte deploy` says the app needs one
 CHECKPOINT_MOUNT = "/mnt/checkpoint"
@@ -37,4 +37,5 @@ chat_app = flyte.app.AppEnvironment(
     secrets=[CHAT_API_KEY_SECRET],  # NANOCHAT_API_KEY: every /v1 request needs it as a bearer token
     requires_auth=False,  # the server checks its own API key, so OpenAI clients can call it
     scaling=flyte.app.Scaling(replicas=(0, 1), scaledown_after=timedelta(minutes=15)),  # to zero when idle
+    include=PRESETS,  # the server process imports this file again to find the app, and with it the presets
 )
