@@ -12,7 +12,7 @@ import torch
 from nanochat_flyte.cli.chat_eval import main
 from nanochat_flyte.cli.usage import run
 from nanochat_flyte.config import CHAT_EVAL_TASKS
-from nanochat_flyte.data.chat_data import load_eval_items, prepare_eval_data
+from nanochat_flyte.data.chat_data import EVAL_SOURCES, load_eval_items, prepare_eval_data
 from nanochat_flyte.data.conversation import render_prompt
 from nanochat_flyte.data.tokenizer import gpt2_tokenizer
 from nanochat_flyte.errors import ConfigError
@@ -42,6 +42,7 @@ from nanochat_flyte.model.device import EvalBatches, select_precision
 from nanochat_flyte.model.gpt import GPT, GPTConfig
 from nanochat_flyte.training.pretrain import train
 from tests.helpers import make_data_dir, tiny_config
+from tests.hub_server import split_path
 from tests.shard_server import serve_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,6 +293,16 @@ def test_cli_without_the_hub_names_its_mirror_setting(checkpoint, tmp_path, monk
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.endswith(": not found (HTTP 404); without the hub, point $HF_ENDPOINT at a mirror "
                                             "(README: Offline and mirrors)\n")
+    # a hub that keeps failing is named after two quick tries, not six backed-off ones
+    with serve_shards(tmp_path / "empty") as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        source = EVAL_SOURCES["arc_easy"]
+        listing = split_path(source.repo, source.subset, source.split)
+        server.fail(listing, "503", times=None)
+        with pytest.raises(SystemExit):
+            run(lambda: main(["--checkpoint", str(checkpoint), "--tasks", "arc_easy", "--device", "cpu"]))
+        assert len(server.requests_for(listing)) == 2
+    assert "HTTP 503" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [

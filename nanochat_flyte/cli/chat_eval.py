@@ -18,7 +18,7 @@ from nanochat_flyte.cli.usage import (
     require_checkpoint_flag,
 )
 from nanochat_flyte.config import CHAT_EVAL_TASKS, HUMANEVAL_MODES, ChatConfig
-from nanochat_flyte.data.chat_data import load_eval_items
+from nanochat_flyte.data.chat_data import load_eval_items, probe_eval_sources
 from nanochat_flyte.data.download import DownloadError
 from nanochat_flyte.evaluation.chat_eval import (
     TABLE_HEADER,
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
         require_sandbox()  # without a sandbox: fails here, not after the other tasks
     require_checkpoint_flag(parser, args.checkpoint)
     try:  # before the model loads: an unreachable hub is named before a large checkpoint is read
+        probe_eval_sources(tasks)
         items_by_task = {task: load_eval_items(task) for task in tasks}
     except DownloadError as error:  # (once downloaded, the items are read from the cache, with no hub)
         raise DownloadError(error.what, error.url, f"{error.cause}; without the hub, point $HF_ENDPOINT at a mirror "

@@ -36,7 +36,17 @@ from nanochat_flyte.config import CHAT_EVAL_TASKS, ChatConfig, RLConfig
 from nanochat_flyte.data import MANIFEST_FILE
 from nanochat_flyte.data.conversation import ConversationError, calculator_parts, normalize
 from nanochat_flyte.data.download import DownloadError, Retry
-from nanochat_flyte.data.hub import download_split, file_records, hub_endpoint, iter_rows, parquet_urls, split_rows
+from nanochat_flyte.data.hub import (
+    cached_listing,
+    download_split,
+    file_records,
+    hub_endpoint,
+    iter_rows,
+    listing_url,
+    parquet_urls,
+    split_cache_dir,
+    split_rows,
+)
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.files import write_bytes_atomically
 
@@ -207,6 +217,17 @@ def check_tasks(tasks: list[str]) -> None:
         if task not in EVAL_SOURCES:
             raise ConfigError("eval_tasks", f"unknown task {task!r}; choose from {', '.join(EVAL_SOURCES)}",
                               "ChatConfig")
+
+
+def probe_eval_sources(tasks: list[str], endpoint: str = "", cache_dir: Path | None = None) -> None:
+    """Before a first download of the tasks' items: the hub answers a listing within PROBE_RETRY's two tries, or a
+    DownloadError says so in seconds (a download tries six times, backing off). Tasks listed before ask nothing."""
+    for task in tasks:
+        source = EVAL_SOURCES[task]
+        directory = split_cache_dir(source.repo, source.subset, source.split, cache_dir, endpoint)
+        if cached_listing(directory, listing_url(source.repo, source.subset, source.split, endpoint)) is None:
+            parquet_urls(source.repo, source.subset, source.split, endpoint, PROBE_RETRY)
+            return
 
 
 def load_eval_items(task: str, endpoint: str = "", cache_dir: Path | None = None) -> list[dict]:
