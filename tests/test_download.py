@@ -296,6 +296,19 @@ def test_parallel_downloads_report_progress_and_fail_loudly(shard_server, tmp_pa
         list(download_shards(shard_server.url, [0, 1, 2, 3], tmp_path / "cache2", workers=2, retry=FAST_RETRY))
 
 
+def test_a_failed_shard_stops_the_running_downloads(shard_server, tmp_path):
+    """Shard 0 is missing while shard 1 waits out a 503's backoff: the error comes at once, and shard 1 is not
+    tried again (it used to hold the error back for its whole backoff and retries)."""
+    write_fineweb_shards(shard_server.directory, [1], docs_per_shard=5)
+    shard_server.fail("/shard_00001.parquet", "503", times=None)
+    slow_retry = Retry(attempts=3, backoff_base_s=20, backoff_max_s=20)  # at least 10 s before a retry
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match="shard 0 "):
+        list(download_shards(shard_server.url, [0, 1], tmp_path / "cache", workers=2, retry=slow_retry))
+    assert time.monotonic() - start < 8
+    assert len(shard_server.requests_for("/shard_00001.parquet")) <= 1
+
+
 def test_check_data_url(shard_server, tmp_path):
     write_fineweb_shards(shard_server.directory, [0, 1822], docs_per_shard=5)
     check_data_url(RunConfig(data_url=shard_server.url, num_shards=1))  # reachable: no error

@@ -21,7 +21,7 @@ import hashlib
 import os
 import random
 import re
-import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -127,6 +127,15 @@ class PermanentError(Exception):
     """A failure that retrying cannot fix (404, 403, a missing file)."""
 
 
+class Cancelled(Exception):
+    """The download was told to stop (another file of its batch failed); its partial file is kept to resume."""
+
+
+def raise_if_stopped(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise Cancelled()
+
+
 def readable_parquet_schema(path: Path) -> pa.Schema:
     """The parquet footer's schema (cheap: no data pages are read), or CorruptFile."""
     try:
@@ -217,10 +226,11 @@ def discard_partial(partial: Path) -> None:
     validator_path(partial).unlink(missing_ok=True)
 
 
-def fetch_http(url: str, partial: Path, hub: str = "") -> None:
+def fetch_http(url: str, partial: Path, hub: str = "", stop: threading.Event | None = None) -> None:
     """Append the rest of `url` to `partial`, resuming with a Range request from the bytes already there. The
     Range carries If-Range with the validator the first response gave (a strong ETag, else Last-Modified): a
-    server whose file has changed since answers with the whole new file, which replaces the partial one."""
+    server whose file has changed since answers with the whole new file, which replaces the partial one. `stop`,
+    once set, ends the transfer at the next chunk."""
     offset = partial.stat().st_size if partial.exists() else 0
     headers = auth_headers(url, hub)
     if offset:
@@ -245,16 +255,17 @@ def fetch_http(url: str, partial: Path, hub: str = "") -> None:
         length = response.headers.get("Content-Length")
         with open(partial, "ab" if resumed else "wb") as f:
             for chunk in response.iter_content(CHUNK_BYTES):
+                raise_if_stopped(stop)
                 f.write(chunk)
     size = partial.stat().st_size
     if length is not None and size < offset + int(length):
         raise TransientError(f"body ended at byte {size} of {offset + int(length)}")
 
 
-def fetch_fsspec(url: str, partial: Path) -> None:
+def fetch_fsspec(url: str, partial: Path, stop: threading.Event | None = None) -> None:
     """Append the rest of an fsspec URL to `partial`, seeking past the bytes already there, when the object is the
     one those bytes came from: its store's key for this version (fsspec's ukey: an ETag, a generation, size and
-    time) is kept beside the partial file. A changed object is fetched whole again."""
+    time) is kept beside the partial file. A changed object is fetched whole again. `stop`: as for fetch_http."""
     filesystem, path = fsspec.core.url_to_fs(url)
     try:
         version = filesystem.ukey(path)
@@ -265,7 +276,9 @@ def fetch_fsspec(url: str, partial: Path) -> None:
         offset = partial.stat().st_size if partial.exists() else 0
         with filesystem.open(path, "rb") as source, open(partial, "ab") as target:
             source.seek(offset)
-            shutil.copyfileobj(source, target, CHUNK_BYTES)
+            while chunk := source.read(CHUNK_BYTES):
+                raise_if_stopped(stop)
+                target.write(chunk)
     except FileNotFoundError as e:
         raise PermanentError(f"not found: {e}") from e
 
@@ -273,11 +286,13 @@ def fetch_fsspec(url: str, partial: Path) -> None:
 # ----------------------------------------------------------------------------- one file, with retries
 
 def with_retries(action: Callable[[], object], what: str, url: str, retry: Retry = DEFAULT_RETRY,
-                 on_corrupt: Callable[[], None] | None = None):
+                 on_corrupt: Callable[[], None] | None = None, stop: threading.Event | None = None):
     """Run `action` until it succeeds: transient failures are retried with backoff, permanent ones raise at
-    once, and the last failure raises one DownloadError naming `what`."""
+    once, and the last failure raises one DownloadError naming `what`. `stop`, once set, ends the waiting and
+    the retrying with Cancelled."""
     for attempt in range(retry.attempts):
         retry_after = None
+        raise_if_stopped(stop)
         try:
             return action()
         except PermanentError as e:
@@ -296,15 +311,18 @@ def with_retries(action: Callable[[], object], what: str, url: str, retry: Retry
             delay = retry.delay(attempt, retry_after)
             print(f"{what}: attempt {attempt + 1}/{retry.attempts} failed ({cause}); retrying in {delay:.1f}s",
                   flush=True)
-            time.sleep(delay)
+            if stop is not None:
+                stop.wait(delay)
+            else:
+                time.sleep(delay)
     raise DownloadError(what, url, f"{cause} (gave up after {retry.attempts} attempts)")
 
 
 def download_file(url: str, cached: Path, verify: Callable[[Path], None], what: str,
-                  retry: Retry = DEFAULT_RETRY, hub: str = "") -> Download:
+                  retry: Retry = DEFAULT_RETRY, hub: str = "", stop: threading.Event | None = None) -> Download:
     """The file at `url`, verified, on local disk: read in place (local data), from the cache at `cached`, or
     downloaded there. `verify(path)` raises CorruptFile for bytes that are not the expected file. hub: the
-    endpoint whose host may see $HF_TOKEN (auth_headers)."""
+    endpoint whose host may see $HF_TOKEN (auth_headers). stop: once set, the download raises Cancelled."""
     start = time.time()
     if (path := local_path(url)) is not None:
         if not path.exists():
@@ -327,14 +345,14 @@ def download_file(url: str, cached: Path, verify: Callable[[Path], None], what: 
     partial = cached.with_name(cached.name + ".part")
 
     def attempt() -> Download:
-        fetch_http(url, partial, hub) if is_http(url) else fetch_fsspec(url, partial)
+        fetch_http(url, partial, hub, stop) if is_http(url) else fetch_fsspec(url, partial, stop)
         size = partial.stat().st_size
         verify(partial)
         os.replace(partial, cached)  # atomic: the cache holds whole, verified files only
         validator_path(partial).unlink(missing_ok=True)
         return Download(url, cached, time.time() - start, size)
 
-    return with_retries(attempt, what, url, retry, on_corrupt=lambda: discard_partial(partial))
+    return with_retries(attempt, what, url, retry, on_corrupt=lambda: discard_partial(partial), stop=stop)
 
 
 def get_json(url: str, what: str, retry: Retry = DEFAULT_RETRY, hub: str = ""):
@@ -354,21 +372,23 @@ def get_json(url: str, what: str, retry: Retry = DEFAULT_RETRY, hub: str = ""):
 # ----------------------------------------------------------------------------- shards
 
 def download_shard(data_url: str, index: int, cache_dir: Path | None = None,
-                   retry: Retry = DEFAULT_RETRY) -> Download:
+                   retry: Retry = DEFAULT_RETRY, stop: threading.Event | None = None) -> Download:
     """Return shard `index` verified on local disk: cached (in cache_dir's folder for data_url), read in place
     (local data), or downloaded."""
     cached = Path(cache_dir or default_cache_dir("shards")) / source_key(data_url) / shard_name(index)
-    return download_file(shard_url(data_url, index), cached, verify_shard, f"shard {index}", retry)
+    return download_file(shard_url(data_url, index), cached, verify_shard, f"shard {index}", retry, stop=stop)
 
 
 def download_shards(data_url: str, indices: list[int], cache_dir: Path | None = None, workers: int = 8,
                     retry: Retry = DEFAULT_RETRY) -> Iterator[tuple[int, Download]]:
     """Download `indices` with `workers` threads; yield (index, download) as each completes, with a progress
-    line. The first shard that fails raises its DownloadError (queued downloads are cancelled)."""
+    line. The first shard that fails raises its DownloadError at once: queued downloads are cancelled, and the
+    running ones stop at their next chunk or retry (their partial files stay, to resume)."""
     start = time.time()
     transferred = 0
+    stop = threading.Event()
     with ThreadPoolExecutor(workers) as pool:
-        futures = {pool.submit(download_shard, data_url, index, cache_dir, retry): index for index in indices}
+        futures = {pool.submit(download_shard, data_url, index, cache_dir, retry, stop): index for index in indices}
         try:
             for done, future in enumerate(as_completed(futures), start=1):
                 download = future.result()
@@ -379,6 +399,7 @@ def download_shards(data_url: str, indices: list[int], cache_dir: Path | None = 
                       f"{transferred / 1e6 / max(elapsed, 1e-9):.1f} MB/s, ETA {eta:.0f}s", flush=True)
                 yield futures[future], download
         finally:
+            stop.set()
             pool.shutdown(cancel_futures=True)
 
 
