@@ -20,6 +20,7 @@ import hashlib
 import json
 import re
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -121,13 +122,18 @@ def download_split(repo: str, subset: str, split: str, endpoint: str = "", cache
         listing = json.dumps({"listing_url": url, "urls": urls}, indent=1).encode()
         write_bytes_atomically(directory / LISTING_FILE, [listing])
     verify = parquet_verifier(columns)
+    stop = threading.Event()  # set by the first failure: the other files stop at their next chunk or retry
 
     def fetch(index: int) -> Path:
         what = f"{split_name(repo, subset, split)} file {index}"
-        return download_file(urls[index], directory / f"{index:05d}.parquet", verify, what, retry, endpoint).path
+        return download_file(urls[index], directory / f"{index:05d}.parquet", verify, what, retry, endpoint,
+                             stop).path
 
     with ThreadPoolExecutor(min(DOWNLOAD_WORKERS, len(urls))) as pool:
-        return list(pool.map(fetch, range(len(urls))))
+        try:
+            return list(pool.map(fetch, range(len(urls))))
+        finally:
+            stop.set()
 
 
 def parquet_rows(url: str, what: str, retry: Retry = DEFAULT_RETRY, hub: str = "") -> int | None:
