@@ -206,6 +206,17 @@ def test_rl_trains_a_chat_checkpoint_and_logs_its_rewards(sft_checkpoint, rl_dat
     lengths = metric_rows(tmp_path / "rl", "rl/answer_tokens")
     assert len(rewards) == len(lengths) == 4 and all(0 < length <= 12 for length in lengths)
     assert summary["data_epochs"] == pytest.approx(16 / 30)  # 4 steps of 4 problems out of 30
+    # tok/s is the policy gradient's: the rollouts' time is logged apart, and left out
+    rows = [row for row in map(json.loads, (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines())
+            if "train/dt" in row]
+    step_tokens = 16 * 96  # 4 problems x 4 answers, each a row of max_seq_len tokens
+    assert len(rows) == 4 and all(0 < row["train/sampling_s"] < row["train/dt"] for row in rows)
+    assert [row["train/tok_per_sec"] for row in rows] == pytest.approx(
+        [step_tokens / (row["train/dt"] - row["train/sampling_s"]) for row in rows])
+    loop = torch.load(tmp_path / "rl" / "checkpoint.pt", weights_only=True)["loop"]
+    assert loop["timed_sampling_seconds"] == pytest.approx(sum(row["train/sampling_s"] for row in rows[1:]))
+    assert summary["avg_tok_per_sec"] == pytest.approx(
+        loop["timed_tokens"] / (loop["timed_seconds"] - loop["timed_sampling_seconds"]))
     # the RL checkpoint is a chat checkpoint: every chat tool opens it
     engine = Engine.from_checkpoint(tmp_path / "rl", device="cpu")
     assert engine.chat_mode

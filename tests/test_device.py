@@ -95,6 +95,10 @@ def test_peak_flops_table():
     assert peak_flops("NVIDIA H100 PCIe", torch.bfloat16) == 756e12
     assert peak_flops("NVIDIA H200", torch.bfloat16) == 989e12
     assert peak_flops("NVIDIA H200 NVL", torch.bfloat16) == 835e12  # not the SXM part's
+    assert peak_flops("Tesla V100-SXM2-16GB", torch.float16) == 125e12
+    assert peak_flops("Tesla V100-PCIE-32GB", torch.float16) == 112e12  # not the SXM2 part's
+    assert peak_flops("Tesla V100S-PCIE-32GB", torch.float16) == 130e12
+    assert peak_flops("NVIDIA A100-SXM4-40GB MIG 1g.5gb", torch.bfloat16) is None  # a slice: not the whole GPU
     assert peak_flops("cpu", torch.float32) is None
 
 

@@ -24,6 +24,9 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 # when torch allows TF32, "float32" the CUDA-core rate. Keys match torch.cuda.get_device_name() as whole words.
 PEAK_FLOPS: dict[str, dict[str, float]] = {
     "T4": {"float16": 65e12, "float32": 8.1e12},  # Turing: no bf16, no TF32
+    "V100": {"float16": 125e12, "float32": 15.7e12},  # Volta, as T4; SXM2: "Tesla V100-SXM2-16GB"
+    "V100-PCIE": {"float16": 112e12, "float32": 14e12},  # "Tesla V100-PCIE-32GB"
+    "V100S": {"float16": 130e12, "float32": 16.4e12},  # "Tesla V100S-PCIE-32GB"
     # NVIDIA publishes no A10G datasheet. Cloud comparisons of A10 and A10G list the A10G at about 70e12
     # dense fp16/bf16 (its GA102 tensor cores at the consumer rate), not the A10 datasheet's 125e12: the
     # least certain row here.
@@ -113,7 +116,10 @@ def select_precision(device: torch.device, dtype_name: str = "auto") -> Precisio
 
 
 def peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
-    """The device's peak FLOP/s for matmuls in dtype, or None when we do not know it (CPU, unlisted GPU)."""
+    """The device's peak FLOP/s for matmuls in dtype, or None when we do not know it (CPU, unlisted GPU, a MIG
+    slice: "NVIDIA A100-SXM4-40GB MIG 1g.5gb" has a fraction of the GPU's tensor cores)."""
+    if re.search(r"\bMIG\b", device_name):
+        return None
     matches = [key for key in PEAK_FLOPS if re.search(rf"\b{re.escape(key)}\b", device_name, re.IGNORECASE)]
     if not matches:
         return None

@@ -77,6 +77,9 @@ LOSS_EMA_BETA = 0.9  # smoothing of the logged loss: roughly the mean of the las
 # Steps in a row whose loss is inf/NaN before the run stops as diverged. An fp16 forward overflow now and then skips a
 # step and training goes on; 20 in a row is a run whose weights have gone (in bf16 or fp32 they are NaN after one).
 DIVERGED_AFTER_STEPS = 20
+# The step_metrics key under which a phase whose model writes its own data (RL's rollouts) reports the seconds the
+# step spent writing it: tok/s and MFU leave them out, as they measure training; the step's dt and the ETA keep them.
+SAMPLING_SECONDS = "train/sampling_s"
 DDP_PARAMETERS = inspect.signature(DistributedDataParallel).parameters  # which switches this torch's DDP takes
 
 
@@ -218,6 +221,7 @@ class LoopState:
     skipped_steps: int = 0
     timed_steps: int = 0  # steps in the throughput averages: all but the first of each session (warm-up, compile)
     timed_seconds: float = 0.0
+    timed_sampling_seconds: float = 0.0  # of timed_seconds: the model writing its own data (SAMPLING_SECONDS)
     total_time_s: float = 0.0  # wall-clock time inside the loop, summed over sessions
     tokens_seen: int = 0  # summed step by step: a resumed run may have another total_batch_size
     timed_tokens: int = 0  # the tokens of the timed steps
@@ -479,7 +483,8 @@ class Trainer:
 
     def summary(self, status: str, step: int) -> dict:
         config, loop, metric = self.config, self.loop, self.phase.metric
-        tok_per_sec = loop.timed_tokens / loop.timed_seconds if loop.timed_steps else None
+        training_seconds = loop.timed_seconds - loop.timed_sampling_seconds
+        tok_per_sec = loop.timed_tokens / training_seconds if loop.timed_steps else None
         best = "max" if self.phase.higher_is_better else "min"
         return {"status": status, "phase": self.phase.model_kind, "stage": self.phase.stage,
                 "run_name": config.run_name,
@@ -596,7 +601,7 @@ class Trainer:
     def log_step(self, step: int, result: StepResult, dt: float, phase_metrics: dict[str, float]) -> None:
         """Metrics of the step that just finished (step counts finished steps) to W&B, metrics.jsonl and stdout."""
         config, loop = self.config, self.loop
-        tok_per_sec = config.total_batch_size / dt
+        tok_per_sec = config.total_batch_size / (dt - phase_metrics.get(SAMPLING_SECONDS, 0.0))
         step_mfu = self.mfu_percent(tok_per_sec)
         lrm = lr_multiplier(step - 1, config)
         smoothed = loop.smoothed_loss()
@@ -659,7 +664,8 @@ class Trainer:
             phase_metrics = self.phase.step_metrics()
             step = self.step = step + 1
             session_steps += 1
-            self.count_step(result, dt, timed=session_steps > 1)  # the first pays for warm-up and compilation
+            # the first step pays for warm-up and compilation
+            self.count_step(result, dt, phase_metrics.get(SAMPLING_SECONDS, 0.0), timed=session_steps > 1)
             loop.total_time_s = time_before_session + time.perf_counter() - session_start
             if math.isfinite(result.loss):
                 nonfinite_since = None
@@ -686,13 +692,15 @@ class Trainer:
         sample = last_step or (step > 0 and step % config.sample_every == 0)
         return evaluate, sample, True, not last_step and step > 0 and step % config.save_every == 0
 
-    def count_step(self, result: StepResult, dt: float, timed: bool) -> None:
-        """A finished step's tokens, time (timed: it counts towards tok/s and the ETA), skip and loss."""
+    def count_step(self, result: StepResult, dt: float, sampling_seconds: float, timed: bool) -> None:
+        """A finished step's tokens, time (timed: it counts towards tok/s and the ETA; sampling_seconds of it only
+        towards the ETA), skip and loss."""
         config, loop = self.config, self.loop
         loop.tokens_seen += config.total_batch_size
         if timed:
             loop.timed_steps += 1
             loop.timed_seconds += dt
+            loop.timed_sampling_seconds += sampling_seconds
             loop.timed_tokens += config.total_batch_size
         loop.skipped_steps += result.skipped
         loop.fold_loss(result.loss)

@@ -24,6 +24,7 @@ is a chat checkpoint (`"phase": "chat"`, `"stage": "rl"`) that every chat tool o
 
 import dataclasses
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from nanochat_flyte.inference.engine import Completion, Engine, SamplingParams
 from nanochat_flyte.model.checkpoint import checkpoint_run_config, read_training_state
 from nanochat_flyte.model.device import EvalBatches, Precision, rank_and_world_size
 from nanochat_flyte.model.gpt import GPT
-from nanochat_flyte.training.loop import Trainer, distributed_env
+from nanochat_flyte.training.loop import SAMPLING_SECONDS, Trainer, distributed_env
 from nanochat_flyte.training.resume import check_same_stream
 from nanochat_flyte.training.sft import ChatPhase, chat_samples
 
@@ -126,6 +127,7 @@ class Rollouts:
         self.pending: list[Rollout] = []
         self.rewards: list[float] = []  # of the answers sampled since step_metrics() last read them
         self.answer_lengths: list[int] = []
+        self.sampling_seconds = 0.0  # spent rolling out since step_metrics() last read them
 
     @property
     def epoch(self) -> float:
@@ -181,6 +183,7 @@ class Rollouts:
         """The answers to this rank's next num_problems problems (next_problems), rewarded, each against its own
         group's mean."""
         phase, rl = self.phase, self.phase.rl
+        start = time.perf_counter()
         problems = self.next_problems(num_problems)
         requests = [(prompt, SamplingParams(max_tokens=rl.max_new_tokens, temperature=rl.temperature,
                                             top_k=rl.top_k or None,
@@ -196,6 +199,7 @@ class Rollouts:
             self.rewards += rewards
             self.answer_lengths += [len(completion.tokens) for completion in group]
             rollouts += [rollout(prompt, completion, reward - baseline) for completion, reward in zip(group, rewards)]
+        self.sampling_seconds += time.perf_counter() - start  # the engine has read every token back: all done
         return rollouts
 
 
@@ -236,15 +240,18 @@ class ReinforcementLearning(ChatPhase):
         return policy_gradient_loss(model, batch)
 
     def step_metrics(self):
-        """The mean reward and answer length of the step's rollouts, over all ranks."""
+        """The mean reward and answer length of the step's rollouts, over all ranks, and the seconds this rank spent
+        rolling them out (SAMPLING_SECONDS: the step's tok/s and MFU are the policy gradient's)."""
         rollouts = self.rollouts
         totals = torch.tensor([sum(rollouts.rewards), len(rollouts.rewards), sum(rollouts.answer_lengths)],
                               dtype=torch.float64, device=rollouts.device)
-        rollouts.rewards, rollouts.answer_lengths = [], []
+        sampling_seconds = rollouts.sampling_seconds
+        rollouts.rewards, rollouts.answer_lengths, rollouts.sampling_seconds = [], [], 0.0
         if dist.is_initialized():
             dist.all_reduce(totals)
         answers = max(totals[1].item(), 1)
-        return {"rl/reward": totals[0].item() / answers, "rl/answer_tokens": totals[2].item() / answers}
+        return {"rl/reward": totals[0].item() / answers, "rl/answer_tokens": totals[2].item() / answers,
+                SAMPLING_SECONDS: sampling_seconds}
 
     def evaluate(self, model, batch_size, device, precision):
         """pass@1: the share of validation problems whose greedy answer is right. Decoded with the engine on the
