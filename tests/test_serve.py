@@ -193,15 +193,90 @@ LONG = [{"role": "user", "content": "The cat sees a small boat. " * (CONTEXT // 
     ([HELLO], 400, None, "must be a JSON object"),
     ({"messages": HELLO, "stream": True, "stream_options": {"include_usage": "no"}}, 400, "stream_options",
      "include_usage: must be true or false"),
+    ({"messages": HELLO, "stream": True, "stream_options": []}, 400, "stream_options", "must be an object"),
+    ({"messages": HELLO, "stream_options": {"include_usage": True}}, 400, "stream_options",
+     "only allowed when stream is true"),
 ], ids=["no-messages", "missing-messages", "assistant-first", "two-users", "content-not-text", "unknown-role",
         "longer-than-context", "max-tokens-0", "max-tokens-over-context", "max-tokens-not-int", "temperature",
-        "n", "top-p", "n-true", "top-p-true", "five-stops", "tools", "not-an-object", "include-usage-not-bool"])
+        "n", "top-p", "n-true", "top-p-true", "five-stops", "tools", "not-an-object", "include-usage-not-bool",
+        "stream-options-not-an-object", "stream-options-without-stream"])
 def test_bad_requests_get_a_clear_4xx_in_openai_shape(chat_server, body, status, param, fragment):
     response = post(chat_server, body)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
     assert error["param"] == param and fragment in error["message"]
+
+
+def test_a_conversation_of_more_text_than_the_context_holds_is_refused_before_it_is_tokenized(chat_engine,
+                                                                                              monkeypatch):
+    """A megabyte of history took seconds to tokenize (and its calculator annotations to check) only to be refused:
+    text that no tokenization fits in the context is refused at once, by its length."""
+    from fastapi.testclient import TestClient
+
+    from nanochat_flyte.inference.serve import create_app
+
+    def never(messages):
+        raise AssertionError("tokenized")
+
+    monkeypatch.setattr(chat_engine, "chat_prompt", never)
+    text = "<<1+1=2>>" * (CONTEXT * chat_engine.max_token_bytes // 9 + 1)
+    messages = [*HELLO, {"role": "assistant", "content": text}, *HELLO]
+    with TestClient(create_app(chat_engine, model_name="unit")) as client:
+        response = client.post("/v1/chat/completions", json={"messages": messages})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    assert f"more than this model's context of {CONTEXT} tokens can hold" in error["message"]
+
+
+def test_requests_waiting_to_be_tokenized_count_towards_the_concurrency_limit(chat_engine, monkeypatch):
+    """Requests parse one at a time: a burst of long ones queued without bound, holding up everyone's. Those
+    queued count towards max_concurrent, as the answers being generated do."""
+    from fastapi.testclient import TestClient
+
+    from nanochat_flyte.inference import serve
+
+    parse, parsing, release = serve.parse_chat_request, threading.Event(), threading.Event()
+
+    def slow_parse(state, raw):
+        parsing.set()
+        release.wait(60)
+        return parse(state, raw)
+
+    monkeypatch.setattr(serve, "parse_chat_request", slow_parse)
+    body = {"messages": HELLO, "max_tokens": 1}
+    with TestClient(serve.create_app(chat_engine, model_name="unit", max_concurrent=1)) as client:
+        first = []
+        waiting = threading.Thread(target=lambda: first.append(client.post("/v1/chat/completions", json=body)))
+        waiting.start()
+        try:
+            assert parsing.wait(60)
+            busy = client.post("/v1/chat/completions", json=body)
+            assert busy.status_code == 429 and busy.json()["error"]["code"] == "rate_limit_exceeded"
+        finally:
+            release.set()
+            waiting.join(60)
+        assert first[0].status_code == 200
+        assert client.post("/v1/chat/completions", json=body).status_code == 200  # counted out again
+
+
+def test_a_developer_message_is_a_system_message(chat_server, chat_engine):
+    """OpenAI's newer clients send the system prompt as role "developer"."""
+    answer = post(chat_server, {"messages": [{"role": "developer", "content": "Be brief."}, *HELLO],
+                                "max_tokens": 8, "temperature": 0})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"] == expected(
+        chat_engine, [{"role": "system", "content": "Be brief."}, *HELLO], max_tokens=8)
+
+
+def test_the_access_log_names_the_connection_not_a_forwarded_for_header(chat_server):
+    """uvicorn took a loopback client's X-Forwarded-For for its address and logged it as sent (C1 controls too)."""
+    requests.get(f"{chat_server.url}/health?probe=forwarded", headers={"X-Forwarded-For": "6.6.6.6"}, timeout=10)
+    deadline = time.monotonic() + 10
+    while "probe=forwarded" not in chat_server.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (line,) = [line for line in chat_server.log.read_text().splitlines() if "probe=forwarded" in line]
+    assert "127.0.0.1:" in line and "6.6.6.6" not in line
 
 
 def test_invalid_json_oversized_bodies_and_unknown_routes(chat_server):
@@ -220,6 +295,9 @@ def test_invalid_json_oversized_bodies_and_unknown_routes(chat_server):
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
     response = requests.get(url, timeout=10)
     assert response.status_code == 405 and response.json()["error"]["message"] == "Method Not Allowed"
+    assert response.headers["Allow"] == "POST"
+    for path in ("/", "/health"):  # as load balancers and uptime checks ask
+        assert requests.head(f"{chat_server.url}{path}", timeout=10).status_code == 200
     response = requests.get(f"{chat_server.url}/v1/nothing", timeout=10)
     assert response.status_code == 404 and "error" in response.json()
     assert chat_server.health()["status"] == "ok"  # none of it hurt the server

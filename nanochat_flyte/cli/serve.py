@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
                      request_timeout=args.request_timeout, allowed_hosts=allowed_hosts)
     http = functools.partial(BoundedHttp, request_timeout=args.request_timeout, max_connections=args.max_connections)
     # On Ctrl-C or SIGTERM no new request is taken; answers in flight get SHUTDOWN_GRACE_S to finish
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=http,
+    # proxy_headers off: uvicorn would otherwise log a loopback client's X-Forwarded-For as its address, unescaped
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=http, proxy_headers=False,
                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
 
 

@@ -412,6 +412,7 @@ class Engine:
         keeps_storage = compile and compile_mode in CUDA_GRAPH_COMPILE_MODES
         self.resident_cache = ResidentCache(static_addresses=self.cuda_graphs) if keeps_storage else None
         self.context = model.config.sequence_len  # the longest sequence the model was trained on
+        self.max_token_bytes = max(map(len, tokenizer.token_byte_values()))  # GPT-2's: 128
         self.stop_ids = frozenset(tokenizer.encode_single_token(token) for token in STOP_TOKENS
                                   if token in tokenizer.special_tokens_set)
         # the calculator is part of the chat format: a base model never learned to call it

@@ -9,13 +9,15 @@ serve` command, cli/serve.py, and Flyte 2's chat app run it).
 create_app builds the FastAPI app; uvicorn runs it with BoundedHttp as its protocol. Torch runs on the engine's
 decode thread (scheduler.Scheduler): concurrent requests decode together in one batch, and the event loop stays free
 to stream (a request's JSON and its prompt's tokens are worked out on another thread). A client that disconnects
-mid-answer frees its slot at once; beyond max_concurrent requests the answer is 429; with an api_key, every /v1
+mid-answer frees its slot at once; beyond max_concurrent requests (those being read and tokenized count too) the
+answer is 429; with an api_key, every /v1
 request needs `Authorization: Bearer <that key>`. BoundedHttp gives a connection request_timeout seconds for a
 request's headers, and as many again for its body, cuts off a client that reads nothing of a full buffer for as
 long, and answers a plain-text 503 beyond max_connections open connections.
 
-OpenAI request fields: messages, model (any name is accepted: one model is served), stream, stream_options
-(include_usage), max_completion_tokens or max_tokens (1 .. the model's context; default: until the answer ends or
+OpenAI request fields: messages (roles system, user and assistant; "developer" is taken as "system", as OpenAI's
+newer clients name it), model (any name is accepted: one model is served), stream, stream_options (include_usage;
+only with stream), max_completion_tokens or max_tokens (1 .. the model's context; default: until the answer ends or
 the context is full), temperature (0..2, default 0.6), top_k (an extension, default 50; 0 = whole vocabulary), stop
 (a string or up to 4), seed (default: a random one). n must be 1 and top_p 1: other values are refused, not
 ignored. Fields that change what is asked (tools, functions, response_format, logprobs) are refused; the remaining
@@ -101,6 +103,7 @@ class ServerState:
     # one thread parses and tokenizes requests, one at a time: a burst of long prompts takes one core at most,
     # and the event loop and the decode thread keep theirs
     parse_thread: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "parse-request"))
+    parsing: int = 0  # requests given to parse_thread and not yet parsed: they count towards max_concurrent
     active: set[Request] = field(default_factory=set)
     counts: dict[str, int] = field(default_factory=lambda: {"completed": 0, "cancelled": 0, "failed": 0})
 
@@ -139,8 +142,21 @@ def _messages(body: dict) -> list[dict]:
                        for part in content):
                 raise ApiError(400, f"messages[{index}].content: only text parts are supported", "messages")
             content = "".join(part["text"] for part in content)
-        plain.append({"role": message.get("role"), "content": content})
+        role = message.get("role")
+        plain.append({"role": "system" if role == "developer" else role, "content": content})
     return plain
+
+
+def check_fits_context(engine: Engine, messages: list[dict]) -> None:
+    """Refuse, before tokenizing, a conversation of more text than the context can hold however it tokenizes: no
+    token spans more than engine.max_token_bytes bytes. (A megabyte of history would take seconds to tokenize, and
+    its calculator annotations to check, only to be refused.)"""
+    text_bytes = sum(len(message["content"].encode("utf-8", "surrogatepass")) for message in messages
+                     if isinstance(message["content"], str))
+    if text_bytes > engine.context * engine.max_token_bytes:
+        raise ApiError(400, f"messages: the conversation is {text_bytes:,} bytes of text, more than this model's "
+                            f"context of {engine.context} tokens can hold (a token is at most "
+                            f"{engine.max_token_bytes} bytes)", "messages", "context_length_exceeded")
 
 
 def parse_chat_request(state: ServerState, raw: bytes) -> ChatRequest:
@@ -157,8 +173,10 @@ def parse_chat_request(state: ServerState, raw: bytes) -> ChatRequest:
         raise ApiError(400, f"top_p: only 1 is supported (nucleus sampling is not implemented; use top_k), "
                             f"got {json.dumps(body['top_p'])}", "top_p", "unsupported_value")
     engine = state.engine
+    messages = _messages(body)
+    check_fits_context(engine, messages)
     try:
-        prompt = engine.chat_prompt(_messages(body))
+        prompt = engine.chat_prompt(messages)
     except ConversationError as error:
         raise ApiError(400, str(error), "messages") from None
     if len(prompt) >= engine.context:
@@ -171,7 +189,7 @@ def parse_chat_request(state: ServerState, raw: bytes) -> ChatRequest:
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise ApiError(400, "stream: must be true or false", "stream")
-    include_usage = _include_usage(body)
+    include_usage = _include_usage(body, bool(stream))
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", CHAT_TEMPERATURE, 0, 2, integer=False),
@@ -205,10 +223,14 @@ def _stop_strings(body: dict) -> tuple[str, ...]:
     return tuple(stop)
 
 
-def _include_usage(body: dict) -> bool:
-    stream_options = body.get("stream_options") or {}
+def _include_usage(body: dict, stream: bool) -> bool:
+    stream_options = body.get("stream_options")
+    if stream_options is None:
+        return False
     if not isinstance(stream_options, dict):
         raise ApiError(400, "stream_options: must be an object", "stream_options")
+    if not stream:  # as OpenAI: the options of a stream that is not asked for are a mistake
+        raise ApiError(400, "stream_options: only allowed when stream is true", "stream_options")
     include_usage = stream_options.get("include_usage")
     include_usage = False if include_usage is None else include_usage  # null, as for stream: false
     if not isinstance(include_usage, bool):
@@ -322,7 +344,9 @@ def create_app(engine: Engine, *, model_name: str, max_concurrent: int = 4, api_
 
     @app.exception_handler(HTTPException)
     async def http_error(_, error: HTTPException):  # unknown routes, wrong methods: OpenAI's shape too
-        return ApiError(error.status_code, str(error.detail), code=None).response()
+        response = ApiError(error.status_code, str(error.detail), code=None).response()
+        response.headers.update(error.headers or {})  # a 405's Allow: the methods the path takes
+        return response
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(_, error: ClientDisconnect):
@@ -334,11 +358,12 @@ def create_app(engine: Engine, *, model_name: str, max_concurrent: int = 4, api_
         log.exception("unexpected error")
         return ApiError(500, f"internal error: {type(error).__name__}", kind="server_error").response()
 
-    @app.get("/", response_class=HTMLResponse)
+    # HEAD too: load balancers and uptime checks ask with it
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def page():
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok", "model": model_name, "phase": engine.phase, "mode": _mode(engine),
                 "context": engine.context, "vocab_size": engine.tokenizer.n_vocab, "auth": state.api_key is not None,
@@ -360,7 +385,7 @@ def create_app(engine: Engine, *, model_name: str, max_concurrent: int = 4, api_
         return model
 
     def check_capacity() -> None:
-        if state.running() >= max_concurrent:
+        if state.running() + state.parsing >= max_concurrent:
             answers = "1 answer is" if max_concurrent == 1 else f"{max_concurrent} answers are"
             raise ApiError(429, f"the server is busy: {answers} being generated; retry shortly",
                            code="rate_limit_exceeded", kind="rate_limit_error")
@@ -374,7 +399,15 @@ def create_app(engine: Engine, *, model_name: str, max_concurrent: int = 4, api_
         if http.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
             raise ApiError(415, "the body must be JSON, sent with `Content-Type: application/json`",
                            code="unsupported_media_type")
-        chat = await asyncio.get_running_loop().run_in_executor(state.parse_thread, parse_chat_request, state, body)
+        check_capacity()  # the requests read meanwhile: parsing queues no more than max_concurrent of them
+        if await http.is_disconnected():
+            return Response(status_code=499)  # nobody waits for it: no parsing
+        state.parsing += 1
+        try:
+            chat = await asyncio.get_running_loop().run_in_executor(state.parse_thread, parse_chat_request, state,
+                                                                    body)
+        finally:
+            state.parsing -= 1
         check_capacity()
         answer = Answer(state, chat)
         base = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": model_name,
