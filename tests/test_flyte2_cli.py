@@ -122,3 +122,15 @@ def test_ctrl_c_prints_the_resume_command_and_that_command_resumes(tmp_path, fly
     steps = [line.split()[1] for line in resumed.stdout.splitlines() if line.startswith("step ") and "/00008" in line]
     assert steps[0] == "00003/00008" and steps[-1] == "00008/00008"  # continued after step 2, to the end
     assert "resuming from " in resumed.stdout
+
+
+def test_a_second_local_run_takes_the_data_tasks_output_from_the_cache(flyte_run, tmp_path):
+    """As under pyflyte: a relaunch prepares no data twice. (Flyte 2's local runs read only a cache whose behavior
+    is "auto"; "override" was written and never read.)"""
+    arguments = ("--tokenizer", "gpt2", "--data_url", str(tmp_path / "unused"), "--num_shards", "1",
+                 "--bpe_vocab_size", "0", "--bpe_train_chars", "0")
+    for _ in range(2):
+        result = flyte_run(*arguments, file="workflows/flyte2/pretraining.py", task="prepare_tokenizer")
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    made = list((tmp_path / "raw").rglob("tokenizer"))
+    assert len(made) == 1, made  # the second run's output is the first's

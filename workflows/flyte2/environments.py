@@ -82,15 +82,16 @@ def node(machine: Machine) -> flyte.Resources:
                            gpu=f"{machine.gpu}:{machine.gpus}", shm="auto", disk=machine.disk)
 
 
-# Keyed by what decides the data, with the library's format versions (not the code's hash, "auto"'s: an edit to a
-# task's body must not throw away hours of tokenized shards): a relaunch prepares nothing twice.
-DATA_CACHE = flyte.Cache(behavior="override", version_override=prepare.DATA_VERSION)
+# Keyed by what decides the data, with the library's format versions (not the code's hash, what "auto" takes without
+# a version_override: an edit to a task's body must not throw away hours of tokenized shards): a relaunch prepares
+# nothing twice. "auto", not "override", which serializes the same: local runs read only an "auto" cache.
+DATA_CACHE = flyte.Cache(behavior="auto", version_override=prepare.DATA_VERSION)
 # A shard is keyed by its job alone (data_url, index, split, tokenizer fingerprint).
-SHARD_CACHE = flyte.Cache(behavior="override", version_override=prepare.DATA_VERSION,
+SHARD_CACHE = flyte.Cache(behavior="auto", version_override=prepare.DATA_VERSION,
                           ignored_inputs=("tokenizer_dir",))
-CHAT_DATA_CACHE = flyte.Cache(behavior="override", version_override=prepare.CHAT_DATA_VERSION)
+CHAT_DATA_CACHE = flyte.Cache(behavior="auto", version_override=prepare.CHAT_DATA_VERSION)
 # Scoring the same checkpoint with the same settings again is free.
-EVALUATION_CACHE = flyte.Cache(behavior="override", version_override=evaluate.EVALUATION_VERSION,
+EVALUATION_CACHE = flyte.Cache(behavior="auto", version_override=evaluate.EVALUATION_VERSION,
                                ignored_inputs=("config",))
 
 # The code bundle holds the Python modules the entry file loads; the presets they read at import (workflows/presets.py)
