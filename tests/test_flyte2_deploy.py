@@ -189,6 +189,8 @@ def test_multi_gpu_training_is_one_elastic_pod_with_eight_a100s(compiled):
     template = template_of(compiled, "train_base_model_multi_gpu")
     assert template["type"] == "python-task"  # nnodes=1: torch elastic inside one pod, no PyTorchJob operator
     assert template["custom"]["elasticConfig"]["nprocPerNode"] == 8
+    # a failed worker fails the attempt, no restart (0, the default value, is left out of the proto's JSON)
+    assert template["custom"]["elasticConfig"].get("maxRestarts", 0) == 0
     requests, _ = resources(template)
     assert requests["GPU"] == "8" and template["extendedResources"]["gpuAccelerator"]["device"] == "nvidia-tesla-a100"
     assert not template["metadata"]["interruptible"]

@@ -293,8 +293,9 @@ def worker_failure(tmp_path: Path, error: BaseException) -> ChildFailedError:
 
 def test_a_user_error_in_an_elastic_worker_fails_the_task_in_one_line_and_is_not_retried(tmp_path, monkeypatch):
     """The 8-GPU task runs its body in torch elastic's workers; flyteplugins-pytorch reports any worker's failure as
-    a RuntimeError, which Flyte retries. A worker's user error (one_line_user_errors' NonRecoverableError) is the
-    task's one line instead, not retried, as under v1's plugin; a bug stays the plugin's retried failure."""
+    a RuntimeError, which Flyte retries. A worker's NonRecoverableError (one_line_user_errors' user error, or the
+    bug retried_only_on_storage_errors made one) is the task's one line instead, not retried, as under v1's plugin;
+    any other failure (a storage error, a worker killed) stays the plugin's retried failure."""
     def plugin_reporting(failure: ChildFailedError):
         async def execute(self, *args, **kwargs):  # as flyteplugins-pytorch's execute ends when a worker failed
             raise RuntimeError("PyTorch worker(s) failed: ...") from failure
@@ -308,6 +309,6 @@ def test_a_user_error_in_an_elastic_worker_fails_the_task_in_one_line_and_is_not
     with pytest.raises(flyte.errors.NonRecoverableError, match=r"^RunConfig\.depth: must be >= 1, got 0$"):
         asyncio.run(task.execute())
     monkeypatch.setattr(support.TorchFunctionTask, "execute",
-                        plugin_reporting(worker_failure(tmp_path, ZeroDivisionError("a bug"))))
+                        plugin_reporting(worker_failure(tmp_path, ConnectionResetError("a storage hiccup"))))
     with pytest.raises(RuntimeError, match="PyTorch worker"):
         asyncio.run(task.execute())

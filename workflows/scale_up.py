@@ -23,7 +23,8 @@ GPUS = EIGHT_A100_NODE.gpus
 EIGHT_A100_TASK = dict(task_resources(EIGHT_A100_NODE), interruptible=False)
 
 
-@task(task_config=Elastic(nnodes=1, nproc_per_node=GPUS), container_image=IMAGE,
+# max_restarts=0, as Flyte 2's: a worker's failure fails the attempt, whose retry resumes from its last save
+@task(task_config=Elastic(nnodes=1, nproc_per_node=GPUS, max_restarts=0), container_image=IMAGE,
       **with_secrets(WANDB_SECRET, HF_SECRET), retries=3, enable_deck=True, **EIGHT_A100_TASK)
 @wandb_console_link
 def train_base_model_multi_gpu(config: RunConfig, data: FlyteDirectory, environment: dict, resume_from: str

@@ -30,9 +30,12 @@ from workflows.presets import A100_NODE, D12_CONFIG, EIGHT_A100_NODE, REGISTERED
 GPUS = EIGHT_A100_NODE.gpus
 
 # Not interruptible: a preempted 8-GPU node is slow to come back, and every rank restarts from the last checkpoint.
+# max_restarts=0 (the plugin's default is 3; v1's is 0): a worker's failure fails the attempt, whose retry resumes from
+# its last save. torch elastic's restart in the same pod would start over from the previous attempt's, and run a
+# user error again.
 multi_gpu_env = flyte.TaskEnvironment(name="nanochat_8xa100", image=IMAGE, env_vars=REGISTERED_SETTINGS,
                                       secrets=[WANDB_SECRET, HF_SECRET], resources=node(EIGHT_A100_NODE),
-                                      plugin_config=ElasticUserErrors(nnodes=1, nproc_per_node=GPUS),
+                                      plugin_config=ElasticUserErrors(nnodes=1, nproc_per_node=GPUS, max_restarts=0),
                                       include=PRESETS)
 # The drivers of these runs start the 8-GPU task too: flyte run readies the images of the driver's environment and
 # of those it depends on, and a task whose environment is not among them cannot start.
