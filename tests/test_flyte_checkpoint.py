@@ -9,6 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 from flytekit.core.checkpointer import SyncCheckpoint
+from flytekit.core.data_persistence import FileAccessProvider
+from flytekit.exceptions.system import FlyteDownloadDataException
+from flytekit.exceptions.user import FlyteRecoverableException
 from flytekit.types.directory import FlyteDirectory
 
 import workflows.nanochat as wf
@@ -80,3 +83,37 @@ def test_a_first_attempt_starts_fresh(tmp_path, monkeypatch):
     checkpoint, summary = run_attempt(tmp_path, monkeypatch, 0, SyncCheckpoint(str(tmp_path / "flyte-checkpoint")))
     assert summary["steps_completed"] == 6
     assert steps_logged(tmp_path / "pod0" / "checkpoint") == [1, 2, 3, 4, 5, 6]
+
+
+def failed_download(cause: Exception) -> Exception:
+    """What flytekit raises when an input's download fails: its own exception, raised while handling the store's."""
+    remote = FileAccessProvider(local_sandbox_dir="/tmp", raw_output_prefix="/tmp")
+
+    def failing_get(*args, **kwargs):
+        raise cause
+
+    remote.get = failing_get
+    try:
+        remote.get_data("s3://bucket/data", "/tmp/nowhere", is_multipart=True)
+    except Exception as error:
+        return error
+    raise AssertionError("the download did not fail")
+
+
+@pytest.mark.parametrize("error, retried", [
+    (ConnectionResetError("reset by peer"), True),
+    (TimeoutError("read timed out"), True),
+    (FileNotFoundError("no checkpoint there"), False),  # the user's: another attempt would not find it either
+    (ZeroDivisionError("a bug"), False),
+    ("download", True),  # an input's download reset mid-way: flytekit's FlyteDownloadDataException, no OSError
+])
+def test_a_storage_or_network_hiccup_is_retried_and_nothing_else(error, retried):
+    if error == "download":
+        error = failed_download(ConnectionResetError("reset by peer"))
+        assert isinstance(error, FlyteDownloadDataException) and not isinstance(error, OSError)
+    with pytest.raises(Exception) as raised:
+        with support.retried_on_storage_errors():
+            raise error
+    assert isinstance(raised.value, FlyteRecoverableException) == retried
+    if not retried:
+        assert raised.value is error

@@ -11,12 +11,13 @@ import click
 from flytekit import Deck, FlyteContextManager, Resources, Secret, current_context
 from flytekit.configuration.plugin import get_plugin
 from flytekit.core.utils import ClassDecorator
+from flytekit.exceptions.system import FlyteDownloadDataException
 from flytekit.exceptions.user import FlyteDataNotFoundException, FlyteRecoverableException
 from flytekit.extras.accelerators import A100, T4
 from flytekit.interaction.click_types import JsonParamType
 from flytekit.types.directory import FlyteDirectory
 
-from nanochat_flyte.errors import ConfigError, is_storage_error, reraise_user_errors
+from nanochat_flyte.errors import ConfigError, is_storage_error, is_user_error, reraise_user_errors
 from nanochat_flyte.pipeline import secrets
 from nanochat_flyte.pipeline.secrets import SecretName
 from nanochat_flyte.reporting.tracking import console_link_settings
@@ -167,11 +168,15 @@ class FlytekitAttempts:
 @contextlib.contextmanager
 def retried_on_storage_errors():
     """A storage or network hiccup fails a training attempt as recoverable: Flyte retries it, and the retry resumes
-    from the intra-task checkpoint."""
+    from the intra-task checkpoint. flytekit reports a failed download of an input (or of the previous attempt's
+    checkpoint) as a FlyteDownloadDataException, no OSError, raised while handling the store's error: retried as
+    well, unless that error is the user's (credentials; a missing object is FlyteDataNotFoundException)."""
     try:
         yield
-    except OSError as error:
-        if not is_storage_error(error):
+    except (OSError, FlyteDownloadDataException) as error:
+        if isinstance(error, OSError) and not is_storage_error(error):
+            raise
+        if isinstance(error, FlyteDownloadDataException) and is_user_error(error.__context__):
             raise
         raise FlyteRecoverableException(f"{type(error).__name__}: {error}") from error
 
