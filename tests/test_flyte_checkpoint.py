@@ -7,11 +7,15 @@ it restored before it trains, or a second preemption would lose it.
 import json
 from types import SimpleNamespace
 
+import diskcache
 import pytest
 from flytekit.core.checkpointer import SyncCheckpoint
 from flytekit.core.data_persistence import FileAccessProvider
+from flytekit.core.local_cache import LocalTaskCache
 from flytekit.exceptions.system import FlyteDownloadDataException
 from flytekit.exceptions.user import FlyteRecoverableException
+from flytekit.models.core.types import BlobType
+from flytekit.models.literals import Blob, BlobMetadata, Literal, LiteralMap, Primitive, Scalar
 from flytekit.types.directory import FlyteDirectory
 
 import workflows.nanochat as wf
@@ -117,3 +121,22 @@ def test_a_storage_or_network_hiccup_is_retried_and_nothing_else(error, retried)
     assert isinstance(raised.value, FlyteRecoverableException) == retried
     if not retried:
         assert raised.value is error
+
+
+def test_a_cached_local_output_whose_folder_is_gone_is_a_miss(tmp_path, monkeypatch, capsys):
+    """flytekit's local cache outlives the folders under $TMPDIR it points into (a reboot clears /tmp): such an
+    entry is a miss, and the task runs again, instead of a traceback in the next task's input conversion."""
+    monkeypatch.setattr(LocalTaskCache, "_cache", diskcache.Cache(str(tmp_path / "local-cache")), raising=False)
+    monkeypatch.setattr(LocalTaskCache, "_initialized", True)
+    data = tmp_path / "flyte-run" / "data"
+    data.mkdir(parents=True)
+    directory = Blob(BlobMetadata(BlobType("", BlobType.BlobDimensionality.MULTIPART)), str(data))
+    outputs = LiteralMap({"o0": Literal(scalar=Scalar(blob=directory)),
+                          "o1": Literal(scalar=Scalar(primitive=Primitive(integer=7)))})
+    inputs = LiteralMap({"index": Literal(scalar=Scalar(primitive=Primitive(integer=3)))})
+    LocalTaskCache.set("workflows.nanochat.collect_data", "2", inputs, (), outputs)
+    assert LocalTaskCache.get("workflows.nanochat.collect_data", "2", inputs, ()) == outputs
+    data.rmdir()
+    assert LocalTaskCache.get("workflows.nanochat.collect_data", "2", inputs, ()) is None
+    assert f"workflows.nanochat.collect_data: its cached output {data} is gone: running it again" in \
+        capsys.readouterr().out

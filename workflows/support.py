@@ -10,11 +10,13 @@ from pathlib import Path
 import click
 from flytekit import Deck, FlyteContextManager, Resources, Secret, current_context
 from flytekit.configuration.plugin import get_plugin
+from flytekit.core.local_cache import LocalTaskCache
 from flytekit.core.utils import ClassDecorator
 from flytekit.exceptions.system import FlyteDownloadDataException
 from flytekit.exceptions.user import FlyteDataNotFoundException, FlyteRecoverableException
 from flytekit.extras.accelerators import A100, T4
 from flytekit.interaction.click_types import JsonParamType
+from flytekit.models.literals import Literal, LiteralMap
 from flytekit.types.directory import FlyteDirectory
 
 from nanochat_flyte.errors import ConfigError, is_storage_error, is_user_error, reraise_user_errors
@@ -106,6 +108,39 @@ def read_configs_as_the_library_does(convert):
 
 
 JsonParamType.convert = read_configs_as_the_library_does(JsonParamType.convert)
+
+
+def local_files(literal: Literal) -> list[Path]:
+    """The local files and folders (FlyteFile, FlyteDirectory) an output literal points to."""
+    if literal.collection is not None:
+        return [path for item in literal.collection.literals for path in local_files(item)]
+    if literal.map is not None:
+        return [path for item in literal.map.literals.values() for path in local_files(item)]
+    blob = literal.scalar.blob if literal.scalar is not None else None
+    if blob is None or "://" in blob.uri.removeprefix("file://"):
+        return []
+    return [Path(blob.uri.removeprefix("file://"))]
+
+
+def cached_outputs_still_there(get):
+    """flytekit's local cache outlives the folders under $TMPDIR its outputs are in (a reboot, a clean-up): an entry
+    whose files are gone is a miss, and the task runs again. (flytekit would hand the next task the missing folder,
+    and stop with a traceback in its input conversion.)"""
+
+    def get_if_there(task_name: str, cache_version: str, inputs: LiteralMap, ignored: tuple) -> LiteralMap | None:
+        outputs = get(task_name, cache_version, inputs, ignored)
+        if outputs is None:
+            return None
+        gone = [path for literal in outputs.literals.values() for path in local_files(literal) if not path.exists()]
+        if gone:
+            print(f"{task_name}: its cached output {gone[0]} is gone: running it again", flush=True)
+            return None
+        return outputs
+
+    return staticmethod(get_if_there)
+
+
+LocalTaskCache.get = cached_outputs_still_there(LocalTaskCache.get)
 
 
 def deck(title: str, html: str) -> None:
