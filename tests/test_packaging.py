@@ -294,6 +294,9 @@ def test_secret_names_schedule_and_alerts_are_set_without_editing_code(tmp_path)
     # environment, which carries them: it looks the secret up under the name it was registered with.
     pod = {name: value for name, value in os.environ.items() if not name.startswith(("NANOCHAT_", "WANDB_"))}
     pod.update({pair.key: pair.value for pair in train.container.env}, **{"_FSEC_ML-TEAM_WANDB-KEY": "key-from-secret"})
+    for name, entity in entities["task"].items():  # every task, so that one reading a setting later finds it too
+        assert {pair.key: pair.value for pair in entity.template.container.env}["NANOCHAT_WANDB_SECRET_KEY"] == \
+            "wandb-key", name
     found = subprocess.run([sys.executable, "-c", "from tests.test_packaging import wandb_key_after_loading; "
                                                   "print(wandb_key_after_loading())"],
                            cwd=ROOT, env=pod, capture_output=True, text=True, timeout=120)

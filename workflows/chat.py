@@ -185,7 +185,7 @@ def write_chat_results(config: ChatConfig | RLConfig, start_checkpoint: FlyteDir
     return results, FlyteDirectory(str(report_dir))
 
 
-@task(container_image=IMAGE, **DRIVER_RESOURCES)
+@task(container_image=IMAGE, **with_secrets(), **DRIVER_RESOURCES)
 @one_line_user_errors
 def aggregate_chat_results(config: ChatConfig, base_checkpoint: FlyteDirectory, training: dict, evaluation: dict,
                            checkpoint: FlyteDirectory, environment: dict) -> tuple[dict, FlyteDirectory]:
@@ -193,7 +193,7 @@ def aggregate_chat_results(config: ChatConfig, base_checkpoint: FlyteDirectory, 
     return write_chat_results(config, base_checkpoint, training, evaluation, checkpoint, environment)
 
 
-@task(container_image=IMAGE, **DRIVER_RESOURCES)
+@task(container_image=IMAGE, **with_secrets(), **DRIVER_RESOURCES)
 @one_line_user_errors
 def aggregate_rl_results(config: RLConfig, sft_checkpoint: FlyteDirectory, training: dict, evaluation: dict,
                          checkpoint: FlyteDirectory, environment: dict) -> tuple[dict, FlyteDirectory]:

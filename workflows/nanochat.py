@@ -105,7 +105,8 @@ def prepare_data_shard(job: ShardJob, tokenizer_dir: FlyteDirectory) -> FlyteDir
     return FlyteDirectory(str(out_dir))
 
 
-@task(container_image=IMAGE, enable_deck=True, cache=Cache(version=DATA_CACHE_VERSION), **DATA_RESOURCES)
+@task(container_image=IMAGE, **with_secrets(), enable_deck=True, cache=Cache(version=DATA_CACHE_VERSION),
+      **DATA_RESOURCES)
 @one_line_user_errors
 def collect_data(config: RunConfig, parts: list[FlyteDirectory], tokenizer_dir: FlyteDirectory
                  ) -> tuple[FlyteDirectory, dict]:
@@ -162,13 +163,13 @@ def evaluate_base_model(config: RunConfig, checkpoint: FlyteDirectory, bundle_ur
         return evaluate.base_model(config, checkpoint_location(checkpoint), bundle_url, max_per_task, deck)
 
 
-@task(container_image=IMAGE, **DRIVER_RESOURCES)
+@task(container_image=IMAGE, **with_secrets(), **DRIVER_RESOURCES)
 def no_core() -> dict:
     """The CORE branch when evaluate_core is off or no eval_bundle_url is set."""
     return {}
 
 
-@task(container_image=IMAGE, **DRIVER_RESOURCES)
+@task(container_image=IMAGE, **with_secrets(), **DRIVER_RESOURCES)
 @one_line_user_errors
 def aggregate_results(config: RunConfig, environment: dict, manifest: dict, training: dict,
                       checkpoint: FlyteDirectory, core: dict) -> tuple[dict, FlyteDirectory]:

@@ -39,8 +39,9 @@ def declared_secret(secret: SecretName) -> Secret:
 
 
 def with_secrets(*requested: Secret) -> dict:
-    """@task arguments that request these secrets, with the names they were given at registration (a task's pod
-    declares them again, to look them up: export_secret)."""
+    """@task arguments that request these secrets (or none), with the settings the tasks were registered with
+    (presets.REGISTERED_SETTINGS: a task's pod declares the secrets again under those names, to look them up with
+    export_secret). Every task takes them, whether or not it reads a secret today."""
     return dict(secret_requests=list(requested), environment=REGISTERED_SETTINGS)
 
 
