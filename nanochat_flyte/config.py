@@ -478,6 +478,8 @@ STAGE_CONFIGS = {"base": "RunConfig", "chat": "ChatConfig", "rl": "RLConfig"}  #
 
 
 def load_config(path: str | Path | None = None, kind: type[StrictConfig] = RunConfig, **overrides: Any):
-    """A preset file (optional) with overrides on top; an unknown field in either is a ConfigError."""
-    config = kind.from_file(path) if path else kind()
+    """A preset file (optional: None) with overrides on top; an unknown field in either is a ConfigError."""
+    if path is not None and not str(path).strip():  # `--config "$PRESET"` with the variable unset
+        raise ConfigError("*", "empty: give a preset file (YAML or JSON)", kind.__name__)
+    config = kind.from_file(path) if path is not None else kind()
     return kind.from_mapping({**config.to_dict(), **overrides})

@@ -58,6 +58,15 @@ def mapping_without_repeats(loader: YamlLoader, node: yaml.MappingNode) -> dict:
 YamlLoader.add_constructor("tag:yaml.org,2002:map", mapping_without_repeats)
 
 
+def json_object_without_repeats(pairs: list[tuple[str, Any]]) -> dict:
+    """json.loads' object_pairs_hook: a JSON object, refused where a key repeats, as a YAML mapping is (json keeps the
+    last value without a word)."""
+    keys = [key for key, _ in pairs]
+    if repeated := next((key for key in keys if keys.count(key) > 1), None):
+        raise ValueError(f"key {repeated!r} appears twice")
+    return dict(pairs)
+
+
 # Fields whose words are YAML 1.1 booleans: a boolean given for one (`"humaneval": false` in JSON, or a preset read by
 # a YAML 1.1 reader such as PyYAML's safe_load, where `off` is False) means the word it was read from.
 ON_OFF_FIELDS = ("humaneval",)
@@ -154,8 +163,8 @@ class StrictConfig:
             raise ConfigError("*", "empty: give a preset file (YAML or JSON) or inline JSON", cls.__name__)
         elif value.lstrip().startswith(("{", "[")) and not is_file(value):
             try:
-                values = json.loads(value)
-            except json.JSONDecodeError as error:
+                values = json.loads(value, object_pairs_hook=json_object_without_repeats)
+            except ValueError as error:  # (JSONDecodeError is one)
                 raise ConfigError("*", f"not valid JSON: {error}", cls.__name__) from None
         else:
             values = cls.read_preset(value)
@@ -177,8 +186,9 @@ class StrictConfig:
             raise ConfigError("*", f"no preset file {str(path)!r}", cls.__name__)
         try:
             text = path.read_text()
-            values = json.loads(text) if path.suffix == ".json" else yaml.load(text, YamlLoader)
-        except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as error:
+            values = (json.loads(text, object_pairs_hook=json_object_without_repeats) if path.suffix == ".json"
+                      else yaml.load(text, YamlLoader))
+        except (ValueError, yaml.YAMLError) as error:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
             problem = " ".join(str(error).split())  # YAML's messages span lines
             raise ConfigError("*", f"{str(path)!r} is not a {'JSON' if path.suffix == '.json' else 'YAML'} "
                                    f"document: {problem}", cls.__name__) from None

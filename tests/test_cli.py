@@ -63,6 +63,30 @@ def test_a_uri_where_a_command_writes_or_reads_a_local_folder_is_one_line(argv):
     assert result.stderr.startswith(f"error: argument {flag}: a local directory, got the URI ")
 
 
+@pytest.mark.parametrize("argv, line", [
+    (["prepare", "--config", "configs/smoke.yaml", "--out-dir", ""],
+     "error: argument --out-dir: empty: give a folder (see nanochat prepare --help)"),  # it meant the current folder
+    (["sft", "--base-checkpoint", "b", "--out-dir", "/"],
+     "error: argument --out-dir: the root folder: give a folder of its own (see nanochat sft --help)"),
+    (["prepare", "--config", "", "--out-dir", "d"],  # `--config "$PRESET"` unset: it meant the reference run
+     "error: RunConfig.*: empty: give a preset file (YAML or JSON)"),
+    (["config", "configs/smoke.yaml", "depth=4", "-o", "configs/smoke.yaml"],
+     "error: RunConfig.*: -o 'configs/smoke.yaml' is the preset it reads: write to a file of its own"),
+])
+def test_an_empty_or_self_defeating_path_is_one_line(argv, line):
+    before = Path("configs/smoke.yaml").read_text()
+    result = nanochat(*argv)
+    assert (result.returncode, result.stderr.strip()) == (2, line)
+    assert Path("configs/smoke.yaml").read_text() == before
+
+
+def test_config_o_leaves_a_checkpoints_record_alone(tmp_path):
+    (tmp_path / "training_state.json").write_text("{}")
+    result = nanochat("config", "configs/smoke.yaml", "-o", str(tmp_path / "config.json"))
+    assert result.returncode == 2 and "is in a checkpoint's folder (training_state.json)" in result.stderr
+    assert not (tmp_path / "config.json").exists()
+
+
 def test_python_m_runs_the_same_command():
     result = subprocess.run([str(Path(NANOCHAT).with_name("python3")), "-m", "nanochat_flyte", "config", "--help"],
                             capture_output=True, text=True, timeout=120)

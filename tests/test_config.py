@@ -304,6 +304,7 @@ def test_a_yaml_11_reader_s_boolean_is_the_word_it_was_read_from_for_humaneval_o
     ("bad.json", '{"depth": 4,}', "is not a JSON document: Expecting property name"),
     ("binary.yaml", b"\xff\xfe\x00depth", "is not a YAML document: 'utf-8' codec can't decode"),
     ("twice.yaml", "depth: 2\nnum_iterations: 9\ndepth: 4\n", "is not a YAML document: key 'depth' appears twice"),
+    ("twice.json", '{"depth": 2, "depth": 4}', "is not a JSON document: key 'depth' appears twice"),
 ])
 def test_a_preset_that_is_not_yaml_or_json_is_one_line(tmp_path, name, text, problem):
     path = tmp_path / name
@@ -333,6 +334,8 @@ def test_a_cli_config_value_is_inline_json_a_preset_file_or_values(tmp_path, mon
         RunConfig.from_cli_value("[x]/d.yaml")
     with pytest.raises(ConfigError, match=r"^RunConfig\.\*: empty: give a preset file"):
         RunConfig.from_cli_value("  ")
+    with pytest.raises(ConfigError, match=r"^RunConfig\.\*: not valid JSON: key 'depth' appears twice"):
+        RunConfig.from_cli_value('{"depth": 5, "depth": 2}')
     with pytest.raises(ConfigError, match=r"^RunConfig\.bogus: unknown field"):
         RunConfig.from_cli_value({"bogus": 1}, default)
     # what `nanochat config` writes is JSON longer than a file name may be (255 bytes): never looked up as a file

@@ -35,6 +35,18 @@ def other_kind_hint(preset: str, kind: type, unknown: str) -> str | None:
     return None
 
 
+def check_output(output: Path, preset: str, owner: str) -> None:
+    """-o is a file of its own: not the preset it reads (a commented YAML would become one line of JSON), and not in
+    a checkpoint's folder, whose config.json records how the checkpoint was trained (the resume checks read it)."""
+    from nanochat_flyte.model.checkpoint import CHECKPOINT_FILE, TRAINING_STATE_FILE  # torch: only when writing
+
+    if output.resolve() == Path(preset).resolve():
+        raise ConfigError("*", f"-o {str(output)!r} is the preset it reads: write to a file of its own", owner)
+    if found := [name for name in (CHECKPOINT_FILE, TRAINING_STATE_FILE) if (output.parent / name).exists()]:
+        raise ConfigError("*", f"-o {str(output)!r} is in a checkpoint's folder ({', '.join(found)}), whose files "
+                               "record how it was trained: write to a file of its own", owner)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser("config", __doc__)
     parser.add_argument("preset", help="a preset file, e.g. configs/smoke.yaml")
@@ -55,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         raise
     text = json.dumps(config.to_dict())
     if args.output:
+        check_output(args.output, args.preset, kind.__name__)
         try:
             args.output.parent.mkdir(parents=True, exist_ok=True)
             args.output.write_text(text + "\n")

@@ -53,6 +53,10 @@ def local_dir(text: str) -> Path:
     if "://" in text:
         raise argparse.ArgumentTypeError(f"a local directory, got the URI {text!r} (a run's copy in an object store "
                                          "goes to its save_to; one to read, copy to this machine first)")
+    if not text.strip():  # Path("") is the current directory
+        raise argparse.ArgumentTypeError("empty: give a folder")
+    if Path(text).resolve() == Path("/"):
+        raise argparse.ArgumentTypeError("the root folder: give a folder of its own")
     return Path(text)
 
 
