@@ -6,6 +6,7 @@ with it, not retried (`reraise_user_errors`, each with its own kind of failure).
 from UserError. Imports nothing of the package.
 """
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable
@@ -27,9 +28,10 @@ class ConfigError(UserError, ValueError):
 # Our modules' user errors (ConfigError, ConversationError, DownloadError, TokenizerError, BundleError, ...) derive
 # from UserError; a missing checkpoint or preset is a FileNotFoundError.
 USER_ERRORS = (UserError, FileNotFoundError)
-# An object store (s3://, gs://) asked for without credentials: botocore's and google-auth's errors, named rather than
-# imported, as neither package need be installed.
-CREDENTIALS_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"}
+# An object store (s3://, gs://) asked for without credentials, or by someone it refuses: botocore's, google-auth's
+# and obstore's errors, named rather than imported, as no such package need be installed.
+CREDENTIALS_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError",
+                      "UnauthenticatedError", "PermissionDeniedError"}
 
 
 def is_credentials_error(error: BaseException) -> bool:
@@ -40,10 +42,33 @@ def is_user_error(error: BaseException) -> bool:
     return isinstance(error, USER_ERRORS) or is_credentials_error(error)
 
 
+def is_object_store_error(error: BaseException) -> bool:
+    """One of obstore's errors, none of them an OSError: Flyte 2 moves s3:// and gs:// files with obstore, and makes
+    it fsspec's handler of those schemes once imported."""
+    return type(error).__module__.partition(".")[0] == "obstore"
+
+
 def is_storage_error(error: BaseException) -> bool:
     """A storage or network hiccup that another attempt may not meet (requests' errors are OSErrors too); not a
     missing file the user named, which a retry would not find either."""
-    return isinstance(error, OSError) and not is_user_error(error)
+    return (isinstance(error, OSError) or is_object_store_error(error)) and not is_user_error(error)
+
+
+def first_line(error: BaseException) -> str:
+    """An error's message up to its first line break: an object store's runs on with its debugging details."""
+    return (user_message(error).splitlines() or [type(error).__name__])[0]
+
+
+@contextlib.contextmanager
+def location_named(location: str, field: str, owner: str):
+    """A location (a checkpoint or folder URI, given as `owner.field`) that cannot be read (no credentials, no such
+    bucket or host) fails in one line naming the field, where the store's error would name neither."""
+    try:
+        yield
+    except Exception as error:
+        if not (is_storage_error(error) or is_credentials_error(error)):
+            raise
+        raise ConfigError(field, f"cannot read {location!r}: {first_line(error)}", owner) from None
 
 
 def user_message(error: BaseException) -> str:

@@ -7,11 +7,16 @@ import shutil
 import zipfile
 from pathlib import Path
 
+import fsspec
 import pytest
+from obstore.exceptions import GenericError
 
-from nanochat_flyte.config import ChatConfig, RLConfig
+from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
+from nanochat_flyte.data import download
+from nanochat_flyte.data.download import probe
 from nanochat_flyte.errors import ConfigError
-from nanochat_flyte.model.checkpoint import CHECKPOINT_FILE
+from nanochat_flyte.model.checkpoint import CHECKPOINT_FILE, check_save_to
+from nanochat_flyte.pipeline.setup import sft_start
 from nanochat_flyte.pipeline.train import last_save, resume_command, stage_resume_command
 from nanochat_flyte.training.resume import check_base_resume
 from tests.shard_server import serve_shards, write_fineweb_shards
@@ -188,3 +193,32 @@ def test_the_resume_line_names_a_copy_under_the_working_directory_as_the_user_di
                                                   f"--sft_checkpoint s3://b/sft --resume_from {elsewhere}, and the "
                                                   "same --config")
     assert stage_resume_command(RLConfig(), tmp_path / "unsaved", "x", "y") is None
+
+
+class UnreachableStore(fsspec.AbstractFileSystem):
+    """An object store as obstore answers without credentials: Flyte 2 makes obstore fsspec's s3:// and gs://, and
+    its errors are no OSErrors (they ended `flyte run` in a traceback)."""
+    protocol = "unreachable"
+
+    def fail(self, *args, **kwargs):
+        raise GenericError("Generic S3 error: Error performing PUT http://169.254.169.254/latest/api/token\n"
+                           "    source: RetryError(...)")
+
+    exists = info = ls = pipe_file = _open = fail
+
+
+def test_a_store_that_cannot_be_read_is_one_line_naming_the_field(monkeypatch):
+    fsspec.register_implementation("unreachable", UnreachableStore, clobber=True)
+    store_error = "Generic S3 error: Error performing PUT http://169.254.169.254/latest/api/token"
+    location = "unreachable://bucket/run"
+    with pytest.raises(ConfigError) as error:
+        check_base_resume(RunConfig(), location)
+    assert str(error.value) == f"main.resume_from: cannot read {location!r}: {store_error}"
+    with pytest.raises(ConfigError) as error:
+        sft_start(ChatConfig(), location)
+    assert str(error.value) == f"chat_sft.base_checkpoint: cannot read {location!r}: {store_error}"
+    with pytest.raises(ConfigError) as error:
+        check_save_to(location, "RunConfig")
+    assert str(error.value) == f"RunConfig.save_to: cannot write to {location!r}: {store_error}"
+    monkeypatch.setattr(download.time, "sleep", lambda seconds: None)
+    assert probe(f"{location}/shard_00000.parquet") == store_error

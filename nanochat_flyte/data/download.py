@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 import requests
 
 from nanochat_flyte.config import http_url_problem
-from nanochat_flyte.errors import ConfigError, UserError, is_credentials_error, user_message
+from nanochat_flyte.errors import ConfigError, UserError, is_credentials_error, is_object_store_error, user_message
 from nanochat_flyte.files import local_path, write_bytes_atomically
 
 CHUNK_BYTES = 1 << 16  # 64 KiB per read: an interrupted read loses at most this much; syscalls stay few
@@ -430,9 +430,11 @@ def probe(url: str) -> str | None:
         except (requests.RequestException, OSError, ImportError, ValueError) as e:  # ImportError: s3fs missing
             cause = short_reason(e)
         except Exception as e:  # an object store without credentials: no other attempt finds them
-            if not is_credentials_error(e):
+            if is_credentials_error(e):
+                return user_message(e)
+            if not is_object_store_error(e):  # (obstore's errors: Flyte 2's s3:// and gs://)
                 raise
-            return user_message(e)
+            cause = short_reason(e)
         if cause is None:
             return None
         if attempt + 1 < PROBE_ATTEMPTS:

@@ -8,7 +8,7 @@ from nanochat_flyte.config import EVAL_BUNDLE_URL, ChatConfig, RLConfig, RunConf
 from nanochat_flyte.data.chat_data import check_hub_endpoint, check_mixture_fits
 from nanochat_flyte.data.download import check_data_url
 from nanochat_flyte.data.hub import hub_endpoint
-from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.errors import ConfigError, location_named
 from nanochat_flyte.evaluation.bundle import check_bundle_url, load_bundle
 from nanochat_flyte.evaluation.chat_eval import require_sandbox
 from nanochat_flyte.evaluation.core import check_max_per_task
@@ -79,9 +79,10 @@ def sft_start(config: ChatConfig, base_checkpoint: str) -> ChatConfig:
     small files alone: a base checkpoint, a batch that fits its model and context, save_to elsewhere. The
     workflows and `nanochat sft` check alike."""
     config = config.validate()
-    check_base_checkpoint(base_checkpoint)
-    check_weights_whole(base_checkpoint, "base_checkpoint", "chat_sft")
-    sft_run_config(config, checkpoint_run_config(base_checkpoint))
+    with location_named(base_checkpoint, "base_checkpoint", "chat_sft"):
+        check_base_checkpoint(base_checkpoint)
+        check_weights_whole(base_checkpoint, "base_checkpoint", "chat_sft")
+        sft_run_config(config, checkpoint_run_config(base_checkpoint))
     check_save_to_apart(config.save_to, base_checkpoint, "base_checkpoint", "ChatConfig")
     return config
 
@@ -90,9 +91,10 @@ def rl_start(config: RLConfig, sft_checkpoint: str) -> RLConfig:
     """RL's config, validated and checked against the chat checkpoint it starts from: a chat checkpoint, a step's
     answers that split into SFT's micro-batches, save_to elsewhere. The workflows and `nanochat rl` check alike."""
     config = config.validate()
-    check_sft_checkpoint(sft_checkpoint)
-    check_weights_whole(sft_checkpoint, "sft_checkpoint", "chat_rl")
-    rl_run_config(config, checkpoint_run_config(sft_checkpoint))
+    with location_named(sft_checkpoint, "sft_checkpoint", "chat_rl"):
+        check_sft_checkpoint(sft_checkpoint)
+        check_weights_whole(sft_checkpoint, "sft_checkpoint", "chat_rl")
+        rl_run_config(config, checkpoint_run_config(sft_checkpoint))
     check_save_to_apart(config.save_to, sft_checkpoint, "sft_checkpoint", "RLConfig")
     return config
 
@@ -124,9 +126,10 @@ def stage_resume(config: ChatConfig | RLConfig, start_checkpoint: str, resume_fr
         return ""
     sft = isinstance(config, ChatConfig)
     stage = "chat_sft" if sft else "chat_rl"
-    state = check_resumed_stage(resume_from, "chat" if sft else "rl", stage, field)
-    check_chat_resume(resume_from, config, SFT_DATA_FIELDS if sft else RL_DATA_FIELDS, start_checkpoint,
-                      "base_checkpoint" if sft else "sft_checkpoint", stage)
+    with location_named(resume_from, field, stage):
+        state = check_resumed_stage(resume_from, "chat" if sft else "rl", stage, field)
+        check_chat_resume(resume_from, config, SFT_DATA_FIELDS if sft else RL_DATA_FIELDS, start_checkpoint,
+                          "base_checkpoint" if sft else "sft_checkpoint", stage)
     return state["run_name"]
 
 

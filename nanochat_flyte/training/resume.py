@@ -11,7 +11,7 @@ from pathlib import Path
 
 from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
 from nanochat_flyte.data.tokenizer import load_tokenizer, tokenizer_id
-from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.errors import ConfigError, location_named
 from nanochat_flyte.files import local_path
 from nanochat_flyte.model.checkpoint import (
     CONFIG_FILE,
@@ -100,9 +100,11 @@ def check_base_resume(config: RunConfig, checkpoint: str | Path, field: str = "r
     `config`: no checkpoint there, a different model shape or data, or fewer iterations than it has already done.
     `owner.field` names where the checkpoint was given (the workflows' main.resume_from). Returns the config the
     checkpoint saved (fields newer than it at their defaults)."""
-    state = read_checkpoint_json(checkpoint, TRAINING_STATE_FILE)
-    saved = read_checkpoint_json(checkpoint, CONFIG_FILE)
-    if state is None or saved is None or read_checkpoint_json(checkpoint, MODEL_CONFIG_FILE) is None:
+    with location_named(str(checkpoint), field, owner):
+        state = read_checkpoint_json(checkpoint, TRAINING_STATE_FILE)
+        saved = read_checkpoint_json(checkpoint, CONFIG_FILE)
+        model = read_checkpoint_json(checkpoint, MODEL_CONFIG_FILE)
+    if state is None or saved is None or model is None:
         raise ConfigError(field, f"{checkpoint} is not a checkpoint directory (no {TRAINING_STATE_FILE} "
                                  f"and {CONFIG_FILE})", owner)
     if state.get("phase", "base") != "base":
