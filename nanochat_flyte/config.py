@@ -183,6 +183,9 @@ class RunConfig(StrictConfig):
                 f"shard {self.val_shard} is also a train shard (train shards are 0..{self.num_shards - 1}); "
                 "validation must not overlap training",
             )
+        if self.core_metric_every and not self.core_enabled:  # it would be off without a word
+            raise ConfigError("core_metric_every", "CORE during training needs evaluate_core on and an "
+                                                   "eval_bundle_url; set both, or 0")
         if (self.core_enabled and self.eval_bundle_url == EVAL_BUNDLE_URL
                 and 0 < self.core_max_per_task <= EVAL_BUNDLE_MAX_SHOTS):  # (another: once read, setup.base_run)
             raise ConfigError("core_max_per_task", f"{self.core_max_per_task} items per task leave the CORE bundle's "

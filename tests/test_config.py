@@ -69,6 +69,8 @@ def test_empty_run_name_is_derived_from_depth_and_time():
     (dict(warmup_ratio=0.9, warmdown_ratio=0.2), "warmdown_ratio"),
     (dict(tokenizer="bpe", bpe_train_chars=0), "bpe_train_chars"),
     (dict(core_max_per_task=10), "core_max_per_task"),  # nanochat's bundle has 10-shot tasks
+    (dict(core_metric_every=5, eval_bundle_url=""), "core_metric_every"),  # CORE during training: silently off
+    (dict(core_metric_every=5, evaluate_core=False), "core_metric_every"),
     (dict(depth=5), "depth"),  # 320 wide does not split into 3 heads: refused before any download, not in training
     (dict(save_to="runs/base "), "save_to"),  # a folder "base " beside the "base" meant
     (dict(embedding_lr=0, unembedding_lr=0, matrix_lr=0), "matrix_lr"),  # nothing would train

@@ -657,3 +657,14 @@ def test_the_cli_process_exits_non_zero_without_a_traceback(bundle_dir, tmp_path
     assert process.returncode == 2 and process.stdout == ""
     assert process.stderr == (f"error: argument --checkpoint: no checkpoint.pt in {tmp_path / 'no'}: not a checkpoint "
                               "directory (see nanochat core-eval --help)\n")
+
+
+def test_too_few_items_for_nanochats_bundle_are_refused_before_it_is_downloaded(checkpoint, monkeypatch, capsys):
+    """nanochat's bundle shows up to 10 solved examples: 5 items a task could never do, which was said only after
+    its download (or its download's retries, offline)."""
+    monkeypatch.setattr("nanochat_flyte.cli.core_eval.load_bundle", lambda *args: pytest.fail("downloaded"))
+    with pytest.raises(SystemExit) as exit:
+        main(["--checkpoint", str(checkpoint), "--max-per-task", "5", "--device", "cpu"])
+    assert exit.value.code == 2
+    assert "argument --max-per-task: 5 items per task leave nanochat's CORE bundle's 10-shot prompts too few" in \
+        capsys.readouterr().err

@@ -17,7 +17,7 @@ from nanochat_flyte.cli.usage import (
     int_at_least,
     require_checkpoint_flag,
 )
-from nanochat_flyte.config import DTYPES, EVAL_BUNDLE_URL
+from nanochat_flyte.config import DTYPES, EVAL_BUNDLE_MAX_SHOTS, EVAL_BUNDLE_URL
 from nanochat_flyte.evaluation.bundle import load_bundle
 from nanochat_flyte.evaluation.core import check_max_per_task, core_table_markdown, score_core
 from nanochat_flyte.model.checkpoint import load_model
@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = select_device(args.device)
     precision = select_precision(device, args.dtype)
     require_checkpoint_flag(parser, args.checkpoint)  # a wrong path fails before the bundle's download
+    if args.bundle == EVAL_BUNDLE_URL and 0 < args.max_per_task <= EVAL_BUNDLE_MAX_SHOTS:  # (known before it is had)
+        parser.error(f"argument --max-per-task: {args.max_per_task} items per task leave nanochat's CORE bundle's "
+                     f"{EVAL_BUNDLE_MAX_SHOTS}-shot prompts too few others to draw their examples from: give at least "
+                     f"{EVAL_BUNDLE_MAX_SHOTS + 1}, or 0 for every item")
     bundle = load_bundle(args.bundle)  # a bad bundle fails before a large checkpoint is loaded
     check_max_per_task(bundle, args.max_per_task, "max_per_task", "core-eval")
     loaded = load_model(args.checkpoint, device)
