@@ -94,6 +94,15 @@ def test_a_prompt_longer_than_the_context_is_refused_naming_the_flag(checkpoint)
         main(["--checkpoint", str(checkpoint), "--prompt", PROMPT * 10, "--device", "cpu"])
 
 
+def test_a_sample_cut_short_by_the_context_says_so(checkpoint, capsys):
+    """--max-tokens beyond the context: the text ends where the context does, and stderr says why."""
+    long_prompt = PROMPT * 5  # 26 of the context's 32 tokens: the rest fill up before the tiny model writes its end
+    main(["--checkpoint", str(checkpoint), "--prompt", long_prompt, "--max-tokens", "1000", "--device", "cpu"])
+    assert capsys.readouterr().err == "(stopped at the end of the model's context of 32 tokens)\n"
+    main(["--checkpoint", str(checkpoint), "--prompt", long_prompt, "--max-tokens", "3", "--device", "cpu"])
+    assert capsys.readouterr().err == ""  # as many tokens as asked for
+
+
 def test_the_default_is_greedy_like_the_samples_taken_in_training(checkpoint):
     completion = main(["--checkpoint", str(checkpoint), "--prompt", PROMPT, "--max-tokens", "6", "--device", "cpu"])
     assert completion == last_training_sample(checkpoint, PROMPT)

@@ -80,9 +80,11 @@ def main(argv: list[str] | None = None) -> str:
     require_checkpoint_flag(parser, args.checkpoint)
     engine = Engine.from_checkpoint(args.checkpoint, args.device, compile=args.compile)
     try:
-        completion = engine.complete(args.prompt, params).text
+        completion = engine.complete(args.prompt, params)
     except ValueError as error:  # a prompt that fills the model's context
         raise UserError(f"--{error}") from None
-    print(shown(args.prompt + completion, marked=sys.stdout.isatty()), flush=True)
-    return completion
+    print(shown(args.prompt + completion.text, marked=sys.stdout.isatty()), flush=True)
+    if completion.finish_reason == "length" and len(completion.tokens) < params.max_tokens:  # on stderr, as chat's
+        print(f"(stopped at the end of the model's context of {engine.context} tokens)", file=sys.stderr, flush=True)
+    return completion.text
 
