@@ -276,6 +276,22 @@ def test_merging_again_into_the_same_directory_replaces_its_files_and_leaves_the
                                                             .read_bytes()).hexdigest()
 
 
+def test_merging_fewer_shards_into_a_data_directory_leaves_none_of_the_earlier_ones(tmp_path):
+    """A shard tokenized before, which the new manifest leaves out, does not stay beside it (with another tokenizer's
+    token ids)."""
+    write_fineweb_shards(tmp_path / "shards", [0, 1, 5], DOCS_PER_SHARD)
+    tokenizer_dir = build_tokenizer(small_config(str(tmp_path / "shards")), tmp_path / "tokenizer")
+    for num_shards in (2, 1):
+        config = small_config(str(tmp_path / "shards"), num_shards=num_shards)
+        parts = []
+        for job in plan_shards(config, "gpt2"):
+            prepare_shard(job, tokenizer_dir, tmp_path / f"parts{num_shards}" / job.name)
+            parts.append(tmp_path / f"parts{num_shards}" / job.name)
+        manifest = merge_prepared(config, parts, tokenizer_dir, tmp_path / "data")
+    assert sorted(path.name for path in (tmp_path / "data" / "train").iterdir()) == ["shard_00000.bin"]
+    assert [entry["file"] for entry in manifest["train"]] == ["train/shard_00000.bin"]
+
+
 def test_a_prepare_that_fails_over_a_data_directory_leaves_it_whole(tmp_path, monkeypatch):
     write_fineweb_shards(tmp_path / "shards", [0, 5], DOCS_PER_SHARD)
     config = small_config(str(tmp_path / "shards"), num_shards=1)

@@ -251,6 +251,10 @@ def merge_prepared(config, parts: list[Path], tokenizer_dir: Path, out_dir: Path
     for file, source in sources.items():
         (out_dir / file).parent.mkdir(parents=True, exist_ok=True)
         link_or_copy(source, out_dir / file)
+    for split in splits:  # a shard of the data prepared here before, which this manifest leaves out
+        for stale in (out_dir / split).glob("*.bin"):
+            if f"{split}/{stale.name}" not in sources:
+                stale.unlink()
     if Path(tokenizer_dir).resolve() != (out_dir / "tokenizer").resolve():
         shutil.rmtree(out_dir / "tokenizer", ignore_errors=True)  # no file of another tokenizer stays beside it
         shutil.copytree(tokenizer_dir, out_dir / "tokenizer")
