@@ -661,6 +661,8 @@ def test_a_host_or_port_that_cannot_be_listened_on_is_refused_before_the_model_l
         main([*missing, "--host", "256.1.1.1"])
     with pytest.raises(UserError, match=r"^--host: 192\.0\.2\.1 is not an address of this machine$"):
         main([*missing, "--host", "192.0.2.1"])  # TEST-NET-1: documentation only, nobody's address
+    with pytest.raises(UserError, match=r"^--host: empty: give an address to listen on"):
+        main([*missing, "--host", ""])  # uvicorn would have listened on every address
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

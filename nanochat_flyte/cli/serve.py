@@ -121,6 +121,8 @@ def is_loopback(host: str) -> bool:
 def check_can_listen(host: str, port: int) -> None:
     """Bind, and let go, what uvicorn will bind (asyncio's create_server: every address of the host): a host that
     is no address here or a port in use then fails in one line naming the flag, before the model loads."""
+    if not host.strip():  # uvicorn would listen on every address, as if 0.0.0.0 had been asked for
+        raise UserError("--host: empty: give an address to listen on (127.0.0.1, the default; 0.0.0.0: all)")
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as error:
