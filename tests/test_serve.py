@@ -229,6 +229,20 @@ def test_a_conversation_of_more_text_than_the_context_holds_is_refused_before_it
     assert f"more than this model's context of {CONTEXT} tokens can hold" in error["message"]
 
 
+def test_plain_completion_mode_weighs_the_last_message_only(base_engine):
+    """A base checkpoint continues the last user message alone: a long history before it is no reason to refuse."""
+    from fastapi.testclient import TestClient
+
+    from nanochat_flyte.inference.serve import create_app
+
+    history = "The cat sees a small boat. " * (CONTEXT * base_engine.max_token_bytes // 20)
+    messages = [{"role": "user", "content": history}, {"role": "assistant", "content": "Yes."},
+                {"role": "user", "content": "The river"}]
+    with TestClient(create_app(base_engine, model_name="unit")) as client:
+        response = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2})
+    assert response.status_code == 200, response.text
+
+
 def test_requests_waiting_to_be_tokenized_count_towards_the_concurrency_limit(chat_engine, monkeypatch):
     """Requests parse one at a time: a burst of long ones queued without bound, holding up everyone's. Those
     queued count towards max_concurrent, as the answers being generated do."""

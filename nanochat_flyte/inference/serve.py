@@ -150,8 +150,9 @@ def _messages(body: dict) -> list[dict]:
 def check_fits_context(engine: Engine, messages: list[dict]) -> None:
     """Refuse, before tokenizing, a conversation of more text than the context can hold however it tokenizes: no
     token spans more than engine.max_token_bytes bytes. (A megabyte of history would take seconds to tokenize, and
-    its calculator annotations to check, only to be refused.)"""
-    text_bytes = sum(len(message["content"].encode("utf-8", "surrogatepass")) for message in messages
+    its calculator annotations to check, only to be refused.) Plain completion mode reads the last message only."""
+    read = messages if engine.chat_mode else messages[-1:]
+    text_bytes = sum(len(message["content"].encode("utf-8", "surrogatepass")) for message in read
                      if isinstance(message["content"], str))
     if text_bytes > engine.context * engine.max_token_bytes:
         raise ApiError(400, f"messages: the conversation is {text_bytes:,} bytes of text, more than this model's "
