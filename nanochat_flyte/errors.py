@@ -42,21 +42,27 @@ def is_user_error(error: BaseException) -> bool:
     return isinstance(error, USER_ERRORS) or is_credentials_error(error)
 
 
+# obstore's errors that another attempt may mend (a network or server error; a task that died): its others are
+# mistakes no retry fixes (an invalid path, an unknown setting). None of them is an OSError.
+OBJECT_STORE_HICCUPS = {"GenericError", "JoinError"}
+
+
 def is_object_store_error(error: BaseException) -> bool:
-    """One of obstore's errors, none of them an OSError: Flyte 2 moves s3:// and gs:// files with obstore, and makes
-    it fsspec's handler of those schemes once imported."""
+    """One of obstore's errors: Flyte 2 moves s3:// and gs:// files with obstore, and makes it fsspec's handler of
+    those schemes once imported."""
     return type(error).__module__.partition(".")[0] == "obstore"
 
 
 def is_storage_error(error: BaseException) -> bool:
     """A storage or network hiccup that another attempt may not meet (requests' errors are OSErrors too); not a
     missing file the user named, which a retry would not find either."""
-    return (isinstance(error, OSError) or is_object_store_error(error)) and not is_user_error(error)
+    store_hiccup = is_object_store_error(error) and type(error).__name__ in OBJECT_STORE_HICCUPS
+    return (isinstance(error, OSError) or store_hiccup) and not is_user_error(error)
 
 
-def first_line(error: BaseException) -> str:
-    """An error's message up to its first line break: an object store's runs on with its debugging details."""
-    return (user_message(error).splitlines() or [type(error).__name__])[0]
+def first_line(text: str) -> str:
+    """A message up to its first line break: an object store's runs on with its debugging details."""
+    return text.strip().split("\n", 1)[0]
 
 
 @contextlib.contextmanager
@@ -66,16 +72,19 @@ def location_named(location: str, field: str, owner: str):
     try:
         yield
     except Exception as error:
-        if not (is_storage_error(error) or is_credentials_error(error)):
+        if not (is_storage_error(error) or is_credentials_error(error) or is_object_store_error(error)):
             raise
-        raise ConfigError(field, f"cannot read {location!r}: {first_line(error)}", owner) from None
+        raise ConfigError(field, f"cannot read {location!r}: {user_message(error)}", owner) from None
 
 
 def user_message(error: BaseException) -> str:
+    """The error's one line for a person: an object store's first line (the rest is its debugging details), with
+    a hint where credentials are missing."""
+    message = first_line(str(error)) if is_object_store_error(error) else str(error)
     if is_credentials_error(error):
-        return (f"{error} for an object store URI (s3://, gs://): give this machine its credentials (AWS_PROFILE or "
+        return (f"{message} for an object store URI (s3://, gs://): give this machine its credentials (AWS_PROFILE or "
                 "AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...)")
-    return str(error)
+    return message
 
 
 def user_error_names() -> set[str]:

@@ -1,6 +1,7 @@
 """The hub client against a local hub (tests/hub_server.py): the listing API, downloads, faults, cache, HF_TOKEN."""
 
 import json
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -136,6 +137,21 @@ def test_a_listed_file_that_is_missing_fails_naming_the_dataset_and_file(hub_ser
         download_split(*MMLU_TEST, cache_dir=tmp_path / "cache", retry=FAST_RETRY)
     assert str(error.value) == (f"cais/mmlu all/test file 0 could not be downloaded from {hub_server.url}{FILE_0}: "
                                 f"not found (HTTP 404)")
+
+
+def test_a_file_that_fails_stops_the_splits_other_downloads(hub_server, tmp_path):
+    """SmolTalk's file 1 is missing while file 0 waits out a 503's backoff: file 1's error comes at once (map()
+    raised it only after file 0's retries), and file 0 is not tried again."""
+    key = ("HuggingFaceTB/smol-smoltalk", "default", "train")  # two files
+    file_0, file_1 = (f"{split_path(*key)}/{n}.parquet" for n in (0, 1))
+    hub_server.fail(file_0, "503", times=None)
+    hub_server.fail(file_1, "404", times=None)
+    slow_retry = Retry(attempts=3, backoff_base_s=20, backoff_max_s=20)  # at least 10 s before a retry
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match="file 1 could not be downloaded"):
+        download_split(*key, cache_dir=tmp_path / "cache", retry=slow_retry)
+    assert time.monotonic() - start < 8
+    assert len(hub_server.requests_for(file_0)) <= 1
 
 
 def test_a_listing_that_is_not_a_list_of_urls_fails_naming_the_split(hub_server, tmp_path):

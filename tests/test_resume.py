@@ -9,12 +9,12 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from obstore.exceptions import GenericError
+from obstore.exceptions import GenericError, InvalidPathError, UnauthenticatedError
 
 from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
 from nanochat_flyte.data import download
 from nanochat_flyte.data.download import probe
-from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.errors import ConfigError, is_credentials_error, is_storage_error, user_message
 from nanochat_flyte.model.checkpoint import CHECKPOINT_FILE, check_save_to
 from nanochat_flyte.pipeline.setup import sft_start
 from nanochat_flyte.pipeline.train import last_save, resume_command, stage_resume_command
@@ -222,3 +222,16 @@ def test_a_store_that_cannot_be_read_is_one_line_naming_the_field(monkeypatch):
     assert str(error.value) == f"RunConfig.save_to: cannot write to {location!r}: {store_error}"
     monkeypatch.setattr(download.time, "sleep", lambda seconds: None)
     assert probe(f"{location}/shard_00000.parquet") == store_error
+
+
+def test_obstores_errors_are_sorted_and_said_in_one_line():
+    """A network or server error is a hiccup another attempt may mend; an invalid path is not. A refusal is missing
+    credentials, said in its first line (the rest is obstore's debugging dump) with the hint."""
+    details = "\n\nDebug source:\nUnauthenticated { path: \"x\" }"
+    assert is_storage_error(GenericError("Generic S3 error: connection reset" + details))
+    assert not is_storage_error(InvalidPathError("Encountered illegal character sequence"))
+    refused = UnauthenticatedError("The operation lacked valid authentication credentials for path x" + details)
+    assert is_credentials_error(refused) and not is_storage_error(refused)
+    assert user_message(refused) == ("The operation lacked valid authentication credentials for path x for an object "
+                                     "store URI (s3://, gs://): give this machine its credentials (AWS_PROFILE or "
+                                     "AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...)")

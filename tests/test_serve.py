@@ -497,7 +497,8 @@ def test_beyond_the_concurrency_limit_the_answer_is_429(base_server):
         assert busy.status_code == 429 and busy.headers["Retry-After"] == "2"  # OpenAI's clients wait as long
         assert busy.json()["error"]["type"] == "rate_limit_error"
         assert busy.json()["error"]["code"] == "rate_limit_exceeded"
-        assert busy.json()["error"]["message"] == "the server is busy: 1 answer is being generated; retry shortly"
+        assert busy.json()["error"]["message"] == ("the server is busy: 1 request is being tokenized or answered; "
+                                                   "retry shortly")
     wait_until_idle(base_server)
     assert post(base_server, {"messages": HELLO, "max_tokens": 1}, AUTH).status_code == 200
 

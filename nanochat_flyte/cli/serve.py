@@ -124,7 +124,7 @@ def check_can_listen(host: str, port: int) -> None:
     if not host.strip():  # uvicorn would listen on every address, as if 0.0.0.0 had been asked for
         raise UserError("--host: empty: give an address to listen on (127.0.0.1, the default; 0.0.0.0: all)")
     try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as error:
         raise UserError(f"--host: {host!r} is neither an IP address nor a known host name ({error.strerror})") from None
     bound = 0

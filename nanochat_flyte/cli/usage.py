@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nanochat_flyte.config import DEVICES
-from nanochat_flyte.errors import ConfigError, first_line, is_storage_error, is_user_error, user_message
+from nanochat_flyte.errors import ConfigError, is_object_store_error, is_storage_error, is_user_error, user_message
 
 USAGE_ERROR_EXIT = 2  # argparse's status for a usage error
 
@@ -73,9 +73,9 @@ def require_checkpoint_flag(parser: argparse.ArgumentParser, location: str) -> N
     try:
         require_checkpoint(location)
     except Exception as error:  # none there; or a store that cannot be read (no credentials, no such host)
-        if not (is_user_error(error) or is_storage_error(error)):
+        if not (is_user_error(error) or is_storage_error(error) or is_object_store_error(error)):
             raise
-        parser.error(f"argument --checkpoint: {first_line(error)}")
+        parser.error(f"argument --checkpoint: {user_message(error)}")
 
 
 def available_device(name: str) -> str:

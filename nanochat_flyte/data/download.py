@@ -434,7 +434,7 @@ def probe(url: str) -> str | None:
                 return user_message(e)
             if not is_object_store_error(e):  # (obstore's errors: Flyte 2's s3:// and gs://)
                 raise
-            cause = short_reason(e)
+            cause = user_message(e)
         if cause is None:
             return None
         if attempt + 1 < PROBE_ATTEMPTS:

@@ -22,7 +22,7 @@ import re
 import struct
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import pyarrow as pa
@@ -130,10 +130,14 @@ def download_split(repo: str, subset: str, split: str, endpoint: str = "", cache
                              stop).path
 
     with ThreadPoolExecutor(min(DOWNLOAD_WORKERS, len(urls))) as pool:
+        futures = [pool.submit(fetch, index) for index in range(len(urls))]
         try:
-            return list(pool.map(fetch, range(len(urls))))
+            for future in as_completed(futures):  # the first file to fail raises its error, whichever it is
+                future.result()
         finally:
             stop.set()
+            pool.shutdown(cancel_futures=True)
+        return [future.result() for future in futures]
 
 
 def parquet_rows(url: str, what: str, retry: Retry = DEFAULT_RETRY, hub: str = "") -> int | None:

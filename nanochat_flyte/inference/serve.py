@@ -387,8 +387,8 @@ def create_app(engine: Engine, *, model_name: str, max_concurrent: int = 4, api_
 
     def check_capacity() -> None:
         if state.running() + state.parsing >= max_concurrent:
-            answers = "1 answer is" if max_concurrent == 1 else f"{max_concurrent} answers are"
-            raise ApiError(429, f"the server is busy: {answers} being generated; retry shortly",
+            requests = "1 request is" if max_concurrent == 1 else f"{max_concurrent} requests are"
+            raise ApiError(429, f"the server is busy: {requests} being tokenized or answered; retry shortly",
                            code="rate_limit_exceeded", kind="rate_limit_error")
 
     @app.post("/v1/chat/completions")
@@ -400,9 +400,10 @@ def create_app(engine: Engine, *, model_name: str, max_concurrent: int = 4, api_
         if http.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
             raise ApiError(415, "the body must be JSON, sent with `Content-Type: application/json`",
                            code="unsupported_media_type")
-        check_capacity()  # the requests read meanwhile: parsing queues no more than max_concurrent of them
         if await http.is_disconnected():
             return Response(status_code=499)  # nobody waits for it: no parsing
+        # the requests read meanwhile, and counted with no await between: parsing queues at most max_concurrent
+        check_capacity()
         state.parsing += 1
         try:
             chat = await asyncio.get_running_loop().run_in_executor(state.parse_thread, parse_chat_request, state,

@@ -20,7 +20,7 @@ import torch
 
 from nanochat_flyte.config import RunConfig
 from nanochat_flyte.data.tokenizer import load_tokenizer
-from nanochat_flyte.errors import ConfigError, UserError, first_line, is_credentials_error, is_object_store_error
+from nanochat_flyte.errors import ConfigError, UserError, is_credentials_error, is_object_store_error, user_message
 from nanochat_flyte.files import filesystem, local_path, write_atomically, write_json
 from nanochat_flyte.model.gpt import GPT, GPTConfig
 
@@ -169,7 +169,7 @@ def check_writable(target: str, owner: str, remote: bool) -> None:
     except Exception as error:  # a store's own errors (no credentials, no bucket, no such host) are not all OSErrors
         if not (isinstance(error, OSError) or is_object_store_error(error) or is_credentials_error(error)):
             raise
-        problem = error.strerror if isinstance(error, OSError) and error.strerror else first_line(error)
+        problem = error.strerror if isinstance(error, OSError) and error.strerror else user_message(error)
         raise ConfigError("save_to", f"cannot write to {target!r}: {problem}", owner) from None
 
 
