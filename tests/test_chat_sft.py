@@ -247,7 +247,8 @@ def test_an_object_store_without_credentials_is_one_line(tmp_path):
                              "s3://no-such-bucket/checkpoint", "--out-dir", str(tmp_path / "chat")], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.startswith("error: Unable to locate credentials for an object store URI (s3://, gs://)")
+    assert result.stderr.startswith("error: chat_sft.base_checkpoint: cannot read 's3://no-such-bucket/checkpoint': "
+                                    "Unable to locate credentials for an object store URI (s3://, gs://)")
     assert len(result.stderr.strip().splitlines()) == 1
 
 
