@@ -203,7 +203,8 @@ class RunConfig(StrictConfig):
         for field in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
             fraction(self, field)
         schedule_fits(self)
-        no_surrounding_space(self, "save_to")
+        for field in ("save_to", "data_url", "eval_bundle_url"):
+            no_surrounding_space(self, field)
         if self.eval_tokens < self.max_seq_len + 1:
             raise ConfigError("eval_tokens", f"must hold at least one sequence of max_seq_len + 1 = "
                                              f"{self.max_seq_len + 1} tokens, got {self.eval_tokens}")
@@ -354,7 +355,8 @@ class ChatStageConfig(StrictConfig):
         if self.init_lr_frac == 0:
             raise ConfigError("init_lr_frac", "must be > 0: it scales every learning rate of the stage, so 0 would "
                                               "leave the model as it starts", owner)
-        no_surrounding_space(self, "save_to")
+        for field in ("save_to", "hf_endpoint"):
+            no_surrounding_space(self, field)
         one_of(self, "dtype", DTYPES)
         one_of(self, "device", DEVICES)
         one_of(self, "wandb_mode", WANDB_MODES)

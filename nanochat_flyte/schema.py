@@ -241,9 +241,12 @@ def schedule_fits(config) -> None:
 
 def no_surrounding_space(config, field: str) -> None:
     """A location typed or pasted with a space at either end would name another folder than the one meant."""
-    value = getattr(config, field)
-    if value != value.strip():
-        raise ConfigError(field, f"{value!r} starts or ends with white space", type(config).__name__)
+    check_no_surrounding_space(getattr(config, field), field, type(config).__name__)
+
+
+def check_no_surrounding_space(location: str, field: str, owner: str) -> None:
+    if location != location.strip():
+        raise ConfigError(field, f"{location!r} starts or ends with white space", owner)
 
 
 def non_negative(config, field: str) -> None:

@@ -73,6 +73,8 @@ def test_empty_run_name_is_derived_from_depth_and_time():
     (dict(core_metric_every=5, evaluate_core=False), "core_metric_every"),
     (dict(depth=5), "depth"),  # 320 wide does not split into 3 heads: refused before any download, not in training
     (dict(save_to="runs/base "), "save_to"),  # a folder "base " beside the "base" meant
+    (dict(data_url="/data/fineweb "), "data_url"),  # was taken, and found unreachable only when probed
+    (dict(eval_bundle_url=" /data/eval_bundle.zip"), "eval_bundle_url"),
     (dict(embedding_lr=0, unembedding_lr=0, matrix_lr=0), "matrix_lr"),  # nothing would train
     (dict(embedding_lr=0, unembedding_lr=0, matrix_lr=0, scalar_lr=0, residual_scalars=True), "matrix_lr"),
 ])

@@ -16,7 +16,7 @@ from nanochat_flyte.data import download
 from nanochat_flyte.data.download import probe
 from nanochat_flyte.errors import ConfigError, is_credentials_error, is_storage_error, user_message
 from nanochat_flyte.model.checkpoint import CHECKPOINT_FILE, check_save_to
-from nanochat_flyte.pipeline.setup import sft_start
+from nanochat_flyte.pipeline.setup import sft_start, stage_resume
 from nanochat_flyte.pipeline.train import last_save, resume_command, stage_resume_command
 from nanochat_flyte.training.resume import check_base_resume
 from tests.shard_server import serve_shards, write_fineweb_shards
@@ -235,3 +235,11 @@ def test_obstores_errors_are_sorted_and_said_in_one_line():
     assert user_message(refused) == ("The operation lacked valid authentication credentials for path x for an object "
                                      "store URI (s3://, gs://): give this machine its credentials (AWS_PROFILE or "
                                      "AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...)")
+
+
+def test_a_checkpoint_location_with_a_space_at_an_end_is_named_so(tmp_path):
+    """It names another folder than the one meant: not "not a checkpoint directory", which sends the user looking."""
+    with pytest.raises(ConfigError, match=r"^main\.resume_from: '.*/run ' starts or ends with white space$"):
+        check_base_resume(RunConfig(), f"{tmp_path}/run ")
+    with pytest.raises(ConfigError, match=r"^chat_sft\.resume_from: ' s3://bucket/chat' starts or ends with white"):
+        stage_resume(ChatConfig(), str(tmp_path), " s3://bucket/chat")

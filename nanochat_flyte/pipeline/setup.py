@@ -23,6 +23,7 @@ from nanochat_flyte.pipeline import Show
 from nanochat_flyte.pipeline.prepare import RL_DATA_FIELDS, SFT_DATA_FIELDS
 from nanochat_flyte.reporting.environment import environment_report, format_report
 from nanochat_flyte.reporting.report import environment_deck_html
+from nanochat_flyte.schema import check_no_surrounding_space
 from nanochat_flyte.training.resume import check_base_resume, check_chat_resume, check_resumed_stage
 from nanochat_flyte.training.rl import check_sft_checkpoint, rl_run_config
 from nanochat_flyte.training.sft import check_base_checkpoint, sft_run_config
@@ -126,6 +127,7 @@ def stage_resume(config: ChatConfig | RLConfig, start_checkpoint: str, resume_fr
         return ""
     sft = isinstance(config, ChatConfig)
     stage = "chat_sft" if sft else "chat_rl"
+    check_no_surrounding_space(resume_from, field, stage)
     with location_named(resume_from, field, stage):
         state = check_resumed_stage(resume_from, "chat" if sft else "rl", stage, field)
         check_chat_resume(resume_from, config, SFT_DATA_FIELDS if sft else RL_DATA_FIELDS, start_checkpoint,

@@ -23,6 +23,7 @@ from nanochat_flyte.model.checkpoint import (
     read_training_state,
 )
 from nanochat_flyte.reporting.tracking import RUN_INFO_FILE
+from nanochat_flyte.schema import check_no_surrounding_space
 
 # What a resumed pretraining run must share with the run it continues: the model's shape and the data stream's order.
 RESUME_KEEPS = ("depth", "residual_scalars", "max_seq_len", "tokenizer", "bpe_vocab_size", "bpe_train_chars", "seed",
@@ -100,6 +101,7 @@ def check_base_resume(config: RunConfig, checkpoint: str | Path, field: str = "r
     `config`: no checkpoint there, a different model shape or data, or fewer iterations than it has already done.
     `owner.field` names where the checkpoint was given (the workflows' main.resume_from). Returns the config the
     checkpoint saved (fields newer than it at their defaults)."""
+    check_no_surrounding_space(str(checkpoint), field, owner)
     with location_named(str(checkpoint), field, owner):
         state = read_checkpoint_json(checkpoint, TRAINING_STATE_FILE)
         saved = read_checkpoint_json(checkpoint, CONFIG_FILE)
