@@ -156,6 +156,33 @@ def test_wandbs_own_step_is_the_training_step(tmp_path):
     assert [row["_step"] for row in history if "samples" in row] == [3, 6]
 
 
+class RecordedRun:
+    """A W&B run resumed where its history ends: `step` is the next _step W&B would give."""
+
+    def __init__(self, step: int):
+        self.step, self.rows = step, []
+
+    def log(self, row, step=None):
+        self.rows.append((row["step"], self.step if step is None else step))
+        self.step = (self.step if step is None else step) + 1
+
+
+def test_extending_a_finished_run_logs_every_new_step_after_its_evaluations(tmp_path):
+    """A run finished at step 6 and scored after it (CORE at W&B's _step 7): its extension's step 7 was dropped as a
+    step W&B had. A run resumed from an earlier save still leaves the steps W&B has to metrics.jsonl."""
+    config = RunConfig(wandb_mode="disabled")
+    extension = Tracker(config, tmp_path / "extended", resume_step=6, extends_finished=True)
+    extension.run = RecordedRun(step=8)
+    for step in (7, 8, 9):
+        extension._wandb_log({"step": step}, step)
+    assert extension.run.rows == [(7, 8), (8, 9), (9, 10)]  # (training step, W&B's _step): none dropped
+    repeat = Tracker(config, tmp_path / "repeated", resume_step=4)
+    repeat.run = RecordedRun(step=7)  # W&B has steps 0..6: the run went on past its save at 4, then stopped
+    for step in (5, 6, 7):
+        repeat._wandb_log({"step": step}, step)
+    assert repeat.run.rows == [(7, 7)]
+
+
 def test_failing_wandb_log_never_fails_training(tmp_path, caplog):
     tracker = Tracker(RunConfig(wandb_mode="offline"), tmp_path)
 

@@ -91,12 +91,14 @@ class Tracker:
     """Logs one training run. On ranks other than 0 every method does nothing (one writer per run).
 
     modes: the W&B modes to try in turn, at the start and when logging fails (default: the config's mode and its
-    fallbacks); kept_in: where the numbers are whatever W&B does, as its warnings say."""
+    fallbacks); kept_in: where the numbers are whatever W&B does, as its warnings say. extends_finished: the run
+    resumed at resume_step had finished there (a finished run extended to more steps): see _wandb_log."""
 
     def __init__(self, config: RunConfig, out_dir: Path, env_report: dict | None = None, rank: int = 0,
                  resume_step: int | None = None, phase: str = "base", modes: tuple[str, ...] | None = None,
-                 kept_in: str = METRICS_FILE, run_id: str = ""):
+                 kept_in: str = METRICS_FILE, run_id: str = "", extends_finished: bool = False):
         self.config, self.phase, self.kept_in = config, phase, kept_in
+        self.extends_finished = extends_finished
         self.modes = FALLBACKS[resolve_mode(config.wandb_mode)] if modes is None else modes
         self.out_dir = Path(out_dir)
         self.is_writer = rank == 0
@@ -210,10 +212,14 @@ class Tracker:
         self._wandb_call(lambda: self._wandb_log({**values, "step": step}, step if as_wandb_step else None))
 
     def _wandb_log(self, row: dict[str, Any], step: int | None) -> None:
-        if step is None:
-            self.run.log(row)
-        elif step >= self.run.step:  # (W&B itself drops a lower step, with a warning per row)
+        if step is not None and step >= self.run.step:
             self.run.log(row, step=step)
+        elif step is None or self.extends_finished:
+            # A finished run's W&B history ends with the evaluations logged after its last step (log_evaluation), at
+            # W&B's next steps: every row of its extension is new, and goes after them (the x-axis is "step").
+            self.run.log(row)
+        # else a row W&B has: a run resumed from an earlier save repeats the steps after it (W&B would drop a lower
+        # step itself, with a warning per row)
 
     def log_config(self, extra: dict[str, Any]) -> None:
         """Facts known once the model exists: parameter count, FLOPs per token, and the like."""
