@@ -60,11 +60,6 @@ def is_storage_error(error: BaseException) -> bool:
     return (isinstance(error, OSError) or store_hiccup) and not is_user_error(error)
 
 
-def first_line(text: str) -> str:
-    """A message up to its first line break: an object store's runs on with its debugging details."""
-    return text.strip().split("\n", 1)[0]
-
-
 @contextlib.contextmanager
 def location_named(location: str, field: str, owner: str):
     """A location (a checkpoint or folder URI, given as `owner.field`) that cannot be read (no credentials, no such
@@ -80,7 +75,7 @@ def location_named(location: str, field: str, owner: str):
 def user_message(error: BaseException) -> str:
     """The error's one line for a person: an object store's first line (the rest is its debugging details), with
     a hint where credentials are missing."""
-    message = first_line(str(error)) if is_object_store_error(error) else str(error)
+    message = str(error).strip().split("\n", 1)[0] if is_object_store_error(error) else str(error)
     if is_credentials_error(error):
         return (f"{message} for an object store URI (s3://, gs://): give this machine its credentials (AWS_PROFILE or "
                 "AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...)")
