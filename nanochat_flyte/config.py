@@ -174,6 +174,9 @@ class RunConfig(StrictConfig):
         one_of(self, "dtype", DTYPES)
         one_of(self, "device", DEVICES)
         one_of(self, "compile_mode", COMPILE_MODES)
+        if not self.compile and self.compile_mode != "default":  # it would be ignored without a word
+            raise ConfigError("compile_mode", f"{self.compile_mode!r} needs compile true; set compile: true, "
+                                              f"or leave compile_mode at 'default'")
         if not self.data_url.strip():
             raise ConfigError("data_url", "must not be empty")
         self.check_shard_bounds()

@@ -62,6 +62,7 @@ def test_empty_run_name_is_derived_from_depth_and_time():
     (dict(tokenizer="sentencepiece"), "tokenizer"),
     (dict(wandb_mode="sometimes"), "wandb_mode"),
     (dict(compile_mode="fast"), "compile_mode"),
+    (dict(compile=False, compile_mode="reduce-overhead"), "compile_mode"),  # no CUDA graphs without a word
     (dict(val_shard=3, num_shards=10), "val_shard"),
     (dict(data_url=""), "data_url"),
     (dict(eval_tokens=100), "eval_tokens"),
