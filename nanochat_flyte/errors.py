@@ -35,7 +35,8 @@ CREDENTIALS_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "DefaultC
 
 
 def is_credentials_error(error: BaseException) -> bool:
-    return any(kind.__name__ in CREDENTIALS_ERRORS for kind in type(error).__mro__)
+    refused = is_object_store_error(error) and http_status(error) == 401  # (gcsfs's 403 is an OSError "Forbidden")
+    return refused or any(kind.__name__ in CREDENTIALS_ERRORS for kind in type(error).__mro__)
 
 
 def is_user_error(error: BaseException) -> bool:
@@ -48,15 +49,24 @@ OBJECT_STORE_HICCUPS = {"GenericError", "JoinError"}
 
 
 def is_object_store_error(error: BaseException) -> bool:
-    """One of obstore's errors: Flyte 2 moves s3:// and gs:// files with obstore, and makes it fsspec's handler of
-    those schemes once imported."""
-    return type(error).__module__.partition(".")[0] == "obstore"
+    """One of an object store client's own errors, which are no OSErrors: obstore's (Flyte 2 moves s3:// and gs://
+    files with obstore, and makes it fsspec's handler of those schemes once imported), and gcsfs's HttpError (gs://
+    under fsspec: an HTTP status it has no OSError for, such as 401 or a 503 that outlasted its own retries)."""
+    return type(error).__module__.partition(".")[0] in ("obstore", "gcsfs")
+
+
+def http_status(error: BaseException) -> int | None:
+    """The HTTP status an object store client's error carries (gcsfs's HttpError.code), if any."""
+    code = getattr(error, "code", None)
+    return code if isinstance(code, int) else None
 
 
 def is_storage_error(error: BaseException) -> bool:
     """A storage or network hiccup that another attempt may not meet (requests' errors are OSErrors too); not a
     missing file the user named, which a retry would not find either."""
-    store_hiccup = is_object_store_error(error) and type(error).__name__ in OBJECT_STORE_HICCUPS
+    status = http_status(error) or 0
+    store_hiccup = is_object_store_error(error) and (type(error).__name__ in OBJECT_STORE_HICCUPS
+                                                     or status in (408, 429) or status >= 500)
     return (isinstance(error, OSError) or store_hiccup) and not is_user_error(error)
 
 

@@ -2,6 +2,7 @@
 (shards, checkpoints, metrics, manifests, results): they share these. Imports errors only."""
 
 import json
+import logging
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -9,6 +10,17 @@ from pathlib import Path
 import fsspec
 
 from nanochat_flyte.errors import UserError
+
+
+class ErrorsItRaises(logging.Filter):
+    """gcsfs logs each request error it then raises, whole traceback included, before the caller's one line about
+    it (a data_url probe printed 60 lines of aiohttp for an unreachable host): those records are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.funcName != "retry_request"
+
+
+logging.getLogger("gcsfs").addFilter(ErrorsItRaises())
 
 
 def filesystem(url: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:

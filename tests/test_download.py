@@ -1,7 +1,10 @@
 """Shard download against a local HTTP server with injected faults (never the internet)."""
 
 import dataclasses
+import http.server
+import json
 import socket
+import threading
 import time
 
 import fsspec
@@ -22,7 +25,7 @@ from nanochat_flyte.data.download import (
     source_key,
     verify_shard,
 )
-from nanochat_flyte.errors import ConfigError
+from nanochat_flyte.errors import ConfigError, is_credentials_error, is_storage_error
 from tests.shard_server import fineweb_texts, serve_shards, write_fineweb_shard, write_fineweb_shards
 
 FAST_RETRY = Retry(attempts=4, backoff_base_s=0.01, backoff_max_s=0.05)
@@ -387,6 +390,47 @@ def test_an_object_store_without_credentials_is_named_as_data_url_at_once(monkey
                                           r"an object store URI"):
         check_data_url(RunConfig(data_url="s3://bucket/data", num_shards=1))
     assert StoreWithoutCredentials.calls <= 2  # each shard asked once at most: no other attempt finds credentials
+
+
+class RefusesEveryone(http.server.BaseHTTPRequestHandler):
+    """A Google Cloud Storage endpoint that answers 401 to everything, as GCS answers a caller without access."""
+
+    def do_GET(self):
+        body = json.dumps({"error": {"code": 401, "message": "Anonymous caller has no access"}}).encode()
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):
+        pass
+
+
+def test_a_gs_data_url_that_refuses_the_caller_is_one_line_naming_data_url(monkeypatch, caplog, capsys):
+    """gcsfs raises a 401 as its own HttpError, no OSError: the probe let it out as a 30-line traceback, after gcsfs
+    had logged the same traceback."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RefusesEveryone)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{server.server_address[1]}")  # gcsfs's endpoint
+    try:
+        with pytest.raises(ConfigError, match=r"^RunConfig\.data_url: 'gs://bucket/shards' is unreachable \(probed "
+                                              r"gs://bucket/shards/shard_00000\.parquet\): Anonymous caller has no "
+                                              r"access, 401 for an object store URI .*GOOGLE_APPLICATION_CREDENTIALS"):
+            check_data_url(RunConfig(data_url="gs://bucket/shards", num_shards=1))
+    finally:
+        server.shutdown()
+    assert not [record for record in caplog.records if record.exc_info]
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_gcsfs_http_errors_are_storage_hiccups_or_missing_credentials():
+    from gcsfs.retry import HttpError
+
+    unavailable, refused = HttpError({"code": 503, "message": "Backend Error"}), HttpError({"code": 401})
+    assert is_storage_error(unavailable) and not is_credentials_error(unavailable)
+    assert is_credentials_error(refused) and not is_storage_error(refused)
+    assert not is_storage_error(HttpError({"code": 400, "message": "Bad Request"}))  # no retry mends the request
 
 
 def test_a_server_error_while_probing_is_unreachable_not_missing(shard_server):
