@@ -41,6 +41,16 @@ def local_path(url: str | Path) -> Path | None:
     return Path(fsspec.core.url_to_fs(str(url))[1])
 
 
+def still_there(paths: Iterable[Path], owner: str) -> bool:
+    """Whether every local file or folder a cached output points to is still there. Both Flyte fronts' local caches
+    outlive the folders under /tmp their outputs are in (a reboot, a clean-up): where one is gone, says so, for
+    `owner` to run again."""
+    gone = next((path for path in paths if not path.exists()), None)
+    if gone is not None:
+        print(f"{owner}: cached output {gone} is gone: running the task again", flush=True)
+    return gone is None
+
+
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """write(temp) a temp file beside path, then rename it into place: a process killed mid-write leaves the
     previous file (or none), never half of one that looks whole."""

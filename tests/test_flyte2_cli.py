@@ -134,3 +134,9 @@ def test_a_second_local_run_takes_the_data_tasks_output_from_the_cache(flyte_run
         assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     made = list((tmp_path / "raw").rglob("tokenizer"))
     assert len(made) == 1, made  # the second run's output is the first's
+    # a cached output whose folder is gone (a reboot, a clean-up) is a miss: the task runs again
+    shutil.rmtree(made[0])
+    again = flyte_run(*arguments, file="workflows/flyte2/pretraining.py", task="prepare_tokenizer")
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert f"local cache: cached output {made[0]} is gone: running the task again" in again.stdout
+    assert len(list((tmp_path / "raw").rglob("tokenizer"))) == 1  # the new one

@@ -138,5 +138,5 @@ def test_a_cached_local_output_whose_folder_is_gone_is_a_miss(tmp_path, monkeypa
     assert LocalTaskCache.get("workflows.nanochat.collect_data", "2", inputs, ()) == outputs
     data.rmdir()
     assert LocalTaskCache.get("workflows.nanochat.collect_data", "2", inputs, ()) is None
-    assert f"workflows.nanochat.collect_data: its cached output {data} is gone: running it again" in \
+    assert f"workflows.nanochat.collect_data: cached output {data} is gone: running the task again" in \
         capsys.readouterr().out

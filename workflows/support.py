@@ -20,6 +20,7 @@ from flytekit.models.literals import Literal, LiteralMap
 from flytekit.types.directory import FlyteDirectory
 
 from nanochat_flyte.errors import ConfigError, is_storage_error, is_user_error, reraise_user_errors
+from nanochat_flyte.files import still_there
 from nanochat_flyte.pipeline import secrets
 from nanochat_flyte.pipeline.secrets import SecretName
 from nanochat_flyte.reporting.tracking import console_link_settings
@@ -130,13 +131,9 @@ def cached_outputs_still_there(get):
 
     def get_if_there(task_name: str, cache_version: str, inputs: LiteralMap, ignored: tuple) -> LiteralMap | None:
         outputs = get(task_name, cache_version, inputs, ignored)
-        if outputs is None:
-            return None
-        gone = [path for literal in outputs.literals.values() for path in local_files(literal) if not path.exists()]
-        if gone:
-            print(f"{task_name}: its cached output {gone[0]} is gone: running it again", flush=True)
-            return None
-        return outputs
+        there = outputs is not None and still_there(
+            (path for literal in outputs.literals.values() for path in local_files(literal)), task_name)
+        return outputs if there else None
 
     return staticmethod(get_if_there)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import flyte
 import flyte.errors
 import flyte.report
+from flyte._persistence._task_cache import LocalTaskCache
 from flyte.extend import TaskPluginRegistry
 from flyte.io import Dir
 from flyteplugins.pytorch.task import Elastic, TorchFunctionTask
@@ -25,6 +26,7 @@ from obstore.exceptions import GenericError
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from nanochat_flyte.errors import UserError, is_storage_error, is_user_error, reraise_user_errors, user_error_names
+from nanochat_flyte.files import still_there
 from nanochat_flyte.pipeline.train import packed_attempt, unpacked_attempt
 from nanochat_flyte.reporting.tracking import RUN_ID_ENV, console_link_settings, stage_run_id
 
@@ -68,13 +70,41 @@ def work_dir(name: str) -> Path:
 
 
 def local_dir(directory: Dir) -> Path:
-    """A Dir input as a local directory: downloaded on a cluster, used in place locally, where the local cache can
-    hand a task an earlier run's output whose folder has since been deleted: one line then names the fix."""
+    """A Dir input as a local directory: downloaded on a cluster, used in place locally, where a folder named by hand
+    may not be there: one line then says so."""
     path = Path(directory.download_sync())
     if is_local_run() and not path.exists():
-        raise UserError(f"{path} is gone: a cached output of an earlier local run, whose folder was deleted; run "
-                        "`flyte delete local-cache` and run again")
+        raise UserError(f"{path}: no such folder")
     return path
+
+
+def local_files(literal) -> list[Path]:
+    """The local files and folders (File, Dir) an output literal (flyteidl2's Literal) points to."""
+    kind = literal.WhichOneof("value")
+    if kind == "collection":
+        return [path for item in literal.collection.literals for path in local_files(item)]
+    if kind == "map":
+        return [path for item in literal.map.literals.values() for path in local_files(item)]
+    if kind != "scalar" or literal.scalar.WhichOneof("value") != "blob":
+        return []
+    uri = literal.scalar.blob.uri.removeprefix("file://")
+    return [] if "://" in uri else [Path(uri)]
+
+
+def cached_outputs_still_there(get):
+    """An entry of Flyte's local cache (~/.flyte) whose files are gone is a miss, and the task runs again, as under
+    pyflyte (workflows/support.py). (Flyte would hand the next task the missing folder.)"""
+
+    async def get_if_there(cache_key: str):
+        outputs = await get(cache_key)
+        there = outputs is not None and still_there(
+            (path for output in outputs.proto_outputs.literals for path in local_files(output.value)), "local cache")
+        return outputs if there else None
+
+    return staticmethod(get_if_there)
+
+
+LocalTaskCache.get = cached_outputs_still_there(LocalTaskCache.get)
 
 
 def upload(path: Path) -> Dir:
