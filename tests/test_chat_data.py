@@ -24,6 +24,7 @@ from nanochat_flyte.data.chat_data import (
     prepare_sft_data,
     read_jsonl,
     render_multiple_choice,
+    renderable,
     smoltalk_conversation,
 )
 from nanochat_flyte.data.conversation import calculator_parts, render_conversation
@@ -34,6 +35,7 @@ from nanochat_flyte.files import write_bytes_atomically
 from tests.hub_server import (
     GSM8K_SCHEMA,
     HUB_SPLITS,
+    HUMANEVAL_SCHEMA,
     MMLU_SCHEMA,
     SMOLTALK_SCHEMA,
     serve_hub,
@@ -43,6 +45,7 @@ from tests.hub_server import (
 
 SMOLTALK_TRAIN = ("HuggingFaceTB/smol-smoltalk", "default", "train")
 SMOLTALK_TEST = ("HuggingFaceTB/smol-smoltalk", "default", "test")
+HUMANEVAL = ("openai/openai_humaneval", "openai_humaneval", "test")
 MMLU_AUX = ("cais/mmlu", "all", "auxiliary_train")
 GSM8K_TRAIN = ("openai/gsm8k", "main", "train")
 
@@ -159,7 +162,7 @@ def test_smoltalk_rows_keep_their_messages_and_broken_ones_are_bad_rows():
     for broken in ([user("Hi")], [user("Hi"), user("Again"), assistant("Yes")], [assistant("Hi")], [],
                    [user("Hi"), assistant("Hello"), {"role": "system", "content": "late"}, assistant("x")]):
         with pytest.raises(BadRow):
-            smoltalk_conversation({"messages": broken}, 0)
+            renderable(smoltalk_conversation({"messages": broken}, 0))  # as convert_split takes each row
 
 
 def test_humaneval_item_carries_what_the_sandbox_needs_and_the_canonical_solution_passes(hub_server, tmp_path):
@@ -345,16 +348,26 @@ def test_rows_that_break_the_chat_rules_are_skipped_and_counted(hub_server, tmp_
 
 def test_rows_with_a_null_field_are_skipped_and_counted_not_a_crash(hub_server, tmp_path):
     """The parquet schemas allow nulls: a mirror's row with a null field is one skipped row, not a failed stage."""
-    mmlu = HUB_SPLITS[MMLU_AUX][1] + [{"question": "Q?", "subject": "", "choices": None, "answer": 0}]
-    gsm8k = HUB_SPLITS[GSM8K_TRAIN][1] + [{"question": "Q?", "answer": None}]
+    mmlu = HUB_SPLITS[MMLU_AUX][1] + [{"question": "Q?", "subject": "", "choices": None, "answer": 0},
+                                      {"question": None, "subject": "", "choices": ["a", "b"], "answer": 0},
+                                      {"question": "Q?", "subject": "", "choices": ["a", None], "answer": 0}]
+    gsm8k = HUB_SPLITS[GSM8K_TRAIN][1] + [{"question": "Q?", "answer": None}, {"question": None, "answer": "#### 2"}]
+    smoltalk = HUB_SPLITS[SMOLTALK_TRAIN][1] + [{"messages": None, "source": "x"},
+                                                {"messages": [{"content": None, "role": "user"},
+                                                              {"content": "B", "role": "assistant"}], "source": "x"}]
     write_split(hub_server.directory, *MMLU_AUX, mmlu, MMLU_SCHEMA)
     write_split(hub_server.directory, *GSM8K_TRAIN, gsm8k, GSM8K_SCHEMA)
-    manifest = prepare_sft_data(ChatConfig(smoltalk_epochs=0), tmp_path / "sft")
-    for source in ("mmlu", "gsm8k"):
+    write_split(hub_server.directory, *SMOLTALK_TRAIN, smoltalk, SMOLTALK_SCHEMA)
+    manifest = prepare_sft_data(ChatConfig(), tmp_path / "sft")
+    for source, bad in (("mmlu", 3), ("gsm8k", 2), ("smoltalk", 2)):
         record = manifest["sources"][source]
-        assert record["skipped"] == 1, record
-        (reason,) = record["skip_reasons"]
-        assert reason.startswith("a field is missing or of the wrong type (TypeError: ")
+        assert record["skipped"] == bad, record
+    assert "None" not in (tmp_path / "sft" / "train.jsonl").read_text()  # (a null choice was written as "None")
+    # an evaluation item whose prompt would not render, or whose program could not be put together
+    humaneval = HUB_SPLITS[HUMANEVAL][1]
+    write_split(hub_server.directory, *HUMANEVAL, [humaneval[0] | {"prompt": None}, humaneval[1] | {"test": None},
+                                                   *humaneval[2:]], HUMANEVAL_SCHEMA)
+    assert [item["id"] for item in load_eval_items("humaneval")] == [row["task_id"] for row in humaneval[2:]]
 
 
 def test_bad_config_fails_before_any_download(hub_server, tmp_path):

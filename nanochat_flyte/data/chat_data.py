@@ -75,6 +75,8 @@ def multiple_choice(question: str, choices: list[str], answer: int) -> tuple[str
     """(user message, letters, answer letter) of a question whose `answer` is the index of the right choice."""
     if not 2 <= len(choices) <= len(LETTERS) or not 0 <= answer < len(choices):
         raise BadRow(f"answer {answer} of {len(choices)} choices")
+    if not all(isinstance(text, str) for text in (question, *choices)):  # a mirror's null would read "None"
+        raise BadRow("a question or choice that is not text")
     letters = list(LETTERS[:len(choices)])
     return render_multiple_choice(question, choices, letters), letters, letters[answer]
 
@@ -107,12 +109,10 @@ def gsm8k_final_answer(solution: str) -> str:
 
 
 def smoltalk_conversation(row: dict, index: int) -> dict:
-    try:
-        normalize(row["messages"], ends_with="assistant")
-    except ConversationError as e:
-        raise BadRow(str(e)) from e
-    return {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]],
-            "source": "smoltalk"}
+    messages = row["messages"]
+    if not isinstance(messages, list) or not all(isinstance(message, dict) for message in messages):
+        raise BadRow("messages: must be a list of messages")
+    return {"messages": [{"role": m.get("role"), "content": m.get("content")} for m in messages], "source": "smoltalk"}
 
 
 def mmlu_conversation(row: dict, index: int) -> dict:
@@ -146,6 +146,8 @@ def gsm8k_item(row: dict, index: int, id_prefix: str = "gsm8k") -> dict:
 
 
 def humaneval_item(row: dict, index: int) -> dict:
+    if not all(isinstance(row[field], str) for field in ("prompt", "test", "entry_point", "canonical_solution")):
+        raise BadRow("a prompt, test, entry point or solution that is not text")  # the program is made of them
     return {"task": "humaneval", "id": row["task_id"], "messages": [{"role": "user", "content": row["prompt"]}],
             "prompt": row["prompt"], "test": row["test"], "entry_point": row["entry_point"],
             "canonical_solution": row["canonical_solution"]}
@@ -192,6 +194,16 @@ assert tuple(EVAL_SOURCES) == CHAT_EVAL_TASKS, "config.CHAT_EVAL_TASKS names the
 RL_SOURCE = Source("openai/gsm8k", "main", "train", GSM8K_COLUMNS, partial(gsm8k_item, id_prefix="gsm8k_train"))
 
 
+def renderable(converted: dict) -> dict:
+    """A converted row (a conversation, or an item: a prompt awaiting the assistant) whose messages render: a mirror's
+    null or number in a message is a skipped row here, not an error that stops training or an evaluation later."""
+    try:
+        normalize(converted["messages"], ends_with="user" if "task" in converted else "assistant")
+    except ConversationError as e:
+        raise BadRow(str(e)) from e
+    return converted
+
+
 def convert_split(source: Source, endpoint: str = "", cache_dir: Path | None = None) -> tuple[list[bytes], dict]:
     """Download the source's split (cached) and convert every row: (one JSON line per good row, the record for a
     manifest: where the rows came from, how many there were and how many were skipped, and why). The lines are
@@ -201,7 +213,7 @@ def convert_split(source: Source, endpoint: str = "", cache_dir: Path | None = N
     for index, row in enumerate(iter_rows(paths, source.columns)):
         rows += 1
         try:
-            lines.append(json.dumps(source.convert(row, index), ensure_ascii=False).encode() + b"\n")
+            lines.append(json.dumps(renderable(source.convert(row, index)), ensure_ascii=False).encode() + b"\n")
         except BadRow as e:
             skipped[str(e)] += 1
         except (TypeError, KeyError, AttributeError) as e:  # a field null or of another type (a mirror's row)
