@@ -559,11 +559,18 @@ def test_the_per_task_table_renders_as_markdown_and_html():
     assert header == ["task", "type", "shots", "examples", "accuracy", "centered"]
     assert rows[-1] == ["CORE", "", "", 520, "", 0.125]
     assert core_table_markdown(result).splitlines() == [
+        "## CORE", "",
         "| task | type | shots | examples | accuracy | centered |", "|---|---|---|---|---|---|",
         "| hellaswag | multiple_choice | 10 | 500 | 0.3 | 0.0667 |",
         r"| a\|b | language_modeling | 0 | 20 | 0.1834 | 0.1834 |", "| CORE |  |  | 520 |  | 0.125 |"]
     html = core_table_html(result)
-    assert "<th>centered</th>" in html and "<td>hellaswag</td>" in html and "<td>0.125</td>" in html
+    assert "<h2>CORE</h2>" in html and "<th>centered</th>" in html and "<td>0.125</td>" in html
+    # a CORE of a sample of each task says so, and names its bundle, on both cards
+    sampled = result | {"bundle": "https://example.org/eval_bundle.zip", "max_per_task": 100}
+    assert core_table_markdown(sampled).endswith(
+        "\n\nBundle: https://example\\.org/eval\\_bundle\\.zip\\.\n\nAt most 100 items a task \\(a seeded sample "
+        "of each\\): an estimate, not comparable with a CORE score over every item\\.")
+    assert "<p>At most 100 items a task" in core_table_html(sampled)
 
 
 # ----------------------------------------------------------------------------- the CLI, end to end

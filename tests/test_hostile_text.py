@@ -1,11 +1,14 @@
-"""Model-written text printed by the chat and sample commands: a terminal shows its control characters, never
-obeys them."""
+"""Model-written text printed by the chat and sample commands and the training log: a terminal shows its control
+characters, never obeys them."""
+
+from types import SimpleNamespace
 
 from test_engine import TOKENIZER, chain, scripted_engine, tokens_of
 
 from nanochat_flyte.cli.chat import answer
 from nanochat_flyte.hostile_text import shown
 from nanochat_flyte.inference.engine import SamplingParams
+from nanochat_flyte.training.loop import Trainer
 
 
 def test_control_characters_are_spelled_out_and_text_is_kept():
@@ -46,3 +49,13 @@ def test_on_a_terminal_an_escape_is_marked_apart_from_the_same_characters_writte
     assert shown("\x1b", marked=True) == "\x1b[7m\\x1b\x1b[27m"
     assert shown("\\x1b", marked=True) == "\\x1b"  # the model's own text, as it wrote it
     assert shown("\x1b[7m", marked=True) == "\x1b[7m\\x1b\x1b[27m[7m"  # the model cannot mark its own text
+
+
+def test_a_training_sample_reaches_the_log_with_its_invisible_characters_spelled_out(capsys):
+    """repr alone spells out the controls and the tag characters, but leaves a Hangul filler (U+3164) unseen."""
+    samples = [{"prompt": "Hi", "completion": " ok\u3164\U000e0041\x1b[31m"}]
+    phase = SimpleNamespace(samples=lambda model, precision: samples)
+    stand_in = SimpleNamespace(model=None, precision=None, phase=phase,
+                               tracker=SimpleNamespace(log_samples=lambda step, samples: None))
+    Trainer.sample(stand_in, 3)
+    assert capsys.readouterr().out == "step 00003 | sample: 'Hi' -> ' ok\\u3164\\U000e0041\\x1b[31m'\n"

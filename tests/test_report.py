@@ -136,6 +136,7 @@ def test_samples_that_start_with_newlines_are_not_blank(tmp_path):
     tracker = Tracker(CONFIG, tmp_path)
     tracker.log_samples(5, [{"prompt": "List:", "completion": "\n\n- one\n- two"}])
     tracker.finish()
-    text = write_report(tmp_path, CONFIG, None, {"min_validation_loss": 2.5}).read_text()
+    text = write_report(tmp_path, CONFIG, None, {"min_validation_loss": 2.5, "final_validation_bpb": 2.10971}
+                        ).read_text()
     assert "**List:**\n\n```\n\n\n- one\n- two\n```" in text
-    assert "| min validation loss | 2.5 |" in text
+    assert "| min validation loss | 2.5000 |" in text and "| final validation bpb | 2.1097 |" in text  # as logged

@@ -107,6 +107,8 @@ def test_online_without_network_falls_back_offline_and_never_shows_the_key(tmp_p
     assert tracker.finish() is None
     assert [row["step"] for row in read_offline_history(tracker.offline_dir) if "train/loss" in row] == \
         list(range(STEPS))
+    # the failed online attempt's folder is gone: `wandb sync --sync-all` would upload it empty under the run's id
+    assert [path.name for path in (tmp_path / "wandb").iterdir() if "run-" in path.name] == [tracker.offline_dir.name]
 
     captured = capfd.readouterr()
     assert secret not in captured.out + captured.err + caplog.text

@@ -39,6 +39,7 @@ scores of the tokens before it).
 """
 
 import dataclasses
+import html
 import os
 import random
 import time
@@ -55,7 +56,7 @@ import torch.nn.functional as F
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.evaluation.bundle import Bundle, CoreTask
 from nanochat_flyte.model.device import EvalBatches, Precision, rank_and_world_size, select_precision
-from nanochat_flyte.reporting.report import html_table, markdown_grid
+from nanochat_flyte.reporting.report import html_table, markdown_grid, markdown_text
 
 FEWSHOT_SEED = 1234  # + the item's position in the evaluated set: its shots, as nanochat draws them
 SUBSET_SEED = 1337  # the shuffle of each task's items that --max-per-task takes its first N from, as nanochat's
@@ -314,12 +315,24 @@ def core_table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     return header, rows + [["CORE", "", "", total, "", result["core_metric"]]]
 
 
+def core_notes(result: dict[str, Any]) -> list[str]:
+    """What the table was scored on: the bundle, and a sample of each task where max_per_task cut them."""
+    notes = [f"Bundle: {result['bundle']}."] if result.get("bundle") else []
+    if result.get("max_per_task"):
+        notes.append(f"At most {result['max_per_task']} items a task (a seeded sample of each): an estimate, not "
+                     "comparable with a CORE score over every item.")
+    return notes
+
+
 def core_table_markdown(result: dict[str, Any]) -> str:
-    return markdown_grid(*core_table(result))
+    """The report card's section (and `nanochat core-eval`'s output)."""
+    return "\n\n".join(["## CORE", markdown_grid(*core_table(result)), *map(markdown_text, core_notes(result))])
 
 
 def core_table_html(result: dict[str, Any]) -> str:
-    return html_table(*core_table(result))
+    """The CORE tab of a task's report card."""
+    notes = "".join(f"<p>{html.escape(note)}</p>" for note in core_notes(result))
+    return "\n".join(["<h2>CORE</h2>", html_table(*core_table(result)), notes])
 
 
 def core_log_metrics(result: dict[str, Any]) -> dict[str, float]:

@@ -29,8 +29,9 @@ DPI = 100
 # ---------------------------------------------------------------------------- formatting
 
 
-def format_value(value: Any) -> str:
-    """A number for people: 36,700,160 parameters, 15,000 tokens/s, 1.234 bpb; None is n/a."""
+def format_value(value: Any, decimals: int | None = None) -> str:
+    """A number for people: 36,700,160 parameters, 15,000 tokens/s, 1.234 bpb (with decimals: that many, 2.1100);
+    None is n/a."""
     if value is None:
         return "n/a"
     if isinstance(value, bool):
@@ -38,7 +39,8 @@ def format_value(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+        return f"{value:.{decimals}f}" if decimals is not None else (
+            f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}")
     return str(value)
 
 
@@ -160,7 +162,8 @@ def headline_numbers(out_dir: Path, summary: dict) -> dict[str, str]:
         "wall time": format_duration(summary.get("total_time_s")),
         "average tokens / s": format_value(summary.get("avg_tok_per_sec")),
         "average MFU (%)": format_value(summary.get("avg_mfu")),
-        **{f"{kind} validation {metric}": format_value(summary[f"{kind}_validation_{metric}"])
+        # to the 4 decimals the log prints: runs that differ in the third are told apart (2.1097, not 2.11)
+        **{f"{kind} validation {metric}": format_value(summary[f"{kind}_validation_{metric}"], decimals=4)
            for metric in ("bpb", "loss", "pass@1") for kind in ("min", "max", "final")
            if f"{kind}_validation_{metric}" in summary},
         "W&B run": summary.get("wandb_url") or ("offline, in the checkpoint's wandb/ (`wandb sync` uploads it)"

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -165,7 +166,9 @@ class Tracker:
         problems = [trouble] if trouble else []
         if modes and wandb is None:
             problems, modes = problems + ["the wandb package is not installed"], ()
+        runs_dir = Path(self.out_dir) / "wandb"
         for mode in modes:
+            runs_before = set(runs_dir.glob("*")) if runs_dir.is_dir() else set()
             try:
                 self.run = self._init_run(mode)
                 self.mode = mode
@@ -173,6 +176,9 @@ class Tracker:
             except Exception as error:  # W&B must never fail training
                 problems.append(f"{mode} init failed: {self._redact(error)}")
                 wandb.teardown()  # the failed attempt keeps the run id reserved in W&B's service process
+                # its empty run folder, which `wandb sync --sync-all` would upload under the run's id
+                for made in set(runs_dir.glob("*")) - runs_before if runs_dir.is_dir() else ():
+                    shutil.rmtree(made, ignore_errors=True)
         if self.mode == "offline":
             self.offline_dir = Path(self.run.settings.sync_dir)
         if problems:

@@ -42,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from nanochat_flyte.config import STAGE_CONFIGS, RunConfig
 from nanochat_flyte.errors import ConfigError, UserError
 from nanochat_flyte.files import write_json
+from nanochat_flyte.hostile_text import shown
 from nanochat_flyte.model.checkpoint import (
     CONFIG_FILE,
     TOKENIZER_DIR,
@@ -538,7 +539,9 @@ class Trainer:
     def sample(self, step: int) -> None:
         samples = self.phase.samples(self.model, self.precision)
         for sample in samples:
-            print(f"step {step:05d} | sample: {sample['prompt']!r} -> {sample['completion']!r}", flush=True)
+            # repr escapes the controls; shown() the invisible characters repr leaves as they are
+            print(f"step {step:05d} | sample: {shown(repr(sample['prompt']))} -> {shown(repr(sample['completion']))}",
+                  flush=True)
         self.tracker.log_samples(step, samples)
 
     # ------------------------------------------------------------------ one optimizer step
@@ -660,6 +663,7 @@ class Trainer:
                 if self.master:
                     self.save(step, "running")
             if last_step:
+                loop.total_time_s = time_before_session + time.perf_counter() - session_start  # (its evaluation's)
                 break
             result, dt = self.optimizer_step(step)
             phase_metrics = self.phase.step_metrics()
