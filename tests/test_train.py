@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import fsspec
@@ -218,6 +219,19 @@ def test_a_local_run_names_a_device_this_machine_lacks_before_any_download(tmp_p
     with pytest.raises(ConfigError, match=r"^ChatConfig\.device: 'cuda' was asked for but torch "):
         setup.probe_stage(ChatConfig(device="cuda"))
     setup.check_device_here(tiny_config(device="cuda"), remote=True)  # a cluster's training node checks its own
+
+
+def test_wall_time_counts_the_final_evaluation_as_it_counts_the_others(data_dir, tmp_path, monkeypatch):
+    evaluate = Trainer.evaluate
+
+    def slow_at_the_end(self, step: int) -> None:
+        evaluate(self, step)
+        if step == self.config.num_iterations:
+            time.sleep(3)
+
+    monkeypatch.setattr(Trainer, "evaluate", slow_at_the_end)
+    summary = train(tiny_config(num_iterations=1), data_dir, tmp_path)
+    assert summary["total_time_s"] >= 3
 
 
 def test_log_lines_are_nanochat_style(data_dir, tmp_path, capsys):
