@@ -94,6 +94,20 @@ def test_a_gpt2_run_resumes_whatever_its_bpe_fields_say(finished):
                  str(save_to))
 
 
+def test_the_same_data_folder_written_another_way_is_the_same_data(tmp_path):
+    """(A trailing slash or file:// was refused as other data; the data check after it already knew better.)"""
+    data = tmp_path / "shards"
+    data.mkdir()
+    config = tiny_config(str(data), num_iterations=6)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    (tmp_path / "training_state.json").write_text(json.dumps({"phase": "base", "steps_completed": 3}))
+    (tmp_path / "model_config.json").write_text("{}")
+    for same in (f"{data}/", f"file://{data}", f"{data}/../shards"):
+        check_base_resume(dataclasses.replace(config, data_url=same), str(tmp_path))
+    with pytest.raises(ConfigError, match=r"^RunConfig\.data_url: .* differs from .* in the checkpoint"):
+        check_base_resume(dataclasses.replace(config, data_url=str(tmp_path / "other")), str(tmp_path))
+
+
 def test_with_only_needed_shards_a_resume_keeps_its_total_batch_size(tmp_path):
     """only_needed_shards prepares the shards of num_iterations * total_batch_size tokens: another total_batch_size
     would prepare other shards, and so another data stream than the one the checkpoint's position is in."""

@@ -21,6 +21,7 @@ from nanochat_flyte.model.checkpoint import (
     model_differences,
     read_checkpoint_json,
     read_training_state,
+    same_location,
 )
 from nanochat_flyte.reporting.tracking import RUN_INFO_FILE
 from nanochat_flyte.schema import check_no_surrounding_space
@@ -116,9 +117,11 @@ def check_base_resume(config: RunConfig, checkpoint: str | Path, field: str = "r
     for kept in RESUME_KEEPS:
         if kept.startswith("bpe_") and config.tokenizer != "bpe":
             continue  # a GPT-2 run never reads them
-        if getattr(config, kept) != saved[kept]:
-            raise ConfigError(kept, f"{getattr(config, kept)!r} differs from {saved[kept]!r} in the checkpoint "
-                                     f"being resumed ({checkpoint}); a resumed run keeps the model and the data")
+        value = getattr(config, kept)
+        same = value == saved[kept] or kept == "data_url" and same_location(value, saved[kept])  # /data/ is /data
+        if not same:
+            raise ConfigError(kept, f"{value!r} differs from {saved[kept]!r} in the checkpoint being resumed "
+                                    f"({checkpoint}); a resumed run keeps the model and the data")
     check_not_past(config.num_iterations, state["steps_completed"], checkpoint)
     for sizes in ("num_iterations", "total_batch_size"):  # their product sets the shards prepared
         if config.only_needed_shards and getattr(config, sizes) != saved[sizes]:
