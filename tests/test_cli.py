@@ -93,6 +93,14 @@ def test_python_m_runs_the_same_command():
     assert result.returncode == 0 and result.stdout.startswith("usage: nanochat config ")
 
 
+def test_a_reader_that_leaves_early_ends_the_command_quietly():
+    """`nanochat ... | head`: no BrokenPipeError traceback, and the status a shell gives a command its reader left."""
+    command = subprocess.Popen([NANOCHAT, "config", "configs/smoke.yaml"], cwd=PACKAGE.parent, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    command.stdout.close()  # before the command writes its JSON
+    assert command.stderr.read() == "" and command.wait(timeout=120) == 141
+
+
 def imports_of(path: Path) -> set[str]:
     """The package's modules `path` imports, in any form: `from nanochat_flyte.x import y`, `import
     nanochat_flyte.x`, relative imports, at module level or inside a function."""

@@ -3,9 +3,11 @@
 import pytest
 import torch
 
+from nanochat_flyte.config import RunConfig
 from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.model.device import EvalBatches, Precision, mfu, peak_flops, select_device, select_precision
 from nanochat_flyte.model.gpt import GPT, GPTConfig
+from nanochat_flyte.training import loop
 
 
 @pytest.fixture
@@ -136,3 +138,12 @@ def test_eval_batches_shrink_after_an_out_of_memory_error_and_stay_shrunk(capsys
         EvalBatches(2, "chat evaluation").map([1, 2, 3, 4], square)
     with pytest.raises(ValueError, match="CORE batch size must be >= 1, got 0"):
         EvalBatches(0, "CORE")
+
+
+def test_more_torchrun_processes_than_gpus_is_one_line(monkeypatch):
+    """(torch's "invalid device ordinal" traceback on the rank that had no GPU, before.)"""
+    monkeypatch.setattr(loop, "select_device", lambda name: torch.device("cuda"))  # a node with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"^RunConfig\.device: torchrun started process 1 of a node with 1 CUDA "
+                                          r"device\(s\): at most one process per device$"):
+        loop.training_device(RunConfig(device="cuda"), local_rank=1)

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from nanochat_flyte.cli.usage import ArgumentParser, local_dir
+from nanochat_flyte.cli.usage import ArgumentParser, launcher_words, local_dir
 from nanochat_flyte.config import ChatConfig, RLConfig, load_config
 from nanochat_flyte.data import MANIFEST_FILE
 from nanochat_flyte.data.chat_data import check_hub_endpoint, check_prepared_for, prepared_manifest
@@ -155,7 +155,7 @@ def resume_command(args: argparse.Namespace, command: str, start_checkpoint: str
     """The command line that continues this run from its last save in --out-dir: the same start checkpoint, preset,
     overrides and data, and --resume-dir set to --out-dir."""
     start_flag = "--base-checkpoint" if command == "sft" else "--sft-checkpoint"
-    words = ["nanochat", command, start_flag, start_checkpoint, "--out-dir", str(args.out_dir)]
+    words = [*launcher_words(command), start_flag, start_checkpoint, "--out-dir", str(args.out_dir)]
     words += ["--config", args.config] if args.config else []
     words += ["--data-dir", str(args.data_dir)] if args.data_dir else []
     return shlex.join([*words, "--resume-dir", str(args.out_dir), *args.overrides])

@@ -13,7 +13,7 @@ data position and RNG states it saved; with a larger num_iterations it extends a
 import json
 import shlex
 
-from nanochat_flyte.cli.usage import ArgumentParser, local_dir
+from nanochat_flyte.cli.usage import ArgumentParser, launcher_words, local_dir
 from nanochat_flyte.config import RunConfig, load_config
 from nanochat_flyte.model.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, check_save_to
 from nanochat_flyte.reporting.environment import environment_report
@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
     except (KeyboardInterrupt, SystemExit):
         if rank == 0 and (args.out_dir / CHECKPOINT_FILE).exists():
             out_dir = shlex.quote(str(args.out_dir))
-            print(f"resume with: nanochat train --config {shlex.quote(str(args.out_dir / CONFIG_FILE))} "
+            print(f"resume with: {shlex.join(launcher_words('train'))} "
+                  f"--config {shlex.quote(str(args.out_dir / CONFIG_FILE))} "
                   f"--data-dir {shlex.quote(str(args.data_dir))} --out-dir {out_dir} --resume-dir {out_dir}",
                   flush=True)
         raise

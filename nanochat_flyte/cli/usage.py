@@ -6,6 +6,7 @@ the user's to fix, and the one line that says what to fix must not drown in fort
 """
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -105,10 +106,37 @@ def run(main: Callable[[], object]) -> None:
     """Call a command's main(); a user error becomes one line and exit status 2."""
     try:
         main()
+    except BrokenPipeError:  # the reader left early (`| head`): end quietly, as other commands do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout at exit)
+        sys.exit(141)  # the shell's status for a command its pipe's reader stopped
     except Exception as error:
+        if another_rank_failed(error):
+            print(f"error: rank {os.environ['RANK']} stopped: another rank failed, its error says why", file=sys.stderr)
+            sys.exit(1)
         if not is_user_error(error):
             raise
         print(f"error: {user_message(error)}", file=sys.stderr)
         sys.exit(USAGE_ERROR_EXIT)
     except KeyboardInterrupt:
         sys.exit(130)  # the shell's status for Ctrl-C
+
+
+def another_rank_failed(error: Exception) -> bool:
+    """Under torchrun, a collective (a gradient all-reduce) that broke because another rank's process ended (its own
+    error, printed above, says why): this rank's traceback would bury that line."""
+    if int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        return False
+    import torch.distributed as dist  # (torch: not for `nanochat --help`)
+
+    # NCCL's are DistErrors; gloo's, a RuntimeError with the message below
+    return isinstance(error, dist.DistError) or "Connection closed by peer" in str(error)
+
+
+def launcher_words(command: str) -> list[str]:
+    """How the running command was launched, for a command line that continues it: `nanochat COMMAND`, or under
+    torchrun `torchrun ... -m nanochat_flyte COMMAND` with this node's processes (and nodes: add the rendezvous)."""
+    world_size, local_world_size = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if world_size < 2:
+        return ["nanochat", command]
+    nodes = ["--standalone"] if world_size == local_world_size else [f"--nnodes={world_size // local_world_size}"]
+    return ["torchrun", *nodes, f"--nproc_per_node={local_world_size}", "-m", "nanochat_flyte", command]

@@ -271,6 +271,9 @@ def training_device(config: RunConfig, local_rank: int = 0) -> torch.device:
     torch.set_flush_denormal(True)
     device = select_device(config.device)
     if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():  # torch's "invalid device ordinal" traceback, on that rank
+            raise ConfigError("device", f"torchrun started process {local_rank} of a node with "
+                                        f"{torch.cuda.device_count()} CUDA device(s): at most one process per device")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     return device
