@@ -183,7 +183,9 @@ class StrictConfig:
         """The values a preset file (YAML or JSON) sets, as written: not yet checked against the fields."""
         path = Path(path)
         if not is_file(path):
-            raise ConfigError("*", f"no preset file {str(path)!r}", cls.__name__)
+            where = " (the presets are the repository's configs/: run from its root)" if path.parts[:1] == (
+                "configs",) and not Path("configs").is_dir() else ""
+            raise ConfigError("*", f"no preset file {str(path)!r}{where}", cls.__name__)
         try:
             text = path.read_text()
             values = (json.loads(text, object_pairs_hook=json_object_without_repeats) if path.suffix == ".json"

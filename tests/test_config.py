@@ -377,3 +377,10 @@ def test_every_front_names_a_preset_of_another_kind(kind, preset, other):
         kind.from_cli_value(str(CONFIGS / preset), kind().to_dict())  # over the workflow's default, as pyflyte gives
     with pytest.raises(ConfigError, match=r"unknown field; did you mean seed\?$"):  # a typo of its own field
         kind.from_mapping({"sed": 1})
+
+
+def test_a_preset_named_from_outside_the_repository_says_where_the_presets_are(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an installed package, run elsewhere: the presets are the checkout's
+    with pytest.raises(ConfigError, match=r"^RunConfig\.\*: no preset file 'configs/smoke\.yaml' \(the presets are "
+                                          r"the repository's configs/: run from its root\)$"):
+        RunConfig.from_file("configs/smoke.yaml")

@@ -43,3 +43,15 @@ def test_the_next_commands_use_the_save_to_copy(tmp_path, monkeypatch, capsys):
     finish.finish_chat_run(ChatConfig(save_to="my runs/chat"), "runs/base", TRAINING, {}, {}, "/tmp/c", tmp_path,
                            local=True)
     assert "nanochat chat --checkpoint 'my runs/chat'" in capsys.readouterr().out  # pasted into a shell as one path
+
+
+def test_the_next_stage_preset_fits_where_the_run_ran():
+    """(After a T4 run the summary suggested the 30-step CPU smoke SFT.)"""
+    from nanochat_flyte.pipeline.finish import next_preset
+
+    assert next_preset("chat", {"device": "cpu"}) == "configs/chat_smoke.yaml"
+    assert next_preset("chat", {"device": "cuda"}) == "configs/chat_d8_t4.yaml"
+    assert next_preset("rl", {"device": "cuda"}) == "configs/rl_d8_t4.yaml"
+    for stage in ("chat", "rl"):
+        for device in ("cpu", "cuda"):
+            assert (Path(__file__).parents[1] / next_preset(stage, {"device": device})).is_file()

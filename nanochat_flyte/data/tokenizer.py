@@ -60,7 +60,8 @@ def gpt2_tokenizer() -> tiktoken.Encoding:
         raise TokenizerError(
             f"GPT-2's ranks ({GPT2_ENCODING}.tiktoken) are not in tiktoken's cache and could not be downloaded "
             f"({type(error).__name__}); where openaipublic.blob.core.windows.net is out of reach, run "
-            "`python scripts/cache_gpt2_tokenizer.py` (fetches them from PyPI into tiktoken's cache)") from None
+            "the repository's `python scripts/cache_gpt2_tokenizer.py` (fetches them from PyPI into tiktoken's "
+            "cache)") from None
     return with_special_tokens("gpt2", r50k._pat_str, r50k._mergeable_ranks)  # tiktoken keeps both only here
 
 

@@ -32,7 +32,7 @@ def finish_base_run(config: RunConfig, environment: dict, manifest: dict, traini
     kept = shlex.quote(str(config.save_to or checkpoint))  # pasted into a shell
     print_summary("base model", training, metrics, checkpoint, report_dir, config.save_to, [
         f"nanochat sample --checkpoint {kept} --prompt 'The capital of France is'",
-        f"nanochat sft --base-checkpoint {kept} --out-dir runs/chat --config configs/chat_smoke.yaml"], local)
+        f"nanochat sft --base-checkpoint {kept} --out-dir runs/chat --config {next_preset('chat', training)}"], local)
     return results
 
 
@@ -55,10 +55,17 @@ def finish_chat_run(config: ChatConfig | RLConfig, start_checkpoint: str, traini
     kept = shlex.quote(str(config.save_to or checkpoint))
     next_steps = [f"nanochat chat --checkpoint {kept}", f"nanochat serve --checkpoint {kept}"]
     if stage == "SFT":
-        next_steps.append(f"nanochat rl --sft-checkpoint {kept} --out-dir runs/rl --config configs/rl_smoke.yaml")
+        next_steps.append(f"nanochat rl --sft-checkpoint {kept} --out-dir runs/rl "
+                          f"--config {next_preset('rl', training)}")
     print_summary(f"{stage} chat model", training, metrics, checkpoint, report_dir, config.save_to, next_steps,
                   local)
     return results
+
+
+def next_preset(stage: str, training: dict) -> str:
+    """The preset of the next stage (chat or rl) for a run like this one: the CPU smoke recipe after a run on a CPU,
+    the T4 reference's on a GPU."""
+    return f"configs/{stage}_{'smoke' if training.get('device') == 'cpu' else 'd8_t4'}.yaml"
 
 
 def publish(results: dict, report_dir: Path, save_to: str, local: bool) -> None:
