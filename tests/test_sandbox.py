@@ -389,6 +389,19 @@ def test_each_layer_reports_whether_it_holds_and_code_never_runs_with_less_than_
     assert run_evaluator(setup, LAYER_REPORT, python).splitlines() == [str(report), required]
 
 
+@root_only
+def test_a_python_other_users_cannot_read_is_named_as_the_reason(monkeypatch):
+    """Root without CAP_SYS_ADMIN becomes the code's uid before it builds: a Python under /root (pyenv's, uv's) is
+    then out of reach. (The refusal blamed the uid change, with a 'No such file' for a file that is there.)"""
+    require_every_layer()
+    if subprocess.run([sys.executable, "-c", OTHERS_CAN_RUN], capture_output=True, text=True).stdout == "True\n":
+        pytest.skip("this Python is open to other users: nothing out of reach to name")
+    monkeypatch.setenv("TMPDIR", tempfile.gettempdir())
+    report = run_evaluator(USER_NAMESPACE, LAYER_REPORT).splitlines()[0]
+    assert report.startswith(f"(False, \"{CANNOT}unprivileged uid (the code's uid cannot read Python's files (")
+    assert report.endswith(f"{os.__file__}): install Python where every user may read it)\")")
+
+
 def test_where_the_codes_uid_does_not_exist_the_report_names_that_layer():
     """A rootless container: root in a user namespace that maps root alone, where no other uid exists."""
     require_every_layer()

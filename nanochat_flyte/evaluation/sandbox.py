@@ -647,10 +647,15 @@ def isolate(workdir: str, evaluator: int, limits: Limits, sandbox_uid: int) -> t
         missing.update(dict.fromkeys({PRIVATE_ROOT, NETWORK_NAMESPACE} - set(held), why(error)))
     try:
         drop_privileges(sandbox_uid)
-        os.stat(os.__file__)  # without a private root, the host's path to the standard library may be closed to it
         held.append(UNPRIVILEGED)
     except OSError as error:
         missing[UNPRIVILEGED] = why(error)
+    try:  # root's Python under a folder of root's alone (/root/.pyenv): neither the host's path nor a bind reaches it
+        os.stat(os.__file__)
+    except OSError as error:
+        held = [layer for layer in held if layer != UNPRIVILEGED]
+        missing[UNPRIVILEGED] = (f"the code's uid cannot read Python's files ({why(error)}): install Python where "
+                                 "every user may read it")
     die_with(evaluator)
     set_limits(limits)  # after the uid change: the code's uid cannot raise them again
     for name, build in ((LANDLOCK, restrict_filesystem), (SECCOMP, install_seccomp_filter)):
