@@ -159,10 +159,11 @@ def test_wandbs_own_step_is_the_training_step(tmp_path):
 
 
 class RecordedRun:
-    """A W&B run resumed where its history ends: `step` is the next _step W&B would give."""
+    """A W&B run resumed where its history ends: `step` is the next _step W&B would give; its summary's "step" the
+    training step of the last row it has."""
 
-    def __init__(self, step: int):
-        self.step, self.rows = step, []
+    def __init__(self, step: int, last_training_step: int):
+        self.step, self.rows, self.summary = step, [], {"step": last_training_step}
 
     def log(self, row, step=None):
         self.rows.append((row["step"], self.step if step is None else step))
@@ -173,16 +174,23 @@ def test_extending_a_finished_run_logs_every_new_step_after_its_evaluations(tmp_
     """A run finished at step 6 and scored after it (CORE at W&B's _step 7): its extension's step 7 was dropped as a
     step W&B had. A run resumed from an earlier save still leaves the steps W&B has to metrics.jsonl."""
     config = RunConfig(wandb_mode="disabled")
-    extension = Tracker(config, tmp_path / "extended", resume_step=6, extends_finished=True)
-    extension.run = RecordedRun(step=8)
-    for step in (7, 8, 9):
+    extension = Tracker(config, tmp_path / "extended", resume_step=6)
+    extension.attach(RecordedRun(step=8, last_training_step=6), "online")
+    for step in (7, 7, 8, 9):  # step 7's training row, then its validation row
         extension._wandb_log({"step": step}, step)
-    assert extension.run.rows == [(7, 8), (8, 9), (9, 10)]  # (training step, W&B's _step): none dropped
+    assert extension.run.rows == [(7, 8), (7, 9), (8, 10), (9, 11)]  # (training step, W&B's _step): none dropped
     repeat = Tracker(config, tmp_path / "repeated", resume_step=4)
-    repeat.run = RecordedRun(step=7)  # W&B has steps 0..6: the run went on past its save at 4, then stopped
+    # W&B has steps 0..6: the run went on past its save at 4, then stopped
+    repeat.attach(RecordedRun(step=7, last_training_step=6), "online")
     for step in (5, 6, 7):
         repeat._wandb_log({"step": step}, step)
     assert repeat.run.rows == [(7, 7)]
+    # that extension, stopped at step 9 and resumed from its save at 8: W&B's steps ran ahead of the training steps
+    again = Tracker(config, tmp_path / "extended", resume_step=8)
+    again.attach(RecordedRun(step=12, last_training_step=9), "online")
+    for step in (9, 10, 11):
+        again._wandb_log({"step": step}, step)
+    assert again.run.rows == [(10, 12), (11, 13)]  # (step 10 was dropped: W&B's _step 12 is past it)
 
 
 def test_failing_wandb_log_never_fails_training(tmp_path, caplog):

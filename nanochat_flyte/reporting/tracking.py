@@ -92,19 +92,18 @@ class Tracker:
     """Logs one training run. On ranks other than 0 every method does nothing (one writer per run).
 
     modes: the W&B modes to try in turn, at the start and when logging fails (default: the config's mode and its
-    fallbacks); kept_in: where the numbers are whatever W&B does, as its warnings say. extends_finished: the run
-    resumed at resume_step had finished there (a finished run extended to more steps): see _wandb_log."""
+    fallbacks); kept_in: where the numbers are whatever W&B does, as its warnings say."""
 
     def __init__(self, config: RunConfig, out_dir: Path, env_report: dict | None = None, rank: int = 0,
                  resume_step: int | None = None, phase: str = "base", modes: tuple[str, ...] | None = None,
-                 kept_in: str = METRICS_FILE, run_id: str = "", extends_finished: bool = False):
+                 kept_in: str = METRICS_FILE, run_id: str = ""):
         self.config, self.phase, self.kept_in = config, phase, kept_in
-        self.extends_finished = extends_finished
         self.modes = FALLBACKS[resolve_mode(config.wandb_mode)] if modes is None else modes
         self.out_dir = Path(out_dir)
         self.is_writer = rank == 0
         self.run = None
         self.mode = "disabled"
+        self.wandb_last_step = -1
         self.url: str | None = None
         self.offline_dir: Path | None = None
         self.sample_rows: list[list[Any]] = []
@@ -160,6 +159,12 @@ class Tracker:
         run.define_metric("*", step_metric="step")
         return run
 
+    def attach(self, run, mode: str) -> None:
+        """Log to this W&B run from now on. W&B resumes a run with its summary, whose "step" is the training step of
+        the last row it has (none: -1)."""
+        self.run, self.mode = run, mode
+        self.wandb_last_step = run.summary.get("step", -1)
+
     def _start_wandb(self, modes: tuple[str, ...], trouble: str = "") -> None:
         """Start the first mode of `modes` that works; warn once if any failed (or if `trouble` says why)."""
         self.run, self.mode = None, "disabled"
@@ -170,8 +175,7 @@ class Tracker:
         for mode in modes:
             runs_before = set(runs_dir.glob("*")) if runs_dir.is_dir() else set()
             try:
-                self.run = self._init_run(mode)
-                self.mode = mode
+                self.attach(self._init_run(mode), mode)
                 break
             except Exception as error:  # W&B must never fail training
                 problems.append(f"{mode} init failed: {self._redact(error)}")
@@ -218,14 +222,16 @@ class Tracker:
         self._wandb_call(lambda: self._wandb_log({**values, "step": step}, step if as_wandb_step else None))
 
     def _wandb_log(self, row: dict[str, Any], step: int | None) -> None:
-        if step is not None and step >= self.run.step:
-            self.run.log(row, step=step)
-        elif step is None or self.extends_finished:
-            # A finished run's W&B history ends with the evaluations logged after its last step (log_evaluation), at
-            # W&B's next steps: every row of its extension is new, and goes after them (the x-axis is "step").
+        if step is None:  # numbers added to a finished run (log_evaluation): at W&B's next step
             self.run.log(row)
-        # else a row W&B has: a run resumed from an earlier save repeats the steps after it (W&B would drop a lower
-        # step itself, with a warning per row)
+        elif step > self.wandb_last_step and step >= self.run.step:
+            self.run.log(row, step=step)
+        elif step > self.wandb_last_step:
+            # A row W&B lacks, below W&B's own step: a finished run's history ends with the evaluations logged after
+            # its last step, at W&B's next steps, and its extension's rows (and, resumed, theirs) go after them (the
+            # x-axis is "step"). W&B would drop a lower step itself.
+            self.run.log(row)
+        # else a row W&B has: a run resumed from an earlier save repeats the steps after it
 
     def log_config(self, extra: dict[str, Any]) -> None:
         """Facts known once the model exists: parameter count, FLOPs per token, and the like."""

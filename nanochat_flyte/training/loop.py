@@ -376,8 +376,7 @@ class Trainer:
         self.wrap_model(local_rank)
         self.describe_run()
         self.tracker = Tracker(config, self.out_dir, env_report, rank=self.rank,
-                               resume_step=self.start_step if self.resumed else None, phase=phase.stage,
-                               extends_finished=self.resumed_finished)
+                               resume_step=self.start_step if self.resumed else None, phase=phase.stage)
         self.tracker.log_config(self.facts)
 
     def join_ranks(self, config: RunConfig) -> int:
