@@ -101,20 +101,24 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly():
     assert command.stderr.read() == "" and command.wait(timeout=120) == 141
 
 
-def imports_of(path: Path) -> set[str]:
-    """The package's modules `path` imports, in any form: `from nanochat_flyte.x import y`, `import
-    nanochat_flyte.x`, relative imports, at module level or inside a function."""
+def imports_of(path: Path, prefix: str = "nanochat_flyte.") -> set[str]:
+    """The modules starting with `prefix` that `path` imports, in any form: `from nanochat_flyte.x import y`,
+    `from nanochat_flyte import x`, `import nanochat_flyte.x`, relative imports (`from .. import x`),
+    importlib.import_module("..."), at module level or inside a function."""
     package = ".".join(("nanochat_flyte", *path.relative_to(PACKAGE).parent.parts))
     modules = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level:
-            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-            modules.add(f"{base}.{node.module}" if node.module else base)
-        elif isinstance(node, ast.ImportFrom):
-            modules.add(node.module or "")
+        if isinstance(node, ast.ImportFrom):
+            base = (package.rsplit(".", node.level - 1)[0] if node.level > 1 else package) if node.level else ""
+            module = ".".join(part for part in (base, node.module) if part)
+            modules.add(module)
+            modules.update(f"{module}.{alias.name}" for alias in node.names)  # (a name, or a module it holds)
         elif isinstance(node, ast.Import):
             modules.update(alias.name for alias in node.names)
-    return {module for module in modules if module.startswith("nanochat_flyte.")}
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant)):
+            modules.add(str(node.args[0].value))
+    return {module for module in modules if module.startswith(prefix)}
 
 
 def test_each_sub_package_imports_only_what_its_docstring_allows():
@@ -131,6 +135,13 @@ def test_each_sub_package_imports_only_what_its_docstring_allows():
             if imported != parts[0] and imported not in ALLOWED[parts[0]]:
                 forbidden.append(f"{path.relative_to(PACKAGE)} imports {module}")
     assert forbidden == []
+
+
+def test_the_library_imports_no_flyte_front():
+    """nanochat_flyte is plain Python + torch: usable without Flyte, and both fronts call it, never the reverse."""
+    assert [f"{path.relative_to(PACKAGE)} imports {module}" for path in PACKAGE.rglob("*.py")
+            for prefix in ("flytekit", "flyte", "workflows") for module in imports_of(path, prefix)
+            if module.split(".")[0] in ("flytekit", "flyte", "flyteidl", "flyteidl2", "workflows")] == []
 
 
 def test_no_module_imports_itself_back_through_others():

@@ -214,7 +214,7 @@ class Tracker:
     def log(self, step: int, metrics: dict[str, float | int | None], as_wandb_step: bool = True) -> None:
         """One row of metrics at a training step; None values (not measured this step) are dropped.
         as_wandb_step: W&B's own _step is the training step, so that a resumed run never appends a step W&B has
-        (a step below the run's current one is left to metrics.jsonl); False for numbers added to a finished run."""
+        (one at or below the last it has is left to metrics.jsonl); False for numbers added to a finished run."""
         if not self.is_writer:
             return
         values = {key: value for key, value in metrics.items() if value is not None}
