@@ -23,12 +23,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8766)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
-        try:  # the port first: a busy one is one line, before the datasets are written
-            server = HubServer(Path(directory), port=args.port)
-        except OSError as error:
-            parser.error(f"--port: cannot listen on 127.0.0.1 port {args.port}: {error.strerror}")
-        except OverflowError:
-            parser.error(f"--port: must be 0..65535, got {args.port}")
+        server = HubServer.on_port(Path(directory), args.port, parser)  # first: a busy port before the datasets
         rows = write_hub_datasets(Path(directory))
         for (repo, subset, split), count in rows.items():
             print(f"{server.url}/api/datasets/{repo}/parquet/{subset}/{split}: {count} rows")

@@ -24,12 +24,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8765)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
-        try:  # the port first: a busy one is one line, before the shards are written
-            server = ShardServer(Path(directory), port=args.port)
-        except OSError as error:
-            parser.error(f"--port: cannot listen on 127.0.0.1 port {args.port}: {error.strerror}")
-        except OverflowError:
-            parser.error(f"--port: must be 0..65535, got {args.port}")
+        server = ShardServer.on_port(Path(directory), args.port, parser)  # first: a busy port before the shards
         write_fineweb_shards(Path(directory), args.shards, args.docs)
         server.serve_until_interrupted(f"shards {args.shards}")
 

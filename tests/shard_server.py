@@ -117,6 +117,16 @@ class ShardServer(http.server.ThreadingHTTPServer):
         self.lock = threading.Lock()
         super().__init__(("127.0.0.1", port), ShardRequestHandler)  # port 0: any free port
 
+    @classmethod
+    def on_port(cls, directory: Path, port: int, parser) -> "ShardServer":
+        """For a script's --port: a port in use or out of range is the argparse parser's one line."""
+        try:
+            return cls(directory, port=port)
+        except OSError as error:
+            parser.error(f"--port: cannot listen on 127.0.0.1 port {port}: {error.strerror}")
+        except OverflowError:
+            parser.error(f"--port: must be 0..65535, got {port}")
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
