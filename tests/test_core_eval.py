@@ -568,9 +568,10 @@ def test_the_per_task_table_renders_as_markdown_and_html():
     # a CORE of a sample of each task says so, and names its bundle, on both cards
     sampled = result | {"bundle": "https://example.org/eval_bundle.zip", "max_per_task": 100}
     assert core_table_markdown(sampled).endswith(
-        "\n\nBundle: https://example\\.org/eval\\_bundle\\.zip\\.\n\nAt most 100 items a task \\(a seeded sample "
-        "of each\\): an estimate, not comparable with a CORE score over every item\\.")
-    assert "<p>At most 100 items a task" in core_table_html(sampled)
+        "\n\nBundle: https://example\\.org/eval\\_bundle\\.zip\n\nAt most 100 items a task, a seeded sample of "
+        "each: an estimate, not comparable with a CORE score over every item.")
+    sampled_html = core_table_html(sampled | {"bundle": "<b>.zip"})
+    assert "<p>Bundle: &lt;b&gt;.zip</p>" in sampled_html and "<p>At most 100 items a task" in sampled_html
 
 
 # ----------------------------------------------------------------------------- the CLI, end to end

@@ -43,6 +43,7 @@ import html
 import os
 import random
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -315,23 +316,24 @@ def core_table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     return header, rows + [["CORE", "", "", total, "", result["core_metric"]]]
 
 
-def core_notes(result: dict[str, Any]) -> list[str]:
-    """What the table was scored on: the bundle, and a sample of each task where max_per_task cut them."""
-    notes = [f"Bundle: {result['bundle']}."] if result.get("bundle") else []
+def core_notes(result: dict[str, Any], escape: Callable[[str], str]) -> list[str]:
+    """What the table was scored on: the bundle (as `escape` writes it for Markdown or HTML), and a sample of each
+    task where max_per_task cut them."""
+    notes = [f"Bundle: {escape(result['bundle'])}"] if result.get("bundle") else []
     if result.get("max_per_task"):
-        notes.append(f"At most {result['max_per_task']} items a task (a seeded sample of each): an estimate, not "
+        notes.append(f"At most {result['max_per_task']} items a task, a seeded sample of each: an estimate, not "
                      "comparable with a CORE score over every item.")
     return notes
 
 
 def core_table_markdown(result: dict[str, Any]) -> str:
     """The report card's section (and `nanochat core-eval`'s output)."""
-    return "\n\n".join(["## CORE", markdown_grid(*core_table(result)), *map(markdown_text, core_notes(result))])
+    return "\n\n".join(["## CORE", markdown_grid(*core_table(result)), *core_notes(result, markdown_text)])
 
 
 def core_table_html(result: dict[str, Any]) -> str:
     """The CORE tab of a task's report card."""
-    notes = "".join(f"<p>{html.escape(note)}</p>" for note in core_notes(result))
+    notes = "".join(f"<p>{note}</p>" for note in core_notes(result, html.escape))
     return "\n".join(["<h2>CORE</h2>", html_table(*core_table(result)), notes])
 
 
