@@ -119,9 +119,12 @@ def test_the_carried_gpt2_ranks_win_over_a_tiktoken_cache_dir_without_them(tmp_p
     with_ranks = tmp_path / "with_ranks"
     with_ranks.mkdir()
     (with_ranks / "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4").write_bytes(b"")
-    for cache_dir, expected in ((tmp_path, ROOT / ".cache" / "tiktoken"), (with_ranks, with_ranks)):
+    unset = {key: value for key, value in os.environ.items() if key != "TIKTOKEN_CACHE_DIR"}
+    for cache_dir, expected in ((tmp_path, ROOT / ".cache" / "tiktoken"), (with_ranks, with_ranks),
+                                (None, ROOT / ".cache" / "tiktoken")):  # unset: main() read it, a KeyError
+        env = unset if cache_dir is None else {**unset, "TIKTOKEN_CACHE_DIR": str(cache_dir)}
         result = subprocess.run([sys.executable, "-c", show_cache_dir], capture_output=True, text=True, timeout=120,
-                                env={**os.environ, "TIKTOKEN_CACHE_DIR": str(cache_dir)}, check=True)
+                                env=env, check=True)
         assert result.stdout.strip() == str(expected)
 
 
@@ -264,6 +267,12 @@ def test_the_verdict_needs_every_section_completed_and_every_check_passed():
     missing = report_with({"tests": passing})
     missing["requested_sections"].append("t4")
     assert not acceptance.overall_passed(missing)
+    # a section whose every measurement failed has no check to fail (it passed so)
+    all_failed = {"status": "completed", "variants": [], "checks": [],
+                  "failed_variants": [{"dtype": "float16", "error": "AttributeError: x"}]}
+    nanochat_failed = {"status": "completed", "nanochat": {"return_code": 1, "error": "ImportError: y"}}
+    for broken in (all_failed, nanochat_failed):
+        assert not acceptance.overall_passed(report_with({"tests": passing, "t4": broken}))
 
 
 def test_the_summary_holds_the_headline_figures_and_null_for_what_was_not_measured():
