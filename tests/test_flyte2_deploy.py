@@ -314,3 +314,13 @@ def test_the_chat_apps_server_imports_its_entry_file_from_the_apps_own_code_bund
                                                      "print(chat_app.name)"],
                               cwd=tmp_path, env=server, capture_output=True, text=True, timeout=300)
     assert (imported.returncode, imported.stdout.strip()) == (0, "nanochat-chat"), imported.stderr[-3000:]
+
+
+def test_every_input_of_an_entry_task_has_a_description_for_the_console():
+    """flyte deploy sends each input's description, from the docstring's Args, to the launch form."""
+    from workflows.flyte2 import chat, nanochat, scale_up
+
+    for entry in (nanochat.main, chat.chat_sft, chat.chat_rl, chat.nanochat_chat, chat.nanochat_chat_rl,
+                  scale_up.nanochat_d12_a100, scale_up.nanochat_d12_8xa100):
+        described = entry.native_interface.docstring.input_descriptions
+        assert [name for name in entry.native_interface.inputs if not described.get(name)] == [], entry.name

@@ -135,3 +135,13 @@ def test_the_eight_gpu_run_checks_its_batch_for_eight_gpus_before_any_download(s
 def test_unreachable_data_url_fails_in_setup(served_shards):
     with pytest.raises(Exception, match=r"RunConfig\.data_url: .*unreachable"):
         main(config=tiny_config("http://127.0.0.1:9/no-such-mirror"))
+
+
+def test_every_input_of_an_entry_workflow_has_a_description_for_the_console():
+    """The console's launch and relaunch forms show each input's description, from the docstring's Args."""
+    from workflows.chat import chat_rl, chat_sft, nanochat_chat, nanochat_chat_rl
+    from workflows.scale_up import nanochat_d12_a100
+
+    for entry in (main, chat_sft, chat_rl, nanochat_chat, nanochat_chat_rl, nanochat_d12_a100, nanochat_d12_8xa100):
+        undescribed = [name for name, variable in entry.interface.inputs.items() if variable.description == name]
+        assert undescribed == [], entry.name

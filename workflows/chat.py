@@ -232,9 +232,14 @@ def fine_tune(config: ChatConfig, base_checkpoint: FlyteDirectory, resume_from: 
 @workflow
 def chat_sft(base_checkpoint: FlyteDirectory, config: ChatConfig = ChatConfig(), resume_from: str = ""
              ) -> ChatOutputs:
-    """A base checkpoint (a previous run's `checkpoint` output, or any directory or URI holding one) to an
-    evaluated chat checkpoint. resume_from: a chat checkpoint of an SFT run of the same base checkpoint and data to
-    continue (a stopped run goes on from its last save)."""
+    """A base checkpoint to an evaluated chat checkpoint: SFT, then the chat evaluation.
+
+    Args:
+        base_checkpoint: a base checkpoint (a run's `checkpoint` output, or a directory or URI holding one).
+        config: the chat stage's settings (ChatConfig: a preset's values); a relaunch may edit any field.
+        resume_from: a chat checkpoint of an SFT run of the same base checkpoint and data, to continue from its
+            last save. Empty: a new run.
+    """
     return fine_tune(config, base_checkpoint, resume_from)
 
 
@@ -257,9 +262,15 @@ def reinforce(config: RLConfig, sft_checkpoint: FlyteDirectory, resume_from: str
 
 @workflow
 def chat_rl(sft_checkpoint: FlyteDirectory, config: RLConfig = RLConfig(), resume_from: str = "") -> RLOutputs:
-    """A chat (SFT) checkpoint (a chat run's `chat_checkpoint` output, or any directory or URI holding one) to an
-    evaluated RL checkpoint. resume_from: an RL checkpoint of a run from the same SFT checkpoint and problems to
-    continue."""
+    """A chat (SFT) checkpoint to an evaluated RL checkpoint: RL on GSM8K, then the chat evaluation.
+
+    Args:
+        sft_checkpoint: a chat checkpoint (a chat run's `chat_checkpoint` output, or a directory or URI holding
+            one).
+        config: RL's settings (RLConfig: a preset's values); a relaunch may edit any field.
+        resume_from: an RL checkpoint of a run from the same SFT checkpoint and problems, to continue from its last
+            save. Empty: a new run.
+    """
     return reinforce(config, sft_checkpoint, resume_from)
 
 
@@ -275,8 +286,13 @@ class PipelineOutputs(NamedTuple):
 @workflow
 def nanochat_chat(config: RunConfig = RunConfig(), chat_config: ChatConfig = ChatConfig(), resume_from: str = ""
                   ) -> PipelineOutputs:
-    """The whole pipeline: pretraining (with CORE when config.evaluate_core), then SFT, then the chat evaluation.
-    resume_from: as main's, the pretraining checkpoint to continue."""
+    """The whole pipeline: pretraining (with CORE when config.evaluate_core), then SFT and the chat evaluation.
+
+    Args:
+        config: the run's settings (RunConfig: a preset's values); a relaunch may edit any field.
+        chat_config: the chat stage's settings (ChatConfig: a preset's values).
+        resume_from: as main's: the pretraining checkpoint to continue. Empty: a new run.
+    """
     checked_chat = check_chat_config(config=config, chat_config=chat_config, resume_from=resume_from)
     base: RunOutputs = pretrain(config, resume_from, checked_first=checked_chat, entry="nanochat_chat")
     chat = fine_tune(checked_chat, base.checkpoint)
@@ -299,9 +315,15 @@ class RLPipelineOutputs(NamedTuple):
 @workflow
 def nanochat_chat_rl(config: RunConfig = RunConfig(), chat_config: ChatConfig = ChatConfig(),
                      rl_config: RLConfig = RLConfig(), resume_from: str = "") -> RLPipelineOutputs:
-    """The whole pipeline of the reference run's next steps: pretraining (with CORE when config.evaluate_core), SFT
-    and its chat evaluation, then RL on GSM8K and the chat evaluation of the RL model. resume_from: as main's, the
-    pretraining checkpoint to continue."""
+    """The reference run's next steps: pretraining (with CORE when config.evaluate_core), SFT and its chat
+    evaluation, then RL on GSM8K and the chat evaluation of the RL model.
+
+    Args:
+        config: the run's settings (RunConfig: a preset's values); a relaunch may edit any field.
+        chat_config: the chat stage's settings (ChatConfig: a preset's values).
+        rl_config: RL's settings (RLConfig: a preset's values).
+        resume_from: as main's: the pretraining checkpoint to continue. Empty: a new run.
+    """
     # one node checks both later configs; pretraining waits for it
     checked_chat, checked_rl = check_chat_and_rl_configs(config=config, chat_config=chat_config, rl_config=rl_config,
                                                          resume_from=resume_from)

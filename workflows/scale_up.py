@@ -35,11 +35,23 @@ def train_base_model_multi_gpu(config: RunConfig, data: FlyteDirectory, environm
 
 @workflow
 def nanochat_d12_a100(config: RunConfig = D12_CONFIG, resume_from: str = "") -> RunOutputs:
+    """main's run at d12 (configs/d12_a100.yaml) on one A100.
+
+    Args:
+        config: the run's settings (RunConfig: the d12 preset's values); a relaunch may edit any field.
+        resume_from: as main's: a checkpoint to continue. Empty: a new run.
+    """
     return pretrain(config, resume_from, train_base_model, task_resources(A100_NODE), entry="nanochat_d12_a100")
 
 
 @workflow
 def nanochat_d12_8xa100(config: RunConfig = D12_CONFIG, resume_from: str = "") -> RunOutputs:
+    """main's run at d12 (configs/d12_a100.yaml) on the 8 A100s of one node, a process per GPU.
+
+    Args:
+        config: the run's settings (RunConfig: the d12 preset's values); a relaunch may edit any field.
+        resume_from: as main's: a checkpoint to continue. Empty: a new run.
+    """
     # CORE runs in one process: on one A100, not on seven idle ones beside it
     return pretrain(config, resume_from, train_base_model_multi_gpu, EIGHT_A100_TASK, world_size=GPUS,
                     entry="nanochat_d12_8xa100", core_node=task_resources(A100_NODE))

@@ -215,18 +215,29 @@ RL_D8_T4 = flyte.Trigger("nanochat-rl-d8-t4", inputs={"config": REFERENCE_RL_CON
 @driver_env.task
 @one_line_user_errors
 async def chat_sft(base_checkpoint: Dir, config: ChatConfig = ChatConfig(), resume_from: str = "") -> ChatOutputs:
-    """A base checkpoint (a previous run's `checkpoint` output, or any directory or URI holding one) to an
-    evaluated chat checkpoint. resume_from: a chat checkpoint of an SFT run of the same base checkpoint and data to
-    continue (a stopped run goes on from its last save)."""
+    """A base checkpoint to an evaluated chat checkpoint: SFT, then the chat evaluation.
+
+    Args:
+        base_checkpoint: a base checkpoint (a run's `checkpoint` output, or a directory or URI holding one).
+        config: the chat stage's settings (ChatConfig: a preset's values); a relaunch may edit any field.
+        resume_from: a chat checkpoint of an SFT run of the same base checkpoint and data, to continue from its
+            last save. Empty: a new run.
+    """
     return await fine_tune(config, base_checkpoint, resume_from)
 
 
 @driver_env.task(triggers=RL_D8_T4)
 @one_line_user_errors
 async def chat_rl(sft_checkpoint: Dir, config: RLConfig = RLConfig(), resume_from: str = "") -> RLOutputs:
-    """A chat (SFT) checkpoint (a chat run's `chat_checkpoint` output, or any directory or URI holding one) to an
-    evaluated RL checkpoint. resume_from: an RL checkpoint of a run from the same SFT checkpoint and problems to
-    continue."""
+    """A chat (SFT) checkpoint to an evaluated RL checkpoint: RL on GSM8K, then the chat evaluation.
+
+    Args:
+        sft_checkpoint: a chat checkpoint (a chat run's `chat_checkpoint` output, or a directory or URI holding
+            one).
+        config: RL's settings (RLConfig: a preset's values); a relaunch may edit any field.
+        resume_from: an RL checkpoint of a run from the same SFT checkpoint and problems, to continue from its last
+            save. Empty: a new run.
+    """
     return await reinforce(config, sft_checkpoint, resume_from)
 
 
@@ -234,8 +245,13 @@ async def chat_rl(sft_checkpoint: Dir, config: RLConfig = RLConfig(), resume_fro
 @one_line_user_errors
 async def nanochat_chat(config: RunConfig = RunConfig(), chat_config: ChatConfig = ChatConfig(),
                         resume_from: str = "") -> PipelineOutputs:
-    """The whole pipeline: pretraining (with CORE when config.evaluate_core), then SFT, then the chat evaluation.
-    resume_from: as main's, the pretraining checkpoint to continue."""
+    """The whole pipeline: pretraining (with CORE when config.evaluate_core), then SFT and the chat evaluation.
+
+    Args:
+        config: the run's settings (RunConfig: a preset's values); a relaunch may edit any field.
+        chat_config: the chat stage's settings (ChatConfig: a preset's values).
+        resume_from: as main's: the pretraining checkpoint to continue. Empty: a new run.
+    """
     # before pretraining: hours before SFT's own checks
     chat_config, _ = setup.later_stages(config, chat_config, resume_from=resume_from, remote=not is_local_run())
     trained = await train_base(config, resume_from, entry="nanochat_chat")
@@ -248,9 +264,15 @@ async def nanochat_chat(config: RunConfig = RunConfig(), chat_config: ChatConfig
 @one_line_user_errors
 async def nanochat_chat_rl(config: RunConfig = RunConfig(), chat_config: ChatConfig = ChatConfig(),
                            rl_config: RLConfig = RLConfig(), resume_from: str = "") -> RLPipelineOutputs:
-    """The whole pipeline of the reference run's next steps: pretraining (with CORE when config.evaluate_core), SFT
-    and its chat evaluation, then RL on GSM8K and the chat evaluation of the RL model. resume_from: as main's, the
-    pretraining checkpoint to continue."""
+    """The reference run's next steps: pretraining (with CORE when config.evaluate_core), SFT and its chat
+    evaluation, then RL on GSM8K and the chat evaluation of the RL model.
+
+    Args:
+        config: the run's settings (RunConfig: a preset's values); a relaunch may edit any field.
+        chat_config: the chat stage's settings (ChatConfig: a preset's values).
+        rl_config: RL's settings (RLConfig: a preset's values).
+        resume_from: as main's: the pretraining checkpoint to continue. Empty: a new run.
+    """
     chat_config, rl_config = setup.later_stages(config, chat_config, rl_config, resume_from,
                                                 remote=not is_local_run())
     trained = await train_base(config, resume_from, entry="nanochat_chat_rl")

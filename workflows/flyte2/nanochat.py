@@ -33,9 +33,12 @@ D8_T4_TUNED = flyte.Trigger("nanochat-d8-t4-tuned", inputs={"config": TUNED_CONF
 @driver_env.task(triggers=(NIGHTLY, D8_T4, D8_T4_TUNED))
 @one_line_user_errors
 async def main(config: RunConfig = RunConfig(), resume_from: str = "") -> RunOutputs:
-    """The whole run. Returns the results JSON, the checkpoint directory and the report card.
+    """The whole run: data, pretraining, CORE, the results JSON, the checkpoint and the report card.
 
-    resume_from: a checkpoint directory or URI (a previous run's `checkpoint` output, or its save_to copy) to
-    continue: a run that stopped early goes on from its last save; a finished one is extended to a larger
-    num_iterations (the LR schedule is then that of the new num_iterations)."""
+    Args:
+        config: the run's settings (RunConfig: a preset's values); a relaunch may edit any field.
+        resume_from: a checkpoint directory or URI to continue (a run's `checkpoint` output or its save_to copy): a
+            run that stopped goes on from its last save, a finished one is extended to a larger num_iterations
+            (with that length's LR schedule). Empty: a new run.
+    """
     return await pretrain(config, resume_from)

@@ -51,12 +51,24 @@ def train_base_model_multi_gpu(config: RunConfig, data: Dir, environment: dict, 
 @scale_up_env.task
 @one_line_user_errors
 async def nanochat_d12_a100(config: RunConfig = D12_CONFIG, resume_from: str = "") -> RunOutputs:
+    """main's run at d12 (configs/d12_a100.yaml) on one A100.
+
+    Args:
+        config: the run's settings (RunConfig: the d12 preset's values); a relaunch may edit any field.
+        resume_from: as main's: a checkpoint to continue. Empty: a new run.
+    """
     return await pretrain(config, resume_from, gpu=dict(resources=node(A100_NODE)), entry="nanochat_d12_a100")
 
 
 @scale_up_env.task
 @one_line_user_errors
 async def nanochat_d12_8xa100(config: RunConfig = D12_CONFIG, resume_from: str = "") -> RunOutputs:
+    """main's run at d12 (configs/d12_a100.yaml) on the 8 A100s of one node, a process per GPU.
+
+    Args:
+        config: the run's settings (RunConfig: the d12 preset's values); a relaunch may edit any field.
+        resume_from: as main's: a checkpoint to continue. Empty: a new run.
+    """
     # CORE runs in one process: on one A100, not on seven idle ones beside it
     return await pretrain(config, resume_from, train_base_model_multi_gpu,
                           dict(resources=node(EIGHT_A100_NODE), interruptible=False), world_size=GPUS,
