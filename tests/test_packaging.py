@@ -344,3 +344,13 @@ def test_pyflyte_loads_the_flytekit_workflows_without_the_flyte2_extra():
     loaded = result.stdout
     assert "'workflows.launch_plans'" in loaded and "'workflows.scale_up'" in loaded
     assert "'workflows.flyte2'" in loaded and "'workflows.flyte2.nanochat'" not in loaded
+
+
+def test_a_nightly_schedule_that_is_no_cron_expression_is_named_before_registering():
+    """(Flyte 2's trigger took it as it was: the server, or nobody, would find the typo at deploy.)"""
+    result = subprocess.run([sys.executable, "-c", "import workflows.presets"], capture_output=True, text=True,
+                            timeout=120, cwd=Path(__file__).resolve().parents[1],
+                            env={**os.environ, "NANOCHAT_NIGHTLY_CRON": "0 3 * *"})
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "environment.NANOCHAT_NIGHTLY_CRON: not a cron expression: '0 3 * *'")

@@ -9,7 +9,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from croniter import croniter
+
 from nanochat_flyte.config import ChatConfig, RLConfig, RunConfig
+from nanochat_flyte.errors import ConfigError
 from nanochat_flyte.pipeline import secrets
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -30,6 +33,8 @@ REGISTERED_SETTINGS = {name: os.environ[name] for name in (
     if os.environ.get(name)}
 
 NIGHTLY_CRON = os.environ.get("NANOCHAT_NIGHTLY_CRON", "0 3 * * *")
+if not croniter.is_valid(NIGHTLY_CRON):  # (a Flyte 2 trigger's would reach the server as it is)
+    raise ConfigError("NANOCHAT_NIGHTLY_CRON", f"not a cron expression: {NIGHTLY_CRON!r}", "environment")
 ALERT_EMAILS = [address.strip() for address in os.environ.get("NANOCHAT_ALERT_EMAILS", "").split(",")
                 if address.strip()]
 
