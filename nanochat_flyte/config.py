@@ -341,6 +341,7 @@ class ChatStageConfig(StrictConfig):
             weight_decay=self.weight_decay, grad_clip=self.grad_clip, eval_every=self.eval_every,
             sample_every=self.sample_every, sample_max_tokens=self.sample_max_tokens, sample_temperature=0.0,
             save_every=self.save_every, device=self.device, dtype=self.dtype, compile=self.compile,
+            compile_mode=previous.compile_mode if self.compile else "default",  # (its mode needs the compile)
             wandb_project=self.wandb_project, wandb_entity=self.wandb_entity, wandb_mode=self.wandb_mode,
             save_to=self.save_to, evaluate_core=False, core_metric_every=0, **stage_fields)
 

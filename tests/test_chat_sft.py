@@ -117,6 +117,10 @@ def test_sft_inherits_the_base_runs_batch_and_scaled_learning_rates():
     assert config.run_name == "base_run_sft" and config.warmdown_ratio == 0.5
     with pytest.raises(ConfigError, match=r"^ChatConfig\.total_batch_size: "):
         sft_run_config(ChatConfig(total_batch_size=1000), base)
+    # a base run's CUDA graphs go with its compile: a stage without one runs eager, a valid config
+    graphs = RunConfig(compile_mode="reduce-overhead")
+    assert sft_run_config(ChatConfig(compile=False), graphs).validate().compile_mode == "default"
+    assert sft_run_config(ChatConfig(), graphs).validate().compile_mode == "reduce-overhead"
 
 
 def test_the_sft_cli_trains_from_the_hub_and_refuses_a_bad_field_or_batch_before_any_data(base_checkpoint,

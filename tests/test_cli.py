@@ -1,6 +1,7 @@
 """The `nanochat` command: every stage is a subcommand with its own help, and the package's imports go one way."""
 
 import ast
+import os
 import subprocess
 from pathlib import Path
 
@@ -93,11 +94,14 @@ def test_python_m_runs_the_same_command():
     assert result.returncode == 0 and result.stdout.startswith("usage: nanochat config ")
 
 
-def test_a_reader_that_leaves_early_ends_the_command_quietly():
-    """`nanochat ... | head`: no BrokenPipeError traceback, and the status a shell gives a command its reader left."""
-    command = subprocess.Popen([NANOCHAT, "config", "configs/smoke.yaml"], cwd=PACKAGE.parent, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    command.stdout.close()  # before the command writes its JSON
+@pytest.mark.parametrize("unbuffered", ["1", ""], ids=["unbuffered", "buffered"])
+@pytest.mark.parametrize("argv", [["config", "configs/smoke.yaml"], ["--help"]], ids=["config", "help"])
+def test_a_reader_that_leaves_early_ends_the_command_quietly(argv, unbuffered):
+    """`nanochat ... | head`: no BrokenPipeError traceback, and the status a shell gives a command its reader left,
+    whether stdout is written at once or at the end (PYTHONUNBUFFERED)."""
+    command = subprocess.Popen([NANOCHAT, *argv], cwd=PACKAGE.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "PYTHONUNBUFFERED": unbuffered})
+    command.stdout.close()  # before the command writes
     assert command.stderr.read() == "" and command.wait(timeout=120) == 141
 
 

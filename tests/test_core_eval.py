@@ -566,7 +566,10 @@ def test_the_per_task_table_renders_as_markdown_and_html():
     html = core_table_html(result)
     assert "<h2>CORE</h2>" in html and "<th>centered</th>" in html and "<td>0.125</td>" in html
     # a CORE of a sample of each task says so, and names its bundle, on both cards
-    sampled = result | {"bundle": "https://example.org/eval_bundle.zip", "max_per_task": 100}
+    sampled = result | {"bundle": "https://example.org/eval_bundle.zip", "max_per_task": 100,
+                        "tasks": {label: task | {"items": 1000} for label, task in result["tasks"].items()}}
+    whole = {label: task | {"items": task["examples"]} for label, task in result["tasks"].items()}
+    assert "At most" not in core_table_markdown(result | {"max_per_task": 100000, "tasks": whole})  # all scored
     assert core_table_markdown(sampled).endswith(
         "\n\nBundle: https://example\\.org/eval\\_bundle\\.zip\n\nAt most 100 items a task, a seeded sample of "
         "each: an estimate, not comparable with a CORE score over every item.")

@@ -49,9 +49,11 @@ def test_the_next_stage_preset_fits_where_the_run_ran():
     """(After a T4 run the summary suggested the 30-step CPU smoke SFT.)"""
     from nanochat_flyte.pipeline.finish import next_preset
 
-    assert next_preset("chat", {"device": "cpu"}) == "configs/chat_smoke.yaml"
-    assert next_preset("chat", {"device": "cuda"}) == "configs/chat_d8_t4.yaml"
-    assert next_preset("rl", {"device": "cuda"}) == "configs/rl_d8_t4.yaml"
+    assert next_preset("chat", {"device": "cpu", "depth": 2}) == "configs/chat_smoke.yaml"
+    assert next_preset("chat", {"device": "mps", "depth": 8}) == "configs/chat_smoke.yaml"  # a Mac's smoke run
+    assert next_preset("chat", {"device": "cuda", "depth": 2}) == "configs/chat_smoke.yaml"
+    assert next_preset("chat", {"device": "cuda", "depth": 8}) == "configs/chat_d8_t4.yaml"
+    assert next_preset("rl", {"device": "cuda", "depth": 12}) == "configs/rl_d8_t4.yaml"
     for stage in ("chat", "rl"):
-        for device in ("cpu", "cuda"):
-            assert (Path(__file__).parents[1] / next_preset(stage, {"device": device})).is_file()
+        for training in ({"device": "cpu"}, {"device": "cuda", "depth": 8}):
+            assert (Path(__file__).parents[1] / next_preset(stage, training)).is_file()

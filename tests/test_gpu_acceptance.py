@@ -267,12 +267,19 @@ def test_the_verdict_needs_every_section_completed_and_every_check_passed():
     missing = report_with({"tests": passing})
     missing["requested_sections"].append("t4")
     assert not acceptance.overall_passed(missing)
-    # a section whose every measurement failed has no check to fail (it passed so)
-    all_failed = {"status": "completed", "variants": [], "checks": [],
-                  "failed_variants": [{"dtype": "float16", "error": "AttributeError: x"}]}
-    nanochat_failed = {"status": "completed", "nanochat": {"return_code": 1, "error": "ImportError: y"}}
+    # a section whose every measurement failed has no check to fail (it passed so); one failed lever costs only its
+    # own figures
+    failed = [{"dtype": "float16", "error": "AttributeError: x"}]
+    all_failed = {"status": "completed", "variants": [], "checks": [], "failed_variants": failed}
+    nanochat_failed = {"status": "completed", "nanochat": {"return_code": 1, "error": "ImportError: y"},
+                       "ours": {"tok_per_sec": 1000.0}, "ratio": None}
     for broken in (all_failed, nanochat_failed):
         assert not acceptance.overall_passed(report_with({"tests": passing, "t4": broken}))
+    one_lever_failed = {**passing, "variants": [variant()], "failed_variants": failed}
+    levers_failed = {"status": "completed", "nanochat": {"tok_per_sec": 900.0}, "ours": {"tok_per_sec": 1000.0},
+                     "ours_levers": {"error": "RuntimeError: graph"}, "ratio": 1.11}
+    assert acceptance.overall_passed(report_with({"tests": passing, "throughput": one_lever_failed,
+                                                  "vs_nanochat": levers_failed}))
 
 
 def test_the_summary_holds_the_headline_figures_and_null_for_what_was_not_measured():

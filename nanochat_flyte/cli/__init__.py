@@ -37,7 +37,10 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    run(lambda: dispatch(sys.argv[1:] if argv is None else argv))
+
+
+def dispatch(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage(), end="")
         sys.exit(0 if argv else USAGE_ERROR_EXIT)
@@ -47,5 +50,4 @@ def main(argv: list[str] | None = None) -> None:
         hint = f"did you mean {close[0]}?" if close else f"choose one of {', '.join(COMMANDS)}"
         print(f"error: unknown command {name!r}; {hint} (see nanochat --help)", file=sys.stderr)
         sys.exit(USAGE_ERROR_EXIT)
-    command = importlib.import_module(f"nanochat_flyte.cli.{COMMANDS[name][0]}")
-    run(lambda: command.main(args))
+    importlib.import_module(f"nanochat_flyte.cli.{COMMANDS[name][0]}").main(args)

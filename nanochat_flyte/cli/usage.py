@@ -105,13 +105,18 @@ def add_compile_flag(parser: argparse.ArgumentParser) -> None:
 def run(main: Callable[[], object]) -> None:
     """Call a command's main(); a user error becomes one line and exit status 2."""
     try:
-        main()
+        try:
+            main()
+        finally:  # what is still buffered goes now, inside the try, not at the interpreter's exit
+            sys.stdout.flush()
     except BrokenPipeError:  # the reader left early (`| head`): end quietly, as other commands do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout at exit)
         sys.exit(141)  # the shell's status for a command its pipe's reader stopped
     except Exception as error:
         if another_rank_failed(error):
-            print(f"error: rank {os.environ['RANK']} stopped: another rank failed, its error says why", file=sys.stderr)
+            cause = str(error).strip().splitlines()[0][:300]
+            print(f"error: rank {os.environ.get('RANK')} lost another rank, whose own error says why ({cause})",
+                  file=sys.stderr)
             sys.exit(1)
         if not is_user_error(error):
             raise
@@ -121,15 +126,15 @@ def run(main: Callable[[], object]) -> None:
         sys.exit(130)  # the shell's status for Ctrl-C
 
 
+# What a collective says when the process of another rank has ended: gloo's, and NCCL's
+PEER_LOST = ("Connection closed by peer", "remote process exited")
+
+
 def another_rank_failed(error: Exception) -> bool:
     """Under torchrun, a collective (a gradient all-reduce) that broke because another rank's process ended (its own
-    error, printed above, says why): this rank's traceback would bury that line."""
-    if int(os.environ.get("WORLD_SIZE", 1)) < 2:
-        return False
-    import torch.distributed as dist  # (torch: not for `nanochat --help`)
-
-    # NCCL's are DistErrors; gloo's, a RuntimeError with the message below
-    return isinstance(error, dist.DistError) or "Connection closed by peer" in str(error)
+    error, printed too, says why): this rank's traceback would bury that line. Not a failure of this rank's own
+    (a store or network error at the start, NCCL without shared memory): those keep their traceback."""
+    return int(os.environ.get("WORLD_SIZE", 1)) > 1 and any(text in str(error) for text in PEER_LOST)
 
 
 def launcher_words(command: str) -> list[str]:

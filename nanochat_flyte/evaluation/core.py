@@ -263,8 +263,8 @@ def score_core(model: nn.Module, tokenizer: tiktoken.Encoding, bundle: Bundle, *
     device defaults to the model's, precision to select_precision(device) (bf16/fp16 autocast on GPU); prompts are
     cropped to the model's context. batch_size counts rows (one per choice) per forward pass. Under torch.distributed
     every rank must call this: each scores every world_size-th item and the counts are summed.
-    Returns {"core_metric", "tasks": {label: {type, shots, examples, accuracy, centered, seconds}}, "max_per_task",
-    "seconds", "bundle"}.
+    Returns {"core_metric", "tasks": {label: {type, shots, examples (scored), items (the task's), accuracy, centered,
+    seconds}}, "max_per_task", "seconds", "bundle"}.
     """
     if max_per_task is not None and max_per_task < 1:
         raise ValueError(f"max_per_task must be >= 1 (or None for every example), got {max_per_task}")
@@ -281,6 +281,7 @@ def score_core(model: nn.Module, tokenizer: tiktoken.Encoding, bundle: Bundle, *
     try:
         for task in bundle.tasks:
             task_start = time.perf_counter()
+            items = len(task.examples)
             task = task_subset(task, max_per_task)
             indices = list(range(len(task.examples)))
             correct = sum(score_task(model, tokenizer, task, indices[rank::world_size], batches=batches,
@@ -291,7 +292,8 @@ def score_core(model: nn.Module, tokenizer: tiktoken.Encoding, bundle: Bundle, *
                 correct = counts.item()
             accuracy = correct / len(indices)
             tasks[task.label] = {"type": task.task_type, "shots": task.num_fewshot, "examples": len(indices),
-                                 "accuracy": accuracy, "centered": centered(accuracy, task.random_baseline / 100),
+                                 "items": items, "accuracy": accuracy,
+                                 "centered": centered(accuracy, task.random_baseline / 100),
                                  "seconds": time.perf_counter() - task_start}
             if rank == 0:
                 print(f"core: {task.label} ({task.num_fewshot}-shot {task.task_type}, {len(indices)} examples): "
@@ -320,7 +322,7 @@ def core_notes(result: dict[str, Any], escape: Callable[[str], str]) -> list[str
     """What the table was scored on: the bundle (as `escape` writes it for Markdown or HTML), and a sample of each
     task where max_per_task cut them."""
     notes = [f"Bundle: {escape(result['bundle'])}"] if result.get("bundle") else []
-    if result.get("max_per_task"):
+    if any(task["examples"] < task.get("items", 0) for task in result["tasks"].values()):
         notes.append(f"At most {result['max_per_task']} items a task, a seeded sample of each: an estimate, not "
                      "comparable with a CORE score over every item.")
     return notes

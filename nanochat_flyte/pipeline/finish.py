@@ -63,9 +63,10 @@ def finish_chat_run(config: ChatConfig | RLConfig, start_checkpoint: str, traini
 
 
 def next_preset(stage: str, training: dict) -> str:
-    """The preset of the next stage (chat or rl) for a run like this one: the CPU smoke recipe after a run on a CPU,
-    the T4 reference's on a GPU."""
-    return f"configs/{stage}_{'smoke' if training.get('device') == 'cpu' else 'd8_t4'}.yaml"
+    """The preset of the next stage (chat or rl) for a run like this one: the T4 reference's after a model of the
+    reference's size or more on a CUDA GPU, else the smoke recipe (a laptop's CPU or Apple GPU, a tiny model)."""
+    reference = training.get("device") == "cuda" and (training.get("depth") or 0) >= 8
+    return f"configs/{stage}_{'d8_t4' if reference else 'smoke'}.yaml"
 
 
 def publish(results: dict, report_dir: Path, save_to: str, local: bool) -> None:
