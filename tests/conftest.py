@@ -1,6 +1,7 @@
-"""Shared test setup: offline GPT-2 ranks, no Flyte local cache, W&B kept off the network, each test's temp files
-removed after it, CUDA tests skipped where there is no CUDA device."""
+"""Shared test setup: offline GPT-2 ranks, no Flyte local cache, a download cache of the session's own, W&B kept off
+the network, each test's temp files removed after it, CUDA tests skipped where there is no CUDA device."""
 
+import atexit
 import os
 import shutil
 import sys
@@ -30,6 +31,11 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # Pin this process's temp folder now: tests point TMPDIR at folders of their own for their subprocesses (below),
 # and tempfile reads TMPDIR only once, at its first use.
 tempfile.gettempdir()
+# Downloads (shards, bundles, hub files) cached for this session only: a test server's URL names a random port,
+# which an earlier session's cached file of the same name at that port would otherwise answer.
+DOWNLOAD_CACHE = tempfile.mkdtemp(prefix="nanochat-flyte-cache-")
+os.environ["NANOCHAT_FLYTE_CACHE"] = DOWNLOAD_CACHE
+atexit.register(shutil.rmtree, DOWNLOAD_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

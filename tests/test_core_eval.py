@@ -600,8 +600,10 @@ def test_the_cli_scores_a_trained_checkpoint_on_a_served_bundle(checkpoint, bund
     assert set(result["tasks"]) == {spec.label for spec in TEST_TASKS}
     assert all(task["examples"] == 6 for task in result["tasks"].values())
     assert set(json.loads(lines[-1])["tasks"]["mc_fewshot"]) >= {"accuracy", "centered", "examples"}
-    table = lines[lines.index("| task | type | shots | examples | accuracy | centered |"):-1]
+    start = lines.index("| task | type | shots | examples | accuracy | centered |")
+    table = [line for line in lines[start:-1] if line.startswith("|")]
     assert len(table) == 2 + len(TEST_TASKS) + 1 and table[2].startswith("| mc_fewshot | multiple_choice | 3 | 6 |")
+    assert lines[start - 2] == "## CORE" and lines[-2].startswith("At most 6 items a task")
     assert (tmp_path / "cache" / "eval_bundle").is_dir()  # the default cache: default_cache_dir("eval_bundle")
 
 
