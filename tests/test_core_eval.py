@@ -365,8 +365,8 @@ def test_centered_accuracy_and_core_arithmetic(hand_model, hand_bundle):
     assert [tasks[label]["accuracy"] for label in ("mc", "schema", "lm")] == [1 / 2, 1 / 2, 2 / 3]
     assert [tasks[label]["centered"] for label in ("mc", "schema", "lm")] == pytest.approx([1 / 3, 0, 2 / 3])
     assert result["core_metric"] == pytest.approx((1 / 3 + 0 + 2 / 3) / 3)
-    assert tasks["mc"] | {"seconds": 0} == {"type": "multiple_choice", "shots": 0, "examples": 2, "accuracy": 0.5,
-                                            "centered": pytest.approx(1 / 3), "seconds": 0}
+    assert tasks["mc"] | {"seconds": 0} == {"type": "multiple_choice", "shots": 0, "examples": 2, "items": 2,
+                                            "accuracy": 0.5, "centered": pytest.approx(1 / 3), "seconds": 0}
     assert result["max_per_task"] is None and result["bundle"] == hand_bundle.source
     json.dumps(result)  # the results JSON takes it as it is
     assert core_log_metrics(result) == {"core_metric": result["core_metric"], "core/mc": tasks["mc"]["centered"],
