@@ -183,8 +183,8 @@ class StrictConfig:
         """The values a preset file (YAML or JSON) sets, as written: not yet checked against the fields."""
         path = Path(path)
         if not is_file(path):
-            where = " (the presets are the repository's configs/: run from its root)" if path.parts[:1] == (
-                "configs",) and not Path("configs").is_dir() else ""
+            outside_checkout = path.parts[:1] == ("configs",) and not Path("configs").is_dir()
+            where = " (the presets are the repository's configs/: run from its root)" if outside_checkout else ""
             raise ConfigError("*", f"no preset file {str(path)!r}{where}", cls.__name__)
         try:
             text = path.read_text()

@@ -647,15 +647,10 @@ def isolate(workdir: str, evaluator: int, limits: Limits, sandbox_uid: int) -> t
         missing.update(dict.fromkeys({PRIVATE_ROOT, NETWORK_NAMESPACE} - set(held), why(error)))
     try:
         drop_privileges(sandbox_uid)
+        reach_python()
         held.append(UNPRIVILEGED)
     except OSError as error:
         missing[UNPRIVILEGED] = why(error)
-    try:  # root's Python under a folder of root's alone (/root/.pyenv): neither the host's path nor a bind reaches it
-        os.stat(os.__file__)
-    except OSError as error:
-        held = [layer for layer in held if layer != UNPRIVILEGED]
-        missing[UNPRIVILEGED] = (f"the code's uid cannot read Python's files ({why(error)}): install Python where "
-                                 "every user may read it")
     die_with(evaluator)
     set_limits(limits)  # after the uid change: the code's uid cannot raise them again
     for name, build in ((LANDLOCK, restrict_filesystem), (SECCOMP, install_seccomp_filter)):
@@ -665,6 +660,16 @@ def isolate(workdir: str, evaluator: int, limits: Limits, sandbox_uid: int) -> t
         except OSError as error:
             missing[name] = why(error)
     return sorted(held, key=LAYERS.index), dict(sorted(missing.items(), key=lambda item: LAYERS.index(item[0])))
+
+
+def reach_python() -> None:
+    """OSError unless the code's uid reads Python's standard library: root's Python under a folder of root's alone
+    (/root/.pyenv) is reached by neither the host's path nor a bind of it."""
+    try:
+        os.stat(os.__file__)
+    except OSError as error:
+        raise OSError(error.errno, f"the code's uid cannot read Python's files ({why(error)}): install Python where "
+                                   "every user may read it") from None
 
 
 def why(error: OSError) -> str:

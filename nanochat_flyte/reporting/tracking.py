@@ -171,7 +171,7 @@ class Tracker:
         problems = [trouble] if trouble else []
         if modes and wandb is None:
             problems, modes = problems + ["the wandb package is not installed"], ()
-        runs_dir = Path(self.out_dir) / "wandb"
+        runs_dir = self.out_dir / "wandb"
         for mode in modes:
             runs_before = set(runs_dir.glob("*")) if runs_dir.is_dir() else set()
             try:
@@ -224,14 +224,13 @@ class Tracker:
     def _wandb_log(self, row: dict[str, Any], step: int | None) -> None:
         if step is None:  # numbers added to a finished run (log_evaluation): at W&B's next step
             self.run.log(row)
-        elif step > self.wandb_last_step and step >= self.run.step:
-            self.run.log(row, step=step)
-        elif step > self.wandb_last_step:
-            # A row W&B lacks, below W&B's own step: a finished run's history ends with the evaluations logged after
-            # its last step, at W&B's next steps, and its extension's rows (and, resumed, theirs) go after them (the
-            # x-axis is "step"). W&B would drop a lower step itself.
-            self.run.log(row)
-        # else a row W&B has: a run resumed from an earlier save repeats the steps after it
+        elif step > self.wandb_last_step:  # a row W&B lacks (a run resumed from an earlier save repeats some it has)
+            if step >= self.run.step:
+                self.run.log(row, step=step)
+            else:  # below W&B's own step: a finished run's history ends with the evaluations logged after its last
+                # step, at W&B's next steps, and its extension's rows go after them (the x-axis is "step"); W&B
+                # would drop a lower step itself
+                self.run.log(row)
 
     def log_config(self, extra: dict[str, Any]) -> None:
         """Facts known once the model exists: parameter count, FLOPs per token, and the like."""
